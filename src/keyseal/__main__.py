@@ -1,0 +1,5 @@
+"""`python -m keyseal` runs the CLI."""
+
+from keyseal.cli.main import main
+
+main()

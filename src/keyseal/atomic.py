@@ -1,0 +1,54 @@
+"""Write files so that a crash or an error never leaves a half-written one behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from keyseal.errors import OutputExistsError
+
+
+def refuse_existing(path: Path, force: bool) -> None:
+    """Raise unless `path` is absent or --force was given."""
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists: refusing to overwrite it (use --force)")
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, force: bool = True) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, rename it over `path`, fsync the directory.
+
+    With force=False an existing `path` is refused at rename time too (a hard link that fails if the target
+    exists), so two concurrent writers cannot both win.
+    """
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    tmp = Path(tmp_name)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise OutputExistsError(f"{path} exists: refusing to overwrite it (use --force)") from None
+            tmp.unlink()
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

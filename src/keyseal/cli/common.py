@@ -1,0 +1,78 @@
+"""Option parsing shared by commands: key opening, certificate files, times and durations."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from keyseal.backends import BackendOptions, Signer, open_signer
+from keyseal.errors import InputError, UsageError
+from keyseal.openpgp.cert import Certificate, load_certificates
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_DURATION = re.compile(r"^(\d+)([smhdwy])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+def kms_endpoint_option(func: F) -> F:
+    """`--kms-endpoint URL`: override the KMS endpoint (else boto3's AWS_ENDPOINT_URL_KMS / AWS_ENDPOINT_URL)."""
+    return click.option(
+        "--kms-endpoint",
+        metavar="URL",
+        default=None,
+        help="KMS endpoint URL (default: AWS_ENDPOINT_URL_KMS, AWS_ENDPOINT_URL, or AWS's own).",
+    )(func)
+
+
+def open_key(uri: str, kms_endpoint: str | None) -> Signer:
+    return open_signer(uri, BackendOptions(kms_endpoint=kms_endpoint))
+
+
+def read_input(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {path} is a directory") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def load_certificate_files(paths: tuple[Path, ...]) -> list[Certificate]:
+    certificates: list[Certificate] = []
+    for path in paths:
+        certificates += load_certificates(read_input(path, "certificate"), str(path))
+    return certificates
+
+
+def parse_rfc3339(value: str) -> int:
+    """An RFC 3339 timestamp with an explicit offset or Z, as Unix seconds."""
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"invalid time {value!r}: use RFC 3339, e.g. 2026-01-31T12:00:00Z") from None
+    if moment.tzinfo is None:
+        raise UsageError(f"time {value!r} has no offset: add Z or +HH:MM")
+    seconds = int(moment.timestamp())
+    if not 0 < seconds < 2**32:
+        raise UsageError(f"time {value!r} is outside the range OpenPGP can record")
+    return seconds
+
+
+def parse_duration(value: str) -> int:
+    """`90d`, `2y`, `12h`... as seconds."""
+    match = _DURATION.match(value.strip())
+    if not match or int(match.group(1)) == 0:
+        raise UsageError(f"invalid duration {value!r}: use a positive number and a unit, e.g. 90d, 2y, 12h")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def format_time(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,39 @@
+"""`keyseal verify`: check a detached signature with keyseal's own verifier (no gpg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from keyseal.cli.common import format_time, load_certificate_files, read_input
+from keyseal.errors import InputError, KeysealError, VerificationError
+from keyseal.openpgp.verify import verify_file
+
+
+def default_signature_path(data: Path) -> Path:
+    for suffix in (".asc", ".sig"):
+        candidate = data.with_name(data.name + suffix)
+        if candidate.exists():
+            return candidate
+    raise InputError(f"no signature given and neither {data.name}.asc nor {data.name}.sig exists")
+
+
+@click.command()
+@click.option("--cert", "certs", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="A trusted certificate (repeatable).")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("signature", required=False, type=click.Path(path_type=Path))
+def verify(certs: tuple[Path, ...], file: Path, signature: Path | None) -> None:
+    """Exit 0 and print the signer's fingerprint if FILE carries a valid signature from one of the certificates."""
+    try:
+        certificates = load_certificate_files(certs)
+        sig_path = signature or default_signature_path(file)
+        result = verify_file(certificates, file, read_input(sig_path, "signature"))
+    except VerificationError:
+        raise
+    except KeysealError as exc:
+        raise VerificationError(exc.message) from None
+    click.echo(result.fingerprint)
+    uid = result.certificate.user_ids[0] if result.certificate.user_ids else ""
+    click.echo(f"Good signature from {uid} made {format_time(result.created)} ({result.hash_name})", err=True)

@@ -1,0 +1,85 @@
+"""Typed errors. Each message tells the user what went wrong and what to do; the CLI prints it as one line.
+
+Messages never contain key material, DEKs, PINs or tokens.
+"""
+
+from __future__ import annotations
+
+
+class KeysealError(Exception):
+    """Base of every error keyseal raises on purpose. The CLI exits non-zero with its message."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(KeysealError):
+    """A command-line argument or configuration value is invalid."""
+
+
+class KeyURIError(KeysealError):
+    """A key URI cannot be parsed or names an unknown backend."""
+
+
+class BackendUnavailableError(KeysealError):
+    """The key manager (KMS, HSM, Vault) could not be reached or answered with a server error."""
+
+
+class AccessDeniedError(KeysealError):
+    """The key manager refused the call: a permission is missing."""
+
+
+class KeyNotFoundError(KeysealError):
+    """The key named by a URI does not exist."""
+
+
+class UnsupportedKeyError(KeysealError):
+    """The key exists but cannot be used for this purpose (wrong usage, type, size or algorithm)."""
+
+
+class InvalidKeyFileError(KeysealError):
+    """A key file cannot be read or parsed."""
+
+
+class OutputExistsError(KeysealError):
+    """An output file exists and --force was not given, or an output would overwrite an input."""
+
+
+class InputError(KeysealError):
+    """An input file is missing or unreadable."""
+
+
+class OpenPGPError(KeysealError):
+    """OpenPGP data is malformed, truncated or uses a feature keyseal does not accept."""
+
+
+class VerificationError(KeysealError):
+    """A signature did not verify against any of the given certificates."""
+
+    exit_code = 1
+
+
+class KeyMismatchError(KeysealError):
+    """The backend's public key is not the key of the given certificate."""
+
+
+class WrappedRecordError(KeysealError):
+    """A wrapped key record is malformed, was tampered with, or does not belong where it was found."""
+
+
+class RecordRollbackError(WrappedRecordError):
+    """A record is older than a version this store has already seen (a replayed record)."""
+
+
+class KekMismatchError(WrappedRecordError):
+    """A record was wrapped by another KEK provider or another KEK than the one configured."""
+
+
+class StoreConflictError(KeysealError):
+    """A record changed in the store between reading and writing it (optimistic concurrency)."""

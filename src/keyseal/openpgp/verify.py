@@ -1,0 +1,144 @@
+"""keyseal's own verifier for detached signatures: no gpg needed, and a stricter policy than most.
+
+Policy: only SHA-2 hashes (MD5, SHA-1 and RIPEMD-160 are rejected), RSA keys of 2048 bits or more, no signature
+made before its key existed, after its key expired or was revoked, or after the signature itself expired; unknown
+critical subpackets and malformed or truncated packets are rejected.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from keyseal.errors import OpenPGPError, VerificationError
+from keyseal.openpgp.armor import dearmor_or_binary
+from keyseal.openpgp.cert import Certificate, SigningKey
+from keyseal.openpgp.packets import TAG_MARKER, TAG_SIGNATURE, iter_packets
+from keyseal.openpgp.signature import (
+    SIG_BINARY,
+    SignaturePacket,
+    check_signature_math,
+    new_hasher,
+    parse_signature,
+)
+from keyseal.openpgp.stream import hash_file
+
+MIN_RSA_BITS = 2048
+
+
+@dataclass(frozen=True)
+class VerifiedSignature:
+    """A good signature: which certificate, which of its keys, when."""
+
+    certificate: Certificate
+    key_fingerprint: str
+    created: int
+    hash_name: str
+
+    @property
+    def fingerprint(self) -> str:
+        return self.certificate.fingerprint
+
+
+def parse_detached(data: bytes) -> list[SignaturePacket]:
+    """The signature packets of a detached signature file (armored or binary)."""
+    binary = dearmor_or_binary(data)
+    signatures: list[SignaturePacket] = []
+    for packet in iter_packets(binary):
+        if packet.tag == TAG_MARKER:
+            continue
+        if packet.tag != TAG_SIGNATURE:
+            raise OpenPGPError(f"not a detached signature: it contains a packet of type {packet.tag}")
+        signatures.append(parse_signature(packet.body))
+    if not signatures:
+        raise OpenPGPError("not a detached signature: no signature packet found")
+    return signatures
+
+
+def verify_file(certificates: list[Certificate], path: Path, signature_data: bytes,
+                now: int | None = None) -> VerifiedSignature:
+    """Verify a detached signature over a file; raise VerificationError with the most telling reason."""
+    signatures = parse_detached(signature_data)
+    usable: list[SignaturePacket] = []
+    reasons: list[str] = []
+    for sig in signatures:
+        try:
+            new_hasher(sig.hash_id)
+        except OpenPGPError as exc:
+            reasons.append(exc.message)
+            continue
+        usable.append(sig)
+    data_hashers = hash_file(path, [sig.hash_id for sig in usable]) if usable else {}
+    moment = int(time.time()) if now is None else now
+    for sig in usable:
+        hasher = data_hashers[sig.hash_id].copy()
+        hasher.update(sig.trailer())
+        digest = hasher.digest()
+        result = _check_against(certificates, sig, digest, moment, reasons)
+        if result is not None:
+            return result
+    raise VerificationError(_summarise(reasons))
+
+
+def _check_against(certificates: list[Certificate], sig: SignaturePacket, digest: bytes, now: int,
+                   reasons: list[str]) -> VerifiedSignature | None:
+    issuers = sig.issuer_key_ids
+    matched = False
+    for cert in certificates:
+        for entry in cert.signing_keys:
+            if issuers and entry.key.key_id not in issuers:
+                continue
+            if sig.issuer_fingerprint is not None and sig.issuer_fingerprint != entry.key.fingerprint:
+                continue
+            matched = True
+            problem = _policy_problem(sig, entry, now)
+            if problem is not None:
+                reasons.append(problem)
+                continue
+            if check_signature_math(sig, entry.key.public_key, entry.key.algorithm, digest):
+                return VerifiedSignature(cert, entry.key.fingerprint_hex, sig.created or 0, _hash_label(sig))
+            reasons.append(f"BAD signature from {cert.fingerprint}: the data or the signature was altered")
+    if not matched:
+        named = ", ".join(sorted(i.hex().upper() for i in issuers)) or "an unnamed key"
+        reasons.append(f"no given certificate has the signing key {named}")
+    return None
+
+
+def _hash_label(sig: SignaturePacket) -> str:
+    from keyseal.openpgp.signature import hash_name_of
+
+    return hash_name_of(sig.hash_id)
+
+
+def _policy_problem(sig: SignaturePacket, entry: SigningKey, now: int) -> str | None:
+    key = entry.key
+    if sig.sig_type != SIG_BINARY:
+        return f"unsupported signature type 0x{sig.sig_type:02x}: keyseal verifies binary-document signatures"
+    if isinstance(key.public_key, rsa.RSAPublicKey) and key.public_key.key_size < MIN_RSA_BITS:
+        return f"key {key.fingerprint_hex} is RSA-{key.public_key.key_size}: keyseal requires at least 2048 bits"
+    if sig.unknown_critical():
+        return "signature has an unknown critical subpacket"
+    created = sig.created
+    if created is None:
+        return "signature has no creation time"
+    if created < key.created:
+        return f"signature is dated before its key {key.fingerprint_hex} was created"
+    if entry.expires is not None and created >= entry.expires:
+        return f"signature was made after key {key.fingerprint_hex} expired"
+    if entry.revoked_at is not None and created >= entry.revoked_at:
+        return f"key {key.fingerprint_hex} is revoked"
+    lifetime = sig.expiration_seconds
+    if lifetime and created + lifetime <= now:
+        return "signature has expired"
+    return None
+
+
+def _summarise(reasons: list[str]) -> str:
+    if not reasons:
+        return "no valid signature"
+    bad = [r for r in reasons if r.startswith("BAD")]
+    chosen = bad[0] if bad else reasons[0]
+    return chosen
