@@ -1,0 +1,51 @@
+"""Signer backends, chosen by the scheme of a key URI.
+
+The registry maps a scheme to a module path so that opening a `file:` key never imports boto3, and
+`import keyseal.backends` imports no SDK at all.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from keyseal.backends.base import HashName, PublicKey, Signer
+from keyseal.errors import KeyURIError
+
+__all__ = ["BackendOptions", "HashName", "PublicKey", "Signer", "open_signer", "split_uri"]
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Settings a backend may need beyond its URI. Unset values fall back to each SDK's own environment."""
+
+    kms_endpoint: str | None = None
+    region: str | None = None
+
+
+_BACKENDS: dict[str, str] = {
+    "file": "keyseal.backends.file",
+    "awskms": "keyseal.backends.awskms",
+}
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """Split `scheme:rest`, refusing an empty or unknown scheme."""
+    scheme, sep, rest = uri.partition(":")
+    if not sep or not scheme or not rest:
+        raise KeyURIError(
+            f"invalid key URI {uri!r}: expected SCHEME:KEY with a scheme of {', '.join(sorted(_BACKENDS))}"
+        )
+    if scheme not in _BACKENDS:
+        raise KeyURIError(
+            f"unknown key URI scheme {scheme!r} in {uri!r}: use one of {', '.join(sorted(_BACKENDS))}"
+        )
+    return scheme, rest
+
+
+def open_signer(uri: str, options: BackendOptions | None = None) -> Signer:
+    """Open the signer a key URI names. Each backend module exposes `open(uri, rest, options)`."""
+    scheme, rest = split_uri(uri)
+    module = importlib.import_module(_BACKENDS[scheme])
+    signer: Signer = module.open(uri, rest, options or BackendOptions())
+    return signer
