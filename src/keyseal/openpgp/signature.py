@@ -144,7 +144,8 @@ class SignaturePacket:
 
     @property
     def embedded_signatures(self) -> list[bytes]:
-        return [sub.body for sub in self.hashed if sub.type == SUB_EMBEDDED_SIGNATURE]
+        """Embedded signatures from both areas: a back-signature authenticates itself, so gpg leaves it unhashed."""
+        return [sub.body for sub in self.hashed + self.unhashed if sub.type == SUB_EMBEDDED_SIGNATURE]
 
     def trailer(self) -> bytes:
         """What follows the signed data in the hash: the hashed part and the v4 final trailer."""
