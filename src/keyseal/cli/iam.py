@@ -15,4 +15,4 @@ def iam_policy(key_arn: str, purpose: str) -> None:
     """Print the IAM policy JSON that allows exactly what keyseal needs on that key."""
     from keyseal.iam import least_privilege_policy
 
-    click.echo(json.dumps(least_privilege_policy(key_arn, purpose), indent=2))  # type: ignore[arg-type]
+    click.echo(json.dumps(least_privilege_policy(key_arn, purpose), indent=2))

@@ -50,7 +50,8 @@ from keyseal.openpgp.signature import (
     parse_signature,
 )
 
-_EMAIL = re.compile(r"^[^\s@<>()\[\],;:\"]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_EMAIL = re.compile(rf"^[^\s@<>()\[\],;:\"]+@{_LABEL}(?:\.{_LABEL})+$")
 # Revocation reasons after which signatures made before the revocation stay valid (superseded, retired).
 _SOFT_REVOCATION_REASONS = frozenset({1, 3})
 

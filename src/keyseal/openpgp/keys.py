@@ -130,10 +130,10 @@ def _parse_material(reader: Reader, algorithm: int) -> PublicKey:
             oid = reader.take(reader.u8())
             if oid != ED25519_LEGACY_OID:
                 raise OpenPGPError("unsupported EdDSA curve in OpenPGP key")
-            point = reader.mpi().to_bytes(33, "big")
-            if point[0] != 0x40:
+            prefixed = reader.mpi().to_bytes(33, "big")
+            if prefixed[0] != 0x40:
                 raise OpenPGPError("malformed Ed25519 public key in OpenPGP key")
-            return ed25519.Ed25519PublicKey.from_public_bytes(point[1:])
+            return ed25519.Ed25519PublicKey.from_public_bytes(prefixed[1:])
         if algorithm == ALGO_ED25519:
             return ed25519.Ed25519PublicKey.from_public_bytes(reader.take(32))
     except (ValueError, OverflowError):
