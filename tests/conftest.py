@@ -13,8 +13,20 @@ from pathlib import Path
 import pytest
 
 from tests.harness.kms_emulator import KmsEmulator
+from tests.harness.softhsm import SoftHsm
 
 REGION = "us-east-1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def keyseal_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Per-session (per xdist worker) KEYSEAL_HOME: the default local KEK and the seen-versions ledger live
+    here, never in the real ~/.config/keyseal; children started by run_keyseal inherit it."""
+    home = tmp_path_factory.mktemp("keyseal-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KEYSEAL_HOME", str(home))
+        patch.delenv("KEYSEAL_KEK", raising=False)
+        yield home
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +55,7 @@ def aws_env(kms_emulator: KmsEmulator, monkeypatch: pytest.MonkeyPatch, tmp_path
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     kms_emulator.calls.clear()
+    kms_emulator.allow_all()  # lift denials and injected faults a previous test set
     return env
 
 
@@ -121,3 +134,16 @@ def sqv_verify(keyring: Path, signature: Path, data: Path) -> subprocess.Complet
     assert sqv, "sqv is required (Debian package sqv); .ci/run installs it"
     return subprocess.run([sqv, "--keyring", str(keyring), str(signature), str(data)],
                           capture_output=True, timeout=120, check=False)
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
+    """A SoftHSM2 token store for this test process; SoftHSM reads SOFTHSM2_CONF once, so it is set here."""
+    hsm = SoftHsm(tmp_path_factory.mktemp("softhsm")).setup()
+    previous = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
+    yield hsm
+    if previous is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = previous

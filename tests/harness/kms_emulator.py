@@ -6,6 +6,16 @@ Two additions, both test-harness only:
   tests verify every KMS signature with `cryptography` so that an emulator error cannot hide.
 - Call counting: a WSGI middleware records each KMS operation (`X-Amz-Target`) so tests can assert how many
   remote calls a command made, even when the command ran in a child process.
+
+A third, a harness feature (moto does not evaluate IAM in server mode):
+- IAM-style denial: `emulator.deny(access_key_id, operation)` makes the server answer every KMS `operation`
+  (e.g. "Sign") signed with that access key id (read from the SigV4 `Authorization` header) with HTTP 400
+  `AccessDeniedException`, worded as AWS words it. Callers, including CLI child processes, see the real
+  server error through boto3. Use a test-specific access key id (set AWS_ACCESS_KEY_ID) so other callers are
+  unaffected; `"*"` as the operation denies every KMS operation. `emulator.allow_all()` lifts all denials.
+- Fault injection: `emulator.fail(operation, times, code="ThrottlingException", status=400)` answers the next
+  `times` calls of `operation` with that error (moto never throttles), so retries and the "still failing after
+  retries" message are exercised over HTTP. `CallLog.callers` records (operation, access key id) per call.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ from __future__ import annotations
 import base64
 import collections
 import json
+import re
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -82,10 +93,12 @@ class CallLog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.calls: list[str] = []
+        self.callers: list[tuple[str, str]] = []
 
-    def record(self, operation: str) -> None:
+    def record(self, operation: str, access_key_id: str = "") -> None:
         with self._lock:
             self.calls.append(operation)
+            self.callers.append((operation, access_key_id))
 
     def counts(self) -> collections.Counter[str]:
         with self._lock:
@@ -94,18 +107,97 @@ class CallLog:
     def clear(self) -> None:
         with self._lock:
             self.calls.clear()
+            self.callers.clear()
+
+
+class DenyList:
+    """Harness feature: (access key id, KMS operation) pairs the emulator refuses, as IAM would; and
+    injected failures (operation -> remaining count, error code, HTTP status)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._denied: set[tuple[str, str]] = set()
+        self._faults: dict[str, tuple[int, str, int]] = {}
+
+    def add_fault(self, operation: str, times: int, code: str, status: int) -> None:
+        with self._lock:
+            self._faults[operation] = (times, code, status)
+
+    def take_fault(self, operation: str) -> tuple[str, int] | None:
+        with self._lock:
+            left, code, status = self._faults.get(operation, (0, "", 0))
+            if left <= 0:
+                return None
+            self._faults[operation] = (left - 1, code, status)
+            return code, status
+
+    def add(self, access_key_id: str, operation: str) -> None:
+        with self._lock:
+            self._denied.add((access_key_id, operation))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._denied.clear()
+            self._faults.clear()
+
+    def denies(self, access_key_id: str, operation: str) -> bool:
+        with self._lock:
+            return (access_key_id, operation) in self._denied or (access_key_id, "*") in self._denied
+
+
+_CREDENTIAL_RE = re.compile(r"Credential=([^/,\s]+)/")
+
+
+def _access_key_id(environ: dict[str, Any]) -> str:
+    match = _CREDENTIAL_RE.search(environ.get("HTTP_AUTHORIZATION", ""))
+    return match.group(1) if match else ""
 
 
 class _CountingApp:
-    def __init__(self, app: Callable[..., Iterable[bytes]], log: CallLog) -> None:
+    def __init__(self, app: Callable[..., Iterable[bytes]], log: CallLog, denials: DenyList) -> None:
         self.app = app
         self.log = log
+        self.denials = denials
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         target = environ.get("HTTP_X_AMZ_TARGET", "")
         if target.startswith("TrentService."):
-            self.log.record(target.split(".", 1)[1])
+            operation = target.split(".", 1)[1]
+            access_key_id = _access_key_id(environ)
+            self.log.record(operation, access_key_id)
+            if self.denials.denies(access_key_id, operation):
+                return _access_denied(start_response, access_key_id, operation)
+            fault = self.denials.take_fault(operation)
+            if fault is not None:
+                code, status = fault
+                return _json_error(start_response, status, code, f"{code}: injected by the test harness")
         return self.app(environ, start_response)
+
+
+def _access_denied(start_response: Callable[..., Any], access_key_id: str, operation: str) -> Iterable[bytes]:
+    """HARNESS FEATURE: the AccessDeniedException AWS KMS returns when IAM does not allow the call."""
+    message = (
+        f"User: arn:aws:sts::123456789012:assumed-role/denied/{access_key_id} is not authorized to "
+        f"perform: kms:{operation} on this resource because no identity-based policy allows the "
+        f"kms:{operation} action"
+    )
+    return _json_error(start_response, 400, "AccessDeniedException", message)
+
+
+def _json_error(start_response: Callable[..., Any], status: int, code: str, message: str) -> Iterable[bytes]:
+    """An AWS JSON-protocol error response, as boto3 parses it."""
+    body = json.dumps({"__type": code, "message": message}).encode()
+    reasons = {400: "Bad Request", 500: "Internal Server Error", 503: "Service Unavailable"}
+    reason = reasons.get(status, "Error")
+    start_response(
+        f"{status} {reason}",
+        [
+            ("Content-Type", "application/x-amz-json-1.1"),
+            ("Content-Length", str(len(body))),
+            ("x-amzn-RequestId", "00000000-0000-0000-0000-000000000000"),
+        ],
+    )
+    return [body]
 
 
 class KmsEmulator:
@@ -114,7 +206,8 @@ class KmsEmulator:
     def __init__(self) -> None:
         _fix_digest_signing()
         self.calls = CallLog()
-        app = _CountingApp(DomainDispatcherApplication(create_backend_app), self.calls)
+        self.denials = DenyList()
+        app = _CountingApp(DomainDispatcherApplication(create_backend_app), self.calls, self.denials)
         self._server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)
         self.port = self._server.server_address[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -127,3 +220,16 @@ class KmsEmulator:
     def stop(self) -> None:
         self._server.shutdown()
         self._thread.join(timeout=10)
+
+    def deny(self, access_key_id: str, operation: str) -> None:
+        """HARNESS FEATURE: answer `operation` ("Sign", or "*" for all) from this access key id with
+        AccessDeniedException, as IAM would for a role that lacks kms:<operation>."""
+        self.denials.add(access_key_id, operation)
+
+    def fail(self, operation: str, times: int, code: str = "ThrottlingException", status: int = 400) -> None:
+        """HARNESS FEATURE: answer the next `times` calls of `operation` with error `code` / HTTP `status`."""
+        self.denials.add_fault(operation, times, code, status)
+
+    def allow_all(self) -> None:
+        """Lift every denial made with `deny` and every fault set with `fail`."""
+        self.denials.clear()
