@@ -5,9 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from keyseal.errors import OutputExistsError
+
+# Test hook, None in normal use: called with the temporary file's path after it is written and fsynced, just
+# before the rename. Crash tests set it in a child process to kill that child at the worst moment.
+before_rename: Callable[[Path], None] | None = None
 
 
 def refuse_existing(path: Path, force: bool) -> None:
@@ -31,6 +36,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, force: bool = Tr
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        if before_rename is not None:
+            before_rename(tmp)
         if force:
             os.replace(tmp, path)
         else:

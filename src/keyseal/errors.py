@@ -83,3 +83,15 @@ class KekMismatchError(WrappedRecordError):
 
 class StoreConflictError(KeysealError):
     """A record changed in the store between reading and writing it (optimistic concurrency)."""
+
+
+class WkdError(KeysealError):
+    """A Web Key Directory answered with something keyseal refuses, or published no key for the address."""
+
+
+class WkdUnavailableError(WkdError):
+    """A Web Key Directory could not be reached (network, TLS, timeout, server error)."""
+
+
+class TrustError(VerificationError):
+    """The trusted keys could not be established: sources disagree, or one is required and unreachable."""

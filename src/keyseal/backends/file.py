@@ -1,11 +1,17 @@
 """`file:<path>`: a private key on disk, used in process memory.
 
-Permissions needed: read access to the file. The key is loaded once per process.
+The file is a wrapped key record (the default `keyseal keys create` writes) or, when created with
+`--unencrypted`, a clear PKCS#8 PEM; which one is decided by the content. A record is opened with the
+configured KEK (`BackendOptions.kek`, else `$KEYSEAL_KEK`, else the local KEK file `$KEYSEAL_HOME/kek`): one
+unwrap (one KMS Decrypt for an `awskms` KEK) per process, then the key stays in memory.
+
+Permissions needed: read access to the file; for an `awskms` KEK, `kms:Decrypt` on the key.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,23 +21,29 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 
 from keyseal.backends.base import HashName, PrivateKey, PublicKey, Signer, hash_algorithm
 from keyseal.errors import InputError, InvalidKeyFileError, UnsupportedKeyError
+from keyseal.wrapping.record import looks_like_record
 
 
-def open(uri: str, rest: str, options: object) -> FileSigner:  # noqa: A001 - registry entry point
+def open(uri: str, rest: str, options: object) -> FileSigner:
     """Registry entry point: `file:/path/to/key` or `file:relative/path`."""
     path = Path(rest[2:] if rest.startswith("//") else rest)
-    return FileSigner(uri, path)
+    return FileSigner(uri, path, options)
 
 
 def load_private_key_file(path: Path) -> PrivateKey:
     """Read a PKCS#8 (or traditional) unencrypted PEM private key of a type keyseal signs with."""
+    return private_key_from_pem(_read_key_file(path), str(path))
+
+
+def _read_key_file(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise InputError(f"key file {path} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"key file {path} is a directory") from None
     except OSError as exc:
         raise InputError(f"cannot read key file {path}: {exc.strerror}") from None
-    return private_key_from_pem(data, str(path))
 
 
 def private_key_from_pem(data: bytes, where: str) -> PrivateKey:
@@ -60,14 +72,33 @@ def sign_digest_with(key: PrivateKey, digest: bytes, hash_name: HashName) -> byt
 class FileSigner(Signer):
     """A key read from a file into memory once, then used for every signature."""
 
-    def __init__(self, uri: str, path: Path) -> None:
+    def __init__(self, uri: str, path: Path, options: object = None) -> None:
         self.uri = uri
         self.path = path
+        self.options = options
         self._key: PrivateKey | None = None
+        self._created: datetime | None = None
+        self._lock = threading.Lock()  # signing threads share one load (one KMS Decrypt)
 
     def _private_key(self) -> PrivateKey:
+        with self._lock:
+            return self._load()
+
+    def _load(self) -> PrivateKey:
         if self._key is None:
-            self._key = load_private_key_file(self.path)
+            data = _read_key_file(self.path)
+            if looks_like_record(data):
+                from keyseal.wrapping.keys import load_wrapped_key_file
+
+                opened = load_wrapped_key_file(
+                    self.path,
+                    getattr(self.options, "kek", None),
+                    kms_endpoint=getattr(self.options, "kms_endpoint", None),
+                    region=getattr(self.options, "region", None),
+                )
+                self._key, self._created = opened.private_key, opened.record.created
+            else:
+                self._key = private_key_from_pem(data, str(self.path))
         return self._key
 
     def public_key(self) -> PublicKey:
@@ -77,6 +108,10 @@ class FileSigner(Signer):
         return sign_digest_with(self._private_key(), digest, hash_name)
 
     def created_at(self) -> datetime | None:
+        """A wrapped record's creation time; for a clear PEM, the file's modification time."""
+        self._private_key()
+        if self._created is not None:
+            return self._created
         try:
             return datetime.fromtimestamp(int(os.stat(self.path).st_mtime), tz=UTC)
         except OSError:

@@ -1,0 +1,180 @@
+"""`kubernetes` store: one namespaced `WrappedKey` custom resource (group keyseal.dev, v1) per record.
+
+The resource's `spec` is the record's fields (deploy/crds/wrappedkeys.keyseal.dev.yaml). Writes are
+conditional on `metadata.resourceVersion`: a create fails if the resource exists, a replace fails with 409
+Conflict if it changed since it was read; the caller (`RecordStore.update`) then reloads and decides again.
+Nothing is ever written without a resourceVersion, so a newer record is never overwritten blindly.
+
+RBAC: get, create, update on wrappedkeys.keyseal.dev in the namespace. Seen versions (rollback protection) are
+kept in this process's memory unless a file ledger is given (e.g. on a persistent volume).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from keyseal.errors import (
+    AccessDeniedError,
+    BackendUnavailableError,
+    KeysealError,
+    StoreConflictError,
+    UsageError,
+    WrappedRecordError,
+)
+from keyseal.store import RecordStore
+from keyseal.wrapping.ledger import VersionLedger
+from keyseal.wrapping.record import WrappedRecord
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient, CustomObjectsApi
+
+GROUP = "keyseal.dev"
+VERSION = "v1"
+PLURAL = "wrappedkeys"
+KIND = "WrappedKey"
+API_VERSION = f"{GROUP}/{VERSION}"
+REQUEST_TIMEOUT = (5.0, 20.0)  # connect, read (seconds)
+
+
+def _kubernetes() -> Any:
+    try:
+        import kubernetes
+    except ImportError:
+        raise UsageError(
+            "the Kubernetes store needs the kubernetes client: pip install 'keyseal[k8s]'"
+        ) from None
+    return kubernetes
+
+
+def api_client_from_environment(host: str | None = None) -> ApiClient:
+    """In-cluster service account when running in a pod, else the kubeconfig; `host` overrides the server."""
+    kubernetes = _kubernetes()
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        try:
+            kubernetes.config.load_kube_config(client_configuration=configuration)
+        except (kubernetes.config.ConfigException, OSError):
+            if host is None:
+                raise UsageError(
+                    "no Kubernetes configuration: run in a pod with a service account, or set KUBECONFIG"
+                ) from None
+    if host is not None:
+        configuration.host = host
+    client: ApiClient = kubernetes.client.ApiClient(configuration)
+    return client
+
+
+class KubernetesStore(RecordStore):
+    """Records as `WrappedKey` resources in one namespace."""
+
+    def __init__(self, namespace: str, api_client: ApiClient, ledger: VersionLedger | None = None) -> None:
+        super().__init__(ledger if ledger is not None else VersionLedger())
+        kubernetes = _kubernetes()
+        self.namespace = namespace
+        self._api: CustomObjectsApi = kubernetes.client.CustomObjectsApi(api_client)
+        self._server = str(getattr(api_client.configuration, "host", "") or "")
+
+    def location(self, name: str) -> str:
+        return f"{PLURAL}.{GROUP} {self.namespace}/{name}"
+
+    def ledger_key(self, name: str) -> str:
+        return f"k8s:{self._server}/{self.namespace}/{name}"
+
+    def _get_object(self, name: str) -> dict[str, Any] | None:
+        try:
+            obj: dict[str, Any] = self._api.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, name, _request_timeout=REQUEST_TIMEOUT
+            )
+        except Exception as exc:
+            if not _is_client_error(exc):
+                raise
+            if _status(exc) == 404:
+                return None
+            raise self._translate(exc, "get", name) from None
+        return obj
+
+    def _read(self, name: str) -> tuple[WrappedRecord, str] | None:
+        obj = self._get_object(name)
+        if obj is None:
+            return None
+        where = self.location(name)
+        record = WrappedRecord.from_dict(obj.get("spec") or {}, where)
+        if (obj.get("metadata") or {}).get("name") != name:
+            raise WrappedRecordError(f"{where}: the API server answered with another object")
+        return record, _resource_version(obj, where)
+
+    def current_revision(self, name: str) -> str | None:
+        obj = self._get_object(name)
+        return None if obj is None else _resource_version(obj, self.location(name))
+
+    def _write(self, name: str, record: WrappedRecord, expected_revision: str | None) -> str:
+        metadata: dict[str, Any] = {"name": name, "namespace": self.namespace}
+        if expected_revision is not None:
+            metadata["resourceVersion"] = expected_revision
+        body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": record.to_dict()}
+        try:
+            if expected_revision is None:
+                answer = self._api.create_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, body, _request_timeout=REQUEST_TIMEOUT
+                )
+            else:
+                answer = self._api.replace_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, name, body, _request_timeout=REQUEST_TIMEOUT
+                )
+        except Exception as exc:
+            if not _is_client_error(exc):
+                raise
+            if _status(exc) == 409:
+                raise StoreConflictError(
+                    f"{self.location(name)} changed since it was read (409 Conflict): reload it and decide "
+                    f"again"
+                ) from None
+            raise self._translate(exc, "create" if expected_revision is None else "update", name) from None
+        return _resource_version(answer, self.location(name))
+
+    def _translate(self, exc: Exception, verb: str, name: str) -> KeysealError:
+        status = _status(exc)
+        where = self.location(name)
+        if status in (401, 403):
+            return AccessDeniedError(
+                f"the Kubernetes API refused to {verb} {where} ({status}): grant the service account the "
+                f"{verb} verb on {PLURAL}.{GROUP} in namespace {self.namespace}"
+            )
+        if status == 404:
+            return UsageError(
+                f"the Kubernetes API does not serve {PLURAL}.{GROUP} in namespace {self.namespace}: install "
+                f"the CRD (deploy/crds/wrappedkeys.keyseal.dev.yaml) and check the namespace exists"
+            )
+        if status is not None:
+            return KeysealError(f"the Kubernetes API refused to {verb} {where} (HTTP {status})")
+        return BackendUnavailableError(
+            f"cannot reach the Kubernetes API at {self._server} to {verb} {where} ({type(exc).__name__}): "
+            f"check the cluster address and network"
+        )
+
+
+def _is_client_error(exc: Exception) -> bool:
+    """An API answer or a transport failure (not a bug in keyseal)."""
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
+    return isinstance(exc, ApiException | urllib3.exceptions.HTTPError | OSError)
+
+
+def _status(exc: Exception) -> int | None:
+    from kubernetes.client.exceptions import ApiException
+
+    if isinstance(exc, ApiException) and exc.status:
+        return int(exc.status)
+    return None
+
+
+def _resource_version(obj: Any, where: str) -> str:
+    version = (obj.get("metadata") or {}).get("resourceVersion") if isinstance(obj, dict) else None
+    if not isinstance(version, str) or not version:
+        raise WrappedRecordError(
+            f"{where}: the API server gave no metadata.resourceVersion; refusing to write"
+        )
+    return version

@@ -1,0 +1,183 @@
+"""A Kubernetes API peer for tests: kmock's emulator on 127.0.0.1, reached by the official kubernetes client.
+
+EMULATOR ADDITION (test harness only): kmock 0.8 keeps objects and serves GET/POST/PATCH/DELETE, but has no
+`metadata.resourceVersion` and no PUT. `ResourceVersionedEmulator` adds both as the real API server behaves:
+- every create / replace / patch sets a new `metadata.resourceVersion` (a counter shared by all objects);
+- PUT replaces the object whole; a PUT or PATCH whose `metadata.resourceVersion` is not the stored one is
+  refused with 409 Conflict and changes nothing (a PUT without one is unconditional, as in Kubernetes);
+- a create answers 201 Created, as the API server does (the official client reads the body only then).
+keyseal's Kubernetes store is not changed to suit the emulator; it only speaks the real API's contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import threading
+import uuid
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import aiohttp.web
+import attrs
+import kmock
+from kmock._internal.k8s import KubernetesEmulator, KubernetesError, KubernetesObjectNotFoundError
+
+T = TypeVar("T")
+
+CONFLICT_MESSAGE = (
+    "Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest "
+    "version and try again"
+)
+
+
+@attrs.define(kw_only=True)
+class ResourceVersionedEmulator(KubernetesEmulator):
+    """EMULATOR ADDITION: resourceVersion on every write, PUT, and 409 on a stale resourceVersion."""
+
+    counter: int = 0
+    conflicts: list[tuple[str, str]] = attrs.field(factory=list)
+    replaces: int = 0
+
+    def _next_version(self) -> str:
+        self.counter += 1
+        return str(self.counter)
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        named = request.resource is not None and request.name is not None and not request.subresource
+        if named and request.method == kmock.method.PUT:
+            return await self._replace(request)
+        if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+            meta = request.data.setdefault("metadata", {})
+            meta["resourceVersion"] = self._next_version()
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            if request.namespace:
+                meta["namespace"] = request.namespace
+            response = await super()._handle(request)
+            if response.status == 200 and not response.prepared:
+                response.set_status(201)  # as the API server answers a create (the client expects 201)
+            return response
+        elif named and request.action == kmock.action.UPDATE and isinstance(request.data, dict):
+            async with self._lock:
+                current = self._current(request)
+                if current is not None:
+                    self._check_version(request, current)
+                request.data.setdefault("metadata", {})["resourceVersion"] = self._next_version()
+        return await super()._handle(request)
+
+    @staticmethod
+    def _key(request: kmock.Request) -> tuple[kmock.resource, str | None, str]:
+        assert request.resource is not None and request.name is not None
+        return request.resource, request.namespace, request.name
+
+    def _current(self, request: kmock.Request) -> dict[str, Any] | None:
+        key = self._key(request)
+        if key not in self._objects or self._objects[key].deleted:
+            return None
+        raw: dict[str, Any] = self._objects[key].raw
+        return raw
+
+    def _check_version(self, request: kmock.Request, current: dict[str, Any]) -> None:
+        sent = (request.data.get("metadata") or {}).get("resourceVersion")
+        if sent is not None and sent != current["metadata"].get("resourceVersion"):
+            self.conflicts.append((str(request.namespace), str(request.name)))
+            raise KubernetesError(status=409, reason="Conflict", message=CONFLICT_MESSAGE,
+                                  details={"name": request.name, "kind": self._key(request)[0].plural})
+
+    async def _replace(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if not isinstance(request.data, dict):
+            raise KubernetesError(status=400, reason="BadRequest", message="PUT needs a JSON object")
+        async with self._lock:
+            current = self._current(request)
+            if current is None:
+                raise KubernetesObjectNotFoundError()
+            self._check_version(request, current)
+            new = copy.deepcopy(request.data)
+            meta = new.setdefault("metadata", {})
+            for kept in ("uid", "creationTimestamp", "namespace", "name"):
+                if kept in current["metadata"]:
+                    meta[kept] = current["metadata"][kept]
+            meta["resourceVersion"] = self._next_version()
+            self._objects[self._key(request)].create(new)
+            self.replaces += 1
+            await self._buses[self._key(request)[0]].put({"type": "MODIFIED", "object": new})
+        return aiohttp.web.json_response(new)
+
+
+class KubeApi:
+    """The emulator served on an ephemeral 127.0.0.1 port by its own event loop in a daemon thread."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kube-api", daemon=True)
+        self.handler: ResourceVersionedEmulator | None = None
+        self.url = ""
+
+    def start(self) -> KubeApi:
+        self._thread.start()
+        if not self._ready.wait(30) or self._error is not None:
+            raise RuntimeError(f"the Kubernetes API emulator did not start: {self._error!r}")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # reported by start()
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with ResourceVersionedEmulator() as handler, kmock.Server(handler) as server:
+            handler.resources["keyseal.dev/v1/wrappedkeys"] = kmock.ResourceInfo(
+                kind="WrappedKey", singular="wrappedkey", namespaced=True,
+                verbs={"get", "list", "create", "update", "patch", "delete"},
+            )
+            self.handler = handler
+            self.url = str(server.url).rstrip("/")
+            self._ready.set()
+            await self._stop.wait()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the emulator's loop (reads of its state must not race its writes)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
+
+    def history(self, namespace: str, name: str, plural: str = "wrappedkeys") -> list[dict[str, Any]]:
+        """Every stored version of an object, oldest first (deletions left out)."""
+
+        async def read() -> list[dict[str, Any]]:
+            handler = self._handler()
+            async with handler._lock:
+                key = (kmock.resource("keyseal.dev", "v1", plural), namespace, name)
+                if key not in handler.objects:
+                    return []
+                return [copy.deepcopy(dict(v.raw)) for v in handler.objects[key].history if v is not None]
+
+        return self.run(read())
+
+    def conflicts(self) -> list[tuple[str, str]]:
+        return list(self._handler().conflicts)
+
+    def _handler(self) -> ResourceVersionedEmulator:
+        assert self.handler is not None
+        return self.handler
+
+    def api_client(self) -> Any:
+        """An official `kubernetes` ApiClient pointed at this emulator (no credentials)."""
+        import kubernetes
+
+        configuration = kubernetes.client.Configuration()
+        configuration.host = self.url
+        return kubernetes.client.ApiClient(configuration)
