@@ -21,11 +21,15 @@ class BackendOptions:
 
     kms_endpoint: str | None = None
     region: str | None = None
+    # KEK for wrapped key records (`local`, `local:PATH`, `awskms:<ARN>`); None: $KEYSEAL_KEK, else `local`.
+    kek: str | None = None
 
 
 _BACKENDS: dict[str, str] = {
     "file": "keyseal.backends.file",
     "awskms": "keyseal.backends.awskms",
+    "pkcs11": "keyseal.backends.pkcs11",
+    "hashivault": "keyseal.backends.hashivault",
 }
 
 
@@ -33,13 +37,10 @@ def split_uri(uri: str) -> tuple[str, str]:
     """Split `scheme:rest`, refusing an empty or unknown scheme."""
     scheme, sep, rest = uri.partition(":")
     if not sep or not scheme or not rest:
-        raise KeyURIError(
-            f"invalid key URI {uri!r}: expected SCHEME:KEY with a scheme of {', '.join(sorted(_BACKENDS))}"
-        )
+        raise KeyURIError(f"invalid key URI: expected SCHEME:KEY with a scheme of {', '.join(sorted(_BACKENDS))}")
     if scheme not in _BACKENDS:
-        raise KeyURIError(
-            f"unknown key URI scheme {scheme!r} in {uri!r}: use one of {', '.join(sorted(_BACKENDS))}"
-        )
+        # The URI itself is not echoed: it may carry a secret (a PKCS#11 pin-value, a token).
+        raise KeyURIError(f"unknown key URI scheme {scheme[:32]!r}: use one of {', '.join(sorted(_BACKENDS))}")
     return scheme, rest
 
 

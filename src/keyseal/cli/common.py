@@ -30,8 +30,18 @@ def kms_endpoint_option(func: F) -> F:
     )(func)
 
 
-def open_key(uri: str, kms_endpoint: str | None) -> Signer:
-    return open_signer(uri, BackendOptions(kms_endpoint=kms_endpoint))
+def kek_option(func: F) -> F:
+    """`--kek KEK`: the KEK that opens a wrapped `file:` key (else $KEYSEAL_KEK, else the local KEK)."""
+    return click.option(
+        "--kek",
+        metavar="KEK",
+        default=None,
+        help="KEK of a wrapped file: key: local, local:PATH or awskms:<key ARN> (default: $KEYSEAL_KEK, else local).",
+    )(func)
+
+
+def open_key(uri: str, kms_endpoint: str | None, kek: str | None = None) -> Signer:
+    return open_signer(uri, BackendOptions(kms_endpoint=kms_endpoint, kek=kek))
 
 
 def read_input(path: Path, what: str) -> bytes:
