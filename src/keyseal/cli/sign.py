@@ -11,7 +11,9 @@ import click
 from keyseal.atomic import write_atomic
 from keyseal.backends.base import HashName, Signer
 from keyseal.cli.common import kms_endpoint_option, load_certificate_files, open_key
-from keyseal.errors import InputError, OutputExistsError, UsageError
+from keyseal.errors import InputError, OpenPGPError, OutputExistsError, UsageError
+from keyseal.openpgp.armor import is_armored
+from keyseal.openpgp.packets import TAG_SIGNATURE, encode_packet
 from keyseal.openpgp.sign import (
     HASH_IDS,
     SigningIdentity,
@@ -21,10 +23,13 @@ from keyseal.openpgp.sign import (
     render,
     signature_packet,
 )
+from keyseal.openpgp.signature import SignaturePacket
 from keyseal.openpgp.stream import hash_file
+from keyseal.openpgp.verify import parse_detached
 
 
-def plan_outputs(files: tuple[Path, ...], output: Path | None, armored: bool, force: bool) -> list[tuple[Path, Path]]:
+def plan_outputs(files: tuple[Path, ...], output: Path | None, armored: bool, force: bool,
+                 append: bool = False) -> list[tuple[Path, Path]]:
     """Pair each input with its output and refuse every conflict before anything is signed."""
     if output is not None and len(files) != 1:
         raise UsageError("-o/--output takes exactly one input file")
@@ -41,16 +46,58 @@ def plan_outputs(files: tuple[Path, ...], output: Path | None, armored: bool, fo
         if real in seen:
             raise UsageError(f"two inputs would write the same signature file {dst}")
         seen.add(real)
-        if dst.exists() and not force:
-            raise OutputExistsError(f"{dst} exists: refusing to overwrite it (use --force)")
+        if dst.exists() and not force and not append:
+            raise OutputExistsError(f"{dst} exists: refusing to overwrite it (use --force, or --append to add "
+                                    f"a signature to it)")
     return pairs
 
 
 def sign_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, src: Path, dst: Path,
-             armored: bool, force: bool) -> Path:
+             armored: bool, force: bool, append: bool = False) -> Path:
+    existing = _existing_signatures(dst) if append else None
+    if existing is not None:
+        return _append_one(signer, identity, hash_name, src, dst, *existing)
     hasher = hash_file(src, [HASH_IDS[hash_name]])[HASH_IDS[hash_name]]
     packet = signature_packet(signer, identity, hasher, hash_name)
     write_atomic(dst, render(packet, armored), mode=0o644, force=force)
+    return dst
+
+
+def _existing_signatures(dst: Path) -> tuple[bool, list[SignaturePacket]] | None:
+    """(armored?, signatures) of an existing detached signature file, None if there is none."""
+    try:
+        data = dst.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InputError(f"cannot read {dst}: {exc.strerror}") from None
+    try:
+        return is_armored(data), parse_detached(data)
+    except OpenPGPError as exc:
+        raise OpenPGPError(f"cannot append to {dst}: {exc.message}") from None
+
+
+def _append_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, src: Path, dst: Path,
+                armored: bool, existing: list[SignaturePacket]) -> Path:
+    """Add a signature to `dst`, in its armor, after checking that what it holds is over this file: a stale
+    signature (from another build of the file) would otherwise ride along in a file that verifies."""
+    hash_id = HASH_IDS[hash_name]
+    for sig in existing:
+        if sig.issuer_fingerprint == identity.fingerprint:
+            raise UsageError(f"{dst} already holds a signature by {identity.fingerprint_hex}")
+    try:
+        hashers = hash_file(src, [hash_id, *(sig.hash_id for sig in existing)])
+    except OpenPGPError as exc:
+        raise OpenPGPError(f"cannot append to {dst}: {exc.message}") from None
+    for sig in existing:
+        check = hashers[sig.hash_id].copy()
+        check.update(sig.trailer())
+        if check.digest()[:2] != sig.left16:
+            raise UsageError(f"{dst} holds a signature that is not over {src} (a stale signature file?): "
+                             f"refusing to append to it")
+    packet = signature_packet(signer, identity, hashers[hash_id], hash_name)
+    kept = b"".join(encode_packet(TAG_SIGNATURE, sig.body) for sig in existing)
+    write_atomic(dst, render(kept + packet, armored), mode=0o644, force=True)
     return dst
 
 
@@ -62,19 +109,24 @@ def sign_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, src
 @click.option("--digest", type=click.Choice(tuple(HASH_IDS)), default=None, help="Hash (default: the key's).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output (one input only).")
 @click.option("--force", is_flag=True, help="Overwrite existing signature files.")
+@click.option("--append", is_flag=True,
+              help="Add the signature to an existing signature file, in its armor (dual signing during a key "
+                   "rotation); without one, sign as usual.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=4, show_default=True, help="Files signed at once.")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @kms_endpoint_option
 def sign(key_uri: str, certs: tuple[Path, ...], armored: bool, digest: str | None, output: Path | None,
-         force: bool, jobs: int, files: tuple[Path, ...], kms_endpoint: str | None) -> None:
+         force: bool, append: bool, jobs: int, files: tuple[Path, ...], kms_endpoint: str | None) -> None:
     """Write detached OpenPGP signatures that gpg and sqv verify."""
-    pairs = plan_outputs(files, output, armored, force)
+    if append and force:
+        raise UsageError("--append adds to an existing signature file and --force replaces it: choose one")
+    pairs = plan_outputs(files, output, armored, force, append)
     certificates = load_certificate_files(certs)
     with open_key(key_uri, kms_endpoint) as signer:
         identity = identity_from_certificate(signer, certificates) if certificates else identity_from_signer(signer)
         hash_name = choose_hash(signer, identity.public_key, digest)  # type: ignore[arg-type]
         with ThreadPoolExecutor(max_workers=min(jobs, len(pairs))) as pool:
-            futures = [pool.submit(sign_one, signer, identity, hash_name, src, dst, armored, force)
+            futures = [pool.submit(sign_one, signer, identity, hash_name, src, dst, armored, force, append)
                        for src, dst in pairs]
             written = [future.result() for future in futures]
     for path in written:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from keyseal.backends.base import HashName, PublicKey, Signer
 from keyseal.errors import OpenPGPError, UsageError
 from keyseal.openpgp.armor import KIND_PUBLIC_KEY, armor, dearmor_or_binary
-from keyseal.openpgp.keys import KeyPacket, encode_public_key_body, fingerprint_of, parse_key_packet
+from keyseal.openpgp.keys import ALGO_NAMES, KeyPacket, encode_public_key_body, fingerprint_of, parse_key_packet
 from keyseal.openpgp.packets import (
     TAG_MARKER,
     TAG_PUBLIC_KEY,
@@ -195,8 +195,11 @@ def _build_certificate(group: list[Packet], source: str) -> Certificate:
         elif packet.tag == TAG_USER_ATTRIBUTE:
             current_uid, current_kind = None, "attribute"
         elif packet.tag == TAG_PUBLIC_SUBKEY:
-            subkeys.append((parse_key_packet(packet.body), []))
-            current_kind = "subkey"
+            if _foreign_algorithm(packet.body):  # e.g. gpg's cv25519 encryption subkey: it cannot sign, skip it
+                current_kind = "foreign subkey"
+            else:
+                subkeys.append((parse_key_packet(packet.body), []))
+                current_kind = "subkey"
         elif packet.tag == TAG_SIGNATURE:
             sig = parse_signature(packet.body)
             if current_kind == "primary":
@@ -239,6 +242,43 @@ def _build_certificate(group: list[Packet], source: str) -> Certificate:
         expires=expires,
         subkeys=[sub for sub, _ in subkeys],
     )
+
+
+def merge_certificates(certificates: list[Certificate]) -> list[Certificate]:
+    """One certificate per primary key. Copies of one key (an embedded copy and the one a WKD serves with a
+    revocation added, or two files given to `verify`) are merged packet by packet, so a revocation or a newer
+    self-signature in any copy counts: otherwise the copy without the revocation would still verify."""
+    groups: dict[str, list[Certificate]] = {}
+    for cert in certificates:
+        groups.setdefault(cert.fingerprint, []).append(cert)
+    return [group[0] if len(group) == 1 else _merge_group(group) for group in groups.values()]
+
+
+def _merge_group(group: list[Certificate]) -> Certificate:
+    primary: Packet | None = None
+    direct: list[Packet] = []  # signatures on the primary key itself (direct-key, revocations)
+    components: dict[Packet, list[Packet]] = {}  # user ID / attribute / subkey -> its signatures
+    for cert in group:
+        packets = list(iter_packets(cert.binary))
+        primary = primary or packets[0]
+        current: list[Packet] = direct
+        for packet in packets[1:]:
+            if packet.tag in (TAG_USER_ID, TAG_USER_ATTRIBUTE, TAG_PUBLIC_SUBKEY):
+                current = components.setdefault(packet, [])
+            elif packet not in current:
+                current.append(packet)
+    assert primary is not None
+    merged = [primary, *direct]
+    # User IDs before subkeys, as a transferable public key orders them.
+    for component, sigs in sorted(components.items(), key=lambda item: item[0].tag == TAG_PUBLIC_SUBKEY):
+        merged += [component, *sigs]
+    return _build_certificate(merged, f"certificate {group[0].fingerprint}")
+
+
+def _foreign_algorithm(body: bytes) -> bool:
+    """A well-formed v4 subkey of an algorithm keyseal does not read (encryption-only, DSA ...): not an error
+    in a certificate, since such a subkey can never have made a signature keyseal accepts."""
+    return len(body) >= 6 and body[0] == 4 and body[5] not in ALGO_NAMES
 
 
 def _reencode(packet: Packet) -> bytes:

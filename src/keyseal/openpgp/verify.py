@@ -7,7 +7,9 @@ critical subpackets and malformed or truncated packets are rejected.
 
 from __future__ import annotations
 
+import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,16 +17,17 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyseal.errors import OpenPGPError, VerificationError
 from keyseal.openpgp.armor import dearmor_or_binary
-from keyseal.openpgp.cert import Certificate, SigningKey
+from keyseal.openpgp.cert import Certificate, SigningKey, merge_certificates
 from keyseal.openpgp.packets import TAG_MARKER, TAG_SIGNATURE, iter_packets
 from keyseal.openpgp.signature import (
     SIG_BINARY,
+    Hasher,
     SignaturePacket,
     check_signature_math,
     new_hasher,
     parse_signature,
 )
-from keyseal.openpgp.stream import hash_file
+from keyseal.openpgp.stream import hash_file, hash_stream
 
 MIN_RSA_BITS = 2048
 
@@ -61,7 +64,20 @@ def parse_detached(data: bytes) -> list[SignaturePacket]:
 def verify_file(certificates: list[Certificate], path: Path, signature_data: bytes,
                 now: int | None = None) -> VerifiedSignature:
     """Verify a detached signature over a file; raise VerificationError with the most telling reason."""
+    return _verify(certificates, lambda ids: hash_file(path, ids), signature_data, now)
+
+
+def verify_bytes(certificates: list[Certificate], data: bytes, signature_data: bytes,
+                 now: int | None = None) -> VerifiedSignature:
+    """Verify a detached signature over data held in memory (a checksum manifest, say)."""
+    return _verify(certificates, lambda ids: hash_stream(io.BytesIO(data), ids), signature_data, now)
+
+
+def _verify(certificates: list[Certificate], hash_data: Callable[[list[int]], dict[int, Hasher]],
+            signature_data: bytes, now: int | None) -> VerifiedSignature:
     signatures = parse_detached(signature_data)
+    # Several copies of one certificate count as one: a revocation in any copy applies.
+    certificates = merge_certificates(certificates)
     usable: list[SignaturePacket] = []
     reasons: list[str] = []
     for sig in signatures:
@@ -71,7 +87,7 @@ def verify_file(certificates: list[Certificate], path: Path, signature_data: byt
             reasons.append(exc.message)
             continue
         usable.append(sig)
-    data_hashers = hash_file(path, [sig.hash_id for sig in usable]) if usable else {}
+    data_hashers = hash_data([sig.hash_id for sig in usable]) if usable else {}
     moment = int(time.time()) if now is None else now
     for sig in usable:
         hasher = data_hashers[sig.hash_id].copy()
@@ -129,11 +145,19 @@ def _policy_problem(sig: SignaturePacket, entry: SigningKey, now: int) -> str | 
     if entry.expires is not None and created >= entry.expires:
         return f"signature was made after key {key.fingerprint_hex} expired"
     if entry.revoked_at is not None and created >= entry.revoked_at:
-        return f"key {key.fingerprint_hex} is revoked"
+        if entry.revoked_at == 0:
+            return (f"key {key.fingerprint_hex} is revoked (compromised, or no reason given): none of its "
+                    f"signatures count")
+        return (f"key {key.fingerprint_hex} is revoked (superseded or retired) since {_utc(entry.revoked_at)}: "
+                f"this signature was made after that")
     lifetime = sig.expiration_seconds
     if lifetime and created + lifetime <= now:
         return "signature has expired"
     return None
+
+
+def _utc(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _summarise(reasons: list[str]) -> str:
