@@ -10,7 +10,7 @@ import click
 
 from keyseal.atomic import write_atomic
 from keyseal.backends.base import HashName, Signer
-from keyseal.cli.common import kms_endpoint_option, load_certificate_files, open_key
+from keyseal.cli.common import kek_option, kms_endpoint_option, load_certificate_files, open_key
 from keyseal.errors import InputError, OpenPGPError, OutputExistsError, UsageError
 from keyseal.openpgp.armor import is_armored
 from keyseal.openpgp.packets import TAG_SIGNATURE, encode_packet
@@ -115,14 +115,16 @@ def _append_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, 
 @click.option("--jobs", type=click.IntRange(1, 64), default=4, show_default=True, help="Files signed at once.")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @kms_endpoint_option
+@kek_option
 def sign(key_uri: str, certs: tuple[Path, ...], armored: bool, digest: str | None, output: Path | None,
-         force: bool, append: bool, jobs: int, files: tuple[Path, ...], kms_endpoint: str | None) -> None:
+         force: bool, append: bool, jobs: int, files: tuple[Path, ...], kms_endpoint: str | None,
+         kek: str | None) -> None:
     """Write detached OpenPGP signatures that gpg and sqv verify."""
     if append and force:
         raise UsageError("--append adds to an existing signature file and --force replaces it: choose one")
     pairs = plan_outputs(files, output, armored, force, append)
     certificates = load_certificate_files(certs)
-    with open_key(key_uri, kms_endpoint) as signer:
+    with open_key(key_uri, kms_endpoint, kek) as signer:
         identity = identity_from_certificate(signer, certificates) if certificates else identity_from_signer(signer)
         hash_name = choose_hash(signer, identity.public_key, digest)  # type: ignore[arg-type]
         with ThreadPoolExecutor(max_workers=min(jobs, len(pairs))) as pool:
