@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.kms_emulator import KmsEmulator
+from tests.harness.openbao import OpenBao
 from tests.harness.softhsm import SoftHsm
 
 REGION = "us-east-1"
@@ -147,3 +148,30 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
         os.environ.pop("SOFTHSM2_CONF", None)
     else:
         os.environ["SOFTHSM2_CONF"] = previous
+
+
+@pytest.fixture(scope="session")
+def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
+    """A real OpenBao dev server on 127.0.0.1 (Transit enabled, audit log on) for this test process."""
+    server = OpenBao(tmp_path_factory.mktemp("openbao")).start()
+    yield server
+    server.stop()
+
+
+VAULT_ENV_NAMES = ("VAULT_ADDR", "VAULT_TOKEN", "VAULT_NAMESPACE", "VAULT_CACERT", "BAO_ADDR", "BAO_TOKEN",
+                   "BAO_NAMESPACE", "BAO_CACERT", "KEYSEAL_VAULT_TOKEN_FILE", "KEYSEAL_VAULT_K8S_ROLE",
+                   "KEYSEAL_VAULT_K8S_MOUNT", "KEYSEAL_VAULT_K8S_TOKEN_FILE")
+
+
+@pytest.fixture
+def vault_env(openbao: OpenBao, monkeypatch: pytest.MonkeyPatch,
+              tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment that points keyseal (here and in children) at the OpenBao server with the root token; HOME
+    is a fresh directory so the CLI's ~/.vault-token fallback never reads the real one."""
+    for name in VAULT_ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path_factory.mktemp("home")  # outside tmp_path: tests list what they wrote there
+    env = {"VAULT_ADDR": openbao.address, "VAULT_TOKEN": "root", "HOME": str(home)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env

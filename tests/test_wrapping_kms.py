@@ -244,7 +244,7 @@ def test_kek_specs() -> None:
     with pytest.raises(UsageError, match="full ARN"):
         parse_kek("awskms:alias/release")
     with pytest.raises(UsageError, match="use local, local:PATH or awskms"):
-        parse_kek("vault:x")
+        parse_kek("gcpkms:x")  # vault:KEY is a provider now (tests/test_vault_wrapping.py)
     arn = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
     kek = parse_kek(f"awskms:{arn}")
     assert isinstance(kek, AwsKmsKek) and kek.region == "eu-west-1" and kek.kek_id == arn

@@ -21,7 +21,8 @@ class BackendOptions:
 
     kms_endpoint: str | None = None
     region: str | None = None
-    # KEK for wrapped key records (`local`, `local:PATH`, `awskms:<ARN>`); None: $KEYSEAL_KEK, else `local`.
+    # KEK for wrapped key records (`local`, `local:PATH`, `awskms:<ARN>`, `vault:[MOUNT/]KEY`); None: $KEYSEAL_KEK,
+    # else `local`.
     kek: str | None = None
 
 

@@ -104,7 +104,8 @@ def configured_kek_spec(explicit: str | None = None) -> str:
 
 
 def parse_kek(spec: str, *, kms_endpoint: str | None = None, region: str | None = None) -> KekProvider:
-    """`local` (the KEK file `$KEYSEAL_HOME/kek`), `local:PATH`, or `awskms:<key ARN>`."""
+    """`local` (the KEK file `$KEYSEAL_HOME/kek`), `local:PATH`, `awskms:<key ARN>`, or `vault:[MOUNT/]KEY`
+    (a Vault / OpenBao Transit key; address and token from the environment, see keyseal.vault)."""
     provider, sep, rest = spec.partition(":")
     if provider == "local" and not sep:
         from keyseal.wrapping.local import LocalKek
@@ -118,4 +119,8 @@ def parse_kek(spec: str, *, kms_endpoint: str | None = None, region: str | None 
         from keyseal.wrapping.awskms import AwsKmsKek
 
         return AwsKmsKek(rest, endpoint=kms_endpoint, region=region)
-    raise UsageError(f"invalid KEK {spec!r}: use local, local:PATH or awskms:<key ARN>")
+    if provider == "vault" and rest:
+        from keyseal.wrapping.vault import VaultKek
+
+        return VaultKek(rest)
+    raise UsageError(f"invalid KEK {spec!r}: use local, local:PATH or awskms:<key ARN>, or vault:[MOUNT/]KEY")

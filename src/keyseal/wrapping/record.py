@@ -25,7 +25,7 @@ CIPHER = "AES-256-GCM"
 DEK_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
-PROVIDERS = ("local", "awskms")
+PROVIDERS = ("local", "awskms", "vault")
 MAX_VERSION = 2**53 - 1
 
 _AAD_PREFIX = FORMAT.encode() + b"\x00"
@@ -166,7 +166,7 @@ class WrappedRecord:
         try:
             fields = json.loads(data.decode("ascii"), object_pairs_hook=_no_duplicates,
                                 parse_constant=_no_constant)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: arrays nested 1000 deep
             raise _bad(where, "it is not valid ASCII JSON") from None
         record = cls.from_dict(fields, where)
         if record.to_bytes() != data:
