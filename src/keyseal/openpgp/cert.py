@@ -258,14 +258,18 @@ def _merge_group(group: list[Certificate]) -> Certificate:
     primary: Packet | None = None
     direct: list[Packet] = []  # signatures on the primary key itself (direct-key, revocations)
     components: dict[Packet, list[Packet]] = {}  # user ID / attribute / subkey -> its signatures
+    seen: set[tuple[Packet | None, Packet]] = set()  # (component, signature): linear, not quadratic, dedup
     for cert in group:
         packets = list(iter_packets(cert.binary))
         primary = primary or packets[0]
         current: list[Packet] = direct
+        component: Packet | None = None
         for packet in packets[1:]:
             if packet.tag in (TAG_USER_ID, TAG_USER_ATTRIBUTE, TAG_PUBLIC_SUBKEY):
+                component = packet
                 current = components.setdefault(packet, [])
-            elif packet not in current:
+            elif (component, packet) not in seen:
+                seen.add((component, packet))
                 current.append(packet)
     assert primary is not None
     merged = [primary, *direct]

@@ -97,7 +97,7 @@ class FileLedger(VersionLedger):
             raw = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             log.warning("cannot read the seen-versions ledger %s: treating it as empty", self.path)
             return {}
         if not isinstance(raw, dict):

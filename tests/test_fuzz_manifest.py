@@ -1,0 +1,64 @@
+"""Fuzz properties for the checksum manifest parser: only `KeysealError`s come out, whatever the bytes, and a
+manifest written in the format parses back to the same entries."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+from fuzz.targets import run_one, shared_targets
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from keyseal.errors import UsageError
+from keyseal.openpgp.manifest import DIGESTS, check_name, parse_manifest
+
+EXAMPLES = int(os.environ.get("KEYSEAL_FUZZ_EXAMPLES", "200"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=3), database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ
+@given(data=st.binary(max_size=2048))
+def test_random_bytes_raise_only_keyseal_errors(data: bytes) -> None:
+    run_one(shared_targets()["manifest"], data)
+
+
+@FUZZ
+@given(data=st.text(max_size=600).map(lambda text: text.encode("utf-8", "surrogatepass")))
+def test_random_text_raises_only_keyseal_errors(data: bytes) -> None:
+    run_one(shared_targets()["manifest"], data)
+
+
+@FUZZ
+@given(program=st.binary(min_size=1, max_size=96))
+def test_mutated_manifests_raise_only_keyseal_errors(program: bytes) -> None:
+    target = shared_targets()["manifest"]
+    run_one(target, target.mutant(program))
+
+
+def _listable(name: str) -> bool:
+    try:
+        check_name(name)
+    except UsageError:
+        return False
+    return not name.startswith(("*", " ")) and not name.endswith("\r")
+
+
+@FUZZ
+@given(
+    digest=st.sampled_from(sorted(DIGESTS)),
+    names=st.lists(st.text(min_size=1, max_size=40).filter(_listable), min_size=1, max_size=8, unique=True),
+    binary_mode=st.booleans(),
+    crlf=st.booleans(),
+    data=st.data(),
+)
+def test_written_manifests_parse_back(digest: str, names: list[str], binary_mode: bool, crlf: bool,
+                                      data: st.DataObject) -> None:
+    size = DIGESTS[digest] // 2
+    digests = [data.draw(st.binary(min_size=size, max_size=size)) for _ in names]
+    end = "\r\n" if crlf else "\n"
+    text = "".join(f"{d.hex()} {'*' if binary_mode else ' '}{n}{end}" for n, d in zip(names, digests, strict=True))
+    manifest = parse_manifest(text.encode("utf-8", "surrogatepass"))
+    assert manifest.digest_name == digest
+    assert [(e.name, e.digest) for e in manifest.entries] == list(zip(names, digests, strict=True))
