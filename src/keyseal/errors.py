@@ -95,3 +95,11 @@ class WkdUnavailableError(WkdError):
 
 class TrustError(VerificationError):
     """The trusted keys could not be established: sources disagree, or one is required and unreachable."""
+
+
+class AuditError(KeysealError):
+    """The audit log cannot be written (or its last line cannot be read): keyseal signs nothing it cannot record."""
+
+
+class AuditChainError(VerificationError):
+    """The audit log's hash chain is broken: a line was deleted, edited, inserted or moved."""

@@ -13,6 +13,8 @@ from typing import Literal, TypeAlias
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from keyseal.errors import UnsupportedKeyError
+
 HashName: TypeAlias = Literal["sha256", "sha384", "sha512"]
 HASH_NAMES: tuple[HashName, ...] = ("sha256", "sha384", "sha512")
 
@@ -49,7 +51,8 @@ class Signer(abc.ABC):
 
     `sign_digest` returns the algorithm's natural encoding: RSA PKCS#1 v1.5 signature bytes, ECDSA as DER
     (RFC 3279 Ecdsa-Sig-Value), Ed25519 as the 64 raw bytes (over the digest as the message, as OpenPGP v4
-    EdDSA does).
+    EdDSA does). `sign_message` is pure Ed25519 over a message of any length, for formats that sign short
+    messages rather than digests (SSH signatures, minisign).
     """
 
     uri: str
@@ -61,6 +64,13 @@ class Signer(abc.ABC):
     @abc.abstractmethod
     def sign_digest(self, digest: bytes, hash_name: HashName) -> bytes:
         """Sign a precomputed digest made with `hash_name`."""
+
+    def sign_message(self, message: bytes) -> bytes:
+        """Pure Ed25519 over `message` itself (Ed25519 keys only). The default hands it to `sign_digest`, which an
+        in-memory Ed25519 key signs as the message; backends that check a digest's length override this."""
+        if not isinstance(self.public_key(), ed25519.Ed25519PublicKey):
+            raise UnsupportedKeyError(f"{self.uri} is not an Ed25519 key: only Ed25519 signs messages")
+        return self.sign_digest(message, "sha512")
 
     def supported_hashes(self) -> tuple[HashName, ...]:
         """Hashes this key can sign with. KMS ECDSA keys allow only the curve's own hash."""

@@ -536,6 +536,15 @@ class Pkcs11Signer(Signer):
             expected = _DIGEST_SIZE.get(hash_name)
             raise UsageError(f"a {hash_name} digest is {expected} bytes, not {len(digest)}")
         data = _DIGEST_INFO[hash_name] + digest if self._kind == "rsa" else digest
+        return self._sign(data)
+
+    def sign_message(self, message: bytes) -> bytes:
+        """CKM_EDDSA over the message itself, of any length (SSH signatures, minisign)."""
+        if self._kind != "ed25519":
+            raise UnsupportedKeyError(f"PKCS#11 key {self._described} is not an Ed25519 key")
+        return self._sign(message)
+
+    def _sign(self, data: bytes) -> bytes:
         with self._lock:
             if self._shared is None or self._shared.closed:
                 raise UsageError(f"the PKCS#11 signer for {self._described} is closed")

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import click
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keyseal.atomic import refuse_existing, write_atomic
-from keyseal.cli.common import kms_endpoint_option, open_key, parse_duration, parse_rfc3339
-from keyseal.errors import UsageError
+from keyseal.backends.base import PublicKey
+from keyseal.cli.common import kek_option, kms_endpoint_option, open_key, parse_duration, parse_rfc3339, read_input
+from keyseal.cli.export import export
+from keyseal.errors import KeysealError, UsageError
 from keyseal.keygen import KEY_TYPES, generate_private_key
-from keyseal.openpgp.cert import armor_certificate, load_certificates, mint_certificate
+from keyseal.openpgp.cert import Certificate, armor_certificate, load_certificates, mint_certificate, user_id_for
+from keyseal.openpgp.keys import same_public_key
+from keyseal.openpgp.revoke import REASONS
+from keyseal.openpgp.revoke import revoke as revoke_certificate
 from keyseal.openpgp.signature import HASH_IDS
 
 
@@ -27,10 +34,42 @@ def keys() -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 @click.option("--kms", "in_kms", is_flag=True, help="Create the key inside AWS KMS instead of locally.")
 @click.option("--alias", help="KMS alias for --kms, e.g. alias/release-signing.")
+@click.option("--pkcs11", "pkcs11_uri", metavar="URI",
+              help="Create the key inside a PKCS#11 token: pkcs11:token=T;object=LABEL?module-path=SO")
+@click.option("--vault", "vault_uri", metavar="URI",
+              help="Create a non-exportable Vault / OpenBao Transit key: hashivault://[MOUNT/]NAME (VAULT_ADDR).")
+@click.option("--kek", metavar="KEK", default=None,
+              help="KEK wrapping the --out key: local (default, $KEYSEAL_HOME/kek), local:PATH, awskms:<key ARN>, "
+                   "vault:[MOUNT/]KEY.")
+@click.option("--unencrypted", is_flag=True, help="Write --out as a clear PKCS#8 PEM instead of a wrapped record.")
 @kms_endpoint_option
 def create(key_type: str, out: Path | None, force: bool, in_kms: bool, alias: str | None,
+           pkcs11_uri: str | None, vault_uri: str | None, kek: str | None, unencrypted: bool,
            kms_endpoint: str | None) -> None:
-    """Create a signing key: a local key file (mode 0600) or a non-exportable KMS key."""
+    """Create a signing key: a local key file (mode 0600), a non-exportable KMS or Transit key, or one in an HSM.
+
+    A local key is written as an envelope-encrypted record (wrapped by --kek) unless --unencrypted is given.
+    """
+    if (kek is not None or unencrypted) and (in_kms or pkcs11_uri is not None):
+        raise UsageError("--kek and --unencrypted apply to a local --out key only, not to --kms or --pkcs11")
+    if kek is not None and unencrypted:
+        raise UsageError("--unencrypted writes a clear key: it takes no --kek")
+    if vault_uri is not None:
+        if in_kms or pkcs11_uri is not None or out is not None or alias is not None or kek is not None or unencrypted:
+            raise UsageError("--vault takes only --type: no --out, --kms, --alias, --pkcs11, --kek or --unencrypted")
+        from keyseal.backends.hashivault import create_transit_key
+
+        click.echo(create_transit_key(vault_uri, key_type))
+        return
+    if pkcs11_uri is not None:
+        if in_kms or out is not None or alias is not None:
+            raise UsageError("--pkcs11 takes no --out, --kms or --alias")
+        from keyseal.backends.pkcs11 import create_key
+        from keyseal.pkcs11uri import without_pin_value
+
+        create_key(pkcs11_uri, key_type)
+        click.echo(without_pin_value(pkcs11_uri))
+        return
     if in_kms:
         if out is not None or alias is None:
             raise UsageError("--kms needs --alias alias/NAME and takes no --out")
@@ -42,6 +81,13 @@ def create(key_type: str, out: Path | None, force: bool, in_kms: bool, alias: st
         return
     if out is None:
         raise UsageError("give --out PATH for a local key, or --kms --alias alias/NAME")
+    if not unencrypted:
+        from keyseal.wrapping.kek import configured_kek_spec
+        from keyseal.wrapping.keys import create_wrapped_key_file
+
+        create_wrapped_key_file(out, key_type, configured_kek_spec(kek), force=force, kms_endpoint=kms_endpoint)
+        click.echo(f"file:{out}")
+        return
     refuse_existing(out, force)
     key = generate_private_key(key_type)
     pem = key.private_bytes(
@@ -61,13 +107,14 @@ def create(key_type: str, out: Path | None, force: bool, in_kms: bool, alias: st
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the certificate here.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @kms_endpoint_option
+@kek_option
 def mint(key_uri: str, name: str, email: str, created: str | None, expires: str | None, digest: str | None,
-         output: Path | None, force: bool, kms_endpoint: str | None) -> None:
+         output: Path | None, force: bool, kms_endpoint: str | None, kek: str | None) -> None:
     """Frame the key as an OpenPGP certificate whose self-signature the key's custody computes."""
     expires_seconds = parse_duration(expires) if expires else None
     if output is not None:
         refuse_existing(output, force)
-    with open_key(key_uri, kms_endpoint) as signer:
+    with open_key(key_uri, kms_endpoint, kek) as signer:
         if created is not None:
             created_at = parse_rfc3339(created)
         else:
@@ -87,3 +134,163 @@ def mint(key_uri: str, name: str, email: str, created: str | None, expires: str 
     else:
         write_atomic(output, armored, mode=0o644, force=force)
         click.echo(fingerprint)
+
+
+@keys.command()
+@click.option("--kek", required=True, metavar="KEK",
+              help="The new KEK: local, local:PATH, awskms:<key ARN> or vault:[MOUNT/]KEY.")
+@click.option("--from-kek", metavar="KEK", default=None,
+              help="The records' current KEK (default: $KEYSEAL_KEK, else local; a record already under --kek "
+                   "is opened with it).")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@kms_endpoint_option
+def rewrap(kek: str, from_kek: str | None, paths: tuple[Path, ...], kms_endpoint: str | None) -> None:
+    """Re-encrypt wrapped key records under a new KEK of the same provider (KEK rotation).
+
+    Each record gets a fresh DEK and nonce and its version goes up by one; the key itself is never written in
+    the clear.
+    """
+    from keyseal.wrapping.keys import rewrap_files
+
+    for path, record in zip(paths, rewrap_files(paths, kek, from_kek, kms_endpoint=kms_endpoint), strict=True):
+        click.echo(f"file:{path} version {record.version}")
+
+
+_KMS_KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "p256", "p384", "p521")
+_USER_ID = re.compile(r"^(?P<name>[^<>]*?)\s*<(?P<email>[^<>]+)>$")
+_VERSION_SUFFIX = re.compile(r"-v\d+$")
+
+
+def _key_type_of(public_key: PublicKey) -> str:
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return f"rsa{public_key.key_size}"
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return {"secp256r1": "p256", "secp384r1": "p384", "secp521r1": "p521"}.get(public_key.curve.name, "p256")
+    raise UsageError("the current key is not an RSA or NIST ECDSA key: give --type")
+
+
+def _user_id_parts(certificate: Certificate) -> tuple[str, str]:
+    for user_id in certificate.user_ids:
+        match = _USER_ID.match(user_id)
+        if match and match["name"].strip():
+            return match["name"].strip(), match["email"]
+    raise UsageError(f"certificate {certificate.fingerprint} has no 'Name <email>' user ID: give --name and --email")
+
+
+def _rotation_user_id(cert_path: Path | None, name: str | None,
+                      email: str | None) -> tuple[Certificate | None, str, str]:
+    """The current certificate (if given) and the user ID parts for the new one; checked before any key exists."""
+    current_cert = None
+    if cert_path is not None:
+        loaded = load_certificates(read_input(cert_path, "certificate"), str(cert_path))
+        if len(loaded) != 1:
+            raise UsageError(f"{cert_path} holds {len(loaded)} certificates: give the current key's only")
+        current_cert = loaded[0]
+        if name is None or email is None:
+            cert_name, cert_email = _user_id_parts(current_cert)
+            name, email = name or cert_name, email or cert_email
+    if name is None or email is None:
+        raise UsageError("give --cert with the current certificate, or --name and --email")
+    user_id_for(name, email)
+    return current_cert, name, email
+
+
+@keys.command()
+@click.option("--kms", "in_kms", is_flag=True, help="Rotate an AWS KMS key (the only custody rotate supports).")
+@click.option("--alias", required=True, help="The current key's alias, e.g. alias/release-signing.")
+@click.option("--cert", "cert_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="The current key's certificate: its user ID is reused (and it must be the alias's key).")
+@click.option("--name", help="Name in the new user ID (default: from --cert).")
+@click.option("--email", help="Email address in the new user ID (default: from --cert).")
+@click.option("--type", "key_type", type=click.Choice(_KMS_KEY_TYPES), default=None,
+              help="Type of the new key (default: the current key's).")
+@click.option("--created", metavar="RFC3339", help="Creation time for the new certificate (default: KMS's).")
+@click.option("--expires", metavar="DURATION", help="Key expiry after creation, e.g. 2y, 365d.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the new certificate.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@kms_endpoint_option
+def rotate(in_kms: bool, alias: str, cert_path: Path | None, name: str | None, email: str | None,
+           key_type: str | None, created: str | None, expires: str | None, output: Path | None, force: bool,
+           kms_endpoint: str | None) -> None:
+    """Create the next key version (alias/NAME-v2, then -v3 ...) and mint its certificate with the same user ID.
+
+    The current key is left as it is: dual-sign with both (`keyseal sign --append`) until clients trust the new
+    one; see the rotation runbook in the README.
+    """
+    if not in_kms:
+        raise UsageError("keys rotate creates KMS keys: give --kms --alias alias/NAME")
+    from keyseal.backends.awskms import alias_exists, create_signing_key, validate_alias
+
+    validate_alias(alias)
+    expires_seconds = parse_duration(expires) if expires else None
+    created_at = parse_rfc3339(created) if created else None
+    if output is not None:
+        refuse_existing(output, force)
+    current_cert, name, email = _rotation_user_id(cert_path, name, email)
+    with open_key(f"awskms:{alias}", kms_endpoint) as current:
+        public_key = current.public_key()
+        if current_cert is not None and not same_public_key(public_key, current_cert.primary.public_key):
+            raise UsageError(f"{cert_path} is not the certificate of {alias}'s key: give the current certificate")
+        key_type = key_type or _key_type_of(public_key)
+    base = _VERSION_SUFFIX.sub("", alias)
+    version = 2
+    while alias_exists(f"{base}-v{version}", kms_endpoint):
+        version += 1
+    new_alias = f"{base}-v{version}"
+    arn = create_signing_key(new_alias, key_type, kms_endpoint)
+    try:
+        with open_key(f"awskms:{arn}", kms_endpoint) as signer:
+            if created_at is None:
+                moment = signer.created_at()
+                if moment is None:
+                    raise UsageError(f"cannot tell when {arn} was created: pass --created RFC3339")
+                created_at = int(moment.timestamp())
+            binary = mint_certificate(signer, name=name, email=email, created=created_at,
+                                      expires_seconds=expires_seconds)
+    except KeysealError as exc:
+        raise type(exc)(f"created {new_alias} ({arn}) but could not mint its certificate: {exc.message}; run "
+                        f"keyseal keys mint --key awskms:{new_alias} ...") from None
+    armored = armor_certificate(binary)
+    fingerprint = load_certificates(binary)[0].fingerprint
+    report = [new_alias, arn, f"awskms:{arn}", fingerprint]
+    if output is None:
+        sys.stdout.buffer.write(armored)
+        for line in report:
+            click.echo(line, err=True)
+    else:
+        write_atomic(output, armored, mode=0o644, force=force)
+        for line in report:
+            click.echo(line)
+
+
+@keys.command()
+@click.option("--key", "key_uri", required=True, metavar="URI", help="The certificate's key: file:PATH, awskms:...")
+@click.option("--cert", "cert_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The certificate to revoke.")
+@click.option("--reason", required=True, type=click.Choice(tuple(REASONS)),
+              help="compromised: every signature becomes invalid; superseded/retired: those made from now on.")
+@click.option("--description", default="", help="A one-line note carried in the revocation.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the revoked certificate here (default: standard output).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@kms_endpoint_option
+def revoke(key_uri: str, cert_path: Path, reason: str, description: str, output: Path | None, force: bool,
+           kms_endpoint: str | None) -> None:
+    """Write the certificate with a revocation signature that its key computes. Publish it where the
+    certificate is published (WKD, release page); `gpg --import` merges it into a keyring."""
+    loaded = load_certificates(read_input(cert_path, "certificate"), str(cert_path))
+    if len(loaded) != 1:
+        raise UsageError(f"{cert_path} holds {len(loaded)} certificates: give the one to revoke")
+    if output is not None:
+        refuse_existing(output, force)
+    with open_key(key_uri, kms_endpoint) as signer:
+        binary = revoke_certificate(signer, loaded[0], reason, description=description)
+    armored = armor_certificate(binary)
+    if output is None:
+        sys.stdout.buffer.write(armored)
+    else:
+        write_atomic(output, armored, mode=0o644, force=force)
+    click.echo(f"{loaded[0].fingerprint} revoked ({reason})", err=output is None)
+
+
+keys.add_command(export)  # `keys export`: public keys in every format (cli/export.py)

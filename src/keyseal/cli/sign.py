@@ -8,9 +8,10 @@ from pathlib import Path
 
 import click
 
-from keyseal.atomic import write_atomic
+from keyseal.atomic import refuse_existing, write_atomic
 from keyseal.backends.base import HashName, Signer
 from keyseal.cli.common import kek_option, kms_endpoint_option, load_certificate_files, open_key
+from keyseal.cli.formats import FORMATS, SUFFIXES, check_sign_options, sign_files
 from keyseal.errors import InputError, OpenPGPError, OutputExistsError, UsageError
 from keyseal.openpgp.armor import is_armored
 from keyseal.openpgp.packets import TAG_SIGNATURE, encode_packet
@@ -29,11 +30,11 @@ from keyseal.openpgp.verify import parse_detached
 
 
 def plan_outputs(files: tuple[Path, ...], output: Path | None, armored: bool, force: bool,
-                 append: bool = False) -> list[tuple[Path, Path]]:
+                 append: bool = False, suffix: str | None = None) -> list[tuple[Path, Path]]:
     """Pair each input with its output and refuse every conflict before anything is signed."""
     if output is not None and len(files) != 1:
         raise UsageError("-o/--output takes exactly one input file")
-    suffix = ".asc" if armored else ".sig"
+    suffix = suffix or (".asc" if armored else ".sig")
     pairs = [(src, output if output is not None else src.with_name(src.name + suffix)) for src in files]
     inputs = {os.path.realpath(src) for src in files}
     seen: set[str] = set()
@@ -113,13 +114,24 @@ def _append_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, 
               help="Add the signature to an existing signature file, in its armor (dual signing during a key "
                    "rotation); without one, sign as usual.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=4, show_default=True, help="Files signed at once.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="openpgp", show_default=True,
+              help="openpgp: FILE.asc; ssh: FILE.sig for ssh-keygen -Y verify; minisign: FILE.minisig (Ed25519).")
+@click.option("--namespace", default=None, help="SSH signature namespace (--format ssh; default: file).")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @kms_endpoint_option
 @kek_option
 def sign(key_uri: str, certs: tuple[Path, ...], armored: bool, digest: str | None, output: Path | None,
-         force: bool, append: bool, jobs: int, files: tuple[Path, ...], kms_endpoint: str | None,
-         kek: str | None) -> None:
-    """Write detached OpenPGP signatures that gpg and sqv verify."""
+         force: bool, append: bool, jobs: int, fmt: str, namespace: str | None, files: tuple[Path, ...],
+         kms_endpoint: str | None, kek: str | None) -> None:
+    """Write detached signatures: OpenPGP (gpg and sqv verify them), SSH or minisign."""
+    check_sign_options(fmt, certs, armored, digest, append, namespace)
+    if fmt != "openpgp":
+        pairs = plan_outputs(files, output, True, force, append=True, suffix=SUFFIXES[fmt])
+        for _, dst in pairs:
+            refuse_existing(dst, force)
+        for path in sign_files(fmt, key_uri, pairs, namespace, force, jobs, kms_endpoint, kek):
+            click.echo(str(path))
+        return
     if append and force:
         raise UsageError("--append adds to an existing signature file and --force replaces it: choose one")
     pairs = plan_outputs(files, output, armored, force, append)

@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from keyseal.cli.common import format_time, load_certificate_files, read_input
+from keyseal.cli.formats import FORMATS
+from keyseal.cli.formats import verify_file as verify_other_format
 from keyseal.errors import InputError, KeysealError, VerificationError
 from keyseal.openpgp.verify import verify_file
 
@@ -21,11 +23,18 @@ def default_signature_path(data: Path) -> Path:
 
 @click.command()
 @click.option("--cert", "certs", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="A trusted certificate (repeatable).")
+              help="A trusted certificate (repeatable); with --format ssh an SSH public key or plain "
+                   "allowed_signers file, with --format minisign a minisign public key file.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="openpgp", show_default=True,
+              help="The signature's format (ssh: FILE.sig, minisign: FILE.minisig by default).")
+@click.option("--namespace", default=None, help="SSH signature namespace (--format ssh; default: file).")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.argument("signature", required=False, type=click.Path(path_type=Path))
-def verify(certs: tuple[Path, ...], file: Path, signature: Path | None) -> None:
+def verify(certs: tuple[Path, ...], fmt: str, namespace: str | None, file: Path, signature: Path | None) -> None:
     """Exit 0 and print the signer's fingerprint if FILE carries a valid signature from one of the certificates."""
+    if fmt != "openpgp" or namespace is not None:
+        verify_other_format(fmt, certs, file, signature, namespace)
+        return
     try:
         certificates = load_certificate_files(certs)
         sig_path = signature or default_signature_path(file)

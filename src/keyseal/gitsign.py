@@ -1,0 +1,145 @@
+"""Signing and verifying git commits and tags with OpenPGP, for the gpg-compatible `keyseal-gpg`.
+
+git hands over the object's bytes and a key name (`user.signingkey`): a key URI, or a fingerprint, key ID or
+email address that the keyseal keyring maps to a URI. Verification trusts only the keyring's certificates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from keyseal.backends import BackendOptions, open_signer
+from keyseal.errors import OpenPGPError, UsageError, VerificationError
+from keyseal.keyring import (
+    certificate_for_key,
+    find_certificates,
+    fingerprints_of,
+    is_key_uri,
+    keyring_certificates,
+    keyring_dir,
+    uri_for_openpgp,
+)
+from keyseal.openpgp.cert import Certificate
+from keyseal.openpgp.keys import algorithm_of
+from keyseal.openpgp.sign import choose_hash, identity_from_certificate, identity_from_signer, render, signature_packet
+from keyseal.openpgp.signature import HASH_IDS, SignaturePacket, new_hasher
+from keyseal.openpgp.verify import parse_detached, verify_bytes
+
+
+@dataclass(frozen=True)
+class GitSignature:
+    """A detached signature and what gpg's SIG_CREATED status line reports about it."""
+
+    data: bytes
+    fingerprint: str
+    algorithm: int
+    hash_id: int
+    created: int
+
+
+def resolve_signing_key(spec: str, certificates: list[Certificate]) -> tuple[str, Certificate | None]:
+    """The key URI (and its certificate, when the keyring names it) for git's `-u SPEC`."""
+    if is_key_uri(spec):
+        return spec, None
+    found = find_certificates(spec, certificates)
+    if not found:
+        raise UsageError(f"no certificate in the keyseal keyring ({keyring_dir()}) matches {spec[:80]!r}: run "
+                         f"keyseal git-setup --key URI --cert CERT, or set user.signingkey to a key URI")
+    mapped = [(cert, uri) for cert in found if (uri := uri_for_openpgp(fingerprints_of(cert))) is not None]
+    if not mapped:
+        raise UsageError(f"no key URI is registered for {found[0].fingerprint}: run keyseal git-setup --key URI "
+                         f"--cert CERT")
+    if len(mapped) > 1:
+        names = ", ".join(cert.fingerprint for cert, _ in mapped)
+        raise UsageError(f"{spec[:80]!r} names several registered keys ({names}): set user.signingkey to one "
+                         f"fingerprint")
+    cert, uri = mapped[0]
+    return uri, cert
+
+
+def sign(spec: str, data: bytes, options: BackendOptions | None = None, armored: bool = True) -> GitSignature:
+    """A detached binary-document signature over `data` (a commit or tag object): one signature call."""
+    certificates = keyring_certificates()
+    uri, cert = resolve_signing_key(spec, certificates)
+    with open_signer(uri, options) as signer:
+        if cert is None:
+            cert = certificate_for_key(signer.public_key(), certificates)
+        identity = identity_from_certificate(signer, [cert]) if cert is not None else identity_from_signer(signer)
+        hash_name = choose_hash(signer, identity.public_key, None)
+        hasher = new_hasher(HASH_IDS[hash_name])
+        hasher.update(data)
+        created = int(time.time())
+        packet = signature_packet(signer, identity, hasher, hash_name, created)
+    return GitSignature(render(packet, armored), identity.fingerprint_hex, algorithm_of(identity.public_key),
+                        HASH_IDS[hash_name], created)
+
+
+@dataclass(frozen=True)
+class GitVerification:
+    """What gpg's status lines say about a verification: the outcome and the signature's particulars."""
+
+    outcome: Literal["good", "bad", "no-key"]
+    key_id: str
+    issuer_fingerprint: str | None
+    algorithm: int
+    hash_id: int
+    created: int
+    reason: str = ""
+    certificate: Certificate | None = None
+    signing_fingerprint: str | None = None
+
+    @property
+    def user_id(self) -> str:
+        if self.certificate is not None and self.certificate.user_ids:
+            return self.certificate.user_ids[0]
+        return "[no user ID]"
+
+
+def verify(signature_data: bytes, data: bytes) -> GitVerification:
+    """Check a detached signature with the keyring's certificates. Malformed signatures raise OpenPGPError."""
+    signatures = parse_detached(signature_data)
+    certificates = keyring_certificates()
+    known = [sig for sig in signatures if _certificate_of(sig, certificates) is not None]
+    if not known:
+        return _describe(signatures[0], "no-key", f"no certificate in the keyseal keyring ({keyring_dir()}) has "
+                                                  f"the signing key {_key_id(signatures[0])}")
+    try:
+        result = verify_bytes(certificates, data, signature_data)
+    except VerificationError as exc:
+        sig = known[0]
+        outcome: Literal["bad", "no-key"] = "bad"
+        return _describe(sig, outcome, exc.message, _certificate_of(sig, certificates))
+    sig = next(s for s in known if _signed_by(s, result.key_fingerprint))
+    return _describe(sig, "good", "", result.certificate, result.key_fingerprint)
+
+
+def _signed_by(sig: SignaturePacket, fingerprint_hex: str) -> bool:
+    if sig.issuer_fingerprint is not None:
+        return sig.issuer_fingerprint.hex().upper() == fingerprint_hex
+    return any(fingerprint_hex.endswith(key_id.hex().upper()) for key_id in sig.issuer_key_ids)
+
+
+def _certificate_of(sig: SignaturePacket, certificates: list[Certificate]) -> Certificate | None:
+    for cert in certificates:
+        if any(_signed_by(sig, entry.key.fingerprint_hex) for entry in cert.signing_keys):
+            return cert
+    return None
+
+
+def _key_id(sig: SignaturePacket) -> str:
+    if sig.issuer_fingerprint is not None:
+        return sig.issuer_fingerprint[-8:].hex().upper()
+    ids = sorted(sig.issuer_key_ids)
+    return ids[0].hex().upper() if ids else "0000000000000000"
+
+
+def _describe(sig: SignaturePacket, outcome: Literal["good", "bad", "no-key"], reason: str,
+              certificate: Certificate | None = None, signing_fingerprint: str | None = None) -> GitVerification:
+    issuer = sig.issuer_fingerprint.hex().upper() if sig.issuer_fingerprint is not None else None
+    return GitVerification(outcome, _key_id(sig), issuer, sig.algorithm, sig.hash_id, sig.created or 0, reason,
+                           certificate, signing_fingerprint)
+
+
+__all__ = ["GitSignature", "GitVerification", "OpenPGPError", "resolve_signing_key", "sign", "verify"]
