@@ -1,0 +1,189 @@
+"""What the agent holds: the entries it serves, an X.509-SVID (key + chain) per entry, JWT-SVIDs by entry and
+audience, and the trust bundle. `sync()` brings it up to date from the server; every change bumps `version` and
+wakes the Workload API streams. When the server cannot be reached, cached SVIDs are kept (and logged) until they
+expire, then dropped, so a workload gets a clear error instead of an expired certificate."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from keyseal.agent.client import ServerClient, ServerRefusedError, make_csr
+from keyseal.ca.entries import Entry
+from keyseal.errors import BackendUnavailableError, KeysealError
+
+__all__ = ["AgentCache", "CachedJwt", "CachedX509"]
+
+log = logging.getLogger(__name__)
+
+RENEW_FRACTION = 0.4  # a new SVID is fetched once 40% of the old one's lifetime has passed
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _due(issued: datetime, expires: datetime, now: datetime) -> bool:
+    return now >= issued + (expires - issued) * RENEW_FRACTION
+
+
+@dataclass(frozen=True)
+class CachedX509:
+    entry: Entry
+    key_der: bytes  # PKCS#8, only in memory
+    chain_der: bytes
+    issued: datetime
+    expires: datetime
+
+
+@dataclass(frozen=True)
+class CachedJwt:
+    token: str
+    issued: datetime
+    expires: datetime
+
+
+class AgentCache:
+    def __init__(self, client: ServerClient, trust_domain: str) -> None:
+        self.client = client
+        self.trust_domain = trust_domain
+        self.condition = threading.Condition()
+        self.version = 0
+        self.entries: tuple[Entry, ...] = ()
+        self.x509: dict[str, CachedX509] = {}
+        self.jwt: dict[tuple[str, tuple[str, ...]], CachedJwt] = {}
+        self.bundle_der = b""
+        self.jwks = b""
+        self.synced = threading.Event()
+        self.server_reachable = True
+        self.agent_expires: datetime | None = None
+        self._agent_issued: datetime | None = None
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def matching(self, selectors: frozenset[str]) -> list[Entry]:
+        """The entries a workload with these selectors holds: all of an entry's selectors must match."""
+        return [e for e in self.entries if set(e.selectors) <= selectors]
+
+    def wait_change(self, version: int, timeout: float) -> None:
+        with self.condition:
+            self.condition.wait_for(lambda: self.version != version, timeout)
+
+    def _changed(self) -> None:
+        with self.condition:
+            self.version += 1
+            self.condition.notify_all()
+
+    # -- joining and syncing ------------------------------------------------------------------------------
+
+    def _take_agent_svid(self, key: ec.EllipticCurvePrivateKey, answer: dict[str, Any]) -> None:
+        certificate = x509.load_pem_x509_certificate(answer["certChain"][0].encode("ascii"))
+        self.client.set_identity(key, certificate)
+        self._agent_issued, self.agent_expires = _now(), certificate.not_valid_after_utc
+        log.info("agent SVID %s valid until %s", answer["spiffeID"], answer["expiresAt"])
+
+    def join(self, token: str) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        answer = self.client.call("/v1/agent/join", {"token": token, "csr": make_csr(key)}, signed=False)
+        self._take_agent_svid(key, answer)
+        self._take_bundle(answer["bundle"])
+
+    def _take_bundle(self, bundle: dict[str, Any]) -> bool:
+        certificates, jwt_keys = [], []
+        for item in bundle.get("keys", []):
+            if item.get("use") == "x509-svid":
+                certificates += [base64.b64decode(c) for c in item.get("x5c", [])]
+            elif item.get("use") == "jwt-svid":
+                jwt_keys.append({k: v for k, v in item.items() if k != "use"})
+        bundle_der = b"".join(certificates)
+        jwks = json.dumps({"keys": jwt_keys}, sort_keys=True).encode()
+        if (bundle_der, jwks) == (self.bundle_der, self.jwks):
+            return False
+        self.bundle_der, self.jwks = bundle_der, jwks
+        pem = "".join(x509.load_der_x509_certificate(c).public_bytes(serialization.Encoding.PEM).decode()
+                      for c in certificates)
+        self.client.set_trust(pem)
+        log.info("trust bundle changed (sequence %s)", bundle.get("spiffe_sequence"))
+        return True
+
+    def sync(self, *, renew_agent: bool = False) -> None:
+        """One pass: renew the agent SVID if due (or asked), fetch entries and bundle, renew the X.509-SVIDs that
+        are due."""
+        now = _now()
+        changed = False
+        try:
+            if renew_agent or (self._agent_issued and self.agent_expires
+                               and _due(self._agent_issued, self.agent_expires, now)):
+                key = ec.generate_private_key(ec.SECP256R1())
+                self._take_agent_svid(key, self.client.call("/v1/agent/renew", {"csr": make_csr(key)}))
+            answer = self.client.call("/v1/agent/sync", {})
+            changed |= self._take_bundle(answer["bundle"])
+            entries = tuple(Entry.from_json(e) for e in answer["entries"])
+            if entries != self.entries:
+                removed = {e.entry_id for e in self.entries} - {e.entry_id for e in entries}
+                for entry_id in removed:
+                    self.x509.pop(entry_id, None)
+                self.jwt = {k: v for k, v in self.jwt.items() if k[0] not in removed}
+                self.entries = entries
+                changed = True
+            for entry in entries:
+                cached = self.x509.get(entry.entry_id)
+                if cached is None or cached.entry != entry or _due(cached.issued, cached.expires, now):
+                    self.x509[entry.entry_id] = self._fetch_x509(entry)
+                    changed = True
+            if not self.server_reachable:
+                log.info("the keyseal server is reachable again")
+            self.server_reachable = True
+        except BackendUnavailableError as exc:
+            if self.server_reachable:
+                log.warning("%s: serving %d cached X.509-SVIDs until they expire", exc.message, len(self.x509))
+            self.server_reachable = False
+        except (ServerRefusedError, KeysealError, KeyError, ValueError) as exc:
+            log.error("sync with the keyseal server failed: %s", exc)
+            self.server_reachable = False
+        for entry_id, cached in list(self.x509.items()):
+            if cached.expires <= _now():
+                log.warning("X.509-SVID %s expired and could not be renewed: no longer served",
+                            cached.entry.spiffe_id)
+                del self.x509[entry_id]
+                changed = True
+        if changed:
+            self._changed()
+        self.synced.set()
+
+    def _fetch_x509(self, entry: Entry) -> CachedX509:
+        key = ec.generate_private_key(ec.SECP256R1())
+        answer = self.client.call("/v1/agent/x509-svid", {"entryID": entry.entry_id, "csr": make_csr(key)})
+        chain = [x509.load_pem_x509_certificate(p.encode("ascii")) for p in answer["certChain"]]
+        key_der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        chain_der = b"".join(c.public_bytes(serialization.Encoding.DER) for c in chain)
+        log.info("X.509-SVID %s renewed, valid until %s", entry.spiffe_id, answer["expiresAt"])
+        return CachedX509(entry, key_der, chain_der, _now(), chain[0].not_valid_after_utc)
+
+    def jwt_svid(self, entry: Entry, audience: tuple[str, ...]) -> CachedJwt | None:
+        """A JWT-SVID for the entry and audience: cached while less than 40% of its life has passed, fetched
+        otherwise; a cached, unexpired one when the server is unreachable; None when there is none."""
+        cache_key = (entry.entry_id, audience)
+        now = _now()
+        cached = self.jwt.get(cache_key)
+        if cached is not None and not _due(cached.issued, cached.expires, now):
+            return cached
+        try:
+            answer = self.client.call("/v1/agent/jwt-svid", {"entryID": entry.entry_id, "audience": list(audience)})
+        except BackendUnavailableError as exc:
+            log.warning("%s: serving a cached JWT-SVID for %s if one is still valid", exc.message, entry.spiffe_id)
+            return cached if cached is not None and cached.expires > now + timedelta(seconds=1) else None
+        expires = datetime.strptime(answer["expiresAt"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        fresh = CachedJwt(answer["token"], now, expires)
+        self.jwt[cache_key] = fresh
+        return fresh

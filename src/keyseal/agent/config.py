@@ -1,0 +1,104 @@
+"""The agent configuration: a YAML file (keys mirror the Helm chart's `agent` values); unknown keys are errors."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from keyseal.ca.config import parse_duration
+from keyseal.ca.spiffeid import check_trust_domain
+from keyseal.errors import InputError, UsageError
+
+__all__ = ["AgentConfig", "load_agent_config", "parse_agent_config"]
+
+_KEYS = {"trustDomain", "serverURL", "trustBundleFile", "joinToken", "joinTokenFile", "socketPath", "socketMode",
+         "socketGroup", "syncInterval", "logLevel"}
+_URL_RE = re.compile(r"https://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    trust_domain: str
+    server_host: str
+    server_port: int
+    trust_bundle_file: Path
+    join_token: str
+    socket_path: Path = Path("/run/keyseal/agent.sock")
+    socket_mode: int = 0o666
+    socket_group: int | None = None
+    sync_interval: float = 5.0
+    log_level: str = "info"
+
+
+def _seconds(value: object, where: str) -> float:
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        if value <= 0:
+            raise UsageError(f"{where} must be longer than zero")
+        return float(value)
+    return parse_duration(value, where).total_seconds()
+
+
+def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> AgentConfig:
+    environ = dict(os.environ) if environ is None else environ
+    if not isinstance(data, dict):
+        raise UsageError("the agent configuration must be a mapping of keys to values")
+    unknown = sorted(set(data) - _KEYS)
+    if unknown:
+        raise UsageError(f"unknown agent configuration key {unknown[0]!r}: the keys are {', '.join(sorted(_KEYS))}")
+    trust_domain = check_trust_domain(str(data.get("trustDomain") or ""))
+    match = _URL_RE.fullmatch(str(data.get("serverURL") or ""))
+    if match is None:
+        raise UsageError("serverURL must be https://HOST:PORT (the trust-domain server)")
+    bundle = data.get("trustBundleFile")
+    if not bundle:
+        raise UsageError("trustBundleFile is missing: the server's CA certificates (PEM) or its bundle (JSON)")
+    token = data.get("joinToken") or environ.get("KEYSEAL_JOIN_TOKEN", "")
+    if data.get("joinTokenFile"):
+        try:
+            token_path = str(data["joinTokenFile"]).replace("${NODE_NAME}", environ.get("NODE_NAME", ""))
+            token = Path(token_path).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read joinTokenFile: {exc}") from None
+    if not token:
+        raise UsageError("no join token: set joinTokenFile or KEYSEAL_JOIN_TOKEN (keyseal entry join-token)")
+    mode_text = str(data.get("socketMode", "0666"))
+    if not re.fullmatch(r"0?[0-7]{3}", mode_text):
+        raise UsageError(f"socketMode={mode_text!r} must be an octal mode such as 0660")
+    group = data.get("socketGroup")
+    if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 0):
+        raise UsageError("socketGroup must be a numeric group ID")
+    level = str(data.get("logLevel", "info"))
+    if level not in ("debug", "info", "warning", "error"):
+        raise UsageError("logLevel must be debug, info, warning or error")
+    return AgentConfig(
+        trust_domain=trust_domain,
+        server_host=match.group(1).strip("[]"),
+        server_port=int(match.group(2)),
+        trust_bundle_file=Path(str(bundle)),
+        join_token=str(token),
+        socket_path=Path(str(data.get("socketPath") or "/run/keyseal/agent.sock")),
+        socket_mode=int(mode_text, 8),
+        socket_group=group,
+        sync_interval=_seconds(data.get("syncInterval", "5s"), "syncInterval"),
+        log_level=level,
+    )
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    try:
+        import yaml
+    except ImportError:
+        raise UsageError("the agent needs PyYAML: pip install 'keyseal[agent]'") from None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"cannot read agent configuration {path}: {exc.strerror}") from None
+    except yaml.YAMLError:
+        raise UsageError(f"agent configuration {path} is not valid YAML") from None
+    try:
+        return parse_agent_config(data)
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc.message}") from None

@@ -1,0 +1,237 @@
+"""Registration entries (selectors -> SPIFFE ID, under a parent agent) and one-time agent join tokens.
+
+Both live beside the server's key records in the directory store, as two JSON files (`<recordPrefix>-entries.json`,
+`<recordPrefix>-join-tokens.json`, mode 0600): entries are not secrets, and a join token is kept only as its
+SHA-256. Every change is a read-modify-write under an exclusive lock on the file, written atomically, so the
+`keyseal entry` CLI and a running server (which redeems tokens) never lose each other's writes. The server
+re-reads a file only when its modification time or size changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from keyseal.atomic import write_atomic
+from keyseal.ca.config import Config
+from keyseal.ca.spiffeid import SpiffeIdError, parse_spiffe_id
+from keyseal.errors import InputError, UsageError
+
+__all__ = [
+    "AGENT_PATH",
+    "Entry",
+    "EntryStore",
+    "JoinTokens",
+    "check_selector",
+    "entry_store_for",
+    "join_tokens_for",
+]
+
+AGENT_PATH = "/keyseal/agent"
+_SELECTOR_RE = re.compile(r"unix:(uid:\d{1,10}|gid:\d{1,10}|path:/[^\x00-\x1f]{0,4095})")
+_AGENT_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+MAX_SELECTORS = 16
+
+
+def check_selector(text: str) -> str:
+    """A workload selector the agent can attest: unix:uid:N, unix:gid:N or unix:path:/absolute/exe."""
+    if not isinstance(text, str) or not _SELECTOR_RE.fullmatch(text):
+        raise UsageError(f"invalid selector {str(text)[:80]!r}: use unix:uid:N, unix:gid:N or unix:path:/abs/exe")
+    return text
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A workload matching all `selectors`, attested by an agent whose SPIFFE ID is `parent_id` or below it,
+    gets `spiffe_id`. TTLs of 0 mean the server's configured x509SVID.ttl / jwtSVID.ttl."""
+
+    entry_id: str
+    spiffe_id: str
+    parent_id: str
+    selectors: tuple[str, ...]
+    x509_ttl: int = 0
+    jwt_ttl: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        document = asdict(self)
+        document["selectors"] = list(self.selectors)
+        return document
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Entry:
+        return cls(str(data["entry_id"]), str(data["spiffe_id"]), str(data["parent_id"]),
+                   tuple(str(s) for s in data["selectors"]), int(data.get("x509_ttl", 0)),
+                   int(data.get("jwt_ttl", 0)))
+
+    def parented_by(self, agent_id: str) -> bool:
+        """Whether an agent may serve this entry: its ID is the parent, or below it by whole segments."""
+        return agent_id == self.parent_id or agent_id.startswith(self.parent_id.rstrip("/") + "/")
+
+
+class _JsonFile:
+    """A small JSON document with locked read-modify-write and an mtime-based read cache."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._cache: tuple[tuple[int, int], Any] | None = None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _load(self) -> Any:
+        try:
+            return json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {self.path}: {exc}; fix or remove the file") from None
+
+    def read(self) -> Any:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return {}
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        cached = self._cache
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        data = self._load()
+        self._cache = (stamp, data)
+        return data
+
+    def change(self, produce: Callable[[Any], Any]) -> Any:
+        with self._lock, self._locked():
+            data = self._load()
+            result = produce(data)
+            write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n", mode=0o600)
+            self._cache = None
+            return result
+
+
+class EntryStore:
+    def __init__(self, path: Path, trust_domain: str) -> None:
+        self.file = _JsonFile(path)
+        self.trust_domain = trust_domain
+
+    def entries(self) -> list[Entry]:
+        return [Entry.from_json(e) for e in self.file.read().get("entries", [])]
+
+    def for_agent(self, agent_id: str) -> list[Entry]:
+        return [e for e in self.entries() if e.parented_by(agent_id)]
+
+    def get(self, entry_id: str) -> Entry | None:
+        return next((e for e in self.entries() if e.entry_id == entry_id), None)
+
+    def _check_id(self, text: str, what: str) -> str:
+        spiffe_id = parse_spiffe_id(text)
+        if spiffe_id.trust_domain != self.trust_domain:
+            raise SpiffeIdError(f"{what} {spiffe_id} is not in trust domain {self.trust_domain}")
+        if not spiffe_id.path:
+            raise SpiffeIdError(f"{what} {spiffe_id} needs a path")
+        return str(spiffe_id)
+
+    def create(self, spiffe_id: str, parent_id: str, selectors: tuple[str, ...], x509_ttl: int = 0,
+               jwt_ttl: int = 0) -> Entry:
+        spiffe_id = self._check_id(spiffe_id, "SPIFFE ID")
+        parent_id = self._check_id(parent_id, "parent")
+        if not selectors or len(selectors) > MAX_SELECTORS:
+            raise UsageError(f"give 1 to {MAX_SELECTORS} selectors (--selector unix:uid:1000)")
+        selectors = tuple(sorted({check_selector(s) for s in selectors}))
+        if x509_ttl < 0 or jwt_ttl < 0:
+            raise UsageError("TTLs must be positive")
+        entry = Entry(secrets.token_hex(8), spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl)
+
+        def add(data: dict[str, Any]) -> None:
+            entries = data.setdefault("entries", [])
+            for other in entries:
+                if (other["spiffe_id"], other["parent_id"], tuple(other["selectors"])) == \
+                        (spiffe_id, parent_id, selectors):
+                    raise UsageError(f"entry {other['entry_id']} already gives {spiffe_id} to these selectors")
+            entries.append(entry.to_json())
+
+        self.file.change(add)
+        return entry
+
+    def delete(self, entry_id: str) -> None:
+        def remove(data: dict[str, Any]) -> None:
+            entries = data.get("entries", [])
+            kept = [e for e in entries if e["entry_id"] != entry_id]
+            if len(kept) == len(entries):
+                raise UsageError(f"no entry {entry_id[:40]!r}: see keyseal entry list")
+            data["entries"] = kept
+
+        self.file.change(remove)
+
+
+class JoinTokens:
+    """One-time agent join tokens: only their SHA-256 is stored; redeeming one removes it."""
+
+    def __init__(self, path: Path, trust_domain: str) -> None:
+        self.file = _JsonFile(path)
+        self.trust_domain = trust_domain
+
+    def issue(self, agent_name: str, ttl: timedelta, now: datetime | None = None) -> tuple[str, str]:
+        """A new token and the SPIFFE ID the agent that redeems it will have."""
+        if not _AGENT_NAME_RE.fullmatch(agent_name):
+            raise UsageError("agent name: 1-128 letters, digits, '.', '_' or '-' (e.g. the node name)")
+        token = secrets.token_urlsafe(32)
+        agent_id = f"spiffe://{self.trust_domain}{AGENT_PATH}/{agent_name}"
+        expires = (now or datetime.now(UTC)) + ttl
+
+        def add(data: dict[str, Any]) -> None:
+            data.setdefault("tokens", {})[hashlib.sha256(token.encode()).hexdigest()] = {
+                "agent_id": agent_id, "expires": int(expires.timestamp())}
+
+        self.file.change(add)
+        return token, agent_id
+
+    def redeem(self, token: str, now: datetime) -> str | None:
+        """The agent SPIFFE ID the token names, once; None for an unknown, used or expired token."""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+
+        def take(data: dict[str, Any]) -> str | None:
+            tokens = data.setdefault("tokens", {})
+            found = tokens.pop(digest, None)
+            for key in [k for k, v in tokens.items() if v["expires"] <= now.timestamp()]:
+                del tokens[key]
+            if found is None or found["expires"] <= now.timestamp():
+                return None
+            return str(found["agent_id"])
+
+        result: str | None = self.file.change(take)
+        return result
+
+
+def _directory(config: Config) -> Path:
+    if config.store_type != "directory":
+        raise UsageError("registration entries and join tokens need store.type: directory (the Kubernetes store "
+                         "does not hold them yet)")
+    return config.store_path
+
+
+def entry_store_for(config: Config) -> EntryStore:
+    return EntryStore(_directory(config) / f"{config.record_prefix}-entries.json", config.trust_domain)
+
+
+def join_tokens_for(config: Config) -> JoinTokens:
+    return JoinTokens(_directory(config) / f"{config.record_prefix}-join-tokens.json", config.trust_domain)
