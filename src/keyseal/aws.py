@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from keyseal.errors import (
     AccessDeniedError,
@@ -35,6 +35,7 @@ __all__ = [
     "kms_client",
     "kms_errors",
     "kms_settings",
+    "observe_kms_calls",
     "translate_kms_error",
 ]
 
@@ -135,6 +136,22 @@ def kms_settings() -> KmsSettings:
     )
 
 
+_observers: list[Callable[[str], None]] = []
+
+
+def observe_kms_calls(observer: Callable[[str], None]) -> None:
+    """Call `observer(operation)` ("Sign", "Decrypt" ...) once per KMS API call made by any client built here
+    (retries of one call count once). The CA server counts KMS calls for its metrics this way."""
+    if observer not in _observers:
+        _observers.append(observer)
+
+
+def _notify_observers(model: Any = None, **_: Any) -> None:
+    name = str(getattr(model, "name", "") or "unknown")
+    for observer in list(_observers):
+        observer(name)
+
+
 def kms_client(endpoint: str | None = None, region: str | None = None) -> KMSClient:
     """A boto3 KMS client using boto3's standard credential chain and endpoint settings.
 
@@ -166,7 +183,9 @@ def kms_client(endpoint: str | None = None, region: str | None = None) -> KMSCli
                 "no AWS region is configured for KMS: set AWS_REGION (or a region in your AWS profile), "
                 "or use a key ARN, which names its region"
             )
-        return session.client("kms", endpoint_url=endpoint or None, config=config)
+        client = session.client("kms", endpoint_url=endpoint or None, config=config)
+        client.meta.events.register("before-call.kms", _notify_observers)
+        return client
     except BotoCoreError as exc:
         raise KeysealError(f"cannot set up the AWS KMS client: {_one_line(str(exc))}") from None
     except ValueError as exc:  # botocore rejects a malformed endpoint URL with ValueError

@@ -1,0 +1,61 @@
+{{/* Names and labels shared by every template. */}}
+{{- define "keyseal.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "keyseal.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "keyseal.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "keyseal.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "keyseal.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "keyseal.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: keyseal
+{{- end -}}
+
+{{- define "keyseal.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "keyseal.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether the pod needs the local KEK Secret. */}}
+{{- define "keyseal.localKek" -}}
+{{- if and (eq .Values.custody "wrapped") (eq .Values.keyWrapping.provider "local") -}}true{{- end -}}
+{{- end -}}
+
+{{- define "keyseal.kekSecretName" -}}
+{{- default (printf "%s-kek" (include "keyseal.fullname" .)) .Values.localKek.existingSecret -}}
+{{- end -}}
+
+{{/* The server configuration: the server's sections of the values, with what the cluster decides filled in. */}}
+{{- define "keyseal.config" -}}
+{{- $store := deepCopy .Values.store -}}
+{{- $_ := set $store.kubernetes "namespace" (default .Release.Namespace .Values.store.kubernetes.namespace) -}}
+{{- $server := deepCopy .Values.server -}}
+{{- if .Values.tls.existingSecret -}}
+{{- $_ := set $server.tls "certFile" "/etc/keyseal/tls/tls.crt" -}}
+{{- $_ := set $server.tls "keyFile" "/etc/keyseal/tls/tls.key" -}}
+{{- end -}}
+{{- if not $server.tls.selfIssued.dnsNames -}}
+{{- $svc := include "keyseal.fullname" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- $_ := set $server.tls.selfIssued "dnsNames" (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) "localhost") -}}
+{{- $_ := set $server.tls.selfIssued "ipAddresses" (default (list "127.0.0.1") $server.tls.selfIssued.ipAddresses) -}}
+{{- end -}}
+{{- $config := dict "trustDomain" .Values.trustDomain "custody" .Values.custody "keyWrapping" .Values.keyWrapping "aws" .Values.aws "store" $store "ca" .Values.ca "x509SVID" .Values.x509SVID "jwtSVID" .Values.jwtSVID "bundle" .Values.bundle "server" $server "clients" .Values.clients "logLevel" .Values.logLevel -}}
+{{- toYaml $config -}}
+{{- end -}}

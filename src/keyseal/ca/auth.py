@@ -1,0 +1,62 @@
+"""Who may ask for SVIDs: clients named in the configuration, each with a bearer token (only its SHA-256 is
+configured) or a TLS client certificate (its SHA-256 fingerprint, or its URI SAN), and the SPIFFE ID path
+prefixes it may ask for. Tokens are never logged; a failed attempt is logged with the peer address only."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from keyseal.ca.config import ClientConfig
+from keyseal.ca.spiffeid import path_allowed
+
+__all__ = ["Authenticator", "Principal"]
+
+_BEARER_RE = re.compile(r"Bearer ([A-Za-z0-9\-._~+/]+=*)")
+MAX_TOKEN_LENGTH = 4096
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    prefixes: tuple[str, ...]
+    method: str  # "token" or "mtls"
+
+    def may_ask_for(self, path: str) -> bool:
+        return path_allowed(path, self.prefixes)
+
+
+class Authenticator:
+    def __init__(self, clients: tuple[ClientConfig, ...]) -> None:
+        self._by_token = {c.token_sha256: c for c in clients if c.token_sha256}
+        self._by_cert = {c.cert_sha256: c for c in clients if c.cert_sha256}
+        self._by_uri = {c.cert_uri: c for c in clients if c.cert_uri}
+
+    def authenticate(self, authorization: str | None, peer_certificate: bytes | None) -> Principal | None:
+        """The client, or None. A request that sends an Authorization header is judged by it alone."""
+        if authorization is not None:
+            match = _BEARER_RE.fullmatch(authorization.strip()) if len(authorization) <= MAX_TOKEN_LENGTH else None
+            if match is None:
+                return None
+            client = self._by_token.get(hashlib.sha256(match.group(1).encode("ascii")).hexdigest())
+            return Principal(client.name, client.prefixes, "token") if client else None
+        if peer_certificate is None:
+            return None
+        client = self._by_cert.get(hashlib.sha256(peer_certificate).hexdigest())
+        if client is None and self._by_uri:
+            client = self._by_uri_san(peer_certificate)
+        return Principal(client.name, client.prefixes, "mtls") if client else None
+
+    def _by_uri_san(self, der: bytes) -> ClientConfig | None:
+        try:
+            certificate = x509.load_der_x509_certificate(der)
+            san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except (ValueError, x509.ExtensionNotFound):
+            return None
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        if len(uris) != 1:
+            return None
+        return self._by_uri.get(uris[0])

@@ -1,0 +1,406 @@
+"""The server configuration: a YAML file whose keys mirror the Helm chart's values (docs/server-api.md).
+
+Every key is checked when the file is read, and an unknown key is an error (a typo must not silently fall back
+to a default: `kmsKeyArn` instead of `kmsKeyARN` would otherwise start a server with the local KEK).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from keyseal.ca.spiffeid import check_path_prefix, check_trust_domain
+from keyseal.errors import InputError, UsageError
+
+__all__ = [
+    "CA_KEY_TYPES",
+    "ClientConfig",
+    "Config",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+]
+
+# Config name -> the key type name keyseal's key generator and records use.
+CA_KEY_TYPES: dict[str, str] = {"ec-p256": "p256", "ec-p384": "p384", "rsa-2048": "rsa2048", "rsa-4096": "rsa4096"}
+
+_DURATION_RE = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+_ARN_RE = re.compile(r"arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/[A-Za-z0-9-]{1,128}")
+_RECORD_PREFIX_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,150}[a-z0-9])?")
+_ALIAS_PREFIX_RE = re.compile(r"[a-zA-Z0-9/_-]{1,150}")
+_NAMESPACE_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def parse_duration(text: object, where: str) -> timedelta:
+    """`90s`, `5m`, `1h`, `1h30m`, `7d` (or a whole number of seconds): a positive duration."""
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        raise UsageError(f"{where} must be a duration such as 30s, 5m, 1h or 7d")
+    raw = f"{text}s" if isinstance(text, int) else text.strip()
+    match = _DURATION_RE.fullmatch(raw)
+    if not raw or match is None or not any(match.groups()):
+        raise UsageError(f"{where}={raw!r} is not a duration: use e.g. 30s, 5m, 1h, 1h30m or 7d")
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    value = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    if value <= timedelta(0):
+        raise UsageError(f"{where}={raw!r} must be longer than zero")
+    return value
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """One client allowed to ask for SVIDs: a bearer token (its SHA-256) or a TLS client certificate."""
+
+    name: str
+    prefixes: tuple[str, ...]
+    token_sha256: str | None = None
+    cert_sha256: str | None = None
+    cert_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    self_issued_dns: tuple[str, ...] = ()
+    self_issued_ips: tuple[str, ...] = ()
+    client_ca_file: Path | None = None
+
+    @property
+    def self_issued(self) -> bool:
+        """No certificate files: the server issues its own serving certificate from its CA."""
+        return self.cert_file is None
+
+
+@dataclass(frozen=True)
+class Config:
+    trust_domain: str
+    custody: Literal["wrapped", "kms"] = "wrapped"
+    wrapping_provider: Literal["local", "awskms"] = "local"
+    local_kek_file: Path | None = None
+    kms_key_arn: str | None = None
+    aws_region: str | None = None
+    kms_endpoint: str | None = None
+    kms_alias_prefix: str = ""
+    store_type: Literal["directory", "kubernetes"] = "directory"
+    store_path: Path = Path("/var/lib/keyseal")
+    ledger_file: Path | None = None
+    kube_namespace: str | None = None
+    kube_api_server: str | None = None
+    record_prefix: str = ""
+    ca_key_type: str = "ec-p256"
+    jwt_key_type: str = "ec-p256"
+    ca_ttl: timedelta = timedelta(days=1)
+    x509_ttl: timedelta = timedelta(hours=1)
+    jwt_ttl: timedelta = timedelta(minutes=5)
+    refresh_hint: timedelta = timedelta(minutes=5)
+    listen_host: str = "0.0.0.0"  # noqa: S104 - a server in a pod listens on all addresses by default
+    listen_port: int = 8443
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    clients: tuple[ClientConfig, ...] = ()
+    log_level: str = "info"
+
+    def kek_spec(self) -> str:
+        """The KEK spec the wrapping library parses (`local:PATH` or `awskms:<ARN>`)."""
+        if self.wrapping_provider == "awskms":
+            return f"awskms:{self.kms_key_arn}"
+        return f"local:{self.local_kek_file}" if self.local_kek_file else "local"
+
+
+class _Section:
+    """A mapping read key by key; `done()` refuses whatever was not read (an unknown key)."""
+
+    def __init__(self, data: object, where: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise UsageError(f"{where or 'the configuration'} must be a mapping of keys to values")
+        self.data: Mapping[str, Any] = data
+        self.where = where
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def get(self, name: str) -> Any:
+        self.seen.add(name)
+        return self.data.get(name)
+
+    def text(self, name: str, default: str | None = None) -> str | None:
+        value = self.get(name)
+        if value is None or value == "":
+            return default
+        if not isinstance(value, str):
+            raise UsageError(f"{self.key(name)} must be a string")
+        return value
+
+    def choice(self, name: str, options: tuple[str, ...], default: str) -> str:
+        value = self.text(name, default)
+        assert value is not None
+        if value not in options:
+            raise UsageError(f"{self.key(name)}={value!r} is not one of {', '.join(options)}")
+        return value
+
+    def section(self, name: str) -> _Section:
+        return _Section(self.get(name), self.key(name))
+
+    def strings(self, name: str) -> tuple[str, ...]:
+        value = self.get(name)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise UsageError(f"{self.key(name)} must be a list of strings")
+        return tuple(value)
+
+    def done(self) -> None:
+        unknown = sorted(str(k) for k in self.data if k not in self.seen)
+        if unknown:
+            raise UsageError(
+                f"unknown configuration key {self.key(unknown[0])!r}: check its spelling (see docs/server-api.md)"
+            )
+
+
+def _listen(value: str, where: str) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise UsageError(f"{where}={value!r} is not HOST:PORT (e.g. 0.0.0.0:8443)")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise UsageError(f"{where}={value!r}: the host must be an IP address or localhost") from None
+    return host, int(port_text)
+
+
+def _clients(raw: object) -> tuple[ClientConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise UsageError("clients must be a list of client entries")
+    clients: list[ClientConfig] = []
+    names: set[str] = set()
+    for index, item in enumerate(raw):
+        section = _Section(item, f"clients[{index}]")
+        name = section.text("name")
+        if not name:
+            raise UsageError(f"clients[{index}].name is missing: give every client a name (it appears in logs)")
+        if name in names:
+            raise UsageError(f"clients[{index}].name {name!r} is used twice")
+        names.add(name)
+        token = section.text("tokenSHA256")
+        cert_hash = section.text("certSHA256")
+        cert_uri = section.text("certURI")
+        for key, value in (("tokenSHA256", token), ("certSHA256", cert_hash)):
+            if value is not None and not _HEX64_RE.fullmatch(value):
+                raise UsageError(
+                    f"clients[{index}].{key} must be 64 lower-case hex digits (a SHA-256): e.g. "
+                    f"printf %s \"$TOKEN\" | sha256sum"
+                )
+        if sum(v is not None for v in (token, cert_hash, cert_uri)) != 1:
+            raise UsageError(
+                f"clients[{index}] ({name}) needs exactly one credential: tokenSHA256, certSHA256 or certURI"
+            )
+        prefixes = section.strings("allowedPathPrefixes")
+        if not prefixes:
+            raise UsageError(
+                f"clients[{index}].allowedPathPrefixes is empty: list the SPIFFE ID paths {name} may ask for "
+                f"(e.g. /ns/a, or / for all)"
+            )
+        for prefix in prefixes:
+            check_path_prefix(prefix)
+        section.done()
+        clients.append(ClientConfig(name, prefixes, token, cert_hash, cert_uri))
+    tokens = [c.token_sha256 for c in clients if c.token_sha256]
+    if len(tokens) != len(set(tokens)):
+        raise UsageError("two clients have the same tokenSHA256: give each client its own token")
+    return tuple(clients)
+
+
+def parse_config(data: object) -> Config:
+    """Check a parsed YAML document and build the Config."""
+    root = _Section(data, "")
+    trust_domain = root.text("trustDomain")
+    if not trust_domain:
+        raise UsageError("trustDomain is missing: set it to the SPIFFE trust domain, e.g. example.org")
+    check_trust_domain(trust_domain)
+    custody = root.choice("custody", ("wrapped", "kms"), "wrapped")
+    values: dict[str, Any] = {"trust_domain": trust_domain, "custody": custody}
+    values.update(_wrapping(root.section("keyWrapping")))
+    values.update(_aws(root.section("aws"), trust_domain))
+    if custody == "wrapped" and values["wrapping_provider"] == "awskms":
+        arn = values["kms_key_arn"]
+        if not arn:
+            raise UsageError(
+                "aws.kmsKeyARN is required when keyWrapping.provider is awskms: set it to the ARN of the "
+                "symmetric KMS key that wraps the CA keys"
+            )
+        if not _ARN_RE.fullmatch(arn):
+            raise UsageError(
+                f"aws.kmsKeyARN={arn!r} is not a KMS key ARN: use arn:aws:kms:REGION:ACCOUNT:key/KEY-ID"
+            )
+    values.update(_store(root.section("store"), trust_domain))
+    values.update(_lifetimes(root))
+    values.update(_server(root.section("server")))
+    values["clients"] = _clients(root.get("clients"))
+    if any(c.cert_sha256 or c.cert_uri for c in values["clients"]) and values["tls"].client_ca_file is None:
+        raise UsageError(
+            "a client authenticates with a TLS client certificate but server.tls.clientCAFile is not set: "
+            "name the CA file that issued the client certificates"
+        )
+    values["log_level"] = root.choice("logLevel", ("debug", "info", "warning", "error"), "info")
+    root.done()
+    return Config(**values)
+
+
+def _wrapping(wrapping: _Section) -> dict[str, Any]:
+    provider = wrapping.choice("provider", ("local", "awskms"), "local")
+    local = wrapping.section("local")
+    kek_file = local.text("kekFile")
+    local.done()
+    wrapping.done()
+    return {"wrapping_provider": provider, "local_kek_file": Path(kek_file) if kek_file else None}
+
+
+def _aws(aws: _Section, trust_domain: str) -> dict[str, Any]:
+    arn = aws.text("kmsKeyARN")
+    region = aws.text("region")
+    endpoints = aws.section("endpoints")
+    kms_endpoint = endpoints.text("kms")
+    endpoints.done()
+    key_manager = aws.section("keyManager")
+    alias_prefix = key_manager.text("aliasPrefix") or f"keyseal/{trust_domain.replace('.', '_')}"
+    key_manager.done()
+    aws.done()
+    if alias_prefix.startswith(("aws/", "alias/")) or not _ALIAS_PREFIX_RE.fullmatch(alias_prefix):
+        raise UsageError(
+            f"aws.keyManager.aliasPrefix={alias_prefix!r}: use letters, digits, '/', '_' and '-', without "
+            f"alias/ and outside aws/"
+        )
+    return {"kms_key_arn": arn, "aws_region": region, "kms_endpoint": kms_endpoint,
+            "kms_alias_prefix": alias_prefix}
+
+
+def _store(store: _Section, trust_domain: str) -> dict[str, Any]:
+    store_type = store.choice("type", ("directory", "kubernetes"), "directory")
+    record_prefix = store.text("recordPrefix") or _default_record_prefix(trust_domain)
+    if not _RECORD_PREFIX_RE.fullmatch(record_prefix):
+        raise UsageError(
+            f"store.recordPrefix={record_prefix!r}: use lower-case letters, digits, '.' and '-' (at most 152)"
+        )
+    directory = store.section("directory")
+    store_path = Path(directory.text("path", "/var/lib/keyseal") or "/var/lib/keyseal")
+    ledger_text = directory.text("ledgerFile")
+    directory.done()
+    kube = store.section("kubernetes")
+    namespace = kube.text("namespace")
+    api_server = kube.text("apiServer")
+    kube.done()
+    store.done()
+    if namespace is not None and not _NAMESPACE_RE.fullmatch(namespace):
+        raise UsageError(f"store.kubernetes.namespace={namespace!r} is not a Kubernetes namespace name")
+    return {"store_type": store_type, "record_prefix": record_prefix, "store_path": store_path,
+            "ledger_file": Path(ledger_text) if ledger_text else None, "kube_namespace": namespace,
+            "kube_api_server": api_server}
+
+
+def _lifetimes(root: _Section) -> dict[str, Any]:
+    ca = root.section("ca")
+    ca_key_type = ca.choice("keyType", tuple(CA_KEY_TYPES), "ec-p256")
+    ca_ttl = parse_duration(ca.get("ttl") or "24h", "ca.ttl")
+    ca.done()
+    x509 = root.section("x509SVID")
+    x509_ttl = parse_duration(x509.get("ttl") or "1h", "x509SVID.ttl")
+    x509.done()
+    jwt = root.section("jwtSVID")
+    jwt_ttl = parse_duration(jwt.get("ttl") or "5m", "jwtSVID.ttl")
+    jwt_key_type = jwt.choice("keyType", tuple(CA_KEY_TYPES), ca_key_type)
+    jwt.done()
+    bundle = root.section("bundle")
+    refresh_hint = parse_duration(bundle.get("refreshHint") or "5m", "bundle.refreshHint")
+    bundle.done()
+    for name, ttl in (("x509SVID.ttl", x509_ttl), ("jwtSVID.ttl", jwt_ttl)):
+        if ttl > ca_ttl / 6:
+            raise UsageError(
+                f"{name} ({_show(ttl)}) must be at most a sixth of ca.ttl ({_show(ca_ttl)}): the active CA "
+                f"must be able to sign a full-length SVID until the next keyset takes over"
+            )
+    if refresh_hint > ca_ttl / 6:
+        raise UsageError(
+            f"bundle.refreshHint ({_show(refresh_hint)}) must be at most a sixth of ca.ttl ({_show(ca_ttl)}): "
+            f"clients must see a prepared key well before it becomes active"
+        )
+    return {"ca_key_type": ca_key_type, "jwt_key_type": jwt_key_type, "ca_ttl": ca_ttl, "x509_ttl": x509_ttl,
+            "jwt_ttl": jwt_ttl, "refresh_hint": refresh_hint}
+
+
+def _server(server: _Section) -> dict[str, Any]:
+    host, port = _listen(server.text("listen", "0.0.0.0:8443") or "", "server.listen")
+    tls_section = server.section("tls")
+    cert_file = tls_section.text("certFile")
+    key_file = tls_section.text("keyFile")
+    client_ca = tls_section.text("clientCAFile")
+    self_issued = tls_section.section("selfIssued")
+    dns_names = self_issued.strings("dnsNames")
+    ip_addresses = self_issued.strings("ipAddresses")
+    self_issued.done()
+    tls_section.done()
+    server.done()
+    if (cert_file is None) != (key_file is None):
+        raise UsageError("server.tls.certFile and server.tls.keyFile go together: set both or neither")
+    for ip in ip_addresses:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise UsageError(f"server.tls.selfIssued.ipAddresses: {ip!r} is not an IP address") from None
+    tls = TlsConfig(
+        cert_file=Path(cert_file) if cert_file else None,
+        key_file=Path(key_file) if key_file else None,
+        self_issued_dns=dns_names,
+        self_issued_ips=ip_addresses,
+        client_ca_file=Path(client_ca) if client_ca else None,
+    )
+    return {"listen_host": host, "listen_port": port, "tls": tls}
+
+
+def _default_record_prefix(trust_domain: str) -> str:
+    """`keyseal-<trust domain>`, made a valid Kubernetes name ('_' -> '-'; a long name is shortened + hashed)."""
+    slug = trust_domain.replace("_", "-").strip(".-") or "td"
+    if len(slug) > 100:
+        slug = slug[:80].rstrip(".-") + "-" + hashlib.sha256(trust_domain.encode()).hexdigest()[:12]
+    return f"keyseal-{slug}"
+
+
+def _show(value: timedelta) -> str:
+    seconds = int(value.total_seconds())
+    return f"{seconds}s"
+
+
+def load_config(path: Path) -> Config:
+    """Read and check the YAML configuration file."""
+    try:
+        import yaml
+    except ImportError:
+        raise UsageError("the server needs PyYAML: pip install 'keyseal[server]'") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"configuration file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read configuration file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"configuration file {path} is not valid YAML{where}") from None
+    try:
+        return parse_config(data)
+    except UsageError as exc:
+        raise type(exc)(f"{path}: {exc.message}") from None

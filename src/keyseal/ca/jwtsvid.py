@@ -1,0 +1,54 @@
+"""JWT-SVID issuance (SPIFFE JWT-SVID standard): a JWS compact token with `kid` naming the keyset's JWT key,
+and claims `sub` (the SPIFFE ID), `aud`, `exp` and `iat`. The expiry never passes the keyset's own."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime, timedelta
+
+from keyseal.ca.custody import jws_algorithm, jws_signature
+from keyseal.ca.keyset import Keyset
+from keyseal.ca.spiffeid import SpiffeId
+from keyseal.errors import UsageError
+
+__all__ = ["MAX_AUDIENCES", "check_audience", "issue_jwt_svid"]
+
+MAX_AUDIENCES = 16
+MAX_AUDIENCE_LENGTH = 512
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def check_audience(value: object) -> list[str]:
+    """One audience (a string) or a list of 1..16 distinct, non-empty, printable strings."""
+    audience = [value] if isinstance(value, str) else value
+    if not isinstance(audience, list) or not audience:
+        raise UsageError("audience is missing: give one audience or a list of audiences")
+    if len(audience) > MAX_AUDIENCES:
+        raise UsageError(f"too many audiences ({len(audience)}): at most {MAX_AUDIENCES}")
+    for item in audience:
+        if not isinstance(item, str) or not item or len(item) > MAX_AUDIENCE_LENGTH or not item.isprintable():
+            raise UsageError(f"each audience must be a non-empty printable string of at most "
+                             f"{MAX_AUDIENCE_LENGTH} characters")
+    if len(set(audience)) != len(audience):
+        raise UsageError("an audience is listed twice")
+    return list(audience)
+
+
+def issue_jwt_svid(keyset: Keyset, spiffe_id: SpiffeId, audience: list[str], now: datetime,
+                   ttl: timedelta) -> tuple[str, datetime]:
+    """The token and its expiry (one signature by the JWT key: in KMS custody, one kms:Sign)."""
+    expires = min(now + ttl, keyset.not_after)
+    issued = int(now.timestamp())
+    exp = int(expires.timestamp())
+    if exp <= issued:
+        raise UsageError("the active JWT key expires now: no JWT-SVID can be issued until the next keyset is active")
+    header = {"alg": jws_algorithm(keyset.jwt_key.public_key()), "kid": keyset.jwt_kid, "typ": "JWT"}
+    claims = {"sub": str(spiffe_id), "aud": audience, "exp": exp, "iat": issued}
+    signing_input = (_b64url(json.dumps(header, separators=(",", ":")).encode()) + "."
+                     + _b64url(json.dumps(claims, separators=(",", ":")).encode()))
+    signature = jws_signature(keyset.jwt_key, signing_input.encode("ascii"))
+    return f"{signing_input}.{_b64url(signature)}", datetime.fromtimestamp(exp, expires.tzinfo)

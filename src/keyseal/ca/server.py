@@ -1,0 +1,166 @@
+"""Wiring: from a Config to a running trust-domain server (custody, keyset manager, API, TLS listener, and the
+rotation thread). Startup order matters: the custody is checked and the keyset loaded or created before the
+port is opened, so a server that cannot reach KMS exits without listening and without writing anything."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from keyseal.aws import observe_kms_calls
+from keyseal.ca.api import Api
+from keyseal.ca.auth import Authenticator
+from keyseal.ca.config import CA_KEY_TYPES, Config
+from keyseal.ca.httpd import TlsHttpServer
+from keyseal.ca.manager import Clock, KeysetManager, system_clock
+from keyseal.ca.metrics import Metrics
+from keyseal.ca.source import KeysetSource
+from keyseal.ca.tls import TlsContexts
+from keyseal.errors import KeysealError, UsageError
+
+__all__ = ["CaServer", "build_source"]
+
+log = logging.getLogger(__name__)
+
+_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+TICK_SECONDS = 5.0
+
+
+def _namespace(config: Config) -> str:
+    if config.kube_namespace:
+        return config.kube_namespace
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        return _NAMESPACE_FILE.read_text(encoding="ascii").strip()
+    except OSError:
+        raise UsageError(
+            "store.kubernetes.namespace is not set and this is not a pod: set the namespace of the WrappedKey "
+            "resources"
+        ) from None
+
+
+def build_source(config: Config, kube_api_client: Any = None) -> KeysetSource:
+    """The custody's keyset source; imports an SDK only for the custody and store configured."""
+    x509_type, jwt_type = CA_KEY_TYPES[config.ca_key_type], CA_KEY_TYPES[config.jwt_key_type]
+    if config.custody == "kms":
+        from keyseal.ca.kms_source import KmsKeysetSource
+
+        return KmsKeysetSource(config.trust_domain, config.kms_alias_prefix, x509_type, jwt_type,
+                               endpoint=config.kms_endpoint, region=config.aws_region)
+    from keyseal.ca.wrapped_source import WrappedKeysetSource
+    from keyseal.store import RecordStore
+    from keyseal.wrapping.kek import parse_kek
+
+    kek = parse_kek(config.kek_spec(), kms_endpoint=config.kms_endpoint, region=config.aws_region)
+    if config.wrapping_provider == "local":
+        log.info("Key wrapping via local KEK file %s", getattr(kek, "path", "?"))
+    store: RecordStore
+    if config.store_type == "kubernetes":
+        from keyseal.store.kubernetes import KubernetesStore, api_client_from_environment
+
+        client = kube_api_client or api_client_from_environment(config.kube_api_server)
+        store = KubernetesStore(_namespace(config), client)
+    else:
+        from keyseal.store.directory import DirectoryStore
+        from keyseal.wrapping.ledger import FileLedger
+
+        store = DirectoryStore(config.store_path, FileLedger(config.ledger_file) if config.ledger_file else None)
+    return WrappedKeysetSource(store, kek, config.record_prefix, x509_type, jwt_type)
+
+
+class CaServer:
+    """One trust-domain server. `start()` loads keys and opens the port; `serve_forever()` answers."""
+
+    def __init__(self, config: Config, *, clock: Clock = system_clock, source: KeysetSource | None = None,
+                 kube_api_client: Any = None, rotation_thread: bool = True) -> None:
+        self.config = config
+        self.clock = clock
+        self.metrics = Metrics()
+        observe_kms_calls(self.metrics.kms_call)
+        self.source = source or build_source(config, kube_api_client)
+        self.manager = KeysetManager(self.source, config.trust_domain, config.ca_ttl, config.refresh_hint, clock)
+        self.api = Api(config, self.manager, Authenticator(config.clients), self.metrics)
+        self.tls = TlsContexts(config)
+        self.httpd: TlsHttpServer | None = None
+        self._rotation = rotation_thread
+        self._periodic = config.custody == "wrapped"
+        self._stop = threading.Event()
+        self._serving = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def port(self) -> int:
+        assert self.httpd is not None
+        return self.httpd.port
+
+    def start(self) -> None:
+        """Check the custody, load or create the keyset, issue the serving certificate, bind the port."""
+        self.manager.start()
+        self.tls.renew(self.manager.active_keyset() or self.manager.loaded()[-1], self.clock())
+        try:
+            self.httpd = TlsHttpServer(self.config.listen_host, self.config.listen_port, self.api, self.tls.current)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot listen on {self.config.listen_host}:{self.config.listen_port}: {exc.strerror or exc}"
+            ) from None
+        active = self.manager.active_keyset()
+        log.info("serving trust domain %s on https://%s:%d with keyset %s (%s custody)", self.config.trust_domain,
+                 self.config.listen_host, self.port, active.number if active else "none active yet",
+                 self.config.custody)
+
+    def serve_forever(self) -> None:
+        assert self.httpd is not None
+        if self._rotation:
+            thread = threading.Thread(target=self._rotation_loop, name="keyseal-rotation", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._serving.set()
+        self.httpd.serve_forever(poll_interval=0.5)
+
+    def start_background(self) -> threading.Thread:
+        """Serve from a daemon thread (tests, benchmarks)."""
+        thread = threading.Thread(target=self.serve_forever, name="keyseal-server", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return thread
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self.httpd is not None:
+            if self._serving.is_set():  # socketserver's shutdown() waits for a serve_forever() that never ran
+                self.httpd.shutdown()
+            self.httpd.server_close()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=10)
+
+    def tick(self) -> None:
+        """One pass of the rotation loop: refresh the keysets when a new one is due (and, for wrapped keys, every
+        refresh hint: reading the store costs no KMS call, and shows a keyset another replica made), log state
+        changes (activation and expiry need no write: they follow from the clock), renew the serving
+        certificate when due."""
+        now = self.clock()
+        last = self.manager.last_refresh
+        periodic_due = self._periodic and (last is None or now - last >= self.config.refresh_hint)
+        if self.manager.due(now) or periodic_due:
+            self.manager.refresh()
+        else:
+            self.manager.log_transitions()
+        active = self.manager.active_keyset(now)
+        if active is not None:
+            self.tls.renew(active, now)
+
+    def _rotation_loop(self) -> None:
+        while not self._stop.wait(TICK_SECONDS):
+            try:
+                self.tick()
+            except KeysealError as exc:
+                self.metrics.error("rotation")
+                log.error("keyset refresh failed, retrying in %.0fs: %s", TICK_SECONDS, exc.message)
+            except Exception:
+                self.metrics.error("rotation")
+                log.exception("keyset refresh failed, retrying in %.0fs", TICK_SECONDS)

@@ -1,0 +1,102 @@
+"""The server's TLS: certificate files (e.g. from cert-manager), or a serving certificate the CA issues to
+itself from its active keyset (an X.509-SVID for spiffe://<trust domain>/keyseal/server that also names the
+configured DNS names and IP addresses), renewed at half its lifetime and whenever the active keyset changes.
+
+Python's ssl module loads a key only from a file, so the self-issued serving key goes through a temporary file
+encrypted under a random one-time password (the key is never on disk in the clear), removed once loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import ssl
+import tempfile
+import threading
+from datetime import datetime
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from keyseal.ca.config import Config
+from keyseal.ca.keyset import Keyset
+from keyseal.ca.spiffeid import SpiffeId
+from keyseal.ca.x509svid import issue_x509_svid
+from keyseal.errors import InputError
+
+__all__ = ["SERVER_PATH", "TlsContexts"]
+
+SERVER_PATH = "/keyseal/server"
+DEFAULT_DNS_NAMES = ("localhost",)
+DEFAULT_IP_ADDRESSES = ("127.0.0.1",)
+
+
+def _base_context(config: Config) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if config.tls.client_ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(config.tls.client_ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise InputError(f"cannot load server.tls.clientCAFile {config.tls.client_ca_file}: {exc}") from None
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+class TlsContexts:
+    """The current SSL context; `renew()` replaces it when a self-issued certificate is due."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._context: ssl.SSLContext | None = None
+        self._renew_at: datetime | None = None
+        self._keyset: int | None = None
+        if not config.tls.self_issued:
+            context = _base_context(config)
+            try:
+                context.load_cert_chain(str(config.tls.cert_file), str(config.tls.key_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise InputError(
+                    f"cannot load the TLS certificate {config.tls.cert_file} / key {config.tls.key_file}: {exc}"
+                ) from None
+            self._context = context
+
+    def current(self) -> ssl.SSLContext:
+        context = self._context
+        assert context is not None, "TlsContexts.renew() must run before the server accepts connections"
+        return context
+
+    def renew(self, keyset: Keyset, now: datetime) -> bool:
+        """Issue a new serving certificate if self-issued and due. True if the context changed."""
+        if not self.config.tls.self_issued:
+            return False
+        with self._lock:
+            if self._context is not None and self._keyset == keyset.number and self._renew_at and now < self._renew_at:
+                return False
+            key = ec.generate_private_key(ec.SECP256R1())
+            spiffe_id = SpiffeId(self.config.trust_domain, SERVER_PATH)
+            dns = self.config.tls.self_issued_dns or DEFAULT_DNS_NAMES
+            ips = self.config.tls.self_issued_ips or (() if self.config.tls.self_issued_dns else DEFAULT_IP_ADDRESSES)
+            certificate = issue_x509_svid(keyset, spiffe_id, key.public_key(), now, self.config.x509_ttl,
+                                          dns_names=dns, ip_addresses=ips)
+            context = _base_context(self.config)
+            chain = certificate.public_bytes(serialization.Encoding.PEM) + keyset.ca_pem.encode("ascii")
+            _load_chain(context, chain, key)
+            lifetime = certificate.not_valid_after_utc - now
+            self._context, self._keyset, self._renew_at = context, keyset.number, now + lifetime / 2
+            return True
+
+
+def _load_chain(context: ssl.SSLContext, chain: bytes, key: ec.EllipticCurvePrivateKey) -> None:
+    password = secrets.token_bytes(32)
+    encrypted = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.BestAvailableEncryption(password))
+    with tempfile.TemporaryDirectory(prefix="keyseal-tls-") as directory:
+        cert_path, key_path = Path(directory) / "chain.pem", Path(directory) / "key.pem"
+        for path, data in ((cert_path, chain), (key_path, encrypted)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+        context.load_cert_chain(str(cert_path), str(key_path), password=password)

@@ -1,0 +1,183 @@
+"""`wrapped` custody: each CA key is an envelope-encrypted record (keyseal.wrapped-key.v1) in a record store.
+
+Records live in a ring of SLOTS slots, two records per slot: `<prefix>-x509-<slot>` and `<prefix>-jwt-<slot>`.
+Keyset n lives in slot (n - 1) mod SLOTS at record version (n - 1) // SLOTS + 1, so the record version, which
+the record binds and the store's ledger keeps from going backwards, also names the keyset; a startup reads
+2 * SLOTS records and decrypts only the live ones. A slot is reused only once the keyset in it has expired
+(keysets are created at least half a CA lifetime apart, so at most three are ever live), which overwrites
+expired CA keys instead of keeping them forever.
+
+Creating keyset n is a conditional write of version v over version v - 1: of two replicas that try at once,
+the store lets exactly one win (a 409 Conflict or a changed file hash for the other), and the loser finds the
+winner's keyset on its next read. The X.509 record decides; the JWT record follows it (and a JWT record left
+missing by a crash between the two writes is created by whoever next reads the slot).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from keyseal.ca.custody import CaKey, MemoryCaKey
+from keyseal.ca.source import KeysetKeys, KeysetSource, Loaded, SlotBusyError
+from keyseal.errors import WrappedRecordError
+from keyseal.keygen import generate_private_key
+from keyseal.store import RecordStore, StoredRecord
+from keyseal.wrapping.envelope import seal, unseal
+from keyseal.wrapping.kek import KekProvider, new_dek, zero
+from keyseal.wrapping.keys import key_type_of
+from keyseal.wrapping.record import WrappedRecord
+
+__all__ = ["SLOTS", "WrappedKeysetSource"]
+
+log = logging.getLogger(__name__)
+
+SLOTS = 4
+
+
+class _Exists(Exception):
+    """Another writer created the record first."""
+
+
+class WrappedKeysetSource(KeysetSource):
+    def __init__(self, store: RecordStore, kek: KekProvider, prefix: str, x509_key_type: str,
+                 jwt_key_type: str) -> None:
+        self.store = store
+        self.kek = kek
+        self.prefix = prefix
+        self.key_types = {"x509": x509_key_type, "jwt": jwt_key_type}
+        self._opened: dict[tuple[str, str], CaKey] = {}  # (record name, store revision) -> key
+
+    def describe(self) -> str:
+        return f"wrapped records {self.prefix}-* ({self.store.location(self.name('x509', 0))} ...)"
+
+    def name(self, kind: str, slot: int) -> str:
+        return f"{self.prefix}-{kind}-{slot}"
+
+    def startup_check(self) -> None:
+        """Before anything is written: refuse records of another KEK provider or KEK, then prove the KEK works.
+
+        With records present, opening them proves Decrypt (one per live record), so only a wrap is tried
+        (kms:Encrypt is needed at the next rotation); with none, the full wrap/unwrap canary runs, so a role
+        that could write records but not read them back never writes one.
+        """
+        found = False
+        for slot in range(SLOTS):
+            for kind in ("x509", "jwt"):
+                stored = self.store.get(self.name(kind, slot))
+                if stored is not None:
+                    found = True
+                    self.kek.check_record(stored.record, self.store.location(self.name(kind, slot)))
+        if not found:
+            self.kek.canary()
+            return
+        self.kek.prepare_write()
+        dek = new_dek()
+        try:
+            self.kek.wrap(dek, {"keyseal:purpose": "canary"})
+        finally:
+            zero(dek)
+
+    def load(self, live_after: datetime) -> Loaded:
+        keysets: list[KeysetKeys] = []
+        highest = 0
+        for slot in range(SLOTS):
+            x509_name = self.name("x509", slot)
+            stored = self.store.get(x509_name)
+            if stored is None:
+                continue
+            where = self.store.location(x509_name)
+            self.kek.check_record(stored.record, where)  # a provider switch is refused even for old records
+            number = (stored.record.version - 1) * SLOTS + slot + 1
+            highest = max(highest, number)
+            if stored.record.created <= live_after:
+                continue
+            jwt = self._jwt_record(slot, stored.record.version, stored.record.created)
+            keysets.append(KeysetKeys(number, stored.record.created, self._open(x509_name, stored),
+                                      self._open(self.name("jwt", slot), jwt)))
+        live = {(self.name(k, (ks.number - 1) % SLOTS)) for ks in keysets for k in ("x509", "jwt")}
+        self._opened = {key: value for key, value in self._opened.items() if key[0] in live}
+        return Loaded(tuple(sorted(keysets, key=lambda k: k.number)), highest)
+
+    def create(self, number: int, not_before: datetime, live_after: datetime) -> bool:
+        slot, version = (number - 1) % SLOTS, (number - 1) // SLOTS + 1
+        if not self._create_record("x509", slot, version, not_before, live_after):
+            return False
+        self._create_record("jwt", slot, version, not_before, None)
+        return True
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _jwt_record(self, slot: int, version: int, created: datetime) -> StoredRecord:
+        name = self.name("jwt", slot)
+        stored = self.store.get(name)
+        if stored is None or stored.record.version < version:
+            log.warning("%s is missing for keyset version %d (a writer stopped half way): creating it",
+                        self.store.location(name), version)
+            self._create_record("jwt", slot, version, created, None)
+            stored = self.store.get(name)
+        if stored is None or stored.record.version != version:
+            found = "missing" if stored is None else f"version {stored.record.version}"
+            raise WrappedRecordError(
+                f"{self.store.location(name)} is {found}, but {self.store.location(self.name('x509', slot))} is "
+                f"version {version}: the two records of a keyset disagree; restore both from a backup"
+            )
+        self.kek.check_record(stored.record, self.store.location(name))
+        return stored
+
+    def _open(self, name: str, stored: StoredRecord) -> CaKey:
+        cached = self._opened.get((name, stored.revision))
+        if cached is not None:
+            return cached
+        where = self.store.location(name)
+        der = unseal(stored.record, self.kek, where)
+        try:
+            key = serialization.load_der_private_key(der, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise WrappedRecordError(f"{where} decrypts, but not to a private key keyseal can read") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) or \
+                key_type_of(key) != stored.record.key_type:
+            raise WrappedRecordError(f"{where} does not hold the {stored.record.key_type} CA key its header names")
+        self.store.ledger.record(self.store.ledger_key(name), stored.record.version)
+        opened = MemoryCaKey(key)
+        self._opened[(name, stored.revision)] = opened
+        return opened
+
+    def _create_record(self, kind: str, slot: int, version: int, created: datetime,
+                       live_after: datetime | None) -> bool:
+        name = self.name(kind, slot)
+        where = self.store.location(name)
+        key_type = self.key_types[kind]
+
+        def produce(current: StoredRecord | None) -> WrappedRecord:
+            current_version = current.record.version if current else 0
+            if current_version >= version:
+                raise _Exists
+            if current_version != version - 1:
+                raise WrappedRecordError(
+                    f"{where} is version {current_version}, but keyset record version {version - 1} was "
+                    f"expected before writing version {version}: the store is inconsistent; restore it"
+                )
+            if current is not None:
+                self.kek.check_record(current.record, where)
+                if live_after is not None and current.record.created > live_after:
+                    raise SlotBusyError(
+                        f"{where} still holds a keyset that has not expired (created "
+                        f"{current.record.created:%Y-%m-%dT%H:%M:%SZ}): the new keyset waits until it has"
+                    )
+            key = generate_private_key(key_type)
+            der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+            return seal(der, name=name, version=version, created=created, key_type=key_type_of(key), kek=self.kek)
+
+        try:
+            self.store.update(name, produce)
+        except _Exists:
+            log.info("%s version %d was created by another replica: using it", where, version)
+            return False
+        log.info("created %s version %d (%s key)", where, version, key_type)
+        return True

@@ -1,0 +1,137 @@
+"""X.509-SVID issuance from a PKCS#10 CSR, as the SPIFFE X509-SVID standard describes a leaf.
+
+The leaf has exactly one URI SAN (the SPIFFE ID), CA=false, digitalSignature (plus keyEncipherment for RSA and
+keyAgreement for EC keys), never keyCertSign or cRLSign, serverAuth + clientAuth, SKI of the requester's key
+and AKI of the CA's, and never outlives the CA certificate. Only the CSR's public key is used (after its
+self-signature proves the requester holds the private key): its names and extensions are ignored, the
+SPIFFE ID comes from the authorized request.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import ipaddress
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from keyseal.backends.base import hash_algorithm
+from keyseal.ca.keyset import ORGANIZATION, Keyset
+from keyseal.ca.spiffeid import SpiffeId
+from keyseal.errors import UsageError
+
+__all__ = ["BACKDATE", "MAX_CSR_BYTES", "CsrError", "issue_x509_svid", "parse_csr"]
+
+MAX_CSR_BYTES = 16 * 1024
+BACKDATE = timedelta(seconds=10)  # tolerate a little clock skew between the CA and its relying parties
+_EC_CURVES = {"secp256r1", "secp384r1", "secp521r1"}
+LeafKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+
+
+class CsrError(UsageError):
+    """The certificate signing request cannot be used (malformed, bad signature, weak key)."""
+
+
+def parse_csr(text: str) -> LeafKey:
+    """A CSR as PEM or as base64 DER; returns its public key once its self-signature verifies.
+
+    A client that renews with the same CSR sends the same bytes: the last CSR_CACHE_SIZE verified CSRs are
+    remembered, so their signature (the same proof of possession, byte for byte) is not checked again.
+    Refused CSRs are never cached.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise CsrError("csr is missing: send a PKCS#10 certificate signing request, PEM or base64 DER")
+    if len(text) > MAX_CSR_BYTES:
+        raise CsrError(f"csr is larger than {MAX_CSR_BYTES} bytes")
+    return _verified_csr_key(text)
+
+
+CSR_CACHE_SIZE = 1024
+
+
+@functools.lru_cache(maxsize=CSR_CACHE_SIZE)
+def _verified_csr_key(text: str) -> LeafKey:
+    try:
+        if "-----BEGIN" in text:
+            csr = x509.load_pem_x509_csr(text.encode("ascii"))
+        else:
+            csr = x509.load_der_x509_csr(base64.b64decode(text.strip(), validate=True))
+    except (ValueError, UnicodeEncodeError, binascii.Error):
+        raise CsrError("csr is not a PKCS#10 certificate signing request (PEM, or base64 of DER)") from None
+    try:
+        valid = csr.is_signature_valid
+        key = csr.public_key()
+    except (ValueError, TypeError):
+        raise CsrError("csr uses a key or signature algorithm the CA does not accept") from None
+    if not valid:
+        raise CsrError("csr signature does not verify: sign the request with the key it carries")
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise CsrError(f"csr key is RSA-{key.key_size}: use RSA of at least 2048 bits or ECDSA P-256")
+        return key
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in _EC_CURVES:
+            raise CsrError(f"csr key uses curve {key.curve.name}: use P-256, P-384 or P-521")
+        return key
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return key
+    raise CsrError("csr key type is not accepted: use ECDSA (P-256/P-384/P-521), RSA (>= 2048) or Ed25519")
+
+
+def _template(keyset: Keyset, public_key: LeafKey) -> x509.CertificateBuilder:
+    """The part of a leaf that depends only on the keyset and the kind of leaf key, built once per keyset."""
+    kind = type(public_key).__name__
+    template = keyset.leaf_templates.get(kind)
+    if template is None:
+        is_rsa = isinstance(public_key, rsa.RSAPublicKey)
+        is_ec = isinstance(public_key, ec.EllipticCurvePublicKey)
+        template = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)]))
+            .issuer_name(keyset.ca_certificate.subject)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=is_rsa,
+                              data_encipherment=False, key_agreement=is_ec, key_cert_sign=False, crl_sign=False,
+                              encipher_only=False, decipher_only=False),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(keyset.subject_key_identifier),
+                critical=False,
+            )
+        )
+        keyset.leaf_templates[kind] = template
+    return template
+
+
+def issue_x509_svid(keyset: Keyset, spiffe_id: SpiffeId, public_key: LeafKey, now: datetime, ttl: timedelta,
+                    *, dns_names: tuple[str, ...] = (), ip_addresses: tuple[str, ...] = ()) -> x509.Certificate:
+    """Sign the leaf with the keyset's X.509 CA key (one signature: in KMS custody, one kms:Sign).
+
+    `dns_names` / `ip_addresses` are for the server's own serving certificate only (still one URI SAN).
+    """
+    not_before = max(now - BACKDATE, keyset.not_before)
+    not_after = min(now + ttl, keyset.not_after)
+    if not_after <= now:
+        raise UsageError("the active CA expires now: no SVID can be issued until the next keyset is active")
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
+    names += [x509.DNSName(name) for name in dns_names]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
+    builder = (
+        _template(keyset, public_key)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+    key = keyset.x509_key
+    return builder.sign(key.builder_key(), hash_algorithm(key.hash_name))  # type: ignore[arg-type]
