@@ -198,6 +198,7 @@ def test_token_for_ns_a_asking_for_ns_b_is_403_and_logged(client: Client, caplog
         ({"spiffeID": A, "csr": "x", "ttlSeconds": -1}, "ttlSeconds must be a positive"),
         (b"{not json", "not a JSON object"),
         (b"[1, 2]", "not a JSON object"),
+        (b"[" * 20_000 + b"]" * 20_000, "not a JSON object"),  # nesting deeper than the parser's recursion
     ],
 )
 def test_bad_requests_are_400(client: Client, body: Any, needle: str) -> None:

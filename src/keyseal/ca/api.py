@@ -164,7 +164,7 @@ class Api:
             raise UsageError(f"request body is larger than {MAX_BODY_BYTES} bytes")
         try:
             document = json.loads(request.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: arrays nested 1000 deep
             raise UsageError("request body is not a JSON object") from None
         if not isinstance(document, dict):
             raise UsageError("request body is not a JSON object")
