@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from keyseal import audit
 from keyseal.backends import BackendOptions, open_signer
 from keyseal.errors import OpenPGPError, UsageError, VerificationError
 from keyseal.keyring import (
@@ -71,9 +72,20 @@ def sign(spec: str, data: bytes, options: BackendOptions | None = None, armored:
         hasher = new_hasher(HASH_IDS[hash_name])
         hasher.update(data)
         created = int(time.time())
-        packet = signature_packet(signer, identity, hasher, hash_name, created)
+        with audit.subject(_git_subject(data)):
+            packet = signature_packet(signer, identity, hasher, hash_name, created)
     return GitSignature(render(packet, armored), identity.fingerprint_hex, algorithm_of(identity.public_key),
                         HASH_IDS[hash_name], created)
+
+
+def _git_subject(data: bytes) -> str:
+    """What the audit log names: `git tag v1.0` for a tag (its name is in the object), else `git commit`."""
+    if data.startswith(b"object "):
+        for line in data.split(b"\n\n", 1)[0].split(b"\n"):
+            if line.startswith(b"tag "):
+                return "git tag " + line[4:].decode("utf-8", "replace")
+        return "git tag"
+    return "git commit" if data.startswith(b"tree ") else "git object"
 
 
 @dataclass(frozen=True)

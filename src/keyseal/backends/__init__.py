@@ -46,8 +46,14 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 
 def open_signer(uri: str, options: BackendOptions | None = None) -> Signer:
-    """Open the signer a key URI names. Each backend module exposes `open(uri, rest, options)`."""
+    """Open the signer a key URI names. Each backend module exposes `open(uri, rest, options)`.
+
+    Every signer is returned wrapped in `keyseal.audit.AuditingSigner`: this is the one place every caller (CLI,
+    git helpers, library) goes through, so every signature is recorded in the audit log whatever the backend.
+    """
+    from keyseal.audit.signer import AuditingSigner
+
     scheme, rest = split_uri(uri)
     module = importlib.import_module(_BACKENDS[scheme])
     signer: Signer = module.open(uri, rest, options or BackendOptions())
-    return signer
+    return AuditingSigner(signer)

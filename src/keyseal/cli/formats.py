@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
 
+from keyseal import audit
 from keyseal.atomic import write_atomic
 from keyseal.backends.base import Signer
 from keyseal.cli.common import open_key, read_input
@@ -46,10 +48,11 @@ def sign_files(fmt: str, key_uri: str, pairs: list[tuple[Path, Path]], namespace
             ssh.scheme_for(signer, public_key)
 
         def one(src: Path, dst: Path, signer: Signer = signer) -> Path:
-            if fmt == "ssh":
-                data = ssh.sign_file(signer, src, namespace or ssh.DEFAULT_NAMESPACE)
-            else:
-                data = minisign.sign_file(signer, src)
+            with audit.subject(os.path.abspath(src), purpose=fmt):  # in the worker: pool threads start bare
+                if fmt == "ssh":
+                    data = ssh.sign_file(signer, src, namespace or ssh.DEFAULT_NAMESPACE)
+                else:
+                    data = minisign.sign_file(signer, src)
             write_atomic(dst, data, mode=0o644, force=force)
             return dst
 

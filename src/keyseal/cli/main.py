@@ -19,6 +19,15 @@ _COMMANDS: dict[str, str] = {
     "sign": "keyseal.cli.sign:sign",
     "verify": "keyseal.cli.verify:verify",
     "iam-policy": "keyseal.cli.iam:iam_policy",
+    "vault-policy": "keyseal.cli.vault:vault_policy",
+    "checksums": "keyseal.cli.release:checksums",
+    "verify-release": "keyseal.cli.release:verify_release_command",
+    "wkd": "keyseal.cli.wkd:wkd",
+    "server": "keyseal.cli.server:server",
+    "entry": "keyseal.cli.entry:entry",
+    "agent": "keyseal.cli.agent:agent",
+    "git-setup": "keyseal.cli.gitsetup:git_setup",
+    "audit": "keyseal.cli.audit:audit",
 }
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from keyseal import audit
 from keyseal.atomic import refuse_existing, write_atomic
 from keyseal.backends.base import HashName, Signer
 from keyseal.cli.common import kek_option, kms_endpoint_option, load_certificate_files, open_key
@@ -55,11 +56,13 @@ def plan_outputs(files: tuple[Path, ...], output: Path | None, armored: bool, fo
 
 def sign_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, src: Path, dst: Path,
              armored: bool, force: bool, append: bool = False) -> Path:
-    existing = _existing_signatures(dst) if append else None
-    if existing is not None:
-        return _append_one(signer, identity, hash_name, src, dst, *existing)
-    hasher = hash_file(src, [HASH_IDS[hash_name]])[HASH_IDS[hash_name]]
-    packet = signature_packet(signer, identity, hasher, hash_name)
+    # The audit log names the file; set here, in the worker thread, since pool threads do not inherit contexts.
+    with audit.subject(os.path.abspath(src)):
+        existing = _existing_signatures(dst) if append else None
+        if existing is not None:
+            return _append_one(signer, identity, hash_name, src, dst, *existing)
+        hasher = hash_file(src, [HASH_IDS[hash_name]])[HASH_IDS[hash_name]]
+        packet = signature_packet(signer, identity, hasher, hash_name)
     write_atomic(dst, render(packet, armored), mode=0o644, force=force)
     return dst
 

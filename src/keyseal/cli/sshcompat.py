@@ -129,6 +129,7 @@ def _hash_option(values: list[str]) -> str:
 def run_sign(args: Arguments) -> int:
     import hashlib
 
+    from keyseal import audit
     from keyseal.atomic import write_atomic
     from keyseal.backends import open_signer
     from keyseal.formats import hash_path, ssh
@@ -150,9 +151,13 @@ def run_sign(args: Arguments) -> int:
             raise KeyMismatchError(f"the key map names {uri} for {expected}, but that key is "
                                    f"{ssh.fingerprint(signer.public_key())}: run keyseal git-setup again")
         for name in args.files:
+            # The audit log's subject: git hands over a temporary file, so name what it signs instead.
+            what = "git object" if namespace == "git" else "standard input" if name == "-" else os.path.abspath(name)
             if name == "-":
                 digest = hashlib.new(hash_name, sys.stdin.buffer.read()).digest()
-                sys.stdout.buffer.write(ssh.sign_message_digest(signer, digest, namespace, hash_name))
+                with audit.subject(what, purpose="ssh"):
+                    signature = ssh.sign_message_digest(signer, digest, namespace, hash_name)
+                sys.stdout.buffer.write(signature)
                 sys.stdout.buffer.flush()
                 continue
             path = Path(name)
@@ -160,7 +165,9 @@ def run_sign(args: Arguments) -> int:
                 sys.stderr.write(f"Signing file {path}\n")
             digest = hash_path(path, getattr(hashlib, hash_name))
             target = path.with_name(path.name + ".sig")
-            write_atomic(target, ssh.sign_message_digest(signer, digest, namespace, hash_name), mode=0o644)
+            with audit.subject(what, purpose="ssh"):
+                signature = ssh.sign_message_digest(signer, digest, namespace, hash_name)
+            write_atomic(target, signature, mode=0o644)
             if "q" not in args.flags:
                 sys.stderr.write(f"Write signature to {target}\n")
     return 0

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from keyseal import audit
 from keyseal.backends.base import HashName, PublicKey, Signer
 from keyseal.errors import OpenPGPError, UnsupportedKeyError
 from keyseal.openpgp.keys import ALGO_ECDSA, ALGO_ED25519, ALGO_EDDSA_LEGACY, ALGO_RSA, ALGO_RSA_SIGN, algorithm_of
@@ -31,6 +32,19 @@ SIG_DIRECT_KEY = 0x1F
 SIG_KEY_REVOCATION = 0x20
 SIG_SUBKEY_REVOCATION = 0x28
 SIG_CERTIFICATION_REVOCATION = 0x30
+
+# The audit log's `purpose` of each signature type keyseal makes.
+_PURPOSES = {
+    SIG_BINARY: "openpgp-detached",
+    SIG_TEXT: "openpgp-text",
+    **dict.fromkeys(SIG_CERTIFICATIONS, "openpgp-certification"),
+    SIG_SUBKEY_BINDING: "openpgp-subkey-binding",
+    SIG_PRIMARY_KEY_BINDING: "openpgp-primary-key-binding",
+    SIG_DIRECT_KEY: "openpgp-direct-key",
+    SIG_KEY_REVOCATION: "openpgp-revocation",
+    SIG_SUBKEY_REVOCATION: "openpgp-subkey-revocation",
+    SIG_CERTIFICATION_REVOCATION: "openpgp-certification-revocation",
+}
 
 SUB_CREATION_TIME = 2
 SUB_SIG_EXPIRATION = 3
@@ -275,7 +289,9 @@ def make_signature(
     hashed_part += hashed_subpackets
     hasher.update(hashed_part + b"\x04\xff" + struct.pack(">I", len(hashed_part)))
     digest = hasher.digest()
-    raw = signer.sign_digest(digest, hash_name)
+    with audit.subject(purpose=_PURPOSES.get(sig_type, f"openpgp-0x{sig_type:02x}"),
+                       openpgp_fingerprint=fingerprint.hex().upper()):
+        raw = signer.sign_digest(digest, hash_name)
     unhashed = encode_subpacket(SUB_ISSUER_KEY_ID, fingerprint[-8:])
     body = hashed_part + struct.pack(">H", len(unhashed)) + unhashed + digest[:2]
     body += encode_signature_values(public_key, raw)

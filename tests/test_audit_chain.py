@@ -1,0 +1,244 @@
+"""The audit log's hash chain: `keyseal audit verify` names the line where a log was cut, edited, extended or
+shuffled; appends from many threads keep one chain; records carry context, redact URIs and reach the logger."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from keyseal import audit
+from keyseal.audit import GENESIS, AuditLog, line_hash, verify_log
+from keyseal.backends import open_signer
+from keyseal.errors import AuditChainError, AuditError
+from tests.conftest import assert_one_line_error, run_keyseal
+
+LINES = 8
+Tamper = Callable[[list[bytes]], list[bytes]]
+
+
+def write_log(path: Path, count: int = LINES) -> list[bytes]:
+    log = AuditLog(path)
+    public_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    for index in range(count):
+        audit.record(log_file=log, key_uri="awskms:alias/release", public_key=public_key, hash_name="sha256",
+                     digest=hashlib.sha256(str(index).encode()).digest(), outcome="ok",
+                     subject=f"dist/tool-{index}.tar.gz", purpose="openpgp-detached")
+    return path.read_bytes().splitlines(keepends=True)
+
+
+@pytest.fixture
+def log_lines(tmp_path: Path) -> list[bytes]:
+    return write_log(tmp_path / "pristine.log")
+
+
+def forged_after(lines: list[bytes], index: int) -> bytes:
+    """A well-formed line that claims to follow lines[index]: right seq, right prev, made-up content."""
+    record = json.loads(lines[index])
+    record.update(seq=record["seq"] + 1, subject="evil.tar.gz", prev=line_hash(lines[index].rstrip(b"\n")))
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
+def edit(index: int, old: bytes, new: bytes) -> Tamper:
+    def apply(lines: list[bytes]) -> list[bytes]:
+        assert old in lines[index]
+        return [*lines[:index], lines[index].replace(old, new), *lines[index + 1:]]
+    return apply
+
+
+def move(source: int, target: int) -> Tamper:
+    def apply(lines: list[bytes]) -> list[bytes]:
+        moved = list(lines)
+        moved.insert(target, moved.pop(source))
+        return moved
+    return apply
+
+
+TAMPERS: dict[str, tuple[Tamper, str]] = {
+    "delete line 4": (lambda ls: ls[:3] + ls[4:], "line 4: 1 line deleted before it"),
+    "delete lines 2-3": (lambda ls: ls[:1] + ls[3:], "line 2: 2 lines deleted before it"),
+    "delete line 1": (lambda ls: ls[1:], "line 1: 1 line deleted before it"),
+    "edit line 3 digest": (edit(2, b'"digest":"', b'"digest":"00'), "line 3: edited"),
+    "edit line 5 subject": (edit(4, b"tool-4", b"tool-X"), "line 5: edited"),
+    "edit line 1 outcome": (edit(0, b'"outcome":"ok"', b'"outcome":"OK"'), "line 1: edited"),
+    "edit line 6 seq": (edit(5, b'"seq":6', b'"seq":60'), "line 6: edited"),
+    "edit line 2 into junk": (lambda ls: [ls[0], b"not json\n", *ls[2:]], "line 2: not an audit record"),
+    "insert forged line 4": (lambda ls: [*ls[:3], forged_after(ls, 2), *ls[3:]], "line 4: inserted"),
+    "insert copy of line 7 at 3": (lambda ls: [*ls[:2], ls[6], *ls[2:]], "line 3: inserted"),
+    "insert junk at 5": (lambda ls: [*ls[:4], b"{}\n", *ls[4:]], "line 5: not an audit record"),
+    "swap lines 3 and 4": (move(3, 2), "line 3: out of order"),
+    "move line 2 to the end": (move(1, 7), "line 2: out of order"),
+    "move line 7 to 2": (move(6, 1), "line 2: out of order"),
+    "cut the last line in half": (lambda ls: [*ls[:-1], ls[-1][:40]], "line 8: incomplete"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TAMPERS))
+def test_verify_names_the_broken_line(name: str, log_lines: list[bytes], tmp_path: Path) -> None:
+    tamper, expected = TAMPERS[name]
+    path = tmp_path / "tampered.log"
+    path.write_bytes(b"".join(tamper(list(log_lines))))
+    result = run_keyseal("audit", "verify", "--log", path)
+    assert_one_line_error(result)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"keyseal: error: {expected}"), result.stderr
+    with pytest.raises(AuditChainError, match=f"^{expected}"):
+        verify_log(path)
+
+
+def test_intact_log_and_its_head(log_lines: list[bytes], tmp_path: Path) -> None:
+    path = tmp_path / "pristine.log"
+    head = line_hash(log_lines[-1].rstrip(b"\n"))
+    result = run_keyseal("audit", "verify", "--log", path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{LINES} lines, chain intact, head {head}"
+    assert verify_log(path, head=f"sha256:{head.upper()}").lines == LINES
+    # Cutting lines from the end leaves a valid chain: only the recorded head shows it.
+    cut = tmp_path / "cut.log"
+    cut.write_bytes(b"".join(log_lines[:-2]))
+    assert verify_log(cut).lines == LINES - 2
+    result = run_keyseal("audit", "verify", "--log", cut, "--head", head)
+    assert_one_line_error(result)
+    assert result.returncode == 1 and f"no line of the audit log has the head {head}" in result.stderr
+    # So does a log rewritten whole (every line re-chained): the old head is gone.
+    rewritten = tmp_path / "rewritten.log"
+    write_log(rewritten, LINES)
+    assert verify_log(rewritten).lines == LINES
+    with pytest.raises(AuditChainError, match="no line of the audit log has the head"):
+        verify_log(rewritten, head=head)
+    # A head in the middle of the log is fine: the log grew since it was recorded.
+    assert verify_log(path, head=line_hash(log_lines[3].rstrip(b"\n"))).lines == LINES
+
+
+def test_verify_inputs(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.log"
+    empty.write_bytes(b"")
+    assert verify_log(empty).lines == 0 and verify_log(empty).head == GENESIS
+    missing = run_keyseal("audit", "verify", "--log", tmp_path / "absent.log")
+    assert_one_line_error(missing)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    bad_head = run_keyseal("audit", "verify", "--log", empty, "--head", "xyz")
+    assert_one_line_error(bad_head)
+    off = run_keyseal("audit", "verify", env={"KEYSEAL_AUDIT_LOG": "off"})
+    assert_one_line_error(off)
+    assert "--log" in off.stderr
+
+
+def test_show_filters_by_key(tmp_path: Path) -> None:
+    path = tmp_path / "a.log"
+    log = AuditLog(path)
+    keys = [ec.generate_private_key(ec.SECP256R1()).public_key() for _ in range(2)]
+    for index in range(4):
+        audit.record(log_file=log, key_uri=f"file:k{index % 2}", public_key=keys[index % 2], hash_name="sha256",
+                     digest=bytes(32), outcome="ok", subject=f"f{index}\tx", openpgp_fingerprint=f"AB{index % 2}")
+    fingerprint = audit.key_fingerprint(keys[1])
+    for selector in ("file:k1", fingerprint, fingerprint.removeprefix("sha256:"), "ab1"):
+        shown = run_keyseal("audit", "show", "--log", path, "--key", selector)
+        assert shown.returncode == 0, shown.stderr
+        rows = [line.split("\t") for line in shown.stdout.splitlines()]
+        assert [(row[0], row[4]) for row in rows] == [("2", "f1\\tx"), ("4", "f3\\tx")], selector
+    as_json = run_keyseal("audit", "show", "--log", path, "--json")
+    assert as_json.stdout.encode() == path.read_bytes()
+
+
+def test_threads_keep_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / "threads.log"
+    log = AuditLog(path)
+    start = threading.Barrier(8)
+
+    def worker(number: int) -> None:
+        start.wait()
+        for index in range(25):
+            audit.record(log_file=log, key_uri="file:k", public_key=None, hash_name="sha256",
+                         digest=bytes(32), outcome="ok", subject=f"{number}-{index}")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(worker, range(8)))
+    assert verify_log(path).lines == 200
+    subjects = [json.loads(line)["subject"] for line in path.read_bytes().splitlines()]
+    assert sorted(subjects) == sorted(f"{n}-{i}" for n in range(8) for i in range(25))
+
+
+def test_append_refuses_a_damaged_end(tmp_path: Path) -> None:
+    path = tmp_path / "a.log"
+    write_log(path, 2)
+    before = path.read_bytes()
+    path.write_bytes(before[:-10])  # an interrupted write
+    with pytest.raises(AuditError, match="ends in an incomplete line"):
+        write_log(path, 1)
+    path.write_bytes(before + b"garbage\n")
+    with pytest.raises(AuditError, match=r"last line .* is not an audit record"):
+        write_log(path, 1)
+    assert path.read_bytes() == before + b"garbage\n"  # nothing appended to a log it cannot chain to
+
+
+def test_signer_records_context_and_outcome(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "signer.log"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(path))
+    key = tmp_path / "k.pem"
+    assert run_keyseal("keys", "create", "--out", key, "--type", "p256", "--unencrypted").returncode == 0
+    caplog.set_level(logging.INFO, logger="keyseal.audit")
+    digest = hashlib.sha256(b"data").digest()
+    with open_signer(f"file:{key}") as signer:
+        assert not path.exists()  # opening a key writes nothing
+        with audit.subject("outer", purpose="p1"), audit.subject(purpose="p2", openpgp_fingerprint="F" * 40):
+            signer.sign_digest(digest, "sha256")
+        with audit.subject("in pool"), ThreadPoolExecutor(1) as pool:
+            pool.submit(signer.sign_digest, digest, "sha256").result()  # workers do not inherit the context
+        with pytest.raises(Exception):  # noqa: B017 - whatever the backend raises for a bad digest
+            signer.sign_digest(b"short", "sha256")
+    first, pooled, failed = (json.loads(line) for line in path.read_bytes().splitlines())
+    assert (first["subject"], first["purpose"], first["openpgp_fingerprint"]) == ("outer", "p2", "F" * 40)
+    assert first["digest"] == digest.hex() and first["outcome"] == "ok"
+    assert pooled["subject"] is None and pooled["purpose"] is None
+    assert failed["outcome"].startswith("error: ") and failed["digest"] == b"short".hex()
+    emitted = [r for r in caplog.records if r.name == "keyseal.audit"]
+    assert [getattr(r, "audit")["seq"] for r in emitted] == [1, 2, 3]  # noqa: B009
+    assert emitted[0].getMessage() == "audit " + path.read_bytes().splitlines()[0].decode()
+
+
+def test_record_without_a_file_still_emits(caplog: pytest.LogCaptureFixture) -> None:
+    """The server's path: `audit.record(log_file=None, ...)` when the file log is off, structured logs only."""
+    caplog.set_level(logging.INFO, logger="keyseal.audit")
+    fields = audit.record(log_file=None, key_uri="awskms:alias/ca", public_key=None, hash_name="sha384",
+                          digest=bytes(48), outcome="ok", subject="spiffe://example.org/web", purpose="x509-svid")
+    assert "seq" not in fields and "prev" not in fields and str(fields["time"]).endswith("Z")
+    assert fields["subject"] == "spiffe://example.org/web" and fields["purpose"] == "x509-svid"
+    (emitted,) = [r for r in caplog.records if r.name == "keyseal.audit"]
+    assert getattr(emitted, "audit") == fields  # noqa: B009
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("pkcs11:token=release;object=k?pin-value=1234", "pkcs11:token=release;object=k?pin-value=REDACTED"),
+    ("pkcs11:token=release;object=k?module-path=/m.so&pin-value=1234",
+     "pkcs11:token=release;object=k?module-path=/m.so&pin-value=REDACTED"),
+    ("hashivault://transit/k?version=2&token=s.abc", "hashivault://transit/k?version=2&token=REDACTED"),
+    ("hashivault://user:hunter2@transit/k", "hashivault://user:REDACTED@transit/k"),
+    ("awskms:arn:aws:kms:eu-west-1:111122223333:key/abc", "awskms:arn:aws:kms:eu-west-1:111122223333:key/abc"),
+    ("file:/keys/release.key", "file:/keys/release.key"),
+])
+def test_redact_uri(uri: str, shown: str) -> None:
+    assert audit.redact_uri(uri) == shown
+
+
+def test_outcome_keeps_only_keyseal_messages() -> None:
+    assert audit.outcome_of(None) == "ok"
+    assert audit.outcome_of(AuditError("a\nb")) == "error: a b"
+    assert audit.outcome_of(ValueError("secret 1234")) == "error: internal error (ValueError)"
+
+
+def test_git_objects_are_named() -> None:
+    from keyseal.gitsign import _git_subject
+
+    assert _git_subject(b"tree 4b825dc6\nauthor A <a@example.org> 1 +0000\n\nmessage\n") == "git commit"
+    assert _git_subject(b"object 4b825dc6\ntype commit\ntag v1.0\ntagger A <a@example.org> 1 +0000\n\nv1.0\n") \
+        == "git tag v1.0"
+    assert _git_subject(b"anything else") == "git object"
