@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -332,3 +333,31 @@ def test_http_edge_cases(server: CaServer) -> None:
     started = time.monotonic()
     assert raw_exchange(server, b"GET /healthz HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200")
     assert time.monotonic() - started < 1.5  # HTTP/1.0 without keep-alive: the server closed the connection
+
+
+def test_issued_svids_are_audited(server: CaServer, client: Client, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each SVID signature is one audit record naming the SPIFFE ID and the digest of what the CA key signed."""
+    from keyseal import audit
+    from keyseal.ca import signing_audit
+
+    log_path = tmp_path / "server-audit.log"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log_path))
+    signing_audit.configure_from_environment()
+    try:
+        status, body = client.x509_svid(A, new_key())
+        assert status == 200, body
+        status_jwt, jwt_body = client.jwt_svid(A, ["https://db.example.org"])
+        assert status_jwt == 200, jwt_body
+    finally:
+        monkeypatch.setenv("KEYSEAL_AUDIT_LOG", "off")
+        signing_audit.configure_from_environment()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [line["purpose"] for line in lines] == ["x509-svid", "jwt-svid"]
+    assert {line["subject"] for line in lines} == {A}
+    assert all(line["outcome"] == "ok" for line in lines)
+    leaf = chain_of(body)[0]
+    assert lines[0]["digest"] == hashlib.new(lines[0]["hash"], leaf.tbs_certificate_bytes).hexdigest()
+    signing_input = jwt_body["token"].rsplit(".", 1)[0].encode()
+    assert lines[1]["digest"] == hashlib.new(lines[1]["hash"], signing_input).hexdigest()
+    assert audit.verify_log(log_path).lines == 2

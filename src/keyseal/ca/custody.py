@@ -214,10 +214,15 @@ def jws_algorithm(public_key: PublicKey) -> str:
     raise UnsupportedKeyError("a JWT key must be ECDSA P-256, P-384 or RSA")
 
 
+def jws_hash_name(public_key: PublicKey) -> HashName:
+    """The hash a JWS algorithm signs with: SHA-384 for ES384, SHA-256 for ES256 and RS256."""
+    return "sha384" if jws_algorithm(public_key) == "ES384" else "sha256"
+
+
 def jws_signature(key: CaKey, signing_input: bytes) -> bytes:
     """The JWS signature over `header.payload`: ECDSA as fixed-length r || s (RFC 7518 3.4), RSA as is."""
     public = key.public_key()
-    hash_name: HashName = "sha384" if jws_algorithm(public) == "ES384" else "sha256"
+    hash_name = jws_hash_name(public)
     digest = hashes.Hash(hash_algorithm(hash_name))
     digest.update(signing_input)
     signature = key.sign_digest(digest.finalize(), hash_name)

@@ -7,8 +7,9 @@ import base64
 import json
 from datetime import datetime, timedelta
 
-from keyseal.ca.custody import jws_algorithm, jws_signature
+from keyseal.ca.custody import jws_algorithm, jws_hash_name, jws_signature
 from keyseal.ca.keyset import Keyset
+from keyseal.ca.signing_audit import record_signature
 from keyseal.ca.spiffeid import SpiffeId
 from keyseal.errors import UsageError
 
@@ -50,5 +51,14 @@ def issue_jwt_svid(keyset: Keyset, spiffe_id: SpiffeId, audience: list[str], now
     claims = {"sub": str(spiffe_id), "aud": audience, "exp": exp, "iat": issued}
     signing_input = (_b64url(json.dumps(header, separators=(",", ":")).encode()) + "."
                      + _b64url(json.dumps(claims, separators=(",", ":")).encode()))
-    signature = jws_signature(keyset.jwt_key, signing_input.encode("ascii"))
+    key = keyset.jwt_key
+    signed = signing_input.encode("ascii")
+    hash_name = jws_hash_name(key.public_key())
+    try:
+        signature = jws_signature(key, signed)
+    except Exception as exc:
+        record_signature(key, purpose="jwt-svid", subject=str(spiffe_id), hash_name=hash_name, signed_bytes=signed,
+                         error=exc)
+        raise
+    record_signature(key, purpose="jwt-svid", subject=str(spiffe_id), hash_name=hash_name, signed_bytes=signed)
     return f"{signing_input}.{_b64url(signature)}", datetime.fromtimestamp(exp, expires.tzinfo)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from keyseal.aws import observe_kms_calls
+from keyseal.ca import signing_audit
 from keyseal.ca.api import Api
 from keyseal.ca.auth import Authenticator
 from keyseal.ca.config import CA_KEY_TYPES, Config
@@ -79,6 +80,7 @@ class CaServer:
                  kube_api_client: Any = None, rotation_thread: bool = True) -> None:
         self.config = config
         self.clock = clock
+        signing_audit.configure_from_environment()
         self.metrics = Metrics()
         observe_kms_calls(self.metrics.kms_call)
         self.source = source or build_source(config, kube_api_client)

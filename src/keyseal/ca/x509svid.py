@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keyseal.backends.base import hash_algorithm
 from keyseal.ca.keyset import ORGANIZATION, Keyset
+from keyseal.ca.signing_audit import record_signature
 from keyseal.ca.spiffeid import SpiffeId
 from keyseal.errors import UsageError
 
@@ -134,4 +135,12 @@ def issue_x509_svid(keyset: Keyset, spiffe_id: SpiffeId, public_key: LeafKey, no
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
     key = keyset.x509_key
-    return builder.sign(key.builder_key(), hash_algorithm(key.hash_name))  # type: ignore[arg-type]
+    try:
+        certificate = builder.sign(key.builder_key(), hash_algorithm(key.hash_name))  # type: ignore[arg-type]
+    except Exception as exc:
+        record_signature(key, purpose="x509-svid", subject=str(spiffe_id), hash_name=key.hash_name,
+                         signed_bytes=None, error=exc)
+        raise
+    record_signature(key, purpose="x509-svid", subject=str(spiffe_id), hash_name=key.hash_name,
+                     signed_bytes=certificate.tbs_certificate_bytes)
+    return certificate

@@ -1,0 +1,48 @@
+"""Audit records for the CA's own signatures (X.509-SVIDs, JWT-SVIDs).
+
+CA keys sign without an `AuditingSigner` (wrapped keys sign in memory, and `cryptography`'s certificate builder
+calls them directly), so each kind of signature is recorded here, at the one place it is made. Every record goes
+to the `keyseal.audit` logger (structured logs); it is also appended to a hash-chained file when the server was
+given one with `KEYSEAL_AUDIT_LOG` (a pod's home is rarely writable, so the server writes no file by default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from keyseal import audit
+from keyseal.ca.custody import CaKey
+
+_log_file: audit.AuditLog | None = None
+
+
+def configure_from_environment() -> None:
+    """Use `KEYSEAL_AUDIT_LOG` as the server's audit file if it names one; fail now if it cannot be written."""
+    global _log_file  # noqa: PLW0603 - one audit file per server process
+    value = os.environ.get(audit.ENV, "").strip()
+    _log_file = audit.configured_log() if value and value.lower() != audit.OFF else None
+    if _log_file is not None:
+        _log_file.check_writable()
+
+
+def key_uri_of(key: CaKey) -> str:
+    """The key's URI where it has one (KMS custody), else its custody: the fingerprint names the key exactly."""
+    signer = getattr(key, "signer", None)
+    return str(getattr(signer, "uri", "")) or f"{key.custody}:ca-key"
+
+
+def record_signature(key: CaKey, *, purpose: str, subject: str, hash_name: str, signed_bytes: bytes | None,
+                     error: BaseException | None = None) -> None:
+    """Record that `key` signed the hash of `signed_bytes` (a TBSCertificate or a JWS signing input); None when
+    a failure came before those bytes existed (the record then has an empty digest)."""
+    audit.record(
+        log_file=_log_file,
+        key_uri=key_uri_of(key),
+        public_key=key.public_key(),
+        hash_name=hash_name,
+        digest=hashlib.new(hash_name, signed_bytes).digest() if signed_bytes is not None else b"",
+        outcome=audit.outcome_of(error),
+        subject=subject,
+        purpose=purpose,
+    )
