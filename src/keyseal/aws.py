@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from keyseal.envsettings import env_number
 from keyseal.errors import (
     AccessDeniedError,
     BackendUnavailableError,
@@ -103,20 +104,6 @@ class KmsSettings:
         self.max_attempts = max_attempts
 
 
-def _env_number(name: str, default: float, *, integer: bool, minimum: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        kind = "a whole number" if integer else "a number of seconds"
-        raise UsageError(f"{name}={raw!r} is not {kind}: unset it or set e.g. {name}={default:g}") from None
-    if value < minimum:
-        raise UsageError(f"{name}={raw!r} must be at least {minimum:g}")
-    return value
-
-
 def kms_settings() -> KmsSettings:
     """Read KEYSEAL_KMS_CONNECT_TIMEOUT, KEYSEAL_KMS_READ_TIMEOUT (seconds) and KEYSEAL_KMS_MAX_ATTEMPTS.
 
@@ -124,14 +111,14 @@ def kms_settings() -> KmsSettings:
     endpoint while riding out the short throttling bursts KMS answers under load.
     """
     return KmsSettings(
-        connect_timeout=_env_number(
+        connect_timeout=env_number(
             "KEYSEAL_KMS_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, integer=False, minimum=0.01
         ),
-        read_timeout=_env_number(
+        read_timeout=env_number(
             "KEYSEAL_KMS_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, integer=False, minimum=0.01
         ),
         max_attempts=int(
-            _env_number("KEYSEAL_KMS_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, integer=True, minimum=1)
+            env_number("KEYSEAL_KMS_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, integer=True, minimum=1)
         ),
     )
 

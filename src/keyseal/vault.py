@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from keyseal.envsettings import env_number
 from keyseal.errors import (
     AccessDeniedError,
     BackendUnavailableError,
@@ -178,12 +179,12 @@ class VaultSettings:
                 self.kubernetes_token_file or _path(env.get("KEYSEAL_VAULT_K8S_TOKEN_FILE"))
                 or DEFAULT_K8S_TOKEN_FILE
             ),
-            connect_timeout=self.connect_timeout or _env_number(
-                "KEYSEAL_VAULT_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, integer=False),
-            read_timeout=self.read_timeout or _env_number(
-                "KEYSEAL_VAULT_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, integer=False),
-            max_attempts=self.max_attempts or int(_env_number(
-                "KEYSEAL_VAULT_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, integer=True)),
+            connect_timeout=self.connect_timeout or env_number(
+                "KEYSEAL_VAULT_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, integer=False, minimum=0.01),
+            read_timeout=self.read_timeout or env_number(
+                "KEYSEAL_VAULT_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, integer=False, minimum=0.01),
+            max_attempts=self.max_attempts or int(env_number(
+                "KEYSEAL_VAULT_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, integer=True, minimum=1)),
         )
         if not settings.has_token_source():
             token = _env("VAULT_TOKEN", "BAO_TOKEN")
@@ -217,20 +218,6 @@ def _env(*names: str) -> str | None:
 
 def _path(value: str | None) -> Path | None:
     return Path(value).expanduser() if value else None
-
-
-def _env_number(name: str, default: float, *, integer: bool) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        kind = "a whole number" if integer else "a number of seconds"
-        raise UsageError(f"{name}={raw!r} is not {kind}: unset it or set e.g. {name}={default:g}") from None
-    if value <= 0:
-        raise UsageError(f"{name}={raw!r} must be more than 0")
-    return value
 
 
 def _read_secret_file(path: Path, what: str) -> str:

@@ -10,9 +10,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from keyseal.backends.base import PublicKey, Signer
-from keyseal.errors import InputError, UnsupportedKeyError
-
-CHUNK = 1 << 20
+from keyseal.errors import UnsupportedKeyError
+from keyseal.filehash import feed_file
 
 
 class _Hash(Protocol):
@@ -23,18 +22,7 @@ class _Hash(Protocol):
 def hash_path(path: Path, factory: Callable[[], _Hash]) -> bytes:
     """Hash a file as a stream (a release of any size costs a fixed buffer); unreadable files are one clear error."""
     hasher = factory()
-    try:
-        with path.open("rb", buffering=0) as stream:
-            buffer = bytearray(CHUNK)
-            view = memoryview(buffer)
-            while count := stream.readinto(view):
-                hasher.update(view[:count])
-    except FileNotFoundError:
-        raise InputError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise InputError(f"{path} is a directory, not a file") from None
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    feed_file(path, [hasher])
     return hasher.digest()
 
 

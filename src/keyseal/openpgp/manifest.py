@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from keyseal.errors import InputError, UsageError, VerificationError
-from keyseal.openpgp.stream import CHUNK
+from keyseal.errors import UsageError, VerificationError
+from keyseal.filehash import feed_file
 
 # Digest name -> hex length. The manifest's digest follows from its line length (all lines must agree).
 DIGESTS: dict[str, int] = {"sha256": 64, "sha384": 96, "sha512": 128}
@@ -48,18 +48,7 @@ class Manifest:
 def digest_file(path: Path, digest_name: str) -> bytes:
     """The digest of a file, read in fixed-size chunks (a release of any size costs a fixed buffer)."""
     hasher = hashlib.new(digest_name)
-    try:
-        with path.open("rb", buffering=0) as stream:
-            buffer = bytearray(CHUNK)
-            view = memoryview(buffer)
-            while count := stream.readinto(view):
-                hasher.update(view[:count])
-    except FileNotFoundError:
-        raise InputError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise InputError(f"{path} is a directory, not a file") from None
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    feed_file(path, [hasher])
     return hasher.digest()
 
 
