@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from keyseal import audit
 from keyseal.atomic import write_atomic
 from keyseal.backends.base import Signer
 from keyseal.cli.common import open_key, read_input
@@ -36,6 +35,7 @@ def check_sign_options(fmt: str, certs: tuple[Path, ...], armored: bool, digest:
 def sign_files(fmt: str, key_uri: str, pairs: list[tuple[Path, Path]], namespace: str | None, force: bool,
                jobs: int, kms_endpoint: str | None, kek: str | None) -> list[Path]:
     """Sign each (input, output) pair in `fmt`; the key is checked once, before any file is hashed."""
+    from keyseal import audit
     from keyseal.formats import minisign, ssh
 
     if fmt == "ssh":

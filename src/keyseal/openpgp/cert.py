@@ -7,7 +7,6 @@ import re
 import struct
 from dataclasses import dataclass, field
 
-from keyseal import audit
 from keyseal.backends.base import HashName, PublicKey, Signer
 from keyseal.errors import OpenPGPError, UsageError
 from keyseal.openpgp.armor import KIND_PUBLIC_KEY, armor, dearmor_or_binary
@@ -99,6 +98,8 @@ def mint_certificate(
     hashed += encode_subpacket(SUB_FEATURES, b"\x01")
     hasher = new_hasher(HASH_IDS[hash_name])
     hasher.update(key_prefix(body) + b"\xb4" + struct.pack(">I", len(uid)) + uid)
+    from keyseal import audit  # only signing needs it: verification stays light to start
+
     with audit.subject(uid.decode("utf-8")):  # the audit log names a self-signature by its user ID
         sig = make_signature(signer, public_key, SIG_POSITIVE_CERTIFICATION, hash_name, hasher, hashed, fingerprint)
     return encode_packet(TAG_PUBLIC_KEY, body) + encode_packet(TAG_USER_ID, uid) + encode_packet(TAG_SIGNATURE, sig)

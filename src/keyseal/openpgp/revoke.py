@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-from keyseal import audit
 from keyseal.backends.base import HashName, Signer
 from keyseal.errors import KeyMismatchError, OpenPGPError, UsageError
 from keyseal.openpgp.cert import Certificate, key_prefix, load_certificates
@@ -63,6 +62,8 @@ def revocation_signature(
     hashed += encode_subpacket(SUB_REVOCATION_REASON, bytes([code]) + description.encode("utf-8"))
     hasher = new_hasher(HASH_IDS[hash_name])
     hasher.update(key_prefix(primary.body))
+    from keyseal import audit  # only signing needs it: verification stays light to start
+
     with audit.subject(f"{certificate.fingerprint} ({reason})"):  # the audit log names the key revoked
         body = make_signature(signer, public_key, SIG_KEY_REVOCATION, hash_name, hasher, hashed, primary.fingerprint)
     return encode_packet(TAG_SIGNATURE, body)

@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from keyseal import audit
 from keyseal.backends.base import HashName, PublicKey, Signer
 from keyseal.errors import OpenPGPError, UnsupportedKeyError
 from keyseal.openpgp.keys import ALGO_ECDSA, ALGO_ED25519, ALGO_EDDSA_LEGACY, ALGO_RSA, ALGO_RSA_SIGN, algorithm_of
@@ -289,6 +288,8 @@ def make_signature(
     hashed_part += hashed_subpackets
     hasher.update(hashed_part + b"\x04\xff" + struct.pack(">I", len(hashed_part)))
     digest = hasher.digest()
+    from keyseal import audit  # only signing needs it: verification stays light to start
+
     with audit.subject(purpose=_PURPOSES.get(sig_type, f"openpgp-0x{sig_type:02x}"),
                        openpgp_fingerprint=fingerprint.hex().upper()):
         raw = signer.sign_digest(digest, hash_name)
