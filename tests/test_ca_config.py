@@ -43,7 +43,7 @@ def test_awskms_provider(tmp_path: Path) -> None:
     [
         ({"keyWrapping": {"provider": "awskms"}}, "aws.kmsKeyARN is required when keyWrapping.provider is awskms"),
         ({"keyWrapping": {"provider": "awskms"}, "aws": {"kmsKeyARN": "alias/x"}}, "is not a KMS key ARN"),
-        ({"keyWrapping": {"provider": "vault"}}, "keyWrapping.provider='vault' is not one of local, awskms"),
+        ({"keyWrapping": {"provider": "gcpkms"}}, "keyWrapping.provider='gcpkms' is not one of local, awskms, vault"),
         ({"aws": {"kmsKeyArn": ARN}}, "unknown configuration key 'aws.kmsKeyArn'"),
         ({"trustDomain": "Example.ORG"}, "invalid trust domain"),
         ({"trustDomain": ""}, "trustDomain is missing"),

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from keyseal.ca.config import Config, parse_config
+from keyseal.errors import UsageError
 from keyseal.wrapping.local import LocalKek
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,3 +185,20 @@ def test_chart_crd_is_the_shipped_crd(chart: helm_python.Chart) -> None:
     document = yaml.safe_load(crd["data"])
     kubernetes_validate.validate(document, KUBE_VERSION, strict=True)
     assert document["spec"]["names"]["plural"] == "wrappedkeys"
+
+
+def test_vault_transit_kek(chart: helm_python.Chart) -> None:
+    """keyWrapping.provider vault needs vault.address and vault.transitKey; the server config names the Transit
+    key, no local KEK Secret is made, and a second provider's KEK is refused by the server's own parser."""
+    for missing in ({}, {"address": "https://vault.example.org:8200"}, {"transitKey": "keyseal-kek"}):
+        with pytest.raises(helm_python.HelmValuesError, match=r"address|transitKey"):
+            chart.render({"keyWrapping": {"provider": "vault"}, "vault": missing}, name="trust", namespace="spire")
+    vault = {"address": "https://vault.example.org:8200", "transitKey": "keyseal-kek", "kubernetesRole": "keyseal"}
+    by_kind = render(chart, {"keyWrapping": {"provider": "vault"}, "vault": vault})
+    assert "Secret" not in by_kind
+    config = server_config(by_kind)
+    assert config.kek_spec() == "vault:transit/keyseal-kek"
+    assert config.vault is not None and config.vault.kubernetes_role == "keyseal"
+    both = render(chart, {"keyWrapping": {"provider": "vault"}, "vault": vault, "aws": {"kmsKeyARN": ARN}})
+    with pytest.raises(UsageError, match="exactly one KEK provider"):
+        server_config(both)

@@ -22,6 +22,7 @@ import yaml
 from tests.conftest import REGION, Result, run_keyseal
 from tests.harness.ca import Client, base_config
 from tests.harness.kms_emulator import KmsEmulator
+from tests.harness.openbao import OpenBao
 
 
 def kek(kms_emulator: KmsEmulator) -> str:
@@ -183,7 +184,13 @@ def test_switching_kek_provider_is_refused(tmp_path: Path, kms_emulator: KmsEmul
 @pytest.mark.parametrize(
     ("change", "needle"),
     [({"aws": {"kmsKeyArn": "x"}}, "unknown configuration key 'aws.kmsKeyArn'"),
-     ({"keyWrapping": {"provider": "awskms"}}, "aws.kmsKeyARN is required")],
+     ({"keyWrapping": {"provider": "awskms"}}, "aws.kmsKeyARN is required"),
+     ({"keyWrapping": {"provider": "vault"}}, "vault.transitKey is required"),
+     ({"keyWrapping": {"provider": "vault"}, "vault": {"transitKey": "kek"}}, "vault.address is required"),
+     ({"vault": {"address": "http://127.0.0.1:1", "transitKey": "kek"}}, "configure exactly one KEK provider"),
+     ({"keyWrapping": {"provider": "vault"}, "vault": {"address": "http://127.0.0.1:1", "transitKey": "kek"},
+       "aws": {"kmsKeyARN": "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"}},
+      "configure exactly one KEK provider")],
 )
 def test_bad_config_is_one_line(tmp_path: Path, change: dict[str, Any], needle: str) -> None:
     config = write_config(tmp_path, base_config(tmp_path, **change))
@@ -206,3 +213,31 @@ def test_key_manager_custody_unreachable_or_denied(tmp_path: Path, kms_emulator:
     result = run_keyseal("server", "--config", denied, env={"AWS_ACCESS_KEY_ID": "no-create"})
     assert_fails_cleanly(result, "AWS KMS denied kms:CreateKey")
     assert kms_emulator.calls.counts()["CreateAlias"] == 0
+
+
+def test_vault_transit_kek_server_logs_and_restarts(tmp_path: Path, openbao: OpenBao,
+                                                    vault_env: dict[str, str]) -> None:
+    """keyWrapping.provider vault: the CA keys are wrapped by a Transit key named in the config; a restart opens
+    the same records, and a different Transit key is refused as a KEK switch."""
+    openbao.create_key("server-kek", "aes256-gcm96")
+    vault_section = {"address": openbao.address, "transitKey": "server-kek"}
+    config = write_config(tmp_path, base_config(tmp_path, keyWrapping={"provider": "vault"}, vault=vault_section))
+    for _ in range(2):  # create, then reopen
+        server = ServerProcess(config)
+        try:
+            server.wait_for(r"INFO Key wrapping via Vault Transit key=transit/server-kek address="
+                            + re.escape(openbao.address) + "$")
+            port = int(server.wait_for(r"serving trust domain example.org on https://127.0.0.1:(\d+)").group(1))
+            client = Client(port, None)
+            assert client.request("GET", "/readyz")[0] == 200
+            client.close()
+        finally:
+            assert server.stop() == 0
+    records = sorted(p.name for p in (tmp_path / "store").iterdir())
+    assert records == ["keyseal-example.org-jwt-0", "keyseal-example.org-x509-0"]
+    assert all(b"vault" in (tmp_path / "store" / name).read_bytes() for name in records)
+
+    openbao.create_key("other-kek", "aes256-gcm96")
+    other = write_config(tmp_path, base_config(tmp_path, keyWrapping={"provider": "vault"},
+                                               vault={**vault_section, "transitKey": "other-kek"}))
+    assert_fails_cleanly(run_keyseal("server", "--config", other), "other-kek")

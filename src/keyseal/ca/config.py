@@ -79,11 +79,27 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class VaultConfig:
+    """A Vault / OpenBao Transit key as the KEK (`keyWrapping.provider: vault`). One token source: a token file,
+    a Kubernetes auth role, or else VAULT_TOKEN / BAO_TOKEN in the environment. Never a token in the values."""
+
+    address: str
+    transit_key: str
+    mount: str = "transit"
+    token_file: Path | None = None
+    kubernetes_role: str | None = None
+    kubernetes_mount: str | None = None
+    namespace: str | None = None
+    ca_bundle: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     trust_domain: str
     custody: Literal["wrapped", "kms"] = "wrapped"
-    wrapping_provider: Literal["local", "awskms"] = "local"
+    wrapping_provider: Literal["local", "awskms", "vault"] = "local"
     local_kek_file: Path | None = None
+    vault: VaultConfig | None = None
     kms_key_arn: str | None = None
     aws_region: str | None = None
     kms_endpoint: str | None = None
@@ -107,7 +123,9 @@ class Config:
     log_level: str = "info"
 
     def kek_spec(self) -> str:
-        """The KEK spec the wrapping library parses (`local:PATH` or `awskms:<ARN>`)."""
+        """The KEK spec the wrapping library parses (`local:PATH`, `awskms:<ARN>` or `vault:MOUNT/KEY`)."""
+        if self.wrapping_provider == "vault" and self.vault is not None:
+            return f"vault:{self.vault.mount}/{self.vault.transit_key}"
         if self.wrapping_provider == "awskms":
             return f"awskms:{self.kms_key_arn}"
         return f"local:{self.local_kek_file}" if self.local_kek_file else "local"
@@ -234,6 +252,8 @@ def parse_config(data: object) -> Config:
     values: dict[str, Any] = {"trust_domain": trust_domain, "custody": custody}
     values.update(_wrapping(root.section("keyWrapping")))
     values.update(_aws(root.section("aws"), trust_domain))
+    values["vault"] = _vault(root.section("vault"), values["wrapping_provider"] == "vault" and custody == "wrapped")
+    _exactly_one_provider(custody, values)
     if custody == "wrapped" and values["wrapping_provider"] == "awskms":
         arn = values["kms_key_arn"]
         if not arn:
@@ -259,8 +279,47 @@ def parse_config(data: object) -> Config:
     return Config(**values)
 
 
+def _exactly_one_provider(custody: str, values: dict[str, Any]) -> None:
+    """A KEK named for a provider that is not the configured one is a mistake worth stopping for: the server
+    would otherwise wrap its keys with another KEK than the operator believes."""
+    provider = values["wrapping_provider"]
+    if custody != "wrapped":
+        return
+    if provider != "vault" and values["vault"] is not None:
+        raise UsageError(f"vault.transitKey is set but keyWrapping.provider is {provider}: configure exactly one "
+                         f"KEK provider (set provider: vault, or remove the vault section)")
+    if provider == "vault" and values["kms_key_arn"]:
+        raise UsageError("aws.kmsKeyARN is set but keyWrapping.provider is vault: configure exactly one KEK "
+                         "provider (set provider: awskms, or empty aws.kmsKeyARN)")
+
+
+def _vault(vault: _Section, required: bool) -> VaultConfig | None:
+    address, transit_key = vault.text("address"), vault.text("transitKey")
+    mount = (vault.text("mount") or "transit").strip("/")
+    token_file = _optional_path(vault.text("tokenFile"))
+    kubernetes_role, kubernetes_mount = vault.text("kubernetesRole"), vault.text("kubernetesMount")
+    namespace, ca_bundle = vault.text("namespace"), _optional_path(vault.text("caBundle"))
+    vault.done()
+    if not transit_key:
+        if required:
+            raise UsageError("vault.transitKey is required when keyWrapping.provider is vault: name the "
+                             "aes256-gcm96 Transit key that wraps the CA keys")
+        return None
+    if not address:
+        raise UsageError("vault.address is required with vault.transitKey: e.g. https://vault.example.org:8200")
+    if not address.startswith(("https://", "http://")):
+        raise UsageError(f"vault.address={address!r} is not a URL: use https://HOST:PORT")
+    return VaultConfig(address=address, transit_key=transit_key, mount=mount, token_file=token_file,
+                       kubernetes_role=kubernetes_role, kubernetes_mount=kubernetes_mount, namespace=namespace,
+                       ca_bundle=ca_bundle)
+
+
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
 def _wrapping(wrapping: _Section) -> dict[str, Any]:
-    provider = wrapping.choice("provider", ("local", "awskms"), "local")
+    provider = wrapping.choice("provider", ("local", "awskms", "vault"), "local")
     local = wrapping.section("local")
     kek_file = local.text("kekFile")
     local.done()

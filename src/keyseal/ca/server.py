@@ -54,9 +54,20 @@ def build_source(config: Config, kube_api_client: Any = None) -> KeysetSource:
                                endpoint=config.kms_endpoint, region=config.aws_region)
     from keyseal.ca.wrapped_source import WrappedKeysetSource
     from keyseal.store import RecordStore
-    from keyseal.wrapping.kek import parse_kek
+    from keyseal.wrapping.kek import KekProvider, parse_kek
 
-    kek = parse_kek(config.kek_spec(), kms_endpoint=config.kms_endpoint, region=config.aws_region)
+    kek: KekProvider
+    if config.wrapping_provider == "vault" and config.vault is not None:
+        from keyseal.wrapping.vault import VaultKek
+
+        vault = config.vault
+        kek = VaultKek.from_config(vault.address, vault.transit_key, mount=vault.mount, token_file=vault.token_file,
+                                   kubernetes_role=vault.kubernetes_role, kubernetes_mount=vault.kubernetes_mount,
+                                   namespace=vault.namespace, ca_bundle=vault.ca_bundle)
+        log.info("Key wrapping via Vault Transit key=%s/%s address=%s", vault.mount, vault.transit_key,
+                 vault.address)
+    else:
+        kek = parse_kek(config.kek_spec(), kms_endpoint=config.kms_endpoint, region=config.aws_region)
     if config.wrapping_provider == "local":
         log.info("Key wrapping via local KEK file %s", getattr(kek, "path", "?"))
     store: RecordStore

@@ -56,6 +56,6 @@ app.kubernetes.io/part-of: keyseal
 {{- $_ := set $server.tls.selfIssued "dnsNames" (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) "localhost") -}}
 {{- $_ := set $server.tls.selfIssued "ipAddresses" (default (list "127.0.0.1") $server.tls.selfIssued.ipAddresses) -}}
 {{- end -}}
-{{- $config := dict "trustDomain" .Values.trustDomain "custody" .Values.custody "keyWrapping" .Values.keyWrapping "aws" .Values.aws "store" $store "ca" .Values.ca "x509SVID" .Values.x509SVID "jwtSVID" .Values.jwtSVID "bundle" .Values.bundle "server" $server "clients" .Values.clients "logLevel" .Values.logLevel -}}
+{{- $config := dict "trustDomain" .Values.trustDomain "custody" .Values.custody "keyWrapping" .Values.keyWrapping "aws" .Values.aws "vault" .Values.vault "store" $store "ca" .Values.ca "x509SVID" .Values.x509SVID "jwtSVID" .Values.jwtSVID "bundle" .Values.bundle "server" $server "clients" .Values.clients "logLevel" .Values.logLevel -}}
 {{- toYaml $config -}}
 {{- end -}}
