@@ -6,13 +6,15 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from keyseal.backends import BackendOptions, Signer, open_signer
 from keyseal.errors import InputError, UsageError
-from keyseal.openpgp.cert import Certificate, load_certificates
+
+if TYPE_CHECKING:
+    from keyseal.backends import Signer
+    from keyseal.openpgp.cert import Certificate
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -41,6 +43,8 @@ def kek_option(func: F) -> F:
 
 
 def open_key(uri: str, kms_endpoint: str | None, kek: str | None = None) -> Signer:
+    from keyseal.backends import BackendOptions, open_signer  # loaded by commands that sign, not by verify
+
     return open_signer(uri, BackendOptions(kms_endpoint=kms_endpoint, kek=kek))
 
 
@@ -56,6 +60,8 @@ def read_input(path: Path, what: str) -> bytes:
 
 
 def load_certificate_files(paths: tuple[Path, ...]) -> list[Certificate]:
+    from keyseal.openpgp.cert import load_certificates
+
     certificates: list[Certificate] = []
     for path in paths:
         certificates += load_certificates(read_input(path, "certificate"), str(path))

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from keyseal.atomic import write_atomic
-from keyseal.backends.base import Signer
 from keyseal.cli.common import open_key, read_input
 from keyseal.errors import InputError, KeysealError, UsageError, VerificationError
+
+if TYPE_CHECKING:
+    from keyseal.backends.base import Signer
 
 FORMATS = ("openpgp", "ssh", "minisign")
 SUFFIXES = {"ssh": ".sig", "minisign": ".minisig"}

@@ -8,9 +8,7 @@ import click
 
 from keyseal.cli.common import format_time, load_certificate_files, read_input
 from keyseal.cli.formats import FORMATS
-from keyseal.cli.formats import verify_file as verify_other_format
 from keyseal.errors import InputError, KeysealError, VerificationError
-from keyseal.openpgp.verify import verify_file
 
 
 def default_signature_path(data: Path) -> Path:
@@ -33,12 +31,19 @@ def default_signature_path(data: Path) -> Path:
 def verify(certs: tuple[Path, ...], fmt: str, namespace: str | None, file: Path, signature: Path | None) -> None:
     """Exit 0 and print the signer's fingerprint if FILE carries a valid signature from one of the certificates."""
     if fmt != "openpgp" or namespace is not None:
+        from keyseal.cli.formats import verify_file as verify_other_format
+
         verify_other_format(fmt, certs, file, signature, namespace)
         return
     try:
+        from keyseal.openpgp import prefetch
+
+        signature_data = read_input(signature or default_signature_path(file), "signature")
+        hashes = prefetch.start(file, signature_data)  # hash the data while the verifier and certificates load
+        from keyseal.openpgp.verify import verify_prefetched
+
         certificates = load_certificate_files(certs)
-        sig_path = signature or default_signature_path(file)
-        result = verify_file(certificates, file, read_input(sig_path, "signature"))
+        result = verify_prefetched(certificates, hashes, signature_data)
     except VerificationError:
         raise
     except KeysealError as exc:

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 
 from keyseal.backends.base import HashName, PublicKey, Signer
 from keyseal.errors import OpenPGPError, UnsupportedKeyError
+from keyseal.openpgp import hashids
 from keyseal.openpgp.keys import ALGO_ECDSA, ALGO_ED25519, ALGO_EDDSA_LEGACY, ALGO_RSA, ALGO_RSA_SIGN, algorithm_of
 from keyseal.openpgp.packets import Reader, Subpacket, encode_mpi, encode_subpacket, parse_subpackets
 
@@ -62,13 +63,13 @@ KEY_FLAG_CERTIFY = 0x01
 KEY_FLAG_SIGN = 0x02
 
 HASH_IDS: dict[HashName, int] = {"sha256": 8, "sha384": 9, "sha512": 10}
-_ACCEPTED_HASHES: dict[int, tuple[str, type[hashes.HashAlgorithm]]] = {
-    8: ("sha256", hashes.SHA256),
-    9: ("sha384", hashes.SHA384),
-    10: ("sha512", hashes.SHA512),
-    11: ("sha224", hashes.SHA224),
+_CRYPTO_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512, "sha224": hashes.SHA224,
 }
-_REJECTED_HASHES = {1: "MD5", 2: "SHA-1", 3: "RIPEMD-160"}
+_ACCEPTED_HASHES: dict[int, tuple[str, type[hashes.HashAlgorithm]]] = {
+    hash_id: (name, _CRYPTO_HASHES[name]) for hash_id, name in hashids.ACCEPTED.items()
+}
+_REJECTED_HASHES = hashids.REJECTED
 
 # Hashed subpackets a verifier must understand if they are marked critical.
 _KNOWN_SUBPACKETS = frozenset(

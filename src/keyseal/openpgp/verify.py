@@ -19,6 +19,7 @@ from keyseal.errors import OpenPGPError, VerificationError
 from keyseal.openpgp.armor import dearmor_or_binary
 from keyseal.openpgp.cert import Certificate, SigningKey, merge_certificates
 from keyseal.openpgp.packets import TAG_MARKER, TAG_SIGNATURE, iter_packets
+from keyseal.openpgp.prefetch import PrefetchedHashes
 from keyseal.openpgp.signature import (
     SIG_BINARY,
     Hasher,
@@ -65,6 +66,12 @@ def verify_file(certificates: list[Certificate], path: Path, signature_data: byt
                 now: int | None = None) -> VerifiedSignature:
     """Verify a detached signature over a file; raise VerificationError with the most telling reason."""
     return _verify(certificates, lambda ids: hash_file(path, ids), signature_data, now)
+
+
+def verify_prefetched(certificates: list[Certificate], hashes: PrefetchedHashes, signature_data: bytes,
+                      now: int | None = None) -> VerifiedSignature:
+    """`verify_file` with the data's hashing already under way (see `keyseal.openpgp.prefetch`)."""
+    return _verify(certificates, hashes.get, signature_data, now)
 
 
 def verify_bytes(certificates: list[Certificate], data: bytes, signature_data: bytes,
