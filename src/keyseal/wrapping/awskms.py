@@ -10,7 +10,6 @@ written or opened and for the startup canary, never per signature.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 from collections.abc import Mapping
@@ -19,12 +18,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 from keyseal.aws import kms_client, kms_errors
 from keyseal.errors import (
     AccessDeniedError,
-    KeysealError,
     UnsupportedKeyError,
     UsageError,
     WrappedRecordError,
 )
-from keyseal.wrapping.kek import KekProvider, new_dek, zero
+from keyseal.wrapping.kek import KekProvider, zero
 from keyseal.wrapping.record import DEK_SIZE
 
 if TYPE_CHECKING:
@@ -157,19 +155,3 @@ class AwsKmsKek(KekProvider):
             zero(dek)
             raise WrappedRecordError(f"{where}: its wrapped DEK is not a {DEK_SIZE * 8}-bit key")
         return dek
-
-    def canary(self) -> None:
-        """Encrypt then Decrypt a throwaway DEK: a missing kms:Encrypt / kms:Decrypt or a dead endpoint shows
-        now, with the permission and key ARN named, rather than at the first rotation."""
-        dek = new_dek()
-        context = {"keyseal:purpose": "canary", "keyseal:pid": str(os.getpid())}
-        try:
-            back = self.unwrap(self.wrap(dek, context), context, "the KMS key wrapping canary")
-            ok = back == dek
-            zero(back)
-        except KeysealError as exc:
-            raise type(exc)(f"key wrapping startup check failed: {exc.message}") from None
-        finally:
-            zero(dek)
-        if not ok:
-            raise WrappedRecordError(f"AWS KMS key {self.arn} returned another DEK in the canary round trip")

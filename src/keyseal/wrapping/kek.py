@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
-from keyseal.errors import KekMismatchError, UsageError
+from keyseal.errors import KekMismatchError, KeysealError, UsageError, WrappedRecordError
 from keyseal.wrapping.record import DEK_SIZE, WrappedRecord
 
 KEK_ENV = "KEYSEAL_KEK"
@@ -78,9 +78,25 @@ class KekProvider(abc.ABC):
     def prepare_write(self) -> None:
         """Checks before wrapping new records (the KEK exists / has the right type). Idempotent."""
 
-    @abc.abstractmethod
+    def canary_checks(self) -> None:  # noqa: B027 - optional hook, most providers check nothing first
+        """What a provider checks before the canary round trip (e.g. the KEK's key type). Nothing by default."""
+
     def canary(self) -> None:
-        """A throwaway wrap-unwrap round trip: fails fast, naming what is missing, at startup."""
+        """Wrap then unwrap a throwaway DEK: a missing permission, a wrong key type or an unreachable KEK shows
+        now, named, rather than at the first write or rotation."""
+        dek = new_dek()
+        context = {"keyseal:purpose": "canary", "keyseal:pid": str(os.getpid())}
+        try:
+            self.canary_checks()
+            back = self.unwrap(self.wrap(dek, context), context, f"the {self.provider} key wrapping canary")
+            ok = back == dek
+            zero(back)
+        except KeysealError as exc:
+            raise type(exc)(f"key wrapping startup check failed: {exc.message}") from None
+        finally:
+            zero(dek)
+        if not ok:
+            raise WrappedRecordError(f"{self.describe()} returned another DEK in the canary round trip")
 
     def check_record(self, record: WrappedRecord, where: str) -> None:
         """Refuse a record of another provider or another KEK, before any unwrap is attempted."""

@@ -72,18 +72,6 @@ class LocalKek(KekProvider):
             raise WrappedRecordError(f"{where}: its wrapped DEK is not a {DEK_SIZE * 8}-bit key")
         return dek
 
-    def canary(self) -> None:
-        dek = new_dek()
-        try:
-            context = {"keyseal:purpose": "canary"}
-            back = self.unwrap(self.wrap(dek, context), context, "the local KEK canary")
-            ok = back == dek
-            zero(back)
-        finally:
-            zero(dek)
-        if not ok:
-            raise WrappedRecordError(f"{self.describe()} failed its wrap/unwrap self-test")
-
     def close(self) -> None:
         if self._kek is not None:
             zero(self._kek)
