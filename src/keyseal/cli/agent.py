@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-import signal
 from pathlib import Path
-from types import FrameType
 
 import click
 
@@ -19,18 +16,13 @@ def agent(config_path: Path) -> None:
     """Run the node agent: join the trust-domain server and serve SVIDs to local workloads."""
     from keyseal.agent.config import load_agent_config
     from keyseal.agent.main import Agent
-    from keyseal.cli.server import _configure_logging
+    from keyseal.cli.service import configure_logging, on_stop_signals
 
     config = load_agent_config(config_path)
-    _configure_logging(config.log_level)
+    configure_logging(config.log_level)
     instance = Agent(config)
     instance.start()
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        logging.getLogger("keyseal.agent").info("signal %d: shutting down", signum)
-        instance.request_stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    on_stop_signals("keyseal.agent", instance.request_stop)
     instance.wait()
     instance.stop()

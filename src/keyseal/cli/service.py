@@ -1,0 +1,38 @@
+"""What the long-running commands (`server`, `agent`) share: their log format and their stop signals."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType
+
+_QUIET_LOGGERS = ("botocore", "boto3", "urllib3", "kubernetes")
+
+
+def configure_logging(level: str) -> None:
+    """Service logs: one line per event, UTC timestamp, level, message (the message itself is never altered,
+    so `Key wrapping via KMS keyARN=<arn>` can be matched exactly)."""
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+    formatter.converter = time.gmtime
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler(sys.stderr))
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+    root.setLevel(level.upper())
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def on_stop_signals(logger_name: str, stop: Callable[[], None]) -> None:
+    """Log SIGTERM / SIGINT on `logger_name` and call `stop` (which must return promptly)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        logging.getLogger(logger_name).info("signal %d: shutting down", signum)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
