@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from tests.conftest import Gpg, sqv_verify
+from tests.conftest import Gpg, run_keyseal, sqv_verify
 
 
 def gpg_accepts(gpg: Gpg, cert: Path, data: Path, signature: Path) -> bool:
@@ -35,3 +35,12 @@ def flip_byte(path: Path, index: int, out: Path) -> Path:
     data[index] ^= 0x01
     out.write_bytes(bytes(data))
     return out
+
+
+def assert_accepted_everywhere(gpg: Gpg, cert: Path, data: Path, signature: Path, fingerprint: str) -> None:
+    """gpg, sqv and `keyseal verify` all accept the signature, and keyseal names the expected signer."""
+    assert gpg_accepts(gpg, cert, data, signature), data
+    assert sqv_accepts(cert, data, signature), data
+    verified = run_keyseal("verify", "--cert", cert, data, signature)
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.strip() == fingerprint

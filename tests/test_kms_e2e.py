@@ -15,7 +15,7 @@ import pytest
 from keyseal.iam import least_privilege_policy
 from tests.conftest import Gpg, assert_one_line_error, run_keyseal
 from tests.harness.kms_emulator import KmsEmulator
-from tests.openpgp_checks import flip_byte, gpg_accepts, pgpy_accepts, sqv_accepts
+from tests.openpgp_checks import assert_accepted_everywhere, flip_byte, gpg_accepts, pgpy_accepts, sqv_accepts
 
 KMS_TYPES = ["rsa2048", "rsa3072", "rsa4096", "p256", "p384", "p521"]
 UID = ("--name", "Release Signing", "--email", "release@example.org")
@@ -71,12 +71,7 @@ def test_kms_key_end_to_end(key_type: str, aws_env: dict[str, str], kms_emulator
 
     kms_emulator.calls.clear()
     for data in files:
-        sig = data.with_name(data.name + ".asc")
-        assert gpg_accepts(gpg, cert, data, sig), data
-        assert sqv_accepts(cert, data, sig), data
-        verified = run_keyseal("verify", "--cert", cert, data)
-        assert verified.returncode == 0, verified.stderr
-        assert verified.stdout.strip() == fingerprint
+        assert_accepted_everywhere(gpg, cert, data, data.with_name(data.name + ".asc"), fingerprint)
     assert pgpy_accepts(cert, files[0], files[0].with_name(files[0].name + ".asc"))
     assert kms_emulator.calls.calls == []  # verify = 0 KMS calls
 

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from keyseal.openpgp.cert import load_certificates
 from tests.conftest import Gpg, assert_one_line_error, run_keyseal
 from tests.harness.openbao import OpenBao
-from tests.openpgp_checks import flip_byte, gpg_accepts, sqv_accepts
+from tests.openpgp_checks import assert_accepted_everywhere, flip_byte, gpg_accepts, sqv_accepts
 
 UID = ("--name", "Release Signing", "--email", "release@example.org")
 # rsa4096 once: OpenBao generates it in a second or two, but every extra RSA-4096 test costs CI time.
@@ -58,12 +58,7 @@ def test_transit_key_end_to_end(key_type: str, vault_env: dict[str, str], openba
 
     mark = openbao.audit_mark()
     for data in files:
-        sig = data.with_name(data.name + ".asc")
-        assert gpg_accepts(gpg, cert, data, sig), data
-        assert sqv_accepts(cert, data, sig), data
-        verified = run_keyseal("verify", "--cert", cert, data)
-        assert verified.returncode == 0, verified.stderr
-        assert verified.stdout.strip() == fingerprint
+        assert_accepted_everywhere(gpg, cert, data, data.with_name(data.name + ".asc"), fingerprint)
     assert openbao.requests_since(mark) == []  # verifying never asks Vault
 
     data, sig = files[0], files[0].with_name(files[0].name + ".asc")
