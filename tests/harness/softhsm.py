@@ -67,7 +67,19 @@ class SoftHsm:
         )
         assert proc.returncode == 0, proc.stderr.decode(errors="replace")
         self.tokens[label] = pin
+        self.rescan()
         return label
+
+    def rescan(self) -> None:
+        """If this process has SoftHSM loaded already, re-initialise it so that it lists the new token (it builds
+        its slot list at C_Initialize). keyseal's sessions are closed first; tests close theirs after each test."""
+        import sys
+
+        backend = sys.modules.get("keyseal.backends.pkcs11")
+        loaded = getattr(backend, "_MODULES", {}).get(self.module) if backend is not None else None
+        if loaded is not None:
+            backend.close_all_sessions()  # type: ignore[union-attr]
+            loaded.lib.reinitialize()
 
     def uri(self, token: str, obj: str | None = None, *, module: str | None = None, **query: str) -> str:
         """`pkcs11:token=T;object=O?module-path=M&...`, percent-encoding the values."""

@@ -29,6 +29,8 @@ import os
 import secrets
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -682,3 +684,35 @@ def _generate(pkcs11: ModuleType, shared: _TokenSession, uri: Pkcs11URI, key_typ
             f"creating {key_type} key {described} failed ({type(exc).__name__})"
         ) from None
     log.info("created %s key %s inside the PKCS#11 token", key_type, described)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The logged-in session, for callers that manage objects besides signing keys.
+
+
+@dataclass(frozen=True)
+class TokenAccess:
+    """The process's logged-in session on one token, used under the module's lock (see `token_session`)."""
+
+    pkcs11: Any  # the python-pkcs11 module: Attribute, ObjectClass, errors
+    token: p11.Token
+    session: p11.Session
+    label: str
+
+
+@contextmanager
+def token_session(uri: str) -> Iterator[TokenAccess]:
+    """Hold the shared logged-in session of the URI's token and its module lock for the `with` block.
+
+    For callers that read or write objects of their own (the CA keeps a data object per keyset): the same
+    login, PIN handling and error messages as signing. Writes need `access.token.open(rw=True)`, which the
+    shared login covers.
+    """
+    parsed = pkcs11uri.parse(uri)
+    pkcs11 = _pkcs11()
+    shared = _acquire_session(parsed)
+    try:
+        with shared.module.lock:
+            yield TokenAccess(pkcs11, shared.token, shared.session, shared.label)
+    finally:
+        shared.release()

@@ -8,16 +8,13 @@ from pathlib import Path
 
 import click
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keyseal.atomic import refuse_existing, write_atomic
-from keyseal.backends.base import PublicKey
 from keyseal.cli.common import kek_option, kms_endpoint_option, open_key, parse_duration, parse_rfc3339, read_input
 from keyseal.cli.export import export
-from keyseal.errors import KeysealError, UsageError
+from keyseal.errors import UsageError
 from keyseal.keygen import KEY_TYPES, generate_private_key
 from keyseal.openpgp.cert import Certificate, armor_certificate, load_certificates, mint_certificate, user_id_for
-from keyseal.openpgp.keys import same_public_key
 from keyseal.openpgp.revoke import REASONS
 from keyseal.openpgp.revoke import revoke as revoke_certificate
 from keyseal.openpgp.signature import HASH_IDS
@@ -156,17 +153,8 @@ def rewrap(kek: str, from_kek: str | None, paths: tuple[Path, ...], kms_endpoint
         click.echo(f"file:{path} version {record.version}")
 
 
-_KMS_KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "p256", "p384", "p521")
+_ROTATE_KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "p256", "p384", "p521", "ed25519")
 _USER_ID = re.compile(r"^(?P<name>[^<>]*?)\s*<(?P<email>[^<>]+)>$")
-_VERSION_SUFFIX = re.compile(r"-v\d+$")
-
-
-def _key_type_of(public_key: PublicKey) -> str:
-    if isinstance(public_key, rsa.RSAPublicKey):
-        return f"rsa{public_key.key_size}"
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
-        return {"secp256r1": "p256", "secp384r1": "p384", "secp521r1": "p521"}.get(public_key.curve.name, "p256")
-    raise UsageError("the current key is not an RSA or NIST ECDSA key: give --type")
 
 
 def _user_id_parts(certificate: Certificate) -> tuple[str, str]:
@@ -196,70 +184,57 @@ def _rotation_user_id(cert_path: Path | None, name: str | None,
 
 
 @keys.command()
-@click.option("--kms", "in_kms", is_flag=True, help="Rotate an AWS KMS key (the only custody rotate supports).")
-@click.option("--alias", required=True, help="The current key's alias, e.g. alias/release-signing.")
+@click.option("--kms", "in_kms", is_flag=True, help="Rotate an AWS KMS key named by --alias.")
+@click.option("--alias", help="The current KMS key's alias, e.g. alias/release-signing.")
+@click.option("--pkcs11", "pkcs11_uri", metavar="URI",
+              help="Rotate a PKCS#11 key: the current key's URI, e.g. pkcs11:token=T;object=release.")
 @click.option("--cert", "cert_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="The current key's certificate: its user ID is reused (and it must be the alias's key).")
+              help="The current key's certificate: its user ID is reused (and it must be the current key's).")
 @click.option("--name", help="Name in the new user ID (default: from --cert).")
 @click.option("--email", help="Email address in the new user ID (default: from --cert).")
-@click.option("--type", "key_type", type=click.Choice(_KMS_KEY_TYPES), default=None,
+@click.option("--type", "key_type", type=click.Choice(_ROTATE_KEY_TYPES), default=None,
               help="Type of the new key (default: the current key's).")
-@click.option("--created", metavar="RFC3339", help="Creation time for the new certificate (default: KMS's).")
+@click.option("--created", metavar="RFC3339",
+              help="Creation time for the new certificate (default: KMS's; for PKCS#11, when the key is made).")
 @click.option("--expires", metavar="DURATION", help="Key expiry after creation, e.g. 2y, 365d.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the new certificate.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @kms_endpoint_option
-def rotate(in_kms: bool, alias: str, cert_path: Path | None, name: str | None, email: str | None,
-           key_type: str | None, created: str | None, expires: str | None, output: Path | None, force: bool,
-           kms_endpoint: str | None) -> None:
-    """Create the next key version (alias/NAME-v2, then -v3 ...) and mint its certificate with the same user ID.
+def rotate(in_kms: bool, alias: str | None, pkcs11_uri: str | None, cert_path: Path | None, name: str | None,
+           email: str | None, key_type: str | None, created: str | None, expires: str | None,
+           output: Path | None, force: bool, kms_endpoint: str | None) -> None:
+    """Create the next key version and mint its certificate with the same user ID: alias/NAME-v2, -v3 ... in
+    KMS; LABEL-v2, -v3 ... on the same PKCS#11 token (non-extractable, like keys create --pkcs11).
 
     The current key is left as it is: dual-sign with both (`keyseal sign --append`) until clients trust the new
     one; see the rotation runbook in the README.
     """
-    if not in_kms:
-        raise UsageError("keys rotate creates KMS keys: give --kms --alias alias/NAME")
-    from keyseal.backends.awskms import alias_exists, create_signing_key, validate_alias
+    from keyseal.rotation import RotationRequest, rotate_kms, rotate_pkcs11
 
-    validate_alias(alias)
+    if pkcs11_uri is not None:
+        if in_kms or alias is not None:
+            raise UsageError("--pkcs11 URI rotates a PKCS#11 key: it takes no --kms or --alias")
+    elif not in_kms or alias is None:
+        raise UsageError("keys rotate needs the current key: --kms --alias alias/NAME, or --pkcs11 URI")
     expires_seconds = parse_duration(expires) if expires else None
     created_at = parse_rfc3339(created) if created else None
     if output is not None:
         refuse_existing(output, force)
     current_cert, name, email = _rotation_user_id(cert_path, name, email)
-    with open_key(f"awskms:{alias}", kms_endpoint) as current:
-        public_key = current.public_key()
-        if current_cert is not None and not same_public_key(public_key, current_cert.primary.public_key):
-            raise UsageError(f"{cert_path} is not the certificate of {alias}'s key: give the current certificate")
-        key_type = key_type or _key_type_of(public_key)
-    base = _VERSION_SUFFIX.sub("", alias)
-    version = 2
-    while alias_exists(f"{base}-v{version}", kms_endpoint):
-        version += 1
-    new_alias = f"{base}-v{version}"
-    arn = create_signing_key(new_alias, key_type, kms_endpoint)
-    try:
-        with open_key(f"awskms:{arn}", kms_endpoint) as signer:
-            if created_at is None:
-                moment = signer.created_at()
-                if moment is None:
-                    raise UsageError(f"cannot tell when {arn} was created: pass --created RFC3339")
-                created_at = int(moment.timestamp())
-            binary = mint_certificate(signer, name=name, email=email, created=created_at,
-                                      expires_seconds=expires_seconds)
-    except KeysealError as exc:
-        raise type(exc)(f"created {new_alias} ({arn}) but could not mint its certificate: {exc.message}; run "
-                        f"keyseal keys mint --key awskms:{new_alias} ...") from None
-    armored = armor_certificate(binary)
-    fingerprint = load_certificates(binary)[0].fingerprint
-    report = [new_alias, arn, f"awskms:{arn}", fingerprint]
+    request = RotationRequest(name, email, current_cert, key_type, created_at, expires_seconds)
+    if pkcs11_uri is not None:
+        rotated = rotate_pkcs11(pkcs11_uri, request)
+    else:
+        assert alias is not None
+        rotated = rotate_kms(alias, request, kms_endpoint)
+    armored = armor_certificate(rotated.certificate)
     if output is None:
         sys.stdout.buffer.write(armored)
-        for line in report:
+        for line in rotated.report:
             click.echo(line, err=True)
     else:
         write_atomic(output, armored, mode=0o644, force=force)
-        for line in report:
+        for line in rotated.report:
             click.echo(line)
 
 
