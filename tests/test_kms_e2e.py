@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from keyseal.iam import least_privilege_policy
+from keyseal.iam import ca_server_policy, least_privilege_policy
 from tests.conftest import Gpg, assert_one_line_error, run_keyseal
 from tests.harness.kms_emulator import KmsEmulator
 from tests.openpgp_checks import assert_accepted_everywhere, flip_byte, gpg_accepts, pgpy_accepts, sqv_accepts
@@ -239,3 +239,10 @@ def test_iam_policy_command(aws_env: dict[str, str]) -> None:
     refused = run_keyseal("iam-policy", "--key", "arn:aws:kms:us-east-1:123456789012:alias/x", "--for", "sign")
     assert_one_line_error(refused)
     assert "alias" in refused.stderr
+    server = run_keyseal("iam-policy", "--for", "ca-server", "--trust-domain", "example.org")
+    assert server.returncode == 0, server.stderr
+    assert json.loads(server.stdout) == ca_server_policy("example.org", "keyseal/example_org")
+    aliases = [s for s in json.loads(server.stdout)["Statement"] if s["Sid"] == "KeysealCaAliases"]
+    assert aliases[0]["Resource"] == "arn:aws:kms:*:*:alias/keyseal/example_org/keyset-*"
+    for wrong in (("--for", "ca-server"), ("--for", "ca-server", "--trust-domain", "Example.ORG"), ("--for", "sign")):
+        assert_one_line_error(run_keyseal("iam-policy", *wrong))

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from keyseal.errors import UsageError
 
-__all__ = ["PERMISSIONS", "least_privilege_policy"]
+__all__ = ["CA_SERVER_CLEANUP_PERMISSIONS", "CA_SERVER_PERMISSIONS", "PERMISSIONS", "ca_server_policy",
+           "least_privilege_policy"]
 
 Purpose = Literal["sign", "wrap"]
 
@@ -49,5 +50,40 @@ def least_privilege_policy(key_arn: str, purpose: str) -> dict[str, Any]:
                 "Action": list(actions),
                 "Resource": key_arn,
             }
+        ],
+    }
+
+
+# The trust-domain server in key-manager custody (keyseal.ca.kms_source) creates its own CA keys, so its policy
+# cannot name key ARNs: it is scoped by the tags the server puts on every key it creates.
+CA_SERVER_PERMISSIONS: tuple[str, ...] = (
+    "kms:ListAliases", "kms:CreateKey", "kms:TagResource", "kms:CreateAlias", "kms:DescribeKey",
+    "kms:GetPublicKey", "kms:Sign",
+)
+# Clean-up after a failed or lost keyset creation, and the startup search for keys a crash left behind.
+# Without them the server works and logs what it could not tidy (orphaned keys stay tagged).
+CA_SERVER_CLEANUP_PERMISSIONS: tuple[str, ...] = (
+    "kms:ScheduleKeyDeletion", "kms:DeleteAlias", "kms:ListKeys", "kms:ListResourceTags",
+)
+
+
+def ca_server_policy(trust_domain: str, alias_prefix: str) -> dict[str, Any]:
+    """An IAM policy for a CA server in KMS custody: create keys only tagged with its trust domain, use and
+    tidy only keys that carry that tag, and manage only aliases under its prefix."""
+    tag = "keyseal:trust-domain"
+    own_keys = {"StringEquals": {f"aws:ResourceTag/{tag}": trust_domain}}
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Sid": "KeysealCaList", "Effect": "Allow", "Action": ["kms:ListAliases", "kms:ListKeys"],
+             "Resource": "*"},
+            {"Sid": "KeysealCaCreate", "Effect": "Allow", "Action": ["kms:CreateKey", "kms:TagResource"],
+             "Resource": "*", "Condition": {"StringEquals": {f"aws:RequestTag/{tag}": trust_domain}}},
+            {"Sid": "KeysealCaUse", "Effect": "Allow",
+             "Action": ["kms:DescribeKey", "kms:GetPublicKey", "kms:Sign", "kms:TagResource",
+                        "kms:ListResourceTags", "kms:ScheduleKeyDeletion", "kms:CreateAlias", "kms:DeleteAlias"],
+             "Resource": "*", "Condition": own_keys},
+            {"Sid": "KeysealCaAliases", "Effect": "Allow", "Action": ["kms:CreateAlias", "kms:DeleteAlias"],
+             "Resource": f"arn:aws:kms:*:*:alias/{alias_prefix}/keyset-*"},
         ],
     }

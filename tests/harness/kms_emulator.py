@@ -16,12 +16,19 @@ A third, a harness feature (moto does not evaluate IAM in server mode):
 - Fault injection: `emulator.fail(operation, times, code="ThrottlingException", status=400)` answers the next
   `times` calls of `operation` with that error (moto never throttles), so retries and the "still failing after
   retries" message are exercised over HTTP. `CallLog.callers` records (operation, access key id) per call.
+  `fail(..., after=k)` lets the next k calls through first (e.g. fail the second CreateKey of a keyset).
+- Periodic faults: `emulator.fail_every(operation, every, faults, per_request=1)` answers every `every`-th call
+  of `operation` with the next (code, status) of `faults` in turn, for as long as it is set, but never fails the
+  same request (same body: a retry resends it) more than `per_request` times. Soak tests: a steady rate of
+  throttling and 5xx that a bounded retry always rides out. `emulator.faults_injected` counts them.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import hashlib
+import io
 import json
 import re
 import threading
@@ -118,17 +125,50 @@ class DenyList:
         self._lock = threading.Lock()
         self._denied: set[tuple[str, str]] = set()
         self._faults: dict[str, tuple[int, str, int]] = {}
+        self._skips: dict[str, int] = {}
+        self._periodic: dict[str, tuple[int, tuple[tuple[str, int], ...], int]] = {}
+        self._per_request: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self._seen: collections.Counter[str] = collections.Counter()
+        self.injected: collections.Counter[str] = collections.Counter()
 
-    def add_fault(self, operation: str, times: int, code: str, status: int) -> None:
+    def add_fault(self, operation: str, times: int, code: str, status: int, after: int = 0) -> None:
         with self._lock:
             self._faults[operation] = (times, code, status)
+            self._skips[operation] = after
 
-    def take_fault(self, operation: str) -> tuple[str, int] | None:
+    def add_periodic(self, operation: str, every: int, faults: tuple[tuple[str, int], ...],
+                     per_request: int) -> None:
         with self._lock:
+            self._periodic[operation] = (every, faults, per_request)
+            self._seen[operation] = 0
+
+    def periodic(self, operation: str) -> bool:
+        with self._lock:
+            return operation in self._periodic
+
+    def take_fault(self, operation: str, request: bytes | None = None) -> tuple[str, int] | None:
+        with self._lock:
+            periodic = self._periodic.get(operation)
+            if periodic is not None:
+                every, faults, per_request = periodic
+                self._seen[operation] += 1
+                failed = self._per_request.get(request, 0) if request is not None else 0
+                if self._seen[operation] % every == 0 and failed < per_request:
+                    if request is not None:
+                        self._per_request[request] = failed + 1
+                        self._per_request.move_to_end(request)
+                        while len(self._per_request) > 100_000:  # bounded memory over a long soak
+                            self._per_request.popitem(last=False)
+                    self.injected[operation] += 1
+                    return faults[(self._seen[operation] // every - 1) % len(faults)]
             left, code, status = self._faults.get(operation, (0, "", 0))
             if left <= 0:
                 return None
+            if self._skips.get(operation, 0) > 0:
+                self._skips[operation] -= 1
+                return None
             self._faults[operation] = (left - 1, code, status)
+            self.injected[operation] += 1
             return code, status
 
     def add(self, access_key_id: str, operation: str) -> None:
@@ -139,6 +179,11 @@ class DenyList:
         with self._lock:
             self._denied.clear()
             self._faults.clear()
+            self._skips.clear()
+            self._periodic.clear()
+            self._seen.clear()
+            self._per_request.clear()
+            self.injected.clear()
 
     def denies(self, access_key_id: str, operation: str) -> bool:
         with self._lock:
@@ -167,7 +212,12 @@ class _CountingApp:
             self.log.record(operation, access_key_id)
             if self.denials.denies(access_key_id, operation):
                 return _access_denied(start_response, access_key_id, operation)
-            fault = self.denials.take_fault(operation)
+            request = None
+            if self.denials.periodic(operation):  # identify the request by its body, which a retry resends
+                body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+                environ["wsgi.input"] = io.BytesIO(body)
+                request = hashlib.sha256(body).digest()
+            fault = self.denials.take_fault(operation, request)
             if fault is not None:
                 code, status = fault
                 return _json_error(start_response, status, code, f"{code}: injected by the test harness")
@@ -226,10 +276,25 @@ class KmsEmulator:
         AccessDeniedException, as IAM would for a role that lacks kms:<operation>."""
         self.denials.add(access_key_id, operation)
 
-    def fail(self, operation: str, times: int, code: str = "ThrottlingException", status: int = 400) -> None:
-        """HARNESS FEATURE: answer the next `times` calls of `operation` with error `code` / HTTP `status`."""
-        self.denials.add_fault(operation, times, code, status)
+    def fail(self, operation: str, times: int, code: str = "ThrottlingException", status: int = 400,
+             after: int = 0) -> None:
+        """HARNESS FEATURE: answer the next `times` calls of `operation` with error `code` / HTTP `status`,
+        after letting `after` calls through."""
+        self.denials.add_fault(operation, times, code, status, after)
+
+    def fail_every(self, operation: str, every: int, faults: Iterable[tuple[str, int]],
+                   per_request: int = 1) -> None:
+        """HARNESS FEATURE: answer every `every`-th call of `operation` with the next (code, HTTP status) of
+        `faults`, in turn, until `allow_all()`; one request (its body) is failed at most `per_request` times,
+        so a client that retries more often than that always succeeds."""
+        self.denials.add_periodic(operation, every, tuple(faults), per_request)
+
+    @property
+    def faults_injected(self) -> collections.Counter[str]:
+        """How many calls of each operation were answered with an injected fault."""
+        return self.denials.injected
 
     def allow_all(self) -> None:
-        """Lift every denial made with `deny` and every fault set with `fail`."""
+        """Lift every denial made with `deny` and every fault set with `fail` or `fail_every` (and reset
+        `faults_injected`)."""
         self.denials.clear()

@@ -142,14 +142,18 @@ class _KeyInfo:
 class AwsKmsSigner(Signer):
     """Signs digests with an asymmetric KMS key. Thread-safe: several files may be signed at once."""
 
-    def __init__(self, uri: str, ref: KeyRef, endpoint: str | None = None, region: str | None = None) -> None:
+    def __init__(self, uri: str, ref: KeyRef, endpoint: str | None = None, region: str | None = None, *,
+                 client: KMSClient | None = None) -> None:
+        """`client`: a KMS client owned by the caller and shared by many keys (a boto3 client costs about
+        9 MiB); `close()` then leaves it open."""
         self.uri = uri
         self.ref = ref
         self._endpoint = endpoint
         self._region = region
         self._lock = threading.Lock()  # one GetPublicKey even when several threads sign at once
         self._client_lock = threading.Lock()
-        self._client: KMSClient | None = None
+        self._client: KMSClient | None = client
+        self._owns_client = client is None
         self._info: _KeyInfo | None = None
         self._created: datetime | None = None
 
@@ -285,7 +289,7 @@ class AwsKmsSigner(Signer):
     def close(self) -> None:
         with self._client_lock:
             client, self._client = self._client, None
-        if client is not None:
+        if client is not None and self._owns_client:
             client.close()
 
 

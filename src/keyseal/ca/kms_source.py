@@ -1,34 +1,60 @@
 """`kms` custody (key manager): each CA key is an asymmetric AWS KMS key, created by the server and named by an
 alias per keyset: `alias/<prefix>/keyset-<n>-x509` and `alias/<prefix>/keyset-<n>-jwt`.
 
-The alias is the coordination point: CreateAlias fails if the alias exists, so of two replicas that create
-keyset n at once exactly one alias is made; the other replica schedules its own new key for deletion and uses
-the winner's. A key's description records its keyset and creation time (the schedule's clock), so a startup
-needs only ListAliases, then DescribeKey and GetPublicKey per live key. Every signature is one kms:Sign.
+Creating keyset n is crash-safe and leaves nothing half made in use:
+1. CreateKey for both keys, each tagged at creation (`keyseal:trust-domain`, `keyseal:alias-prefix`,
+   `keyseal:keyset`, `keyseal:kind`, `keyseal:created-at`, `keyseal:state=pending`);
+2. GetPublicKey of both, before anything is published;
+3. CreateAlias for the JWT key, then for the X.509 key. The X.509 alias is the commit point: a keyset exists
+   only when both aliases do, and `load()` never uses a keyset that lacks either;
+4. TagResource `keyseal:state=active` on both.
 
-IAM: kms:ListAliases, kms:CreateKey, kms:CreateAlias, kms:DescribeKey, kms:GetPublicKey, kms:Sign and, to
-clean up after a lost race, kms:ScheduleKeyDeletion. Keys of expired keysets are left in place (with their
-aliases); schedule their deletion once nothing they signed is still in use.
+The alias is also the coordination point: CreateAlias fails if the alias exists, so of two replicas that create
+keyset n at once exactly one makes the JWT alias; the other abandons its keys and uses the winner's keyset.
+
+When a step fails after a key was made (or a race is lost), every key of that attempt is tagged
+`keyseal:orphaned=<reason>` (with `keyseal:orphaned-at` and `keyseal:orphaned-detail`) and scheduled for
+deletion; if ScheduleKeyDeletion is not allowed, the tag is what finds it later, and the log says so. A process
+killed half way leaves `pending` keys in no complete keyset: each startup looks for them (ListKeys, then
+ListResourceTags of keys that no alias names, bounded) and orphans those of this trust domain and alias prefix
+older than a grace period (a slower replica may still be creating its keyset).
+
+A key's description records its keyset and creation time (the schedule's clock), so a load needs only
+ListAliases, then DescribeKey and GetPublicKey per live key. Every signature is one kms:Sign.
+
+IAM: kms:ListAliases, kms:CreateKey, kms:TagResource (tags given to CreateKey need it too), kms:CreateAlias,
+kms:DescribeKey, kms:GetPublicKey, kms:Sign; for clean-up kms:ScheduleKeyDeletion, kms:DeleteAlias (an alias
+this server just made for a keyset it then abandoned), kms:ListKeys and kms:ListResourceTags (the startup
+search). Without the clean-up permissions the server still works and logs what it could not do. Keys of expired
+keysets are left in place (with their aliases); schedule their deletion once nothing they signed is in use.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from datetime import UTC, datetime
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from keyseal.aws import kms_client, kms_errors
 from keyseal.backends.awskms import AwsKmsSigner, parse_key_ref
 from keyseal.ca.custody import CaKey, SignerCaKey
 from keyseal.ca.source import KeysetKeys, KeysetSource, Loaded
-from keyseal.errors import KeysealError, UnsupportedKeyError
+from keyseal.errors import AccessDeniedError, KeysealError, UnsupportedKeyError
 from keyseal.wrapping.record import format_time
 
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient
 
-__all__ = ["KMS_KEY_SPECS", "KmsKeysetSource"]
+__all__ = [
+    "DEFAULT_ORPHAN_GRACE",
+    "KMS_KEY_SPECS",
+    "ORPHAN_TAG",
+    "STATE_TAG",
+    "KmsKeysetSource",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +62,40 @@ KMS_KEY_SPECS = {"p256": "ECC_NIST_P256", "p384": "ECC_NIST_P384", "rsa2048": "R
 _DESCRIPTION_RE = re.compile(r"keyseal CA key: trust domain \S+, keyset (\d+) \((x509|jwt)\), "
                              r"not before (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
 _DELETION_DAYS = 7
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+TRUST_DOMAIN_TAG = "keyseal:trust-domain"
+PREFIX_TAG = "keyseal:alias-prefix"
+KEYSET_TAG = "keyseal:keyset"
+KIND_TAG = "keyseal:kind"
+CREATED_TAG = "keyseal:created-at"
+STATE_TAG = "keyseal:state"  # pending -> active, or orphaned
+ORPHAN_TAG = "keyseal:orphaned"  # the reason: rotation-failed, lost-race, abandoned
+ORPHAN_AT_TAG = "keyseal:orphaned-at"
+ORPHAN_DETAIL_TAG = "keyseal:orphaned-detail"
+
+DEFAULT_ORPHAN_GRACE = timedelta(minutes=15)
+_SWEEP_MAX_KEYS = 5000  # ListResourceTags calls per startup, at most
+_SWEEP_DENIED_LIMIT = 20  # ListResourceTags denied this often, none allowed: stop looking
+_COMMIT_WAIT_SECONDS = 30.0  # how long a replica that lost the race waits for the winner's keyset
 
 
 class KmsKeysetSource(KeysetSource):
     def __init__(self, trust_domain: str, alias_prefix: str, x509_key_type: str, jwt_key_type: str,
-                 endpoint: str | None = None, region: str | None = None) -> None:
+                 endpoint: str | None = None, region: str | None = None, *,
+                 orphan_grace: timedelta = DEFAULT_ORPHAN_GRACE,
+                 wall_clock: Callable[[], datetime] | None = None) -> None:
         self.trust_domain = trust_domain
         self.alias_prefix = alias_prefix
         self.key_types = {"x509": x509_key_type, "jwt": jwt_key_type}
         self.endpoint = endpoint
         self.region = region
+        self.orphan_grace = orphan_grace
+        # KMS's own time, for tags and the grace period; not the schedule's (possibly injected) clock.
+        self.wall_clock = wall_clock or (lambda: datetime.now(UTC))
         self._client: KMSClient | None = None
         self._opened: dict[str, tuple[datetime, CaKey]] = {}  # alias -> (not before, key)
+        self._warned: set[int] = set()
 
     def describe(self) -> str:
         return f"AWS KMS keys alias/{self.alias_prefix}/keyset-*"
@@ -61,38 +109,53 @@ class KmsKeysetSource(KeysetSource):
         return self._client
 
     def startup_check(self) -> None:
-        """ListAliases once: an unreachable endpoint or missing credentials show before anything is created."""
-        self._numbers()
+        """ListAliases once: an unreachable endpoint or missing credentials show before anything is created.
+        Then orphan what a crashed writer left behind (best effort: it never stops a startup)."""
+        self._aliases()
+        self.sweep_orphans()
 
-    def _numbers(self) -> dict[str, set[int]]:
+    def _aliases(self) -> dict[str, str]:
+        """Every alias in the account and region -> the key id it names."""
         client = self._kms()
-        prefix = f"alias/{self.alias_prefix}/keyset-"
-        found: dict[str, set[int]] = {"x509": set(), "jwt": set()}
+        found: dict[str, str] = {}
         marker: str | None = None
         for _ in range(1000):  # bounded: 100 aliases a page
             with kms_errors("ListAliases", self.describe(), client.meta.endpoint_url):
                 page = client.list_aliases(Limit=100, **({"Marker": marker} if marker else {}))
             for entry in page.get("Aliases", []):
-                name = entry.get("AliasName", "")
-                match = re.fullmatch(re.escape(prefix) + r"(\d+)-(x509|jwt)", name)
-                if match:
-                    found[match.group(2)].add(int(match.group(1)))
+                if entry.get("AliasName") and entry.get("TargetKeyId"):
+                    found[entry["AliasName"]] = entry["TargetKeyId"]
             marker = page.get("NextMarker")
             if not page.get("Truncated") or not marker:
                 break
         return found
 
+    def _numbers(self, aliases: dict[str, str] | None = None) -> dict[str, dict[int, str]]:
+        """This prefix's keyset aliases: kind -> {keyset number: key id}."""
+        prefix = f"alias/{self.alias_prefix}/keyset-"
+        found: dict[str, dict[int, str]] = {"x509": {}, "jwt": {}}
+        for name, key_id in (self._aliases() if aliases is None else aliases).items():
+            match = re.fullmatch(re.escape(prefix) + r"(\d+)-(x509|jwt)", name)
+            if match:
+                found[match.group(2)][int(match.group(1))] = key_id
+        return found
+
     def load(self, live_after: datetime) -> Loaded:
         numbers = self._numbers()
-        highest = max(numbers["x509"], default=0)
+        # A number taken by either alias is spent, even by a keyset that was never completed (a JWT alias alone
+        # is an abandoned keyset, or one a replica is committing right now: at worst two keysets are prepared).
+        highest = max([*numbers["x509"], *numbers["jwt"]], default=0)
         keysets: list[KeysetKeys] = []
         for number in sorted(numbers["x509"], reverse=True):
+            if number not in numbers["jwt"]:
+                if number not in self._warned:
+                    self._warned.add(number)
+                    log.warning("keyset %d is incomplete (%s exists, %s does not): it is not used", number,
+                                self.alias(number, "x509"), self.alias(number, "jwt"))
+                continue
             not_before, x509_key = self._open(self.alias(number, "x509"), number, "x509")
             if not_before <= live_after:
                 break  # older keysets are older still
-            if number not in numbers["jwt"]:
-                log.warning("%s is missing (a writer stopped half way): creating it", self.alias(number, "jwt"))
-                self._create_key(number, "jwt", not_before)
             _, jwt_key = self._open(self.alias(number, "jwt"), number, "jwt")
             keysets.append(KeysetKeys(number, not_before, x509_key, jwt_key))
         live = {self.alias(k.number, kind) for k in keysets for kind in ("x509", "jwt")}
@@ -100,12 +163,124 @@ class KmsKeysetSource(KeysetSource):
         return Loaded(tuple(sorted(keysets, key=lambda k: k.number)), highest)
 
     def create(self, number: int, not_before: datetime, live_after: datetime) -> bool:
-        if not self._create_key(number, "x509", not_before):
-            return False
-        self._create_key(number, "jwt", not_before)
+        """Both keys, then the JWT alias, then the X.509 alias (the commit). Any failure after a key exists
+        orphans the attempt's keys (tagged, deletion scheduled) and re-raises; a lost race returns False."""
+        created: dict[str, tuple[str, str]] = {}  # kind -> (key id, arn)
+        opened: dict[str, CaKey] = {}
+        aliased: list[str] = []
+        step = "x509 CreateKey"
+        try:
+            for kind in ("x509", "jwt"):
+                step = f"{kind} CreateKey"
+                created[kind] = self._create_key(number, kind, not_before)
+            for kind in ("x509", "jwt"):
+                step = f"{kind} GetPublicKey"
+                opened[kind] = self._open_arn(created[kind][1])
+            for kind in ("jwt", "x509"):
+                step = f"{kind} CreateAlias"
+                alias = self.alias(number, kind)
+                if not self._create_alias(alias, created[kind][0]):
+                    if kind == "jwt":
+                        log.info("%s was created by another replica: abandoning this replica's keys", alias)
+                        self._abandon(number, created, aliased, "lost-race", f"{alias} taken by another writer")
+                        self._await_commit(number)
+                        return False
+                    raise KeysealError(f"{alias} already names another key although {self.alias(number, 'jwt')} "
+                                       f"was just made by this server: remove the stray alias {alias}")
+                aliased.append(alias)
+        except KeysealError as exc:
+            note = self._abandon(number, created, aliased, "rotation-failed", f"{step} failed")
+            raise type(exc)(f"{exc.message} ({note})") from None
+        # Committed: the keyset is complete. Keep its opened keys (load() would fetch the same public keys).
+        stamp = datetime.strptime(format_time(not_before), _TIME_FORMAT).replace(tzinfo=UTC)
+        for kind, key in opened.items():
+            self._opened[self.alias(number, kind)] = (stamp, key)
+        for kind, (key_id, _) in created.items():
+            self._tag(key_id, {STATE_TAG: "active"}, f"mark {self.alias(number, kind)} active")
+        log.info("keyset %d committed: %s -> %s, %s -> %s", number, self.alias(number, "x509"),
+                 created["x509"][0], self.alias(number, "jwt"), created["jwt"][0])
         return True
 
+    def sweep_orphans(self) -> list[str]:
+        """Orphan the `pending` keys of this trust domain and prefix that no complete keyset uses and that are
+        older than the grace period (a writer was killed between CreateKey and its commit). Returns their ids.
+        Best effort: a denied or failing call is logged and ends the search."""
+        client = self._kms()
+        url = client.meta.endpoint_url
+        try:
+            aliases = self._aliases()
+            numbers = self._numbers(aliases)
+            in_use = {numbers[kind][n] for n in set(numbers["x509"]) & set(numbers["jwt"]) for kind in numbers}
+            others = {key_id for name, key_id in aliases.items()
+                      if not name.startswith(f"alias/{self.alias_prefix}/keyset-")}
+            candidates: list[str] = []
+            marker: str | None = None
+            for _ in range(1000):
+                with kms_errors("ListKeys", self.describe(), url):
+                    page = client.list_keys(Limit=1000, **({"Marker": marker} if marker else {}))
+                candidates += [k["KeyId"] for k in page.get("Keys", [])
+                               if k.get("KeyId") and k["KeyId"] not in in_use and k["KeyId"] not in others]
+                marker = page.get("NextMarker")
+                if not page.get("Truncated") or not marker or len(candidates) >= _SWEEP_MAX_KEYS:
+                    break
+            if len(candidates) > _SWEEP_MAX_KEYS:
+                log.warning("looking for orphaned CA keys: only the first %d of %d keys are checked",
+                            _SWEEP_MAX_KEYS, len(candidates))
+            now = self.wall_clock()
+            orphaned: list[str] = []
+            denied = readable = 0
+            for key_id in candidates[:_SWEEP_MAX_KEYS]:
+                try:
+                    tags = self._tags(key_id)
+                except AccessDeniedError:
+                    # A policy scoped to this trust domain's tag denies other keys' tags: not ours. If every
+                    # key is denied, the permission is simply missing.
+                    denied += 1
+                    if readable == 0 and denied >= _SWEEP_DENIED_LIMIT:
+                        raise
+                    continue
+                readable += 1
+                if not self._is_abandoned(tags, now):
+                    continue
+                number = int(tags[KEYSET_TAG]) if tags.get(KEYSET_TAG, "").isdigit() else 0
+                detail = f"pending since {tags[CREATED_TAG]} with no complete keyset"
+                self._orphan(key_id, number, tags.get(KIND_TAG, "?"), "abandoned", detail)
+                orphaned.append(key_id)
+            if denied and not readable:
+                log.warning("could not look for orphaned CA keys: kms:ListResourceTags was denied on every key; "
+                            "grant it, or find them by the tag %s=pending yourself", STATE_TAG)
+            return orphaned
+        except KeysealError as exc:
+            log.warning("could not look for orphaned CA keys (%s); grant kms:ListKeys and kms:ListResourceTags, "
+                        "or find them by the tag %s=pending yourself", exc.message, STATE_TAG)
+            return []
+
     # -- internals -------------------------------------------------------------------------------------
+
+    def _is_abandoned(self, tags: dict[str, str], now: datetime) -> bool:
+        if tags.get(TRUST_DOMAIN_TAG) != self.trust_domain or tags.get(PREFIX_TAG) != self.alias_prefix:
+            return False
+        if tags.get(STATE_TAG) != "pending" or ORPHAN_TAG in tags:
+            return False
+        try:
+            created = datetime.strptime(tags.get(CREATED_TAG, ""), _TIME_FORMAT).replace(tzinfo=UTC)
+        except ValueError:
+            return False
+        return now - created >= self.orphan_grace
+
+    def _tags(self, key_id: str) -> dict[str, str]:
+        client = self._kms()
+        tags: dict[str, str] = {}
+        marker: str | None = None
+        for _ in range(10):  # a key holds at most 50 tags
+            with kms_errors("ListResourceTags", key_id, client.meta.endpoint_url):
+                page = (client.list_resource_tags(KeyId=key_id, Marker=marker) if marker
+                        else client.list_resource_tags(KeyId=key_id))
+            tags.update({t["TagKey"]: t["TagValue"] for t in page.get("Tags", [])})
+            marker = page.get("NextMarker")
+            if not page.get("Truncated") or not marker:
+                break
+        return tags
 
     def _open(self, alias: str, number: int, kind: str) -> tuple[datetime, CaKey]:
         cached = self._opened.get(alias)
@@ -120,46 +295,110 @@ class KmsKeysetSource(KeysetSource):
                 f"AWS KMS key {alias} was not created by keyseal for keyset {number} ({kind}): its description "
                 f"does not say so; point {alias} back at the key keyseal created, or choose another aliasPrefix"
             )
-        not_before = datetime.strptime(match.group(3), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-        arn = metadata["Arn"]
-        signer = AwsKmsSigner(f"awskms:{arn}", parse_key_ref(arn), endpoint=self.endpoint, region=self.region)
-        opened = (not_before, SignerCaKey(signer))  # one GetPublicKey
+        if metadata.get("KeyState") == "PendingDeletion":
+            raise UnsupportedKeyError(
+                f"AWS KMS key {alias} ({metadata['KeyId']}) is pending deletion: cancel its deletion, or delete "
+                f"the aliases of keyset {number} so that a new keyset is made"
+            )
+        not_before = datetime.strptime(match.group(3), _TIME_FORMAT).replace(tzinfo=UTC)
+        opened = (not_before, self._open_arn(metadata["Arn"]))
         self._opened[alias] = opened
         return opened
 
-    def _create_key(self, number: int, kind: str, not_before: datetime) -> bool:
-        """CreateKey + CreateAlias; False (and the new key scheduled for deletion) if the alias was taken."""
-        from botocore.exceptions import ClientError
+    def _open_arn(self, arn: str) -> CaKey:
+        # Every CA key shares the source's one client: one of its own would cost each key ~9 MiB, and a server
+        # holds up to three keysets (six keys), replaced at every rotation (benchmarks/soak.py saw that growth).
+        signer = AwsKmsSigner(f"awskms:{arn}", parse_key_ref(arn), self.endpoint, self.region, client=self._kms())
+        return SignerCaKey(signer)  # one GetPublicKey
 
+    def _create_key(self, number: int, kind: str, not_before: datetime) -> tuple[str, str]:
+        """CreateKey, tagged `pending` in the same call (so even a crash right after leaves a findable key)."""
         client = self._kms()
-        url = client.meta.endpoint_url
         alias = self.alias(number, kind)
         spec = KMS_KEY_SPECS[self.key_types[kind]]
         description = (f"keyseal CA key: trust domain {self.trust_domain}, keyset {number} ({kind}), "
                        f"not before {format_time(not_before)}")
-        with kms_errors("CreateKey", alias, url):
-            created = client.create_key(KeyUsage="SIGN_VERIFY", KeySpec=spec,  # type: ignore[arg-type]
-                                        Description=description)
-        key_id = created["KeyMetadata"]["KeyId"]
+        tags = {TRUST_DOMAIN_TAG: self.trust_domain, PREFIX_TAG: self.alias_prefix, KEYSET_TAG: str(number),
+                KIND_TAG: kind, CREATED_TAG: format_time(self.wall_clock()), STATE_TAG: "pending"}
         try:
-            with kms_errors("CreateAlias", alias, url):
-                try:
-                    client.create_alias(AliasName=alias, TargetKeyId=key_id)
-                except ClientError as exc:
-                    if exc.response.get("Error", {}).get("Code") != "AlreadyExistsException":
-                        raise
-                    log.info("%s was created by another replica: scheduling key %s for deletion", alias, key_id)
-                    self._schedule_deletion(key_id)
+            with kms_errors("CreateKey", alias, client.meta.endpoint_url):
+                created = client.create_key(KeyUsage="SIGN_VERIFY", KeySpec=spec,  # type: ignore[arg-type]
+                                            Description=description,
+                                            Tags=[{"TagKey": k, "TagValue": v} for k, v in tags.items()])
+        except AccessDeniedError as exc:
+            raise AccessDeniedError(f"{exc.message} (a tagged CreateKey also needs kms:TagResource)") from None
+        metadata = created["KeyMetadata"]
+        log.info("created AWS KMS key %s (%s) for %s, tagged %s=pending", metadata["KeyId"], spec, alias,
+                 STATE_TAG)
+        return metadata["KeyId"], metadata["Arn"]
+
+    def _create_alias(self, alias: str, key_id: str) -> bool:
+        """CreateAlias; False if the alias exists (another writer made it)."""
+        from botocore.exceptions import ClientError
+
+        client = self._kms()
+        with kms_errors("CreateAlias", alias, client.meta.endpoint_url):
+            try:
+                client.create_alias(AliasName=alias, TargetKeyId=key_id)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "AlreadyExistsException":
                     return False
-        except KeysealError as exc:
-            self._schedule_deletion(key_id)
-            raise type(exc)(f"{exc.message} (the key {key_id} just created was scheduled for deletion)") from None
-        log.info("created AWS KMS key %s (%s) as %s", key_id, spec, alias)
+                raise
         return True
 
-    def _schedule_deletion(self, key_id: str) -> None:
+    def _await_commit(self, number: int) -> None:
+        """After a lost race: wait (bounded) until the winner's keyset is complete, or it gave up."""
+        deadline = time.monotonic() + _COMMIT_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            numbers = self._numbers()
+            if number in numbers["x509"] or number not in numbers["jwt"]:
+                return
+            time.sleep(0.2)
+        log.warning("keyset %d is still not complete after %.0fs: another writer stopped half way?", number,
+                    _COMMIT_WAIT_SECONDS)
+
+    def _abandon(self, number: int, created: dict[str, tuple[str, str]], aliased: list[str], reason: str,
+                 detail: str) -> str:
+        """Undo an attempt: remove the aliases it made, orphan its keys. Returns a note for the error line."""
+        for alias in aliased:
+            client = self._kms()
+            try:
+                with kms_errors("DeleteAlias", alias, client.meta.endpoint_url):
+                    client.delete_alias(AliasName=alias)
+            except KeysealError as exc:
+                log.warning("could not remove %s from the abandoned keyset %d (%s): keyset %d is skipped", alias,
+                            number, exc.message, number)
+        notes = [self._orphan(key_id, number, kind, reason, detail) for kind, (key_id, _) in created.items()]
+        return "; ".join(notes) if notes else "no KMS key was created"
+
+    def _orphan(self, key_id: str, number: int, kind: str, reason: str, detail: str) -> str:
+        """Tag one key orphaned and schedule its deletion; each step best effort, each outcome logged."""
+        tags = {ORPHAN_TAG: reason, ORPHAN_AT_TAG: format_time(self.wall_clock()), ORPHAN_DETAIL_TAG: detail,
+                STATE_TAG: "orphaned"}
+        tagged = self._tag(key_id, tags, "tag it orphaned")
+        client = self._kms()
         try:
-            self._kms().schedule_key_deletion(KeyId=key_id, PendingWindowInDays=_DELETION_DAYS)
-        except Exception as exc:  # best effort: the error that matters is the caller's
-            log.warning("could not schedule deletion of unused KMS key %s (%s): delete it yourself", key_id,
-                        type(exc).__name__)
+            with kms_errors("ScheduleKeyDeletion", key_id, client.meta.endpoint_url):
+                client.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=_DELETION_DAYS)
+        except KeysealError as exc:
+            how = f"tagged {ORPHAN_TAG}={reason} so that it can be found" if tagged else "and untagged"
+            log.warning("orphaned KMS key %s (keyset %d %s, %s): deletion not scheduled (%s); it stays %s: "
+                        "delete it yourself", key_id, number, kind, detail, exc.message, how)
+            return f"the key {key_id} just created is {'tagged ' + ORPHAN_TAG if tagged else 'left untagged'}, " \
+                   f"its deletion could not be scheduled"
+        log.warning("orphaned KMS key %s (keyset %d %s, %s): %s, deletion scheduled in %d days", key_id,
+                    number, kind, detail, f"tagged {ORPHAN_TAG}={reason}" if tagged else "untagged",
+                    _DELETION_DAYS)
+        return f"the key {key_id} just created was {'tagged ' + ORPHAN_TAG + ' and ' if tagged else ''}" \
+               f"scheduled for deletion"
+
+    def _tag(self, key_id: str, tags: dict[str, str], why: str) -> bool:
+        client = self._kms()
+        try:
+            with kms_errors("TagResource", key_id, client.meta.endpoint_url):
+                client.tag_resource(KeyId=key_id,
+                                    Tags=[{"TagKey": k, "TagValue": v} for k, v in tags.items()])
+        except KeysealError as exc:
+            log.warning("could not %s: KMS key %s (%s)", why, key_id, exc.message)
+            return False
+        return True
