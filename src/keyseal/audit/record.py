@@ -7,6 +7,7 @@ typed errors, whose messages are written never to carry key material, PINs or to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ _MAX_TEXT = 500
 _MAX_SUBJECT = 4096
 
 
+@functools.lru_cache(maxsize=256)
 def redact_uri(uri: str) -> str:
     """The key URI with every secret-bearing part replaced: a PKCS#11 `pin-value`, a password in `user:pw@`,
     query values named like a token, secret, password or PIN. The PKCS#11 `token=` label is not a secret."""
@@ -73,6 +75,7 @@ def record(
     key_uri: str,
     public_key: PublicKey | None,
     hash_name: str,
+    fingerprint: str | None = None,
     digest: bytes,
     outcome: str,
     subject: str | None = None,
@@ -84,6 +87,7 @@ def record(
     (INFO, the JSON line as the message and the fields as `record.audit`) for structured logs. Without a file
     the record has no seq or prev (there is no chain), only the time.
 
+    `fingerprint` is `key_fingerprint(public_key)` worked out by a caller that signs often with one key.
     `subject`, `purpose` and `openpgp_fingerprint` default to the caller's `audit.subject(...)` context.
     `signed="digest"`: `digest` is what the custody signed, made with `hash_name`; `signed="message"`: the
     custody signed a message (pure Ed25519) whose SHA-256 is `digest`. Raises AuditError if the file cannot
@@ -92,7 +96,7 @@ def record(
     context = current()
     entry: dict[str, object] = {
         "key_uri": redact_uri(key_uri),
-        "key_fingerprint": key_fingerprint(public_key) if public_key is not None else None,
+        "key_fingerprint": fingerprint or (key_fingerprint(public_key) if public_key is not None else None),
         "openpgp_fingerprint": openpgp_fingerprint or context.openpgp_fingerprint,
         "hash": hash_name,
         "signed": signed,

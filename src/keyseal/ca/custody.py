@@ -9,6 +9,7 @@ to-be-signed bytes locally and sends only the digest to KMS. No CA private key i
 from __future__ import annotations
 
 import abc
+import functools
 from typing import Any, NoReturn
 
 from cryptography import utils as cutils
@@ -42,10 +43,17 @@ class CaKey(abc.ABC):
     def sign_digest(self, digest: bytes, hash_name: HashName) -> bytes:
         """An RSA PKCS#1 v1.5 or DER ECDSA signature over a digest."""
 
-    @property
+    @functools.cached_property
     def hash_name(self) -> HashName:
         """The key's own hash: SHA-384 for P-384, SHA-256 otherwise (KMS ties EC keys to it)."""
         return default_hash(self.public_key())
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """`sha256:<hex>` of the public key, as audit records name keys (worked out once per key)."""
+        from keyseal.audit.record import key_fingerprint
+
+        return key_fingerprint(self.public_key())
 
     @property
     def deterministic(self) -> bool:

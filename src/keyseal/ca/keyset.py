@@ -13,6 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -39,8 +40,8 @@ class Keyset:
     jwt_key: CaKey
     ca_certificate: x509.Certificate
     jwt_kid: str
-    # Leaf certificate builders with everything that does not change per SVID, by leaf key kind (x509svid).
-    leaf_templates: dict[str, x509.CertificateBuilder] = field(default_factory=dict, compare=False, repr=False)
+    # The DER of everything in a leaf that does not change per SVID, by leaf key kind (x509svid).
+    leaf_templates: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def ca_der(self) -> bytes:

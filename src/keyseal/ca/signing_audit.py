@@ -32,16 +32,20 @@ def key_uri_of(key: CaKey) -> str:
     return str(getattr(signer, "uri", "")) or f"{key.custody}:ca-key"
 
 
-def record_signature(key: CaKey, *, purpose: str, subject: str, hash_name: str, signed_bytes: bytes | None,
-                     error: BaseException | None = None) -> None:
-    """Record that `key` signed the hash of `signed_bytes` (a TBSCertificate or a JWS signing input); None when
-    a failure came before those bytes existed (the record then has an empty digest)."""
+def record_signature(key: CaKey, *, purpose: str, subject: str, hash_name: str, signed_bytes: bytes | None = None,
+                     digest: bytes | None = None, error: BaseException | None = None) -> None:
+    """Record that `key` signed the hash of `signed_bytes` (a TBSCertificate or a JWS signing input), or
+    `digest` where the caller has hashed them already; neither when a failure came before those bytes existed
+    (the record then has an empty digest)."""
+    if digest is None:
+        digest = hashlib.new(hash_name, signed_bytes).digest() if signed_bytes is not None else b""
     audit.record(
         log_file=_log_file,
         key_uri=key_uri_of(key),
         public_key=key.public_key(),
+        fingerprint=key.fingerprint,
         hash_name=hash_name,
-        digest=hashlib.new(hash_name, signed_bytes).digest() if signed_bytes is not None else b"",
+        digest=digest,
         outcome=audit.outcome_of(error),
         subject=subject,
         purpose=purpose,

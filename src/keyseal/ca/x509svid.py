@@ -12,14 +12,18 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
 import ipaddress
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 
-from keyseal.backends.base import hash_algorithm
+from keyseal.ca import der
 from keyseal.ca.keyset import ORGANIZATION, Keyset
 from keyseal.ca.signing_audit import record_signature
 from keyseal.ca.spiffeid import SpiffeId
@@ -61,12 +65,12 @@ def _verified_csr_key(text: str) -> LeafKey:
             csr = x509.load_pem_x509_csr(text.encode("ascii"))
         else:
             csr = x509.load_der_x509_csr(base64.b64decode(text.strip(), validate=True))
-    except (ValueError, UnicodeEncodeError, binascii.Error):
+    except (ValueError, UnicodeEncodeError, binascii.Error, UnsupportedAlgorithm):
         raise CsrError("csr is not a PKCS#10 certificate signing request (PEM, or base64 of DER)") from None
     try:
         valid = csr.is_signature_valid
         key = csr.public_key()
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # e.g. an EC key whose parameters are not a curve
         raise CsrError("csr uses a key or signature algorithm the CA does not accept") from None
     if not valid:
         raise CsrError("csr signature does not verify: sign the request with the key it carries")
@@ -83,33 +87,74 @@ def _verified_csr_key(text: str) -> LeafKey:
     raise CsrError("csr key type is not accepted: use ECDSA (P-256/P-384/P-521), RSA (>= 2048) or Ed25519")
 
 
-def _template(keyset: Keyset, public_key: LeafKey) -> x509.CertificateBuilder:
-    """The part of a leaf that depends only on the keyset and the kind of leaf key, built once per keyset."""
+@dataclass(frozen=True)
+class _LeafTemplate:
+    """The DER of everything in a leaf that depends only on the keyset and the kind of leaf key, encoded once
+    per keyset: `cryptography`'s certificate builder re-encodes all of it for every leaf, which costs three
+    times the signature itself. The leaf is then the template plus serial, validity, key, SAN and SKI."""
+
+    head: bytes  # version [0], then nothing: the serial follows
+    signature_algorithm: bytes
+    names: bytes  # issuer Name; validity goes between issuer and subject, so the subject is kept apart
+    subject: bytes
+    extensions: bytes  # basicConstraints, keyUsage, extendedKeyUsage, authorityKeyIdentifier
+
+
+_VERSION_3 = der.tlv(0xA0, der.integer(2))
+_HASH_CONSTRUCTORS = {"sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
+_SIGNATURE_ALGORITHMS = {
+    ("ec", "sha256"): der.sequence(der.oid(SignatureAlgorithmOID.ECDSA_WITH_SHA256)),
+    ("ec", "sha384"): der.sequence(der.oid(SignatureAlgorithmOID.ECDSA_WITH_SHA384)),
+    ("ec", "sha512"): der.sequence(der.oid(SignatureAlgorithmOID.ECDSA_WITH_SHA512)),
+    ("rsa", "sha256"): der.sequence(der.oid(SignatureAlgorithmOID.RSA_WITH_SHA256), b"\x05\x00"),
+    ("rsa", "sha384"): der.sequence(der.oid(SignatureAlgorithmOID.RSA_WITH_SHA384), b"\x05\x00"),
+    ("rsa", "sha512"): der.sequence(der.oid(SignatureAlgorithmOID.RSA_WITH_SHA512), b"\x05\x00"),
+}
+
+
+def _template(keyset: Keyset, public_key: LeafKey) -> _LeafTemplate:
     kind = type(public_key).__name__
     template = keyset.leaf_templates.get(kind)
     if template is None:
         is_rsa = isinstance(public_key, rsa.RSAPublicKey)
         is_ec = isinstance(public_key, ec.EllipticCurvePublicKey)
-        template = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)]))
-            .issuer_name(keyset.ca_certificate.subject)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=is_rsa,
-                              data_encipherment=False, key_agreement=is_ec, key_cert_sign=False, crl_sign=False,
-                              encipher_only=False, decipher_only=False),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(keyset.subject_key_identifier),
-                critical=False,
-            )
+        ca_key = keyset.x509_key
+        family = "rsa" if isinstance(ca_key.public_key(), rsa.RSAPublicKey) else "ec"
+        template = _LeafTemplate(
+            head=_VERSION_3,
+            signature_algorithm=_SIGNATURE_ALGORITHMS[(family, ca_key.hash_name)],
+            names=keyset.ca_certificate.subject.public_bytes(),
+            subject=x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)]).public_bytes(),
+            extensions=b"".join((
+                der.extension(x509.BasicConstraints(ca=False, path_length=None), critical=True),
+                der.extension(
+                    x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=is_rsa,
+                                  data_encipherment=False, key_agreement=is_ec, key_cert_sign=False, crl_sign=False,
+                                  encipher_only=False, decipher_only=False),
+                    critical=True,
+                ),
+                der.extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                              critical=False),
+                der.extension(
+                    x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(keyset.subject_key_identifier),
+                    critical=False,
+                ),
+            )),
         )
         keyset.leaf_templates[kind] = template
     return template
+
+
+@functools.lru_cache(maxsize=CSR_CACHE_SIZE)
+def _leaf_key_parts(spki: bytes) -> bytes:
+    """The subjectKeyIdentifier extension of a leaf key, by its SubjectPublicKeyInfo (renewals reuse keys)."""
+    public_key = serialization.load_der_public_key(spki)
+    return der.extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=CSR_CACHE_SIZE)
+def _uri_san(spiffe_id: str) -> bytes:
+    return der.extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=False)
 
 
 def issue_x509_svid(keyset: Keyset, spiffe_id: SpiffeId, public_key: LeafKey, now: datetime, ttl: timedelta,
@@ -117,30 +162,39 @@ def issue_x509_svid(keyset: Keyset, spiffe_id: SpiffeId, public_key: LeafKey, no
     """Sign the leaf with the keyset's X.509 CA key (one signature: in KMS custody, one kms:Sign).
 
     `dns_names` / `ip_addresses` are for the server's own serving certificate only (still one URI SAN).
+    The TBSCertificate is the same, byte for byte, as `cryptography`'s builder makes for these values.
     """
     not_before = max(now - BACKDATE, keyset.not_before)
     not_after = min(now + ttl, keyset.not_after)
     if not_after <= now:
         raise UsageError("the active CA expires now: no SVID can be issued until the next keyset is active")
-    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
-    names += [x509.DNSName(name) for name in dns_names]
-    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
-    builder = (
-        _template(keyset, public_key)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    template = _template(keyset, public_key)
+    spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    subject_id = str(spiffe_id)
+    if dns_names or ip_addresses:
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(subject_id)]
+        names += [x509.DNSName(name) for name in dns_names]
+        names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
+        san = der.extension(x509.SubjectAlternativeName(names), critical=False)
+    else:
+        san = _uri_san(subject_id)
+    tbs = der.sequence(
+        template.head,
+        der.integer(x509.random_serial_number()),
+        template.signature_algorithm,
+        template.names,
+        der.sequence(der.time(not_before.astimezone(UTC)), der.time(not_after.astimezone(UTC))),
+        template.subject,
+        spki,
+        der.tlv(0xA3, der.sequence(template.extensions, san, _leaf_key_parts(spki))),
     )
     key = keyset.x509_key
     try:
-        certificate = builder.sign(key.builder_key(), hash_algorithm(key.hash_name))  # type: ignore[arg-type]
+        digest = _HASH_CONSTRUCTORS[key.hash_name](tbs).digest()
+        signature = key.sign_digest(digest, key.hash_name)
     except Exception as exc:
-        record_signature(key, purpose="x509-svid", subject=str(spiffe_id), hash_name=key.hash_name,
+        record_signature(key, purpose="x509-svid", subject=subject_id, hash_name=key.hash_name,
                          signed_bytes=None, error=exc)
         raise
-    record_signature(key, purpose="x509-svid", subject=str(spiffe_id), hash_name=key.hash_name,
-                     signed_bytes=certificate.tbs_certificate_bytes)
-    return certificate
+    record_signature(key, purpose="x509-svid", subject=subject_id, hash_name=key.hash_name, digest=digest)
+    return x509.load_der_x509_certificate(der.sequence(tbs, template.signature_algorithm, der.bit_string(signature)))
