@@ -4,7 +4,9 @@ Kubernetes schemas (kubernetes-validate), and its server configuration read by t
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,9 @@ import pytest
 import yaml
 
 from keyseal.ca.config import Config, parse_config
-from keyseal.errors import UsageError
+from keyseal.errors import KeysealError, UsageError
 from keyseal.wrapping.local import LocalKek
+from tests.harness.softhsm import USER_PIN, SoftHsm
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "helm" / "keyseal"
@@ -78,11 +81,20 @@ def test_default_render(chart: helm_python.Chart) -> None:
     assert service["spec"]["ports"][0]["targetPort"] == "https"
 
 
+STORE_RULES = [
+    {"apiGroups": ["keyseal.dev"], "resources": ["wrappedkeys"], "verbs": ["get", "create", "update"]},
+    {"apiGroups": ["keyseal.dev"], "resources": ["registrationentries"], "verbs": ["list"]},
+    {"apiGroups": ["keyseal.dev"], "resources": ["jointokens"], "verbs": ["get", "delete"]},
+]
+
+
 def test_rbac_is_limited_to_the_crd(chart: helm_python.Chart) -> None:
+    """The server's records, the entries it serves and the join tokens it redeems (tests/
+    test_entries_kubernetes.py checks every call the server makes against this Role); no Secrets, no list of
+    records, no writes to entries."""
     by_kind = render(chart)
     (role,) = by_kind["Role"]
-    assert role["rules"] == [{"apiGroups": ["keyseal.dev"], "resources": ["wrappedkeys"],
-                              "verbs": ["get", "create", "update"]}]
+    assert role["rules"] == STORE_RULES
     (binding,) = by_kind["RoleBinding"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "trust-keyseal", "namespace": "spire"}]
     assert "ClusterRole" not in by_kind and "ClusterRoleBinding" not in by_kind
@@ -141,7 +153,9 @@ def test_awskms_with_irsa(chart: helm_python.Chart) -> None:
 
 def test_key_manager_custody_needs_no_store_rbac(chart: helm_python.Chart) -> None:
     by_kind = render(chart, {"custody": "kms", "ca": {"keyType": "ec-p384"}})
-    assert "Role" not in by_kind and "Secret" not in by_kind
+    assert "Secret" not in by_kind
+    (role,) = by_kind["Role"]  # no WrappedKey records: only the node agents' entries and join tokens
+    assert role["rules"] == STORE_RULES[1:]
     config = server_config(by_kind)
     assert config.custody == "kms" and config.ca_key_type == "ec-p384"
 
@@ -177,14 +191,22 @@ def test_clients_reach_the_server_config(chart: helm_python.Chart) -> None:
     assert (client.name, client.token_sha256, client.prefixes) == ("team-a", digest, ("/ns/team-a",))
 
 
-def test_chart_crd_is_the_shipped_crd(chart: helm_python.Chart) -> None:
-    shipped = ROOT / "deploy" / "crds" / "wrappedkeys.keyseal.dev.yaml"
-    in_chart = CHART / "crds" / "wrappedkeys.keyseal.dev.yaml"
-    assert in_chart.read_bytes() == shipped.read_bytes()
-    (crd,) = chart.crds
-    document = yaml.safe_load(crd["data"])
-    kubernetes_validate.validate(document, KUBE_VERSION, strict=True)
-    assert document["spec"]["names"]["plural"] == "wrappedkeys"
+def test_chart_crds_are_the_shipped_crds(chart: helm_python.Chart) -> None:
+    shipped = sorted(p.name for p in (ROOT / "deploy" / "crds").glob("*.yaml"))
+    assert shipped == ["jointokens.keyseal.dev.yaml", "registrationentries.keyseal.dev.yaml",
+                       "wrappedkeys.keyseal.dev.yaml"]
+    for name in shipped:
+        assert (CHART / "crds" / name).read_bytes() == (ROOT / "deploy" / "crds" / name).read_bytes()
+    plurals = set()
+    for crd in chart.crds:
+        document = yaml.safe_load(crd["data"])
+        kubernetes_validate.validate(document, KUBE_VERSION, strict=True)
+        assert document["metadata"]["name"] == f"{document['spec']['names']['plural']}.keyseal.dev"
+        plurals.add(document["spec"]["names"]["plural"])
+    assert plurals == {"wrappedkeys", "registrationentries", "jointokens"}
+    # The Role names only resources the chart defines (or core ConfigMaps).
+    (role,) = render(chart, {"agent": {"enabled": True, "joinTokenSecret": "j"}})["Role"]
+    assert {r for rule in role["rules"] if rule["apiGroups"] == ["keyseal.dev"] for r in rule["resources"]} == plurals
 
 
 def test_vault_transit_kek(chart: helm_python.Chart) -> None:
@@ -202,3 +224,151 @@ def test_vault_transit_kek(chart: helm_python.Chart) -> None:
     both = render(chart, {"keyWrapping": {"provider": "vault"}, "vault": vault, "aws": {"kmsKeyARN": ARN}})
     with pytest.raises(UsageError, match="exactly one KEK provider"):
         server_config(both)
+
+
+PKCS11 = {"uri": "pkcs11:token=keyseal-chart", "modulePath": "/usr/lib/softhsm/libsofthsm2.so",
+          "labelPrefix": "chart/", "pinSecret": {"name": "hsm-pin", "key": "user-pin"}}
+# A SoftHSM token directory and configuration brought into the pod as the vendor's client setup would be.
+HSM_EXTRAS = {
+    "extraVolumes": [{"name": "softhsm", "persistentVolumeClaim": {"claimName": "softhsm-tokens"}}],
+    "extraVolumeMounts": [{"name": "softhsm", "mountPath": "/var/lib/softhsm"}],
+    "extraEnv": [{"name": "SOFTHSM2_CONF", "value": "/var/lib/softhsm/softhsm2.conf"}],
+}
+
+
+def test_pkcs11_custody(chart: helm_python.Chart) -> None:
+    """The server's own parser accepts the pkcs11 section the chart writes; the PIN comes from the named Secret,
+    mounted read-only where pkcs11.pinFile points, and is never in the values, the ConfigMap or the environment."""
+    by_kind = render(chart, {"custody": "pkcs11", "pkcs11": PKCS11, **HSM_EXTRAS})
+    assert "Secret" not in by_kind  # no local KEK, and the chart never makes a PIN Secret
+    config = server_config(by_kind)
+    assert config.custody == "pkcs11" and config.pkcs11 is not None
+    assert (config.pkcs11.uri, config.pkcs11.module_path, config.pkcs11.label_prefix) == (
+        PKCS11["uri"], PKCS11["modulePath"], "chart/")
+    (deployment,) = by_kind["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    main = container(by_kind)
+    (pin_volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "hsm-pin"]
+    assert pin_volume["secret"]["items"] == [{"key": "user-pin", "path": "pin"}]
+    assert pin_volume["secret"]["defaultMode"] == 0o400
+    (pin_mount,) = [m for m in main["volumeMounts"] if m["name"] == pin_volume["name"]]
+    assert pin_mount["readOnly"] is True and "subPath" not in pin_mount
+    assert config.pkcs11.pin_file == f"{pin_mount['mountPath']}/pin"
+    # The PIN reaches the server only as that file: no env var carries it, no URI attribute names it.
+    assert all("valueFrom" not in e or "secretKeyRef" not in e["valueFrom"] for e in main["env"])
+    config_text = by_kind["ConfigMap"][0]["data"]["config.yaml"]
+    assert "pin-value" not in config_text and "pin-source" not in config_text
+    # The vendor's module and client configuration come in through the extra volumes, mounts and env.
+    assert HSM_EXTRAS["extraVolumes"][0] in pod["volumes"]
+    assert HSM_EXTRAS["extraVolumeMounts"][0] in main["volumeMounts"]
+    assert HSM_EXTRAS["extraEnv"][0] in main["env"]
+    (role,) = by_kind["Role"]  # no WrappedKey records: only the node agents' entries and join tokens
+    assert role["rules"] == STORE_RULES[1:]
+    notes = chart.render({"custody": "pkcs11", "pkcs11": PKCS11}, name="trust",
+                         namespace="spire")["keyseal/templates/NOTES.txt"]
+    assert "Secret hsm-pin (key user-pin)" in notes and config.pkcs11.pin_file in notes
+
+
+@pytest.fixture(scope="module")
+def chart_token(softhsm: SoftHsm) -> str:
+    return softhsm.init_token("keyseal-chart")
+
+
+def test_pkcs11_config_from_the_chart_opens_a_real_token(chart: helm_python.Chart, chart_token: str,
+                                                         tmp_path: Path) -> None:
+    """The chart's rendered configuration drives a real SoftHSM2 token: the module, the token URI and the PIN
+    file (here the Secret's bytes at a local path, as the kubelet writes them at pinFile) log in and read."""
+    from keyseal.backends import pkcs11 as backend
+    from keyseal.ca.server import build_source
+
+    assert PKCS11["uri"] == f"pkcs11:token={chart_token}"
+    config = server_config(render(chart, {"custody": "pkcs11", "pkcs11": PKCS11}))
+    assert config.pkcs11 is not None
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(USER_PIN + "\n")
+    pin_file.chmod(0o400)
+    local = dataclasses.replace(config, pkcs11=dataclasses.replace(config.pkcs11, pin_file=str(pin_file)))
+    try:
+        build_source(local).startup_check()
+        pin_file.chmod(0o600)
+        pin_file.write_text("wrong-pin\n")
+        backend.close_all_sessions()
+        with pytest.raises(KeysealError, match="PIN") as refused:
+            build_source(local).startup_check()
+        assert "wrong-pin" not in str(refused.value)
+    finally:
+        backend.close_all_sessions()
+
+
+def test_pkcs11_schema_refuses_mistakes(chart: helm_python.Chart) -> None:
+    """custody pkcs11 needs the token URI, the module and the PIN Secret; the pkcs11 section with another custody,
+    a KEK next to pkcs11 custody, or a URI naming keys, the module or the PIN are refused, as the server would."""
+    pin = {"name": "hsm-pin"}
+    for missing, values in (("uri", {"modulePath": "/m.so", "pinSecret": pin}),
+                            ("modulePath", {"uri": "pkcs11:token=ca", "pinSecret": pin}),
+                            ("pinSecret", {"uri": "pkcs11:token=ca", "modulePath": "/m.so"}),
+                            ("pinSecret/name", {"uri": "pkcs11:token=ca", "modulePath": "/m.so",
+                                                "pinSecret": {"key": "pin"}})):
+        with pytest.raises(helm_python.HelmValuesError, match=missing):
+            chart.render({"custody": "pkcs11", "pkcs11": values}, name="trust", namespace="spire")
+    with pytest.raises(helm_python.HelmValuesError, match="pinSecret"):
+        chart.render({"custody": "pkcs11"}, name="trust", namespace="spire")
+    vault = {"address": "https://vault.example.org:8200", "transitKey": "keyseal-kek"}
+    refused = [
+        {"pkcs11": {"uri": "pkcs11:token=ca"}},  # custody wrapped
+        {"custody": "kms", "pkcs11": {"pinSecret": pin}},
+        {"custody": "pkcs11", "pkcs11": PKCS11, "aws": {"kmsKeyARN": ARN}},
+        {"custody": "pkcs11", "pkcs11": PKCS11, "vault": vault},
+        {"custody": "pkcs11", "pkcs11": PKCS11 | {"pin": "1234"}},
+        {"custody": "pkcs11", "pkcs11": PKCS11 | {"labelPrefix": "bad prefix"}},
+        {"custody": "pkcs11", "pkcs11": PKCS11 | {"pinSecret": {"name": "Not_A_Name"}}},
+        {"custody": "pkcs11", "pkcs11": PKCS11, "extraVolumes": [{"name": "pkcs11-pin", "emptyDir": {}}]},
+        *({"custody": "pkcs11", "pkcs11": PKCS11 | {"uri": uri}} for uri in (
+            "token=ca", "pkcs11:token=ca;object=x509", "pkcs11:id=%01", "pkcs11:token=ca;type=private",
+            "pkcs11:token=ca?module-path=/m.so", "pkcs11:token=ca?module-name=softhsm2",
+            "pkcs11:token=ca?pin-value=1234", "pkcs11:token=ca?x=1&pin-source=file:/pin")),
+    ]
+    for values in refused:
+        with pytest.raises(helm_python.HelmValuesError):
+            chart.render(values, name="trust", namespace="spire")
+    # The server's own parser refuses the same KEKs and URIs next to the module and PIN file the chart sets.
+    server_side = {"uri": PKCS11["uri"], "modulePath": PKCS11["modulePath"], "pinFile": "/var/run/keyseal/pin"}
+    for values in refused[:4] + refused[-7:]:
+        pkcs11 = server_side | {k: v for k, v in values["pkcs11"].items() if k == "uri"}
+        others = {"custody": "wrapped"} | {k: v for k, v in values.items() if k in ("aws", "vault", "custody")}
+        with pytest.raises(UsageError):
+            parse_config({"trustDomain": "example.org", **others, "pkcs11": pkcs11})
+
+
+def _schema_nodes(node: Any) -> Iterator[dict[str, Any]]:
+    """Every schema node of an OpenAPI v3 schema (not the property names of a `properties` map)."""
+    if not isinstance(node, dict):
+        return
+    yield node
+    for child in node.get("properties", {}).values():
+        yield from _schema_nodes(child)
+    for key in ("items", "additionalProperties", "not"):
+        yield from _schema_nodes(node.get(key))
+    for key in ("allOf", "anyOf", "oneOf"):
+        for child in node.get(key, []):
+            yield from _schema_nodes(child)
+
+
+def test_crds_are_structural_and_identical_in_both_places(chart: helm_python.Chart) -> None:
+    """A kube-apiserver refuses a CRD whose schema node has both additionalProperties and properties (they are
+    mutually exclusive in a structural schema); unknown fields are pruned instead. deploy/crds and the chart's
+    crds/ hold the same bytes."""
+    shipped = {p.name: p for p in (ROOT / "deploy" / "crds").glob("*.yaml")}
+    in_chart = {p.name: p for p in (CHART / "crds").glob("*.yaml")}
+    assert shipped and sorted(shipped) == sorted(in_chart)
+    loaded = {yaml.safe_load(crd["data"])["metadata"]["name"] for crd in chart.crds}
+    assert loaded == {name.removesuffix(".yaml") for name in shipped}
+    for name, path in shipped.items():
+        assert in_chart[name].read_bytes() == path.read_bytes(), f"{name} differs between deploy/crds and the chart"
+        for copy in (path, in_chart[name]):
+            crd = yaml.safe_load(copy.read_text())
+            for version in crd["spec"]["versions"]:
+                nodes = list(_schema_nodes(version["schema"]["openAPIV3Schema"]))
+                assert len(nodes) > 3
+                both = [n.get("description", "?") for n in nodes if "properties" in n and "additionalProperties" in n]
+                assert both == [], f"{copy}: additionalProperties next to properties in {both}"

@@ -5,7 +5,9 @@ EMULATOR ADDITION (test harness only): kmock 0.8 keeps objects and serves GET/PO
 - every create / replace / patch sets a new `metadata.resourceVersion` (a counter shared by all objects);
 - PUT replaces the object whole; a PUT or PATCH whose `metadata.resourceVersion` is not the stored one is
   refused with 409 Conflict and changes nothing (a PUT without one is unconditional, as in Kubernetes);
-- a create answers 201 Created, as the API server does (the official client reads the body only then).
+- a create answers 201 Created, as the API server does (the official client reads the body only then);
+- a DELETE whose body carries `preconditions` (uid / resourceVersion) that the stored object does not meet is
+  refused with 409 Conflict and deletes nothing, as the API server does (kmock ignores them).
 keyseal's Kubernetes store is not changed to suit the emulator; it only speaks the real API's contract.
 """
 
@@ -39,6 +41,7 @@ class ResourceVersionedEmulator(KubernetesEmulator):
     counter: int = 0
     conflicts: list[tuple[str, str]] = attrs.field(factory=list)
     replaces: int = 0
+    verbs: list[tuple[str, str, str, str]] = attrs.field(factory=list)
 
     def _next_version(self) -> str:
         self.counter += 1
@@ -46,6 +49,9 @@ class ResourceVersionedEmulator(KubernetesEmulator):
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         named = request.resource is not None and request.name is not None and not request.subresource
+        if request.resource is not None:
+            self.verbs.append((_rbac_verb(request.method, named), str(request.resource.group or ""),
+                               str(request.resource.plural), str(request.name or "")))
         if named and request.method == kmock.method.PUT:
             return await self._replace(request)
         if request.action == kmock.action.CREATE and isinstance(request.data, dict):
@@ -59,6 +65,9 @@ class ResourceVersionedEmulator(KubernetesEmulator):
             if response.status == 200 and not response.prepared:
                 response.set_status(201)  # as the API server answers a create (the client expects 201)
             return response
+        elif named and request.action == kmock.action.DELETE and isinstance(request.data, dict) \
+                and request.data.get("preconditions"):
+            return await self._delete_with_preconditions(request)
         elif named and request.action == kmock.action.UPDATE and isinstance(request.data, dict):
             async with self._lock:
                 current = self._current(request)
@@ -86,6 +95,30 @@ class ResourceVersionedEmulator(KubernetesEmulator):
             raise KubernetesError(status=409, reason="Conflict", message=CONFLICT_MESSAGE,
                                   details={"name": request.name, "kind": self._key(request)[0].plural})
 
+    def _check_preconditions(self, request: kmock.Request, current: dict[str, Any]) -> None:
+        wanted = request.data.get("preconditions") or {}
+        meta = current["metadata"]
+        for field in ("uid", "resourceVersion"):
+            if wanted.get(field) is not None and wanted[field] != meta.get(field):
+                self.conflicts.append((str(request.namespace), str(request.name)))
+                raise KubernetesError(
+                    status=409, reason="Conflict",
+                    message=f"Precondition failed: {field} in precondition: {wanted[field]}, {field} in object "
+                            f"meta: {meta.get(field)}",
+                    details={"name": request.name, "kind": self._key(request)[0].plural})
+
+    async def _delete_with_preconditions(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """Check and delete under one lock, so a concurrent delete or replace cannot slip in between."""
+        async with self._lock:
+            current = self._current(request)
+            if current is None:
+                raise KubernetesObjectNotFoundError()
+            self._check_preconditions(request, current)
+            gone = copy.deepcopy(current)
+            self._objects[self._key(request)].delete()
+            await self._buses[self._key(request)[0]].put({"type": "DELETED", "object": gone})
+        return aiohttp.web.json_response(gone)
+
     async def _replace(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         if not isinstance(request.data, dict):
             raise KubernetesError(status=400, reason="BadRequest", message="PUT needs a JSON object")
@@ -104,6 +137,14 @@ class ResourceVersionedEmulator(KubernetesEmulator):
             self.replaces += 1
             await self._buses[self._key(request)[0]].put({"type": "MODIFIED", "object": new})
         return aiohttp.web.json_response(new)
+
+
+def _rbac_verb(method: kmock.method | None, named: bool) -> str:
+    """The RBAC verb the API server would authorize this request under."""
+    verbs = {kmock.method.GET: "get" if named else "list", kmock.method.POST: "create",
+             kmock.method.PUT: "update", kmock.method.PATCH: "patch",
+             kmock.method.DELETE: "delete" if named else "deletecollection"}
+    return verbs.get(method, str(method)) if method is not None else "?"
 
 
 class KubeApi:
@@ -140,8 +181,14 @@ class KubeApi:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         async with ResourceVersionedEmulator() as handler, kmock.Server(handler) as server:
-            handler.resources["keyseal.dev/v1/wrappedkeys"] = kmock.ResourceInfo(
-                kind="WrappedKey", singular="wrappedkey", namespaced=True,
+            for plural, kind in (("wrappedkeys", "WrappedKey"), ("registrationentries", "RegistrationEntry"),
+                                 ("jointokens", "JoinToken")):
+                handler.resources[f"keyseal.dev/v1/{plural}"] = kmock.ResourceInfo(
+                    kind=kind, singular=kind.lower(), namespaced=True,
+                    verbs={"get", "list", "create", "update", "patch", "delete"},
+                )
+            handler.resources["v1/configmaps"] = kmock.ResourceInfo(
+                kind="ConfigMap", singular="configmap", namespaced=True,
                 verbs={"get", "list", "create", "update", "patch", "delete"},
             )
             self.handler = handler
@@ -154,13 +201,14 @@ class KubeApi:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
 
-    def history(self, namespace: str, name: str, plural: str = "wrappedkeys") -> list[dict[str, Any]]:
+    def history(self, namespace: str, name: str, plural: str = "wrappedkeys",
+                group: str = "keyseal.dev") -> list[dict[str, Any]]:
         """Every stored version of an object, oldest first (deletions left out)."""
 
         async def read() -> list[dict[str, Any]]:
             handler = self._handler()
             async with handler._lock:
-                key = (kmock.resource("keyseal.dev", "v1", plural), namespace, name)
+                key = (kmock.resource(group, "v1", plural), namespace, name)
                 if key not in handler.objects:
                     return []
                 return [copy.deepcopy(dict(v.raw)) for v in handler.objects[key].history if v is not None]
@@ -169,6 +217,10 @@ class KubeApi:
 
     def conflicts(self) -> list[tuple[str, str]]:
         return list(self._handler().conflicts)
+
+    def verbs(self) -> list[tuple[str, str, str, str]]:
+        """(RBAC verb, API group, resource plural, object name or "") of every request so far, in order."""
+        return list(self._handler().verbs)
 
     def _handler(self) -> ResourceVersionedEmulator:
         assert self.handler is not None

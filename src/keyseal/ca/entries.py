@@ -1,14 +1,19 @@
 """Registration entries (selectors -> SPIFFE ID, under a parent agent) and one-time agent join tokens.
 
-Both live beside the server's key records in the directory store, as two JSON files (`<recordPrefix>-entries.json`,
-`<recordPrefix>-join-tokens.json`, mode 0600): entries are not secrets, and a join token is kept only as its
-SHA-256. Every change is a read-modify-write under an exclusive lock on the file, written atomically, so the
+They live beside the server's key records, in the store `store.type` names; `entry_store_for` and
+`join_tokens_for` pick the implementation. Entries are not secrets; a join token is kept only as its SHA-256.
+
+Directory store: two JSON files (`<recordPrefix>-entries.json`, `<recordPrefix>-join-tokens.json`, mode 0600).
+Every change is a read-modify-write under an exclusive lock on the file, written atomically, so the
 `keyseal entry` CLI and a running server (which redeems tokens) never lose each other's writes. The server
 re-reads a file only when its modification time or size changes.
+
+Kubernetes store: one custom resource per entry and per token (see `keyseal.ca.entries_kube`).
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import hashlib
@@ -25,17 +30,20 @@ from typing import Any
 
 from keyseal.atomic import write_atomic
 from keyseal.ca.config import Config
-from keyseal.ca.spiffeid import SpiffeIdError, parse_spiffe_id
+from keyseal.ca.spiffeid import RESERVED_PATH, SpiffeIdError, is_reserved, parse_spiffe_id
 from keyseal.errors import InputError, UsageError
 
 __all__ = [
     "AGENT_PATH",
+    "DirectoryEntryStore",
+    "DirectoryJoinTokens",
     "Entry",
     "EntryStore",
     "JoinTokens",
     "check_selector",
     "entry_store_for",
     "join_tokens_for",
+    "token_digest",
 ]
 
 AGENT_PATH = "/keyseal/agent"
@@ -128,13 +136,24 @@ class _JsonFile:
             return result
 
 
-class EntryStore:
-    def __init__(self, path: Path, trust_domain: str) -> None:
-        self.file = _JsonFile(path)
+class EntryStore(abc.ABC):
+    """The registration entries of one trust domain; creating checks them the same way for every store."""
+
+    def __init__(self, trust_domain: str) -> None:
         self.trust_domain = trust_domain
 
+    @abc.abstractmethod
     def entries(self) -> list[Entry]:
-        return [Entry.from_json(e) for e in self.file.read().get("entries", [])]
+        """Every entry, in a stable order."""
+
+    @abc.abstractmethod
+    def _add(self, entry: Entry) -> Entry:
+        """Store a checked entry, unless one gives the same SPIFFE ID to the same parent and selectors (a
+        UsageError naming it); returns the entry as stored."""
+
+    @abc.abstractmethod
+    def delete(self, entry_id: str) -> None:
+        """Remove an entry; an unknown ID is a UsageError."""
 
     def for_agent(self, agent_id: str) -> list[Entry]:
         return [e for e in self.entries() if e.parented_by(agent_id)]
@@ -150,23 +169,41 @@ class EntryStore:
             raise SpiffeIdError(f"{what} {spiffe_id} needs a path")
         return str(spiffe_id)
 
+    def check(self, entry: Entry) -> Entry:
+        """The entry in canonical form (sorted selectors), or a typed error: what `create` accepts."""
+        spiffe_id = self._check_id(entry.spiffe_id, "SPIFFE ID")
+        if is_reserved(parse_spiffe_id(spiffe_id).path):
+            raise SpiffeIdError(f"{spiffe_id} is reserved for the keyseal server and its node agents "
+                                f"({RESERVED_PATH}/...): give workloads another path")
+        parent_id = self._check_id(entry.parent_id, "parent")
+        if not entry.selectors or len(entry.selectors) > MAX_SELECTORS:
+            raise UsageError(f"give 1 to {MAX_SELECTORS} selectors (--selector unix:uid:1000)")
+        selectors = tuple(sorted({check_selector(s) for s in entry.selectors}))
+        if entry.x509_ttl < 0 or entry.jwt_ttl < 0:
+            raise UsageError("TTLs must be positive")
+        return Entry(entry.entry_id, spiffe_id, parent_id, selectors, entry.x509_ttl, entry.jwt_ttl)
+
     def create(self, spiffe_id: str, parent_id: str, selectors: tuple[str, ...], x509_ttl: int = 0,
                jwt_ttl: int = 0) -> Entry:
-        spiffe_id = self._check_id(spiffe_id, "SPIFFE ID")
-        parent_id = self._check_id(parent_id, "parent")
-        if not selectors or len(selectors) > MAX_SELECTORS:
-            raise UsageError(f"give 1 to {MAX_SELECTORS} selectors (--selector unix:uid:1000)")
-        selectors = tuple(sorted({check_selector(s) for s in selectors}))
-        if x509_ttl < 0 or jwt_ttl < 0:
-            raise UsageError("TTLs must be positive")
-        entry = Entry(secrets.token_hex(8), spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl)
+        return self._add(self.check(Entry(secrets.token_hex(8), spiffe_id, parent_id, selectors, x509_ttl,
+                                          jwt_ttl)))
 
+
+class DirectoryEntryStore(EntryStore):
+    def __init__(self, path: Path, trust_domain: str) -> None:
+        super().__init__(trust_domain)
+        self.file = _JsonFile(path)
+
+    def entries(self) -> list[Entry]:
+        return [Entry.from_json(e) for e in self.file.read().get("entries", [])]
+
+    def _add(self, entry: Entry) -> Entry:
         def add(data: dict[str, Any]) -> None:
             entries = data.setdefault("entries", [])
             for other in entries:
                 if (other["spiffe_id"], other["parent_id"], tuple(other["selectors"])) == \
-                        (spiffe_id, parent_id, selectors):
-                    raise UsageError(f"entry {other['entry_id']} already gives {spiffe_id} to these selectors")
+                        (entry.spiffe_id, entry.parent_id, entry.selectors):
+                    raise UsageError(f"entry {other['entry_id']} already gives {entry.spiffe_id} to these selectors")
             entries.append(entry.to_json())
 
         self.file.change(add)
@@ -183,32 +220,59 @@ class EntryStore:
         self.file.change(remove)
 
 
-class JoinTokens:
+class JoinTokens(abc.ABC):
     """One-time agent join tokens: only their SHA-256 is stored; redeeming one removes it."""
 
-    def __init__(self, path: Path, trust_domain: str) -> None:
-        self.file = _JsonFile(path)
+    def __init__(self, trust_domain: str) -> None:
         self.trust_domain = trust_domain
+
+    @abc.abstractmethod
+    def _add(self, digest: str, agent_id: str, expires: datetime) -> None:
+        """Store a token by its SHA-256 (hex)."""
+
+    @abc.abstractmethod
+    def _take(self, digest: str, now: datetime) -> str | None:
+        """Remove the token with this SHA-256 and return its agent ID, at most once over all callers; None when
+        it is unknown, already taken, or expired."""
 
     def issue(self, agent_name: str, ttl: timedelta, now: datetime | None = None) -> tuple[str, str]:
         """A new token and the SPIFFE ID the agent that redeems it will have."""
         if not _AGENT_NAME_RE.fullmatch(agent_name):
             raise UsageError("agent name: 1-128 letters, digits, '.', '_' or '-' (e.g. the node name)")
+        if ttl <= timedelta(0):
+            raise UsageError("the join token TTL must be positive (e.g. --ttl 10m)")
         token = secrets.token_urlsafe(32)
         agent_id = f"spiffe://{self.trust_domain}{AGENT_PATH}/{agent_name}"
-        expires = (now or datetime.now(UTC)) + ttl
-
-        def add(data: dict[str, Any]) -> None:
-            data.setdefault("tokens", {})[hashlib.sha256(token.encode()).hexdigest()] = {
-                "agent_id": agent_id, "expires": int(expires.timestamp())}
-
-        self.file.change(add)
+        self._add(token_digest(token), agent_id, (now or datetime.now(UTC)) + ttl)
         return token, agent_id
 
     def redeem(self, token: str, now: datetime) -> str | None:
         """The agent SPIFFE ID the token names, once; None for an unknown, used or expired token."""
-        digest = hashlib.sha256(token.encode()).hexdigest()
+        return self._take(token_digest(token), now)
 
+    def is_agent_id(self, agent_id: object) -> bool:
+        """Whether a stored token names an agent of this trust domain (what `issue` writes)."""
+        prefix = f"spiffe://{self.trust_domain}{AGENT_PATH}/"
+        return isinstance(agent_id, str) and agent_id.startswith(prefix) \
+            and _AGENT_NAME_RE.fullmatch(agent_id[len(prefix):]) is not None
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class DirectoryJoinTokens(JoinTokens):
+    def __init__(self, path: Path, trust_domain: str) -> None:
+        super().__init__(trust_domain)
+        self.file = _JsonFile(path)
+
+    def _add(self, digest: str, agent_id: str, expires: datetime) -> None:
+        def add(data: dict[str, Any]) -> None:
+            data.setdefault("tokens", {})[digest] = {"agent_id": agent_id, "expires": int(expires.timestamp())}
+
+        self.file.change(add)
+
+    def _take(self, digest: str, now: datetime) -> str | None:
         def take(data: dict[str, Any]) -> str | None:
             tokens = data.setdefault("tokens", {})
             found = tokens.pop(digest, None)
@@ -222,16 +286,19 @@ class JoinTokens:
         return result
 
 
-def _directory(config: Config) -> Path:
-    if config.store_type != "directory":
-        raise UsageError("registration entries and join tokens need store.type: directory (the Kubernetes store "
-                         "does not hold them yet)")
-    return config.store_path
+def entry_store_for(config: Config, api_client: Any = None) -> EntryStore:
+    """The entries of the server's store (`api_client`: a Kubernetes ApiClient, else from the environment)."""
+    if config.store_type == "kubernetes":
+        from keyseal.ca.entries_kube import KubeEntryStore
+
+        return KubeEntryStore.from_config(config, api_client)
+    return DirectoryEntryStore(config.store_path / f"{config.record_prefix}-entries.json", config.trust_domain)
 
 
-def entry_store_for(config: Config) -> EntryStore:
-    return EntryStore(_directory(config) / f"{config.record_prefix}-entries.json", config.trust_domain)
+def join_tokens_for(config: Config, api_client: Any = None) -> JoinTokens:
+    """The join tokens of the server's store (`api_client` as for `entry_store_for`)."""
+    if config.store_type == "kubernetes":
+        from keyseal.ca.entries_kube import KubeJoinTokens
 
-
-def join_tokens_for(config: Config) -> JoinTokens:
-    return JoinTokens(_directory(config) / f"{config.record_prefix}-join-tokens.json", config.trust_domain)
+        return KubeJoinTokens.from_config(config, api_client)
+    return DirectoryJoinTokens(config.store_path / f"{config.record_prefix}-join-tokens.json", config.trust_domain)

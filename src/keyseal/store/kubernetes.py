@@ -11,6 +11,8 @@ kept in this process's memory unless a file ledger is given (e.g. on a persisten
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keyseal.errors import (
@@ -34,6 +36,7 @@ PLURAL = "wrappedkeys"
 KIND = "WrappedKey"
 API_VERSION = f"{GROUP}/{VERSION}"
 REQUEST_TIMEOUT = (5.0, 20.0)  # connect, read (seconds)
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 def _kubernetes() -> Any:
@@ -44,6 +47,11 @@ def _kubernetes() -> Any:
             "the Kubernetes store needs the kubernetes client: pip install 'keyseal[k8s]'"
         ) from None
     return kubernetes
+
+
+def kubernetes_client() -> Any:
+    """The `kubernetes.client` module (a clear error when the extra is not installed)."""
+    return _kubernetes().client
 
 
 def api_client_from_environment(host: str | None = None) -> ApiClient:
@@ -64,6 +72,20 @@ def api_client_from_environment(host: str | None = None) -> ApiClient:
         configuration.host = host
     client: ApiClient = kubernetes.client.ApiClient(configuration)
     return client
+
+
+def resolve_namespace(configured: str | None, what: str = "keyseal's custom resources") -> str:
+    """store.kubernetes.namespace, else $POD_NAMESPACE, else the pod's service account namespace."""
+    if configured:
+        return configured
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text(encoding="ascii").strip()
+    except OSError:
+        raise UsageError(
+            f"store.kubernetes.namespace is not set and this is not a pod: set the namespace of {what}"
+        ) from None
 
 
 class KubernetesStore(RecordStore):
@@ -153,6 +175,16 @@ class KubernetesStore(RecordStore):
             f"cannot reach the Kubernetes API at {self._server} to {verb} {where} ({type(exc).__name__}): "
             f"check the cluster address and network"
         )
+
+
+def is_client_error(exc: Exception) -> bool:
+    """An API answer or a transport failure (not a bug in keyseal)."""
+    return _is_client_error(exc)
+
+
+def status_of(exc: Exception) -> int | None:
+    """The HTTP status of an API answer; None for a transport failure."""
+    return _status(exc)
 
 
 def _is_client_error(exc: Exception) -> bool:

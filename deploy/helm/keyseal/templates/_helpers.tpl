@@ -41,6 +41,13 @@ app.kubernetes.io/part-of: keyseal
 {{- default (printf "%s-kek" (include "keyseal.fullname" .)) .Values.localKek.existingSecret -}}
 {{- end -}}
 
+{{/* Where the PKCS#11 PIN Secret's key is mounted (read-only, 0400): the server's pkcs11.pinFile. */}}
+{{- define "keyseal.pkcs11PinDir" -}}/var/run/keyseal/pkcs11{{- end -}}
+
+{{- define "keyseal.pkcs11PinFile" -}}
+{{- printf "%s/pin" (include "keyseal.pkcs11PinDir" .) -}}
+{{- end -}}
+
 {{/* The server configuration: the server's sections of the values, with what the cluster decides filled in. */}}
 {{- define "keyseal.config" -}}
 {{- $store := deepCopy .Values.store -}}
@@ -56,6 +63,15 @@ app.kubernetes.io/part-of: keyseal
 {{- $_ := set $server.tls.selfIssued "dnsNames" (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) "localhost") -}}
 {{- $_ := set $server.tls.selfIssued "ipAddresses" (default (list "127.0.0.1") $server.tls.selfIssued.ipAddresses) -}}
 {{- end -}}
-{{- $config := dict "trustDomain" .Values.trustDomain "custody" .Values.custody "keyWrapping" .Values.keyWrapping "aws" .Values.aws "vault" .Values.vault "store" $store "ca" .Values.ca "x509SVID" .Values.x509SVID "jwtSVID" .Values.jwtSVID "bundle" .Values.bundle "server" $server "clients" .Values.clients "logLevel" .Values.logLevel -}}
+{{- $pkcs11 := dict "uri" .Values.pkcs11.uri "modulePath" .Values.pkcs11.modulePath "labelPrefix" .Values.pkcs11.labelPrefix -}}
+{{- if .Values.pkcs11.pinSecret.name -}}
+{{- $_ := set $pkcs11 "pinFile" (include "keyseal.pkcs11PinFile" .) -}}
+{{- end -}}
+{{- $config := dict "trustDomain" .Values.trustDomain "custody" .Values.custody "keyWrapping" .Values.keyWrapping "aws" .Values.aws "vault" .Values.vault "pkcs11" $pkcs11 "store" $store "ca" .Values.ca "x509SVID" .Values.x509SVID "jwtSVID" .Values.jwtSVID "bundle" .Values.bundle "server" $server "clients" .Values.clients "logLevel" .Values.logLevel -}}
 {{- toYaml $config -}}
 {{- end -}}
+
+{{/* The ConfigMap the server keeps the trust bundle in, for the agents' first contact. */}}
+{{- define "keyseal.agentBundleConfigMap" -}}
+{{ include "keyseal.fullname" . }}-agent-bundle
+{{- end }}

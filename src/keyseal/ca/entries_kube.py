@@ -1,0 +1,321 @@
+"""Registration entries and agent join tokens in the Kubernetes store: one custom resource each (group
+keyseal.dev, v1; deploy/crds/), in the namespace of the WrappedKey records.
+
+- `RegistrationEntry` `<recordPrefix>-entry-<entryID>`. `keyseal entry create` derives the ID from what the
+  entry means (SHA-256 of SPIFFE ID, parent and selectors) and creates the object: the API server refuses a
+  second create of the same name (409 AlreadyExists), so two writers can never both add the same entry, and
+  different entries are different objects, so no write is ever lost. Entries written by hand (kubectl apply)
+  may use any ID (lower-case letters, digits, '.', '-').
+- `JoinToken` `<recordPrefix>-join-<SHA-256 of the token>`: the token itself is never stored. Redeeming is a
+  get, then a delete with preconditions (uid and resourceVersion): the API server deletes an object once, so of
+  two replicas redeeming the same token exactly one gets 200 and joins the agent; the other gets 404 or 409.
+- The server re-lists entries at most once per `ENTRY_CACHE_SECONDS` (every agent syncs every few seconds).
+  A resource that is not a valid entry of this trust domain is skipped with a warning, never served.
+
+RBAC: the server needs list on registrationentries and get, delete on jointokens; `keyseal entry` (an
+operator's kubeconfig) needs create, list, delete on both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from keyseal.ca.entries import Entry, EntryStore, JoinTokens
+from keyseal.errors import AccessDeniedError, BackendUnavailableError, KeysealError, UsageError
+from keyseal.store.kubernetes import (
+    GROUP,
+    REQUEST_TIMEOUT,
+    VERSION,
+    api_client_from_environment,
+    is_client_error,
+    kubernetes_client,
+    resolve_namespace,
+    status_of,
+)
+
+if TYPE_CHECKING:
+    from kubernetes.client import CustomObjectsApi
+
+    from keyseal.ca.config import Config
+
+__all__ = ["ENTRY_CACHE_SECONDS", "KubeEntryStore", "KubeJoinTokens", "entry_id_for"]
+
+log = logging.getLogger(__name__)
+
+ENTRIES = "registrationentries"
+ENTRY_KIND = "RegistrationEntry"
+JOIN_TOKENS = "jointokens"
+JOIN_KIND = "JoinToken"
+ENTRY_CACHE_SECONDS = 1.0
+LIST_PAGE = 500
+_ENTRY_ID_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,61}[a-z0-9])?")
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def entry_id_for(spiffe_id: str, parent_id: str, selectors: tuple[str, ...]) -> str:
+    """The ID `keyseal entry create` gives an entry: the same meaning always gets the same ID."""
+    return hashlib.sha256(json.dumps([spiffe_id, parent_id, list(selectors)]).encode()).hexdigest()[:16]
+
+
+class _Resources:
+    """Calls on one plural of keyseal.dev in one namespace, with the API's failures made typed errors."""
+
+    def __init__(self, api: CustomObjectsApi, namespace: str, plural: str, server: str) -> None:
+        self.api, self.namespace, self.plural, self.server = api, namespace, plural, server
+
+    def where(self, name: str | None = None) -> str:
+        return f"{self.plural}.{GROUP} {self.namespace}" + (f"/{name}" if name else "")
+
+    def create(self, body: dict[str, Any]) -> bool:
+        """False when an object of that name exists already."""
+        try:
+            self.api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, self.plural, body,
+                                                     _request_timeout=REQUEST_TIMEOUT)
+        except Exception as exc:
+            if not is_client_error(exc):
+                raise
+            if status_of(exc) == 409:
+                return False
+            raise self.translate(exc, "create", body["metadata"]["name"]) from None
+        return True
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        try:
+            obj: dict[str, Any] = self.api.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, self.plural, name, _request_timeout=REQUEST_TIMEOUT)
+        except Exception as exc:
+            if not is_client_error(exc):
+                raise
+            if status_of(exc) == 404:
+                return None
+            raise self.translate(exc, "get", name) from None
+        return obj
+
+    def delete(self, name: str, preconditions: dict[str, str] | None = None) -> bool:
+        """False when the object is gone already or (with preconditions) changed: someone else deleted it."""
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": preconditions} \
+            if preconditions else None
+        try:
+            self.api.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, self.plural, name, body=body,
+                                                     _request_timeout=REQUEST_TIMEOUT)
+        except Exception as exc:
+            if not is_client_error(exc):
+                raise
+            if status_of(exc) in (404, 409):
+                return False
+            raise self.translate(exc, "delete", name) from None
+        return True
+
+    def list(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            options: dict[str, Any] = {"limit": LIST_PAGE}
+            if token:
+                options["_continue"] = token
+            try:
+                page = self.api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, self.plural,
+                                                              _request_timeout=REQUEST_TIMEOUT, **options)
+            except Exception as exc:
+                if not is_client_error(exc):
+                    raise
+                raise self.translate(exc, "list", None) from None
+            items.extend(i for i in page.get("items") or [] if isinstance(i, dict))
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+
+    def translate(self, exc: Exception, verb: str, name: str | None) -> KeysealError:
+        status = status_of(exc)
+        where = self.where(name)
+        if status in (401, 403):
+            return AccessDeniedError(
+                f"the Kubernetes API refused to {verb} {where} ({status}): grant the {verb} verb on "
+                f"{self.plural}.{GROUP} in namespace {self.namespace}")
+        if status == 404:
+            return UsageError(
+                f"the Kubernetes API does not serve {self.plural}.{GROUP} in namespace {self.namespace}: install "
+                f"the CRD (deploy/crds/{self.plural}.{GROUP}.yaml) and check the namespace exists")
+        if status is not None:
+            return KeysealError(f"the Kubernetes API refused to {verb} {where} (HTTP {status})")
+        return BackendUnavailableError(
+            f"cannot reach the Kubernetes API at {self.server} to {verb} {where} ({type(exc).__name__}): "
+            f"check the cluster address and network")
+
+
+def _resources(config: Config, api_client: Any, plural: str) -> _Resources:
+    client = api_client if api_client is not None else api_client_from_environment(config.kube_api_server)
+    namespace = resolve_namespace(config.kube_namespace, f"the {plural}.{GROUP} resources")
+    server = str(getattr(client.configuration, "host", "") or "")
+    return _Resources(kubernetes_client().CustomObjectsApi(client), namespace, plural, server)
+
+
+def _metadata(name: str, namespace: str) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "keyseal"}}
+
+
+class KubeEntryStore(EntryStore):
+    """Entries as `RegistrationEntry` resources."""
+
+    def __init__(self, resources: _Resources, trust_domain: str, record_prefix: str,
+                 cache_seconds: float = ENTRY_CACHE_SECONDS) -> None:
+        super().__init__(trust_domain)
+        self.resources = resources
+        self.prefix = record_prefix
+        self.cache_seconds = cache_seconds
+        self._name_re = re.compile(re.escape(record_prefix) + r"-entry-(" + _ENTRY_ID_RE.pattern + ")")
+        self._lock = threading.Lock()
+        self._cache: tuple[float, list[Entry]] | None = None
+        self._warned: set[tuple[str, str]] = set()
+
+    @classmethod
+    def from_config(cls, config: Config, api_client: Any = None) -> KubeEntryStore:
+        return cls(_resources(config, api_client, ENTRIES), config.trust_domain, config.record_prefix)
+
+    def _name(self, entry_id: str) -> str:
+        return f"{self.prefix}-entry-{entry_id}"
+
+    def entries(self) -> list[Entry]:
+        with self._lock:
+            now = time.monotonic()
+            if self._cache is not None and now - self._cache[0] < self.cache_seconds:
+                return list(self._cache[1])
+            found = sorted(self._read_all(), key=lambda e: e.entry_id)
+            self._cache = (now, found)
+            return list(found)
+
+    def _read_all(self) -> list[Entry]:
+        entries: list[Entry] = []
+        for obj in self.resources.list():
+            metadata = obj.get("metadata") or {}
+            match = self._name_re.fullmatch(str(metadata.get("name", "")))
+            if match is None:
+                continue  # another trust domain's entry (another record prefix), or not keyseal's
+            try:
+                entries.append(self._parse(match.group(1), obj.get("spec")))
+            except (KeysealError, KeyError, TypeError, ValueError) as exc:
+                stamp = (str(metadata.get("name")), str(metadata.get("resourceVersion")))
+                if stamp not in self._warned:
+                    self._warned.add(stamp)
+                    log.warning("skipped %s: not a valid registration entry of %s (%s)",
+                                self.resources.where(stamp[0]), self.trust_domain, str(exc)[:200])
+        return entries
+
+    def _parse(self, entry_id: str, spec: Any) -> Entry:
+        if not isinstance(spec, dict):
+            raise TypeError("no spec")
+        selectors = spec["selectors"]
+        x509_ttl, jwt_ttl = spec.get("x509SVIDTTL", 0), spec.get("jwtSVIDTTL", 0)
+        if not isinstance(selectors, list) or not all(isinstance(t, int) for t in (x509_ttl, jwt_ttl)):
+            raise TypeError("selectors must be a list, TTLs whole seconds")
+        entry = Entry(entry_id, str(spec["spiffeID"]), str(spec["parentID"]), tuple(selectors), x509_ttl, jwt_ttl)
+        return self.check(entry)
+
+    def _add(self, entry: Entry) -> Entry:
+        for other in self._fresh():
+            if (other.spiffe_id, other.parent_id, other.selectors) == \
+                    (entry.spiffe_id, entry.parent_id, entry.selectors):
+                raise UsageError(f"entry {other.entry_id} already gives {entry.spiffe_id} to these selectors")
+        entry = Entry(entry_id_for(entry.spiffe_id, entry.parent_id, entry.selectors), entry.spiffe_id,
+                      entry.parent_id, entry.selectors, entry.x509_ttl, entry.jwt_ttl)
+        spec: dict[str, Any] = {"spiffeID": entry.spiffe_id, "parentID": entry.parent_id,
+                                "selectors": list(entry.selectors)}
+        if entry.x509_ttl:
+            spec["x509SVIDTTL"] = entry.x509_ttl
+        if entry.jwt_ttl:
+            spec["jwtSVIDTTL"] = entry.jwt_ttl
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": ENTRY_KIND,
+                "metadata": _metadata(self._name(entry.entry_id), self.resources.namespace), "spec": spec}
+        created = self.resources.create(body)
+        self._forget()
+        if not created:
+            raise UsageError(f"entry {entry.entry_id} already gives {entry.spiffe_id} to these selectors")
+        return entry
+
+    def delete(self, entry_id: str) -> None:
+        if not _ENTRY_ID_RE.fullmatch(entry_id) or not self.resources.delete(self._name(entry_id)):
+            raise UsageError(f"no entry {entry_id[:40]!r}: see keyseal entry list")
+        self._forget()
+
+    def _fresh(self) -> list[Entry]:
+        self._forget()
+        return self.entries()
+
+    def _forget(self) -> None:
+        with self._lock:
+            self._cache = None
+
+
+class KubeJoinTokens(JoinTokens):
+    """Join tokens as `JoinToken` resources named by the token's SHA-256."""
+
+    def __init__(self, resources: _Resources, trust_domain: str, record_prefix: str) -> None:
+        super().__init__(trust_domain)
+        self.resources = resources
+        self.prefix = record_prefix
+
+    @classmethod
+    def from_config(cls, config: Config, api_client: Any = None) -> KubeJoinTokens:
+        return cls(_resources(config, api_client, JOIN_TOKENS), config.trust_domain, config.record_prefix)
+
+    def _name(self, digest: str) -> str:
+        return f"{self.prefix}-join-{digest}"
+
+    def _add(self, digest: str, agent_id: str, expires: datetime) -> None:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": JOIN_KIND,
+                "metadata": _metadata(self._name(digest), self.resources.namespace),
+                "spec": {"agentID": agent_id, "expiresAt": expires.astimezone(UTC).strftime(_TIME_FORMAT)}}
+        if not self.resources.create(body):
+            raise KeysealError("a join token with this digest exists already: issue another one")
+        self._purge_expired(datetime.now(UTC))
+
+    def _take(self, digest: str, now: datetime) -> str | None:
+        obj = self.resources.get(self._name(digest))
+        if obj is None:
+            return None
+        metadata = obj.get("metadata") or {}
+        preconditions = {k: metadata[k] for k in ("uid", "resourceVersion") if isinstance(metadata.get(k), str)}
+        if "resourceVersion" not in preconditions:
+            raise KeysealError(f"{self.resources.where(self._name(digest))}: the API server gave no "
+                               f"metadata.resourceVersion; refusing to redeem the token")
+        if not self.resources.delete(self._name(digest), preconditions):
+            return None  # another replica (or a concurrent request) redeemed it first
+        spec = obj.get("spec") or {}
+        agent_id = spec.get("agentID") if isinstance(spec, dict) else None
+        expires = _parse_time(spec.get("expiresAt") if isinstance(spec, dict) else None)
+        if expires is None or not self.is_agent_id(agent_id):
+            log.warning("refused %s: not a valid join token of %s", self.resources.where(self._name(digest)),
+                        self.trust_domain)
+            return None
+        if expires <= now:
+            return None
+        return str(agent_id)
+
+    def _purge_expired(self, now: datetime) -> None:
+        """Remove expired tokens of this prefix: best effort (an operator may lack list or delete)."""
+        pattern = re.compile(re.escape(self.prefix) + r"-join-[0-9a-f]{64}")
+        try:
+            for obj in self.resources.list():
+                metadata = obj.get("metadata") or {}
+                name = str(metadata.get("name", ""))
+                expires = _parse_time((obj.get("spec") or {}).get("expiresAt"))
+                if pattern.fullmatch(name) and expires is not None and expires <= now:
+                    self.resources.delete(name, {"resourceVersion": str(metadata.get("resourceVersion"))})
+        except KeysealError as exc:
+            log.info("expired join tokens were not removed: %s", exc.message)
+
+
+def _parse_time(text: object) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        return None
