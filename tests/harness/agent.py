@@ -3,8 +3,11 @@ Workload API socket in a directory that unprivileged test users can reach."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -13,18 +16,24 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from keyseal.agent.config import parse_agent_config
 from keyseal.agent.main import Agent
 from keyseal.ca.config import Config, parse_config
 from keyseal.ca.entries import entry_store_for, join_tokens_for
 from keyseal.ca.server import CaServer
+from keyseal.ca.tls import load_chain
 from tests.harness.ca import TRUST_DOMAIN, base_config
 
 AGENT_ID = f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-1"
 
 
-def start_server(tmp: Path, **overrides: Any) -> CaServer:
-    server = CaServer(parse_config(base_config(tmp, **overrides)), rotation_thread=False)
+def start_server(tmp: Path, clock: Any = None, **overrides: Any) -> CaServer:
+    extra = {"clock": clock} if clock is not None else {}
+    server = CaServer(parse_config(base_config(tmp, **overrides)), rotation_thread=False, **extra)
     server.start()
     server.start_background()
     return server
@@ -56,17 +65,23 @@ class Node:
         shutil.rmtree(self.socket.parent, ignore_errors=True)
 
 
-def start_agent(server: CaServer, tmp: Path, sync_interval: float = 0.3, token: str | None = None) -> Node:
+def start_agent(server: CaServer, tmp: Path, sync_interval: float = 0.3, token: str | None = None,
+                metrics: bool = False, bundle_pem: str | None = None, state_dir: Path | None = None) -> Node:
     config: Config = server.config
     if token is None:
         token, _ = join_tokens_for(config).issue("node-1", timedelta(minutes=5))
-    (tmp / "bundle.pem").write_text("".join(k.ca_pem for k, _ in server.manager.live()))
+    (tmp / "bundle.pem").write_text(bundle_pem or "".join(k.ca_pem for k, _ in server.manager.live()))
     sock = socket_dir() / "agent.sock"
-    agent_config = parse_agent_config({
+    data: dict[str, Any] = {
         "trustDomain": TRUST_DOMAIN, "serverURL": f"https://127.0.0.1:{server.port}",
         "trustBundleFile": str(tmp / "bundle.pem"), "joinToken": token, "socketPath": str(sock),
         "socketMode": "0666", "syncInterval": sync_interval,
-    }, environ={})
+    }
+    if metrics:
+        data["metrics"] = {"listen": "127.0.0.1:0"}
+    if state_dir is not None:
+        data["stateDir"] = str(state_dir)
+    agent_config = parse_agent_config(data, environ={})
     agent = Agent(agent_config)
     try:
         agent.start()
@@ -98,3 +113,33 @@ def fetch_as(uid: int, endpoint: str) -> str:
     result = subprocess.run([sys.executable, "-c", CHILD, endpoint, str(uid)], capture_output=True, text=True,
                             timeout=60, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin")}, check=False)
     return (result.stdout + result.stderr).strip()
+
+
+Identity = tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
+
+
+def tls_context(server: CaServer, identity: Identity | None, trust: str = "") -> ssl.SSLContext:
+    """Trust the server's live CAs (and `trust`, PEM: the CA of a serving certificate from files); present
+    `identity` (key, certificate) as the client certificate if given."""
+    context = ssl.create_default_context(cadata="".join(k.ca_pem for k, _ in server.manager.live()) + trust)
+    if identity is not None:
+        key, certificate = identity
+        load_chain(context, certificate.public_bytes(serialization.Encoding.PEM), key)
+    return context
+
+
+def post(connection: http.client.HTTPSConnection, path: str, document: dict[str, Any]) -> tuple[int, Any]:
+    connection.request("POST", path, body=json.dumps(document).encode(), headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read() or b"{}")
+
+
+def agent_call(server: CaServer, identity: Identity | None, path: str,
+               document: dict[str, Any] | None = None, trust: str = "") -> tuple[int, Any]:
+    """One POST on a new TLS connection; ssl.SSLError / ConnectionError when the handshake is refused."""
+    connection = http.client.HTTPSConnection("127.0.0.1", server.port,
+                                             context=tls_context(server, identity, trust), timeout=10)
+    try:
+        return post(connection, path, document if document is not None else {})
+    finally:
+        connection.close()

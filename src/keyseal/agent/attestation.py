@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["PeerCredentials", "peer_credentials", "selectors_of", "start_time"]
@@ -40,8 +41,9 @@ def peer_credentials(connection: socket.socket) -> PeerCredentials:
     return PeerCredentials(pid, uid, gid, start_time(pid))
 
 
-def selectors_of(peer: PeerCredentials) -> frozenset[str]:
-    """unix:uid:N, unix:gid:N and, when it can be read safely, unix:path:/exe."""
+def selectors_of(peer: PeerCredentials, on_race: Callable[[], None] = lambda: None) -> frozenset[str]:
+    """unix:uid:N, unix:gid:N and, when it can be read safely, unix:path:/exe (`on_race` is called when the
+    pid was reused while it was read)."""
     selectors = {f"unix:uid:{peer.uid}", f"unix:gid:{peer.gid}"}
     if peer.start is not None and peer.pid > 0:
         try:
@@ -53,4 +55,5 @@ def selectors_of(peer: PeerCredentials) -> frozenset[str]:
                 selectors.add(f"unix:path:{exe}")
             else:
                 log.warning("pid %d was replaced while it was attested: no path selector", peer.pid)
+                on_race()
     return frozenset(selectors)

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keyseal.agent.client import ServerClient, ServerRefusedError, make_csr
+from keyseal.agent.state import AgentState
 from keyseal.ca.entries import Entry
 from keyseal.errors import BackendUnavailableError, KeysealError
 
@@ -53,8 +54,9 @@ class CachedJwt:
 
 
 class AgentCache:
-    def __init__(self, client: ServerClient, trust_domain: str) -> None:
+    def __init__(self, client: ServerClient, trust_domain: str, state: AgentState | None = None) -> None:
         self.client = client
+        self.state = state
         self.trust_domain = trust_domain
         self.condition = threading.Condition()
         self.version = 0
@@ -65,6 +67,8 @@ class AgentCache:
         self.jwks = b""
         self.synced = threading.Event()
         self.server_reachable = True
+        self.last_sync: datetime | None = None
+        self.sync_failures = 0
         self.agent_expires: datetime | None = None
         self._agent_issued: datetime | None = None
 
@@ -90,11 +94,31 @@ class AgentCache:
         self.client.set_identity(key, certificate)
         self._agent_issued, self.agent_expires = _now(), certificate.not_valid_after_utc
         log.info("agent SVID %s valid until %s", answer["spiffeID"], answer["expiresAt"])
+        if self.state is not None:
+            try:
+                self.state.save(key, certificate)
+            except KeysealError as exc:
+                log.error("cannot save the agent SVID (a restart will need a new join token): %s", exc.message)
 
     def join(self, token: str) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
-        answer = self.client.call("/v1/agent/join", {"token": token, "csr": make_csr(key)}, signed=False)
+        self.client.forget_identity()  # a join is authenticated by the token alone
+        answer = self.client.call("/v1/agent/join", {"token": token, "csr": make_csr(key)})
         self._take_agent_svid(key, answer)
+        self._take_bundle(answer["bundle"])
+
+    def resume(self, key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate) -> None:
+        """Take up a saved agent SVID and renew it at once (over mTLS with it): ServerRefusedError if the
+        server no longer accepts it. If the server cannot be reached, the saved SVID is kept until it can."""
+        self.client.set_identity(key, certificate)
+        self._agent_issued, self.agent_expires = _now(), certificate.not_valid_after_utc
+        fresh = ec.generate_private_key(ec.SECP256R1())
+        try:
+            answer = self.client.call("/v1/agent/renew", {"csr": make_csr(fresh)})
+        except BackendUnavailableError as exc:
+            log.warning("%s: keeping the saved agent SVID until the server answers", exc.message)
+            return
+        self._take_agent_svid(fresh, answer)
         self._take_bundle(answer["bundle"])
 
     def _take_bundle(self, bundle: dict[str, Any]) -> bool:
@@ -143,13 +167,16 @@ class AgentCache:
             if not self.server_reachable:
                 log.info("the keyseal server is reachable again")
             self.server_reachable = True
+            self.last_sync = _now()
         except BackendUnavailableError as exc:
             if self.server_reachable:
                 log.warning("%s: serving %d cached X.509-SVIDs until they expire", exc.message, len(self.x509))
             self.server_reachable = False
+            self.sync_failures += 1
         except (ServerRefusedError, KeysealError, KeyError, ValueError) as exc:
             log.error("sync with the keyseal server failed: %s", exc)
             self.server_reachable = False
+            self.sync_failures += 1
         for entry_id, cached in list(self.x509.items()):
             if cached.expires <= _now():
                 log.warning("X.509-SVID %s expired and could not be renewed: no longer served",

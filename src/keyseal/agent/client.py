@@ -1,24 +1,21 @@
-"""The agent's HTTPS client for the trust-domain server: join with a token, then sign every call with a proof
-made by the agent SVID's key (see keyseal.ca.agents). The server is verified against the trust bundle, which the
-agent keeps up to date from the server itself."""
+"""The agent's HTTPS client for the trust-domain server: join with a token, then authenticate every call by
+mutual TLS with the agent's own X.509-SVID (see keyseal.ca.agents). A new SVID (renewal) or new trust anchors
+(a bundle change) close the connection, so the next call handshakes with them. The server is verified against
+the bootstrap trust bundle plus the trust domain's bundle, which the agent keeps up to date from the server."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import http.client
 import json
 import ssl
 import threading
-import time
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from keyseal.ca.agents import PROOF_AUDIENCE, PROOF_HEADER
+from keyseal.ca.tls import load_chain
 from keyseal.errors import BackendUnavailableError, KeysealError
 
 __all__ = ["ServerClient", "ServerRefusedError", "make_csr"]
@@ -34,34 +31,59 @@ class ServerRefusedError(KeysealError):
         self.status = status
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def make_csr(key: ec.EllipticCurvePrivateKey) -> str:
     csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
     return csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def _refused_certificate(exc: Exception) -> bool:
+    """The server sent a TLS alert about our certificate (expired, unknown CA, bad or missing)."""
+    reason = str(getattr(exc, "reason", "") or "") if isinstance(exc, ssl.SSLError) else ""
+    return "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason)
+
+
+def _unreachable(host: str, port: int, exc: Exception) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return (f"TLS with the keyseal server at {host}:{port} failed ({exc.reason or exc}): is the server's "
+                "certificate from a CA in the trust bundle?")
+    return f"cannot reach the keyseal server at {host}:{port}: {exc}"
 
 
 class ServerClient:
     def __init__(self, host: str, port: int, ca_pem: str) -> None:
         self.host, self.port = host, port
         self._lock = threading.Lock()
-        self._ca_pem = ca_pem
+        self._bootstrap_pem = ca_pem if ca_pem.endswith("\n") else ca_pem + "\n"
+        self._ca_pem = self._bootstrap_pem
         self._connection: http.client.HTTPSConnection | None = None
+        self._context: ssl.SSLContext | None = None
         self.key: ec.EllipticCurvePrivateKey | None = None
         self.certificate: x509.Certificate | None = None
 
-    def set_trust(self, ca_pem: str) -> None:
-        """New trust anchors (a bundle change): the next call opens a connection that uses them."""
+    def set_trust(self, bundle_pem: str) -> None:
+        """The trust domain's CA certificates changed (rotation): the next call opens a connection that trusts
+        them and the bootstrap trust bundle (which may hold the CA of a serving certificate from files)."""
+        ca_pem = self._bootstrap_pem + bundle_pem
         with self._lock:
             if ca_pem != self._ca_pem:
                 self._ca_pem = ca_pem
-                self._close()
+                self._reset()
 
     def set_identity(self, key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate) -> None:
+        """A new agent SVID: the next call opens a connection that presents it."""
         with self._lock:
             self.key, self.certificate = key, certificate
+            self._reset()
+
+    def forget_identity(self) -> None:
+        """No client certificate on the next connection (a join)."""
+        with self._lock:
+            self.key, self.certificate = None, None
+            self._reset()
+
+    def _reset(self) -> None:
+        self._close()
+        self._context = None
 
     def _close(self) -> None:
         if self._connection is not None:
@@ -72,28 +94,24 @@ class ServerClient:
         with self._lock:
             self._close()
 
-    def _proof(self, method: str, path: str, body: bytes) -> str:
-        assert self.key is not None and self.certificate is not None
-        header = {"alg": "ES256", "typ": "JWT",
-                  "x5c": [base64.b64encode(self.certificate.public_bytes(serialization.Encoding.DER)).decode()]}
-        payload = {"aud": PROOF_AUDIENCE, "htm": method, "htu": path, "iat": int(time.time()),
-                   "bh": _b64url(hashlib.sha256(body).digest())}
-        signing_input = _b64url(json.dumps(header).encode()) + "." + _b64url(json.dumps(payload).encode())
-        r, s = decode_dss_signature(self.key.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256())))
-        return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+    def _ssl_context(self) -> ssl.SSLContext:
+        """Verify the server; present the agent SVID once there is one (not at the join)."""
+        if self._context is None:
+            context = ssl.create_default_context(cadata=self._ca_pem)
+            if self.key is not None and self.certificate is not None:
+                load_chain(context, self.certificate.public_bytes(serialization.Encoding.PEM), self.key)
+            self._context = context
+        return self._context
 
-    def call(self, path: str, document: dict[str, Any], *, signed: bool = True) -> dict[str, Any]:
+    def call(self, path: str, document: dict[str, Any]) -> dict[str, Any]:
         """POST a JSON document; BackendUnavailableError when the server cannot be reached or answers 5xx."""
         body = json.dumps(document).encode()
         with self._lock:
             headers = {"Content-Type": "application/json"}
-            if signed:
-                headers[PROOF_HEADER] = self._proof("POST", path, body)
             for attempt in (1, 2):  # a kept-alive connection the server closed is retried once
                 if self._connection is None:
-                    context = ssl.create_default_context(cadata=self._ca_pem)
-                    self._connection = http.client.HTTPSConnection(self.host, self.port, context=context,
-                                                                   timeout=TIMEOUT)
+                    self._connection = http.client.HTTPSConnection(self.host, self.port,
+                                                                   context=self._ssl_context(), timeout=TIMEOUT)
                 try:
                     self._connection.request("POST", path, body=body, headers=headers)
                     response = self._connection.getresponse()
@@ -101,9 +119,13 @@ class ServerClient:
                     break
                 except (OSError, http.client.HTTPException) as exc:
                     self._close()
+                    if _refused_certificate(exc) and self.certificate is not None:
+                        reason = getattr(exc, "reason", "")
+                        raise ServerRefusedError(401, f"the keyseal server refused the agent SVID at the TLS "
+                                                      f"handshake ({reason}): it expired or its CA is no longer "
+                                                      f"trusted; a new join token is needed") from None
                     if attempt == 2:
-                        raise BackendUnavailableError(
-                            f"cannot reach the keyseal server at {self.host}:{self.port}: {exc}") from None
+                        raise BackendUnavailableError(_unreachable(self.host, self.port, exc)) from None
         try:
             answer = json.loads(raw)
         except ValueError:

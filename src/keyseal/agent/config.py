@@ -15,8 +15,9 @@ from keyseal.errors import InputError, UsageError
 __all__ = ["AgentConfig", "load_agent_config", "parse_agent_config"]
 
 _KEYS = {"trustDomain", "serverURL", "trustBundleFile", "joinToken", "joinTokenFile", "socketPath", "socketMode",
-         "socketGroup", "syncInterval", "logLevel"}
+         "socketGroup", "syncInterval", "logLevel", "metrics", "stateDir", "stateKekFile"}
 _URL_RE = re.compile(r"https://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})")
+_LISTEN_RE = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class AgentConfig:
     socket_group: int | None = None
     sync_interval: float = 5.0
     log_level: str = "info"
+    metrics_listen: tuple[str, int] | None = None  # off unless metrics.listen is set
+    state_dir: Path | None = None  # the agent SVID and its wrapped key, kept across restarts
+    state_kek_file: Path | None = None
 
 
 def _seconds(value: object, where: str) -> float:
@@ -39,6 +43,20 @@ def _seconds(value: object, where: str) -> float:
             raise UsageError(f"{where} must be longer than zero")
         return float(value)
     return parse_duration(value, where).total_seconds()
+
+
+def _metrics_listen(value: object) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"listen"}:
+        raise UsageError("metrics must be a mapping with one key, listen (e.g. listen: 127.0.0.1:9988)")
+    listen = value.get("listen")
+    if not listen:
+        return None
+    match = _LISTEN_RE.fullmatch(str(listen))
+    if match is None or int(match.group(2)) > 65535:
+        raise UsageError(f"metrics.listen={str(listen)[:60]!r} must be HOST:PORT, e.g. 127.0.0.1:9988")
+    return match.group(1).strip("[]"), int(match.group(2))
 
 
 def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> AgentConfig:
@@ -55,14 +73,25 @@ def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> Agen
     bundle = data.get("trustBundleFile")
     if not bundle:
         raise UsageError("trustBundleFile is missing: the server's CA certificates (PEM) or its bundle (JSON)")
+    state_dir = Path(str(data["stateDir"])) if data.get("stateDir") else None
+    node_name = environ.get("NODE_NAME", "")
+    for name in ("joinTokenFile", "stateKekFile"):
+        if "${NODE_NAME}" in str(data.get(name) or "") and not node_name:
+            raise UsageError(f"{name} names ${{NODE_NAME}} but NODE_NAME is not set (the downward API sets it)")
     token = data.get("joinToken") or environ.get("KEYSEAL_JOIN_TOKEN", "")
     if data.get("joinTokenFile"):
+        token_path = Path(str(data["joinTokenFile"]).replace("${NODE_NAME}", node_name))
         try:
-            token_path = str(data["joinTokenFile"]).replace("${NODE_NAME}", environ.get("NODE_NAME", ""))
-            token = Path(token_path).read_text(encoding="ascii").strip()
+            token = token_path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            if state_dir is None:  # with saved state, a node's token is needed only until its first join
+                raise InputError(f"cannot read joinTokenFile: {token_path} does not exist") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read joinTokenFile: {exc}") from None
-    if not token:
+    kek_text = str(data.get("stateKekFile") or "")
+    if data.get("stateKekFile") and state_dir is None:
+        raise UsageError("stateKekFile needs stateDir (where the agent keeps its SVID across restarts)")
+    if not token and state_dir is None:
         raise UsageError("no join token: set joinTokenFile or KEYSEAL_JOIN_TOKEN (keyseal entry join-token)")
     mode_text = str(data.get("socketMode", "0666"))
     if not re.fullmatch(r"0?[0-7]{3}", mode_text):
@@ -84,6 +113,10 @@ def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> Agen
         socket_group=group,
         sync_interval=_seconds(data.get("syncInterval", "5s"), "syncInterval"),
         log_level=level,
+        metrics_listen=_metrics_listen(data.get("metrics")),
+        state_dir=state_dir,
+        state_kek_file=(Path(kek_text.replace("${NODE_NAME}", node_name)) if kek_text
+                        else state_dir / "kek" if state_dir else None),
     )
 
 

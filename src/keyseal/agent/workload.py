@@ -29,6 +29,8 @@ from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from keyseal.agent.attestation import PeerCredentials, peer_credentials, selectors_of
 from keyseal.agent.cache import AgentCache
+from keyseal.agent.metrics import AgentMetrics
+from keyseal.ca.entries import Entry
 
 __all__ = ["WorkloadApiServer"]
 
@@ -124,31 +126,44 @@ class _Relay:
 
 
 class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
-    def __init__(self, cache: AgentCache, relay: _Relay, stop: threading.Event) -> None:
+    def __init__(self, cache: AgentCache, relay: _Relay, stop: threading.Event, metrics: AgentMetrics) -> None:
         self.cache = cache
         self.relay = relay
         self.stop = stop
+        self.metrics = metrics
 
     # -- common checks ------------------------------------------------------------------------------------
 
-    def _check_header(self, context: grpc.ServicerContext) -> None:
-        if HEADER not in tuple(context.invocation_metadata() or ()):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request")
+    def _abort(self, context: grpc.ServicerContext, method: str, code: grpc.StatusCode, message: str) -> None:
+        self.metrics.request(method, code.name.lower())
+        context.abort(code, message)
 
-    def _selectors(self, context: grpc.ServicerContext) -> frozenset[str]:
-        self._check_header(context)
+    def _check_header(self, context: grpc.ServicerContext, method: str) -> None:
+        if HEADER not in tuple(context.invocation_metadata() or ()):
+            self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request")
+
+    def _selectors(self, context: grpc.ServicerContext, method: str) -> frozenset[str]:
+        self._check_header(context, method)
         credentials = self.relay.credentials(context.peer())
         if credentials is None:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "the caller could not be attested")
+            self.metrics.attestation_failure("no_credentials")
+            self._abort(context, method, grpc.StatusCode.PERMISSION_DENIED, "the caller could not be attested")
         assert credentials is not None
         if not self.cache.synced.wait(FIRST_SYNC_WAIT):
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the agent has not synced with the keyseal server yet")
-        selectors = selectors_of(credentials)
+            self._abort(context, method, grpc.StatusCode.UNAVAILABLE,
+                        "the agent has not synced with the keyseal server yet")
+        selectors = selectors_of(credentials, lambda: self.metrics.attestation_failure("pid_replaced"))
         log.debug("attested pid %d: %s", credentials.pid, " ".join(sorted(selectors)))
         return selectors
 
-    def _x509_response(self, selectors: frozenset[str]) -> tuple[Any, grpc.StatusCode | None, str]:
+    def _matching(self, selectors: frozenset[str]) -> list[Entry]:
         entries = self.cache.matching(selectors)
+        if not entries:
+            self.metrics.attestation_failure("no_matching_entry")
+        return entries
+
+    def _x509_response(self, selectors: frozenset[str]) -> tuple[Any, grpc.StatusCode | None, str]:
+        entries = self._matching(selectors)
         if not entries:
             return None, grpc.StatusCode.PERMISSION_DENIED, "no identity issued"
         svids = []
@@ -162,15 +177,17 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                 "no valid X.509-SVID: the keyseal server is unreachable and the cached SVIDs expired")
         return workload_pb2.X509SVIDResponse(svids=svids), None, ""
 
-    def _stream(self, context: grpc.ServicerContext, build: Any) -> Iterator[Any]:
+    def _stream(self, context: grpc.ServicerContext, method: str, build: Any) -> Iterator[Any]:
         """Send `build()` now and again whenever the cache changes it; end with its error when it has one."""
         last = None
         while context.is_active() and not self.stop.is_set():
             version = self.cache.version
             response, code, message = build()
             if code is not None:
-                context.abort(code, message)
+                self._abort(context, method, code, message)
             if response != last:
+                if last is None:
+                    self.metrics.request(method, "ok")
                 last = response
                 yield response
             self.cache.wait_change(version, STREAM_POLL)
@@ -178,66 +195,71 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
     # -- the X.509-SVID profile ---------------------------------------------------------------------------
 
     def FetchX509SVID(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        selectors = self._selectors(context)
-        yield from self._stream(context, lambda: self._x509_response(selectors))
+        selectors = self._selectors(context, "FetchX509SVID")
+        yield from self._stream(context, "FetchX509SVID", lambda: self._x509_response(selectors))
 
     def FetchX509Bundles(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        self._selectors(context)
+        self._selectors(context, "FetchX509Bundles")
         domain = self.cache.trust_domain
-        yield from self._stream(context, lambda: (
+        yield from self._stream(context, "FetchX509Bundles", lambda: (
             workload_pb2.X509BundlesResponse(bundles={domain: self.cache.bundle_der}), None, ""))
 
     # -- the JWT-SVID profile -----------------------------------------------------------------------------
 
     def FetchJWTSVID(self, request: Any, context: grpc.ServicerContext) -> Any:
-        selectors = self._selectors(context)
+        method = "FetchJWTSVID"
+        selectors = self._selectors(context, method)
         audience = tuple(sorted(set(request.audience)))
         if not audience:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
-        entries = self.cache.matching(selectors)
+            self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+        entries = self._matching(selectors)
         if request.spiffe_id:
             entries = [e for e in entries if e.spiffe_id == request.spiffe_id]
         if not entries:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+            self._abort(context, method, grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
         svids = []
         for entry in entries:
             cached = self.cache.jwt_svid(entry, audience)
             if cached is not None:
                 svids.append(workload_pb2.JWTSVID(spiffe_id=entry.spiffe_id, svid=cached.token))
         if not svids:
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          "no valid JWT-SVID: the keyseal server is unreachable and no cached one is valid")
+            self._abort(context, method, grpc.StatusCode.UNAVAILABLE,
+                        "no valid JWT-SVID: the keyseal server is unreachable and no cached one is valid")
+        self.metrics.request(method, "ok")
         return workload_pb2.JWTSVIDResponse(svids=svids)
 
     def FetchJWTBundles(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        self._selectors(context)
+        self._selectors(context, "FetchJWTBundles")
         domain = self.cache.trust_domain
-        yield from self._stream(context, lambda: (
+        yield from self._stream(context, "FetchJWTBundles", lambda: (
             workload_pb2.JWTBundlesResponse(bundles={domain: self.cache.jwks}), None, ""))
 
     def ValidateJWTSVID(self, request: Any, context: grpc.ServicerContext) -> Any:
-        self._check_header(context)
+        method = "ValidateJWTSVID"
+        self._check_header(context, method)
         if not request.audience:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+            self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
         if not request.svid:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
+            self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
         from spiffe import JwtBundle, JwtSvid, TrustDomain
 
         try:
             bundle = JwtBundle.parse(TrustDomain(self.cache.trust_domain), self.cache.jwks)
             svid = JwtSvid.parse_and_validate(request.svid, bundle, {request.audience})
         except Exception as exc:  # the library raises several error types; all mean "not valid"
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the JWT-SVID is not valid: {exc}")
+            self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, f"the JWT-SVID is not valid: {exc}")
         claims = struct_pb2.Struct()
         payload = request.svid.split(".")[1]  # verified above; the library keeps its claims private
         claims.update(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
+        self.metrics.request(method, "ok")
         return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=claims)
 
 
 class WorkloadApiServer:
     """The gRPC server on a private socket, and the relay on the public one."""
 
-    def __init__(self, cache: AgentCache, socket_path: Path, mode: int, group: int | None) -> None:
+    def __init__(self, cache: AgentCache, socket_path: Path, mode: int, group: int | None,
+                 metrics: AgentMetrics | None = None) -> None:
         self._private = Path(tempfile.mkdtemp(prefix="keyseal-agent-"))  # mode 0700: only the agent connects
         internal = str(self._private / "grpc.sock")
         self.relay = _Relay(socket_path, mode, group, internal)
@@ -246,7 +268,7 @@ class WorkloadApiServer:
                                                              thread_name_prefix="keyseal-workload"),
                                   maximum_concurrent_rpcs=MAX_STREAMS)
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(  # type: ignore[no-untyped-call]
-            _Service(cache, self.relay, self._stop), self.server)
+            _Service(cache, self.relay, self._stop, metrics or AgentMetrics()), self.server)
         self.server.add_insecure_port(f"unix:{internal}")
 
     def start(self) -> None:

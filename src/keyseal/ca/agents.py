@@ -1,51 +1,36 @@
 """The node-agent endpoints of the API: join with a one-time token, then sync entries and obtain SVIDs for them.
 
-An agent proves who it is on every call with its own X.509-SVID (`spiffe://<td>/keyseal/agent/<name>`): the
-`X-Keyseal-Agent-Proof` header is a compact JWS signed by the SVID's key, carrying the SVID in `x5c` and binding
-the method, path, a hash of the body and the time. The server checks the SVID against its live keysets at
-request time, so the proof needs no TLS client authentication (it works with any serving certificate, and the
-CA rotation applies at once). A proof is good for PROOF_WINDOW seconds either side of the server's clock.
+After the join, an agent authenticates every call by mutual TLS with its own X.509-SVID
+(`spiffe://<td>/keyseal/agent/<name>`) as the client certificate. OpenSSL accepted the chain at handshake time,
+against the CA certificates the TLS context held then (and server.tls.clientCAFile); here the certificate is
+verified again, per request, against the live keysets at the server's clock, so a keyset that expired or a
+certificate from another CA the handshake trusts is refused, and it must be an agent's SPIFFE ID.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import logging
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from keyseal.ca.bundle import bundle_document
-from keyseal.ca.entries import AGENT_PATH, Entry, entry_store_for, join_tokens_for
+from keyseal.ca.entries import AGENT_PATH, Entry, EntryStore, JoinTokens, entry_store_for, join_tokens_for
 from keyseal.ca.jwtsvid import check_audience, issue_jwt_svid
 from keyseal.ca.spiffeid import parse_spiffe_id
 from keyseal.ca.x509svid import issue_x509_svid, parse_csr
-from keyseal.errors import UsageError
+from keyseal.errors import KeysealError, UsageError
 
 if TYPE_CHECKING:
     from keyseal.ca.api import Api, Request, Response
 
-__all__ = ["PROOF_AUDIENCE", "PROOF_HEADER", "PROOF_WINDOW", "agent_routes"]
+__all__ = ["agent_routes"]
 
 log = logging.getLogger(__name__)
-
-PROOF_HEADER = "x-keyseal-agent-proof"
-PROOF_AUDIENCE = "keyseal-agent-api"
-PROOF_WINDOW = 120
-MAX_PROOF = 8192
-
-
-def _b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def _time(moment: Any) -> str:
@@ -55,8 +40,21 @@ def _time(moment: Any) -> str:
 class AgentApi:
     def __init__(self, api: Api) -> None:
         self.api = api
-        self.entries = entry_store_for(api.config)
-        self.tokens = join_tokens_for(api.config)
+        self._entries: EntryStore | None = None
+        self._tokens: JoinTokens | None = None
+
+    @property
+    def entries(self) -> EntryStore:
+        """The server store's entries, opened at the first agent call (a Kubernetes store needs its API)."""
+        if self._entries is None:
+            self._entries = entry_store_for(self.api.config)
+        return self._entries
+
+    @property
+    def tokens(self) -> JoinTokens:
+        if self._tokens is None:
+            self._tokens = join_tokens_for(self.api.config)
+        return self._tokens
 
     # -- helpers ------------------------------------------------------------------------------------------
 
@@ -71,46 +69,33 @@ class AgentApi:
         return _json(200, document)
 
     def _agent(self, request: Request) -> str:
-        """The SPIFFE ID of the agent whose proof this request carries (401 otherwise)."""
-        proof = request.headers.get(PROOF_HEADER, "")
+        """The SPIFFE ID of the agent whose X.509-SVID is this connection's client certificate (401 otherwise)."""
+        if request.peer_certificate is None:
+            log.warning("refused %s from %s: no client certificate", request.path, request.peer)
+            raise self._refuse(401, "unauthenticated",
+                               "present the agent's X.509-SVID as the TLS client certificate (join first)")
         try:
-            agent_id = self._verify_proof(proof, request)
-        except (ValueError, KeyError, TypeError, InvalidSignature, VerificationError) as exc:
-            log.warning("refused %s from %s: bad agent proof (%s)", request.path, request.peer,
-                        type(exc).__name__ if not isinstance(exc, ValueError) else str(exc)[:120])
-            raise self._refuse(401, "unauthenticated", "send a valid agent proof (join first)") from None
-        return agent_id
+            return self._verify_agent(request.peer_certificate)
+        except (ValueError, VerificationError, KeysealError) as exc:
+            log.warning("refused %s from %s: the client certificate is not a valid agent SVID (%s)", request.path,
+                        request.peer, str(exc)[:160])
+            raise self._refuse(401, "unauthenticated", "the client certificate is not a valid agent X.509-SVID of "
+                                                       "this trust domain: renew it in time, or join again") from None
 
-    def _verify_proof(self, proof: str, request: Request) -> str:
-        if not proof or len(proof) > MAX_PROOF:
-            raise ValueError("no proof")
-        header_b64, payload_b64, signature_b64 = proof.split(".")
-        header = json.loads(_b64url_decode(header_b64))
-        payload = json.loads(_b64url_decode(payload_b64))
-        if header.get("alg") != "ES256" or len(header.get("x5c", [])) != 1:
-            raise ValueError("proof header must be ES256 with one x5c certificate")
-        leaf = x509.load_der_x509_certificate(base64.b64decode(header["x5c"][0]))
+    def _verify_agent(self, der: bytes) -> str:
+        leaf = x509.load_der_x509_certificate(der)
         now = self.api.manager.clock()
         authorities = [k.ca_certificate for k, _ in self.api.manager.live(now)]
+        if not authorities:
+            raise ValueError("no live CA")
         verifier = PolicyBuilder().store(Store(authorities)).time(now).build_client_verifier()
         verified = verifier.verify(leaf, [])
         uris = [s.value for s in verified.subjects or [] if isinstance(s, x509.UniformResourceIdentifier)]
         agent_prefix = f"spiffe://{self.api.config.trust_domain}{AGENT_PATH}/"
-        if len(uris) != 1 or not uris[0].startswith(agent_prefix):
-            raise ValueError("the certificate is not an agent SVID")
-        key = leaf.public_key()
-        raw = _b64url_decode(signature_b64)
-        if not isinstance(key, ec.EllipticCurvePublicKey) or len(raw) != 64:
-            raise ValueError("the agent key must be ECDSA P-256")
-        signature = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
-        key.verify(signature, f"{header_b64}.{payload_b64}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
-        body_hash = base64.urlsafe_b64encode(hashlib.sha256(request.body).digest()).rstrip(b"=").decode()
-        if (payload.get("aud") != PROOF_AUDIENCE or payload.get("htm") != request.method
-                or payload.get("htu") != request.path or payload.get("bh") != body_hash):
-            raise ValueError("the proof is for another request")
-        issued = payload.get("iat")
-        if not isinstance(issued, int) or abs(issued - now.timestamp()) > PROOF_WINDOW:
-            raise ValueError("the proof is too old or from the future (check the clocks)")
+        if len(uris) != 1 or not uris[0].startswith(agent_prefix) or "/" in uris[0][len(agent_prefix):] \
+                or uris[0] == agent_prefix:
+            raise ValueError(f"{str(uris)[:100]} is not an agent SPIFFE ID ({agent_prefix}<name>)")
+        parse_spiffe_id(uris[0])
         return str(uris[0])
 
     def _issue(self, spiffe_id: str, csr: object, ttl: timedelta) -> dict[str, Any]:
@@ -187,9 +172,7 @@ class AgentApi:
 
 
 def agent_routes(api: Api) -> dict[str, tuple[str, Callable[[Request], Response]]]:
-    """The agent endpoints, for Api's route table; none when the store cannot hold entries."""
-    if api.config.store_type != "directory":
-        return {}
+    """The agent endpoints, for Api's route table."""
     agents = AgentApi(api)
     return {
         "/v1/agent/join": ("POST", agents.join),

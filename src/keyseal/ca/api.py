@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -22,7 +22,7 @@ from keyseal.ca.jwtsvid import check_audience, issue_jwt_svid
 from keyseal.ca.manager import KeysetManager, NoActiveKeysetError
 from keyseal.ca.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from keyseal.ca.metrics import Metrics
-from keyseal.ca.spiffeid import SpiffeId, SpiffeIdError, parse_spiffe_id
+from keyseal.ca.spiffeid import RESERVED_PATH, SpiffeId, SpiffeIdError, is_reserved, parse_spiffe_id
 from keyseal.ca.x509svid import issue_x509_svid, parse_csr
 from keyseal.errors import KeysealError, UsageError
 
@@ -65,7 +65,8 @@ def _json(status: int, document: dict[str, Any]) -> Response:
 
 
 def _time(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """RFC 3339 UTC, whole seconds."""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
 class Api:
@@ -185,6 +186,11 @@ class Api:
         return spiffe_id
 
     def _authorize(self, principal: Principal, spiffe_id: SpiffeId, request: Request) -> None:
+        if is_reserved(spiffe_id.path):
+            log.warning("refused %s from %s: client %s asked for %s, a path reserved for the server and its "
+                        "node agents", request.path, request.peer, principal.name, spiffe_id)
+            raise _Refused(403, "forbidden", f"{spiffe_id} is reserved for the keyseal server and its node agents "
+                                             f"({RESERVED_PATH}/...): no client may obtain it")
         if not principal.may_ask_for(spiffe_id.path):
             log.warning("refused %s from %s: client %s asked for %s, outside its allowed prefixes %s",
                         request.path, request.peer, principal.name, spiffe_id, ", ".join(principal.prefixes))

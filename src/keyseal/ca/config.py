@@ -22,6 +22,7 @@ __all__ = [
     "CA_KEY_TYPES",
     "ClientConfig",
     "Config",
+    "default_alias_prefix",
     "load_config",
     "parse_config",
     "parse_duration",
@@ -37,6 +38,11 @@ _RECORD_PREFIX_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,150}[a-z0-9])?")
 _ALIAS_PREFIX_RE = re.compile(r"[a-zA-Z0-9/_-]{1,150}")
 _NAMESPACE_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
+
+
+def default_alias_prefix(trust_domain: str) -> str:
+    """Where custody kms puts its CA keys' aliases unless aws.keyManager.aliasPrefix says otherwise."""
+    return f"keyseal/{trust_domain.replace('.', '_')}"
 
 def parse_duration(text: object, where: str) -> timedelta:
     """`90s`, `5m`, `1h`, `1h30m`, `7d` (or a whole number of seconds): a positive duration."""
@@ -94,12 +100,24 @@ class VaultConfig:
 
 
 @dataclass(frozen=True)
+class Pkcs11Config:
+    """The token that holds the CA keys (`custody: pkcs11`): a URI naming the token only, the module, and the
+    PIN from a file (else KEYSEAL_PKCS11_PIN). Never a PIN in the values."""
+
+    uri: str
+    label_prefix: str
+    module_path: str | None = None
+    pin_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     trust_domain: str
-    custody: Literal["wrapped", "kms"] = "wrapped"
+    custody: Literal["wrapped", "kms", "pkcs11"] = "wrapped"
     wrapping_provider: Literal["local", "awskms", "vault"] = "local"
     local_kek_file: Path | None = None
     vault: VaultConfig | None = None
+    pkcs11: Pkcs11Config | None = None
     kms_key_arn: str | None = None
     aws_region: str | None = None
     kms_endpoint: str | None = None
@@ -248,11 +266,12 @@ def parse_config(data: object) -> Config:
     if not trust_domain:
         raise UsageError("trustDomain is missing: set it to the SPIFFE trust domain, e.g. example.org")
     check_trust_domain(trust_domain)
-    custody = root.choice("custody", ("wrapped", "kms"), "wrapped")
+    custody = root.choice("custody", ("wrapped", "kms", "pkcs11"), "wrapped")
     values: dict[str, Any] = {"trust_domain": trust_domain, "custody": custody}
     values.update(_wrapping(root.section("keyWrapping")))
     values.update(_aws(root.section("aws"), trust_domain))
     values["vault"] = _vault(root.section("vault"), values["wrapping_provider"] == "vault" and custody == "wrapped")
+    values["pkcs11"] = _pkcs11(root.section("pkcs11"), custody, trust_domain, values)
     _exactly_one_provider(custody, values)
     if custody == "wrapped" and values["wrapping_provider"] == "awskms":
         arn = values["kms_key_arn"]
@@ -291,6 +310,50 @@ def _exactly_one_provider(custody: str, values: dict[str, Any]) -> None:
     if provider == "vault" and values["kms_key_arn"]:
         raise UsageError("aws.kmsKeyARN is set but keyWrapping.provider is vault: configure exactly one KEK "
                          "provider (set provider: awskms, or empty aws.kmsKeyARN)")
+
+
+_PKCS11_LABEL_PREFIX_RE = re.compile(r"[A-Za-z0-9._/:-]{0,100}")
+
+
+def _pkcs11(section: _Section, custody: str, trust_domain: str, values: dict[str, Any]) -> Pkcs11Config | None:
+    """`pkcs11:` for `custody: pkcs11`; set with another custody (or with a KEK) it is a mistake, not ignored."""
+    uri, module_path, pin_file = section.text("uri"), section.text("modulePath"), section.text("pinFile")
+    label_prefix = section.text("labelPrefix")
+    section.done()
+    if custody != "pkcs11":
+        if uri or module_path or pin_file or label_prefix:
+            raise UsageError(f"the pkcs11 section is set but custody is {custody}: set custody: pkcs11, or remove "
+                             "the pkcs11 section")
+        return None
+    if values["kms_key_arn"] or values["vault"] is not None:
+        raise UsageError("custody: pkcs11 keeps the CA keys in the token: remove aws.kmsKeyARN and vault.transitKey "
+                         "(configure exactly one custody provider)")
+    if not uri:
+        raise UsageError("pkcs11.uri is required when custody is pkcs11: name the token, e.g. pkcs11:token=ca")
+    from keyseal import pkcs11uri
+    from keyseal.errors import KeysealError
+
+    try:
+        parsed = pkcs11uri.parse(uri)
+    except KeysealError as exc:
+        raise UsageError(f"pkcs11.uri: {exc.message}") from None
+    shown = parsed.redacted()
+    if any(name in parsed.path for name in ("object", "id", "type")):
+        raise UsageError(f"pkcs11.uri={shown!r} must name the token only: remove object=, id= and type= "
+                         "(keyseal labels the CA keys itself, see pkcs11.labelPrefix)")
+    if "module-path" in parsed.query and module_path:
+        raise UsageError("pkcs11.modulePath and module-path= in pkcs11.uri are both set: keep one")
+    if "module-name" in parsed.query:
+        raise UsageError("pkcs11.uri: module-name= is not supported: set pkcs11.modulePath to the module's .so path")
+    if "pin-source" in parsed.query and pin_file:
+        raise UsageError("pkcs11.pinFile and pin-source= in pkcs11.uri are both set: keep pkcs11.pinFile")
+    if "pin-value" in parsed.query and pin_file:
+        raise UsageError("pkcs11.pinFile and pin-value= in pkcs11.uri are both set: keep pkcs11.pinFile and "
+                         "remove pin-value= (it puts the PIN in the configuration in the clear)")
+    prefix = f"keyseal/{trust_domain}/" if label_prefix is None else label_prefix
+    if not _PKCS11_LABEL_PREFIX_RE.fullmatch(prefix):
+        raise UsageError(f"pkcs11.labelPrefix={prefix!r}: use at most 100 letters, digits and . _ / : -")
+    return Pkcs11Config(uri=uri, label_prefix=prefix, module_path=module_path, pin_file=pin_file)
 
 
 def _vault(vault: _Section, required: bool) -> VaultConfig | None:
@@ -334,7 +397,7 @@ def _aws(aws: _Section, trust_domain: str) -> dict[str, Any]:
     kms_endpoint = endpoints.text("kms")
     endpoints.done()
     key_manager = aws.section("keyManager")
-    alias_prefix = key_manager.text("aliasPrefix") or f"keyseal/{trust_domain.replace('.', '_')}"
+    alias_prefix = key_manager.text("aliasPrefix") or default_alias_prefix(trust_domain)
     key_manager.done()
     aws.done()
     if alias_prefix.startswith(("aws/", "alias/")) or not _ALIAS_PREFIX_RE.fullmatch(alias_prefix):

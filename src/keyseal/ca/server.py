@@ -7,13 +7,17 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
 
 from keyseal.aws import observe_kms_calls
 from keyseal.ca import signing_audit
 from keyseal.ca.api import Api
 from keyseal.ca.auth import Authenticator
+from keyseal.ca.bundle_configmap import BundleConfigMap
 from keyseal.ca.config import CA_KEY_TYPES, Config
 from keyseal.ca.httpd import TlsHttpServer
 from keyseal.ca.manager import Clock, KeysetManager, system_clock
@@ -52,6 +56,12 @@ def build_source(config: Config, kube_api_client: Any = None) -> KeysetSource:
 
         return KmsKeysetSource(config.trust_domain, config.kms_alias_prefix, x509_type, jwt_type,
                                endpoint=config.kms_endpoint, region=config.aws_region)
+    if config.custody == "pkcs11" and config.pkcs11 is not None:
+        from keyseal.ca.pkcs11_source import Pkcs11KeysetSource
+
+        token = config.pkcs11
+        return Pkcs11KeysetSource(config.trust_domain, token.uri, token.label_prefix, x509_type, jwt_type,
+                                  module_path=token.module_path, pin_file=token.pin_file)
     from keyseal.ca.wrapped_source import WrappedKeysetSource
     from keyseal.store import RecordStore
     from keyseal.wrapping.kek import KekProvider, parse_kek
@@ -97,10 +107,15 @@ class CaServer:
         self.source = source or build_source(config, kube_api_client)
         self.manager = KeysetManager(self.source, config.trust_domain, config.ca_ttl, config.refresh_hint, clock)
         self.api = Api(config, self.manager, Authenticator(config.clients), self.metrics)
+        # In a cluster the node agents read their first trust bundle from a ConfigMap this server keeps current
+        # (the chart names it in $KEYSEAL_BUNDLE_CONFIGMAP); elsewhere there is none.
+        self.bundle_configmap = BundleConfigMap.from_environment(kube_api_client, config.kube_api_server)
         self.tls = TlsContexts(config)
         self.httpd: TlsHttpServer | None = None
         self._rotation = rotation_thread
-        self._periodic = config.custody == "wrapped"
+        # Reading records or a local token costs no KMS call: re-read every refresh hint to see a keyset another
+        # replica made (for pkcs11, also to converge on the same one if two writers raced; see pkcs11_source).
+        self._periodic = config.custody in ("wrapped", "pkcs11")
         self._stop = threading.Event()
         self._serving = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -113,7 +128,9 @@ class CaServer:
     def start(self) -> None:
         """Check the custody, load or create the keyset, issue the serving certificate, bind the port."""
         self.manager.start()
-        self.tls.renew(self.manager.active_keyset() or self.manager.loaded()[-1], self.clock())
+        now = self.clock()
+        self.tls.renew(self.manager.active_keyset(now) or self.manager.loaded()[-1], now, self._authorities(now))
+        self._publish_bundle(now)
         try:
             self.httpd = TlsHttpServer(self.config.listen_host, self.config.listen_port, self.api, self.tls.current)
         except OSError as exc:
@@ -165,7 +182,16 @@ class CaServer:
             self.manager.log_transitions()
         active = self.manager.active_keyset(now)
         if active is not None:
-            self.tls.renew(active, now)
+            self.tls.renew(active, now, self._authorities(now))
+        self._publish_bundle(now)
+
+    def _publish_bundle(self, now: datetime) -> None:
+        if self.bundle_configmap is not None:
+            self.bundle_configmap.publish_logged([k for k, _ in self.manager.live(now)], self.config.refresh_hint)
+
+    def _authorities(self, now: datetime) -> list[x509.Certificate]:
+        """The live CA certificates: what a node agent's client certificate (its SVID) may chain to."""
+        return [keyset.ca_certificate for keyset, _ in self.manager.live(now)]
 
     def _rotation_loop(self) -> None:
         while not self._stop.wait(TICK_SECONDS):

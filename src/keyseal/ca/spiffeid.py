@@ -7,8 +7,9 @@ segments, a port, a query) is refused with a message naming the rule.
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from keyseal.errors import UsageError
 
@@ -17,6 +18,7 @@ __all__ = [
 ]
 
 MAX_ID_BYTES = 2048
+PARSED_CACHE_SIZE = 4096
 _TRUST_DOMAIN_RE = re.compile(r"[a-z0-9._-]+")
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -29,9 +31,13 @@ class SpiffeIdError(UsageError):
 class SpiffeId:
     trust_domain: str
     path: str  # "" or "/seg/seg"
+    uri: str = field(init=False, repr=False, compare=False)  # spiffe://trust-domain/path, built once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "uri", f"spiffe://{self.trust_domain}{self.path}")
 
     def __str__(self) -> str:
-        return f"spiffe://{self.trust_domain}{self.path}"
+        return self.uri
 
 
 def check_trust_domain(name: str) -> str:
@@ -65,6 +71,13 @@ def parse_spiffe_id(text: str) -> SpiffeId:
     """Parse `spiffe://trust-domain/path`; the root ID (no path) parses too (callers decide)."""
     if not isinstance(text, str) or not text:
         raise SpiffeIdError("missing SPIFFE ID: give spiffe://<trust domain>/<path>")
+    return _parse_spiffe_id(text)
+
+
+@functools.lru_cache(maxsize=PARSED_CACHE_SIZE)
+def _parse_spiffe_id(text: str) -> SpiffeId:
+    """The parse itself, remembered: a server is asked for the same few IDs over and over, and the checks
+    cost as much as building the SVID's extensions. Refusals raise, so they are never remembered."""
     if len(text.encode()) > MAX_ID_BYTES:
         raise SpiffeIdError(f"SPIFFE ID is longer than {MAX_ID_BYTES} bytes")
     scheme, sep, rest = text.partition("://")
@@ -86,6 +99,16 @@ def check_path_prefix(prefix: str) -> str:
     if prefix == "/":
         return prefix
     return _check_path(prefix, "allowed path prefix")
+
+
+RESERVED_PATH = "/keyseal"
+
+
+def is_reserved(path: str) -> bool:
+    """Whether a path names the server itself or a node agent (/keyseal, /keyseal/...). Those identities are
+    issued only by the server (its serving certificate, an agent's join and renewal), never to a client or a
+    registration entry: an agent ID is what the server trusts on an agent's mTLS connection."""
+    return path == RESERVED_PATH or path.startswith(RESERVED_PATH + "/")
 
 
 def path_allowed(path: str, prefixes: tuple[str, ...]) -> bool:
