@@ -66,9 +66,10 @@ def peak_rss_mb() -> float:
 @functools.cache
 def _targets() -> dict[str, object]:
     from fuzz.formats import shared_format_targets
+    from fuzz.server import shared_server_targets
     from fuzz.targets import shared_targets
 
-    return {**shared_targets(), **shared_format_targets()}
+    return {**shared_targets(), **shared_format_targets(), **shared_server_targets()}
 
 
 def decode_input(name: str, data: bytes) -> bytes:

@@ -1,0 +1,84 @@
+"""Fuzz properties for what the trust-domain server reads from clients: the CSR parser, the JSON bodies of the
+issuance API (through `Api.handle`), and the raw HTTP/1.1 requests its listener parses. Whatever the input, the
+server answers with a client error or a success, never an internal error, an exception or a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+
+import pytest
+from fuzz.server import ServerCrash, shared_server_targets
+from fuzz.targets import run_one
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+EXAMPLES = int(os.environ.get("KEYSEAL_FUZZ_EXAMPLES", "200"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=5), database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+NAMES = ("csr", "x509_request", "jwt_request", "http_request")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@FUZZ
+@given(data=st.binary(max_size=2048))
+def test_random_bytes_are_refused_cleanly(name: str, data: bytes) -> None:
+    run_one(shared_server_targets()[name], data)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@FUZZ
+@given(program=st.binary(min_size=1, max_size=96))
+def test_mutated_valid_requests_are_refused_cleanly(name: str, program: bytes) -> None:
+    target = shared_server_targets()[name]
+    run_one(target, target.mutant(program))
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                                 max_size=4), max_leaves=12)
+
+
+@FUZZ
+@given(fields=st.dictionaries(st.sampled_from(["spiffeID", "csr", "audience", "ttlSeconds", "x"]), _JSON))
+def test_any_json_object_gets_a_client_answer(fields: dict[str, object]) -> None:
+    for name in ("x509_request", "jwt_request"):
+        run_one(shared_server_targets()[name], json.dumps(fields).encode())
+
+
+def test_seeds_are_accepted_and_the_checks_can_fail() -> None:
+    targets = shared_server_targets()
+    for name in NAMES:
+        assert [run_one(targets[name], seed) for seed in targets[name].seeds] == ["accepted"] * len(
+            targets[name].seeds), name
+    assert run_one(targets["x509_request"], b'{"spiffeID": "spiffe://example.org/other/x"}') == "rejected"
+    assert run_one(targets["http_request"], b"BREW /pot HTCPCP/1.0\r\n\r\n") == "rejected"
+    with pytest.raises(ServerCrash, match="not HTTP"):
+        from fuzz.server import _statuses
+
+        _statuses(b"Traceback (most recent call last):\r\n\r\n")
+
+
+def test_regression_csr_with_an_unknown_key_algorithm() -> None:
+    """A CSR whose key names an algorithm cryptography does not know (id-ecPublicKey with its first arc changed)
+    made the signature check raise UnsupportedAlgorithm: the API answered 500. Now a 400 like any bad CSR."""
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keyseal.ca.x509svid import CsrError, parse_csr
+
+    request = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
+        ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+    der = request.public_bytes(serialization.Encoding.DER)
+    id_ec_public_key = bytes.fromhex("2a8648ce3d0201")
+    assert der.count(id_ec_public_key) == 1
+    damaged = der.replace(id_ec_public_key, bytes.fromhex("2b8648ce3d0201"))
+    text = base64.b64encode(damaged).decode()
+    with pytest.raises(CsrError, match="does not accept"):
+        parse_csr(text)
+    body = json.dumps({"spiffeID": "spiffe://example.org/ns/a/web", "csr": text}).encode()
+    assert run_one(shared_server_targets()["x509_request"], body) == "rejected"
