@@ -82,3 +82,53 @@ def test_regression_csr_with_an_unknown_key_algorithm() -> None:
         parse_csr(text)
     body = json.dumps({"spiffeID": "spiffe://example.org/ns/a/web", "csr": text}).encode()
     assert run_one(shared_server_targets()["x509_request"], body) == "rejected"
+
+
+@pytest.mark.parametrize("name", ["x509_request", "jwt_request"])
+def test_regression_a_huge_ttl_is_the_limit(name: str) -> None:
+    """`ttlSeconds` beyond what a timedelta holds raised OverflowError: a 500. A TTL only ever shortens the
+    server's limit, so any value above it is the limit."""
+    target = shared_server_targets()[name]
+    fields = json.loads(target.seeds[0])
+    for ttl in (10**30, 2**63, 86_400 * 10**6):
+        assert run_one(target, json.dumps({**fields, "ttlSeconds": ttl}).encode()) == "accepted"
+
+
+def test_entry_ttls_are_bounded(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from keyseal.ca.config import parse_config
+    from keyseal.ca.entries import MAX_ENTRY_TTL, entry_store_for
+    from keyseal.errors import UsageError
+
+    work = Path(str(tmp_path))
+    config = parse_config({"trustDomain": "example.org", "keyWrapping": {"provider": "local", "local": {
+        "kekFile": str(work / "kek")}}, "store": {"type": "directory", "directory": {"path": str(work / "store")}}})
+    store = entry_store_for(config)
+    parent = "spiffe://example.org/keyseal/agent/node-1"
+    with pytest.raises(UsageError, match="at most"):
+        store.create("spiffe://example.org/ns/a/web", parent, ("unix:uid:1000",), x509_ttl=10**30)
+    store.create("spiffe://example.org/ns/a/web", parent, ("unix:uid:1000",), x509_ttl=MAX_ENTRY_TTL)
+
+
+def test_regression_csr_version_and_lone_surrogates() -> None:
+    """Two more 500s the long fuzz run found: a CSR whose version is not 0 (cryptography's InvalidVersion is not
+    a ValueError), and a JSON string holding a lone surrogate (`\\udfff`), which str.encode refused."""
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keyseal.ca.x509svid import CsrError, parse_csr
+
+    request = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
+        ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+    der = request.public_bytes(serialization.Encoding.DER)
+    version_0 = der.index(b"\x02\x01\x00")  # the first INTEGER: CertificationRequestInfo.version
+    damaged = der[:version_0] + b"\x02\x01\x02" + der[version_0 + 3:]
+    with pytest.raises(CsrError, match="not a PKCS#10"):
+        parse_csr(base64.b64encode(damaged).decode())
+    for name, extra in (("jwt_request", '"audience": "db"'), ("x509_request", '"csr": "x"')):
+        body = ('{"spiffeID": "spiffe://example.org/ns/\\udfff", ' + extra + "}").encode()
+        assert run_one(shared_server_targets()[name], body) == "rejected"

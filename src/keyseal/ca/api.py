@@ -202,7 +202,9 @@ class Api:
             return limit
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError("ttlSeconds must be a positive whole number of seconds")
-        return min(timedelta(seconds=value), limit)
+        if value >= limit.total_seconds():  # also keeps a huge number away from timedelta's range
+            return limit
+        return timedelta(seconds=value)
 
     def _x509_svid(self, request: Request) -> Response:
         principal = self._authenticate(request)

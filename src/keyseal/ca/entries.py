@@ -50,6 +50,7 @@ AGENT_PATH = "/keyseal/agent"
 _SELECTOR_RE = re.compile(r"unix:(uid:\d{1,10}|gid:\d{1,10}|path:/[^\x00-\x1f]{0,4095})")
 _AGENT_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_SELECTORS = 16
+MAX_ENTRY_TTL = 366 * 24 * 3600
 
 
 def check_selector(text: str) -> str:
@@ -181,6 +182,9 @@ class EntryStore(abc.ABC):
         selectors = tuple(sorted({check_selector(s) for s in entry.selectors}))
         if entry.x509_ttl < 0 or entry.jwt_ttl < 0:
             raise UsageError("TTLs must be positive")
+        if max(entry.x509_ttl, entry.jwt_ttl) > MAX_ENTRY_TTL:
+            raise UsageError(f"TTLs are at most {MAX_ENTRY_TTL} seconds (a year): an SVID lives no longer than its "
+                             f"CA anyway")
         return Entry(entry.entry_id, spiffe_id, parent_id, selectors, entry.x509_ttl, entry.jwt_ttl)
 
     def create(self, spiffe_id: str, parent_id: str, selectors: tuple[str, ...], x509_ttl: int = 0,

@@ -78,7 +78,8 @@ def parse_spiffe_id(text: str) -> SpiffeId:
 def _parse_spiffe_id(text: str) -> SpiffeId:
     """The parse itself, remembered: a server is asked for the same few IDs over and over, and the checks
     cost as much as building the SVID's extensions. Refusals raise, so they are never remembered."""
-    if len(text.encode()) > MAX_ID_BYTES:
+    # surrogatepass: a lone surrogate (JSON "\\udfff") is refused below, like any character an ID may not hold
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
         raise SpiffeIdError(f"SPIFFE ID is longer than {MAX_ID_BYTES} bytes")
     scheme, sep, rest = text.partition("://")
     if not sep or scheme != "spiffe":

@@ -65,7 +65,7 @@ def _verified_csr_key(text: str) -> LeafKey:
             csr = x509.load_pem_x509_csr(text.encode("ascii"))
         else:
             csr = x509.load_der_x509_csr(base64.b64decode(text.strip(), validate=True))
-    except (ValueError, UnicodeEncodeError, binascii.Error, UnsupportedAlgorithm):
+    except (ValueError, UnicodeEncodeError, binascii.Error, UnsupportedAlgorithm, x509.InvalidVersion):
         raise CsrError("csr is not a PKCS#10 certificate signing request (PEM, or base64 of DER)") from None
     try:
         valid = csr.is_signature_valid
