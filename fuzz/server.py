@@ -2,16 +2,18 @@
 of the issuance API, and the raw HTTP/1.1 request (request line, headers, body) its listener parses.
 
 The server is a real `CaServer` (local KEK, directory store in a temporary directory), driven in process: the API
-through `Api.handle`, the HTTP parser through the listener's request handler on one end of a socket pair (TLS is
+through `Api.handle`, the HTTP parser through the listener's connection loop on one end of a socket pair (TLS is
 the `ssl` module's, not keyseal's, so it is left out). Outside input must never make the server fail: an answer
 with status 500, an exception out of the handler, or a response that is not HTTP is a crash.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -40,6 +42,7 @@ def _server() -> Any:
     from keyseal.ca.server import CaServer
 
     work = Path(tempfile.mkdtemp(prefix="keyseal-fuzz-server-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # its local KEK goes with it
     os.environ.setdefault("KEYSEAL_HOME", str(work / "home"))
     config = parse_config({
         "trustDomain": TRUST_DOMAIN,
@@ -92,16 +95,16 @@ def _statuses(answer: bytes) -> list[int]:
 
 def _http(raw: bytes) -> None:
     """Feed raw bytes to the listener's request handler as one client connection; read what it answers."""
-    from keyseal.ca.httpd import _Handler
+    from keyseal.ca.httpd import _Connection
 
-    shim = _Shim(_server().api)
+    api = _server().api
     ours, theirs = _connected_pair()
     ours.settimeout(5)
     failure: list[BaseException] = []
 
     def handle() -> None:
         try:
-            _Handler(theirs, ("127.0.0.1", 1), shim)  # type: ignore[arg-type]
+            _Connection(theirs, ("127.0.0.1", 1), api).serve()
         except BaseException as exc:
             failure.append(exc)
         finally:
@@ -134,13 +137,6 @@ def _http(raw: bytes) -> None:
         raise ServerCrash(f"answered {statuses} to {raw[:120]!r}")
     if not statuses or any(status >= 400 for status in statuses):
         raise KeysealError(f"refused ({statuses})")
-
-
-class _Shim:
-    """What the request handler needs of its server: the API (the TLS listener is not involved here)."""
-
-    def __init__(self, api: Any) -> None:
-        self.api = api
 
 
 @functools.cache
