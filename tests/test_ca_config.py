@@ -60,8 +60,10 @@ def test_awskms_provider(tmp_path: Path) -> None:
          "allowedPathPrefixes is empty"),
         ({"clients": [{"name": "a", "tokenSHA256": sha256_hex("t"), "allowedPathPrefixes": ["/a/../b"]}]},
          "'.' and '..' segments are not allowed"),
-        ({"clients": [{"name": "a", "certURI": "spiffe://example.org/c", "allowedPathPrefixes": ["/"]}]},
+        ({"clients": [{"name": "a", "certURI": "spiffe://clients.example/c", "allowedPathPrefixes": ["/"]}]},
          "server.tls.clientCAFile is not set"),
+        ({"clients": [{"name": "a", "certURI": "spiffe://example.org/c", "allowedPathPrefixes": ["/"]}],
+          "server": {"tls": {"clientCAFile": "/ca.pem"}}}, "name the client by certSHA256"),
         ({"store": {"type": "kubernetes", "kubernetes": {"namespace": "Bad_NS"}}}, "is not a Kubernetes namespace"),
     ],
 )

@@ -63,6 +63,23 @@ def test_leaf_tbs_is_what_cryptography_builds(ca: tuple[Keyset, object], leaf_ki
     leaf = issue_x509_svid(keyset, SVID_ID, public_key, START + timedelta(hours=1), timedelta(hours=1))  # type: ignore[arg-type]
     reference = rebuilt_by_cryptography(leaf, keyset, private)
     assert leaf.tbs_certificate_bytes == reference.tbs_certificate_bytes
+    # The rebuild copies the leaf's own fields, so it checks the encoding; the values are checked here.
+    extensions = leaf.extensions
+    assert extensions.get_extension_for_class(x509.BasicConstraints).critical
+    assert extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    usage = extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical and usage.value.digital_signature
+    assert not usage.value.key_cert_sign and not usage.value.crl_sign
+    san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert list(san) == [x509.UniformResourceIdentifier(str(SVID_ID))]
+    assert extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier == \
+        keyset.subject_key_identifier.key_identifier
+    assert extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value == \
+        x509.SubjectKeyIdentifier.from_public_key(public_key)  # type: ignore[arg-type]
+    assert leaf.issuer == keyset.ca_certificate.subject and leaf.public_key() == public_key
+    assert leaf.not_valid_after_utc <= keyset.ca_certificate.not_valid_after_utc
+    assert leaf.not_valid_after_utc == START + timedelta(hours=2)
+    assert 0 < leaf.serial_number < 2**159
     assert leaf.signature_algorithm_oid == keyset.ca_certificate.signature_algorithm_oid
     assert [e.oid for e in leaf.extensions] == [e.oid for e in reference.extensions]
     ca_public = keyset.ca_certificate.public_key()

@@ -69,7 +69,12 @@ CA_SERVER_CLEANUP_PERMISSIONS: tuple[str, ...] = (
 
 def ca_server_policy(trust_domain: str, alias_prefix: str) -> dict[str, Any]:
     """An IAM policy for a CA server in KMS custody: create keys only tagged with its trust domain, use and
-    tidy only keys that carry that tag, and manage only aliases under its prefix."""
+    tidy only keys that carry that tag, and manage only aliases under its prefix.
+
+    Limit: KMS evaluates the tag a CreateKey adds with kms:TagResource on "*", and no condition key tells that
+    call apart from tagging an existing key. A role with this policy can therefore add the trust-domain tag to
+    another key whose key policy delegates to IAM, and then use it. Keep such keys' policies from delegating to
+    IAM, or give the server an account (or a permissions boundary) of its own."""
     tag = "keyseal:trust-domain"
     own_keys = {"StringEquals": {f"aws:ResourceTag/{tag}": trust_domain}}
     return {

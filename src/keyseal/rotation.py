@@ -3,8 +3,8 @@
 KMS keys are named by alias (alias/NAME-v2, -v3 ...), PKCS#11 keys by object label (NAME-v2, -v3 ... on the
 same token). The current key is never changed: release signers dual-sign with both until clients trust the new
 one. A new key whose certificate could not be minted is reported, never deleted: a KMS key is also tagged
-`keyseal:orphaned=rotation-failed` (with the time and the alias it was made for), so a sweep finds it and
-schedules its deletion instead of it lingering unnoticed.
+`keyseal:orphaned=rotation-failed` (with the time and the alias it was made for), so that its owner can find
+it by tag and mint it or schedule its deletion, instead of it lingering unnoticed.
 
 IAM for `--kms`: kms:GetPublicKey, kms:DescribeKey, kms:CreateKey, kms:CreateAlias, kms:Sign, and
 kms:TagResource for the orphan tag (without it, the failure message says the key is untagged).

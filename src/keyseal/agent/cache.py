@@ -111,7 +111,8 @@ class AgentCache:
         """Take up a saved agent SVID and renew it at once (over mTLS with it): ServerRefusedError if the
         server no longer accepts it. If the server cannot be reached, the saved SVID is kept until it can."""
         self.client.set_identity(key, certificate)
-        self._agent_issued, self.agent_expires = _now(), certificate.not_valid_after_utc
+        # Renewal is due by the saved SVID's own lifetime, not from this restart.
+        self._agent_issued, self.agent_expires = certificate.not_valid_before_utc, certificate.not_valid_after_utc
         fresh = ec.generate_private_key(ec.SECP256R1())
         try:
             answer = self.client.call("/v1/agent/renew", {"csr": make_csr(fresh)})

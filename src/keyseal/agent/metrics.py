@@ -1,4 +1,4 @@
-"""The agent's Prometheus metrics (text exposition format 0.0.4) on a loopback HTTP port, off unless
+"""The agent's Prometheus metrics (text exposition format 0.0.4) on a plain HTTP port, off unless
 `metrics.listen` is set: whether the keyseal server is reachable, and what the agent still serves when it is not.
 
 - keyseal_agent_server_reachable 1 or 0 (the last sync reached the server, or not)

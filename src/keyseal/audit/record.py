@@ -7,7 +7,6 @@ typed errors, whose messages are written never to carry key material, PINs or to
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -36,7 +35,6 @@ _MAX_TEXT = 500
 _MAX_SUBJECT = 4096
 
 
-@functools.lru_cache(maxsize=256)
 def redact_uri(uri: str) -> str:
     """The key URI with every secret-bearing part replaced: a PKCS#11 `pin-value`, a password in `user:pw@`,
     query values named like a token, secret, password or PIN. The PKCS#11 `token=` label is not a secret."""

@@ -56,6 +56,7 @@ class BundleConfigMap:
         self.api = kubernetes_client().CoreV1Api(api_client)
         self.namespace, self.name = namespace, name
         self._failing = False
+        self._ahead_reported = False
         self._confirmed: tuple[str, float] | None = None  # the text known to be stored, and when
 
     @classmethod
@@ -88,7 +89,13 @@ class BundleConfigMap:
                 return False
             if _sequence(stored) > document["spiffe_sequence"]:
                 self._confirmed = None
-                return False  # another replica has seen a newer keyset; this one will catch up
+                if not self._ahead_reported:  # another replica has seen a newer keyset (this one catches up at
+                    self._ahead_reported = True  # its next refresh), or someone wrote the ConfigMap by hand
+                    log.warning("%s holds bundle sequence %d, ahead of this server's %d: left as it is; if no "
+                                "replica has made that keyset, the ConfigMap was written by someone else and "
+                                "agents trust it: check it", self.where, _sequence(stored),
+                                document["spiffe_sequence"])
+                return False
             data[BUNDLE_KEY] = text
             current.data = data
             try:

@@ -288,6 +288,13 @@ def parse_config(data: object) -> Config:
     values.update(_lifetimes(root))
     values.update(_server(root.section("server")))
     values["clients"] = _clients(root.get("clients"))
+    for client in values["clients"]:
+        if client.cert_uri and client.cert_uri.lower().startswith(f"spiffe://{trust_domain}/"):
+            raise UsageError(
+                f"client {client.name}: certURI {client.cert_uri} is inside trust domain {trust_domain}, and the "
+                f"server also accepts certificates from its own CA, so an SVID it issued for that ID (to a client "
+                f"or an agent's workload) would authenticate as {client.name}: name the client by certSHA256"
+            )
     if any(c.cert_sha256 or c.cert_uri for c in values["clients"]) and values["tls"].client_ca_file is None:
         raise UsageError(
             "a client authenticates with a TLS client certificate but server.tls.clientCAFile is not set: "

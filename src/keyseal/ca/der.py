@@ -1,6 +1,6 @@
 """The few DER encodings an X.509 leaf needs, so a leaf can be assembled from parts encoded once per keyset.
 
-Only what `keyseal.ca.leaf` writes: definite lengths, positive INTEGERs, OBJECT IDENTIFIERs, the RFC 5280
+Only what `keyseal.ca.x509svid` writes: definite lengths, positive INTEGERs, OBJECT IDENTIFIERs, the RFC 5280
 choice of UTCTime (1950-2049) or GeneralizedTime, and extensions. Every structure is checked against
 `cryptography`'s own encoder byte for byte in the tests.
 """

@@ -53,6 +53,13 @@ MAX_SELECTORS = 16
 MAX_ENTRY_TTL = 366 * 24 * 3600
 
 
+def _reserved(entry: Entry) -> bool:
+    try:
+        return is_reserved(parse_spiffe_id(entry.spiffe_id).path)
+    except SpiffeIdError:
+        return True  # not a SPIFFE ID at all: never served either
+
+
 def check_selector(text: str) -> str:
     """A workload selector the agent can attest: unix:uid:N, unix:gid:N or unix:path:/absolute/exe."""
     if not isinstance(text, str) or not _SELECTOR_RE.fullmatch(text):
@@ -157,10 +164,12 @@ class EntryStore(abc.ABC):
         """Remove an entry; an unknown ID is a UsageError."""
 
     def for_agent(self, agent_id: str) -> list[Entry]:
-        return [e for e in self.entries() if e.parented_by(agent_id)]
+        return [e for e in self.entries() if e.parented_by(agent_id) and not _reserved(e)]
 
     def get(self, entry_id: str) -> Entry | None:
-        return next((e for e in self.entries() if e.entry_id == entry_id), None)
+        """The entry, unless it names a reserved ID: an entry written before that rule, or by hand into the
+        store, must never hand a workload the identity of the server or of an agent."""
+        return next((e for e in self.entries() if e.entry_id == entry_id and not _reserved(e)), None)
 
     def _check_id(self, text: str, what: str) -> str:
         spiffe_id = parse_spiffe_id(text)

@@ -16,9 +16,10 @@ destroys them before generating new ones.
 Two writers on one token: PKCS#11 has no create-if-absent (C_CreateObject never refuses a duplicate label), so
 unlike the KMS alias nothing makes one writer win. keyseal narrows the window (check for the marker, generate,
 check again, write the marker) and makes readers agree: if two markers for keyset n exist, every reader uses the
-one whose x509 CKA_ID sorts first, and the server re-reads the token every refresh hint, so replicas converge on
-it before the keyset becomes active. Still, run one writer per token (one replica, or replicas that share the
-token but only one of which can reach it with a read-write login) unless you can accept a keyset created twice.
+one whose x509 CKA_ID sorts first. It cannot close the window: a writer that finds another's fresh, unmarked
+keys takes them for leftovers and destroys them, and the other may then commit a marker naming keys that are
+gone, after which keyset n cannot be opened until its objects are removed by hand. So run one writer per token
+(one replica, or replicas that share the token but only one of which can reach it with a read-write login).
 Objects of expired keysets stay on the token; destroy them (keys and marker) once nothing they signed is in use.
 """
 

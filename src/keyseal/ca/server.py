@@ -114,7 +114,7 @@ class CaServer:
         self.httpd: TlsHttpServer | None = None
         self._rotation = rotation_thread
         # Reading records or a local token costs no KMS call: re-read every refresh hint to see a keyset another
-        # replica made (for pkcs11, also to converge on the same one if two writers raced; see pkcs11_source).
+        # replica made (for pkcs11, also to agree on one if two writers raced; see pkcs11_source).
         self._periodic = config.custody in ("wrapped", "pkcs11")
         self._stop = threading.Event()
         self._serving = threading.Event()
