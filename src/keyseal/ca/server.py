@@ -5,10 +5,8 @@ port is opened, so a server that cannot reach KMS exits without listening and wi
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -30,22 +28,7 @@ __all__ = ["CaServer", "build_source"]
 
 log = logging.getLogger(__name__)
 
-_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 TICK_SECONDS = 5.0
-
-
-def _namespace(config: Config) -> str:
-    if config.kube_namespace:
-        return config.kube_namespace
-    if os.environ.get("POD_NAMESPACE"):
-        return os.environ["POD_NAMESPACE"]
-    try:
-        return _NAMESPACE_FILE.read_text(encoding="ascii").strip()
-    except OSError:
-        raise UsageError(
-            "store.kubernetes.namespace is not set and this is not a pod: set the namespace of the WrappedKey "
-            "resources"
-        ) from None
 
 
 def build_source(config: Config, kube_api_client: Any = None) -> KeysetSource:
@@ -82,10 +65,10 @@ def build_source(config: Config, kube_api_client: Any = None) -> KeysetSource:
         log.info("Key wrapping via local KEK file %s", getattr(kek, "path", "?"))
     store: RecordStore
     if config.store_type == "kubernetes":
-        from keyseal.store.kubernetes import KubernetesStore, api_client_from_environment
+        from keyseal.store.kubernetes import KubernetesStore, api_client_from_environment, resolve_namespace
 
         client = kube_api_client or api_client_from_environment(config.kube_api_server)
-        store = KubernetesStore(_namespace(config), client)
+        store = KubernetesStore(resolve_namespace(config.kube_namespace, "the WrappedKey resources"), client)
     else:
         from keyseal.store.directory import DirectoryStore
         from keyseal.wrapping.ledger import FileLedger
