@@ -10,7 +10,6 @@ boto3 and botocore are imported only inside functions, so `import keyseal.aws` i
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from keyseal.errors import (
     KeysealError,
     UnsupportedKeyError,
     UsageError,
+    one_line,
 )
 
 if TYPE_CHECKING:
@@ -174,15 +174,9 @@ def kms_client(endpoint: str | None = None, region: str | None = None) -> KMSCli
         client.meta.events.register("before-call.kms", _notify_observers)
         return client
     except BotoCoreError as exc:
-        raise KeysealError(f"cannot set up the AWS KMS client: {_one_line(str(exc))}") from None
+        raise KeysealError(f"cannot set up the AWS KMS client: {one_line(str(exc))}") from None
     except ValueError as exc:  # botocore rejects a malformed endpoint URL with ValueError
-        raise UsageError(f"invalid KMS endpoint {endpoint!r}: {_one_line(str(exc))}") from None
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    """Collapse whitespace so a server message cannot break the CLI's one-line error rule."""
-    flat = re.sub(r"\s+", " ", text).strip()
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+        raise UsageError(f"invalid KMS endpoint {endpoint!r}: {one_line(str(exc))}") from None
 
 
 def _endpoint_label(exc: BaseException, endpoint: str | None) -> str:
@@ -225,19 +219,19 @@ def translate_kms_error(
         )
     if isinstance(exc, bce.CredentialRetrievalError | bce.TokenRetrievalError | bce.SSOError):
         return AccessDeniedError(
-            f"cannot obtain AWS credentials for KMS {operation} on {key_id}: {_one_line(str(exc))}"
+            f"cannot obtain AWS credentials for KMS {operation} on {key_id}: {one_line(str(exc))}"
         )
     if isinstance(exc, bce.ProfileNotFound):
-        return UsageError(f"{_one_line(str(exc))}: fix AWS_PROFILE or your AWS config file")
+        return UsageError(f"{one_line(str(exc))}: fix AWS_PROFILE or your AWS config file")
     if isinstance(exc, bce.NoRegionError):
         return UsageError(
             f"no AWS region is configured for KMS {operation}: set AWS_REGION or use a key ARN, which names "
             f"its region"
         )
     if isinstance(exc, bce.ParamValidationError):
-        return UsageError(f"invalid KMS {operation} request for {key_id}: {_one_line(str(exc))}")
+        return UsageError(f"invalid KMS {operation} request for {key_id}: {one_line(str(exc))}")
     if isinstance(exc, bce.BotoCoreError):
-        return KeysealError(f"AWS KMS {operation} on {key_id} failed: {_one_line(str(exc))}")
+        return KeysealError(f"AWS KMS {operation} on {key_id} failed: {one_line(str(exc))}")
     if isinstance(exc, OSError):
         # e.g. an unreadable AWS_WEB_IDENTITY_TOKEN_FILE, read while resolving credentials.
         return AccessDeniedError(
@@ -245,7 +239,7 @@ def translate_kms_error(
             f"{' (' + str(exc.filename) + ')' if exc.filename else ''}"
         )
     return KeysealError(
-        f"AWS KMS {operation} on {key_id} failed: {type(exc).__name__}: {_one_line(str(exc))}"
+        f"AWS KMS {operation} on {key_id} failed: {type(exc).__name__}: {one_line(str(exc))}"
     )
 
 
@@ -255,7 +249,7 @@ def _translate_client_error(
     response = getattr(exc, "response", {}) or {}
     error = response.get("Error", {}) or {}
     code = str(error.get("Code", "") or "")
-    message = _one_line(str(error.get("Message", "") or ""))
+    message = one_line(str(error.get("Message", "") or ""))
     status = int((response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode", 0) or 0)
     detail = f" ({code}: {message})" if message else f" ({code})"
     remote_op = str(getattr(exc, "operation_name", "") or operation)

@@ -6,6 +6,13 @@ Messages never contain key material, DEKs, PINs or tokens.
 from __future__ import annotations
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """Whitespace collapsed and the length capped, so text from a server or a file cannot break the CLI's
+    one-line error rule or swell a log record."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
 class KeysealError(Exception):
     """Base of every error keyseal raises on purpose. The CLI exits non-zero with its message."""
 

@@ -41,6 +41,7 @@ from keyseal.errors import (
     KeyURIError,
     UnsupportedKeyError,
     UsageError,
+    one_line,
 )
 
 if TYPE_CHECKING:
@@ -373,12 +374,6 @@ class VaultConnection:
 # -- errors -----------------------------------------------------------------------------------------------
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    """Collapse whitespace so a server message cannot break the CLI's one-line error rule."""
-    flat = re.sub(r"\s+", " ", text).strip()
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
 def _detail(exc: BaseException) -> str:
     """Vault's own error text: its `errors` list, without hvac's `, on post URL` tail or multi-error framing."""
     errors = getattr(exc, "errors", None)
@@ -392,7 +387,7 @@ def _detail(exc: BaseException) -> str:
     if not parts:
         message = str(exc).split(", on ")[0]
         parts = [message] if message and message != "None" else []
-    return _one_line("; ".join(parts)) or type(exc).__name__
+    return one_line("; ".join(parts)) or type(exc).__name__
 
 
 def _token_accepted(client: Any) -> bool | None:
@@ -488,7 +483,7 @@ def translate_vault_error(
         )
     if isinstance(exc, rx.RequestException):
         return BackendUnavailableError(f"Vault at {address}: {subject} failed ({type(exc).__name__})")
-    return KeysealError(f"Vault at {address}: {subject} failed ({type(exc).__name__}: {_one_line(str(exc))})")
+    return KeysealError(f"Vault at {address}: {subject} failed ({type(exc).__name__}: {one_line(str(exc))})")
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from keyseal import pkcs11uri
 from keyseal.audit.context import current
 from keyseal.audit.log import AuditLog, utc_now
 from keyseal.backends.base import PublicKey
-from keyseal.errors import KeysealError
+from keyseal.errors import KeysealError, one_line
 
 __all__ = ["key_fingerprint", "outcome_of", "record", "redact_uri"]
 
@@ -47,7 +47,7 @@ def redact_uri(uri: str) -> str:
             name, eq, _ = item.partition("=")
             items.append(f"{name}={_REDACTED}" if eq and _SECRET_NAME.search(name) else item)
         uri = f"{base}?{'&'.join(items)}"
-    return _clip(uri, _MAX_URI)
+    return one_line(uri, _MAX_URI)
 
 
 def key_fingerprint(public_key: PublicKey) -> str:
@@ -63,7 +63,7 @@ def outcome_of(error: BaseException | None) -> str:
     if error is None:
         return "ok"
     if isinstance(error, KeysealError):
-        return "error: " + _clip(error.message, _MAX_TEXT)
+        return "error: " + one_line(error.message, _MAX_TEXT)
     return f"error: internal error ({type(error).__name__})"
 
 
@@ -101,7 +101,7 @@ def record(
         "digest": digest.hex(),
         "subject": _text(subject if subject is not None else context.subject),
         "purpose": _text(purpose if purpose is not None else context.purpose),
-        "outcome": _clip(outcome, _MAX_TEXT),
+        "outcome": one_line(outcome, _MAX_TEXT),
     }
     written = log_file.append(entry) if log_file is not None else {"time": utc_now(), **entry}
     if log.isEnabledFor(logging.INFO):
@@ -115,9 +115,3 @@ def _text(value: str | None) -> str | None:
     if value is None or len(value) <= _MAX_SUBJECT:
         return value
     return value[: _MAX_SUBJECT - 3] + "..."
-
-
-def _clip(text: str, limit: int) -> str:
-    """One line, at most `limit` characters (JSON escapes the rest, but a record stays short and greppable)."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
