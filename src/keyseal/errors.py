@@ -13,6 +13,12 @@ def one_line(text: str, limit: int = 300) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
+def unexpected(exc: BaseException) -> str:
+    """The line for an exception keyseal did not raise on purpose: its type only (its text was not written to be
+    safe to show), and how to see the rest."""
+    return f"internal error ({type(exc).__name__}); rerun with KEYSEAL_DEBUG=1 and report it"
+
+
 class KeysealError(Exception):
     """Base of every error keyseal raises on purpose. The CLI exits non-zero with its message."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from keyseal import __version__
-from keyseal.errors import KeysealError, UsageError
+from keyseal.errors import KeysealError, UsageError, unexpected
 
 PROG = "keyseal-gpg"
 _IGNORED_FLAGS = frozenset({"--batch", "--no-tty", "--yes", "--quiet", "-q", "--verbose", "-v", "--no-verbose",
@@ -203,7 +203,6 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except Exception as exc:
         if os.environ.get("KEYSEAL_DEBUG"):
             raise
-        sys.stderr.write(f"keyseal: error: internal error ({type(exc).__name__}); rerun with KEYSEAL_DEBUG=1 "
-                         f"and report it\n")
+        sys.stderr.write(f"keyseal: error: {unexpected(exc)}\n")
         code = 2
     sys.exit(code)

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 import click
 
 from keyseal import __version__
-from keyseal.errors import KeysealError
+from keyseal.errors import KeysealError, unexpected
 
 # name -> "module:attribute"; imported only when the command runs, so `keyseal verify` never loads boto3.
 _COMMANDS: dict[str, str] = {
@@ -80,5 +80,5 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if os.environ.get("KEYSEAL_DEBUG"):
             raise
-        _fail(f"internal error ({type(exc).__name__}); rerun with KEYSEAL_DEBUG=1 and report it", 70)
+        _fail(unexpected(exc), 70)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from keyseal.errors import InputError, KeyMismatchError, KeysealError, UsageError
+from keyseal.errors import InputError, KeyMismatchError, KeysealError, UsageError, unexpected
 
 PROG = "keyseal-ssh-keygen"
 _WITH_VALUE = frozenset("YnfOIsr")
@@ -190,7 +190,6 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except Exception as exc:
         if os.environ.get("KEYSEAL_DEBUG"):
             raise
-        sys.stderr.write(f"keyseal: error: internal error ({type(exc).__name__}); rerun with KEYSEAL_DEBUG=1 "
-                         f"and report it\n")
+        sys.stderr.write(f"keyseal: error: {unexpected(exc)}\n")
         code = 2
     sys.exit(code)
