@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
+from keyseal.atomic import fsync_directory
 from keyseal.errors import AuditError
 
 ENV = "KEYSEAL_AUDIT_LOG"
@@ -104,7 +105,7 @@ class AuditLog:
         try:
             if created:
                 with contextlib.suppress(OSError):
-                    _fsync_directory(self.path.parent)
+                    fsync_directory(self.path.parent)
             yield fd
         finally:
             os.close(fd)
@@ -145,11 +146,3 @@ def _last_line(fd: int, size: int, path: Path) -> bytes | None:
             raise AuditError(f"the last line of the audit log {path} is longer than any audit record: move the "
                              f"log aside to start a new one")
     return tail
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
