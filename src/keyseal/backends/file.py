@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
 from keyseal.backends.base import HashName, PrivateKey, PublicKey, Signer, hash_algorithm
-from keyseal.errors import InputError, InvalidKeyFileError, UnsupportedKeyError
+from keyseal.errors import InvalidKeyFileError, UnsupportedKeyError
+from keyseal.inputfile import read_input
 from keyseal.wrapping.record import looks_like_record
 
 
@@ -32,18 +33,7 @@ def open(uri: str, rest: str, options: object) -> FileSigner:
 
 def load_private_key_file(path: Path) -> PrivateKey:
     """Read a PKCS#8 (or traditional) unencrypted PEM private key of a type keyseal signs with."""
-    return private_key_from_pem(_read_key_file(path), str(path))
-
-
-def _read_key_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"key file {path} does not exist") from None
-    except IsADirectoryError:
-        raise InputError(f"key file {path} is a directory") from None
-    except OSError as exc:
-        raise InputError(f"cannot read key file {path}: {exc.strerror}") from None
+    return private_key_from_pem(read_input(path, "key file"), str(path))
 
 
 def private_key_from_pem(data: bytes, where: str) -> PrivateKey:
@@ -86,7 +76,7 @@ class FileSigner(Signer):
 
     def _load(self) -> PrivateKey:
         if self._key is None:
-            data = _read_key_file(self.path)
+            data = read_input(self.path, "key file")
             if looks_like_record(data):
                 from keyseal.wrapping.keys import load_wrapped_key_file
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from keyseal.audit import ENV, configured_log, verify_log
-from keyseal.errors import AuditChainError, InputError, UsageError
+from keyseal.errors import AuditChainError, UsageError
+from keyseal.inputfile import read_input
 
 __all__ = ["audit"]
 
@@ -49,12 +50,7 @@ def verify(log_path: Path | None, head: str | None) -> None:
 def show(log_path: Path | None, key: str | None, as_json: bool) -> None:
     """List the records (does not check the chain: run `keyseal audit verify` for that)."""
     path = _log_path(log_path)
-    try:
-        lines = path.read_bytes().splitlines()
-    except FileNotFoundError:
-        raise InputError(f"audit log {path} does not exist") from None
-    except OSError as exc:
-        raise InputError(f"cannot read audit log {path}: {exc.strerror}") from None
+    lines = read_input(path, "audit log").splitlines()
     for number, raw in enumerate(lines, 1):
         try:
             record = json.loads(raw)

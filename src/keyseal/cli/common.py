@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from keyseal.errors import InputError, UsageError
+from keyseal.errors import UsageError
+from keyseal.inputfile import read_input
 
 if TYPE_CHECKING:
     from keyseal.backends import Signer
@@ -46,17 +47,6 @@ def open_key(uri: str, kms_endpoint: str | None, kek: str | None = None) -> Sign
     from keyseal.backends import BackendOptions, open_signer  # loaded by commands that sign, not by verify
 
     return open_signer(uri, BackendOptions(kms_endpoint=kms_endpoint, kek=kek))
-
-
-def read_input(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise InputError(f"{what} {path} is a directory") from None
-    except OSError as exc:
-        raise InputError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
 def load_certificate_files(paths: tuple[Path, ...]) -> list[Certificate]:

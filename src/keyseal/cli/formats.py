@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 import click
 
 from keyseal.atomic import write_atomic
-from keyseal.cli.common import open_key, read_input
+from keyseal.cli.common import open_key
 from keyseal.errors import InputError, KeysealError, UsageError, VerificationError
+from keyseal.inputfile import read_input
 
 if TYPE_CHECKING:
     from keyseal.backends.base import Signer

@@ -16,8 +16,9 @@ from pathlib import Path
 import click
 
 from keyseal.backends.base import PublicKey
-from keyseal.cli.common import open_key, read_input
+from keyseal.cli.common import open_key
 from keyseal.errors import UsageError
+from keyseal.inputfile import read_input
 
 GPG_PROGRAM = "keyseal-gpg"
 SSH_PROGRAM = "keyseal-ssh-keygen"

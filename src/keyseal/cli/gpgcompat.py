@@ -148,8 +148,8 @@ def run_sign(args: Arguments, status: Status) -> int:
 
 
 def run_verify(args: Arguments, status: Status) -> int:
-    from keyseal.cli.common import read_input
     from keyseal.gitsign import verify
+    from keyseal.inputfile import read_input
 
     if not 1 <= len(args.positional) <= 2:
         raise UsageError(f"usage: {PROG} --verify SIGNATURE [DATA|-]")

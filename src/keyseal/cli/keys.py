@@ -10,9 +10,10 @@ import click
 from cryptography.hazmat.primitives import serialization
 
 from keyseal.atomic import refuse_existing, write_atomic
-from keyseal.cli.common import kek_option, kms_endpoint_option, open_key, parse_duration, parse_rfc3339, read_input
+from keyseal.cli.common import kek_option, kms_endpoint_option, open_key, parse_duration, parse_rfc3339
 from keyseal.cli.export import export
 from keyseal.errors import UsageError
+from keyseal.inputfile import read_input
 from keyseal.keygen import KEY_TYPES, generate_private_key
 from keyseal.openpgp.cert import Certificate, armor_certificate, load_certificates, mint_certificate, user_id_for
 from keyseal.openpgp.revoke import REASONS

@@ -8,8 +8,9 @@ from pathlib import Path
 import click
 
 from keyseal.atomic import refuse_existing, write_atomic
-from keyseal.cli.common import format_time, read_input
+from keyseal.cli.common import format_time
 from keyseal.errors import InputError, KeysealError, UsageError, VerificationError
+from keyseal.inputfile import read_input
 from keyseal.openpgp.manifest import DIGESTS, build_manifest
 from keyseal.openpgp.trust import POLICIES, CrossCheck, Resolver, TrustSet, WkdResolver, verify_release
 from keyseal.openpgp.wkd import DEFAULT_TIMEOUT, connect_map

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from keyseal.cli.common import format_time, load_certificate_files, read_input
+from keyseal.cli.common import format_time, load_certificate_files
 from keyseal.cli.formats import FORMATS
 from keyseal.errors import InputError, KeysealError, VerificationError
+from keyseal.inputfile import read_input
 
 
 def default_signature_path(data: Path) -> Path:

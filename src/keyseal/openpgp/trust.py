@@ -21,13 +21,13 @@ from typing import Literal, Protocol
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyseal.errors import (
-    InputError,
     KeysealError,
     OpenPGPError,
     TrustError,
     VerificationError,
     WkdUnavailableError,
 )
+from keyseal.inputfile import read_input
 from keyseal.openpgp.cert import Certificate, load_certificates, merge_certificates
 from keyseal.openpgp.manifest import CheckedArtifact, check_artifacts, parse_manifest
 from keyseal.openpgp.verify import MIN_RSA_BITS, VerifiedSignature, verify_bytes
@@ -68,11 +68,7 @@ class TrustSet:
     def from_files(cls, paths: Sequence[Path]) -> TrustSet:
         certificates: list[Certificate] = []
         for path in paths:
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise InputError(f"cannot read certificate {path}: {exc.strerror}") from None
-            certificates += load_certificates(data, str(path))
+            certificates += load_certificates(read_input(path, "certificate"), str(path))
         return cls(tuple(merge_certificates(certificates)), ", ".join(map(str, paths)) or "certificates")
 
     @property
@@ -212,9 +208,4 @@ def verify_release(
 def _read(source: Path | bytes, what: str) -> bytes:
     if isinstance(source, bytes):
         return source
-    try:
-        return source.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{what} {source} does not exist") from None
-    except OSError as exc:
-        raise InputError(f"cannot read {what} {source}: {exc.strerror}") from None
+    return read_input(source, what)

@@ -1,0 +1,21 @@
+"""Read a whole input file (a key, certificate, signature, audit log) with one clear error for each way it fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from keyseal.errors import InputError
+
+__all__ = ["read_input"]
+
+
+def read_input(path: Path, what: str) -> bytes:
+    """The file's bytes; `what` names it in the error ("key file", "signature", ...)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {path} is a directory") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror}") from None
