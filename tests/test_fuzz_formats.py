@@ -9,22 +9,19 @@ encode again, so the mutations reach the parsers behind the armor.
 from __future__ import annotations
 
 import base64
-import os
 import struct
-from datetime import timedelta
 
 import pytest
 from fuzz.formats import shared_format_targets
+from fuzz.properties import fuzz_settings
 from fuzz.targets import run_one
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from keyseal.errors import InvalidKeyFileError
 from keyseal.formats import ssh
 
-EXAMPLES = int(os.environ.get("KEYSEAL_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=3), database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = fuzz_settings()
 TARGETS = ["ssh_signature", "ssh_keys", "minisign_sig", "minisign_keys"]
 
 

@@ -3,19 +3,15 @@ manifest written in the format parses back to the same entries."""
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
-
+from fuzz.properties import fuzz_settings
 from fuzz.targets import run_one, shared_targets
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from keyseal.errors import UsageError
 from keyseal.openpgp.manifest import DIGESTS, check_name, parse_manifest
 
-EXAMPLES = int(os.environ.get("KEYSEAL_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=3), database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = fuzz_settings()
 
 
 @FUZZ

@@ -11,17 +11,16 @@ targets 1,000,000 times each.
 
 from __future__ import annotations
 
-import os
 import random
 import struct
-from datetime import timedelta
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fuzz.corpus import CREATED, DATA, NOW, MemorySigner, fixed_keys
+from fuzz.properties import fuzz_settings
 from fuzz.targets import Target, run_one, shared_corpus, shared_targets
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from keyseal.errors import KeysealError, OpenPGPError
@@ -30,13 +29,7 @@ from keyseal.openpgp.cert import load_certificates, mint_certificate
 from keyseal.openpgp.packets import TAG_PUBLIC_SUBKEY, encode_mpi, encode_packet, iter_packets
 from keyseal.openpgp.verify import verify_bytes
 
-EXAMPLES = int(os.environ.get("KEYSEAL_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=timedelta(seconds=3),  # a hang fails here (a normal input takes milliseconds)
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings()
 TARGETS = ["armor", "packets", "subpackets", "key_packet", "signature", "certificate", "detached", "wkd_answer",
            "trust_set"]
 

@@ -8,21 +8,18 @@ mutated record that decrypts is byte for byte the record it was made from (the m
 from __future__ import annotations
 
 import json
-import os
-from datetime import timedelta
 
 import pytest
 from fuzz.mutate import Choices, mutate
+from fuzz.properties import fuzz_settings
 from fuzz.targets import run_one, shared_corpus, shared_targets
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from keyseal.errors import WrappedRecordError
 from keyseal.wrapping.record import WrappedRecord
 
-EXAMPLES = int(os.environ.get("KEYSEAL_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=3), database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = fuzz_settings()
 
 
 @FUZZ

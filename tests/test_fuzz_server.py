@@ -5,18 +5,15 @@ server answers with a client error or a success, never an internal error, an exc
 from __future__ import annotations
 
 import json
-import os
-from datetime import timedelta
 
 import pytest
+from fuzz.properties import fuzz_settings
 from fuzz.server import ServerCrash, shared_server_targets
 from fuzz.targets import run_one
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-EXAMPLES = int(os.environ.get("KEYSEAL_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=5), database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = fuzz_settings(5)
 NAMES = ("csr", "x509_request", "jwt_request", "http_request")
 
 
