@@ -24,6 +24,7 @@ from keyseal.ca.jwtsvid import check_audience, issue_jwt_svid
 from keyseal.ca.spiffeid import parse_spiffe_id
 from keyseal.ca.x509svid import issue_x509_svid, parse_csr
 from keyseal.errors import KeysealError, UsageError
+from keyseal.wrapping.record import format_time
 
 if TYPE_CHECKING:
     from keyseal.ca.api import Api, Request, Response
@@ -31,10 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["agent_routes"]
 
 log = logging.getLogger(__name__)
-
-
-def _time(moment: Any) -> str:
-    return str(moment.strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
 class AgentApi:
@@ -105,7 +102,7 @@ class AgentApi:
         self.api.metrics.issued("x509")
         return {"spiffeID": spiffe_id,
                 "certChain": [certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")],
-                "expiresAt": _time(certificate.not_valid_after_utc), "keyset": keyset.number}
+                "expiresAt": format_time(certificate.not_valid_after_utc), "keyset": keyset.number}
 
     def _bundle(self) -> dict[str, Any]:
         return bundle_document([k for k, _ in self.api.manager.live()], self.api.config.refresh_hint)
@@ -168,7 +165,7 @@ class AgentApi:
         token, expires = issue_jwt_svid(keyset, parse_spiffe_id(entry.spiffe_id), audience,
                                         self.api.manager.clock(), ttl)
         self.api.metrics.issued("jwt")
-        return self._json({"spiffeID": entry.spiffe_id, "token": token, "expiresAt": _time(expires)})
+        return self._json({"spiffeID": entry.spiffe_id, "token": token, "expiresAt": format_time(expires)})
 
 
 def agent_routes(api: Api) -> dict[str, tuple[str, Callable[[Request], Response]]]:

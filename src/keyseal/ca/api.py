@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -25,6 +25,7 @@ from keyseal.ca.metrics import Metrics
 from keyseal.ca.spiffeid import RESERVED_PATH, SpiffeId, SpiffeIdError, is_reserved, parse_spiffe_id
 from keyseal.ca.x509svid import issue_x509_svid, parse_csr
 from keyseal.errors import KeysealError, UsageError
+from keyseal.wrapping.record import format_time
 
 __all__ = ["MAX_BODY_BYTES", "Api", "Request", "Response"]
 
@@ -62,11 +63,6 @@ class _Refused(Exception):
 
 def _json(status: int, document: dict[str, Any]) -> Response:
     return Response(status, json.dumps(document, separators=(",", ":")).encode() + b"\n")
-
-
-def _time(moment: datetime) -> str:
-    """RFC 3339 UTC, whole seconds."""
-    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
 class Api:
@@ -220,7 +216,7 @@ class Api:
         return _json(200, {
             "spiffeID": str(spiffe_id),
             "certChain": [certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")],
-            "expiresAt": _time(certificate.not_valid_after_utc),
+            "expiresAt": format_time(certificate.not_valid_after_utc),
             "serialNumber": format(certificate.serial_number, "x"),
             "keyset": keyset.number,
         })
@@ -236,5 +232,5 @@ class Api:
         token, expires = issue_jwt_svid(keyset, spiffe_id, audience, self.manager.clock(), ttl)
         self.metrics.issued("jwt")
         log.debug("issued JWT-SVID %s to client %s (keyset %d)", spiffe_id, principal.name, keyset.number)
-        return _json(200, {"spiffeID": str(spiffe_id), "token": token, "expiresAt": _time(expires),
+        return _json(200, {"spiffeID": str(spiffe_id), "token": token, "expiresAt": format_time(expires),
                            "keyset": keyset.number})

@@ -46,6 +46,7 @@ from keyseal.errors import (
     UnsupportedKeyError,
     UsageError,
 )
+from keyseal.wrapping.record import format_time
 
 __all__ = ["APPLICATION", "Pkcs11CaKey", "Pkcs11KeysetSource"]
 
@@ -73,10 +74,6 @@ class _Marker:
     def order(self) -> bytes:
         """Readers pick the marker with the lowest order when a race left two for one keyset."""
         return self.ids["x509"]
-
-
-def _format_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _encode(value: str) -> str:
@@ -239,7 +236,7 @@ class Pkcs11KeysetSource(KeysetSource):
     def _write_marker(self, access: TokenAccess, marker: _Marker) -> None:
         attr, pkcs11 = access.pkcs11.Attribute, access.pkcs11
         document = {"format": MARKER_FORMAT, "trustDomain": self.trust_domain, "keyset": marker.number,
-                    "notBefore": _format_time(marker.not_before),
+                    "notBefore": format_time(marker.not_before),
                     **{f"{kind}Id": marker.ids[kind].hex() for kind in _KINDS}}
         try:
             with access.token.open(rw=True) as session:  # the shared login covers it

@@ -50,7 +50,7 @@ def check_record_name(name: str) -> str:
 
 def format_time(moment: datetime) -> str:
     """UTC, whole seconds, `Z`: the one spelling a record uses."""
-    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
 @dataclass(frozen=True)
