@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from keyseal.backends import BackendOptions, open_signer
 from keyseal.backends.base import PublicKey, Signer
 from keyseal.errors import KeysealError, KeyURIError, OutputExistsError, UsageError
-from keyseal.openpgp.cert import Certificate, load_certificates, mint_certificate
+from keyseal.openpgp.cert import Certificate, creation_time, load_certificates, mint_certificate
 from keyseal.openpgp.keys import same_public_key
 
 __all__ = ["ORPHAN_TAG", "Rotated", "RotationRequest", "next_label", "rotate_kms", "rotate_pkcs11"]
@@ -116,13 +116,7 @@ def rotate_kms(alias: str, request: RotationRequest, endpoint: str | None) -> Ro
     arn = create_signing_key(new_alias, key_type, endpoint)
     try:
         with open_signer(f"awskms:{arn}", options) as signer:
-            created = request.created
-            if created is None:
-                moment = signer.created_at()
-                if moment is None:
-                    raise UsageError(f"cannot tell when {arn} was created: pass --created RFC3339")
-                created = int(moment.timestamp())
-            binary, fingerprint = _mint(signer, request, created)
+            binary, fingerprint = _mint(signer, request, creation_time(signer, request.created))
     except Exception as exc:
         tagged = tag_orphaned(arn, new_alias, endpoint)
         if not isinstance(exc, KeysealError):

@@ -20,7 +20,7 @@ def _openpgp(signer: Signer, public_key: PublicKey, name: str | None, email: str
              created: str | None) -> bytes:
     """The keyring's certificate for the key; else a freshly minted one when --name and --email are given."""
     from keyseal.keyring import certificate_for_key, keyring_certificates
-    from keyseal.openpgp.cert import armor_certificate, mint_certificate
+    from keyseal.openpgp.cert import armor_certificate, creation_time, mint_certificate
 
     if name is None and email is None:
         cert = certificate_for_key(public_key, keyring_certificates())
@@ -30,13 +30,7 @@ def _openpgp(signer: Signer, public_key: PublicKey, name: str | None, email: str
         return armor_certificate(cert.binary)
     if name is None or email is None:
         raise UsageError("minting a certificate needs both --name and --email")
-    if created is not None:
-        created_at = parse_rfc3339(created)
-    else:
-        moment = signer.created_at()
-        if moment is None:
-            raise UsageError(f"cannot tell when {signer.uri} was created: pass --created RFC3339")
-        created_at = int(moment.timestamp())
+    created_at = creation_time(signer, parse_rfc3339(created) if created is not None else None)
     return armor_certificate(mint_certificate(signer, name=name, email=email, created=created_at))
 
 

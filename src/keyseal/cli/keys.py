@@ -15,7 +15,14 @@ from keyseal.cli.export import export
 from keyseal.errors import UsageError
 from keyseal.inputfile import read_input
 from keyseal.keygen import KEY_TYPES, generate_private_key
-from keyseal.openpgp.cert import Certificate, armor_certificate, load_certificates, mint_certificate, user_id_for
+from keyseal.openpgp.cert import (
+    Certificate,
+    armor_certificate,
+    creation_time,
+    load_certificates,
+    mint_certificate,
+    user_id_for,
+)
 from keyseal.openpgp.revoke import REASONS
 from keyseal.openpgp.revoke import revoke as revoke_certificate
 from keyseal.openpgp.signature import HASH_IDS
@@ -113,13 +120,7 @@ def mint(key_uri: str, name: str, email: str, created: str | None, expires: str 
     if output is not None:
         refuse_existing(output, force)
     with open_key(key_uri, kms_endpoint, kek) as signer:
-        if created is not None:
-            created_at = parse_rfc3339(created)
-        else:
-            moment = signer.created_at()
-            if moment is None:
-                raise UsageError(f"cannot tell when {key_uri} was created: pass --created RFC3339")
-            created_at = int(moment.timestamp())
+        created_at = creation_time(signer, parse_rfc3339(created) if created is not None else None)
         binary = mint_certificate(
             signer, name=name, email=email, created=created_at, expires_seconds=expires_seconds,
             hash_name=digest,  # type: ignore[arg-type]

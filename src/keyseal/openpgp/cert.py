@@ -70,6 +70,18 @@ def key_prefix(body: bytes) -> bytes:
     return b"\x99" + struct.pack(">H", len(body)) + body
 
 
+def creation_time(signer: Signer, given: int | None) -> int:
+    """A new certificate's creation time: `given`, else when the custody made the key (KMS DescribeKey, a
+    wrapped record's time). A custody that cannot tell (PKCS#11, a role without kms:DescribeKey) is a UsageError
+    asking for --created, never a guess: the time is part of the fingerprint."""
+    if given is not None:
+        return given
+    moment = signer.created_at()
+    if moment is None:
+        raise UsageError(f"cannot tell when {signer.uri} was created: pass --created RFC3339")
+    return int(moment.timestamp())
+
+
 def mint_certificate(
     signer: Signer,
     *,
