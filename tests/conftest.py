@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.kms_emulator import KmsEmulator
+from tests.harness.kube_api import KubeApi
 from tests.harness.openbao import OpenBao
 from tests.harness.softhsm import SoftHsm
 
@@ -28,6 +30,21 @@ def keyseal_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         patch.setenv("KEYSEAL_HOME", str(home))
         patch.delenv("KEYSEAL_KEK", raising=False)
         yield home
+
+
+@pytest.fixture(scope="session")
+def kube_api() -> Iterator[KubeApi]:
+    """A Kubernetes-like API on 127.0.0.1 (kmock, with PUT, resourceVersion and conditional delete added), one
+    per test process; tests keep apart by namespace."""
+    api = KubeApi().start()
+    yield api
+    api.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace of this test's own in the shared Kubernetes API."""
+    return f"ns-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="session")

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import boto3
 import jsonschema
-import pytest
 import yaml
 
 from keyseal.ca.bundle import bundle_json
@@ -227,13 +225,6 @@ def test_missing_jwt_record_is_recreated(tmp_path: Path) -> None:
 
 
 # -- two replicas on the Kubernetes store --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def kube_api() -> Iterator[KubeApi]:
-    api = KubeApi().start()
-    yield api
-    api.stop()
 
 
 class RacingStore(KubernetesStore):

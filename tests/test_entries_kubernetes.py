@@ -10,8 +10,6 @@ import os
 import shutil
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -45,18 +43,6 @@ AGENT = f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-1"
 PREFIX = "keyseal-example.org"
 
 
-@pytest.fixture(scope="module")
-def kube() -> Iterator[KubeApi]:
-    api = KubeApi().start()
-    yield api
-    api.stop()
-
-
-@pytest.fixture
-def namespace() -> str:
-    return f"ns-{uuid.uuid4().hex[:8]}"
-
-
 @pytest.fixture(autouse=True)
 def no_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The API server comes from store.kubernetes.apiServer only: no kubeconfig, not a pod."""
@@ -65,20 +51,20 @@ def no_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("POD_NAMESPACE", raising=False)
 
 
-def kube_store(kube: KubeApi, namespace: str) -> dict[str, Any]:
-    return {"type": "kubernetes", "kubernetes": {"namespace": namespace, "apiServer": kube.url}}
+def kube_store(kube_api: KubeApi, namespace: str) -> dict[str, Any]:
+    return {"type": "kubernetes", "kubernetes": {"namespace": namespace, "apiServer": kube_api.url}}
 
 
-def config_for(tmp: Path, kube: KubeApi, namespace: str) -> Config:
-    return parse_config(base_config(tmp, store=kube_store(kube, namespace)))
+def config_for(tmp: Path, kube_api: KubeApi, namespace: str) -> Config:
+    return parse_config(base_config(tmp, store=kube_store(kube_api, namespace)))
 
 
-def custom(kube: KubeApi) -> Any:
-    return kubernetes.client.CustomObjectsApi(kube.api_client())
+def custom(kube_api: KubeApi) -> Any:
+    return kubernetes.client.CustomObjectsApi(kube_api.api_client())
 
 
-def objects(kube: KubeApi, namespace: str, plural: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = custom(kube).list_namespaced_custom_object("keyseal.dev", "v1", namespace,
+def objects(kube_api: KubeApi, namespace: str, plural: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = custom(kube_api).list_namespaced_custom_object("keyseal.dev", "v1", namespace,
                                                                              plural)["items"]
     return items
 
@@ -89,9 +75,9 @@ def crd_spec_schema(plural: str) -> dict[str, Any]:
     return schema
 
 
-def test_entry_cli_against_the_kubernetes_store(kube: KubeApi, namespace: str, tmp_path: Path) -> None:
+def test_entry_cli_against_the_kubernetes_store(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
     config_file = tmp_path / "server.yaml"
-    config_file.write_text(yaml.safe_dump(base_config(tmp_path, store=kube_store(kube, namespace))))
+    config_file.write_text(yaml.safe_dump(base_config(tmp_path, store=kube_store(kube_api, namespace))))
     env = {"KUBECONFIG": str(tmp_path / "no-kubeconfig"), "KUBERNETES_SERVICE_HOST": ""}
     web = f"spiffe://{TRUST_DOMAIN}/ns/a/web"
 
@@ -104,7 +90,7 @@ def test_entry_cli_against_the_kubernetes_store(kube: KubeApi, namespace: str, t
     entry_id = created.stdout.strip()
     selectors = ("unix:path:/usr/bin/web", "unix:uid:1001")
     assert entry_id == entry_id_for(web, AGENT, selectors)
-    (stored,) = objects(kube, namespace, "registrationentries")
+    (stored,) = objects(kube_api, namespace, "registrationentries")
     assert stored["kind"] == "RegistrationEntry" and stored["metadata"]["name"] == f"{PREFIX}-entry-{entry_id}"
     assert stored["spec"] == {"spiffeID": web, "parentID": AGENT, "selectors": list(selectors), "x509SVIDTTL": 600}
     jsonschema.validate(stored["spec"], crd_spec_schema("registrationentries"))
@@ -122,27 +108,27 @@ def test_entry_cli_against_the_kubernetes_store(kube: KubeApi, namespace: str, t
     assert token.returncode == 0, token.stderr
     secret = token.stdout.strip()
     assert token.stderr.strip() == f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-7"
-    (stored_token,) = objects(kube, namespace, "jointokens")
+    (stored_token,) = objects(kube_api, namespace, "jointokens")
     assert stored_token["metadata"]["name"] == f"{PREFIX}-join-{hashlib.sha256(secret.encode()).hexdigest()}"
     assert secret not in json.dumps(stored_token)
     jsonschema.validate(stored_token["spec"], crd_spec_schema("jointokens"))
 
     assert keyseal("delete", entry_id).returncode == 0
-    assert objects(kube, namespace, "registrationentries") == []
+    assert objects(kube_api, namespace, "registrationentries") == []
     assert json.loads(keyseal("list", "--json").stdout) == []
     again = keyseal("delete", entry_id)
     assert_one_line_error(again)
     assert "no entry" in again.stderr
 
 
-def test_entry_cli_with_the_charts_config_and_a_kubeconfig(kube: KubeApi, namespace: str, tmp_path: Path) -> None:
+def test_entry_cli_with_the_charts_config_and_a_kubeconfig(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
     """An operator saves the server configuration the chart rendered and runs `keyseal entry` with their own
     kubeconfig: the namespace comes from the configuration, the API server and credentials from kubeconfig."""
     rendered = helm_python.Chart.load(str(CHART)).render({}, name="trust", namespace=namespace)
     server_yaml = yaml.safe_load(rendered["keyseal/templates/configmap.yaml"])["data"]["config.yaml"]
     (tmp_path / "server.yaml").write_text(server_yaml)
     kubeconfig = {"apiVersion": "v1", "kind": "Config", "current-context": "test",
-                  "clusters": [{"name": "test", "cluster": {"server": kube.url}}],
+                  "clusters": [{"name": "test", "cluster": {"server": kube_api.url}}],
                   "users": [{"name": "operator", "user": {"token": "operator-token"}}],
                   "contexts": [{"name": "test", "context": {"cluster": "test", "user": "operator"}}]}
     (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
@@ -151,7 +137,7 @@ def test_entry_cli_with_the_charts_config_and_a_kubeconfig(kube: KubeApi, namesp
                           f"spiffe://{TRUST_DOMAIN}/db", "--parent", f"spiffe://{TRUST_DOMAIN}/keyseal/agent",
                           "--selector", "unix:uid:999", env=env)
     assert created.returncode == 0, created.stderr
-    (stored,) = objects(kube, namespace, "registrationentries")
+    (stored,) = objects(kube_api, namespace, "registrationentries")
     assert stored["metadata"]["name"] == f"{PREFIX}-entry-{created.stdout.strip()}"
     listed = run_keyseal("entry", "list", "--config", tmp_path / "server.yaml", env=env)
     assert listed.returncode == 0, listed.stderr
@@ -159,15 +145,15 @@ def test_entry_cli_with_the_charts_config_and_a_kubeconfig(kube: KubeApi, namesp
                                      f"parent=spiffe://{TRUST_DOMAIN}/keyseal/agent", "unix:uid:999"]
 
 
-def test_two_replicas_redeem_one_token_exactly_once(kube: KubeApi, namespace: str, tmp_path: Path) -> None:
-    config = config_for(tmp_path, kube, namespace)
-    token, agent_id = join_tokens_for(config, kube.api_client()).issue("node-1", timedelta(minutes=5))
+def test_two_replicas_redeem_one_token_exactly_once(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
+    config = config_for(tmp_path, kube_api, namespace)
+    token, agent_id = join_tokens_for(config, kube_api.api_client()).issue("node-1", timedelta(minutes=5))
     both_read = threading.Barrier(2, timeout=30)
     results: dict[str, str | None] = {}
     errors: list[BaseException] = []
 
     def replica(label: str) -> None:
-        tokens = join_tokens_for(config, kube.api_client())  # its own client, as another server replica
+        tokens = join_tokens_for(config, kube_api.api_client())  # its own client, as another server replica
         assert isinstance(tokens, KubeJoinTokens)
         real_get = tokens.resources.get
 
@@ -182,7 +168,7 @@ def test_two_replicas_redeem_one_token_exactly_once(kube: KubeApi, namespace: st
         except BaseException as exc:
             errors.append(exc)
 
-    conflicts_before, verbs_before = len(kube.conflicts()), len(kube.verbs())
+    conflicts_before, verbs_before = len(kube_api.conflicts()), len(kube_api.verbs())
     threads = [threading.Thread(target=replica, args=(label,)) for label in ("A", "B")]
     for thread in threads:
         thread.start()
@@ -190,19 +176,19 @@ def test_two_replicas_redeem_one_token_exactly_once(kube: KubeApi, namespace: st
         thread.join(60)
     assert not errors, errors
     assert sorted(results.values(), key=str) == [None, agent_id]
-    deletes = [v for v in kube.verbs()[verbs_before:] if v[0] == "delete" and v[2] == "jointokens"]
+    deletes = [v for v in kube_api.verbs()[verbs_before:] if v[0] == "delete" and v[2] == "jointokens"]
     assert len(deletes) == 2  # both replicas read the token and tried to take it: the API server chose one
-    assert len(kube.conflicts()) - conflicts_before <= 1  # the loser met the precondition (409) or a 404
-    assert objects(kube, namespace, "jointokens") == []
-    assert join_tokens_for(config, kube.api_client()).redeem(token, datetime.now(UTC)) is None
+    assert len(kube_api.conflicts()) - conflicts_before <= 1  # the loser met the precondition (409) or a 404
+    assert objects(kube_api, namespace, "jointokens") == []
+    assert join_tokens_for(config, kube_api.api_client()).redeem(token, datetime.now(UTC)) is None
 
 
-def test_many_concurrent_redemptions(kube: KubeApi, namespace: str, tmp_path: Path) -> None:
+def test_many_concurrent_redemptions(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
     """No interleaving forced: 8 redeemers per token, 5 tokens; each token joins exactly one agent."""
-    config = config_for(tmp_path, kube, namespace)
-    issued = [join_tokens_for(config, kube.api_client()).issue(f"node-{i}", timedelta(minutes=5))
+    config = config_for(tmp_path, kube_api, namespace)
+    issued = [join_tokens_for(config, kube_api.api_client()).issue(f"node-{i}", timedelta(minutes=5))
               for i in range(5)]
-    replicas = [join_tokens_for(config, kube.api_client()) for _ in range(8)]
+    replicas = [join_tokens_for(config, kube_api.api_client()) for _ in range(8)]
     start = threading.Barrier(len(replicas), timeout=30)
     won: list[str] = []
     lock = threading.Lock()
@@ -223,15 +209,15 @@ def test_many_concurrent_redemptions(kube: KubeApi, namespace: str, tmp_path: Pa
     assert sorted(won) == sorted(agent for _, agent in issued)
 
 
-def test_concurrent_writers_lose_no_entry(kube: KubeApi, namespace: str, tmp_path: Path) -> None:
-    config = config_for(tmp_path, kube, namespace)
+def test_concurrent_writers_lose_no_entry(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
+    config = config_for(tmp_path, kube_api, namespace)
     start = threading.Barrier(2, timeout=30)
     made: dict[str, list[str]] = {"A": [], "B": []}
     same: dict[str, str] = {}
     errors: list[BaseException] = []
 
     def writer(label: str) -> None:
-        store = entry_store_for(config, kube.api_client())
+        store = entry_store_for(config, kube_api.api_client())
         start.wait()
         try:
             for i in range(8):
@@ -250,7 +236,7 @@ def test_concurrent_writers_lose_no_entry(kube: KubeApi, namespace: str, tmp_pat
     for thread in threads:
         thread.join(60)
     assert not errors, errors
-    listed = entry_store_for(config, kube.api_client()).entries()
+    listed = entry_store_for(config, kube_api.api_client()).entries()
     same_id = entry_id_for(f"spiffe://{TRUST_DOMAIN}/same", AGENT, ("unix:uid:7",))
     assert {e.entry_id for e in listed} == set(made["A"]) | set(made["B"]) | {same_id}
     assert len(listed) == 17
@@ -258,16 +244,16 @@ def test_concurrent_writers_lose_no_entry(kube: KubeApi, namespace: str, tmp_pat
     assert outcomes[0] == same_id and outcomes[1].startswith(f"entry {same_id} already gives")
 
 
-def test_stored_data_is_checked(kube: KubeApi, namespace: str, tmp_path: Path) -> None:
+def test_stored_data_is_checked(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
     """Expired and foreign tokens join nothing; resources that are not valid entries of this trust domain are
     never served; another record prefix's entries are not ours."""
-    config = config_for(tmp_path, kube, namespace)
-    tokens = join_tokens_for(config, kube.api_client())
+    config = config_for(tmp_path, kube_api, namespace)
+    tokens = join_tokens_for(config, kube_api.api_client())
     now = datetime.now(UTC)
     expired, _ = tokens.issue("node-1", timedelta(minutes=1))
     assert tokens.redeem(expired, now + timedelta(minutes=2)) is None
-    assert objects(kube, namespace, "jointokens") == []  # the attempt removed it
-    api = custom(kube)
+    assert objects(kube_api, namespace, "jointokens") == []  # the attempt removed it
+    api = custom(kube_api)
     foreign = "forged-token"
     api.create_namespaced_custom_object("keyseal.dev", "v1", namespace, "jointokens", {
         "apiVersion": "keyseal.dev/v1", "kind": "JoinToken",
@@ -280,10 +266,10 @@ def test_stored_data_is_checked(kube: KubeApi, namespace: str, tmp_path: Path) -
         "metadata": {"name": f"{PREFIX}-join-{token_digest('stale')}"},
         "spec": {"agentID": AGENT, "expiresAt": "2001-01-01T00:00:00Z"}})
     fresh, _ = tokens.issue("node-3", timedelta(minutes=5))
-    names = {o["metadata"]["name"] for o in objects(kube, namespace, "jointokens")}
+    names = {o["metadata"]["name"] for o in objects(kube_api, namespace, "jointokens")}
     assert names == {f"{PREFIX}-join-{token_digest(fresh)}"}
 
-    store = entry_store_for(config, kube.api_client())
+    store = entry_store_for(config, kube_api.api_client())
     good = store.create(f"spiffe://{TRUST_DOMAIN}/good", AGENT, ("unix:uid:5",))
     for name, spec in ((f"{PREFIX}-entry-other-td", {"spiffeID": "spiffe://other.org/x", "parentID": AGENT,
                                                       "selectors": ["unix:uid:1"]}),
@@ -296,7 +282,7 @@ def test_stored_data_is_checked(kube: KubeApi, namespace: str, tmp_path: Path) -
                                                      "jwtSVIDTTL": 30})):
         api.create_namespaced_custom_object("keyseal.dev", "v1", namespace, "registrationentries", {
             "apiVersion": "keyseal.dev/v1", "kind": "RegistrationEntry", "metadata": {"name": name}, "spec": spec})
-    fresh_store = entry_store_for(config, kube.api_client())
+    fresh_store = entry_store_for(config, kube_api.api_client())
     assert [(e.entry_id, e.spiffe_id, e.jwt_ttl) for e in fresh_store.entries()] == sorted([
         (good.entry_id, good.spiffe_id, 0), ("by-hand", f"spiffe://{TRUST_DOMAIN}/hand", 30)])
     assert [e.entry_id for e in fresh_store.for_agent(AGENT + "-other")] == []
@@ -304,42 +290,43 @@ def test_stored_data_is_checked(kube: KubeApi, namespace: str, tmp_path: Path) -
         fresh_store.delete("../../wrappedkeys/x")
 
 
-def test_server_cache_sees_changes_within_a_second(kube: KubeApi, namespace: str, tmp_path: Path) -> None:
-    config = config_for(tmp_path, kube, namespace)
-    server_view = entry_store_for(config, kube.api_client())
+def test_server_cache_sees_changes_within_a_second(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
+    config = config_for(tmp_path, kube_api, namespace)
+    server_view = entry_store_for(config, kube_api.api_client())
     assert isinstance(server_view, KubeEntryStore)
     assert server_view.entries() == []
-    created = entry_store_for(config, kube.api_client()).create(f"spiffe://{TRUST_DOMAIN}/w", AGENT,
+    created = entry_store_for(config, kube_api.api_client()).create(f"spiffe://{TRUST_DOMAIN}/w", AGENT,
                                                                  ("unix:uid:1",))
     assert server_view.get(created.entry_id) is None  # read a moment ago: one list per second at most
     time.sleep(ENTRY_CACHE_SECONDS + 0.05)
     assert server_view.get(created.entry_id) == created
 
 
-def test_missing_crd_and_refusals_are_clear(kube: KubeApi, tmp_path: Path) -> None:
-    config = parse_config(base_config(tmp_path, store={"type": "kubernetes", "kubernetes": {"apiServer": kube.url}}))
+def test_missing_crd_and_refusals_are_clear(kube_api: KubeApi, tmp_path: Path) -> None:
+    store = {"type": "kubernetes", "kubernetes": {"apiServer": kube_api.url}}
+    config = parse_config(base_config(tmp_path, store=store))
     with pytest.raises(UsageError, match=r"store\.kubernetes\.namespace is not set"):
-        entry_store_for(config, kube.api_client())
-    store = KubeEntryStore.from_config(config_for(tmp_path, kube, "ns-a"), kube.api_client())
+        entry_store_for(config, kube_api.api_client())
+    store = KubeEntryStore.from_config(config_for(tmp_path, kube_api, "ns-a"), kube_api.api_client())
     store.resources.plural = "notserved"
     with pytest.raises(UsageError, match="install the CRD"):
         store.entries()
 
 
-def test_bundle_configmap_is_published_only_forward(kube: KubeApi, namespace: str, tmp_path: Path,
+def test_bundle_configmap_is_published_only_forward(kube_api: KubeApi, namespace: str, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    server = CaServer(config_for(tmp_path, kube, namespace), rotation_thread=False,
-                      kube_api_client=kube.api_client())
+    server = CaServer(config_for(tmp_path, kube_api, namespace), rotation_thread=False,
+                      kube_api_client=kube_api.api_client())
     server.manager.start()
     monkeypatch.setenv("POD_NAMESPACE", namespace)
-    assert BundleConfigMap.from_environment(kube.api_client()) is None  # not asked for
+    assert BundleConfigMap.from_environment(kube_api.api_client()) is None  # not asked for
     monkeypatch.setenv(ENVIRONMENT, "trust-keyseal-agent-bundle")
-    publisher = BundleConfigMap.from_environment(kube.api_client())
+    publisher = BundleConfigMap.from_environment(kube_api.api_client())
     assert publisher is not None and publisher.namespace == namespace
     keysets = [k for k, _ in server.manager.live()]
     with pytest.raises(UsageError, match="does not exist"):  # the chart creates it; the server never does
         publisher.publish(keysets, timedelta(minutes=5))
-    core = kubernetes.client.CoreV1Api(kube.api_client())
+    core = kubernetes.client.CoreV1Api(kube_api.api_client())
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "trust-keyseal-agent-bundle"}})
     assert publisher.publish(keysets, timedelta(minutes=5)) is True
     assert publisher.publish(keysets, timedelta(minutes=5)) is False  # unchanged: not written again
@@ -349,7 +336,7 @@ def test_bundle_configmap_is_published_only_forward(kube: KubeApi, namespace: st
     current = core.read_namespaced_config_map("trust-keyseal-agent-bundle", namespace)
     current.data = {BUNDLE_KEY: json.dumps(newer)}
     core.replace_namespaced_config_map("trust-keyseal-agent-bundle", namespace, current)
-    other_replica = BundleConfigMap.from_environment(kube.api_client())
+    other_replica = BundleConfigMap.from_environment(kube_api.api_client())
     assert other_replica is not None
     assert other_replica.publish(keysets, timedelta(minutes=5)) is False  # a replica that is behind keeps off
     assert json.loads(core.read_namespaced_config_map("trust-keyseal-agent-bundle",
@@ -362,33 +349,33 @@ def allowed_by(role: dict[str, Any], verb: str, group: str, plural: str, name: s
                and (not rule.get("resourceNames") or name in rule["resourceNames"]) for rule in role["rules"])
 
 
-def test_agent_end_to_end_on_the_kubernetes_store(kube: KubeApi, namespace: str, tmp_path: Path,
+def test_agent_end_to_end_on_the_kubernetes_store(kube_api: KubeApi, namespace: str, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A server on the Kubernetes store publishes its bundle to the chart's ConfigMap; an agent trusting only
     that ConfigMap's bundle.json joins with a token and serves an entry to py-spiffe. Every Kubernetes API call
     the server makes meanwhile is one the chart's Role allows."""
     (role,) = render(helm_python.Chart.load(str(CHART)), {"agent": {"enabled": True, "joinTokenSecret": "j"}})["Role"]
     bundle_map = "trust-keyseal-agent-bundle"  # the chart's name for release "trust"
-    config = config_for(tmp_path, kube, namespace)
-    server = CaServer(config, rotation_thread=False, kube_api_client=kube.api_client())
+    config = config_for(tmp_path, kube_api, namespace)
+    server = CaServer(config, rotation_thread=False, kube_api_client=kube_api.api_client())
     server.start()
     server.start_background()
     sock = socket_dir() / "agent.sock"
     agent: Agent | None = None
     try:
-        core = kubernetes.client.CoreV1Api(kube.api_client())
+        core = kubernetes.client.CoreV1Api(kube_api.api_client())
         core.create_namespaced_config_map(namespace, {"metadata": {"name": bundle_map}})  # by the chart
         web = f"spiffe://{TRUST_DOMAIN}/ns/a/web"
-        entry_store_for(config, kube.api_client()).create(web, AGENT, (f"unix:uid:{os.getuid()}",))
-        token, _ = join_tokens_for(config, kube.api_client()).issue("node-1", timedelta(minutes=5))
-        server_calls_from = len(kube.verbs())  # from here on only the server calls the Kubernetes API
+        entry_store_for(config, kube_api.api_client()).create(web, AGENT, (f"unix:uid:{os.getuid()}",))
+        token, _ = join_tokens_for(config, kube_api.api_client()).issue("node-1", timedelta(minutes=5))
+        server_calls_from = len(kube_api.verbs())  # from here on only the server calls the Kubernetes API
         monkeypatch.setenv("POD_NAMESPACE", namespace)
         monkeypatch.setenv(ENVIRONMENT, bundle_map)
-        publisher = BundleConfigMap.from_environment(kube.api_client())
+        publisher = BundleConfigMap.from_environment(kube_api.api_client())
         assert publisher is not None
         publisher.publish([k for k, _ in server.manager.live()], config.refresh_hint)
         (tmp_path / "bundle.json").write_text(core.read_namespaced_config_map(bundle_map, namespace).data[BUNDLE_KEY])
-        server_calls_to = len(kube.verbs()) - 1  # the read above is the kubelet's
+        server_calls_to = len(kube_api.verbs()) - 1  # the read above is the kubelet's
         agent = Agent(parse_agent_config({
             "trustDomain": TRUST_DOMAIN, "serverURL": f"https://127.0.0.1:{server.port}",
             "trustBundleFile": str(tmp_path / "bundle.json"), "joinToken": token, "socketPath": str(sock),
@@ -401,8 +388,8 @@ def test_agent_end_to_end_on_the_kubernetes_store(kube: KubeApi, namespace: str,
         verifier = PolicyBuilder().store(Store(authorities)).time(datetime.now(UTC)).build_client_verifier()
         verified = verifier.verify(svid.leaf, svid.cert_chain[1:])
         assert [u.value for u in verified.subjects if isinstance(u, x509.UniformResourceIdentifier)] == [web]
-        assert objects(kube, namespace, "jointokens") == []  # spent
-        calls = kube.verbs()
+        assert objects(kube_api, namespace, "jointokens") == []  # spent
+        calls = kube_api.verbs()
         server_calls = calls[server_calls_from:server_calls_to] + calls[server_calls_to + 1:-1]
         assert {c[:3] for c in server_calls} >= {("update", "", "configmaps"), ("get", "keyseal.dev", "jointokens"),
                                                  ("delete", "keyseal.dev", "jointokens"),

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,18 +37,6 @@ from tests.harness.kms_emulator import KmsEmulator
 from tests.harness.kube_api import KubeApi
 
 CRD = Path(__file__).resolve().parent.parent / "deploy" / "crds" / "wrappedkeys.keyseal.dev.yaml"
-
-
-@pytest.fixture(scope="session")
-def kube_api() -> Iterator[KubeApi]:
-    api = KubeApi().start()
-    yield api
-    api.stop()
-
-
-@pytest.fixture
-def namespace() -> str:
-    return f"ns-{uuid.uuid4().hex[:8]}"
 
 
 def new_store(kube_api: KubeApi, namespace: str, ledger: VersionLedger | None = None) -> KubernetesStore:
