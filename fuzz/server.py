@@ -2,9 +2,10 @@
 of the issuance API, and the raw HTTP/1.1 request (request line, headers, body) its listener parses.
 
 The server is a real `CaServer` (local KEK, directory store in a temporary directory), driven in process: the API
-through `Api.handle`, the HTTP parser through the listener's connection loop on one end of a socket pair (TLS is
-the `ssl` module's, not keyseal's, so it is left out). Outside input must never make the server fail: an answer
-with status 500, an exception out of the handler, or a response that is not HTTP is a crash.
+through `Api.handle`, the raw bytes through the listener's HTTP/1.1 reader (`keyseal.ca.http1`, which parses what
+the listener reads; TLS is the `ssl` module's, not keyseal's, so it is left out). Outside input must never make
+the server fail: an answer with status 500, an exception out of the handler, or a response that is not HTTP is a
+crash.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import functools
 import json
 import os
 import shutil
-import socket
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from keyseal.errors import KeysealError
 
 TRUST_DOMAIN = "example.org"
 TOKEN = "fuzz-token-0123456789abcdef0123"  # noqa: S105 - the test client's bearer token, not a secret
-MAX_ANSWER = 1 << 20
+CHUNK = 7  # bytes per read: requests arrive split at every possible place
 
 
 class ServerCrash(AssertionError):
@@ -68,14 +67,6 @@ def _answer(path: str, body: bytes) -> None:
         raise KeysealError(json.loads(response.body)["message"])  # a refusal, with the message the client sees
 
 
-def _connected_pair() -> tuple[socket.socket, socket.socket]:
-    """Two ends of a TCP connection on 127.0.0.1 (the handler sets TCP options, so not a Unix socket pair)."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        accepted, _ = listener.accept()
-    return client, accepted
-
-
 def _statuses(answer: bytes) -> list[int]:
     """The status of each response in a stream of HTTP/1.1 responses (bodies skipped by Content-Length)."""
     statuses: list[int] = []
@@ -93,46 +84,42 @@ def _statuses(answer: bytes) -> list[int]:
     return statuses
 
 
+def _answer_what_arrived(reader: Any, answer: bytearray, *, eof: bool) -> bool:
+    """Answer every complete request `reader` holds, appending to `answer`; True once the connection closes."""
+    from keyseal.ca.api import Request
+    from keyseal.ca.http1 import Refusal, render
+
+    while (event := reader.next(eof=eof)) is not None:
+        if isinstance(event, bytes):  # 100 Continue
+            answer += event
+            continue
+        if isinstance(event, Refusal):
+            answer += render(event.response, close=True)
+            return True
+        try:
+            response = _server().api.handle(Request(method=event.method, path=event.path, headers=event.headers,
+                                                    body=event.body, peer="127.0.0.1:1", peer_certificate=None))
+        except Exception as exc:
+            raise ServerCrash(f"the request handler raised {type(exc).__name__}: {exc}") from exc
+        answer += render(response, close=event.close)
+        if event.close:
+            return True
+    return eof
+
+
 def _http(raw: bytes) -> None:
-    """Feed raw bytes to the listener's request handler as one client connection; read what it answers."""
-    from keyseal.ca.httpd import _Connection
+    """Feed raw bytes to the listener's HTTP/1.1 reader as one client connection would arrive (in pieces, then
+    the end of the stream), answer each request through the API, and check what the client would read."""
+    from keyseal.ca.http1 import RequestReader
 
-    api = _server().api
-    ours, theirs = _connected_pair()
-    ours.settimeout(5)
-    failure: list[BaseException] = []
-
-    def handle() -> None:
-        try:
-            _Connection(theirs, ("127.0.0.1", 1), api).serve()
-        except BaseException as exc:
-            failure.append(exc)
-        finally:
-            theirs.close()
-
-    worker = threading.Thread(target=handle, daemon=True)
-    worker.start()
-    try:
-        ours.sendall(raw)
-        ours.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass  # the handler closed early (e.g. a request line it refused): its answer is still readable
-    answer = b""
-    while len(answer) < MAX_ANSWER:
-        try:
-            chunk = ours.recv(65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        answer += chunk
-    ours.close()
-    worker.join(10)
-    if worker.is_alive():
-        raise ServerCrash(f"the request handler hung on {raw[:80]!r}")
-    if failure:
-        raise ServerCrash(f"the request handler raised {type(failure[0]).__name__}: {failure[0]}")
-    statuses = _statuses(answer)
+    reader = RequestReader()
+    answer = bytearray()
+    pieces = [raw[i:i + CHUNK] for i in range(0, len(raw), CHUNK)]
+    for number, piece in enumerate([*pieces, b""]):
+        reader.feed(piece)
+        if _answer_what_arrived(reader, answer, eof=number == len(pieces)):
+            break  # the connection is closed: what follows is never read
+    statuses = _statuses(bytes(answer))
     if any(status >= 500 and status != 501 for status in statuses):  # 501: a method HTTP does not know
         raise ServerCrash(f"answered {statuses} to {raw[:120]!r}")
     if not statuses or any(status >= 400 for status in statuses):

@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,8 +54,16 @@ def line_hash(line: bytes) -> str:
 
 
 def utc_now() -> str:
-    """RFC 3339 UTC with microseconds, e.g. 2026-11-23T21:12:08.341681Z."""
-    return datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    """RFC 3339 UTC with microseconds, e.g. 2026-11-23T21:12:08.341681Z (the clock `datetime.now` reads)."""
+    micros = time.time_ns() // 1000
+    return f"{utc_second(micros // 1_000_000)}.{micros % 1_000_000:06d}Z"
+
+
+@functools.lru_cache(maxsize=256)
+def utc_second(epoch_seconds: int) -> str:
+    """One whole second as RFC 3339 UTC without the zone, e.g. 2026-11-23T21:12:08. Remembered because every
+    signature (its audit time) and every SVID (its expiry) made within one second spells the same one."""
+    return datetime.fromtimestamp(epoch_seconds, UTC).replace(tzinfo=None).isoformat()
 
 
 class AuditLog:

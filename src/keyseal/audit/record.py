@@ -33,6 +33,7 @@ _SECRET_NAME = re.compile(r"(token|secret|passw|pin-value|^pin$|api[-_]?key|auth
 _MAX_URI = 1000
 _MAX_TEXT = 500
 _MAX_SUBJECT = 4096
+_LINE = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))  # json.dumps would build one per record
 
 
 def redact_uri(uri: str) -> str:
@@ -71,6 +72,7 @@ def record(
     *,
     log_file: AuditLog | None,
     key_uri: str,
+    key_uri_redacted: bool = False,
     public_key: PublicKey | None,
     hash_name: str,
     fingerprint: str | None = None,
@@ -85,7 +87,8 @@ def record(
     (INFO, the JSON line as the message and the fields as `record.audit`) for structured logs. Without a file
     the record has no seq or prev (there is no chain), only the time.
 
-    `fingerprint` is `key_fingerprint(public_key)` worked out by a caller that signs often with one key.
+    `fingerprint` is `key_fingerprint(public_key)` worked out by a caller that signs often with one key;
+    `key_uri_redacted=True` says `key_uri` is `redact_uri`'s output, likewise worked out once by such a caller.
     `subject`, `purpose` and `openpgp_fingerprint` default to the caller's `audit.subject(...)` context.
     `signed="digest"`: `digest` is what the custody signed, made with `hash_name`; `signed="message"`: the
     custody signed a message (pure Ed25519) whose SHA-256 is `digest`. Raises AuditError if the file cannot
@@ -93,7 +96,7 @@ def record(
     """
     context = current()
     entry: dict[str, object] = {
-        "key_uri": redact_uri(key_uri),
+        "key_uri": key_uri if key_uri_redacted else redact_uri(key_uri),
         "key_fingerprint": fingerprint or (key_fingerprint(public_key) if public_key is not None else None),
         "openpgp_fingerprint": openpgp_fingerprint or context.openpgp_fingerprint,
         "hash": hash_name,
@@ -105,8 +108,7 @@ def record(
     }
     written = log_file.append(entry) if log_file is not None else {"time": utc_now(), **entry}
     if log.isEnabledFor(logging.INFO):
-        log.info("audit %s", json.dumps(written, ensure_ascii=True, separators=(",", ":")),
-                 extra={"audit": written})
+        log.info("audit %s", _LINE.encode(written), extra={"audit": written})
     return written
 
 

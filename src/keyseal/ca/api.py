@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-
+from keyseal.audit.log import utc_second
 from keyseal.ca.auth import Authenticator, Principal
 from keyseal.ca.bundle import bundle_json, sequence_of
 from keyseal.ca.config import Config
@@ -23,9 +22,8 @@ from keyseal.ca.manager import KeysetManager, NoActiveKeysetError
 from keyseal.ca.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from keyseal.ca.metrics import Metrics
 from keyseal.ca.spiffeid import RESERVED_PATH, SpiffeId, SpiffeIdError, is_reserved, parse_spiffe_id
-from keyseal.ca.x509svid import issue_x509_svid, parse_csr
+from keyseal.ca.x509svid import parse_csr_key, sign_x509_svid
 from keyseal.errors import KeysealError, UsageError
-from keyseal.wrapping.record import format_time
 
 __all__ = ["MAX_BODY_BYTES", "Api", "Request", "Response"]
 
@@ -61,8 +59,16 @@ class _Refused(Exception):
         self.message = message
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps would build one per answer
+
+
 def _json(status: int, document: dict[str, Any]) -> Response:
-    return Response(status, json.dumps(document, separators=(",", ":")).encode() + b"\n")
+    return Response(status, _ENCODER.encode(document).encode() + b"\n")
+
+
+def _expires_at(moment: datetime) -> str:
+    """`moment` as an answer spells it (UTC, whole seconds, Z), e.g. 2026-11-23T21:12:08Z."""
+    return utc_second(int(moment.timestamp())) + "Z"
 
 
 class Api:
@@ -165,8 +171,8 @@ class Api:
             raise UsageError("request body is not a JSON object") from None
         if not isinstance(document, dict):
             raise UsageError("request body is not a JSON object")
-        unknown = sorted(set(document) - allowed)
-        if unknown:
+        if not allowed.issuperset(document):
+            unknown = sorted(set(document) - allowed)
             raise UsageError(f"unknown field {unknown[0][:40]!r}: the fields are {', '.join(sorted(allowed))}")
         return document
 
@@ -208,16 +214,16 @@ class Api:
         spiffe_id = self._spiffe_id(document)
         self._authorize(principal, spiffe_id, request)
         ttl = self._ttl(document, self.config.x509_ttl)
-        public_key = parse_csr(document.get("csr"))  # type: ignore[arg-type]
+        leaf_key = parse_csr_key(document.get("csr"))  # type: ignore[arg-type]
         keyset = self.manager.active()
-        certificate = issue_x509_svid(keyset, spiffe_id, public_key, self.manager.clock(), ttl)
+        leaf = sign_x509_svid(keyset, spiffe_id, leaf_key, self.manager.clock(), ttl)
         self.metrics.issued("x509")
         log.debug("issued X.509-SVID %s to client %s (keyset %d)", spiffe_id, principal.name, keyset.number)
         return _json(200, {
-            "spiffeID": str(spiffe_id),
-            "certChain": [certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")],
-            "expiresAt": format_time(certificate.not_valid_after_utc),
-            "serialNumber": format(certificate.serial_number, "x"),
+            "spiffeID": spiffe_id.uri,
+            "certChain": [leaf.pem()],
+            "expiresAt": _expires_at(leaf.not_after),
+            "serialNumber": format(leaf.serial_number, "x"),
             "keyset": keyset.number,
         })
 
@@ -232,5 +238,5 @@ class Api:
         token, expires = issue_jwt_svid(keyset, spiffe_id, audience, self.manager.clock(), ttl)
         self.metrics.issued("jwt")
         log.debug("issued JWT-SVID %s to client %s (keyset %d)", spiffe_id, principal.name, keyset.number)
-        return _json(200, {"spiffeID": str(spiffe_id), "token": token, "expiresAt": format_time(expires),
+        return _json(200, {"spiffeID": spiffe_id.uri, "token": token, "expiresAt": _expires_at(expires),
                            "keyset": keyset.number})

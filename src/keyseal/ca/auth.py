@@ -31,9 +31,10 @@ class Principal:
 
 class Authenticator:
     def __init__(self, clients: tuple[ClientConfig, ...]) -> None:
-        self._by_token = {c.token_sha256: c for c in clients if c.token_sha256}
-        self._by_cert = {c.cert_sha256: c for c in clients if c.cert_sha256}
-        self._by_uri = {c.cert_uri: c for c in clients if c.cert_uri}
+        # Principals are made once here, not per request: they are immutable, and every request needs one.
+        self._by_token = {c.token_sha256: Principal(c.name, c.prefixes, "token") for c in clients if c.token_sha256}
+        self._by_cert = {c.cert_sha256: Principal(c.name, c.prefixes, "mtls") for c in clients if c.cert_sha256}
+        self._by_uri = {c.cert_uri: Principal(c.name, c.prefixes, "mtls") for c in clients if c.cert_uri}
 
     def authenticate(self, authorization: str | None, peer_certificate: bytes | None) -> Principal | None:
         """The client, or None. A request that sends an Authorization header is judged by it alone."""
@@ -41,16 +42,15 @@ class Authenticator:
             match = _BEARER_RE.fullmatch(authorization.strip()) if len(authorization) <= MAX_TOKEN_LENGTH else None
             if match is None:
                 return None
-            client = self._by_token.get(hashlib.sha256(match.group(1).encode("ascii")).hexdigest())
-            return Principal(client.name, client.prefixes, "token") if client else None
+            return self._by_token.get(hashlib.sha256(match.group(1).encode("ascii")).hexdigest())
         if peer_certificate is None:
             return None
-        client = self._by_cert.get(hashlib.sha256(peer_certificate).hexdigest())
-        if client is None and self._by_uri:
-            client = self._by_uri_san(peer_certificate)
-        return Principal(client.name, client.prefixes, "mtls") if client else None
+        principal = self._by_cert.get(hashlib.sha256(peer_certificate).hexdigest())
+        if principal is None and self._by_uri:
+            principal = self._by_uri_san(peer_certificate)
+        return principal
 
-    def _by_uri_san(self, der: bytes) -> ClientConfig | None:
+    def _by_uri_san(self, der: bytes) -> Principal | None:
         try:
             certificate = x509.load_der_x509_certificate(der)
             san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -72,6 +72,7 @@ class MemoryCaKey(CaKey):
             raise UnsupportedKeyError("a CA key must be an ECDSA (P-256, P-384) or RSA key")
         self._key = key
         self._public = key.public_key()
+        self._ecdsa = key if isinstance(key, ec.EllipticCurvePrivateKey) else None  # checked once, not per SVID
 
     def public_key(self) -> PublicKey:
         return self._public
@@ -80,14 +81,20 @@ class MemoryCaKey(CaKey):
         return self._key
 
     def sign_digest(self, digest: bytes, hash_name: HashName) -> bytes:
-        if isinstance(self._key, ec.EllipticCurvePrivateKey):
-            algorithm = ec.ECDSA(utils.Prehashed(hash_algorithm(hash_name)), deterministic_signing=True)
-            return self._key.sign(digest, algorithm)
+        if self._ecdsa is not None:
+            return self._ecdsa.sign(digest, _deterministic_ecdsa(hash_name))
         return sign_digest_with(self._key, digest, hash_name)
 
     @property
     def deterministic(self) -> bool:
         return True
+
+
+@functools.lru_cache(maxsize=4)
+def _deterministic_ecdsa(hash_name: HashName) -> ec.ECDSA:
+    """The signature algorithm for a digest made with `hash_name`, built once per hash (it holds no state):
+    building it checks with the OpenSSL binding that RFC 6979 is supported, a measurable cost per SVID."""
+    return ec.ECDSA(utils.Prehashed(hash_algorithm(hash_name)), deterministic_signing=True)
 
 
 class SignerCaKey(CaKey):

@@ -1,292 +1,398 @@
-"""The TLS listener: a thread per connection (the standard library's threading server), HTTP/1.1 with keep-alive.
+"""The TLS listener: one thread runs every connection's I/O from a selector loop (HTTP/1.1, keep-alive).
 
-The TLS handshake runs in the connection's own thread (never in the accept loop, so a slow client cannot stall
-others); connections are capped, idle ones time out, and request bodies are bounded. The SSL context is read
-per connection, so a renewed serving certificate applies to new connections without a restart.
+Why a loop and not a thread per connection: with threads, every request hands the interpreter lock from one
+thread to another at each blocking read, and on a small machine that costs about as much as issuing the SVID
+(benchmarks/README.md). In the loop, sockets are non-blocking and the TLS handshake is a state like any other,
+so a slow or silent client stalls nobody. A request whose answer comes from memory alone (`answer_inline`: the
+bundle, health, metrics, and issuance when the CA keys are in memory) is answered on the loop's thread; any
+other (a key manager's remote signature, the store, an audit file) runs on a worker thread and its answer is
+handed back to the loop.
+
+Limits: at most MAX_CONNECTIONS open connections; a connection idle for IDLE_TIMEOUT, or a request not complete
+REQUEST_TIMEOUT after its first byte, is closed; request heads and bodies are bounded (`keyseal.ca.http1`).
+The SSL context is read per connection, so a renewed serving certificate applies to new connections at once.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import email.utils
+import errno
 import functools
-import json
 import logging
+import selectors
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from http import HTTPStatus
-from http.server import ThreadingHTTPServer
-from socketserver import BaseRequestHandler
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from keyseal.ca.api import MAX_BODY_BYTES, Api, Request, Response
+from keyseal.ca.http1 import MAX_DRAIN_BYTES, MAX_HEAD, Incoming, Refusal, RequestReader, error, render
 
 __all__ = ["TlsHttpServer"]
 
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 256
-MAX_DRAIN_BYTES = 1024 * 1024
-MAX_HEADERS = 100
-MAX_HEADER_LINE = 8192
-_SINGLE_HEADERS = frozenset({"content-length", "authorization", "transfer-encoding", "host"})
+MAX_WORKERS = 32
 IDLE_TIMEOUT = 30.0
+REQUEST_TIMEOUT = 30.0
 LINGER_SECONDS = 2.0
-
-
-@functools.cache
-def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
-
-
-_date_cache: tuple[int, str] = (0, "")
-
-
-def _http_date() -> str:
-    """The Date header (RFC 9110 IMF-fixdate), formatted once per second."""
-    global _date_cache  # noqa: PLW0603 - a per-process cache of one string
-    second = int(time.time())
-    cached_second, text = _date_cache
-    if second != cached_second:
-        text = email.utils.formatdate(second, usegmt=True)
-        _date_cache = (second, text)
-    return text
-
-
-_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH"})
-_VERSIONS = frozenset({"HTTP/1.0", "HTTP/1.1"})
-MAX_REQUEST_LINE = 8192
-MAX_HEAD = MAX_REQUEST_LINE + (MAX_HEADERS + 1) * (MAX_HEADER_LINE + 2)
 READ_SIZE = 65536
+# How far to read ahead of the requests not yet answered: more than one request can be, so that a request never
+# waits for bytes the loop chose not to read yet.
+READ_AHEAD = MAX_HEAD + MAX_BODY_BYTES + READ_SIZE
+SWEEP_SECONDS = 1.0
 
-
-class _Close(Exception):
-    """End the connection: the peer went away, timed out, or its request cannot be answered on it."""
-
-
-def _error(status: int, reason: str, message: str) -> Response:
-    return Response(status, json.dumps({"error": reason, "message": message}).encode() + b"\n")
+_HANDSHAKE, _OPEN, _BUSY, _LINGER, _CLOSED = range(5)
+_ACCEPT, _WAKE = object(), object()  # the selector's keys for the listener and the workers' wake-up
 
 
 class _Connection:
-    """One client connection: read a request, answer it, and again while the client keeps the connection.
+    """One client: its TLS socket, what it sent that is not yet answered, what we owe it."""
 
-    One `recv` per TLS record and one `sendall` per answer, parsed with bytes methods (the standard library's
-    request handler reads header lines one by one through two buffering layers: about a tenth of an SVID's
-    server time, benchmarks/README.md). The rules are the usual ones: request line
-    `METHOD PATH HTTP/1.x`, at most MAX_HEADERS header lines of MAX_HEADER_LINE bytes, a repeated header that
-    decides something (Content-Length, Authorization, Transfer-Encoding, Host) refused, bodies only by
-    Content-Length (chunked is 411), at most MAX_BODY_BYTES, `Expect: 100-continue` honoured, HTTP/1.0
-    keep-alive only when asked for.
-    """
-
-    def __init__(self, sock: socket.socket, client_address: Any, api: Api) -> None:
+    def __init__(self, server: TlsHttpServer, sock: ssl.SSLSocket, address: Any) -> None:
+        self.server = server
         self.sock = sock
-        self.peer = f"{client_address[0]}:{client_address[1]}"
-        self.api = api
-        self.buffer = b""
+        self.peer = f"{address[0]}:{address[1]}"
+        self.reader = RequestReader()
+        self.state = _HANDSHAKE
+        self.events = 0
+        self.out = b""
+        self.close_after = False
+        self.eof = False
+        self.deadline = time.monotonic() + IDLE_TIMEOUT
+        self.request_started: float | None = None
+        self.linger_budget = MAX_DRAIN_BYTES
 
-    def serve(self) -> None:
+    # -- selector events -----------------------------------------------------------------------------------
+
+    def ready(self) -> None:
+        self.deadline = time.monotonic() + (LINGER_SECONDS if self.state == _LINGER else IDLE_TIMEOUT)
+        if self.state == _HANDSHAKE:
+            self._handshake()
+        elif self.state == _LINGER:
+            self._linger()
+        elif self.state == _OPEN and (not self.out or self._flush()):
+            self._read()
+
+    def want(self, events: int) -> None:
+        """Wait for `events` (0: for nothing, while a worker answers)."""
+        if events == self.events:
+            return
+        selector = self.server.selector
+        if not events:
+            selector.unregister(self.sock)
+        elif not self.events:
+            selector.register(self.sock, events, self)
+        else:
+            selector.modify(self.sock, events, self)
+        self.events = events
+
+    def close(self) -> None:
+        if self.state == _CLOSED:
+            return
+        self.state = _CLOSED
+        self.want(0)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self.server.connections.discard(self)
+
+    # -- states ----------------------------------------------------------------------------------------------
+
+    def _handshake(self) -> None:
         try:
-            while self._one():
-                pass
-        except _Close:
-            pass
-        except (OSError, ssl.SSLError) as exc:  # reset, timeout, TLS alert: the client is gone
-            log.debug("connection from %s ended: %s", self.peer, exc)
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.want(selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self.want(selectors.EVENT_WRITE)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("TLS handshake with %s failed: %s", self.peer, exc)
+            self._start_linger()
+            return
+        self.state = _OPEN
+        self._read()
 
-    def _fill(self) -> None:
-        chunk = self.sock.recv(READ_SIZE)
-        if not chunk:
-            raise _Close
-        self.buffer += chunk
-
-    def _head(self) -> bytes | None:
-        """The request line and headers, up to the blank line; None when the client closed between requests."""
-        while True:
-            crlf, lf = self.buffer.find(b"\r\n\r\n"), self.buffer.find(b"\n\n")  # bare LF, as lenient parsers
-            if crlf >= 0 and (lf < 0 or crlf < lf):
-                head, self.buffer = self.buffer[:crlf], self.buffer[crlf + 4:]
-                return head
-            if lf >= 0:
-                head, self.buffer = self.buffer[:lf], self.buffer[lf + 2:]
-                return head
-            if len(self.buffer) > MAX_HEAD:
-                self._send(_error(431, "too_large", "request line and headers are too long"), close=True)
-                raise _Close
+    def _read(self) -> None:
+        """Read what the client sent, then answer what is complete. One read from the socket per readiness event
+        (the selector is level-triggered: it reports the rest again), but all that TLS already decrypted."""
+        while len(self.reader.buffer) < READ_AHEAD and not self.eof:
             try:
-                self._fill()
-            except _Close:
-                if self.buffer.strip():
-                    self._send(_error(400, "bad_request", "incomplete request"), close=True)
-                return None
+                chunk = self.sock.recv(READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLWantWriteError:  # TLS needs to write first (a key update): wait until it can
+                self.want(selectors.EVENT_WRITE)
+                return
+            except (ssl.SSLError, OSError) as exc:  # reset, TLS alert: the client is gone
+                log.debug("connection from %s ended: %s", self.peer, exc)
+                self.close()
+                return
+            if not chunk:
+                self.eof = True
+                break
+            if self.reader.idle:
+                self.request_started = time.monotonic()
+            self.reader.feed(chunk)
+            if not self.sock.pending():
+                break
+        self._answer()
 
-    def _one(self) -> bool:
-        """Answer one request; False when the connection is to be closed."""
-        head = self._head()
-        if head is None:
-            return False
-        lines = head.replace(b"\r\n", b"\n").split(b"\n")
-        while lines and not lines[0]:  # RFC 9112 2.2: empty lines before a request line are ignored
-            lines.pop(0)
-        request_line = str(lines[0] if lines else b"", "iso-8859-1")
-        words = request_line.split()
-        if len(request_line) > MAX_REQUEST_LINE:
-            self._send(_error(414, "too_large", "request line is too long"), close=True)
-            return False
-        if len(words) != 3 or words[2] not in _VERSIONS:
-            self._send(_error(400, "bad_request", "bad request line (HTTP/1.0 or HTTP/1.1 only)"), close=True)
-            return False
-        method, path, version = words
-        headers = self._headers(lines[1:])
-        if headers is None:
-            return False
-        connection = headers.get("connection", "").lower()
-        close = "close" in connection if version == "HTTP/1.1" else "keep-alive" not in connection
-        if method not in _METHODS:
-            self._send(_error(501, "not_implemented", "method not implemented"), close=True)
-            return False
-        if "transfer-encoding" in headers:
-            self._send(_error(411, "length_required", "send Content-Length"), close=True)
-            return False
-        text = headers.get("content-length") or "0"
-        length = int(text) if text.isdigit() and len(text) < 19 else -1
-        if length < 0 or length > MAX_BODY_BYTES:
-            self._drain(length)
-            self._send(_error(413, "too_large", "request body is too large"), close=True)
-            return False
-        if headers.get("expect", "").lower() == "100-continue":
-            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        while len(self.buffer) < length:
-            self._fill()
-        body, self.buffer = self.buffer[:length], self.buffer[length:]
-        certificate = self.sock.getpeercert(binary_form=True) if isinstance(self.sock, ssl.SSLSocket) else None
-        response = self.api.handle(Request(method=method, path=path, headers=headers, body=body, peer=self.peer,
-                                           peer_certificate=certificate))
-        self._send(response, close=close)
-        if log.isEnabledFor(logging.DEBUG):  # formatting a line per request costs more than the check
-            log.debug("%s %s %s", self.peer, request_line, response.status)
-        return not close
+    def _answer(self) -> None:
+        """Answer the complete requests in the buffer, one at a time, until one must wait (for more bytes, a
+        worker, or a client slow to read)."""
+        while self.state == _OPEN:
+            event = self.reader.next(eof=self.eof)
+            if event is None:
+                if self.eof:
+                    self.close()
+                elif self.sock.pending():  # read-ahead stopped with decrypted bytes still in TLS
+                    self._read()
+                else:
+                    self.want(selectors.EVENT_READ)
+                return
+            if isinstance(event, bytes):  # 100 Continue
+                self.out += event
+                if not self._flush():
+                    return
+                continue
+            self.request_started = None if self.reader.idle else time.monotonic()
+            if isinstance(event, Refusal):
+                self.linger_budget = min(max(event.drain, READ_SIZE), MAX_DRAIN_BYTES)
+                self.respond(event.response, close=True)
+                return
+            request = Request(method=event.method, path=event.path, headers=event.headers, body=event.body,
+                              peer=self.peer, peer_certificate=self.sock.getpeercert(binary_form=True))
+            if not self.server.answer_inline(event.path):
+                self.state = _BUSY
+                self.want(0)
+                self.server.hand_to_worker(self, request, event)
+                return
+            if not self.respond(self.server.api.handle(request), close=event.close, request=event):
+                return
 
-    def _headers(self, lines: list[bytes]) -> dict[str, str] | None:
-        """Headers by lower-case name (a repeated one joined with ", "); None after answering a bad one."""
-        if len(lines) > MAX_HEADERS:
-            self._send(_error(431, "too_large", "too many headers"), close=True)
-            return None
-        headers: dict[str, str] = {}
-        for raw in lines:
-            if len(raw) > MAX_HEADER_LINE:
-                self._send(_error(431, "too_large", "header line too long"), close=True)
-                return None
-            name, sep, value = str(raw, "iso-8859-1").partition(":")
-            key = name.lower()
-            if not sep or not name or name != name.strip():
-                self._send(_error(400, "bad_request", "malformed header"), close=True)
-                return None
-            if key in headers:
-                if key in _SINGLE_HEADERS:
-                    self._send(_error(400, "bad_request", f"repeated {key} header"), close=True)
-                    return None
-                headers[key] += ", " + value.strip()
-            else:
-                headers[key] = value.strip()
-        return headers
+    def respond(self, response: Response, *, close: bool, request: Incoming | None = None) -> bool:
+        """Queue the answer and write what the socket takes; True if the connection is ready for the next."""
+        if request is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s %s", self.peer, request.request_line, response.status)
+        self.state = _OPEN
+        self.out += render(response, close=close)
+        self.close_after = close
+        return self._flush()
 
-    def _drain(self, length: int) -> None:
-        """Read a refused body (at most MAX_DRAIN_BYTES) so the client sees the answer, not a reset."""
-        remaining = length - len(self.buffer) if 0 <= length <= MAX_DRAIN_BYTES else 0
-        self.buffer = b""
-        while remaining > 0:
-            chunk = self.sock.recv(min(READ_SIZE, remaining))
+    def _flush(self) -> bool:
+        """Write what we owe; True when all of it went and the connection stays open."""
+        while self.out:
+            try:
+                sent = self.sock.send(self.out)
+            except ssl.SSLWantWriteError:
+                self.want(selectors.EVENT_WRITE)
+                return False
+            except ssl.SSLWantReadError:
+                self.want(selectors.EVENT_READ)
+                return False
+            except (ssl.SSLError, OSError) as exc:
+                log.debug("connection from %s ended: %s", self.peer, exc)
+                self.close()
+                return False
+            self.out = self.out[sent:]
+        if self.close_after:
+            self._start_linger()
+            return False
+        return True
+
+    def _start_linger(self) -> None:
+        """Before closing: stop writing, then read (below TLS) and drop what the client still sends until it
+        closes, bounded in bytes and time. Closing with unread data would reset the connection and wipe out
+        what we just sent (an answer, or the alert of a refused handshake: in TLS 1.3 a client sends its
+        request right after its certificate, so a refused agent would not learn why)."""
+        self.state = _LINGER
+        self.deadline = time.monotonic() + LINGER_SECONDS
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self.want(selectors.EVENT_READ)
+        self._linger()
+
+    def _linger(self) -> None:
+        while self.linger_budget > 0:
+            try:
+                chunk = socket.socket.recv(self.sock, min(self.linger_budget, READ_SIZE))
+            except BlockingIOError:
+                return
+            except OSError:
+                break
             if not chunk:
                 break
-            remaining -= len(chunk)
+            self.linger_budget -= len(chunk)
+        self.close()
 
-    def _send(self, response: Response, *, close: bool = False) -> None:
-        """Status line, headers and body in one write."""
-        lines = [f"HTTP/1.1 {response.status} {_reason(response.status)}\r\nServer: keyseal\r\n"
-                 f"Date: {_http_date()}\r\nContent-Type: {response.content_type}\r\n"
-                 f"Content-Length: {len(response.body)}\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in response.headers.items()]
-        if close:
-            lines.append("Connection: close\r\n")
-        lines.append("\r\n")
-        self.sock.sendall("".join(lines).encode("latin-1") + response.body)
-
-
-def _linger(connection: ssl.SSLSocket) -> None:
-    """After a refused handshake: read (below TLS) what the client already sent (in TLS 1.3 a client sends its
-    request right after its certificate) until it closes, bounded, so the alert just sent reaches it instead of
-    being wiped out by the reset that closing with unread data causes. A refused agent then sees why."""
-    deadline = time.monotonic() + LINGER_SECONDS  # in all, not per read: a trickling client gets no more
-    with contextlib.suppress(OSError):
-        socket.socket.shutdown(connection, socket.SHUT_WR)
-        remaining = MAX_DRAIN_BYTES
-        while remaining > 0 and (left := deadline - time.monotonic()) > 0:
-            connection.settimeout(left)
-            chunk = socket.socket.recv(connection, min(remaining, 65536))
-            if not chunk:
-                break
-            remaining -= len(chunk)
+    def expire(self, now: float) -> None:
+        """Close an idle connection, or answer 408 to a request that has trickled in for too long."""
+        if self.state == _BUSY:
+            return
+        if self.state == _OPEN and self.request_started is not None and now - self.request_started > REQUEST_TIMEOUT:
+            log.debug("request from %s took too long to arrive", self.peer)
+            self.request_started = None
+            self.respond(error(408, "timeout", f"the request did not arrive within {REQUEST_TIMEOUT:.0f}s"),
+                         close=True)
+        elif now > self.deadline:
+            log.debug("connection from %s closed: idle", self.peer)
+            self.close()
 
 
-class TlsHttpServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
+class TlsHttpServer:
+    """`serve_forever()` on one thread; `shutdown()` from another stops it; `server_close()` frees everything."""
 
-    def __init__(self, host: str, port: int, api: Api, context: Callable[[], ssl.SSLContext]) -> None:
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    def __init__(self, host: str, port: int, api: Api, context: Callable[[], ssl.SSLContext], *,
+                 answer_inline: Callable[[str], bool] = lambda path: False) -> None:
         self.api = api
         self.context = context
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        super().__init__((host, port), BaseRequestHandler)  # finish_request serves the connection itself
+        self.answer_inline = answer_inline
+        self.selector = selectors.DefaultSelector()
+        self.connections: set[_Connection] = set()
+        self._listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind((host, port))
+            self._listener.listen(MAX_CONNECTIONS)
+        except OSError:
+            self._listener.close()
+            raise
+        self._listener.setblocking(False)
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+        self.selector.register(self._listener, selectors.EVENT_READ, _ACCEPT)
+        self.selector.register(self._wake_read, selectors.EVENT_READ, _WAKE)
+        self._workers = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="keyseal-request")
+        self._answered: collections.deque[tuple[_Connection, Incoming, Response]] = collections.deque()
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._accept_paused_until = 0.0
 
     @property
     def port(self) -> int:
-        return int(self.server_address[1])
+        return int(self._listener.getsockname()[1])
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            log.warning("refused a connection from %s: %d connections are open", client_address[0], MAX_CONNECTIONS)
-            self.shutdown_request(request)
-            return
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._stopped.clear()
+        next_sweep = time.monotonic() + SWEEP_SECONDS
         try:
-            super().process_request(request, client_address)
+            while not self._stopping.is_set():
+                for key, _ in self.selector.select(min(poll_interval, SWEEP_SECONDS)):
+                    if key.data is _ACCEPT:
+                        self._accept()
+                    elif key.data is _WAKE:
+                        self._take_answers()
+                    else:
+                        self._guarded(key.data.ready, key.data)
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + SWEEP_SECONDS
+                    self._sweep(now)
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop `serve_forever` and wait for it."""
+        self._stopping.set()
+        self._wake()
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        for connection in list(self.connections):
+            connection.close()
+        self._workers.shutdown(wait=False, cancel_futures=True)
+        self.selector.close()
+        for sock in (self._listener, self._wake_read, self._wake_write):
+            sock.close()
+
+    # -- the loop's work ----------------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, address = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # out of file descriptors: stop accepting for a moment rather than spin
+                log.warning("cannot accept a connection: %s", exc.strerror or exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.selector.unregister(self._listener)
+                    self._accept_paused_until = time.monotonic() + SWEEP_SECONDS / 2
+                return
+            if len(self.connections) >= MAX_CONNECTIONS:
+                log.warning("refused a connection from %s: %d connections are open", address[0], MAX_CONNECTIONS)
+                raw.close()
+                continue
+            raw.setblocking(False)
+            with contextlib.suppress(OSError):  # a "100 Continue" and its answer must not wait on a delayed ACK
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock = self.context().wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            except (ssl.SSLError, OSError) as exc:
+                log.debug("TLS with %s failed: %s", address[0], exc)
+                raw.close()
+                continue
+            connection = _Connection(self, sock, address)
+            self.connections.add(connection)
+            self._guarded(connection.ready, connection)
+
+    def _guarded(self, step: Callable[[], None], connection: _Connection) -> None:
+        """Run one connection's step; a bug there closes that connection, never the loop."""
+        try:
+            step()
         except Exception:
-            self._slots.release()
-            raise
+            log.exception("internal error on the connection from %s", connection.peer)
+            connection.close()
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+    def hand_to_worker(self, connection: _Connection, request: Request, incoming: Incoming) -> None:
+        def work() -> None:
+            try:
+                response = self.api.handle(request)
+            except BaseException:  # Api.handle answers its own errors; this is the last resort
+                log.exception("internal error answering %s %s", request.method, request.path[:100])
+                response = error(500, "internal", "internal error; see the server log")
+            self._answered.append((connection, incoming, response))
+            self._wake()
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(IDLE_TIMEOUT)
-        with contextlib.suppress(OSError):  # a "100 Continue" and its answer must not wait on a delayed ACK
-            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            connection = self.context().wrap_socket(request, server_side=True, do_handshake_on_connect=False)
-        except (ssl.SSLError, OSError) as exc:
-            log.debug("TLS with %s failed: %s", client_address[0], exc)
-            return
-        try:
-            connection.do_handshake()
-        except (ssl.SSLError, OSError) as exc:
-            log.debug("TLS handshake with %s failed: %s", client_address[0], exc)
-            _linger(connection)
-            with contextlib.suppress(OSError):
-                connection.close()
-            return
-        try:
-            _Connection(connection, client_address, self.api).serve()
-        finally:
-            with contextlib.suppress(OSError):
-                connection.close()
+        self._workers.submit(work)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # full: the loop is awake already
+            self._wake_write.send(b"\0")
+
+    def _take_answers(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_read.recv(4096):
+                pass
+        while self._answered:
+            connection, incoming, response = self._answered.popleft()
+            if connection.state != _BUSY:  # closed while the worker was busy
+                continue
+            connection.deadline = time.monotonic() + IDLE_TIMEOUT
+
+            def resume(connection: _Connection = connection, incoming: Incoming = incoming,
+                       response: Response = response) -> None:
+                if connection.respond(response, close=incoming.close, request=incoming):
+                    connection.ready()
+
+            self._guarded(resume, connection)
+
+    def _sweep(self, now: float) -> None:
+        for connection in list(self.connections):
+            self._guarded(functools.partial(connection.expire, now), connection)
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            self.selector.register(self._listener, selectors.EVENT_READ, _ACCEPT)
+

@@ -4,6 +4,7 @@ and claims `sub` (the SPIFFE ID), `aud`, `exp` and `iat`. The expiry never passe
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from datetime import datetime, timedelta
 
@@ -17,10 +18,17 @@ __all__ = ["MAX_AUDIENCES", "check_audience", "issue_jwt_svid"]
 
 MAX_AUDIENCES = 16
 MAX_AUDIENCE_LENGTH = 512
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps would build one per token
 
 
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+@functools.lru_cache(maxsize=16)
+def _encoded_header(alg: str, kid: str) -> str:
+    """The JWS protected header, base64url: the same for every token one JWT key signs."""
+    return _b64url(_COMPACT.encode({"alg": alg, "kid": kid, "typ": "JWT"}).encode())
 
 
 def check_audience(value: object) -> list[str]:
@@ -47,18 +55,18 @@ def issue_jwt_svid(keyset: Keyset, spiffe_id: SpiffeId, audience: list[str], now
     exp = int(expires.timestamp())
     if exp <= issued:
         raise UsageError("the active JWT key expires now: no JWT-SVID can be issued until the next keyset is active")
-    header = {"alg": jws_algorithm(keyset.jwt_key.public_key()), "kid": keyset.jwt_kid, "typ": "JWT"}
-    claims = {"sub": str(spiffe_id), "aud": audience, "exp": exp, "iat": issued}
-    signing_input = (_b64url(json.dumps(header, separators=(",", ":")).encode()) + "."
-                     + _b64url(json.dumps(claims, separators=(",", ":")).encode()))
     key = keyset.jwt_key
+    public = key.public_key()
+    claims = {"sub": spiffe_id.uri, "aud": audience, "exp": exp, "iat": issued}
+    signing_input = (_encoded_header(jws_algorithm(public), keyset.jwt_kid) + "."
+                     + _b64url(_COMPACT.encode(claims).encode()))
     signed = signing_input.encode("ascii")
-    hash_name = jws_hash_name(key.public_key())
+    hash_name = jws_hash_name(public)
     try:
         signature = jws_signature(key, signed)
     except Exception as exc:
-        record_signature(key, purpose="jwt-svid", subject=str(spiffe_id), hash_name=hash_name, signed_bytes=signed,
+        record_signature(key, purpose="jwt-svid", subject=spiffe_id.uri, hash_name=hash_name, signed_bytes=signed,
                          error=exc)
         raise
-    record_signature(key, purpose="jwt-svid", subject=str(spiffe_id), hash_name=hash_name, signed_bytes=signed)
+    record_signature(key, purpose="jwt-svid", subject=spiffe_id.uri, hash_name=hash_name, signed_bytes=signed)
     return f"{signing_input}.{_b64url(signature)}", datetime.fromtimestamp(exp, expires.tzinfo)

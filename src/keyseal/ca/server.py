@@ -4,6 +4,7 @@ port is opened, so a server that cannot reach KMS exits without listening and wi
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from datetime import datetime
@@ -29,6 +30,8 @@ __all__ = ["CaServer", "build_source"]
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 5.0
+_FROM_MEMORY = frozenset({"/healthz", "/readyz", "/metrics", "/v1/bundle"})
+_ISSUANCE = frozenset({"/v1/x509-svid", "/v1/jwt-svid"})
 
 
 def build_source(config: Config, kube_api_client: Any = None) -> KeysetSource:
@@ -115,7 +118,8 @@ class CaServer:
         self.tls.renew(self.manager.active_keyset(now) or self.manager.loaded()[-1], now, self._authorities(now))
         self._publish_bundle(now)
         try:
-            self.httpd = TlsHttpServer(self.config.listen_host, self.config.listen_port, self.api, self.tls.current)
+            self.httpd = TlsHttpServer(self.config.listen_host, self.config.listen_port, self.api, self.tls.current,
+                                       answer_inline=self._answers_from_memory)
         except OSError as exc:
             raise UsageError(
                 f"cannot listen on {self.config.listen_host}:{self.config.listen_port}: {exc.strerror or exc}"
@@ -125,12 +129,25 @@ class CaServer:
                  self.config.listen_host, self.port, active.number if active else "none active yet",
                  self.config.custody)
 
+    def _answers_from_memory(self, path: str) -> bool:
+        """Whether answering `path` needs nothing but this process's memory: the listener then answers it on its
+        own thread. Issuance does when the CA keys sign in memory and no audit file is written; a key manager's
+        remote signature, the store (agents, entries) or a file write would hold up every other connection."""
+        route = path.split("?", 1)[0]
+        if route in _FROM_MEMORY:
+            return True
+        return route in _ISSUANCE and self.config.custody == "wrapped" and not signing_audit.writes_file()
+
     def serve_forever(self) -> None:
         assert self.httpd is not None
         if self._rotation:
             thread = threading.Thread(target=self._rotation_loop, name="keyseal-rotation", daemon=True)
             thread.start()
             self._threads.append(thread)
+        # What start-up made (modules, the SDKs, keysets) lives as long as the process: keep it out of the cyclic
+        # garbage collector's passes, which otherwise walk all of it again and again while SVIDs are issued
+        # (benchmarks/README.md).
+        gc.freeze()
         self._serving.set()
         self.httpd.serve_forever(poll_interval=0.5)
 

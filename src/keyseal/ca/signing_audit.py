@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import weakref
 
 from keyseal import audit
 from keyseal.ca.custody import CaKey
 
 _log_file: audit.AuditLog | None = None
+# Each key's redacted URI, worked out at its first signature rather than at every one (a key's URI never changes).
+# Only the redacted text is kept, and weakly by key: a retired keyset's keys are not kept alive by this.
+_redacted_uris: weakref.WeakKeyDictionary[CaKey, str] = weakref.WeakKeyDictionary()
 
 
 def configure_from_environment() -> None:
@@ -26,10 +30,23 @@ def configure_from_environment() -> None:
         _log_file.check_writable()
 
 
+
+def writes_file() -> bool:
+    """Whether each signature is also appended to an audit file (a disk write per SVID)."""
+    return _log_file is not None
+
+
 def key_uri_of(key: CaKey) -> str:
     """The key's URI where it has one (KMS custody), else its custody: the fingerprint names the key exactly."""
     signer = getattr(key, "signer", None)
     return str(getattr(signer, "uri", "")) or f"{key.custody}:ca-key"
+
+
+def _redacted_uri(key: CaKey) -> str:
+    uri = _redacted_uris.get(key)
+    if uri is None:  # two threads may both work it out: the same text, so either may win
+        uri = _redacted_uris[key] = audit.redact_uri(key_uri_of(key))
+    return uri
 
 
 def record_signature(key: CaKey, *, purpose: str, subject: str, hash_name: str, signed_bytes: bytes | None = None,
@@ -41,7 +58,8 @@ def record_signature(key: CaKey, *, purpose: str, subject: str, hash_name: str, 
         digest = hashlib.new(hash_name, signed_bytes).digest() if signed_bytes is not None else b""
     audit.record(
         log_file=_log_file,
-        key_uri=key_uri_of(key),
+        key_uri=_redacted_uri(key),
+        key_uri_redacted=True,
         public_key=key.public_key(),
         fingerprint=key.fingerprint,
         hash_name=hash_name,

@@ -29,7 +29,10 @@ from keyseal.ca.signing_audit import record_signature
 from keyseal.ca.spiffeid import SpiffeId
 from keyseal.errors import UsageError
 
-__all__ = ["BACKDATE", "MAX_CSR_BYTES", "CsrError", "issue_x509_svid", "parse_csr"]
+__all__ = [
+    "BACKDATE", "MAX_CSR_BYTES", "CsrError", "IssuedLeaf", "LeafPublicKey", "issue_x509_svid", "parse_csr",
+    "parse_csr_key", "sign_x509_svid",
+]
 
 MAX_CSR_BYTES = 16 * 1024
 BACKDATE = timedelta(seconds=10)  # tolerate a little clock skew between the CA and its relying parties
@@ -41,8 +44,42 @@ class CsrError(UsageError):
     """The certificate signing request cannot be used (malformed, bad signature, weak key)."""
 
 
+@dataclass(frozen=True)
+class LeafPublicKey:
+    """A leaf's public key with its DER SubjectPublicKeyInfo, the form the leaf embeds: kept together so a
+    renewal with a remembered CSR does not encode the key again."""
+
+    key: LeafKey
+    spki: bytes
+
+    @classmethod
+    def of(cls, key: LeafKey) -> LeafPublicKey:
+        return cls(key, key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+@dataclass(frozen=True)
+class IssuedLeaf:
+    """A signed leaf as the issuer assembled it, with the values an answer reports: nothing needs to parse the
+    certificate back to learn its serial, its expiry or its PEM text."""
+
+    der: bytes
+    serial_number: int
+    not_after: datetime  # UTC, whole seconds: what the certificate says
+
+    def pem(self) -> str:
+        """The PEM text, as `cryptography` writes it: base64 of the DER in lines of 64 characters."""
+        text = base64.b64encode(self.der).decode("ascii")
+        lines = "\n".join([text[i:i + 64] for i in range(0, len(text), 64)])
+        return f"-----BEGIN CERTIFICATE-----\n{lines}\n-----END CERTIFICATE-----\n"
+
+
 def parse_csr(text: str) -> LeafKey:
-    """A CSR as PEM or as base64 DER; returns its public key once its self-signature verifies.
+    """A CSR as PEM or as base64 DER; returns its public key once its self-signature verifies."""
+    return parse_csr_key(text).key
+
+
+def parse_csr_key(text: str) -> LeafPublicKey:
+    """`parse_csr`, with the key's SubjectPublicKeyInfo.
 
     A client that renews with the same CSR sends the same bytes: the last CSR_CACHE_SIZE verified CSRs are
     remembered, so their signature (the same proof of possession, byte for byte) is not checked again.
@@ -59,7 +96,12 @@ CSR_CACHE_SIZE = 1024
 
 
 @functools.lru_cache(maxsize=CSR_CACHE_SIZE)
-def _verified_csr_key(text: str) -> LeafKey:
+def _verified_csr_key(text: str) -> LeafPublicKey:
+    return LeafPublicKey.of(_verify_csr(text))
+
+
+def _verify_csr(text: str) -> LeafKey:
+    """The CSR's public key once its self-signature verifies and the key is one the CA accepts."""
     try:
         if "-----BEGIN" in text:
             csr = x509.load_pem_x509_csr(text.encode("ascii"))
@@ -87,7 +129,7 @@ def _verified_csr_key(text: str) -> LeafKey:
     raise CsrError("csr key type is not accepted: use ECDSA (P-256/P-384/P-521), RSA (>= 2048) or Ed25519")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: one per keyset and kind of leaf key, a cache key below
 class _LeafTemplate:
     """The DER of everything in a leaf that depends only on the keyset and the kind of leaf key, encoded once
     per keyset: `cryptography`'s certificate builder re-encodes all of it for every leaf, which costs three
@@ -157,6 +199,25 @@ def _uri_san(spiffe_id: str) -> bytes:
     return der.extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=False)
 
 
+def _subject_to_end(template: _LeafTemplate, spki: bytes, san: bytes) -> bytes:
+    """What follows the validity in a TBSCertificate: subject, key, extensions."""
+    return b"".join((template.subject, spki,
+                     der.tlv(0xA3, der.sequence(template.extensions, san, _leaf_key_parts(spki)))))
+
+
+@functools.lru_cache(maxsize=CSR_CACHE_SIZE)
+def _svid_subject_to_end(template: _LeafTemplate, spki: bytes, spiffe_id: str) -> bytes:
+    """`_subject_to_end` of an SVID (one URI SAN), remembered: a client renewing with the same CSR for the
+    same ID gets the same bytes, so they are encoded once."""
+    return _subject_to_end(template, spki, _uri_san(spiffe_id))
+
+
+@functools.lru_cache(maxsize=64)
+def _validity(not_before: datetime, not_after: datetime) -> bytes:
+    """The Validity of leaves issued within one second with one TTL (UTC, whole seconds): they share it."""
+    return der.sequence(der.time(not_before), der.time(not_after))
+
+
 def issue_x509_svid(keyset: Keyset, spiffe_id: SpiffeId, public_key: LeafKey, now: datetime, ttl: timedelta,
                     *, dns_names: tuple[str, ...] = (), ip_addresses: tuple[str, ...] = ()) -> x509.Certificate:
     """Sign the leaf with the keyset's X.509 CA key (one signature: in KMS custody, one kms:Sign).
@@ -164,29 +225,37 @@ def issue_x509_svid(keyset: Keyset, spiffe_id: SpiffeId, public_key: LeafKey, no
     `dns_names` / `ip_addresses` are for the server's own serving certificate only (still one URI SAN).
     The TBSCertificate is the same, byte for byte, as `cryptography`'s builder makes for these values.
     """
+    leaf = sign_x509_svid(keyset, spiffe_id, LeafPublicKey.of(public_key), now, ttl, dns_names=dns_names,
+                          ip_addresses=ip_addresses)
+    return x509.load_der_x509_certificate(leaf.der)
+
+
+def sign_x509_svid(keyset: Keyset, spiffe_id: SpiffeId, leaf_key: LeafPublicKey, now: datetime, ttl: timedelta,
+                   *, dns_names: tuple[str, ...] = (), ip_addresses: tuple[str, ...] = ()) -> IssuedLeaf:
+    """`issue_x509_svid` without parsing the result back: the API answers from the DER it assembled."""
     not_before = max(now - BACKDATE, keyset.not_before)
     not_after = min(now + ttl, keyset.not_after)
     if not_after <= now:
         raise UsageError("the active CA expires now: no SVID can be issued until the next keyset is active")
+    public_key, spki = leaf_key.key, leaf_key.spki
     template = _template(keyset, public_key)
-    spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    subject_id = str(spiffe_id)
+    subject_id = spiffe_id.uri
+    not_after_utc = not_after.astimezone(UTC).replace(microsecond=0)
+    serial = x509.random_serial_number()
     if dns_names or ip_addresses:
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(subject_id)]
         names += [x509.DNSName(name) for name in dns_names]
         names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
-        san = der.extension(x509.SubjectAlternativeName(names), critical=False)
+        tail = _subject_to_end(template, spki, der.extension(x509.SubjectAlternativeName(names), critical=False))
     else:
-        san = _uri_san(subject_id)
+        tail = _svid_subject_to_end(template, spki, subject_id)
     tbs = der.sequence(
         template.head,
-        der.integer(x509.random_serial_number()),
+        der.integer(serial),
         template.signature_algorithm,
         template.names,
-        der.sequence(der.time(not_before.astimezone(UTC)), der.time(not_after.astimezone(UTC))),
-        template.subject,
-        spki,
-        der.tlv(0xA3, der.sequence(template.extensions, san, _leaf_key_parts(spki))),
+        _validity(not_before.astimezone(UTC).replace(microsecond=0), not_after_utc),
+        tail,
     )
     key = keyset.x509_key
     try:
@@ -197,4 +266,5 @@ def issue_x509_svid(keyset: Keyset, spiffe_id: SpiffeId, public_key: LeafKey, no
                          signed_bytes=None, error=exc)
         raise
     record_signature(key, purpose="x509-svid", subject=subject_id, hash_name=key.hash_name, digest=digest)
-    return x509.load_der_x509_certificate(der.sequence(tbs, template.signature_algorithm, der.bit_string(signature)))
+    return IssuedLeaf(der.sequence(tbs, template.signature_algorithm, der.bit_string(signature)), serial,
+                      not_after_utc)

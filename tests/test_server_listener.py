@@ -1,0 +1,185 @@
+"""The listener's event loop over real TLS on 127.0.0.1: one thread serves every connection, so no client may
+hold up another, and every answer owed reaches a client even when it reads late or sends ahead."""
+
+from __future__ import annotations
+
+import json
+import selectors
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keyseal.ca import httpd
+from keyseal.ca.config import parse_config
+from keyseal.ca.server import CaServer
+from tests.harness.ca import TOKENS, TRUST_DOMAIN, Client, base_config
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaServer]:
+    tmp: Path = tmp_path_factory.mktemp("listener")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KEYSEAL_HOME", str(tmp / "home"))
+        instance = CaServer(parse_config(base_config(tmp)), rotation_thread=False)
+        instance.start()
+        instance.start_background()
+        yield instance
+        instance.shutdown()
+
+
+def tls_connection(server: CaServer, receive_buffer: int | None = None) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cadata=server.manager.active().ca_pem)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if receive_buffer is not None:  # before connecting: the window the server may fill is then this small
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    raw.settimeout(10)
+    raw.connect(("127.0.0.1", server.port))
+    return context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def read_answers(sock: ssl.SSLSocket, count: int) -> list[tuple[int, bytes]]:
+    """`count` HTTP/1.1 answers (status, body) read off `sock`."""
+    answers: list[tuple[int, bytes]] = []
+    buffer = b""
+    while len(answers) < count:
+        head_end = buffer.find(b"\r\n\r\n")
+        if head_end >= 0:
+            head = buffer[:head_end].decode("latin-1").split("\r\n")
+            length = next(int(line.split(":", 1)[1]) for line in head if line.lower().startswith("content-length:"))
+            if len(buffer) >= head_end + 4 + length:
+                answers.append((int(head[0].split()[1]), buffer[head_end + 4: head_end + 4 + length]))
+                buffer = buffer[head_end + 4 + length:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection after {len(answers)} of {count} answers"
+        buffer += chunk
+    return answers
+
+
+def jwt_request(close: bool = False) -> bytes:
+    body = json.dumps({"spiffeID": f"spiffe://{TRUST_DOMAIN}/ns/a/web", "audience": ["db"]}).encode()
+    connection = b"Connection: close\r\n" if close else b""
+    return (f"POST /v1/jwt-svid HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKENS['ns-a']}\r\n"
+            f"Content-Length: {len(body)}\r\n").encode() + connection + b"\r\n" + body
+
+
+def healthy(server: CaServer) -> bool:
+    client = Client(server.port, server.manager.active().ca_pem)
+    try:
+        return client.request("GET", "/healthz")[0] == 200
+    finally:
+        client.close()
+
+
+def test_pipelined_requests_are_answered_in_order(server: CaServer) -> None:
+    with tls_connection(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+                     + jwt_request())
+        answers = read_answers(sock, 3)
+    assert [status for status, _ in answers] == [200, 404, 200]
+    assert json.loads(answers[2][1])["spiffeID"] == f"spiffe://{TRUST_DOMAIN}/ns/a/web"
+
+
+def test_a_client_that_reads_late_still_gets_every_answer(server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More answers than the socket buffers hold (the kernel lets a send buffer grow to 4 MiB): the loop must
+    wait for the client to read, answer others meanwhile, and drop nothing."""
+    waited_to_write: list[int] = []
+    want = httpd._Connection.want
+
+    def recording_want(self: httpd._Connection, events: int) -> None:
+        if events & selectors.EVENT_WRITE:
+            waited_to_write.append(events)
+        want(self, events)
+
+    monkeypatch.setattr(httpd._Connection, "want", recording_want)
+    count = 8000
+    with tls_connection(server, receive_buffer=4096) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(b"GET /v1/bundle HTTP/1.1\r\nHost: x\r\n\r\n" * count,))
+        sender.start()  # in a thread, so that a send the kernel could not take fails the test instead of hanging it
+        sender.join(10)
+        assert not sender.is_alive()
+        time.sleep(0.5)
+        assert waited_to_write  # the answers did not fit: the loop waits for the socket to take more ...
+        assert healthy(server)  # ... and meanwhile answers everyone else
+        answers = read_answers(sock, count)
+    assert len(answers) == count and {status for status, _ in answers} == {200}
+    assert len({body for _, body in answers}) == 1 and b"x509-svid" in answers[0][1]
+
+
+def test_silent_and_half_finished_clients_do_not_hold_up_others(server: CaServer) -> None:
+    silent = socket.create_connection(("127.0.0.1", server.port), timeout=10)  # never starts TLS
+    half = tls_connection(server)
+    half.sendall(b"POST /v1/jwt-svid HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{")  # body never finished
+    try:
+        started = time.monotonic()
+        assert healthy(server)
+        assert time.monotonic() - started < 2
+        half.sendall(b" " * 499)  # the rest of its body: that request is answered too
+        assert read_answers(half, 1)[0][0] == 401  # no token was sent
+    finally:
+        silent.close()
+        half.close()
+
+
+def test_expect_100_continue_waits_for_the_body(server: CaServer) -> None:
+    request = jwt_request()
+    head, body = request.split(b"\r\n\r\n", 1)
+    with tls_connection(server) as sock:
+        sock.sendall(head + b"\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        assert read_answers(sock, 1)[0][0] == 200
+
+
+def test_a_request_that_trickles_in_too_long_is_answered_408(server: CaServer,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpd, "REQUEST_TIMEOUT", 1.0)
+    with tls_connection(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(3):  # still trickling, never idle
+            time.sleep(0.5)
+            sock.sendall(b"X-Slow: 1\r\n")
+        status, body = read_answers(sock, 1)[0]
+        assert status == 408 and json.loads(body)["error"] == "timeout"
+        assert sock.recv(65536) == b""  # then closed
+
+
+def test_an_idle_connection_is_closed(server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpd, "IDLE_TIMEOUT", 1.0)
+    with tls_connection(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answers(sock, 1)[0][0] == 200
+        started = time.monotonic()
+        assert sock.recv(65536) == b""
+        assert 0.5 < time.monotonic() - started < 5
+
+
+def test_connections_beyond_the_cap_are_refused(server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    open_now = len(server.httpd.connections)  # type: ignore[union-attr]
+    monkeypatch.setattr(httpd, "MAX_CONNECTIONS", open_now + 2)
+    first, second = tls_connection(server), tls_connection(server)
+    try:
+        with pytest.raises((ssl.SSLError, OSError)):
+            third = tls_connection(server)
+            third.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert third.recv(65536) != b""  # a refused connection reads as closed
+        first.close()
+        time.sleep(0.2)
+        with tls_connection(server) as fourth:  # a slot came free
+            fourth.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_answers(fourth, 1)[0][0] == 200
+    finally:
+        first.close()
+        second.close()
+
+
+def test_connection_close_is_honoured(server: CaServer) -> None:
+    with tls_connection(server) as sock:
+        sock.sendall(jwt_request(close=True) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answers(sock, 1)[0][0] == 200
+        assert sock.recv(65536) == b""  # the request after Connection: close is never answered
