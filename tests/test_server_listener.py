@@ -183,3 +183,12 @@ def test_connection_close_is_honoured(server: CaServer) -> None:
         sock.sendall(jwt_request(close=True) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert read_answers(sock, 1)[0][0] == 200
         assert sock.recv(65536) == b""  # the request after Connection: close is never answered
+
+
+def test_a_handshake_that_never_finishes_is_closed(server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpd, "REQUEST_TIMEOUT", 1.0)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as silent:
+        silent.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, and then nothing
+        started = time.monotonic()
+        assert silent.recv(65536) == b""
+        assert 0.5 < time.monotonic() - started < 5

@@ -1,16 +1,20 @@
 """The TLS listener: one thread runs every connection's I/O from a selector loop (HTTP/1.1, keep-alive).
 
-Why a loop and not a thread per connection: with threads, every request hands the interpreter lock from one
-thread to another at each blocking read, and on a small machine that costs about as much as issuing the SVID
+Why a loop and not a thread per connection: with threads, each request hands the interpreter lock from thread
+to thread at every blocking read, which on a small machine added a quarter to an SVID's server time
 (benchmarks/README.md). In the loop, sockets are non-blocking and the TLS handshake is a state like any other,
 so a slow or silent client stalls nobody. A request whose answer comes from memory alone (`answer_inline`: the
 bundle, health, metrics, and issuance when the CA keys are in memory) is answered on the loop's thread; any
 other (a key manager's remote signature, the store, an audit file) runs on a worker thread and its answer is
-handed back to the loop.
+handed back to the loop. Answers are written once per pass of the loop, after every ready request is
+answered, so that a busy server wakes several clients at once instead of one per answer. Handshakes run on
+the loop's thread too: each costs about a millisecond, which bounds new connections, not requests.
 
-Limits: at most MAX_CONNECTIONS open connections; a connection idle for IDLE_TIMEOUT, or a request not complete
-REQUEST_TIMEOUT after its first byte, is closed; request heads and bodies are bounded (`keyseal.ca.http1`).
-The SSL context is read per connection, so a renewed serving certificate applies to new connections at once.
+Limits: at most MAX_CONNECTIONS open connections; a handshake or a request not complete REQUEST_TIMEOUT after it
+began, or a connection idle for IDLE_TIMEOUT (a client that stops reading included), is closed (a late request
+is answered 408 first); request heads and bodies are bounded (`keyseal.ca.http1`); a client that sends far
+ahead of what it reads has at most MAX_UNWRITTEN bytes of answers queued. The SSL context is read per
+connection, so a renewed serving certificate applies to new connections at once.
 """
 
 from __future__ import annotations
@@ -41,11 +45,12 @@ MAX_WORKERS = 32
 IDLE_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 30.0
 LINGER_SECONDS = 2.0
-READ_SIZE = 65536
+READ_SIZE = 16384  # a TLS record carries at most 16 KiB: one read never returns more
 # How far to read ahead of the requests not yet answered: more than one request can be, so that a request never
 # waits for bytes the loop chose not to read yet.
 READ_AHEAD = MAX_HEAD + MAX_BODY_BYTES + READ_SIZE
 SWEEP_SECONDS = 1.0
+MAX_UNWRITTEN = 256 * 1024  # answers queued on one connection before the loop stops answering it to write
 
 _HANDSHAKE, _OPEN, _BUSY, _LINGER, _CLOSED = range(5)
 _ACCEPT, _WAKE = object(), object()  # the selector's keys for the listener and the workers' wake-up
@@ -64,18 +69,20 @@ class _Connection:
         self.out = b""
         self.close_after = False
         self.eof = False
-        self.deadline = time.monotonic() + IDLE_TIMEOUT
+        self.opened = time.monotonic()
+        self.deadline = self.opened + IDLE_TIMEOUT
         self.request_started: float | None = None
         self.linger_budget = MAX_DRAIN_BYTES
 
     # -- selector events -----------------------------------------------------------------------------------
 
     def ready(self) -> None:
-        self.deadline = time.monotonic() + (LINGER_SECONDS if self.state == _LINGER else IDLE_TIMEOUT)
+        if self.state == _LINGER:  # its deadline is set once: a client trickling bytes gets no more time
+            self._linger()
+            return
+        self.deadline = time.monotonic() + IDLE_TIMEOUT
         if self.state == _HANDSHAKE:
             self._handshake()
-        elif self.state == _LINGER:
-            self._linger()
         elif self.state == _OPEN and (not self.out or self._flush()):
             self._read()
 
@@ -148,6 +155,8 @@ class _Connection:
         """Answer the complete requests in the buffer, one at a time, until one must wait (for more bytes, a
         worker, or a client slow to read)."""
         while self.state == _OPEN:
+            if len(self.out) > MAX_UNWRITTEN:  # a client sending far ahead of what it reads: write first
+                return
             event = self.reader.next(eof=self.eof)
             if event is None:
                 if self.eof:
@@ -175,16 +184,29 @@ class _Connection:
                 self.server.hand_to_worker(self, request, event)
                 return
             if not self.respond(self.server.api.handle(request), close=event.close, request=event):
-                return
+                return  # the connection closes once the answer is written
+
+    def answer_buffered(self) -> None:
+        """After a worker's answer: go on with the requests already read, or wait for more."""
+        self._answer()
 
     def respond(self, response: Response, *, close: bool, request: Incoming | None = None) -> bool:
-        """Queue the answer and write what the socket takes; True if the connection is ready for the next."""
+        """Queue the answer; the loop writes it once it has answered every request that is ready (several
+        clients are then woken in one go rather than one after each answer). True if the connection may go
+        on to its next request."""
         if request is not None and log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s", self.peer, request.request_line, response.status)
         self.state = _OPEN
         self.out += render(response, close=close)
         self.close_after = close
-        return self._flush()
+        self.server.unwritten.append(self)
+        return not close
+
+    def write_queued(self) -> None:
+        """Write the answers queued by `respond` (what the socket does not take waits for it to be writable),
+        then go on with requests left in the buffer while too much was unwritten."""
+        if self.state == _OPEN and self.out and self._flush() and self.reader.buffer:
+            self._answer()
 
     def _flush(self) -> bool:
         """Write what we owe; True when all of it went and the connection stays open."""
@@ -239,7 +261,10 @@ class _Connection:
         """Close an idle connection, or answer 408 to a request that has trickled in for too long."""
         if self.state == _BUSY:
             return
-        if self.state == _OPEN and self.request_started is not None and now - self.request_started > REQUEST_TIMEOUT:
+        if self.state == _HANDSHAKE and now - self.opened > REQUEST_TIMEOUT:
+            log.debug("TLS handshake with %s took too long", self.peer)
+            self.close()
+        elif self.state == _OPEN and self.request_started is not None and now - self.request_started > REQUEST_TIMEOUT:
             log.debug("request from %s took too long to arrive", self.peer)
             self.request_started = None
             self.respond(error(408, "timeout", f"the request did not arrive within {REQUEST_TIMEOUT:.0f}s"),
@@ -274,6 +299,7 @@ class TlsHttpServer:
         self.selector.register(self._listener, selectors.EVENT_READ, _ACCEPT)
         self.selector.register(self._wake_read, selectors.EVENT_READ, _WAKE)
         self._workers = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="keyseal-request")
+        self.unwritten: list[_Connection] = []  # connections with answers queued in this pass of the loop
         self._answered: collections.deque[tuple[_Connection, Incoming, Response]] = collections.deque()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
@@ -300,6 +326,7 @@ class TlsHttpServer:
                 if now >= next_sweep:
                     next_sweep = now + SWEEP_SECONDS
                     self._sweep(now)
+                self._write_queued()
         finally:
             self._stopped.set()
 
@@ -385,9 +412,14 @@ class TlsHttpServer:
             def resume(connection: _Connection = connection, incoming: Incoming = incoming,
                        response: Response = response) -> None:
                 if connection.respond(response, close=incoming.close, request=incoming):
-                    connection.ready()
+                    connection.answer_buffered()
 
             self._guarded(resume, connection)
+
+    def _write_queued(self) -> None:
+        while self.unwritten:
+            connection = self.unwritten.pop()
+            self._guarded(connection.write_queued, connection)
 
     def _sweep(self, now: float) -> None:
         for connection in list(self.connections):
