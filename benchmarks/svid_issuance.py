@@ -12,7 +12,7 @@ server remembers verified CSRs); the "fresh CSR" row cycles through more CSRs th
 signature check per request). JWT-SVIDs are reported the same way. Rounds are interleaved (baseline, then
 each HTTPS row) and the best of each row is kept.
 
-Usage: python benchmarks/svid_issuance.py [--svids 3000] [--seconds 5] [--rounds 3] [--connections 1,2,4]
+Usage: python benchmarks/svid_issuance.py [--svids 3000] [--seconds 5] [--rounds 3] [--connections 1,2,4,8]
                                           [--in-process]
 """
 
@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--svids", type=int, default=3000, help="SVIDs per in-process round")
     parser.add_argument("--seconds", type=int, default=5, help="length of each HTTPS round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", default="1,2,4", help="comma-separated client connection counts")
+    parser.add_argument("--connections", default="1,2,4,8", help="comma-separated client connection counts")
     parser.add_argument("--in-process", action="store_true", help="run the server in this process")
     args = parser.parse_args()
     if shutil.which("wrk") is None:

@@ -47,6 +47,7 @@ class KeysetManager:
         self._built: dict[tuple[int, datetime, int, int], Keyset] = {}
         self._states: dict[int, str] = {}
         self._plan_cache: tuple[tuple[Keyset, ...], datetime, datetime | None, Plan] | None = None
+        self._active_cache: tuple[Plan, Keyset] | None = None  # issuance asks for the active keyset per request
         self.last_refresh: datetime | None = None
 
     def start(self) -> None:
@@ -118,8 +119,13 @@ class KeysetManager:
         return [(by_number[p.number], p.state) for p in self.plan(now).phases]
 
     def active_keyset(self, now: datetime | None = None) -> Keyset | None:
+        schedule = self.plan(now)
+        cached = self._active_cache
+        if cached is not None and cached[0] is schedule:  # the same schedule, so the same answer
+            return cached[1]
         for keyset, state in self.live(now):
             if state == "active":
+                self._active_cache = (schedule, keyset)
                 return keyset
         return None
 

@@ -4,7 +4,6 @@ port is opened, so a server that cannot reach KMS exits without listening and wi
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 from datetime import datetime
@@ -144,10 +143,6 @@ class CaServer:
             thread = threading.Thread(target=self._rotation_loop, name="keyseal-rotation", daemon=True)
             thread.start()
             self._threads.append(thread)
-        # What start-up made (modules, the SDKs, keysets) lives as long as the process: keep it out of the cyclic
-        # garbage collector's passes, which otherwise walk all of it again and again while SVIDs are issued
-        # (benchmarks/README.md).
-        gc.freeze()
         self._serving.set()
         self.httpd.serve_forever(poll_interval=0.5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from pathlib import Path
 
@@ -25,4 +26,9 @@ def server(config_path: Path) -> None:
     instance.start()
 
     on_stop_signals("keyseal.ca.server", lambda: threading.Thread(target=instance.shutdown, daemon=True).start())
+    # What start-up made (modules, SDKs, keysets) lives as long as this process: keep it out of the cyclic
+    # garbage collector's passes, which would otherwise walk all of it again and again while SVIDs are issued
+    # (about a tenth of an SVID's server time, benchmarks/README.md). A process-wide choice, so it is made here
+    # and not in CaServer, which a program may embed.
+    gc.freeze()
     instance.serve_forever()
