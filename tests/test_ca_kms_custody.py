@@ -62,6 +62,9 @@ def test_one_sign_per_svid(tmp_path: Path, kms_emulator: KmsEmulator, aws_env: d
         assert startup["CreateKey"] == 2 and startup["CreateAlias"] == 2  # the X.509 CA key and the JWT key
         keyset = server.manager.active()
         assert isinstance(keyset.x509_key, SignerCaKey) and isinstance(keyset.jwt_key, SignerCaKey)
+        # every signature is a remote call: issuance is answered on worker threads, never on the listener's loop
+        assert not server.answers_from_memory("/v1/x509-svid") and not server.answers_from_memory("/v1/jwt-svid")
+        assert server.answers_from_memory("/v1/bundle")
         with pytest.raises(UnsupportedKeyError):
             keyset.x509_key.builder_key().private_bytes(None, None, None)  # type: ignore[arg-type]
         aliases = {a["AliasName"] for a in all_aliases(admin(kms_emulator))}

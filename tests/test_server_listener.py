@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from keyseal.ca import httpd
+from keyseal.ca import httpd, signing_audit
 from keyseal.ca.config import parse_config
 from keyseal.ca.server import CaServer
 from tests.harness.ca import TOKENS, TRUST_DOMAIN, Client, base_config
@@ -159,8 +159,21 @@ def test_an_idle_connection_is_closed(server: CaServer, monkeypatch: pytest.Monk
         assert 0.5 < time.monotonic() - started < 5
 
 
+def open_connections(server: CaServer) -> int:
+    """The connections the server holds once those closing by now are gone (the loop sees a close on its next
+    pass; give a loaded machine a moment)."""
+    assert server.httpd is not None
+    last, stable_since = -1, time.monotonic()
+    while time.monotonic() - stable_since < 0.3:
+        count = len(server.httpd.connections)
+        if count != last:
+            last, stable_since = count, time.monotonic()
+        time.sleep(0.02)
+    return last
+
+
 def test_connections_beyond_the_cap_are_refused(server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    open_now = len(server.httpd.connections)  # type: ignore[union-attr]
+    open_now = open_connections(server)
     monkeypatch.setattr(httpd, "MAX_CONNECTIONS", open_now + 2)
     first, second = tls_connection(server), tls_connection(server)
     try:
@@ -169,7 +182,7 @@ def test_connections_beyond_the_cap_are_refused(server: CaServer, monkeypatch: p
             third.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert third.recv(65536) != b""  # a refused connection reads as closed
         first.close()
-        time.sleep(0.2)
+        assert open_connections(server) == open_now + 1
         with tls_connection(server) as fourth:  # a slot came free
             fourth.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_answers(fourth, 1)[0][0] == 200
@@ -192,3 +205,49 @@ def test_a_handshake_that_never_finishes_is_closed(server: CaServer, monkeypatch
         started = time.monotonic()
         assert silent.recv(65536) == b""
         assert 0.5 < time.monotonic() - started < 5
+
+
+def test_a_worker_answer_over_the_queue_limit_leaves_the_connection_usable(
+        server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answers queued past MAX_UNWRITTEN, the last from a worker thread (an unknown route is not answered from
+    memory): once written, the connection must wait for the next request, not sit with nothing to wait for."""
+    monkeypatch.setattr(httpd, "MAX_UNWRITTEN", 100)  # less than the worker's 404: its answer alone is over
+    with tls_connection(server) as sock:
+        bundle, nowhere = b"GET /v1/bundle HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /v1/nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+        sock.sendall(bundle * 10 + nowhere)
+        assert [status for status, _ in read_answers(sock, 11)] == [200] * 10 + [404]
+        sock.settimeout(5)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answers(sock, 1)[0][0] == 200
+
+
+def test_a_client_that_stops_sending_still_gets_every_answer_owed(server: CaServer) -> None:
+    """The client sends its requests, ends its half of the connection without a TLS close_notify, then reads
+    slowly: the server owes megabytes of answers when the end arrives, and must write them all, then close
+    cleanly (no alert after the answers)."""
+    count = 8000
+    with tls_connection(server, receive_buffer=4096) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(b"GET /v1/bundle HTTP/1.1\r\nHost: x\r\n\r\n" * count,))
+        sender.start()
+        sender.join(10)
+        assert not sender.is_alive()
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        time.sleep(0.5)
+        answers = read_answers(sock, count)
+        assert {status for status, _ in answers} == {200}
+        assert sock.recv(65536) == b""  # and then the server closes
+
+
+def test_what_may_be_answered_on_the_loop(server: CaServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In wrapped custody issuance signs in memory, so the loop answers it; the agent routes read the store and go
+    to workers; with an audit file every signature is a disk write, so issuance goes to workers too."""
+    assert all(server.answers_from_memory(path) for path in ("/v1/x509-svid", "/v1/jwt-svid?x=1", "/healthz",
+                                                               "/v1/bundle", "/metrics", "/readyz"))
+    assert not server.answers_from_memory("/v1/agent/join") and not server.answers_from_memory("/v1/agent/sync")
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(tmp_path / "audit.log"))
+    signing_audit.configure_from_environment()
+    try:
+        assert not server.answers_from_memory("/v1/x509-svid") and server.answers_from_memory("/healthz")
+    finally:
+        monkeypatch.delenv("KEYSEAL_AUDIT_LOG")
+        signing_audit.configure_from_environment()

@@ -77,59 +77,76 @@ def _refuse(status: int, reason: str, message: str, drain: int = 0) -> Refusal:
 class RequestReader:
     """Requests from the bytes one connection received, in order. `next()` returns one of: an `Incoming`
     request, a `Refusal`, `CONTINUE` (send it: the client waits for it before its body), or None (more bytes
-    are needed, or the client closed cleanly between requests)."""
+    are needed, or the client closed cleanly between requests).
+
+    The bytes wait in one buffer read from an offset, and a search for the end of a head looks no further than
+    a head may be long: however many requests a client sends ahead, each costs the same to take out."""
 
     def __init__(self) -> None:
-        self.buffer = b""
+        self._buffer = bytearray()
+        self._start = 0  # where the bytes not yet taken begin
         self._head: _Head | None = None
         self._continued = False
 
     @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken out as part of a request."""
+        return len(self._buffer) - self._start
+
+    @property
     def idle(self) -> bool:
         """No request under way: nothing buffered, no head waiting for its body."""
-        return not self.buffer and self._head is None
+        return self.buffered == 0 and self._head is None
 
     def feed(self, data: bytes) -> None:
-        self.buffer += data
+        if self._start and self._start >= len(self._buffer) // 2:  # drop what was taken, now and then
+            del self._buffer[: self._start]
+            self._start = 0
+        self._buffer += data
 
     def next(self, *, eof: bool = False) -> Incoming | Refusal | bytes | None:
         """The next thing to do; `eof`: the client will send nothing more."""
         if self._head is None:
             raw_head = self._take_head()
             if raw_head is None:
-                if len(self.buffer) > MAX_HEAD:
+                if self.buffered > MAX_HEAD:
                     return _refuse(431, "too_large", "request line and headers are too long")
-                if eof and self.buffer.strip():
+                if eof and self._buffer[self._start:].strip():
                     return _refuse(400, "bad_request", "incomplete request")
                 return None
             parsed = _parse_head(raw_head)
             if isinstance(parsed, Refusal):
                 return parsed
             if parsed.length > MAX_BODY_BYTES:
-                drain = parsed.length - len(self.buffer) if parsed.length <= MAX_DRAIN_BYTES else 0
-                self.buffer = b""
+                drain = parsed.length - self.buffered if parsed.length <= MAX_DRAIN_BYTES else 0
+                self._start = len(self._buffer)
                 return _refuse(413, "too_large", "request body is too large", max(drain, 0))
             self._head = parsed
         head = self._head
         if head.expect_continue and not self._continued:
             self._continued = True
             return CONTINUE
-        if len(self.buffer) < head.length:
+        if self.buffered < head.length:
             return None  # at eof: the client gave up on its own request, there is no one to answer
-        body, self.buffer = self.buffer[: head.length], self.buffer[head.length:]
+        body = bytes(self._buffer[self._start: self._start + head.length])
+        self._start += head.length
         self._head, self._continued = None, False
         return Incoming(head.method, head.path, head.headers, body, head.close, head.request_line)
 
     def _take_head(self) -> bytes | None:
         """The request line and headers up to the blank line (a bare LF accepted, as lenient parsers do)."""
-        crlf, lf = self.buffer.find(b"\r\n\r\n"), self.buffer.find(b"\n\n")
+        start, limit = self._start, self._start + MAX_HEAD + 4
+        crlf = self._buffer.find(b"\r\n\r\n", start, limit)
+        lf = self._buffer.find(b"\n\n", start, crlf + 2 if crlf >= 0 else limit)
         if crlf >= 0 and (lf < 0 or crlf < lf):
-            head, self.buffer = self.buffer[:crlf], self.buffer[crlf + 4:]
-            return head
-        if lf >= 0:
-            head, self.buffer = self.buffer[:lf], self.buffer[lf + 2:]
-            return head
-        return None
+            end, skip = crlf, 4
+        elif lf >= 0:
+            end, skip = lf, 2
+        else:
+            return None
+        head = bytes(self._buffer[start:end])
+        self._start = end + skip
+        return head
 
 
 def _parse_head(head: bytes) -> _Head | Refusal:

@@ -24,13 +24,13 @@ import contextlib
 import errno
 import functools
 import logging
+import queue
 import selectors
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from keyseal.ca.api import MAX_BODY_BYTES, Api, Request, Response
@@ -45,6 +45,7 @@ MAX_WORKERS = 32
 IDLE_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 30.0
 LINGER_SECONDS = 2.0
+DRAIN_SECONDS = 10.0  # reading a refused body (at most MAX_DRAIN_BYTES) so that the client sees the 413
 READ_SIZE = 16384  # a TLS record carries at most 16 KiB: one read never returns more
 # How far to read ahead of the requests not yet answered: more than one request can be, so that a request never
 # waits for bytes the loop chose not to read yet.
@@ -73,6 +74,8 @@ class _Connection:
         self.deadline = self.opened + IDLE_TIMEOUT
         self.request_started: float | None = None
         self.linger_budget = MAX_DRAIN_BYTES
+        self.peer_certificate: bytes | None = None
+        self.linger_seconds = LINGER_SECONDS
 
     # -- selector events -----------------------------------------------------------------------------------
 
@@ -124,12 +127,14 @@ class _Connection:
             self._start_linger()
             return
         self.state = _OPEN
+        # Read once: no renegotiation (the context forbids it), so the certificate cannot change later.
+        self.peer_certificate = self.sock.getpeercert(binary_form=True)
         self._read()
 
     def _read(self) -> None:
         """Read what the client sent, then answer what is complete. One read from the socket per readiness event
         (the selector is level-triggered: it reports the rest again), but all that TLS already decrypted."""
-        while len(self.reader.buffer) < READ_AHEAD and not self.eof:
+        while self.reader.buffered < READ_AHEAD and not self.eof:
             try:
                 chunk = self.sock.recv(READ_SIZE)
             except ssl.SSLWantReadError:
@@ -159,7 +164,9 @@ class _Connection:
                 return
             event = self.reader.next(eof=self.eof)
             if event is None:
-                if self.eof:
+                if self.eof and self.out:  # the client is done sending, but still owed answers
+                    self.close_after = True
+                elif self.eof:
                     self.close()
                 elif self.sock.pending():  # read-ahead stopped with decrypted bytes still in TLS
                     self._read()
@@ -173,11 +180,13 @@ class _Connection:
                 continue
             self.request_started = None if self.reader.idle else time.monotonic()
             if isinstance(event, Refusal):
-                self.linger_budget = min(max(event.drain, READ_SIZE), MAX_DRAIN_BYTES)
+                # The drain is counted below TLS: add its record overhead (under 1%) and one record more.
+                self.linger_budget = event.drain + event.drain // 64 + READ_SIZE
+                self.linger_seconds = DRAIN_SECONDS if event.drain else LINGER_SECONDS
                 self.respond(event.response, close=True)
                 return
             request = Request(method=event.method, path=event.path, headers=event.headers, body=event.body,
-                              peer=self.peer, peer_certificate=self.sock.getpeercert(binary_form=True))
+                              peer=self.peer, peer_certificate=self.peer_certificate)
             if not self.server.answer_inline(event.path):
                 self.state = _BUSY
                 self.want(0)
@@ -204,8 +213,8 @@ class _Connection:
 
     def write_queued(self) -> None:
         """Write the answers queued by `respond` (what the socket does not take waits for it to be writable),
-        then go on with requests left in the buffer while too much was unwritten."""
-        if self.state == _OPEN and self.out and self._flush() and self.reader.buffer:
+        then go on: with requests left in the buffer while too much was unwritten, or by waiting for more."""
+        if self.state == _OPEN and self.out and self._flush():
             self._answer()
 
     def _flush(self) -> bool:
@@ -235,7 +244,7 @@ class _Connection:
         what we just sent (an answer, or the alert of a refused handshake: in TLS 1.3 a client sends its
         request right after its certificate, so a refused agent would not learn why)."""
         self.state = _LINGER
-        self.deadline = time.monotonic() + LINGER_SECONDS
+        self.deadline = time.monotonic() + self.linger_seconds
         try:
             socket.socket.shutdown(self.sock, socket.SHUT_WR)
         except OSError:
@@ -264,7 +273,8 @@ class _Connection:
         if self.state == _HANDSHAKE and now - self.opened > REQUEST_TIMEOUT:
             log.debug("TLS handshake with %s took too long", self.peer)
             self.close()
-        elif self.state == _OPEN and self.request_started is not None and now - self.request_started > REQUEST_TIMEOUT:
+        elif (self.state == _OPEN and not self.out and not self.close_after and self.request_started is not None
+              and now - self.request_started > REQUEST_TIMEOUT):  # with nothing owed, what waits is incomplete
             log.debug("request from %s took too long to arrive", self.peer)
             self.request_started = None
             self.respond(error(408, "timeout", f"the request did not arrive within {REQUEST_TIMEOUT:.0f}s"),
@@ -272,6 +282,47 @@ class _Connection:
         elif now > self.deadline:
             log.debug("connection from %s closed: idle", self.peer)
             self.close()
+
+
+class _Workers:
+    """Up to `size` daemon threads for requests that wait on something outside the process (a key manager, the
+    store). Daemon threads: a key manager that hangs must not keep a stopping server from exiting."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+        self._closed = False
+
+    def submit(self, work: Callable[[], None]) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if self._idle == 0 and self._threads < self._size:
+                self._threads += 1
+                threading.Thread(target=self._run, name=f"keyseal-request-{self._threads}", daemon=True).start()
+        self._queue.put(work)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            work = self._queue.get()
+            with self._lock:
+                self._idle -= 1
+            if work is None:
+                return
+            work()
+
+    def shutdown(self) -> None:
+        """Let idle threads end; a busy one ends after its request (and never holds up the process's exit)."""
+        with self._lock:
+            self._closed = True
+            threads = self._threads
+        for _ in range(threads):
+            self._queue.put(None)
 
 
 class TlsHttpServer:
@@ -298,7 +349,7 @@ class TlsHttpServer:
         self._wake_write.setblocking(False)
         self.selector.register(self._listener, selectors.EVENT_READ, _ACCEPT)
         self.selector.register(self._wake_read, selectors.EVENT_READ, _WAKE)
-        self._workers = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="keyseal-request")
+        self._workers = _Workers(MAX_WORKERS)
         self.unwritten: list[_Connection] = []  # connections with answers queued in this pass of the loop
         self._answered: collections.deque[tuple[_Connection, Incoming, Response]] = collections.deque()
         self._stopping = threading.Event()
@@ -339,7 +390,7 @@ class TlsHttpServer:
     def server_close(self) -> None:
         for connection in list(self.connections):
             connection.close()
-        self._workers.shutdown(wait=False, cancel_futures=True)
+        self._workers.shutdown()
         self.selector.close()
         for sock in (self._listener, self._wake_read, self._wake_write):
             sock.close()

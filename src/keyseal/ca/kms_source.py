@@ -143,7 +143,7 @@ class KmsKeysetSource(KeysetSource):
     def load(self, live_after: datetime) -> Loaded:
         numbers = self._numbers()
         # A number taken by either alias is spent, even by a keyset that was never completed (a JWT alias alone
-        # is an abandoned keyset, or one a replica is committing right now: at worst two keysets are prepared).
+        # is an abandoned keyset, or one a replica is committing right now: create() waits for that one).
         highest = max([*numbers["x509"], *numbers["jwt"]], default=0)
         keysets: list[KeysetKeys] = []
         for number in sorted(numbers["x509"], reverse=True):
@@ -165,6 +165,14 @@ class KmsKeysetSource(KeysetSource):
     def create(self, number: int, not_before: datetime, live_after: datetime) -> bool:
         """Both keys, then the JWT alias, then the X.509 alias (the commit). Any failure after a key exists
         orphans the attempt's keys (tagged, deletion scheduled) and re-raises; a lost race returns False."""
+        previous = number - 1
+        numbers = self._numbers()
+        if previous in numbers["jwt"] and previous not in numbers["x509"]:
+            # Another replica is committing keyset `previous` (its JWT alias exists, the X.509 alias comes last):
+            # wait for it rather than prepare a second keyset. A writer that died half way costs only the wait.
+            self._await_commit(previous)
+            if previous in self._numbers()["x509"]:
+                return False
         created: dict[str, tuple[str, str]] = {}  # kind -> (key id, arn)
         opened: dict[str, CaKey] = {}
         aliased: list[str] = []

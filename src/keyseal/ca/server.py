@@ -118,7 +118,7 @@ class CaServer:
         self._publish_bundle(now)
         try:
             self.httpd = TlsHttpServer(self.config.listen_host, self.config.listen_port, self.api, self.tls.current,
-                                       answer_inline=self._answers_from_memory)
+                                       answer_inline=self.answers_from_memory)
         except OSError as exc:
             raise UsageError(
                 f"cannot listen on {self.config.listen_host}:{self.config.listen_port}: {exc.strerror or exc}"
@@ -128,7 +128,7 @@ class CaServer:
                  self.config.listen_host, self.port, active.number if active else "none active yet",
                  self.config.custody)
 
-    def _answers_from_memory(self, path: str) -> bool:
+    def answers_from_memory(self, path: str) -> bool:
         """Whether answering `path` needs nothing but this process's memory: the listener then answers it on its
         own thread. Issuance does when the CA keys sign in memory and no audit file is written; a key manager's
         remote signature, the store (agents, entries) or a file write would hold up every other connection."""

@@ -51,6 +51,10 @@ def _base_context(config: Config, authorities_pem: str) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_OPTIONAL
+    # No renegotiation: the client certificate the listener reads after the handshake stays the connection's.
+    # A client that closes without close_notify has still sent its requests: answer them (it is the client's
+    # own stream that ends short, and an incomplete request is never answered).
+    context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_IGNORE_UNEXPECTED_EOF
     if authorities_pem:
         context.load_verify_locations(cadata=authorities_pem)
     if config.tls.client_ca_file is not None:
