@@ -30,7 +30,6 @@ def configure_from_environment() -> None:
         _log_file.check_writable()
 
 
-
 def writes_file() -> bool:
     """Whether each signature is also appended to an audit file (a disk write per SVID)."""
     return _log_file is not None
