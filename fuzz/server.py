@@ -86,7 +86,6 @@ def _statuses(answer: bytes) -> list[int]:
 
 def _answer_what_arrived(reader: Any, answer: bytearray, *, eof: bool) -> bool:
     """Answer every complete request `reader` holds, appending to `answer`; True once the connection closes."""
-    from keyseal.ca.api import Request
     from keyseal.ca.http1 import Refusal, render
 
     while (event := reader.next(eof=eof)) is not None:
@@ -97,8 +96,7 @@ def _answer_what_arrived(reader: Any, answer: bytearray, *, eof: bool) -> bool:
             answer += render(event.response, close=True)
             return True
         try:
-            response = _server().api.handle(Request(method=event.method, path=event.path, headers=event.headers,
-                                                    body=event.body, peer="127.0.0.1:1", peer_certificate=None))
+            response = _server().api.handle(event.request("127.0.0.1:1", None))
         except Exception as exc:
             raise ServerCrash(f"the request handler raised {type(exc).__name__}: {exc}") from exc
         answer += render(response, close=event.close)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from keyseal.ca.api import MAX_BODY_BYTES, Response
+from keyseal.ca.api import MAX_BODY_BYTES, Request, Response
 
 __all__ = ["CONTINUE", "MAX_DRAIN_BYTES", "Incoming", "Refusal", "RequestReader", "error", "render"]
 
@@ -44,6 +44,11 @@ class Incoming:
     body: bytes
     close: bool
     request_line: str
+
+    def request(self, peer: str, peer_certificate: bytes | None) -> Request:
+        """The API's view of it, from the connection it came on."""
+        return Request(method=self.method, path=self.path, headers=self.headers, body=self.body, peer=peer,
+                       peer_certificate=peer_certificate)
 
 
 @dataclass(frozen=True)

@@ -185,8 +185,7 @@ class _Connection:
                 self.linger_seconds = DRAIN_SECONDS if event.drain else LINGER_SECONDS
                 self.respond(event.response, close=True)
                 return
-            request = Request(method=event.method, path=event.path, headers=event.headers, body=event.body,
-                              peer=self.peer, peer_certificate=self.peer_certificate)
+            request = event.request(self.peer, self.peer_certificate)
             if not self.server.answer_inline(event.path):
                 self.state = _BUSY
                 self.want(0)
@@ -195,9 +194,11 @@ class _Connection:
             if not self.respond(self.server.api.handle(request), close=event.close, request=event):
                 return  # the connection closes once the answer is written
 
-    def answer_buffered(self) -> None:
-        """After a worker's answer: go on with the requests already read, or wait for more."""
-        self._answer()
+    def worker_answered(self, incoming: Incoming, response: Response) -> None:
+        """Queue a worker's answer, then go on with the requests already read, or wait for more."""
+        self.deadline = time.monotonic() + IDLE_TIMEOUT
+        if self.respond(response, close=incoming.close, request=incoming):
+            self._answer()
 
     def respond(self, response: Response, *, close: bool, request: Incoming | None = None) -> bool:
         """Queue the answer; the loop writes it once it has answered every request that is ready (several
@@ -456,16 +457,8 @@ class TlsHttpServer:
                 pass
         while self._answered:
             connection, incoming, response = self._answered.popleft()
-            if connection.state != _BUSY:  # closed while the worker was busy
-                continue
-            connection.deadline = time.monotonic() + IDLE_TIMEOUT
-
-            def resume(connection: _Connection = connection, incoming: Incoming = incoming,
-                       response: Response = response) -> None:
-                if connection.respond(response, close=incoming.close, request=incoming):
-                    connection.answer_buffered()
-
-            self._guarded(resume, connection)
+            if connection.state == _BUSY:  # else closed while the worker was busy
+                self._guarded(functools.partial(connection.worker_answered, incoming, response), connection)
 
     def _write_queued(self) -> None:
         while self.unwritten:
