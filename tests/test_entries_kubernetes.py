@@ -35,6 +35,7 @@ from tests.conftest import assert_one_line_error, run_keyseal
 from tests.harness.agent import socket_dir
 from tests.harness.ca import TRUST_DOMAIN, base_config
 from tests.harness.kube_api import KubeApi
+from tests.harness.replicas import run_as_replicas
 from tests.test_helm_chart import CHART, render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,7 +151,6 @@ def test_two_replicas_redeem_one_token_exactly_once(kube_api: KubeApi, namespace
     token, agent_id = join_tokens_for(config, kube_api.api_client()).issue("node-1", timedelta(minutes=5))
     both_read = threading.Barrier(2, timeout=30)
     results: dict[str, str | None] = {}
-    errors: list[BaseException] = []
 
     def replica(label: str) -> None:
         tokens = join_tokens_for(config, kube_api.api_client())  # its own client, as another server replica
@@ -163,18 +163,10 @@ def test_two_replicas_redeem_one_token_exactly_once(kube_api: KubeApi, namespace
             return found
 
         tokens.resources.get = get_then_wait  # type: ignore[method-assign]
-        try:
-            results[label] = tokens.redeem(token, datetime.now(UTC))
-        except BaseException as exc:
-            errors.append(exc)
+        results[label] = tokens.redeem(token, datetime.now(UTC))
 
     conflicts_before, verbs_before = len(kube_api.conflicts()), len(kube_api.verbs())
-    threads = [threading.Thread(target=replica, args=(label,)) for label in ("A", "B")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors
+    run_as_replicas(replica)
     assert sorted(results.values(), key=str) == [None, agent_id]
     deletes = [v for v in kube_api.verbs()[verbs_before:] if v[0] == "delete" and v[2] == "jointokens"]
     assert len(deletes) == 2  # both replicas read the token and tried to take it: the API server chose one
@@ -214,28 +206,19 @@ def test_concurrent_writers_lose_no_entry(kube_api: KubeApi, namespace: str, tmp
     start = threading.Barrier(2, timeout=30)
     made: dict[str, list[str]] = {"A": [], "B": []}
     same: dict[str, str] = {}
-    errors: list[BaseException] = []
 
     def writer(label: str) -> None:
         store = entry_store_for(config, kube_api.api_client())
         start.wait()
-        try:
-            for i in range(8):
-                made[label].append(store.create(f"spiffe://{TRUST_DOMAIN}/{label}/{i}", AGENT,
-                                                (f"unix:uid:{1000 + i}",)).entry_id)
-            try:  # both writers add the same entry at once: exactly one may
-                same[label] = store.create(f"spiffe://{TRUST_DOMAIN}/same", AGENT, ("unix:uid:7",)).entry_id
-            except UsageError as exc:
-                same[label] = str(exc)
-        except BaseException as exc:
-            errors.append(exc)
+        for i in range(8):
+            made[label].append(store.create(f"spiffe://{TRUST_DOMAIN}/{label}/{i}", AGENT,
+                                            (f"unix:uid:{1000 + i}",)).entry_id)
+        try:  # both writers add the same entry at once: exactly one may
+            same[label] = store.create(f"spiffe://{TRUST_DOMAIN}/same", AGENT, ("unix:uid:7",)).entry_id
+        except UsageError as exc:
+            same[label] = str(exc)
 
-    threads = [threading.Thread(target=writer, args=(label,)) for label in ("A", "B")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors
+    run_as_replicas(writer)
     listed = entry_store_for(config, kube_api.api_client()).entries()
     same_id = entry_id_for(f"spiffe://{TRUST_DOMAIN}/same", AGENT, ("unix:uid:7",))
     assert {e.entry_id for e in listed} == set(made["A"]) | set(made["B"]) | {same_id}

@@ -35,6 +35,7 @@ from keyseal.wrapping.record import WrappedRecord
 from tests.conftest import REGION
 from tests.harness.kms_emulator import KmsEmulator
 from tests.harness.kube_api import KubeApi
+from tests.harness.replicas import run_as_replicas
 
 CRD = Path(__file__).resolve().parent.parent / "deploy" / "crds" / "wrappedkeys.keyseal.dev.yaml"
 
@@ -84,7 +85,6 @@ def test_two_writers_race_exactly_one_wins_the_other_reloads(kube_api: KubeApi, 
     both_read = threading.Barrier(2, timeout=30)
     seen: dict[str, list[int]] = {"A": [], "B": []}
     results: dict[str, WrappedRecord] = {}
-    errors: list[BaseException] = []
     new_keys = {"A": generate_private_key("ed25519"), "B": generate_private_key("ed25519")}
 
     def writer(label: str) -> None:
@@ -101,18 +101,10 @@ def test_two_writers_race_exactly_one_wins_the_other_reloads(kube_api: KubeApi, 
             return seal(der(new_keys[label]), name="ca", version=current.record.version + 1,
                         created=current.record.created, key_type="ed25519", kek=kek)
 
-        try:
-            results[label] = store.update("ca", produce)
-        except BaseException as exc:
-            errors.append(exc)
+        results[label] = store.update("ca", produce)
 
     conflicts_before = len(kube_api.conflicts())
-    threads = [threading.Thread(target=writer, args=(label,)) for label in ("A", "B")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors
+    run_as_replicas(writer)
     assert len(kube_api.conflicts()) - conflicts_before == 1  # exactly one PUT was refused with 409
     winner = "A" if seen["A"] == [1] else "B"
     loser = "B" if winner == "A" else "A"
