@@ -109,10 +109,15 @@ except Exception as exc:
 
 
 def fetch_as(uid: int, endpoint: str) -> str:
-    """py-spiffe's WorkloadApiClient in a child process that drops root for `uid` (uid = gid) before connecting."""
+    """py-spiffe's WorkloadApiClient in a child process that drops root for `uid` (uid = gid) before connecting.
+
+    Returns the child's one result line from stdout. Its stderr belongs to the libraries it imports (warnings,
+    gRPC notices) and is never part of the result; a child that printed no result fails with it instead."""
     result = subprocess.run([sys.executable, "-c", CHILD, endpoint, str(uid)], capture_output=True, text=True,
                             timeout=60, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin")}, check=False)
-    return (result.stdout + result.stderr).strip()
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, f"child for uid {uid} printed {lines!r}; stderr: {result.stderr.strip()}"
+    return lines[0]
 
 
 Identity = tuple[ec.EllipticCurvePrivateKey, x509.Certificate]

@@ -25,11 +25,11 @@ from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
-from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from keyseal.agent.attestation import PeerCredentials, peer_credentials, selectors_of
 from keyseal.agent.cache import AgentCache
 from keyseal.agent.metrics import AgentMetrics
+from keyseal.agent.proto import workload_pb2, workload_pb2_grpc
 from keyseal.ca.entries import Entry
 
 __all__ = ["WorkloadApiServer"]
