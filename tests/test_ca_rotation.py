@@ -291,10 +291,11 @@ def test_two_replicas_make_exactly_one_keyset(kube_api: KubeApi, tmp_path: Path)
     # Keyset 5 reuses slot 0 (keyset 1 has expired): a replace with resourceVersion. Both race again.
     barrier.reset()
     store_one.race_name = store_two.race_name = f"{prefix}-x509-0"
-    conflicts_before = len(kube_api.conflicts())
+    conflicts_before = len(kube_api.conflicts(namespace))
     clock.advance(12 * HOUR)
     race(one.refresh, two.refresh)
-    assert len(kube_api.conflicts()) == conflicts_before + 1  # the API server refused exactly one writer
+    conflicts = kube_api.conflicts(namespace)[conflicts_before:]
+    assert len(conflicts) == 1, conflicts  # the API server refused exactly one writer
     history = kube_api.history(namespace, f"{prefix}-x509-0")
     assert [h["spec"]["version"] for h in history] == [1, 2]  # keyset 1, then exactly one keyset 5
     assert [h["spec"]["version"] for h in kube_api.history(namespace, f"{prefix}-jwt-0")] == [1, 2]

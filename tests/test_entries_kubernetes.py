@@ -165,12 +165,12 @@ def test_two_replicas_redeem_one_token_exactly_once(kube_api: KubeApi, namespace
         tokens.resources.get = get_then_wait  # type: ignore[method-assign]
         results[label] = tokens.redeem(token, datetime.now(UTC))
 
-    conflicts_before, verbs_before = len(kube_api.conflicts()), len(kube_api.verbs())
+    conflicts_before, verbs_before = len(kube_api.conflicts(namespace)), len(kube_api.verbs())
     run_as_replicas(replica)
     assert sorted(results.values(), key=str) == [None, agent_id]
     deletes = [v for v in kube_api.verbs()[verbs_before:] if v[0] == "delete" and v[2] == "jointokens"]
     assert len(deletes) == 2  # both replicas read the token and tried to take it: the API server chose one
-    assert len(kube_api.conflicts()) - conflicts_before <= 1  # the loser met the precondition (409) or a 404
+    assert len(kube_api.conflicts(namespace)) - conflicts_before <= 1  # the loser met the precondition (409) or a 404
     assert objects(kube_api, namespace, "jointokens") == []
     assert join_tokens_for(config, kube_api.api_client()).redeem(token, datetime.now(UTC)) is None
 

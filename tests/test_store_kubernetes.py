@@ -103,9 +103,9 @@ def test_two_writers_race_exactly_one_wins_the_other_reloads(kube_api: KubeApi, 
 
         results[label] = store.update("ca", produce)
 
-    conflicts_before = len(kube_api.conflicts())
+    conflicts_before = len(kube_api.conflicts(namespace))
     run_as_replicas(writer)
-    assert len(kube_api.conflicts()) - conflicts_before == 1  # exactly one PUT was refused with 409
+    assert len(kube_api.conflicts(namespace)) - conflicts_before == 1  # exactly one PUT was refused with 409
     winner = "A" if seen["A"] == [1] else "B"
     loser = "B" if winner == "A" else "A"
     assert seen[winner] == [1] and seen[loser] == [1, 2]  # the loser reloaded and decided on the winner's write

@@ -215,8 +215,10 @@ class KubeApi:
 
         return self.run(read())
 
-    def conflicts(self) -> list[tuple[str, str]]:
-        return list(self._handler().conflicts)
+    def conflicts(self, namespace: str) -> list[tuple[str, str]]:
+        """The (namespace, name) of every write refused with 409 in `namespace`, oldest first. The peer is shared
+        by a worker's tests, whose servers may still write in their own namespaces: count only your own."""
+        return [c for c in self._handler().conflicts if c[0] == namespace]
 
     def verbs(self) -> list[tuple[str, str, str, str]]:
         """(RBAC verb, API group, resource plural, object name or "") of every request so far, in order."""
