@@ -221,3 +221,30 @@ def test_readme_updater_example_runs(wkd: HttpsServer, tls: TlsFiles, keys: dict
     (release / "tool-2.0.tar.gz").write_bytes(b"tampered")
     with pytest.raises(VerificationError, match="differs"):
         namespace["verify_update"](release, "tool-2.0.tar.gz")
+
+
+def test_threshold_release_cross_checks_every_key_at_its_own_address(wkd: HttpsServer, tls: TlsFiles,
+                                                                     keys: dict[str, ReleaseKey],
+                                                                     release: Path) -> None:
+    """2 of 2 with keys published under two addresses: `--wkd` once per address, and the union must match."""
+    publish(wkd, keys["v1"], keys["v2"])
+    routes = [arg for spec in wkd.connect_to(*HOSTS) for arg in ("--connect-to", spec)]
+
+    def verify_with(*addresses: str) -> Any:
+        wkd_args = [arg for address in addresses for arg in ("--wkd", address)]
+        return run_keyseal("verify-release", "--manifest", release / "SHA256SUMS", "--threshold", "2",
+                           "--cert", keys["v1"].cert, "--cert", keys["v2"].cert, *wkd_args,
+                           "--ca-bundle", tls.ca_pem, *routes, release / "tool-2.0.tar.gz")
+
+    good = verify_with("releases@example.org", "releases-v2@example.org")
+    assert good.returncode == 0, good.stderr
+    assert good.stderr.count("Good signature on") == 2
+
+    only_one_address = verify_with("releases@example.org")
+    assert_one_line_error(only_one_address)
+    assert "key mismatch" in only_one_address.stderr  # v2 is embedded but not published at the address asked
+
+    publish(wkd, keys["v1"], keys["attacker"])  # the directory now serves another key in v2's place
+    replaced = verify_with("releases@example.org", "releases-v2@example.org")
+    assert_one_line_error(replaced)
+    assert replaced.returncode == 1 and "key mismatch" in replaced.stderr, replaced.stderr

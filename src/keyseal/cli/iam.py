@@ -18,9 +18,28 @@ from keyseal.errors import UsageError
 @click.option("--trust-domain", metavar="NAME", help="ca-server: the server's trustDomain.")
 @click.option("--alias-prefix", metavar="PREFIX",
               help="ca-server: the server's aws.keyManager.aliasPrefix (default: keyseal/<trust domain>).")
-def iam_policy(key_arn: str | None, purpose: str, trust_domain: str | None, alias_prefix: str | None) -> None:
-    """Print the IAM policy JSON that allows exactly what keyseal needs."""
+@click.option("--trust", "trust_spec", metavar="SPEC",
+              help="sign: also print the role's trust policy for keyless CI: github:OWNER/REPO[@REF] (REF: "
+                   "refs/tags/PATTERN, default refs/tags/*; refs/heads/PATTERN; environment:NAME) or "
+                   "gitlab:GROUP/PROJECT[@REF] (REF: tag:PATTERN, default tag:*; branch:PATTERN).")
+@click.option("--issuer", metavar="URL",
+              help="--trust: the CI provider's OIDC issuer, for self-hosted instances (default: "
+                   "https://token.actions.githubusercontent.com, https://gitlab.com).")
+@click.option("--audience", metavar="AUD",
+              help="--trust: the token audience the job asks for (default: sts.amazonaws.com for GitHub, the "
+                   "issuer URL for GitLab).")
+def iam_policy(key_arn: str | None, purpose: str, trust_domain: str | None, alias_prefix: str | None,
+               trust_spec: str | None, issuer: str | None, audience: str | None) -> None:
+    """Print the IAM policy JSON that allows exactly what keyseal needs.
+
+    With --trust, print {"TrustPolicy": ..., "PermissionPolicy": ...}: the trust policy of a role that only that
+    CI project's OIDC tokens can assume, beside what the role may do."""
     from keyseal import iam
+
+    if trust_spec is None and (issuer or audience):
+        raise UsageError("--issuer and --audience apply to --trust only")
+    if trust_spec is not None and purpose != "sign":
+        raise UsageError("--trust is for --for sign: a CI role that signs releases")
 
     if purpose == "ca-server":
         if not trust_domain:
@@ -34,4 +53,9 @@ def iam_policy(key_arn: str | None, purpose: str, trust_domain: str | None, alia
         if not key_arn:
             raise UsageError(f"--for {purpose} needs --key ARN")
         policy = iam.least_privilege_policy(key_arn, purpose)
+        if trust_spec is not None:
+            from keyseal.ci_trust import parse_ci_subject, web_identity_trust_policy
+
+            subject = parse_ci_subject(trust_spec, issuer, audience)
+            policy = {"TrustPolicy": web_identity_trust_policy(key_arn, subject), "PermissionPolicy": policy}
     click.echo(json.dumps(policy, indent=2))

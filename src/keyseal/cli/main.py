@@ -28,6 +28,7 @@ _COMMANDS: dict[str, str] = {
     "agent": "keyseal.cli.agent:agent",
     "git-setup": "keyseal.cli.gitsetup:git_setup",
     "audit": "keyseal.cli.audit:audit",
+    "signatures": "keyseal.cli.signatures:signatures",
 }
 
 

@@ -12,7 +12,7 @@ from keyseal.cli.common import format_time
 from keyseal.errors import InputError, KeysealError, UsageError, VerificationError
 from keyseal.inputfile import read_input
 from keyseal.openpgp.manifest import DIGESTS, build_manifest
-from keyseal.openpgp.trust import POLICIES, CrossCheck, Resolver, TrustSet, WkdResolver, verify_release
+from keyseal.openpgp.trust import POLICIES, Combined, CrossCheck, Resolver, TrustSet, WkdResolver, verify_release
 from keyseal.openpgp.wkd import DEFAULT_TIMEOUT, connect_map
 
 
@@ -52,8 +52,9 @@ def _signature_for(manifest: Path) -> Path:
               help="Its detached signature (default: MANIFEST.asc, else MANIFEST.sig).")
 @click.option("--cert", "certs", multiple=True, required=True, type=click.Path(path_type=Path),
               help="A trusted certificate (repeatable).")
-@click.option("--wkd", "wkd_email", metavar="EMAIL",
-              help="Cross-check the certificates against the keys the Web Key Directory publishes for EMAIL.")
+@click.option("--wkd", "wkd_emails", metavar="EMAIL", multiple=True,
+              help="Cross-check the certificates against the keys the Web Key Directory publishes for EMAIL "
+                   "(repeatable: the union of every address's keys must equal the certificates).")
 @click.option("--ca-bundle", type=click.Path(dir_okay=False, path_type=Path),
               help="CA certificates (PEM) for the WKD's HTTPS (default: the system store).")
 @click.option("--connect-to", multiple=True, metavar="HOST:PORT:ADDR:PORT",
@@ -63,29 +64,35 @@ def _signature_for(manifest: Path) -> Path:
                    "mismatch always aborts.")
 @click.option("--timeout", type=click.FloatRange(0.1, 300), default=DEFAULT_TIMEOUT, show_default=True,
               help="WKD network timeout in seconds.")
+@click.option("--threshold", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
+              help="Require good manifest signatures from K distinct certificates (k of n).")
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
-def verify_release_command(manifest: Path, signature: Path | None, certs: tuple[Path, ...], wkd_email: str | None,
-                           ca_bundle: Path | None, connect_to: tuple[str, ...], wkd_policy: str, timeout: float,
-                           artifacts: tuple[Path, ...]) -> None:
+def verify_release_command(manifest: Path, signature: Path | None, certs: tuple[Path, ...],
+                           wkd_emails: tuple[str, ...], ca_bundle: Path | None, connect_to: tuple[str, ...],
+                           wkd_policy: str, timeout: float, threshold: int, artifacts: tuple[Path, ...]) -> None:
     """Verify the manifest's signature, then every ARTIFACT against the manifest. Exit 0 only if all pass."""
-    if wkd_email is None and (ca_bundle or connect_to):
+    if not wkd_emails and (ca_bundle or connect_to):
         raise UsageError("--ca-bundle and --connect-to apply to --wkd only")
     try:
         trust: Resolver = TrustSet.from_files(list(certs))
-        if wkd_email is not None:
-            remote = WkdResolver(wkd_email, ca_bundle, tuple(connect_map(connect_to).items()), timeout)
-            trust = CrossCheck(trust, remote, wkd_policy,  # type: ignore[arg-type]
+        if wkd_emails:
+            endpoints = tuple(connect_map(connect_to).items())
+            remotes = [WkdResolver(email, ca_bundle, endpoints, timeout) for email in wkd_emails]
+            trust = CrossCheck(trust, remotes[0] if len(remotes) == 1 else Combined(*remotes),
+                               wkd_policy,  # type: ignore[arg-type]
                                warn=lambda message: click.echo(f"keyseal: warning: {message}", err=True))
         sig_path = signature or _signature_for(manifest)
-        result = verify_release(manifest, read_input(sig_path, "signature"), list(artifacts), trust)
+        result = verify_release(manifest, read_input(sig_path, "signature"), list(artifacts), trust,
+                                threshold=threshold)
     except (VerificationError, UsageError):
         raise
     except KeysealError as exc:
         raise VerificationError(exc.message) from None
     for item in result.artifacts:
         click.echo(f"{item.path}: OK")
-    cert = result.signature.certificate
-    uid = cert.user_ids[0] if cert.user_ids else cert.fingerprint
-    click.echo(f"Good signature on {manifest} from {uid} ({result.fingerprint}) made "
-               f"{format_time(result.signature.created)}", err=True)
+    for signed in result.signatures:
+        cert = signed.certificate
+        uid = cert.user_ids[0] if cert.user_ids else cert.fingerprint
+        click.echo(f"Good signature on {manifest} from {uid} ({signed.fingerprint}) made "
+                   f"{format_time(signed.created)}", err=True)
 

@@ -30,7 +30,7 @@ from keyseal.errors import (
 from keyseal.inputfile import read_input
 from keyseal.openpgp.cert import Certificate, load_certificates, merge_certificates
 from keyseal.openpgp.manifest import CheckedArtifact, check_artifacts, parse_manifest
-from keyseal.openpgp.verify import MIN_RSA_BITS, VerifiedSignature, verify_bytes
+from keyseal.openpgp.verify import MIN_RSA_BITS, VerifiedSignature, verify_threshold_bytes
 from keyseal.openpgp.wkd import DEFAULT_TIMEOUT, Endpoint, fetch
 
 Policy = Literal["fail-closed", "fail-open"]
@@ -169,15 +169,26 @@ class Combined:
 
 @dataclass(frozen=True)
 class ReleaseVerification:
-    """A verified release: who signed the manifest, and the artifacts whose digests matched."""
+    """A verified release: who signed the manifest (one good signature per distinct certificate counted, at
+    least the threshold), and the artifacts whose digests matched."""
 
-    signature: VerifiedSignature
+    signatures: tuple[VerifiedSignature, ...]
     artifacts: tuple[CheckedArtifact, ...]
     trust: TrustSet
 
     @property
+    def signature(self) -> VerifiedSignature:
+        """The first good signature (the only one with the default threshold of 1)."""
+        return self.signatures[0]
+
+    @property
     def fingerprint(self) -> str:
         return self.signature.fingerprint
+
+    @property
+    def fingerprints(self) -> tuple[str, ...]:
+        """The certificates whose signatures were counted, in the order the signature file holds them."""
+        return tuple(s.fingerprint for s in self.signatures)
 
 
 def verify_release(
@@ -188,21 +199,26 @@ def verify_release(
     *,
     manifest_name: str | None = None,
     now: int | None = None,
+    threshold: int = 1,
 ) -> ReleaseVerification:
     """Verify a release: resolve the trusted keys, check the manifest's signature over its raw bytes, parse the
     manifest strictly, then hash each artifact and compare in constant time. Any failure raises a
-    VerificationError (or a TrustError, one of them) whose message says which step failed."""
+    VerificationError (or a TrustError, one of them) whose message says which step failed.
+
+    `threshold=K` makes a release valid only with good signatures from K distinct trusted certificates (k of n:
+    keys in independent custodies, so that one compromised custody cannot sign a release alone). Every key of the
+    trust set goes through the same resolver, so a WKD cross-check covers all of them."""
     name = manifest_name or (str(manifest) if isinstance(manifest, Path) else "the checksum manifest")
     manifest_data = _read(manifest, "manifest")
     signature_data = _read(signature, "signature")
     trusted = trust.resolve()
     try:
-        signed = verify_bytes(list(trusted.certificates), manifest_data, signature_data, now)
+        signed = verify_threshold_bytes(list(trusted.certificates), manifest_data, signature_data, threshold, now)
     except KeysealError as exc:
         raise VerificationError(f"{name} is not validly signed by {trusted.source}: {exc.message}") from None
     parsed = parse_manifest(manifest_data, name)
     checked = check_artifacts(parsed, artifacts, name)
-    return ReleaseVerification(signed, tuple(checked), trusted)
+    return ReleaseVerification(tuple(signed), tuple(checked), trusted)
 
 
 def _read(source: Path | bytes, what: str) -> bytes:

@@ -65,26 +65,50 @@ def parse_detached(data: bytes) -> list[SignaturePacket]:
 def verify_file(certificates: list[Certificate], path: Path, signature_data: bytes,
                 now: int | None = None) -> VerifiedSignature:
     """Verify a detached signature over a file; raise VerificationError with the most telling reason."""
-    return _verify(certificates, lambda ids: hash_file(path, ids), signature_data, now)
+    return _verify(certificates, lambda ids: hash_file(path, ids), signature_data, now, 1)[0]
 
 
 def verify_prefetched(certificates: list[Certificate], hashes: PrefetchedHashes, signature_data: bytes,
                       now: int | None = None) -> VerifiedSignature:
     """`verify_file` with the data's hashing already under way (see `keyseal.openpgp.prefetch`)."""
-    return _verify(certificates, hashes.get, signature_data, now)
+    return _verify(certificates, hashes.get, signature_data, now, 1)[0]
 
 
 def verify_bytes(certificates: list[Certificate], data: bytes, signature_data: bytes,
                  now: int | None = None) -> VerifiedSignature:
     """Verify a detached signature over data held in memory (a checksum manifest, say)."""
-    return _verify(certificates, lambda ids: hash_stream(io.BytesIO(data), ids), signature_data, now)
+    return _verify(certificates, lambda ids: _hash_bytes(data, ids), signature_data, now, 1)[0]
+
+
+def verify_threshold_prefetched(certificates: list[Certificate], hashes: PrefetchedHashes, signature_data: bytes,
+                                threshold: int, now: int | None = None) -> list[VerifiedSignature]:
+    """k of n: the good signatures of at least `threshold` distinct certificates, one per certificate, each
+    checked by the same rules as `verify_file`."""
+    return _verify(certificates, hashes.get, signature_data, now, threshold)
+
+
+def verify_threshold_bytes(certificates: list[Certificate], data: bytes, signature_data: bytes, threshold: int,
+                           now: int | None = None) -> list[VerifiedSignature]:
+    """`verify_threshold_prefetched` over data held in memory."""
+    return _verify(certificates, lambda ids: _hash_bytes(data, ids), signature_data, now, threshold)
+
+
+def _hash_bytes(data: bytes, ids: list[int]) -> dict[int, Hasher]:
+    return hash_stream(io.BytesIO(data), ids)
 
 
 def _verify(certificates: list[Certificate], hash_data: Callable[[list[int]], dict[int, Hasher]],
-            signature_data: bytes, now: int | None) -> VerifiedSignature:
+            signature_data: bytes, now: int | None, threshold: int) -> list[VerifiedSignature]:
+    """Every signature is checked by the same rules; the good ones are counted by certificate (primary key), so
+    two signatures by one key, or by two subkeys of one certificate, count once (as `sqv --signatures`)."""
+    if threshold < 1:
+        raise VerificationError(f"a threshold of {threshold} signatures means nothing: give 1 or more")
     signatures = parse_detached(signature_data)
     # Several copies of one certificate count as one: a revocation in any copy applies.
     certificates = merge_certificates(certificates)
+    if threshold > 1 and threshold > len(certificates):
+        raise VerificationError(f"{threshold} signatures by distinct keys are required but only "
+                                f"{len(certificates)} certificate(s) are trusted")
     usable: list[SignaturePacket] = []
     reasons: list[str] = []
     for sig in signatures:
@@ -96,14 +120,22 @@ def _verify(certificates: list[Certificate], hash_data: Callable[[list[int]], di
         usable.append(sig)
     data_hashers = hash_data([sig.hash_id for sig in usable]) if usable else {}
     moment = int(time.time()) if now is None else now
+    good: dict[str, VerifiedSignature] = {}
     for sig in usable:
         hasher = data_hashers[sig.hash_id].copy()
         hasher.update(sig.trailer())
         digest = hasher.digest()
         result = _check_against(certificates, sig, digest, moment, reasons)
         if result is not None:
-            return result
-    raise VerificationError(_summarise(reasons))
+            good.setdefault(result.fingerprint, result)
+            if threshold == 1:
+                break
+    if len(good) >= threshold:
+        return list(good.values())
+    if not good:
+        raise VerificationError(_summarise(reasons))
+    found = f"{threshold} signatures by distinct keys are required, found {len(good)} ({', '.join(good)})"
+    raise VerificationError(f"{found}; besides: {_summarise(reasons)}" if reasons else found)
 
 
 def _check_against(certificates: list[Certificate], sig: SignaturePacket, digest: bytes, now: int,

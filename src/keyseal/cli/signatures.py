@@ -1,0 +1,44 @@
+"""`keyseal signatures merge`: one detached signature file from the files that several custodies wrote for the
+same artifact, in separate jobs (k-of-n releases; see docs/threshold-releases.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from keyseal.atomic import write_atomic
+from keyseal.errors import OutputExistsError
+from keyseal.inputfile import read_input
+
+__all__ = ["signatures"]
+
+
+@click.group()
+def signatures() -> None:
+    """Work with detached OpenPGP signature files."""
+
+
+@signatures.command("merge")
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The signed file: every signature merged must be over it.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write (default: DATA.asc, or DATA.sig with --binary).")
+@click.option("--armor/--binary", "armored", default=True, help="Armored (default) or binary output.")
+@click.option("--force", is_flag=True, help="Replace an existing output that is not one of the inputs.")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+def merge(data: Path, output: Path | None, armored: bool, force: bool, files: tuple[Path, ...]) -> None:
+    """Merge the signatures of FILES (armored or binary) into one file: each must be over DATA; an exact
+    duplicate is kept once, and two different signatures by one key are refused."""
+    from keyseal.openpgp.detached import encode_signatures, merge_signatures
+    from keyseal.openpgp.sign import render
+
+    target = output or data.with_name(data.name + (".asc" if armored else ".sig"))
+    is_input = any(os.path.realpath(f) == os.path.realpath(target) for f in files)
+    if target.exists() and not (force or is_input):
+        raise OutputExistsError(f"{target} exists: refusing to overwrite it (use --force, or name it as an input "
+                                f"to merge into it)")
+    merged = merge_signatures(data, [(str(f), read_input(f, "signature")) for f in files])
+    write_atomic(target, render(encode_signatures(merged), armored), mode=0o644, force=True)
+    click.echo(f"{target}: {len(merged)} signature(s)")

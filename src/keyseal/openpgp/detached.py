@@ -1,0 +1,71 @@
+"""Detached signature files that several signers build together: each custody signs the same artifact in its own
+job, and the signatures are merged into one file that `keyseal verify --threshold K` (or `sqv --signatures K`)
+checks. A merged file must not carry a signature over some other data (a stale file from another build would
+otherwise ride along in a file that verifies), nor two signatures by one key (a threshold counts keys)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from keyseal.errors import OpenPGPError, UsageError
+from keyseal.openpgp.packets import TAG_SIGNATURE, encode_packet
+from keyseal.openpgp.signature import Hasher, SignaturePacket
+from keyseal.openpgp.stream import hash_file
+from keyseal.openpgp.verify import parse_detached
+
+__all__ = ["check_signatures_over", "encode_signatures", "merge_signatures"]
+
+
+def check_signatures_over(path: Path, signatures: list[SignaturePacket], what: str,
+                          extra_hash_ids: tuple[int, ...] = ()) -> dict[int, Hasher]:
+    """Refuse signatures that are not over `path` (the 16-bit digest prefix each signature carries: cheap, and
+    enough to tell another file from this one; verification still checks the signature itself). Returns the
+    file's hashers for `extra_hash_ids` and the signatures' hashes, so a caller that signs too reads it once."""
+    hashers = hash_file(path, [*extra_hash_ids, *(sig.hash_id for sig in signatures)])
+    for sig in signatures:
+        check = hashers[sig.hash_id].copy()
+        check.update(sig.trailer())
+        if check.digest()[:2] != sig.left16:
+            raise UsageError(f"{what} holds a signature that is not over {path} (a stale signature file?)")
+    return hashers
+
+
+def _signer_of(sig: SignaturePacket) -> str:
+    """The signing key's ID (a v4 fingerprint's last 8 bytes), so a signature naming its issuer by fingerprint and
+    one naming it by key ID are seen as the same key's."""
+    fingerprint = sig.issuer_fingerprint
+    if fingerprint is not None:
+        return fingerprint[-8:].hex().upper()
+    ids = sorted(i.hex().upper() for i in sig.issuer_key_ids)
+    if len(ids) != 1:
+        raise OpenPGPError("a signature does not name exactly one issuer: cannot tell which key made it")
+    return ids[0]
+
+
+def merge_signatures(data: Path, files: list[tuple[str, bytes]]) -> list[SignaturePacket]:
+    """The signatures of every (name, content) detached signature file, in order, each over `data`: an exact
+    copy of a signature already taken is dropped; two different signatures by one key are refused."""
+    taken: dict[str, SignaturePacket] = {}
+    merged: list[SignaturePacket] = []
+    for name, content in files:
+        try:
+            signatures = parse_detached(content)
+        except OpenPGPError as exc:
+            raise OpenPGPError(f"{name}: {exc.message}") from None
+        check_signatures_over(data, signatures, name)
+        for sig in signatures:
+            signer = _signer_of(sig)
+            earlier = taken.get(signer)
+            if earlier is not None:
+                if earlier.body == sig.body:
+                    continue
+                raise UsageError(f"{name} holds a second signature by {signer}: a threshold counts keys, so "
+                                 f"keep one signature per key")
+            taken[signer] = sig
+            merged.append(sig)
+    return merged
+
+
+def encode_signatures(signatures: list[SignaturePacket]) -> bytes:
+    """The binary packets of a detached signature file."""
+    return b"".join(encode_packet(TAG_SIGNATURE, sig.body) for sig in signatures)
