@@ -1,5 +1,5 @@
 """`python -m keyseal` runs the CLI."""
 
-from keyseal.cli.main import main
+from keyseal.cli.quick import main
 
 main()

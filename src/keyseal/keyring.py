@@ -18,11 +18,11 @@ from pathlib import Path
 
 from keyseal.atomic import write_atomic
 from keyseal.backends import split_uri
-from keyseal.backends.base import PublicKey
 from keyseal.errors import InputError, KeysealError, KeyURIError, OpenPGPError, UsageError
 from keyseal.openpgp.armor import armor
 from keyseal.openpgp.cert import Certificate, load_certificates, merge_certificates
 from keyseal.openpgp.keys import same_public_key
+from keyseal.signer import PublicKey
 from keyseal.wrapping.kek import keyseal_home
 
 KEYS_FILE = "keys.toml"

@@ -1,4 +1,6 @@
-"""Option parsing shared by commands: key opening, certificate files, times and durations."""
+"""Option parsing shared by commands: key opening, certificate files, times and durations.
+
+Imports no CLI framework at module level: `keyseal verify` runs without click (keyseal.cli.quick)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-
-import click
 
 from keyseal.errors import UsageError
 from keyseal.inputfile import read_input
@@ -25,6 +25,8 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 36
 
 def kms_endpoint_option(func: F) -> F:
     """`--kms-endpoint URL`: override the KMS endpoint (else boto3's AWS_ENDPOINT_URL_KMS / AWS_ENDPOINT_URL)."""
+    import click
+
     return click.option(
         "--kms-endpoint",
         metavar="URL",
@@ -35,6 +37,8 @@ def kms_endpoint_option(func: F) -> F:
 
 def kek_option(func: F) -> F:
     """`--kek KEK`: the KEK that opens a wrapped `file:` key (else $KEYSEAL_KEK, else the local KEK)."""
+    import click
+
     return click.option(
         "--kek",
         metavar="KEK",

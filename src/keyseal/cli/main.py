@@ -1,17 +1,17 @@
-"""Entry point: the command group, and the one place where errors become a single stderr line."""
+"""The command group (click): every command, lazily imported. `keyseal` starts in keyseal.cli.quick, which runs
+the fast paths itself and hands the rest to `main` here."""
 
 from __future__ import annotations
 
 import importlib
 import logging
-import os
 import sys
 from typing import Any, NoReturn
 
 import click
 
 from keyseal import __version__
-from keyseal.errors import KeysealError, unexpected
+from keyseal.cli.quick import fail, run_guarded
 
 # name -> "module:attribute"; imported only when the command runs, so `keyseal verify` never loads boto3.
 _COMMANDS: dict[str, str] = {
@@ -32,11 +32,52 @@ _COMMANDS: dict[str, str] = {
 }
 
 
+# name -> the first paragraph of the command's help, which `keyseal --help` lists without importing the command
+# (tests/test_startup.py holds each to the command's own help).
+_SHORT_HELP: dict[str, str] = {
+    "agent": "Run the node agent: join the trust-domain server and serve SVIDs to local workloads.",
+    "audit": "The audit log: one hash-chained line per signature keyseal made.",
+    "checksums": "Write a checksum manifest (`<hex>  <name>` lines, names without directories), then sign it "
+                 "with `keyseal sign`.",
+    "entry": "Registration entries (selectors -> SPIFFE ID) for node agents, and agent join tokens.",
+    "git-setup": "Register a key for git signing and print (or --apply) the git config that uses it.",
+    "iam-policy": "Print the IAM policy JSON that allows exactly what keyseal needs.",
+    "keys": "Create keys and mint their OpenPGP certificates.",
+    "server": "Run the SPIFFE trust-domain server: X.509-SVIDs, JWT-SVIDs and the trust bundle over HTTPS.",
+    "sign": "Write detached signatures: OpenPGP (gpg and sqv verify them), SSH or minisign.",
+    "signatures": "Work with detached OpenPGP signature files.",
+    "vault-policy": "Print the Vault policy (HCL) that allows exactly what keyseal needs on that key.",
+    "verify": "Exit 0 and print the signer's fingerprint if FILE carries a valid signature from one of the "
+              "certificates.",
+    "verify-release": "Verify the manifest's signature, then every ARTIFACT against the manifest. Exit 0 only if "
+                      "all pass.",
+    "wkd": "Publish release keys in a Web Key Directory, and look keys up in one.",
+}
+
+
 class LazyGroup(click.Group):
-    """A group whose subcommands are imported on first use."""
+    """A group whose subcommands are imported on first use; its help lists them from `_SHORT_HELP`."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(_COMMANDS) | set(super().list_commands(ctx)))
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """click's own listing, with the short help of lazy commands taken from the table (shortened by click's
+        own rule, through a stand-in command that carries only that help)."""
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        rows = []
+        for name in names:
+            if name in _SHORT_HELP:
+                rows.append((name, click.Command(name, help=_SHORT_HELP[name]).get_short_help_str(limit)))
+                continue
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         target = _COMMANDS.get(cmd_name)
@@ -59,27 +100,16 @@ def cli(verbose: bool) -> None:
     )
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"keyseal: error: {message}", err=True)
-    sys.exit(code)
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Run the click group; every expected failure is one line on stderr and a non-zero exit. The `keyseal`
+    command starts in keyseal.cli.quick, which comes here for all but the fast paths."""
 
+    def run() -> Any:
+        try:
+            return cli.main(args=argv, prog_name="keyseal", standalone_mode=False)
+        except click.ClickException as exc:
+            fail(" ".join(exc.format_message().split()), exc.exit_code)
+        except click.exceptions.Abort:
+            fail("aborted", 130)
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; every expected failure is one line on stderr and a non-zero exit."""
-    try:
-        rv: Any = cli.main(args=argv, prog_name="keyseal", standalone_mode=False)
-    except KeysealError as exc:
-        _fail(exc.message, exc.exit_code)
-    except click.ClickException as exc:
-        _fail(" ".join(exc.format_message().split()), exc.exit_code)
-    except click.exceptions.Abort:
-        _fail("aborted", 130)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    except BrokenPipeError:
-        sys.exit(141)
-    except Exception as exc:
-        if os.environ.get("KEYSEAL_DEBUG"):
-            raise
-        _fail(unexpected(exc), 70)
-    sys.exit(rv if isinstance(rv, int) else 0)
+    run_guarded(run)

@@ -1,4 +1,7 @@
-"""`keyseal verify`: check a detached signature with keyseal's own verifier (no gpg)."""
+"""`keyseal verify`: check a detached signature with keyseal's own verifier (no gpg).
+
+The OpenPGP case usually runs without click, from keyseal.cli.quick; this definition is the reference for the
+command line, and handles what the fast path leaves to it (help, other formats, errors in the arguments)."""
 
 from __future__ import annotations
 
@@ -6,18 +9,9 @@ from pathlib import Path
 
 import click
 
-from keyseal.cli.common import format_time, load_certificate_files
 from keyseal.cli.formats import FORMATS
-from keyseal.errors import InputError, KeysealError, UsageError, VerificationError
-from keyseal.inputfile import read_input
-
-
-def default_signature_path(data: Path) -> Path:
-    for suffix in (".asc", ".sig"):
-        candidate = data.with_name(data.name + suffix)
-        if candidate.exists():
-            return candidate
-    raise InputError(f"no signature given and neither {data.name}.asc nor {data.name}.sig exists")
+from keyseal.cli.quick import verify_openpgp
+from keyseal.errors import UsageError
 
 
 @click.command()
@@ -42,20 +36,4 @@ def verify(certs: tuple[Path, ...], fmt: str, namespace: str | None, threshold: 
 
         verify_other_format(fmt, certs, file, signature, namespace)
         return
-    try:
-        from keyseal.openpgp import prefetch
-
-        signature_data = read_input(signature or default_signature_path(file), "signature")
-        hashes = prefetch.start(file, signature_data)  # hash the data while the verifier and certificates load
-        from keyseal.openpgp.verify import verify_threshold_prefetched
-
-        certificates = load_certificate_files(certs)
-        results = verify_threshold_prefetched(certificates, hashes, signature_data, threshold)
-    except VerificationError:
-        raise
-    except KeysealError as exc:
-        raise VerificationError(exc.message) from None
-    for result in results:
-        click.echo(result.fingerprint)
-        uid = result.certificate.user_ids[0] if result.certificate.user_ids else ""
-        click.echo(f"Good signature from {uid} made {format_time(result.created)} ({result.hash_name})", err=True)
+    verify_openpgp(certs, file, signature, threshold)

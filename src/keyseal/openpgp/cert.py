@@ -7,7 +7,6 @@ import re
 import struct
 from dataclasses import dataclass, field
 
-from keyseal.backends.base import HashName, PublicKey, Signer
 from keyseal.errors import OpenPGPError, UsageError
 from keyseal.openpgp.armor import KIND_PUBLIC_KEY, armor, dearmor_or_binary
 from keyseal.openpgp.keys import ALGO_NAMES, KeyPacket, encode_public_key_body, fingerprint_of, parse_key_packet
@@ -49,6 +48,7 @@ from keyseal.openpgp.signature import (
     new_hasher,
     parse_signature,
 )
+from keyseal.signer import HashName, PublicKey, Signer
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _EMAIL = re.compile(rf"^[^\s@<>()\[\],;:\"]+@{_LABEL}(?:\.{_LABEL})+$")
@@ -118,7 +118,7 @@ def mint_certificate(
 
 
 def _default_hash(signer: Signer, public_key: PublicKey) -> HashName:
-    from keyseal.backends.base import default_hash
+    from keyseal.signer import default_hash
 
     preferred = default_hash(public_key)
     supported = signer.supported_hashes()

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from keyseal.backends.base import PublicKey
 from keyseal.errors import OpenPGPError, UnsupportedKeyError
 from keyseal.openpgp.packets import Reader, encode_mpi
+from keyseal.signer import PublicKey
 
 ALGO_RSA = 1
 ALGO_RSA_SIGN = 3

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-from keyseal.backends.base import HashName, Signer
 from keyseal.errors import KeyMismatchError, OpenPGPError, UsageError
 from keyseal.openpgp.cert import Certificate, key_prefix, load_certificates
 from keyseal.openpgp.keys import same_public_key
@@ -24,6 +23,7 @@ from keyseal.openpgp.signature import (
     make_signature,
     new_hasher,
 )
+from keyseal.signer import HashName, Signer
 
 SUB_REVOCATION_REASON = 29
 REASONS: dict[str, int] = {"superseded": 1, "compromised": 2, "retired": 3}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from keyseal.backends.base import HashName, PublicKey, Signer, default_hash
 from keyseal.errors import KeyMismatchError, UnsupportedKeyError, UsageError
 from keyseal.openpgp.armor import KIND_SIGNATURE, armor
 from keyseal.openpgp.cert import Certificate
@@ -19,6 +18,7 @@ from keyseal.openpgp.signature import (
     creation_subpackets,
     make_signature,
 )
+from keyseal.signer import HashName, PublicKey, Signer, default_hash
 
 
 @dataclass(frozen=True)

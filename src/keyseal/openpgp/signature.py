@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from keyseal.backends.base import HashName, PublicKey, Signer
 from keyseal.errors import OpenPGPError, UnsupportedKeyError
 from keyseal.openpgp import hashids
 from keyseal.openpgp.keys import ALGO_ECDSA, ALGO_ED25519, ALGO_EDDSA_LEGACY, ALGO_RSA, ALGO_RSA_SIGN, algorithm_of
 from keyseal.openpgp.packets import Reader, Subpacket, encode_mpi, encode_subpacket, parse_subpackets
+from keyseal.signer import HashName, PublicKey, Signer
 
 SIG_BINARY = 0x00
 SIG_TEXT = 0x01

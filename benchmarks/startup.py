@@ -1,0 +1,149 @@
+"""Start-up cost of keyseal's short commands, as ratios against baselines run in the same script, in interleaved
+rounds (medians):
+
+- `git log --show-signature` over a repository of N commits signed through keyseal-gpg, with
+  `gpg.program=keyseal-gpg` against the same with gpg (the certificate imported into a private GNUPGHOME);
+  git starts the program once per commit (target <= 5x);
+- `keyseal verify` of a 1 KB file (Ed25519) against `python -c pass` with the same interpreter (target <= 3x)
+  and against `sqv`;
+- `keyseal --help` against `python -c pass` (target <= 3x);
+- `python -X importtime` for each short path: the total, and the biggest imports by their own time.
+
+Everything runs in a temporary directory with its own KEYSEAL_HOME, HOME and GNUPGHOME: nothing is written to the
+user's files. Usage: python benchmarks/startup.py [--commits 200] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def run(command: Sequence[str | os.PathLike[str]], env: dict[str, str], cwd: Path | None = None,
+        check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    result = subprocess.run([str(c) for c in command], env=env, cwd=cwd, capture_output=True, check=False)
+    if check and result.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, command))} failed: {result.stderr.decode(errors='replace')[-400:]}")
+    return result
+
+
+def timed(command: Sequence[str | os.PathLike[str]], env: dict[str, str], cwd: Path | None = None) -> float:
+    start = time.perf_counter()
+    run(command, env, cwd)
+    return time.perf_counter() - start
+
+
+def setup(work: Path, commits: int) -> tuple[dict[str, str], Path, Path, Path]:
+    env = {"PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": str(work / "home"),
+           "KEYSEAL_HOME": str(work / "keyseal-home"), "GNUPGHOME": str(work / "gnupg"),
+           "GIT_CONFIG_NOSYSTEM": "1", "LC_ALL": "C.UTF-8"}
+    for name in ("home", "keyseal-home", "gnupg"):
+        (work / name).mkdir(mode=0o700)
+    key, cert = work / "release.key", work / "release.asc"
+    run([BIN / "keyseal", "keys", "create", "--out", key, "--type", "ed25519"], env)
+    run([BIN / "keyseal", "keys", "mint", "--key", f"file:{key}", "--name", "Bench", "--email",
+         "bench@example.org", "-o", cert], env)
+    run(["gpg", "--batch", "--import", cert], env)
+    repo = work / "repo"
+    repo.mkdir()
+    run(["git", "init", "-q", "-b", "main"], env, repo)
+    for setting in (("user.name", "Bench"), ("user.email", "bench@example.org"), ("commit.gpgsign", "true")):
+        run(["git", "config", *setting], env, repo)
+    run([BIN / "keyseal", "git-setup", "--key", f"file:{key}", "--cert", cert, "--apply"], env, repo)
+    for index in range(commits):
+        (repo / "file").write_text(f"{index}\n")
+        run(["git", "add", "file"], env, repo)
+        run(["git", "commit", "-q", "-m", f"commit {index}"], env, repo)
+    data = work / "small"
+    data.write_bytes(os.urandom(1024))
+    run([BIN / "keyseal", "sign", "--key", f"file:{key}", "--cert", cert, data], env)
+    return env, repo, cert, data
+
+
+def import_profile(args: Sequence[str | os.PathLike[str]], env: dict[str, str]) -> tuple[float, list[str]]:
+    """Total import time (ms) of one run, and its five biggest imports by own time."""
+    result = run([sys.executable, "-X", "importtime", *map(str, args)], env, check=False)
+    own: dict[str, int] = defaultdict(int)
+    total = 0
+    for line in result.stderr.decode(errors="replace").splitlines():
+        match = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)", line)
+        if match:
+            own[match.group(4)] += int(match.group(1))
+            total += int(match.group(1))
+    top = sorted(own.items(), key=lambda item: -item[1])[:5]
+    return total / 1000, [f"{name} {us / 1000:.1f}" for name, us in top]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--commits", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5)
+    options = parser.parse_args()
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    with tempfile.TemporaryDirectory(prefix="keyseal-startup-") as tmp:
+        work = Path(tmp)
+        env, repo, cert, data = setup(work, options.commits)
+        sig = data.with_name("small.asc")
+        commands: dict[str, list[str | os.PathLike[str]]] = {
+            "python -c pass": [sys.executable, "-c", "pass"],
+            "keyseal verify 1 KB": [BIN / "keyseal", "verify", "--cert", cert, data, sig],
+            "sqv 1 KB": ["sqv", "--keyring", cert, sig, data],
+            "keyseal --help": [BIN / "keyseal", "--help"],
+            "git log (keyseal-gpg)": ["git", "-c", f"gpg.program={BIN / 'keyseal-gpg'}", "log",
+                                      "--show-signature"],
+            "git log (gpg)": ["git", "-c", "gpg.program=gpg", "log", "--show-signature"],
+        }
+        checked = run(commands["git log (keyseal-gpg)"], env, repo).stdout.decode(errors="replace")
+        assert checked.count("Good signature") == options.commits, "keyseal-gpg did not verify every commit"
+        checked = run(commands["git log (gpg)"], env, repo).stdout.decode(errors="replace")
+        assert checked.count("Good signature") == options.commits, "gpg did not verify every commit"
+        samples: dict[str, list[float]] = defaultdict(list)
+        for _ in range(options.rounds):
+            for name, command in commands.items():  # interleaved: each round runs every command once
+                samples[name].append(timed(command, env, repo if name.startswith("git") else None))
+        median = {name: statistics.median(values) for name, values in samples.items()}
+
+        def row(name: str, base: str) -> str:
+            return (f"| {name} | {median[name] * 1000:.1f} ms | {base} | {median[base] * 1000:.1f} ms | "
+                    f"{median[name] / median[base]:.2f} |")
+
+        print(f"\n{options.commits} commits, medians of {options.rounds} interleaved rounds\n")
+        print("| command | wall | baseline | baseline wall | ratio |")
+        print("|---|---|---|---|---|")
+        print(row("git log (keyseal-gpg)", "git log (gpg)") + "  target <= 5")
+        print(row("keyseal verify 1 KB", "python -c pass") + "  target <= 3")
+        print(row("keyseal verify 1 KB", "sqv 1 KB"))
+        print(row("keyseal --help", "python -c pass") + "  target <= 3")
+        per_commit = (median["git log (keyseal-gpg)"] - median["git log (gpg)"]) / options.commits
+        print(f"\nkeyseal-gpg per commit over gpg: {per_commit * 1000:.1f} ms")
+
+        print("\n| path | imports (ms, -X importtime) | biggest own times (ms) |")
+        print("|---|---|---|")
+        paths: dict[str, list[str | os.PathLike[str]]] = {
+            "python -c pass": ["-c", "pass"],
+            "keyseal verify": ["-m", "keyseal", "verify", "--cert", cert, data, sig],
+            "keyseal --help": ["-m", "keyseal", "--help"],
+            "keyseal-gpg --verify": ["-c", "from keyseal.cli.gpgcompat import main; main()", "--status-fd=1",
+                                     "--verify", sig, data],
+        }
+        for name, args in paths.items():
+            total, top = import_profile(args, env)
+            print(f"| {name} | {total:.1f} | {', '.join(top)} |")
+        shutil.rmtree(work / "repo", ignore_errors=True)
+    print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
