@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,26 +108,33 @@ def _verify(certificates: list[Certificate], hash_data: Callable[[list[int]], di
 
 def _check_against(certificates: list[Certificate], sig: SignaturePacket, digest: bytes, now: int,
                    reasons: list[str]) -> VerifiedSignature | None:
-    issuers = sig.issuer_key_ids
     matched = False
+    for cert, entry in issuer_keys(sig, certificates):
+        matched = True
+        problem = _policy_problem(sig, entry, now)
+        if problem is not None:
+            reasons.append(problem)
+            continue
+        if check_signature_math(sig, entry.key.public_key, entry.key.algorithm, digest):
+            return VerifiedSignature(cert, entry.key.fingerprint_hex, sig.created or 0, _hash_label(sig))
+        reasons.append(f"BAD signature from {cert.fingerprint}: the data or the signature was altered")
+    if not matched:
+        named = ", ".join(sorted(i.hex().upper() for i in sig.issuer_key_ids)) or "an unnamed key"
+        reasons.append(f"no given certificate has the signing key {named}")
+    return None
+
+
+def issuer_keys(sig: SignaturePacket, certificates: list[Certificate]) -> Iterator[tuple[Certificate, SigningKey]]:
+    """The signing keys of `certificates` that may have made `sig`: those it names (by key ID and fingerprint),
+    every one if it names none."""
+    issuers = sig.issuer_key_ids
     for cert in certificates:
         for entry in cert.signing_keys:
             if issuers and entry.key.key_id not in issuers:
                 continue
             if sig.issuer_fingerprint is not None and sig.issuer_fingerprint != entry.key.fingerprint:
                 continue
-            matched = True
-            problem = _policy_problem(sig, entry, now)
-            if problem is not None:
-                reasons.append(problem)
-                continue
-            if check_signature_math(sig, entry.key.public_key, entry.key.algorithm, digest):
-                return VerifiedSignature(cert, entry.key.fingerprint_hex, sig.created or 0, _hash_label(sig))
-            reasons.append(f"BAD signature from {cert.fingerprint}: the data or the signature was altered")
-    if not matched:
-        named = ", ".join(sorted(i.hex().upper() for i in issuers)) or "an unnamed key"
-        reasons.append(f"no given certificate has the signing key {named}")
-    return None
+            yield cert, entry
 
 
 def _hash_label(sig: SignaturePacket) -> str:
