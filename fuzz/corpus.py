@@ -99,7 +99,7 @@ def keyseal_seeds(corpus: Corpus, workdir: Path) -> None:
         cert = load_certificates(binary)[0]
         corpus.trusted.append(cert)
         corpus.certificates += [armor_certificate(binary), binary]
-        identity = identity_from_certificate(signer, [cert])
+        identity = identity_from_certificate(signer, [cert], SIGNED)
         hash_name = choose_hash(signer, identity.public_key, None)
         hasher = new_hasher(HASH_IDS[hash_name])
         hasher.update(DATA)
