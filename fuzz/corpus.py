@@ -99,7 +99,7 @@ def keyseal_seeds(corpus: Corpus, workdir: Path) -> None:
         cert = load_certificates(binary)[0]
         corpus.trusted.append(cert)
         corpus.certificates += [armor_certificate(binary), binary]
-        identity = identity_from_certificate(signer, [cert])
+        identity = identity_from_certificate(signer, [cert], SIGNED)
         hash_name = choose_hash(signer, identity.public_key, None)
         hasher = new_hasher(HASH_IDS[hash_name])
         hasher.update(DATA)
@@ -128,6 +128,7 @@ def keyseal_seeds(corpus: Corpus, workdir: Path) -> None:
         b"".join(f"{bytes([i]).hex() * 32}  tool-{i}.tar.gz\n".encode() for i in range(3)),
         f"{'ab' * 48} *tool.zip\r\n{'cd' * 48}  docs/tool.pdf\r\n".encode(),
         f"{'0f' * 64}  name with spaces\n".encode(),
+        f"{'11' * 32}  ./dist/tool\n{'22' * 32}  dist//tool\n{'33' * 32}  ../tool\n".encode(),  # one file twice
     ]
     corpus.sources["keyseal"] = len(corpus.certificates) + len(corpus.signatures) + len(corpus.records)
 

@@ -3,13 +3,14 @@ manifest written in the format parses back to the same entries."""
 
 from __future__ import annotations
 
+import pytest
 from fuzz.properties import fuzz_settings
 from fuzz.targets import run_one, shared_targets
 from hypothesis import given
 from hypothesis import strategies as st
 
-from keyseal.errors import UsageError
-from keyseal.openpgp.manifest import DIGESTS, check_name, parse_manifest
+from keyseal.errors import UsageError, VerificationError
+from keyseal.openpgp.manifest import DIGESTS, check_name, names_directory, parse_manifest, path_key
 
 FUZZ = fuzz_settings()
 
@@ -38,13 +39,14 @@ def _listable(name: str) -> bool:
         check_name(name)
     except UsageError:
         return False
-    return not name.startswith(("*", " ")) and not name.endswith("\r")
+    return not name.startswith(("*", " ")) and not name.endswith("\r") and not names_directory(name)
 
 
 @FUZZ
 @given(
     digest=st.sampled_from(sorted(DIGESTS)),
-    names=st.lists(st.text(min_size=1, max_size=40).filter(_listable), min_size=1, max_size=8, unique=True),
+    # Unique as files, not only as strings: `f` and `./f` are one file, and a manifest listing both is refused.
+    names=st.lists(st.text(min_size=1, max_size=40).filter(_listable), min_size=1, max_size=8, unique_by=path_key),
     binary_mode=st.booleans(),
     crlf=st.booleans(),
     data=st.data(),
@@ -58,3 +60,22 @@ def test_written_manifests_parse_back(digest: str, names: list[str], binary_mode
     manifest = parse_manifest(text.encode("utf-8", "surrogatepass"))
     assert manifest.digest_name == digest
     assert [(e.name, e.digest) for e in manifest.entries] == list(zip(names, digests, strict=True))
+    for name, digest_bytes in zip(names, digests, strict=True):
+        entry = manifest.lookup(name)
+        assert entry is not None and entry.digest == digest_bytes
+
+
+@FUZZ
+@given(
+    name=st.text(alphabet="ab/.", min_size=1, max_size=12).filter(lambda n: not names_directory(n)),
+    other=st.text(alphabet="ab/.", min_size=1, max_size=12).filter(lambda n: not names_directory(n)),
+)
+def test_one_file_is_never_listed_twice(name: str, other: str) -> None:
+    """Two spellings of one path are refused; two paths are accepted, and each name finds its own line."""
+    text = f"{'a' * 64}  {name}\n{'b' * 64}  {other}\n".encode()
+    if path_key(name) == path_key(other):
+        with pytest.raises(VerificationError, match=r"again|the same file as"):
+            parse_manifest(text)
+        return
+    manifest = parse_manifest(text)
+    assert manifest.lookup(name) == manifest.entries[0] and manifest.lookup(other) == manifest.entries[1]

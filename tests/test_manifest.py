@@ -3,13 +3,14 @@ manifest's signature first, parses it strictly, then every artifact, and says wh
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from keyseal.errors import VerificationError
-from keyseal.openpgp.manifest import parse_manifest
+from keyseal.openpgp.manifest import entry_for, parse_manifest
 from tests.conftest import Result, assert_one_line_error, run_keyseal
 from tests.harness.release_keys import ReleaseKey, make_key, sign_file
 
@@ -84,12 +85,74 @@ def test_checksums_refuse_two_files_with_one_name(tmp_path: Path) -> None:
         (f"{A_HEX}  tool\rx\n", "line 1 is malformed"),
         (f"# comment\n{A_HEX}  tool\n", "line 1 is malformed"),
         ("", "lists no files"),
+        (f"{A_HEX}  tool\n{B_HEX}  ./tool\n", "lists './tool', the same file as 'tool' on line 1"),
+        (f"{A_HEX}  dist/tool\n{A_HEX}  dist//tool\n", "lists 'dist//tool', the same file as 'dist/tool'"),
+        (f"{A_HEX}  tool/\n", "names a directory"),
+        (f"{A_HEX}  .\n", "names a directory"),
+        (f"{A_HEX}  dist/..\n", "names a directory"),
         (f"{'g' * 64}  tool\n", "line 1 is malformed"),
     ],
 )
 def test_manifest_parser_is_strict(text: str, message: str) -> None:
     with pytest.raises(VerificationError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_manifest(text.encode(), "SHA256SUMS")
+
+
+# Two names and whether they are one file in the tree `test_duplicates_are_what_coreutils_reads_as_one_file` makes
+# (files f, F, 'f ', a/b, dist/f and ../f, each with its own content; `{work}` is that tree's absolute path).
+NAME_PAIRS = [
+    ("f", "./f", True),
+    ("f", ".//f", True),
+    ("a/b", "a//b", True),
+    ("a/b", "a/./b", True),
+    ("a/b", "./a/b", True),
+    ("f", "a/../f", True),
+    ("f", "a/./../f", True),
+    ("{work}/f", "/{work}/f", True),
+    ("{work}/f", "{work}/a/../f", True),
+    ("f", "F", False),
+    ("f", "f ", False),
+    ("f", " f", False),
+    ("f", "dist/f", False),
+    ("f", "../f", False),
+    ("./dist/f", "dist/f/f", False),
+]
+
+
+@pytest.mark.parametrize(("first", "second", "same"), NAME_PAIRS)
+def test_duplicates_are_what_coreutils_reads_as_one_file(first: str, second: str, same: bool,
+                                                         tmp_path: Path) -> None:
+    """Both names listed with the first one's digest: `sha256sum -c` passes only if they are one file, and
+    exactly then keyseal refuses the manifest (listing one file twice lets two readers pick different lines)."""
+    work = tmp_path / "work"
+    for name, content in (("f", b"f"), ("F", b"F"), ("f ", b"f space"), (" f", b"space f"), ("a/b", b"ab"),
+                          ("dist/f", b"dist f"), ("../f", b"parent f")):
+        path = work / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    first, second = (name.replace("{work}", str(work)) for name in (first, second))  # "/{work}": "//tmp/..."
+    digest = hashlib.sha256((work / first).read_bytes()).hexdigest()
+    manifest = f"{digest}  {first}\n{digest}  {second}\n".encode()
+    (work / "SUMS").write_bytes(manifest)
+    coreutils = subprocess.run(["sha256sum", "--check", "SUMS"], cwd=work, capture_output=True, check=False)
+    assert (coreutils.returncode == 0) is same, coreutils.stdout
+    if same:
+        with pytest.raises(VerificationError, match="the same file as"):
+            parse_manifest(manifest, "SUMS")
+    else:
+        assert len(parse_manifest(manifest, "SUMS").entries) == 2
+
+
+def test_an_artifact_matches_its_line_however_the_name_is_spelled(tmp_path: Path) -> None:
+    """`./dist/tool` (as `sha256sum ./dist/*` writes it) is the line for the artifact dist/tool."""
+    (tmp_path / "dist").mkdir()
+    artifact = tmp_path / "dist" / "tool"
+    artifact.write_bytes(b"tool")
+    digest = hashlib.sha256(b"tool").hexdigest()
+    manifest = parse_manifest(f"{digest}  ./dist//tool\n{'0' * 64}  tool\n".encode())
+    assert entry_for(manifest, Path("dist") / "tool", "SUMS").name == "./dist//tool"
+    assert entry_for(manifest, Path("./dist/./tool"), "SUMS").name == "./dist//tool"
+    assert entry_for(manifest, Path("elsewhere") / "tool", "SUMS").name == "tool"  # by base name, as before
 
 
 def test_manifest_parser_accepts_crlf_binary_marker_and_upper_case() -> None:

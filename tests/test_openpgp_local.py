@@ -89,7 +89,7 @@ def test_mint_default_creation_time_is_stable(keydir: Path) -> None:
     assert len(prints) == 1 and len(next(iter(prints))) == 40
 
 
-def test_signature_after_key_expiry_is_rejected(keydir: Path, tmp_path: Path, gpg: Gpg) -> None:
+def test_signature_after_key_expiry_is_rejected(keydir: Path, tmp_path: Path) -> None:
     key, _ = make_key(keydir, "p256")
     cert = tmp_path / "expired.asc"
     minted = run_keyseal("keys", "mint", "--key", f"file:{key}", "--name", "Old", "--email", "old@example.org",
@@ -97,10 +97,51 @@ def test_signature_after_key_expiry_is_rejected(keydir: Path, tmp_path: Path, gp
     assert minted.returncode == 0, minted.stderr
     data = tmp_path / "file"
     data.write_bytes(b"x")
-    assert run_keyseal("sign", "--key", f"file:{key}", "--cert", cert, data).returncode == 0
+    # keyseal sign refuses the expired certificate (below); a signature made without that check:
+    (tmp_path / "file.asc").write_bytes(_unchecked_signature(key, cert, data))
     result = run_keyseal("verify", "--cert", cert, data)
     assert result.returncode == 1
     assert "expired" in result.stderr
+
+
+def _unchecked_signature(key: Path, cert: Path, data: Path) -> bytes:
+    """A signature made now by `key` for `cert`, skipping the validity check `keyseal sign` makes."""
+    from keyseal.backends.file import FileSigner
+    from keyseal.openpgp.cert import load_certificates
+    from keyseal.openpgp.sign import SigningIdentity, render, signature_packet
+    from keyseal.openpgp.signature import HASH_IDS
+    from keyseal.openpgp.stream import hash_file
+
+    primary = load_certificates(cert.read_bytes())[0].primary
+    signer = FileSigner(f"file:{key}", key)
+    identity = SigningIdentity(signer.public_key(), primary.fingerprint)
+    hasher = hash_file(data, [HASH_IDS["sha256"]])[HASH_IDS["sha256"]]
+    return render(signature_packet(signer, identity, hasher, "sha256"), armored=True)
+
+
+@pytest.mark.parametrize(
+    ("created", "expires", "reason"),
+    [
+        ("2020-01-01T00:00:00Z", "30d", "it expired at 2020-01-31T00:00:00Z"),
+        ("2099-01-01T00:00:00Z", None, "it was created at 2099-01-01T00:00:00Z"),
+    ],
+)
+def test_sign_refuses_a_certificate_verify_would_reject(created: str, expires: str | None, reason: str,
+                                                        keydir: Path, tmp_path: Path) -> None:
+    """Signing with an expired (or not yet valid) certificate made a signature `keyseal verify` refuses: now
+    `keyseal sign` refuses first, with the verifier's own reason, and writes nothing."""
+    key, _ = make_key(keydir, "ed25519")
+    cert = tmp_path / "cert.asc"
+    extra = ["--expires", expires] if expires else []
+    minted = run_keyseal("keys", "mint", "--key", f"file:{key}", "--name", "Old", "--email", "old@example.org",
+                         "--created", created, *extra, "-o", cert)
+    assert minted.returncode == 0, minted.stderr
+    data = tmp_path / "file"
+    data.write_bytes(b"x")
+    result = run_keyseal("sign", "--key", f"file:{key}", "--cert", cert, data)
+    assert_one_line_error(result)
+    assert "refusing to sign" in result.stderr and reason in result.stderr, result.stderr
+    assert not (tmp_path / "file.asc").exists()
 
 
 def test_sign_refuses_key_that_is_not_the_certificates(keydir: Path, tmp_path: Path) -> None:

@@ -77,6 +77,23 @@ def test_superseded_key_keeps_earlier_signatures(tmp_path: Path, key: ReleaseKey
     assert "revoked (superseded or retired) since" in result.stderr
 
 
+@pytest.mark.parametrize(("reason", "message"), [("compromised", "is revoked (compromised"),
+                                               ("superseded", "revoked (superseded or retired) since")])
+def test_sign_refuses_a_revoked_certificate(reason: str, message: str, tmp_path: Path, key: ReleaseKey) -> None:
+    """`keyseal sign` used to sign with a revoked certificate and `keyseal verify` then refused the result."""
+    revoked = revoke(key, reason, tmp_path / "revoked.asc")
+    data = tmp_path / "tool.tar.gz"
+    data.write_bytes(b"x")
+    result = run_keyseal("sign", "--key", key.uri, "--cert", revoked, data)
+    assert_one_line_error(result)
+    assert "refusing to sign" in result.stderr and message in result.stderr, result.stderr
+    assert not (tmp_path / "tool.tar.gz.asc").exists()
+    # The stale copy given beside the revoked one does not help: copies of one certificate are merged.
+    both = run_keyseal("sign", "--key", key.uri, "--cert", key.cert, "--cert", revoked, data)
+    assert_one_line_error(both)
+    assert message in both.stderr
+
+
 def test_revoke_refuses_another_key_and_keeps_outputs(tmp_path: Path, key: ReleaseKey) -> None:
     other = make_key(tmp_path / "keys", "other")
     out = tmp_path / "revoked.asc"

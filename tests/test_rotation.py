@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 
@@ -114,6 +115,78 @@ def test_append_refuses_a_stale_file_a_second_signature_by_the_same_key_and_forc
     garbage = run_keyseal("sign", "--key", keys["v2"].uri, "--append", tmp_path / "notes.txt")
     assert_one_line_error(garbage)
     assert "cannot append to" in garbage.stderr and not_a_signature.read_bytes() == b"hello"
+
+
+def revoked_copy(key: ReleaseKey, reason: str, out: Path, created: int | None = None) -> Path:
+    """`key`'s certificate with a revocation for `reason`, made by its own key (as `keyseal keys revoke` does)."""
+    from keyseal.openpgp.revoke import revoke
+
+    cert = load_certificates(key.cert.read_bytes())[0]
+    out.write_bytes(revoke(key.signer(), cert, reason, created=created))
+    return out
+
+
+def test_append_refuses_to_keep_a_signature_by_a_compromised_key(tmp_path: Path,
+                                                                 keys: dict[str, ReleaseKey]) -> None:
+    """A signature by a key revoked as compromised counts for nothing (keyseal verify, gpg, sqv): kept beside a
+    new one it still verifies for every client that has not seen the revocation. Refused unless asked."""
+    old = make_key(tmp_path / "keys", "old", "p256")
+    data = tmp_path / "tool.tar.gz"
+    data.write_bytes(b"release")
+    sig = tmp_path / "tool.tar.gz.asc"
+    sign_file(old, data, sig, created=int(time.time()) - 3600)
+    before = sig.read_bytes()
+    revoked = revoked_copy(old, "compromised", tmp_path / "old-revoked.asc")
+    args = ["sign", "--key", keys["v2"].uri, "--cert", keys["v2"].cert, "--cert", revoked, "--append", data]
+    refused = run_keyseal(*args)
+    assert_one_line_error(refused)
+    assert f"key {old.fingerprint} is revoked (compromised" in refused.stderr, refused.stderr
+    assert "--keep-revoked-signatures" in refused.stderr
+    assert sig.read_bytes() == before
+
+    kept = run_keyseal(*args, "--keep-revoked-signatures")
+    assert kept.returncode == 0, kept.stderr
+    assert f"warning: kept the signature by revoked key {old.fingerprint}" in kept.stderr
+    assert len(parse_detached(sig.read_bytes())) == 2
+
+    # The same refusal when the revoked certificate is known from the keyring rather than --cert.
+    sig.write_bytes(before)
+    home = tmp_path / "home"
+    (home / "keyring").mkdir(parents=True)
+    (home / "keyring" / f"{old.fingerprint}.asc").write_bytes(revoked.read_bytes())
+    from_keyring = run_keyseal("sign", "--key", keys["v2"].uri, "--cert", keys["v2"].cert, "--append", data,
+                               env={"KEYSEAL_HOME": str(home)})
+    assert_one_line_error(from_keyring)
+    assert "compromised" in from_keyring.stderr and sig.read_bytes() == before
+    alone = run_keyseal("sign", "--key", keys["v2"].uri, "--keep-revoked-signatures", tmp_path / "tool.tar.gz",
+                        "-o", tmp_path / "other.asc")
+    assert_one_line_error(alone)
+    assert "--append" in alone.stderr
+
+
+def test_append_keeps_a_superseded_keys_earlier_signature_only(tmp_path: Path, keys: dict[str, ReleaseKey]) -> None:
+    """Superseded or retired: signatures made before the revocation still count (keyseal verify accepts them),
+    so they are kept; one made at or after it counts for nothing, and is refused like a compromised key's."""
+    old = make_key(tmp_path / "keys", "old", "p256")
+    now = int(time.time())
+    revoked = revoked_copy(old, "superseded", tmp_path / "old-revoked.asc", created=now - 600)
+    data = tmp_path / "tool.tar.gz"
+    data.write_bytes(b"release")
+    sig = tmp_path / "tool.tar.gz.asc"
+    sign_file(old, data, sig, created=now - 3600)  # before the revocation
+    earlier = run_keyseal("sign", "--key", keys["v2"].uri, "--cert", keys["v2"].cert, "--cert", revoked,
+                          "--append", data)
+    assert earlier.returncode == 0, earlier.stderr
+    for cert in (revoked, keys["v2"].cert):  # both signatures count, the old one with the revoked certificate
+        assert run_keyseal("verify", "--cert", cert, data).returncode == 0
+
+    sign_file(old, data, sig, created=now - 60)  # after the revocation
+    before = sig.read_bytes()
+    later = run_keyseal("sign", "--key", keys["v2"].uri, "--cert", keys["v2"].cert, "--cert", revoked,
+                        "--append", data)
+    assert_one_line_error(later)
+    assert "revoked (superseded or retired) since" in later.stderr and sig.read_bytes() == before
+    assert run_keyseal("verify", "--cert", revoked, data).returncode == 1  # verify agrees: it does not count
 
 
 def test_keys_rotate_creates_the_next_version_with_the_same_user_id(tmp_path: Path, aws_env: dict[str, str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,29 @@ def test_verify_release_cli_cross_checks_wkd(wkd: HttpsServer, tls: TlsFiles, ke
     opened = run_keyseal(*args, "--timeout", "2", "--wkd-policy", "fail-open")
     assert opened.returncode == 0, opened.stderr
     assert re.search(r"^keyseal: warning: cross-check skipped", opened.stderr, re.MULTILINE)
+
+
+def test_verify_release_cli_keeps_to_its_wkd_timeout(wkd: HttpsServer, tls: TlsFiles, keys: dict[str, ReleaseKey],
+                                                     release: Path) -> None:
+    """A WKD that answers a byte every 0.3 s: fail-closed ends at the timeout with one error line, fail-open
+    ends at the timeout with a warning and the embedded key's verdict."""
+    wkd.overrides[f"/.well-known/openpgpkey/example.org/hu/{wkd_hash('releases')}"] = Override(
+        body=keys["v1"].cert.read_bytes(), trickle="body", interval=0.3)
+    routes = [arg for spec in wkd.connect_to(*HOSTS) for arg in ("--connect-to", spec)]
+    args = ["verify-release", "--manifest", release / "SHA256SUMS", "--cert", keys["v1"].cert,
+            "--wkd", "releases@example.org", "--ca-bundle", tls.ca_pem, *routes, "--timeout", "1.5",
+            release / "tool-2.0.tar.gz"]
+    for policy in ("fail-closed", "fail-open"):
+        started = time.monotonic()
+        result = run_keyseal(*args, "--wkd-policy", policy)
+        elapsed = time.monotonic() - started
+        assert elapsed < 1.5 + 4.0, (policy, elapsed)  # 4 s for the interpreter to start on a loaded machine
+        if policy == "fail-closed":
+            assert_one_line_error(result)
+            assert "timed out after 1.5 s" in result.stderr
+        else:
+            assert result.returncode == 0, result.stderr
+            assert "timed out after 1.5 s" in result.stderr and "warning" in result.stderr
 
 
 def test_readme_updater_example_runs(wkd: HttpsServer, tls: TlsFiles, keys: dict[str, ReleaseKey],

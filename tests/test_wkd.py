@@ -6,6 +6,7 @@ from __future__ import annotations
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from keyseal.openpgp.armor import dearmor_or_binary
 from keyseal.openpgp.cert import load_certificates
 from keyseal.openpgp.wkd import parse_connect_to, validate_domain, wkd_hash, zbase32
 from tests.conftest import Gpg, assert_one_line_error, run_keyseal
-from tests.harness.https_server import HttpsServer, Override, TlsFiles, make_tls
+from tests.harness.https_server import HttpsServer, Override, TlsFiles, TrickleProxy, make_tls
 from tests.harness.release_keys import ReleaseKey, make_key
 
 WKS_CLIENT = "/usr/lib/gnupg/gpg-wks-client"
@@ -25,6 +26,7 @@ ADDRESSES = ["releases@example.org", "Joe.Doe@Example.ORG", "ALICE@example.org",
 HOSTS = ["openpgpkey.example.org", "example.org"]
 ADVANCED = "/.well-known/openpgpkey/example.org/hu/"
 DIRECT = "/.well-known/openpgpkey/hu/"
+STARTUP_ALLOWANCE = 4.0  # seconds for the CLI's interpreter to start and exit on a loaded machine
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +267,38 @@ def test_a_slow_server_times_out(served: HttpsServer, tls: TlsFiles, keys: dict[
     result = fetch(served, tls, "--timeout", "0.5")
     assert_one_line_error(result)
     assert "timed out after 0.5 s" in result.stderr
+
+
+@pytest.mark.parametrize("part", ["headers", "body"])
+def test_a_trickling_answer_is_cut_at_the_timeout(part: str, served: HttpsServer, tls: TlsFiles,
+                                                  keys: dict[str, ReleaseKey]) -> None:
+    """A byte every 0.3 s keeps every single read short: only one deadline for the whole fetch stops it."""
+    served.overrides[ADVANCED + wkd_hash("releases")] = Override(body=keys["v2"].cert.read_bytes(),
+                                                                 trickle=part, interval=0.3)  # type: ignore[arg-type]
+    started = time.monotonic()
+    result = fetch(served, tls, "--timeout", "1.5")
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.5 + STARTUP_ALLOWANCE, elapsed
+    assert_one_line_error(result)
+    assert "timed out after 1.5 s" in result.stderr
+    assert [host for host, _ in served.requests] == ["openpgpkey.example.org"]  # no second try past the deadline
+
+
+def test_a_trickled_tls_handshake_is_cut_at_the_timeout(served: HttpsServer, tls: TlsFiles,
+                                                        keys: dict[str, ReleaseKey]) -> None:
+    build(served.root, keys["v2"].cert)
+    proxy = TrickleProxy(("127.0.0.1", served.port), interval=0.2).start()
+    try:
+        routes = [arg for spec in proxy.connect_to(*HOSTS) for arg in ("--connect-to", spec)]
+        started = time.monotonic()
+        result = run_keyseal("wkd", "fetch", "releases@example.org", "--ca-bundle", tls.ca_pem, *routes,
+                             "--timeout", "1.5")
+        elapsed = time.monotonic() - started
+    finally:
+        proxy.stop()
+    assert elapsed < 1.5 + STARTUP_ALLOWANCE, elapsed
+    assert_one_line_error(result)
+    assert "timed out after 1.5 s" in result.stderr
 
 
 def test_fetch_needs_https_material_that_exists(tmp_path: Path) -> None:

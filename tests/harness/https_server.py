@@ -3,8 +3,9 @@
 It serves a directory (the tree `keyseal wkd build` writes) for any Host, so one server plays both the
 advanced host `openpgpkey.DOMAIN` and the direct host `DOMAIN`; clients reach it through keyseal's
 `--connect-to HOST:443:127.0.0.1:PORT`, and TLS is verified for the real host name against the test CA.
-Per-path overrides answer a status, an oversized body, a body without Content-Length, or answer late, and
-every request is logged as (Host header, path) so tests can assert which URLs were (not) tried.
+Per-path overrides answer a status, an oversized body, a body without Content-Length, answer late, or trickle
+the headers or the body a byte at a time, and every request is logged as (Host header, path) so tests can assert
+which URLs were (not) tried. `TrickleProxy` trickles everything a server sends, the TLS handshake included.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -81,14 +82,20 @@ def make_tls(directory: Path, hostnames: list[str], *, ca_name: str = "keyseal t
     return files
 
 
+TRICKLE_LIMIT = 20.0  # a trickling answer gives up after this long, so a client without a deadline still ends
+
+
 @dataclass
 class Override:
-    """What to answer for one path instead of the file: a status and body, optionally late or unframed."""
+    """What to answer for one path instead of the file: a status and body, optionally late or unframed, or with
+    the headers or the body sent one byte every `interval` seconds (`trickle`)."""
 
     status: int = 200
     body: bytes = b""
     content_length: bool = True
     delay: float = 0.0
+    trickle: Literal["headers", "body"] | None = None
+    interval: float = 0.5
 
 
 @dataclass
@@ -121,7 +128,10 @@ class HttpsServer:
                 override = owner.overrides.get(path)
                 if override is not None:
                     time.sleep(override.delay)
-                    self._answer(override.status, override.body, override.content_length)
+                    if override.trickle is not None:
+                        self._trickle(override)
+                    else:
+                        self._answer(override.status, override.body, override.content_length)
                     return
                 target = (owner.root / path.lstrip("/")).resolve()
                 if owner.root.resolve() not in target.parents or not target.is_file():
@@ -137,6 +147,22 @@ class HttpsServer:
                 self.end_headers()
                 with contextlib.suppress(OSError):
                     self.wfile.write(body)
+
+            def _trickle(self, override: Override) -> None:
+                head = (f"HTTP/1.1 {override.status} OK\r\nContent-Type: application/octet-stream\r\n"
+                        f"Content-Length: {len(override.body)}\r\n\r\n").encode()
+                slow = head if override.trickle == "headers" else override.body
+                give_up = time.monotonic() + TRICKLE_LIMIT
+                with contextlib.suppress(OSError):
+                    if override.trickle == "body":
+                        self.wfile.write(head)
+                    for index in range(len(slow)):
+                        if time.monotonic() > give_up:
+                            return
+                        self.wfile.write(slow[index:index + 1])
+                        time.sleep(override.interval)
+                    if override.trickle == "headers":
+                        self.wfile.write(override.body)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -176,3 +202,96 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@dataclass
+class TrickleProxy:
+    """A TCP relay on 127.0.0.1 in front of `target`: what the client sends goes through at once, what the server
+    answers (the TLS handshake first) reaches the client one byte every `interval` seconds, for at most
+    TRICKLE_LIMIT seconds a connection."""
+
+    target: tuple[str, int]
+    interval: float = 0.5
+    _listener: socket.socket | None = None
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def port(self) -> int:
+        assert self._listener is not None
+        return int(self._listener.getsockname()[1])
+
+    def connect_to(self, *hosts: str) -> list[str]:
+        return [f"{host}:443:127.0.0.1:{self.port}" for host in hosts]
+
+    def start(self) -> TrickleProxy:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self._spawn(self._accept_loop)
+        return self
+
+    def _spawn(self, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            self._spawn(self._forward, client, upstream)
+            self._spawn(self._trickle, upstream, client)
+
+    def _forward(self, source: socket.socket, sink: socket.socket) -> None:
+        source.settimeout(0.2)
+        with contextlib.suppress(OSError):
+            while not self._stopping.is_set():
+                try:
+                    data = source.recv(4096)
+                except TimeoutError:
+                    continue
+                if not data:
+                    return
+                sink.sendall(data)
+
+    def _trickle(self, source: socket.socket, sink: socket.socket) -> None:
+        give_up = time.monotonic() + TRICKLE_LIMIT
+        source.settimeout(0.2)
+        try:
+            while not self._stopping.is_set() and time.monotonic() < give_up:
+                try:
+                    data = source.recv(4096)
+                except TimeoutError:
+                    continue
+                if not data:
+                    return
+                for index in range(len(data)):
+                    if self._stopping.is_set() or time.monotonic() > give_up:
+                        return
+                    sink.sendall(data[index:index + 1])
+                    time.sleep(self.interval)
+        except OSError:
+            return
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for thread in self._threads:
+            thread.join(timeout=5)

@@ -57,7 +57,7 @@ def make_key(directory: Path, label: str, key_type: str = "ed25519", *, email: s
 def sign_file(key: ReleaseKey, data: Path, out: Path | None = None, created: int | None = None) -> Path:
     """An armored detached signature over `data` by `key`, as `keyseal sign` writes it."""
     signer = key.signer()
-    identity = identity_from_certificate(signer, load_certificates(key.cert.read_bytes()))
+    identity = identity_from_certificate(signer, load_certificates(key.cert.read_bytes()), created)
     hash_name = choose_hash(signer, identity.public_key, None)
     hasher = hash_file(data, [HASH_IDS[hash_name]])[HASH_IDS[hash_name]]
     packet = signature_packet(signer, identity, hasher, hash_name, created)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -15,6 +17,7 @@ from keyseal.cli.common import kek_option, kms_endpoint_option, load_certificate
 from keyseal.cli.formats import FORMATS, SUFFIXES, check_sign_options, sign_files
 from keyseal.errors import InputError, OpenPGPError, OutputExistsError, UsageError
 from keyseal.openpgp.armor import is_armored
+from keyseal.openpgp.cert import Certificate, merge_certificates
 from keyseal.openpgp.packets import TAG_SIGNATURE, encode_packet
 from keyseal.openpgp.sign import (
     HASH_IDS,
@@ -25,9 +28,9 @@ from keyseal.openpgp.sign import (
     render,
     signature_packet,
 )
-from keyseal.openpgp.signature import SignaturePacket
+from keyseal.openpgp.signature import SignaturePacket, check_signature_math
 from keyseal.openpgp.stream import hash_file
-from keyseal.openpgp.verify import parse_detached
+from keyseal.openpgp.verify import issuer_keys, parse_detached, revocation_problem
 
 
 def plan_outputs(files: tuple[Path, ...], output: Path | None, armored: bool, force: bool,
@@ -54,13 +57,38 @@ def plan_outputs(files: tuple[Path, ...], output: Path | None, armored: bool, fo
     return pairs
 
 
+class KnownCertificates:
+    """The certificates that can tell whether a signature already in a file counts: --cert's, merged with the
+    keyseal keyring's (read once, when first needed), so a revocation in any copy is seen."""
+
+    def __init__(self, given: list[Certificate]) -> None:
+        self._given = given
+        self._merged: list[Certificate] | None = None
+        self._lock = threading.Lock()
+
+    def all(self) -> list[Certificate]:
+        with self._lock:
+            if self._merged is None:
+                from keyseal.keyring import keyring_certificates
+
+                self._merged = merge_certificates([*self._given, *keyring_certificates()])
+            return self._merged
+
+
+@dataclass(frozen=True)
+class AppendPolicy:
+    """What `--append` may keep: `keep_revoked` keeps signatures by revoked keys that no longer count."""
+
+    known: KnownCertificates
+    keep_revoked: bool = False
+
+
 def sign_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, src: Path, dst: Path,
-             armored: bool, force: bool, append: bool = False) -> Path:
+             armored: bool, force: bool, append: AppendPolicy | None = None) -> Path:
     # The audit log names the file; set here, in the worker thread, since pool threads do not inherit contexts.
     with audit.subject(os.path.abspath(src)):
-        existing = _existing_signatures(dst) if append else None
-        if existing is not None:
-            return _append_one(signer, identity, hash_name, src, dst, *existing)
+        if append is not None and (existing := _existing_signatures(dst)) is not None:
+            return _append_one(signer, identity, hash_name, src, dst, *existing, append)
         hasher = hash_file(src, [HASH_IDS[hash_name]])[HASH_IDS[hash_name]]
         packet = signature_packet(signer, identity, hasher, hash_name)
     write_atomic(dst, render(packet, armored), mode=0o644, force=force)
@@ -82,9 +110,11 @@ def _existing_signatures(dst: Path) -> tuple[bool, list[SignaturePacket]] | None
 
 
 def _append_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, src: Path, dst: Path,
-                armored: bool, existing: list[SignaturePacket]) -> Path:
+                armored: bool, existing: list[SignaturePacket], policy: AppendPolicy) -> Path:
     """Add a signature to `dst`, in its armor, after checking that what it holds is over this file: a stale
-    signature (from another build of the file) would otherwise ride along in a file that verifies."""
+    signature (from another build of the file) would otherwise ride along in a file that verifies. A signature
+    by a revoked key that no longer counts is refused too (unless `policy.keep_revoked`): beside a new one it
+    would still verify for every client that has not seen the revocation."""
     hash_id = HASH_IDS[hash_name]
     for sig in existing:
         if sig.issuer_fingerprint == identity.fingerprint:
@@ -96,13 +126,33 @@ def _append_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, 
     for sig in existing:
         check = hashers[sig.hash_id].copy()
         check.update(sig.trailer())
-        if check.digest()[:2] != sig.left16:
+        digest = check.digest()
+        if digest[:2] != sig.left16:
             raise UsageError(f"{dst} holds a signature that is not over {src} (a stale signature file?): "
                              f"refusing to append to it")
+        _check_revocation(sig, digest, dst, policy)
     packet = signature_packet(signer, identity, hashers[hash_id], hash_name)
     kept = b"".join(encode_packet(TAG_SIGNATURE, sig.body) for sig in existing)
     write_atomic(dst, render(kept + packet, armored), mode=0o644, force=True)
     return dst
+
+
+def _check_revocation(sig: SignaturePacket, digest: bytes, dst: Path, policy: AppendPolicy) -> None:
+    """Refuse (or, when asked, keep with a warning) a signature that a known key provably made and that does not
+    count because the key is revoked: by the verifier's own rule, all of a compromised key's signatures, and a
+    superseded or retired key's from its revocation on (earlier ones still count and are kept silently)."""
+    for _, entry in issuer_keys(sig, policy.known.all()):
+        if not check_signature_math(sig, entry.key.public_key, entry.key.algorithm, digest):
+            continue
+        problem = revocation_problem(entry, sig.created or 0)
+        if problem is None:
+            return
+        if not policy.keep_revoked:
+            raise UsageError(f"{dst} holds a signature that no longer counts ({problem}): refusing to keep it "
+                             f"beside the new one; remove it, or pass --keep-revoked-signatures to keep it anyway")
+        click.echo(f"keyseal: warning: kept the signature by revoked key {entry.key.fingerprint_hex} in {dst} "
+                   f"(--keep-revoked-signatures)", err=True)
+        return
 
 
 @click.command()
@@ -116,6 +166,9 @@ def _append_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, 
 @click.option("--append", is_flag=True,
               help="Add the signature to an existing signature file, in its armor (dual signing during a key "
                    "rotation); without one, sign as usual.")
+@click.option("--keep-revoked-signatures", "keep_revoked", is_flag=True,
+              help="With --append: keep a signature already in the file although its key is revoked and it no "
+                   "longer counts (refused by default; --cert and the keyring tell which keys are revoked).")
 @click.option("--jobs", type=click.IntRange(1, 64), default=4, show_default=True, help="Files signed at once.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="openpgp", show_default=True,
               help="openpgp: FILE.asc; ssh: FILE.sig for ssh-keygen -Y verify; minisign: FILE.minisig (Ed25519).")
@@ -124,9 +177,11 @@ def _append_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, 
 @kms_endpoint_option
 @kek_option
 def sign(key_uri: str, certs: tuple[Path, ...], armored: bool, digest: str | None, output: Path | None,
-         force: bool, append: bool, jobs: int, fmt: str, namespace: str | None, files: tuple[Path, ...],
-         kms_endpoint: str | None, kek: str | None) -> None:
+         force: bool, append: bool, keep_revoked: bool, jobs: int, fmt: str, namespace: str | None,
+         files: tuple[Path, ...], kms_endpoint: str | None, kek: str | None) -> None:
     """Write detached signatures: OpenPGP (gpg and sqv verify them), SSH or minisign."""
+    if keep_revoked and not append:
+        raise UsageError("--keep-revoked-signatures applies to --append only")
     check_sign_options(fmt, certs, armored, digest, append, namespace)
     if fmt != "openpgp":
         pairs = plan_outputs(files, output, True, force, append=True, suffix=SUFFIXES[fmt])
@@ -139,11 +194,12 @@ def sign(key_uri: str, certs: tuple[Path, ...], armored: bool, digest: str | Non
         raise UsageError("--append adds to an existing signature file and --force replaces it: choose one")
     pairs = plan_outputs(files, output, armored, force, append)
     certificates = load_certificate_files(certs)
+    policy = AppendPolicy(KnownCertificates(certificates), keep_revoked) if append else None
     with open_key(key_uri, kms_endpoint, kek) as signer:
         identity = identity_from_certificate(signer, certificates) if certificates else identity_from_signer(signer)
         hash_name = choose_hash(signer, identity.public_key, digest)  # type: ignore[arg-type]
         with ThreadPoolExecutor(max_workers=min(jobs, len(pairs))) as pool:
-            futures = [pool.submit(sign_one, signer, identity, hash_name, src, dst, armored, force, append)
+            futures = [pool.submit(sign_one, signer, identity, hash_name, src, dst, armored, force, policy)
                        for src, dst in pairs]
             written = [future.result() for future in futures]
     for path in written:

@@ -1,18 +1,23 @@
 """Checksum manifests (`SHA256SUMS`): written in the coreutils / GoReleaser format, read back strictly.
 
 A manifest is signed like any file; its signature is checked over its raw bytes before a single line is parsed,
-so the parser only ever sees what the release key signed. Parsing is still strict (a malformed line or a name
+so the parser only ever sees what the release key signed. Parsing is still strict (a malformed line or a file
 listed twice is an error) because a lenient parser and a strict one can disagree about what a signed manifest
-says. Artifacts are hashed as streams and compared in constant time.
+says. "Twice" means as `sha256sum -c` reads the names, as paths: `f`, `./f`, `a/../f` and `a//f`... name one file,
+so a manifest listing two of them is refused (coreutils checks both lines against that file; keyseal would pick
+one). `..` is resolved by the name alone, so `link/../f` counts as `f` even where `link` is a symbolic link: such
+a manifest is refused, never read two ways. Case and Unicode normalisation are not folded: on a file system that
+folds them, two such names can be one file. Artifacts are hashed as streams and compared in constant time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import posixpath
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyseal.errors import UsageError, VerificationError
@@ -33,16 +38,33 @@ class Entry:
     digest: bytes
 
 
+def path_key(name: str) -> str:
+    """The file a manifest name denotes, by the name alone: repeated slashes, `.` and `dir/..` removed (what the
+    kernel does when `sha256sum -c` opens it, symbolic links aside). Two names with one key are one file."""
+    key = posixpath.normpath(name)
+    return key[1:] if key.startswith("//") else key  # POSIX leaves a leading `//` open; Linux reads it as `/`
+
+
+def names_directory(name: str) -> bool:
+    """A name that can only be a directory (`d/`, `.`, `d/..`): never a file a manifest can check."""
+    return name.rsplit("/", 1)[-1] in ("", ".", "..")
+
+
 @dataclass(frozen=True)
 class Manifest:
     digest_name: str
     entries: tuple[Entry, ...]
+    _by_path: dict[str, Entry] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_path: dict[str, Entry] = {}
+        for entry in self.entries:
+            by_path.setdefault(path_key(entry.name), entry)
+        object.__setattr__(self, "_by_path", by_path)
 
     def lookup(self, name: str) -> Entry | None:
-        for entry in self.entries:
-            if entry.name == name:
-                return entry
-        return None
+        """The entry for a path, however either spells it (`dist/f` finds `./dist/f`)."""
+        return self._by_path.get(path_key(name))
 
 
 def digest_file(path: Path, digest_name: str) -> bytes:
@@ -90,7 +112,7 @@ def parse_manifest(data: bytes, source: str = "manifest") -> Manifest:
         raise VerificationError(f"{source} lists no files")
     digest_name: str | None = None
     entries: list[Entry] = []
-    names: dict[str, int] = {}
+    names: dict[str, tuple[int, str]] = {}  # path_key -> (line, name as written)
     for number, raw in enumerate(lines, start=1):
         line = raw[:-1] if raw.endswith("\r") else raw
         match = _LINE.match(line)
@@ -107,10 +129,17 @@ def parse_manifest(data: bytes, source: str = "manifest") -> Manifest:
             raise VerificationError(f"{source} line {number} is malformed: it mixes {_LABELS[kind]} into a "
                                     f"{_LABELS[digest_name]} manifest")
         name = match["name"]
-        if name in names:
-            raise VerificationError(f"{source} line {number} lists {name!r} again (first on line {names[name]}): "
-                                    f"duplicate names are refused")
-        names[name] = number
+        if names_directory(name):
+            raise VerificationError(f"{source} line {number} is malformed: {name!r} names a directory, not a file")
+        key = path_key(name)
+        if key in names:
+            first, written = names[key]
+            if written == name:
+                raise VerificationError(f"{source} line {number} lists {name!r} again (first on line {first}): "
+                                        f"duplicate names are refused")
+            raise VerificationError(f"{source} line {number} lists {name!r}, the same file as {written!r} on line "
+                                    f"{first}: duplicate names are refused")
+        names[key] = (number, name)
         entries.append(Entry(name, bytes.fromhex(match["hex"])))
     assert digest_name is not None
     return Manifest(digest_name, tuple(entries))

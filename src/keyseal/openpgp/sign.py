@@ -33,13 +33,26 @@ class SigningIdentity:
         return self.fingerprint.hex().upper()
 
 
-def identity_from_certificate(signer: Signer, certificates: list[Certificate]) -> SigningIdentity:
-    """The key in the given certificates that is the signer's key; refuse if none is."""
+def identity_from_certificate(signer: Signer, certificates: list[Certificate],
+                              when: int | None = None) -> SigningIdentity:
+    """The key in the given certificates that is the signer's key; refuse if none is, or if keyseal's verifier
+    would refuse a signature it makes at `when` (default: now) as it stands in them (expired, revoked, not yet
+    valid): a signature nobody can verify is refused before it is made, not after it is published."""
+    from keyseal.openpgp.cert import merge_certificates
+    from keyseal.openpgp.verify import key_problem
+
     public_key = signer.public_key()
-    for cert in certificates:
+    moment = int(time.time()) if when is None else when
+    problems: list[str] = []
+    for cert in merge_certificates(certificates):  # a revocation in any copy of a certificate counts
         for entry in cert.signing_keys:
             if same_public_key(entry.key.public_key, public_key):
-                return SigningIdentity(public_key, entry.key.fingerprint)
+                problem = key_problem(entry, moment)
+                if problem is None:
+                    return SigningIdentity(public_key, entry.key.fingerprint)
+                problems.append(problem)
+    if problems:
+        raise UsageError(f"refusing to sign with {signer.uri}: {problems[0]}")
     names = ", ".join(cert.fingerprint for cert in certificates)
     raise KeyMismatchError(f"the key {signer.uri} is not a signing key of the certificate {names}")
 

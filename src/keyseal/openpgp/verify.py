@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,26 +140,33 @@ def _verify(certificates: list[Certificate], hash_data: Callable[[list[int]], di
 
 def _check_against(certificates: list[Certificate], sig: SignaturePacket, digest: bytes, now: int,
                    reasons: list[str]) -> VerifiedSignature | None:
-    issuers = sig.issuer_key_ids
     matched = False
+    for cert, entry in issuer_keys(sig, certificates):
+        matched = True
+        problem = _policy_problem(sig, entry, now)
+        if problem is not None:
+            reasons.append(problem)
+            continue
+        if check_signature_math(sig, entry.key.public_key, entry.key.algorithm, digest):
+            return VerifiedSignature(cert, entry.key.fingerprint_hex, sig.created or 0, _hash_label(sig))
+        reasons.append(f"BAD signature from {cert.fingerprint}: the data or the signature was altered")
+    if not matched:
+        named = ", ".join(sorted(i.hex().upper() for i in sig.issuer_key_ids)) or "an unnamed key"
+        reasons.append(f"no given certificate has the signing key {named}")
+    return None
+
+
+def issuer_keys(sig: SignaturePacket, certificates: list[Certificate]) -> Iterator[tuple[Certificate, SigningKey]]:
+    """The signing keys of `certificates` that may have made `sig`: those it names (by key ID and fingerprint),
+    every one if it names none."""
+    issuers = sig.issuer_key_ids
     for cert in certificates:
         for entry in cert.signing_keys:
             if issuers and entry.key.key_id not in issuers:
                 continue
             if sig.issuer_fingerprint is not None and sig.issuer_fingerprint != entry.key.fingerprint:
                 continue
-            matched = True
-            problem = _policy_problem(sig, entry, now)
-            if problem is not None:
-                reasons.append(problem)
-                continue
-            if check_signature_math(sig, entry.key.public_key, entry.key.algorithm, digest):
-                return VerifiedSignature(cert, entry.key.fingerprint_hex, sig.created or 0, _hash_label(sig))
-            reasons.append(f"BAD signature from {cert.fingerprint}: the data or the signature was altered")
-    if not matched:
-        named = ", ".join(sorted(i.hex().upper() for i in issuers)) or "an unnamed key"
-        reasons.append(f"no given certificate has the signing key {named}")
-    return None
+            yield cert, entry
 
 
 def _hash_label(sig: SignaturePacket) -> str:
@@ -169,30 +176,46 @@ def _hash_label(sig: SignaturePacket) -> str:
 
 
 def _policy_problem(sig: SignaturePacket, entry: SigningKey, now: int) -> str | None:
-    key = entry.key
     if sig.sig_type != SIG_BINARY:
         return f"unsupported signature type 0x{sig.sig_type:02x}: keyseal verifies binary-document signatures"
-    if isinstance(key.public_key, rsa.RSAPublicKey) and key.public_key.key_size < MIN_RSA_BITS:
-        return f"key {key.fingerprint_hex} is RSA-{key.public_key.key_size}: keyseal requires at least 2048 bits"
     if sig.unknown_critical():
         return "signature has an unknown critical subpacket"
     created = sig.created
     if created is None:
         return "signature has no creation time"
-    if created < key.created:
-        return f"signature is dated before its key {key.fingerprint_hex} was created"
-    if entry.expires is not None and created >= entry.expires:
-        return f"signature was made after key {key.fingerprint_hex} expired"
-    if entry.revoked_at is not None and created >= entry.revoked_at:
-        if entry.revoked_at == 0:
-            return (f"key {key.fingerprint_hex} is revoked (compromised, or no reason given): none of its "
-                    f"signatures count")
-        return (f"key {key.fingerprint_hex} is revoked (superseded or retired) since {_utc(entry.revoked_at)}: "
-                f"this signature was made after that")
+    problem = key_problem(entry, created)
+    if problem is not None:
+        return problem
     lifetime = sig.expiration_seconds
     if lifetime and created + lifetime <= now:
         return "signature has expired"
     return None
+
+
+def key_problem(entry: SigningKey, when: int) -> str | None:
+    """Why keyseal's verifier refuses any signature `entry` makes at `when` (its key's size, validity window or
+    revocation), or None. The one place these rules live: `keyseal sign` asks it too, before signing."""
+    key = entry.key
+    if isinstance(key.public_key, rsa.RSAPublicKey) and key.public_key.key_size < MIN_RSA_BITS:
+        return f"key {key.fingerprint_hex} is RSA-{key.public_key.key_size}: keyseal requires at least 2048 bits"
+    if when < key.created:
+        return f"key {key.fingerprint_hex} is not valid at {_utc(when)}: it was created at {_utc(key.created)}"
+    if entry.expires is not None and when >= entry.expires:
+        return f"key {key.fingerprint_hex} is not valid at {_utc(when)}: it expired at {_utc(entry.expires)}"
+    return revocation_problem(entry, when)
+
+
+def revocation_problem(entry: SigningKey, when: int) -> str | None:
+    """Why a signature `entry` makes at `when` does not count because the key is revoked, or None: a
+    compromised key (or one revoked without a reason) invalidates all its signatures, a superseded or retired
+    one only those made at or after the revocation (RFC 9580's hard and soft revocations)."""
+    if entry.revoked_at is None or when < entry.revoked_at:
+        return None
+    fingerprint = entry.key.fingerprint_hex
+    if entry.revoked_at == 0:
+        return f"key {fingerprint} is revoked (compromised, or no reason given): none of its signatures count"
+    return (f"key {fingerprint} is revoked (superseded or retired) since {_utc(entry.revoked_at)}: a signature "
+            f"made at {_utc(when)} does not count")
 
 
 def _utc(seconds: int) -> str:
