@@ -18,7 +18,7 @@ from keyseal.cli.formats import FORMATS, SUFFIXES, check_sign_options, sign_file
 from keyseal.errors import InputError, OpenPGPError, OutputExistsError, UsageError
 from keyseal.openpgp.armor import is_armored
 from keyseal.openpgp.cert import Certificate, merge_certificates
-from keyseal.openpgp.packets import TAG_SIGNATURE, encode_packet
+from keyseal.openpgp.detached import check_signatures_over, encode_signatures
 from keyseal.openpgp.sign import (
     HASH_IDS,
     SigningIdentity,
@@ -120,19 +120,15 @@ def _append_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, 
         if sig.issuer_fingerprint == identity.fingerprint:
             raise UsageError(f"{dst} already holds a signature by {identity.fingerprint_hex}")
     try:
-        hashers = hash_file(src, [hash_id, *(sig.hash_id for sig in existing)])
+        hashers, digests = check_signatures_over(src, existing, str(dst), (hash_id,))
     except OpenPGPError as exc:
         raise OpenPGPError(f"cannot append to {dst}: {exc.message}") from None
-    for sig in existing:
-        check = hashers[sig.hash_id].copy()
-        check.update(sig.trailer())
-        digest = check.digest()
-        if digest[:2] != sig.left16:
-            raise UsageError(f"{dst} holds a signature that is not over {src} (a stale signature file?): "
-                             f"refusing to append to it")
+    except UsageError as exc:
+        raise UsageError(f"{exc.message}: refusing to append to it") from None
+    for sig, digest in zip(existing, digests, strict=True):
         _check_revocation(sig, digest, dst, policy)
     packet = signature_packet(signer, identity, hashers[hash_id], hash_name)
-    kept = b"".join(encode_packet(TAG_SIGNATURE, sig.body) for sig in existing)
+    kept = encode_signatures(existing)
     write_atomic(dst, render(kept + packet, armored), mode=0o644, force=True)
     return dst
 

@@ -17,17 +17,21 @@ __all__ = ["check_signatures_over", "encode_signatures", "merge_signatures"]
 
 
 def check_signatures_over(path: Path, signatures: list[SignaturePacket], what: str,
-                          extra_hash_ids: tuple[int, ...] = ()) -> dict[int, Hasher]:
+                          extra_hash_ids: tuple[int, ...] = ()) -> tuple[dict[int, Hasher], list[bytes]]:
     """Refuse signatures that are not over `path` (the 16-bit digest prefix each signature carries: cheap, and
     enough to tell another file from this one; verification still checks the signature itself). Returns the
-    file's hashers for `extra_hash_ids` and the signatures' hashes, so a caller that signs too reads it once."""
+    file's hashers for `extra_hash_ids` and the signatures' hashes, so a caller that signs too reads it once,
+    and each signature's digest, in order."""
     hashers = hash_file(path, [*extra_hash_ids, *(sig.hash_id for sig in signatures)])
+    digests: list[bytes] = []
     for sig in signatures:
         check = hashers[sig.hash_id].copy()
         check.update(sig.trailer())
-        if check.digest()[:2] != sig.left16:
+        digest = check.digest()
+        if digest[:2] != sig.left16:
             raise UsageError(f"{what} holds a signature that is not over {path} (a stale signature file?)")
-    return hashers
+        digests.append(digest)
+    return hashers, digests
 
 
 def _signer_of(sig: SignaturePacket) -> str:
