@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from keyseal.audit.log import utc_second
-from keyseal.ca.auth import Authenticator, Principal
+from keyseal.ca.auth import Authenticator, Principal, valid_at
 from keyseal.ca.bundle import bundle_json, sequence_of
 from keyseal.ca.config import Config
 from keyseal.ca.jwtsvid import check_audience, issue_jwt_svid
@@ -160,6 +160,12 @@ class Api:
                         request.peer, what)
             raise _Refused(401, "unauthenticated",
                            "authenticate with a bearer token (Authorization: Bearer ...) or a client certificate")
+        if principal.method == "mtls" and request.peer_certificate is not None \
+                and not valid_at(request.peer_certificate, self.manager.clock()):
+            log.warning("refused %s %s from %s: the client certificate of client %s is not valid now (expired or "
+                        "not yet valid)", request.method, loggable(request.path), request.peer, principal.name)
+            raise _Refused(401, "unauthenticated", "the client certificate is not valid now (expired, or not yet "
+                                                   "valid): connect again with a current one")
         return principal
 
     def _body(self, request: Request, allowed: set[str]) -> dict[str, Any]:
