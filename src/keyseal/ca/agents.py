@@ -123,8 +123,12 @@ class AgentApi:
         token = document.get("token")
         if not isinstance(token, str) or not token or len(token) > 256:
             raise UsageError("token is missing: give the join token from keyseal entry join-token")
-        parse_csr(document.get("csr"))  # type: ignore[arg-type]  # a bad CSR must not burn the token
-        agent_id = self.tokens.redeem(token, self.api.manager.clock())
+        # The token first, read only: one nobody issued costs neither a signature check nor a write.
+        now = self.api.manager.clock()
+        agent_id = self.tokens.lookup(token, now)
+        if agent_id is not None:
+            parse_csr(document.get("csr"))  # type: ignore[arg-type]  # a bad CSR must not burn the token
+            agent_id = self.tokens.redeem(token, now)  # None if another request redeemed it meanwhile
         if agent_id is None:
             log.warning("refused an agent join from %s: unknown, used or expired join token", request.peer)
             raise self._refuse(401, "unauthenticated", "the join token is unknown, used or expired: issue a new one")
