@@ -275,10 +275,14 @@ def silent_connections(server: CaServer, source: str, count: int) -> list[socket
     return held
 
 
-def test_a_flood_of_silent_connections_from_one_address_locks_no_one_else_out(server: CaServer) -> None:
+def test_a_flood_of_silent_connections_from_one_address_locks_no_one_else_out(
+        server: CaServer, caplog: pytest.LogCaptureFixture) -> None:
     """An attacker on 127.0.0.2 opens more connections than the server holds in all and never starts TLS; a
-    client on 127.0.0.1 still gets /healthz and an SVID at once, and the attacker holds at most its share."""
+    client on 127.0.0.1 still gets /healthz and an SVID at once, the attacker holds at most its share, and the
+    hundreds of refusals are a line or two in the log, not hundreds."""
     assert server.httpd is not None
+    caplog.set_level(logging.WARNING, logger="keyseal.ca.httpd")
+    server.httpd._refusals = httpd._RefusalLog()  # no line of an earlier test's refusals is due now
     limits = server.httpd.limits
     attacker = silent_connections(server, "127.0.0.2", limits.max_connections + 16)
     try:
@@ -292,9 +296,20 @@ def test_a_flood_of_silent_connections_from_one_address_locks_no_one_else_out(se
         finally:
             client.close()
         assert time.monotonic() - started < 5
+        refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused a connection")]
+        assert 1 <= len(refusals) <= 2, refusals
+        assert "from 127.0.0.2: it holds 32 connections (server.connections.perSource)" in refusals[0]
     finally:
         for sock in attacker:
             sock.close()
+
+
+@pytest.mark.parametrize(("address", "source"), [
+    ("192.0.2.7", "192.0.2.7"), ("::ffff:192.0.2.7", "192.0.2.7"), ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2::9", "2001:db8:1:2::/64"), ("fe80::1%eth0", "fe80::/64"), ("not-an-address", "not-an-address")])
+def test_what_a_source_is(address: str, source: str) -> None:
+    """Per-source limits count an IPv6 /64 as one source: one host commonly holds a whole /64."""
+    assert httpd.source_of(address) == source
 
 
 def test_the_last_slots_are_kept_for_sources_that_hold_few(server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
