@@ -337,6 +337,23 @@ def test_the_last_slots_are_kept_for_sources_that_hold_few(server: CaServer, mon
             sock.close()
 
 
+def test_kept_alive_connections_with_nothing_to_do_are_cut_short_when_busy(
+        server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Busy, a connection that holds a slot with no request under way goes after BUSY_IDLE_TIMEOUT, not after
+    IDLE_TIMEOUT (30 s): its client reconnects when it next has something to ask."""
+    assert server.httpd is not None
+    open_now = open_connections(server)
+    monkeypatch.setattr(server.httpd, "limits", ConnectionLimits(max_connections=open_now + 4, per_source=32,
+                                                                 reserved=3))
+    monkeypatch.setattr(httpd, "BUSY_IDLE_TIMEOUT", 1.0)
+    with tls_connection(server) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answers(sock, 1)[0][0] == 200
+        assert sock.recv(65536) == b""
+        assert 0.5 < time.monotonic() - started < 5
+
+
 def test_an_old_connection_is_closed(server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection lives at most MAX_CONNECTION_AGE, so that what its handshake decided (the client certificate,
     the CAs trusted then) is decided again on a new one: a request under way is answered with Connection: close,

@@ -13,13 +13,14 @@ the loop's thread too: each costs about a millisecond, which bounds new connecti
 Limits (`ConnectionLimits`, the `server.connections` configuration): at most `max_connections` open connections,
 at most `per_source` from one source address (an IPv6 /64 counts as one), and once the server is busy (no more
 than `reserved` slots free) a source gets a new one only while it holds fewer than `busy_share`, so that a flood
-from a few addresses leaves room for everyone else. A handshake not complete REQUEST_TIMEOUT after it began
-(BUSY_HANDSHAKE_TIMEOUT while the server is busy or its source is at its limit), a request not complete
-REQUEST_TIMEOUT after it began, or a connection idle for IDLE_TIMEOUT (a client that stops reading included), is
-closed (a late request is answered 408 first); the answer after MAX_CONNECTION_AGE closes the connection, so
-that what its handshake decided is decided again; request heads and bodies are bounded (`keyseal.ca.http1`); a
-client that sends far ahead of what it reads has at most MAX_UNWRITTEN bytes of answers queued. The SSL context
-is read per connection, so a renewed serving certificate applies to new connections at once.
+from a few addresses leaves room for everyone else. Closed: a handshake not complete REQUEST_TIMEOUT after it
+began; a request not complete REQUEST_TIMEOUT after it began (answered 408 first); a connection idle for
+IDLE_TIMEOUT (a client that stops reading included). While the server is busy, or for a source at its limit,
+handshakes get BUSY_HANDSHAKE_TIMEOUT and kept-alive connections with no request under way BUSY_IDLE_TIMEOUT.
+The answer after MAX_CONNECTION_AGE closes its connection, so that what the handshake decided is decided again.
+Request heads and bodies are bounded (`keyseal.ca.http1`); a client that sends far ahead of what it reads has at
+most MAX_UNWRITTEN bytes of answers queued. The SSL context is read per connection, so a renewed serving
+certificate applies to new connections at once.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ MAX_WORKERS = 32
 IDLE_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 30.0
 BUSY_HANDSHAKE_TIMEOUT = 5.0  # a handshake takes a few round trips: seconds are plenty, even far away
+BUSY_IDLE_TIMEOUT = 5.0  # a kept-alive connection with no request under way, while the server is busy
 MAX_CONNECTION_AGE = 600.0
 REFUSAL_LOG_SECONDS = 10.0  # refused connections are logged once per this, with how many: a flood is one line
 LINGER_SECONDS = 2.0
@@ -83,7 +85,7 @@ class _Connection:
         self.out = b""
         self.close_after = False
         self.eof = False
-        self.opened = time.monotonic()
+        self.opened = self.active = time.monotonic()
         self.deadline = self.opened + IDLE_TIMEOUT
         self.request_started: float | None = None
         self.linger_budget = MAX_DRAIN_BYTES
@@ -96,7 +98,8 @@ class _Connection:
         if self.state == _LINGER:  # its deadline is set once: a client trickling bytes gets no more time
             self._linger()
             return
-        self.deadline = time.monotonic() + IDLE_TIMEOUT
+        self.active = time.monotonic()
+        self.deadline = self.active + IDLE_TIMEOUT
         if self.state == _HANDSHAKE:
             self._handshake()
         elif self.state == _OPEN and (not self.out or self._flush()):
@@ -209,7 +212,8 @@ class _Connection:
 
     def worker_answered(self, incoming: Incoming, response: Response) -> None:
         """Queue a worker's answer, then go on with the requests already read, or wait for more."""
-        self.deadline = time.monotonic() + IDLE_TIMEOUT
+        self.active = time.monotonic()
+        self.deadline = self.active + IDLE_TIMEOUT
         if self.respond(response, close=incoming.close, request=incoming):
             self._answer()
 
@@ -285,7 +289,8 @@ class _Connection:
     def expire(self, now: float, pressed: bool) -> None:
         """Close an idle or old connection, or answer 408 to a request that has trickled in for too long.
         `pressed`: the server is busy, or this connection's source is at its limit, so a handshake that has not
-        finished by now makes room (its source's next connection, or anyone's)."""
+        finished by now, or a kept-alive connection with nothing to do, makes room (for its source's next
+        connection, or anyone's)."""
         if self.state == _BUSY:
             return
         if self.state == _HANDSHAKE:
@@ -298,8 +303,8 @@ class _Connection:
             self.request_started = None
             self.respond(error(408, "timeout", f"the request did not arrive within {REQUEST_TIMEOUT:.0f}s"),
                          close=True)
-        elif now > self.deadline or (self.state == _OPEN and not self.out and self.reader.idle
-                                     and now - self.opened > MAX_CONNECTION_AGE):
+        elif now > self.deadline or (self.state == _OPEN and not self.out and self.reader.idle and (
+                now - self.opened > MAX_CONNECTION_AGE or (pressed and now - self.active > BUSY_IDLE_TIMEOUT))):
             log.debug("connection from %s closed: idle, or old", self.peer)
             self.close()
 
@@ -425,7 +430,6 @@ class TlsHttpServer:
     def held_by(self, address: str) -> int:
         """How many connections the source of `address` holds."""
         return self._by_source.get(source_of(address), 0)
-
 
     def _refusal(self, source: str) -> str | None:
         """Why a new connection from `source` is refused, or None."""
