@@ -22,7 +22,7 @@ from keyseal.ca.server import CaServer
 from keyseal.ca.spiffeid import SpiffeId
 from keyseal.ca.x509svid import issue_x509_svid
 from tests.harness.agent import AGENT_ID, agent_call, post, start_agent, start_server, tls_context
-from tests.harness.ca import TOKENS, TRUST_DOMAIN, Client, make_csr, new_key
+from tests.harness.ca import TOKENS, TRUST_DOMAIN, Client, FakeClock, make_csr, new_key, pkcs8_pem
 
 AGENT_PATHS = ("/v1/agent/sync", "/v1/agent/renew", "/v1/agent/x509-svid", "/v1/agent/jwt-svid")
 TLS_REFUSED = (ssl.SSLError, ConnectionError, http.client.RemoteDisconnected)
@@ -272,3 +272,33 @@ def test_tls_context_follows_the_live_authorities(tmp_path: Path) -> None:
         _authority_change_applies(files, rotated_in, serving.path.read_text())
     finally:
         files.shutdown()
+
+
+def test_an_api_client_certificate_is_checked_on_every_request(tmp_path: Path, pki: dict[str, ForeignCa]) -> None:
+    """An API client known by its TLS certificate (not an agent): OpenSSL checked it once, at the handshake, on
+    real time; a kept-alive connection went on getting SVIDs after the certificate expired. Now its validity is
+    checked per request, on the server's clock."""
+    uri = "spiffe://clients.example/ci"
+    key, certificate = pki["listed"].issue(uri)
+    (tmp_path / "ci.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "ci.key").write_bytes(pkcs8_pem(key))
+    clock = FakeClock(datetime.now(UTC))
+    server = start_server(tmp_path, clock=clock,
+                          server={"listen": "127.0.0.1:0", "tls": {"clientCAFile": str(pki["listed"].path)}},
+                          clients=[{"name": "ci", "certURI": uri, "allowedPathPrefixes": ["/ns/ci"]}])
+    client = Client(server.port, _ca_pem(server), client_cert=(tmp_path / "ci.pem", tmp_path / "ci.key"))
+    workload = f"spiffe://{TRUST_DOMAIN}/ns/ci/job"
+    try:
+        assert client.x509_svid(workload)[0] == 200
+        socket_before = client.connection.sock
+        clock.set(certificate.not_valid_after_utc + timedelta(seconds=1))
+        status, answer = client.x509_svid(workload)  # the same, kept-alive connection
+        assert client.connection.sock is socket_before
+        assert status == 401 and "not valid" in answer["message"], answer
+        clock.set(certificate.not_valid_before_utc - timedelta(seconds=1))
+        assert client.x509_svid(workload)[0] == 401
+        clock.set(certificate.not_valid_after_utc - timedelta(minutes=1))
+        assert client.x509_svid(workload)[0] == 200
+    finally:
+        client.close()
+        server.shutdown()

@@ -65,6 +65,14 @@ def test_awskms_provider(tmp_path: Path) -> None:
         ({"clients": [{"name": "a", "certURI": "spiffe://example.org/c", "allowedPathPrefixes": ["/"]}],
           "server": {"tls": {"clientCAFile": "/ca.pem"}}}, "name the client by certSHA256"),
         ({"store": {"type": "kubernetes", "kubernetes": {"namespace": "Bad_NS"}}}, "is not a Kubernetes namespace"),
+        ({"server": {"listen": "127.0.0.1:\u00b2"}}, "is not HOST:PORT"),  # isdigit() says yes, int() says no
+        ({"server": {"connections": {"max": 0}}}, "server.connections.max must be a whole number from 1 to 16384"),
+        ({"server": {"connections": {"max": "256"}}}, "server.connections.max must be a whole number"),
+        ({"server": {"connections": {"max": 100, "perSource": 101}}},
+         "server.connections.perSource must be a whole number from 1 to 100"),
+        ({"server": {"connections": {"max": 100, "reserved": 100}}},
+         "server.connections.reserved must be a whole number from 0 to 99"),
+        ({"server": {"connections": {"perSouce": 8}}}, "unknown configuration key 'server.connections.perSouce'"),
     ],
 )
 def test_mistakes_are_one_clear_line(change: dict[str, Any], needle: str) -> None:
@@ -73,6 +81,16 @@ def test_mistakes_are_one_clear_line(change: dict[str, Any], needle: str) -> Non
         parse_config(data)
     assert needle in caught.value.message
     assert "\n" not in caught.value.message
+
+
+def test_connection_limits() -> None:
+    defaults = parse_config({"trustDomain": "example.org"}).connections
+    assert (defaults.max_connections, defaults.per_source, defaults.reserved, defaults.busy_share) == (256, 32, 64, 4)
+    small = parse_config({"trustDomain": "example.org", "server": {"connections": {"max": 20}}}).connections
+    assert (small.max_connections, small.per_source, small.reserved) == (20, 20, 5)  # the defaults fit in
+    given = parse_config({"trustDomain": "example.org",
+                          "server": {"connections": {"max": 1000, "perSource": 100, "reserved": 0}}}).connections
+    assert (given.max_connections, given.per_source, given.reserved, given.busy_share) == (1000, 100, 0, 12)
 
 
 def test_token_is_never_in_a_message() -> None:

@@ -193,3 +193,60 @@ def test_csr_checks() -> None:
     good[-5] ^= 0x01
     with pytest.raises(CsrError):
         parse_csr(base64.b64encode(bytes(good)).decode())
+
+
+def rsa_key_with_exponent(exponent: int) -> rsa.RSAPrivateKey:
+    """An RSA-2048 key whose public exponent is `exponent` (or the next odd number coprime to phi):
+    `generate_private_key` makes only 3 and 65537."""
+    import math
+
+    numbers = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_numbers()
+    p, q = numbers.p, numbers.q
+    phi = (p - 1) * (q - 1)
+    while math.gcd(exponent, phi) != 1:
+        exponent += 2
+    d = pow(exponent, -1, phi)
+    return rsa.RSAPrivateNumbers(p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q),
+                                 rsa.RSAPublicNumbers(exponent, p * q)).private_key()
+
+
+@pytest.mark.parametrize("exponent", [3, 17, 2**32 + 15, 2**1000 + 1], ids=["3", "17", "2^32+15", "2^1000+1"])
+def test_csr_rsa_exponent_must_be_65537(exponent: int) -> None:
+    """A huge public exponent makes the CSR's signature check cost like a private-key operation (2^1000: about a
+    hundred times an ordinary one) for every request; small ones invite old mistakes. 65537 only, checked before
+    the signature, in every CSR (the issuance API and the agent endpoints share parse_csr)."""
+    key = rsa_key_with_exponent(exponent)
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    with pytest.raises(CsrError, match="public exponent"):
+        parse_csr(csr.public_bytes(serialization.Encoding.PEM).decode())
+    broken = bytearray(csr.public_bytes(serialization.Encoding.DER))
+    broken[-5] ^= 0x01  # a bad signature too: the exponent is refused before the signature is checked
+    with pytest.raises(CsrError, match="public exponent"):
+        parse_csr(base64.b64encode(bytes(broken)).decode())
+    ordinary = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    assert isinstance(parse_csr(make_csr(ordinary)), rsa.RSAPublicKey)
+
+
+def test_csr_cache_is_keyed_by_the_der() -> None:
+    """The same CSR as PEM, PEM with other line breaks, and base64 DER is verified once: the cache of verified
+    CSRs is keyed by the request's DER, not by the text it came in."""
+    from keyseal.ca.x509svid import _verified_csr_key
+
+    pem = make_csr()
+    der = x509.load_pem_x509_csr(pem.encode()).public_bytes(serialization.Encoding.DER)
+    body = base64.b64encode(der).decode()
+    forms = [pem, pem.replace("\n", "\r\n"), "\n" + pem + "\n\n",
+             "-----BEGIN CERTIFICATE REQUEST-----\n" + "\n".join(body[i:i + 40] for i in range(0, len(body), 40))
+             + "\n-----END CERTIFICATE REQUEST-----\n", body, f"  {body}\n"]
+    before = _verified_csr_key.cache_info()
+    keys = {parse_csr(text).public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            for text in forms}
+    after = _verified_csr_key.cache_info()
+    assert len(keys) == 1
+    assert after.misses - before.misses == 1 and after.hits - before.hits == len(forms) - 1
+    for text in ("-----BEGIN CERTIFICATE REQUEST-----\n" + body + "\n-----END CERTIFICATE-----\n",  # labels differ
+                 "-----BEGIN CERTIFICATE REQUEST-----\n" + body + "!\n-----END CERTIFICATE REQUEST-----\n",
+                 "-----BEGIN CERTIFICATE-----\n" + body + "\n-----END CERTIFICATE-----\n",
+                 body + "\n" + body):
+        with pytest.raises(CsrError, match="not a PKCS#10"):
+            parse_csr(text)

@@ -183,7 +183,7 @@ def test_lost_race_orphans_the_losers_keys(tmp_path: Path, kms_emulator: KmsEmul
     assert [k.number for k in loaded.keysets] == [1] and loaded.highest == 1
 
 
-def create_pending(client: Any, prefix: str, number: int, kind: str, created_at: datetime,
+def create_pending(client: Any, prefix: str, number: int | str, kind: str, created_at: datetime,
                    trust_domain: str = TRUST_DOMAIN) -> str:
     """What a server killed between CreateKey and its commit leaves: a tagged `pending` key."""
     tags = {"keyseal:trust-domain": trust_domain, "keyseal:alias-prefix": prefix, "keyseal:keyset": str(number),
@@ -228,6 +228,18 @@ def test_startup_orphans_what_a_crash_left(tmp_path: Path, kms_emulator: KmsEmul
     with caplog.at_level(logging.WARNING, logger="keyseal.ca.kms_source"):
         again.start()
     assert not [r for r in caplog.records if "orphaned KMS key" in r.getMessage()]
+
+
+def test_a_keyset_tag_that_is_not_ascii_digits_is_no_number(tmp_path: Path, kms_emulator: KmsEmulator,
+                                                             aws_env: dict[str, str]) -> None:
+    """`keyseal:keyset=²`: str.isdigit() took it and int() did not, so the startup sweep raised ValueError and the
+    server did not start. Such a key is an orphan like any other, of keyset 0."""
+    prefix = f"orphans/{uuid.uuid4().hex[:8]}"
+    client = admin(kms_emulator)
+    odd = create_pending(client, prefix, "\u00b2", "x509", datetime.now(UTC) - timedelta(hours=1))
+    manager = new_manager(tmp_path, kms_emulator.endpoint, prefix, FakeClock())
+    manager.start()
+    assert tags_of(client, odd)["keyseal:state"] == "orphaned"
 
 
 def test_incomplete_keyset_is_never_used(tmp_path: Path, kms_emulator: KmsEmulator, aws_env: dict[str, str],

@@ -175,6 +175,27 @@ def test_two_replicas_redeem_one_token_exactly_once(kube_api: KubeApi, namespace
     assert join_tokens_for(config, kube_api.api_client()).redeem(token, datetime.now(UTC)) is None
 
 
+def test_looking_a_token_up_changes_nothing(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
+    """The join endpoint looks a token up before it checks the CSR or redeems: one GET, no write, for a token that
+    was issued, expired, foreign or never existed."""
+    config = config_for(tmp_path, kube_api, namespace)
+    tokens = join_tokens_for(config, kube_api.api_client())
+    now = datetime.now(UTC)
+    token, agent_id = tokens.issue("node-1", timedelta(minutes=5))
+    custom(kube_api).create_namespaced_custom_object("keyseal.dev", "v1", namespace, "jointokens", {
+        "apiVersion": "keyseal.dev/v1", "kind": "JoinToken",
+        "metadata": {"name": f"{PREFIX}-join-{token_digest('foreign')}"},
+        "spec": {"agentID": "spiffe://other.org/keyseal/agent/x", "expiresAt": "2999-01-01T00:00:00Z"}})
+    verbs_before = len(kube_api.verbs())
+    assert tokens.lookup(token, now) == agent_id
+    assert tokens.lookup(token, now + timedelta(minutes=6)) is None  # expired by then
+    assert tokens.lookup("foreign", now) is None
+    assert tokens.lookup("never-issued", now) is None
+    assert {v[0] for v in kube_api.verbs()[verbs_before:]} == {"get"}
+    assert len(objects(kube_api, namespace, "jointokens")) == 2
+    assert tokens.redeem(token, now) == agent_id
+
+
 def test_many_concurrent_redemptions(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
     """No interleaving forced: 8 redeemers per token, 5 tokens; each token joins exactly one agent."""
     config = config_for(tmp_path, kube_api, namespace)

@@ -129,3 +129,16 @@ def test_regression_csr_version_and_lone_surrogates() -> None:
     for name, extra in (("jwt_request", '"audience": "db"'), ("x509_request", '"csr": "x"')):
         body = ('{"spiffeID": "spiffe://example.org/ns/\\udfff", ' + extra + "}").encode()
         assert run_one(shared_server_targets()[name], body) == "rejected"
+
+
+@pytest.mark.parametrize("length", [b"\xb2", b"\xb9\xb2", b"+5", b"1_0", b"", b"0x10"])
+def test_regression_a_content_length_of_other_than_ascii_digits_is_400(length: bytes) -> None:
+    """`Content-Length: ²` (Latin-1 0xB2): str.isdigit() took it and int() did not, so the reader raised ValueError
+    (the listener logged a traceback and closed the connection without an answer). Now a 400, as is anything
+    int() would read that is not plain ASCII digits."""
+    from keyseal.errors import KeysealError
+
+    request = b"POST /v1/jwt-svid HTTP/1.1\r\nHost: keyseal\r\nContent-Length: " + length + b"\r\n\r\n{}"
+    with pytest.raises(KeysealError, match=r"refused \(\[400\]\)"):
+        shared_server_targets()["http_request"].run(request)
+    assert run_one(shared_server_targets()["http_request"], request) == "rejected"

@@ -3,7 +3,9 @@ hold up another, and every answer owed reaches a client even when it reads late 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import selectors
 import socket
 import ssl
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from keyseal.ca import httpd, signing_audit
-from keyseal.ca.config import parse_config
+from keyseal.ca.config import ConnectionLimits, parse_config
 from keyseal.ca.server import CaServer
 from tests.harness.ca import TOKENS, TRUST_DOMAIN, Client, base_config
 
@@ -173,8 +175,9 @@ def open_connections(server: CaServer) -> int:
 
 
 def test_connections_beyond_the_cap_are_refused(server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert server.httpd is not None
     open_now = open_connections(server)
-    monkeypatch.setattr(httpd, "MAX_CONNECTIONS", open_now + 2)
+    monkeypatch.setattr(server.httpd, "limits", ConnectionLimits(open_now + 2, open_now + 2, 0))
     first, second = tls_connection(server), tls_connection(server)
     try:
         with pytest.raises((ssl.SSLError, OSError)):
@@ -251,3 +254,153 @@ def test_what_may_be_answered_on_the_loop(server: CaServer, tmp_path: Path, monk
     finally:
         monkeypatch.delenv("KEYSEAL_AUDIT_LOG")
         signing_audit.configure_from_environment()
+
+
+# -- issue #16: what a network peer can do to the listener ---------------------------------------------------------
+
+
+def silent_connections(server: CaServer, source: str, count: int) -> list[socket.socket]:
+    """`count` TCP connections from `source` that never start TLS (each bound to that source address)."""
+    held = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((source, 0))
+        sock.settimeout(10)
+        try:
+            sock.connect(("127.0.0.1", server.port))
+        except OSError:  # the listen backlog is full: the server refuses faster than we connect
+            sock.close()
+            continue
+        held.append(sock)
+    return held
+
+
+def test_a_flood_of_silent_connections_from_one_address_locks_no_one_else_out(
+        server: CaServer, caplog: pytest.LogCaptureFixture) -> None:
+    """An attacker on 127.0.0.2 opens more connections than the server holds in all and never starts TLS; a
+    client on 127.0.0.1 still gets /healthz and an SVID at once, the attacker holds at most its share, and the
+    hundreds of refusals are a line or two in the log, not hundreds."""
+    assert server.httpd is not None
+    caplog.set_level(logging.WARNING, logger="keyseal.ca.httpd")
+    server.httpd._refusals = httpd._RefusalLog()  # no line of an earlier test's refusals is due now
+    limits = server.httpd.limits
+    attacker = silent_connections(server, "127.0.0.2", limits.max_connections + 16)
+    try:
+        open_connections(server)  # the loop has accepted (or refused) them all
+        assert server.httpd.held_by("127.0.0.2") <= limits.per_source
+        started = time.monotonic()
+        client = Client(server.port, server.manager.active().ca_pem, token=TOKENS["ns-a"])
+        try:
+            assert client.request("GET", "/healthz")[0] == 200
+            assert client.x509_svid(f"spiffe://{TRUST_DOMAIN}/ns/a/web")[0] == 200
+        finally:
+            client.close()
+        assert time.monotonic() - started < 5
+        refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused a connection")]
+        assert 1 <= len(refusals) <= 2, refusals
+        assert "from 127.0.0.2: it holds 32 connections (server.connections.perSource)" in refusals[0]
+    finally:
+        for sock in attacker:
+            sock.close()
+
+
+@pytest.mark.parametrize(("address", "source"), [
+    ("192.0.2.7", "192.0.2.7"), ("::ffff:192.0.2.7", "192.0.2.7"), ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2::9", "2001:db8:1:2::/64"), ("fe80::1%eth0", "fe80::/64"), ("not-an-address", "not-an-address")])
+def test_what_a_source_is(address: str, source: str) -> None:
+    """Per-source limits count an IPv6 /64 as one source: one host commonly holds a whole /64."""
+    assert httpd.source_of(address) == source
+
+
+def test_the_last_slots_are_kept_for_sources_that_hold_few(server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With few slots free the server is busy: a source that already holds its busy share gets no more, however
+    far below its own limit, and handshakes that have not finished in BUSY_HANDSHAKE_TIMEOUT are closed."""
+    assert server.httpd is not None
+    open_now = open_connections(server)
+    limits = ConnectionLimits(max_connections=open_now + 10, per_source=open_now + 8, reserved=4)
+    monkeypatch.setattr(server.httpd, "limits", limits)
+    monkeypatch.setattr(httpd, "BUSY_HANDSHAKE_TIMEOUT", 1.0)
+    attacker = silent_connections(server, "127.0.0.2", 10)
+    try:
+        open_connections(server)
+        assert server.httpd.held_by("127.0.0.2") == limits.max_connections - limits.reserved - open_now
+        started = time.monotonic()
+        assert healthy(server)  # 127.0.0.1 holds fewer than its busy share: a reserved slot is its
+        assert time.monotonic() - started < 2
+        for sock in attacker:  # busy: the handshakes that never came are cut short, not left for 30 s
+            if sock.fileno() >= 0:
+                with contextlib.suppress(ConnectionError):
+                    assert sock.recv(65536) == b""
+        assert time.monotonic() - started < 6
+    finally:
+        for sock in attacker:
+            sock.close()
+
+
+def test_kept_alive_connections_with_nothing_to_do_are_cut_short_when_busy(
+        server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Busy, a connection that holds a slot with no request under way goes after BUSY_IDLE_TIMEOUT, not after
+    IDLE_TIMEOUT (30 s): its client reconnects when it next has something to ask."""
+    assert server.httpd is not None
+    open_now = open_connections(server)
+    monkeypatch.setattr(server.httpd, "limits", ConnectionLimits(max_connections=open_now + 4, per_source=32,
+                                                                 reserved=3))
+    monkeypatch.setattr(httpd, "BUSY_IDLE_TIMEOUT", 1.0)
+    with tls_connection(server) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answers(sock, 1)[0][0] == 200
+        assert sock.recv(65536) == b""
+        assert 0.5 < time.monotonic() - started < 5
+
+
+def test_an_old_connection_is_closed(server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection lives at most MAX_CONNECTION_AGE, so that what its handshake decided (the client certificate,
+    the CAs trusted then) is decided again on a new one: a request under way is answered with Connection: close,
+    an idle connection is closed (IDLE_TIMEOUT, 30 s, is far off)."""
+    monkeypatch.setattr(httpd, "MAX_CONNECTION_AGE", 1.0)
+    with tls_connection(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(1.5)
+        sock.sendall(b"Host: x\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(65536)
+            assert chunk
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 200") and b"\r\nConnection: close\r\n" in head
+        while chunk:
+            chunk = sock.recv(65536)  # then the server closes
+    with tls_connection(server) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        read_answers(sock, 1)
+        assert sock.recv(65536) == b""
+        assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u00b9\u00b2", "-1", "+5", "1_0", " ", "0x10"])
+def test_a_content_length_that_is_not_ascii_digits_is_400(server: CaServer, value: str) -> None:
+    """`²` is a digit to str.isdigit() but not to int(): that raised ValueError in the loop (a traceback in the
+    log, and no answer). Only ASCII digits are a length."""
+    with tls_connection(server) as sock:
+        sock.sendall(b"POST /v1/jwt-svid HTTP/1.1\r\nHost: x\r\nContent-Length: " + value.encode("latin-1")
+                     + b"\r\n\r\n")
+        status, body = read_answers(sock, 1)[0]
+    assert status == 400 and json.loads(body)["error"] == "bad_request"
+
+
+def test_request_paths_are_logged_escaped_and_capped(server: CaServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A path with a terminal escape, an encoded newline and raw bytes (control, DEL, C1, Latin-1) is logged as
+    one printable line of bounded length, never as it came."""
+    evil = b"/v1/x509-svid?\x1b[2J\x1b[31mFAKE%0a2030-01-01T00:00:00Z%20ERROR\x00\x08\x7f\x9b\xff" + b"A" * 6000
+    caplog.set_level(logging.DEBUG, logger="keyseal.ca")
+    with tls_connection(server) as sock:
+        sock.sendall(b"POST " + evil + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        assert read_answers(sock, 1)[0][0] == 401
+    lines = [r.getMessage() for r in caplog.records if "v1/x509-svid?" in r.getMessage()]
+    assert any("not authenticated" in line for line in lines), lines
+    for line in lines:
+        assert line.isprintable(), line[:300]
+        assert "\\x1b[2J" in line and "%0a" in line and "\\x00\\x08\\x7f\\x9b\\xff" in line
+        assert len(line) < 1000

@@ -13,6 +13,17 @@ def one_line(text: str, limit: int = 300) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)} | {ord("\\"): "\\\\"}
+
+
+def loggable(text: str, limit: int = 200) -> str:
+    """Text a peer chose (a request path, a certificate's error) as it may appear in a log line: the first `limit`
+    characters, with every character that is not printable ASCII escaped (`\\x1b`, `\\xff`, `\\u2028`; a
+    backslash doubled), so it cannot move the cursor, colour the terminal or start a fake line."""
+    cut = text[:limit].translate(_CONTROL_ESCAPES).encode("ascii", "backslashreplace").decode("ascii")
+    return cut if len(text) <= limit else f"{cut}...({len(text) - limit} more characters)"
+
+
 def unexpected(exc: BaseException) -> str:
     """The line for an exception keyseal did not raise on purpose: its type only (its text was not written to be
     safe to show), and how to see the rest."""

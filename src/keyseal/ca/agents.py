@@ -23,7 +23,7 @@ from keyseal.ca.entries import AGENT_PATH, Entry, EntryStore, JoinTokens, entry_
 from keyseal.ca.jwtsvid import check_audience, issue_jwt_svid
 from keyseal.ca.spiffeid import parse_spiffe_id
 from keyseal.ca.x509svid import issue_x509_svid, parse_csr
-from keyseal.errors import KeysealError, UsageError
+from keyseal.errors import KeysealError, UsageError, loggable
 from keyseal.wrapping.record import format_time
 
 if TYPE_CHECKING:
@@ -68,14 +68,14 @@ class AgentApi:
     def _agent(self, request: Request) -> str:
         """The SPIFFE ID of the agent whose X.509-SVID is this connection's client certificate (401 otherwise)."""
         if request.peer_certificate is None:
-            log.warning("refused %s from %s: no client certificate", request.path, request.peer)
+            log.warning("refused %s from %s: no client certificate", loggable(request.path), request.peer)
             raise self._refuse(401, "unauthenticated",
                                "present the agent's X.509-SVID as the TLS client certificate (join first)")
         try:
             return self._verify_agent(request.peer_certificate)
         except (ValueError, VerificationError, KeysealError) as exc:
-            log.warning("refused %s from %s: the client certificate is not a valid agent SVID (%s)", request.path,
-                        request.peer, str(exc)[:160])
+            log.warning("refused %s from %s: the client certificate is not a valid agent SVID (%s)",
+                        loggable(request.path), request.peer, loggable(str(exc), 160))
             raise self._refuse(401, "unauthenticated", "the client certificate is not a valid agent X.509-SVID of "
                                                        "this trust domain: renew it in time, or join again") from None
 
@@ -111,8 +111,8 @@ class AgentApi:
         entry_id = document.get("entryID")
         entry = self.entries.get(entry_id) if isinstance(entry_id, str) else None
         if entry is None or not entry.parented_by(agent_id):
-            log.warning("refused %s from %s: agent %s asked for entry %r it does not hold", request.path,
-                        request.peer, agent_id, str(entry_id)[:40])
+            log.warning("refused %s from %s: agent %s asked for entry %s it does not hold", loggable(request.path),
+                        request.peer, agent_id, loggable(str(entry_id), 40))
             raise self._refuse(403, "forbidden", f"agent {agent_id} holds no entry {str(entry_id)[:40]!r}")
         return entry
 
@@ -123,8 +123,12 @@ class AgentApi:
         token = document.get("token")
         if not isinstance(token, str) or not token or len(token) > 256:
             raise UsageError("token is missing: give the join token from keyseal entry join-token")
-        parse_csr(document.get("csr"))  # type: ignore[arg-type]  # a bad CSR must not burn the token
-        agent_id = self.tokens.redeem(token, self.api.manager.clock())
+        # The token first, read only: one nobody issued costs neither a signature check nor a write.
+        now = self.api.manager.clock()
+        agent_id = self.tokens.lookup(token, now)
+        if agent_id is not None:
+            parse_csr(document.get("csr"))  # type: ignore[arg-type]  # a bad CSR must not burn the token
+            agent_id = self.tokens.redeem(token, now)  # None if another request redeemed it meanwhile
         if agent_id is None:
             log.warning("refused an agent join from %s: unknown, used or expired join token", request.peer)
             raise self._refuse(401, "unauthenticated", "the join token is unknown, used or expired: issue a new one")

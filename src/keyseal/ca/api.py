@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from keyseal.audit.log import utc_second
-from keyseal.ca.auth import Authenticator, Principal
+from keyseal.ca.auth import Authenticator, Principal, valid_at
 from keyseal.ca.bundle import bundle_json, sequence_of
 from keyseal.ca.config import Config
 from keyseal.ca.jwtsvid import check_audience, issue_jwt_svid
@@ -23,7 +23,7 @@ from keyseal.ca.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from keyseal.ca.metrics import Metrics
 from keyseal.ca.spiffeid import RESERVED_PATH, SpiffeId, SpiffeIdError, is_reserved, parse_spiffe_id
 from keyseal.ca.x509svid import parse_csr_key, sign_x509_svid
-from keyseal.errors import KeysealError, UsageError
+from keyseal.errors import KeysealError, UsageError, loggable
 
 __all__ = ["MAX_BODY_BYTES", "Api", "Request", "Response"]
 
@@ -122,7 +122,7 @@ class Api:
             return _json(503, {"error": "unavailable", "message": "the CA key manager failed; see the server log"})
         except Exception:
             self.metrics.error("internal")
-            log.exception("internal error answering %s %s", request.method, request.path[:100])
+            log.exception("internal error answering %s %s", request.method, loggable(request.path))
             return _json(500, {"error": "internal", "message": "internal error; see the server log"})
 
     # -- public endpoints ---------------------------------------------------------------------------------
@@ -156,10 +156,16 @@ class Api:
         if principal is None:
             what = "an unknown bearer token" if "authorization" in request.headers else (
                 "an unknown client certificate" if request.peer_certificate else "no credentials")
-            log.warning("refused %s %s from %s: not authenticated (%s)", request.method, request.path,
+            log.warning("refused %s %s from %s: not authenticated (%s)", request.method, loggable(request.path),
                         request.peer, what)
             raise _Refused(401, "unauthenticated",
                            "authenticate with a bearer token (Authorization: Bearer ...) or a client certificate")
+        if principal.method == "mtls" and request.peer_certificate is not None \
+                and not valid_at(request.peer_certificate, self.manager.clock()):
+            log.warning("refused %s %s from %s: the client certificate of client %s is not valid now (expired or "
+                        "not yet valid)", request.method, loggable(request.path), request.peer, principal.name)
+            raise _Refused(401, "unauthenticated", "the client certificate is not valid now (expired, or not yet "
+                                                   "valid): connect again with a current one")
         return principal
 
     def _body(self, request: Request, allowed: set[str]) -> dict[str, Any]:
@@ -190,12 +196,13 @@ class Api:
     def _authorize(self, principal: Principal, spiffe_id: SpiffeId, request: Request) -> None:
         if is_reserved(spiffe_id.path):
             log.warning("refused %s from %s: client %s asked for %s, a path reserved for the server and its "
-                        "node agents", request.path, request.peer, principal.name, spiffe_id)
+                        "node agents", loggable(request.path), request.peer, principal.name, spiffe_id)
             raise _Refused(403, "forbidden", f"{spiffe_id} is reserved for the keyseal server and its node agents "
                                              f"({RESERVED_PATH}/...): no client may obtain it")
         if not principal.may_ask_for(spiffe_id.path):
             log.warning("refused %s from %s: client %s asked for %s, outside its allowed prefixes %s",
-                        request.path, request.peer, principal.name, spiffe_id, ", ".join(principal.prefixes))
+                        loggable(request.path), request.peer, principal.name, spiffe_id,
+                        ", ".join(principal.prefixes))
             raise _Refused(403, "forbidden", f"client {principal.name} may not obtain an SVID for {spiffe_id}")
 
     def _ttl(self, document: dict[str, Any], limit: timedelta) -> timedelta:

@@ -1,19 +1,26 @@
 """Who may ask for SVIDs: clients named in the configuration, each with a bearer token (only its SHA-256 is
 configured) or a TLS client certificate (its SHA-256 fingerprint, or its URI SAN), and the SPIFFE ID path
-prefixes it may ask for. Tokens are never logged; a failed attempt is logged with the peer address only."""
+prefixes it may ask for. Tokens are never logged; a failed attempt is logged with the peer address only.
+
+A client certificate's chain was verified by OpenSSL once, at the handshake, on the machine's time; its validity
+period is checked again on every request, on the server's clock (`valid_at`), so a kept-alive connection does
+not outlive the certificate. The chain itself is not verified again: the listener's connection age cap
+(`keyseal.ca.httpd.MAX_CONNECTION_AGE`) bounds how long a handshake's verdict is used."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
+from datetime import datetime
 
 from cryptography import x509
 
 from keyseal.ca.config import ClientConfig
 from keyseal.ca.spiffeid import path_allowed
 
-__all__ = ["Authenticator", "Principal"]
+__all__ = ["Authenticator", "Principal", "valid_at"]
 
 _BEARER_RE = re.compile(r"Bearer ([A-Za-z0-9\-._~+/]+=*)")
 MAX_TOKEN_LENGTH = 4096
@@ -60,3 +67,19 @@ class Authenticator:
         if len(uris) != 1:
             return None
         return self._by_uri.get(uris[0])
+
+
+def valid_at(der: bytes, now: datetime) -> bool:
+    """Whether the certificate's validity period holds `now` (a certificate that cannot be read: False)."""
+    period = _validity(der)
+    return period is not None and period[0] <= now <= period[1]
+
+
+@functools.lru_cache(maxsize=1024)
+def _validity(der: bytes) -> tuple[datetime, datetime] | None:
+    """Read once per certificate: a client sends the same one on every request of a connection."""
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return None
+    return certificate.not_valid_before_utc, certificate.not_valid_after_utc

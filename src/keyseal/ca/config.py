@@ -22,6 +22,7 @@ __all__ = [
     "CA_KEY_TYPES",
     "ClientConfig",
     "Config",
+    "ConnectionLimits",
     "default_alias_prefix",
     "load_config",
     "parse_config",
@@ -85,6 +86,23 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """How many connections the listener holds (`server.connections`, docs/server-api.md): `max_connections` in
+    all; `per_source` from one source address (an IPv6 /64 counts as one address); and once no more than
+    `reserved` slots are free (the server is busy), a source gets a new one only while it holds fewer than
+    `busy_share`: the last slots stay for node agents, probes and clients that hold few, not for whoever holds
+    many."""
+
+    max_connections: int = 256
+    per_source: int = 32
+    reserved: int = 64
+
+    @property
+    def busy_share(self) -> int:
+        return max(1, self.per_source // 8)
+
+
+@dataclass(frozen=True)
 class VaultConfig:
     """A Vault / OpenBao Transit key as the KEK (`keyWrapping.provider: vault`). One token source: a token file,
     a Kubernetes auth role, or else VAULT_TOKEN / BAO_TOKEN in the environment. Never a token in the values."""
@@ -137,6 +155,7 @@ class Config:
     listen_host: str = "0.0.0.0"  # noqa: S104 - a server in a pod listens on all addresses by default
     listen_port: int = 8443
     tls: TlsConfig = field(default_factory=TlsConfig)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     clients: tuple[ClientConfig, ...] = ()
     log_level: str = "info"
 
@@ -186,6 +205,14 @@ class _Section:
     def section(self, name: str) -> _Section:
         return _Section(self.get(name), self.key(name))
 
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        value = self.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise UsageError(f"{self.key(name)} must be a whole number from {low} to {high}")
+        return value
+
     def strings(self, name: str) -> tuple[str, ...]:
         value = self.get(name)
         if value is None:
@@ -205,7 +232,7 @@ class _Section:
 def _listen(value: str, where: str) -> tuple[str, int]:
     host, sep, port_text = value.rpartition(":")
     host = host.strip("[]")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not sep or not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise UsageError(f"{where}={value!r} is not HOST:PORT (e.g. 0.0.0.0:8443)")
     try:
         ipaddress.ip_address(host)
@@ -480,6 +507,7 @@ def _server(server: _Section) -> dict[str, Any]:
     ip_addresses = self_issued.strings("ipAddresses")
     self_issued.done()
     tls_section.done()
+    connections = _connections(server.section("connections"))
     server.done()
     if (cert_file is None) != (key_file is None):
         raise UsageError("server.tls.certFile and server.tls.keyFile go together: set both or neither")
@@ -495,7 +523,19 @@ def _server(server: _Section) -> dict[str, Any]:
         self_issued_ips=ip_addresses,
         client_ca_file=Path(client_ca) if client_ca else None,
     )
-    return {"listen_host": host, "listen_port": port, "tls": tls}
+    return {"listen_host": host, "listen_port": port, "tls": tls, "connections": connections}
+
+
+MAX_CONNECTIONS_LIMIT = 16384
+
+
+def _connections(section: _Section) -> ConnectionLimits:
+    default = ConnectionLimits()
+    most = section.integer("max", default.max_connections, 1, MAX_CONNECTIONS_LIMIT)
+    per_source = section.integer("perSource", min(default.per_source, most), 1, most)
+    reserved = section.integer("reserved", min(default.reserved, most // 4), 0, most - 1)
+    section.done()
+    return ConnectionLimits(most, per_source, reserved)
 
 
 def _default_record_prefix(trust_domain: str) -> str:

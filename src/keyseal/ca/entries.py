@@ -136,11 +136,14 @@ class _JsonFile:
         return data
 
     def change(self, produce: Callable[[Any], Any]) -> Any:
+        """Run `produce` on the document under the lock, and write it back if `produce` changed it."""
         with self._lock, self._locked():
             data = self._load()
+            before = json.dumps(data, sort_keys=True)
             result = produce(data)
-            write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n", mode=0o600)
-            self._cache = None
+            if json.dumps(data, sort_keys=True) != before:
+                write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n", mode=0o600)
+                self._cache = None
             return result
 
 
@@ -244,6 +247,10 @@ class JoinTokens(abc.ABC):
         """Store a token by its SHA-256 (hex)."""
 
     @abc.abstractmethod
+    def _peek(self, digest: str, now: datetime) -> str | None:
+        """The agent ID of the token with this SHA-256 if it is stored and unexpired, changing nothing."""
+
+    @abc.abstractmethod
     def _take(self, digest: str, now: datetime) -> str | None:
         """Remove the token with this SHA-256 and return its agent ID, at most once over all callers; None when
         it is unknown, already taken, or expired."""
@@ -258,6 +265,11 @@ class JoinTokens(abc.ABC):
         agent_id = f"spiffe://{self.trust_domain}{AGENT_PATH}/{agent_name}"
         self._add(token_digest(token), agent_id, (now or datetime.now(UTC)) + ttl)
         return token, agent_id
+
+    def lookup(self, token: str, now: datetime) -> str | None:
+        """The agent SPIFFE ID the token names while it may be redeemed, else None; reads, never writes (a join
+        with a token nobody issued must cost the server as little as possible)."""
+        return self._peek(token_digest(token), now)
 
     def redeem(self, token: str, now: datetime) -> str | None:
         """The agent SPIFFE ID the token names, once; None for an unknown, used or expired token."""
@@ -285,13 +297,21 @@ class DirectoryJoinTokens(JoinTokens):
 
         self.file.change(add)
 
+    def _peek(self, digest: str, now: datetime) -> str | None:
+        found = self.file.read().get("tokens", {}).get(digest)
+        if not isinstance(found, dict) or found.get("expires", 0) <= now.timestamp():
+            return None
+        return str(found["agent_id"])
+
     def _take(self, digest: str, now: datetime) -> str | None:
         def take(data: dict[str, Any]) -> str | None:
-            tokens = data.setdefault("tokens", {})
+            tokens = data.get("tokens", {})
             found = tokens.pop(digest, None)
+            if found is None:
+                return None  # nothing changed: nothing is written
             for key in [k for k, v in tokens.items() if v["expires"] <= now.timestamp()]:
-                del tokens[key]
-            if found is None or found["expires"] <= now.timestamp():
+                del tokens[key]  # written anyway: expired tokens go with it
+            if found["expires"] <= now.timestamp():
                 return None
             return str(found["agent_id"])
 

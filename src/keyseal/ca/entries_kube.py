@@ -276,6 +276,15 @@ class KubeJoinTokens(JoinTokens):
             raise KeysealError("a join token with this digest exists already: issue another one")
         self._purge_expired(datetime.now(UTC))
 
+    def _peek(self, digest: str, now: datetime) -> str | None:
+        obj = self.resources.get(self._name(digest))
+        spec = (obj or {}).get("spec") or {}
+        agent_id = spec.get("agentID") if isinstance(spec, dict) else None
+        expires = _parse_time(spec.get("expiresAt") if isinstance(spec, dict) else None)
+        if expires is None or expires <= now or not self.is_agent_id(agent_id):
+            return None
+        return str(agent_id)
+
     def _take(self, digest: str, now: datetime) -> str | None:
         obj = self.resources.get(self._name(digest))
         if obj is None:

@@ -3,10 +3,10 @@
 The listener (`keyseal.ca.httpd`) feeds `RequestReader` what it reads and writes what `render` returns; the fuzz
 targets feed it raw bytes the same way. The rules are the usual ones: request line `METHOD PATH HTTP/1.x`, at
 most MAX_HEADERS header lines of MAX_HEADER_LINE bytes, a repeated header that decides something
-(Content-Length, Authorization, Transfer-Encoding, Host) refused, bodies only by Content-Length (chunked is
-411), at most MAX_BODY_BYTES, `Expect: 100-continue` honoured, HTTP/1.0 keep-alive only when asked for. Parsing
-uses bytes methods on the whole head at once: reading header lines one by one through buffered files costs
-about a tenth of an SVID's server time (benchmarks/README.md).
+(Content-Length, Authorization, Transfer-Encoding, Host) refused, bodies only by Content-Length (ASCII digits
+only; chunked is 411), at most MAX_BODY_BYTES, `Expect: 100-continue` honoured, HTTP/1.0 keep-alive only when
+asked for. Parsing uses bytes methods on the whole head at once: reading header lines one by one through
+buffered files costs about a tenth of an SVID's server time (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -174,12 +174,21 @@ def _parse_head(head: bytes) -> _Head | Refusal:
         return _refuse(501, "not_implemented", "method not implemented")
     if "transfer-encoding" in headers:
         return _refuse(411, "length_required", "send Content-Length")
-    text = headers.get("content-length") or "0"
-    length = int(text) if text.isdigit() and len(text) < 19 else -1
-    if length < 0:
-        return _refuse(413, "too_large", "request body is too large")
+    length = _content_length(headers.get("content-length", "0"))
+    if isinstance(length, Refusal):
+        return length
     expect = headers.get("expect", "").lower() == "100-continue" and length <= MAX_BODY_BYTES
     return _Head(method, path, headers, close, length, request_line, expect)
+
+
+def _content_length(text: str) -> int | Refusal:
+    """A decimal number of ASCII digits, nothing else: `str.isdigit()` also takes `²`, which `int()` refuses, and
+    `int()` also takes `+5`, `1_0` and spaces."""
+    if not text or not text.isascii() or not text.isdigit():
+        return _refuse(400, "bad_request", "Content-Length must be a decimal number (ASCII digits)")
+    if len(text) > 18:  # more than MAX_BODY_BYTES anyway, and int() of a long string costs time
+        return _refuse(413, "too_large", "request body is too large")
+    return int(text)
 
 
 def _headers(lines: list[bytes]) -> dict[str, str] | Refusal:

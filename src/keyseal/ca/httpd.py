@@ -10,11 +10,17 @@ handed back to the loop. Answers are written once per pass of the loop, after ev
 answered, so that a busy server wakes several clients at once instead of one per answer. Handshakes run on
 the loop's thread too: each costs about a millisecond, which bounds new connections, not requests.
 
-Limits: at most MAX_CONNECTIONS open connections; a handshake or a request not complete REQUEST_TIMEOUT after it
-began, or a connection idle for IDLE_TIMEOUT (a client that stops reading included), is closed (a late request
-is answered 408 first); request heads and bodies are bounded (`keyseal.ca.http1`); a client that sends far
-ahead of what it reads has at most MAX_UNWRITTEN bytes of answers queued. The SSL context is read per
-connection, so a renewed serving certificate applies to new connections at once.
+Limits (`ConnectionLimits`, the `server.connections` configuration): at most `max_connections` open connections,
+at most `per_source` from one source address (an IPv6 /64 counts as one), and once the server is busy (no more
+than `reserved` slots free) a source gets a new one only while it holds fewer than `busy_share`, so that a flood
+from a few addresses leaves room for everyone else. Closed: a handshake not complete REQUEST_TIMEOUT after it
+began; a request not complete REQUEST_TIMEOUT after it began (answered 408 first); a connection idle for
+IDLE_TIMEOUT (a client that stops reading included). While the server is busy, or for a source at its limit,
+handshakes get BUSY_HANDSHAKE_TIMEOUT and kept-alive connections with no request under way BUSY_IDLE_TIMEOUT.
+The answer after MAX_CONNECTION_AGE closes its connection, so that what the handshake decided is decided again.
+Request heads and bodies are bounded (`keyseal.ca.http1`); a client that sends far ahead of what it reads has at
+most MAX_UNWRITTEN bytes of answers queued. The SSL context is read per connection, so a renewed serving
+certificate applies to new connections at once.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import collections
 import contextlib
 import errno
 import functools
+import ipaddress
 import logging
 import queue
 import selectors
@@ -34,16 +41,21 @@ from collections.abc import Callable
 from typing import Any
 
 from keyseal.ca.api import MAX_BODY_BYTES, Api, Request, Response
+from keyseal.ca.config import ConnectionLimits
 from keyseal.ca.http1 import MAX_DRAIN_BYTES, MAX_HEAD, Incoming, Refusal, RequestReader, error, render
+from keyseal.errors import loggable
 
-__all__ = ["TlsHttpServer"]
+__all__ = ["TlsHttpServer", "source_of"]
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 256
 MAX_WORKERS = 32
 IDLE_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 30.0
+BUSY_HANDSHAKE_TIMEOUT = 5.0  # a handshake takes a few round trips: seconds are plenty, even far away
+BUSY_IDLE_TIMEOUT = 5.0  # a kept-alive connection with no request under way, while the server is busy
+MAX_CONNECTION_AGE = 600.0
+REFUSAL_LOG_SECONDS = 10.0  # refused connections are logged once per this, with how many: a flood is one line
 LINGER_SECONDS = 2.0
 DRAIN_SECONDS = 10.0  # reading a refused body (at most MAX_DRAIN_BYTES) so that the client sees the 413
 READ_SIZE = 16384  # a TLS record carries at most 16 KiB: one read never returns more
@@ -53,6 +65,8 @@ READ_AHEAD = MAX_HEAD + MAX_BODY_BYTES + READ_SIZE
 SWEEP_SECONDS = 1.0
 MAX_UNWRITTEN = 256 * 1024  # answers queued on one connection before the loop stops answering it to write
 
+DEFAULT_LIMITS = ConnectionLimits()
+
 _HANDSHAKE, _OPEN, _BUSY, _LINGER, _CLOSED = range(5)
 _ACCEPT, _WAKE = object(), object()  # the selector's keys for the listener and the workers' wake-up
 
@@ -60,17 +74,18 @@ _ACCEPT, _WAKE = object(), object()  # the selector's keys for the listener and 
 class _Connection:
     """One client: its TLS socket, what it sent that is not yet answered, what we owe it."""
 
-    def __init__(self, server: TlsHttpServer, sock: ssl.SSLSocket, address: Any) -> None:
+    def __init__(self, server: TlsHttpServer, sock: ssl.SSLSocket, address: Any, source: str) -> None:
         self.server = server
         self.sock = sock
         self.peer = f"{address[0]}:{address[1]}"
+        self.source = source
         self.reader = RequestReader()
         self.state = _HANDSHAKE
         self.events = 0
         self.out = b""
         self.close_after = False
         self.eof = False
-        self.opened = time.monotonic()
+        self.opened = self.active = time.monotonic()
         self.deadline = self.opened + IDLE_TIMEOUT
         self.request_started: float | None = None
         self.linger_budget = MAX_DRAIN_BYTES
@@ -83,7 +98,8 @@ class _Connection:
         if self.state == _LINGER:  # its deadline is set once: a client trickling bytes gets no more time
             self._linger()
             return
-        self.deadline = time.monotonic() + IDLE_TIMEOUT
+        self.active = time.monotonic()
+        self.deadline = self.active + IDLE_TIMEOUT
         if self.state == _HANDSHAKE:
             self._handshake()
         elif self.state == _OPEN and (not self.out or self._flush()):
@@ -109,7 +125,7 @@ class _Connection:
         self.want(0)
         with contextlib.suppress(OSError):
             self.sock.close()
-        self.server.connections.discard(self)
+        self.server.forget(self)
 
     # -- states ----------------------------------------------------------------------------------------------
 
@@ -196,7 +212,8 @@ class _Connection:
 
     def worker_answered(self, incoming: Incoming, response: Response) -> None:
         """Queue a worker's answer, then go on with the requests already read, or wait for more."""
-        self.deadline = time.monotonic() + IDLE_TIMEOUT
+        self.active = time.monotonic()
+        self.deadline = self.active + IDLE_TIMEOUT
         if self.respond(response, close=incoming.close, request=incoming):
             self._answer()
 
@@ -205,7 +222,9 @@ class _Connection:
         clients are then woken in one go rather than one after each answer). True if the connection may go
         on to its next request."""
         if request is not None and log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s %s", self.peer, request.request_line, response.status)
+            log.debug("%s %s %s", self.peer, loggable(request.request_line), response.status)
+        if not close and time.monotonic() - self.opened > MAX_CONNECTION_AGE:
+            close = True  # the client opens a new connection, with a new handshake, for what it asks next
         self.state = _OPEN
         self.out += render(response, close=close)
         self.close_after = close
@@ -267,22 +286,64 @@ class _Connection:
             self.linger_budget -= len(chunk)
         self.close()
 
-    def expire(self, now: float) -> None:
-        """Close an idle connection, or answer 408 to a request that has trickled in for too long."""
+    def expire(self, now: float, pressed: bool) -> None:
+        """Close an idle or old connection, or answer 408 to a request that has trickled in for too long.
+        `pressed`: the server is busy, or this connection's source is at its limit, so a handshake that has not
+        finished by now, or a kept-alive connection with nothing to do, makes room (for its source's next
+        connection, or anyone's)."""
         if self.state == _BUSY:
             return
-        if self.state == _HANDSHAKE and now - self.opened > REQUEST_TIMEOUT:
-            log.debug("TLS handshake with %s took too long", self.peer)
-            self.close()
+        if self.state == _HANDSHAKE:
+            if now - self.opened > (BUSY_HANDSHAKE_TIMEOUT if pressed else REQUEST_TIMEOUT):
+                log.debug("TLS handshake with %s took too long", self.peer)
+                self.close()
         elif (self.state == _OPEN and not self.out and not self.close_after and self.request_started is not None
               and now - self.request_started > REQUEST_TIMEOUT):  # with nothing owed, what waits is incomplete
             log.debug("request from %s took too long to arrive", self.peer)
             self.request_started = None
             self.respond(error(408, "timeout", f"the request did not arrive within {REQUEST_TIMEOUT:.0f}s"),
                          close=True)
-        elif now > self.deadline:
-            log.debug("connection from %s closed: idle", self.peer)
+        elif now > self.deadline or (self.state == _OPEN and not self.out and self.reader.idle and (
+                now - self.opened > MAX_CONNECTION_AGE or (pressed and now - self.active > BUSY_IDLE_TIMEOUT))):
+            log.debug("connection from %s closed: idle, or old", self.peer)
             self.close()
+
+
+def source_of(address: str) -> str:
+    """What per-source limits count by: the IPv4 address (also when written as IPv4-mapped IPv6), or the IPv6 /64
+    (one host, or one subnet, commonly holds a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class _RefusalLog:
+    """Refused connections, logged at most once per REFUSAL_LOG_SECONDS: a warning per refusal would let a flood
+    fill the log as well as the listener."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._last: tuple[str, str] = ("", "")
+        self._next = 0.0
+
+    def note(self, source: str, reason: str) -> None:
+        self._count += 1
+        self._last = (source, reason)
+        self.flush(time.monotonic())
+
+    def flush(self, now: float) -> None:
+        if self._count and now >= self._next:
+            source, reason = self._last
+            more = f"; {self._count - 1} other connections refused since the last such line" if self._count > 1 else ""
+            log.warning("refused a connection from %s: %s%s", source, reason, more)
+            self._count = 0
+            self._next = now + REFUSAL_LOG_SECONDS
 
 
 class _Workers:
@@ -330,17 +391,21 @@ class TlsHttpServer:
     """`serve_forever()` on one thread; `shutdown()` from another stops it; `server_close()` frees everything."""
 
     def __init__(self, host: str, port: int, api: Api, context: Callable[[], ssl.SSLContext], *,
-                 answer_inline: Callable[[str], bool] = lambda path: False) -> None:
+                 answer_inline: Callable[[str], bool] = lambda path: False,
+                 limits: ConnectionLimits = DEFAULT_LIMITS) -> None:
         self.api = api
         self.context = context
         self.answer_inline = answer_inline
+        self.limits = limits
         self.selector = selectors.DefaultSelector()
         self.connections: set[_Connection] = set()
+        self._by_source: dict[str, int] = {}
+        self._refusals = _RefusalLog()
         self._listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         try:
             self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._listener.bind((host, port))
-            self._listener.listen(MAX_CONNECTIONS)
+            self._listener.listen(limits.max_connections)
         except OSError:
             self._listener.close()
             raise
@@ -361,6 +426,32 @@ class TlsHttpServer:
     @property
     def port(self) -> int:
         return int(self._listener.getsockname()[1])
+
+    def held_by(self, address: str) -> int:
+        """How many connections the source of `address` holds."""
+        return self._by_source.get(source_of(address), 0)
+
+    def _refusal(self, source: str) -> str | None:
+        """Why a new connection from `source` is refused, or None."""
+        limits, held, open_now = self.limits, self._by_source.get(source, 0), len(self.connections)
+        if open_now >= limits.max_connections:
+            return f"{open_now} connections are open (server.connections.max)"
+        if held >= limits.per_source:
+            return f"it holds {held} connections (server.connections.perSource)"
+        if open_now >= limits.max_connections - limits.reserved and held >= limits.busy_share:
+            return (f"it holds {held} connections and only {limits.max_connections - open_now} are free "
+                    f"(server.connections.reserved)")
+        return None
+
+    def forget(self, connection: _Connection) -> None:
+        """A connection closed: its slot, and its source's, are free."""
+        if connection in self.connections:
+            self.connections.discard(connection)
+            held = self._by_source.get(connection.source, 0) - 1
+            if held > 0:
+                self._by_source[connection.source] = held
+            else:
+                self._by_source.pop(connection.source, None)
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         self._stopped.clear()
@@ -410,8 +501,10 @@ class TlsHttpServer:
                     self.selector.unregister(self._listener)
                     self._accept_paused_until = time.monotonic() + SWEEP_SECONDS / 2
                 return
-            if len(self.connections) >= MAX_CONNECTIONS:
-                log.warning("refused a connection from %s: %d connections are open", address[0], MAX_CONNECTIONS)
+            source = source_of(address[0])
+            refusal = self._refusal(source)
+            if refusal is not None:
+                self._refusals.note(source, refusal)
                 raw.close()
                 continue
             raw.setblocking(False)
@@ -423,8 +516,9 @@ class TlsHttpServer:
                 log.debug("TLS with %s failed: %s", address[0], exc)
                 raw.close()
                 continue
-            connection = _Connection(self, sock, address)
+            connection = _Connection(self, sock, address, source)
             self.connections.add(connection)
+            self._by_source[source] = self._by_source.get(source, 0) + 1
             self._guarded(connection.ready, connection)
 
     def _guarded(self, step: Callable[[], None], connection: _Connection) -> None:
@@ -440,7 +534,7 @@ class TlsHttpServer:
             try:
                 response = self.api.handle(request)
             except BaseException:  # Api.handle answers its own errors; this is the last resort
-                log.exception("internal error answering %s %s", request.method, request.path[:100])
+                log.exception("internal error answering %s %s", request.method, loggable(request.path))
                 response = error(500, "internal", "internal error; see the server log")
             self._answered.append((connection, incoming, response))
             self._wake()
@@ -466,8 +560,14 @@ class TlsHttpServer:
             self._guarded(connection.write_queued, connection)
 
     def _sweep(self, now: float) -> None:
+        # Who is pressed is decided once per sweep: each close below would otherwise spare the rest.
+        limits = self.limits
+        busy = len(self.connections) >= limits.max_connections - limits.reserved
+        full = {source for source, held in self._by_source.items() if held >= limits.per_source}
         for connection in list(self.connections):
-            self._guarded(functools.partial(connection.expire, now), connection)
+            pressed = busy or connection.source in full
+            self._guarded(functools.partial(connection.expire, now, pressed), connection)
+        self._refusals.flush(now)
         if self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
             self.selector.register(self._listener, selectors.EVENT_READ, _ACCEPT)

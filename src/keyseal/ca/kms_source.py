@@ -250,7 +250,8 @@ class KmsKeysetSource(KeysetSource):
                 readable += 1
                 if not self._is_abandoned(tags, now):
                     continue
-                number = int(tags[KEYSET_TAG]) if tags.get(KEYSET_TAG, "").isdigit() else 0
+                text = tags.get(KEYSET_TAG, "")
+                number = int(text) if text.isascii() and text.isdigit() else 0  # '²' is a digit, not an int
                 detail = f"pending since {tags[CREATED_TAG]} with no complete keyset"
                 self._orphan(key_id, number, tags.get(KIND_TAG, "?"), "abandoned", detail)
                 orphaned.append(key_id)

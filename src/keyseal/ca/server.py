@@ -118,7 +118,7 @@ class CaServer:
         self._publish_bundle(now)
         try:
             self.httpd = TlsHttpServer(self.config.listen_host, self.config.listen_port, self.api, self.tls.current,
-                                       answer_inline=self.answers_from_memory)
+                                       answer_inline=self.answers_from_memory, limits=self.config.connections)
         except OSError as exc:
             raise UsageError(
                 f"cannot listen on {self.config.listen_host}:{self.config.listen_port}: {exc.strerror or exc}"
