@@ -56,6 +56,7 @@ def test_empty_path_is_valid() -> None:
         ("pkcs11:object=%ff", "not UTF-8"),
         ("pkcs11:type=secret", "invalid type='secret'"),
         ("pkcs11:slot-id=one", "decimal"),
+        ("pkcs11:slot-id=%C2%B2", "decimal"),  # "²": str.isdigit() takes it, int() does not
         ("pkcs11:library-version=two", "M[.N]"),
         ("pkcs11:token=a?module-path=", "empty module-path"),
         ("pkcs11:token=a?module-path=/x.so&module-path=/y.so", "appears twice"),

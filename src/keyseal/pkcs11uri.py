@@ -195,7 +195,7 @@ def _check_values(path: dict[str, str | bytes], query: dict[str, str], shown: st
             f"invalid type={kind!r} in PKCS#11 URI {shown!r}: use one of {', '.join(OBJECT_TYPES)}"
         )
     slot_id = path.get("slot-id")
-    if isinstance(slot_id, str) and not slot_id.isdigit():
+    if isinstance(slot_id, str) and not (slot_id.isascii() and slot_id.isdigit()):  # isdigit() alone takes "²"
         raise KeyURIError(f"invalid slot-id={slot_id!r} in PKCS#11 URI {shown!r}: write a decimal number")
     version = path.get("library-version")
     if isinstance(version, str) and not re.fullmatch(r"\d+(\.\d+)?", version):

@@ -458,7 +458,7 @@ def _get(host: str, path: str, routes: Mapping[Endpoint, Endpoint], context: ssl
         if response.status != 200:
             raise WkdUnavailableError(f"{url} answered HTTP {response.status} {response.reason}".rstrip())
         declared = response.getheader("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
             raise WkdError(f"{url} sent {declared} bytes: more than the {max_bytes >> 10} KiB a key may take")
         body = bytearray()
         while chunk := response.read(16384):
