@@ -137,21 +137,38 @@ def uri_for_ssh(fingerprint: str) -> str | None:
 
 
 def keyring_certificates() -> list[Certificate]:
-    """Every certificate in the keyring directory (copies of one key merged); a broken file is an error."""
+    """Every certificate in the keyring directory (copies of one key merged); a broken file is an error. Parsed
+    once per content of the directory's files (keyseal.keyring_cache)."""
+    from keyseal import keyring_cache
+
     directory = keyring_dir()
     if not directory.is_dir():
         return []
-    certificates: list[Certificate] = []
+    files: list[tuple[str, bytes]] = []
     for path in sorted(directory.iterdir()):
         if path.suffix not in _CERT_SUFFIXES or not path.is_file():
             continue
         try:
-            certificates += load_certificates(path.read_bytes(), str(path))
+            files.append((path.name, path.read_bytes()))
         except OSError as exc:
             raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    key = keyring_cache.cache_key(files)
+    cached = keyring_cache.load(keyring_cache_path(), key)
+    if cached is not None:
+        return cached
+    certificates: list[Certificate] = []
+    for name, content in files:
+        try:
+            certificates += load_certificates(content, str(directory / name))
         except KeysealError as exc:
             raise OpenPGPError(f"keyring file {exc.message}") from None
-    return merge_certificates(certificates)
+    merged = merge_certificates(certificates)
+    keyring_cache.store(keyring_cache_path(), key, merged)
+    return merged
+
+
+def keyring_cache_path() -> Path:
+    return keyseal_home() / "cache" / "keyring.json"
 
 
 def add_certificate(data: bytes, source: str) -> Certificate:
