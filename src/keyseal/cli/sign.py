@@ -1,4 +1,5 @@
-"""`keyseal sign`: detached OpenPGP signatures, one signature call per file, files hashed concurrently."""
+"""`keyseal sign`: detached OpenPGP signatures (or, with --clear, cleartext signed messages), one signature call
+per file, files hashed concurrently."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from keyseal.backends.base import HashName, Signer
 from keyseal.cli.common import kek_option, kms_endpoint_option, load_certificate_files, open_key
 from keyseal.cli.formats import FORMATS, SUFFIXES, check_sign_options, sign_files
 from keyseal.errors import InputError, OpenPGPError, OutputExistsError, UsageError
+from keyseal.inputfile import read_input
 from keyseal.openpgp.armor import is_armored
 from keyseal.openpgp.packets import TAG_SIGNATURE, encode_packet
 from keyseal.openpgp.sign import (
     HASH_IDS,
     SigningIdentity,
     choose_hash,
+    cleartext_document,
     identity_from_certificate,
     identity_from_signer,
     render,
@@ -55,9 +58,13 @@ def plan_outputs(files: tuple[Path, ...], output: Path | None, armored: bool, fo
 
 
 def sign_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, src: Path, dst: Path,
-             armored: bool, force: bool, append: bool = False) -> Path:
+             armored: bool, force: bool, append: bool = False, clear: bool = False) -> Path:
     # The audit log names the file; set here, in the worker thread, since pool threads do not inherit contexts.
     with audit.subject(os.path.abspath(src)):
+        if clear:
+            document = cleartext_document(signer, identity, hash_name, read_input(src, "file"))
+            write_atomic(dst, document, mode=0o644, force=force)
+            return dst
         existing = _existing_signatures(dst) if append else None
         if existing is not None:
             return _append_one(signer, identity, hash_name, src, dst, *existing)
@@ -110,6 +117,9 @@ def _append_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, 
 @click.option("--cert", "certs", multiple=True, type=click.Path(path_type=Path),
               help="The key's certificate: names the issuer and refuses a key that is not its key.")
 @click.option("--armor/--binary", "armored", default=True, help="FILE.asc (default) or binary FILE.sig.")
+@click.option("--clear", is_flag=True,
+              help="A cleartext signed message FILE.asc (the text, readable, then its signature), as gpg "
+                   "--clearsign writes it: for text such as APT's InRelease or Debian .dsc/.changes files.")
 @click.option("--digest", type=click.Choice(tuple(HASH_IDS)), default=None, help="Hash (default: the key's).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output (one input only).")
 @click.option("--force", is_flag=True, help="Overwrite existing signature files.")
@@ -123,11 +133,15 @@ def _append_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, 
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @kms_endpoint_option
 @kek_option
-def sign(key_uri: str, certs: tuple[Path, ...], armored: bool, digest: str | None, output: Path | None,
-         force: bool, append: bool, jobs: int, fmt: str, namespace: str | None, files: tuple[Path, ...],
-         kms_endpoint: str | None, kek: str | None) -> None:
-    """Write detached signatures: OpenPGP (gpg and sqv verify them), SSH or minisign."""
+def sign(key_uri: str, certs: tuple[Path, ...], armored: bool, clear: bool, digest: str | None,
+         output: Path | None, force: bool, append: bool, jobs: int, fmt: str, namespace: str | None,
+         files: tuple[Path, ...], kms_endpoint: str | None, kek: str | None) -> None:
+    """Write detached signatures: OpenPGP (gpg and sqv verify them), SSH or minisign; or cleartext signed
+    OpenPGP messages (--clear)."""
     check_sign_options(fmt, certs, armored, digest, append, namespace)
+    if clear and (fmt != "openpgp" or not armored or append):
+        raise UsageError("--clear makes an armored OpenPGP cleartext message: it takes no --binary, --append or "
+                         "--format other than openpgp")
     if fmt != "openpgp":
         pairs = plan_outputs(files, output, True, force, append=True, suffix=SUFFIXES[fmt])
         for _, dst in pairs:
@@ -141,9 +155,11 @@ def sign(key_uri: str, certs: tuple[Path, ...], armored: bool, digest: str | Non
     certificates = load_certificate_files(certs)
     with open_key(key_uri, kms_endpoint, kek) as signer:
         identity = identity_from_certificate(signer, certificates) if certificates else identity_from_signer(signer)
-        hash_name = choose_hash(signer, identity.public_key, digest)  # type: ignore[arg-type]
+        preferences = next((cert.hash_preferences for cert in certificates
+                            if any(e.key.fingerprint == identity.fingerprint for e in cert.signing_keys)), ())
+        hash_name = choose_hash(signer, identity.public_key, digest, preferences)  # type: ignore[arg-type]
         with ThreadPoolExecutor(max_workers=min(jobs, len(pairs))) as pool:
-            futures = [pool.submit(sign_one, signer, identity, hash_name, src, dst, armored, force, append)
+            futures = [pool.submit(sign_one, signer, identity, hash_name, src, dst, armored, force, append, clear)
                        for src, dst in pairs]
             written = [future.result() for future in futures]
     for path in written:

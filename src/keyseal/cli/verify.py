@@ -1,14 +1,16 @@
-"""`keyseal verify`: check a detached signature with keyseal's own verifier (no gpg)."""
+"""`keyseal verify`: check a detached signature, or a cleartext signed message, with keyseal's own verifier
+(no gpg)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
 from keyseal.cli.common import format_time, load_certificate_files
 from keyseal.cli.formats import FORMATS
-from keyseal.errors import InputError, KeysealError, VerificationError
+from keyseal.errors import InputError, KeysealError, OutputExistsError, UsageError, VerificationError
 from keyseal.inputfile import read_input
 
 
@@ -27,10 +29,23 @@ def default_signature_path(data: Path) -> Path:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="openpgp", show_default=True,
               help="The signature's format (ssh: FILE.sig, minisign: FILE.minisig by default).")
 @click.option("--namespace", default=None, help="SSH signature namespace (--format ssh; default: file).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
+              help="Cleartext signed message: write the text the signature covers here ('-': stdout), only once "
+                   "it verifies.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.argument("signature", required=False, type=click.Path(path_type=Path))
-def verify(certs: tuple[Path, ...], fmt: str, namespace: str | None, file: Path, signature: Path | None) -> None:
-    """Exit 0 and print the signer's fingerprint if FILE carries a valid signature from one of the certificates."""
+def verify(certs: tuple[Path, ...], fmt: str, namespace: str | None, output: Path | None, force: bool, file: Path,
+           signature: Path | None) -> None:
+    """Exit 0 and print the signer's fingerprint if FILE carries a valid signature from one of the certificates.
+
+    FILE is the signed data (its signature is SIGNATURE, or FILE.asc / FILE.sig), or a cleartext signed message
+    (`-----BEGIN PGP SIGNED MESSAGE-----`, as `keyseal sign --clear` and `gpg --clearsign` write it)."""
+    if signature is None and fmt == "openpgp" and namespace is None and _starts_cleartext(file):
+        _verify_cleartext(certs, file, output, force)
+        return
+    if output is not None:
+        raise UsageError("--output writes the text of a cleartext signed message; FILE is not one")
     if fmt != "openpgp" or namespace is not None:
         from keyseal.cli.formats import verify_file as verify_other_format
 
@@ -52,3 +67,39 @@ def verify(certs: tuple[Path, ...], fmt: str, namespace: str | None, file: Path,
     click.echo(result.fingerprint)
     uid = result.certificate.user_ids[0] if result.certificate.user_ids else ""
     click.echo(f"Good signature from {uid} made {format_time(result.created)} ({result.hash_name})", err=True)
+
+
+def _starts_cleartext(file: Path) -> bool:
+    from keyseal.openpgp.cleartext import is_cleartext
+
+    try:
+        with file.open("rb") as handle:
+            return is_cleartext(handle.read(256))
+    except OSError:
+        return False  # the detached path reports the missing or unreadable file
+
+
+def _verify_cleartext(certs: tuple[Path, ...], file: Path, output: Path | None, force: bool) -> None:
+    from keyseal.openpgp.verify import verify_cleartext
+
+    try:
+        certificates = load_certificate_files(certs)
+        result, message = verify_cleartext(certificates, read_input(file, "signed message"))
+    except VerificationError:
+        raise
+    except KeysealError as exc:
+        raise VerificationError(exc.message) from None
+    if output is not None and str(output) == "-":
+        sys.stdout.buffer.write(message.text)
+        sys.stdout.buffer.flush()
+    elif output is not None:
+        from keyseal.atomic import write_atomic
+
+        if output.exists() and not force:
+            raise OutputExistsError(f"{output} exists: refusing to overwrite it (use --force)")
+        write_atomic(output, message.text, mode=0o644)
+    if output is None or str(output) != "-":
+        click.echo(result.fingerprint)
+    uid = result.certificate.user_ids[0] if result.certificate.user_ids else ""
+    click.echo(f"Good signature from {uid} made {format_time(result.created)} ({result.hash_name}, cleartext)",
+               err=True)
