@@ -302,7 +302,9 @@ def test_ignored_and_refused_options(registered: Registered) -> None:
                                                                              "--recipient"),
                         (["--digest-algo", "SHA1", "-bs"], "SHA1"), (["-bs", "--clearsign"], "choose one"),
                         (["--passphrase-fd", "0", "-u", key, "-bs"], "--passphrase-fd 0"),
-                        (["-u", key, "-bs", "one", "two"], "one file per call"), ([], "give one of them")):
+                        (["-u", key, "-bs", "one", "two"], "one file per call"), ([], "give one of them"),
+                        (["--no-default-keyring", "--keyring", "other.gpg", "--verify", "x.asc"],
+                         "trusts the keyseal keyring only")):
         result = registered.gpg(*args, input=b"x")
         assert result.returncode == 2, (args, result)
         assert_one_line_error(result)

@@ -58,7 +58,7 @@ IGNORED_FLAGS = frozenset({
 })
 IGNORED_WITH_VALUE = frozenset({
     "--keyid-format", "--trust-model", "--pinentry-mode", "--homedir", "--passphrase", "--passphrase-file",
-    "--passphrase-repeat", "--keyring", "--secret-keyring", "--primary-keyring", "--weak-digest",
+    "--passphrase-repeat", "--secret-keyring", "--primary-keyring", "--weak-digest",
     "--list-options", "--verify-options", "--compress-algo", "--compress-level", "--bzip2-compress-level",
     "--cert-digest-algo", "--s2k-digest-algo", "--s2k-cipher-algo", "--s2k-mode", "--s2k-count", "--charset",
     "--display-charset", "--logger-fd", "--logger-file", "--log-file", "--agent-program", "--dirmngr-program",
@@ -91,6 +91,7 @@ class Arguments:
     digest_preferences: tuple[HashName, ...] = ()
     with_colons: bool = False
     passphrase_fd: int | None = None
+    keyrings: list[str] = field(default_factory=list)
     status_fd: int | None = None
     positional: list[str] = field(default_factory=list)
 
@@ -178,6 +179,8 @@ def _long_option(args: Arguments, name: str, value_of: _ValueOf, inline: str | N
         args.status_fd = _fd(value_of(shown, inline), shown)
     elif name == "--passphrase-fd":
         args.passphrase_fd = _fd(value_of(shown, inline), shown)
+    elif name == "--keyring":
+        args.keyrings.append(value_of(shown, inline))
     elif name in IGNORED_WITH_VALUE:
         value_of(shown, inline)
     elif name in IGNORED_FLAGS and inline is None:
@@ -307,6 +310,10 @@ def run_verify(args: Arguments, status: Status) -> int:
     from keyseal.inputfile import read_input
     from keyseal.openpgp.cleartext import is_cleartext
 
+    if args.keyrings:
+        # Ignoring it would widen trust: the caller meant only that keyring's keys to count.
+        raise UsageError(f"{PROG} --verify trusts the keyseal keyring only, not --keyring {args.keyrings[0][:100]}: "
+                         f"verify with gpgv or sqv --keyring instead")
     if len(args.positional) > 2:
         raise UsageError(f"usage: {PROG} --verify SIGNATURE [DATA|-] or --verify CLEARTEXT")
     first = args.positional[0] if args.positional else "-"
