@@ -284,6 +284,8 @@ def test_list_keys_in_gpg_colon_format(registered: Registered) -> None:
     assert everything.stdout.count("\npub:") == 2
     human = registered.gpg("--list-secret-keys")
     assert key.fingerprint in human.stdout and "[ultimate] Example Releases <releases@example.org>" in human.stdout
+    by_uri = registered.gpg("--list-secret-keys", "--with-colons", key.uri)
+    assert f"fpr:::::::::{key.fingerprint}:" in by_uri.stdout and by_uri.stdout.count("\nsec:") == 1
     missing = registered.gpg("--list-secret-keys", "--with-colons", "nobody@example.org")
     assert_one_line_error(missing)
 

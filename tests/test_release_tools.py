@@ -165,7 +165,7 @@ def test_apt_repository_signed_by_keyseal_gpg(registered: Registered, tmp_path: 
 # -- debsign / dscverify --------------------------------------------------------------------------------------
 
 
-def test_debsign_and_dscverify(registered: Registered, tmp_path: Path) -> None:
+def source_tree(tmp_path: Path) -> Path:
     source = tmp_path / "keyseal-tiny-1.0"
     (source / "debian" / "source").mkdir(parents=True)
     (source / "debian" / "source" / "format").write_text("3.0 (native)\n")
@@ -177,6 +177,14 @@ def test_debsign_and_dscverify(registered: Registered, tmp_path: Path) -> None:
         "keyseal-tiny (1.0) unstable; urgency=medium\n\n  * Initial release.\n\n"
         " -- Example Releases <releases@example.org>  Thu, 01 Jan 2026 00:00:00 +0000\n")
     (source / "README").write_text("hello\n")
+    rules = source / "debian" / "rules"
+    rules.write_text("#!/usr/bin/make -f\nclean:\n\ttrue\n")
+    rules.chmod(0o755)
+    return source
+
+
+def test_debsign_and_dscverify(registered: Registered, tmp_path: Path) -> None:
+    source = source_tree(tmp_path)
     built = registered.run(tool("dpkg-source", "dpkg-dev"), "-b", source.name, cwd=tmp_path)
     assert built.returncode == 0, built.stderr
     changes = registered.run(tool("dpkg-genchanges", "dpkg-dev"), "-S", cwd=source)
@@ -238,3 +246,18 @@ def test_goreleaser_and_maven_command_lines(registered: Registered, tmp_path: Pa
                                  registered.keyring("ed"), "--status-fd", "1", "--verify", sig, artifact)
         assert "[GNUPG:] GOODSIG" in checked.stdout and f"VALIDSIG {key.fingerprint}" in checked.stdout, checked
         assert sqv_verify(key.cert, sig, artifact).returncode == 0
+
+
+def test_dpkg_buildpackage_sign_command(registered: Registered, tmp_path: Path) -> None:
+    source = source_tree(tmp_path)
+    built = registered.run(tool("dpkg-buildpackage", "dpkg-dev"), "-S", "-d", "-nc", "--sign-backend=gpg",
+                           "--sign-command=keyseal-gpg", f"--sign-key={registered.keys['ed'].fingerprint}",
+                           cwd=source)
+    assert built.returncode == 0, built.stdout + built.stderr
+    changes = tmp_path / "keyseal-tiny_1.0_source.changes"
+    for path in (tmp_path / "keyseal-tiny_1.0.dsc", tmp_path / "keyseal-tiny_1.0_source.buildinfo", changes):
+        # dpkg asks for --personal-digest-preferences 'SHA512 SHA384 SHA256 SHA224'.
+        assert path.read_bytes().startswith(b"-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA512\n\n"), path
+    accepted = registered.run(tool("dscverify", "devscripts"), "--keyring", registered.keyring("ed"), changes,
+                              cwd=tmp_path)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr

@@ -14,7 +14,14 @@ import time
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keyseal.errors import UsageError
-from keyseal.keyring import find_certificates, fingerprints_of, is_key_uri, keyring_certificates, uri_for_openpgp
+from keyseal.keyring import (
+    find_certificates,
+    fingerprints_of,
+    is_key_uri,
+    keyring_certificates,
+    load_entries,
+    uri_for_openpgp,
+)
 from keyseal.openpgp.cert import Certificate
 from keyseal.openpgp.keys import KeyPacket
 
@@ -29,7 +36,7 @@ def list_keys(patterns: list[str], secret: bool, colons: bool) -> str:
     if patterns:
         chosen: list[Certificate] = []
         for pattern in patterns:
-            found = [] if is_key_uri(pattern) else find_certificates(pattern, certificates)
+            found = _by_uri(pattern, certificates) if is_key_uri(pattern) else find_certificates(pattern, certificates)
             if not found:
                 kind = "secret key" if secret else "public key"
                 raise UsageError(f"no {kind} in the keyseal keyring matches {pattern[:80]!r}")
@@ -41,6 +48,11 @@ def list_keys(patterns: list[str], secret: bool, colons: bool) -> str:
     for cert in certificates:
         lines += _colon_lines(cert, secret) if colons else _human_lines(cert, secret)
     return "".join(line + "\n" for line in lines)
+
+
+def _by_uri(uri: str, certificates: list[Certificate]) -> list[Certificate]:
+    registered = {entry.openpgp for entry in load_entries() if entry.uri == uri and entry.openpgp}
+    return [cert for cert in certificates if registered & set(fingerprints_of(cert))]
 
 
 def _validity(cert: Certificate, secret: bool) -> str:
