@@ -229,6 +229,10 @@ def test_sign_modes_inputs_and_outputs(registered: Registered, tmp_path: Path) -
     assert sqv_verify(key.cert, tmp_path / "notes.asc", text).returncode == 0
     checked = registered.gpg("--status-fd", "1", "--verify", tmp_path / "notes.asc", text)
     assert checked.returncode == 0 and "[GNUPG:] GOODSIG" in checked.stdout, checked
+    by_cli = run_keyseal("verify", "--cert", key.cert, text, tmp_path / "notes.asc")
+    assert by_cli.returncode == 0 and by_cli.stdout.strip() == key.fingerprint, by_cli.stderr
+    text.write_bytes(b"line one\nline two\r\nlast!\n")
+    assert run_keyseal("verify", "--cert", key.cert, text, tmp_path / "notes.asc").returncode == 1
 
 
 def test_key_names_digests_and_status(registered: Registered, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -12,6 +13,9 @@ from keyseal.cli.common import format_time, load_certificate_files
 from keyseal.cli.formats import FORMATS
 from keyseal.errors import InputError, KeysealError, OutputExistsError, UsageError, VerificationError
 from keyseal.inputfile import read_input
+
+if TYPE_CHECKING:
+    from keyseal.openpgp.verify import VerifiedSignature
 
 
 def default_signature_path(data: Path) -> Path:
@@ -51,6 +55,7 @@ def verify(certs: tuple[Path, ...], fmt: str, namespace: str | None, output: Pat
 
         verify_other_format(fmt, certs, file, signature, namespace)
         return
+    signature_data = b""
     try:
         from keyseal.openpgp import prefetch
 
@@ -61,12 +66,34 @@ def verify(certs: tuple[Path, ...], fmt: str, namespace: str | None, output: Pat
         certificates = load_certificate_files(certs)
         result = verify_prefetched(certificates, hashes, signature_data)
     except VerificationError:
-        raise
+        text_result = _text_mode(certs, file, signature_data)
+        if text_result is None:
+            raise
+        result = text_result
     except KeysealError as exc:
         raise VerificationError(exc.message) from None
     click.echo(result.fingerprint)
     uid = result.certificate.user_ids[0] if result.certificate.user_ids else ""
     click.echo(f"Good signature from {uid} made {format_time(result.created)} ({result.hash_name})", err=True)
+
+
+def _text_mode(certs: tuple[Path, ...], file: Path, signature_data: bytes) -> VerifiedSignature | None:
+    """A text-mode (0x01) detached signature (`gpg -abst`) is checked over the file with CR LF line endings. Only
+    tried once the binary check failed, so the usual path keeps hashing while the verifier loads."""
+    from keyseal.openpgp.signature import SIG_TEXT
+    from keyseal.openpgp.verify import parse_detached, verify_bytes
+
+    try:
+        if not signature_data or any(sig.sig_type != SIG_TEXT for sig in parse_detached(signature_data)):
+            return None
+    except KeysealError:
+        return None
+    try:
+        return verify_bytes(load_certificate_files(certs), read_input(file, "file"), signature_data, text_mode=True)
+    except VerificationError:
+        raise
+    except KeysealError as exc:
+        raise VerificationError(exc.message) from None
 
 
 def _starts_cleartext(file: Path) -> bool:
