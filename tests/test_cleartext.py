@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from keyseal.errors import KeysealError, VerificationError
 from keyseal.openpgp.cert import Certificate, load_certificates, mint_certificate
 from keyseal.openpgp.cleartext import parse_cleartext, signed_text
-from keyseal.openpgp.sign import SigningIdentity, cleartext_document, identity_from_certificate
+from keyseal.openpgp.sign import SigningIdentity, choose_hash, cleartext_document, identity_from_certificate
 from keyseal.openpgp.verify import verify_cleartext
 
 FUZZ = fuzz_settings()
@@ -75,3 +75,17 @@ def test_mutated_messages_raise_only_keyseal_errors(key: tuple[MemorySigner, Sig
             verify_cleartext(certificates, mutated, now=NOW)
         except KeysealError as exc:
             assert "\n" not in exc.message
+
+
+@pytest.mark.parametrize(("label", "preferences", "expected"), [
+    ("ed25519", (), "sha256"), ("ed25519", (10, 9, 8), "sha256"), ("ed25519", (10,), "sha512"),
+    ("ed25519", (2, 9), "sha384"), ("p256", (), "sha256"), ("p384", (), "sha384"), ("p384", (8,), "sha384"),
+    ("rsa2048", (10, 8), "sha256"), ("rsa2048", (10,), "sha512"),
+])
+def test_digest_follows_the_key_and_the_certificate_preferences(label: str, preferences: tuple[int, ...],
+                                                                expected: str) -> None:
+    """The key's natural hash (SHA-256 for Ed25519 and P-256) when the certificate allows it, else its first
+    preference the key fits; a preference too short for the key (SHA-256 for P-384) is passed over."""
+    signer = MemorySigner(fixed_keys()[label], label)
+    assert choose_hash(signer, signer.public_key(), None, preferences) == expected
+    assert choose_hash(signer, signer.public_key(), "sha512", preferences) == "sha512"  # --digest-algo wins
