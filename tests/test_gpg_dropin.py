@@ -165,7 +165,14 @@ def test_cleartext_refusals(registered: Registered, tmp_path: Path) -> None:
         result = run_keyseal("verify", "--cert", cert, path)
         assert result.returncode != 0, name
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, (name, result)
-    # The detached-signature path refuses a text signature over a file, and --output without cleartext.
+    # keyseal sign --clear -o names the output; --binary and --append make no sense for a cleartext message.
+    named = tmp_path / "named.asc"
+    key = registered.keys["ed"]
+    made = run_keyseal("sign", "--key", key.uri, "--cert", cert, "--clear", "-o", named, source)
+    assert made.returncode == 0 and gpg_verifies(registered, "ed", named), made.stderr
+    for extra in ("--binary", "--append"):
+        assert_one_line_error(run_keyseal("sign", "--key", key.uri, "--clear", extra, "-o", named, source))
+    # --output belongs to cleartext messages only.
     assert_one_line_error(run_keyseal("verify", "--cert", cert, "-o", tmp_path / "x", source, document))
 
 

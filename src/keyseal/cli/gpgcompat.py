@@ -66,7 +66,7 @@ IGNORED_WITH_VALUE = frozenset({
     "--trustdb-name", "--keyserver", "--keyserver-options", "--auto-key-locate", "--command-fd",
     "--attribute-fd", "--default-cert-level", "--min-cert-level", "--completes-needed", "--marginals-needed",
     "--max-cert-depth", "--set-filename", "--sig-notation", "--sig-policy-url", "--set-notation",
-    "--tofu-default-policy", "--compliance",
+    "--tofu-default-policy", "--compliance", "--options",
 })
 _COMMANDS = {"--detach-sign": "detach", "--detach-sig": "detach", "--sign": "sign", "--clearsign": "clear",
              "--clear-sign": "clear", "--verify": "verify", "--version": "version", "--list-keys": "list-keys",
