@@ -7,6 +7,7 @@ email address that the keyseal keyring maps to a URI. Verification trusts only t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,8 +26,9 @@ from keyseal.keyring import (
 from keyseal.openpgp.cert import Certificate
 from keyseal.openpgp.keys import algorithm_of
 from keyseal.openpgp.sign import choose_hash, identity_from_certificate, identity_from_signer, render, signature_packet
-from keyseal.openpgp.signature import HASH_IDS, SignaturePacket, new_hasher
-from keyseal.openpgp.verify import parse_detached, verify_bytes
+from keyseal.openpgp.signature import HASH_IDS, SIG_TEXT, SignaturePacket, new_hasher
+from keyseal.openpgp.verify import VerifiedSignature, parse_detached, verify_bytes
+from keyseal.openpgp.verify import verify_cleartext as check_cleartext
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,24 @@ class GitVerification:
 
 
 def verify(signature_data: bytes, data: bytes) -> GitVerification:
-    """Check a detached signature with the keyring's certificates. Malformed signatures raise OpenPGPError."""
+    """Check a detached signature with the keyring's certificates. Malformed signatures raise OpenPGPError.
+    A text-mode (0x01) signature is checked over the data with CR LF line endings, as gpg does."""
+    text_mode = parse_detached(signature_data)[0].sig_type == SIG_TEXT
+    return _verify_with_keyring(signature_data,
+                                lambda certs: verify_bytes(certs, data, signature_data, text_mode=text_mode))
+
+
+def verify_cleartext(document: bytes) -> tuple[GitVerification, bytes]:
+    """Check a cleartext signed message with the keyring's certificates; also the text it covers."""
+    from keyseal.openpgp.cleartext import parse_cleartext
+
+    message = parse_cleartext(document)
+    result = _verify_with_keyring(message.signature_armor, lambda certs: check_cleartext(certs, document)[0])
+    return result, message.text
+
+
+def _verify_with_keyring(signature_data: bytes,
+                         check: Callable[[list[Certificate]], VerifiedSignature]) -> GitVerification:
     signatures = parse_detached(signature_data)
     certificates = keyring_certificates()
     known = [sig for sig in signatures if _certificate_of(sig, certificates) is not None]
@@ -118,7 +137,7 @@ def verify(signature_data: bytes, data: bytes) -> GitVerification:
         return _describe(signatures[0], "no-key", f"no certificate in the keyseal keyring ({keyring_dir()}) has "
                                                   f"the signing key {_key_id(signatures[0])}")
     try:
-        result = verify_bytes(certificates, data, signature_data)
+        result = check(certificates)
     except VerificationError as exc:
         sig = known[0]
         outcome: Literal["bad", "no-key"] = "bad"
@@ -154,4 +173,5 @@ def _describe(sig: SignaturePacket, outcome: Literal["good", "bad", "no-key"], r
                            certificate, signing_fingerprint)
 
 
-__all__ = ["GitSignature", "GitVerification", "OpenPGPError", "resolve_signing_key", "sign", "verify"]
+__all__ = ["GitSignature", "GitVerification", "OpenPGPError", "resolve_signing_key", "sign", "verify",
+           "verify_cleartext"]

@@ -14,9 +14,12 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from keyseal.errors import InputError, KeysealError, UsageError, VerificationError, unexpected
+from keyseal.errors import InputError, KeysealError, OutputExistsError, UsageError, VerificationError, unexpected
+
+if TYPE_CHECKING:
+    from keyseal.openpgp.verify import VerifiedSignature
 
 __all__ = ["fail", "main", "run_guarded", "verify_openpgp"]
 
@@ -52,29 +55,107 @@ def default_signature_path(data: Path) -> Path:
     raise InputError(f"no signature given and neither {data.name}.asc nor {data.name}.sig exists")
 
 
-def verify_openpgp(certs: tuple[Path, ...], file: Path, signature: Path | None, threshold: int = 1) -> None:
+def verify_openpgp(certs: tuple[Path, ...], file: Path, signature: Path | None, threshold: int = 1,
+                   output: Path | None = None, force: bool = False) -> None:
     """`keyseal verify` for OpenPGP: print each counted signer's fingerprint on stdout, a line per good signature
-    on stderr; raise VerificationError otherwise."""
+    on stderr; raise VerificationError otherwise. FILE is the signed data, or (with no SIGNATURE) possibly a
+    cleartext signed message, whose text `output` receives once it verifies."""
     from keyseal.inputfile import read_input
-    from keyseal.openpgp import prefetch
 
+    if signature is None and _starts_cleartext(file):
+        if threshold > 1:
+            raise UsageError("--threshold applies to detached signatures: a cleartext message carries one")
+        _verify_cleartext(certs, file, output, force)
+        return
+    if output is not None:
+        raise UsageError("--output writes the text of a cleartext signed message; FILE is not one")
+    signature_data = b""
     try:
+        from keyseal.openpgp import prefetch
+
         signature_data = read_input(signature or default_signature_path(file), "signature")
         hashes = prefetch.start(file, signature_data)  # hash the data while the verifier and certificates load
-        from keyseal.cli.common import format_time, load_certificate_files
+        from keyseal.cli.common import load_certificate_files
         from keyseal.openpgp.verify import verify_threshold_prefetched
 
-        certificates = load_certificate_files(certs)
-        results = verify_threshold_prefetched(certificates, hashes, signature_data, threshold)
+        results = verify_threshold_prefetched(load_certificate_files(certs), hashes, signature_data, threshold)
+    except VerificationError:
+        text_results = _text_mode(certs, file, signature_data, threshold)
+        if text_results is None:
+            raise
+        results = text_results
+    except KeysealError as exc:
+        raise VerificationError(exc.message) from None
+    for result in results:
+        _report(result, fingerprint=True)
+
+
+def _report(result: VerifiedSignature, fingerprint: bool, kind: str = "") -> None:
+    from keyseal.cli.common import format_time
+
+    if fingerprint:
+        sys.stdout.write(f"{result.fingerprint}\n")
+        sys.stdout.flush()
+    uid = result.certificate.user_ids[0] if result.certificate.user_ids else ""
+    sys.stderr.write(f"Good signature from {uid} made {format_time(result.created)} ({result.hash_name}{kind})\n")
+    sys.stderr.flush()
+
+
+def _text_mode(certs: tuple[Path, ...], file: Path, signature_data: bytes,
+               threshold: int) -> list[VerifiedSignature] | None:
+    """A text-mode (0x01) detached signature (`gpg -abst`) is checked over the file with CR LF line endings. Only
+    tried once the binary check failed, so the usual path keeps hashing while the verifier loads."""
+    from keyseal.cli.common import load_certificate_files
+    from keyseal.inputfile import read_input
+    from keyseal.openpgp.signature import SIG_TEXT
+    from keyseal.openpgp.verify import parse_detached, verify_threshold_bytes
+
+    try:
+        if not signature_data or any(sig.sig_type != SIG_TEXT for sig in parse_detached(signature_data)):
+            return None
+    except KeysealError:
+        return None
+    try:
+        return verify_threshold_bytes(load_certificate_files(certs), read_input(file, "file"), signature_data,
+                                      threshold, text_mode=True)
     except VerificationError:
         raise
     except KeysealError as exc:
         raise VerificationError(exc.message) from None
-    for result in results:
-        sys.stdout.write(f"{result.fingerprint}\n")
-        uid = result.certificate.user_ids[0] if result.certificate.user_ids else ""
-        sys.stdout.flush()
-        sys.stderr.write(f"Good signature from {uid} made {format_time(result.created)} ({result.hash_name})\n")
+
+
+def _starts_cleartext(file: Path) -> bool:
+    from keyseal.openpgp.cleartext import is_cleartext
+
+    try:
+        with file.open("rb") as handle:
+            return is_cleartext(handle.read(256))
+    except OSError:
+        return False  # the detached path reports the missing or unreadable file
+
+
+def _verify_cleartext(certs: tuple[Path, ...], file: Path, output: Path | None, force: bool) -> None:
+    from keyseal.cli.common import load_certificate_files
+    from keyseal.inputfile import read_input
+    from keyseal.openpgp.verify import verify_cleartext
+
+    try:
+        certificates = load_certificate_files(certs)
+        result, message = verify_cleartext(certificates, read_input(file, "signed message"))
+    except VerificationError:
+        raise
+    except KeysealError as exc:
+        raise VerificationError(exc.message) from None
+    if output is not None and str(output) == "-":
+        sys.stdout.buffer.write(message.text)
+        sys.stdout.buffer.flush()
+    elif output is not None:
+        from keyseal.atomic import write_atomic
+
+        if output.exists() and not force:
+            raise OutputExistsError(f"{output} exists: refusing to overwrite it (use --force)")
+        write_atomic(output, message.text, mode=0o644)
+    _report(result, fingerprint=output is None or str(output) != "-", kind=", cleartext")
 
 
 @dataclass

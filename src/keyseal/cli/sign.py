@@ -1,4 +1,5 @@
-"""`keyseal sign`: detached OpenPGP signatures, one signature call per file, files hashed concurrently."""
+"""`keyseal sign`: detached OpenPGP signatures (or, with --clear, cleartext signed messages), one signature call
+per file, files hashed concurrently."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from keyseal.backends.base import HashName, Signer
 from keyseal.cli.common import kek_option, kms_endpoint_option, load_certificate_files, open_key
 from keyseal.cli.formats import FORMATS, SUFFIXES, check_sign_options, sign_files
 from keyseal.errors import InputError, OpenPGPError, OutputExistsError, UsageError
+from keyseal.inputfile import read_input
 from keyseal.openpgp.armor import is_armored
 from keyseal.openpgp.cert import Certificate, merge_certificates
 from keyseal.openpgp.detached import check_signatures_over, encode_signatures
@@ -23,6 +25,7 @@ from keyseal.openpgp.sign import (
     HASH_IDS,
     SigningIdentity,
     choose_hash,
+    cleartext_document,
     identity_from_certificate,
     identity_from_signer,
     render,
@@ -84,9 +87,13 @@ class AppendPolicy:
 
 
 def sign_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, src: Path, dst: Path,
-             armored: bool, force: bool, append: AppendPolicy | None = None) -> Path:
+             armored: bool, force: bool, append: AppendPolicy | None = None, clear: bool = False) -> Path:
     # The audit log names the file; set here, in the worker thread, since pool threads do not inherit contexts.
     with audit.subject(os.path.abspath(src)):
+        if clear:
+            document = cleartext_document(signer, identity, hash_name, read_input(src, "file"))
+            write_atomic(dst, document, mode=0o644, force=force)
+            return dst
         if append is not None and (existing := _existing_signatures(dst)) is not None:
             return _append_one(signer, identity, hash_name, src, dst, *existing, append)
         hasher = hash_file(src, [HASH_IDS[hash_name]])[HASH_IDS[hash_name]]
@@ -156,6 +163,9 @@ def _check_revocation(sig: SignaturePacket, digest: bytes, dst: Path, policy: Ap
 @click.option("--cert", "certs", multiple=True, type=click.Path(path_type=Path),
               help="The key's certificate: names the issuer and refuses a key that is not its key.")
 @click.option("--armor/--binary", "armored", default=True, help="FILE.asc (default) or binary FILE.sig.")
+@click.option("--clear", is_flag=True,
+              help="A cleartext signed message FILE.asc (the text, readable, then its signature), as gpg "
+                   "--clearsign writes it: for text such as APT's InRelease or Debian .dsc/.changes files.")
 @click.option("--digest", type=click.Choice(tuple(HASH_IDS)), default=None, help="Hash (default: the key's).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output (one input only).")
 @click.option("--force", is_flag=True, help="Overwrite existing signature files.")
@@ -172,13 +182,17 @@ def _check_revocation(sig: SignaturePacket, digest: bytes, dst: Path, policy: Ap
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @kms_endpoint_option
 @kek_option
-def sign(key_uri: str, certs: tuple[Path, ...], armored: bool, digest: str | None, output: Path | None,
-         force: bool, append: bool, keep_revoked: bool, jobs: int, fmt: str, namespace: str | None,
-         files: tuple[Path, ...], kms_endpoint: str | None, kek: str | None) -> None:
-    """Write detached signatures: OpenPGP (gpg and sqv verify them), SSH or minisign."""
+def sign(key_uri: str, certs: tuple[Path, ...], armored: bool, clear: bool, digest: str | None,
+         output: Path | None, force: bool, append: bool, keep_revoked: bool, jobs: int, fmt: str,
+         namespace: str | None, files: tuple[Path, ...], kms_endpoint: str | None, kek: str | None) -> None:
+    """Write detached signatures: OpenPGP (gpg and sqv verify them), SSH or minisign; or cleartext signed
+    OpenPGP messages (--clear)."""
     if keep_revoked and not append:
         raise UsageError("--keep-revoked-signatures applies to --append only")
     check_sign_options(fmt, certs, armored, digest, append, namespace)
+    if clear and (fmt != "openpgp" or not armored or append):
+        raise UsageError("--clear makes an armored OpenPGP cleartext message: it takes no --binary, --append or "
+                         "--format other than openpgp")
     if fmt != "openpgp":
         pairs = plan_outputs(files, output, True, force, append=True, suffix=SUFFIXES[fmt])
         for _, dst in pairs:
@@ -193,9 +207,11 @@ def sign(key_uri: str, certs: tuple[Path, ...], armored: bool, digest: str | Non
     policy = AppendPolicy(KnownCertificates(certificates), keep_revoked) if append else None
     with open_key(key_uri, kms_endpoint, kek) as signer:
         identity = identity_from_certificate(signer, certificates) if certificates else identity_from_signer(signer)
-        hash_name = choose_hash(signer, identity.public_key, digest)  # type: ignore[arg-type]
+        preferences = next((cert.hash_preferences for cert in certificates
+                            if any(e.key.fingerprint == identity.fingerprint for e in cert.signing_keys)), ())
+        hash_name = choose_hash(signer, identity.public_key, digest, preferences)  # type: ignore[arg-type]
         with ThreadPoolExecutor(max_workers=min(jobs, len(pairs))) as pool:
-            futures = [pool.submit(sign_one, signer, identity, hash_name, src, dst, armored, force, policy)
+            futures = [pool.submit(sign_one, signer, identity, hash_name, src, dst, armored, force, policy, clear)
                        for src, dst in pairs]
             written = [future.result() for future in futures]
     for path in written:

@@ -149,6 +149,7 @@ class Certificate:
     revoked: bool = False
     expires: int | None = None
     subkeys: list[KeyPacket] = field(default_factory=list)
+    hash_preferences: tuple[int, ...] = ()  # OpenPGP hash IDs from the latest self-signature, most wanted first
 
     @property
     def fingerprint(self) -> str:
@@ -256,7 +257,15 @@ def _build_certificate(group: list[Packet], source: str) -> Certificate:
         revoked=revoked_at is not None,
         expires=expires,
         subkeys=[sub for sub, _ in subkeys],
+        hash_preferences=tuple(_hash_preferences(latest)),
     )
+
+
+def _hash_preferences(sig: SignaturePacket) -> bytes:
+    for sub in sig.hashed:
+        if sub.type == SUB_PREFERRED_HASH:
+            return sub.body
+    return b""
 
 
 def merge_certificates(certificates: list[Certificate]) -> list[Certificate]:

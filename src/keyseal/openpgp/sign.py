@@ -1,24 +1,35 @@
-"""Detached binary-document signatures (type 0x00) made through a Signer: one signature call per file."""
+"""Data signatures made through a Signer, one signature call per file: detached binary-document (0x00) and
+text (0x01) signatures, cleartext signed messages and one-pass signed messages (what `gpg --sign` writes)."""
 
 from __future__ import annotations
 
+import struct
 import time
 from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from keyseal.errors import KeyMismatchError, UnsupportedKeyError, UsageError
 from keyseal.openpgp.armor import KIND_SIGNATURE, armor
 from keyseal.openpgp.cert import Certificate
-from keyseal.openpgp.keys import encode_public_key_body, fingerprint_of, same_public_key
+from keyseal.openpgp.cleartext import render_cleartext, signed_text, text_mode_canonical
+from keyseal.openpgp.keys import algorithm_of, encode_public_key_body, fingerprint_of, same_public_key
 from keyseal.openpgp.packets import TAG_SIGNATURE, encode_packet
 from keyseal.openpgp.signature import (
     HASH_IDS,
     SIG_BINARY,
+    SIG_TEXT,
     Hasher,
     check_hash_fits_key,
     creation_subpackets,
     make_signature,
+    new_hasher,
 )
 from keyseal.signer import HashName, PublicKey, Signer, default_hash
+
+TAG_ONE_PASS_SIGNATURE = 4
+TAG_LITERAL_DATA = 11
+KIND_MESSAGE = "MESSAGE"
 
 
 @dataclass(frozen=True)
@@ -67,12 +78,22 @@ def identity_from_signer(signer: Signer) -> SigningIdentity:
     return SigningIdentity(public_key, fingerprint_of(body))
 
 
-def choose_hash(signer: Signer, public_key: PublicKey, requested: HashName | None) -> HashName:
-    """The requested hash, or the key's natural one; refuse a hash the custody cannot sign or that is too short."""
+def natural_hash(public_key: PublicKey) -> HashName:
+    """The hash matching a key's strength for data signatures: SHA-256 for Ed25519 and P-256 (the curves' level,
+    and about twice as fast as SHA-512 on CPUs with SHA extensions), SHA-384 for P-384, SHA-512 for P-521."""
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return "sha256"
+    return default_hash(public_key)
+
+
+def choose_hash(signer: Signer, public_key: PublicKey, requested: HashName | None,
+                preferences: tuple[int, ...] = ()) -> HashName:
+    """The requested hash; else the key's natural one when the certificate's hash preferences (OpenPGP IDs, most
+    wanted first) allow it, else the first preferred hash the custody can sign and the key fits. A hash the
+    custody cannot sign or that is too short for the key is refused."""
     supported = signer.supported_hashes()
     if requested is None:
-        preferred = default_hash(public_key)
-        requested = preferred if preferred in supported else supported[0]
+        requested = _preferred_hash(public_key, supported, preferences)
     elif requested not in supported:
         raise UnsupportedKeyError(
             f"{signer.uri} cannot sign {requested} digests; it offers {', '.join(supported)}"
@@ -81,19 +102,42 @@ def choose_hash(signer: Signer, public_key: PublicKey, requested: HashName | Non
     return requested
 
 
+def _preferred_hash(public_key: PublicKey, supported: tuple[HashName, ...],
+                    preferences: tuple[int, ...]) -> HashName:
+    natural = natural_hash(public_key)
+    names = {hash_id: name for name, hash_id in HASH_IDS.items()}
+    wanted = [names[hash_id] for hash_id in preferences if hash_id in names]
+    if natural in supported and (not wanted or natural in wanted):
+        return natural
+    for name in wanted:
+        if name in supported and hash_fits_key(public_key, name):
+            return name
+    return natural if natural in supported else supported[0]
+
+
+def hash_fits_key(public_key: PublicKey, hash_name: HashName) -> bool:
+    try:
+        check_hash_fits_key(public_key, hash_name)
+    except UnsupportedKeyError:
+        return False
+    return True
+
+
 def signature_packet(
     signer: Signer,
     identity: SigningIdentity,
     data_hasher: Hasher,
     hash_name: HashName,
     created: int | None = None,
+    sig_type: int = SIG_BINARY,
 ) -> bytes:
-    """A binary signature packet over data already fed to `data_hasher`."""
+    """A signature packet (binary-document unless `sig_type` says otherwise) over data already fed to
+    `data_hasher` (for a text signature: the canonical text)."""
     when = int(time.time()) if created is None else created
     body = make_signature(
         signer,
         identity.public_key,
-        SIG_BINARY,
+        sig_type,
         hash_name,
         data_hasher,
         creation_subpackets(when, identity.fingerprint),
@@ -106,12 +150,49 @@ def render(packet: bytes, armored: bool) -> bytes:
     return armor(packet, KIND_SIGNATURE) if armored else packet
 
 
+def text_signature_packet(signer: Signer, identity: SigningIdentity, hash_name: HashName, canonical: bytes,
+                          created: int | None = None) -> bytes:
+    """A text (0x01) signature over text already in its canonical, signed form."""
+    hasher = new_hasher(HASH_IDS[hash_name])
+    hasher.update(canonical)
+    return signature_packet(signer, identity, hasher, hash_name, created, SIG_TEXT)
+
+
+def cleartext_document(signer: Signer, identity: SigningIdentity, hash_name: HashName, text: bytes,
+                       created: int | None = None) -> bytes:
+    """A cleartext signed message (RFC 9580 section 7) over `text`: one signature call."""
+    packet = text_signature_packet(signer, identity, hash_name, signed_text(text), created)
+    return render_cleartext(text, hash_name, armor(packet, KIND_SIGNATURE))
+
+
+def signed_message(signer: Signer, identity: SigningIdentity, hash_name: HashName, data: bytes, text: bool,
+                   filename: str = "", created: int | None = None) -> bytes:
+    """A one-pass signed message, as `gpg --sign` writes it (uncompressed): one-pass signature packet, literal
+    data packet, signature packet. A text signature covers the data with CR LF line endings."""
+    when = int(time.time()) if created is None else created
+    sig_type = SIG_TEXT if text else SIG_BINARY
+    hasher = new_hasher(HASH_IDS[hash_name])
+    hasher.update(text_mode_canonical(data) if text else data)
+    signature = signature_packet(signer, identity, hasher, hash_name, when, sig_type)
+    one_pass = struct.pack(">BBBB", 3, sig_type, HASH_IDS[hash_name], algorithm_of(identity.public_key))
+    one_pass += identity.fingerprint[-8:] + b"\x01"
+    name = filename.encode("utf-8")[:255]
+    literal = (b"t" if text else b"b") + bytes([len(name)]) + name + struct.pack(">I", when) + data
+    return (encode_packet(TAG_ONE_PASS_SIGNATURE, one_pass) + encode_packet(TAG_LITERAL_DATA, literal)
+            + signature)
+
+
 __all__ = [
     "HASH_IDS",
     "SigningIdentity",
     "choose_hash",
+    "cleartext_document",
+    "hash_fits_key",
     "identity_from_certificate",
     "identity_from_signer",
+    "natural_hash",
     "render",
     "signature_packet",
+    "signed_message",
+    "text_signature_packet",
 ]

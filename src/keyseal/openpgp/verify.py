@@ -16,12 +16,15 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyseal.errors import OpenPGPError, VerificationError
+from keyseal.openpgp import hashids
 from keyseal.openpgp.armor import dearmor_or_binary
 from keyseal.openpgp.cert import Certificate, SigningKey, merge_certificates
+from keyseal.openpgp.cleartext import CleartextMessage, parse_cleartext, text_mode_canonical
 from keyseal.openpgp.packets import TAG_MARKER, TAG_SIGNATURE, iter_packets
 from keyseal.openpgp.prefetch import PrefetchedHashes
 from keyseal.openpgp.signature import (
     SIG_BINARY,
+    SIG_TEXT,
     Hasher,
     SignaturePacket,
     check_signature_math,
@@ -75,8 +78,12 @@ def verify_prefetched(certificates: list[Certificate], hashes: PrefetchedHashes,
 
 
 def verify_bytes(certificates: list[Certificate], data: bytes, signature_data: bytes,
-                 now: int | None = None) -> VerifiedSignature:
-    """Verify a detached signature over data held in memory (a checksum manifest, say)."""
+                 now: int | None = None, text_mode: bool = False) -> VerifiedSignature:
+    """Verify a detached signature over data held in memory (a checksum manifest, say). With `text_mode`, the
+    signature must be a text-mode (0x01) one, over the data with its line endings made CR LF."""
+    if text_mode:
+        canonical = text_mode_canonical(data)
+        return _verify(certificates, lambda ids: _hash_bytes(canonical, ids), signature_data, now, 1, SIG_TEXT)[0]
     return _verify(certificates, lambda ids: _hash_bytes(data, ids), signature_data, now, 1)[0]
 
 
@@ -88,8 +95,12 @@ def verify_threshold_prefetched(certificates: list[Certificate], hashes: Prefetc
 
 
 def verify_threshold_bytes(certificates: list[Certificate], data: bytes, signature_data: bytes, threshold: int,
-                           now: int | None = None) -> list[VerifiedSignature]:
-    """`verify_threshold_prefetched` over data held in memory."""
+                           now: int | None = None, text_mode: bool = False) -> list[VerifiedSignature]:
+    """`verify_threshold_prefetched` over data held in memory; `text_mode` as for `verify_bytes`."""
+    if text_mode:
+        canonical = text_mode_canonical(data)
+        return _verify(certificates, lambda ids: _hash_bytes(canonical, ids), signature_data, now, threshold,
+                       SIG_TEXT)
     return _verify(certificates, lambda ids: _hash_bytes(data, ids), signature_data, now, threshold)
 
 
@@ -97,8 +108,26 @@ def _hash_bytes(data: bytes, ids: list[int]) -> dict[int, Hasher]:
     return hash_stream(io.BytesIO(data), ids)
 
 
+def verify_cleartext(certificates: list[Certificate], document: bytes,
+                     now: int | None = None) -> tuple[VerifiedSignature, CleartextMessage]:
+    """Verify a cleartext signed message (RFC 9580 section 7): a text-mode signature over its canonical text,
+    made with a hash its Hash header names."""
+    message = parse_cleartext(document)
+    if message.header_hashes is not None:
+        for sig in parse_detached(message.signature_armor):
+            name = hashids.ACCEPTED.get(sig.hash_id)
+            if name is not None and name not in message.header_hashes:
+                raise VerificationError(f"the cleartext message's Hash header does not name {name.upper()}, the "
+                                        f"hash its signature uses")
+    canonical = message.hash_input
+    result = _verify(certificates, lambda ids: _hash_bytes(canonical, ids), message.signature_armor, now, 1,
+                     SIG_TEXT)[0]
+    return result, message
+
+
 def _verify(certificates: list[Certificate], hash_data: Callable[[list[int]], dict[int, Hasher]],
-            signature_data: bytes, now: int | None, threshold: int) -> list[VerifiedSignature]:
+            signature_data: bytes, now: int | None, threshold: int,
+            sig_type: int = SIG_BINARY) -> list[VerifiedSignature]:
     """Every signature is checked by the same rules; the good ones are counted by certificate (primary key), so
     two signatures by one key, or by two subkeys of one certificate, count once (as `sqv --signatures`)."""
     if threshold < 1:
@@ -125,7 +154,7 @@ def _verify(certificates: list[Certificate], hash_data: Callable[[list[int]], di
         hasher = data_hashers[sig.hash_id].copy()
         hasher.update(sig.trailer())
         digest = hasher.digest()
-        result = _check_against(certificates, sig, digest, moment, reasons)
+        result = _check_against(certificates, sig, digest, moment, reasons, sig_type)
         if result is not None:
             good.setdefault(result.fingerprint, result)
             if threshold == 1:
@@ -139,11 +168,11 @@ def _verify(certificates: list[Certificate], hash_data: Callable[[list[int]], di
 
 
 def _check_against(certificates: list[Certificate], sig: SignaturePacket, digest: bytes, now: int,
-                   reasons: list[str]) -> VerifiedSignature | None:
+                   reasons: list[str], sig_type: int) -> VerifiedSignature | None:
     matched = False
     for cert, entry in issuer_keys(sig, certificates):
         matched = True
-        problem = _policy_problem(sig, entry, now)
+        problem = _policy_problem(sig, entry, now, sig_type)
         if problem is not None:
             reasons.append(problem)
             continue
@@ -175,8 +204,12 @@ def _hash_label(sig: SignaturePacket) -> str:
     return hash_name_of(sig.hash_id)
 
 
-def _policy_problem(sig: SignaturePacket, entry: SigningKey, now: int) -> str | None:
-    if sig.sig_type != SIG_BINARY:
+def _policy_problem(sig: SignaturePacket, entry: SigningKey, now: int, sig_type: int) -> str | None:
+    if sig.sig_type != sig_type:
+        if sig_type == SIG_TEXT:
+            return f"signature type 0x{sig.sig_type:02x} where a text signature (0x01) belongs"
+        if sig.sig_type == SIG_TEXT:
+            return "a text-mode signature (0x01) over a file: keyseal verifies binary-document signatures there"
         return f"unsupported signature type 0x{sig.sig_type:02x}: keyseal verifies binary-document signatures"
     if sig.unknown_critical():
         return "signature has an unknown critical subpacket"
