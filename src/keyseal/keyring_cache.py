@@ -26,7 +26,7 @@ from keyseal.openpgp.keys import KeyPacket, parse_key_packet
 
 __all__ = ["cache_key", "load", "store"]
 
-FORMAT = 1
+FORMAT = 2  # bump whenever Certificate gains a field (tests compare cached and parsed certificates whole)
 
 
 def cache_key(files: list[tuple[str, bytes]]) -> str:
@@ -75,6 +75,7 @@ def _encode(cert: Certificate) -> dict[str, Any]:
         "revoked": cert.revoked,
         "expires": cert.expires,
         "subkeys": [_b64(key.body) for key in cert.subkeys],
+        "hash_preferences": list(cert.hash_preferences),
     }
 
 
@@ -98,7 +99,14 @@ def _certificate(item: dict[str, Any]) -> Certificate:
         revoked=bool(item["revoked"]),
         expires=_time(item["expires"]),
         subkeys=[key(text) for text in item["subkeys"]],
+        hash_preferences=tuple(_hash_id(value) for value in item["hash_preferences"]),
     )
+
+
+def _hash_id(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 255:
+        raise TypeError("hash preference")
+    return value
 
 
 def _time(value: object) -> int | None:

@@ -44,7 +44,8 @@ _SHORT_HELP: dict[str, str] = {
     "iam-policy": "Print the IAM policy JSON that allows exactly what keyseal needs.",
     "keys": "Create keys and mint their OpenPGP certificates.",
     "server": "Run the SPIFFE trust-domain server: X.509-SVIDs, JWT-SVIDs and the trust bundle over HTTPS.",
-    "sign": "Write detached signatures: OpenPGP (gpg and sqv verify them), SSH or minisign.",
+    "sign": "Write detached signatures: OpenPGP (gpg and sqv verify them), SSH or minisign; or cleartext signed "
+            "OpenPGP messages (--clear).",
     "signatures": "Work with detached OpenPGP signature files.",
     "vault-policy": "Print the Vault policy (HCL) that allows exactly what keyseal needs on that key.",
     "verify": "Exit 0 and print the signer's fingerprint if FILE carries a valid signature from one of the "
