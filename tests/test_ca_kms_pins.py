@@ -20,10 +20,12 @@ from cryptography.hazmat.primitives import serialization
 
 from keyseal.ca.config import parse_config
 from keyseal.ca.manager import KeysetManager
+from keyseal.ca.pin_store import ConfigMapPinStore
 from keyseal.ca.server import CaServer, build_source
-from keyseal.errors import CustodyIntegrityError
+from keyseal.errors import CustodyIntegrityError, StoreConflictError
 from tests.harness.ca import TRUST_DOMAIN, FakeClock
 from tests.harness.kms_emulator import KmsEmulator
+from tests.harness.kube_api import KubeApi
 from tests.test_ca_kms_custody import admin, kms_config
 
 
@@ -179,3 +181,36 @@ def test_a_rewritten_pin_record_is_refused(tmp_path: Path, kms_emulator: KmsEmul
         manager.refresh()
     assert manager.active().number == 1  # the running replica keeps what it had
     assert alarm_count("pin-chain") > before
+
+
+def test_pins_in_the_kubernetes_store_are_shared_by_replicas(
+        tmp_path: Path, kms_emulator: KmsEmulator, aws_env: dict[str, str], kube_api: KubeApi, namespace: str) -> None:
+    """With store.type kubernetes the pins are one ConfigMap every replica reads (written only conditionally),
+    under exactly the RBAC the chart grants: get and update on it by name, create on configmaps."""
+    prefix = f"pins/{uuid.uuid4().hex[:8]}"
+    config = parse_config(kms_config(tmp_path, kms_emulator.endpoint, prefix,
+                                     store={"type": "kubernetes", "kubernetes": {"namespace": namespace}}))
+    clock = FakeClock()
+    first = KeysetManager(build_source(config, kube_api.api_client()), TRUST_DOMAIN, config.ca_ttl,
+                          config.refresh_hint, clock)
+    first.start()
+    client = admin(kms_emulator)
+    planted = attacker_key(client, 1, "x509", clock())
+    client.update_alias(AliasName=f"alias/{prefix}/keyset-1-x509", TargetKeyId=planted)
+    second = KeysetManager(build_source(config, kube_api.api_client()), TRUST_DOMAIN, config.ca_ttl,
+                           config.refresh_hint, clock)
+    second.start()
+    assert same_ca(second.active(), first.active())
+    assert spki(second.active().x509_key.public_key()) != public_of(client, planted)
+    name = f"{config.record_prefix}-keyset-pins"
+    used = {(verb, resource, obj) for verb, _, resource, obj in kube_api.verbs()
+            if resource == "configmaps" and obj in (name, "")}
+    assert used <= {("get", "configmaps", name), ("update", "configmaps", name), ("create", "configmaps", "")}
+    assert ("create", "configmaps", "") in used
+
+    store = ConfigMapPinStore(kube_api.api_client(), namespace, name)
+    found = store.read()
+    assert found is not None and json.loads(found[0])["pins"][0]["keyset"] == 1
+    store.write(found[0], found[1])  # the revision it read: accepted
+    with pytest.raises(StoreConflictError):
+        store.write(found[0], found[1])  # that revision is stale now: refused, nothing written

@@ -151,13 +151,21 @@ def test_awskms_with_irsa(chart: helm_python.Chart) -> None:
     assert f"Key wrapping via KMS keyARN={ARN}" in notes
 
 
+PIN_RULES = [
+    {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["keyseal-example.org-keyset-pins"],
+     "verbs": ["get", "update"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+]
+
+
 def test_key_manager_custody_needs_no_store_rbac(chart: helm_python.Chart) -> None:
     by_kind = render(chart, {"custody": "kms", "ca": {"keyType": "ec-p384"}})
     assert "Secret" not in by_kind
-    (role,) = by_kind["Role"]  # no WrappedKey records: only the node agents' entries and join tokens
-    assert role["rules"] == STORE_RULES[1:]
+    (role,) = by_kind["Role"]  # no WrappedKey records: the agents' entries and join tokens, and the keyset pins
+    assert role["rules"] == STORE_RULES[1:] + PIN_RULES
     config = server_config(by_kind)
     assert config.custody == "kms" and config.ca_key_type == "ec-p384"
+    assert PIN_RULES[0]["resourceNames"] == [f"{config.record_prefix}-keyset-pins"]  # the server's name for it
 
 
 def test_schema_refuses_mistakes(chart: helm_python.Chart) -> None:
@@ -262,8 +270,8 @@ def test_pkcs11_custody(chart: helm_python.Chart) -> None:
     assert HSM_EXTRAS["extraVolumes"][0] in pod["volumes"]
     assert HSM_EXTRAS["extraVolumeMounts"][0] in main["volumeMounts"]
     assert HSM_EXTRAS["extraEnv"][0] in main["env"]
-    (role,) = by_kind["Role"]  # no WrappedKey records: only the node agents' entries and join tokens
-    assert role["rules"] == STORE_RULES[1:]
+    (role,) = by_kind["Role"]  # no WrappedKey records: the agents' entries and join tokens, and the keyset pins
+    assert role["rules"] == STORE_RULES[1:] + PIN_RULES
     notes = chart.render({"custody": "pkcs11", "pkcs11": PKCS11}, name="trust",
                          namespace="spire")["keyseal/templates/NOTES.txt"]
     assert "Secret hsm-pin (key user-pin)" in notes and config.pkcs11.pin_file in notes

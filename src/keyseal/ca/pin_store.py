@@ -15,14 +15,14 @@ import contextlib
 import fcntl
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from keyseal.atomic import write_atomic
 from keyseal.errors import AccessDeniedError, BackendUnavailableError, InputError, KeysealError, StoreConflictError
 
-__all__ = ["ConfigMapPinStore", "DirectoryPinStore", "PinStore"]
+__all__ = ["ConfigMapPinStore", "DirectoryPinStore", "LazyPinStore", "PinStore"]
 
 PIN_KEY = "keyset-pins.json"
 
@@ -136,6 +136,30 @@ class ConfigMapPinStore(PinStore):
                 raise KeysealError(f"the Kubernetes API refused to {verb} {self.location()} (HTTP {status})") from None
             raise BackendUnavailableError(
                 f"cannot reach the Kubernetes API to {verb} {self.location()} ({type(exc).__name__})") from None
+
+
+class LazyPinStore(PinStore):
+    """A store made at first use: building a server (and checking its custody) needs no Kubernetes client until
+    the pins are read."""
+
+    def __init__(self, make: Callable[[], PinStore], where: str) -> None:
+        self._make = make
+        self._where = where
+        self._store: PinStore | None = None
+
+    def _inner(self) -> PinStore:
+        if self._store is None:
+            self._store = self._make()
+        return self._store
+
+    def location(self) -> str:
+        return self._store.location() if self._store is not None else self._where
+
+    def read(self) -> tuple[bytes, str] | None:
+        return self._inner().read()
+
+    def write(self, data: bytes, expected_revision: str | None) -> None:
+        self._inner().write(data, expected_revision)
 
 
 def _client_module() -> Any:

@@ -85,15 +85,18 @@ def build_source(config: Config, kube_api_client: Any = None) -> KeysetSource:
 def build_pins(config: Config, scope: str, kube_api_client: Any = None) -> KeysetPins:
     """The keyset pins of a key-manager custody, in the configured store (keyseal.ca.pins): a file in the store
     directory, or a ConfigMap in the Kubernetes store's namespace, named after store.recordPrefix."""
-    from keyseal.ca.pin_store import ConfigMapPinStore, DirectoryPinStore, PinStore
+    from keyseal.ca.pin_store import ConfigMapPinStore, DirectoryPinStore, LazyPinStore, PinStore
 
     name = f"{config.record_prefix}-keyset-pins"
     store: PinStore
     if config.store_type == "kubernetes":
-        from keyseal.store.kubernetes import api_client_from_environment, resolve_namespace
+        def configmap() -> PinStore:
+            from keyseal.store.kubernetes import api_client_from_environment, resolve_namespace
 
-        client = kube_api_client or api_client_from_environment(config.kube_api_server)
-        store = ConfigMapPinStore(client, resolve_namespace(config.kube_namespace, "the keyset pins"), name)
+            client = kube_api_client or api_client_from_environment(config.kube_api_server)
+            return ConfigMapPinStore(client, resolve_namespace(config.kube_namespace, "the keyset pins"), name)
+
+        store = LazyPinStore(configmap, f"configmap {config.kube_namespace or '(the pod namespace)'}/{name}")
     else:
         store = DirectoryPinStore(config.store_path, name)
     return KeysetPins(store, config.trust_domain, config.custody, scope)
