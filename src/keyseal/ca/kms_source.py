@@ -124,8 +124,10 @@ class KmsKeysetSource(KeysetSource):
 
     def startup_check(self) -> None:
         """ListAliases once: an unreachable endpoint or missing credentials show before anything is created.
-        Then orphan what a crashed writer left behind (best effort: it never stops a startup)."""
+        Then read the keyset pins (the store must be readable and the chain verify), and orphan what a crashed
+        writer left behind (best effort: it never stops a startup)."""
         self._aliases()
+        self.pins.read()
         self.sweep_orphans()
 
     def _aliases(self) -> dict[str, str]:

@@ -135,8 +135,10 @@ class Pkcs11KeysetSource(KeysetSource):
         return uri + (f"?{self._query}" if self._query else "")
 
     def startup_check(self) -> None:
-        """Log in and read the markers: a missing module or token, or a wrong PIN, shows before anything is
-        written; and the token must be able to make the configured key types' signatures."""
+        """Read the pins, log in and read the markers: an unreadable store, a missing module or token, or a wrong
+        PIN, shows before anything is written; and the token must be able to make the configured key types'
+        signatures."""
+        self.pins.read()  # the store must be readable, and the pin chain verify
         with token_session(self.token_uri) as access:
             self._markers(access)
             mechanisms = access.token.slot.get_mechanisms()
