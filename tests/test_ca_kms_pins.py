@@ -214,3 +214,63 @@ def test_pins_in_the_kubernetes_store_are_shared_by_replicas(
     store.write(found[0], found[1])  # the revision it read: accepted
     with pytest.raises(StoreConflictError):
         store.write(found[0], found[1])  # that revision is stale now: refused, nothing written
+
+
+def test_keysets_from_before_pins_are_adopted_once(tmp_path: Path, kms_emulator: KmsEmulator,
+                                                   aws_env: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    """A store without a pin record (an upgrade): the live keysets the aliases name are pinned on first use and
+    logged; expired ones and keys described for another trust domain are not."""
+    prefix = f"pins/{uuid.uuid4().hex[:8]}"
+    clock = FakeClock()
+    config = parse_config(kms_config(tmp_path, kms_emulator.endpoint, prefix))
+    manager = manager_for(config, clock)
+    manager.start()
+    clock.advance(timedelta(hours=12))
+    manager.refresh()
+    before = {k.number: k for k in manager.loaded()}
+    [path] = list((tmp_path / "store").glob("*keyset-pins.json"))
+    path.unlink()  # as an older keyseal left it
+    client = admin(kms_emulator)
+    foreign = attacker_key(client, 3, "x509", clock())
+    client.update_key_description(KeyId=foreign, Description=f"keyseal CA key: trust domain other.org, keyset 3 "
+                                                              f"(x509), not before {clock():%Y-%m-%dT%H:%M:%SZ}")
+    client.create_alias(AliasName=f"alias/{prefix}/keyset-3-jwt", TargetKeyId=attacker_key(client, 3, "jwt", clock()))
+    client.create_alias(AliasName=f"alias/{prefix}/keyset-3-x509", TargetKeyId=foreign)
+
+    with caplog.at_level(logging.WARNING):
+        upgraded = manager_for(config, clock)
+        upgraded.start()
+    assert [k.number for k in upgraded.loaded()] == [1, 2]
+    for number, keyset in before.items():
+        assert same_ca(upgraded.keyset(number), keyset)
+    assert any("trust on first use" in r.getMessage() for r in caplog.records)
+    assert [p["keyset"] for p in json.loads(path.read_text())["pins"]] == [1, 2]
+    # From now on the pins hold: the restarted replica needs no adoption.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        manager_for(config, clock).start()
+    assert not any("trust on first use" in r.getMessage() for r in caplog.records)
+
+
+def test_aliases_naming_an_unusable_key_stop_nothing(tmp_path: Path, kms_emulator: KmsEmulator,
+                                                     aws_env: dict[str, str]) -> None:
+    """The KMS form of a marker naming a missing key: keyset-2 aliases on a key pending deletion made a load raise,
+    so a restart refused to start and the rotation stalled. Unpinned, they are ignored with an alarm."""
+    prefix = f"pins/{uuid.uuid4().hex[:8]}"
+    clock = FakeClock()
+    config = parse_config(kms_config(tmp_path, kms_emulator.endpoint, prefix))
+    manager = manager_for(config, clock)
+    manager.start()
+    client = admin(kms_emulator)
+    for kind in ("jwt", "x509"):
+        doomed = attacker_key(client, 2, kind, clock())
+        client.create_alias(AliasName=f"alias/{prefix}/keyset-2-{kind}", TargetKeyId=doomed)
+        client.schedule_key_deletion(KeyId=doomed, PendingWindowInDays=7)
+    before = alarm_count("unpinned-keyset")
+    restarted = manager_for(config, clock)
+    restarted.start()
+    assert [(k.number, s) for k, s in restarted.live()] == [(1, "active")]
+    assert alarm_count("unpinned-keyset") > before
+    clock.advance(timedelta(hours=12))
+    restarted.refresh()
+    assert [(k.number, s) for k, s in restarted.live()] == [(1, "active"), (3, "prepared")]

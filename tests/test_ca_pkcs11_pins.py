@@ -218,3 +218,21 @@ def test_a_pinned_keys_public_object_swapped_is_refused(config: Any) -> None:
     with pytest.raises(CustodyIntegrityError, match="not the pinned public key"):
         manager_for(config, clock).start()
     assert alarm_count("key-mismatch") > before
+
+
+def test_keysets_from_before_pins_are_adopted_once(config: Any, tmp_path: Path) -> None:
+    clock = FakeClock()
+    manager = manager_for(config, clock)
+    manager.start()
+    clock.advance(timedelta(hours=12))
+    manager.refresh()
+    [path] = list((tmp_path / "store").glob("*keyset-pins.json"))
+    path.unlink()  # as an older keyseal left the token and the store
+    upgraded = manager_for(config, clock)
+    upgraded.start()
+    assert [k.number for k in upgraded.loaded()] == [1, 2]
+    assert [k.jwt_kid for k in upgraded.loaded()] == [k.jwt_kid for k in manager.loaded()]
+    assert path.exists()
+    restarted = manager_for(config, clock)
+    restarted.start()
+    assert [k.jwt_kid for k in restarted.loaded()] == [k.jwt_kid for k in manager.loaded()]

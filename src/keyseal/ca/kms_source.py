@@ -358,9 +358,11 @@ class KmsKeysetSource(KeysetSource):
             return "it is pending deletion: cancel its deletion"
         return None
 
-    def _not_before(self, metadata: Any) -> datetime:
+    def _not_before(self, metadata: Any, number: int, kind: str) -> datetime | None:
+        """The creation time a key's description records, if it describes keyset `number` (`kind`) here."""
         match = _DESCRIPTION_RE.fullmatch(metadata.get("Description") or "")
-        assert match is not None
+        if match is None or int(match["n"]) != number or match["kind"] != kind or match["td"] != self.trust_domain:
+            return None
         return datetime.strptime(match["at"], _TIME_FORMAT).replace(tzinfo=UTC)
 
     def _report_unpinned(self, numbers: dict[str, dict[int, str]], chain: tuple[Pin, ...]) -> None:
@@ -386,24 +388,31 @@ class KmsKeysetSource(KeysetSource):
         """No pin record yet: pin the live keysets the aliases name (trust on first use), oldest first."""
         entries: list[NewPin] = []
         for number in sorted(set(numbers["x509"]) & set(numbers["jwt"])):
-            keys: dict[str, tuple[str, CaKey]] = {}
-            not_before: datetime | None = None
-            for kind in KINDS:
-                metadata = self._describe(self.alias(number, kind))
+            described = {kind: self._describe(self.alias(number, kind)) for kind in KINDS}
+            times = {self._not_before(metadata, number, kind) for kind, metadata in described.items()}
+            if None in times or len(times) != 1:
+                alarm("unpinned-keyset", f"keyset {number} ({self.alias(number, 'x509')}) is not adopted: its keys' "
+                                         "descriptions do not name this trust domain, keyset and one time")
+                continue
+            not_before = times.pop()
+            assert not_before is not None
+            if not_before <= live_after:
+                continue  # expired: history, not adopted
+            for kind, metadata in described.items():  # live, and described as ours: it must be what keyseal makes
                 problem = self._key_problem(metadata, number, kind, None)
                 if problem:
-                    alarm("key-mismatch", f"{self.alias(number, kind)} ({metadata.get('Arn')}) is not adopted: "
-                                          f"{problem}")
-                    break
-                not_before = not_before or self._not_before(metadata)
-                keys[kind] = (metadata["Arn"], self._open_arn(metadata["Arn"]))
-            if len(keys) != len(KINDS) or not_before is None or not_before <= live_after:
-                continue
+                    message = f"{self.alias(number, kind)} ({metadata.get('Arn')}) of live keyset {number}: {problem}"
+                    alarm("key-mismatch", message)
+                    raise CustodyIntegrityError(f"{message}; no keyset is pinned until it is fixed")
             if entries and not_before <= entries[-1].not_before:
                 alarm("unpinned-keyset", f"keyset {number} is not adopted: it is not newer than keyset "
                                          f"{entries[-1].number}")
                 continue
+            keys = {kind: (described[kind]["Arn"], self._open_arn(described[kind]["Arn"])) for kind in KINDS}
             entries.append(NewPin(number, not_before, keys))
+        for entry in entries:  # the pins name these keys (unless another replica pinned others first)
+            for arn, key in entry.keys.values():
+                self._opened[arn] = key
         if entries:
             if self.pins.append(entries, lambda pin: self._open_pinned(pin, "x509"), only_if_absent=True):
                 log.warning("no keyset pins were found in %s: pinned the live keysets %s as their aliases name them "
