@@ -28,6 +28,7 @@ REASONS = (
 _lock = threading.Lock()
 _counts: Counter[str] = Counter(dict.fromkeys(REASONS, 0))
 _logged: set[tuple[str, str]] = set()
+_LOGGED_MAX = 1000  # distinct findings remembered (beyond that, repeats are logged again rather than kept)
 
 
 def alarm(reason: str, message: str) -> None:
@@ -36,7 +37,7 @@ def alarm(reason: str, message: str) -> None:
     with _lock:
         _counts[reason] += 1
         first = (reason, message) not in _logged
-        if first:
+        if first and len(_logged) < _LOGGED_MAX:
             _logged.add((reason, message))
     if first:
         log.error("CUSTODY ALARM (%s): %s", reason, message)
