@@ -122,7 +122,8 @@ def test_rotation_creates_new_kms_keys(tmp_path: Path, kms_emulator: KmsEmulator
     manager.refresh()
     assert [(k.number, s) for k, s in manager.live()] == [(1, "active"), (2, "prepared")]
     counts = kms_emulator.calls.counts()
-    assert counts["CreateKey"] == 2 and counts["Sign"] == 1  # two new keys, and the new CA certificate
+    # two new keys; keyset 1's X.509 key signs keyset 2's pin, and keyset 2's key its CA certificate
+    assert counts["CreateKey"] == 2 and counts["Sign"] == 2
     second = manager.keyset(2)
     assert second is not None and second.not_before == clock()
     clock.advance(timedelta(hours=8))

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from keyseal.ca.config import parse_config
 from keyseal.ca.kms_source import KmsKeysetSource
 from keyseal.ca.manager import KeysetManager
+from keyseal.ca.pin_store import DirectoryPinStore
+from keyseal.ca.pins import KeysetPins
 from keyseal.ca.server import build_source
 from keyseal.errors import KeysealError
 from keyseal.iam import CA_SERVER_CLEANUP_PERMISSIONS, CA_SERVER_PERMISSIONS, ca_server_policy
@@ -166,8 +168,11 @@ def test_lost_race_orphans_the_losers_keys(tmp_path: Path, kms_emulator: KmsEmul
                                            aws_env: dict[str, str]) -> None:
     prefix = f"orphans/{uuid.uuid4().hex[:8]}"
     client = admin(kms_emulator)
-    winner = KmsKeysetSource(TRUST_DOMAIN, prefix, "p256", "p256", endpoint=kms_emulator.endpoint)
-    loser = KmsKeysetSource(TRUST_DOMAIN, prefix, "p256", "p256", endpoint=kms_emulator.endpoint)
+    pins = DirectoryPinStore(tmp_path / "store", "pins")
+    winner = KmsKeysetSource(TRUST_DOMAIN, prefix, "p256", "p256", endpoint=kms_emulator.endpoint,
+                             pins=KeysetPins(pins, TRUST_DOMAIN, "kms", prefix))
+    loser = KmsKeysetSource(TRUST_DOMAIN, prefix, "p256", "p256", endpoint=kms_emulator.endpoint,
+                            pins=KeysetPins(pins, TRUST_DOMAIN, "kms", prefix))
     now = datetime(2030, 1, 1, tzinfo=UTC)
     assert winner.create(1, now, now - timedelta(days=1))
     targets = set(aliases_of(client, prefix).values())
@@ -251,7 +256,7 @@ def test_incomplete_keyset_is_never_used(tmp_path: Path, kms_emulator: KmsEmulat
     key = create_pending(client, prefix, 1, "x509", datetime.now(UTC))
     client.create_alias(AliasName=f"alias/{prefix}/keyset-1-x509", TargetKeyId=key)
     manager = new_manager(tmp_path, kms_emulator.endpoint, prefix, FakeClock())
-    with caplog.at_level(logging.WARNING, logger="keyseal.ca.kms_source"):
+    with caplog.at_level(logging.WARNING, logger="keyseal.ca.custody"):
         manager.start()
     assert [k.number for k, _ in manager.live()] == [2]
     assert any("keyset 1 is incomplete" in r.getMessage() for r in caplog.records)

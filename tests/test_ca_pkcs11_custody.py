@@ -259,40 +259,6 @@ def test_leftover_keys_of_an_unfinished_creation_are_replaced(token: str, sofths
     assert labels.count(f"{prefix}keyset-1-x509") == 2  # one pair: the new one
 
 
-def test_duplicate_markers_readers_agree(token: str, softhsm: SoftHsm, pin_file: Path, tmp_path: Path) -> None:
-    """Two writers raced and both committed keyset 1: every reader picks the same one."""
-    prefix = new_prefix()
-    config = parse_config(pkcs11_config(tmp_path, softhsm, pin_file, prefix))
-    first = KeysetManager(build_source(config), TRUST_DOMAIN, config.ca_ttl, config.refresh_hint)
-    first.start()
-    # The other writer's keyset 1, made as a racing writer would have made it (keys, then marker).
-    from keyseal.ca.pkcs11_source import Pkcs11KeysetSource, _Marker
-
-    rival = build_source(config)
-    assert isinstance(rival, Pkcs11KeysetSource)
-    ids = {"x509": b"\x00" * 15 + b"\x01", "jwt": b"\x00" * 15 + b"\x02"}  # sorts before any random id
-    with backend.token_session(rival.token_uri) as access:
-        with access.token.open(rw=True) as session:
-            attr = access.pkcs11.Attribute
-            for kind in ("x509", "jwt"):
-                pair = session.generate_keypair(
-                    access.pkcs11.KeyType.EC, None, id=ids[kind], label=rival.label(1, kind), store=True,
-                    mechanism=access.pkcs11.Mechanism.EC_KEY_PAIR_GEN,
-                    public_template={attr.TOKEN: True, attr.EC_PARAMS: bytes.fromhex("06082a8648ce3d030107"),
-                                     attr.VERIFY: True},
-                    private_template={attr.TOKEN: True, attr.PRIVATE: True, attr.SENSITIVE: True,
-                                      attr.EXTRACTABLE: False, attr.SIGN: True})
-                assert pair
-        rival._write_marker(access, _Marker(1, first.active().not_before, ids))
-    readers = [KeysetManager(build_source(config), TRUST_DOMAIN, config.ca_ttl, config.refresh_hint)
-               for _ in range(2)]
-    for reader in readers:
-        reader.start()
-    assert readers[0].active().jwt_kid == readers[1].active().jwt_kid != first.active().jwt_kid
-    first.refresh()  # the first writer converges at its next refresh
-    assert first.active().jwt_kid == readers[0].active().jwt_kid
-
-
 @pytest.mark.parametrize(("change", "needle"), [
     ({"pkcs11": {"uri": None}}, "pkcs11.uri is required when custody is pkcs11"),
     ({"pkcs11": {"uri": "pkcs11:token=ca;object=x"}}, "must name the token only"),

@@ -18,6 +18,7 @@ import yaml
 from keyseal.ca.config import Config, parse_config
 from keyseal.errors import KeysealError, UsageError
 from keyseal.wrapping.local import LocalKek
+from tests.harness.kube_api import KubeApi
 from tests.harness.softhsm import USER_PIN, SoftHsm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,13 +152,21 @@ def test_awskms_with_irsa(chart: helm_python.Chart) -> None:
     assert f"Key wrapping via KMS keyARN={ARN}" in notes
 
 
+PIN_RULES = [
+    {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["keyseal-example.org-keyset-pins"],
+     "verbs": ["get", "update"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+]
+
+
 def test_key_manager_custody_needs_no_store_rbac(chart: helm_python.Chart) -> None:
     by_kind = render(chart, {"custody": "kms", "ca": {"keyType": "ec-p384"}})
     assert "Secret" not in by_kind
-    (role,) = by_kind["Role"]  # no WrappedKey records: only the node agents' entries and join tokens
-    assert role["rules"] == STORE_RULES[1:]
+    (role,) = by_kind["Role"]  # no WrappedKey records: the agents' entries and join tokens, and the keyset pins
+    assert role["rules"] == STORE_RULES[1:] + PIN_RULES
     config = server_config(by_kind)
     assert config.custody == "kms" and config.ca_key_type == "ec-p384"
+    assert PIN_RULES[0]["resourceNames"] == [f"{config.record_prefix}-keyset-pins"]  # the server's name for it
 
 
 def test_schema_refuses_mistakes(chart: helm_python.Chart) -> None:
@@ -262,8 +271,8 @@ def test_pkcs11_custody(chart: helm_python.Chart) -> None:
     assert HSM_EXTRAS["extraVolumes"][0] in pod["volumes"]
     assert HSM_EXTRAS["extraVolumeMounts"][0] in main["volumeMounts"]
     assert HSM_EXTRAS["extraEnv"][0] in main["env"]
-    (role,) = by_kind["Role"]  # no WrappedKey records: only the node agents' entries and join tokens
-    assert role["rules"] == STORE_RULES[1:]
+    (role,) = by_kind["Role"]  # no WrappedKey records: the agents' entries and join tokens, and the keyset pins
+    assert role["rules"] == STORE_RULES[1:] + PIN_RULES
     notes = chart.render({"custody": "pkcs11", "pkcs11": PKCS11}, name="trust",
                          namespace="spire")["keyseal/templates/NOTES.txt"]
     assert "Secret hsm-pin (key user-pin)" in notes and config.pkcs11.pin_file in notes
@@ -275,9 +284,11 @@ def chart_token(softhsm: SoftHsm) -> str:
 
 
 def test_pkcs11_config_from_the_chart_opens_a_real_token(chart: helm_python.Chart, chart_token: str,
-                                                         tmp_path: Path) -> None:
+                                                         tmp_path: Path, kube_api: KubeApi, namespace: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The chart's rendered configuration drives a real SoftHSM2 token: the module, the token URI and the PIN
-    file (here the Secret's bytes at a local path, as the kubelet writes them at pinFile) log in and read."""
+    file (here the Secret's bytes at a local path, as the kubelet writes them at pinFile) log in and read; the
+    keyset pins are read from the (emulated) API server, in the pod's namespace."""
     from keyseal.backends import pkcs11 as backend
     from keyseal.ca.server import build_source
 
@@ -288,13 +299,14 @@ def test_pkcs11_config_from_the_chart_opens_a_real_token(chart: helm_python.Char
     pin_file.write_text(USER_PIN + "\n")
     pin_file.chmod(0o400)
     local = dataclasses.replace(config, pkcs11=dataclasses.replace(config.pkcs11, pin_file=str(pin_file)))
+    monkeypatch.setenv("POD_NAMESPACE", namespace)
     try:
-        build_source(local).startup_check()
+        build_source(local, kube_api.api_client()).startup_check()
         pin_file.chmod(0o600)
         pin_file.write_text("wrong-pin\n")
         backend.close_all_sessions()
         with pytest.raises(KeysealError, match="PIN") as refused:
-            build_source(local).startup_check()
+            build_source(local, kube_api.api_client()).startup_check()
         assert "wrong-pin" not in str(refused.value)
     finally:
         backend.close_all_sessions()

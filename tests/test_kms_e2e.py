@@ -244,5 +244,19 @@ def test_iam_policy_command(aws_env: dict[str, str]) -> None:
     assert json.loads(server.stdout) == ca_server_policy("example.org", "keyseal/example_org")
     aliases = [s for s in json.loads(server.stdout)["Statement"] if s["Sid"] == "KeysealCaAliases"]
     assert aliases[0]["Resource"] == "arn:aws:kms:*:*:alias/keyseal/example_org/keyset-*"
-    for wrong in (("--for", "ca-server"), ("--for", "ca-server", "--trust-domain", "Example.ORG"), ("--for", "sign")):
+    assert "ca-server-guard" in server.stderr and "kms:ResourceAliases" in server.stderr
+    role = "arn:aws:iam::123456789012:role/keyseal-ca"
+    guard = run_keyseal("iam-policy", "--for", "ca-server-guard", "--trust-domain", "example.org", "--ca-role", role)
+    assert guard.returncode == 0, guard.stderr
+    statements = {s["Sid"]: s for s in json.loads(guard.stdout)["Statement"]}
+    aliases_only = statements["KeysealCaAliasesOnlyByTheCa"]
+    assert aliases_only["Effect"] == "Deny" and "kms:UpdateAlias" in aliases_only["Action"]
+    assert aliases_only["Resource"] == "arn:aws:kms:*:*:alias/keyseal/example_org/*"
+    assert aliases_only["Condition"] == {"ArnNotEquals": {"aws:PrincipalArn": role}}
+    keys_only = statements["KeysealCaKeysOnlyByTheCa"]
+    assert keys_only["Condition"]["ForAnyValue:StringLike"] == {"kms:ResourceAliases": "alias/keyseal/example_org/*"}
+    assert {"kms:Sign", "kms:UpdateAlias", "kms:ScheduleKeyDeletion"} <= set(keys_only["Action"])
+    for wrong in (("--for", "ca-server"), ("--for", "ca-server", "--trust-domain", "Example.ORG"), ("--for", "sign"),
+                  ("--for", "ca-server-guard", "--trust-domain", "example.org"),
+                  ("--for", "ca-server-guard", "--trust-domain", "example.org", "--ca-role", "keyseal-ca")):
         assert_one_line_error(run_keyseal("iam-policy", *wrong))

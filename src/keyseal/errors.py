@@ -109,6 +109,10 @@ class StoreConflictError(KeysealError):
     """A record changed in the store between reading and writing it (optimistic concurrency)."""
 
 
+class CustodyIntegrityError(KeysealError):
+    """A CA key, alias, marker or keyset pin is not what keyseal made and pinned for this trust domain."""
+
+
 class WkdError(KeysealError):
     """A Web Key Directory answered with something keyseal refuses, or published no key for the address."""
 

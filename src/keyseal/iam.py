@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from keyseal.errors import UsageError
 
-__all__ = ["CA_SERVER_CLEANUP_PERMISSIONS", "CA_SERVER_PERMISSIONS", "PERMISSIONS", "ca_server_policy",
-           "least_privilege_policy"]
+__all__ = ["CA_SERVER_CLEANUP_PERMISSIONS", "CA_SERVER_PERMISSIONS", "PERMISSIONS", "ca_alias_guard_policy",
+           "ca_server_policy", "least_privilege_policy"]
 
 Purpose = Literal["sign", "wrap"]
 
@@ -90,5 +90,41 @@ def ca_server_policy(trust_domain: str, alias_prefix: str) -> dict[str, Any]:
              "Resource": "*", "Condition": own_keys},
             {"Sid": "KeysealCaAliases", "Effect": "Allow", "Action": ["kms:CreateAlias", "kms:DeleteAlias"],
              "Resource": f"arn:aws:kms:*:*:alias/{alias_prefix}/keyset-*"},
+        ],
+    }
+
+
+_ROLE_ARN_RE = re.compile(r"arn:aws[-a-z]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}")
+
+# What nobody but the CA server may do to a key that carries one of its aliases: sign as the CA, change which
+# key an alias names, or take the key away (deletion, disabling, its policy, its tags).
+CA_KEY_GUARDED_ACTIONS: tuple[str, ...] = (
+    "kms:Sign", "kms:CreateAlias", "kms:UpdateAlias", "kms:DeleteAlias", "kms:TagResource", "kms:UntagResource",
+    "kms:ScheduleKeyDeletion", "kms:DisableKey", "kms:PutKeyPolicy", "kms:CreateGrant", "kms:UpdateKeyDescription",
+)
+
+
+def ca_alias_guard_policy(alias_prefix: str, ca_role_arn: str) -> dict[str, Any]:
+    """Deny statements for everyone but the CA server's role (a service control policy, a permissions boundary,
+    or a policy on every other principal of the account): only the CA may create, move or delete aliases under
+    its prefix (`kms:CreateAlias`/`kms:UpdateAlias`/`kms:DeleteAlias` on the alias resource), and only the CA may
+    sign with, re-alias, retag or remove a key that carries one of them (`kms:ResourceAliases`).
+
+    keyseal does not rely on this for its integrity (it pins every keyset's keys and ignores anything else, with
+    an alarm), but without it anyone who may manage aliases can make the CA raise alarms, spend keyset numbers,
+    or take its keys away."""
+    if not _ROLE_ARN_RE.fullmatch(ca_role_arn):
+        raise UsageError(f"{ca_role_arn!r} is not an IAM role ARN: expected arn:aws:iam::ACCOUNT:role/NAME")
+    not_the_ca = {"ArnNotEquals": {"aws:PrincipalArn": ca_role_arn}}
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Sid": "KeysealCaAliasesOnlyByTheCa", "Effect": "Deny",
+             "Action": ["kms:CreateAlias", "kms:UpdateAlias", "kms:DeleteAlias"],
+             "Resource": f"arn:aws:kms:*:*:alias/{alias_prefix}/*", "Condition": not_the_ca},
+            {"Sid": "KeysealCaKeysOnlyByTheCa", "Effect": "Deny", "Action": list(CA_KEY_GUARDED_ACTIONS),
+             "Resource": "*",
+             "Condition": {"ForAnyValue:StringLike": {"kms:ResourceAliases": f"alias/{alias_prefix}/*"},
+                           **not_the_ca}},
         ],
     }

@@ -564,6 +564,19 @@ class Pkcs11Signer(Signer):
             raise BackendUnavailableError(f"malformed Ed25519 signature from the token: {self._described}")
         return raw
 
+    def key_attributes(self) -> dict[str, bool | None]:
+        """The private key's provenance: CKA_LOCAL (generated in the token), CKA_NEVER_EXTRACTABLE,
+        CKA_ALWAYS_SENSITIVE, CKA_EXTRACTABLE and CKA_SENSITIVE (None where the token does not say)."""
+        attr = self._p11.Attribute
+        found: dict[str, bool | None] = {}
+        with self._lock:
+            for name in ("LOCAL", "NEVER_EXTRACTABLE", "ALWAYS_SENSITIVE", "EXTRACTABLE", "SENSITIVE"):
+                try:
+                    found[name] = bool(self._private[getattr(attr, name)])
+                except self._p11.PKCS11Error:
+                    found[name] = None
+        return found
+
     def _sign_error(self, exc: Exception) -> KeysealError:
         p11 = self._p11
         if isinstance(exc, p11.UserNotLoggedIn):

@@ -16,13 +16,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from keyseal.backends.base import PublicKey, hash_algorithm
+from keyseal.ca.alarms import alarm
 from keyseal.ca.custody import CaKey, jws_algorithm
-from keyseal.errors import UnsupportedKeyError
+from keyseal.errors import CustodyIntegrityError, UnsupportedKeyError
 
 __all__ = ["Keyset", "build_ca_certificate", "jwk_of", "jwk_thumbprint", "make_keyset"]
 
@@ -135,5 +137,12 @@ def make_keyset(trust_domain: str, number: int, not_before: datetime, lifetime: 
     """Assemble a keyset from its two keys (builds the CA certificate: one signature by the X.509 key)."""
     jws_algorithm(jwt_key.public_key())  # refuse an unusable JWT key now, not at the first JWT-SVID
     certificate = build_ca_certificate(trust_domain, number, not_before, lifetime, x509_key)
+    try:  # a key manager whose private key is not its public key's would make every SVID unverifiable
+        certificate.verify_directly_issued_by(certificate)
+    except (InvalidSignature, ValueError, TypeError):
+        message = f"the CA certificate of keyset {number} does not verify with its own public key: the X.509 " \
+                  f"CA key ({x509_key.custody} custody) signs with another private key than its public key's"
+        alarm("signature-check", message)
+        raise CustodyIntegrityError(message) from None
     return Keyset(number, not_before, not_before + lifetime, x509_key, jwt_key, certificate,
                   jwk_thumbprint(jwt_key.public_key()))

@@ -19,8 +19,18 @@ killed half way leaves `pending` keys in no complete keyset: each startup looks 
 ListResourceTags of keys that no alias names, bounded) and orphans those of this trust domain and alias prefix
 older than a grace period (a slower replica may still be creating its keyset).
 
-A key's description records its keyset and creation time (the schedule's clock), so a load needs only
-ListAliases, then DescribeKey and GetPublicKey per live key. Every signature is one kms:Sign.
+5. The pin (keyseal.ca.pins): the keyset's key ARNs and public keys, signed by the previous keyset's X.509 key,
+   appended to the pin record in the configured store. Only a pinned keyset is ever used.
+
+Aliases only find keys for creation and clean-up; they are not trusted. A load reads the pins and opens exactly
+the pinned key ARNs (DescribeKey: Origin AWS_KMS, KeyManager CUSTOMER, KeyUsage SIGN_VERIFY, the KeySpec of the
+pinned public key, this trust domain in the description; GetPublicKey: the pinned public key). An alias moved
+to another key, or aliases of a keyset that is not pinned (planted, or left by a writer that stopped before
+pinning), are ignored with a custody alarm; a pinned key that fails a check stops the load (the server keeps
+the keysets it has, or refuses to start) instead of being replaced. Every signature is one kms:Sign.
+
+Upgrading from a version without pins: when the store holds no pin record yet, the first load pins the live
+keysets the aliases name (after the checks above), trusting them on first use, and says so in the log.
 
 IAM: kms:ListAliases, kms:CreateKey, kms:TagResource (tags given to CreateKey need it too), kms:CreateAlias,
 kms:DescribeKey, kms:GetPublicKey, kms:Sign; for clean-up kms:ScheduleKeyDeletion, kms:DeleteAlias (an alias
@@ -36,13 +46,17 @@ import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keyseal.aws import kms_client, kms_errors
 from keyseal.backends.awskms import AwsKmsSigner, parse_key_ref
+from keyseal.ca.alarms import alarm
 from keyseal.ca.custody import CaKey, SignerCaKey
+from keyseal.ca.pins import KINDS, KeysetPins, NewPin, Pin
 from keyseal.ca.source import KeysetKeys, KeysetSource, Loaded
-from keyseal.errors import AccessDeniedError, KeysealError, UnsupportedKeyError
+from keyseal.errors import AccessDeniedError, CustodyIntegrityError, KeysealError
 from keyseal.wrapping.record import format_time
 
 if TYPE_CHECKING:
@@ -59,8 +73,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 KMS_KEY_SPECS = {"p256": "ECC_NIST_P256", "p384": "ECC_NIST_P384", "rsa2048": "RSA_2048", "rsa4096": "RSA_4096"}
-_DESCRIPTION_RE = re.compile(r"keyseal CA key: trust domain \S+, keyset (\d+) \((x509|jwt)\), "
-                             r"not before (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
+_DESCRIPTION_RE = re.compile(r"keyseal CA key: trust domain (?P<td>\S+), keyset (?P<n>\d+) \((?P<kind>x509|jwt)\), "
+                             r"not before (?P<at>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
 _DELETION_DAYS = 7
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -82,9 +96,10 @@ _COMMIT_WAIT_SECONDS = 30.0  # how long a replica that lost the race waits for t
 
 class KmsKeysetSource(KeysetSource):
     def __init__(self, trust_domain: str, alias_prefix: str, x509_key_type: str, jwt_key_type: str,
-                 endpoint: str | None = None, region: str | None = None, *,
+                 endpoint: str | None = None, region: str | None = None, *, pins: KeysetPins,
                  orphan_grace: timedelta = DEFAULT_ORPHAN_GRACE,
                  wall_clock: Callable[[], datetime] | None = None) -> None:
+        self.pins = pins
         self.trust_domain = trust_domain
         self.alias_prefix = alias_prefix
         self.key_types = {"x509": x509_key_type, "jwt": jwt_key_type}
@@ -94,8 +109,7 @@ class KmsKeysetSource(KeysetSource):
         # KMS's own time, for tags and the grace period; not the schedule's (possibly injected) clock.
         self.wall_clock = wall_clock or (lambda: datetime.now(UTC))
         self._client: KMSClient | None = None
-        self._opened: dict[str, tuple[datetime, CaKey]] = {}  # alias -> (not before, key)
-        self._warned: set[int] = set()
+        self._opened: dict[str, CaKey] = {}  # pinned key ARN -> key
 
     def describe(self) -> str:
         return f"AWS KMS keys alias/{self.alias_prefix}/keyset-*"
@@ -110,8 +124,10 @@ class KmsKeysetSource(KeysetSource):
 
     def startup_check(self) -> None:
         """ListAliases once: an unreachable endpoint or missing credentials show before anything is created.
-        Then orphan what a crashed writer left behind (best effort: it never stops a startup)."""
+        Then read the keyset pins (the store must be readable and the chain verify), and orphan what a crashed
+        writer left behind (best effort: it never stops a startup)."""
         self._aliases()
+        self.pins.read()
         self.sweep_orphans()
 
     def _aliases(self) -> dict[str, str]:
@@ -141,25 +157,28 @@ class KmsKeysetSource(KeysetSource):
         return found
 
     def load(self, live_after: datetime) -> Loaded:
+        chain = self.pins.read()
         numbers = self._numbers()
-        # A number taken by either alias is spent, even by a keyset that was never completed (a JWT alias alone
-        # is an abandoned keyset, or one a replica is committing right now: create() waits for that one).
-        highest = max([*numbers["x509"], *numbers["jwt"]], default=0)
+        if chain is None:
+            chain = self._adopt(numbers, live_after)
+        pinned = {pin.number: pin for pin in chain}
+        # A number taken by any alias is spent, pinned or not: the next keyset gets a higher one.
+        highest = max([*numbers["x509"], *numbers["jwt"], *pinned], default=0)
+        self._report_unpinned(numbers, chain)
         keysets: list[KeysetKeys] = []
-        for number in sorted(numbers["x509"], reverse=True):
-            if number not in numbers["jwt"]:
-                if number not in self._warned:
-                    self._warned.add(number)
-                    log.warning("keyset %d is incomplete (%s exists, %s does not): it is not used", number,
-                                self.alias(number, "x509"), self.alias(number, "jwt"))
-                continue
-            not_before, x509_key = self._open(self.alias(number, "x509"), number, "x509")
-            if not_before <= live_after:
+        for pin in sorted(chain, key=lambda p: p.number, reverse=True):
+            if pin.not_before <= live_after:
                 break  # older keysets are older still
-            _, jwt_key = self._open(self.alias(number, "jwt"), number, "jwt")
-            keysets.append(KeysetKeys(number, not_before, x509_key, jwt_key))
-        live = {self.alias(k.number, kind) for k in keysets for kind in ("x509", "jwt")}
-        self._opened = {alias: value for alias, value in self._opened.items() if alias in live}
+            for kind in KINDS:
+                target = numbers[kind].get(pin.number)
+                if target is not None and not _same_key(target, pin.keys[kind].id):
+                    alarm("alias-moved", f"{self.alias(pin.number, kind)} names KMS key {target}, but keyset "
+                                         f"{pin.number} is pinned to {pin.keys[kind].id}: someone moved the alias; "
+                                         "the pinned key is used, the alias's key never")
+            keysets.append(KeysetKeys(pin.number, pin.not_before, self._open_pinned(pin, "x509"),
+                                      self._open_pinned(pin, "jwt")))
+        live = {pin.keys[kind].id for pin in chain if pin.number in {k.number for k in keysets} for kind in KINDS}
+        self._opened = {arn: key for arn, key in self._opened.items() if arn in live}
         return Loaded(tuple(sorted(keysets, key=lambda k: k.number)), highest)
 
     def create(self, number: int, not_before: datetime, live_after: datetime) -> bool:
@@ -172,6 +191,7 @@ class KmsKeysetSource(KeysetSource):
             # wait for it rather than prepare a second keyset. A writer that died half way costs only the wait.
             self._await_commit(previous)
             if previous in self._numbers()["x509"]:
+                self._await_pin(previous)
                 return False
         created: dict[str, tuple[str, str]] = {}  # kind -> (key id, arn)
         opened: dict[str, CaKey] = {}
@@ -192,17 +212,22 @@ class KmsKeysetSource(KeysetSource):
                         log.info("%s was created by another replica: abandoning this replica's keys", alias)
                         self._abandon(number, created, aliased, "lost-race", f"{alias} taken by another writer")
                         self._await_commit(number)
+                        self._await_pin(number)
                         return False
                     raise KeysealError(f"{alias} already names another key although {self.alias(number, 'jwt')} "
                                        f"was just made by this server: remove the stray alias {alias}")
                 aliased.append(alias)
+            step = "pin"
+            entry = NewPin(number, not_before, {kind: (created[kind][1], opened[kind]) for kind in KINDS})
+            if not self.pins.append([entry], lambda pin: self._open_pinned(pin, "x509")):
+                raise CustodyIntegrityError(f"{self.pins.describe()} already pins keyset {number} or a later one, "
+                                            f"although this server made its aliases")
         except KeysealError as exc:
             note = self._abandon(number, created, aliased, "rotation-failed", f"{step} failed")
             raise type(exc)(f"{exc.message} ({note})") from None
-        # Committed: the keyset is complete. Keep its opened keys (load() would fetch the same public keys).
-        stamp = datetime.strptime(format_time(not_before), _TIME_FORMAT).replace(tzinfo=UTC)
+        # Committed and pinned. Keep its opened keys (load() would fetch the same public keys).
         for kind, key in opened.items():
-            self._opened[self.alias(number, kind)] = (stamp, key)
+            self._opened[created[kind][1]] = key
         for kind, (key_id, _) in created.items():
             self._tag(key_id, {STATE_TAG: "active"}, f"mark {self.alias(number, kind)} active")
         log.info("keyset %d committed: %s -> %s, %s -> %s", number, self.alias(number, "x509"),
@@ -291,28 +316,121 @@ class KmsKeysetSource(KeysetSource):
                 break
         return tags
 
-    def _open(self, alias: str, number: int, kind: str) -> tuple[datetime, CaKey]:
-        cached = self._opened.get(alias)
+    def _open_pinned(self, pin: Pin, kind: str) -> CaKey:
+        """The pinned key, by its pinned ARN (never through the alias), checked against its pin."""
+        pinned = pin.keys[kind]
+        cached = self._opened.get(pinned.id)
         if cached is not None:
             return cached
+        what = f"the {kind} key of keyset {pin.number} ({pinned.id})"
+        metadata = self._describe(pinned.id)
+        problem = self._key_problem(metadata, pin.number, kind, _key_spec(pinned.public_key()))
+        if problem:
+            alarm("key-mismatch", f"{what}: {problem}")
+            raise CustodyIntegrityError(f"{what} is not the key keyseal made and pinned: {problem}")
+        key = self._open_arn(metadata["Arn"])
+        if not pinned.matches(key.public_key()):
+            alarm("key-mismatch", f"{what}: KMS returns another public key than the pinned one")
+            raise CustodyIntegrityError(f"{what}: KMS returns another public key than the one pinned in "
+                                        f"{self.pins.describe()}")
+        self._opened[pinned.id] = key
+        return key
+
+    def _describe(self, key: str) -> Any:
         client = self._kms()
-        with kms_errors("DescribeKey", alias, client.meta.endpoint_url):
-            metadata = client.describe_key(KeyId=alias)["KeyMetadata"]
+        with kms_errors("DescribeKey", key, client.meta.endpoint_url):
+            return client.describe_key(KeyId=key)["KeyMetadata"]
+
+    def _key_problem(self, metadata: Any, number: int, kind: str, spec: str | None) -> str | None:
+        """Why a KMS key is not one keyseal made for keyset `number` (`kind`) of this trust domain, or None."""
         match = _DESCRIPTION_RE.fullmatch(metadata.get("Description") or "")
-        if match is None or int(match.group(1)) != number or match.group(2) != kind:
-            raise UnsupportedKeyError(
-                f"AWS KMS key {alias} was not created by keyseal for keyset {number} ({kind}): its description "
-                f"does not say so; point {alias} back at the key keyseal created, or choose another aliasPrefix"
-            )
+        if match is None or int(match["n"]) != number or match["kind"] != kind or match["td"] != self.trust_domain:
+            return "its description does not name this trust domain, keyset and kind"
+        if metadata.get("Origin") != "AWS_KMS":
+            return f"its key material was imported (Origin {metadata.get('Origin')})"
+        if metadata.get("KeyManager", "CUSTOMER") != "CUSTOMER":
+            return "it is an AWS managed key"
+        if metadata.get("KeyUsage") != "SIGN_VERIFY":
+            return f"its KeyUsage is {metadata.get('KeyUsage')}, not SIGN_VERIFY"
+        key_spec = metadata.get("KeySpec") or metadata.get("CustomerMasterKeySpec")
+        if key_spec not in KMS_KEY_SPECS.values() or (spec is not None and key_spec != spec):
+            return f"its KeySpec is {key_spec}, not {spec or 'a CA key spec'}"
         if metadata.get("KeyState") == "PendingDeletion":
-            raise UnsupportedKeyError(
-                f"AWS KMS key {alias} ({metadata['KeyId']}) is pending deletion: cancel its deletion, or delete "
-                f"the aliases of keyset {number} so that a new keyset is made"
-            )
-        not_before = datetime.strptime(match.group(3), _TIME_FORMAT).replace(tzinfo=UTC)
-        opened = (not_before, self._open_arn(metadata["Arn"]))
-        self._opened[alias] = opened
-        return opened
+            return "it is pending deletion: cancel its deletion"
+        return None
+
+    def _not_before(self, metadata: Any, number: int, kind: str) -> datetime | None:
+        """The creation time a key's description records, if it describes keyset `number` (`kind`) here."""
+        match = _DESCRIPTION_RE.fullmatch(metadata.get("Description") or "")
+        if match is None or int(match["n"]) != number or match["kind"] != kind or match["td"] != self.trust_domain:
+            return None
+        return datetime.strptime(match["at"], _TIME_FORMAT).replace(tzinfo=UTC)
+
+    def _report_unpinned(self, numbers: dict[str, dict[int, str]], chain: tuple[Pin, ...]) -> None:
+        """Alarm on aliases of keysets the pins do not hold (planted, or a writer stopped before pinning). Numbers
+        below the first pin are history (keysets from before the pins, or pruned from them): not reported."""
+        pinned = {pin.number for pin in chain}
+        floor = chain[0].number if chain else 0
+        for kind in KINDS:
+            for number, target in sorted(numbers[kind].items()):
+                if number in pinned or number <= floor:
+                    continue
+                if kind == "jwt" and number not in numbers["x509"]:
+                    continue  # a keyset being committed right now (the X.509 alias comes last)
+                if number not in numbers["jwt"]:
+                    alarm("unpinned-keyset", f"keyset {number} is incomplete ({self.alias(number, 'x509')} exists, "
+                                             f"{self.alias(number, 'jwt')} does not) and not pinned: it is not used")
+                    continue
+                alarm("unpinned-keyset", f"{self.alias(number, kind)} names KMS key {target}, but keyset {number} "
+                                         f"is not pinned in {self.pins.describe()}: it is not used (made by "
+                                         "someone else, or by a writer that stopped before pinning it)")
+
+    def _adopt(self, numbers: dict[str, dict[int, str]], live_after: datetime) -> tuple[Pin, ...]:
+        """No pin record yet: pin the live keysets the aliases name (trust on first use), oldest first."""
+        entries: list[NewPin] = []
+        for number in sorted(set(numbers["x509"]) & set(numbers["jwt"])):
+            described = {kind: self._describe(self.alias(number, kind)) for kind in KINDS}
+            times = {self._not_before(metadata, number, kind) for kind, metadata in described.items()}
+            if None in times or len(times) != 1:
+                alarm("unpinned-keyset", f"keyset {number} ({self.alias(number, 'x509')}) is not adopted: its keys' "
+                                         "descriptions do not name this trust domain, keyset and one time")
+                continue
+            not_before = times.pop()
+            assert not_before is not None
+            if not_before <= live_after:
+                continue  # expired: history, not adopted
+            for kind, metadata in described.items():  # live, and described as ours: it must be what keyseal makes
+                problem = self._key_problem(metadata, number, kind, None)
+                if problem:
+                    message = f"{self.alias(number, kind)} ({metadata.get('Arn')}) of live keyset {number}: {problem}"
+                    alarm("key-mismatch", message)
+                    raise CustodyIntegrityError(f"{message}; no keyset is pinned until it is fixed")
+            if entries and not_before <= entries[-1].not_before:
+                alarm("unpinned-keyset", f"keyset {number} is not adopted: it is not newer than keyset "
+                                         f"{entries[-1].number}")
+                continue
+            keys = {kind: (described[kind]["Arn"], self._open_arn(described[kind]["Arn"])) for kind in KINDS}
+            entries.append(NewPin(number, not_before, keys))
+        for entry in entries:  # the pins name these keys (unless another replica pinned others first)
+            for arn, key in entry.keys.values():
+                self._opened[arn] = key
+        if entries:
+            if self.pins.append(entries, lambda pin: self._open_pinned(pin, "x509"), only_if_absent=True):
+                log.warning("no keyset pins were found in %s: pinned the live keysets %s as their aliases name them "
+                            "now (trust on first use); check their key ARNs: %s", self.pins.describe(),
+                            ", ".join(str(e.number) for e in entries),
+                            "; ".join(f"{e.number} {k}={e.keys[k][0]}" for e in entries for k in KINDS))
+            return self.pins.read() or ()
+        return ()
+
+    def _await_pin(self, number: int) -> None:
+        """After a lost race: wait (bounded) until the winner has pinned keyset `number`."""
+        deadline = time.monotonic() + _COMMIT_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            chain = self.pins.read() or ()
+            if chain and chain[-1].number >= number:
+                return
+            time.sleep(0.2)
 
     def _open_arn(self, arn: str) -> CaKey:
         # Every CA key shares the source's one client: one of its own would cost each key ~9 MiB, and a server
@@ -411,3 +529,17 @@ class KmsKeysetSource(KeysetSource):
             log.warning("could not %s: KMS key %s (%s)", why, key_id, exc.message)
             return False
         return True
+
+
+def _same_key(target: str, arn: str) -> bool:
+    """Whether an alias's TargetKeyId (a key id, or an ARN) names the key `arn`."""
+    return target == arn or arn.endswith(f":key/{target}")
+
+
+def _key_spec(public_key: Any) -> str | None:
+    """The KMS KeySpec of a public key keyseal makes CA keys of; None for any other."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return {"secp256r1": "ECC_NIST_P256", "secp384r1": "ECC_NIST_P384"}.get(public_key.curve.name)
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return {2048: "RSA_2048", 4096: "RSA_4096"}.get(public_key.key_size)
+    return None

@@ -5,6 +5,7 @@
 - keyseal_keyset_state{keyset="N",state="prepared"|"active"|"old"} 1 per live keyset
 - keyseal_bundle_sequence
 - keyseal_errors_total{reason="unauthenticated"|"forbidden"|"bad_request"|"unavailable"|"internal"|"rotation"}
+- keyseal_custody_alarms_total{reason=...} (keyseal.ca.alarms: a key, alias or keyset that is not what was pinned)
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable
+
+from keyseal.ca import alarms
 
 __all__ = ["CONTENT_TYPE", "ERROR_REASONS", "Metrics"]
 
@@ -59,5 +62,8 @@ class Metrics:
             "# HELP keyseal_errors_total Refused or failed requests and failed rotations, by reason.",
             "# TYPE keyseal_errors_total counter",
             *(f'keyseal_errors_total{{reason="{k}"}} {v}' for k, v in sorted(errors.items())),
+            "# HELP keyseal_custody_alarms_total Custody alarms: keys, aliases or keysets that differ from their pins.",
+            "# TYPE keyseal_custody_alarms_total counter",
+            *(f'keyseal_custody_alarms_total{{reason="{k}"}} {v}' for k, v in sorted(alarms.counts().items())),
         ]
         return ("\n".join(lines) + "\n").encode("utf-8")

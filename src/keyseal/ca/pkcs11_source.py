@@ -13,18 +13,28 @@ number and the CKA_ID of each key pair. The marker is written last: it is the co
 keyset's labels but no marker are what a writer stopped half way left behind; the next creation of that keyset
 destroys them before generating new ones.
 
+Labels, ids and markers are not trusted: anyone with the user PIN can add objects with a keyset's labels and a
+marker naming them. So after the marker, the keyset is pinned (keyseal.ca.pins): its CKA_IDs and public keys,
+signed by the previous keyset's X.509 key, appended to the pin record in the configured store. A load opens
+only pinned keysets, each key by its pinned label and CKA_ID, and refuses (alarm, and the load fails: the server
+keeps what it has, or refuses to start) a key that was not generated in the token (CKA_LOCAL), was ever
+extractable or not sensitive (CKA_NEVER_EXTRACTABLE, CKA_ALWAYS_SENSITIVE), whose public key object is not the
+pinned key, or whose signature does not verify with the pinned public key (checked once per key when opened).
+Markers and keysets the pins do not name are ignored with a custody alarm. Once pinned, a keyset's key ids
+never change for any replica. Upgrading from a version without pins: the first load pins the live keysets the
+markers name (trust on first use) and says so in the log.
+
 Two writers on one token: PKCS#11 has no create-if-absent (C_CreateObject never refuses a duplicate label), so
-unlike the KMS alias nothing makes one writer win. keyseal narrows the window (check for the marker, generate,
-check again, write the marker) and makes readers agree: if two markers for keyset n exist, every reader uses the
-one whose x509 CKA_ID sorts first. It cannot close the window: a writer that finds another's fresh, unmarked
-keys takes them for leftovers and destroys them, and the other may then commit a marker naming keys that are
-gone, after which keyset n cannot be opened until its objects are removed by hand. So run one writer per token
-(one replica, or replicas that share the token but only one of which can reach it with a read-write login).
+the pin record decides: of two writers that made keyset n, the one whose pin is written first wins, the other
+destroys its keys and marker. A writer that finds another's fresh, unmarked keys still takes them for leftovers
+and destroys them, after which the other's keyset cannot be pinned; so run one writer per token (one replica,
+or replicas that share the token but only one of which can reach it with a read-write login).
 Objects of expired keysets stay on the token; destroy them (keys and marker) once nothing they signed is in use.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -37,11 +47,15 @@ from typing import Any
 from keyseal import pkcs11uri
 from keyseal.backends.pkcs11 import Pkcs11Signer, TokenAccess, create_key, token_session
 from keyseal.backends.pkcs11 import open as open_pkcs11
+from keyseal.ca.alarms import alarm
 from keyseal.ca.custody import CaKey, SignerCaKey
+from keyseal.ca.pins import KINDS, KeysetPins, NewPin, Pin, verify_signature
 from keyseal.ca.source import KeysetKeys, KeysetSource, Loaded
 from keyseal.errors import (
     BackendUnavailableError,
+    CustodyIntegrityError,
     KeyNotFoundError,
+    KeyURIError,
     OutputExistsError,
     UnsupportedKeyError,
     UsageError,
@@ -54,7 +68,8 @@ log = logging.getLogger(__name__)
 
 APPLICATION = "keyseal CA keyset"
 MARKER_FORMAT = "keyseal.ca-keyset.v1"
-_KINDS = ("x509", "jwt")
+_KINDS = KINDS
+_REQUIRED = ("LOCAL", "NEVER_EXTRACTABLE", "ALWAYS_SENSITIVE", "SENSITIVE")  # true; and EXTRACTABLE false
 _LABEL_SAFE = "-._~:[]@!$'()*+,"
 
 
@@ -72,7 +87,7 @@ class _Marker:
 
     @property
     def order(self) -> bytes:
-        """Readers pick the marker with the lowest order when a race left two for one keyset."""
+        """Of two markers for one keyset (from before the pins), the one readers used then: the lowest."""
         return self.ids["x509"]
 
 
@@ -82,7 +97,9 @@ def _encode(value: str) -> str:
 
 class Pkcs11KeysetSource(KeysetSource):
     def __init__(self, trust_domain: str, token_uri: str, label_prefix: str, x509_key_type: str,
-                 jwt_key_type: str, module_path: str | None = None, pin_file: str | None = None) -> None:
+                 jwt_key_type: str, module_path: str | None = None, pin_file: str | None = None, *,
+                 pins: KeysetPins) -> None:
+        self.pins = pins
         self.trust_domain = trust_domain
         self.label_prefix = label_prefix
         self.key_types = {"x509": x509_key_type, "jwt": jwt_key_type}
@@ -118,8 +135,10 @@ class Pkcs11KeysetSource(KeysetSource):
         return uri + (f"?{self._query}" if self._query else "")
 
     def startup_check(self) -> None:
-        """Log in and read the markers: a missing module or token, or a wrong PIN, shows before anything is
-        written; and the token must be able to make the configured key types' signatures."""
+        """Read the pins, log in and read the markers: an unreadable store, a missing module or token, or a wrong
+        PIN, shows before anything is written; and the token must be able to make the configured key types'
+        signatures."""
+        self.pins.read()  # the store must be readable, and the pin chain verify
         with token_session(self.token_uri) as access:
             self._markers(access)
             mechanisms = access.token.slot.get_mechanisms()
@@ -139,16 +158,21 @@ class Pkcs11KeysetSource(KeysetSource):
                 key.signer.close()  # releases its share of the session
         with token_session(self.token_uri) as access:
             markers = self._markers(access)
-        highest = max(markers, default=0)
+        chain = self.pins.read()
+        if chain is None:
+            chain = self._adopt(markers, live_after)
+        # A number a marker took is spent, pinned or not: the next keyset gets a higher one.
+        highest = max([*markers, *(pin.number for pin in chain)], default=0)
+        self._report_unpinned(markers, chain)
         keysets: list[KeysetKeys] = []
-        for number in sorted(markers, reverse=True):
-            marker = markers[number]
-            if marker.not_before <= live_after:
+        for pin in sorted(chain, key=lambda p: p.number, reverse=True):
+            if pin.not_before <= live_after:
                 break  # older keysets are older still
-            x509_key = self._open(marker, "x509")
-            jwt_key = self._open(marker, "jwt")
-            keysets.append(KeysetKeys(number, marker.not_before, x509_key, jwt_key))
-        live = {self.label(k.number, kind): markers[k.number].ids[kind] for k in keysets for kind in _KINDS}
+            keysets.append(KeysetKeys(pin.number, pin.not_before, self._open_pinned(pin, "x509"),
+                                      self._open_pinned(pin, "jwt")))
+        numbers = {k.number for k in keysets}
+        live = {self.label(p.number, kind): bytes.fromhex(p.keys[kind].id)
+                for p in chain if p.number in numbers for kind in _KINDS}
         for label, (key_id, key) in list(self._opened.items()):
             if live.get(label) != key_id:
                 del self._opened[label]
@@ -156,10 +180,12 @@ class Pkcs11KeysetSource(KeysetSource):
         return Loaded(tuple(sorted(keysets, key=lambda k: k.number)), highest)
 
     def create(self, number: int, not_before: datetime, live_after: datetime) -> bool:
-        """Generate both key pairs in the token, then write the marker; False if keyset `number` exists."""
+        """Generate both key pairs in the token, write the marker, then pin the keyset (the commit); False if
+        keyset `number` (or a later one) exists, or another writer pinned its own keyset `number` first."""
         with self._lock:
+            chain = self.pins.read() or ()
             with token_session(self.token_uri) as access:
-                if number in self._markers(access):
+                if number in self._markers(access) or (chain and chain[-1].number >= number):
                     return False
                 self._destroy_leftovers(access, number)
             ids = {kind: secrets.token_bytes(16) for kind in _KINDS}
@@ -173,27 +199,35 @@ class Pkcs11KeysetSource(KeysetSource):
                     self._destroy(access, number, ids)
                 return False
             with token_session(self.token_uri) as access:
-                if number in self._markers(access):  # another writer committed while we generated
-                    self._destroy(access, number, ids)
-                    return False
                 self._write_marker(access, _Marker(number, not_before, ids))
-                mine = self._markers(access).get(number)
-            if mine is None or mine.ids != ids:
-                log.warning("another writer created %s at the same time: using its keys (they sort first)",
+            opened: dict[str, CaKey] = {}
+            try:
+                for kind in _KINDS:
+                    opened[kind] = self._open_checked(number, kind, ids[kind], None)
+                entry = NewPin(number, not_before, {kind: (ids[kind].hex(), opened[kind]) for kind in _KINDS})
+                pinned = self.pins.append([entry], lambda pin: self._open_pinned(pin, "x509"))
+            except BaseException:
+                self._discard(number, ids, opened)
+                raise
+            if not pinned:
+                log.warning("another writer pinned keyset %d first: destroying this writer's %s", number,
                             self.label(number))
-                with token_session(self.token_uri) as access:
-                    self._destroy(access, number, ids, marker=True)
+                self._discard(number, ids, opened)
                 return False
-            log.info("created keyset %d in PKCS#11 token %s (%s, %s)", number, self._shown,
+            for kind, key in opened.items():
+                self._opened[self.label(number, kind)] = (ids[kind], key)
+            log.info("created and pinned keyset %d in PKCS#11 token %s (%s, %s)", number, self._shown,
                      self.label(number, "x509"), self.label(number, "jwt"))
             return True
 
     # -- internals -------------------------------------------------------------------------------------
 
-    def _markers(self, access: TokenAccess) -> dict[int, _Marker]:
-        """Every keyset marker under the label prefix; of duplicates, the one readers agree on."""
+    def _markers(self, access: TokenAccess) -> dict[int, list[_Marker]]:
+        """Every keyset marker under the label prefix, by keyset number (a race, or someone else, may have left
+        several). Markers are only hints: what a keyset is, the pins say. One that is not a marker of this
+        trust domain is an alarm, and ignored."""
         attr, pkcs11 = access.pkcs11.Attribute, access.pkcs11
-        found: dict[int, _Marker] = {}
+        found: dict[int, list[_Marker]] = {}
         try:
             objects = list(access.session.get_objects({attr.CLASS: pkcs11.ObjectClass.DATA,
                                                        attr.APPLICATION: APPLICATION}))
@@ -201,19 +235,65 @@ class Pkcs11KeysetSource(KeysetSource):
                 label = obj[attr.LABEL]
                 if not isinstance(label, str) or not label.startswith(f"{self.label_prefix}keyset-"):
                     continue
-                marker = self._parse_marker(label, bytes(obj[attr.VALUE]))
-                current = found.get(marker.number)
-                if current is not None:
-                    log.warning("PKCS#11 token %s holds two markers for keyset %d (two writers raced): using "
-                                "the one whose x509 key id sorts first", self._shown, marker.number)
-                    if current.order <= marker.order:
-                        continue
-                found[marker.number] = marker
+                try:
+                    marker = self._parse_marker(label, bytes(obj[attr.VALUE]))
+                except UnsupportedKeyError as exc:
+                    alarm("unpinned-keyset", exc.message)
+                    continue
+                found.setdefault(marker.number, []).append(marker)
         except pkcs11.PKCS11Error as exc:
             raise BackendUnavailableError(
                 f"cannot read the CA keyset objects on PKCS#11 token {access.label!r} ({type(exc).__name__})"
             ) from None
         return found
+
+    def _report_unpinned(self, markers: dict[int, list[_Marker]], chain: tuple[Pin, ...]) -> None:
+        """Alarm on markers the pins do not back: a keyset that is not pinned, or a second marker naming other
+        keys for a pinned one. Numbers below the first pin are history and not reported."""
+        pinned = {pin.number: pin for pin in chain}
+        floor = chain[0].number if chain else 0
+        for number, found in sorted(markers.items()):
+            pin = pinned.get(number)
+            for marker in found:
+                if pin is not None and all(marker.ids[k].hex() == pin.keys[k].id for k in _KINDS):
+                    continue
+                if pin is None and number <= floor:
+                    continue
+                what = "names other keys than its pin" if pin else f"is not pinned in {self.pins.describe()}"
+                alarm("unpinned-keyset", f"PKCS#11 marker {self.label(number)!r} on {self._shown} (x509 id "
+                                         f"{marker.ids['x509'].hex()}, jwt id {marker.ids['jwt'].hex()}) {what}: "
+                                         "it is not used (made by someone else, or by a writer that stopped "
+                                         "before pinning it)")
+
+    def _adopt(self, markers: dict[int, list[_Marker]], live_after: datetime) -> tuple[Pin, ...]:
+        """No pin record yet: pin the live keysets the markers name (trust on first use), oldest first; of two
+        markers for one keyset, the one readers used before pins existed."""
+        entries: list[NewPin] = []
+        for number in sorted(markers):
+            marker = min(markers[number], key=lambda m: m.order)
+            if marker.not_before <= live_after or (entries and marker.not_before <= entries[-1].not_before):
+                continue
+            keys = {kind: (marker.ids[kind].hex(), self._open_checked(number, kind, marker.ids[kind], None))
+                    for kind in _KINDS}
+            entries.append(NewPin(number, marker.not_before, keys))
+        if entries:
+            if self.pins.append(entries, lambda pin: self._open_pinned(pin, "x509"), only_if_absent=True):
+                log.warning("no keyset pins were found in %s: pinned the live keysets %s as their markers on %s "
+                            "name them now (trust on first use)", self.pins.describe(),
+                            ", ".join(str(e.number) for e in entries), self._shown)
+            for entry in entries:  # the pins name these keys (unless another replica pinned others first)
+                for kind, (key_id, key) in entry.keys.items():
+                    self._opened[self.label(entry.number, kind)] = (bytes.fromhex(key_id), key)
+            return self.pins.read() or ()
+        return ()
+
+    def _discard(self, number: int, ids: dict[str, bytes], opened: dict[str, CaKey]) -> None:
+        """Close and destroy this writer's keys and marker for keyset `number` (it did not become the keyset)."""
+        for key in opened.values():
+            if isinstance(key, SignerCaKey):
+                key.signer.close()
+        with token_session(self.token_uri) as access:
+            self._destroy(access, number, ids, marker=True)
 
     def _parse_marker(self, label: str, value: bytes) -> _Marker:
         suffix = label[len(f"{self.label_prefix}keyset-"):]
@@ -288,24 +368,59 @@ class Pkcs11KeysetSource(KeysetSource):
             log.warning("could not destroy unused objects on PKCS#11 token %r (%s): destroy them yourself",
                         access.label, type(exc).__name__)
 
-    def _open(self, marker: _Marker, kind: str) -> CaKey:
-        label = self.label(marker.number, kind)
+    def _open_pinned(self, pin: Pin, kind: str) -> CaKey:
+        label = self.label(pin.number, kind)
+        key_id = bytes.fromhex(pin.keys[kind].id)
         cached = self._opened.get(label)
         if cached is not None:
-            if cached[0] == marker.ids[kind]:
+            if cached[0] == key_id:
                 return cached[1]
-            self._retired.append(cached[1])  # another writer's keys won a race: ours go
-        uri = self.key_uri(marker.number, kind, marker.ids[kind])
+            del self._opened[label]
+            self._retired.append(cached[1])
+        key = self._open_checked(pin.number, kind, key_id, pin)
+        self._opened[label] = (key_id, key)
+        return key
+
+    def _open_checked(self, number: int, kind: str, key_id: bytes, pin: Pin | None) -> CaKey:
+        """Open the key pair `label` + `key_id` and check that keyseal made it: generated in the token, never
+        extractable, always sensitive, its public key the pinned one (if pinned), and a fresh signature of
+        it verifying with that public key (a public key object that does not match the private key)."""
+        label = self.label(number, kind)
+        what = f"the {kind} key of keyset {number} ({label!r}, id {key_id.hex()}) on {self._shown}"
+        uri = self.key_uri(number, kind, key_id)
         try:
             signer = open_pkcs11(uri, "", None)
         except KeyNotFoundError:
             raise KeyNotFoundError(
-                f"the {kind} key of keyset {marker.number} ({label!r}) is missing from PKCS#11 token "
-                f"{self._shown} although its marker {self.label(marker.number)!r} exists: restore it from the "
-                "HSM's backup, or destroy the marker to let the next keyset be made"
+                f"{what} is missing although keyset {number} is pinned: restore it from the HSM's backup"
             ) from None
-        key = self._ca_key(signer, label)
-        self._opened[label] = (marker.ids[kind], key)
+        except KeyURIError as exc:
+            alarm("key-mismatch", f"{what}: {exc.message}")
+            raise CustodyIntegrityError(f"{what}: {exc.message}") from None
+        try:
+            attributes = signer.key_attributes()
+            wrong = [name for name in _REQUIRED if attributes.get(name) is not True]
+            if attributes.get("EXTRACTABLE") is not False:
+                wrong.append("EXTRACTABLE (must be false)")
+            if wrong:
+                problem = f"CKA_{', CKA_'.join(wrong)}: it was not generated in the token as a non-extractable key"
+                alarm("key-attributes", f"{what}: {problem}")
+                raise CustodyIntegrityError(f"{what} is refused: {problem}")
+            public = signer.public_key()
+            expected = pin.keys[kind].public_key() if pin is not None else public
+            if pin is not None and not pin.keys[kind].matches(public):
+                alarm("key-mismatch", f"{what}: its public key object is not the pinned public key")
+                raise CustodyIntegrityError(f"{what}: its public key object is not the pinned public key")
+            key = self._ca_key(signer, label)
+            digest = hashlib.new(key.hash_name, b"keyseal CA key check\0" + secrets.token_bytes(32)).digest()
+            if not verify_signature(expected, key.sign_digest(digest, key.hash_name), digest, key.hash_name):
+                alarm("signature-check", f"{what}: its signature does not verify with its "
+                                         f"{'pinned ' if pin else ''}public key")
+                raise CustodyIntegrityError(f"{what}: the private key does not match its "
+                                            f"{'pinned ' if pin else ''}public key: it signs nothing")
+        except BaseException:
+            signer.close()
+            raise
         return key
 
     @staticmethod

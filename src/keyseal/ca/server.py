@@ -20,11 +20,12 @@ from keyseal.ca.config import CA_KEY_TYPES, Config
 from keyseal.ca.httpd import TlsHttpServer
 from keyseal.ca.manager import Clock, KeysetManager, system_clock
 from keyseal.ca.metrics import Metrics
+from keyseal.ca.pins import KeysetPins
 from keyseal.ca.source import KeysetSource
 from keyseal.ca.tls import TlsContexts
 from keyseal.errors import KeysealError, UsageError
 
-__all__ = ["CaServer", "build_source"]
+__all__ = ["CaServer", "build_pins", "build_source"]
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,15 @@ def build_source(config: Config, kube_api_client: Any = None) -> KeysetSource:
         from keyseal.ca.kms_source import KmsKeysetSource
 
         return KmsKeysetSource(config.trust_domain, config.kms_alias_prefix, x509_type, jwt_type,
-                               endpoint=config.kms_endpoint, region=config.aws_region)
+                               endpoint=config.kms_endpoint, region=config.aws_region,
+                               pins=build_pins(config, config.kms_alias_prefix, kube_api_client))
     if config.custody == "pkcs11" and config.pkcs11 is not None:
         from keyseal.ca.pkcs11_source import Pkcs11KeysetSource
 
         token = config.pkcs11
         return Pkcs11KeysetSource(config.trust_domain, token.uri, token.label_prefix, x509_type, jwt_type,
-                                  module_path=token.module_path, pin_file=token.pin_file)
+                                  module_path=token.module_path, pin_file=token.pin_file,
+                                  pins=build_pins(config, token.label_prefix, kube_api_client))
     from keyseal.ca.wrapped_source import WrappedKeysetSource
     from keyseal.store import RecordStore
     from keyseal.wrapping.kek import KekProvider, parse_kek
@@ -77,6 +80,26 @@ def build_source(config: Config, kube_api_client: Any = None) -> KeysetSource:
 
         store = DirectoryStore(config.store_path, FileLedger(config.ledger_file) if config.ledger_file else None)
     return WrappedKeysetSource(store, kek, config.record_prefix, x509_type, jwt_type)
+
+
+def build_pins(config: Config, scope: str, kube_api_client: Any = None) -> KeysetPins:
+    """The keyset pins of a key-manager custody, in the configured store (keyseal.ca.pins): a file in the store
+    directory, or a ConfigMap in the Kubernetes store's namespace, named after store.recordPrefix."""
+    from keyseal.ca.pin_store import ConfigMapPinStore, DirectoryPinStore, LazyPinStore, PinStore
+
+    name = f"{config.record_prefix}-keyset-pins"
+    store: PinStore
+    if config.store_type == "kubernetes":
+        def configmap() -> PinStore:
+            from keyseal.store.kubernetes import api_client_from_environment, resolve_namespace
+
+            client = kube_api_client or api_client_from_environment(config.kube_api_server)
+            return ConfigMapPinStore(client, resolve_namespace(config.kube_namespace, "the keyset pins"), name)
+
+        store = LazyPinStore(configmap, f"configmap {config.kube_namespace or '(the pod namespace)'}/{name}")
+    else:
+        store = DirectoryPinStore(config.store_path, name)
+    return KeysetPins(store, config.trust_domain, config.custody, scope)
 
 
 class CaServer:

@@ -75,3 +75,10 @@ app.kubernetes.io/part-of: keyseal
 {{- define "keyseal.agentBundleConfigMap" -}}
 {{ include "keyseal.fullname" . }}-agent-bundle
 {{- end }}
+
+{{/* The ConfigMap of the keyset pins (custody kms or pkcs11 on the Kubernetes store): <recordPrefix>-keyset-pins,
+the server's default record prefix being keyseal-<trustDomain> ('_' made '-'; set store.recordPrefix for a trust
+domain longer than 100 characters). */}}
+{{- define "keyseal.keysetPinsConfigMap" -}}
+{{ .Values.store.recordPrefix | default (printf "keyseal-%s" (.Values.trustDomain | replace "_" "-")) }}-keyset-pins
+{{- end }}
