@@ -65,7 +65,7 @@ class Agent:
         self._identity()
         self.cache.sync()
         server = WorkloadApiServer(self.cache, self.config.socket_path, self.config.socket_mode,
-                                   self.config.socket_group, self.metrics)
+                                   self.config.socket_group, self.metrics, self.config.workload_api)
         server.start()
         self.workload = server
         if self.config.metrics_listen is not None:
