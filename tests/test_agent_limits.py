@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -258,6 +258,50 @@ def test_the_agent_backs_off_when_it_runs_out_of_file_descriptors(tmp_path: Path
         import shutil
 
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_expired_jwt_svids_leave_the_cache(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    node = start_agent(server, tmp_path)
+    try:
+        node.entry("/ns/a/web", ME, jwt_ttl=2)
+        node.agent.cache.sync()
+        with WorkloadApiClient(node.endpoint, default_timeout=10) as client:
+            token = client.fetch_jwt_svid({"db"})
+        assert len(node.agent.cache.jwt) == 1
+        wait_for(lambda: datetime.now(UTC).timestamp() > token.expiry + 0.5, timeout=10)
+        node.agent.cache.sync()
+        assert len(node.agent.cache.jwt) == 0
+    finally:
+        node.stop()
+        server.shutdown()
+
+
+def test_the_jwt_svid_cache_keeps_the_most_recently_used(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    node = start_agent(server, tmp_path, workload_api={"jwtCacheSize": 4})
+    try:
+        node.entry("/ns/a/web", ME)
+        node.agent.cache.sync()
+        cache = node.agent.cache
+
+        def cached(audience: str) -> object:
+            return next((v for (_, a), v in cache.jwt.items() if a == (audience,)), None)
+
+        with WorkloadApiClient(node.endpoint, default_timeout=10) as client:
+            for n in range(10):
+                client.fetch_jwt_svid({f"aud-{n}"})
+                assert len(cache.jwt) <= 4
+            six = cached("aud-6")
+            client.fetch_jwt_svid({"aud-6"})
+            assert cached("aud-6") is six  # served from the cache, and now the most recently used
+            client.fetch_jwt_svid({"aud-10"})  # evicts aud-7, the least recently used
+            assert sorted(a for _, (a,) in cache.jwt) == ["aud-10", "aud-6", "aud-8", "aud-9"]
+            client.fetch_jwt_svid({"aud-7"})  # fetched again from the server
+            assert sorted(a for _, (a,) in cache.jwt) == ["aud-10", "aud-6", "aud-7", "aud-9"]
+    finally:
+        node.stop()
+        server.shutdown()
 
 
 def test_workload_api_limits_are_checked() -> None:
