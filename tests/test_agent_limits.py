@@ -124,13 +124,14 @@ def _legitimate_workloads_are_served(node: Node) -> None:
 
 
 def test_a_stranger_holding_many_streams_does_not_starve_other_users(node: Node) -> None:
-    stranger = spawn(STREAMS, str(node.socket), "1003", "300")
+    stranger = spawn(STREAMS, str(node.socket), "1003", "300")  # more than the default per-uid limit
     try:
         report = _result(stranger)
         held, refused = int(report[1]), int(report[3])
         assert report[5] == "-", report
         assert held + refused == 300
-        assert 0 < held <= 64 and refused > 0  # the per-uid limit, far below all of the agent's calls
+        limits = node.agent.config.workload_api
+        assert held == limits.max_calls_per_uid < limits.max_calls  # the rest were refused at once
         _legitimate_workloads_are_served(node)
     finally:
         end(stranger)
@@ -138,12 +139,12 @@ def test_a_stranger_holding_many_streams_does_not_starve_other_users(node: Node)
 
 def test_many_idle_connections_take_neither_threads_nor_slots_from_others(node: Node) -> None:
     threads, fds = _threads(), _fds()
-    stranger = spawn(CONNECTIONS, str(node.socket), "1003", "300")
+    stranger = spawn(CONNECTIONS, str(node.socket), "1003", "300")  # more than the default per-uid limit
     try:
         report = _result(stranger)
         left_open, closed = int(report[1]), int(report[3])
         assert left_open + closed == 300
-        assert 0 < left_open <= 64  # the rest were closed at once: the per-uid limit
+        assert left_open == node.agent.config.workload_api.max_connections_per_uid  # the rest closed at once
         assert _threads() - threads <= 8  # the relay has one thread, whatever the number of connections
         assert _fds() - fds <= 3 * left_open + 16
         _legitimate_workloads_are_served(node)
@@ -319,3 +320,31 @@ def test_workload_api_limits_are_checked() -> None:
         with pytest.raises(UsageError) as refused:
             parse_agent_config({**base, "workloadAPI": bad}, environ={})
         assert "workloadAPI" in refused.value.message
+
+
+def test_the_relay_carries_large_messages_and_concurrent_callers(node: Node) -> None:
+    """Megabytes each way through the relay's 16 KiB buffers, from many threads of one process at once."""
+    big = "x" * (3 * 1024 * 1024)
+    errors: list[BaseException] = []
+
+    def caller() -> None:
+        try:
+            with grpc.insecure_channel(node.endpoint) as channel:
+                stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(audience="db", svid=big),
+                                         metadata=HEADER, timeout=30)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                for _ in range(5):
+                    stream = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=30)
+                    assert [s.spiffe_id for s in next(stream).svids] == [WEB]
+                    stream.cancel()
+        except BaseException as exc:
+            errors.append(exc)
+
+    callers = [threading.Thread(target=caller) for _ in range(12)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join(timeout=60)
+    assert not any(t.is_alive() for t in callers) and errors == []

@@ -25,10 +25,10 @@ class WorkloadApiLimits:
     """What local processes may hold of the agent (docs/agent.md, "Limits"). A call in progress holds one of the
     agent's threads, a connection three file descriptors."""
 
-    max_connections: int = 512
-    max_connections_per_uid: int = 64
-    max_calls: int = 256
-    max_calls_per_uid: int = 32
+    max_connections: int = 1024
+    max_connections_per_uid: int = 256  # generous: containers often share a uid (e.g. 0)
+    max_calls: int = 512
+    max_calls_per_uid: int = 128
     idle_timeout: float = 120.0  # seconds without a byte from the client
     jwt_cache_size: int = 1000  # JWT-SVIDs kept, by entry and audience
 
