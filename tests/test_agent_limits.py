@@ -4,6 +4,7 @@ wait is bounded."""
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import resource
@@ -117,6 +118,11 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     server.shutdown()
 
 
+def _counted(node: Node, metric: str, reason: str) -> int:
+    text = node.agent.metrics.render(node.agent.cache).decode()
+    return sum(int(line.split()[-1]) for line in text.splitlines() if line.startswith(f'{metric}{{reason="{reason}"}}'))
+
+
 def _legitimate_workloads_are_served(node: Node) -> None:
     with WorkloadApiClient(node.endpoint, default_timeout=10) as client:
         assert str(client.fetch_x509_svid().spiffe_id) == WEB
@@ -124,6 +130,7 @@ def _legitimate_workloads_are_served(node: Node) -> None:
 
 
 def test_a_stranger_holding_many_streams_does_not_starve_other_users(node: Node) -> None:
+    refused_before = _counted(node, "keyseal_agent_workload_api_calls_refused_total", "too_many_calls_for_uid")
     stranger = spawn(STREAMS, str(node.socket), "1003", "300")  # more than the default per-uid limit
     try:
         report = _result(stranger)
@@ -132,6 +139,8 @@ def test_a_stranger_holding_many_streams_does_not_starve_other_users(node: Node)
         assert held + refused == 300
         limits = node.agent.config.workload_api
         assert held == limits.max_calls_per_uid < limits.max_calls  # the rest were refused at once
+        assert _counted(node, "keyseal_agent_workload_api_calls_refused_total", "too_many_calls_for_uid") == \
+            refused_before + refused
         _legitimate_workloads_are_served(node)
     finally:
         end(stranger)
@@ -139,12 +148,16 @@ def test_a_stranger_holding_many_streams_does_not_starve_other_users(node: Node)
 
 def test_many_idle_connections_take_neither_threads_nor_slots_from_others(node: Node) -> None:
     threads, fds = _threads(), _fds()
+    closed_before = _counted(node, "keyseal_agent_workload_api_connections_closed_total",
+                             "too_many_connections_for_uid")
     stranger = spawn(CONNECTIONS, str(node.socket), "1003", "300")  # more than the default per-uid limit
     try:
         report = _result(stranger)
         left_open, closed = int(report[1]), int(report[3])
         assert left_open + closed == 300
         assert left_open == node.agent.config.workload_api.max_connections_per_uid  # the rest closed at once
+        assert _counted(node, "keyseal_agent_workload_api_connections_closed_total",
+                        "too_many_connections_for_uid") == closed_before + closed
         assert _threads() - threads <= 8  # the relay has one thread, whatever the number of connections
         assert _fds() - fds <= 3 * left_open + 16
         _legitimate_workloads_are_served(node)
@@ -348,3 +361,16 @@ def test_the_relay_carries_large_messages_and_concurrent_callers(node: Node) -> 
     for thread in callers:
         thread.join(timeout=60)
     assert not any(t.is_alive() for t in callers) and errors == []
+
+
+def test_descriptors_passed_to_the_agent_are_closed_with_the_connection(node: Node) -> None:
+    """Nobody passes file descriptors to the agent (SCM_RIGHTS): the agent keeps none and closes the connection."""
+    fds = _fds()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection, open("/dev/null", "rb") as passed:
+        connection.settimeout(10)
+        connection.connect(str(node.socket))
+        connection.sendmsg([b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"],
+                           [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [passed.fileno()] * 4))])
+        while connection.recv(4096):  # the gRPC server's first frames, perhaps; then the end
+            pass
+    wait_for(lambda: _fds() <= fds, timeout=10)

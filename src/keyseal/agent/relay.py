@@ -110,7 +110,7 @@ class Relay:
         if group is not None:
             os.chown(path, -1, group)
         os.chmod(path, mode)
-        self.listener.listen(128)
+        self.listener.listen(512)  # a burst of connections over a limit must not crowd out others in the queue
         self.listener.setblocking(False)
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
