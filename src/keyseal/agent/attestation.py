@@ -10,12 +10,14 @@ connected."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["PeerCredentials", "peer_credentials", "selectors_of", "start_time"]
 
@@ -43,12 +45,31 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+_AT_FDCWD, _AT_STATX_DONT_SYNC, _STATX_INO = -100, 0x4000, 0x100
+_STATX_SIZE = 256  # struct statx: stx_mask u32 at 0, stx_ino u64 at 32, stx_dev_major/minor u32 at 136/140
+_statx: Any = getattr(ctypes.CDLL(None, use_errno=True), "statx", None)  # glibc >= 2.28, musl >= 1.2.5
+
+
 def _executable_file(pid: int) -> tuple[int, int] | None:
-    try:
-        status = os.stat(f"/proc/{pid}/exe")
-    except OSError:
+    """(device, inode) of the process's executable, as the kernel has them cached: with AT_STATX_DONT_SYNC the
+    file system is not asked, so a caller running a binary from a FUSE file system it serves itself cannot make
+    attestation (on the relay's one thread) wait. Without statx() in the C library, a plain stat()."""
+    path = f"/proc/{pid}/exe"
+    if _statx is None:
+        try:
+            status = os.stat(path)
+        except OSError:
+            return None
+        return status.st_dev, status.st_ino
+    buffer = ctypes.create_string_buffer(_STATX_SIZE)
+    if _statx(_AT_FDCWD, path.encode(), _AT_STATX_DONT_SYNC, _STATX_INO, buffer) != 0:
         return None
-    return status.st_dev, status.st_ino
+    (mask,) = struct.unpack_from("I", buffer, 0)
+    if not mask & _STATX_INO:
+        return None
+    (inode,) = struct.unpack_from("Q", buffer, 32)
+    major, minor = struct.unpack_from("II", buffer, 136)
+    return os.makedev(major, minor), inode
 
 
 def _executable(pid: int) -> tuple[str, tuple[int, int]] | None:
