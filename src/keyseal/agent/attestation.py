@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PeerCredentials", "peer_credentials", "selectors_of", "start_time"]
+__all__ = ["PeerCredentials", "attest", "peer_credentials", "peer_ids", "selectors_of", "start_time"]
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,19 @@ def _executable(pid: int) -> tuple[str, tuple[int, int]] | None:
     return path, before
 
 
+def peer_ids(connection: socket.socket) -> tuple[int, int, int]:
+    """SO_PEERCRED: pid, uid and gid of the process that connected, as they were when it called connect()."""
+    pid, uid, gid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid, uid, gid
+
+
 def peer_credentials(connection: socket.socket) -> PeerCredentials:
     """SO_PEERCRED of a connection just accepted, with the executable the caller runs now."""
-    pid, uid, gid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return attest(*peer_ids(connection))
+
+
+def attest(pid: int, uid: int, gid: int) -> PeerCredentials:
+    """The credentials of a connection just accepted (peer_ids), with the executable the caller runs now."""
     start = start_time(pid) if pid > 0 else None
     executable = _executable(pid) if start is not None else None
     if executable is not None and start_time(pid) != start:

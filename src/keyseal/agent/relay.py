@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from keyseal.agent.attestation import PeerCredentials, peer_credentials
+from keyseal.agent.attestation import PeerCredentials, attest, peer_ids
 from keyseal.agent.config import WorkloadApiLimits
 from keyseal.agent.metrics import AgentMetrics
 
@@ -148,6 +148,7 @@ class Relay:
 
     def _run(self) -> None:
         tick = min(1.0, self.limits.idle_timeout / 4)
+        next_scan = time.monotonic() + tick
         try:
             while not self._stop.is_set():
                 timeout = tick
@@ -166,9 +167,11 @@ class Relay:
                 if self._resume_at is not None and now >= self._resume_at:
                     self._resume_at = None
                     self._selector.register(self.listener, selectors.EVENT_READ, None)
-                for connection in [c for c in self._connections.values()
-                                   if now - c.last_heard > self.limits.idle_timeout]:
-                    self._close(connection, "idle")
+                if now >= next_scan:  # once a tick, not on every event
+                    next_scan = now + tick
+                    for connection in [c for c in self._connections.values()
+                                       if now - c.last_heard > self.limits.idle_timeout]:
+                        self._close(connection, "idle")
         except Exception:
             log.exception("the Workload API relay failed")
         finally:
@@ -213,12 +216,11 @@ class Relay:
     def _admit(self, client: socket.socket) -> None:
         try:
             client.setblocking(False)
-            credentials = peer_credentials(client)
+            pid, uid, gid = peer_ids(client)
         except OSError as exc:
             client.close()
             self._warn("attest", "cannot attest a Workload API connection: %s", exc)
             return
-        uid = credentials.uid
         if len(self._connections) >= self.max_connections:
             client.close()
             self.metrics.connection_closed("too_many_connections")
@@ -231,6 +233,7 @@ class Relay:
             self._warn(f"uid {uid}", "uid %d holds %d Workload API connections, the most allowed "
                        "(workloadAPI.maxConnectionsPerUID): refusing more", uid, self._per_uid[uid])
             return
+        credentials = attest(pid, uid, gid)  # only for a connection within the limits: /proc is read here
         name = f"keyseal-agent-{secrets.token_hex(16)}"
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
