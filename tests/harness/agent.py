@@ -86,9 +86,8 @@ def start_agent(server: CaServer, tmp: Path, sync_interval: float = 0.3, token: 
         data["stateDir"] = str(state_dir)
     if workload_api is not None:
         data["workloadAPI"] = workload_api
-    agent_config = parse_agent_config(data, environ={})
-    agent = Agent(agent_config)
     try:
+        agent = Agent(parse_agent_config(data, environ={}))
         agent.start()
     except BaseException:
         shutil.rmtree(sock.parent, ignore_errors=True)
