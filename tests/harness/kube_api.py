@@ -150,6 +150,8 @@ def _rbac_verb(method: kmock.method | None, named: bool) -> str:
 class KubeApi:
     """The emulator served on an ephemeral 127.0.0.1 port by its own event loop in a daemon thread."""
 
+    emulator: type[ResourceVersionedEmulator] = ResourceVersionedEmulator
+
     def __init__(self) -> None:
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -180,7 +182,7 @@ class KubeApi:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with ResourceVersionedEmulator() as handler, kmock.Server(handler) as server:
+        async with self.emulator() as handler, kmock.Server(handler) as server:
             for plural, kind in (("wrappedkeys", "WrappedKey"), ("registrationentries", "RegistrationEntry"),
                                  ("jointokens", "JoinToken")):
                 handler.resources[f"keyseal.dev/v1/{plural}"] = kmock.ResourceInfo(
@@ -191,10 +193,14 @@ class KubeApi:
                 kind="ConfigMap", singular="configmap", namespaced=True,
                 verbs={"get", "list", "create", "update", "patch", "delete"},
             )
+            self.add_resources(handler)
             self.handler = handler
             self.url = str(server.url).rstrip("/")
             self._ready.set()
             await self._stop.wait()
+
+    def add_resources(self, handler: ResourceVersionedEmulator) -> None:
+        """More resources a subclass serves (tests/harness/kube_identity.py)."""
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the emulator's loop (reads of its state must not race its writes)."""

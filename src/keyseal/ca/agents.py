@@ -10,6 +10,7 @@ certificate from another CA the handshake trusts is refused, and it must be an a
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from keyseal.wrapping.record import format_time
 
 if TYPE_CHECKING:
     from keyseal.ca.api import Api, Request, Response
+    from keyseal.ca.k8s_psat import PsatAttestor
 
 __all__ = ["agent_routes"]
 
@@ -39,6 +41,7 @@ class AgentApi:
         self.api = api
         self._entries: EntryStore | None = None
         self._tokens: JoinTokens | None = None
+        self._psat: PsatAttestor | None = None
 
     @property
     def entries(self) -> EntryStore:
@@ -89,8 +92,7 @@ class AgentApi:
         verified = verifier.verify(leaf, [])
         uris = [s.value for s in verified.subjects or [] if isinstance(s, x509.UniformResourceIdentifier)]
         agent_prefix = f"spiffe://{self.api.config.trust_domain}{AGENT_PATH}/"
-        if len(uris) != 1 or not uris[0].startswith(agent_prefix) or "/" in uris[0][len(agent_prefix):] \
-                or uris[0] == agent_prefix:
+        if len(uris) != 1 or not uris[0].startswith(agent_prefix) or not _agent_name(uris[0][len(agent_prefix):]):
             raise ValueError(f"{str(uris)[:100]} is not an agent SPIFFE ID ({agent_prefix}<name>)")
         parse_spiffe_id(uris[0])
         return str(uris[0])
@@ -136,6 +138,44 @@ class AgentApi:
         log.info("agent %s joined from %s", agent_id, request.peer)
         return self._json({**answer, "bundle": self._bundle()})
 
+    def attest_k8s_psat(self, request: Request) -> Response:
+        """Join with a projected service account token, checked by the API server (keyseal.ca.k8s_psat)."""
+        from keyseal.ca.k8s_psat import NodeRefusedError
+
+        document = self.api._body(request, {"token", "csr"})
+        token = document.get("token")
+        if not isinstance(token, str) or not token or len(token) > 16384:
+            raise UsageError("token is missing: send the agent's projected service account token")
+        attestor = self.psat
+        if attestor is None:
+            raise self._refuse(404, "not_found", "this server does not attest nodes with Kubernetes service "
+                                                 "account tokens (kubernetes.nodeAttestation.enabled)")
+        parse_csr(document.get("csr"))  # type: ignore[arg-type]  # local and cheap: before the API server's call
+        try:
+            node = attestor.attest(token)
+        except NodeRefusedError as exc:
+            log.warning("refused a k8s_psat join from %s: %s", request.peer, loggable(exc.message, 300))
+            raise self._refuse(401, "unauthenticated", "the service account token does not attest an agent of "
+                                                       "this cluster; see the server log") from None
+        answer = self._issue(node.agent_id, document.get("csr"), self.api.config.x509_ttl)
+        log.info("agent %s joined from %s (k8s_psat: %s)", node.agent_id, request.peer, " ".join(node.selectors))
+        return self._json({**answer, "selectors": list(node.selectors), "bundle": self._bundle()})
+
+    @property
+    def psat(self) -> PsatAttestor | None:
+        """The node attestor when kubernetes.nodeAttestation is on, made at the first join."""
+        k8s = self.api.config.kubernetes
+        if k8s is None or not k8s.node_attestation:
+            return None
+        if self._psat is None:
+            from keyseal.ca.k8s_psat import PsatAttestor
+            from keyseal.store.kubernetes import api_client_from_environment
+
+            client = self.api.kube_api_client or api_client_from_environment(k8s.api_server
+                                                                         or self.api.config.kube_api_server)
+            self._psat = PsatAttestor(k8s, self.api.config.trust_domain, client)
+        return self._psat
+
     def renew(self, request: Request) -> Response:
         agent_id = self._agent(request)
         document = self.api._body(request, {"csr"})
@@ -172,11 +212,22 @@ class AgentApi:
         return self._json({"spiffeID": entry.spiffe_id, "token": token, "expiresAt": format_time(expires)})
 
 
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_PSAT_RE = re.compile(r"k8s_psat/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/[A-Za-z0-9-]{1,64}")
+
+
+def _agent_name(rest: str) -> bool:
+    """What follows /keyseal/agent/ in an agent's SPIFFE ID: a join token's agent name, or
+    k8s_psat/<cluster>/<node-uid> for an agent attested by its service account token."""
+    return _NAME_RE.fullmatch(rest) is not None or _PSAT_RE.fullmatch(rest) is not None
+
+
 def agent_routes(api: Api) -> dict[str, tuple[str, Callable[[Request], Response]]]:
     """The agent endpoints, for Api's route table."""
     agents = AgentApi(api)
     return {
         "/v1/agent/join": ("POST", agents.join),
+        "/v1/agent/attest/k8s_psat": ("POST", agents.attest_k8s_psat),
         "/v1/agent/renew": ("POST", agents.renew),
         "/v1/agent/sync": ("POST", agents.sync),
         "/v1/agent/x509-svid": ("POST", agents.x509_svid),

@@ -78,6 +78,7 @@ class Api:
         self.manager = manager
         self.authenticator = authenticator
         self.metrics = metrics
+        self.kube_api_client: Any = None  # a kubernetes ApiClient the server was given (tests), else from the pod
         self._bundle_cache: tuple[tuple[int, ...], bytes] = ((), b"")
         self._routes = {
             "/healthz": ("GET", self._health),

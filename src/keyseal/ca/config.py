@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from keyseal.ca.k8s_config import K8sConfig, parse_kubernetes_section
 from keyseal.ca.spiffeid import check_path_prefix, check_trust_domain
 from keyseal.errors import InputError, UsageError
 
@@ -158,6 +159,7 @@ class Config:
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     clients: tuple[ClientConfig, ...] = ()
     log_level: str = "info"
+    kubernetes: K8sConfig | None = None  # node attestation and identity templates (keyseal.ca.k8s_config)
 
     def kek_spec(self) -> str:
         """The KEK spec the wrapping library parses (`local:PATH`, `awskms:<ARN>` or `vault:MOUNT/KEY`)."""
@@ -328,6 +330,7 @@ def parse_config(data: object) -> Config:
             "name the CA file that issued the client certificates"
         )
     values["log_level"] = root.choice("logLevel", ("debug", "info", "warning", "error"), "info")
+    values["kubernetes"] = parse_kubernetes_section(root.section("kubernetes"))
     root.done()
     return Config(**values)
 

@@ -115,6 +115,7 @@ class CaServer:
         self.source = source or build_source(config, kube_api_client)
         self.manager = KeysetManager(self.source, config.trust_domain, config.ca_ttl, config.refresh_hint, clock)
         self.api = Api(config, self.manager, Authenticator(config.clients), self.metrics)
+        self.api.kube_api_client = kube_api_client
         # In a cluster the node agents read their first trust bundle from a ConfigMap this server keeps current
         # (the chart names it in $KEYSEAL_BUNDLE_CONFIGMAP); elsewhere there is none.
         self.bundle_configmap = BundleConfigMap.from_environment(kube_api_client, config.kube_api_server)
