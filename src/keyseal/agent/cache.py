@@ -110,10 +110,11 @@ class AgentCache:
             except KeysealError as exc:
                 log.error("cannot save the agent SVID (a restart will need a new join token): %s", exc.message)
 
-    def join(self, token: str) -> None:
+    def join(self, token: str, path: str = "/v1/agent/join") -> None:
+        """Join with a one-time token, or (path /v1/agent/attest/k8s_psat) a projected service account token."""
         key = ec.generate_private_key(ec.SECP256R1())
         self.client.forget_identity()  # a join is authenticated by the token alone
-        answer = self.client.call("/v1/agent/join", {"token": token, "csr": make_csr(key)})
+        answer = self.client.call(path, {"token": token, "csr": make_csr(key)})
         self._take_agent_svid(key, answer)
         self._take_bundle(answer["bundle"])
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keyseal.agent.k8s import K8sSettings
 from keyseal.ca.config import parse_duration
 from keyseal.ca.spiffeid import check_trust_domain
 from keyseal.errors import InputError, UsageError
@@ -15,7 +16,8 @@ from keyseal.errors import InputError, UsageError
 __all__ = ["AgentConfig", "WorkloadApiLimits", "load_agent_config", "parse_agent_config"]
 
 _KEYS = {"trustDomain", "serverURL", "trustBundleFile", "joinToken", "joinTokenFile", "socketPath", "socketMode",
-         "socketGroup", "syncInterval", "logLevel", "metrics", "stateDir", "stateKekFile", "workloadAPI"}
+         "socketGroup", "syncInterval", "logLevel", "metrics", "stateDir", "stateKekFile", "workloadAPI",
+         "k8sPSAT", "k8s"}
 _URL_RE = re.compile(r"https://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})")
 _LISTEN_RE = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})")
 
@@ -55,6 +57,8 @@ class AgentConfig:
     state_dir: Path | None = None  # the agent SVID and its wrapped key, kept across restarts
     state_kek_file: Path | None = None
     workload_api: WorkloadApiLimits = WorkloadApiLimits()
+    psat_token_file: Path | None = None  # join with this projected service account token (keyseal.agent.k8s)
+    k8s: K8sSettings | None = None  # k8s: workload selectors from the kubelet
 
 
 def _seconds(value: object, where: str) -> float:
@@ -132,8 +136,10 @@ def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> Agen
     kek_text = str(data.get("stateKekFile") or "")
     if data.get("stateKekFile") and state_dir is None:
         raise UsageError("stateKekFile needs stateDir (where the agent keeps its SVID across restarts)")
-    if not token and state_dir is None:
-        raise UsageError("no join token: set joinTokenFile or KEYSEAL_JOIN_TOKEN (keyseal entry join-token)")
+    psat_token_file = _psat(data.get("k8sPSAT"))
+    if not token and state_dir is None and psat_token_file is None:
+        raise UsageError("no join token: set joinTokenFile or KEYSEAL_JOIN_TOKEN (keyseal entry join-token), or "
+                         "k8sPSAT.tokenFile in Kubernetes")
     mode_text = str(data.get("socketMode", "0666"))
     if not re.fullmatch(r"0?[0-7]{3}", mode_text):
         raise UsageError(f"socketMode={mode_text!r} must be an octal mode such as 0660")
@@ -159,7 +165,54 @@ def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> Agen
         state_kek_file=(Path(kek_text.replace("${NODE_NAME}", node_name)) if kek_text
                         else state_dir / "kek" if state_dir else None),
         workload_api=_workload_api(data.get("workloadAPI")),
+        psat_token_file=psat_token_file,
+        k8s=_k8s(data.get("k8s"), environ),
     )
+
+
+def _psat(value: object) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"tokenFile"} or not value["tokenFile"]:
+        raise UsageError("k8sPSAT must be a mapping with one key, tokenFile (the projected service account token)")
+    return Path(str(value["tokenFile"]))
+
+
+_K8S_KEYS = {"nodeName", "kubeletURL", "tokenFile", "kubeletCAFile", "procRoot", "podListCacheTTL"}
+
+
+def _k8s(value: object, environ: dict[str, str]) -> K8sSettings | None:
+    """The k8s workload attestor's settings; ${NODE_NAME} and ${NODE_IP} come from the downward API."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - _K8S_KEYS:
+        raise UsageError(f"k8s must be a mapping with the keys {', '.join(sorted(_K8S_KEYS))}")
+
+    def expand(key: str) -> str:
+        text = str(value.get(key) or "")
+        for name in ("NODE_NAME", "NODE_IP"):
+            if "${" + name + "}" in text:
+                if not environ.get(name):
+                    raise UsageError(f"k8s.{key} names ${{{name}}} but {name} is not set (the downward API sets it)")
+                text = text.replace("${" + name + "}", environ[name])
+        return text
+
+    node_name = expand("nodeName")
+    if not node_name:
+        raise UsageError("k8s.nodeName is missing: set it to ${NODE_NAME} (spec.nodeName from the downward API)")
+    defaults = K8sSettings(node_name)
+    url = expand("kubeletURL") or defaults.kubelet_url
+    if not re.fullmatch(r"https://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):\d{1,5}", url):
+        raise UsageError(f"k8s.kubeletURL={url[:80]!r} must be https://HOST:PORT (the kubelet's port 10250)")
+    ttl = _seconds(value.get("podListCacheTTL", 2), "k8s.podListCacheTTL")
+    if ttl > 60:
+        raise UsageError("k8s.podListCacheTTL is at most 60s: a new pod waits that long for its identity")
+    return K8sSettings(
+        node_name=node_name, kubelet_url=url,
+        token_file=Path(expand("tokenFile")) if value.get("tokenFile") else defaults.token_file,
+        kubelet_ca_file=Path(expand("kubeletCAFile")) if value.get("kubeletCAFile") else defaults.kubelet_ca_file,
+        proc_root=Path(expand("procRoot")) if value.get("procRoot") else defaults.proc_root,
+        cache_seconds=ttl, min_refresh_seconds=min(0.5, ttl))
 
 
 def load_agent_config(path: Path) -> AgentConfig:

@@ -20,6 +20,8 @@ __all__ = ["Agent", "read_trust_bundle"]
 
 log = logging.getLogger(__name__)
 
+PSAT_JOIN = "/v1/agent/attest/k8s_psat"
+
 
 def read_trust_bundle(text: str) -> str:
     """CA certificates as PEM, from a PEM file or a SPIFFE bundle (JSON)."""
@@ -64,8 +66,13 @@ class Agent:
 
         self._identity()
         self.cache.sync()
+        attestor = None
+        if self.config.k8s is not None:
+            from keyseal.agent.k8s import K8sAttestor
+
+            attestor = K8sAttestor(self.config.k8s).selectors
         server = WorkloadApiServer(self.cache, self.config.socket_path, self.config.socket_mode,
-                                   self.config.socket_group, self.metrics, self.config.workload_api)
+                                   self.config.socket_group, self.metrics, self.config.workload_api, attestor)
         server.start()
         self.workload = server
         if self.config.metrics_listen is not None:
@@ -91,6 +98,13 @@ class Agent:
                 return
             except ServerRefusedError as exc:
                 log.warning("the server refused the saved agent SVID (%s): joining with the token", exc.message)
+        if self.config.psat_token_file is not None:
+            try:  # read at every join: the kubelet rotates the token
+                token = self.config.psat_token_file.read_text(encoding="ascii").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(f"cannot read k8sPSAT.tokenFile {self.config.psat_token_file}: {exc}") from None
+            self.cache.join(token, PSAT_JOIN)
+            return
         if not self.config.join_token:
             raise UsageError("no usable saved agent SVID and no join token: issue one with keyseal entry "
                              "join-token and set joinTokenFile or KEYSEAL_JOIN_TOKEN")

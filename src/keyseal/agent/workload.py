@@ -16,7 +16,7 @@ import logging
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ __all__ = ["WorkloadApiServer"]
 log = logging.getLogger(__name__)
 
 HEADER = ("workload.spiffe.io", "true")
+Attestor = Callable[[PeerCredentials], frozenset[str]]  # more selectors of a caller (keyseal.agent.k8s)
 SPARE_THREADS = 16  # over maxCalls: to refuse calls over a limit quickly instead of queueing them
 FIRST_SYNC_WAIT = 10.0
 STREAM_POLL = 1.0
@@ -73,7 +74,8 @@ class _Calls:
 
 class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
     def __init__(self, cache: AgentCache, relay: Relay, stop: threading.Event, metrics: AgentMetrics,
-                 limits: WorkloadApiLimits) -> None:
+                 limits: WorkloadApiLimits, attestor: Attestor | None = None) -> None:
+        self.attestor = attestor
         self.cache = cache
         self.relay = relay
         self.stop = stop
@@ -115,6 +117,8 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             self._abort(context, method, grpc.StatusCode.UNAVAILABLE,
                         "the agent has not synced with the keyseal server yet")
         selectors = selectors_of(credentials, self.metrics.attestation_failure)
+        if self.attestor is not None:  # k8s: selectors of the caller's pod (keyseal.agent.k8s)
+            selectors |= self.attestor(credentials)
         log.debug("attested pid %d: %s", credentials.pid, " ".join(sorted(selectors)))
         return selectors
 
@@ -233,7 +237,8 @@ class WorkloadApiServer:
     """The gRPC server on a private socket, and the relay on the public one."""
 
     def __init__(self, cache: AgentCache, socket_path: Path, mode: int, group: int | None,
-                 metrics: AgentMetrics | None = None, limits: WorkloadApiLimits | None = None) -> None:
+                 metrics: AgentMetrics | None = None, limits: WorkloadApiLimits | None = None,
+                 attestor: Attestor | None = None) -> None:
         limits = limits or WorkloadApiLimits()
         metrics = metrics or AgentMetrics()
         self._private = Path(tempfile.mkdtemp(prefix="keyseal-agent-"))  # mode 0700: only the agent connects
@@ -254,7 +259,7 @@ class WorkloadApiServer:
                 ("grpc.http2.max_pings_without_data", 0),
             ])
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(  # type: ignore[no-untyped-call]
-            _Service(cache, self.relay, self._stop, metrics, limits), self.server)
+            _Service(cache, self.relay, self._stop, metrics, limits, attestor), self.server)
         self.server.add_insecure_port(f"unix:{internal}")
 
     def start(self) -> None:

@@ -47,7 +47,11 @@ __all__ = [
 ]
 
 AGENT_PATH = "/keyseal/agent"
-_SELECTOR_RE = re.compile(r"unix:(uid:\d{1,10}|gid:\d{1,10}|path:/[^\x00-\x1f]{0,4095})")
+_SELECTOR_RE = re.compile(
+    r"unix:(uid:\d{1,10}|gid:\d{1,10}|path:/[^\x00-\x1f]{0,4095})"
+    # keyseal.agent.k8s: what the kubelet says of the caller's pod and container
+    r"|k8s:(ns|sa|pod-name|pod-uid|node-name|container-name):[A-Za-z0-9._-]{1,253}"
+    r"|k8s:container-image:[\x21-\x7e]{1,1024}|k8s:pod-label:[A-Za-z0-9./_-]{1,317}:[A-Za-z0-9._-]{0,63}")
 _AGENT_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_SELECTORS = 16
 MAX_ENTRY_TTL = 366 * 24 * 3600
@@ -61,9 +65,11 @@ def _reserved(entry: Entry) -> bool:
 
 
 def check_selector(text: str) -> str:
-    """A workload selector the agent can attest: unix:uid:N, unix:gid:N or unix:path:/absolute/exe."""
+    """A workload selector the agent can attest: unix:uid:N, unix:gid:N, unix:path:/absolute/exe, or a k8s: one
+    (ns, sa, pod-name, pod-uid, node-name, container-name, container-image, pod-label:KEY:VALUE)."""
     if not isinstance(text, str) or not _SELECTOR_RE.fullmatch(text):
-        raise UsageError(f"invalid selector {str(text)[:80]!r}: use unix:uid:N, unix:gid:N or unix:path:/abs/exe")
+        raise UsageError(f"invalid selector {str(text)[:80]!r}: use unix:uid:N, unix:gid:N, unix:path:/abs/exe or "
+                         f"k8s:ns:NAME, k8s:sa:NAME, k8s:pod-uid:UID, k8s:pod-label:KEY:VALUE ...")
     return text
 
 
