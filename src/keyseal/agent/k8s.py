@@ -7,8 +7,8 @@ in every layout the container runtimes write under the kubelet:
 - systemd driver: `/kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid with '_'>.slice/
   <runtime>-<container-id>.scope`, runtime `cri-containerd` (containerd), `crio` (CRI-O) or `docker`
   (dockershim, cri-dockerd);
-- anything before the kubepods part (kind's `/kubelet/`, a nested `/docker/<id>/`) and the `..` a reader in its
-  own cgroup namespace sees.
+- anything before the kubepods part (kind's `/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-...`, a
+  nested `/docker/<id>/`) and the `..` a reader in its own cgroup namespace sees.
 
 CRI-O's `crio-conmon-<id>.scope` is the container monitor, not the container: it gets no k8s selectors. A
 process whose lines (cgroup v1 has one per hierarchy) disagree gets none either.
@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 
 _ID = r"[0-9a-f]{64}"
 _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}"
-# pod segment: "pod<uid>" (cgroupfs) or "kubepods[-<qos>]-pod<uid_>.slice" (systemd)
-_POD_RE = re.compile(rf"(?:kubepods(?:-[a-z]+)?-)?pod({_UID})(?:\.slice)?")
+# pod segment: "pod<uid>" (cgroupfs) or "kubepods[-<qos>]-pod<uid_>.slice" (systemd; kind: "kubelet-kubepods-...")
+_POD_RE = re.compile(rf"(?:[a-z]+-)*pod({_UID})(?:\.slice)?")
 _CONTAINER_RE = re.compile(rf"(?:(?:cri-containerd|crio|docker|containerd)-)?({_ID})(?:\.scope)?")
 MAX_CGROUP_BYTES = 64 * 1024
 MAX_POD_LIST_BYTES = 32 * 1024 * 1024
