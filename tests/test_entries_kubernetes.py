@@ -278,7 +278,7 @@ def test_stored_data_is_checked(kube_api: KubeApi, namespace: str, tmp_path: Pat
     for name, spec in ((f"{PREFIX}-entry-other-td", {"spiffeID": "spiffe://other.org/x", "parentID": AGENT,
                                                       "selectors": ["unix:uid:1"]}),
                        (f"{PREFIX}-entry-bad-selector", {"spiffeID": f"spiffe://{TRUST_DOMAIN}/y",
-                                                          "parentID": AGENT, "selectors": ["k8s:ns:default"]}),
+                                                          "parentID": AGENT, "selectors": ["k8s:namespace:default"]}),
                        ("keyseal-other-entry-abc", {"spiffeID": f"spiffe://{TRUST_DOMAIN}/z", "parentID": AGENT,
                                                     "selectors": ["unix:uid:1"]}),
                        (f"{PREFIX}-entry-by-hand", {"spiffeID": f"spiffe://{TRUST_DOMAIN}/hand",

@@ -18,6 +18,8 @@ suit it. What each part emulates, and how far:
   `fieldSelector` `spec.nodeName=`/`metadata.name=` on lists; kmock ignores both.
 - EMULATED `status` subresource: PATCH (merge patch) and PUT of `.../status` change only `status`, as for a
   custom resource with `subresources: {status: {}}`; kmock has no subresources.
+- EMULATOR FIX: kmock 0.8 reads /api/v1/namespaces[/<name>] as "objects in namespace <name>" and fails on the
+  bare list; `_parse_path` reads them as the Namespace resource, as the API server does.
 - EMULATED kubelet (`KubeletPeer`): GET /pods on HTTPS with a serving certificate from a test CA; a request
   without a valid bearer token (checked as the kubelet's webhook authenticator would, with a TokenReview for
   the API server's audience) gets 401. It answers a v1 PodList of the pods whose spec.nodeName is its node.
@@ -41,6 +43,7 @@ import attrs
 import jwt
 import kmock
 from cryptography.hazmat.primitives.asymmetric import rsa
+from kmock._internal import parsing as _kmock_parsing
 
 from tests.harness.https_server import TlsFiles, make_tls
 from tests.harness.kube_api import KubeApi, ResourceVersionedEmulator
@@ -48,6 +51,20 @@ from tests.harness.kube_api import KubeApi, ResourceVersionedEmulator
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 _EXTRA = "authentication.kubernetes.io/"
+
+
+_original_parse_path = _kmock_parsing.parse_path
+
+
+def _parse_path(path: str) -> Any:
+    """EMULATOR FIX: /api/v1/namespaces and /api/v1/namespaces/<name> name Namespace objects."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
+        return _kmock_parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None, None)
+    return _original_parse_path(path)
+
+
+_kmock_parsing.parse_path = _parse_path
 
 
 @attrs.define(kw_only=True)

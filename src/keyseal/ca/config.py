@@ -330,7 +330,7 @@ def parse_config(data: object) -> Config:
             "name the CA file that issued the client certificates"
         )
     values["log_level"] = root.choice("logLevel", ("debug", "info", "warning", "error"), "info")
-    values["kubernetes"] = parse_kubernetes_section(root.section("kubernetes"))
+    values["kubernetes"] = parse_kubernetes_section(root.section("kubernetes"), values["store_type"])
     root.done()
     return Config(**values)
 

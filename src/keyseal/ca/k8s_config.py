@@ -44,7 +44,7 @@ class K8sConfig:
     template_interval: timedelta = timedelta(seconds=2)
 
 
-def parse_kubernetes_section(section: _Section) -> K8sConfig | None:
+def parse_kubernetes_section(section: _Section, store_type: str = "kubernetes") -> K8sConfig | None:
     """None when the section is absent; else the checked settings (an unknown key is an error)."""
     from keyseal.ca.config import parse_duration
 
@@ -78,6 +78,9 @@ def parse_kubernetes_section(section: _Section) -> K8sConfig | None:
         raise UsageError(f"{templates.key('interval')} is at most 10m (pods get their entries that late)")
     templates.done()
     section.done()
+    if templates_on and store_type != "kubernetes":
+        raise UsageError(f"{templates.key('enabled')} needs store.type kubernetes: the entries it makes are "
+                         f"RegistrationEntry resources")
     return K8sConfig(cluster, api_server, node_attestation, audience, accounts, templates_on, interval)
 
 

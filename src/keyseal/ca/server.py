@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
@@ -24,6 +24,9 @@ from keyseal.ca.pins import KeysetPins
 from keyseal.ca.source import KeysetSource
 from keyseal.ca.tls import TlsContexts
 from keyseal.errors import KeysealError, UsageError
+
+if TYPE_CHECKING:
+    from keyseal.ca.k8s_templates import TemplateReconciler
 
 __all__ = ["CaServer", "build_pins", "build_source"]
 
@@ -128,6 +131,7 @@ class CaServer:
         self._stop = threading.Event()
         self._serving = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.templates: TemplateReconciler | None = None
 
     @property
     def port(self) -> int:
@@ -163,12 +167,28 @@ class CaServer:
 
     def serve_forever(self) -> None:
         assert self.httpd is not None
+        self._start_templates()
         if self._rotation:
             thread = threading.Thread(target=self._rotation_loop, name="keyseal-rotation", daemon=True)
             thread.start()
             self._threads.append(thread)
         self._serving.set()
         self.httpd.serve_forever(poll_interval=0.5)
+
+    def _start_templates(self) -> None:
+        """Registration entries from IdentityTemplate resources, when kubernetes.identityTemplates is on."""
+        k8s = self.config.kubernetes
+        if k8s is None or not k8s.templates or self.templates is not None:
+            return
+        from keyseal.ca.k8s_templates import TemplateReconciler
+        from keyseal.store.kubernetes import api_client_from_environment, resolve_namespace
+
+        client = self.api.kube_api_client or api_client_from_environment(k8s.api_server
+                                                                         or self.config.kube_api_server)
+        self.templates = TemplateReconciler(k8s, self.config.trust_domain, self.config.record_prefix,
+                                            resolve_namespace(self.config.kube_namespace, "registration entries"),
+                                            client)
+        self.templates.start()
 
     def start_background(self) -> threading.Thread:
         """Serve from a daemon thread (tests, benchmarks)."""
@@ -179,6 +199,8 @@ class CaServer:
 
     def shutdown(self) -> None:
         self._stop.set()
+        if self.templates is not None:
+            self.templates.stop()
         if self.httpd is not None:
             if self._serving.is_set():  # socketserver's shutdown() waits for a serve_forever() that never ran
                 self.httpd.shutdown()
