@@ -44,7 +44,7 @@ def test_agent_daemonset(chart: helm_python.Chart, tmp_path: Path) -> None:
     config = yaml.safe_load(config_map["data"]["agent.yaml"])
     (tmp_path / "node-a").write_text("token-for-node-a")
     config["joinTokenFile"] = str(tmp_path / "${NODE_NAME}")
-    parsed = parse_agent_config(config, environ={"NODE_NAME": "node-a"})
+    parsed = parse_agent_config(config, environ={"NODE_NAME": "node-a", "NODE_IP": "10.0.0.7"})
     assert parsed.join_token == "token-for-node-a"
     assert str(parsed.socket_path) == "/run/keyseal/agent.sock" and parsed.socket_mode == 0o666
     assert parsed.server_host.endswith(".svc")
@@ -108,7 +108,7 @@ def render_agent(chart: helm_python.Chart, root: Path, **agent: Any
     token_file.parent.mkdir(parents=True, exist_ok=True)
     token_file.write_text("token-for-node-a")
     config["joinTokenFile"] = str(in_pod(root, Path(config["joinTokenFile"])))
-    return template, container, parse_agent_config(config, environ={"NODE_NAME": "node-a"})
+    return template, container, parse_agent_config(config, environ={"NODE_NAME": "node-a", "NODE_IP": "10.0.0.7"})
 
 
 def mount_of(template: dict[str, Any], container: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -68,6 +68,12 @@ app.kubernetes.io/part-of: keyseal
 {{- $_ := set $pkcs11 "pinFile" (include "keyseal.pkcs11PinFile" .) -}}
 {{- end -}}
 {{- $config := dict "trustDomain" .Values.trustDomain "custody" .Values.custody "keyWrapping" .Values.keyWrapping "aws" .Values.aws "vault" .Values.vault "pkcs11" $pkcs11 "store" $store "ca" .Values.ca "x509SVID" .Values.x509SVID "jwtSVID" .Values.jwtSVID "bundle" .Values.bundle "server" $server "clients" .Values.clients "logLevel" .Values.logLevel -}}
+{{- if include "keyseal.k8sIdentity" . -}}
+{{- $k8s := .Values.agent.kubernetes -}}
+{{- $nodes := dict "enabled" true "audience" $k8s.audience "serviceAccounts" (list (printf "%s/%s" .Release.Namespace (include "keyseal.agentServiceAccountName" .))) -}}
+{{- $templates := dict "enabled" (eq .Values.store.type "kubernetes") "interval" $k8s.templateInterval -}}
+{{- $_ := set $config "kubernetes" (dict "cluster" $k8s.cluster "nodeAttestation" $nodes "identityTemplates" $templates) -}}
+{{- end -}}
 {{- toYaml $config -}}
 {{- end -}}
 
@@ -81,4 +87,15 @@ the server's default record prefix being keyseal-<trustDomain> ('_' made '-'; se
 domain longer than 100 characters). */}}
 {{- define "keyseal.keysetPinsConfigMap" -}}
 {{ .Values.store.recordPrefix | default (printf "keyseal-%s" (.Values.trustDomain | replace "_" "-")) }}-keyset-pins
+{{- end }}
+
+{{/* Kubernetes-native identity (#17): agents join with projected service account tokens, pods are attested by the
+kubelet, entries come from IdentityTemplates. "true" or empty. */}}
+{{- define "keyseal.k8sIdentity" -}}
+{{- if and .Values.agent.enabled .Values.agent.kubernetes.enabled -}}true{{- end -}}
+{{- end }}
+
+{{/* The agents' service account: the only one the server lets join with a service account token. */}}
+{{- define "keyseal.agentServiceAccountName" -}}
+{{ include "keyseal.fullname" . }}-agent
 {{- end }}
