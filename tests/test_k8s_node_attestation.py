@@ -116,6 +116,18 @@ def test_a_token_for_another_audience_is_refused(server: CaServer, refused: Any,
     assert join(server, cluster.token(pod, ["vault", AUDIENCE], node=node))[0] == 200
 
 
+def test_an_api_server_that_ignores_the_audience_does_not_let_its_own_tokens_join(
+        refused: Any, cluster: Cluster, node: dict[str, Any]) -> None:
+    """Its review authenticates a token for the API server itself and names no audience: not the server's."""
+    pod = agent_pod(cluster, node)
+    cluster.cluster.ignore_audiences = True
+    try:
+        refused(cluster.token(pod, "https://kubernetes.default.svc.cluster.local", node=node),
+                "is not for audience 'keyseal-server'")
+    finally:
+        cluster.cluster.ignore_audiences = False
+
+
 def test_an_expired_token_is_refused(refused: Any, cluster: Cluster, node: dict[str, Any]) -> None:
     import time
 

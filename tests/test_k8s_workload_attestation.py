@@ -168,6 +168,9 @@ def test_a_container_the_kubelet_does_not_list_yet_gets_no_k8s_selectors(
     in_container(tmp_path, process.pid, pod)
     time.sleep(0.6)
     assert "k8s:pod-name:late" in attestor.selectors(peer_of(process))
+    # A cgroup naming another pod's UID with this container's ID is neither pod.
+    in_container(tmp_path, process.pid, {**pod, "metadata": {"uid": other["metadata"]["uid"]}})
+    assert attestor.selectors(peer_of(process)) == frozenset()
 
 
 def test_a_reused_pid_gets_no_k8s_selectors(cluster: Cluster, kubelet: KubeletPeer, node: str, tmp_path: Path,

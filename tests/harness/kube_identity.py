@@ -12,8 +12,9 @@ suit it. What each part emulates, and how far:
   its expiry, and its audiences against `spec.audiences` (an empty list means the API server's own audience);
   `status.audiences` is the intersection, as the API server answers. Like the API server, a token bound to a
   pod is refused once that pod is gone or has another uid (`check_bound_pods`; a test may switch this off to
-  show keyseal checks the pod itself too). `status.user.extra` carries pod-name, pod-uid, node-name,
-  node-uid and credential-id, as the API server fills them in.
+  show keyseal checks the pod itself too). `ignore_audiences` plays an API server that ignores
+  spec.audiences (checks its own audience, answers no status.audiences). `status.user.extra` carries pod-name,
+  pod-uid, node-name, node-uid and credential-id, as the API server fills them in.
 - EMULATED list filtering: `labelSelector` (equality and set-based `in`, `!=`, `key`, `!key`) and
   `fieldSelector` `spec.nodeName=`/`metadata.name=` on lists; kmock ignores both.
 - EMULATED `status` subresource: PATCH (merge patch) and PUT of `.../status` change only `status`, as for a
@@ -73,6 +74,7 @@ class ClusterEmulator(ResourceVersionedEmulator):
 
     issuer_key: rsa.RSAPrivateKey = attrs.field(factory=lambda: rsa.generate_private_key(65537, 2048))
     check_bound_pods: bool = True
+    ignore_audiences: bool = False  # EMULATED: an API server that ignores spec.audiences (answers none)
     reviews: list[dict[str, Any]] = attrs.field(factory=list)
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
@@ -96,6 +98,8 @@ class ClusterEmulator(ResourceVersionedEmulator):
     async def _review(self, body: dict[str, Any]) -> dict[str, Any]:
         spec = body.get("spec") or {}
         wanted = list(spec.get("audiences") or [API_AUDIENCE])
+        if self.ignore_audiences:
+            wanted = [API_AUDIENCE]
         answer: dict[str, Any] = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                                   "metadata": {"creationTimestamp": None}, "spec": spec}
         try:
@@ -135,6 +139,8 @@ class ClusterEmulator(ResourceVersionedEmulator):
         user = {"username": claims["sub"], "uid": str((bound.get("serviceaccount") or {}).get("uid", "")),
                 "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"],
                 "extra": extra}
+        if self.ignore_audiences:
+            audiences = []
         return {**answer, "status": {"authenticated": True, "user": user, "audiences": audiences}}
 
     async def _object(self, resource: kmock.resource, namespace: Any, name: Any) -> dict[str, Any] | None:
