@@ -238,3 +238,15 @@ def test_node_attestation_is_off_unless_configured(cluster: Cluster, tmp_path: P
 def test_the_kubernetes_section_is_checked(tmp_path: Path, section: dict[str, Any], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         parse_config(base_config(tmp_path, kubernetes={**k8s_section(), **section}))
+
+
+def test_no_join_token_names_the_k8s_psat_agents(tmp_path: Path) -> None:
+    """Entries parented by .../agent/k8s_psat go to every agent attested by a service account token: a join-token
+    agent of that name would be their parent."""
+    from datetime import timedelta
+
+    from keyseal.ca.entries import join_tokens_for
+
+    tokens = join_tokens_for(parse_config(base_config(tmp_path)))
+    with pytest.raises(UsageError, match="k8s_psat"):
+        tokens.issue("k8s_psat", timedelta(minutes=5))

@@ -265,6 +265,9 @@ class JoinTokens(abc.ABC):
         """A new token and the SPIFFE ID the agent that redeems it will have."""
         if not _AGENT_NAME_RE.fullmatch(agent_name):
             raise UsageError("agent name: 1-128 letters, digits, '.', '_' or '-' (e.g. the node name)")
+        if agent_name == "k8s_psat":  # the parent of the agents attested by service account tokens
+            raise UsageError("agent name k8s_psat is reserved for agents that join with Kubernetes service account "
+                             "tokens")
         if ttl <= timedelta(0):
             raise UsageError("the join token TTL must be positive (e.g. --ttl 10m)")
         token = secrets.token_urlsafe(32)
