@@ -187,7 +187,7 @@ def test_cli_entry_and_join_token(tmp_path: Path, cli) -> None:  # type: ignore[
     listed = cli("entry", "list", "--config", config_file)
     assert entry_id in listed.stdout and "unix:uid:1001" in listed.stdout
     bad = cli("entry", "create", "--config", config_file, "--spiffe-id", SVC, "--parent",
-              f"spiffe://{TRUST_DOMAIN}/keyseal/agent", "--selector", "k8s:ns:x")
+              f"spiffe://{TRUST_DOMAIN}/keyseal/agent", "--selector", "k8s:namespace:x")
     assert bad.returncode != 0 and bad.stderr.startswith("keyseal: error: invalid selector")
     agent_id = cli("entry", "create", "--config", config_file, "--spiffe-id",
                    f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-2", "--parent",
