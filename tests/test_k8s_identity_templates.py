@@ -214,3 +214,33 @@ def test_templates_need_the_kubernetes_store(tmp_path: Any) -> None:
 
     with pytest.raises(UsageError, match=r"needs store\.type kubernetes"):
         parse_config(base_config(tmp_path, kubernetes={"cluster": "c", "identityTemplates": {"enabled": True}}))
+
+
+@pytest.mark.parametrize("selector", [
+    "k8s:ns:shop", "k8s:sa:web", "k8s:pod-uid:4c2c9a5e-1f7d-4b63-9a52-0d3c8e7f1a2b", "k8s:pod-name:web-1",
+    "k8s:node-name:ip-10-0-0-7.ec2.internal", "k8s:container-name:nginx", "k8s:container-image:nginx:1.27@sha256:ab",
+    "k8s:pod-label:app.kubernetes.io/name:web", "k8s:pod-label:empty:", "unix:uid:1000",
+    "k8s:namespace:shop", "k8s:ns:", "k8s:ns:a/b", "k8s:pod-label:app", "k8s:container-image:a b", "k8s:x",
+])
+def test_the_entry_crd_takes_the_selectors_keyseal_takes(selector: str) -> None:
+    """The RegistrationEntry CRD's pattern and keyseal's own check agree (an API server must store what the
+    reconciler writes, and nothing keyseal would skip)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from keyseal.ca.entries import check_selector
+    from keyseal.errors import UsageError
+
+    crd = yaml.safe_load((Path(__file__).parent.parent / "deploy" / "crds" /
+                          "registrationentries.keyseal.dev.yaml").read_text())
+    pattern = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "selectors"]["items"]["pattern"]
+    by_crd = re.search(pattern, selector) is not None
+    try:
+        check_selector(selector)
+        by_keyseal = True
+    except UsageError:
+        by_keyseal = False
+    assert by_crd == by_keyseal
