@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -250,3 +251,54 @@ def test_no_join_token_names_the_k8s_psat_agents(tmp_path: Path) -> None:
     tokens = join_tokens_for(parse_config(base_config(tmp_path)))
     with pytest.raises(UsageError, match="k8s_psat"):
         tokens.issue("k8s_psat", timedelta(minutes=5))
+
+
+def test_an_agent_whose_svid_expired_joins_again_with_its_token(cluster: Cluster, tmp_path: Path,
+                                                                node: dict[str, Any]) -> None:
+    """The server was away longer than the agent SVID lives: the agent, refused at the handshake, attests again
+    with its (rotated) service account token instead of staying locked out until someone restarts it."""
+    import shutil
+    import time
+
+    from keyseal.agent.config import parse_agent_config
+    from keyseal.agent.main import Agent
+    from tests.harness.agent import socket_dir
+    from tests.harness.https_server import free_port
+
+    port = free_port()
+    config = parse_config(base_config(tmp_path, kubernetes=k8s_section(), x509SVID={"ttl": "3s"},
+                                      server={"listen": f"127.0.0.1:{port}"}))
+
+    def serve() -> CaServer:
+        server = CaServer(config, rotation_thread=False, kube_api_client=cluster.api_client())
+        server.start()
+        server.start_background()
+        return server
+
+    server = serve()
+    pod = agent_pod(cluster, node)
+    (tmp_path / "psat").write_text(cluster.token(pod, AUDIENCE, node=node))
+    (tmp_path / "bundle.pem").write_text("".join(k.ca_pem for k, _ in server.manager.live()))
+    sockets = socket_dir()
+    agent = Agent(parse_agent_config({
+        "trustDomain": TRUST_DOMAIN, "serverURL": f"https://127.0.0.1:{port}",
+        "trustBundleFile": str(tmp_path / "bundle.pem"), "k8sPSAT": {"tokenFile": str(tmp_path / "psat")},
+        "socketPath": str(sockets / "agent.sock"), "syncInterval": 0.3}, environ={}))
+    try:
+        agent.start()
+        first = agent.cache.agent_expires
+        server.shutdown()
+        assert first is not None
+        time.sleep(max(0.0, (first - datetime.now(UTC)).total_seconds()) + 0.5)  # its SVID expires meanwhile
+        (tmp_path / "psat").write_text(cluster.token(pod, AUDIENCE, node=node))  # the kubelet rotated it
+        server = serve()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not (agent.cache.agent_expires and agent.cache.agent_expires > first
+                                                    and agent.cache.server_reachable):
+            time.sleep(0.2)
+        assert agent.cache.agent_expires is not None and agent.cache.agent_expires > first
+        assert agent.cache.server_reachable
+    finally:
+        agent.stop()
+        server.shutdown()
+        shutil.rmtree(sockets, ignore_errors=True)

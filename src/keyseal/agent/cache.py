@@ -80,6 +80,7 @@ class AgentCache:
         self.last_sync: datetime | None = None
         self.sync_failures = 0
         self.agent_expires: datetime | None = None
+        self.agent_refused = False  # the server refused the agent SVID at the last sync (401)
         self._agent_issued: datetime | None = None
 
     # -- reading ------------------------------------------------------------------------------------------
@@ -180,12 +181,14 @@ class AgentCache:
                 log.info("the keyseal server is reachable again")
             self.server_reachable = True
             self.last_sync = _now()
+            self.agent_refused = False
         except BackendUnavailableError as exc:
             if self.server_reachable:
                 log.warning("%s: serving %d cached X.509-SVIDs until they expire", exc.message, len(self.x509))
             self.server_reachable = False
             self.sync_failures += 1
         except (ServerRefusedError, KeysealError, KeyError, ValueError) as exc:
+            self.agent_refused = isinstance(exc, ServerRefusedError) and exc.status == 401
             log.error("sync with the keyseal server failed: %s", exc)
             self.server_reachable = False
             self.sync_failures += 1

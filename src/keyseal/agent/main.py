@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -14,7 +15,7 @@ from keyseal.agent.client import ServerClient, ServerRefusedError
 from keyseal.agent.config import AgentConfig
 from keyseal.agent.metrics import AgentMetrics, MetricsServer
 from keyseal.agent.state import AgentState
-from keyseal.errors import InputError, UsageError
+from keyseal.errors import InputError, KeysealError, UsageError
 
 __all__ = ["Agent", "read_trust_bundle"]
 
@@ -99,21 +100,37 @@ class Agent:
             except ServerRefusedError as exc:
                 log.warning("the server refused the saved agent SVID (%s): joining with the token", exc.message)
         if self.config.psat_token_file is not None:
-            try:  # read at every join: the kubelet rotates the token
-                token = self.config.psat_token_file.read_text(encoding="ascii").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise InputError(f"cannot read k8sPSAT.tokenFile {self.config.psat_token_file}: {exc}") from None
-            self.cache.join(token, PSAT_JOIN)
+            self._join_psat()
             return
         if not self.config.join_token:
             raise UsageError("no usable saved agent SVID and no join token: issue one with keyseal entry "
                              "join-token and set joinTokenFile or KEYSEAL_JOIN_TOKEN")
         self.cache.join(self.config.join_token)
 
+    def _join_psat(self) -> None:
+        assert self.config.psat_token_file is not None
+        try:  # read at every join: the kubelet rotates the token
+            token = self.config.psat_token_file.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read k8sPSAT.tokenFile {self.config.psat_token_file}: {exc}") from None
+        self.cache.join(token, PSAT_JOIN)
+
+    def _svid_lost(self) -> bool:
+        """The agent SVID expired, or the server refused it at the last sync."""
+        expires = self.cache.agent_expires
+        return self.cache.agent_refused or (expires is not None and expires <= datetime.now(UTC))
+
     def _loop(self) -> None:
         while not self._stop.wait(self.config.sync_interval):
             try:
+                if self.config.psat_token_file is not None and self._svid_lost():
+                    # A service account token can be presented again (a join token cannot): attest anew.
+                    log.warning("the agent SVID expired or was refused: joining again with the service account "
+                                "token")
+                    self._join_psat()
                 self.cache.sync()
+            except KeysealError as exc:
+                log.error("agent sync failed: %s", exc.message)
             except Exception:
                 log.exception("agent sync failed")
 
