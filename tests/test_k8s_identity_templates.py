@@ -244,3 +244,15 @@ def test_the_entry_crd_takes_the_selectors_keyseal_takes(selector: str) -> None:
     except UsageError:
         by_keyseal = False
     assert by_crd == by_keyseal
+
+
+def test_finished_pods_get_no_entry(world: World) -> None:
+    """A pod that has run to completion (Succeeded or Failed) has no container left to attest."""
+    world.template({"spiffeIDTemplate": DEFAULT})
+    pod = world.pod("shop", f"job-{world.tag}")
+    world.reconciler.reconcile()
+    assert len(world.entries()) == 1
+    pod["status"]["phase"] = "Succeeded"
+    world.cluster.core().replace_namespaced_pod(pod["metadata"]["name"], "shop", pod)
+    world.reconciler.reconcile()
+    assert world.entries() == []

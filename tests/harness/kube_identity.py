@@ -16,7 +16,7 @@ suit it. What each part emulates, and how far:
   spec.audiences (checks its own audience, answers no status.audiences). `status.user.extra` carries pod-name,
   pod-uid, node-name, node-uid and credential-id, as the API server fills them in.
 - EMULATED list filtering: `labelSelector` (equality and set-based `in`, `!=`, `key`, `!key`) and
-  `fieldSelector` `spec.nodeName=`/`metadata.name=` on lists; kmock ignores both.
+  `fieldSelector` (`path=value`, `path!=value`, e.g. spec.nodeName, status.phase) on lists; kmock ignores both.
 - EMULATED `status` subresource: PATCH (merge patch) and PUT of `.../status` change only `status`, as for a
   custom resource with `subresources: {status: {}}`; kmock has no subresources.
 - EMULATOR FIX: kmock 0.8 reads /api/v1/namespaces[/<name>] as "objects in namespace <name>" and fails on the
@@ -224,12 +224,14 @@ def matches_labels(selector: str, labels: dict[str, str]) -> bool:
 
 
 def _matches_fields(selector: str, item: dict[str, Any]) -> bool:
+    """EMULATED: field selectors `path=value`, `path==value` and `path!=value` (an absent field is "")."""
     for term in filter(None, selector.split(",")):
-        key, _, value = term.partition("=")
+        negate = "!=" in term
+        key, _, value = term.replace("!=", "=").replace("==", "=").partition("=")
         node = item
         for part in key.strip().split("."):
             node = node.get(part) if isinstance(node, dict) else None  # type: ignore[assignment]
-        if str(node or "") != value.strip():
+        if (str(node or "") == value.strip()) == negate:
             return False
     return True
 
