@@ -4,6 +4,8 @@ it is bound to, and issues spiffe://<td>/keyseal/agent/k8s_psat/<cluster>/<node-
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -112,8 +114,15 @@ def refused(server: CaServer, caplog: pytest.LogCaptureFixture) -> Any:
 def test_a_token_for_another_audience_is_refused(server: CaServer, refused: Any, cluster: Cluster,
                                                 node: dict[str, Any]) -> None:
     pod = agent_pod(cluster, node)
-    refused(cluster.token(pod, "vault", node=node), "is invalid for the target audiences")
-    refused(cluster.token(pod, "https://kubernetes.default.svc.cluster.local", node=node), "invalid for the target")
+    before = len(cluster.cluster.reviews)
+    refused(cluster.token(pod, "vault", node=node), "is not for audience 'keyseal-server' (its own claims)")
+    refused(cluster.token(pod, "https://kubernetes.default.svc.cluster.local", node=node), "(its own claims)")
+    assert len(cluster.cluster.reviews) == before  # refused without asking the API server
+    # A token whose claims were changed to name the audience: the API server (its signature) refuses it.
+    genuine = jwt.decode(cluster.token(pod, "vault", node=node), options={"verify_signature": False})
+    header, _, signature = cluster.token(pod, "vault", node=node).split(".")
+    claims = base64.urlsafe_b64encode(json.dumps({**genuine, "aud": [AUDIENCE]}).encode()).rstrip(b"=").decode()
+    refused(f"{header}.{claims}.{signature}", "did not authenticate the token")
     assert join(server, cluster.token(pod, ["vault", AUDIENCE], node=node))[0] == 200
 
 
@@ -123,8 +132,11 @@ def test_an_api_server_that_ignores_the_audience_does_not_let_its_own_tokens_joi
     pod = agent_pod(cluster, node)
     cluster.cluster.ignore_audiences = True
     try:
-        refused(cluster.token(pod, "https://kubernetes.default.svc.cluster.local", node=node),
-                "is not for audience 'keyseal-server'")
+        token = cluster.token(pod, ["https://kubernetes.default.svc.cluster.local", AUDIENCE], node=node)
+        before = len(cluster.cluster.reviews)
+        refused(token, "is not for audience 'keyseal-server'")
+        assert len(cluster.cluster.reviews) == before + 1  # refused on the review's answer, not the claims'
+        assert cluster.cluster.reviews[-1]["status"] == {**cluster.cluster.reviews[-1]["status"], "audiences": []}
     finally:
         cluster.cluster.ignore_audiences = False
 
@@ -133,7 +145,8 @@ def test_an_expired_token_is_refused(refused: Any, cluster: Cluster, node: dict[
     import time
 
     pod = agent_pod(cluster, node)
-    refused(cluster.token(pod, AUDIENCE, node=node, issued=time.time() - 3600, lifetime=600), "expired")
+    refused(cluster.token(pod, AUDIENCE, node=node, issued=time.time() - 3600, lifetime=600),
+            "has expired (its own claims)")
 
 
 def test_a_token_not_signed_by_the_cluster_is_refused(refused: Any, cluster: Cluster,

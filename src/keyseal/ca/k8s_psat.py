@@ -18,17 +18,22 @@ configured audience. Then, in this order, a join is refused unless:
 
 The agent's SPIFFE ID is spiffe://<td>/keyseal/agent/k8s_psat/<cluster>/<node-uid>: one per node, stable while
 the node object lives, a new one for a node rebuilt under the same name. Expiry is the API server's to check
-(an expired token is not authenticated). A stolen token that is still valid, used while its pod runs, joins as
-that node: the same exposure as SPIRE's k8s_psat; the short token lifetime bounds it.
+(an expired token is not authenticated); a token whose own claims name another audience or a past expiry is
+refused before the API server is asked, since anyone may call the endpoint. A stolen token that is still valid,
+used while its pod runs, joins as that node: the same exposure as SPIRE's k8s_psat; the short token lifetime
+bounds it.
 
 RBAC: create tokenreviews; get pods; get nodes.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,12 +110,30 @@ class PsatAttestor:
     def attest(self, token: str) -> AttestedNode:
         if not _JWT_RE.fullmatch(token):
             raise NodeRefusedError("the token is not a JWT (a projected service account token)")
+        self._screen(token)
         if not self._in_flight.acquire(timeout=5):
             raise BackendUnavailableError("too many node attestations in progress: try again")
         try:
             return self._attest(token)
         finally:
             self._in_flight.release()
+
+    def _screen(self, token: str) -> None:
+        """Refuse, without asking the API server, a token whose own (unverified) claims say it is for another
+        audience or expired: anyone may call the join endpoint, and each review costs the API server. This
+        decides nothing in the token's favour; TokenReview does."""
+        payload = token.split(".")[1]
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        except ValueError:
+            raise NodeRefusedError("the token's claims are not JSON") from None
+        audiences = claims.get("aud") if isinstance(claims, dict) else None
+        audiences = [audiences] if isinstance(audiences, str) else audiences
+        if not isinstance(audiences, list) or self.config.audience not in audiences:
+            raise NodeRefusedError(f"the token is not for audience {self.config.audience!r} (its own claims)")
+        expires = claims.get("exp")
+        if not isinstance(expires, int | float) or expires <= time.time():
+            raise NodeRefusedError("the token has expired (its own claims)")
 
     def _attest(self, token: str) -> AttestedNode:
         audience = self.config.audience
