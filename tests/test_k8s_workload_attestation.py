@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from keyseal.agent.attestation import PeerCredentials, attest
 from keyseal.agent.config import parse_agent_config
@@ -241,3 +244,18 @@ def test_agent_configuration_for_kubernetes() -> None:
 def test_agent_kubernetes_configuration_is_checked(data: dict[str, Any], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         parse_agent_config({**BASE, **data}, environ={})
+
+
+@given(lines=st.lists(st.tuples(st.sampled_from(["0", "4", "12"]), st.sampled_from(["", "memory", "name=systemd"]),
+                                st.lists(st.sampled_from([
+                                    "kubepods", "kubepods.slice", f"pod{POD_UID}", f"kubepods-pod{UNDERSCORED}.slice",
+                                    CID, f"cri-containerd-{CID}.scope", f"crio-conmon-{CID}.scope", "..", "",
+                                    "burstable", "x"]), max_size=6)), max_size=4),
+       noise=st.text(max_size=40))
+@hypothesis_settings(max_examples=300, deadline=None)
+def test_any_cgroup_file_gives_at_most_the_container_it_names(lines: list[tuple[str, str, list[str]]],
+                                                              noise: str) -> None:
+    """Never an exception; a result is always the one container the file's paths end in."""
+    text = "\n".join(f"{n}:{c}:/{'/'.join(parts)}" for n, c, parts in lines) + "\n" + noise
+    found = parse_cgroup(text)
+    assert found is None or found == REF
