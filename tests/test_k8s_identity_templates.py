@@ -256,3 +256,17 @@ def test_finished_pods_get_no_entry(world: World) -> None:
     world.cluster.core().replace_namespaced_pod(pod["metadata"]["name"], "shop", pod)
     world.reconciler.reconcile()
     assert world.entries() == []
+
+
+def test_a_long_template_name_makes_a_valid_label(world: World) -> None:
+    """Label values are at most 63 characters and end alphanumeric (the API server refuses others with 422)."""
+    import re
+
+    name = world.template({"spiffeIDTemplate": DEFAULT}, name=f"t-{world.tag}-" + "a" * 53 + ".b" + "c" * 40)
+    world.pod("shop", f"web-{world.tag}")
+    world.reconciler.reconcile()
+    (obj,) = world.custom.list_namespaced_custom_object("keyseal.dev", "v1", world.store_ns,
+                                                        "registrationentries")["items"]
+    label = obj["metadata"]["labels"]["keyseal.dev/template"]
+    assert re.fullmatch(r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]", label), label
+    assert name.startswith(label)

@@ -221,7 +221,7 @@ class TemplateReconciler:
         return {"apiVersion": f"{GROUP}/{VERSION}", "kind": ENTRY_KIND,
                 "metadata": {"name": f"{self.prefix}-entry-{entry_id}", "namespace": self.namespace,
                              "labels": {"app.kubernetes.io/part-of": "keyseal", MANAGED_BY: MANAGER,
-                                        TEMPLATE_LABEL: template[:63]}},
+                                        TEMPLATE_LABEL: template[:63].rstrip(".-")}},
                 "spec": {"spiffeID": str(spiffe_id), "parentID": parent, "selectors": list(selectors), **ttls}}
 
     # -- one pass ---------------------------------------------------------------------------------------------
