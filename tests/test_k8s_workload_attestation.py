@@ -151,12 +151,15 @@ def test_selectors_of_a_pod(cluster: Cluster, kubelet: KubeletPeer, node: str, t
 def test_a_container_the_kubelet_does_not_list_yet_gets_no_k8s_selectors(
         cluster: Cluster, kubelet: KubeletPeer, node: str, tmp_path: Path, process: subprocess.Popen[bytes]) -> None:
     other = cluster.pod("shop", "other", node, "other")
-    attestor = K8sAttestor(settings(cluster, kubelet, node, tmp_path))
+    failures: list[str] = []
+    attestor = K8sAttestor(settings(cluster, kubelet, node, tmp_path), on_failure=failures.append)
     assert attestor.selectors(peer_of(process)) == frozenset()  # no cgroup file: not in a pod
+    assert failures == []  # not a failure: a process outside pods
     starting = {"metadata": {"uid": str(uuid.uuid4())},
                 "status": {"containerStatuses": [{"containerID": f"containerd://{'e' * 64}"}]}}
     in_container(tmp_path, process.pid, starting)
     assert attestor.selectors(peer_of(process)) == frozenset()
+    assert failures == ["k8s_not_listed"]
     assert kubelet.requests == 1  # a miss asks the kubelet again only after the minimum refresh (0.5s)
     time.sleep(0.6)
     assert attestor.selectors(peer_of(process)) == frozenset()
@@ -200,8 +203,11 @@ def test_the_kubelet_refuses_a_bad_token(cluster: Cluster, kubelet: KubeletPeer,
                                          process: subprocess.Popen[bytes]) -> None:
     pod = cluster.pod("shop", "web-4", node, "web")
     in_container(tmp_path, process.pid, pod)
-    attestor = K8sAttestor(settings(cluster, kubelet, node, tmp_path, token="not-a-token"))
+    failures: list[str] = []
+    attestor = K8sAttestor(settings(cluster, kubelet, node, tmp_path, token="not-a-token"),
+                           on_failure=failures.append)
     assert attestor.selectors(peer_of(process)) == frozenset()
+    assert failures == ["k8s_kubelet_unavailable"]
     assert kubelet.refused >= 1 and kubelet.requests == 0
 
 

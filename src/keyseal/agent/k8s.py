@@ -29,6 +29,7 @@ import re
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,9 @@ _VALUE_RE = re.compile(r"[A-Za-z0-9._-]{1,253}")
 class K8sAttestor:
     """The k8s: selectors of a caller, from its cgroup and the kubelet's pod list."""
 
-    def __init__(self, settings: K8sSettings, kubelet: KubeletClient | None = None) -> None:
+    def __init__(self, settings: K8sSettings, kubelet: KubeletClient | None = None,
+                 on_failure: Callable[[str], None] = lambda reason: None) -> None:
+        self.on_failure = on_failure  # the metrics' attestation failures: k8s_pid_replaced, ... (docs/agent.md)
         self.settings = settings
         self.kubelet = kubelet or KubeletClient(settings)
         self._lock = threading.Lock()
@@ -195,21 +198,27 @@ class K8sAttestor:
         if peer.start is None:
             return frozenset()
         ref = container_of(peer.pid, self.settings.proc_root)
-        if ref is None or start_time(peer.pid) != peer.start:
+        if ref is None:
+            return frozenset()  # not in a pod's container: nothing to say
+        if start_time(peer.pid) != peer.start:
+            self.on_failure("k8s_pid_replaced")
             return frozenset()
         try:
             found = self._find(ref, self._pod_list(refresh=False)) or self._find(ref, self._pod_list(refresh=True))
         except (BackendUnavailableError, InputError) as exc:
             log.warning("no k8s selectors for pid %d: %s", peer.pid, exc.message)
+            self.on_failure("k8s_kubelet_unavailable")
             return frozenset()
         if found is None:
             log.info("pid %d runs in container %s of pod %s, which the kubelet does not list (yet): no k8s "
                      "selectors", peer.pid, ref.container_id[:12], ref.pod_uid)
+            self.on_failure("k8s_not_listed")
             return frozenset()
         pod, container = found
         metadata, spec = pod.get("metadata") or {}, pod.get("spec") or {}
         if self.settings.node_name and spec.get("nodeName") != self.settings.node_name:
             log.warning("the kubelet listed pod %s of another node: no k8s selectors", ref.pod_uid)
+            self.on_failure("k8s_other_node")
             return frozenset()
         values = {"ns": metadata.get("namespace"), "sa": spec.get("serviceAccountName"),
                   "pod-name": metadata.get("name"), "pod-uid": metadata.get("uid"),

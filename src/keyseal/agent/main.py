@@ -71,7 +71,7 @@ class Agent:
         if self.config.k8s is not None:
             from keyseal.agent.k8s import K8sAttestor
 
-            attestor = K8sAttestor(self.config.k8s).selectors
+            attestor = K8sAttestor(self.config.k8s, on_failure=self.metrics.attestation_failure).selectors
         server = WorkloadApiServer(self.cache, self.config.socket_path, self.config.socket_mode,
                                    self.config.socket_group, self.metrics, self.config.workload_api, attestor)
         server.start()
