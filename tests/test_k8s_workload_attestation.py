@@ -236,6 +236,9 @@ def test_agent_configuration_for_kubernetes() -> None:
     assert config.k8s is not None
     assert (config.k8s.node_name, config.k8s.kubelet_url) == ("node-a", "https://10.0.0.7:10250")
     assert config.k8s.proc_root == Path("/proc")
+    ipv6 = parse_agent_config({**BASE, "joinToken": "t", "k8s": {"nodeName": "n", "kubeletURL": "https://${NODE_IP}:10250"}},
+                              environ={"NODE_IP": "fd00::7"})
+    assert ipv6.k8s is not None and ipv6.k8s.kubelet_url == "https://[fd00::7]:10250"
 
 
 @pytest.mark.parametrize(("data", "message"), [

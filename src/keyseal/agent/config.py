@@ -194,7 +194,10 @@ def _k8s(value: object, environ: dict[str, str]) -> K8sSettings | None:
             if "${" + name + "}" in text:
                 if not environ.get(name):
                     raise UsageError(f"k8s.{key} names ${{{name}}} but {name} is not set (the downward API sets it)")
-                text = text.replace("${" + name + "}", environ[name])
+                found = environ[name]
+                if name == "NODE_IP" and ":" in found and key == "kubeletURL":
+                    found = f"[{found}]"  # an IPv6 host IP in a URL
+                text = text.replace("${" + name + "}", found)
         return text
 
     node_name = expand("nodeName")
