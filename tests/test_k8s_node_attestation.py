@@ -315,3 +315,24 @@ def test_an_agent_whose_svid_expired_joins_again_with_its_token(cluster: Cluster
         agent.stop()
         server.shutdown()
         shutil.rmtree(sockets, ignore_errors=True)
+
+
+def test_an_unreachable_api_server_is_503_not_a_refusal(tmp_path: Path, cluster: Cluster, node: dict[str, Any],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The agent retries a 503; a 401 would tell it its token is bad."""
+    import kubernetes as kube
+
+    from tests.harness.https_server import free_port
+
+    configuration = kube.client.Configuration()
+    configuration.host = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    server = CaServer(parse_config(base_config(tmp_path, kubernetes=k8s_section())), rotation_thread=False,
+                      kube_api_client=kube.client.ApiClient(configuration))
+    server.start()
+    server.start_background()
+    try:
+        status, body = join(server, cluster.token(agent_pod(cluster, node), AUDIENCE, node=node))
+        assert status == 503 and body["error"] == "unavailable", body
+        assert any("cannot attest a k8s_psat join" in r.getMessage() for r in caplog.records)
+    finally:
+        server.shutdown()

@@ -157,6 +157,10 @@ class AgentApi:
             log.warning("refused a k8s_psat join from %s: %s", request.peer, loggable(exc.message, 300))
             raise self._refuse(401, "unauthenticated", "the service account token does not attest an agent of "
                                                        "this cluster; see the server log") from None
+        except KeysealError as exc:  # the Kubernetes API cannot be reached, or refuses the server
+            log.error("cannot attest a k8s_psat join from %s: %s", request.peer, loggable(exc.message, 300))
+            raise self._refuse(503, "unavailable", "the Kubernetes API could not check the token; see the "
+                                                   "server log") from None
         answer = self._issue(node.agent_id, document.get("csr"), self.api.config.x509_ttl)
         log.info("agent %s joined from %s (k8s_psat: %s)", node.agent_id, request.peer, " ".join(node.selectors))
         return self._json({**answer, "selectors": list(node.selectors), "bundle": self._bundle()})
