@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keyseal.ca.custody import CaKey, MemoryCaKey
 from keyseal.ca.source import KeysetKeys, KeysetSource, Loaded, SlotBusyError
-from keyseal.errors import WrappedRecordError
+from keyseal.errors import KekMismatchError, WrappedRecordError
 from keyseal.keygen import generate_private_key
 from keyseal.store import RecordStore, StoredRecord
 from keyseal.wrapping.envelope import seal, unseal
@@ -66,12 +66,27 @@ class WrappedKeysetSource(KeysetSource):
         that could write records but not read them back never writes one.
         """
         found = False
+        unopenable: list[tuple[str, str]] = []  # (where, the KEK id the record names)
         for slot in range(SLOTS):
             for kind in ("x509", "jwt"):
                 stored = self.store.get(self.name(kind, slot))
-                if stored is not None:
-                    found = True
-                    self.kek.check_record(stored.record, self.store.location(self.name(kind, slot)))
+                if stored is None:
+                    continue
+                found = True
+                where = self.store.location(self.name(kind, slot))
+                if stored.record.kek_provider == self.kek.provider and stored.record.kek_id != self.kek.kek_id:
+                    unopenable.append((where, stored.record.kek_id))
+                else:
+                    self.kek.check_record(stored.record, where)  # another provider: its own message
+        if unopenable:
+            raise KekMismatchError(
+                f"refusing to start: {len(unopenable)} stored CA key record(s) ({unopenable[0][0]}"
+                f"{' ...' if len(unopenable) > 1 else ''}) are wrapped by {self.kek.provider} KEK "
+                f"{', '.join(sorted({kek_id for _, kek_id in unopenable}))}, and no configured KEK opens them "
+                f"(the configured one is {self.kek.describe()}, id {self.kek.kek_id}); the CA keys are unreadable "
+                f"until the KEK they were written with is restored (e.g. the KEK Secret from a backup); nothing "
+                f"was written, and no new CA keys are made over them"
+            )
         if not found:
             self.kek.canary()
             return

@@ -11,6 +11,12 @@
 {{- end -}}
 {{- end -}}
 
+{{/* The server's pods only (the agents' pods share the selector labels above). */}}
+{{- define "keyseal.serverPodLabels" -}}
+{{ include "keyseal.selectorLabels" . }}
+app.kubernetes.io/component: server
+{{- end -}}
+
 {{- define "keyseal.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "keyseal.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
