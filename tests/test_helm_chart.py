@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import re
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,9 @@ def test_default_render(chart: helm_python.Chart) -> None:
     assert config.store_type == "kubernetes" and config.kube_namespace == "spire"
     assert config.wrapping_provider == "local" and config.custody == "wrapped"
     assert "trust-keyseal.spire.svc" in config.tls.self_issued_dns
+    assert config.join_token_max_ttl == timedelta(hours=1)
+    assert server_config(render(chart, {"agents": {"joinTokenMaxTTL": "15m"}})).join_token_max_ttl == \
+        timedelta(minutes=15)
     main = container(by_kind)
     assert main["args"] == ["server", "--config", "/etc/keyseal/config.yaml"]
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
