@@ -69,7 +69,7 @@ class WrappedKeysetSource(KeysetSource):
         unopenable: list[tuple[str, str]] = []  # (where, the KEK id the record names)
         for slot in range(SLOTS):
             for kind in ("x509", "jwt"):
-                stored = self.store.get(self.name(kind, slot))
+                stored = self.store.peek(self.name(kind, slot))  # the KEK first: the ledger needs it too
                 if stored is None:
                     continue
                 found = True
@@ -157,7 +157,7 @@ class WrappedKeysetSource(KeysetSource):
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) or \
                 key_type_of(key) != stored.record.key_type:
             raise WrappedRecordError(f"{where} does not hold the {stored.record.key_type} CA key its header names")
-        self.store.ledger.record(self.store.ledger_key(name), stored.record.version)
+        self.store.remember(stored.record)
         opened = MemoryCaKey(key)
         self._opened[(name, stored.revision)] = opened
         return opened
@@ -187,7 +187,8 @@ class WrappedKeysetSource(KeysetSource):
             key = generate_private_key(key_type)
             der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
-            return seal(der, name=name, version=version, created=created, key_type=key_type_of(key), kek=self.kek)
+            return seal(der, name=name, version=version, created=created, key_type=key_type_of(key), kek=self.kek,
+                        scope=self.store.scope)
 
         try:
             self.store.update(name, produce)
