@@ -275,3 +275,9 @@ def test_agent_posture_takes_only_what_attestation_needs(chart: helm_python.Char
     assert paths["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     with pytest.raises(helm_python.HelmValuesError, match="/agent/attestation"):
         pod({"attestation": {"executablePath": "yes"}})
+
+
+def test_agent_notes_name_the_pod_security_level(chart: helm_python.Chart) -> None:
+    notes = chart.render({"agent": {"enabled": True, "joinTokenSecret": "j"}}, name="trust",
+                         namespace="spire")["keyseal/templates/NOTES.txt"]
+    assert "kubectl label namespace spire pod-security.kubernetes.io/enforce=privileged" in notes

@@ -205,3 +205,39 @@ def test_a_record_copied_to_another_trust_domain_is_refused(tmp_path: Path, kek_
     with pytest.raises(WrappedRecordError, match=r"belongs to trust-domain=example\.org, not to "
                                                  r"trust-domain=other\.example"):
         open_record(other.store, NAME, other.kek)
+
+
+def test_old_records_are_read_protected_and_bound_at_their_next_write(
+        request: pytest.FixtureRequest, tmp_path: Path, store_kind: str, kek_config: dict[str, Any]) -> None:
+    """Records an older keyseal wrote (format v1, no scope) in the server's store still open; from then on the
+    store's high-water mark covers them (a fresh replica refuses an older one, and an unbound record newer than
+    any seen); their next write makes them v2, bound to the trust domain (and namespace)."""
+    replica = Replica(request, tmp_path, store_kind, kek_config, "a")
+    if store_kind == "kubernetes":
+        from keyseal.store.kubernetes import KubernetesStore
+
+        legacy: Any = KubernetesStore(replica.store.namespace, replica.api)  # type: ignore[attr-defined]
+    else:
+        legacy = DirectoryStore(tmp_path / "store", FileLedger(tmp_path / "legacy-ledger.json"))
+    create_record(legacy, NAME, generate_private_key("p256"), replica.kek)
+    version_1 = replica.read_raw()
+    rewrap_record(legacy, NAME, replica.kek, replica.kek)
+    version_2 = replica.read_raw()
+    rewrap_record(legacy, NAME, replica.kek, replica.kek)
+    version_3 = replica.read_raw()
+    replica.write_raw(version_2)
+    opened = open_record(replica.store, NAME, replica.kek)  # v1 records still open in the server's store
+    assert opened.record.format == "keyseal.wrapped-key.v1" and opened.record.version == 2
+    namespace = getattr(replica.store, "namespace", None)
+    replica.write_raw(version_1)
+    with pytest.raises(RecordRollbackError):
+        open_record(Replica(request, tmp_path, store_kind, kek_config, "b", namespace=namespace).store, NAME,
+                    replica.kek)
+    replica.write_raw(version_3)  # an unbound record newer than any the store saw: not one it wrote
+    with pytest.raises(WrappedRecordError, match="unbound"):
+        open_record(Replica(request, tmp_path, store_kind, kek_config, "c", namespace=namespace).store, NAME,
+                    replica.kek)
+    replica.write_raw(version_2)
+    rewrapped = rewrap_record(replica.store, NAME, replica.kek, replica.kek)
+    assert rewrapped.format == "keyseal.wrapped-key.v2" and rewrapped.scope.startswith("trust-domain=example.org")
+    assert open_record(replica.store, NAME, replica.kek).record.version == 3

@@ -46,10 +46,12 @@ class RecordStore(abc.ABC):
 
     def identity_key(self, record: WrappedRecord) -> str:
         """The record's own identity in the version ledger, wherever it is stored: its scope and name (bound by
-        its associated data); without a scope, also its creation time (kept by a rewrap, new for a new key), so
-        that two unrelated keys that happen to share a file name are not confused."""
-        if record.scope:
-            return f"record:{record.scope}|{record.name}"
+        its associated data; a v1 record read in a store with a scope, written before the store had one, counts
+        as of that scope); without a scope, also its creation time (kept by a rewrap, new for a new key), so that
+        two unrelated keys that happen to share a file name are not confused."""
+        scope = record.scope or self.scope
+        if scope:
+            return f"record:{scope}|{record.name}"
         return f"record:|{record.name}|{format_time(record.created)}"
 
     def remember(self, record: WrappedRecord) -> None:
@@ -113,6 +115,14 @@ class RecordStore(abc.ABC):
             )
         self.ledger.check(self.ledger_key(name), record.version, where)
         self.ledger.check(self.identity_key(record), record.version, where)
+        if self.scope and not record.scope:
+            highest = self.ledger.highest(self.identity_key(record))
+            if highest is not None and record.version > highest:
+                raise WrappedRecordError(
+                    f"{where} is an unbound (format v1) record of version {record.version}, newer than any this store "
+                    f"has seen ({highest}), but this store writes only bound (v2) records: refusing a record put "
+                    f"there from elsewhere; restore the store's own record"
+                )
         return StoredRecord(record, revision)
 
     def put(self, name: str, record: WrappedRecord, expected_revision: str | None) -> str:

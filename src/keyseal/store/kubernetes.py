@@ -171,6 +171,12 @@ class KubernetesStore(RecordStore):
                 f"the Kubernetes API does not serve {PLURAL}.{GROUP} in namespace {self.namespace}: install "
                 f"the CRD (deploy/crds/wrappedkeys.keyseal.dev.yaml) and check the namespace exists"
             )
+        if status == 422:
+            return UsageError(
+                f"the Kubernetes API refused to {verb} {where} as invalid (422): the WrappedKey CRD is older than "
+                f"this keyseal (record format v2 needs its scope field); apply deploy/crds/ (helm upgrade does not "
+                f"update CRDs)"
+            )
         if status is not None:
             return KeysealError(f"the Kubernetes API refused to {verb} {where} (HTTP {status})")
         return BackendUnavailableError(
