@@ -191,7 +191,12 @@ def test_schema_refuses_mistakes(chart: helm_python.Chart) -> None:
     for values in ({"custody": "hsm"}, {"keyWrapping": {"provider": "vault"}}, {"trustDomain": "Bad Domain"},
                    {"ca": {"keyType": "ed25519"}}, {"x509SVID": {"ttl": "one hour"}}, {"aws": {"kmsKeyArn": ARN}},
                    {"store": {"type": "directory"}},  # two replicas on a directory, and no volume
-                   {"clients": [{"name": "a", "tokenSHA256": "plain-token", "allowedPathPrefixes": ["/a"]}]}):
+                   {"clients": [{"name": "a", "tokenSHA256": "plain-token", "allowedPathPrefixes": ["/a"]}]},
+                   {"localKek": {"existingSecret": "Not_A_Secret"}}, {"localKek": {"kek": "keyseal-local-kek-v1:x"}},
+                   {"agents": {"joinTokenMaxTTL": "forever"}}, {"networkPolicy": {"ingressFrom": "anyone"}},
+                   {"rbac": {"joinTokenIssuers": [{"kind": "Group"}]}},
+                   {"rbac": {"joinTokenIssuers": [{"kind": "Robot", "name": "r"}]}},
+                   {"podDisruptionBudget": {"minAvailable": 0}}):
         with pytest.raises(helm_python.HelmValuesError):
             chart.render(values, name="trust", namespace="spire")
 

@@ -1,4 +1,5 @@
-"""`wrapped` custody: each CA key is an envelope-encrypted record (keyseal.wrapped-key.v1) in a record store.
+"""`wrapped` custody: each CA key is an envelope-encrypted record (keyseal.wrapped-key.v2, bound to the trust domain
+and namespace; v1 records of older versions are read) in a record store, with its shared seen-versions record.
 
 Records live in a ring of SLOTS slots, two records per slot: `<prefix>-x509-<slot>` and `<prefix>-jwt-<slot>`.
 Keyset n lives in slot (n - 1) mod SLOTS at record version (n - 1) // SLOTS + 1, so the record version, which
