@@ -143,9 +143,12 @@ class AgentApi:
     def _note_agent_svid(self, agent_id: str, answer: dict[str, Any]) -> None:
         """Remember until when the agent holds an SVID (join tokens for it are refused until then). A failure is
         logged, not answered: the agent has its SVID, and refusing a renewal would not take it back."""
+        registry = self.tokens.registry
+        if registry is None:
+            return
         expires = datetime.strptime(answer["expiresAt"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
         try:
-            self.tokens.registry and self.tokens.registry.issued(agent_id, expires)
+            registry.issued(agent_id, expires)
         except KeysealError as exc:
             log.error("could not record the SVID of agent %s (a join token for it would not be refused until it "
                       "expires): %s", agent_id, exc.message)
