@@ -281,3 +281,30 @@ def test_agent_notes_name_the_pod_security_level(chart: helm_python.Chart) -> No
     notes = chart.render({"agent": {"enabled": True, "joinTokenSecret": "j"}}, name="trust",
                          namespace="spire")["keyseal/templates/NOTES.txt"]
     assert "kubectl label namespace spire pod-security.kubernetes.io/enforce=privileged" in notes
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid")
+def test_attestation_without_capabilities_reads_uid_and_gid_only() -> None:
+    """What the DaemonSet's default posture (no CAP_SYS_PTRACE) gives the agent's attestation, checked on this
+    kernel: a process without capabilities reads another user's start time (/proc/<pid>/stat) but not its
+    executable (/proc/<pid>/exe is a ptrace read access check), so it attests uid and gid only; a process of its
+    own uid still yields a path."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import os, sys\n"
+        "from keyseal.agent.attestation import PeerCredentials, selectors_of, start_time\n"
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"  # also drops every capability
+        "other = int(sys.argv[1])\n"
+        "print(sorted(selectors_of(PeerCredentials(other, 0, 0, start_time(other)))))\n"
+        "print(start_time(other) is not None)\n"
+        "me = os.getpid()\n"
+        "print(sorted(selectors_of(PeerCredentials(me, 65534, 65534, start_time(me)))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, str(os.getpid())], capture_output=True, text=True,
+                            timeout=60, check=True)
+    other, readable, own = result.stdout.splitlines()
+    assert other == "['unix:gid:0', 'unix:uid:0']"  # no unix:path: exe is not readable without CAP_SYS_PTRACE
+    assert readable == "True"
+    assert "unix:path:" in own
