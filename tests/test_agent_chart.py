@@ -294,13 +294,13 @@ def test_attestation_without_capabilities_reads_uid_and_gid_only() -> None:
 
     probe = (
         "import os, sys\n"
-        "from keyseal.agent.attestation import PeerCredentials, selectors_of, start_time\n"
+        "from keyseal.agent.attestation import attest, selectors_of, start_time\n"
         "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"  # also drops every capability
         "other = int(sys.argv[1])\n"
-        "print(sorted(selectors_of(PeerCredentials(other, 0, 0, start_time(other)))))\n"
+        "print(sorted(selectors_of(attest(other, 0, 0))))\n"  # as the agent attests a connection it accepts
         "print(start_time(other) is not None)\n"
         "me = os.getpid()\n"
-        "print(sorted(selectors_of(PeerCredentials(me, 65534, 65534, start_time(me)))))\n"
+        "print(sorted(selectors_of(attest(me, 65534, 65534))))\n"
     )
     result = subprocess.run([sys.executable, "-c", probe, str(os.getpid())], capture_output=True, text=True,
                             timeout=60, check=True)
