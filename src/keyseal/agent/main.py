@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
+from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -19,6 +21,9 @@ from keyseal.errors import InputError, UsageError
 __all__ = ["Agent", "read_trust_bundle"]
 
 log = logging.getLogger(__name__)
+
+MIN_WAIT = 0.05  # seconds between two syncs at the least
+RETRY_WAIT = 1.0  # seconds between syncs at the least while the server does not answer
 
 
 def read_trust_bundle(text: str) -> str:
@@ -97,20 +102,41 @@ class Agent:
         self.cache.join(self.config.join_token)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.config.sync_interval):
+        last = time.monotonic()
+        while not self._stop.is_set():
+            version = self.cache.version
+            wait = self._next_wait(last)
+            if wait > 0:
+                self.cache.wait_change(version, wait)  # a change (a new entry, a stop) recomputes the wait
+                continue
             try:
                 self.cache.sync()
             except Exception:
                 log.exception("agent sync failed")
+            last = time.monotonic()
+
+    def _next_wait(self, last: float) -> float:
+        """Seconds until the next sync: syncInterval after the last one, or sooner when an SVID is due for
+        renewal before then (so a workload never sees a gap while the server answers); after a failed sync,
+        not sooner than a second later."""
+        since = time.monotonic() - last
+        wait = self.config.sync_interval - since
+        deadline = self.cache.next_deadline()
+        if deadline is not None:
+            wait = min(wait, (deadline - datetime.now(UTC)).total_seconds())
+        floor = min(self.config.sync_interval, RETRY_WAIT) if not self.cache.server_reachable else MIN_WAIT
+        return max(wait, floor - since)
 
     def request_stop(self) -> None:
         self._stop.set()
+        self.cache.wake()
 
     def wait(self) -> None:
         self._stop.wait()
 
     def stop(self) -> None:
         self._stop.set()
+        self.cache.wake()
         from keyseal.agent.workload import WorkloadApiServer
 
         if isinstance(self.workload, WorkloadApiServer):
