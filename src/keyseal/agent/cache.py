@@ -106,6 +106,8 @@ class AgentCache:
         self.sync_failures = 0
         self.agent_expires: datetime | None = None
         self._agent_issued: datetime | None = None
+        # The agent SVID expired, or the server refused it: only a new join helps (keyseal.agent.main rejoins).
+        self.needs_join = False
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -154,6 +156,7 @@ class AgentCache:
         certificate = x509.load_pem_x509_certificate(answer["certChain"][0].encode("ascii"))
         self.client.set_identity(key, certificate)
         self._agent_issued, self.agent_expires = _now(), certificate.not_valid_after_utc
+        self.needs_join = False
         log.info("agent SVID %s valid until %s", answer["spiffeID"], answer["expiresAt"])
         if self.state is not None:
             try:
@@ -207,6 +210,9 @@ class AgentCache:
         now = _now()
         changed = False
         try:
+            if self.agent_expires is not None and now >= self.agent_expires:
+                raise ServerRefusedError(401, "the agent SVID expired while no server could renew it: the agent "
+                                              "must join again")
             if renew_agent or (self._agent_issued and self.agent_expires
                                and _due(self._agent_issued, self.agent_expires, now)):
                 key = ec.generate_private_key(ec.SECP256R1())
@@ -236,7 +242,12 @@ class AgentCache:
             self.server_reachable = False
             self.sync_failures += 1
         except (ServerRefusedError, KeysealError, KeyError, ValueError) as exc:
-            log.error("sync with the keyseal server failed: %s", exc)
+            if isinstance(exc, ServerRefusedError) and exc.status == 401:
+                if not self.needs_join:
+                    log.error("sync with the keyseal server failed: %s", exc)
+                self.needs_join = True
+            else:
+                log.error("sync with the keyseal server failed: %s", exc)
             self.server_reachable = False
             self.sync_failures += 1
         self._drop_jwt(lambda _, cached: cached.serve_until <= _now())
