@@ -384,3 +384,44 @@ def test_crds_are_structural_and_identical_in_both_places(chart: helm_python.Cha
                 assert len(nodes) > 3
                 both = [n.get("description", "?") for n in nodes if "properties" in n and "additionalProperties" in n]
                 assert both == [], f"{copy}: additionalProperties next to properties in {both}"
+
+
+def test_replicas_are_spread_by_default(chart: helm_python.Chart) -> None:
+    """Two replicas by default, kept off one node (soft anti-affinity) and spread across zones; an explicit
+    affinity replaces the default rule, and both can be turned off."""
+    (deployment,) = render(chart)["Deployment"]
+    assert deployment["spec"]["replicas"] >= 2
+    pod = deployment["spec"]["template"]["spec"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    (preferred,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert preferred["podAffinityTerm"]["labelSelector"]["matchLabels"] == selector
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "topology.kubernetes.io/zone"
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"] == selector
+
+    (hard,) = render(chart, {"podAntiAffinity": "hard"})["Deployment"]
+    (required,) = hard["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]
+    assert required["labelSelector"]["matchLabels"] == selector
+    own = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["ca"]}]}]}}}
+    (custom,) = render(chart, {"affinity": own})["Deployment"]
+    assert custom["spec"]["template"]["spec"]["affinity"] == own
+    (bare,) = render(chart, {"podAntiAffinity": "", "topologySpreadConstraints": []})["Deployment"]
+    assert "affinity" not in bare["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in bare["spec"]["template"]["spec"]
+    with pytest.raises(Exception, match="podAntiAffinity"):
+        render(chart, {"podAntiAffinity": "sometimes"})
+
+
+def test_agent_server_urls_reach_the_agent_configuration(chart: helm_python.Chart) -> None:
+    from keyseal.agent.config import parse_agent_config
+
+    values = {"agent": {"enabled": True, "joinTokenSecret": "j",
+                        "serverURLs": ["https://trust-keyseal-0.example:8443", "https://trust-keyseal-1.example:8443"]}}
+    maps = {m["metadata"]["name"]: m for m in render(chart, values)["ConfigMap"]}
+    data = yaml.safe_load(maps["trust-keyseal-agent"]["data"]["agent.yaml"])
+    config = parse_agent_config(data, {"NODE_NAME": "n1"})
+    assert config.servers[1:] == (("trust-keyseal-0.example", 8443), ("trust-keyseal-1.example", 8443))
