@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cryptography import x509
@@ -20,12 +21,23 @@ from keyseal.agent.metrics import AgentMetrics, MetricsServer
 from keyseal.agent.state import AgentState
 from keyseal.errors import BackendUnavailableError, InputError, UsageError
 
-__all__ = ["Agent", "read_trust_bundle"]
+__all__ = ["Agent", "Rejoiner", "read_trust_bundle"]
 
 log = logging.getLogger(__name__)
 
 MIN_WAIT = 0.05  # seconds between two syncs at the least
 RETRY_WAIT = 1.0  # seconds between syncs at the least while the server does not answer
+
+
+@dataclass(frozen=True)
+class Rejoiner:
+    """One way to join again: `offer()` gives a credential (or None), `join(credential)` spends it. A one-time
+    credential (a join token) is never offered to the server twice."""
+
+    what: str
+    offer: Callable[[], str | None]
+    join: Callable[[str], None]
+    one_time: bool
 
 
 def _digest(credential: str) -> str:
@@ -67,12 +79,13 @@ class Agent:
         self.workload: object | None = None
         self.metrics = AgentMetrics()
         self.metrics_server: MetricsServer | None = None
-        # How the agent joins again when its SVID expired while no server answered (or was refused): each
-        # returns a join credential, or None. joinTokenFile is re-read (a new token put there by whoever
-        # provisions nodes); node attestation plugs in here too.
-        self.rejoiners: list[tuple[str, Callable[[], str | None]]] = []
+        # How the agent joins again when its SVID expired while no server answered (or was refused), in order.
+        # joinTokenFile is re-read (a new token put there by whoever provisions nodes); node attestation (a
+        # credential the node can present again, not one-time) plugs in here too.
+        self.rejoiners: list[Rejoiner] = []
         if config.join_token_file is not None:
-            self.rejoiners.append((f"a new token in {config.join_token_file}", self._token_from_file))
+            self.rejoiners.append(Rejoiner(f"a new token in {config.join_token_file}", self._token_from_file,
+                                           self.cache.join, one_time=True))
         self._spent: set[str] = set()
         self._rejoin_reported = False
 
@@ -145,13 +158,15 @@ class Agent:
     def _rejoin(self) -> None:
         """Join again with the first credential a re-joiner offers that this agent has not spent yet; the saved
         state (stateDir) then holds the new SVID. Without one, say once what would help."""
-        for what, offer in self.rejoiners:
-            credential = offer()
-            if credential is None or _digest(credential) in self._spent:
+        for rejoiner in self.rejoiners:
+            what = rejoiner.what
+            credential = rejoiner.offer()
+            if credential is None or (rejoiner.one_time and _digest(credential) in self._spent):
                 continue
-            self._spent.add(_digest(credential))
+            if rejoiner.one_time:
+                self._spent.add(_digest(credential))
             try:
-                self.cache.join(credential)
+                rejoiner.join(credential)
             except ServerRefusedError as exc:
                 log.warning("joining again with %s was refused: %s", what, exc.message)
                 continue
