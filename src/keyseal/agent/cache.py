@@ -122,18 +122,21 @@ class AgentCache:
             return None
         return cached
 
-    def next_deadline(self, now: datetime | None = None) -> datetime | None:
-        """The next moment something served changes by time alone: a cached SVID is due for renewal or leaves
-        service. The sync loop wakes then (renewal before a gap), and so do the Workload API streams."""
+    def next_deadline(self, now: datetime | None = None, renewals: bool = True) -> datetime | None:
+        """The next moment something changes by time alone: a cached SVID is due for renewal (the sync loop
+        wakes then, so renewal comes before a gap) or leaves service (the Workload API streams wake then;
+        they ask with `renewals` False, since a renewal wakes them anyway)."""
         now = now or _now()
         moments = []
         for cached in list(self.x509.values()):
-            moments += [_renew_at(cached.issued, cached.expires), cached.serve_until]
-        if self._agent_issued is not None and self.agent_expires is not None:
+            moments.append(cached.serve_until)
+            if renewals:
+                moments.append(_renew_at(cached.issued, cached.expires))
+        if renewals and self._agent_issued is not None and self.agent_expires is not None:
             moments.append(_renew_at(self._agent_issued, self.agent_expires))
         future = [m for m in moments if m > now]
         due = [m for m in moments if m <= now]
-        if due and self.server_reachable:
+        if due and renewals and self.server_reachable:
             return now  # something is due already
         return min(future) if future else None
 

@@ -157,7 +157,7 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
 
     def _stream_wait(self) -> float:
         """Until the next change by time alone (an SVID renewed or running out), at most STREAM_POLL."""
-        deadline = self.cache.next_deadline()
+        deadline = self.cache.next_deadline(renewals=False)
         if deadline is None:
             return STREAM_POLL
         return min(STREAM_POLL, max(0.01, (deadline - datetime.now(UTC)).total_seconds() + 0.001))
