@@ -470,3 +470,50 @@ def test_server_network_policy_and_disruption_budget(chart: helm_python.Chart) -
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and policy["spec"]["egress"] == egress
     single = render(chart, {"replicaCount": 1, "networkPolicy": {"enabled": False}})
     assert "PodDisruptionBudget" not in single and "NetworkPolicy" not in single  # one replica: a drain must work
+
+
+def test_replicas_are_spread_by_default(chart: helm_python.Chart) -> None:
+    """Two replicas by default, kept off one node (soft anti-affinity) and spread across zones; an explicit
+    affinity replaces the default rule, and both can be turned off. The rules select the server's pods only: the
+    agents' DaemonSet runs on every node, so a rule that counted its pods would keep a replica off every node."""
+    by_kind = render(chart, {"agent": {"enabled": True, "joinTokenSecret": "j"}})
+    (deployment,) = by_kind["Deployment"]
+    assert deployment["spec"]["replicas"] >= 2
+    pod = deployment["spec"]["template"]["spec"]
+    selector = {"app.kubernetes.io/name": "keyseal", "app.kubernetes.io/instance": "trust",
+                "app.kubernetes.io/component": "server"}
+    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    (daemonset,) = by_kind["DaemonSet"]
+    assert not selector.items() <= daemonset["spec"]["template"]["metadata"]["labels"].items()
+    (preferred,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert preferred["podAffinityTerm"]["labelSelector"]["matchLabels"] == selector
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "topology.kubernetes.io/zone"
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"] == selector
+
+    (hard,) = render(chart, {"podAntiAffinity": "hard"})["Deployment"]
+    (required,) = hard["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]
+    assert required["labelSelector"]["matchLabels"] == selector
+    own = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["ca"]}]}]}}}
+    (custom,) = render(chart, {"affinity": own})["Deployment"]
+    assert custom["spec"]["template"]["spec"]["affinity"] == own
+    (bare,) = render(chart, {"podAntiAffinity": "", "topologySpreadConstraints": []})["Deployment"]
+    assert "affinity" not in bare["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in bare["spec"]["template"]["spec"]
+    with pytest.raises(Exception, match="podAntiAffinity"):
+        render(chart, {"podAntiAffinity": "sometimes"})
+
+
+def test_agent_server_urls_reach_the_agent_configuration(chart: helm_python.Chart) -> None:
+    from keyseal.agent.config import parse_agent_config
+
+    values = {"agent": {"enabled": True, "joinTokenSecret": "j",
+                        "serverURLs": ["https://trust-keyseal-0.example:8443", "https://trust-keyseal-1.example:8443"]}}
+    maps = {m["metadata"]["name"]: m for m in render(chart, values)["ConfigMap"]}
+    data = yaml.safe_load(maps["trust-keyseal-agent"]["data"]["agent.yaml"])
+    config = parse_agent_config(data, {"NODE_NAME": "n1"})
+    assert config.servers[1:] == (("trust-keyseal-0.example", 8443), ("trust-keyseal-1.example", 8443))

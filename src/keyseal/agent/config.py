@@ -14,8 +14,8 @@ from keyseal.errors import InputError, UsageError
 
 __all__ = ["AgentConfig", "WorkloadApiLimits", "load_agent_config", "parse_agent_config"]
 
-_KEYS = {"trustDomain", "serverURL", "trustBundleFile", "joinToken", "joinTokenFile", "socketPath", "socketMode",
-         "socketGroup", "syncInterval", "logLevel", "metrics", "stateDir", "stateKekFile", "workloadAPI"}
+_KEYS = {"trustDomain", "serverURL", "serverURLs", "trustBundleFile", "joinToken", "joinTokenFile", "socketPath",
+         "socketMode", "socketGroup", "syncInterval", "logLevel", "metrics", "stateDir", "stateKekFile", "workloadAPI"}
 _URL_RE = re.compile(r"https://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})")
 _LISTEN_RE = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})")
 
@@ -55,6 +55,13 @@ class AgentConfig:
     state_dir: Path | None = None  # the agent SVID and its wrapped key, kept across restarts
     state_kek_file: Path | None = None
     workload_api: WorkloadApiLimits = WorkloadApiLimits()
+    join_token_file: Path | None = None  # re-read when the agent must join again (keyseal.agent.main)
+    more_servers: tuple[tuple[str, int], ...] = ()  # after server_host:server_port, in order (failover)
+
+    @property
+    def servers(self) -> tuple[tuple[str, int], ...]:
+        """Every server address, the first one first: the agent moves on to the next when one does not answer."""
+        return ((self.server_host, self.server_port), *self.more_servers)
 
 
 def _seconds(value: object, where: str) -> float:
@@ -108,9 +115,7 @@ def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> Agen
     if unknown:
         raise UsageError(f"unknown agent configuration key {unknown[0]!r}: the keys are {', '.join(sorted(_KEYS))}")
     trust_domain = check_trust_domain(str(data.get("trustDomain") or ""))
-    match = _URL_RE.fullmatch(str(data.get("serverURL") or ""))
-    if match is None:
-        raise UsageError("serverURL must be https://HOST:PORT (the trust-domain server)")
+    servers = _servers(data.get("serverURL"), data.get("serverURLs"))
     bundle = data.get("trustBundleFile")
     if not bundle:
         raise UsageError("trustBundleFile is missing: the server's CA certificates (PEM) or its bundle (JSON)")
@@ -120,6 +125,7 @@ def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> Agen
         if "${NODE_NAME}" in str(data.get(name) or "") and not node_name:
             raise UsageError(f"{name} names ${{NODE_NAME}} but NODE_NAME is not set (the downward API sets it)")
     token = data.get("joinToken") or environ.get("KEYSEAL_JOIN_TOKEN", "")
+    token_path: Path | None = None
     if data.get("joinTokenFile"):
         token_path = Path(str(data["joinTokenFile"]).replace("${NODE_NAME}", node_name))
         try:
@@ -145,8 +151,9 @@ def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> Agen
         raise UsageError("logLevel must be debug, info, warning or error")
     return AgentConfig(
         trust_domain=trust_domain,
-        server_host=match.group(1).strip("[]"),
-        server_port=int(match.group(2)),
+        server_host=servers[0][0],
+        server_port=servers[0][1],
+        more_servers=tuple(servers[1:]),
         trust_bundle_file=Path(str(bundle)),
         join_token=str(token),
         socket_path=Path(str(data.get("socketPath") or "/run/keyseal/agent.sock")),
@@ -159,7 +166,31 @@ def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> Agen
         state_kek_file=(Path(kek_text.replace("${NODE_NAME}", node_name)) if kek_text
                         else state_dir / "kek" if state_dir else None),
         workload_api=_workload_api(data.get("workloadAPI")),
+        join_token_file=token_path,
     )
+
+
+def _server(value: object, where: str) -> tuple[str, int]:
+    match = _URL_RE.fullmatch(str(value or ""))
+    if match is None or int(match.group(2)) > 65535:
+        raise UsageError(f"{where} must be https://HOST:PORT (the trust-domain server)")
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
+def _servers(single: object, several: object) -> list[tuple[str, int]]:
+    """serverURL, then serverURLs (either may be left out, not both), without repeats."""
+    if several is not None and (not isinstance(several, list) or not several or len(several) > 16):
+        raise UsageError("serverURLs must be a list of 1 to 16 https://HOST:PORT addresses (the server replicas)")
+    if not single and not several:
+        raise UsageError("serverURL must be https://HOST:PORT (the trust-domain server)")
+    found: list[tuple[str, int]] = []
+    if single:
+        found.append(_server(single, "serverURL"))
+    for index, value in enumerate(several or []):
+        address = _server(value, f"serverURLs[{index}]")
+        if address not in found:
+            found.append(address)
+    return found
 
 
 def load_agent_config(path: Path) -> AgentConfig:

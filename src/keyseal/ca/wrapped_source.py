@@ -11,12 +11,15 @@ expired CA keys instead of keeping them forever.
 Creating keyset n is a conditional write of version v over version v - 1: of two replicas that try at once,
 the store lets exactly one win (a 409 Conflict or a changed file hash for the other), and the loser finds the
 winner's keyset on its next read. The X.509 record decides; the JWT record follows it (and a JWT record left
-missing by a crash between the two writes is created by whoever next reads the slot).
+missing by a crash between the two writes is created by whoever next reads the slot). A reader that finds the
+X.509 record without its JWT record may simply have read between the winner's two writes: it re-reads for up
+to HALF_WRITE_WAIT seconds before it concludes that the writer died, and warns only then.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -38,6 +41,8 @@ __all__ = ["SLOTS", "WrappedKeysetSource"]
 log = logging.getLogger(__name__)
 
 SLOTS = 4
+HALF_WRITE_WAIT = 2.0  # seconds a reader waits for the second record of a keyset being written ...
+HALF_WRITE_POLL = 0.1  # ... re-reading this often
 
 
 class _Exists(Exception):
@@ -130,7 +135,7 @@ class WrappedKeysetSource(KeysetSource):
 
     def _jwt_record(self, slot: int, version: int, created: datetime) -> StoredRecord:
         name = self.name("jwt", slot)
-        stored = self.store.get(name)
+        stored = self._await_record(name, version)
         if stored is None or stored.record.version < version:
             log.warning("%s is missing for keyset version %d (a writer stopped half way): creating it",
                         self.store.location(name), version)
@@ -144,6 +149,15 @@ class WrappedKeysetSource(KeysetSource):
             )
         self.kek.check_record(stored.record, self.store.location(name))
         return stored
+
+    def _await_record(self, name: str, version: int) -> StoredRecord | None:
+        """The record `name` once it reaches `version`, or as it is after HALF_WRITE_WAIT seconds."""
+        deadline = time.monotonic() + HALF_WRITE_WAIT
+        while True:
+            stored = self.store.get(name)
+            if (stored is not None and stored.record.version >= version) or time.monotonic() >= deadline:
+                return stored
+            time.sleep(HALF_WRITE_POLL)
 
     def _open(self, name: str, stored: StoredRecord) -> CaKey:
         cached = self._opened.get((name, stored.revision))
