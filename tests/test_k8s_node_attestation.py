@@ -5,6 +5,7 @@ it is bound to, and issues spiffe://<td>/keyseal/agent/k8s_psat/<cluster>/<node-
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import uuid
 from collections.abc import Iterator
@@ -336,3 +337,113 @@ def test_an_unreachable_api_server_is_503_not_a_refusal(tmp_path: Path, cluster:
         assert any("cannot attest a k8s_psat join" in r.getMessage() for r in caplog.records)
     finally:
         server.shutdown()
+
+
+def test_a_refused_service_account_token_is_offered_again(cluster: Cluster, tmp_path: Path,
+                                                           node: dict[str, Any]) -> None:
+    """The service account token is a re-joiner that is not one-time: refused once (here a server that does not
+    yet allow the agents' service account), the same token is presented again at a later sync and taken, where
+    a join token, once refused, is never offered twice."""
+    import shutil
+    import time
+
+    from keyseal.agent.config import parse_agent_config
+    from keyseal.agent.main import Agent
+    from tests.harness.agent import socket_dir
+    from tests.harness.https_server import free_port
+
+    port = free_port()
+
+    def serve(accounts: list[str]) -> CaServer:
+        section = k8s_section(nodeAttestation={"enabled": True, "audience": AUDIENCE, "serviceAccounts": accounts})
+        config = parse_config(base_config(tmp_path, kubernetes=section, x509SVID={"ttl": "3s"},
+                                          server={"listen": f"127.0.0.1:{port}"}))
+        server = CaServer(config, rotation_thread=False, kube_api_client=cluster.api_client())
+        server.start()
+        server.start_background()
+        return server
+
+    server = serve([f"{AGENT_NS}/{AGENT_SA}"])
+    pod = agent_pod(cluster, node)
+    (tmp_path / "psat").write_text(cluster.token(pod, AUDIENCE, node=node))  # never rotated in this test
+    (tmp_path / "bundle.pem").write_text("".join(k.ca_pem for k, _ in server.manager.live()))
+    sockets = socket_dir()
+    agent = Agent(parse_agent_config({
+        "trustDomain": TRUST_DOMAIN, "serverURL": f"https://127.0.0.1:{port}",
+        "trustBundleFile": str(tmp_path / "bundle.pem"), "k8sPSAT": {"tokenFile": str(tmp_path / "psat")},
+        "socketPath": str(sockets / "agent.sock"), "syncInterval": 0.3}, environ={}))
+    refusals: list[str] = []
+    (rejoiner,) = agent.rejoiners
+    assert not rejoiner.one_time
+
+    def counted_join(token: str) -> None:
+        try:
+            rejoiner.join(token)
+        except Exception as exc:
+            refusals.append(type(exc).__name__)
+            raise
+
+    agent.rejoiners[0] = dataclasses.replace(rejoiner, join=counted_join)
+    try:
+        agent.start()
+        first = agent.cache.agent_expires
+        assert first is not None
+        server.shutdown()
+        time.sleep(max(0.0, (first - datetime.now(UTC)).total_seconds()) + 0.5)  # its SVID expires meanwhile
+        server = serve(["other/other"])  # refuses the agents' service account
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and "ServerRefusedError" not in refusals:
+            time.sleep(0.1)
+        assert "ServerRefusedError" in refusals
+        server.shutdown()
+        server = serve([f"{AGENT_NS}/{AGENT_SA}"])
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not (agent.cache.agent_expires and agent.cache.agent_expires > first
+                                                    and agent.cache.server_reachable):
+            time.sleep(0.2)
+        assert agent.cache.agent_expires is not None and agent.cache.agent_expires > first
+        assert agent.cache.server_reachable
+    finally:
+        agent.stop()
+        server.shutdown()
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def test_the_service_account_token_is_the_first_rejoiner(tmp_path: Path) -> None:
+    """With both, the agent joins again with its service account token (presented again, not one-time) first
+    and with a new token in joinTokenFile (one-time) after it."""
+    from keyseal.agent.config import parse_agent_config
+    from keyseal.agent.main import Agent
+
+    (tmp_path / "bundle.pem").write_text(_self_signed_pem())
+    (tmp_path / "join").write_text("a-join-token")
+    agent = Agent(parse_agent_config({
+        "trustDomain": TRUST_DOMAIN, "serverURL": "https://127.0.0.1:9",
+        "trustBundleFile": str(tmp_path / "bundle.pem"), "k8sPSAT": {"tokenFile": str(tmp_path / "psat")},
+        "joinTokenFile": str(tmp_path / "join"), "socketPath": str(tmp_path / "agent.sock")}, environ={}))
+    try:
+        assert [r.one_time for r in agent.rejoiners] == [False, True]
+        assert "service account token" in agent.rejoiners[0].what
+        assert agent.rejoiners[0].offer() is None  # no token file yet: nothing offered (and said why)
+        (tmp_path / "psat").write_text("header.claims.signature\n")
+        assert agent.rejoiners[0].offer() == "header.claims.signature"
+        assert agent.rejoiners[1].offer() == "a-join-token"
+    finally:
+        agent.client.close()
+
+
+def _self_signed_pem() -> str:
+    """A CA certificate for a trust bundle file (the agent is never started against it)."""
+    from datetime import timedelta
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "test")])
+    now = datetime.now(UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(1).not_valid_before(now).not_valid_after(now + timedelta(hours=1))
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    return certificate.public_bytes(serialization.Encoding.PEM).decode()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -79,6 +78,8 @@ def check_storable_uri(uri: str) -> None:
 
 
 def load_entries() -> list[KeyEntry]:
+    import tomllib  # not at import: verifying reads certificates only, and tomllib costs start-up time
+
     path = keys_path()
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -69,7 +69,10 @@ class Node:
 
 def start_agent(server: CaServer, tmp: Path, sync_interval: float = 0.3, token: str | None = None,
                 metrics: bool = False, bundle_pem: str | None = None, state_dir: Path | None = None,
-                workload_api: dict[str, Any] | None = None) -> Node:
+                workload_api: dict[str, Any] | None = None, more_servers: tuple[CaServer, ...] = (),
+                token_file: Path | None = None) -> Node:
+    """An agent joined to `server` (and failing over to `more_servers`, as serverURLs); with `token_file`, the
+    join token is read from that file (joinTokenFile) instead of given in the configuration."""
     config: Config = server.config
     if token is None:
         token, _ = join_tokens_for(config).issue("node-1", timedelta(minutes=5))
@@ -80,6 +83,12 @@ def start_agent(server: CaServer, tmp: Path, sync_interval: float = 0.3, token: 
         "trustBundleFile": str(tmp / "bundle.pem"), "joinToken": token, "socketPath": str(sock),
         "socketMode": "0666", "syncInterval": sync_interval,
     }
+    if more_servers:
+        data["serverURLs"] = [f"https://127.0.0.1:{other.port}" for other in more_servers]
+    if token_file is not None:
+        token_file.write_text(token + "\n")
+        del data["joinToken"]
+        data["joinTokenFile"] = str(token_file)
     if metrics:
         data["metrics"] = {"listen": "127.0.0.1:0"}
     if state_dir is not None:

@@ -9,6 +9,11 @@ EMULATOR ADDITION (test harness only): kmock 0.8 keeps objects and serves GET/PO
 - a DELETE whose body carries `preconditions` (uid / resourceVersion) that the stored object does not meet is
   refused with 409 Conflict and deletes nothing, as the API server does (kmock ignores them).
 keyseal's Kubernetes store is not changed to suit the emulator; it only speaks the real API's contract.
+
+EMULATED PARTITION (test harness only): `KubeApi.api_client(client_id)` names its requests with the header
+CLIENT_HEADER, and `KubeApi.cut(client_id)` makes the emulator reset the TCP connection of every request that
+client sends (until `restore`), as a replica cut off from the API server sees it: connections reset, nothing
+answered, nothing changed. Other clients are served as before.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from kmock._internal.k8s import KubernetesEmulator, KubernetesError, KubernetesO
 
 T = TypeVar("T")
 
+CLIENT_HEADER = "X-Keyseal-Test-Client"
+
 CONFLICT_MESSAGE = (
     "Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest "
     "version and try again"
@@ -42,12 +49,21 @@ class ResourceVersionedEmulator(KubernetesEmulator):
     conflicts: list[tuple[str, str]] = attrs.field(factory=list)
     replaces: int = 0
     verbs: list[tuple[str, str, str, str]] = attrs.field(factory=list)
+    cut_clients: set[str] = attrs.field(factory=set)
+    dropped: int = 0
 
     def _next_version(self) -> str:
         self.counter += 1
         return str(self.counter)
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        client = request.headers.get(CLIENT_HEADER)
+        if client is not None and client in self.cut_clients:  # EMULATED PARTITION: reset, answer nothing
+            self.dropped += 1
+            raw = request._raw_request
+            if raw is not None and raw.transport is not None:
+                raw.transport.abort()
+            raise ConnectionResetError(f"emulated partition of client {client}")
         named = request.resource is not None and request.name is not None and not request.subresource
         if request.resource is not None:
             self.verbs.append((_rbac_verb(request.method, named), str(request.resource.group or ""),
@@ -234,10 +250,20 @@ class KubeApi:
         assert self.handler is not None
         return self.handler
 
-    def api_client(self) -> Any:
-        """An official `kubernetes` ApiClient pointed at this emulator (no credentials)."""
+    def api_client(self, client_id: str | None = None) -> Any:
+        """An official `kubernetes` ApiClient pointed at this emulator (no credentials); with `client_id`, its
+        requests carry that name, so `cut(client_id)` can cut this client (and only it) off."""
         import kubernetes
 
         configuration = kubernetes.client.Configuration()
         configuration.host = self.url
-        return kubernetes.client.ApiClient(configuration)
+        if client_id is None:
+            return kubernetes.client.ApiClient(configuration)
+        return kubernetes.client.ApiClient(configuration, header_name=CLIENT_HEADER, header_value=client_id)
+
+    def cut(self, client_id: str) -> None:
+        """EMULATED PARTITION: reset every connection of this client from now on."""
+        self._handler().cut_clients.add(client_id)
+
+    def restore(self, client_id: str) -> None:
+        self._handler().cut_clients.discard(client_id)

@@ -3,7 +3,12 @@ audience (at most `jwt_cache_size`, the least recently used dropped first, expir
 workload chooses its audiences freely), and the trust bundle. `sync()` brings it up to date from the server;
 every change bumps `version` and wakes the Workload API streams. When the server cannot be reached, cached SVIDs
 are kept (and logged) until they expire, then dropped, so a workload gets a clear error instead of an expired
-certificate."""
+certificate.
+
+Expiry is enforced where SVIDs are served, not only at the next sync: `usable_x509()` and `jwt_svid()` never
+hand out an SVID within its serving margin of `notAfter` (`serve_until`), and `next_deadline()` tells the
+Workload API streams and the sync loop when the next SVID is due for renewal or runs out, so renewal happens
+before a workload could see a gap and the answer turns UNAVAILABLE the moment nothing valid is left."""
 
 from __future__ import annotations
 
@@ -31,14 +36,26 @@ __all__ = ["AgentCache", "CachedJwt", "CachedX509"]
 log = logging.getLogger(__name__)
 
 RENEW_FRACTION = 0.4  # a new SVID is fetched once 40% of the old one's lifetime has passed
+MARGIN_FRACTION = 0.1  # an SVID is no longer served in the last 10% of its life ...
+MARGIN_LIMIT = timedelta(seconds=5)  # ... or its last 5 seconds, whichever is shorter
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _renew_at(issued: datetime, expires: datetime) -> datetime:
+    return issued + (expires - issued) * RENEW_FRACTION
+
+
 def _due(issued: datetime, expires: datetime, now: datetime) -> bool:
-    return now >= issued + (expires - issued) * RENEW_FRACTION
+    return now >= _renew_at(issued, expires)
+
+
+def serve_until(issued: datetime, expires: datetime) -> datetime:
+    """The last moment an SVID is handed to a workload: `notAfter` minus a small margin, so that a workload
+    never receives one that expires before it can use it."""
+    return expires - min(MARGIN_LIMIT, (expires - issued) * MARGIN_FRACTION)
 
 
 @dataclass(frozen=True)
@@ -49,12 +66,20 @@ class CachedX509:
     issued: datetime
     expires: datetime
 
+    @property
+    def serve_until(self) -> datetime:
+        return serve_until(self.issued, self.expires)
+
 
 @dataclass(frozen=True)
 class CachedJwt:
     token: str
     issued: datetime
     expires: datetime
+
+    @property
+    def serve_until(self) -> datetime:
+        return serve_until(self.issued, self.expires)
 
 
 JwtKey = tuple[str, tuple[str, ...]]  # entry ID, sorted audience
@@ -80,8 +105,9 @@ class AgentCache:
         self.last_sync: datetime | None = None
         self.sync_failures = 0
         self.agent_expires: datetime | None = None
-        self.agent_refused = False  # the server refused the agent SVID at the last sync (401)
         self._agent_issued: datetime | None = None
+        # The agent SVID expired, or the server refused it: only a new join helps (keyseal.agent.main rejoins).
+        self.needs_join = False
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -89,9 +115,38 @@ class AgentCache:
         """The entries a workload with these selectors holds: all of an entry's selectors must match."""
         return [e for e in self.entries if set(e.selectors) <= selectors]
 
+    def usable_x509(self, entry_id: str, now: datetime | None = None) -> CachedX509 | None:
+        """The cached X.509-SVID of an entry if it may still be served (before its `serve_until`)."""
+        cached = self.x509.get(entry_id)
+        if cached is None or (now or _now()) >= cached.serve_until:
+            return None
+        return cached
+
+    def next_deadline(self, now: datetime | None = None, renewals: bool = True) -> datetime | None:
+        """The next moment something changes by time alone: a cached SVID is due for renewal (the sync loop
+        wakes then, so renewal comes before a gap) or leaves service (the Workload API streams wake then;
+        they ask with `renewals` False, since a renewal wakes them anyway)."""
+        now = now or _now()
+        moments = []
+        for cached in list(self.x509.values()):
+            moments.append(cached.serve_until)
+            if renewals:
+                moments.append(_renew_at(cached.issued, cached.expires))
+        if renewals and self._agent_issued is not None and self.agent_expires is not None:
+            moments.append(_renew_at(self._agent_issued, self.agent_expires))
+        future = [m for m in moments if m > now]
+        due = [m for m in moments if m <= now]
+        if due and renewals and self.server_reachable:
+            return now  # something is due already
+        return min(future) if future else None
+
     def wait_change(self, version: int, timeout: float) -> None:
         with self.condition:
             self.condition.wait_for(lambda: self.version != version, timeout)
+
+    def wake(self) -> None:
+        """Wake everything waiting for a change (the sync loop re-reads its schedule, e.g. at a stop)."""
+        self._changed()
 
     def _changed(self) -> None:
         with self.condition:
@@ -104,6 +159,7 @@ class AgentCache:
         certificate = x509.load_pem_x509_certificate(answer["certChain"][0].encode("ascii"))
         self.client.set_identity(key, certificate)
         self._agent_issued, self.agent_expires = _now(), certificate.not_valid_after_utc
+        self.needs_join = False
         log.info("agent SVID %s valid until %s", answer["spiffeID"], answer["expiresAt"])
         if self.state is not None:
             try:
@@ -158,6 +214,9 @@ class AgentCache:
         now = _now()
         changed = False
         try:
+            if self.agent_expires is not None and now >= self.agent_expires:
+                raise ServerRefusedError(401, "the agent SVID expired while no server could renew it: the agent "
+                                              "must join again")
             if renew_agent or (self._agent_issued and self.agent_expires
                                and _due(self._agent_issued, self.agent_expires, now)):
                 key = ec.generate_private_key(ec.SECP256R1())
@@ -181,20 +240,23 @@ class AgentCache:
                 log.info("the keyseal server is reachable again")
             self.server_reachable = True
             self.last_sync = _now()
-            self.agent_refused = False
         except BackendUnavailableError as exc:
             if self.server_reachable:
                 log.warning("%s: serving %d cached X.509-SVIDs until they expire", exc.message, len(self.x509))
             self.server_reachable = False
             self.sync_failures += 1
         except (ServerRefusedError, KeysealError, KeyError, ValueError) as exc:
-            self.agent_refused = isinstance(exc, ServerRefusedError) and exc.status == 401
-            log.error("sync with the keyseal server failed: %s", exc)
+            if isinstance(exc, ServerRefusedError) and exc.status == 401:
+                if not self.needs_join:
+                    log.error("sync with the keyseal server failed: %s", exc)
+                self.needs_join = True
+            else:
+                log.error("sync with the keyseal server failed: %s", exc)
             self.server_reachable = False
             self.sync_failures += 1
-        self._drop_jwt(lambda _, cached: cached.expires <= _now())
+        self._drop_jwt(lambda _, cached: cached.serve_until <= _now())
         for entry_id, cached in list(self.x509.items()):
-            if cached.expires <= _now():
+            if cached.serve_until <= _now():
                 log.warning("X.509-SVID %s expired and could not be renewed: no longer served",
                             cached.entry.spiffe_id)
                 del self.x509[entry_id]
@@ -244,7 +306,7 @@ class AgentCache:
             answer = self.client.call("/v1/agent/jwt-svid", {"entryID": entry.entry_id, "audience": list(audience)})
         except BackendUnavailableError as exc:
             log.warning("%s: serving a cached JWT-SVID for %s if one is still valid", exc.message, entry.spiffe_id)
-            return cached if cached is not None and cached.expires > now + timedelta(seconds=1) else None
+            return cached if cached is not None and _now() < cached.serve_until else None
         expires = datetime.strptime(answer["expiresAt"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
         fresh = CachedJwt(answer["token"], now, expires)
         self._keep_jwt(cache_key, fresh)

@@ -15,8 +15,8 @@ from keyseal.errors import InputError, UsageError
 
 __all__ = ["AgentConfig", "WorkloadApiLimits", "load_agent_config", "parse_agent_config"]
 
-_KEYS = {"trustDomain", "serverURL", "trustBundleFile", "joinToken", "joinTokenFile", "socketPath", "socketMode",
-         "socketGroup", "syncInterval", "logLevel", "metrics", "stateDir", "stateKekFile", "workloadAPI",
+_KEYS = {"trustDomain", "serverURL", "serverURLs", "trustBundleFile", "joinToken", "joinTokenFile", "socketPath",
+         "socketMode", "socketGroup", "syncInterval", "logLevel", "metrics", "stateDir", "stateKekFile", "workloadAPI",
          "k8sPSAT", "k8s"}
 _URL_RE = re.compile(r"https://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})")
 _LISTEN_RE = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})")
@@ -59,6 +59,13 @@ class AgentConfig:
     workload_api: WorkloadApiLimits = WorkloadApiLimits()
     psat_token_file: Path | None = None  # join with this projected service account token (keyseal.agent.k8s)
     k8s: K8sSettings | None = None  # k8s: workload selectors from the kubelet
+    join_token_file: Path | None = None  # re-read when the agent must join again (keyseal.agent.main)
+    more_servers: tuple[tuple[str, int], ...] = ()  # after server_host:server_port, in order (failover)
+
+    @property
+    def servers(self) -> tuple[tuple[str, int], ...]:
+        """Every server address, the first one first: the agent moves on to the next when one does not answer."""
+        return ((self.server_host, self.server_port), *self.more_servers)
 
 
 def _seconds(value: object, where: str) -> float:
@@ -112,9 +119,7 @@ def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> Agen
     if unknown:
         raise UsageError(f"unknown agent configuration key {unknown[0]!r}: the keys are {', '.join(sorted(_KEYS))}")
     trust_domain = check_trust_domain(str(data.get("trustDomain") or ""))
-    match = _URL_RE.fullmatch(str(data.get("serverURL") or ""))
-    if match is None:
-        raise UsageError("serverURL must be https://HOST:PORT (the trust-domain server)")
+    servers = _servers(data.get("serverURL"), data.get("serverURLs"))
     bundle = data.get("trustBundleFile")
     if not bundle:
         raise UsageError("trustBundleFile is missing: the server's CA certificates (PEM) or its bundle (JSON)")
@@ -124,19 +129,21 @@ def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> Agen
         if "${NODE_NAME}" in str(data.get(name) or "") and not node_name:
             raise UsageError(f"{name} names ${{NODE_NAME}} but NODE_NAME is not set (the downward API sets it)")
     token = data.get("joinToken") or environ.get("KEYSEAL_JOIN_TOKEN", "")
+    psat_token_file = _psat(data.get("k8sPSAT"))
+    token_path: Path | None = None
     if data.get("joinTokenFile"):
         token_path = Path(str(data["joinTokenFile"]).replace("${NODE_NAME}", node_name))
         try:
             token = token_path.read_text(encoding="ascii").strip()
         except FileNotFoundError:
-            if state_dir is None:  # with saved state, a node's token is needed only until its first join
+            # with saved state, a node's token is needed only until its first join; a service account token joins
+            if state_dir is None and psat_token_file is None:
                 raise InputError(f"cannot read joinTokenFile: {token_path} does not exist") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read joinTokenFile: {exc}") from None
     kek_text = str(data.get("stateKekFile") or "")
     if data.get("stateKekFile") and state_dir is None:
         raise UsageError("stateKekFile needs stateDir (where the agent keeps its SVID across restarts)")
-    psat_token_file = _psat(data.get("k8sPSAT"))
     if not token and state_dir is None and psat_token_file is None:
         raise UsageError("no join token: set joinTokenFile or KEYSEAL_JOIN_TOKEN (keyseal entry join-token), or "
                          "k8sPSAT.tokenFile in Kubernetes")
@@ -151,8 +158,9 @@ def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> Agen
         raise UsageError("logLevel must be debug, info, warning or error")
     return AgentConfig(
         trust_domain=trust_domain,
-        server_host=match.group(1).strip("[]"),
-        server_port=int(match.group(2)),
+        server_host=servers[0][0],
+        server_port=servers[0][1],
+        more_servers=tuple(servers[1:]),
         trust_bundle_file=Path(str(bundle)),
         join_token=str(token),
         socket_path=Path(str(data.get("socketPath") or "/run/keyseal/agent.sock")),
@@ -167,6 +175,7 @@ def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> Agen
         workload_api=_workload_api(data.get("workloadAPI")),
         psat_token_file=psat_token_file,
         k8s=_k8s(data.get("k8s"), environ),
+        join_token_file=token_path,
     )
 
 
@@ -216,6 +225,29 @@ def _k8s(value: object, environ: dict[str, str]) -> K8sSettings | None:
         kubelet_ca_file=Path(expand("kubeletCAFile")) if value.get("kubeletCAFile") else defaults.kubelet_ca_file,
         proc_root=Path(expand("procRoot")) if value.get("procRoot") else defaults.proc_root,
         cache_seconds=ttl, min_refresh_seconds=min(0.5, ttl))
+
+
+def _server(value: object, where: str) -> tuple[str, int]:
+    match = _URL_RE.fullmatch(str(value or ""))
+    if match is None or int(match.group(2)) > 65535:
+        raise UsageError(f"{where} must be https://HOST:PORT (the trust-domain server)")
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
+def _servers(single: object, several: object) -> list[tuple[str, int]]:
+    """serverURL, then serverURLs (either may be left out, not both), without repeats."""
+    if several is not None and (not isinstance(several, list) or not several or len(several) > 16):
+        raise UsageError("serverURLs must be a list of 1 to 16 https://HOST:PORT addresses (the server replicas)")
+    if not single and not several:
+        raise UsageError("serverURL must be https://HOST:PORT (the trust-domain server)")
+    found: list[tuple[str, int]] = []
+    if single:
+        found.append(_server(single, "serverURL"))
+    for index, value in enumerate(several or []):
+        address = _server(value, f"serverURLs[{index}]")
+        if address not in found:
+            found.append(address)
+    return found
 
 
 def load_agent_config(path: Path) -> AgentConfig:

@@ -18,6 +18,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,7 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             return None, grpc.StatusCode.PERMISSION_DENIED, "no identity issued"
         svids = []
         for entry in entries:
-            cached = self.cache.x509.get(entry.entry_id)
+            cached = self.cache.usable_x509(entry.entry_id)
             if cached is not None:
                 svids.append(workload_pb2.X509SVID(spiffe_id=entry.spiffe_id, x509_svid=cached.chain_der,
                                                    x509_svid_key=cached.key_der, bundle=self.cache.bundle_der))
@@ -156,7 +157,14 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                     self.metrics.request(method, "ok")
                 last = response
                 yield response
-            self.cache.wait_change(version, STREAM_POLL)
+            self.cache.wait_change(version, self._stream_wait())
+
+    def _stream_wait(self) -> float:
+        """Until the next change by time alone (an SVID renewed or running out), at most STREAM_POLL."""
+        deadline = self.cache.next_deadline(renewals=False)
+        if deadline is None:
+            return STREAM_POLL
+        return min(STREAM_POLL, max(0.01, (deadline - datetime.now(UTC)).total_seconds() + 0.001))
 
     # -- the X.509-SVID profile ---------------------------------------------------------------------------
 

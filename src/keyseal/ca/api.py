@@ -132,7 +132,12 @@ class Api:
         return _json(200, {"status": "ok"})
 
     def _ready(self, request: Request) -> Response:
-        if self.manager.active_keyset() is None:
+        now = self.manager.clock()
+        if self.manager.stale(now):
+            age = self.manager.view_age(now)
+            return _json(503, {"status": "the keyset store has not been read for "
+                                         f"{int(age.total_seconds()) if age else 0}s"})
+        if self.manager.active_keyset(now) is None:
             return _json(503, {"status": "no active keyset"})
         return _json(200, {"status": "ready"})
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
@@ -33,6 +33,9 @@ __all__ = ["CaServer", "build_pins", "build_source"]
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 5.0
+# A replica whose last successful read of the store is older than one refresh hint plus this is stale (not
+# ready): the periodic read comes every refresh hint, on a tick, and a failed read is retried at the next ticks.
+STALE_MARGIN_SECONDS = 3 * TICK_SECONDS
 _FROM_MEMORY = frozenset({"/healthz", "/readyz", "/metrics", "/v1/bundle"})
 _ISSUANCE = frozenset({"/v1/x509-svid", "/v1/jwt-svid"})
 
@@ -71,17 +74,24 @@ def build_source(config: Config, kube_api_client: Any = None) -> KeysetSource:
         kek = parse_kek(config.kek_spec(), kms_endpoint=config.kms_endpoint, region=config.aws_region)
     if config.wrapping_provider == "local":
         log.info("Key wrapping via local KEK file %s", getattr(kek, "path", "?"))
+    from keyseal.wrapping.store_ledger import StoreLedger
+
+    # Records are bound to the trust domain (and namespace): a copy in another one does not open there.
+    scope = f"trust-domain={config.trust_domain}"
     store: RecordStore
     if config.store_type == "kubernetes":
         from keyseal.store.kubernetes import KubernetesStore, api_client_from_environment, resolve_namespace
 
         client = kube_api_client or api_client_from_environment(config.kube_api_server)
-        store = KubernetesStore(resolve_namespace(config.kube_namespace, "the WrappedKey resources"), client)
+        namespace = resolve_namespace(config.kube_namespace, "the WrappedKey resources")
+        store = KubernetesStore(namespace, client, scope=f"{scope};namespace={namespace}")
     else:
         from keyseal.store.directory import DirectoryStore
         from keyseal.wrapping.ledger import FileLedger
 
-        store = DirectoryStore(config.store_path, FileLedger(config.ledger_file) if config.ledger_file else None)
+        store = DirectoryStore(config.store_path, FileLedger(config.ledger_file) if config.ledger_file else None,
+                               scope=scope)
+    StoreLedger(store, kek)  # the rollback high-water mark every replica reads, in the store itself
     return WrappedKeysetSource(store, kek, config.record_prefix, x509_type, jwt_type)
 
 
@@ -116,7 +126,15 @@ class CaServer:
         self.metrics = Metrics()
         observe_kms_calls(self.metrics.kms_call)
         self.source = source or build_source(config, kube_api_client)
-        self.manager = KeysetManager(self.source, config.trust_domain, config.ca_ttl, config.refresh_hint, clock)
+        # Reading records or a local token costs no KMS call: re-read every refresh hint to see a keyset another
+        # replica made (for pkcs11, also to agree on one if two writers raced; see pkcs11_source). Only then is an
+        # old read a sign of a replica cut off from the store (KMS custody reads when the schedule is due).
+        self._periodic = config.custody in ("wrapped", "pkcs11")
+        self.max_view_age = config.refresh_hint + timedelta(seconds=STALE_MARGIN_SECONDS) if self._periodic \
+            else None
+        self.manager = KeysetManager(self.source, config.trust_domain, config.ca_ttl, config.refresh_hint, clock,
+                                     max_view_age=self.max_view_age)
+        self.metrics.store_view_age = self._view_age_seconds
         self.api = Api(config, self.manager, Authenticator(config.clients), self.metrics)
         self.api.kube_api_client = kube_api_client
         # In a cluster the node agents read their first trust bundle from a ConfigMap this server keeps current
@@ -125,9 +143,7 @@ class CaServer:
         self.tls = TlsContexts(config)
         self.httpd: TlsHttpServer | None = None
         self._rotation = rotation_thread
-        # Reading records or a local token costs no KMS call: re-read every refresh hint to see a keyset another
-        # replica made (for pkcs11, also to agree on one if two writers raced; see pkcs11_source).
-        self._periodic = config.custody in ("wrapped", "pkcs11")
+        self._reported_stale = False
         self._stop = threading.Event()
         self._serving = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -217,14 +233,35 @@ class CaServer:
         now = self.clock()
         last = self.manager.last_refresh
         periodic_due = self._periodic and (last is None or now - last >= self.config.refresh_hint)
-        if self.manager.due(now) or periodic_due:
-            self.manager.refresh()
-        else:
-            self.manager.log_transitions()
+        try:
+            if self.manager.due(now) or periodic_due:
+                self.manager.refresh()
+            else:
+                self.manager.log_transitions()
+        finally:
+            self.report_view(now)
         active = self.manager.active_keyset(now)
         if active is not None:
             self.tls.renew(active, now, self._authorities(now))
         self._publish_bundle(now)
+
+    def report_view(self, now: datetime) -> None:
+        """Log once when this replica's view of the store turns stale (it leaves the Service: /readyz fails)
+        and once when it is fresh again."""
+        stale = self.manager.stale(now)
+        if stale and not self._reported_stale:
+            age = self.manager.view_age(now)
+            log.warning("the keyset store was last read %.0fs ago (the bound is %.0fs): not ready until it is read "
+                        "again; this replica's bundle may lack a keyset the others publish",
+                        age.total_seconds() if age else -1,
+                        self.max_view_age.total_seconds() if self.max_view_age else -1)
+        elif not stale and self._reported_stale:
+            log.info("the keyset store is read again: ready")
+        self._reported_stale = stale
+
+    def _view_age_seconds(self) -> float | None:
+        age = self.manager.view_age()
+        return None if age is None else age.total_seconds()
 
     def _publish_bundle(self, now: datetime) -> None:
         if self.bundle_configmap is not None:
