@@ -238,3 +238,15 @@ def test_a_replica_follows_a_prune_it_can_verify_and_refuses_one_it_cannot(tmp_p
     with pytest.raises(CustodyIntegrityError, match="restart"):
         asleep.read()  # its anchor, keyset 1, signed nothing the document still holds
     assert reader(store).read() is not None  # a restarted replica trusts the store
+
+
+def test_a_writer_does_not_start_a_new_chain_where_its_own_has_gone(tmp_path: Path) -> None:
+    """A replica that accepted a chain and then finds the record gone when it pins the next keyset refuses, as a
+    read does, rather than root a new chain that every fresh replica would then trust."""
+    store = DirectoryPinStore(tmp_path, "pins")
+    writer = Chain(store)
+    writer.add(1)
+    store.path.unlink()
+    with pytest.raises(CustodyIntegrityError, match="has gone"):
+        writer.add(2)
+    assert not store.path.exists()
