@@ -157,6 +157,19 @@ class CaServer:
         log.info("serving trust domain %s on https://%s:%d with keyset %s (%s custody)", self.config.trust_domain,
                  self.config.listen_host, self.port, active.number if active else "none active yet",
                  self.config.custody)
+        self.log_bundle_fingerprint()
+
+    def bundle_fingerprint(self) -> str:
+        """SHA-256 of the CA certificate a new node pins to fetch its first trust bundle (keyseal.ca.bootstrap)."""
+        from keyseal.ca.bootstrap import ca_fingerprint
+
+        keyset = self.manager.active_keyset() or self.manager.loaded()[-1]
+        return ca_fingerprint(keyset.ca_certificate)
+
+    def log_bundle_fingerprint(self) -> None:
+        fingerprint = self.bundle_fingerprint()
+        log.info("trust bundle CA sha256 %s: a new node fetches the bundle with keyseal bundle fetch --server "
+                 "https://HOST:%d --sha256 %s -o bundle.pem", fingerprint, self.port, fingerprint)
 
     def answers_from_memory(self, path: str) -> bool:
         """Whether answering `path` needs nothing but this process's memory: the listener then answers it on its
