@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from keyseal.ca.audit_logging import AuditLogging
 from keyseal.ca.spiffeid import check_path_prefix, check_trust_domain
 from keyseal.errors import InputError, UsageError
 
@@ -160,6 +161,7 @@ class Config:
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     clients: tuple[ClientConfig, ...] = ()
     log_level: str = "info"
+    audit: AuditLogging = field(default_factory=AuditLogging)
 
     def kek_spec(self) -> str:
         """The KEK spec the wrapping library parses (`local:PATH`, `awskms:<ARN>` or `vault:MOUNT/KEY`)."""
@@ -335,8 +337,18 @@ def parse_config(data: object) -> Config:
             "name the CA file that issued the client certificates"
         )
     values["log_level"] = root.choice("logLevel", ("debug", "info", "warning", "error"), "info")
+    values["audit"] = _audit(root.section("audit"))
     root.done()
     return Config(**values)
+
+
+def _audit(section: _Section) -> AuditLogging:
+    """`audit:` where the audit lines (one per SVID) go: keyseal.ca.audit_logging."""
+    level = section.choice("level", ("debug", "info", "warning"), "info")
+    console = section.choice("console", ("auto", "lines", "summary", "off"), "auto")
+    interval = parse_duration(section.get("summaryInterval") or "1m", "audit.summaryInterval")
+    section.done()
+    return AuditLogging(level, console, interval)
 
 
 def _exactly_one_provider(custody: str, values: dict[str, Any]) -> None:
