@@ -96,8 +96,13 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="keyseal")
 @click.option("-v", "--verbose", is_flag=True, help="Log what keyseal does (never key material).")
-def cli(verbose: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (they are shown only on a terminal anyway).")
+def cli(verbose: bool, quiet: bool) -> None:
     """keyseal: sign with keys that cannot be stolen (KMS, HSM, or envelope-wrapped)."""
+    if quiet:
+        from keyseal.progress import set_quiet
+
+        set_quiet(True)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="keyseal: %(levelname)s: %(message)s",

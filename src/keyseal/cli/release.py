@@ -14,6 +14,7 @@ from keyseal.inputfile import read_input
 from keyseal.openpgp.manifest import DIGESTS, build_manifest
 from keyseal.openpgp.trust import POLICIES, Combined, CrossCheck, Resolver, TrustSet, WkdResolver, verify_release
 from keyseal.openpgp.wkd import DEFAULT_TIMEOUT, connect_map
+from keyseal.progress import files_meter
 
 
 @click.command()
@@ -29,7 +30,8 @@ def checksums(files: tuple[Path, ...], output: Path | None, digest: str, force: 
         refuse_existing(output, force)
         if output.resolve() in {path.resolve() for path in files}:
             raise UsageError(f"refusing to write the manifest over the input file {output}")
-    manifest = build_manifest(files, digest)
+    with files_meter(files, "hashing"):
+        manifest = build_manifest(files, digest)
     if output is None:
         sys.stdout.buffer.write(manifest)
         return
@@ -82,8 +84,9 @@ def verify_release_command(manifest: Path, signature: Path | None, certs: tuple[
                                wkd_policy,  # type: ignore[arg-type]
                                warn=lambda message: click.echo(f"keyseal: warning: {message}", err=True))
         sig_path = signature or _signature_for(manifest)
-        result = verify_release(manifest, read_input(sig_path, "signature"), list(artifacts), trust,
-                                threshold=threshold)
+        with files_meter(artifacts, "checking"):
+            result = verify_release(manifest, read_input(sig_path, "signature"), list(artifacts), trust,
+                                    threshold=threshold)
     except (VerificationError, UsageError):
         raise
     except KeysealError as exc:
