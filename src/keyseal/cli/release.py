@@ -68,10 +68,12 @@ def _signature_for(manifest: Path) -> Path:
               help="WKD network timeout in seconds.")
 @click.option("--threshold", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
               help="Require good manifest signatures from K distinct certificates (k of n).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document (for scripts).")
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
 def verify_release_command(manifest: Path, signature: Path | None, certs: tuple[Path, ...],
                            wkd_emails: tuple[str, ...], ca_bundle: Path | None, connect_to: tuple[str, ...],
-                           wkd_policy: str, timeout: float, threshold: int, artifacts: tuple[Path, ...]) -> None:
+                           wkd_policy: str, timeout: float, threshold: int, as_json: bool,
+                           artifacts: tuple[Path, ...]) -> None:
     """Verify the manifest's signature, then every ARTIFACT against the manifest. Exit 0 only if all pass."""
     if not wkd_emails and (ca_bundle or connect_to):
         raise UsageError("--ca-bundle and --connect-to apply to --wkd only")
@@ -91,6 +93,14 @@ def verify_release_command(manifest: Path, signature: Path | None, certs: tuple[
         raise
     except KeysealError as exc:
         raise VerificationError(exc.message) from None
+    if as_json:
+        from keyseal.cli.output import print_json
+
+        print_json({"manifest": str(manifest), "artifacts": [{"path": str(item.path), "ok": True}
+                                                              for item in result.artifacts],
+                    "signatures": [{"fingerprint": signed.fingerprint, "created": format_time(signed.created)}
+                                   for signed in result.signatures]})
+        return
     for item in result.artifacts:
         click.echo(f"{item.path}: OK")
     for signed in result.signatures:

@@ -27,8 +27,9 @@ def signatures() -> None:
               help="Where to write (default: DATA.asc, or DATA.sig with --binary).")
 @click.option("--armor/--binary", "armored", default=True, help="Armored (default) or binary output.")
 @click.option("--force", is_flag=True, help="Replace an existing output that is not one of the inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document (for scripts).")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-def merge(data: Path, output: Path | None, armored: bool, force: bool, files: tuple[Path, ...]) -> None:
+def merge(data: Path, output: Path | None, armored: bool, force: bool, as_json: bool, files: tuple[Path, ...]) -> None:
     """Merge the signatures of FILES (armored or binary) into one file: each must be over DATA; an exact
     duplicate is kept once, and two different signatures by one key are refused."""
     from keyseal.openpgp.detached import encode_signatures, merge_signatures
@@ -41,4 +42,10 @@ def merge(data: Path, output: Path | None, armored: bool, force: bool, files: tu
                                 f"to merge into it)")
     merged = merge_signatures(data, [(str(f), read_input(f, "signature")) for f in files])
     write_atomic(target, render(encode_signatures(merged), armored), mode=0o644, force=True)
+    if as_json:
+        from keyseal.cli.output import print_json
+
+        print_json({"output": str(target), "signatures": len(merged),
+                    "signers": [sig.issuer_fingerprint.hex().upper() for sig in merged if sig.issuer_fingerprint]})
+        return
     click.echo(f"{target}: {len(merged)} signature(s)")
