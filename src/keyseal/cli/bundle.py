@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from keyseal.cli.common import json_option
+
 __all__ = ["bundle"]
 
 
@@ -23,7 +25,7 @@ def bundle() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the CA certificates (PEM): the agent's trustBundleFile.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
+@json_option
 def fetch(server_url: str, fingerprint: str, output: Path, force: bool, as_json: bool) -> None:
     """Fetch /v1/bundle and write it only if a CA in it has FINGERPRINT: trust on first use, with a pin."""
     from keyseal.atomic import refuse_existing, write_atomic

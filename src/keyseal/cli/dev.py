@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from keyseal.cli.common import json_option
+
 __all__ = ["dev"]
 
 
@@ -18,7 +20,7 @@ __all__ = ["dev"]
 @click.option("--check", is_flag=True,
               help="Exit once an X.509-SVID and a JWT-SVID were fetched (a smoke test) instead of running until "
                    "Ctrl-C.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
+@json_option
 @click.pass_context
 def dev(ctx: click.Context, directory: Path | None, trust_domain: str, check: bool, as_json: bool) -> None:
     """Run a whole trust domain on this machine: server, agent and an entry for you, on 127.0.0.1 only."""

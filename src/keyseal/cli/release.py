@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from keyseal.atomic import refuse_existing, write_atomic
-from keyseal.cli.common import format_time
+from keyseal.cli.common import format_time, json_option
 from keyseal.errors import InputError, KeysealError, UsageError, VerificationError
 from keyseal.inputfile import read_input
 from keyseal.openpgp.manifest import DIGESTS, build_manifest
@@ -68,7 +68,7 @@ def _signature_for(manifest: Path) -> Path:
               help="WKD network timeout in seconds.")
 @click.option("--threshold", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
               help="Require good manifest signatures from K distinct certificates (k of n).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document (for scripts).")
+@json_option
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
 def verify_release_command(manifest: Path, signature: Path | None, certs: tuple[Path, ...],
                            wkd_emails: tuple[str, ...], ca_bundle: Path | None, connect_to: tuple[str, ...],

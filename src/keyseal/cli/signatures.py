@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from keyseal.atomic import write_atomic
+from keyseal.cli.common import json_option
 from keyseal.errors import OutputExistsError
 from keyseal.inputfile import read_input
 
@@ -27,7 +28,7 @@ def signatures() -> None:
               help="Where to write (default: DATA.asc, or DATA.sig with --binary).")
 @click.option("--armor/--binary", "armored", default=True, help="Armored (default) or binary output.")
 @click.option("--force", is_flag=True, help="Replace an existing output that is not one of the inputs.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document (for scripts).")
+@json_option
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 def merge(data: Path, output: Path | None, armored: bool, force: bool, as_json: bool, files: tuple[Path, ...]) -> None:
     """Merge the signatures of FILES (armored or binary) into one file: each must be over DATA; an exact
