@@ -136,3 +136,13 @@ def test_server_listens_on_loopback_unless_told(tmp_path: Path) -> None:
     (tmp_path / "server.yaml").write_text(yaml.safe_dump(document))
     config = load_config(tmp_path / "server.yaml")
     assert (config.listen_host, config.listen_port) == ("127.0.0.1", 8443)
+
+
+def test_dev_without_the_agent_extras_says_what_to_install(tmp_path: Path) -> None:
+    code = "import sys\nsys.modules['grpc'] = None\nfrom keyseal.cli.quick import main\nmain()\n"
+    result = subprocess.run([sys.executable, "-c", code, "dev", "--check", "--dir", str(tmp_path / "td")],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stderr == "keyseal: error: keyseal dev runs the server and the agent, which need grpc: pip install " \
+                            "'keyseal[server,agent]'\n"
+    assert not (tmp_path / "td").exists()

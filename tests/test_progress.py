@@ -100,3 +100,28 @@ def test_tqdm_is_imported_only_for_a_bar() -> None:
             "print('tqdm' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_bar_for_a_bulk_of_items_on_a_terminal() -> None:
+    """The bar bulk operations (entries) use: items per second, shown past ITEMS_THRESHOLD items."""
+    code = ("from keyseal.progress import items_done, meter\n"
+            "with meter(50, 'entry', 'creating entries'):\n"
+            "    for _ in range(50): items_done()\n")
+    master, slave = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-c", code], stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 10)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert process.wait(timeout=60) == 0
+    assert "creating entries" in seen.decode(errors="replace") and "entry/s" in seen.decode(errors="replace")

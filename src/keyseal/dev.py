@@ -105,6 +105,10 @@ class DevDomain:
     """The server and agent of `keyseal dev`, started in this process; `stop()` ends both and cleans up."""
 
     def __init__(self, directory: Path | None, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> None:
+        missing = [name for name in ("yaml", "grpc", "spiffe") if not _installed(name)]
+        if missing:
+            raise UsageError(f"keyseal dev runs the server and the agent, which need {', '.join(missing)}: "
+                             f"pip install 'keyseal[server,agent]'")
         self.kept = directory is not None
         if directory is None:
             directory = Path(tempfile.mkdtemp(prefix="keyseal-dev-"))
@@ -222,6 +226,15 @@ class DevDomain:
     def _remove(self) -> None:
         if not self.kept:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: present in sys.modules without a spec (e.g. set to None)
+        return False
 
 
 def fetch_with_py_spiffe(socket: Path) -> tuple[datetime, datetime, str]:
