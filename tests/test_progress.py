@@ -125,3 +125,25 @@ def test_bar_for_a_bulk_of_items_on_a_terminal() -> None:
     os.close(master)
     assert process.wait(timeout=60) == 0
     assert "creating entries" in seen.decode(errors="replace") and "entry/s" in seen.decode(errors="replace")
+
+
+def test_verify_fast_path_shows_a_bar_for_a_large_file_only(tmp_path: Path) -> None:
+    env = {"KEYSEAL_HOME": str(tmp_path / "home")}
+    full_env = {**os.environ, **env}
+    key, cert, big = tmp_path / "k.key", tmp_path / "k.asc", tmp_path / "big.iso"
+    def run(*args: str) -> None:
+        subprocess.run([KEYSEAL, *args], capture_output=True, env=full_env, timeout=120, check=True)
+
+    run("keys", "create", "--out", str(key), "--type", "ed25519")
+    run("keys", "mint", "--key", f"file:{key}", "--name", "A", "--email", "a@example.org", "-o", str(cert))
+    with big.open("wb") as handle:
+        handle.truncate(80 << 20)
+    run("-q", "sign", "--key", f"file:{key}", str(big))
+    code, _, terminal = on_pty(["verify", "--cert", str(cert), str(big)], env)
+    assert code == 0, terminal
+    assert "verifying 1 file" in terminal and "Good signature" in terminal
+    small = tmp_path / "small.txt"
+    small.write_text("x")
+    run("sign", "--key", f"file:{key}", str(small))
+    code, _, terminal = on_pty(["verify", "--cert", str(cert), str(small)], env)
+    assert code == 0 and "verifying" not in terminal
