@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import json
 import logging
 import os
 import shutil
@@ -132,8 +131,11 @@ class DevDomain:
         self.agent: Agent | None = None
 
     def _write(self, name: str, document: dict[str, Any], mode: int = 0o600) -> Path:
+        import yaml
+
         path = self.directory / name
-        write_atomic(path, json.dumps(document, indent=2).encode() + b"\n", mode=mode)  # JSON is YAML
+        header = f"# written by keyseal dev --dir {self.directory}, which reads it again at its next run\n"
+        write_atomic(path, (header + yaml.safe_dump(document, sort_keys=False)).encode(), mode=mode)
         return path
 
     def server_document(self) -> dict[str, Any]:
