@@ -78,3 +78,15 @@ def test_entry_json(tmp_path: Path) -> None:
                         "--json")
     assert entry.returncode == 0, entry.stderr
     assert json.loads(entry.stdout)["spiffe_id"] == "spiffe://example.org/w"
+
+
+def test_wkd_build_json(tmp_path: Path) -> None:
+    env = {"KEYSEAL_HOME": str(tmp_path / "home")}
+    assert run_keyseal("keys", "create", "--out", tmp_path / "k.key", env=env).returncode == 0
+    assert run_keyseal("keys", "mint", "--key", f"file:{tmp_path / 'k.key'}", "--name", "R", "--email",
+                       "release@example.org", "-o", tmp_path / "r.asc", env=env).returncode == 0
+    built = run_keyseal("wkd", "build", tmp_path / "r.asc", "--domain", "example.org", "-o", tmp_path / "site",
+                        "--json")
+    assert built.returncode == 0, built.stderr
+    (item,) = json.loads(built.stdout)["files"]
+    assert item["address"] == "release@example.org" and Path(item["path"]).is_file()
