@@ -352,6 +352,7 @@ def run_soak(options: SoakOptions, work: Path, say: Callable[[str], None] = prin
         "custody": "kms",
         "aws": {"region": "us-east-1", "endpoints": {"kms": emulator.endpoint},
                 "keyManager": {"aliasPrefix": f"soak/{uuid.uuid4().hex[:8]}"}},
+        "store": {"type": "directory", "directory": {"path": str(work / "store")}},  # the keyset pins
         "server": {"listen": "127.0.0.1:0"},
         "logLevel": "info",
         "ca": {"ttl": f"{ttl}s"},
