@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, NoReturn
 from keyseal.errors import InputError, KeysealError, OutputExistsError, UsageError, VerificationError, unexpected
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from keyseal.openpgp.verify import VerifiedSignature
 
 __all__ = ["fail", "main", "run_guarded", "verify_openpgp"]
@@ -69,6 +71,7 @@ def verify_openpgp(certs: tuple[Path, ...], file: Path, signature: Path | None, 
     if output is not None:
         raise UsageError("--output writes the text of a cleartext signed message; FILE is not one")
     signature_data = b""
+    bar = _progress_bar(file)
     try:
         from keyseal.openpgp import prefetch
 
@@ -78,6 +81,9 @@ def verify_openpgp(certs: tuple[Path, ...], file: Path, signature: Path | None, 
         from keyseal.openpgp.verify import verify_threshold_prefetched
 
         results = verify_threshold_prefetched(load_certificate_files(certs), hashes, signature_data, threshold)
+        if bar is not None:
+            bar.__exit__(None, None, None)
+            bar = None
     except VerificationError:
         text_results = _text_mode(certs, file, signature_data, threshold)
         if text_results is None:
@@ -85,8 +91,29 @@ def verify_openpgp(certs: tuple[Path, ...], file: Path, signature: Path | None, 
         results = text_results
     except KeysealError as exc:
         raise VerificationError(exc.message) from None
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
     for result in results:
         _report(result, fingerprint=True)
+
+
+_LARGE = 64 << 20  # keyseal.progress.BYTES_THRESHOLD, without importing it
+
+
+def _progress_bar(file: Path) -> AbstractContextManager[None] | None:
+    """An entered progress bar while a large file is hashed on a terminal, else None. keyseal.progress (and tqdm)
+    are imported only then: checking costs one stat."""
+    try:
+        if not sys.stderr.isatty() or os.stat(file).st_size < _LARGE:
+            return None
+    except (OSError, ValueError):
+        return None
+    from keyseal.progress import files_meter
+
+    bar = files_meter([file], "verifying")
+    bar.__enter__()
+    return bar
 
 
 def _report(result: VerifiedSignature, fingerprint: bool, kind: str = "") -> None:
