@@ -4,6 +4,7 @@ the directory store and on the Kubernetes store (the API emulator)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from keyseal.errors import UsageError
 from tests.conftest import assert_one_line_error, run_keyseal
 from tests.harness.agent import agent_call, start_server
 from tests.harness.ca import TRUST_DOMAIN, make_csr, new_key
+from tests.harness.kms_emulator import KmsEmulator
 from tests.harness.kube_api import KubeApi
 
 PREFIX = "keyseal-example.org"
@@ -186,6 +188,44 @@ def test_a_registry_that_cannot_be_read_refuses_the_join_and_keeps_the_token(
     assert status != 200 and "joinedagents.keyseal.dev" in answer["message"], answer
     status, answer = join(server, token)
     assert status == 200, answer
+
+
+def test_a_kubernetes_failure_during_a_join_does_not_spend_the_token(
+        server: CaServer, store: dict[str, Any]) -> None:
+    """The API server fails while the registry of joined agents is read (503): the join is answered 503, and the
+    same token joins once the API server is well again."""
+    if store["api"] is None:
+        pytest.skip("the Kubernetes store only")
+    token, _ = tokens(server, store).issue("node-3", timedelta(minutes=5))
+    store["api"].handler.failing.add("joinedagents")
+    try:
+        status, answer = join(server, token)
+    finally:
+        store["api"].handler.failing.discard("joinedagents")
+    assert status == 503, answer
+    status, answer = join(server, token)
+    assert status == 200, answer
+
+
+def test_a_signing_failure_during_a_join_does_not_spend_the_token(
+        tmp_path: Path, kms_emulator: KmsEmulator, aws_env: dict[str, str]) -> None:
+    """The CA's key manager refuses to sign (KMS custody, Sign denied): the join is answered 503, and the same
+    token joins once KMS signs again."""
+    prefix = f"test/{uuid.uuid4().hex[:8]}"
+    server = start_server(tmp_path, custody="kms",
+                          aws={"endpoints": {"kms": kms_emulator.endpoint}, "keyManager": {"aliasPrefix": prefix}})
+    try:
+        token, _ = join_tokens_for(server.config).issue("node-4", timedelta(minutes=5))
+        kms_emulator.deny(aws_env["AWS_ACCESS_KEY_ID"], "Sign")
+        try:
+            status, answer = join(server, token)
+        finally:
+            kms_emulator.allow_all()
+        assert status == 503, answer
+        status, answer = join(server, token)
+        assert status == 200, answer
+    finally:
+        server.shutdown()
 
 
 def test_the_server_does_not_start_without_the_joinedagent_crd(tmp_path: Path, store: dict[str, Any]) -> None:

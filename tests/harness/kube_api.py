@@ -10,7 +10,8 @@ EMULATOR ADDITION (test harness only): kmock 0.8 keeps objects and serves GET/PO
   refused with 409 Conflict and deletes nothing, as the API server does (kmock ignores them).
 - a missing object of a served resource is answered as the API server does (a Status, reason NotFound, whose
   details name the object), and a resource named in `unserved` (a CRD that was never applied) with the API
-  server's plain `404 page not found`.
+  server's plain `404 page not found`; a resource named in `failing` is answered 503 ServiceUnavailable (an
+  API server that is overloaded or cannot reach etcd).
 keyseal's Kubernetes store is not changed to suit the emulator; it only speaks the real API's contract.
 """
 
@@ -46,10 +47,14 @@ class ResourceVersionedEmulator(KubernetesEmulator):
     replaces: int = 0
     verbs: list[tuple[str, str, str, str]] = attrs.field(factory=list)
     unserved: set[str] = attrs.field(factory=set)  # plurals answered as a CRD that is not installed
+    failing: set[str] = attrs.field(factory=set)  # plurals answered 503, as by an API server in trouble
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         if request.resource is not None and str(request.resource.plural) in self.unserved:
             return aiohttp.web.Response(status=404, text="404 page not found")
+        if request.resource is not None and str(request.resource.plural) in self.failing:
+            raise KubernetesError(status=503, reason="ServiceUnavailable", message="the server is currently unable "
+                                  "to handle the request", details={"kind": str(request.resource.plural)})
         try:
             return await self._handle_versioned(request)
         except KubernetesObjectNotFoundError:
