@@ -153,6 +153,10 @@ class CaServer:
 
     def start(self) -> None:
         """Check the custody, load or create the keyset, issue the serving certificate, bind the port."""
+        if self.config.store_type == "kubernetes":  # fail closed: without it, tokens for running agents pass
+            from keyseal.ca.entries import agent_registry_for
+
+            agent_registry_for(self.config).check()
         self.manager.start()
         now = self.clock()
         self.tls.renew(self.manager.active_keyset(now) or self.manager.loaded()[-1], now, self._authorities(now))

@@ -85,7 +85,8 @@ def delete(config_path: Path, entry_id: str) -> None:
 @click.option("--ttl", default="10m", show_default=True,
               help="How long the token may be redeemed (at most the server's agents.joinTokenMaxTTL).")
 @click.option("--replace", is_flag=True,
-              help="Join even if the agent still holds an unexpired SVID (e.g. its node lost its saved state).")
+              help="Forget the agent first, so the token joins even though it still holds an unexpired SVID (e.g. "
+                   "its node lost its saved state); needs delete on joinedagents or write access to the store.")
 @click.option("--json", "as_json", is_flag=True, help="Print the token and the agent's SPIFFE ID as one JSON document.")
 def join_token(config_path: Path, agent_name: str, ttl: str, replace: bool, as_json: bool) -> None:
     """Issue a one-time join token for an agent; prints the token (keep it secret) and the agent's SPIFFE ID.
