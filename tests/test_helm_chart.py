@@ -453,6 +453,11 @@ def test_join_tokens_and_entries_have_their_own_roles(chart: helm_python.Chart) 
         {"apiGroups": ["keyseal.dev"], "resources": ["jointokens"], "verbs": ["create", "list", "delete"]}]
     assert roles["trust-keyseal-entry-admin"] == [
         {"apiGroups": ["keyseal.dev"], "resources": ["registrationentries"], "verbs": ["create", "list", "delete"]}]
+    # Replacing a running agent means deleting its JoinedAgent: a Role of its own, never a token issuer's.
+    assert roles["trust-keyseal-agent-replacer"] == [
+        {"apiGroups": ["keyseal.dev"], "resources": ["joinedagents"], "verbs": ["get", "delete"]}]
+    assert all("delete" not in rule["verbs"] for rule in roles["trust-keyseal"]
+               if rule["resources"] == ["joinedagents"])
     assert all("create" not in rule["verbs"] for rule in roles["trust-keyseal"] if rule["apiGroups"] == ["keyseal.dev"]
                and rule["resources"] in (["jointokens"], ["registrationentries"]))
     assert [b["roleRef"]["name"] for b in by_kind["RoleBinding"]] == ["trust-keyseal"]  # no issuer by default

@@ -4,6 +4,7 @@ the directory store and on the Kubernetes store (the API emulator)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from keyseal.errors import UsageError
 from tests.conftest import assert_one_line_error, run_keyseal
 from tests.harness.agent import agent_call, start_server
 from tests.harness.ca import TRUST_DOMAIN, make_csr, new_key
+from tests.harness.kms_emulator import KmsEmulator
 from tests.harness.kube_api import KubeApi
 
 PREFIX = "keyseal-example.org"
@@ -113,11 +115,12 @@ def test_issuing_a_token_beyond_the_maximum_is_refused(server: CaServer, store: 
         tokens(server, store).issue("node-1", timedelta(hours=2))
 
 
-def test_a_token_for_an_agent_that_holds_an_svid_is_refused_unless_it_says_replace(
+def test_a_token_for_an_agent_that_holds_an_svid_is_refused_until_an_administrator_replaces_it(
         server: CaServer, store: dict[str, Any], clock: Clock) -> None:
     """Someone who can create tokens must not quietly become a running agent: a token for an agent whose SVID has
-    not expired is refused (and spent); one issued with replace is honoured; once the SVID expired, a plain token
-    works again."""
+    not expired is refused, and kept (a refusal spends nothing); `issue(replace=True)` (the CLI's --replace, with
+    the store administrator's access) forgets the agent first, and its token is honoured; once the SVID expired,
+    a plain token works again."""
     first, _ = tokens(server, store).issue("node-1", timedelta(minutes=5))
     status, answer = join(server, first)
     assert status == 200, answer
@@ -125,13 +128,14 @@ def test_a_token_for_an_agent_that_holds_an_svid_is_refused_unless_it_says_repla
     status, answer = join(server, second)
     assert status == 400 and "still holds an unexpired X.509-SVID" in answer["message"], answer
     assert "--replace" in answer["message"]
-    assert join(server, second)[0] == 401  # spent
+    assert join(server, second)[0] == 400  # refused again: not spent
     plant(server, store, "planted-for-a-running-agent", "node-1", (datetime.now(UTC) + timedelta(minutes=5))
           .strftime("%Y-%m-%dT%H:%M:%SZ"))
     assert join(server, "planted-for-a-running-agent")[0] == 400
     third, _ = tokens(server, store).issue("node-1", timedelta(minutes=5), replace=True)
     status, answer = join(server, third)
     assert status == 200, answer
+    assert join(server, second)[0] == 400  # the new agent is recorded: the old token is refused again
     clock.offset = server.config.x509_ttl + timedelta(seconds=5)  # its SVID expired: a plain token works
     fourth, _ = tokens(server, store).issue("node-1", timedelta(minutes=5), now=clock())
     assert join(server, fourth)[0] == 200
@@ -155,3 +159,85 @@ def test_join_token_cli_replace_and_ttl(tmp_path: Path) -> None:
             assert join(server, result.stdout.strip())[0] == 200
     finally:
         server.shutdown()
+
+
+def test_a_token_that_says_replace_itself_does_not_take_over_a_running_agent(
+        server: CaServer, store: dict[str, Any]) -> None:
+    """Whoever may create tokens may write anything into one: a token that says `replace: true` (spec.replace, or
+    "replace" in the token file, as keyseal once wrote them) is refused like any other for a running agent."""
+    first, _ = tokens(server, store).issue("node-1", timedelta(minutes=5))
+    assert join(server, first)[0] == 200
+    expires = (datetime.now(UTC) + timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    plant(server, store, "planted-replace-token", "node-1", expires, replace=True)
+    status, answer = join(server, "planted-replace-token")
+    assert status == 400 and "still holds an unexpired X.509-SVID" in answer["message"], answer
+
+
+def test_a_registry_that_cannot_be_read_refuses_the_join_and_keeps_the_token(
+        server: CaServer, store: dict[str, Any]) -> None:
+    """The JoinedAgent resource type stops being served (its CRD deleted, or never applied after an upgrade): a
+    join is refused, not waved through as if no agent were running, and the token is not spent by the failure."""
+    if store["api"] is None:
+        pytest.skip("the directory store's registry is a file beside the tokens")
+    token, _ = tokens(server, store).issue("node-2", timedelta(minutes=5))
+    store["api"].handler.unserved.add("joinedagents")
+    try:
+        status, answer = join(server, token)
+    finally:
+        store["api"].handler.unserved.discard("joinedagents")
+    assert status != 200 and "joinedagents.keyseal.dev" in answer["message"], answer
+    status, answer = join(server, token)
+    assert status == 200, answer
+
+
+def test_a_kubernetes_failure_during_a_join_does_not_spend_the_token(
+        server: CaServer, store: dict[str, Any]) -> None:
+    """The API server fails while the registry of joined agents is read (503): the join is answered 503, and the
+    same token joins once the API server is well again."""
+    if store["api"] is None:
+        pytest.skip("the Kubernetes store only")
+    token, _ = tokens(server, store).issue("node-3", timedelta(minutes=5))
+    store["api"].handler.failing.add("joinedagents")
+    try:
+        status, answer = join(server, token)
+    finally:
+        store["api"].handler.failing.discard("joinedagents")
+    assert status == 503, answer
+    status, answer = join(server, token)
+    assert status == 200, answer
+
+
+def test_a_signing_failure_during_a_join_does_not_spend_the_token(
+        tmp_path: Path, kms_emulator: KmsEmulator, aws_env: dict[str, str]) -> None:
+    """The CA's key manager refuses to sign (KMS custody, Sign denied): the join is answered 503, and the same
+    token joins once KMS signs again."""
+    prefix = f"test/{uuid.uuid4().hex[:8]}"
+    server = start_server(tmp_path, custody="kms",
+                          aws={"endpoints": {"kms": kms_emulator.endpoint}, "keyManager": {"aliasPrefix": prefix}})
+    try:
+        token, _ = join_tokens_for(server.config).issue("node-4", timedelta(minutes=5))
+        kms_emulator.deny(aws_env["AWS_ACCESS_KEY_ID"], "Sign")
+        try:
+            status, answer = join(server, token)
+        finally:
+            kms_emulator.allow_all()
+        assert status == 503, answer
+        status, answer = join(server, token)
+        assert status == 200, answer
+    finally:
+        server.shutdown()
+
+
+def test_the_server_does_not_start_without_the_joinedagent_crd(tmp_path: Path, store: dict[str, Any]) -> None:
+    """`helm upgrade` does not install a CRD the chart gained: the server refuses to start, in one line naming
+    the CRD to apply, rather than run with the running-agent check silently off."""
+    if store["api"] is None:
+        pytest.skip("the Kubernetes store only")
+    store["api"].handler.unserved.add("joinedagents")
+    try:
+        with pytest.raises(UsageError) as raised:
+            start_server(tmp_path, **store["overrides"]).shutdown()
+    finally:
+        store["api"].handler.unserved.discard("joinedagents")
+    message = str(raised.value)
+    assert "\n" not in message and "deploy/crds/joinedagents.keyseal.dev.yaml" in message, message

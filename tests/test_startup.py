@@ -18,7 +18,8 @@ from keyseal.cli import main as cli_main
 from tests.conftest import run_keyseal
 
 FORBIDDEN_ON_VERIFY = ("click", "boto3", "botocore", "pkcs11", "hvac", "kubernetes", "grpc", "keyseal.audit",
-                       "keyseal.backends", "keyseal.wrapping", "keyseal.ca", "keyseal.agent")
+                       "keyseal.backends", "keyseal.wrapping", "keyseal.ca", "keyseal.agent", "keyseal.progress",
+                       "tqdm")
 
 PROBE = """
 import importlib, sys

@@ -8,6 +8,8 @@ Kubernetes API emulator) and the real KEK providers (a local KEK file; a KMS key
 
 from __future__ import annotations
 
+import logging
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -136,8 +138,9 @@ def test_the_high_water_mark_cannot_be_edited(request: pytest.FixtureRequest, tm
     first.write_raw(ledger_v1, "keyseal-seen-versions")
     with pytest.raises(RecordRollbackError):  # the replica that saw the newer mark refuses the older one
         open_record(first.store, NAME, first.kek)
-    tampered = ledger_v1.replace(b'"version": 1', b'"version": 9') if isinstance(ledger_v1, bytes) else \
+    tampered = re.sub(rb'"version": \d+', b'"version": 9', ledger_v1, count=1) if isinstance(ledger_v1, bytes) else \
         {**ledger_v1, "version": 9}
+    assert tampered != ledger_v1
     first.write_raw(tampered, "keyseal-seen-versions")
     fresh = Replica(request, tmp_path, store_kind, kek_config, "b", namespace=namespace)
     with pytest.raises(WrappedRecordError):
@@ -210,8 +213,9 @@ def test_a_record_copied_to_another_trust_domain_is_refused(tmp_path: Path, kek_
 def test_old_records_are_read_protected_and_bound_at_their_next_write(
         request: pytest.FixtureRequest, tmp_path: Path, store_kind: str, kek_config: dict[str, Any]) -> None:
     """Records an older keyseal wrote (format v1, no scope) in the server's store still open; from then on the
-    store's high-water mark covers them (a fresh replica refuses an older one, and an unbound record newer than
-    any seen); their next write makes them v2, bound to the trust domain (and namespace)."""
+    store's high-water mark covers them (a fresh replica refuses an older one; a newer one is what an older replica
+    still running wrote, see the rolling-upgrade test below); their next write makes them v2, bound to the trust
+    domain (and namespace)."""
     replica = Replica(request, tmp_path, store_kind, kek_config, "a")
     if store_kind == "kubernetes":
         from keyseal.store.kubernetes import KubernetesStore
@@ -233,11 +237,52 @@ def test_old_records_are_read_protected_and_bound_at_their_next_write(
     with pytest.raises(RecordRollbackError):
         open_record(Replica(request, tmp_path, store_kind, kek_config, "b", namespace=namespace).store, NAME,
                     replica.kek)
-    replica.write_raw(version_3)  # an unbound record newer than any the store saw: not one it wrote
-    with pytest.raises(WrappedRecordError, match="unbound"):
-        open_record(Replica(request, tmp_path, store_kind, kek_config, "c", namespace=namespace).store, NAME,
-                    replica.kek)
-    replica.write_raw(version_2)
+    replica.write_raw(version_3)  # newer: an older replica of a rolling upgrade rewrapped it
+    assert open_record(Replica(request, tmp_path, store_kind, kek_config, "c", namespace=namespace).store, NAME,
+                       replica.kek).record.version == 3
     rewrapped = rewrap_record(replica.store, NAME, replica.kek, replica.kek)
     assert rewrapped.format == "keyseal.wrapped-key.v2" and rewrapped.scope.startswith("trust-domain=example.org")
-    assert open_record(replica.store, NAME, replica.kek).record.version == 3
+    assert open_record(replica.store, NAME, replica.kek).record.version == 4
+
+
+def test_an_older_replica_rotating_during_a_rolling_upgrade_wedges_nothing(
+        request: pytest.FixtureRequest, tmp_path: Path, store_kind: str, kek_config: dict[str, Any],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A rolling upgrade: a new replica opens a record an older keyseal wrote (v1, no scope) and raises the store's
+    mark to its version; a replica of the older version, still running, rotates that slot (v1, one version on).
+    Every new replica refused that record for good ("newer than any this store has seen"), so the server was
+    wedged. It is accepted, loudly, while no bound (v2) record of that name was ever seen; once one was, a v1 record
+    is refused whatever its version, and an older record stays refused."""
+    replica = Replica(request, tmp_path, store_kind, kek_config, "a")
+    namespace = getattr(replica.store, "namespace", None)
+    if store_kind == "kubernetes":
+        from keyseal.store.kubernetes import KubernetesStore
+
+        legacy: Any = KubernetesStore(replica.store.namespace, replica.api)  # type: ignore[attr-defined]
+    else:
+        legacy = DirectoryStore(tmp_path / "store", FileLedger(tmp_path / "legacy-ledger.json"))
+    create_record(legacy, NAME, generate_private_key("p256"), replica.kek)  # before the upgrade
+    assert open_record(replica.store, NAME, replica.kek).record.version == 1  # the store's mark: 1
+    create_record(legacy, NAME, generate_private_key("p256"), replica.kek, force=True)  # the older replica rotates
+    rotated = replica.read_raw()
+    with caplog.at_level(logging.WARNING, logger="keyseal.store"):
+        opened = open_record(Replica(request, tmp_path, store_kind, kek_config, "b", namespace=namespace).store, NAME,
+                             replica.kek)
+    assert opened.record.format == "keyseal.wrapped-key.v1" and opened.record.version == 2
+    assert any("older keyseal" in r.getMessage() for r in caplog.records)
+    assert open_record(replica.store, NAME, replica.kek).record.version == 2  # and the running new replica too
+    # A genuine v1 record of this name at a later version, from elsewhere (another namespace sharing the KEK,
+    # before its upgrade): made here by the older version, then the store is put back.
+    rewrap_record(legacy, NAME, replica.kek, replica.kek)
+    rewrap_record(legacy, NAME, replica.kek, replica.kek)
+    foreign_v1 = replica.read_raw()
+    replica.write_raw(rotated)
+    assert rewrap_record(replica.store, NAME, replica.kek, replica.kek).format == "keyseal.wrapped-key.v2"  # v3
+    replica.write_raw(foreign_v1)  # v1, version 4: newer, but this store holds bound records of it now
+    with pytest.raises(WrappedRecordError, match="bound"):
+        open_record(Replica(request, tmp_path, store_kind, kek_config, "c", namespace=namespace).store, NAME,
+                    replica.kek)
+    replica.write_raw(rotated)  # older: refused as ever
+    with pytest.raises(RecordRollbackError, match="version 2, but version 3"):
+        open_record(Replica(request, tmp_path, store_kind, kek_config, "d", namespace=namespace).store, NAME,
+                    replica.kek)

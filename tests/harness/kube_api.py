@@ -8,6 +8,10 @@ EMULATOR ADDITION (test harness only): kmock 0.8 keeps objects and serves GET/PO
 - a create answers 201 Created, as the API server does (the official client reads the body only then);
 - a DELETE whose body carries `preconditions` (uid / resourceVersion) that the stored object does not meet is
   refused with 409 Conflict and deletes nothing, as the API server does (kmock ignores them).
+- a missing object of a served resource is answered as the API server does (a Status, reason NotFound, whose
+  details name the object), and a resource named in `unserved` (a CRD that was never applied) with the API
+  server's plain `404 page not found`; a resource named in `failing` is answered 503 ServiceUnavailable (an
+  API server that is overloaded or cannot reach etcd).
 keyseal's Kubernetes store is not changed to suit the emulator; it only speaks the real API's contract.
 
 EMULATED PARTITION (test harness only): `KubeApi.api_client(client_id)` names its requests with the header
@@ -51,10 +55,8 @@ class ResourceVersionedEmulator(KubernetesEmulator):
     verbs: list[tuple[str, str, str, str]] = attrs.field(factory=list)
     cut_clients: set[str] = attrs.field(factory=set)
     dropped: int = 0
-
-    def _next_version(self) -> str:
-        self.counter += 1
-        return str(self.counter)
+    unserved: set[str] = attrs.field(factory=set)  # plurals answered as a CRD that is not installed
+    failing: set[str] = attrs.field(factory=set)  # plurals answered 503, as by an API server in trouble
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         client = request.headers.get(CLIENT_HEADER)
@@ -64,6 +66,25 @@ class ResourceVersionedEmulator(KubernetesEmulator):
             if raw is not None and raw.transport is not None:
                 raw.transport.abort()
             raise ConnectionResetError(f"emulated partition of client {client}")
+        if request.resource is not None and str(request.resource.plural) in self.unserved:
+            return aiohttp.web.Response(status=404, text="404 page not found")
+        if request.resource is not None and str(request.resource.plural) in self.failing:
+            raise KubernetesError(status=503, reason="ServiceUnavailable", message="the server is currently unable "
+                                  "to handle the request", details={"kind": str(request.resource.plural)})
+        try:
+            return await self._handle_versioned(request)
+        except KubernetesObjectNotFoundError:
+            resource = request.resource
+            plural, group = (str(resource.plural), str(resource.group or "")) if resource is not None else ("", "")
+            raise KubernetesError(status=404, reason="NotFound",
+                                  message=f'{plural}.{group} "{request.name}" not found',
+                                  details={"name": request.name, "group": group, "kind": plural}) from None
+
+    def _next_version(self) -> str:
+        self.counter += 1
+        return str(self.counter)
+
+    async def _handle_versioned(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         named = request.resource is not None and request.name is not None and not request.subresource
         if request.resource is not None:
             self.verbs.append((_rbac_verb(request.method, named), str(request.resource.group or ""),
@@ -200,7 +221,7 @@ class KubeApi:
         self._stop = asyncio.Event()
         async with self.emulator() as handler, kmock.Server(handler) as server:
             for plural, kind in (("wrappedkeys", "WrappedKey"), ("registrationentries", "RegistrationEntry"),
-                                 ("jointokens", "JoinToken")):
+                                 ("jointokens", "JoinToken"), ("joinedagents", "JoinedAgent")):
                 handler.resources[f"keyseal.dev/v1/{plural}"] = kmock.ResourceInfo(
                     kind=kind, singular=kind.lower(), namespaced=True,
                     verbs={"get", "list", "create", "update", "patch", "delete"},

@@ -6,7 +6,8 @@ and exec another binary, keeping its pid and start time, while the child it fork
 So the executable (its path, device and inode) is taken at accept, and when a request is served the path
 selector is given only if the same process (same start time: pids are reused) still runs the same file (same
 device and inode). The relay (relay.py) adds that every byte on the connection comes from the process that
-connected."""
+connected, and holds bytes written before the executable was read until that process, running the executable
+read, answers on the connection."""
 
 from __future__ import annotations
 

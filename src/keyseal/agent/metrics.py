@@ -11,7 +11,8 @@
 - keyseal_agent_attestation_failures_total{reason="no_credentials"|"pid_replaced"|"exe_changed"|
   "no_matching_entry"}
 - keyseal_agent_workload_api_connections (open now), keyseal_agent_workload_api_connections_closed_total{reason}
-  (refused over a limit, idle, written on by another process, accept() failing) and
+  (refused over a limit, idle, written on by another process, accept() failing, a request written
+  before attestation that its process never vouched for: "unproven") and
   keyseal_agent_workload_api_calls_refused_total{reason} (over a limit on calls in progress)
 """
 
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 ATTESTATION_FAILURES = ("no_credentials", "pid_replaced", "exe_changed", "no_matching_entry")
 CONNECTIONS_CLOSED = ("too_many_connections", "too_many_connections_for_uid", "idle", "foreign_writer",
-                      "accept_failed")
+                      "accept_failed", "unproven")
 CALLS_REFUSED = ("too_many_calls", "too_many_calls_for_uid")
 
 

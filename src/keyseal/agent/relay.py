@@ -11,12 +11,23 @@ accepted), a connection whose client sends nothing for `idle_timeout` is closed,
 file descriptor left) pauses accepting instead of spinning, and every byte must come from the process that
 connected (SCM_CREDENTIALS on each read): a connection handed on to another process, e.g. across a fork and
 exec, is closed.
+
+The executable is read at accept, but a client may have written before that: a process can connect, write a
+whole request, and exec another binary before the relay accepts (under load, or while the relay thread waits
+for a core). Those bytes were written by whatever the process ran before. So when bytes are already queued once
+the executable has been read (FIONREAD), the relay holds everything the client sends and forwards only the
+server's side, until the same process writes an HTTP/2 SETTINGS acknowledgement after attestation: the answer a
+live HTTP/2 client sends to the gRPC server's SETTINGS, written by the executable that was attested. A process
+that exec'd a binary which does not speak HTTP/2 on that connection never releases its request and is closed
+after `PROOF_TIMEOUT`. Legitimate gRPC clients, which write their preface at once and so usually have bytes
+queued at accept, pay one local round trip.
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import logging
 import os
 import resource
@@ -24,6 +35,7 @@ import secrets
 import selectors
 import socket
 import struct
+import termios
 import threading
 import time
 from collections import Counter
@@ -45,6 +57,10 @@ _DESCRIPTORS_SPARE = 256  # the agent's own: gRPC, the server connection, logs, 
 _BACKOFF_FIRST, _BACKOFF_MOST = 0.05, 1.0
 _WARN_EVERY = 30.0
 _CLIENT, _UPSTREAM = "client", "upstream"
+PROOF_TIMEOUT = 10.0  # a connection held for proof (see above) is closed if none comes in this long
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_FRAME_HEADER = 9
+_SETTINGS, _ACK = 4, 1
 
 
 class _ForeignWriter(Exception):
@@ -52,8 +68,8 @@ class _ForeignWriter(Exception):
 
 
 class _Connection:
-    __slots__ = ("client", "client_done", "credentials", "last_heard", "name", "to_client", "to_upstream",
-                 "upstream", "upstream_done")
+    __slots__ = ("accepted", "client", "client_done", "credentials", "last_heard", "name", "queued", "scan",
+                 "to_client", "to_upstream", "upstream", "upstream_done")
 
     def __init__(self, name: str, credentials: PeerCredentials, client: socket.socket, upstream: socket.socket,
                  now: float) -> None:
@@ -61,6 +77,27 @@ class _Connection:
         self.to_upstream, self.to_client = bytearray(), bytearray()
         self.client_done = self.upstream_done = False  # that side sent its end of file
         self.last_heard = now  # when the client last sent a byte
+        self.accepted = now
+        # Bytes the client had written before its executable was read: its bytes are held until it proves that
+        # the attested executable speaks on the connection (None: nothing was queued, or proven).
+        self.queued: int | None = None
+        self.scan = len(_PREFACE)  # where the next client frame header starts while held
+
+    def prove(self) -> bool | None:
+        """While held: True once a SETTINGS acknowledgement starts at or after `queued` (frames read from the
+        start of the client's bytes, all still in `to_upstream`), False if the bytes are not HTTP/2, else
+        None (wait for more)."""
+        assert self.queued is not None
+        data = self.to_upstream
+        if data[:len(_PREFACE)] != _PREFACE[:len(data)]:
+            return False
+        while len(data) >= self.scan + _FRAME_HEADER:
+            header = data[self.scan:self.scan + _FRAME_HEADER]
+            length = int.from_bytes(header[:3], "big")
+            if self.scan >= self.queued and header[3] == _SETTINGS and header[4] & _ACK and length == 0:
+                return True
+            self.scan += _FRAME_HEADER + length
+        return None
 
 
 def fit_descriptors(wanted: int) -> int:
@@ -172,6 +209,9 @@ class Relay:
                     for connection in [c for c in self._connections.values()
                                        if now - c.last_heard > self.limits.idle_timeout]:
                         self._close(connection, "idle")
+                    for connection in [c for c in self._connections.values()
+                                       if c.queued is not None and now - c.accepted > PROOF_TIMEOUT]:
+                        self._close(connection, "unproven")
         except Exception:
             log.exception("the Workload API relay failed")
         finally:
@@ -234,6 +274,12 @@ class Relay:
                        "(workloadAPI.maxConnectionsPerUID): refusing more", uid, self._per_uid[uid])
             return
         credentials = attest(pid, uid, gid)  # only for a connection within the limits: /proc is read here
+        try:  # after the executable was read: what is queued now may have been written by a former one
+            queued = struct.unpack("i", fcntl.ioctl(client.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+        except OSError as exc:
+            client.close()
+            self._warn("attest", "cannot attest a Workload API connection: %s", exc)
+            return
         name = f"keyseal-agent-{secrets.token_hex(16)}"
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -246,6 +292,8 @@ class Relay:
             self._warn("upstream", "cannot relay a Workload API connection: %s", exc)
             return
         connection = _Connection(name, credentials, client, upstream, time.monotonic())
+        if queued and credentials.exe is not None:
+            connection.queued = queued
         self._connections[name] = connection
         self._per_uid[uid] += 1
         with self._lock:
@@ -260,7 +308,8 @@ class Relay:
         room_up, room_down = len(connection.to_upstream) < CHUNK, len(connection.to_client) < CHUNK
         for sock, side, readable, pending in (
                 (connection.client, _CLIENT, room_up and not connection.client_done, connection.to_client),
-                (connection.upstream, _UPSTREAM, room_down and not connection.upstream_done, connection.to_upstream)):
+                (connection.upstream, _UPSTREAM, room_down and not connection.upstream_done,
+                 connection.to_upstream if connection.queued is None else b"")):
             events = (selectors.EVENT_READ if readable else 0) | (selectors.EVENT_WRITE if pending else 0)
             try:
                 key: selectors.SelectorKey | None = self._selector.get_key(sock)
@@ -280,12 +329,16 @@ class Relay:
             if side == _CLIENT:
                 if mask & selectors.EVENT_READ:
                     self._read_client(connection)
+                    if connection.queued is not None and not self._proven(connection):
+                        return
                 self._send(connection.client, connection.to_client)
-                self._send(connection.upstream, connection.to_upstream)
+                if connection.queued is None:
+                    self._send(connection.upstream, connection.to_upstream)
             else:
                 if mask & selectors.EVENT_READ:
                     self._read_upstream(connection)
-                self._send(connection.upstream, connection.to_upstream)
+                if connection.queued is None:
+                    self._send(connection.upstream, connection.to_upstream)
                 self._send(connection.client, connection.to_client)
         except _ForeignWriter:
             self._close(connection, "foreign_writer")
@@ -331,6 +384,17 @@ class Relay:
             raise _ForeignWriter
         connection.last_heard = time.monotonic()
         connection.to_upstream += data
+
+    def _proven(self, connection: _Connection) -> bool:
+        """For a held connection: release it once proven; close it (and say False) when it cannot be."""
+        proof = connection.prove()
+        if proof:
+            connection.queued = None
+            return True
+        if proof is False or connection.client_done or len(connection.to_upstream) >= CHUNK:
+            self._close(connection, "unproven")
+            return False
+        return True
 
     def _read_upstream(self, connection: _Connection) -> None:
         try:

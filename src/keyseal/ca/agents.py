@@ -47,13 +47,13 @@ class AgentApi:
     def entries(self) -> EntryStore:
         """The server store's entries, opened at the first agent call (a Kubernetes store needs its API)."""
         if self._entries is None:
-            self._entries = entry_store_for(self.api.config)
+            self._entries = entry_store_for(self.api.config, self.api.kube_api_client)
         return self._entries
 
     @property
     def tokens(self) -> JoinTokens:
         if self._tokens is None:
-            self._tokens = join_tokens_for(self.api.config)
+            self._tokens = join_tokens_for(self.api.config, self.api.kube_api_client)
         return self._tokens
 
     # -- helpers ------------------------------------------------------------------------------------------
@@ -126,15 +126,18 @@ class AgentApi:
         if not isinstance(token, str) or not token or len(token) > 256:
             raise UsageError("token is missing: give the join token from keyseal entry join-token")
         # The token first, read only: one nobody issued costs neither a signature check nor a write.
+        # Everything that can fail (a running agent, the registry, the CSR, the signature) happens before the
+        # token is spent, so only a join that is answered with an SVID redeems it.
         now = self.api.manager.clock()
         agent_id = self.tokens.lookup(token, now)
+        answer: dict[str, Any] | None = None
         if agent_id is not None:
-            parse_csr(document.get("csr"))  # type: ignore[arg-type]  # a bad CSR must not burn the token
-            agent_id = self.tokens.redeem(token, now)  # None if another request redeemed it meanwhile
-        if agent_id is None:
+            answer = self._issue(agent_id, document.get("csr"), self.api.config.x509_ttl)
+            if self.tokens.redeem(token, now) != agent_id:  # another request redeemed it meanwhile
+                answer = None
+        if agent_id is None or answer is None:
             log.warning("refused an agent join from %s: unknown, used or expired join token", request.peer)
             raise self._refuse(401, "unauthenticated", "the join token is unknown, used or expired: issue a new one")
-        answer = self._issue(agent_id, document.get("csr"), self.api.config.x509_ttl)
         self._note_agent_svid(agent_id, answer)
         log.info("agent %s joined from %s", agent_id, request.peer)
         return self._json({**answer, "bundle": self._bundle()})

@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from keyseal.ca.audit_logging import AuditLogging
 from keyseal.ca.k8s_config import K8sConfig, parse_kubernetes_section
 from keyseal.ca.spiffeid import check_path_prefix, check_trust_domain
 from keyseal.errors import InputError, UsageError
@@ -155,13 +156,14 @@ class Config:
     refresh_hint: timedelta = timedelta(minutes=5)
     # The longest a join token is honoured after it was created, whatever expiry the token itself names.
     join_token_max_ttl: timedelta = timedelta(hours=1)
-    listen_host: str = "0.0.0.0"  # noqa: S104 - a server in a pod listens on all addresses by default
+    listen_host: str = "127.0.0.1"  # all addresses only when asked (server.listen: 0.0.0.0:8443, as the chart does)
     listen_port: int = 8443
     tls: TlsConfig = field(default_factory=TlsConfig)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     clients: tuple[ClientConfig, ...] = ()
     log_level: str = "info"
     kubernetes: K8sConfig | None = None  # node attestation and identity templates (keyseal.ca.k8s_config)
+    audit: AuditLogging = field(default_factory=AuditLogging)
 
     def kek_spec(self) -> str:
         """The KEK spec the wrapping library parses (`local:PATH`, `awskms:<ARN>` or `vault:MOUNT/KEY`)."""
@@ -338,8 +340,18 @@ def parse_config(data: object) -> Config:
         )
     values["log_level"] = root.choice("logLevel", ("debug", "info", "warning", "error"), "info")
     values["kubernetes"] = parse_kubernetes_section(root.section("kubernetes"), values["store_type"])
+    values["audit"] = _audit(root.section("audit"))
     root.done()
     return Config(**values)
+
+
+def _audit(section: _Section) -> AuditLogging:
+    """`audit:` where the audit lines (one per SVID) go: keyseal.ca.audit_logging."""
+    level = section.choice("level", ("debug", "info", "warning"), "info")
+    console = section.choice("console", ("auto", "lines", "summary", "off"), "auto")
+    interval = parse_duration(section.get("summaryInterval") or "1m", "audit.summaryInterval")
+    section.done()
+    return AuditLogging(level, console, interval)
 
 
 def _exactly_one_provider(custody: str, values: dict[str, Any]) -> None:
@@ -507,7 +519,7 @@ def _lifetimes(root: _Section) -> dict[str, Any]:
 
 
 def _server(server: _Section) -> dict[str, Any]:
-    host, port = _listen(server.text("listen", "0.0.0.0:8443") or "", "server.listen")
+    host, port = _listen(server.text("listen", "127.0.0.1:8443") or "", "server.listen")
     tls_section = server.section("tls")
     cert_file = tls_section.text("certFile")
     key_file = tls_section.text("keyFile")
@@ -580,6 +592,28 @@ def load_config(path: Path) -> Config:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise UsageError(f"configuration file {path} is not valid YAML{where}") from None
     try:
-        return parse_config(data)
+        config = parse_config(data)
+        _refuse_host_defaults(data, config)
     except UsageError as exc:
         raise type(exc)(f"{path}: {exc.message}") from None
+    return config
+
+
+def _given(data: object, *keys: str) -> bool:
+    for key in keys:
+        if not isinstance(data, Mapping):
+            return False
+        data = data.get(key)
+    return bool(data)
+
+
+def _refuse_host_defaults(data: object, config: Config) -> None:
+    """A configuration file must say where the server keeps its keys: a default would put them in the host's
+    /var/lib/keyseal (as root) or wrap them with the KEK in the user's own keyseal home. `keyseal dev` is the way
+    to try the server without choosing either."""
+    if config.store_type == "directory" and not _given(data, "store", "directory", "path"):
+        raise UsageError("store.directory.path is not set: name the directory that keeps the CA's wrapped keys "
+                         "(e.g. /var/lib/keyseal), or try keyseal dev for a local trust domain")
+    if config.custody == "wrapped" and config.wrapping_provider == "local" and config.local_kek_file is None:
+        raise UsageError("keyWrapping.local.kekFile is not set: name the KEK file that wraps the CA keys (keep "
+                         "it apart from the store), or try keyseal dev for a local trust domain")

@@ -257,17 +257,17 @@ CLOCK_SKEW = timedelta(minutes=5)  # between the machine that issued a token and
 
 @dataclass(frozen=True)
 class StoredToken:
-    """A join token as stored: whom it joins, until when it says it is good, when the store says it was created
-    (None if the store does not know), and whether it may replace an agent that still holds an SVID."""
+    """A join token as stored: whom it joins, until when it says it is good, and when the store says it was
+    created (None if the store does not know). Nothing a token says lets it replace a running agent: whoever
+    may create tokens could say it."""
 
     agent_id: str
     expires: datetime
     created: datetime | None
-    replace: bool = False
 
 
 class AgentStillActiveError(UsageError):
-    """A join token names an agent whose X.509-SVID has not expired, and does not say replace."""
+    """A join token names an agent whose X.509-SVID has not expired (and that the store was not told to forget)."""
 
 
 class AgentRegistry(abc.ABC):
@@ -282,13 +282,22 @@ class AgentRegistry(abc.ABC):
     def issued(self, agent_id: str, expires: datetime) -> None:
         """Remember that an SVID lasting until `expires` was issued to the agent (never moves backwards)."""
 
+    @abc.abstractmethod
+    def forget(self, agent_id: str) -> bool:
+        """Drop the agent's record (whether there was one), so a join token for it is accepted while its SVID
+        lasts: what `keyseal entry join-token --replace` does with the store's administrator's access."""
+
+    def check(self) -> None:
+        """Raise (one line) if the registry cannot be read at all, so the server fails closed at start."""
+        return None
+
 
 class JoinTokens(abc.ABC):
     """One-time agent join tokens: only their SHA-256 is stored; redeeming one removes it.
 
     Whoever can write a token can make one for any agent with any expiry, so the server decides how long a token
     lives (`max_ttl` from its creation, whatever it says) and refuses one for an agent that still holds an
-    unexpired SVID unless the token says replace (`registry`)."""
+    unexpired SVID (`registry`) until an administrator makes the registry forget that agent."""
 
     def __init__(self, trust_domain: str, max_ttl: timedelta = DEFAULT_JOIN_TOKEN_MAX_TTL,
                  registry: AgentRegistry | None = None) -> None:
@@ -297,7 +306,7 @@ class JoinTokens(abc.ABC):
         self.registry = registry
 
     @abc.abstractmethod
-    def _add(self, digest: str, agent_id: str, expires: datetime, now: datetime, replace: bool) -> None:
+    def _add(self, digest: str, agent_id: str, expires: datetime, now: datetime) -> None:
         """Store a token by its SHA-256 (hex)."""
 
     @abc.abstractmethod
@@ -311,7 +320,9 @@ class JoinTokens(abc.ABC):
 
     def issue(self, agent_name: str, ttl: timedelta, now: datetime | None = None, *,
               replace: bool = False) -> tuple[str, str]:
-        """A new token and the SPIFFE ID the agent that redeems it will have."""
+        """A new token and the SPIFFE ID the agent that redeems it will have. With `replace`, the registry first
+        forgets the agent (this needs the store access that token creators are not given), so the token is
+        accepted even though the agent still holds an SVID."""
         if not _AGENT_NAME_RE.fullmatch(agent_name):
             raise UsageError("agent name: 1-128 letters, digits, '.', '_' or '-' (e.g. the node name)")
         if agent_name == "k8s_psat":  # the parent of the agents attested by service account tokens
@@ -325,20 +336,37 @@ class JoinTokens(abc.ABC):
         token = secrets.token_urlsafe(32)
         agent_id = f"spiffe://{self.trust_domain}{AGENT_PATH}/{agent_name}"
         moment = now or datetime.now(UTC)
-        self._add(token_digest(token), agent_id, moment + ttl, moment, replace)
+        if replace:
+            if self.registry is None:
+                raise UsageError("this store keeps no registry of joined agents: --replace has nothing to forget")
+            if self.registry.forget(agent_id):
+                log.warning("forgot the joined agent %s: a join token for it is accepted while its SVID lasts",
+                            agent_id)
+        self._add(token_digest(token), agent_id, moment + ttl, moment)
         return token, agent_id
 
     def lookup(self, token: str, now: datetime) -> str | None:
         """The agent SPIFFE ID the token names while it may be redeemed, else None; reads, never writes (a join
-        with a token nobody issued must cost the server as little as possible)."""
-        return self._peek(token_digest(token), now)
+        with a token nobody issued must cost the server as little as possible). A token for an agent that still
+        holds an unexpired SVID is refused here (AgentStillActiveError), before it is spent: like a failure to
+        read the registry, the refusal leaves the token as it was."""
+        agent_id = self._peek(token_digest(token), now)
+        if agent_id is not None and self.registry is not None:
+            expiry = self.registry.svid_expiry(agent_id)
+            if expiry is not None and expiry > now:
+                log.warning("refused a join token for %s: the agent holds an X.509-SVID until %s", agent_id,
+                            format_time(expiry))
+                raise AgentStillActiveError(
+                    f"{agent_id} still holds an unexpired X.509-SVID (until {format_time(expiry)}): to replace "
+                    f"that agent, an administrator runs keyseal entry join-token --replace (it forgets the agent "
+                    f"first), or wait until its SVID expired")
+        return agent_id
 
     def redeem(self, token: str, now: datetime) -> str | None:
         """The agent SPIFFE ID the token names, once; None for an unknown, used or expired token, or one that
         claims to live longer than `max_ttl` from when the store says it was created (the API server's
-        creationTimestamp; for a token without one, from now). A token for an
-        agent that still holds an unexpired SVID is spent and refused (AgentStillActiveError) unless it says
-        replace."""
+        creationTimestamp; for a token without one, from now). The one point of redemption: whether the agent
+        still runs is checked by `lookup`, before it."""
         found = self._take(token_digest(token), now)
         if found is None or not self.is_agent_id(found.agent_id):
             return None
@@ -349,18 +377,6 @@ class JoinTokens(abc.ABC):
             return None
         if found.expires <= now:
             return None
-        if self.registry is not None:
-            expiry = self.registry.svid_expiry(found.agent_id)
-            if expiry is not None and expiry > now:
-                if not found.replace:
-                    log.warning("refused a join token for %s: the agent holds an X.509-SVID until %s", found.agent_id,
-                                format_time(expiry))
-                    raise AgentStillActiveError(
-                        f"{found.agent_id} still holds an unexpired X.509-SVID (until {format_time(expiry)}): the "
-                        f"token is spent; to replace that agent, issue a token with --replace (keyseal entry "
-                        f"join-token --replace), or wait until its SVID expired")
-                log.warning("join token for %s replaces an agent whose X.509-SVID lasts until %s", found.agent_id,
-                            format_time(expiry))
         return found.agent_id
 
     def is_agent_id(self, agent_id: object) -> bool:
@@ -380,12 +396,10 @@ class DirectoryJoinTokens(JoinTokens):
         super().__init__(trust_domain, max_ttl, registry)
         self.file = _JsonFile(path)
 
-    def _add(self, digest: str, agent_id: str, expires: datetime, now: datetime, replace: bool) -> None:
+    def _add(self, digest: str, agent_id: str, expires: datetime, now: datetime) -> None:
         def add(data: dict[str, Any]) -> None:
             token: dict[str, Any] = {"agent_id": agent_id, "expires": int(expires.timestamp()),
                                      "created": int(now.timestamp())}
-            if replace:
-                token["replace"] = True
             data.setdefault("tokens", {})[digest] = token
 
         self.file.change(add)
@@ -406,8 +420,7 @@ class DirectoryJoinTokens(JoinTokens):
                 return None
             created = found.get("created")
             return StoredToken(str(found.get("agent_id")), datetime.fromtimestamp(_number(found, "expires"), UTC),
-                               datetime.fromtimestamp(created, UTC) if type(created) is int else None,
-                               found.get("replace") is True)
+                               datetime.fromtimestamp(created, UTC) if type(created) is int else None)
 
         result: StoredToken | None = self.file.change(take)
         return result
@@ -442,6 +455,13 @@ class DirectoryAgentRegistry(AgentRegistry):
                 del agents[key]  # expired: a join for that agent needs no replace any more
 
         self.file.change(note)
+
+    def forget(self, agent_id: str) -> bool:
+        def drop(data: dict[str, Any]) -> bool:
+            return data.setdefault("agents", {}).pop(agent_id, None) is not None
+
+        forgotten: bool = self.file.change(drop)
+        return forgotten
 
 
 def entry_store_for(config: Config, api_client: Any = None) -> EntryStore:

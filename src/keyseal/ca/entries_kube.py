@@ -16,7 +16,8 @@ keyseal.dev, v1; deploy/crds/), in the namespace of the WrappedKey records.
   issued to an agent expires (written at join and renewal), so a join token for a running agent is refused.
 
 RBAC: the server needs list on registrationentries, get, delete on jointokens and get, create, update on
-joinedagents; `keyseal entry` (an operator's kubeconfig) needs create, list, delete on entries and tokens.
+joinedagents; `keyseal entry` (an operator's kubeconfig) needs create, list, delete on entries and tokens, and
+`join-token --replace` delete on joinedagents (it forgets the running agent: the token itself cannot say replace).
 Create on jointokens mints agent identities: it is as sensitive as administering the CA.
 """
 
@@ -120,9 +121,9 @@ class _Resources:
         except Exception as exc:
             if not is_client_error(exc):
                 raise
-            if status_of(exc) == 404:
+            if status_of(exc) == 404 and _names_missing_object(exc, name):
                 return None
-            raise self.translate(exc, "get", name) from None
+            raise self.translate(exc, "get", name) from None  # a 404 without: the resource type is not served
         return obj
 
     def delete(self, name: str, preconditions: dict[str, str] | None = None) -> bool:
@@ -175,6 +176,17 @@ class _Resources:
         return BackendUnavailableError(
             f"cannot reach the Kubernetes API at {self.server} to {verb} {where} ({type(exc).__name__}): "
             f"check the cluster address and network")
+
+
+def _names_missing_object(exc: Exception, name: str) -> bool:
+    """Whether a 404 says that the object `name` does not exist (a Status NotFound naming it), as opposed to the
+    API server not serving the resource type at all (a CRD that was never applied: `404 page not found`)."""
+    try:
+        status = json.loads(getattr(exc, "body", None) or "")
+    except (TypeError, ValueError):
+        return False
+    details = status.get("details") if isinstance(status, dict) else None
+    return isinstance(details, dict) and status.get("reason") == "NotFound" and details.get("name") == name
 
 
 def _resources(config: Config, api_client: Any, plural: str) -> _Resources:
@@ -298,10 +310,8 @@ class KubeJoinTokens(JoinTokens):
     def _name(self, digest: str) -> str:
         return f"{self.prefix}-join-{digest}"
 
-    def _add(self, digest: str, agent_id: str, expires: datetime, now: datetime, replace: bool) -> None:
+    def _add(self, digest: str, agent_id: str, expires: datetime, now: datetime) -> None:
         spec: dict[str, Any] = {"agentID": agent_id, "expiresAt": expires.astimezone(UTC).strftime(_TIME_FORMAT)}
-        if replace:
-            spec["replace"] = True
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": JOIN_KIND,
                 "metadata": _metadata(self._name(digest), self.resources.namespace), "spec": spec}
         if not self.resources.create(body):
@@ -338,7 +348,7 @@ class KubeJoinTokens(JoinTokens):
             return None
         if expires <= now:
             return None
-        return StoredToken(str(agent_id), expires, created, isinstance(spec, dict) and spec.get("replace") is True)
+        return StoredToken(str(agent_id), expires, created)  # a spec.replace (older keyseal) is ignored
 
     def _purge_expired(self, now: datetime) -> None:
         """Remove expired tokens of this prefix: best effort (an operator may lack list or delete)."""
@@ -378,6 +388,14 @@ class KubeAgentRegistry(AgentRegistry):
 
     def svid_expiry(self, agent_id: str) -> datetime | None:
         return self._read(agent_id)[1]
+
+    def forget(self, agent_id: str) -> bool:
+        return self.resources.delete(self._name(agent_id))
+
+    def check(self) -> None:
+        """A get of a name no agent has: 404 NotFound if the JoinedAgent CRD is served, else a one-line error
+        naming the CRD to apply (`helm upgrade` does not install CRDs a chart gained)."""
+        self.resources.get(f"{self.prefix}-agent-served-check")
 
     def issued(self, agent_id: str, expires: datetime) -> None:
         for _ in range(5):

@@ -14,6 +14,7 @@ from cryptography import x509
 from keyseal.aws import observe_kms_calls
 from keyseal.ca import signing_audit
 from keyseal.ca.api import Api
+from keyseal.ca.audit_logging import AuditConsole
 from keyseal.ca.auth import Authenticator
 from keyseal.ca.bundle_configmap import BundleConfigMap
 from keyseal.ca.config import CA_KEY_TYPES, Config
@@ -123,6 +124,7 @@ class CaServer:
         self.config = config
         self.clock = clock
         signing_audit.configure_from_environment()
+        self.audit_console = AuditConsole(config.audit, signing_audit.writes_file())
         self.metrics = Metrics()
         observe_kms_calls(self.metrics.kms_call)
         self.source = source or build_source(config, kube_api_client)
@@ -156,6 +158,10 @@ class CaServer:
 
     def start(self) -> None:
         """Check the custody, load or create the keyset, issue the serving certificate, bind the port."""
+        if self.config.store_type == "kubernetes":  # fail closed: without it, tokens for running agents pass
+            from keyseal.ca.entries import agent_registry_for
+
+            agent_registry_for(self.config, self.api.kube_api_client).check()
         self.manager.start()
         now = self.clock()
         self.tls.renew(self.manager.active_keyset(now) or self.manager.loaded()[-1], now, self._authorities(now))
@@ -171,6 +177,20 @@ class CaServer:
         log.info("serving trust domain %s on https://%s:%d with keyset %s (%s custody)", self.config.trust_domain,
                  self.config.listen_host, self.port, active.number if active else "none active yet",
                  self.config.custody)
+        self.log_bundle_fingerprint()
+        self.audit_console.start()
+
+    def bundle_fingerprint(self) -> str:
+        """SHA-256 of the CA certificate a new node pins to fetch its first trust bundle (keyseal.ca.bootstrap)."""
+        from keyseal.ca.bootstrap import ca_fingerprint
+
+        keyset = self.manager.active_keyset() or self.manager.loaded()[-1]
+        return ca_fingerprint(keyset.ca_certificate)
+
+    def log_bundle_fingerprint(self) -> None:
+        fingerprint = self.bundle_fingerprint()
+        log.info("trust bundle CA sha256 %s: a new node fetches the bundle with keyseal bundle fetch --server "
+                 "https://HOST:%d --sha256 %s -o bundle.pem", fingerprint, self.port, fingerprint)
 
     def answers_from_memory(self, path: str) -> bool:
         """Whether answering `path` needs nothing but this process's memory: the listener then answers it on its
@@ -224,6 +244,7 @@ class CaServer:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=10)
+        self.audit_console.close()
 
     def tick(self) -> None:
         """One pass of the rotation loop: refresh the keysets when a new one is due (and, for wrapped keys, every

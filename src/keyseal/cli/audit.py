@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from keyseal.audit import ENV, configured_log, verify_log
+from keyseal.cli.common import json_option
 from keyseal.errors import AuditChainError, UsageError
 from keyseal.inputfile import read_input
 
@@ -35,10 +36,16 @@ def audit() -> None:
 @click.option("--head", metavar="HEX",
               help="A head an earlier run printed: fail unless the log still holds that line (catches lines cut "
                    "from the end, or a log rewritten whole).")
-def verify(log_path: Path | None, head: str | None) -> None:
+@json_option
+def verify(log_path: Path | None, head: str | None, as_json: bool) -> None:
     """Check the chain: exit 0 with the line count and head, or exit 1 naming the first broken line."""
     path = _log_path(log_path)
     report = verify_log(path, head)
+    if as_json:
+        from keyseal.cli.output import print_json
+
+        print_json({"log": str(path), "lines": report.lines, "chain": "intact", "head": report.head})
+        return
     click.echo(f"{report.lines} lines, chain intact, head {report.head}")
 
 

@@ -42,15 +42,16 @@ def entry() -> None:
               help="unix:uid:N, unix:gid:N or unix:path:/abs/exe; a workload must match all of them.")
 @click.option("--x509-ttl", default=None, help="X.509-SVID lifetime (at most the server's x509SVID.ttl).")
 @click.option("--jwt-ttl", default=None, help="JWT-SVID lifetime (at most the server's jwtSVID.ttl).")
+@click.option("--json", "as_json", is_flag=True, help="Print the entry as one JSON document (for scripts).")
 def create(config_path: Path, spiffe_id: str, parent_id: str, selectors: tuple[str, ...], x509_ttl: str | None,
-           jwt_ttl: str | None) -> None:
+           jwt_ttl: str | None, as_json: bool) -> None:
     """Create an entry; prints its ID."""
     from keyseal.ca.entries import entry_store_for
 
     store = entry_store_for(_load(config_path))
     created = store.create(spiffe_id, parent_id, selectors, seconds_of(x509_ttl, "--x509-ttl"),
                            seconds_of(jwt_ttl, "--jwt-ttl"))
-    click.echo(created.entry_id)
+    click.echo(json.dumps(created.to_json(), indent=2) if as_json else created.entry_id)
 
 
 @entry.command("list")
@@ -84,8 +85,10 @@ def delete(config_path: Path, entry_id: str) -> None:
 @click.option("--ttl", default="10m", show_default=True,
               help="How long the token may be redeemed (at most the server's agents.joinTokenMaxTTL).")
 @click.option("--replace", is_flag=True,
-              help="Join even if the agent still holds an unexpired SVID (e.g. its node lost its saved state).")
-def join_token(config_path: Path, agent_name: str, ttl: str, replace: bool) -> None:
+              help="Forget the agent first, so the token joins even though it still holds an unexpired SVID (e.g. "
+                   "its node lost its saved state); needs delete on joinedagents or write access to the store.")
+@click.option("--json", "as_json", is_flag=True, help="Print the token and the agent's SPIFFE ID as one JSON document.")
+def join_token(config_path: Path, agent_name: str, ttl: str, replace: bool, as_json: bool) -> None:
     """Issue a one-time join token for an agent; prints the token (keep it secret) and the agent's SPIFFE ID.
     Whoever holds the token becomes that agent: issuing one is as sensitive as administering the CA."""
     from datetime import timedelta
@@ -94,5 +97,8 @@ def join_token(config_path: Path, agent_name: str, ttl: str, replace: bool) -> N
 
     token, agent_id = join_tokens_for(_load(config_path)).issue(
         agent_name, timedelta(seconds=seconds_of(ttl, "--ttl")), replace=replace)
-    click.echo(token)
-    click.echo(agent_id, err=True)
+    if as_json:
+        click.echo(json.dumps({"token": token, "agentID": agent_id, "ttl": ttl}, indent=2))
+        return
+    click.echo(token)  # alone on stdout: TOKEN=$(keyseal entry join-token ...)
+    click.echo(f"agent SPIFFE ID: {agent_id}", err=True)

@@ -32,6 +32,7 @@ from keyseal.openpgp.sign import (
 from keyseal.openpgp.signature import SignaturePacket
 from keyseal.openpgp.stream import hash_file
 from keyseal.openpgp.verify import parse_detached
+from keyseal.progress import files_meter
 
 
 def plan_outputs(files: tuple[Path, ...], output: Path | None, armored: bool, force: bool,
@@ -174,7 +175,9 @@ def sign(key_uri: str, certs: tuple[Path, ...], armored: bool, clear: bool, dige
         pairs = plan_outputs(files, output, True, force, append=True, suffix=SUFFIXES[fmt])
         for _, dst in pairs:
             refuse_existing(dst, force)
-        for path in sign_files(fmt, key_uri, pairs, namespace, force, jobs, kms_endpoint, kek):
+        with files_meter([src for src, _ in pairs], "signing"):
+            written = sign_files(fmt, key_uri, pairs, namespace, force, jobs, kms_endpoint, kek)
+        for path in written:
             click.echo(str(path))
         return
     if append and force:
@@ -187,7 +190,8 @@ def sign(key_uri: str, certs: tuple[Path, ...], armored: bool, clear: bool, dige
         preferences = next((cert.hash_preferences for cert in certificates
                             if any(e.key.fingerprint == identity.fingerprint for e in cert.signing_keys)), ())
         hash_name = choose_hash(signer, identity.public_key, digest, preferences)  # type: ignore[arg-type]
-        with ThreadPoolExecutor(max_workers=min(jobs, len(pairs))) as pool:
+        with files_meter([src for src, _ in pairs], "signing"), \
+                ThreadPoolExecutor(max_workers=min(jobs, len(pairs))) as pool:
             futures = [pool.submit(sign_one, signer, identity, hash_name, src, dst, armored, force, policy, clear)
                        for src, dst in pairs]
             written = [future.result() for future in futures]

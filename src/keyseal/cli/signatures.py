@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from keyseal.atomic import write_atomic
+from keyseal.cli.common import json_option
 from keyseal.errors import OutputExistsError
 from keyseal.inputfile import read_input
 
@@ -31,9 +32,10 @@ def signatures() -> None:
               help="Certificates that may hold revocations (repeatable), besides the keyseal keyring's.")
 @click.option("--keep-revoked-signatures", "keep_revoked", is_flag=True,
               help="Keep a signature by a key revoked so that it no longer counts (a warning is printed).")
+@json_option
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 def merge(data: Path, output: Path | None, armored: bool, force: bool, certs: tuple[Path, ...], keep_revoked: bool,
-          files: tuple[Path, ...]) -> None:
+          as_json: bool, files: tuple[Path, ...]) -> None:
     """Merge the signatures of FILES (armored or binary) into one file: each must be over DATA; an exact
     duplicate is kept once, and two different signatures by one key, or a signature by a key revoked so that it
     no longer counts (known from --cert or the keyseal keyring), are refused."""
@@ -55,4 +57,10 @@ def merge(data: Path, output: Path | None, armored: bool, force: bool, certs: tu
     known = KnownCertificates(load_certificate_files(certs))
     merged = merge_signatures(data, [(str(f), read_input(f, "signature")) for f in files], known, keep)
     write_atomic(target, render(encode_signatures(merged), armored), mode=0o644, force=True)
+    if as_json:
+        from keyseal.cli.output import print_json
+
+        print_json({"output": str(target), "signatures": len(merged),
+                    "signers": [sig.issuer_fingerprint.hex().upper() for sig in merged if sig.issuer_fingerprint]})
+        return
     click.echo(f"{target}: {len(merged)} signature(s)")

@@ -20,7 +20,7 @@ from keyseal.errors import OpenPGPError, VerificationError
 from keyseal.openpgp import hashids
 from keyseal.openpgp.armor import dearmor_or_binary
 from keyseal.openpgp.cert import Certificate, SigningKey, merge_certificates
-from keyseal.openpgp.packets import TAG_MARKER, TAG_SIGNATURE, iter_packets
+from keyseal.openpgp.packets import TAG_MARKER, TAG_PUBLIC_KEY, TAG_SECRET_KEY, TAG_SIGNATURE, iter_packets
 from keyseal.openpgp.prefetch import PrefetchedHashes
 from keyseal.openpgp.signature import (
     SIG_BINARY,
@@ -60,8 +60,12 @@ def parse_detached(data: bytes) -> list[SignaturePacket]:
     for packet in iter_packets(binary):
         if packet.tag == TAG_MARKER:
             continue
+        if packet.tag in (TAG_PUBLIC_KEY, TAG_SECRET_KEY):
+            raise OpenPGPError("the signature given is an OpenPGP key or certificate, not a signature: give the "
+                               "FILE.asc or FILE.sig that keyseal sign wrote (the certificate goes to --cert)")
         if packet.tag != TAG_SIGNATURE:
-            raise OpenPGPError(f"not a detached signature: it contains a packet of type {packet.tag}")
+            raise OpenPGPError(f"the signature given is not a detached OpenPGP signature (it holds an OpenPGP "
+                               f"packet of type {packet.tag}): give the FILE.asc or FILE.sig that keyseal sign wrote")
         signatures.append(parse_signature(packet.body))
     if not signatures:
         raise OpenPGPError("not a detached signature: no signature packet found")

@@ -8,6 +8,12 @@ its location and under its own identity (what its associated data binds: scope a
 for a record without a scope), so an older copy is refused wherever it is put. A store may have a scope (the
 server's: trust domain and namespace): its records are written bound to it, and one bound elsewhere is refused.
 
+Upgrades: a store with a scope still reads unbound (v1) records, which an older keyseal wrote and, during a rolling
+upgrade, may still write (an older replica rotating a slot writes v1 at the next version). So a v1 record newer
+than the store's mark is accepted, with a warning, until a bound (v2) record of that name has been seen (the
+ledger then holds the flag `<identity>#bound`): from then on no older keyseal can have written it (they do not read
+v2), and a v1 record of that name is refused whatever its version. An older record is refused as ever.
+
 `import keyseal.store` imports no SDK; `keyseal.store.kubernetes` imports the `kubernetes` client.
 """
 
@@ -20,7 +26,14 @@ from dataclasses import dataclass
 
 from keyseal.errors import StoreConflictError, WrappedRecordError
 from keyseal.wrapping.ledger import VersionLedger
-from keyseal.wrapping.record import FORMAT_V2, WrappedRecord, check_record_name, check_scope, format_time
+from keyseal.wrapping.record import (
+    FORMAT_V2,
+    SEEN_VERSIONS_TYPE,
+    WrappedRecord,
+    check_record_name,
+    check_scope,
+    format_time,
+)
 
 __all__ = ["RecordStore", "StoredRecord"]
 
@@ -43,6 +56,7 @@ class RecordStore(abc.ABC):
     def __init__(self, ledger: VersionLedger, scope: str = "") -> None:
         self.ledger = ledger
         self.scope = check_scope(scope)
+        self._upgrade_warned: set[tuple[str, int]] = set()  # v1 records taken as written by an older keyseal
 
     def identity_key(self, record: WrappedRecord) -> str:
         """The record's own identity in the version ledger, wherever it is stored: its scope and name (bound by
@@ -56,9 +70,16 @@ class RecordStore(abc.ABC):
 
     def remember(self, record: WrappedRecord) -> None:
         """Raise the ledger to this record's version, under its location and its identity (after it was
-        authenticated or written: a forged record must not poison the ledger)."""
+        authenticated or written: a forged record must not poison the ledger). For a bound (v2) record, also flag
+        that its name holds bound records now (once; not for the seen-versions record, which keeps no flag)."""
         self.ledger.record(self.ledger_key(record.name), record.version)
         self.ledger.record(self.identity_key(record), record.version)
+        if self.scope and record.scope and record.key_type != SEEN_VERSIONS_TYPE:
+            self.ledger.record(self._bound_key(record.name), 1)
+
+    def _bound_key(self, name: str) -> str:
+        """The ledger key flagging that a bound (v2) record of `name` was seen here (`#` is in no record name)."""
+        return f"record:{self.scope}|{name}#bound"
 
     def highest_seen(self, name: str) -> int:
         """The highest version of `name` this store's ledger has seen (0: none), for the next write."""
@@ -116,14 +137,26 @@ class RecordStore(abc.ABC):
         self.ledger.check(self.ledger_key(name), record.version, where)
         self.ledger.check(self.identity_key(record), record.version, where)
         if self.scope and not record.scope:
-            highest = self.ledger.highest(self.identity_key(record))
-            if highest is not None and record.version > highest:
-                raise WrappedRecordError(
-                    f"{where} is an unbound (format v1) record of version {record.version}, newer than any this store "
-                    f"has seen ({highest}), but this store writes only bound (v2) records: refusing a record put "
-                    f"there from elsewhere; restore the store's own record"
-                )
+            self._check_unbound(record, where)
         return StoredRecord(record, revision)
+
+    def _check_unbound(self, record: WrappedRecord, where: str) -> None:
+        """A v1 record in a store with a scope (see the module's Upgrades): refused once a bound record of its
+        name was seen; accepted, loudly, if newer than the store's mark (an older replica of a rolling upgrade
+        rotated it; the mark rises once it is opened under the configured KEK)."""
+        if self.ledger.highest(self._bound_key(record.name)):
+            raise WrappedRecordError(
+                f"{where} is an unbound (format v1) record, but this store has held bound (v2) records of "
+                f"{record.name!r}, which no older keyseal rewrites: refusing a record put there from elsewhere; "
+                f"restore the store's own record"
+            )
+        highest = self.ledger.highest(self.identity_key(record))
+        if highest is not None and record.version > highest and (where, record.version) not in self._upgrade_warned:
+            self._upgrade_warned.add((where, record.version))
+            log.warning("%s is an unbound (format v1) record of version %d, newer than the version %d this store "
+                        "has seen: taken as written by an older keyseal that is still running (a rolling upgrade); "
+                        "finish the upgrade. It becomes bound (v2) at its next write", where, record.version,
+                        highest)
 
     def put(self, name: str, record: WrappedRecord, expected_revision: str | None) -> str:
         """Conditional write (see `_write`); the ledger then remembers the new version."""

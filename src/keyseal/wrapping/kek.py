@@ -85,6 +85,8 @@ class KekProvider(abc.ABC):
             back = self.unwrap(self.wrap(dek, context), context, f"the {self.provider} key wrapping canary")
             ok = back == dek
             zero(back)
+        except UsageError:
+            raise  # e.g. a missing SDK's install hint: said as it is, not as a failed check
         except KeysealError as exc:
             raise type(exc)(f"key wrapping startup check failed: {exc.message}") from None
         finally:

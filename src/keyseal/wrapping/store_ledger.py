@@ -3,8 +3,9 @@
 A replica's own memory (or ledger file) is empty when it starts fresh, so on its own it would accept an older
 record put back into the store and rotate keys over it. A store with a scope (the server's) therefore holds the
 record `keyseal-seen-versions` (format v2, keyType `seen-versions`): a JSON map of record name -> highest version
-ever written or opened, sealed like any record (AES-256-GCM under a fresh DEK wrapped by the same KEK, bound to the
-store's scope, its own name and version). Every replica reads it (one unwrap per change of it) and refuses a record
+ever written or opened (and `<name>#bound` -> 1 once a v2 record of that name was: see keyseal.store), sealed
+like any record (AES-256-GCM under a fresh DEK wrapped by the same KEK, bound to the store's scope, its own name
+and version). Every replica reads it (one unwrap per change of it) and refuses a record
 older than it; every write or first open of a newer version raises it, by conditional write (replicas that raise
 it at once merge). It is itself versioned, so a replica that read it refuses an older copy of it too.
 
