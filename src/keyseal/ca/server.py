@@ -5,7 +5,9 @@ port is opened, so a server that cannot reach KMS exits without listening and wi
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -16,8 +18,9 @@ from keyseal.ca import signing_audit
 from keyseal.ca.api import Api
 from keyseal.ca.auth import Authenticator
 from keyseal.ca.bundle_configmap import BundleConfigMap
+from keyseal.ca.bundle_sequence import BundlePublisher, SequenceLedger
 from keyseal.ca.config import CA_KEY_TYPES, Config
-from keyseal.ca.httpd import TlsHttpServer
+from keyseal.ca.httpd import Handler, TlsHttpServer
 from keyseal.ca.manager import Clock, KeysetManager, system_clock
 from keyseal.ca.metrics import Metrics
 from keyseal.ca.pins import KeysetPins
@@ -25,7 +28,7 @@ from keyseal.ca.source import KeysetSource
 from keyseal.ca.tls import TlsContexts
 from keyseal.errors import KeysealError, UsageError
 
-__all__ = ["CaServer", "build_pins", "build_source"]
+__all__ = ["CaServer", "build_pins", "build_sequence_ledger", "build_source"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,27 @@ def build_source(config: Config, kube_api_client: Any = None) -> KeysetSource:
     return WrappedKeysetSource(store, kek, config.record_prefix, x509_type, jwt_type)
 
 
+def build_sequence_ledger(config: Config, kube_api_client: Any = None) -> SequenceLedger:
+    """Where bundle sequences are recorded (keyseal.ca.bundle_sequence): a file in the store directory, or a
+    ConfigMap in the Kubernetes store's namespace, named after store.recordPrefix."""
+    from keyseal.ca.pin_store import ConfigMapPinStore, DirectoryPinStore, LazyPinStore, PinStore
+
+    name = f"{config.record_prefix}-bundle-sequence"
+    store: PinStore
+    if config.store_type == "kubernetes":
+        def configmap() -> PinStore:
+            from keyseal.store.kubernetes import api_client_from_environment, resolve_namespace
+
+            client = kube_api_client or api_client_from_environment(config.kube_api_server)
+            return ConfigMapPinStore(client, resolve_namespace(config.kube_namespace, "the bundle sequences"),
+                                     name, key="bundle-sequence.json")
+
+        store = LazyPinStore(configmap, f"configmap {config.kube_namespace or '(the pod namespace)'}/{name}")
+    else:
+        store = DirectoryPinStore(config.store_path, name)
+    return SequenceLedger(store)
+
+
 def build_pins(config: Config, scope: str, kube_api_client: Any = None) -> KeysetPins:
     """The keyset pins of a key-manager custody, in the configured store (keyseal.ca.pins): a file in the store
     directory, or a ConfigMap in the Kubernetes store's namespace, named after store.recordPrefix."""
@@ -114,12 +138,15 @@ class CaServer:
         observe_kms_calls(self.metrics.kms_call)
         self.source = source or build_source(config, kube_api_client)
         self.manager = KeysetManager(self.source, config.trust_domain, config.ca_ttl, config.refresh_hint, clock)
-        self.api = Api(config, self.manager, Authenticator(config.clients), self.metrics)
+        self.bundles = BundlePublisher(build_sequence_ledger(config, kube_api_client), config.refresh_hint)
+        self.api = Api(config, self.manager, Authenticator(config.clients), self.metrics, self.bundles)
         # In a cluster the node agents read their first trust bundle from a ConfigMap this server keeps current
         # (the chart names it in $KEYSEAL_BUNDLE_CONFIGMAP); elsewhere there is none.
         self.bundle_configmap = BundleConfigMap.from_environment(kube_api_client, config.kube_api_server)
         self.tls = TlsContexts(config)
         self.httpd: TlsHttpServer | None = None
+        # Listeners beside the API, each on its own thread: OIDC discovery, the federation bundle endpoint.
+        self.side_listeners: dict[str, TlsHttpServer] = {}
         self._rotation = rotation_thread
         # Reading records or a local token costs no KMS call: re-read every refresh hint to see a keyset another
         # replica made (for pkcs11, also to agree on one if two writers raced; see pkcs11_source).
@@ -146,10 +173,42 @@ class CaServer:
             raise UsageError(
                 f"cannot listen on {self.config.listen_host}:{self.config.listen_port}: {exc.strerror or exc}"
             ) from None
+        try:
+            self._open_side_listeners()
+        except BaseException:
+            self.httpd.server_close()
+            raise
         active = self.manager.active_keyset()
         log.info("serving trust domain %s on https://%s:%d with keyset %s (%s custody)", self.config.trust_domain,
                  self.config.listen_host, self.port, active.number if active else "none active yet",
                  self.config.custody)
+
+    def _open_side_listeners(self) -> None:
+        """The OIDC discovery listener (oidc.listen), if configured."""
+        oidc = self.config.oidc
+        if oidc is not None and self.config.jwt_issuer is not None:
+            from keyseal.ca.oidc import OidcApi
+            from keyseal.ca.tls_files import FileTlsContext
+
+            files = FileTlsContext(oidc.cert_file, oidc.key_file, "oidc.tls")
+            handler = OidcApi(self.config.jwt_issuer, self.manager, int(self.config.refresh_hint.total_seconds()))
+            self._side_listener("oidc", "oidc.listen", oidc.listen_host, oidc.listen_port, handler, files.context)
+
+    def _side_listener(self, name: str, key: str, host: str, port: int, handler: Handler,
+                       context: Callable[[], ssl.SSLContext]) -> None:
+        try:
+            server = TlsHttpServer(host, port, handler, context, answer_inline=lambda path: True,
+                                   limits=self.config.connections)
+        except OSError as exc:
+            for other in self.side_listeners.values():
+                other.server_close()
+            self.side_listeners.clear()
+            raise UsageError(f"cannot listen on {host}:{port} ({key}): {exc.strerror or exc}") from None
+        self.side_listeners[name] = server
+        log.info("serving %s on https://%s:%d", name, host, server.port)
+
+    def side_port(self, name: str) -> int:
+        return self.side_listeners[name].port
 
     def answers_from_memory(self, path: str) -> bool:
         """Whether answering `path` needs nothing but this process's memory: the listener then answers it on its
@@ -162,6 +221,11 @@ class CaServer:
 
     def serve_forever(self) -> None:
         assert self.httpd is not None
+        for name, side in self.side_listeners.items():
+            thread = threading.Thread(target=side.serve_forever, kwargs={"poll_interval": 0.5},
+                                      name=f"keyseal-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
         if self._rotation:
             thread = threading.Thread(target=self._rotation_loop, name="keyseal-rotation", daemon=True)
             thread.start()
@@ -182,6 +246,10 @@ class CaServer:
             if self._serving.is_set():  # socketserver's shutdown() waits for a serve_forever() that never ran
                 self.httpd.shutdown()
             self.httpd.server_close()
+        for side in self.side_listeners.values():
+            if self._serving.is_set():
+                side.shutdown()
+            side.server_close()
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=10)
@@ -204,8 +272,11 @@ class CaServer:
         self._publish_bundle(now)
 
     def _publish_bundle(self, now: datetime) -> None:
+        keysets = [k for k, _ in self.manager.live(now)]
+        self.bundles.refresh()
+        document, _ = self.bundles.current(keysets)  # the sequence is recorded here, off the listener's thread
         if self.bundle_configmap is not None:
-            self.bundle_configmap.publish_logged([k for k, _ in self.manager.live(now)], self.config.refresh_hint)
+            self.bundle_configmap.publish_logged(keysets, self.config.refresh_hint, document)
 
     def _authorities(self, now: datetime) -> list[x509.Certificate]:
         """The live CA certificates: what a node agent's client certificate (its SVID) may chain to."""

@@ -1,0 +1,151 @@
+"""`spiffe_sequence` changes whenever the bundle's bytes change, and every replica serves the same sequence for
+the same bytes (keyseal.ca.bundle_sequence): a restart with another ca.ttl, ECDSA CA certificates signed again
+by a key manager (KMS), rotation, and replicas starting at the same moment on one store."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keyseal.ca.bundle_sequence import SequenceLedger
+from keyseal.ca.config import parse_config
+from keyseal.ca.pin_store import DirectoryPinStore
+from keyseal.ca.server import CaServer
+from keyseal.errors import KeysealError
+from tests.harness.ca import FakeClock, base_config
+from tests.harness.kms_emulator import KmsEmulator
+from tests.harness.replicas import run_as_replicas
+
+HOUR = timedelta(hours=1)
+
+
+def served(server: CaServer) -> tuple[bytes, int]:
+    """The bundle as the API answers it (bytes), and its sequence."""
+    from keyseal.ca.api import Request
+
+    response = server.api.handle(Request("GET", "/v1/bundle", {}, b"", "test"))
+    assert response.status == 200
+    return response.body, json.loads(response.body)["spiffe_sequence"]
+
+
+def keys_of(body: bytes) -> Any:
+    return json.loads(body)["keys"]
+
+
+def run(config: dict[str, Any], clock: FakeClock) -> tuple[bytes, int]:
+    server = CaServer(parse_config(config), clock=clock, rotation_thread=False)
+    server.start()
+    try:
+        return served(server)
+    finally:
+        server.shutdown()
+
+
+def test_restart_with_another_ca_ttl_changes_the_sequence(tmp_path: Path) -> None:
+    clock = FakeClock()
+    body1, seq1 = run(base_config(tmp_path), clock)
+    again, seq_again = run(base_config(tmp_path), clock)
+    assert (again, seq_again) == (body1, seq1)  # the same bytes keep their sequence
+    body2, seq2 = run(base_config(tmp_path, ca={"ttl": "30h"}), clock)
+    assert body2 != body1  # the CA certificates were derived again with another lifetime ...
+    assert seq2 > seq1  # ... so the sequence moves on (it did not: it was a function of keyset numbers alone)
+    body3, seq3 = run(base_config(tmp_path), clock)  # and back to the old lifetime: still forward
+    assert keys_of(body3) == keys_of(body1) and seq3 > seq2
+
+
+def test_rotation_moves_the_sequence_forward(tmp_path: Path) -> None:
+    clock = FakeClock()
+    server = CaServer(parse_config(base_config(tmp_path)), clock=clock, rotation_thread=False)
+    server.start()
+    try:
+        seen = [served(server)[1]]
+        for _ in range(6):
+            clock.advance(6 * HOUR)
+            server.tick()
+            body, sequence = served(server)
+            assert sequence >= seen[-1] and served(server) == (body, sequence)
+            seen.append(sequence)
+        assert len(set(seen)) >= 4 and seen == sorted(seen)
+    finally:
+        server.shutdown()
+
+
+def test_replicas_serve_the_same_sequence_for_the_same_bytes(tmp_path: Path) -> None:
+    clock = FakeClock()
+    config = parse_config(base_config(tmp_path))
+    CaServer(config, clock=clock, rotation_thread=False).manager.start()  # keyset 1 exists before the race
+    servers: dict[str, CaServer] = {}
+
+    def replica(label: str) -> None:
+        server = CaServer(config, clock=clock, rotation_thread=False)
+        server.start()
+        servers[label] = server
+
+    run_as_replicas(replica, labels=("A", "B", "C"))
+    try:
+
+        answers = {label: served(server) for label, server in servers.items()}
+        assert len(set(answers.values())) == 1, answers
+        clock.advance(13 * HOUR)  # keyset 2 prepared: every replica refreshes at the same time
+        run_as_replicas(lambda label: servers[label].tick(), labels=tuple(servers))
+        after = {label: served(server) for label, server in servers.items()}
+        assert len(set(after.values())) == 1, after
+        assert next(iter(after.values()))[1] > next(iter(answers.values()))[1]
+    finally:
+        for server in servers.values():
+            server.shutdown()
+
+
+def test_a_replica_adopts_the_number_recorded_anew_for_its_contents(tmp_path: Path) -> None:
+    clock = FakeClock()
+    old = CaServer(parse_config(base_config(tmp_path)), clock=clock, rotation_thread=False)
+    old.start()
+    try:
+        body, first = served(old)
+        _, other = run(base_config(tmp_path, ca={"ttl": "30h"}), clock)  # a replica with another ca.ttl
+        again_body, again = run(base_config(tmp_path), clock)  # a replica back on the old one: forward
+        assert keys_of(again_body) == keys_of(body) and again > other > first
+        old.tick()  # the replica that kept running serves the same bytes: it adopts the number recorded for them
+        assert served(old) == (again_body, again)
+    finally:
+        old.shutdown()
+
+
+def test_ecdsa_kms_custody_signing_again_changes_the_sequence(
+        tmp_path: Path, kms_emulator: KmsEmulator, aws_env: dict[str, str]) -> None:
+    prefix = f"test/{uuid.uuid4().hex[:8]}"
+    config = base_config(tmp_path, custody="kms",
+                         aws={"endpoints": {"kms": kms_emulator.endpoint}, "keyManager": {"aliasPrefix": prefix}})
+    clock = FakeClock()
+    body1, seq1 = run(config, clock)
+    body2, seq2 = run(config, clock)  # the same keys; the CA certificate is signed again (ECDSA: new bytes)
+    assert body2 != body1 and [k.get("kid") for k in keys_of(body2)] == [k.get("kid") for k in keys_of(body1)]
+    assert seq2 > seq1
+
+
+def test_the_ledger_gives_one_number_to_contents_raced_by_many_writers(tmp_path: Path) -> None:
+    ledger = SequenceLedger(DirectoryPinStore(tmp_path, "sequences"))
+    assert ledger.sequence_for("a" * 64, 3) == 3
+    results: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def write(label: str) -> None:
+        number = SequenceLedger(DirectoryPinStore(tmp_path, "sequences")).sequence_for("b" * 64, 0)
+        with lock:
+            results[label] = number
+
+    run_as_replicas(write, labels=tuple("ABCDEF"))
+    assert set(results.values()) == {4}
+    assert ledger.sequence_for("b" * 64, 0) == 4  # the newest contents keep their number
+    assert ledger.recorded("a" * 64) == 3
+    assert ledger.sequence_for("a" * 64, 0) == 5  # older contents coming back: forward, never back to 3
+    assert ledger.sequence_for("c" * 64, 10) == 10  # never below the floor (what older versions served)
+    (tmp_path / "sequences.json").write_text("not json")
+    with pytest.raises(KeysealError, match="not a keyseal bundle-sequence document"):
+        ledger.sequence_for("d" * 64, 0)
