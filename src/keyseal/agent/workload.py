@@ -175,7 +175,8 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         if not svids:
             return None, grpc.StatusCode.UNAVAILABLE, (
                 "no valid X.509-SVID: the keyseal server is unreachable and the cached SVIDs expired")
-        return workload_pb2.X509SVIDResponse(svids=svids), None, ""
+        federated = {f"spiffe://{t}": der for t, (der, _) in self.cache.federated_for(entries).items()}
+        return workload_pb2.X509SVIDResponse(svids=svids, federated_bundles=federated), None, ""
 
     def _stream(self, context: grpc.ServicerContext, method: str, build: Any) -> Iterator[Any]:
         """Send `build()` now and again whenever the cache changes it; end with its error when it has one."""
@@ -199,10 +200,11 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         yield from self._stream(context, "FetchX509SVID", lambda: self._x509_response(selectors))
 
     def FetchX509Bundles(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        self._selectors(context, "FetchX509Bundles")
+        selectors = self._selectors(context, "FetchX509Bundles")
         domain = self.cache.trust_domain
-        yield from self._stream(context, "FetchX509Bundles", lambda: (
-            workload_pb2.X509BundlesResponse(bundles={domain: self.cache.bundle_der}), None, ""))
+        yield from self._stream(context, "FetchX509Bundles", lambda: (workload_pb2.X509BundlesResponse(bundles={
+            **{t: der for t, (der, _) in self.cache.federated_for(self.cache.matching(selectors)).items()},
+            domain: self.cache.bundle_der}), None, ""))
 
     # -- the JWT-SVID profile -----------------------------------------------------------------------------
 
@@ -229,10 +231,11 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         return workload_pb2.JWTSVIDResponse(svids=svids)
 
     def FetchJWTBundles(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        self._selectors(context, "FetchJWTBundles")
+        selectors = self._selectors(context, "FetchJWTBundles")
         domain = self.cache.trust_domain
-        yield from self._stream(context, "FetchJWTBundles", lambda: (
-            workload_pb2.JWTBundlesResponse(bundles={domain: self.cache.jwks}), None, ""))
+        yield from self._stream(context, "FetchJWTBundles", lambda: (workload_pb2.JWTBundlesResponse(bundles={
+            **{t: jwks for t, (_, jwks) in self.cache.federated_for(self.cache.matching(selectors)).items()},
+            domain: self.cache.jwks}), None, ""))
 
     def ValidateJWTSVID(self, request: Any, context: grpc.ServicerContext) -> Any:
         method = "ValidateJWTSVID"

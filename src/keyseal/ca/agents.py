@@ -144,8 +144,11 @@ class AgentApi:
     def sync(self, request: Request) -> Response:
         agent_id = self._agent(request)
         self.api._body(request, set())
-        return self._json({"agentID": agent_id, "entries": [e.to_json() for e in self.entries.for_agent(agent_id)],
-                           "bundle": self._bundle()})
+        entries = self.entries.for_agent(agent_id)
+        federation = self.api.federation
+        federated = federation.documents({t for e in entries for t in e.federates_with}) if federation else {}
+        return self._json({"agentID": agent_id, "entries": [e.to_json() for e in entries],
+                           "bundle": self._bundle(), "federatedBundles": federated})
 
     def x509_svid(self, request: Request) -> Response:
         agent_id = self._agent(request)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keyseal.audit.log import utc_second
 from keyseal.ca.auth import Authenticator, Principal, valid_at
@@ -24,6 +25,9 @@ from keyseal.ca.metrics import Metrics
 from keyseal.ca.spiffeid import RESERVED_PATH, SpiffeId, SpiffeIdError, is_reserved, parse_spiffe_id
 from keyseal.ca.x509svid import parse_csr_key, sign_x509_svid
 from keyseal.errors import KeysealError, UsageError, loggable
+
+if TYPE_CHECKING:
+    from keyseal.ca.federation import FederatedBundles
 
 __all__ = ["MAX_BODY_BYTES", "Api", "Request", "Response"]
 
@@ -76,10 +80,11 @@ class Api:
                  metrics: Metrics, bundles: BundlePublisher | None = None) -> None:
         self.config = config
         self.bundles = bundles or BundlePublisher(None, config.refresh_hint)
+        self.federation: FederatedBundles | None = None
         self.manager = manager
         self.authenticator = authenticator
         self.metrics = metrics
-        self._routes = {
+        self._routes: dict[str, tuple[str, Callable[[Request], Response]]] = {
             "/healthz": ("GET", self._health),
             "/readyz": ("GET", self._ready),
             "/metrics": ("GET", self._metrics),
@@ -92,6 +97,10 @@ class Api:
         self._routes.update(agent_routes(self))
         metrics.keyset_states = lambda: [(k.number, s) for k, s in self.manager.live()]
         metrics.bundle_sequence = lambda: self.bundle()[0]["spiffe_sequence"]
+
+    def add_route(self, path: str, method: str, handler: Callable[[Request], Response]) -> None:
+        """A route the server adds beside the API's own (e.g. /v1/federation)."""
+        self._routes[path] = (method, handler)
 
     def handle(self, request: Request) -> Response:
         route = self._routes.get(request.path.split("?", 1)[0])

@@ -30,6 +30,7 @@ class Metrics:
         self._errors: Counter[str] = Counter(dict.fromkeys(ERROR_REASONS, 0))
         self.keyset_states: Callable[[], list[tuple[int, str]]] = list
         self.bundle_sequence: Callable[[], int] = lambda: 0
+        self.extra: list[Callable[[], list[str]]] = []  # more families (federation)
 
     def issued(self, kind: str) -> None:
         with self._lock:
@@ -66,4 +67,6 @@ class Metrics:
             "# TYPE keyseal_custody_alarms_total counter",
             *(f'keyseal_custody_alarms_total{{reason="{k}"}} {v}' for k, v in sorted(alarms.counts().items())),
         ]
+        for more in self.extra:
+            lines += more()
         return ("\n".join(lines) + "\n").encode("utf-8")

@@ -15,25 +15,28 @@ from cryptography import x509
 
 from keyseal.aws import observe_kms_calls
 from keyseal.ca import signing_audit
-from keyseal.ca.api import Api
+from keyseal.ca.api import Api, Request, Response
 from keyseal.ca.auth import Authenticator
 from keyseal.ca.bundle_configmap import BundleConfigMap
 from keyseal.ca.bundle_sequence import BundlePublisher, SequenceLedger
 from keyseal.ca.config import CA_KEY_TYPES, Config
+from keyseal.ca.federation import FederatedBundles
 from keyseal.ca.httpd import Handler, TlsHttpServer
 from keyseal.ca.manager import Clock, KeysetManager, system_clock
 from keyseal.ca.metrics import Metrics
+from keyseal.ca.pin_store import PinStore
 from keyseal.ca.pins import KeysetPins
 from keyseal.ca.source import KeysetSource
 from keyseal.ca.tls import TlsContexts
 from keyseal.errors import KeysealError, UsageError
 
-__all__ = ["CaServer", "build_pins", "build_sequence_ledger", "build_source"]
+__all__ = ["BundleEndpoint", "CaServer", "build_document_store", "build_pins", "build_sequence_ledger",
+           "build_source"]
 
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 5.0
-_FROM_MEMORY = frozenset({"/healthz", "/readyz", "/metrics", "/v1/bundle"})
+_FROM_MEMORY = frozenset({"/healthz", "/readyz", "/metrics", "/v1/bundle", "/v1/federation"})
 _ISSUANCE = frozenset({"/v1/x509-svid", "/v1/jwt-svid"})
 
 
@@ -86,30 +89,53 @@ def build_source(config: Config, kube_api_client: Any = None) -> KeysetSource:
 
 
 def build_sequence_ledger(config: Config, kube_api_client: Any = None) -> SequenceLedger:
-    """Where bundle sequences are recorded (keyseal.ca.bundle_sequence): a file in the store directory, or a
-    ConfigMap in the Kubernetes store's namespace, named after store.recordPrefix."""
-    from keyseal.ca.pin_store import ConfigMapPinStore, DirectoryPinStore, LazyPinStore, PinStore
+    """Where bundle sequences are recorded (keyseal.ca.bundle_sequence)."""
+    return SequenceLedger(build_document_store(config, "bundle-sequence", kube_api_client))
 
-    name = f"{config.record_prefix}-bundle-sequence"
-    store: PinStore
+
+def build_document_store(config: Config, kind: str, kube_api_client: Any = None) -> PinStore:
+    """A small document of the server's own beside its records: `<store>/<recordPrefix>-<kind>.json`, or the
+    ConfigMap `<recordPrefix>-<kind>` (data key `<kind>.json`) in the Kubernetes store's namespace."""
+    from keyseal.ca.pin_store import ConfigMapPinStore, DirectoryPinStore, LazyPinStore
+
+    name = f"{config.record_prefix}-{kind}"
     if config.store_type == "kubernetes":
         def configmap() -> PinStore:
             from keyseal.store.kubernetes import api_client_from_environment, resolve_namespace
 
             client = kube_api_client or api_client_from_environment(config.kube_api_server)
-            return ConfigMapPinStore(client, resolve_namespace(config.kube_namespace, "the bundle sequences"),
-                                     name, key="bundle-sequence.json")
+            return ConfigMapPinStore(client, resolve_namespace(config.kube_namespace, f"the {kind} document"),
+                                     name, key=f"{kind}.json")
 
-        store = LazyPinStore(configmap, f"configmap {config.kube_namespace or '(the pod namespace)'}/{name}")
-    else:
-        store = DirectoryPinStore(config.store_path, name)
-    return SequenceLedger(store)
+        return LazyPinStore(configmap, f"configmap {config.kube_namespace or '(the pod namespace)'}/{name}")
+    return DirectoryPinStore(config.store_path, name)
+
+
+class BundleEndpoint:
+    """The SPIFFE Federation bundle endpoint (federation.listen): GET / answers this trust domain's bundle, the
+    same document as /v1/bundle. Public: no client certificate is needed."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def handle(self, request: Request) -> Response:
+        from keyseal.ca.http1 import error
+
+        if request.path.split("?", 1)[0] != "/":
+            return error(404, "not_found", "the bundle endpoint serves the trust bundle at /")
+        if request.method != "GET":
+            response = error(405, "method_not_allowed", "use GET")
+            response.headers["Allow"] = "GET"
+            return response
+        response = Response(200, self.api.bundle()[1])
+        response.headers["Cache-Control"] = f"max-age={int(self.api.config.refresh_hint.total_seconds())}"
+        return response
 
 
 def build_pins(config: Config, scope: str, kube_api_client: Any = None) -> KeysetPins:
     """The keyset pins of a key-manager custody, in the configured store (keyseal.ca.pins): a file in the store
     directory, or a ConfigMap in the Kubernetes store's namespace, named after store.recordPrefix."""
-    from keyseal.ca.pin_store import ConfigMapPinStore, DirectoryPinStore, LazyPinStore, PinStore
+    from keyseal.ca.pin_store import ConfigMapPinStore, DirectoryPinStore, LazyPinStore
 
     name = f"{config.record_prefix}-keyset-pins"
     store: PinStore
@@ -144,6 +170,11 @@ class CaServer:
         # (the chart names it in $KEYSEAL_BUNDLE_CONFIGMAP); elsewhere there is none.
         self.bundle_configmap = BundleConfigMap.from_environment(kube_api_client, config.kube_api_server)
         self.tls = TlsContexts(config)
+        self.federation = FederatedBundles(config.federation.trust_domains,
+                                           build_document_store(config, "federated-bundles", kube_api_client))
+        self.api.federation = self.federation
+        self.api.add_route("/v1/federation", "GET", self._federation_status)
+        self.metrics.extra.append(self.federation.metrics_lines)
         self.httpd: TlsHttpServer | None = None
         # Listeners beside the API, each on its own thread: OIDC discovery, the federation bundle endpoint.
         self.side_listeners: dict[str, TlsHttpServer] = {}
@@ -184,7 +215,8 @@ class CaServer:
                  self.config.custody)
 
     def _open_side_listeners(self) -> None:
-        """The OIDC discovery listener (oidc.listen), if configured."""
+        """The OIDC discovery listener (oidc.listen) and the federation bundle endpoint (federation.listen), if
+        configured."""
         oidc = self.config.oidc
         if oidc is not None and self.config.jwt_issuer is not None:
             from keyseal.ca.oidc import OidcApi
@@ -193,6 +225,15 @@ class CaServer:
             files = FileTlsContext(oidc.cert_file, oidc.key_file, "oidc.tls")
             handler = OidcApi(self.config.jwt_issuer, self.manager, int(self.config.refresh_hint.total_seconds()))
             self._side_listener("oidc", "oidc.listen", oidc.listen_host, oidc.listen_port, handler, files.context)
+        federation = self.config.federation
+        if federation.listen_host is not None:
+            from keyseal.ca.tls_files import FileTlsContext
+
+            context = self.tls.current  # https_spiffe: the server's own X.509-SVID, renewed with the CA
+            if federation.cert_file is not None and federation.key_file is not None:  # https_web
+                context = FileTlsContext(federation.cert_file, federation.key_file, "federation.tls").context
+            self._side_listener("federation", "federation.listen", federation.listen_host, federation.listen_port,
+                                BundleEndpoint(self.api), context)
 
     def _side_listener(self, name: str, key: str, host: str, port: int, handler: Handler,
                        context: Callable[[], ssl.SSLContext]) -> None:
@@ -226,6 +267,7 @@ class CaServer:
                                       name=f"keyseal-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        self.federation.start()
         if self._rotation:
             thread = threading.Thread(target=self._rotation_loop, name="keyseal-rotation", daemon=True)
             thread.start()
@@ -242,6 +284,7 @@ class CaServer:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self.federation.stop()
         if self.httpd is not None:
             if self._serving.is_set():  # socketserver's shutdown() waits for a serve_forever() that never ran
                 self.httpd.shutdown()
@@ -270,6 +313,11 @@ class CaServer:
         if active is not None:
             self.tls.renew(active, now, self._authorities(now))
         self._publish_bundle(now)
+
+    def _federation_status(self, request: Request) -> Response:
+        from keyseal.ca.api import _json
+
+        return _json(200, {"trustDomain": self.config.trust_domain, "federatedBundles": self.federation.status()})
 
     def _publish_bundle(self, now: datetime) -> None:
         keysets = [k for k, _ in self.manager.live(now)]

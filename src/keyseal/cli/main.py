@@ -25,6 +25,7 @@ _COMMANDS: dict[str, str] = {
     "wkd": "keyseal.cli.wkd:wkd",
     "server": "keyseal.cli.server:server",
     "entry": "keyseal.cli.entry:entry",
+    "federation": "keyseal.cli.federation:federation",
     "agent": "keyseal.cli.agent:agent",
     "git-setup": "keyseal.cli.gitsetup:git_setup",
     "audit": "keyseal.cli.audit:audit",
@@ -40,6 +41,7 @@ _SHORT_HELP: dict[str, str] = {
     "checksums": "Write a checksum manifest (`<hex>  <name>` lines, names without directories), then sign it "
                  "with `keyseal sign`.",
     "entry": "Registration entries (selectors -> SPIFFE ID) for node agents, and agent join tokens.",
+    "federation": "Show the federated trust bundles a running server holds, and when each was last refreshed.",
     "git-setup": "Register a key for git signing and print (or --apply) the git config that uses it.",
     "iam-policy": "Print the IAM policy JSON that allows exactly what keyseal needs.",
     "keys": "Create keys and mint their OpenPGP certificates.",
