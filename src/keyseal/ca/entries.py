@@ -84,7 +84,9 @@ class Entry:
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)
         document["selectors"] = list(self.selectors)
-        document["federates_with"] = list(self.federates_with)
+        del document["federates_with"]
+        if self.federates_with:  # absent when empty: what entries without federation always looked like
+            document["federates_with"] = list(self.federates_with)
         return document
 
     @classmethod
