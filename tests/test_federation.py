@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from spiffe import TrustDomain, X509Source
+from spiffe import JwtSvid, TrustDomain, WorkloadApiClient, X509Source
 
 from keyseal.agent.config import parse_agent_config
 from keyseal.agent.main import Agent
@@ -249,6 +249,39 @@ def test_workloads_of_two_federated_trust_domains_connect_across_rotations(domai
         mtls(source_a, A, web, source_b, B, api)
         mtls(source_b, B, api, source_a, A, web)
         assert connections > 20
+
+        # JWT-SVIDs too: a workload of A validates B's token with the JWT bundle the Workload API gave it.
+        with WorkloadApiClient(f"unix:{a.socket}", default_timeout=10) as client_a, \
+                WorkloadApiClient(f"unix:{b.socket}", default_timeout=10) as client_b:
+            token = client_b.fetch_jwt_svid({"a-service"}).token
+            jwt_bundles = client_a.fetch_jwt_bundles()
+            foreign_keys = jwt_bundles.get_bundle_for_trust_domain(TrustDomain(B))
+            assert foreign_keys is not None
+            assert str(JwtSvid.parse_and_validate(token, foreign_keys, {"a-service"}).spiffe_id) == api
+
+        # https_spiffe trusts the latest bundle it fetched: B now serves its endpoint under its new CA, which the
+        # bootstrap bundle does not hold; A goes on fetching (with B's newer bundle), also after a restart.
+        assert a.server is not None and b.server is not None
+        rotated_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        wait_for(lambda: (a.server.federation.status()[0]["lastSuccess"] or "") > rotated_at, timeout=15)
+        held = a.server.federation.bundle(B)
+        assert held is not None and held.sequence > json.loads(b.bundle_file.read_text())["spiffe_sequence"]
+        from keyseal.ca.config import ForeignTrustDomain
+        from keyseal.ca.federation import FederatedBundles
+
+        only_bootstrap = FederatedBundles((ForeignTrustDomain(B, f"https://127.0.0.1:{b.port}/", "https_spiffe",
+                                                              b.endpoint_id, b.bundle_file),))
+        assert only_bootstrap.refresh(B) is False
+        assert "CERTIFICATE_VERIFY_FAILED" in only_bootstrap.status()[0]["lastError"]
+        assert a.agent is not None
+        a.agent.stop()
+        a.agent = None
+        a.server.shutdown()
+        restarted = a.start([b], **short)
+        again = restarted.federation.bundle(B)
+        assert again is not None and again.sequence >= held.sequence  # from the store, not the bootstrap file
+        assert restarted.federation.refresh(B) in (True, False) and restarted.federation.status()[0]["lastError"] \
+            is None
     finally:
         for source in sources:
             source.close()
