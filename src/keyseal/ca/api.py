@@ -149,7 +149,7 @@ class Api:
 
     def bundle(self) -> tuple[dict[str, Any], bytes]:
         """The trust bundle as published now (keyseal.ca.bundle_sequence): its document and its JSON."""
-        return self.bundles.current([k for k, _ in self.manager.live()])
+        return self.bundles.served([k for k, _ in self.manager.live()])
 
     def _bundle(self, request: Request) -> Response:
         response = Response(200, self.bundle()[1])

@@ -110,8 +110,17 @@ class BundlePublisher:
         self._provisional = False
         self._retry_at = 0.0
 
+    def served(self, keysets: Sequence[Keyset]) -> tuple[dict[str, Any], bytes]:
+        """What the listener serves for these live keysets, without waiting on the store: when they changed
+        since the rotation thread last published (a keyset expired a moment ago), the last published bundle
+        until the next tick records the new one (TICK_SECONDS); without a ledger, the new one at once."""
+        if self.ledger is not None and self._body:
+            return self._document, self._body
+        return self.current(keysets)
+
     def current(self, keysets: Sequence[Keyset]) -> tuple[dict[str, Any], bytes]:
-        """The document and its JSON for these keysets (the same objects as last time: no work at all)."""
+        """The document and its JSON for these keysets, its sequence recorded in the store if new (the rotation
+        thread); the same keyset objects as last time cost nothing."""
         cached = self._keysets
         if len(cached) == len(keysets) and all(a is b for a, b in zip(cached, keysets, strict=True)) \
                 and self._body and (not self._provisional or time.monotonic() < self._retry_at):
