@@ -149,3 +149,30 @@ def test_the_ledger_gives_one_number_to_contents_raced_by_many_writers(tmp_path:
     (tmp_path / "sequences.json").write_text("not json")
     with pytest.raises(KeysealError, match="not a keyseal bundle-sequence document"):
         ledger.sequence_for("d" * 64, 0)
+
+
+@pytest.fixture
+def pkcs11_token(softhsm: Any) -> str:
+    from tests.test_ca_pkcs11_custody import TOKEN
+
+    return str(softhsm.init_token(TOKEN))
+
+
+def test_ecdsa_pkcs11_custody_signing_again_changes_the_sequence(tmp_path: Path, softhsm: Any,
+                                                                  pkcs11_token: str) -> None:
+    from keyseal.backends import pkcs11 as backend
+    from tests.harness.softhsm import USER_PIN
+    from tests.test_ca_pkcs11_custody import new_prefix, pkcs11_config
+
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(USER_PIN + "\n")
+    pin_file.chmod(0o600)
+    config = pkcs11_config(tmp_path, softhsm, pin_file, new_prefix())
+    clock = FakeClock()
+    try:
+        body1, seq1 = run(config, clock)
+        body2, seq2 = run(config, clock)  # the token signs the same CA certificate again: new ECDSA bytes
+    finally:
+        backend.close_all_sessions()
+    assert body2 != body1 and [k.get("kid") for k in keys_of(body2)] == [k.get("kid") for k in keys_of(body1)]
+    assert seq2 > seq1
