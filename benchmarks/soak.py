@@ -353,6 +353,8 @@ def run_soak(options: SoakOptions, work: Path, say: Callable[[str], None] = prin
         "aws": {"region": "us-east-1", "endpoints": {"kms": emulator.endpoint},
                 "keyManager": {"aliasPrefix": f"soak/{uuid.uuid4().hex[:8]}"}},
         "server": {"listen": "127.0.0.1:0"},
+        # The store holds the keyset pins: in the work directory, never the default /var/lib/keyseal.
+        "store": {"type": "directory", "directory": {"path": str(work / "store")}},
         "logLevel": "info",
         "ca": {"ttl": f"{ttl}s"},
         "x509SVID": {"ttl": f"{short}s"},

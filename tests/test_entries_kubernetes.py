@@ -358,7 +358,8 @@ def test_agent_end_to_end_on_the_kubernetes_store(kube_api: KubeApi, namespace: 
     """A server on the Kubernetes store publishes its bundle to the chart's ConfigMap; an agent trusting only
     that ConfigMap's bundle.json joins with a token and serves an entry to py-spiffe. Every Kubernetes API call
     the server makes meanwhile is one the chart's Role allows."""
-    (role,) = render(helm_python.Chart.load(str(CHART)), {"agent": {"enabled": True, "joinTokenSecret": "j"}})["Role"]
+    roles = render(helm_python.Chart.load(str(CHART)), {"agent": {"enabled": True, "joinTokenSecret": "j"}})["Role"]
+    (role,) = [r for r in roles if r["metadata"]["name"] == "trust-keyseal"]
     bundle_map = "trust-keyseal-agent-bundle"  # the chart's name for release "trust"
     config = config_for(tmp_path, kube_api, namespace)
     server = CaServer(config, rotation_thread=False, kube_api_client=kube_api.api_client())
@@ -397,7 +398,8 @@ def test_agent_end_to_end_on_the_kubernetes_store(kube_api: KubeApi, namespace: 
         server_calls = calls[server_calls_from:server_calls_to] + calls[server_calls_to + 1:-1]
         assert {c[:3] for c in server_calls} >= {("update", "", "configmaps"), ("get", "keyseal.dev", "jointokens"),
                                                  ("delete", "keyseal.dev", "jointokens"),
-                                                 ("list", "keyseal.dev", "registrationentries")}
+                                                 ("list", "keyseal.dev", "registrationentries"),
+                                                 ("create", "keyseal.dev", "joinedagents")}
         refused = [c for c in server_calls if not allowed_by(role, *c)]
         assert refused == []
     finally:
@@ -410,7 +412,7 @@ def test_agent_end_to_end_on_the_kubernetes_store(kube_api: KubeApi, namespace: 
 def test_new_crds_are_structural(tmp_path: Path) -> None:
     """The API server refuses a CRD schema with additionalProperties beside properties (unknown fields are
     pruned instead), and needs a type on every node."""
-    for plural in ("registrationentries", "jointokens"):
+    for plural in ("registrationentries", "jointokens", "joinedagents"):
         crd = yaml.safe_load((CRDS / f"{plural}.keyseal.dev.yaml").read_text())
         assert crd["metadata"]["name"] == f"{plural}.keyseal.dev" and crd["spec"]["scope"] == "Namespaced"
 

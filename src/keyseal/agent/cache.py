@@ -1,7 +1,9 @@
 """What the agent holds: the entries it serves, an X.509-SVID (key + chain) per entry, JWT-SVIDs by entry and
-audience, and the trust bundle. `sync()` brings it up to date from the server; every change bumps `version` and
-wakes the Workload API streams. When the server cannot be reached, cached SVIDs are kept (and logged) until they
-expire, then dropped, so a workload gets a clear error instead of an expired certificate."""
+audience (at most `jwt_cache_size`, the least recently used dropped first, expired ones dropped at each sync: a
+workload chooses its audiences freely), and the trust bundle. `sync()` brings it up to date from the server;
+every change bumps `version` and wakes the Workload API streams. When the server cannot be reached, cached SVIDs
+are kept (and logged) until they expire, then dropped, so a workload gets a clear error instead of an expired
+certificate."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import base64
 import json
 import logging
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -64,8 +68,12 @@ def _split_bundle(bundle: dict[str, Any]) -> tuple[list[bytes], bytes]:
     return certificates, json.dumps({"keys": jwt_keys}, sort_keys=True).encode()
 
 
+JwtKey = tuple[str, tuple[str, ...]]  # entry ID, sorted audience
+
+
 class AgentCache:
-    def __init__(self, client: ServerClient, trust_domain: str, state: AgentState | None = None) -> None:
+    def __init__(self, client: ServerClient, trust_domain: str, state: AgentState | None = None,
+                 jwt_cache_size: int = 1000) -> None:
         self.client = client
         self.state = state
         self.trust_domain = trust_domain
@@ -73,7 +81,9 @@ class AgentCache:
         self.version = 0
         self.entries: tuple[Entry, ...] = ()
         self.x509: dict[str, CachedX509] = {}
-        self.jwt: dict[tuple[str, tuple[str, ...]], CachedJwt] = {}
+        self.jwt: OrderedDict[JwtKey, CachedJwt] = OrderedDict()  # least recently used first
+        self.jwt_cache_size = jwt_cache_size
+        self._jwt_lock = threading.Lock()  # JWT-SVIDs are fetched on the Workload API's threads
         self.bundle_der = b""
         self.jwks = b""
         # Foreign trust domains' bundles that entries federate with: trust domain -> (CA certificates DER, JWKS).
@@ -181,7 +191,7 @@ class AgentCache:
                 removed = {e.entry_id for e in self.entries} - {e.entry_id for e in entries}
                 for entry_id in removed:
                     self.x509.pop(entry_id, None)
-                self.jwt = {k: v for k, v in self.jwt.items() if k[0] not in removed}
+                self._drop_jwt(lambda key, _: key[0] in removed)
                 self.entries = entries
                 changed = True
             for entry in entries:
@@ -202,6 +212,7 @@ class AgentCache:
             log.error("sync with the keyseal server failed: %s", exc)
             self.server_reachable = False
             self.sync_failures += 1
+        self._drop_jwt(lambda _, cached: cached.expires <= _now())
         for entry_id, cached in list(self.x509.items()):
             if cached.expires <= _now():
                 log.warning("X.509-SVID %s expired and could not be renewed: no longer served",
@@ -222,12 +233,31 @@ class AgentCache:
         log.info("X.509-SVID %s renewed, valid until %s", entry.spiffe_id, answer["expiresAt"])
         return CachedX509(entry, key_der, chain_der, _now(), chain[0].not_valid_after_utc)
 
+    def _drop_jwt(self, which: Callable[[JwtKey, CachedJwt], bool]) -> None:
+        with self._jwt_lock:
+            for key in [k for k, v in self.jwt.items() if which(k, v)]:
+                del self.jwt[key]
+
+    def _keep_jwt(self, key: JwtKey, cached: CachedJwt) -> None:
+        with self._jwt_lock:
+            self.jwt[key] = cached
+            self.jwt.move_to_end(key)
+            while len(self.jwt) > self.jwt_cache_size:
+                self.jwt.popitem(last=False)
+
+    def _cached_jwt(self, key: JwtKey) -> CachedJwt | None:
+        with self._jwt_lock:
+            cached = self.jwt.get(key)
+            if cached is not None:
+                self.jwt.move_to_end(key)
+            return cached
+
     def jwt_svid(self, entry: Entry, audience: tuple[str, ...]) -> CachedJwt | None:
         """A JWT-SVID for the entry and audience: cached while less than 40% of its life has passed, fetched
         otherwise; a cached, unexpired one when the server is unreachable; None when there is none."""
         cache_key = (entry.entry_id, audience)
         now = _now()
-        cached = self.jwt.get(cache_key)
+        cached = self._cached_jwt(cache_key)
         if cached is not None and not _due(cached.issued, cached.expires, now):
             return cached
         try:
@@ -237,5 +267,5 @@ class AgentCache:
             return cached if cached is not None and cached.expires > now + timedelta(seconds=1) else None
         expires = datetime.strptime(answer["expiresAt"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
         fresh = CachedJwt(answer["token"], now, expires)
-        self.jwt[cache_key] = fresh
+        self._keep_jwt(cache_key, fresh)
         return fresh

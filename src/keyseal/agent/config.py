@@ -12,12 +12,31 @@ from keyseal.ca.config import parse_duration
 from keyseal.ca.spiffeid import check_trust_domain
 from keyseal.errors import InputError, UsageError
 
-__all__ = ["AgentConfig", "load_agent_config", "parse_agent_config"]
+__all__ = ["AgentConfig", "WorkloadApiLimits", "load_agent_config", "parse_agent_config"]
 
 _KEYS = {"trustDomain", "serverURL", "trustBundleFile", "joinToken", "joinTokenFile", "socketPath", "socketMode",
-         "socketGroup", "syncInterval", "logLevel", "metrics", "stateDir", "stateKekFile"}
+         "socketGroup", "syncInterval", "logLevel", "metrics", "stateDir", "stateKekFile", "workloadAPI"}
 _URL_RE = re.compile(r"https://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})")
 _LISTEN_RE = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})")
+
+
+@dataclass(frozen=True)
+class WorkloadApiLimits:
+    """What local processes may hold of the agent (docs/agent.md, "Limits"). A call in progress holds one of the
+    agent's threads, a connection three file descriptors."""
+
+    max_connections: int = 1024
+    max_connections_per_uid: int = 256  # generous: containers often share a uid (e.g. 0)
+    max_calls: int = 512
+    max_calls_per_uid: int = 128
+    idle_timeout: float = 120.0  # seconds without a byte from the client
+    jwt_cache_size: int = 1000  # JWT-SVIDs kept, by entry and audience
+
+
+# workloadAPI key -> (field, largest value)
+_LIMIT_KEYS = {"maxConnections": ("max_connections", 65536), "maxConnectionsPerUID": ("max_connections_per_uid", 65536),
+               "maxCalls": ("max_calls", 4096), "maxCallsPerUID": ("max_calls_per_uid", 4096),
+               "jwtCacheSize": ("jwt_cache_size", 1_000_000)}
 
 
 @dataclass(frozen=True)
@@ -35,6 +54,7 @@ class AgentConfig:
     metrics_listen: tuple[str, int] | None = None  # off unless metrics.listen is set
     state_dir: Path | None = None  # the agent SVID and its wrapped key, kept across restarts
     state_kek_file: Path | None = None
+    workload_api: WorkloadApiLimits = WorkloadApiLimits()
 
 
 def _seconds(value: object, where: str) -> float:
@@ -57,6 +77,27 @@ def _metrics_listen(value: object) -> tuple[str, int] | None:
     if match is None or int(match.group(2)) > 65535:
         raise UsageError(f"metrics.listen={str(listen)[:60]!r} must be HOST:PORT, e.g. 127.0.0.1:9988")
     return match.group(1).strip("[]"), int(match.group(2))
+
+
+def _workload_api(value: object) -> WorkloadApiLimits:
+    if value is None:
+        return WorkloadApiLimits()
+    known = sorted((*_LIMIT_KEYS, "idleTimeout"))
+    if not isinstance(value, dict) or set(value) - set(known):
+        raise UsageError(f"workloadAPI must be a mapping with the keys {', '.join(known)}")
+    fields: dict[str, Any] = {}
+    for key, (field, largest) in _LIMIT_KEYS.items():
+        if key in value:
+            number = value[key]
+            if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= largest:
+                raise UsageError(f"workloadAPI.{key} must be a whole number from 1 to {largest}")
+            fields[field] = number
+    if "idleTimeout" in value:
+        fields["idle_timeout"] = _seconds(value["idleTimeout"], "workloadAPI.idleTimeout")
+    limits = WorkloadApiLimits(**fields)
+    if limits.max_connections_per_uid > limits.max_connections or limits.max_calls_per_uid > limits.max_calls:
+        raise UsageError("workloadAPI: a per-UID limit cannot be larger than the total it is part of")
+    return limits
 
 
 def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> AgentConfig:
@@ -117,6 +158,7 @@ def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> Agen
         state_dir=state_dir,
         state_kek_file=(Path(kek_text.replace("${NODE_NAME}", node_name)) if kek_text
                         else state_dir / "kek" if state_dir else None),
+        workload_api=_workload_api(data.get("workloadAPI")),
     )
 
 

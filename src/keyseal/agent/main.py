@@ -50,7 +50,7 @@ class Agent:
         state = None
         if config.state_dir is not None and config.state_kek_file is not None:
             state = AgentState(config.state_dir, config.state_kek_file, config.trust_domain)
-        self.cache = AgentCache(self.client, config.trust_domain, state)
+        self.cache = AgentCache(self.client, config.trust_domain, state, config.workload_api.jwt_cache_size)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.workload: object | None = None
@@ -65,7 +65,7 @@ class Agent:
         self._identity()
         self.cache.sync()
         server = WorkloadApiServer(self.cache, self.config.socket_path, self.config.socket_mode,
-                                   self.config.socket_group, self.metrics)
+                                   self.config.socket_group, self.metrics, self.config.workload_api)
         server.start()
         self.workload = server
         if self.config.metrics_listen is not None:

@@ -43,7 +43,7 @@ def configured_log() -> AuditLog | None:
         return None
     if value:
         return AuditLog(Path(value).expanduser())
-    from keyseal.wrapping.kek import keyseal_home
+    from keyseal.home import keyseal_home
 
     return AuditLog(keyseal_home() / FILE_NAME)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
@@ -132,14 +132,29 @@ class AgentApi:
             log.warning("refused an agent join from %s: unknown, used or expired join token", request.peer)
             raise self._refuse(401, "unauthenticated", "the join token is unknown, used or expired: issue a new one")
         answer = self._issue(agent_id, document.get("csr"), self.api.config.x509_ttl)
+        self._note_agent_svid(agent_id, answer)
         log.info("agent %s joined from %s", agent_id, request.peer)
         return self._json({**answer, "bundle": self._bundle()})
 
     def renew(self, request: Request) -> Response:
         agent_id = self._agent(request)
         document = self.api._body(request, {"csr"})
-        return self._json({**self._issue(agent_id, document.get("csr"), self.api.config.x509_ttl),
-                           "bundle": self._bundle()})
+        answer = self._issue(agent_id, document.get("csr"), self.api.config.x509_ttl)
+        self._note_agent_svid(agent_id, answer)
+        return self._json({**answer, "bundle": self._bundle()})
+
+    def _note_agent_svid(self, agent_id: str, answer: dict[str, Any]) -> None:
+        """Remember until when the agent holds an SVID (join tokens for it are refused until then). A failure is
+        logged, not answered: the agent has its SVID, and refusing a renewal would not take it back."""
+        registry = self.tokens.registry
+        if registry is None:
+            return
+        expires = datetime.strptime(answer["expiresAt"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        try:
+            registry.issued(agent_id, expires)
+        except KeysealError as exc:
+            log.error("could not record the SVID of agent %s (a join token for it would not be refused until it "
+                      "expires): %s", agent_id, exc.message)
 
     def sync(self, request: Request) -> Response:
         agent_id = self._agent(request)

@@ -192,6 +192,8 @@ class Config:
     jwt_ttl: timedelta = timedelta(minutes=5)
     jwt_issuer: str | None = None
     refresh_hint: timedelta = timedelta(minutes=5)
+    # The longest a join token is honoured after it was created, whatever expiry the token itself names.
+    join_token_max_ttl: timedelta = timedelta(hours=1)
     listen_host: str = "0.0.0.0"  # noqa: S104 - a server in a pod listens on all addresses by default
     listen_port: int = 8443
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -355,6 +357,11 @@ def parse_config(data: object) -> Config:
             )
     values.update(_store(root.section("store"), trust_domain))
     values.update(_lifetimes(root))
+    agents = root.section("agents")
+    values["join_token_max_ttl"] = parse_duration(agents.get("joinTokenMaxTTL") or "1h", "agents.joinTokenMaxTTL")
+    agents.done()
+    if not timedelta(minutes=1) <= values["join_token_max_ttl"] <= timedelta(days=30):
+        raise UsageError("agents.joinTokenMaxTTL must be between 1m and 30d: a join token mints an agent identity")
     values.update(_server(root.section("server")))
     values["clients"] = _clients(root.get("clients"))
     for client in values["clients"]:

@@ -3,7 +3,8 @@
 They live beside the server's key records, in the store `store.type` names; `entry_store_for` and
 `join_tokens_for` pick the implementation. Entries are not secrets; a join token is kept only as its SHA-256.
 
-Directory store: two JSON files (`<recordPrefix>-entries.json`, `<recordPrefix>-join-tokens.json`, mode 0600).
+Directory store: JSON files (`<recordPrefix>-entries.json`, `<recordPrefix>-join-tokens.json`,
+`<recordPrefix>-agents.json` (joined agents and when their SVIDs expire), mode 0600).
 Every change is a read-modify-write under an exclusive lock on the file, written atomically, so the
 `keyseal entry` CLI and a running server (which redeems tokens) never lose each other's writes. The server
 re-reads a file only when its modification time or size changes.
@@ -18,6 +19,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -32,19 +34,26 @@ from keyseal.atomic import write_atomic
 from keyseal.ca.config import Config
 from keyseal.ca.spiffeid import RESERVED_PATH, SpiffeIdError, check_trust_domain, is_reserved, parse_spiffe_id
 from keyseal.errors import InputError, UsageError
+from keyseal.wrapping.record import format_time
 
 __all__ = [
     "AGENT_PATH",
+    "AgentRegistry",
+    "AgentStillActiveError",
+    "DirectoryAgentRegistry",
     "DirectoryEntryStore",
     "DirectoryJoinTokens",
     "Entry",
     "EntryStore",
     "JoinTokens",
+    "agent_registry_for",
     "check_selector",
     "entry_store_for",
     "join_tokens_for",
     "token_digest",
 ]
+
+log = logging.getLogger(__name__)
 
 AGENT_PATH = "/keyseal/agent"
 _SELECTOR_RE = re.compile(r"unix:(uid:\d{1,10}|gid:\d{1,10}|path:/[^\x00-\x1f]{0,4095})")
@@ -251,14 +260,53 @@ class DirectoryEntryStore(EntryStore):
         self.file.change(remove)
 
 
-class JoinTokens(abc.ABC):
-    """One-time agent join tokens: only their SHA-256 is stored; redeeming one removes it."""
+DEFAULT_JOIN_TOKEN_MAX_TTL = timedelta(hours=1)
+CLOCK_SKEW = timedelta(minutes=5)  # between the machine that issued a token and the server
 
-    def __init__(self, trust_domain: str) -> None:
-        self.trust_domain = trust_domain
+
+@dataclass(frozen=True)
+class StoredToken:
+    """A join token as stored: whom it joins, until when it says it is good, when the store says it was created
+    (None if the store does not know), and whether it may replace an agent that still holds an SVID."""
+
+    agent_id: str
+    expires: datetime
+    created: datetime | None
+    replace: bool = False
+
+
+class AgentStillActiveError(UsageError):
+    """A join token names an agent whose X.509-SVID has not expired, and does not say replace."""
+
+
+class AgentRegistry(abc.ABC):
+    """The agents the server issued an X.509-SVID to, and when the newest one expires: what lets a join token for
+    a running agent be refused. Written at every join and renewal."""
 
     @abc.abstractmethod
-    def _add(self, digest: str, agent_id: str, expires: datetime) -> None:
+    def svid_expiry(self, agent_id: str) -> datetime | None:
+        """When the newest SVID issued to the agent expires; None if it never joined (or the record was lost)."""
+
+    @abc.abstractmethod
+    def issued(self, agent_id: str, expires: datetime) -> None:
+        """Remember that an SVID lasting until `expires` was issued to the agent (never moves backwards)."""
+
+
+class JoinTokens(abc.ABC):
+    """One-time agent join tokens: only their SHA-256 is stored; redeeming one removes it.
+
+    Whoever can write a token can make one for any agent with any expiry, so the server decides how long a token
+    lives (`max_ttl` from its creation, whatever it says) and refuses one for an agent that still holds an
+    unexpired SVID unless the token says replace (`registry`)."""
+
+    def __init__(self, trust_domain: str, max_ttl: timedelta = DEFAULT_JOIN_TOKEN_MAX_TTL,
+                 registry: AgentRegistry | None = None) -> None:
+        self.trust_domain = trust_domain
+        self.max_ttl = max_ttl
+        self.registry = registry
+
+    @abc.abstractmethod
+    def _add(self, digest: str, agent_id: str, expires: datetime, now: datetime, replace: bool) -> None:
         """Store a token by its SHA-256 (hex)."""
 
     @abc.abstractmethod
@@ -266,19 +314,24 @@ class JoinTokens(abc.ABC):
         """The agent ID of the token with this SHA-256 if it is stored and unexpired, changing nothing."""
 
     @abc.abstractmethod
-    def _take(self, digest: str, now: datetime) -> str | None:
-        """Remove the token with this SHA-256 and return its agent ID, at most once over all callers; None when
-        it is unknown, already taken, or expired."""
+    def _take(self, digest: str, now: datetime) -> StoredToken | None:
+        """Remove the token with this SHA-256 and return it, at most once over all callers; None when it is
+        unknown or already taken (expired ones may be removed on the way)."""
 
-    def issue(self, agent_name: str, ttl: timedelta, now: datetime | None = None) -> tuple[str, str]:
+    def issue(self, agent_name: str, ttl: timedelta, now: datetime | None = None, *,
+              replace: bool = False) -> tuple[str, str]:
         """A new token and the SPIFFE ID the agent that redeems it will have."""
         if not _AGENT_NAME_RE.fullmatch(agent_name):
             raise UsageError("agent name: 1-128 letters, digits, '.', '_' or '-' (e.g. the node name)")
         if ttl <= timedelta(0):
             raise UsageError("the join token TTL must be positive (e.g. --ttl 10m)")
+        if ttl > self.max_ttl:
+            raise UsageError(f"the join token TTL is at most {int(self.max_ttl.total_seconds())}s "
+                             f"(agents.joinTokenMaxTTL): the server honours a token no longer")
         token = secrets.token_urlsafe(32)
         agent_id = f"spiffe://{self.trust_domain}{AGENT_PATH}/{agent_name}"
-        self._add(token_digest(token), agent_id, (now or datetime.now(UTC)) + ttl)
+        moment = now or datetime.now(UTC)
+        self._add(token_digest(token), agent_id, moment + ttl, moment, replace)
         return token, agent_id
 
     def lookup(self, token: str, now: datetime) -> str | None:
@@ -287,8 +340,34 @@ class JoinTokens(abc.ABC):
         return self._peek(token_digest(token), now)
 
     def redeem(self, token: str, now: datetime) -> str | None:
-        """The agent SPIFFE ID the token names, once; None for an unknown, used or expired token."""
-        return self._take(token_digest(token), now)
+        """The agent SPIFFE ID the token names, once; None for an unknown, used or expired token, or one that
+        claims to live longer than `max_ttl` from when the store says it was created (the API server's
+        creationTimestamp; for a token without one, from now). A token for an
+        agent that still holds an unexpired SVID is spent and refused (AgentStillActiveError) unless it says
+        replace."""
+        found = self._take(token_digest(token), now)
+        if found is None or not self.is_agent_id(found.agent_id):
+            return None
+        created = found.created if found.created is not None else now
+        if found.expires - created > self.max_ttl + CLOCK_SKEW:
+            log.warning("refused a join token for %s: it claims to be good until %s, longer than a token lives "
+                        "(agents.joinTokenMaxTTL)", found.agent_id, format_time(found.expires))
+            return None
+        if found.expires <= now:
+            return None
+        if self.registry is not None:
+            expiry = self.registry.svid_expiry(found.agent_id)
+            if expiry is not None and expiry > now:
+                if not found.replace:
+                    log.warning("refused a join token for %s: the agent holds an X.509-SVID until %s", found.agent_id,
+                                format_time(expiry))
+                    raise AgentStillActiveError(
+                        f"{found.agent_id} still holds an unexpired X.509-SVID (until {format_time(expiry)}): the "
+                        f"token is spent; to replace that agent, issue a token with --replace (keyseal entry "
+                        f"join-token --replace), or wait until its SVID expired")
+                log.warning("join token for %s replaces an agent whose X.509-SVID lasts until %s", found.agent_id,
+                            format_time(expiry))
+        return found.agent_id
 
     def is_agent_id(self, agent_id: object) -> bool:
         """Whether a stored token names an agent of this trust domain (what `issue` writes)."""
@@ -302,36 +381,73 @@ def token_digest(token: str) -> str:
 
 
 class DirectoryJoinTokens(JoinTokens):
-    def __init__(self, path: Path, trust_domain: str) -> None:
-        super().__init__(trust_domain)
+    def __init__(self, path: Path, trust_domain: str, max_ttl: timedelta = DEFAULT_JOIN_TOKEN_MAX_TTL,
+                 registry: AgentRegistry | None = None) -> None:
+        super().__init__(trust_domain, max_ttl, registry)
         self.file = _JsonFile(path)
 
-    def _add(self, digest: str, agent_id: str, expires: datetime) -> None:
+    def _add(self, digest: str, agent_id: str, expires: datetime, now: datetime, replace: bool) -> None:
         def add(data: dict[str, Any]) -> None:
-            data.setdefault("tokens", {})[digest] = {"agent_id": agent_id, "expires": int(expires.timestamp())}
+            token: dict[str, Any] = {"agent_id": agent_id, "expires": int(expires.timestamp()),
+                                     "created": int(now.timestamp())}
+            if replace:
+                token["replace"] = True
+            data.setdefault("tokens", {})[digest] = token
 
         self.file.change(add)
 
     def _peek(self, digest: str, now: datetime) -> str | None:
         found = self.file.read().get("tokens", {}).get(digest)
-        if not isinstance(found, dict) or found.get("expires", 0) <= now.timestamp():
+        if not isinstance(found, dict) or _number(found, "expires") <= now.timestamp():
             return None
-        return str(found["agent_id"])
+        return str(found.get("agent_id"))
 
-    def _take(self, digest: str, now: datetime) -> str | None:
-        def take(data: dict[str, Any]) -> str | None:
-            tokens = data.get("tokens", {})
+    def _take(self, digest: str, now: datetime) -> StoredToken | None:
+        def take(data: dict[str, Any]) -> StoredToken | None:
+            tokens = data.setdefault("tokens", {})
             found = tokens.pop(digest, None)
-            if found is None:
-                return None  # nothing changed: nothing is written
-            for key in [k for k, v in tokens.items() if v["expires"] <= now.timestamp()]:
-                del tokens[key]  # written anyway: expired tokens go with it
-            if found["expires"] <= now.timestamp():
+            for key in [k for k, v in tokens.items() if _number(v, "expires") <= now.timestamp()]:
+                del tokens[key]
+            if not isinstance(found, dict) or _number(found, "expires") <= now.timestamp():
                 return None
-            return str(found["agent_id"])
+            created = found.get("created")
+            return StoredToken(str(found.get("agent_id")), datetime.fromtimestamp(_number(found, "expires"), UTC),
+                               datetime.fromtimestamp(created, UTC) if type(created) is int else None,
+                               found.get("replace") is True)
 
-        result: str | None = self.file.change(take)
+        result: StoredToken | None = self.file.change(take)
         return result
+
+
+def _number(token: object, key: str) -> float:
+    value = token.get(key) if isinstance(token, dict) else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+class DirectoryAgentRegistry(AgentRegistry):
+    """`<recordPrefix>-agents.json`: agent SPIFFE ID -> when its newest SVID expires (Unix time)."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = _JsonFile(path)
+
+    def svid_expiry(self, agent_id: str) -> datetime | None:
+        value = self.file.read().get("agents", {}).get(agent_id)
+        return datetime.fromtimestamp(value, UTC) if type(value) is int else None
+
+    def issued(self, agent_id: str, expires: datetime) -> None:
+        stamp = int(expires.timestamp())
+        if (self.svid_expiry(agent_id) or datetime.min.replace(tzinfo=UTC)) >= expires:
+            return
+
+        def note(data: dict[str, Any]) -> None:
+            agents = data.setdefault("agents", {})
+            if type(agents.get(agent_id)) is not int or agents[agent_id] < stamp:
+                agents[agent_id] = stamp
+            now = datetime.now(UTC).timestamp()
+            for key in [k for k, v in agents.items() if type(v) is not int or v <= now]:
+                del agents[key]  # expired: a join for that agent needs no replace any more
+
+        self.file.change(note)
 
 
 def entry_store_for(config: Config, api_client: Any = None) -> EntryStore:
@@ -344,9 +460,20 @@ def entry_store_for(config: Config, api_client: Any = None) -> EntryStore:
 
 
 def join_tokens_for(config: Config, api_client: Any = None) -> JoinTokens:
-    """The join tokens of the server's store (`api_client` as for `entry_store_for`)."""
+    """The join tokens of the server's store (`api_client` as for `entry_store_for`), with the configured
+    longest token life and the store's registry of joined agents."""
     if config.store_type == "kubernetes":
         from keyseal.ca.entries_kube import KubeJoinTokens
 
         return KubeJoinTokens.from_config(config, api_client)
-    return DirectoryJoinTokens(config.store_path / f"{config.record_prefix}-join-tokens.json", config.trust_domain)
+    return DirectoryJoinTokens(config.store_path / f"{config.record_prefix}-join-tokens.json", config.trust_domain,
+                               config.join_token_max_ttl, agent_registry_for(config))
+
+
+def agent_registry_for(config: Config, api_client: Any = None) -> AgentRegistry:
+    """The registry of joined agents in the server's store (`api_client` as for `entry_store_for`)."""
+    if config.store_type == "kubernetes":
+        from keyseal.ca.entries_kube import KubeAgentRegistry
+
+        return KubeAgentRegistry.from_config(config, api_client)
+    return DirectoryAgentRegistry(config.store_path / f"{config.record_prefix}-agents.json")

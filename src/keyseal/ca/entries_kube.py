@@ -12,8 +12,12 @@ keyseal.dev, v1; deploy/crds/), in the namespace of the WrappedKey records.
 - The server re-lists entries at most once per `ENTRY_CACHE_SECONDS` (every agent syncs every few seconds).
   A resource that is not a valid entry of this trust domain is skipped with a warning, never served.
 
-RBAC: the server needs list on registrationentries and get, delete on jointokens; `keyseal entry` (an
-operator's kubeconfig) needs create, list, delete on both.
+- `JoinedAgent` `<recordPrefix>-agent-<32 hex of SHA-256 of the agent ID>`: when the newest SVID the server
+  issued to an agent expires (written at join and renewal), so a join token for a running agent is refused.
+
+RBAC: the server needs list on registrationentries, get, delete on jointokens and get, create, update on
+joinedagents; `keyseal entry` (an operator's kubeconfig) needs create, list, delete on entries and tokens.
+Create on jointokens mints agent identities: it is as sensitive as administering the CA.
 """
 
 from __future__ import annotations
@@ -24,10 +28,17 @@ import logging
 import re
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from keyseal.ca.entries import Entry, EntryStore, JoinTokens
+from keyseal.ca.entries import (
+    DEFAULT_JOIN_TOKEN_MAX_TTL,
+    AgentRegistry,
+    Entry,
+    EntryStore,
+    JoinTokens,
+    StoredToken,
+)
 from keyseal.errors import AccessDeniedError, BackendUnavailableError, KeysealError, UsageError
 from keyseal.store.kubernetes import (
     GROUP,
@@ -45,7 +56,7 @@ if TYPE_CHECKING:
 
     from keyseal.ca.config import Config
 
-__all__ = ["ENTRY_CACHE_SECONDS", "KubeEntryStore", "KubeJoinTokens", "entry_id_for"]
+__all__ = ["ENTRY_CACHE_SECONDS", "KubeAgentRegistry", "KubeEntryStore", "KubeJoinTokens", "entry_id_for"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +64,8 @@ ENTRIES = "registrationentries"
 ENTRY_KIND = "RegistrationEntry"
 JOIN_TOKENS = "jointokens"
 JOIN_KIND = "JoinToken"
+JOINED_AGENTS = "joinedagents"
+JOINED_KIND = "JoinedAgent"
 ENTRY_CACHE_SECONDS = 1.0
 LIST_PAGE = 500
 _ENTRY_ID_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,61}[a-z0-9])?")
@@ -84,6 +97,20 @@ class _Resources:
             if status_of(exc) == 409:
                 return False
             raise self.translate(exc, "create", body["metadata"]["name"]) from None
+        return True
+
+    def replace(self, body: dict[str, Any]) -> bool:
+        """A replace conditional on body's metadata.resourceVersion; False when the object changed (409)."""
+        name = body["metadata"]["name"]
+        try:
+            self.api.replace_namespaced_custom_object(GROUP, VERSION, self.namespace, self.plural, name, body,
+                                                      _request_timeout=REQUEST_TIMEOUT)
+        except Exception as exc:
+            if not is_client_error(exc):
+                raise
+            if status_of(exc) in (404, 409):
+                return False
+            raise self.translate(exc, "update", name) from None
         return True
 
     def get(self, name: str) -> dict[str, Any] | None:
@@ -260,24 +287,29 @@ class KubeEntryStore(EntryStore):
 
 
 class KubeJoinTokens(JoinTokens):
-    """Join tokens as `JoinToken` resources named by the token's SHA-256."""
+    """Join tokens as `JoinToken` resources named by the token's SHA-256. A token's age comes from the API
+    server's `metadata.creationTimestamp`, which its creator cannot set."""
 
-    def __init__(self, resources: _Resources, trust_domain: str, record_prefix: str) -> None:
-        super().__init__(trust_domain)
+    def __init__(self, resources: _Resources, trust_domain: str, record_prefix: str,
+                 max_ttl: timedelta = DEFAULT_JOIN_TOKEN_MAX_TTL, registry: AgentRegistry | None = None) -> None:
+        super().__init__(trust_domain, max_ttl, registry)
         self.resources = resources
         self.prefix = record_prefix
 
     @classmethod
     def from_config(cls, config: Config, api_client: Any = None) -> KubeJoinTokens:
-        return cls(_resources(config, api_client, JOIN_TOKENS), config.trust_domain, config.record_prefix)
+        return cls(_resources(config, api_client, JOIN_TOKENS), config.trust_domain, config.record_prefix,
+                   config.join_token_max_ttl, KubeAgentRegistry.from_config(config, api_client))
 
     def _name(self, digest: str) -> str:
         return f"{self.prefix}-join-{digest}"
 
-    def _add(self, digest: str, agent_id: str, expires: datetime) -> None:
+    def _add(self, digest: str, agent_id: str, expires: datetime, now: datetime, replace: bool) -> None:
+        spec: dict[str, Any] = {"agentID": agent_id, "expiresAt": expires.astimezone(UTC).strftime(_TIME_FORMAT)}
+        if replace:
+            spec["replace"] = True
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": JOIN_KIND,
-                "metadata": _metadata(self._name(digest), self.resources.namespace),
-                "spec": {"agentID": agent_id, "expiresAt": expires.astimezone(UTC).strftime(_TIME_FORMAT)}}
+                "metadata": _metadata(self._name(digest), self.resources.namespace), "spec": spec}
         if not self.resources.create(body):
             raise KeysealError("a join token with this digest exists already: issue another one")
         self._purge_expired(datetime.now(UTC))
@@ -291,7 +323,7 @@ class KubeJoinTokens(JoinTokens):
             return None
         return str(agent_id)
 
-    def _take(self, digest: str, now: datetime) -> str | None:
+    def _take(self, digest: str, now: datetime) -> StoredToken | None:
         obj = self.resources.get(self._name(digest))
         if obj is None:
             return None
@@ -305,13 +337,14 @@ class KubeJoinTokens(JoinTokens):
         spec = obj.get("spec") or {}
         agent_id = spec.get("agentID") if isinstance(spec, dict) else None
         expires = _parse_time(spec.get("expiresAt") if isinstance(spec, dict) else None)
-        if expires is None or not self.is_agent_id(agent_id):
+        created = _parse_time(metadata.get("creationTimestamp"))
+        if expires is None or created is None or not self.is_agent_id(agent_id):
             log.warning("refused %s: not a valid join token of %s", self.resources.where(self._name(digest)),
                         self.trust_domain)
             return None
         if expires <= now:
             return None
-        return str(agent_id)
+        return StoredToken(str(agent_id), expires, created, isinstance(spec, dict) and spec.get("replace") is True)
 
     def _purge_expired(self, now: datetime) -> None:
         """Remove expired tokens of this prefix: best effort (an operator may lack list or delete)."""
@@ -325,6 +358,47 @@ class KubeJoinTokens(JoinTokens):
                     self.resources.delete(name, {"resourceVersion": str(metadata.get("resourceVersion"))})
         except KeysealError as exc:
             log.info("expired join tokens were not removed: %s", exc.message)
+
+
+class KubeAgentRegistry(AgentRegistry):
+    """Joined agents as `JoinedAgent` resources, `<recordPrefix>-agent-<32 hex of SHA-256(agent ID)>`; written with
+    conditional creates and replaces (on a conflict: read again and decide again)."""
+
+    def __init__(self, resources: _Resources, record_prefix: str) -> None:
+        self.resources = resources
+        self.prefix = record_prefix
+
+    @classmethod
+    def from_config(cls, config: Config, api_client: Any = None) -> KubeAgentRegistry:
+        return cls(_resources(config, api_client, JOINED_AGENTS), config.record_prefix)
+
+    def _name(self, agent_id: str) -> str:
+        return f"{self.prefix}-agent-{hashlib.sha256(agent_id.encode()).hexdigest()[:32]}"
+
+    def _read(self, agent_id: str) -> tuple[dict[str, Any] | None, datetime | None]:
+        obj = self.resources.get(self._name(agent_id))
+        spec = (obj or {}).get("spec") or {}
+        if obj is None or not isinstance(spec, dict) or spec.get("agentID") != agent_id:
+            return obj, None
+        return obj, _parse_time(spec.get("svidExpiresAt"))
+
+    def svid_expiry(self, agent_id: str) -> datetime | None:
+        return self._read(agent_id)[1]
+
+    def issued(self, agent_id: str, expires: datetime) -> None:
+        for _ in range(5):
+            obj, known = self._read(agent_id)
+            if known is not None and known >= expires:
+                return
+            metadata = _metadata(self._name(agent_id), self.resources.namespace)
+            if obj is not None:
+                metadata["resourceVersion"] = str((obj.get("metadata") or {}).get("resourceVersion"))
+            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": JOINED_KIND, "metadata": metadata,
+                    "spec": {"agentID": agent_id, "svidExpiresAt": expires.astimezone(UTC).strftime(_TIME_FORMAT)}}
+            if self.resources.create(body) if obj is None else self.resources.replace(body):
+                return
+        raise KeysealError(f"{self.resources.where(self._name(agent_id))} kept changing: the agent's SVID expiry "
+                           f"was not recorded")
 
 
 def _parse_time(text: object) -> datetime | None:

@@ -74,17 +74,24 @@ def build_source(config: Config, kube_api_client: Any = None) -> KeysetSource:
         kek = parse_kek(config.kek_spec(), kms_endpoint=config.kms_endpoint, region=config.aws_region)
     if config.wrapping_provider == "local":
         log.info("Key wrapping via local KEK file %s", getattr(kek, "path", "?"))
+    from keyseal.wrapping.store_ledger import StoreLedger
+
+    # Records are bound to the trust domain (and namespace): a copy in another one does not open there.
+    scope = f"trust-domain={config.trust_domain}"
     store: RecordStore
     if config.store_type == "kubernetes":
         from keyseal.store.kubernetes import KubernetesStore, api_client_from_environment, resolve_namespace
 
         client = kube_api_client or api_client_from_environment(config.kube_api_server)
-        store = KubernetesStore(resolve_namespace(config.kube_namespace, "the WrappedKey resources"), client)
+        namespace = resolve_namespace(config.kube_namespace, "the WrappedKey resources")
+        store = KubernetesStore(namespace, client, scope=f"{scope};namespace={namespace}")
     else:
         from keyseal.store.directory import DirectoryStore
         from keyseal.wrapping.ledger import FileLedger
 
-        store = DirectoryStore(config.store_path, FileLedger(config.ledger_file) if config.ledger_file else None)
+        store = DirectoryStore(config.store_path, FileLedger(config.ledger_file) if config.ledger_file else None,
+                               scope=scope)
+    StoreLedger(store, kek)  # the rollback high-water mark every replica reads, in the store itself
     return WrappedKeysetSource(store, kek, config.record_prefix, x509_type, jwt_type)
 
 

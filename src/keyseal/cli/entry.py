@@ -85,14 +85,18 @@ def delete(config_path: Path, entry_id: str) -> None:
 @entry.command("join-token")
 @_CONFIG
 @click.option("--agent", "agent_name", required=True, help="The agent's name (e.g. the node name).")
-@click.option("--ttl", default="10m", show_default=True, help="How long the token may be redeemed.")
-def join_token(config_path: Path, agent_name: str, ttl: str) -> None:
-    """Issue a one-time join token for an agent; prints the token (keep it secret) and the agent's SPIFFE ID."""
+@click.option("--ttl", default="10m", show_default=True,
+              help="How long the token may be redeemed (at most the server's agents.joinTokenMaxTTL).")
+@click.option("--replace", is_flag=True,
+              help="Join even if the agent still holds an unexpired SVID (e.g. its node lost its saved state).")
+def join_token(config_path: Path, agent_name: str, ttl: str, replace: bool) -> None:
+    """Issue a one-time join token for an agent; prints the token (keep it secret) and the agent's SPIFFE ID.
+    Whoever holds the token becomes that agent: issuing one is as sensitive as administering the CA."""
     from datetime import timedelta
 
     from keyseal.ca.entries import join_tokens_for
 
-    token, agent_id = join_tokens_for(_load(config_path)).issue(agent_name,
-                                                                timedelta(seconds=seconds_of(ttl, "--ttl")))
+    token, agent_id = join_tokens_for(_load(config_path)).issue(
+        agent_name, timedelta(seconds=seconds_of(ttl, "--ttl")), replace=replace)
     click.echo(token)
     click.echo(agent_id, err=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -158,11 +157,15 @@ def _verify_cleartext(certs: tuple[Path, ...], file: Path, output: Path | None, 
     _report(result, fingerprint=output is None or str(output) != "-", kind=", cleartext")
 
 
-@dataclass
 class VerifyArguments:
-    certs: list[Path] = field(default_factory=list)
-    threshold: int = 1
-    positional: list[Path] = field(default_factory=list)
+    """What the fast parser read (a plain class: building a dataclass costs start-up time on this path)."""
+
+    __slots__ = ("certs", "positional", "threshold")
+
+    def __init__(self) -> None:
+        self.certs: list[Path] = []
+        self.threshold = 1
+        self.positional: list[Path] = []
 
 
 def parse_verify(args: list[str]) -> VerifyArguments | None:

@@ -4,7 +4,6 @@ per file, files hashed concurrently."""
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,7 @@ from keyseal.cli.formats import FORMATS, SUFFIXES, check_sign_options, sign_file
 from keyseal.errors import InputError, OpenPGPError, OutputExistsError, UsageError
 from keyseal.inputfile import read_input
 from keyseal.openpgp.armor import is_armored
-from keyseal.openpgp.cert import Certificate, merge_certificates
-from keyseal.openpgp.detached import check_signatures_over, encode_signatures
+from keyseal.openpgp.detached import KnownCertificates, check_signatures_over, encode_signatures, revoked_signer
 from keyseal.openpgp.sign import (
     HASH_IDS,
     SigningIdentity,
@@ -31,9 +29,9 @@ from keyseal.openpgp.sign import (
     render,
     signature_packet,
 )
-from keyseal.openpgp.signature import SignaturePacket, check_signature_math
+from keyseal.openpgp.signature import SignaturePacket
 from keyseal.openpgp.stream import hash_file
-from keyseal.openpgp.verify import issuer_keys, parse_detached, revocation_problem
+from keyseal.openpgp.verify import parse_detached
 
 
 def plan_outputs(files: tuple[Path, ...], output: Path | None, armored: bool, force: bool,
@@ -58,24 +56,6 @@ def plan_outputs(files: tuple[Path, ...], output: Path | None, armored: bool, fo
             raise OutputExistsError(f"{dst} exists: refusing to overwrite it (use --force, or --append to add "
                                     f"a signature to it)")
     return pairs
-
-
-class KnownCertificates:
-    """The certificates that can tell whether a signature already in a file counts: --cert's, merged with the
-    keyseal keyring's (read once, when first needed), so a revocation in any copy is seen."""
-
-    def __init__(self, given: list[Certificate]) -> None:
-        self._given = given
-        self._merged: list[Certificate] | None = None
-        self._lock = threading.Lock()
-
-    def all(self) -> list[Certificate]:
-        with self._lock:
-            if self._merged is None:
-                from keyseal.keyring import keyring_certificates
-
-                self._merged = merge_certificates([*self._given, *keyring_certificates()])
-            return self._merged
 
 
 @dataclass(frozen=True)
@@ -144,18 +124,15 @@ def _check_revocation(sig: SignaturePacket, digest: bytes, dst: Path, policy: Ap
     """Refuse (or, when asked, keep with a warning) a signature that a known key provably made and that does not
     count because the key is revoked: by the verifier's own rule, all of a compromised key's signatures, and a
     superseded or retired key's from its revocation on (earlier ones still count and are kept silently)."""
-    for _, entry in issuer_keys(sig, policy.known.all()):
-        if not check_signature_math(sig, entry.key.public_key, entry.key.algorithm, digest):
-            continue
-        problem = revocation_problem(entry, sig.created or 0)
-        if problem is None:
-            return
-        if not policy.keep_revoked:
-            raise UsageError(f"{dst} holds a signature that no longer counts ({problem}): refusing to keep it "
-                             f"beside the new one; remove it, or pass --keep-revoked-signatures to keep it anyway")
-        click.echo(f"keyseal: warning: kept the signature by revoked key {entry.key.fingerprint_hex} in {dst} "
-                   f"(--keep-revoked-signatures)", err=True)
+    revoked = revoked_signer(sig, digest, policy.known.all())
+    if revoked is None:
         return
+    fingerprint, problem = revoked
+    if not policy.keep_revoked:
+        raise UsageError(f"{dst} holds a signature that no longer counts ({problem}): refusing to keep it "
+                         f"beside the new one; remove it, or pass --keep-revoked-signatures to keep it anyway")
+    click.echo(f"keyseal: warning: kept the signature by revoked key {fingerprint} in {dst} "
+               f"(--keep-revoked-signatures)", err=True)
 
 
 @click.command()

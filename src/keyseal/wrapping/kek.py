@@ -15,16 +15,10 @@ from pathlib import Path
 from typing import ClassVar
 
 from keyseal.errors import KekMismatchError, KeysealError, UsageError, WrappedRecordError
+from keyseal.home import keyseal_home
 from keyseal.wrapping.record import DEK_SIZE, WrappedRecord
 
 KEK_ENV = "KEYSEAL_KEK"
-HOME_ENV = "KEYSEAL_HOME"
-DEFAULT_HOME = "~/.config/keyseal"
-
-
-def keyseal_home() -> Path:
-    """Per-user keyseal state: `$KEYSEAL_HOME`, by default ~/.config/keyseal (local KEK, seen versions)."""
-    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser()
 
 
 def default_local_kek_path() -> Path:

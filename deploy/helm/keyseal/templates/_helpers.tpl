@@ -11,6 +11,12 @@
 {{- end -}}
 {{- end -}}
 
+{{/* The server's pods only (the agents' pods share the selector labels above). */}}
+{{- define "keyseal.serverPodLabels" -}}
+{{ include "keyseal.selectorLabels" . }}
+app.kubernetes.io/component: server
+{{- end -}}
+
 {{- define "keyseal.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "keyseal.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -67,7 +73,7 @@ app.kubernetes.io/part-of: keyseal
 {{- if .Values.pkcs11.pinSecret.name -}}
 {{- $_ := set $pkcs11 "pinFile" (include "keyseal.pkcs11PinFile" .) -}}
 {{- end -}}
-{{- $config := dict "trustDomain" .Values.trustDomain "custody" .Values.custody "keyWrapping" .Values.keyWrapping "aws" .Values.aws "vault" .Values.vault "pkcs11" $pkcs11 "store" $store "ca" .Values.ca "x509SVID" .Values.x509SVID "jwtSVID" .Values.jwtSVID "bundle" .Values.bundle "server" $server "clients" .Values.clients "logLevel" .Values.logLevel -}}
+{{- $config := dict "trustDomain" .Values.trustDomain "custody" .Values.custody "keyWrapping" .Values.keyWrapping "aws" .Values.aws "vault" .Values.vault "pkcs11" $pkcs11 "store" $store "ca" .Values.ca "x509SVID" .Values.x509SVID "jwtSVID" .Values.jwtSVID "bundle" .Values.bundle "agents" .Values.agents "server" $server "clients" .Values.clients "logLevel" .Values.logLevel -}}
 {{- if .Values.oidc.enabled -}}
 {{- $_ := set $config "oidc" (dict "listen" .Values.oidc.listen "tls" (include "keyseal.listenerTls" (dict "tls" .Values.oidc.tls "dir" "/etc/keyseal/oidc-tls") | fromYaml)) -}}
 {{- end -}}
