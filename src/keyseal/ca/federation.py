@@ -244,7 +244,11 @@ class FederatedBundles:
                 if self._stop.is_set():
                     return
                 if state.next_fetch <= now:
-                    self.refresh(name)
+                    try:
+                        self.refresh(name)
+                    except Exception:  # a bug must not end the thread: the other trust domains go on
+                        log.exception("federation: refreshing the bundle of %s failed", name)
+                        self._failed(state, f"internal error refreshing the bundle of {name}; see the log")
             self._stop.wait(0.5)
 
     def refresh(self, trust_domain: str) -> bool:
@@ -258,7 +262,7 @@ class FederatedBundles:
         except (FederationError, InputError) as exc:
             self._failed(state, exc.message)
             return False
-        except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
+        except (OSError, ssl.SSLError, http.client.HTTPException, ValueError) as exc:
             self._failed(state, f"cannot fetch the bundle of {trust_domain} from "
                                 f"{state.config.bundle_endpoint_url}: {loggable(str(exc), 200)}")
             return False
