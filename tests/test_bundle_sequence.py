@@ -176,3 +176,36 @@ def test_ecdsa_pkcs11_custody_signing_again_changes_the_sequence(tmp_path: Path,
         backend.close_all_sessions()
     assert body2 != body1 and [k.get("kid") for k in keys_of(body2)] == [k.get("kid") for k in keys_of(body1)]
     assert seq2 > seq1
+
+
+def test_on_the_kubernetes_store_sequences_and_federated_bundles_live_in_configmaps_the_role_allows(
+        kube_api: Any, namespace: str, tmp_path: Path) -> None:
+    """Two replicas on the Kubernetes store agree through the ConfigMap <recordPrefix>-bundle-sequence; every
+    call they make for it, and for the federated bundles' ConfigMap, is one the chart's Role allows."""
+    import helm_python
+
+    from tests.test_entries_kubernetes import CHART, allowed_by, kube_store
+    from tests.test_helm_chart import render, server_role
+
+    role = server_role(render(helm_python.Chart.load(str(CHART))))
+    config = parse_config(base_config(tmp_path, store=kube_store(kube_api, namespace)))
+    clock = FakeClock()
+    before = len(kube_api.verbs())
+    answers = []
+    for _ in range(2):
+        server = CaServer(config, clock=clock, rotation_thread=False, kube_api_client=kube_api.api_client())
+        server.start()
+        try:
+            answers.append(served(server))
+            server.tick()
+            bundles_store = server.federation.store
+            assert bundles_store is not None
+            bundles_store.write(b'{"format": "keyseal.federated-bundles.v1", "bundles": {}}\n',
+                                bundles_store.read()[1] if bundles_store.read() else None)
+        finally:
+            server.shutdown()
+    assert answers[0] == answers[1]
+    calls = [c for c in kube_api.verbs()[before:] if c[2] == "configmaps"]
+    names = {c[3] for c in calls}
+    assert {f"{config.record_prefix}-bundle-sequence", f"{config.record_prefix}-federated-bundles"} <= names | {""}
+    assert [c for c in calls if not allowed_by(role, *c)] == []
