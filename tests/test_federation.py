@@ -260,7 +260,7 @@ def test_workloads_of_two_federated_trust_domains_connect_across_rotations(domai
             assert str(JwtSvid.parse_and_validate(token, foreign_keys, {"a-service"}).spiffe_id) == api
             # ... and the agent's ValidateJWTSVID checks it with the federated JWT bundle the caller may use
             assert str(client_a.validate_jwt_svid(token, "a-service").spiffe_id) == api
-            with pytest.raises(Exception, match="(?i)audience"):
+            with pytest.raises(Exception, match=r"(?i)audience"):
                 client_a.validate_jwt_svid(token, "another-service")
 
         # https_spiffe trusts the latest bundle it fetched: B now serves its endpoint under its new CA, which the
