@@ -151,23 +151,25 @@ def test_the_ledger_gives_one_number_to_contents_raced_by_many_writers(tmp_path:
         ledger.sequence_for("d" * 64, 0)
 
 
-@pytest.fixture
-def pkcs11_token(softhsm: Any) -> str:
-    from tests.test_ca_pkcs11_custody import TOKEN
+SEQUENCE_TOKEN = "keyseal-sequence"  # a token of this module's own: others' tests count theirs by label
 
-    return str(softhsm.init_token(TOKEN))
+
+@pytest.fixture(scope="module")
+def pkcs11_token(softhsm: Any) -> str:
+    return str(softhsm.init_token(SEQUENCE_TOKEN))
 
 
 def test_ecdsa_pkcs11_custody_signing_again_changes_the_sequence(tmp_path: Path, softhsm: Any,
                                                                   pkcs11_token: str) -> None:
     from keyseal.backends import pkcs11 as backend
     from tests.harness.softhsm import USER_PIN
-    from tests.test_ca_pkcs11_custody import new_prefix, pkcs11_config
 
     pin_file = tmp_path / "pin"
     pin_file.write_text(USER_PIN + "\n")
     pin_file.chmod(0o600)
-    config = pkcs11_config(tmp_path, softhsm, pin_file, new_prefix())
+    config = base_config(tmp_path, custody="pkcs11",
+                         pkcs11={"uri": f"pkcs11:token={pkcs11_token}", "modulePath": softhsm.module,
+                                 "pinFile": str(pin_file), "labelPrefix": f"test/{uuid.uuid4().hex[:8]}/"})
     clock = FakeClock()
     try:
         body1, seq1 = run(config, clock)
