@@ -227,15 +227,19 @@ class FederatedBundles:
     # -- fetching -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if not self._states:
-            return
-        self._thread = threading.Thread(target=self._loop, name="keyseal-federation", daemon=True)
-        self._thread.start()
+        with self._lock:  # a stop() racing this start() either comes first (nothing starts) or joins the thread
+            if not self._states or self._stop.is_set() or self._thread is not None:
+                return
+            thread = threading.Thread(target=self._loop, name="keyseal-federation", daemon=True)
+            thread.start()
+            self._thread = thread
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=TIMEOUT + 5)
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=TIMEOUT + 5)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -297,8 +297,7 @@ class CaServer:
                 self.httpd.shutdown()
             self.httpd.server_close()
         for side in self.side_listeners.values():
-            if self._serving.is_set():
-                side.shutdown()
+            side.shutdown()  # also before its serve_forever() began: that one then returns at once
             side.server_close()
         for thread in self._threads:
             if thread is not threading.current_thread():
