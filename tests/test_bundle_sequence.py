@@ -78,12 +78,16 @@ def test_rotation_moves_the_sequence_forward(tmp_path: Path) -> None:
 
 def test_replicas_serve_the_same_sequence_for_the_same_bytes(tmp_path: Path) -> None:
     clock = FakeClock()
-    config = parse_config(base_config(tmp_path))
-    CaServer(config, clock=clock, rotation_thread=False).manager.start()  # keyset 1 exists before the race
+
+    def config(label: str) -> Any:  # one store, and each replica's own local ledger of record versions
+        return parse_config(base_config(tmp_path, store={"type": "directory", "directory": {
+            "path": str(tmp_path / "store"), "ledgerFile": str(tmp_path / f"seen-versions-{label}.json")}}))
+
+    CaServer(config("first"), clock=clock, rotation_thread=False).manager.start()  # keyset 1 exists already
     servers: dict[str, CaServer] = {}
 
     def replica(label: str) -> None:
-        server = CaServer(config, clock=clock, rotation_thread=False)
+        server = CaServer(config(label), clock=clock, rotation_thread=False)
         server.start()
         servers[label] = server
 
