@@ -74,6 +74,17 @@ app.kubernetes.io/part-of: keyseal
 {{- $_ := set $pkcs11 "pinFile" (include "keyseal.pkcs11PinFile" .) -}}
 {{- end -}}
 {{- $config := dict "trustDomain" .Values.trustDomain "custody" .Values.custody "keyWrapping" .Values.keyWrapping "aws" .Values.aws "vault" .Values.vault "pkcs11" $pkcs11 "store" $store "ca" .Values.ca "x509SVID" .Values.x509SVID "jwtSVID" .Values.jwtSVID "bundle" .Values.bundle "agents" .Values.agents "server" $server "clients" .Values.clients "logLevel" .Values.logLevel -}}
+{{- if .Values.oidc.enabled -}}
+{{- $_ := set $config "oidc" (dict "listen" .Values.oidc.listen "tls" (include "keyseal.listenerTls" (dict "tls" .Values.oidc.tls "dir" "/etc/keyseal/oidc-tls") | fromYaml)) -}}
+{{- end -}}
+{{- if .Values.federation.enabled -}}
+{{- $federation := dict "listen" .Values.federation.listen "trustDomains" .Values.federation.trustDomains -}}
+{{- $tls := include "keyseal.listenerTls" (dict "tls" .Values.federation.tls "dir" "/etc/keyseal/federation-tls") | fromYaml -}}
+{{- if $tls.certFile -}}
+{{- $_ := set $federation "tls" $tls -}}
+{{- end -}}
+{{- $_ := set $config "federation" $federation -}}
+{{- end -}}
 {{- toYaml $config -}}
 {{- end -}}
 
@@ -87,4 +98,23 @@ the server's default record prefix being keyseal-<trustDomain> ('_' made '-'; se
 domain longer than 100 characters). */}}
 {{- define "keyseal.keysetPinsConfigMap" -}}
 {{ .Values.store.recordPrefix | default (printf "keyseal-%s" (.Values.trustDomain | replace "_" "-")) }}-keyset-pins
+{{- end }}
+
+{{/* certFile/keyFile of a side listener (oidc, federation): the mounted existingSecret, else the values'. */}}
+{{- define "keyseal.listenerTls" -}}
+{{- if .tls.existingSecret -}}
+certFile: {{ printf "%s/tls.crt" .dir }}
+keyFile: {{ printf "%s/tls.key" .dir }}
+{{- else if .tls.certFile -}}
+certFile: {{ .tls.certFile }}
+keyFile: {{ .tls.keyFile }}
+{{- else -}}
+{}
+{{- end -}}
+{{- end }}
+
+{{/* The server's record prefix (store.recordPrefix, else keyseal-<trustDomain>, '_' made '-'): its own
+ConfigMaps on the Kubernetes store are named after it. */}}
+{{- define "keyseal.recordPrefix" -}}
+{{ .Values.store.recordPrefix | default (printf "keyseal-%s" (.Values.trustDomain | replace "_" "-")) }}
 {{- end }}
