@@ -63,7 +63,7 @@ def test_agent_trust_bundle_comes_from_the_servers_configmap(chart: helm_python.
     (server,) = deployment["spec"]["template"]["spec"]["containers"]
     assert {"name": ENVIRONMENT, "value": name} in server["env"]
     (role,) = [r for r in manifests["Role"] if r["metadata"]["name"] == "trust-keyseal"]
-    core_rules = [r for r in role["rules"] if r["apiGroups"] == [""]]
+    core_rules = [r for r in role["rules"] if r["apiGroups"] == [""] and r.get("resourceNames") == [name]]
     assert core_rules == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [name],
                            "verbs": ["get", "update"]}]
     (daemonset,) = manifests["DaemonSet"]

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import logging
@@ -194,12 +193,6 @@ def test_config_skew_does_not_flap_the_agents_bundle_configmap(
         two.shutdown()
 
 
-HAS_SEQUENCE_LEDGER = importlib.util.find_spec("keyseal.ca.bundle_sequence") is not None
-
-
-@pytest.mark.xfail(not HAS_SEQUENCE_LEDGER, strict=True,
-                   reason="spiffe_sequence is still a function of the keyset numbers alone: the bundle-sequence "
-                          "rework (#18) makes it change whenever the bytes do")
 def test_config_skew_changes_the_sequence_whenever_the_bytes_differ(
         kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
     clock = FakeClock(START)

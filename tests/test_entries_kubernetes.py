@@ -108,7 +108,7 @@ def test_entry_cli_against_the_kubernetes_store(kube_api: KubeApi, namespace: st
     token = keyseal("join-token", "--agent", "node-7", "--ttl", "5m")
     assert token.returncode == 0, token.stderr
     secret = token.stdout.strip()
-    assert token.stderr.strip() == f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-7"
+    assert token.stderr.strip() == f"agent SPIFFE ID: spiffe://{TRUST_DOMAIN}/keyseal/agent/node-7"
     (stored_token,) = objects(kube_api, namespace, "jointokens")
     assert stored_token["metadata"]["name"] == f"{PREFIX}-join-{hashlib.sha256(secret.encode()).hexdigest()}"
     assert secret not in json.dumps(stored_token)

@@ -108,13 +108,21 @@ STORE_RULES = [
 ]
 
 
+DOCUMENT_RULES = [  # the bundle sequences and the federated bundles (keyseal.ca.server.build_document_store)
+    {"apiGroups": [""], "resources": ["configmaps"],
+     "resourceNames": ["keyseal-example.org-bundle-sequence", "keyseal-example.org-federated-bundles"],
+     "verbs": ["get", "update"]},
+]
+CREATE_CONFIGMAPS = [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}]
+
+
 def test_rbac_is_limited_to_the_crd(chart: helm_python.Chart) -> None:
     """The server's records, the entries it serves and the join tokens it redeems (tests/
     test_entries_kubernetes.py checks every call the server makes against this Role); no Secrets, no list of
     records, no writes to entries."""
     by_kind = render(chart)
     role = server_role(by_kind)
-    assert role["rules"] == STORE_RULES
+    assert role["rules"] == STORE_RULES + DOCUMENT_RULES + CREATE_CONFIGMAPS
     (binding,) = [b for b in by_kind["RoleBinding"] if b["roleRef"]["name"] == role["metadata"]["name"]]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "trust-keyseal", "namespace": "spire"}]
     assert "ClusterRole" not in by_kind and "ClusterRoleBinding" not in by_kind
@@ -205,7 +213,7 @@ def test_key_manager_custody_needs_no_store_rbac(chart: helm_python.Chart) -> No
     by_kind = render(chart, {"custody": "kms", "ca": {"keyType": "ec-p384"}})
     assert "Secret" not in by_kind
     role = server_role(by_kind)  # no WrappedKey records: the agents' entries and join tokens, and the keyset pins
-    assert role["rules"] == STORE_RULES[1:] + PIN_RULES
+    assert role["rules"] == STORE_RULES[1:] + PIN_RULES + DOCUMENT_RULES
     config = server_config(by_kind)
     assert config.custody == "kms" and config.ca_key_type == "ec-p384"
     assert PIN_RULES[0]["resourceNames"] == [f"{config.record_prefix}-keyset-pins"]  # the server's name for it
@@ -326,7 +334,7 @@ def test_pkcs11_custody(chart: helm_python.Chart) -> None:
     assert HSM_EXTRAS["extraVolumeMounts"][0] in main["volumeMounts"]
     assert HSM_EXTRAS["extraEnv"][0] in main["env"]
     role = server_role(by_kind)  # no WrappedKey records: the agents' entries and join tokens, and the keyset pins
-    assert role["rules"] == STORE_RULES[1:] + PIN_RULES
+    assert role["rules"] == STORE_RULES[1:] + PIN_RULES + DOCUMENT_RULES
     notes = chart.render({"custody": "pkcs11", "pkcs11": PKCS11}, name="trust",
                          namespace="spire")["keyseal/templates/NOTES.txt"]
     assert "Secret hsm-pin (key user-pin)" in notes and config.pkcs11.pin_file in notes
@@ -544,3 +552,57 @@ def test_agent_server_urls_reach_the_agent_configuration(chart: helm_python.Char
     data = yaml.safe_load(maps["trust-keyseal-agent"]["data"]["agent.yaml"])
     config = parse_agent_config(data, {"NODE_NAME": "n1", "NODE_IP": "10.0.0.7"})  # the downward API sets both
     assert config.servers[1:] == (("trust-keyseal-0.example", 8443), ("trust-keyseal-1.example", 8443))
+
+
+def test_oidc_discovery_and_federation_reach_the_server_config(chart: helm_python.Chart) -> None:
+    """jwtSVID.issuer, oidc.* and federation.* as the server reads them; the listeners' ports, Services, the
+    optional Ingress, and their certificates mounted from Secrets."""
+    by_kind = render(chart, {
+        "jwtSVID": {"issuer": "https://oidc.example.org"},
+        "oidc": {"enabled": True, "tls": {"existingSecret": "oidc-cert"},
+                 "ingress": {"enabled": True, "host": "oidc.example.org", "className": "nginx",
+                             "tlsSecretName": "public-cert"}},
+        "federation": {"enabled": True, "trustDomains": [
+            {"trustDomain": "partner.example", "bundleEndpointURL": "https://b.partner.example:8445/",
+             "profile": "https_spiffe", "endpointSPIFFEID": "spiffe://partner.example/keyseal/server",
+             "bundleFile": "/etc/keyseal/federation/partner.json"}]}})
+    config = server_config(by_kind)
+    assert config.jwt_issuer == "https://oidc.example.org"
+    assert config.oidc is not None and (config.oidc.listen_port, str(config.oidc.cert_file)) == (
+        8444, "/etc/keyseal/oidc-tls/tls.crt")
+    assert config.federation.listen_port == 8445 and config.federation.cert_file is None  # https_spiffe
+    (partner,) = config.federation.trust_domains
+    assert (partner.trust_domain, partner.profile) == ("partner.example", "https_spiffe")
+    main = container(by_kind)
+    assert [p["name"] for p in main["ports"]] == ["https", "oidc", "federation"]
+    (deployment,) = by_kind["Deployment"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["oidc-tls"]["secret"]["secretName"] == "oidc-cert" and "federation-tls" not in volumes
+    services = {s["metadata"]["name"]: s for s in by_kind["Service"]}
+    assert services["trust-keyseal-oidc"]["spec"]["ports"][0]["targetPort"] == "oidc"
+    assert services["trust-keyseal-federation"]["spec"]["ports"][0]["targetPort"] == "federation"
+    (ingress,) = by_kind["Ingress"]
+    assert ingress["spec"]["rules"][0]["host"] == "oidc.example.org"
+    assert ingress["spec"]["tls"] == [{"hosts": ["oidc.example.org"], "secretName": "public-cert"}]
+    # https_web: the federation endpoint serves a certificate from a Secret
+    web = server_config(render(chart, {"federation": {"enabled": True, "tls": {"existingSecret": "fed-web"}}}))
+    assert str(web.federation.cert_file) == "/etc/keyseal/federation-tls/tls.crt"
+    assert "Ingress" not in render(chart) and server_config(render(chart)).oidc is None
+    (policy,) = by_kind["NetworkPolicy"]  # the public listeners are reachable from anywhere
+    assert policy["spec"]["ingress"][1:] == [{"ports": [{"port": "oidc", "protocol": "TCP"}]},
+                                             {"ports": [{"port": "federation", "protocol": "TCP"}]}]
+    server_pods = {"app.kubernetes.io/name": "keyseal", "app.kubernetes.io/instance": "trust",
+                   "app.kubernetes.io/component": "server"}
+    assert services["trust-keyseal-oidc"]["spec"]["selector"] == server_pods
+
+
+def test_schema_refuses_oidc_and_federation_mistakes(chart: helm_python.Chart) -> None:
+    for values in ({"oidc": {"enabled": True, "tls": {"existingSecret": "c"}}},  # no jwtSVID.issuer
+                   {"jwtSVID": {"issuer": "https://o.example.org"}, "oidc": {"enabled": True}},  # no certificate
+                   {"jwtSVID": {"issuer": "http://o.example.org"}},
+                   {"jwtSVID": {"issuer": "https://o.example.org/"}},
+                   {"federation": {"trustDomains": [{"trustDomain": "b.example", "bundleEndpointURL": "https://b/"}]}},
+                   {"federation": {"trustDomains": [{"trustDomain": "b.example", "bundleEndpointURL": "https://b/",
+                                                     "profile": "https_web", "endpointSPIFFEIDs": "x"}]}}):
+        with pytest.raises(helm_python.HelmValuesError):
+            chart.render(values, name="trust", namespace="spire")

@@ -113,8 +113,9 @@ def test_awskms_server_logs_its_kek_and_serves(tmp_path: Path, kms_emulator: Kms
     finally:
         code = server.stop()
     assert code == 0
-    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
-        "keyseal-example.org-jwt-0", "keyseal-example.org-x509-0", "keyseal-seen-versions"]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [  # the records, and the bundle sequences
+        "keyseal-example.org-bundle-sequence.json", "keyseal-example.org-jwt-0", "keyseal-example.org-x509-0",
+        "keyseal-seen-versions"]
 
 
 def test_kms_unreachable_exits_with_one_line_and_writes_nothing(tmp_path: Path, aws_env: dict[str, str]) -> None:
@@ -233,7 +234,7 @@ def test_vault_transit_kek_server_logs_and_restarts(tmp_path: Path, openbao: Ope
             client.close()
         finally:
             assert server.stop() == 0
-    records = sorted(p.name for p in (tmp_path / "store").iterdir())
+    records = sorted(p.name for p in (tmp_path / "store").iterdir() if not p.name.endswith("-sequence.json"))
     assert records == ["keyseal-example.org-jwt-0", "keyseal-example.org-x509-0", "keyseal-seen-versions"]
     assert all(b"vault" in (tmp_path / "store" / name).read_bytes() for name in records)
 

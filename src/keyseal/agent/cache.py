@@ -82,6 +82,17 @@ class CachedJwt:
         return serve_until(self.issued, self.expires)
 
 
+def _split_bundle(bundle: dict[str, Any]) -> tuple[list[bytes], bytes]:
+    """A SPIFFE bundle's CA certificates (DER) and its JWT keys as a JWKS (what the Workload API serves)."""
+    certificates, jwt_keys = [], []
+    for item in bundle.get("keys", []):
+        if item.get("use") == "x509-svid":
+            certificates += [base64.b64decode(c) for c in item.get("x5c", [])]
+        elif item.get("use") == "jwt-svid":
+            jwt_keys.append({k: v for k, v in item.items() if k != "use"})
+    return certificates, json.dumps({"keys": jwt_keys}, sort_keys=True).encode()
+
+
 JwtKey = tuple[str, tuple[str, ...]]  # entry ID, sorted audience
 
 
@@ -100,6 +111,8 @@ class AgentCache:
         self._jwt_lock = threading.Lock()  # JWT-SVIDs are fetched on the Workload API's threads
         self.bundle_der = b""
         self.jwks = b""
+        # Foreign trust domains' bundles that entries federate with: trust domain -> (CA certificates DER, JWKS).
+        self.federated: dict[str, tuple[bytes, bytes]] = {}
         self.synced = threading.Event()
         self.server_reachable = True
         self.last_sync: datetime | None = None
@@ -190,15 +203,25 @@ class AgentCache:
         self._take_agent_svid(fresh, answer)
         self._take_bundle(answer["bundle"])
 
+    def federated_for(self, entries: list[Entry]) -> dict[str, tuple[bytes, bytes]]:
+        """The foreign bundles these entries federate with (those the server holds one for)."""
+        wanted = {t for e in entries for t in e.federates_with}
+        return {t: b for t, b in self.federated.items() if t in wanted}
+
+    def _take_federated(self, documents: dict[str, Any]) -> bool:
+        federated = {}
+        for trust_domain, bundle in documents.items():
+            certificates, jwks = _split_bundle(bundle)
+            federated[str(trust_domain)] = (b"".join(certificates), jwks)
+        if federated == self.federated:
+            return False
+        self.federated = federated
+        log.info("federated bundles changed: %s", ", ".join(sorted(federated)) or "none")
+        return True
+
     def _take_bundle(self, bundle: dict[str, Any]) -> bool:
-        certificates, jwt_keys = [], []
-        for item in bundle.get("keys", []):
-            if item.get("use") == "x509-svid":
-                certificates += [base64.b64decode(c) for c in item.get("x5c", [])]
-            elif item.get("use") == "jwt-svid":
-                jwt_keys.append({k: v for k, v in item.items() if k != "use"})
+        certificates, jwks = _split_bundle(bundle)
         bundle_der = b"".join(certificates)
-        jwks = json.dumps({"keys": jwt_keys}, sort_keys=True).encode()
         if (bundle_der, jwks) == (self.bundle_der, self.jwks):
             return False
         self.bundle_der, self.jwks = bundle_der, jwks
@@ -223,6 +246,7 @@ class AgentCache:
                 self._take_agent_svid(key, self.client.call("/v1/agent/renew", {"csr": make_csr(key)}))
             answer = self.client.call("/v1/agent/sync", {})
             changed |= self._take_bundle(answer["bundle"])
+            changed |= self._take_federated(answer.get("federatedBundles") or {})
             entries = tuple(Entry.from_json(e) for e in answer["entries"])
             if entries != self.entries:
                 removed = {e.entry_id for e in self.entries} - {e.entry_id for e in entries}

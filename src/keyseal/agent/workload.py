@@ -142,7 +142,8 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         if not svids:
             return None, grpc.StatusCode.UNAVAILABLE, (
                 "no valid X.509-SVID: the keyseal server is unreachable and the cached SVIDs expired")
-        return workload_pb2.X509SVIDResponse(svids=svids), None, ""
+        federated = {f"spiffe://{t}": der for t, (der, _) in self.cache.federated_for(entries).items()}
+        return workload_pb2.X509SVIDResponse(svids=svids, federated_bundles=federated), None, ""
 
     def _stream(self, context: grpc.ServicerContext, method: str, build: Any) -> Iterator[Any]:
         """Send `build()` now and again whenever the cache changes it; end with its error when it has one."""
@@ -177,10 +178,11 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
     def FetchX509Bundles(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         method = "FetchX509Bundles"
         with self._call(context, method) as credentials:
-            self._selectors(context, method, credentials)
+            selectors = self._selectors(context, method, credentials)
             domain = self.cache.trust_domain
-            yield from self._stream(context, method, lambda: (
-                workload_pb2.X509BundlesResponse(bundles={domain: self.cache.bundle_der}), None, ""))
+            yield from self._stream(context, method, lambda: (workload_pb2.X509BundlesResponse(bundles={
+                **{t: der for t, (der, _) in self.cache.federated_for(self.cache.matching(selectors)).items()},
+                domain: self.cache.bundle_der}), None, ""))
 
     # -- the JWT-SVID profile -----------------------------------------------------------------------------
 
@@ -212,25 +214,48 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
     def FetchJWTBundles(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         method = "FetchJWTBundles"
         with self._call(context, method) as credentials:
-            self._selectors(context, method, credentials)
+            selectors = self._selectors(context, method, credentials)
             domain = self.cache.trust_domain
-            yield from self._stream(context, method, lambda: (
-                workload_pb2.JWTBundlesResponse(bundles={domain: self.cache.jwks}), None, ""))
+            yield from self._stream(context, method, lambda: (workload_pb2.JWTBundlesResponse(bundles={
+                **{t: jwks for t, (_, jwks) in self.cache.federated_for(self.cache.matching(selectors)).items()},
+                domain: self.cache.jwks}), None, ""))
 
     def ValidateJWTSVID(self, request: Any, context: grpc.ServicerContext) -> Any:
         method = "ValidateJWTSVID"
-        with self._call(context, method):
-            return self._validate(request, context, method)
+        with self._call(context, method) as credentials:
+            return self._validate(request, context, method, credentials)
 
-    def _validate(self, request: Any, context: grpc.ServicerContext, method: str) -> Any:
+    def _jwt_bundle_for(self, token: str, context: grpc.ServicerContext, method: str,
+                        credentials: PeerCredentials) -> tuple[str, bytes] | None:
+        """The trust domain a JWT-SVID names in `sub` (unverified: it only picks the keys) and its JWT keys: this
+        trust domain's, or a federated one's that the caller's entries federate with; None if there are none."""
+        own = self.cache.trust_domain
+        try:
+            payload = token.split(".")[1]
+            subject = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))).get("sub", "")
+            domain = str(subject).split("/")[2] if str(subject).startswith("spiffe://") else own
+        except (IndexError, ValueError, AttributeError):
+            domain = own
+        if domain == own:
+            return own, self.cache.jwks
+        federated = self.cache.federated_for(self.cache.matching(self._selectors(context, method, credentials)))
+        return (domain, federated[domain][1]) if domain in federated else None
+
+    def _validate(self, request: Any, context: grpc.ServicerContext, method: str,
+                  credentials: PeerCredentials) -> Any:
         if not request.audience:
             self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
         if not request.svid:
             self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
         from spiffe import JwtBundle, JwtSvid, TrustDomain
 
+        keys = self._jwt_bundle_for(request.svid, context, method, credentials)
+        if keys is None:
+            self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+                        "the JWT-SVID is not valid: no JWT bundle for its trust domain")
+        assert keys is not None
         try:
-            bundle = JwtBundle.parse(TrustDomain(self.cache.trust_domain), self.cache.jwks)
+            bundle = JwtBundle.parse(TrustDomain(keys[0]), keys[1])
             svid = JwtSvid.parse_and_validate(request.svid, bundle, {request.audience})
         except Exception as exc:  # the library raises several error types; all mean "not valid"
             self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, f"the JWT-SVID is not valid: {exc}")

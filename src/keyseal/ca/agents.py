@@ -19,7 +19,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from keyseal.ca.bundle import bundle_document
 from keyseal.ca.entries import AGENT_PATH, Entry, EntryStore, JoinTokens, entry_store_for, join_tokens_for
 from keyseal.ca.jwtsvid import check_audience, issue_jwt_svid
 from keyseal.ca.spiffeid import parse_spiffe_id
@@ -107,7 +106,7 @@ class AgentApi:
                 "expiresAt": format_time(certificate.not_valid_after_utc), "keyset": keyset.number}
 
     def _bundle(self) -> dict[str, Any]:
-        return bundle_document([k for k, _ in self.api.manager.live()], self.api.config.refresh_hint)
+        return self.api.bundle()[0]
 
     def _entry(self, agent_id: str, document: dict[str, Any], request: Request) -> Entry:
         entry_id = document.get("entryID")
@@ -208,8 +207,11 @@ class AgentApi:
     def sync(self, request: Request) -> Response:
         agent_id = self._agent(request)
         self.api._body(request, set())
-        return self._json({"agentID": agent_id, "entries": [e.to_json() for e in self.entries.for_agent(agent_id)],
-                           "bundle": self._bundle()})
+        entries = self.entries.for_agent(agent_id)
+        federation = self.api.federation
+        federated = federation.documents({t for e in entries for t in e.federates_with}) if federation else {}
+        return self._json({"agentID": agent_id, "entries": [e.to_json() for e in entries],
+                           "bundle": self._bundle(), "federatedBundles": federated})
 
     def x509_svid(self, request: Request) -> Response:
         agent_id = self._agent(request)
@@ -230,7 +232,7 @@ class AgentApi:
             ttl = min(ttl, timedelta(seconds=entry.jwt_ttl))
         keyset = self.api.manager.active()
         token, expires = issue_jwt_svid(keyset, parse_spiffe_id(entry.spiffe_id), audience,
-                                        self.api.manager.clock(), ttl)
+                                        self.api.manager.clock(), ttl, self.api.config.jwt_issuer)
         self.api.metrics.issued("jwt")
         return self._json({"spiffeID": entry.spiffe_id, "token": token, "expiresAt": format_time(expires)})
 

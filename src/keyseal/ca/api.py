@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keyseal.audit.log import utc_second
 from keyseal.ca.auth import Authenticator, Principal, valid_at
-from keyseal.ca.bundle import bundle_json, sequence_of
+from keyseal.ca.bundle_sequence import BundlePublisher
 from keyseal.ca.config import Config
 from keyseal.ca.jwtsvid import check_audience, issue_jwt_svid
 from keyseal.ca.manager import KeysetManager, NoActiveKeysetError
@@ -24,6 +25,9 @@ from keyseal.ca.metrics import Metrics
 from keyseal.ca.spiffeid import RESERVED_PATH, SpiffeId, SpiffeIdError, is_reserved, parse_spiffe_id
 from keyseal.ca.x509svid import parse_csr_key, sign_x509_svid
 from keyseal.errors import KeysealError, UsageError, loggable
+
+if TYPE_CHECKING:
+    from keyseal.ca.federation import FederatedBundles
 
 __all__ = ["MAX_BODY_BYTES", "Api", "Request", "Response"]
 
@@ -73,14 +77,15 @@ def _expires_at(moment: datetime) -> str:
 
 class Api:
     def __init__(self, config: Config, manager: KeysetManager, authenticator: Authenticator,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, bundles: BundlePublisher | None = None) -> None:
         self.config = config
+        self.bundles = bundles or BundlePublisher(None, config.refresh_hint)
+        self.federation: FederatedBundles | None = None
         self.manager = manager
         self.authenticator = authenticator
         self.metrics = metrics
         self.kube_api_client: Any = None  # a kubernetes ApiClient the server was given (tests), else from the pod
-        self._bundle_cache: tuple[tuple[int, ...], bytes] = ((), b"")
-        self._routes = {
+        self._routes: dict[str, tuple[str, Callable[[Request], Response]]] = {
             "/healthz": ("GET", self._health),
             "/readyz": ("GET", self._ready),
             "/metrics": ("GET", self._metrics),
@@ -92,7 +97,11 @@ class Api:
 
         self._routes.update(agent_routes(self))
         metrics.keyset_states = lambda: [(k.number, s) for k, s in self.manager.live()]
-        metrics.bundle_sequence = lambda: sequence_of([k for k, _ in self.manager.live()])
+        metrics.bundle_sequence = lambda: self.bundle()[0]["spiffe_sequence"]
+
+    def add_route(self, path: str, method: str, handler: Callable[[Request], Response]) -> None:
+        """A route the server adds beside the API's own (e.g. /v1/federation)."""
+        self._routes[path] = (method, handler)
 
     def handle(self, request: Request) -> Response:
         route = self._routes.get(request.path.split("?", 1)[0])
@@ -144,14 +153,12 @@ class Api:
     def _metrics(self, request: Request) -> Response:
         return Response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
 
+    def bundle(self) -> tuple[dict[str, Any], bytes]:
+        """The trust bundle as published now (keyseal.ca.bundle_sequence): its document and its JSON."""
+        return self.bundles.served([k for k, _ in self.manager.live()])
+
     def _bundle(self, request: Request) -> Response:
-        keysets = [k for k, _ in self.manager.live()]
-        numbers = tuple(k.number for k in keysets)
-        cached_numbers, body = self._bundle_cache
-        if cached_numbers != numbers or not body:
-            body = bundle_json(keysets, self.config.refresh_hint)
-            self._bundle_cache = (numbers, body)
-        response = Response(200, body)
+        response = Response(200, self.bundle()[1])
         response.headers["Cache-Control"] = f"max-age={int(self.config.refresh_hint.total_seconds())}"
         return response
 
@@ -248,7 +255,8 @@ class Api:
         ttl = self._ttl(document, self.config.jwt_ttl)
         audience = check_audience(document.get("audience"))
         keyset = self.manager.active()
-        token, expires = issue_jwt_svid(keyset, spiffe_id, audience, self.manager.clock(), ttl)
+        token, expires = issue_jwt_svid(keyset, spiffe_id, audience, self.manager.clock(), ttl,
+                                         self.config.jwt_issuer)
         self.metrics.issued("jwt")
         log.debug("issued JWT-SVID %s to client %s (keyset %d)", spiffe_id, principal.name, keyset.number)
         return _json(200, {"spiffeID": spiffe_id.uri, "token": token, "expiresAt": _expires_at(expires),

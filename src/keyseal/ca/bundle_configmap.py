@@ -76,10 +76,11 @@ class BundleConfigMap:
     def where(self) -> str:
         return f"configmap {self.namespace}/{self.name}"
 
-    def publish(self, keysets: Sequence[Keyset], refresh_hint: timedelta) -> bool:
-        """Write the bundle of these keysets if its sequence is strictly newer than the stored one's; True when
-        it wrote."""
-        document = bundle_document(keysets, refresh_hint)
+    def publish(self, keysets: Sequence[Keyset], refresh_hint: timedelta,
+                document: dict[str, Any] | None = None) -> bool:
+        """Write the bundle of these keysets (or `document`, the bundle as served) if its sequence is strictly
+        newer than the stored one's; True when it wrote."""
+        document = document if document is not None else bundle_document(keysets, refresh_hint)
         text = json.dumps(document, indent=2, sort_keys=True) + "\n"
         confirmed = self._confirmed
         if confirmed is not None and confirmed[0] == text and time.monotonic() - confirmed[1] < RECHECK_SECONDS:
@@ -119,10 +120,11 @@ class BundleConfigMap:
             return True
         raise KeysealError(f"{self.where} kept changing while keyseal tried to write the bundle: try again")
 
-    def publish_logged(self, keysets: Sequence[Keyset], refresh_hint: timedelta) -> None:
+    def publish_logged(self, keysets: Sequence[Keyset], refresh_hint: timedelta,
+                       document: dict[str, Any] | None = None) -> None:
         """`publish`, with a failure logged (once until it works again) instead of raised: serving goes on."""
         try:
-            self.publish(keysets, refresh_hint)
+            self.publish(keysets, refresh_hint, document)
         except KeysealError as exc:
             if not self._failing:
                 log.error("cannot publish the trust bundle to %s: %s", self.where, exc.message)

@@ -32,7 +32,7 @@ from typing import Any
 
 from keyseal.atomic import write_atomic
 from keyseal.ca.config import Config
-from keyseal.ca.spiffeid import RESERVED_PATH, SpiffeIdError, is_reserved, parse_spiffe_id
+from keyseal.ca.spiffeid import RESERVED_PATH, SpiffeIdError, check_trust_domain, is_reserved, parse_spiffe_id
 from keyseal.errors import InputError, UsageError
 from keyseal.wrapping.record import format_time
 
@@ -64,6 +64,7 @@ _SELECTOR_RE = re.compile(
 _AGENT_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_SELECTORS = 16
 MAX_ENTRY_TTL = 366 * 24 * 3600
+MAX_FEDERATES_WITH = 16
 
 
 def _reserved(entry: Entry) -> bool:
@@ -93,17 +94,21 @@ class Entry:
     selectors: tuple[str, ...]
     x509_ttl: int = 0
     jwt_ttl: int = 0
+    federates_with: tuple[str, ...] = ()  # foreign trust domains whose bundles the workload gets (federation)
 
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)
         document["selectors"] = list(self.selectors)
+        del document["federates_with"]
+        if self.federates_with:  # absent when empty: what entries without federation always looked like
+            document["federates_with"] = list(self.federates_with)
         return document
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Entry:
         return cls(str(data["entry_id"]), str(data["spiffe_id"]), str(data["parent_id"]),
                    tuple(str(s) for s in data["selectors"]), int(data.get("x509_ttl", 0)),
-                   int(data.get("jwt_ttl", 0)))
+                   int(data.get("jwt_ttl", 0)), tuple(str(t) for t in data.get("federates_with", ())))
 
     def parented_by(self, agent_id: str) -> bool:
         """Whether an agent may serve this entry: its ID is the parent, or below it by whole segments."""
@@ -212,12 +217,22 @@ class EntryStore(abc.ABC):
         if max(entry.x509_ttl, entry.jwt_ttl) > MAX_ENTRY_TTL:
             raise UsageError(f"TTLs are at most {MAX_ENTRY_TTL} seconds (a year): an SVID lives no longer than its "
                              f"CA anyway")
-        return Entry(entry.entry_id, spiffe_id, parent_id, selectors, entry.x509_ttl, entry.jwt_ttl)
+        return Entry(entry.entry_id, spiffe_id, parent_id, selectors, entry.x509_ttl, entry.jwt_ttl,
+                     self._check_federates_with(entry.federates_with))
+
+    def _check_federates_with(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        if len(names) > MAX_FEDERATES_WITH:
+            raise UsageError(f"an entry federates with at most {MAX_FEDERATES_WITH} trust domains")
+        for name in names:
+            check_trust_domain(name)
+            if name == self.trust_domain:
+                raise UsageError(f"--federates-with {name}: that is this server's own trust domain")
+        return tuple(sorted(set(names)))
 
     def create(self, spiffe_id: str, parent_id: str, selectors: tuple[str, ...], x509_ttl: int = 0,
-               jwt_ttl: int = 0) -> Entry:
+               jwt_ttl: int = 0, federates_with: tuple[str, ...] = ()) -> Entry:
         return self._add(self.check(Entry(secrets.token_hex(8), spiffe_id, parent_id, selectors, x509_ttl,
-                                          jwt_ttl)))
+                                          jwt_ttl, federates_with)))
 
 
 class DirectoryEntryStore(EntryStore):

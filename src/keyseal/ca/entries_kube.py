@@ -254,7 +254,11 @@ class KubeEntryStore(EntryStore):
         x509_ttl, jwt_ttl = spec.get("x509SVIDTTL", 0), spec.get("jwtSVIDTTL", 0)
         if not isinstance(selectors, list) or not all(isinstance(t, int) for t in (x509_ttl, jwt_ttl)):
             raise TypeError("selectors must be a list, TTLs whole seconds")
-        entry = Entry(entry_id, str(spec["spiffeID"]), str(spec["parentID"]), tuple(selectors), x509_ttl, jwt_ttl)
+        federates_with = spec.get("federatesWith", [])
+        if not isinstance(federates_with, list):
+            raise TypeError("federatesWith must be a list")
+        entry = Entry(entry_id, str(spec["spiffeID"]), str(spec["parentID"]), tuple(selectors), x509_ttl, jwt_ttl,
+                      tuple(str(t) for t in federates_with))
         return self.check(entry)
 
     def _add(self, entry: Entry) -> Entry:
@@ -263,13 +267,15 @@ class KubeEntryStore(EntryStore):
                     (entry.spiffe_id, entry.parent_id, entry.selectors):
                 raise UsageError(f"entry {other.entry_id} already gives {entry.spiffe_id} to these selectors")
         entry = Entry(entry_id_for(entry.spiffe_id, entry.parent_id, entry.selectors), entry.spiffe_id,
-                      entry.parent_id, entry.selectors, entry.x509_ttl, entry.jwt_ttl)
+                      entry.parent_id, entry.selectors, entry.x509_ttl, entry.jwt_ttl, entry.federates_with)
         spec: dict[str, Any] = {"spiffeID": entry.spiffe_id, "parentID": entry.parent_id,
                                 "selectors": list(entry.selectors)}
         if entry.x509_ttl:
             spec["x509SVIDTTL"] = entry.x509_ttl
         if entry.jwt_ttl:
             spec["jwtSVIDTTL"] = entry.jwt_ttl
+        if entry.federates_with:
+            spec["federatesWith"] = list(entry.federates_with)
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": ENTRY_KIND,
                 "metadata": _metadata(self._name(entry.entry_id), self.resources.namespace), "spec": spec}
         created = self.resources.create(body)

@@ -32,6 +32,7 @@ class Metrics:
         self.keyset_states: Callable[[], list[tuple[int, str]]] = list
         self.bundle_sequence: Callable[[], int] = lambda: 0
         self.store_view_age: Callable[[], float | None] = lambda: None
+        self.extra: list[Callable[[], list[str]]] = []  # more families (federation)
 
     def issued(self, kind: str) -> None:
         with self._lock:
@@ -77,4 +78,6 @@ class Metrics:
             "# TYPE keyseal_custody_alarms_total counter",
             *(f'keyseal_custody_alarms_total{{reason="{k}"}} {v}' for k, v in sorted(alarms.counts().items())),
         ]
+        for more in self.extra:
+            lines += more()
         return ("\n".join(lines) + "\n").encode("utf-8")

@@ -42,15 +42,17 @@ def entry() -> None:
               help="unix:uid:N, unix:gid:N or unix:path:/abs/exe; a workload must match all of them.")
 @click.option("--x509-ttl", default=None, help="X.509-SVID lifetime (at most the server's x509SVID.ttl).")
 @click.option("--jwt-ttl", default=None, help="JWT-SVID lifetime (at most the server's jwtSVID.ttl).")
+@click.option("--federates-with", "federates_with", multiple=True, metavar="TRUST_DOMAIN",
+              help="A foreign trust domain (in federation.trustDomains) whose bundle the workloads get; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the entry as one JSON document (for scripts).")
 def create(config_path: Path, spiffe_id: str, parent_id: str, selectors: tuple[str, ...], x509_ttl: str | None,
-           jwt_ttl: str | None, as_json: bool) -> None:
+           jwt_ttl: str | None, federates_with: tuple[str, ...], as_json: bool) -> None:
     """Create an entry; prints its ID."""
     from keyseal.ca.entries import entry_store_for
 
     store = entry_store_for(_load(config_path))
     created = store.create(spiffe_id, parent_id, selectors, seconds_of(x509_ttl, "--x509-ttl"),
-                           seconds_of(jwt_ttl, "--jwt-ttl"))
+                           seconds_of(jwt_ttl, "--jwt-ttl"), federates_with)
     click.echo(json.dumps(created.to_json(), indent=2) if as_json else created.entry_id)
 
 
@@ -66,7 +68,9 @@ def list_entries(config_path: Path, as_json: bool) -> None:
         click.echo(json.dumps([e.to_json() for e in entries], indent=2))
         return
     for item in entries:
-        click.echo(f"{item.entry_id}  {item.spiffe_id}  parent={item.parent_id}  {' '.join(item.selectors)}")
+        federated = f"  federatesWith={','.join(item.federates_with)}" if item.federates_with else ""
+        click.echo(f"{item.entry_id}  {item.spiffe_id}  parent={item.parent_id}  {' '.join(item.selectors)}"
+                   f"{federated}")
 
 
 @entry.command("delete")

@@ -80,6 +80,17 @@ app.kubernetes.io/part-of: keyseal
 {{- $templates := dict "enabled" (eq .Values.store.type "kubernetes") "interval" $k8s.templateInterval -}}
 {{- $_ := set $config "kubernetes" (dict "cluster" $k8s.cluster "nodeAttestation" $nodes "identityTemplates" $templates) -}}
 {{- end -}}
+{{- if .Values.oidc.enabled -}}
+{{- $_ := set $config "oidc" (dict "listen" .Values.oidc.listen "tls" (include "keyseal.listenerTls" (dict "tls" .Values.oidc.tls "dir" "/etc/keyseal/oidc-tls") | fromYaml)) -}}
+{{- end -}}
+{{- if .Values.federation.enabled -}}
+{{- $federation := dict "listen" .Values.federation.listen "trustDomains" .Values.federation.trustDomains -}}
+{{- $tls := include "keyseal.listenerTls" (dict "tls" .Values.federation.tls "dir" "/etc/keyseal/federation-tls") | fromYaml -}}
+{{- if $tls.certFile -}}
+{{- $_ := set $federation "tls" $tls -}}
+{{- end -}}
+{{- $_ := set $config "federation" $federation -}}
+{{- end -}}
 {{- toYaml $config -}}
 {{- end -}}
 
@@ -104,4 +115,23 @@ kubelet, entries come from IdentityTemplates. "true" or empty. */}}
 {{/* The agents' service account: the only one the server lets join with a service account token. */}}
 {{- define "keyseal.agentServiceAccountName" -}}
 {{ include "keyseal.fullname" . }}-agent
+{{- end }}
+
+{{/* certFile/keyFile of a side listener (oidc, federation): the mounted existingSecret, else the values'. */}}
+{{- define "keyseal.listenerTls" -}}
+{{- if .tls.existingSecret -}}
+certFile: {{ printf "%s/tls.crt" .dir }}
+keyFile: {{ printf "%s/tls.key" .dir }}
+{{- else if .tls.certFile -}}
+certFile: {{ .tls.certFile }}
+keyFile: {{ .tls.keyFile }}
+{{- else -}}
+{}
+{{- end -}}
+{{- end }}
+
+{{/* The server's record prefix (store.recordPrefix, else keyseal-<trustDomain>, '_' made '-'): its own
+ConfigMaps on the Kubernetes store are named after it. */}}
+{{- define "keyseal.recordPrefix" -}}
+{{ .Values.store.recordPrefix | default (printf "keyseal-%s" (.Values.trustDomain | replace "_" "-")) }}
 {{- end }}
