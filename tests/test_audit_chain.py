@@ -170,9 +170,12 @@ def test_append_refuses_a_damaged_end(tmp_path: Path) -> None:
     path = tmp_path / "a.log"
     write_log(path, 2)
     before = path.read_bytes()
-    path.write_bytes(before[:-10])  # an interrupted write
+    path.write_bytes(before + b"garbage")  # not the start of a line keyseal writes
     with pytest.raises(AuditError, match="ends in an incomplete line"):
         write_log(path, 1)
+    path.write_bytes(before + before.splitlines(keepends=True)[-1][:40])  # a write cut short by SIGKILL
+    write_log(path, 1)  # cut off again (no signature was handed out for it), then the next line
+    assert verify_log(path).lines == 3
     path.write_bytes(before + b"garbage\n")
     with pytest.raises(AuditError, match=r"last line .* is not an audit record"):
         write_log(path, 1)
