@@ -68,10 +68,17 @@ def line_hash(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
 
+_this_second: tuple[int, str] = (-1, "")  # the last second spelt, read and replaced whole (no lock needed)
+
+
 def utc_now() -> str:
     """RFC 3339 UTC with microseconds, e.g. 2026-11-23T21:12:08.341681Z (the clock `datetime.now` reads)."""
-    micros = time.time_ns() // 1000
-    return f"{utc_second(micros // 1_000_000)}.{micros % 1_000_000:06d}Z"
+    global _this_second  # noqa: PLW0603 - a one-entry cache: every audit line made within a second shares it
+    second, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    cached = _this_second
+    if cached[0] != second:
+        cached = _this_second = (second, utc_second(second))
+    return f"{cached[1]}.{micros:06d}Z"
 
 
 @functools.lru_cache(maxsize=256)

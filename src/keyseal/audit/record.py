@@ -106,7 +106,7 @@ def record(
         "digest": digest.hex(),
         "subject": _text(subject if subject is not None else context.subject),
         "purpose": _text(purpose if purpose is not None else context.purpose),
-        "outcome": one_line(outcome, _MAX_TEXT),
+        "outcome": outcome if outcome == "ok" else one_line(outcome, _MAX_TEXT),
     }
     written = log_file.append(entry, custody) if log_file is not None else {"time": utc_now(), **entry}
     if log.isEnabledFor(logging.INFO):
