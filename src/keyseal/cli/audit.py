@@ -126,7 +126,10 @@ def show(log_path: Path | None, key: str | None, as_json: bool) -> None:
             click.echo(raw.decode("ascii", "replace"))
         else:
             fields = ("seq", "time", "outcome", "purpose", "subject", "key_uri")
-            click.echo("\t".join(_cell(record.get(name)) for name in fields))
+            cells = [_cell(record.get(name)) for name in fields]
+            if "kind" in record:  # a checkpoint or the start of a rotated file: no outcome, its kind instead
+                cells[2] = _cell(record["kind"])
+            click.echo("\t".join(cells))
 
 
 def _cell(value: object) -> str:
