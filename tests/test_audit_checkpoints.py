@@ -119,7 +119,14 @@ def test_removed_checkpoints_are_caught(key: tuple[str, Path], log_path: Path) -
     log_path.write_bytes(rechain(stripped))
     assert verify_log(log_path).lines == 23
     code, _, err = verify_cli("--log", log_path, "--key", public)
-    assert code == 1 and "line 6: 6 lines without a checkpoint, where one is made every 5 lines" in err
+    assert code == 1 and "audit.log: 23 lines without a checkpoint, where one is made every 5 lines" in err
+    # Checkpoints removed from the middle: the lines between the two kept ones are too many.
+    sign(uri, 12, start=23)  # appends after the rewritten lines: checkpoints at 25, 30, 35
+    records = lines_of(log_path)
+    assert [r["seq"] for r in records if r.get("kind") == "checkpoint"] == [25, 30, 35]
+    log_path.write_bytes(rechain([r for r in records if r["seq"] != 30]))
+    code, _, err = verify_cli("--log", log_path, "--key", public, "--every", "0")
+    assert code == 1 and "line 31: 6 lines without a checkpoint, where one is made every 5 lines" in err
 
 
 def test_checkpoints_by_another_key_are_refused(key: tuple[str, Path], log_path: Path, tmp_path: Path,
@@ -251,3 +258,15 @@ def test_checkpoint_command_signs_the_head_now(key: tuple[str, Path], log_path: 
     assert lines_of(log_path)[-1] == printed
     code, _, err = verify_cli("--log", log_path, "--key", public)
     assert code == 0, err
+
+
+def test_the_interval_a_checkpoint_signs_is_the_one_verify_holds_to(key: tuple[str, Path], log_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written every 8 lines, checked where the default is 5: the lines before the first checkpoint are held to
+    the interval it signs, not to the verifier's default."""
+    uri, public = key
+    monkeypatch.setenv("KEYSEAL_AUDIT_CHECKPOINT_LINES", "8")
+    sign(uri, 20)
+    monkeypatch.setenv("KEYSEAL_AUDIT_CHECKPOINT_LINES", "5")
+    report = verify_log(log_path, keys=load_keys([public]))
+    assert (report.lines, report.checkpoints, report.after_last_checkpoint) == (22, 2, 6)

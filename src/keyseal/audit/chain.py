@@ -69,9 +69,11 @@ def verify_log(path: Path | Sequence[Path], head: str | None = None, *,
     """Check the chain of `path` (or of several files in order, oldest first); raise AuditChainError naming the
     first broken line (1-based), or if `head` (an earlier report's head) is no longer a line of the log.
 
-    `keys` (by fingerprint): check every checkpoint's signature, and that no more than `every` lines (default:
-    each checkpoint's own interval, before the first one $KEYSEAL_AUDIT_CHECKPOINT_LINES; 0: no limit) go by
-    without one. `copies`: checkpoints taken from elsewhere (the log pipeline) that the log must still hold."""
+    `keys` (by fingerprint): check every checkpoint's signature, and that no more lines than the interval go by
+    without one: each checkpoint signs the interval that follows it; before the first, the first one's, or with
+    none `every` (default $KEYSEAL_AUDIT_CHECKPOINT_LINES); `every=0` asks nothing of the lines before the first
+    checkpoint (a log kept from before keyseal made them). `copies`: checkpoints taken from elsewhere (the log
+    pipeline) that the log must still hold."""
     paths = [path] if isinstance(path, Path) else list(path)
     wanted = _normalize_head(head) if head is not None else None
     seen_head = wanted is None or wanted == GENESIS
@@ -110,6 +112,7 @@ def verify_log(path: Path | Sequence[Path], head: str | None = None, *,
             seen_head = seen_head or line.hash == wanted
         if before:
             previous = (file, before[-1])
+    _check_end(state, previous[0] if previous else None)
     if not seen_head:
         raise AuditChainError(f"no line of the audit log has the head {wanted}: lines were cut from its end, or "
                               f"it was rewritten, after that head was recorded")
@@ -118,27 +121,42 @@ def verify_log(path: Path | Sequence[Path], head: str | None = None, *,
 
 
 def _check_checkpoint(state: _State, file: Path, line: Line) -> None:
-    """A checkpoint line's signature (with keys), the number of lines since the last one, and the copies."""
+    """A checkpoint line's signature (with keys), the number of lines since the last one, and the copies.
+
+    Before the first checkpoint the interval is not known yet (an operator may have changed it): those lines
+    are held to the interval the first checkpoint signs, or, with none at all, to `every`."""
     state.last_seq = line.seq
     if line.seq in state.wanted:
         state.at[line.seq] = line
     if line.kind != checkpoint.KIND:
         state.since += 1
-        if state.keys is not None and state.every and state.since > state.every:
-            raise AuditChainError(
-                f"{file}: line {line.number}: {state.since} lines without a checkpoint, where one is made every "
-                f"{state.every} lines: checkpoints were removed, or the chain was rewritten (give --every 0 for "
-                f"a log written before keyseal made checkpoints)")
+        if state.keys is not None and state.checkpoints and state.every and state.since > state.every:
+            raise AuditChainError(_gap(file, line.number, state.since, state.every))
         return
     if state.keys is not None:
         problem = checkpoint.problem(line.record, state.keys)
         if problem is not None:
             raise AuditChainError(f"{file}: line {line.number}: {problem}")
         every = line.record.get("every")
-        if isinstance(every, int) and every > 0:
-            state.every = every
+        signed_every = every if isinstance(every, int) and every > 0 else state.every
+        if not state.checkpoints and state.every and state.since > signed_every:
+            raise AuditChainError(_gap(file, line.number, state.since, signed_every))
+        state.every = signed_every
     state.checkpoints += 1
     state.since = 0
+
+
+def _check_end(state: _State, file: Path | None) -> None:
+    """A log with no checkpoint at all, longer than the interval."""
+    if state.keys is not None and not state.checkpoints and state.every and state.since > state.every:
+        raise AuditChainError(_gap(file, None, state.since, state.every))
+
+
+def _gap(file: Path | None, number: int | None, since: int, every: int) -> str:
+    where = f"{file}: line {number}: " if number is not None else f"{file}: " if file is not None else ""
+    return (f"{where}{since} lines without a checkpoint, where one is made every {every} lines: checkpoints were "
+            f"removed, or the chain was rewritten (give --every 0 for lines written before keyseal made "
+            f"checkpoints)")
 
 
 def _check_copies(state: _State) -> None:
