@@ -40,13 +40,13 @@ def test_concurrent_signers_share_fsyncs(tmp_path: Path, monkeypatch: pytest.Mon
     uri, _ = file_key(tmp_path)
     log = tmp_path / "audit.log"
     monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
-    real_fsync, calls = os.fsync, []
+    real_sync, calls = os.fdatasync, []
 
-    def counting_fsync(fd: int) -> None:
+    def counting_sync(fd: int) -> None:
         calls.append(fd)
-        real_fsync(fd)
+        real_sync(fd)
 
-    monkeypatch.setattr(os, "fsync", counting_fsync)
+    monkeypatch.setattr(os, "fdatasync", counting_sync)
     per_thread = 100
     with open_signer(uri) as signer:
         signer.sign_digest(bytes(32), "sha256")  # opened and checked before the threads start
@@ -72,8 +72,8 @@ def test_concurrent_signers_share_fsyncs(tmp_path: Path, monkeypatch: pytest.Mon
 def test_one_signer_pays_one_fsync_per_signature(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uri, _ = file_key(tmp_path)
     monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(tmp_path / "audit.log"))
-    real_fsync, calls = os.fsync, []
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+    real_sync, calls = os.fdatasync, []
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real_sync(fd))[1])
     with open_signer(uri) as signer:
         signer.sign_digest(bytes(32), "sha256")
         calls.clear()

@@ -5,13 +5,13 @@ line under that same lock: concurrent processes and threads interleave whole lin
 process-wide lock is taken too, since where flock is emulated with fcntl record locks (some network file
 systems) a lock does not exclude the threads of its own process.
 
-Group commit: each line is fsynced before its signature is handed back, but the threads of one process that sign
-at the same time share one write and one fsync. A caller queues its line; if no thread is writing, it becomes
-the leader and writes every queued line at once; the others wait until the leader's fsync covers theirs. A
-single signer that signs one thing after another still pays one fsync per signature: the price of never handing
-out a signature the log does not hold (`KEYSEAL_AUDIT_LOG=off` leaves durability to the log pipeline instead).
-A write that fails is cut off again, so the file never ends in half a line that keyseal wrote, and every
-caller of that batch gets the error.
+Group commit: each line is fsynced (fdatasync: the data and the file size) before its signature is handed back,
+but the threads of one process that sign at the same time share one write and one fsync. A caller queues its
+line; if no thread is writing, it becomes the leader and writes every queued line at once; the others wait until
+the leader's fsync covers theirs. A single signer that signs one thing after another still pays one fsync per
+signature: the price of never handing out a signature the log does not hold (`KEYSEAL_AUDIT_LOG=off` leaves
+durability to the log pipeline instead). A write that fails is cut off again, so the file never ends in half a
+line that keyseal wrote, and every caller of that batch gets the error.
 
 Checkpoints (keyseal.audit.checkpoint) are written by the leader, signed by the key of a line in its batch;
 `rotate()` moves the file aside and starts the next one from its head.
@@ -313,7 +313,8 @@ class AuditLog:
         try:
             if os.write(fd, data) != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            os.fsync(fd)
+            # fdatasync: the data and the size needed to read it back, without the modification time.
+            os.fdatasync(fd)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, size)  # still under the lock: no one else appended since

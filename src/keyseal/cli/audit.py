@@ -44,9 +44,10 @@ def audit() -> None:
               help="A file with checkpoint copies taken off the host (e.g. the server's log lines): the log must "
                    "still hold each one's head (catches a cut end or a replaced log).")
 @click.option("--every", type=click.IntRange(min=0), default=None,
-              help="Lines allowed without a checkpoint before the first one (default: "
-                   f"${checkpoint.LINES_ENV} or {checkpoint.DEFAULT_LINES}); 0 for a log written before keyseal "
-                   "made checkpoints.")
+              help="Lines allowed without a checkpoint in a log that has none yet (default: "
+                   f"${checkpoint.LINES_ENV} or {checkpoint.DEFAULT_LINES}; after a checkpoint, the interval it "
+                   "signs); 0: ask nothing of the lines before the first checkpoint (a log kept from before "
+                   "keyseal made them).")
 def verify(log_paths: tuple[Path, ...], head: str | None, key_files: tuple[Path, ...],
            copy_files: tuple[Path, ...], every: int | None) -> None:
     """Check the chain: exit 0 with the line count and head, or exit 1 naming the first broken line."""
