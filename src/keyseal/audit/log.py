@@ -8,9 +8,11 @@ systems) a lock does not exclude the threads of its own process.
 Group commit: each line is fsynced (fdatasync: the data and the file size) before its signature is handed back,
 but the threads of one process that sign at the same time share one write and one fsync. A caller queues its
 line; if no thread is writing, it becomes the leader and writes every queued line at once; the others wait until
-the leader's fsync covers theirs. A single signer that signs one thing after another still pays one fsync per
-signature: the price of never handing out a signature the log does not hold (`KEYSEAL_AUDIT_LOG=off` leaves
-durability to the log pipeline instead). A write that fails is cut off again, so the file never ends in half a
+the leader's fsync covers theirs. Signers that announce themselves (`signing()`, as AuditingSigner does) make a
+leader wait up to GATHER_SECONDS for the lines of signatures already under way, so that they join its write.
+A single signer that signs one thing after another still pays one fsync per signature: the price of never
+handing out a signature the log does not hold (`KEYSEAL_AUDIT_LOG=off` leaves durability to the log pipeline
+instead). A write that fails is cut off again, so the file never ends in half a
 line that keyseal wrote, and every caller of that batch gets the error.
 
 Checkpoints (keyseal.audit.checkpoint) are written by the leader, signed by the key of a line in its batch;
@@ -44,6 +46,7 @@ FILE_NAME = "audit.log"
 FORMAT_VERSION = 1
 GENESIS = "0" * 64  # the `prev` of a log's first line
 MAX_LINE = 1 << 20  # a longer last line is not one keyseal wrote
+GATHER_SECONDS = 0.0003  # how long a leader waits for the lines of signatures already under way
 
 _THREADS = threading.Lock()
 _COMMITTERS_LOCK = threading.Lock()
@@ -116,6 +119,7 @@ class _Committer:
     last_checkpoint: float = field(default_factory=time.monotonic)  # when this process last wrote one
     retry_checkpoint: bool = False  # the last one due could not be signed: try again at the next line
     custody: Custody | None = None  # the last key seen, for checkpoints made when no line names one
+    signing: int = 0  # threads between `signing()` and the end of their append: lines on their way
 
 
 _COMMITTERS: dict[str, _Committer] = {}
@@ -146,6 +150,20 @@ class AuditLog:
         with self._open():
             pass
 
+    @contextlib.contextmanager
+    def signing(self) -> Iterator[None]:
+        """Around a signature and its `append`: a leader about to write waits briefly for the lines of signatures
+        already under way, so that they share its fsync rather than pay for the next one."""
+        committer = self._committer
+        with committer.cond:
+            committer.signing += 1
+        try:
+            yield
+        finally:
+            with committer.cond:
+                committer.signing -= 1
+                committer.cond.notify_all()
+
     def append(self, entry: Mapping[str, object], custody: Custody | None = None) -> dict[str, object]:
         """Append `entry` as a line, durably; returns the record as written (with v, seq, time and prev).
         `custody` signs a checkpoint when one falls due at this line."""
@@ -153,10 +171,19 @@ class AuditLog:
         committer = self._committer
         with committer.cond:
             committer.queue.append(item)
+            if committer.signing > 1:
+                committer.cond.notify_all()  # a leader may be waiting for this line
             while committer.leading and not item.done:
                 committer.cond.wait()
             if not item.done:
                 committer.leading = True
+                # Other signatures are under way (their custody call): let their lines join this write.
+                deadline = time.monotonic() + GATHER_SECONDS
+                while len(committer.queue) < committer.signing:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    committer.cond.wait(remaining)
         if not item.done:
             self._lead(item)
         if item.error is not None:
