@@ -57,24 +57,23 @@ class AuditingSigner(Signer):
     def sign_digest(self, digest: bytes, hash_name: HashName) -> bytes:
         log_file = self._log if self._ready else self._log_file()
         custody = self._custody
-        if custody is not None and log_file is None:  # the common case, kept short
-            try:
-                signature = self.inner.sign_digest(digest, hash_name)
-            except Exception as exc:
-                self._record_failure(log_file, custody, hash_name, digest, "digest", exc)
-                raise
-            self._record(log_file, custody, hash_name, digest, "digest")
-            return signature
-        if custody is not None and log_file is not None:
-            with log_file.signing():  # concurrent signers' lines share one fsync
-                try:
-                    signature = self.inner.sign_digest(digest, hash_name)
-                except Exception as exc:
-                    self._record_failure(log_file, custody, hash_name, digest, "digest", exc)
-                    raise
-                self._record(log_file, custody, hash_name, digest, "digest")
-            return signature
-        return self._audited(lambda: self.inner.sign_digest(digest, hash_name), hash_name, digest, "digest")
+        if custody is None:  # the first signature: the key is identified first
+            return self._audited(lambda: self.inner.sign_digest(digest, hash_name), hash_name, digest, "digest")
+        if log_file is None:
+            return self._sign_and_record(log_file, custody, digest, hash_name)
+        with log_file.signing():  # concurrent signers' lines share one fsync
+            return self._sign_and_record(log_file, custody, digest, hash_name)
+
+    def _sign_and_record(self, log_file: AuditLog | None, custody: Custody, digest: bytes,
+                         hash_name: HashName) -> bytes:
+        """The common case, kept short: one call into the custody, one record."""
+        try:
+            signature = self.inner.sign_digest(digest, hash_name)
+        except Exception as exc:
+            self._record_failure(log_file, custody, hash_name, digest, "digest", exc)
+            raise
+        self._record(log_file, custody, hash_name, digest, "digest")
+        return signature
 
     def sign_message(self, message: bytes) -> bytes:
         return self._audited(lambda: self.inner.sign_message(message), "sha256",
