@@ -162,7 +162,8 @@ class AuditLog:
         finally:
             with committer.cond:
                 committer.signing -= 1
-                committer.cond.notify_all()
+                if committer.leading:  # a leader may be waiting for this signature's line
+                    committer.cond.notify_all()
 
     def append(self, entry: Mapping[str, object], custody: Custody | None = None) -> dict[str, object]:
         """Append `entry` as a line, durably; returns the record as written (with v, seq, time and prev).
@@ -186,6 +187,8 @@ class AuditLog:
                     committer.cond.wait(remaining)
         if not item.done:
             self._lead(item)
+        if isinstance(item.error, AuditError):  # one error for the whole batch: each caller raises its own
+            raise AuditError(item.error.message) from None
         if item.error is not None:
             raise item.error
         assert item.record is not None
