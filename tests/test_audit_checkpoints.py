@@ -270,3 +270,27 @@ def test_the_interval_a_checkpoint_signs_is_the_one_verify_holds_to(key: tuple[s
     monkeypatch.setenv("KEYSEAL_AUDIT_CHECKPOINT_LINES", "5")
     report = verify_log(log_path, keys=load_keys([public]))
     assert (report.lines, report.checkpoints, report.after_last_checkpoint) == (22, 2, 6)
+
+
+def test_a_long_running_process_checkpoints_after_a_quiet_spell(key: tuple[str, Path], log_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Besides every N lines: after KEYSEAL_AUDIT_CHECKPOINT_SECONDS, at the next line or at a periodic call (the
+    server's loop), signed by the last key this process saw; nothing when no line was added since."""
+    uri, public = key
+    monkeypatch.setenv("KEYSEAL_AUDIT_CHECKPOINT_LINES", "1000")
+    monkeypatch.setenv("KEYSEAL_AUDIT_CHECKPOINT_SECONDS", "0.3")
+    log = AuditLog(log_path)
+    sign(uri, 2)
+    assert log.checkpoint() is None  # not due yet
+    time.sleep(0.35)
+    made = log.checkpoint()
+    assert made is not None and made["lines"] == 2
+    time.sleep(0.35)
+    assert log.checkpoint() is None  # nothing new to cover
+    sign(uri, 1, start=2)  # due by time at this line: the checkpoint goes first
+    kinds = [r.get("kind") for r in lines_of(log_path)]
+    assert kinds == [None, None, "checkpoint", None]
+    time.sleep(0.35)
+    sign(uri, 1, start=3)
+    assert [r.get("kind") for r in lines_of(log_path)][-2:] == ["checkpoint", None]
+    assert verify_log(log_path, keys=load_keys([public])).checkpoints == 2

@@ -297,13 +297,15 @@ class AuditLog:
         checkpoints: list[dict[str, object]] = []
         with _THREADS, self._locked() as fd:
             size = _complete_size(fd, self.path)
-            seq, prev = self._next(fd, size)
+            last = _last_line(fd, size, self.path)
+            seq, prev = (1, GENESIS) if last is None else self._next_after(last)
+            after_checkpoint = last is not None and _is_checkpoint(last)  # no second one in a row
             chunks: list[bytes] = []
             for item in batch:
                 custody = item.custody or committer.custody
                 if item.custody is not None:
                     committer.custody = item.custody
-                due = every > 0 and seq > 1 and (
+                due = every > 0 and seq > 1 and not after_checkpoint and (
                     seq % every == 0 or committer.retry_checkpoint
                     or (by_time > 0 and time.monotonic() - committer.last_checkpoint >= by_time))
                 if due and custody is not None:
@@ -318,7 +320,7 @@ class AuditLog:
                 line = _LINE.encode(record).encode("ascii")
                 chunks.append(line + b"\n")
                 item.record = record
-                seq, prev = seq + 1, line_hash(line)
+                seq, prev, after_checkpoint = seq + 1, line_hash(line), False
             self._write(fd, size, b"".join(chunks))
         for made in checkpoints:
             _emit(made)
@@ -388,14 +390,8 @@ class AuditLog:
         finally:
             os.close(fd)
 
-    def _next(self, fd: int, size: int) -> tuple[int, str]:
-        """(seq, prev) for the line after the current last one."""
-        last = _last_line(fd, size, self.path)
-        if last is None:
-            return 1, GENESIS
-        return self._next_after(last)
-
     def _next_after(self, last: bytes) -> tuple[int, str]:
+        """(seq, prev) for the line after `last`."""
         try:
             seq = json.loads(last)["seq"]
         except (ValueError, TypeError, KeyError):
