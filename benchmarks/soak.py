@@ -505,6 +505,8 @@ def main() -> None:
     options = SoakOptions(duration=args.duration, clients=args.clients, ca_ttl=args.ca_ttl,
                           fault_every=args.fault_every, rss_bound_mib=args.rss_bound, fd_bound=args.fd_bound)
     work = Path(tempfile.mkdtemp(prefix="keyseal-soak-"))
+    print(f"keyseal home: {work / 'home'} (temporary; the user's ~/.config/keyseal is not touched), no audit file "
+          f"(the server's audit records go to its log, {work / 'server.log'})", flush=True)
     report = run_soak(options, work)
     print(report.render())
     if args.keep:

@@ -606,3 +606,27 @@ def test_schema_refuses_oidc_and_federation_mistakes(chart: helm_python.Chart) -
                                                      "profile": "https_web", "endpointSPIFFEIDs": "x"}]}}):
         with pytest.raises(helm_python.HelmValuesError):
             chart.render(values, name="trust", namespace="spire")
+
+
+def test_audit_goes_to_the_pod_log_by_default_and_a_file_needs_a_volume(chart: helm_python.Chart) -> None:
+    by_kind = render(chart)
+    env = {e["name"] for e in container(by_kind).get("env", [])}
+    assert "KEYSEAL_AUDIT_LOG" not in env  # the server writes no file: records go to its log
+    (deployment,) = by_kind["Deployment"]
+    assert "audit" not in {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    for values in ({"audit": {"sink": "file"}}, {"audit": {"sink": "file", "file": {"existingClaim": ""}}},
+                   {"extraEnv": [{"name": "KEYSEAL_AUDIT_LOG", "value": "/tmp/audit.log"}]}):
+        with pytest.raises(helm_python.HelmValuesError):
+            chart.render(values, name="trust", namespace="spire")
+    by_kind = render(chart, {"audit": {"sink": "file", "file": {"existingClaim": "keyseal-audit",
+                                                                 "checkpointLines": 500}}})
+    (deployment,) = by_kind["Deployment"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["audit"]["persistentVolumeClaim"] == {"claimName": "keyseal-audit"}
+    server = container(by_kind)
+    assert {"name": "audit", "mountPath": "/var/lib/keyseal/audit"} in server["volumeMounts"]
+    env_values = {e["name"]: e.get("value") for e in server["env"]}
+    assert env_values["KEYSEAL_AUDIT_LOG"] == "/var/lib/keyseal/audit/$(POD_NAME).log"
+    assert env_values["KEYSEAL_AUDIT_CHECKPOINT_LINES"] == "500"
+    names = [e["name"] for e in server["env"]]
+    assert names.index("POD_NAME") < names.index("KEYSEAL_AUDIT_LOG")  # $(POD_NAME) expands only if defined before

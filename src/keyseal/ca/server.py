@@ -418,6 +418,7 @@ class CaServer:
 
     def _rotation_loop(self) -> None:
         while not self._stop.wait(TICK_SECONDS):
+            signing_audit.checkpoint_if_due()
             try:
                 self.tick()
             except KeysealError as exc:
