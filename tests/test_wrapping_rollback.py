@@ -148,8 +148,8 @@ def test_the_high_water_mark_cannot_be_edited(request: pytest.FixtureRequest, tm
 
 
 def test_an_older_copy_at_another_path_is_refused(tmp_path: Path, kek_config: dict[str, Any]) -> None:
-    """#16: the ledger was keyed by absolute path, so an older copy of a key file placed elsewhere opened. It is
-    keyed by the record's own identity now (its name, bound by the associated data, and its creation time)."""
+    """#16: the ledger was keyed by absolute path, so an older copy of a key file placed elsewhere opened. A key
+    file is known by the key itself now (the SHA-256 of its public key), whatever its name or path."""
     if kek_config["keyWrapping"]["provider"] == "local":
         kek: KekProvider = LocalKek(tmp_path / "kek")
     else:
@@ -158,7 +158,8 @@ def test_an_older_copy_at_another_path_is_refused(tmp_path: Path, kek_config: di
         kek = AwsKmsKek(kek_config["aws"]["kmsKeyARN"])
     ledger = FileLedger(tmp_path / "home" / "seen-versions.json")  # one user's ledger, as keyseal sign uses
     home = DirectoryStore(tmp_path / "keys", ledger)
-    create_record(home, "signing.key", generate_private_key("p256"), kek)
+    created = datetime(2026, 1, 1, tzinfo=UTC)
+    create_record(home, "signing.key", generate_private_key("p256"), kek, created=created)
     old = home.path("signing.key").read_bytes()
     rewrap_record(home, "signing.key", kek, kek)
     open_record(home, "signing.key", kek)
@@ -166,11 +167,17 @@ def test_an_older_copy_at_another_path_is_refused(tmp_path: Path, kek_config: di
     (tmp_path / "elsewhere" / "signing.key").write_bytes(old)
     with pytest.raises(RecordRollbackError, match="version 1, but version 2"):
         open_record(DirectoryStore(tmp_path / "elsewhere", FileLedger(ledger.path)), "signing.key", kek)
-    # An unrelated key that happens to share the file name is not confused with it.
+    # An unrelated key that shares the file name and was made in the same second (a script creating keys for
+    # two projects) is not confused with it: it opens at version 1 after the first one was rewrapped.
     other = DirectoryStore(tmp_path / "other-project", FileLedger(ledger.path))
-    create_record(other, "signing.key", generate_private_key("p256"), kek,
-                  created=datetime(2020, 1, 1, tzinfo=UTC))
+    create_record(other, "signing.key", generate_private_key("p256"), kek, created=created)
     assert open_record(other, "signing.key", kek).record.version == 1
+    # The older copy under yet another name is still the same key: refused.
+    (tmp_path / "renamed").mkdir()
+    copy = tmp_path / "renamed" / "signing.key"
+    copy.write_bytes(old)
+    with pytest.raises(RecordRollbackError, match="version 1, but version 2"):
+        open_record(DirectoryStore(tmp_path / "renamed", FileLedger(ledger.path)), "signing.key", kek)
 
 
 def test_a_record_copied_to_another_namespace_is_refused(request: pytest.FixtureRequest, tmp_path: Path,

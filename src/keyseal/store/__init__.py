@@ -32,7 +32,6 @@ from keyseal.wrapping.record import (
     WrappedRecord,
     check_record_name,
     check_scope,
-    format_time,
 )
 
 __all__ = ["RecordStore", "StoredRecord"]
@@ -58,24 +57,33 @@ class RecordStore(abc.ABC):
         self.scope = check_scope(scope)
         self._upgrade_warned: set[tuple[str, int]] = set()  # v1 records taken as written by an older keyseal
 
-    def identity_key(self, record: WrappedRecord) -> str:
-        """The record's own identity in the version ledger, wherever it is stored: its scope and name (bound by
-        its associated data; a v1 record read in a store with a scope, written before the store had one, counts
-        as of that scope); without a scope, also its creation time (kept by a rewrap, new for a new key), so that
-        two unrelated keys that happen to share a file name are not confused."""
+    def identity_key(self, record: WrappedRecord, key_id: str | None = None) -> str | None:
+        """The record's own identity in the version ledger, wherever it is stored. With a scope: its scope and
+        name (bound by its associated data; a v1 record read in a store with a scope, written before the store
+        had one, counts as of that scope). Without one (a key file of `keyseal keys`): the key itself, by
+        `key_id` (the SHA-256 of its public key, known once the record is opened; None before), so a rewrapped
+        key's older copy is refused at any path while two unrelated keys that share a file name never are."""
         scope = record.scope or self.scope
         if scope:
             return f"record:{scope}|{record.name}"
-        return f"record:|{record.name}|{format_time(record.created)}"
+        return f"key:{key_id}" if key_id else None
 
-    def remember(self, record: WrappedRecord) -> None:
+    def remember(self, record: WrappedRecord, key_id: str | None = None) -> None:
         """Raise the ledger to this record's version, under its location and its identity (after it was
         authenticated or written: a forged record must not poison the ledger). For a bound (v2) record, also flag
         that its name holds bound records now (once; not for the seen-versions record, which keeps no flag)."""
         self.ledger.record(self.ledger_key(record.name), record.version)
-        self.ledger.record(self.identity_key(record), record.version)
+        identity = self.identity_key(record, key_id)
+        if identity is not None:
+            self.ledger.record(identity, record.version)
         if self.scope and record.scope and record.key_type != SEEN_VERSIONS_TYPE:
             self.ledger.record(self._bound_key(record.name), 1)
+
+    def check_opened(self, record: WrappedRecord, key_id: str, where: str) -> None:
+        """Refuse an opened record older than a version of the same key already seen (at any path)."""
+        identity = self.identity_key(record, key_id)
+        if identity is not None:
+            self.ledger.check(identity, record.version, where)
 
     def _bound_key(self, name: str) -> str:
         """The ledger key flagging that a bound (v2) record of `name` was seen here (`#` is in no record name)."""
@@ -135,7 +143,9 @@ class RecordStore(abc.ABC):
                 f"from another namespace or trust domain is refused (it would not decrypt here either)"
             )
         self.ledger.check(self.ledger_key(name), record.version, where)
-        self.ledger.check(self.identity_key(record), record.version, where)
+        identity = self.identity_key(record)
+        if identity is not None:
+            self.ledger.check(identity, record.version, where)
         if self.scope and not record.scope:
             self._check_unbound(record, where)
         return StoredRecord(record, revision)
@@ -150,7 +160,7 @@ class RecordStore(abc.ABC):
                 f"{record.name!r}, which no older keyseal rewrites: refusing a record put there from elsewhere; "
                 f"restore the store's own record"
             )
-        highest = self.ledger.highest(self.identity_key(record))
+        highest = self.ledger.highest(f"record:{self.scope}|{record.name}")
         if highest is not None and record.version > highest and (where, record.version) not in self._upgrade_warned:
             self._upgrade_warned.add((where, record.version))
             log.warning("%s is an unbound (format v1) record of version %d, newer than the version %d this store "

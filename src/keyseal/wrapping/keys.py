@@ -78,8 +78,17 @@ def open_record(store: RecordStore, name: str, kek: KekProvider) -> OpenedKey:
     if stored is None:
         raise InputError(f"{where} does not exist")
     key = _open_stored(stored, kek, where)
-    store.remember(stored.record)
+    key_id = public_key_id(key)
+    store.check_opened(stored.record, key_id, where)
+    store.remember(stored.record, key_id)
     return OpenedKey(key, stored.record)
+
+
+def public_key_id(key: PrivateKey) -> str:
+    """The SHA-256 of the key's public half (SubjectPublicKeyInfo DER): what a key file is known by in the
+    ledger, whatever its name or path."""
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
 
 
 def create_record(
@@ -108,7 +117,9 @@ def create_record(
         return seal(der, name=name, version=version, created=when, key_type=key_type_of(key), kek=kek,
                     scope=store.scope)
 
-    return store.update(name, produce, replace_invalid=force)
+    record = store.update(name, produce, replace_invalid=force)
+    store.remember(record, public_key_id(key))
+    return record
 
 
 def rewrap_record(store: RecordStore, name: str, new_kek: KekProvider, old_kek: KekProvider) -> WrappedRecord:
@@ -122,11 +133,15 @@ def rewrap_record(store: RecordStore, name: str, new_kek: KekProvider, old_kek: 
         record = current.record
         _refuse_provider_switch(record, new_kek, where)
         source = new_kek if record.kek_id == new_kek.kek_id else old_kek
-        der = _pkcs8(_open_stored(current, source, where))
-        return seal(der, name=name, version=record.version + 1, created=record.created,
+        key = _open_stored(current, source, where)
+        key_ids.append(public_key_id(key))
+        return seal(_pkcs8(key), name=name, version=record.version + 1, created=record.created,
                     key_type=record.key_type, kek=new_kek, scope=store.scope)
 
-    return store.update(name, produce)
+    key_ids: list[str] = []
+    written = store.update(name, produce)
+    store.remember(written, key_ids[-1])
+    return written
 
 
 def create_wrapped_key_file(

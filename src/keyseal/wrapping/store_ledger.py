@@ -92,7 +92,8 @@ class StoreLedger(VersionLedger):
         if record.name != LEDGER_NAME or record.scope != self.store.scope or record.key_type != SEEN_VERSIONS_TYPE:
             raise WrappedRecordError(f"{where} is not this store's seen-versions record (scope {self.store.scope}): "
                                      f"restore it from a backup")
-        self.local.check(self.store.identity_key(record), record.version, where)
+        identity = f"record:{self.store.scope}|{record.name}"  # the store's own record: always scoped
+        self.local.check(identity, record.version, where)
         if record.kek_provider == self.kek.provider and record.kek_id != self.kek.kek_id:
             raise KekMismatchError(
                 f"{where} (the store's seen-versions record) is wrapped by {record.kek_provider} KEK "
@@ -107,7 +108,7 @@ class StoreLedger(VersionLedger):
                 raise ValueError
         except (ValueError, KeyError, TypeError, AttributeError):
             raise WrappedRecordError(f"{where} decrypts, but not to a map of seen versions: restore it") from None
-        self.local.record(self.store.identity_key(record), record.version)
+        self.local.record(identity, record.version)
         with self._cache_lock:
             self._cache = (digest, seen)
         return seen
