@@ -71,6 +71,8 @@ class AgentCache:
         self.sync_failures = 0
         self.agent_expires: datetime | None = None
         self._agent_issued: datetime | None = None
+        self.revision: str | None = None  # what the last sync answered (see keyseal.ca.agents sync)
+        self.incremental = True
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -150,9 +152,11 @@ class AgentCache:
                                and _due(self._agent_issued, self.agent_expires, now)):
                 key = ec.generate_private_key(ec.SECP256R1())
                 self._take_agent_svid(key, self.client.call("/v1/agent/renew", {"csr": make_csr(key)}))
-            answer = self.client.call("/v1/agent/sync", {})
-            changed |= self._take_bundle(answer["bundle"])
-            entries = tuple(Entry.from_json(e) for e in answer["entries"])
+            answer = self._call_sync()
+            if "bundle" in answer:
+                changed |= self._take_bundle(answer["bundle"])
+            entries = tuple(Entry.from_json(e) for e in answer["entries"]) if "entries" in answer \
+                else self.entries
             if entries != self.entries:
                 removed = {e.entry_id for e in self.entries} - {e.entry_id for e in entries}
                 for entry_id in removed:
@@ -160,6 +164,8 @@ class AgentCache:
                 self.jwt = {k: v for k, v in self.jwt.items() if k[0] not in removed}
                 self.entries = entries
                 changed = True
+            revision = answer.get("revision")  # taken once entries and bundle are: the next sync asks from here
+            self.revision = revision if isinstance(revision, str) else None
             for entry in entries:
                 cached = self.x509.get(entry.entry_id)
                 if cached is None or cached.entry != entry or _due(cached.issued, cached.expires, now):
@@ -187,6 +193,21 @@ class AgentCache:
         if changed:
             self._changed()
         self.synced.set()
+
+    def _call_sync(self) -> dict[str, Any]:
+        """Ask for what changed since the revision held (everything at first); a server that does not know
+        revisions (it refuses the field) is asked the old way from then on."""
+        if self.revision is None or not self.incremental:
+            answer = self.client.call("/v1/agent/sync", {})
+        else:
+            try:
+                answer = self.client.call("/v1/agent/sync", {"revision": self.revision})
+            except ServerRefusedError as exc:
+                if exc.status != 400 or "revision" not in exc.message:
+                    raise
+                self.incremental = False
+                answer = self.client.call("/v1/agent/sync", {})
+        return answer
 
     def _fetch_x509(self, entry: Entry) -> CachedX509:
         key = ec.generate_private_key(ec.SECP256R1())

@@ -9,6 +9,8 @@ certificate from another CA the handshake trusts is refused, and it must be an a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from datetime import timedelta
@@ -20,6 +22,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from keyseal.ca.bundle import bundle_document
 from keyseal.ca.entries import AGENT_PATH, Entry, EntryStore, JoinTokens, entry_store_for, join_tokens_for
+from keyseal.ca.entry_index import entries_digest
 from keyseal.ca.jwtsvid import check_audience, issue_jwt_svid
 from keyseal.ca.spiffeid import parse_spiffe_id
 from keyseal.ca.x509svid import issue_x509_svid, parse_csr
@@ -39,12 +42,13 @@ class AgentApi:
         self.api = api
         self._entries: EntryStore | None = None
         self._tokens: JoinTokens | None = None
+        self._bundle_cache: tuple[tuple[Any, ...], dict[str, Any], str] | None = None
 
     @property
     def entries(self) -> EntryStore:
         """The server store's entries, opened at the first agent call (a Kubernetes store needs its API)."""
         if self._entries is None:
-            self._entries = entry_store_for(self.api.config)
+            self._entries = entry_store_for(self.api.config, serving=True)
         return self._entries
 
     @property
@@ -105,7 +109,18 @@ class AgentApi:
                 "expiresAt": format_time(certificate.not_valid_after_utc), "keyset": keyset.number}
 
     def _bundle(self) -> dict[str, Any]:
-        return bundle_document([k for k, _ in self.api.manager.live()], self.api.config.refresh_hint)
+        return self._bundle_tagged()[0]
+
+    def _bundle_tagged(self) -> tuple[dict[str, Any], str]:
+        """The bundle document and a digest of it, made again only when the live keysets change."""
+        keysets = [k for k, _ in self.api.manager.live()]
+        key = tuple((k.number, k.jwt_kid, k.ca_certificate) for k in keysets)
+        cached = self._bundle_cache
+        if cached is None or cached[0] != key:
+            document = bundle_document(keysets, self.api.config.refresh_hint)
+            tag = hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:32]
+            cached = self._bundle_cache = (key, document, tag)
+        return cached[1], cached[2]
 
     def _entry(self, agent_id: str, document: dict[str, Any], request: Request) -> Entry:
         entry_id = document.get("entryID")
@@ -143,10 +158,24 @@ class AgentApi:
                            "bundle": self._bundle()})
 
     def sync(self, request: Request) -> Response:
+        """The agent's entries and the bundle. With `revision` (what an earlier answer said), only the parts that
+        changed since: an agent that is current gets an answer without either. The revision is a digest of
+        the agent's own entries and of the bundle, so every replica that holds the same entries gives the same
+        one, and costs O(the agent's entries) to check whatever the total (see docs/server-api.md)."""
         agent_id = self._agent(request)
-        self.api._body(request, set())
-        return self._json({"agentID": agent_id, "entries": [e.to_json() for e in self.entries.for_agent(agent_id)],
-                           "bundle": self._bundle()})
+        held = self.api._body(request, {"revision"}).get("revision")
+        if held is not None and (not isinstance(held, str) or len(held) > 200):
+            raise UsageError("revision must be the string an earlier sync answered")
+        entries = self.entries.for_agent(agent_id)
+        bundle, bundle_tag = self._bundle_tagged()
+        entries_tag = entries_digest(entries)
+        held_entries, _, held_bundle = (held or "").partition(".")
+        answer: dict[str, Any] = {"agentID": agent_id, "revision": f"{entries_tag}.{bundle_tag}"}
+        if held is None or held_entries != entries_tag:
+            answer["entries"] = [e.to_json() for e in entries]
+        if held is None or held_bundle != bundle_tag:
+            answer["bundle"] = bundle
+        return self._json(answer)
 
     def x509_svid(self, request: Request) -> Response:
         agent_id = self._agent(request)
