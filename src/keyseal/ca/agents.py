@@ -51,6 +51,11 @@ class AgentApi:
             self._entries = entry_store_for(self.api.config, serving=True)
         return self._entries
 
+    def close(self) -> None:
+        """Stop what the entry store runs (a Kubernetes store's watch)."""
+        if self._entries is not None:
+            self._entries.close()
+
     @property
     def tokens(self) -> JoinTokens:
         if self._tokens is None:
@@ -204,6 +209,7 @@ class AgentApi:
 def agent_routes(api: Api) -> dict[str, tuple[str, Callable[[Request], Response]]]:
     """The agent endpoints, for Api's route table."""
     agents = AgentApi(api)
+    api.closers.append(agents.close)
     return {
         "/v1/agent/join": ("POST", agents.join),
         "/v1/agent/renew": ("POST", agents.renew),

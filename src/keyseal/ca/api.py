@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -87,11 +88,16 @@ class Api:
             "/v1/x509-svid": ("POST", self._x509_svid),
             "/v1/jwt-svid": ("POST", self._jwt_svid),
         }
+        self.closers: list[Callable[[], None]] = []  # run by close(): e.g. the entries' watch
         from keyseal.ca.agents import agent_routes  # node agents and registration entries (docs/agent.md)
 
         self._routes.update(agent_routes(self))
         metrics.keyset_states = lambda: [(k.number, s) for k, s in self.manager.live()]
         metrics.bundle_sequence = lambda: sequence_of([k for k, _ in self.manager.live()])
+
+    def close(self) -> None:
+        for closer in self.closers:
+            closer()
 
     def handle(self, request: Request) -> Response:
         route = self._routes.get(request.path.split("?", 1)[0])

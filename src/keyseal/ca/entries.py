@@ -179,6 +179,10 @@ class EntryStore(abc.ABC):
         """The entries this agent may serve, sorted by ID; stores answer from an index (see entry_index)."""
         return [e for e in self.entries() if e.parented_by(agent_id) and not _reserved(e)]
 
+    def close(self) -> None:
+        """Stop whatever the store runs in the background (a Kubernetes store's watch); most run nothing."""
+        return
+
     def get(self, entry_id: str) -> Entry | None:
         """The entry, unless it names a reserved ID: an entry written before that rule, or by hand into the
         store, must never hand a workload the identity of the server or of an agent."""

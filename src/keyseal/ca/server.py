@@ -185,6 +185,7 @@ class CaServer:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=10)
+        self.api.close()
 
     def tick(self) -> None:
         """One pass of the rotation loop: refresh the keysets when a new one is due (and, for wrapped keys, every
