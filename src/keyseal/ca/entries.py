@@ -222,13 +222,15 @@ class EntryStore(abc.ABC):
         """The ID a created entry gets when none is given."""
         return secrets.token_hex(8)
 
-    def prepare(self, entries: list[Entry]) -> list[Entry]:
+    def prepare(self, entries: list[Entry], labels: list[str] | None = None) -> list[Entry]:
         """Check a batch before any of it is written: each entry as `check` does (a missing ID gets a new one),
-        and no two with the same ID or meaning. An error names the entry's place in the batch (from 1)."""
+        and no two with the same ID or meaning. An error starts with the entry's label (default: its place in
+        the batch, from 1)."""
+        labels = labels or [str(n) for n in range(1, len(entries) + 1)]
         checked: list[Entry] = []
-        ids: dict[str, int] = {}
-        meanings: dict[tuple[str, str, tuple[str, ...]], int] = {}
-        for number, given in enumerate(entries, 1):
+        ids: dict[str, str] = {}
+        meanings: dict[tuple[str, str, tuple[str, ...]], str] = {}
+        for label, given in zip(labels, entries, strict=True):
             try:
                 if given.entry_id and not ENTRY_ID_RE.fullmatch(given.entry_id):
                     raise UsageError(f"entry_id {given.entry_id[:70]!r}: use 1-63 lower-case letters, digits, "
@@ -242,18 +244,26 @@ class EntryStore(abc.ABC):
                 if meaning in meanings:
                     raise UsageError(f"the same entry as at {meanings[meaning]}")
             except (UsageError, SpiffeIdError) as exc:
-                raise type(exc)(f"{number}: {exc}") from None
-            ids[entry.entry_id], meanings[meaning] = number, number
+                raise type(exc)(f"{label}: {exc}") from None
+            ids[entry.entry_id], meanings[meaning] = label, label
             checked.append(entry)
         return checked
 
-    def create_many(self, entries: list[Entry]) -> list[Entry]:
+    def create_many(self, entries: list[Entry], labels: list[str] | None = None) -> list[Entry]:
         """Create a batch, checked whole before the first write (see `prepare` and `_add_many`)."""
-        return self._add_many(self.prepare(entries))
+        labels = labels or [str(n) for n in range(1, len(entries) + 1)]
+        return self._add_many(self.prepare(entries, labels), labels)
 
-    def _add_many(self, entries: list[Entry]) -> list[Entry]:
-        """Store checked entries; a duplicate of a stored entry refuses the batch (as far as the store can)."""
-        return [self._add(e) for e in entries]
+    def _add_many(self, entries: list[Entry], labels: list[str]) -> list[Entry]:
+        """Store checked entries; a duplicate of a stored entry refuses the batch (as far as the store can),
+        with an error that starts with the entry's label."""
+        added = []
+        for label, entry in zip(labels, entries, strict=True):
+            try:
+                added.append(self._add(entry))
+            except UsageError as exc:
+                raise UsageError(f"{label}: {exc}") from None
+        return added
 
     def delete_many(self, entry_ids: list[str]) -> None:
         for entry_id in entry_ids:

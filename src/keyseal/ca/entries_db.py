@@ -163,17 +163,18 @@ class DirectoryEntryStore(EntryStore):
             raise UsageError(f"entry {found[0]} already gives {entry.spiffe_id} to these selectors")
 
     def _add(self, entry: Entry) -> Entry:
-        return self._add_many([entry])[0]
+        return self._add_many([entry], [""])[0]
 
-    def _add_many(self, entries: list[Entry]) -> list[Entry]:
+    def _add_many(self, entries: list[Entry], labels: list[str]) -> list[Entry]:
+        """One transaction: all of the batch is written, or (a duplicate, a crash) none of it."""
         connection = self._connection()
         try:
             with self._write(connection):
-                for number, entry in enumerate(entries, 1):
+                for label, entry in zip(labels, entries, strict=True):
                     try:
                         self._duplicate(connection, entry)
                     except UsageError as exc:
-                        raise UsageError(f"{number}: {exc.message}" if len(entries) > 1 else exc.message) from None
+                        raise UsageError(f"{label}: {exc}" if label else exc.message) from None
                     connection.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)", _row(entry))
         except sqlite3.DatabaseError as exc:
             raise InputError(f"cannot write {self.path}: {exc}") from None

@@ -304,21 +304,21 @@ class KubeEntryStore(EntryStore):
             view.put(entry)  # this replica sees its own write at once; the watch event brings the same
         return entry
 
-    def _add_many(self, entries: list[Entry]) -> list[Entry]:
+    def _add_many(self, entries: list[Entry], labels: list[str]) -> list[Entry]:
         """Checked against every stored entry (one list, or the watched view) before the first create. The API
         has no transaction: if another writer creates a clashing entry meanwhile, the entries before it stay
         written and the error says how many."""
         view = self._view()
         known = view if view is not None else EntryIndex(self.entries())
-        for number, entry in enumerate(entries, 1):
+        for label, entry in zip(labels, entries, strict=True):
             other = known.duplicate_of(entry) or known.get(entry.entry_id)
             if other is not None:
-                raise UsageError(f"{number}: entry {other.entry_id} already gives {other.spiffe_id} to "
+                raise UsageError(f"{label}: entry {other.entry_id} already gives {other.spiffe_id} to "
                                  f"{'these selectors' if other.entry_id != entry.entry_id else 'its selectors'}")
-        for number, entry in enumerate(entries, 1):
+        for number, (label, entry) in enumerate(zip(labels, entries, strict=True)):
             if not self.resources.create(self._body(entry)):
-                raise UsageError(f"{number}: entry {entry.entry_id} was created by another writer meanwhile; "
-                                 f"the {number - 1} entries before it were written")
+                raise UsageError(f"{label}: entry {entry.entry_id} was created by another writer meanwhile; "
+                                 f"the {number} entries before it were written")
             if view is not None:
                 view.put(entry)
         return entries
