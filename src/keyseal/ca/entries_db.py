@@ -13,6 +13,7 @@ An earlier store's `<recordPrefix>-entries.json` is imported once, when the data
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -88,7 +89,12 @@ class DirectoryEntryStore(EntryStore):
     def _create(self) -> None:
         """Create the file (0600) and its tables, importing a JSON entries file of an earlier keyseal once."""
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        if not self.path.exists():
+            # Created 0600 before SQLite opens it. Only a new file is opened this way: closing any other
+            # descriptor of a database file drops the POSIX locks of every SQLite connection of this process
+            # on it, which corrupts it under a concurrent writer.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         connection = self._connect()
         try:
             with self._write(connection):
