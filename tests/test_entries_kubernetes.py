@@ -403,7 +403,8 @@ def test_agent_end_to_end_on_the_kubernetes_store(kube_api: KubeApi, namespace: 
         server_calls = calls[server_calls_from:server_calls_to] + calls[server_calls_to + 1:-1]
         assert {c[:3] for c in server_calls} >= {("update", "", "configmaps"), ("get", "keyseal.dev", "jointokens"),
                                                  ("delete", "keyseal.dev", "jointokens"),
-                                                 ("list", "keyseal.dev", "registrationentries")}
+                                                 ("list", "keyseal.dev", "registrationentries"),
+                                                 ("watch", "keyseal.dev", "registrationentries")}
         refused = [c for c in server_calls if not allowed_by(role, *c)]
         assert refused == []
     finally:

@@ -159,7 +159,8 @@ class ResourceVersionedEmulator(KubernetesEmulator):
             object.__setattr__(request, "action", kmock.action.WATCH)  # kmock tracks this very request object
         named = request.resource is not None and request.name is not None and not request.subresource
         if request.resource is not None:
-            self.verbs.append((_rbac_verb(request.method, named), str(request.resource.group or ""),
+            verb = "watch" if _true(request.params.get("watch")) else _rbac_verb(request.method, named)
+            self.verbs.append((verb, str(request.resource.group or ""),
                                str(request.resource.plural), str(request.name or "")))
         if named and request.method == kmock.method.PUT:
             return await self._replace(request)
