@@ -33,6 +33,7 @@ __all__ = ["DirectoryEntryStore"]
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT = 30.0
+CHECKPOINT_BATCH = 1000
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     entry_id TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, parent_id TEXT NOT NULL, parent_key TEXT NOT NULL,
@@ -182,6 +183,8 @@ class DirectoryEntryStore(EntryStore):
                     except UsageError as exc:
                         raise UsageError(f"{label}: {exc}" if label else exc.message) from None
                     connection.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)", _row(entry))
+            if len(entries) >= CHECKPOINT_BATCH:  # fold a big batch into the database now: readers then search
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)")  # a short write-ahead log
         except sqlite3.DatabaseError as exc:
             raise InputError(f"cannot write {self.path}: {exc}") from None
         return entries
