@@ -164,3 +164,26 @@ def test_the_agent_falls_back_to_the_old_request(server: CaServer, monkeypatch: 
     assert syncs == [{}, {"revision": syncs[1]["revision"]}, {}, {}]
     assert cache.server_reachable and cache.sync_failures == 0
     client.close()
+
+
+def test_a_remembered_agent_certificate_still_needs_a_live_ca(server: CaServer, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agents are verified once and remembered (a sync every few seconds each): only while the live CAs are
+    the ones that verified it, and never past its validity (tests/test_agent_mtls.py: expiry)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.verification import VerificationError
+
+    from keyseal.ca.agents import AgentApi
+
+    _, certificate = join(server, "node-cached")
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    agents = AgentApi(server.api)
+    assert agents._verify_agent(der) == f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-cached"
+    assert der in agents._verified
+    other = start_server(tmp_path)  # another trust domain's server: other CAs
+    try:
+        monkeypatch.setattr(server.manager, "live", other.manager.live)
+        with pytest.raises(VerificationError):
+            agents._verify_agent(der)
+    finally:
+        other.shutdown()

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
@@ -36,6 +36,8 @@ __all__ = ["agent_routes"]
 
 log = logging.getLogger(__name__)
 
+VERIFIED_CACHE = 65536  # agent certificates remembered as verified (about 100 bytes each, plus the DER)
+
 
 class AgentApi:
     def __init__(self, api: Api) -> None:
@@ -43,6 +45,7 @@ class AgentApi:
         self._entries: EntryStore | None = None
         self._tokens: JoinTokens | None = None
         self._bundle_cache: tuple[tuple[Any, ...], dict[str, Any], str] | None = None
+        self._verified: dict[bytes, tuple[tuple[x509.Certificate, ...], str, datetime, datetime]] = {}
 
     @property
     def entries(self) -> EntryStore:
@@ -89,11 +92,25 @@ class AgentApi:
                                                        "this trust domain: renew it in time, or join again") from None
 
     def _verify_agent(self, der: bytes) -> str:
-        leaf = x509.load_der_x509_certificate(der)
+        """The agent ID of a client certificate verified against the live CAs at the server's clock. A verified
+        certificate is remembered with its validity while the live CAs stay the same (a sync every few seconds
+        per agent otherwise rebuilds the same chain check); the validity is still checked at every request."""
         now = self.api.manager.clock()
         authorities = [k.ca_certificate for k, _ in self.api.manager.live(now)]
         if not authorities:
             raise ValueError("no live CA")
+        anchors = tuple(authorities)
+        known = self._verified.get(der)
+        if known is not None and known[0] == anchors and known[2] <= now < known[3]:
+            return known[1]
+        leaf = x509.load_der_x509_certificate(der)
+        agent_id = self._verify_chain(leaf, authorities, now)
+        if len(self._verified) >= VERIFIED_CACHE:
+            self._verified.clear()  # bounded: at worst every agent is verified once more
+        self._verified[der] = (anchors, agent_id, leaf.not_valid_before_utc, leaf.not_valid_after_utc)
+        return agent_id
+
+    def _verify_chain(self, leaf: x509.Certificate, authorities: list[x509.Certificate], now: datetime) -> str:
         verifier = PolicyBuilder().store(Store(authorities)).time(now).build_client_verifier()
         verified = verifier.verify(leaf, [])
         uris = [s.value for s in verified.subjects or [] if isinstance(s, x509.UniformResourceIdentifier)]
