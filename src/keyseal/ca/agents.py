@@ -3,8 +3,10 @@
 After the join, an agent authenticates every call by mutual TLS with its own X.509-SVID
 (`spiffe://<td>/keyseal/agent/<name>`) as the client certificate. OpenSSL accepted the chain at handshake time,
 against the CA certificates the TLS context held then (and server.tls.clientCAFile); here the certificate is
-verified again, per request, against the live keysets at the server's clock, so a keyset that expired or a
-certificate from another CA the handshake trusts is refused, and it must be an agent's SPIFFE ID.
+verified again against the live keysets at the server's clock, so a keyset that expired or a certificate from
+another CA the handshake trusts is refused, and it must be an agent's SPIFFE ID. The chain check is remembered
+per certificate while the live keysets are the same ones; its validity at the server's clock is checked on
+every request.
 """
 
 from __future__ import annotations
