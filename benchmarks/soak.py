@@ -353,6 +353,8 @@ def run_soak(options: SoakOptions, work: Path, say: Callable[[str], None] = prin
         "aws": {"region": "us-east-1", "endpoints": {"kms": emulator.endpoint},
                 "keyManager": {"aliasPrefix": f"soak/{uuid.uuid4().hex[:8]}"}},
         "server": {"listen": "127.0.0.1:0"},
+        # The store holds the keyset pins: in the work directory, never the default /var/lib/keyseal.
+        "store": {"type": "directory", "directory": {"path": str(work / "store")}},
         "logLevel": "info",
         "ca": {"ttl": f"{ttl}s"},
         "x509SVID": {"ttl": f"{short}s"},
@@ -503,6 +505,8 @@ def main() -> None:
     options = SoakOptions(duration=args.duration, clients=args.clients, ca_ttl=args.ca_ttl,
                           fault_every=args.fault_every, rss_bound_mib=args.rss_bound, fd_bound=args.fd_bound)
     work = Path(tempfile.mkdtemp(prefix="keyseal-soak-"))
+    print(f"keyseal home: {work / 'home'} (temporary; the user's ~/.config/keyseal is not touched), no audit file "
+          f"(the server's audit records go to its log, {work / 'server.log'})", flush=True)
     report = run_soak(options, work)
     print(report.render())
     if args.keep:

@@ -14,6 +14,9 @@ each HTTPS row), each row's ratio is taken against the baseline of its own round
 over the rounds: this machine's speed drifts by ±20% within minutes, and a best-of-rounds figure on each side
 would compare the baseline's luckiest moment with the server's.
 
+keyseal's home is in the benchmark's temporary directory, never the user's, and no audit file is written (the
+audit records go to the server's log, as the Helm chart deploys it).
+
 Usage: python benchmarks/svid_issuance.py [--svids 3000] [--seconds 5] [--rounds 3] [--connections 1,2,4,8]
                                           [--in-process]
 """
@@ -38,6 +41,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from isolation import load_average, private_keyseal
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.harness.ca: the test client
@@ -111,7 +116,7 @@ def start_child(config: dict[str, object], work: Path) -> tuple[subprocess.Popen
 
     path = work / "server.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = dict(os.environ, KEYSEAL_HOME=str(work / "home"))
+    env = dict(os.environ)  # with keyseal's home in `work` (private_keyseal)
     proc = subprocess.Popen([sys.executable, "-m", "keyseal", "server", "--config", str(path)],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     assert proc.stderr is not None
@@ -162,7 +167,14 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("svid_issuance: the load generator wrk is not installed (apt-get install wrk)")
+    work = Path(tempfile.mkdtemp(prefix="keyseal-bench-"))
+    try:
+        measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
+
+def measure(args: argparse.Namespace, work: Path) -> None:
     from tests.harness.ca import make_csr, new_key
 
     from keyseal.ca.config import parse_config
@@ -170,8 +182,8 @@ def main() -> None:
     from keyseal.ca.server import CaServer
     from keyseal.ca.spiffeid import parse_spiffe_id
 
-    work = Path(tempfile.mkdtemp(prefix="keyseal-bench-"))
-    os.environ["KEYSEAL_HOME"] = str(work / "home")
+    private_keyseal(work, audit="off")
+    print(f"load average before: {load_average()}")
     raw_config: dict[str, object] = {
         "trustDomain": "example.org",
         "keyWrapping": {"provider": "local", "local": {"kekFile": str(work / "kek")}},
@@ -263,6 +275,7 @@ def main() -> None:
         child.send_signal(signal.SIGTERM)
         child.wait(timeout=30)
     local.shutdown()
+    print(f"load average after: {load_average()}")
 
 
 def version() -> str:

@@ -124,6 +124,10 @@ def keyseal_seeds(corpus: Corpus, workdir: Path) -> None:
                                         serialization.NoEncryption())
         record = seal(der, name=f"fuzz-{label}", version=3, created=created, key_type=label, kek=kek)
         corpus.records.append(record.to_bytes())
+    # Format v2: bound to a scope (the server's trust domain and namespace).
+    record = seal(der, name="fuzz-scoped", version=4, created=created, key_type="p256", kek=kek,
+                  scope="trust-domain=fuzz.example;namespace=fuzz")
+    corpus.records.append(record.to_bytes())
     corpus.manifests += [
         b"".join(f"{bytes([i]).hex() * 32}  tool-{i}.tar.gz\n".encode() for i in range(3)),
         f"{'ab' * 48} *tool.zip\r\n{'cd' * 48}  docs/tool.pdf\r\n".encode(),

@@ -32,6 +32,18 @@ def keyseal_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield home
 
 
+@pytest.fixture(scope="session", autouse=True)
+def empty_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """HOME is an empty directory for the whole run, here and in children: a test (or a benchmark a test runs)
+    that writes under the user's home, through keyseal's defaults or a tool's, fails the session at its end."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(home))
+        yield home
+    left = sorted(str(path.relative_to(home)) for path in home.rglob("*"))
+    assert not left, f"tests wrote under HOME ({home}): {', '.join(left[:10])}"
+
+
 @pytest.fixture(scope="session")
 def kube_api() -> Iterator[KubeApi]:
     """A Kubernetes-like API on 127.0.0.1 (kmock, with PUT, resourceVersion and conditional delete added), one

@@ -44,7 +44,7 @@ def test_agent_daemonset(chart: helm_python.Chart, tmp_path: Path) -> None:
     config = yaml.safe_load(config_map["data"]["agent.yaml"])
     (tmp_path / "node-a").write_text("token-for-node-a")
     config["joinTokenFile"] = str(tmp_path / "${NODE_NAME}")
-    parsed = parse_agent_config(config, environ={"NODE_NAME": "node-a"})
+    parsed = parse_agent_config(config, environ={"NODE_NAME": "node-a", "NODE_IP": "10.0.0.7"})
     assert parsed.join_token == "token-for-node-a"
     assert str(parsed.socket_path) == "/run/keyseal/agent.sock" and parsed.socket_mode == 0o666
     assert parsed.server_host.endswith(".svc")
@@ -62,8 +62,8 @@ def test_agent_trust_bundle_comes_from_the_servers_configmap(chart: helm_python.
     (deployment,) = manifests["Deployment"]
     (server,) = deployment["spec"]["template"]["spec"]["containers"]
     assert {"name": ENVIRONMENT, "value": name} in server["env"]
-    (role,) = manifests["Role"]
-    core_rules = [r for r in role["rules"] if r["apiGroups"] == [""]]
+    (role,) = [r for r in manifests["Role"] if r["metadata"]["name"] == "trust-keyseal"]
+    core_rules = [r for r in role["rules"] if r["apiGroups"] == [""] and r.get("resourceNames") == [name]]
     assert core_rules == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [name],
                            "verbs": ["get", "update"]}]
     (daemonset,) = manifests["DaemonSet"]
@@ -81,7 +81,7 @@ def test_agent_trust_bundle_comes_from_the_servers_configmap(chart: helm_python.
 def test_agent_with_a_directory_store_gets_only_the_configmap_rule(chart: helm_python.Chart) -> None:
     manifests = render(chart, {"agent": {"enabled": True, "joinTokenSecret": "j"}, "store": {"type": "directory"},
                                "replicaCount": 1, "persistence": {"existingClaim": "data"}})
-    (role,) = manifests["Role"]
+    (role,) = [r for r in manifests["Role"] if r["metadata"]["name"] == "trust-keyseal"]
     assert [r["resources"] for r in role["rules"]] == [["configmaps"]]
     assert "Role" not in render(chart, {"store": {"type": "directory"}, "replicaCount": 1,
                                         "persistence": {"existingClaim": "data"}})
@@ -108,7 +108,7 @@ def render_agent(chart: helm_python.Chart, root: Path, **agent: Any
     token_file.parent.mkdir(parents=True, exist_ok=True)
     token_file.write_text("token-for-node-a")
     config["joinTokenFile"] = str(in_pod(root, Path(config["joinTokenFile"])))
-    return template, container, parse_agent_config(config, environ={"NODE_NAME": "node-a"})
+    return template, container, parse_agent_config(config, environ={"NODE_NAME": "node-a", "NODE_IP": "10.0.0.7"})
 
 
 def mount_of(template: dict[str, Any], container: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -247,3 +247,78 @@ def test_agent_state_off(chart: helm_python.Chart, tmp_path: Path) -> None:
 def test_agent_schema_refuses_bad_values(chart: helm_python.Chart, agent: dict[str, Any], where: str) -> None:
     with pytest.raises(helm_python.HelmValuesError, match=f"'{where}'"):
         chart.render({"agent": {"enabled": True, "joinTokenSecret": "j", **agent}}, name="trust", namespace="spire")
+
+
+def test_agent_posture_takes_only_what_attestation_needs(chart: helm_python.Chart) -> None:
+    """Attesting by uid and gid (SO_PEERCRED: no /proc access, no host pid namespace) takes no hostPID and no
+    capabilities; seccomp RuntimeDefault and bounded resources always. Pods (agent.kubernetes, the default) are
+    attested from /proc/<pid>/cgroup of the caller, which needs the node's pids but no capability: hostPID alone.
+    Executable paths (unix:path selectors) need the node's pids and /proc/<pid>/exe of other users' processes:
+    hostPID and CAP_SYS_PTRACE only then."""
+    def pod(values: dict[str, Any]) -> dict[str, Any]:
+        manifests = render(chart, {"agent": {"enabled": True, "joinTokenSecret": "j", **values}})
+        (daemonset,) = manifests["DaemonSet"]
+        return dict(daemonset["spec"]["template"]["spec"])
+
+    uids = pod({"kubernetes": {"enabled": False}})
+    (agent,) = uids["containers"]
+    assert "hostPID" not in uids and "hostNetwork" not in uids
+    assert uids["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    context = agent["securityContext"]
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+    assert context.get("privileged", False) is False
+    assert agent["resources"]["requests"] and agent["resources"]["limits"]["memory"]
+    assert uids["automountServiceAccountToken"] is False
+    pods = pod({})
+    (agent,) = pods["containers"]
+    assert pods["hostPID"] is True and "hostNetwork" not in pods
+    assert agent["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pods["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pods["automountServiceAccountToken"] is False
+    for values in ({"attestation": {"executablePath": True}},
+                   {"attestation": {"executablePath": True}, "kubernetes": {"enabled": False}}):
+        paths = pod(values)
+        (agent,) = paths["containers"]
+        assert paths["hostPID"] is True
+        assert agent["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_PTRACE"]}
+        assert paths["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    with pytest.raises(helm_python.HelmValuesError, match="/agent/attestation"):
+        pod({"attestation": {"executablePath": "yes"}})
+
+
+def test_agent_notes_name_the_pod_security_level(chart: helm_python.Chart) -> None:
+    notes = chart.render({"agent": {"enabled": True, "joinTokenSecret": "j"}}, name="trust",
+                         namespace="spire")["keyseal/templates/NOTES.txt"]
+    assert "kubectl label namespace spire pod-security.kubernetes.io/enforce=privileged" in notes
+    assert "uses hostPID (pod attestation" in notes
+    notes = chart.render({"agent": {"enabled": True, "joinTokenSecret": "j", "kubernetes": {"enabled": False}}},
+                         name="trust", namespace="spire")["keyseal/templates/NOTES.txt"]
+    assert "hostPID" not in notes
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid")
+def test_attestation_without_capabilities_reads_uid_and_gid_only() -> None:
+    """What the DaemonSet's default posture (no CAP_SYS_PTRACE) gives the agent's attestation, checked on this
+    kernel: a process without capabilities reads another user's start time (/proc/<pid>/stat) but not its
+    executable (/proc/<pid>/exe is a ptrace read access check), so it attests uid and gid only; a process of its
+    own uid still yields a path."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import os, sys\n"
+        "from keyseal.agent.attestation import attest, selectors_of, start_time\n"
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"  # also drops every capability
+        "other = int(sys.argv[1])\n"
+        "print(sorted(selectors_of(attest(other, 0, 0))))\n"  # as the agent attests a connection it accepts
+        "print(start_time(other) is not None)\n"
+        "me = os.getpid()\n"
+        "print(sorted(selectors_of(attest(me, 65534, 65534))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, str(os.getpid())], capture_output=True, text=True,
+                            timeout=60, check=True)
+    other, readable, own = result.stdout.splitlines()
+    assert other == "['unix:gid:0', 'unix:uid:0']"  # no unix:path: exe is not readable without CAP_SYS_PTRACE
+    assert readable == "True"
+    assert "unix:path:" in own

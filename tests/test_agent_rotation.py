@@ -187,7 +187,7 @@ def test_cli_entry_and_join_token(tmp_path: Path, cli) -> None:  # type: ignore[
     listed = cli("entry", "list", "--config", config_file)
     assert entry_id in listed.stdout and "unix:uid:1001" in listed.stdout
     bad = cli("entry", "create", "--config", config_file, "--spiffe-id", SVC, "--parent",
-              f"spiffe://{TRUST_DOMAIN}/keyseal/agent", "--selector", "k8s:ns:x")
+              f"spiffe://{TRUST_DOMAIN}/keyseal/agent", "--selector", "k8s:namespace:x")
     assert bad.returncode != 0 and bad.stderr.startswith("keyseal: error: invalid selector")
     agent_id = cli("entry", "create", "--config", config_file, "--spiffe-id",
                    f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-2", "--parent",
@@ -285,7 +285,7 @@ def test_a_stored_entry_with_a_reserved_id_is_never_served(tmp_path: Path) -> No
     (path,) = (tmp_path / "store").glob("*-entries.db")
     with sqlite3.connect(path) as database:  # written into the store by hand, past `keyseal entry create`
         database.execute("INSERT INTO entries SELECT 'forged', ?, parent_id, parent_key, selectors, x509_ttl, "
-                         "jwt_ttl FROM entries", (f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-2",))
+                         "jwt_ttl, federates_with FROM entries", (f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-2",))
     database.close()
     assert [e.entry_id for e in store.entries()] == [kept.entry_id, "forged"]  # it is in the store ...
     assert [e.entry_id for e in store.for_agent(parent)] == [kept.entry_id]  # ... but never handed out

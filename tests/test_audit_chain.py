@@ -170,9 +170,12 @@ def test_append_refuses_a_damaged_end(tmp_path: Path) -> None:
     path = tmp_path / "a.log"
     write_log(path, 2)
     before = path.read_bytes()
-    path.write_bytes(before[:-10])  # an interrupted write
+    path.write_bytes(before + b"garbage")  # not the start of a line keyseal writes
     with pytest.raises(AuditError, match="ends in an incomplete line"):
         write_log(path, 1)
+    path.write_bytes(before + before.splitlines(keepends=True)[-1][:40])  # a write cut short by SIGKILL
+    write_log(path, 1)  # cut off again (no signature was handed out for it), then the next line
+    assert verify_log(path).lines == 3
     path.write_bytes(before + b"garbage\n")
     with pytest.raises(AuditError, match=r"last line .* is not an audit record"):
         write_log(path, 1)
@@ -242,3 +245,24 @@ def test_git_objects_are_named() -> None:
     assert _git_subject(b"object 4b825dc6\ntype commit\ntag v1.0\ntagger A <a@example.org> 1 +0000\n\nv1.0\n") \
         == "git tag v1.0"
     assert _git_subject(b"anything else") == "git object"
+
+
+def test_service_logs_keep_the_audit_trail_at_any_level(capsys: pytest.CaptureFixture[str]) -> None:
+    """`keyseal server` with logLevel warning still writes every audit record (and checkpoint) to its log."""
+    from keyseal.cli.service import configure_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    audit_level = logging.getLogger("keyseal.audit").level
+    handler = logging.StreamHandler()
+    root.handlers = [handler]
+    try:
+        configure_logging("warning")
+        audit.record(log_file=None, key_uri="file:k", public_key=None, hash_name="sha256", digest=bytes(32),
+                     outcome="ok", subject="at-warning")
+        logging.getLogger("keyseal.other").info("not shown")
+    finally:
+        root.handlers, root.level = handlers, level
+        logging.getLogger("keyseal.audit").setLevel(audit_level)
+    err = capsys.readouterr().err
+    assert "INFO audit {" in err and "at-warning" in err and "not shown" not in err

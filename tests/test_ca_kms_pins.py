@@ -183,6 +183,47 @@ def test_a_rewritten_pin_record_is_refused(tmp_path: Path, kms_emulator: KmsEmul
     assert alarm_count("pin-chain") > before
 
 
+def test_a_running_replica_refuses_a_forged_successor_pin(tmp_path: Path, kms_emulator: KmsEmulator,
+                                                           aws_env: dict[str, str]) -> None:
+    """Someone who may write the store and create KMS keys replaces the pin record with one pin: keyset 3, "signed
+    by" keyset 2 (which the running replica accepted) with a signature that is not keyset 2's, naming their own
+    keys. The replica took this for a prune (the first pin's signature was never checked) and published, then
+    activated, the attacker's keys; it must refuse, alarm, and keep its keysets."""
+    prefix = f"pins/{uuid.uuid4().hex[:8]}"
+    clock = FakeClock()
+    config = parse_config(kms_config(tmp_path, kms_emulator.endpoint, prefix))
+    manager = manager_for(config, clock)
+    manager.start()
+    clock.advance(timedelta(hours=12))
+    manager.refresh()  # keyset 2, signed by keyset 1: the running replica's anchor
+    assert [k.number for k, _ in manager.live()] == [1, 2]
+    client = admin(kms_emulator)
+    rogue = {kind: client.describe_key(KeyId=attacker_key(client, 3, kind, clock()))["KeyMetadata"]
+             for kind in ("x509", "jwt")}
+    [path] = list((tmp_path / "store").glob("*keyset-pins.json"))
+    document = json.loads(path.read_text())
+    genuine = path.read_text()
+    document["pins"] = [{
+        "keyset": 3, "notBefore": f"{clock():%Y-%m-%dT%H:%M:%SZ}", "signedBy": 2,
+        "keys": {kind: {"id": rogue[kind]["Arn"], "spki": base64.b64encode(public_of(client, rogue[kind]["KeyId"]))
+                        .decode()} for kind in ("x509", "jwt")},
+        "signature": base64.b64encode(b"not keyset 2's signature").decode()}]
+    path.write_text(json.dumps(document))
+    before = alarm_count("pin-chain")
+    with pytest.raises(CustodyIntegrityError, match="keyset 2"):
+        manager.refresh()
+    clock.advance(timedelta(hours=8))
+    with pytest.raises(CustodyIntegrityError):
+        manager.refresh()
+    assert [k.number for k, _ in manager.live()] == [1, 2]  # the running replica keeps what it had
+    rogue_keys = {public_of(client, metadata["KeyId"]) for metadata in rogue.values()}
+    assert spki(manager.active().x509_key.public_key()) not in rogue_keys
+    assert alarm_count("pin-chain") > before
+    path.write_text(genuine)  # restored from a backup: the replica carries on
+    manager.refresh()
+    assert manager.active().number == 2
+
+
 def test_pins_in_the_kubernetes_store_are_shared_by_replicas(
         tmp_path: Path, kms_emulator: KmsEmulator, aws_env: dict[str, str], kube_api: KubeApi, namespace: str) -> None:
     """With store.type kubernetes the pins are one ConfigMap every replica reads (written only conditionally),

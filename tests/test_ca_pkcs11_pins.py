@@ -7,6 +7,8 @@ naming a missing key stopped the server. All against a real SoftHSM2 token."""
 
 from __future__ import annotations
 
+import json
+import logging
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -236,3 +238,32 @@ def test_keysets_from_before_pins_are_adopted_once(config: Any, tmp_path: Path) 
     restarted = manager_for(config, clock)
     restarted.start()
     assert [k.jwt_kid for k in restarted.loaded()] == [k.jwt_kid for k in manager.loaded()]
+
+
+def test_duplicate_markers_are_not_chosen_between_at_adoption(config: Any, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """An upgrade from a version without pins, on a token where another process with the user PIN added a second
+    marker for the live keyset naming key pairs it generated with CKA_ID all zeros. Adoption took the lowest id
+    (the rule readers followed before pins), so the attacker's keys were pinned and became the active keyset. Now
+    two markers for one keyset are an alarm and that keyset is not adopted: neither is chosen."""
+    clock = FakeClock()
+    manager = manager_for(config, clock)
+    manager.start()
+    mine = manager.active()
+    [path] = list((tmp_path / "store").glob("*keyset-pins.json"))
+    path.unlink()  # as an older keyseal left the token and the store
+    plant_keyset(config, 1, "generated", mine.not_before)
+    before = alarm_count("unpinned-keyset")
+    with caplog.at_level(logging.ERROR, logger="keyseal.ca.custody"):
+        upgraded = manager_for(config, clock)
+        upgraded.start()
+    pinned = json.loads(path.read_text())["pins"]
+    zero = {ids.hex() for ids in ZERO.values()}
+    assert not any(pin["keys"][kind]["id"] in zero for pin in pinned for kind in ("x509", "jwt"))
+    assert 1 not in [pin["keyset"] for pin in pinned]
+    assert upgraded.active().number != 1
+    assert alarm_count("unpinned-keyset") > before
+    assert any("markers" in r.getMessage() and "not adopted" in r.getMessage() for r in caplog.records)
+    restarted = manager_for(config, clock)
+    restarted.start()  # from now on the pins decide: the same keyset, no adoption
+    assert restarted.active().jwt_kid == upgraded.active().jwt_kid

@@ -108,7 +108,7 @@ def test_entry_cli_against_the_kubernetes_store(kube_api: KubeApi, namespace: st
     token = keyseal("join-token", "--agent", "node-7", "--ttl", "5m")
     assert token.returncode == 0, token.stderr
     secret = token.stdout.strip()
-    assert token.stderr.strip() == f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-7"
+    assert token.stderr.strip() == f"agent SPIFFE ID: spiffe://{TRUST_DOMAIN}/keyseal/agent/node-7"
     (stored_token,) = objects(kube_api, namespace, "jointokens")
     assert stored_token["metadata"]["name"] == f"{PREFIX}-join-{hashlib.sha256(secret.encode()).hexdigest()}"
     assert secret not in json.dumps(stored_token)
@@ -278,7 +278,7 @@ def test_stored_data_is_checked(kube_api: KubeApi, namespace: str, tmp_path: Pat
     for name, spec in ((f"{PREFIX}-entry-other-td", {"spiffeID": "spiffe://other.org/x", "parentID": AGENT,
                                                       "selectors": ["unix:uid:1"]}),
                        (f"{PREFIX}-entry-bad-selector", {"spiffeID": f"spiffe://{TRUST_DOMAIN}/y",
-                                                          "parentID": AGENT, "selectors": ["k8s:ns:default"]}),
+                                                          "parentID": AGENT, "selectors": ["k8s:namespace:default"]}),
                        ("keyseal-other-entry-abc", {"spiffeID": f"spiffe://{TRUST_DOMAIN}/z", "parentID": AGENT,
                                                     "selectors": ["unix:uid:1"]}),
                        (f"{PREFIX}-entry-by-hand", {"spiffeID": f"spiffe://{TRUST_DOMAIN}/hand",
@@ -364,7 +364,8 @@ def test_agent_end_to_end_on_the_kubernetes_store(kube_api: KubeApi, namespace: 
     """A server on the Kubernetes store publishes its bundle to the chart's ConfigMap; an agent trusting only
     that ConfigMap's bundle.json joins with a token and serves an entry to py-spiffe. Every Kubernetes API call
     the server makes meanwhile is one the chart's Role allows."""
-    (role,) = render(helm_python.Chart.load(str(CHART)), {"agent": {"enabled": True, "joinTokenSecret": "j"}})["Role"]
+    roles = render(helm_python.Chart.load(str(CHART)), {"agent": {"enabled": True, "joinTokenSecret": "j"}})["Role"]
+    (role,) = [r for r in roles if r["metadata"]["name"] == "trust-keyseal"]
     bundle_map = "trust-keyseal-agent-bundle"  # the chart's name for release "trust"
     config = config_for(tmp_path, kube_api, namespace)
     server = CaServer(config, rotation_thread=False, kube_api_client=kube_api.api_client())
@@ -404,7 +405,8 @@ def test_agent_end_to_end_on_the_kubernetes_store(kube_api: KubeApi, namespace: 
         assert {c[:3] for c in server_calls} >= {("update", "", "configmaps"), ("get", "keyseal.dev", "jointokens"),
                                                  ("delete", "keyseal.dev", "jointokens"),
                                                  ("list", "keyseal.dev", "registrationentries"),
-                                                 ("watch", "keyseal.dev", "registrationentries")}
+                                                 ("watch", "keyseal.dev", "registrationentries"),
+                                                 ("create", "keyseal.dev", "joinedagents")}
         refused = [c for c in server_calls if not allowed_by(role, *c)]
         assert refused == []
     finally:
@@ -417,7 +419,7 @@ def test_agent_end_to_end_on_the_kubernetes_store(kube_api: KubeApi, namespace: 
 def test_new_crds_are_structural(tmp_path: Path) -> None:
     """The API server refuses a CRD schema with additionalProperties beside properties (unknown fields are
     pruned instead), and needs a type on every node."""
-    for plural in ("registrationentries", "jointokens"):
+    for plural in ("registrationentries", "jointokens", "joinedagents"):
         crd = yaml.safe_load((CRDS / f"{plural}.keyseal.dev.yaml").read_text())
         assert crd["metadata"]["name"] == f"{plural}.keyseal.dev" and crd["spec"]["scope"] == "Namespaced"
 

@@ -361,3 +361,34 @@ def test_issued_svids_are_audited(server: CaServer, client: Client, tmp_path: Pa
     signing_input = jwt_body["token"].rsplit(".", 1)[0].encode()
     assert lines[1]["digest"] == hashlib.new(lines[1]["hash"], signing_input).hexdigest()
     assert audit.verify_log(log_path).lines == 2
+
+
+def test_server_audit_file_carries_checkpoints_signed_by_the_ca_key(server: CaServer, client: Client,
+                                                                    tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CA key that signs SVIDs signs the audit file's checkpoints: they verify against the CA certificate."""
+    from cryptography.hazmat.primitives import serialization
+
+    from keyseal import audit
+    from keyseal.audit.checkpoint import load_keys
+    from keyseal.ca import signing_audit
+
+    log_path = tmp_path / "server-audit.log"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log_path))
+    monkeypatch.setenv("KEYSEAL_AUDIT_CHECKPOINT_LINES", "3")
+    signing_audit.configure_from_environment()
+    try:
+        for _ in range(5):
+            status, body = client.x509_svid(A, new_key())
+            assert status == 200, body
+    finally:
+        monkeypatch.setenv("KEYSEAL_AUDIT_LOG", "off")
+        signing_audit.configure_from_environment()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [line.get("kind") for line in lines] == [None, None, "checkpoint", None, None, "checkpoint", None]
+    ca = tmp_path / "ca.pem"
+    active = server.manager.active_keyset()
+    assert active is not None
+    ca.write_bytes(active.ca_certificate.public_bytes(serialization.Encoding.PEM))
+    report = audit.verify_log(log_path, keys=load_keys([ca]))
+    assert (report.checkpoints, report.after_last_checkpoint) == (2, 1)

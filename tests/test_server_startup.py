@@ -113,8 +113,9 @@ def test_awskms_server_logs_its_kek_and_serves(tmp_path: Path, kms_emulator: Kms
     finally:
         code = server.stop()
     assert code == 0
-    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
-        "keyseal-example.org-jwt-0", "keyseal-example.org-x509-0"]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [  # the records, and the bundle sequences
+        "keyseal-example.org-bundle-sequence.json", "keyseal-example.org-jwt-0", "keyseal-example.org-x509-0",
+        "keyseal-seen-versions"]
 
 
 def test_kms_unreachable_exits_with_one_line_and_writes_nothing(tmp_path: Path, aws_env: dict[str, str]) -> None:
@@ -233,11 +234,33 @@ def test_vault_transit_kek_server_logs_and_restarts(tmp_path: Path, openbao: Ope
             client.close()
         finally:
             assert server.stop() == 0
-    records = sorted(p.name for p in (tmp_path / "store").iterdir())
-    assert records == ["keyseal-example.org-jwt-0", "keyseal-example.org-x509-0"]
+    records = sorted(p.name for p in (tmp_path / "store").iterdir() if not p.name.endswith("-sequence.json"))
+    assert records == ["keyseal-example.org-jwt-0", "keyseal-example.org-x509-0", "keyseal-seen-versions"]
     assert all(b"vault" in (tmp_path / "store" / name).read_bytes() for name in records)
 
     openbao.create_key("other-kek", "aes256-gcm96")
     other = write_config(tmp_path, base_config(tmp_path, keyWrapping={"provider": "vault"},
                                                vault={**vault_section, "transitKey": "other-kek"}))
     assert_fails_cleanly(run_keyseal("server", "--config", other), "other-kek")
+
+
+def test_records_no_configured_kek_opens_refuse_startup(tmp_path: Path) -> None:
+    """A KEK replaced under existing records (a GitOps sync that regenerated the KEK Secret) stops the server
+    with a message that says the stored CA keys are unreadable with the configured KEK; nothing is written, in
+    particular no new CA keys over the old ones."""
+    config = write_config(tmp_path, base_config(tmp_path))
+    from keyseal.ca.config import load_config
+    from keyseal.ca.server import CaServer
+
+    first = CaServer(load_config(config))
+    first.start()
+    first.shutdown()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "store").iterdir()}
+    (tmp_path / "kek").unlink()
+    from keyseal.wrapping.local import LocalKek
+
+    LocalKek(tmp_path / "kek").prepare_write()  # another, freshly generated KEK at the same path
+    result = run_keyseal("server", "--config", config)
+    assert_fails_cleanly(result, "no configured KEK opens them")
+    assert "refusing to start" in result.stderr and "keyseal-example.org-x509-0" in result.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "store").iterdir()} == before

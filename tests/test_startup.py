@@ -18,7 +18,8 @@ from keyseal.cli import main as cli_main
 from tests.conftest import run_keyseal
 
 FORBIDDEN_ON_VERIFY = ("click", "boto3", "botocore", "pkcs11", "hvac", "kubernetes", "grpc", "keyseal.audit",
-                       "keyseal.backends", "keyseal.wrapping", "keyseal.ca", "keyseal.agent")
+                       "keyseal.backends", "keyseal.wrapping", "keyseal.ca", "keyseal.agent", "keyseal.progress",
+                       "tqdm")
 
 PROBE = """
 import importlib, sys
@@ -129,3 +130,17 @@ def test_fast_path_and_click_agree(signed: dict[str, Path], tmp_path: Path) -> N
     assert good.returncode == 0 and len(good.stdout.split()) == 1
     bad, _ = run_both(*cases[5])
     assert bad.returncode == 1 and bad.stderr.startswith("keyseal: error: ")
+
+
+def test_keyseal_gpg_verify_imports_only_the_verifier(signed: dict[str, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """What git runs once per commit for `log --show-signature`: the keyring's certificates, the verifier,
+    nothing of signing, key wrapping or the audit log."""
+    from keyseal import keyring
+
+    monkeypatch.setenv("KEYSEAL_HOME", str(tmp_path / "home"))
+    keyring.add_certificate(signed["cert"].read_bytes(), str(signed["cert"]))
+    modules, output = imported_by("keyseal.cli.gpgcompat:main", "--status-fd=1", "--verify", signed["sig"],
+                                  signed["data"])
+    assert "[GNUPG:] GOODSIG" in output, output
+    assert forbidden(modules, FORBIDDEN_ON_VERIFY) == []

@@ -199,7 +199,12 @@ def test_crd_manifest_accepts_records_and_matches_the_format(tmp_path: Path) -> 
                       created=datetime.now(UTC),
                       key_type=key_type, kek=kek)
         jsonschema.validate(record.to_dict(), schema)
-        assert set(schema["required"]) == set(record.to_dict()) == set(schema["properties"])
+        assert set(schema["required"]) == set(record.to_dict()) == set(schema["properties"]) - {"scope"}
+        scoped = seal(der(generate_private_key(key_type)), name="ca.example.org", version=7,
+                      created=datetime.now(UTC), key_type=key_type, kek=kek,
+                      scope="trust-domain=example.org;namespace=spire")
+        jsonschema.validate(scoped.to_dict(), schema)  # v2: the same and its scope
+        assert set(scoped.to_dict()) == set(schema["properties"])
     # An unknown field is not refused but pruned by the API server (a structural schema may not say
     # additionalProperties next to properties): nothing in the schema may keep it. The emulator does not apply
     # CRD schemas, so the pruning rule is applied here to the schema as shipped.

@@ -155,6 +155,19 @@ def test_one_good_and_one_revoked_is_not_two(custodies: Custodies, tmp_path: Pat
     assert keyseal_count(custodies, keyring, 1, both, artifact)[0]
     assert sqv_count(keyring, 1, both, artifact)
 
+    # Merging refuses the revoked key's signature: beside the good one it would still count wherever the
+    # revocation is not known. Kept only when asked, with a warning.
+    merged = tmp_path / "merged.asc"
+    refused = keyseal(custodies, "signatures", "merge", "--data", artifact, "--cert", revoked, "-o", merged,
+                      kms_sig, hsm_sig)
+    assert_one_line_error(refused)
+    assert "no longer counts" in refused.stderr and not merged.exists()
+    kept = keyseal(custodies, "signatures", "merge", "--data", artifact, "--cert", revoked,
+                   "--keep-revoked-signatures", "-o", merged, kms_sig, hsm_sig)
+    assert kept.returncode == 0, kept.stderr
+    assert "warning: kept the signature by revoked key" in kept.stderr
+    assert not keyseal_count(custodies, keyring, 2, merged, artifact)[0]
+
 
 def test_verify_release_threshold_in_python_and_cli(custodies: Custodies, tmp_path: Path) -> None:
     artifact = tmp_path / "tool-3.0.tar.gz"

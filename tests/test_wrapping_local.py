@@ -150,7 +150,7 @@ def test_other_local_kek_and_other_name_are_refused(store: DirectoryStore, kek: 
 def test_newer_format_asks_for_an_upgrade(store: DirectoryStore, kek: LocalKek) -> None:
     create_record(store, "a", generate_private_key("ed25519"), kek)
     fields = json.loads(store.path("a").read_bytes())
-    fields["format"] = "keyseal.wrapped-key.v2"
+    fields["format"] = "keyseal.wrapped-key.v3"
     store.path("a").write_text(json.dumps(fields, sort_keys=True, indent=2) + "\n")
     with pytest.raises(WrappedRecordError, match="upgrade keyseal"):
         open_record(store, "a", kek)

@@ -9,10 +9,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from keyseal import audit
-from keyseal.backends import BackendOptions, open_signer
 from keyseal.errors import OpenPGPError, UsageError, VerificationError
 from keyseal.keyring import (
     certificate_for_key,
@@ -25,10 +23,12 @@ from keyseal.keyring import (
 )
 from keyseal.openpgp.cert import Certificate
 from keyseal.openpgp.keys import algorithm_of
-from keyseal.openpgp.sign import choose_hash, identity_from_certificate, identity_from_signer, render, signature_packet
 from keyseal.openpgp.signature import HASH_IDS, SIG_TEXT, SignaturePacket, new_hasher
 from keyseal.openpgp.verify import VerifiedSignature, parse_detached, verify_bytes
 from keyseal.openpgp.verify import verify_cleartext as check_cleartext
+
+if TYPE_CHECKING:
+    from keyseal.backends import BackendOptions
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,17 @@ def resolve_signing_key(spec: str, certificates: list[Certificate]) -> tuple[str
 
 def sign(spec: str, data: bytes, options: BackendOptions | None = None, armored: bool = True) -> GitSignature:
     """A detached binary-document signature over `data` (a commit or tag object): one signature call."""
+    # Signing's imports stay here: `keyseal-gpg --verify`, which git runs once per commit, needs none of them.
+    from keyseal import audit
+    from keyseal.backends import open_signer
+    from keyseal.openpgp.sign import (
+        choose_hash,
+        identity_from_certificate,
+        identity_from_signer,
+        render,
+        signature_packet,
+    )
+
     certificates = keyring_certificates()
     uri, cert = resolve_signing_key(spec, certificates)
     with open_signer(uri, options) as signer:

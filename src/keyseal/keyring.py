@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from keyseal.atomic import write_atomic
-from keyseal.backends import split_uri
 from keyseal.errors import InputError, KeysealError, KeyURIError, OpenPGPError, UsageError
+from keyseal.home import keyseal_home
 from keyseal.openpgp.armor import armor
 from keyseal.openpgp.cert import Certificate, load_certificates, merge_certificates
 from keyseal.openpgp.keys import same_public_key
 from keyseal.signer import PublicKey
-from keyseal.wrapping.kek import keyseal_home
 
 KEYS_FILE = "keys.toml"
 KEYRING_DIR = "keyring"
@@ -55,6 +53,8 @@ def allowed_signers_path() -> Path:
 
 
 def is_key_uri(spec: str) -> bool:
+    from keyseal.backends import split_uri  # not at import: verifying with the keyring loads no backend package
+
     try:
         split_uri(spec)
     except KeyURIError:
@@ -64,6 +64,8 @@ def is_key_uri(spec: str) -> bool:
 
 def check_storable_uri(uri: str) -> None:
     """A URI that may be written to a file: a known scheme, one line, and no PIN in it."""
+    from keyseal.backends import split_uri
+
     split_uri(uri)
     if "pin-value" in uri.lower():
         raise UsageError("the key URI holds a PIN (pin-value=): keyseal never writes PINs to files; use "
@@ -76,6 +78,8 @@ def check_storable_uri(uri: str) -> None:
 
 
 def load_entries() -> list[KeyEntry]:
+    import tomllib  # not at import: verifying reads certificates only, and tomllib costs start-up time
+
     path = keys_path()
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))

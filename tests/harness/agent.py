@@ -3,10 +3,12 @@ Workload API socket in a directory that unprivileged test users can reach."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -66,7 +68,11 @@ class Node:
 
 
 def start_agent(server: CaServer, tmp: Path, sync_interval: float = 0.3, token: str | None = None,
-                metrics: bool = False, bundle_pem: str | None = None, state_dir: Path | None = None) -> Node:
+                metrics: bool = False, bundle_pem: str | None = None, state_dir: Path | None = None,
+                workload_api: dict[str, Any] | None = None, more_servers: tuple[CaServer, ...] = (),
+                token_file: Path | None = None) -> Node:
+    """An agent joined to `server` (and failing over to `more_servers`, as serverURLs); with `token_file`, the
+    join token is read from that file (joinTokenFile) instead of given in the configuration."""
     config: Config = server.config
     if token is None:
         token, _ = join_tokens_for(config).issue("node-1", timedelta(minutes=5))
@@ -77,13 +83,20 @@ def start_agent(server: CaServer, tmp: Path, sync_interval: float = 0.3, token: 
         "trustBundleFile": str(tmp / "bundle.pem"), "joinToken": token, "socketPath": str(sock),
         "socketMode": "0666", "syncInterval": sync_interval,
     }
+    if more_servers:
+        data["serverURLs"] = [f"https://127.0.0.1:{other.port}" for other in more_servers]
+    if token_file is not None:
+        token_file.write_text(token + "\n")
+        del data["joinToken"]
+        data["joinTokenFile"] = str(token_file)
     if metrics:
         data["metrics"] = {"listen": "127.0.0.1:0"}
     if state_dir is not None:
         data["stateDir"] = str(state_dir)
-    agent_config = parse_agent_config(data, environ={})
-    agent = Agent(agent_config)
+    if workload_api is not None:
+        data["workloadAPI"] = workload_api
     try:
+        agent = Agent(parse_agent_config(data, environ={}))
         agent.start()
     except BaseException:
         shutil.rmtree(sock.parent, ignore_errors=True)
@@ -148,3 +161,31 @@ def agent_call(server: CaServer, identity: Identity | None, path: str,
         return post(connection, path, document if document is not None else {})
     finally:
         connection.close()
+
+
+DROP_ROOT = """
+import os
+
+
+def drop_root(uid):
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    assert os.getuid() == uid and os.geteuid() == uid
+"""
+
+
+def spawn(script: str, *args: str) -> subprocess.Popen[str]:
+    """`python -c script args...` in a session of its own (stdin, stdout piped) so `end()` can stop it and every
+    process it forked. A script that drops root (DROP_ROOT) does so after its imports: the interpreter lives
+    under /root (0700)."""
+    return subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd="/", start_new_session=True,
+                            env={"PATH": os.environ.get("PATH", "/usr/bin")})
+
+
+def end(process: subprocess.Popen[str]) -> None:
+    """Stop a spawn()ed child and everything in its session."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.communicate(timeout=30)

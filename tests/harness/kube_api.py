@@ -8,6 +8,10 @@ EMULATOR ADDITION (test harness only): kmock 0.8 keeps objects and serves GET/PO
 - a create answers 201 Created, as the API server does (the official client reads the body only then);
 - a DELETE whose body carries `preconditions` (uid / resourceVersion) that the stored object does not meet is
   refused with 409 Conflict and deletes nothing, as the API server does (kmock ignores them).
+- a missing object of a served resource is answered as the API server does (a Status, reason NotFound, whose
+  details name the object), and a resource named in `unserved` (a CRD that was never applied) with the API
+  server's plain `404 page not found`; a resource named in `failing` is answered 503 ServiceUnavailable (an
+  API server that is overloaded or cannot reach etcd).
 - WATCH (added for the informer, #19): a list answers `metadata.resourceVersion` (kmock answers "..."); a delete
   takes a new resourceVersion for its DELETED event; every event is kept in a log, and a watch with
   `resourceVersion=N` streams the events after N from it, then live ones; with `allowWatchBookmarks=true` it
@@ -18,6 +22,11 @@ EMULATOR ADDITION (test harness only): kmock 0.8 keeps objects and serves GET/PO
   One approximation: a list reads the version before the objects, so a write racing it may be both listed and
   streamed after it (delivered twice, never missed); the real API gives the exact version of the snapshot.
 keyseal's Kubernetes store is not changed to suit the emulator; it only speaks the real API's contract.
+
+EMULATED PARTITION (test harness only): `KubeApi.api_client(client_id)` names its requests with the header
+CLIENT_HEADER, and `KubeApi.cut(client_id)` makes the emulator reset the TCP connection of every request that
+client sends (until `restore`), as a replica cut off from the API server sees it: connections reset, nothing
+answered, nothing changed. Other clients are served as before.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ from kmock._internal.k8s import KubernetesEmulator, KubernetesError, KubernetesO
 
 T = TypeVar("T")
 
+CLIENT_HEADER = "X-Keyseal-Test-Client"
+
 CONFLICT_MESSAGE = (
     "Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest "
     "version and try again"
@@ -52,6 +63,10 @@ class ResourceVersionedEmulator(KubernetesEmulator):
     conflicts: list[tuple[str, str]] = attrs.field(factory=list)
     replaces: int = 0
     verbs: list[tuple[str, str, str, str]] = attrs.field(factory=list)
+    cut_clients: set[str] = attrs.field(factory=set)
+    dropped: int = 0
+    unserved: set[str] = attrs.field(factory=set)  # plurals answered as a CRD that is not installed
+    failing: set[str] = attrs.field(factory=set)  # plurals answered 503, as by an API server in trouble
     # WATCH (EMULATOR ADDITION, #19): the event log and what compaction forgot.
     bookmark_seconds: float = 0.5
     compacted: int = 0
@@ -64,6 +79,28 @@ class ResourceVersionedEmulator(KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._buses = _Recorders(self)  # every event the base emulator emits is logged with its version
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        client = request.headers.get(CLIENT_HEADER)
+        if client is not None and client in self.cut_clients:  # EMULATED PARTITION: reset, answer nothing
+            self.dropped += 1
+            raw = request._raw_request
+            if raw is not None and raw.transport is not None:
+                raw.transport.abort()
+            raise ConnectionResetError(f"emulated partition of client {client}")
+        if request.resource is not None and str(request.resource.plural) in self.unserved:
+            return aiohttp.web.Response(status=404, text="404 page not found")
+        if request.resource is not None and str(request.resource.plural) in self.failing:
+            raise KubernetesError(status=503, reason="ServiceUnavailable", message="the server is currently unable "
+                                  "to handle the request", details={"kind": str(request.resource.plural)})
+        try:
+            return await self._handle_versioned(request)
+        except KubernetesObjectNotFoundError:
+            resource = request.resource
+            plural, group = (str(resource.plural), str(resource.group or "")) if resource is not None else ("", "")
+            raise KubernetesError(status=404, reason="NotFound",
+                                  message=f'{plural}.{group} "{request.name}" not found',
+                                  details={"name": request.name, "group": group, "kind": plural}) from None
 
     def _next_version(self) -> str:
         self.counter += 1
@@ -152,7 +189,7 @@ class ResourceVersionedEmulator(KubernetesEmulator):
     def _mine(request: kmock.Request, raw: dict[str, Any]) -> bool:
         return not request.namespace or (raw.get("metadata") or {}).get("namespace") == request.namespace
 
-    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+    async def _handle_versioned(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         if request.action == kmock.action.LIST and _true(request.params.get("watch")):
             # EMULATOR FIX (#19): the API server reads boolean query parameters as Go's strconv.ParseBool does,
             # so `watch=True` (what the official Python client sends) is a watch; kmock knows only "true".
@@ -286,6 +323,8 @@ def _rbac_verb(method: kmock.method | None, named: bool) -> str:
 class KubeApi:
     """The emulator served on an ephemeral 127.0.0.1 port by its own event loop in a daemon thread."""
 
+    emulator: type[ResourceVersionedEmulator] = ResourceVersionedEmulator
+
     def __init__(self) -> None:
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -316,9 +355,9 @@ class KubeApi:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with ResourceVersionedEmulator() as handler, kmock.Server(handler) as server:
+        async with self.emulator() as handler, kmock.Server(handler) as server:
             for plural, kind in (("wrappedkeys", "WrappedKey"), ("registrationentries", "RegistrationEntry"),
-                                 ("jointokens", "JoinToken")):
+                                 ("jointokens", "JoinToken"), ("joinedagents", "JoinedAgent")):
                 handler.resources[f"keyseal.dev/v1/{plural}"] = kmock.ResourceInfo(
                     kind=kind, singular=kind.lower(), namespaced=True,
                     verbs={"get", "list", "create", "update", "patch", "delete"},
@@ -327,10 +366,14 @@ class KubeApi:
                 kind="ConfigMap", singular="configmap", namespaced=True,
                 verbs={"get", "list", "create", "update", "patch", "delete"},
             )
+            self.add_resources(handler)
             self.handler = handler
             self.url = str(server.url).rstrip("/")
             self._ready.set()
             await self._stop.wait()
+
+    def add_resources(self, handler: ResourceVersionedEmulator) -> None:
+        """More resources a subclass serves (tests/harness/kube_identity.py)."""
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the emulator's loop (reads of its state must not race its writes)."""
@@ -372,10 +415,20 @@ class KubeApi:
         assert self.handler is not None
         return self.handler
 
-    def api_client(self) -> Any:
-        """An official `kubernetes` ApiClient pointed at this emulator (no credentials)."""
+    def api_client(self, client_id: str | None = None) -> Any:
+        """An official `kubernetes` ApiClient pointed at this emulator (no credentials); with `client_id`, its
+        requests carry that name, so `cut(client_id)` can cut this client (and only it) off."""
         import kubernetes
 
         configuration = kubernetes.client.Configuration()
         configuration.host = self.url
-        return kubernetes.client.ApiClient(configuration)
+        if client_id is None:
+            return kubernetes.client.ApiClient(configuration)
+        return kubernetes.client.ApiClient(configuration, header_name=CLIENT_HEADER, header_value=client_id)
+
+    def cut(self, client_id: str) -> None:
+        """EMULATED PARTITION: reset every connection of this client from now on."""
+        self._handler().cut_clients.add(client_id)
+
+    def restore(self, client_id: str) -> None:
+        self._handler().cut_clients.discard(client_id)

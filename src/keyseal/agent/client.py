@@ -1,14 +1,20 @@
 """The agent's HTTPS client for the trust-domain server: join with a token, then authenticate every call by
 mutual TLS with the agent's own X.509-SVID (see keyseal.ca.agents). A new SVID (renewal) or new trust anchors
 (a bundle change) close the connection, so the next call handshakes with them. The server is verified against
-the bootstrap trust bundle plus the trust domain's bundle, which the agent keeps up to date from the server."""
+the bootstrap trust bundle plus the trust domain's bundle, which the agent keeps up to date from the server.
+
+With several server addresses (replicas), a call that cannot reach one, or gets a 5xx from it (a replica that
+is not ready or cannot sign), is sent to the next; the client stays with the one that answered. A 4xx is an
+answer, not a failure of the replica: it is never retried elsewhere."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import logging
 import ssl
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from cryptography import x509
@@ -19,6 +25,8 @@ from keyseal.ca.tls import load_chain
 from keyseal.errors import BackendUnavailableError, KeysealError
 
 __all__ = ["ServerClient", "ServerRefusedError", "make_csr"]
+
+log = logging.getLogger(__name__)
 
 TIMEOUT = 10.0
 
@@ -50,7 +58,8 @@ def _unreachable(host: str, port: int, exc: Exception) -> str:
 
 
 class ServerClient:
-    def __init__(self, host: str, port: int, ca_pem: str) -> None:
+    def __init__(self, host: str, port: int, ca_pem: str, more: Sequence[tuple[str, int]] = ()) -> None:
+        self.servers = [(host, port), *(m for m in more if m != (host, port))]
         self.host, self.port = host, port
         self._lock = threading.Lock()
         self._bootstrap_pem = ca_pem if ca_pem.endswith("\n") else ca_pem + "\n"
@@ -104,7 +113,29 @@ class ServerClient:
         return self._context
 
     def call(self, path: str, document: dict[str, Any]) -> dict[str, Any]:
-        """POST a JSON document; BackendUnavailableError when the server cannot be reached or answers 5xx."""
+        """POST a JSON document to the current server, else to the next ones in turn; BackendUnavailableError
+        when none can be reached or all answer 5xx."""
+        failures: list[str] = []
+        start = self.servers.index((self.host, self.port))
+        for step in range(len(self.servers)):
+            if step:
+                with self._lock:
+                    self._close()
+                    self.host, self.port = self.servers[(start + step) % len(self.servers)]
+            try:
+                answer = self._call(path, document)
+            except BackendUnavailableError as exc:
+                failures.append(exc.message)
+                continue
+            if step:
+                log.warning("failed over to the keyseal server at %s:%d (%s)", self.host, self.port,
+                            "; ".join(failures))
+            return answer
+        if len(failures) == 1:
+            raise BackendUnavailableError(failures[0])
+        raise BackendUnavailableError(f"no keyseal server answered: {'; '.join(failures)}")
+
+    def _call(self, path: str, document: dict[str, Any]) -> dict[str, Any]:
         body = json.dumps(document).encode()
         with self._lock:
             headers = {"Content-Type": "application/json"}

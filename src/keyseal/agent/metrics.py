@@ -8,7 +8,12 @@
 - keyseal_agent_entries, keyseal_agent_x509_svids_cached, keyseal_agent_jwt_svids_cached
 - keyseal_agent_workload_api_requests_total{method,outcome}: "ok" when a call first answers, the gRPC status
   (e.g. "permission_denied", "unavailable", "invalid_argument") when it ends with an error
-- keyseal_agent_attestation_failures_total{reason="no_credentials"|"pid_replaced"|"no_matching_entry"}
+- keyseal_agent_attestation_failures_total{reason="no_credentials"|"pid_replaced"|"exe_changed"|
+  "no_matching_entry"}
+- keyseal_agent_workload_api_connections (open now), keyseal_agent_workload_api_connections_closed_total{reason}
+  (refused over a limit, idle, written on by another process, accept() failing, a request written
+  before attestation that its process never vouched for: "unproven") and
+  keyseal_agent_workload_api_calls_refused_total{reason} (over a limit on calls in progress)
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import socket
 import threading
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +35,10 @@ __all__ = ["ATTESTATION_FAILURES", "AgentMetrics", "MetricsServer"]
 
 log = logging.getLogger(__name__)
 
-ATTESTATION_FAILURES = ("no_credentials", "pid_replaced", "no_matching_entry")
+ATTESTATION_FAILURES = ("no_credentials", "pid_replaced", "exe_changed", "no_matching_entry")
+CONNECTIONS_CLOSED = ("too_many_connections", "too_many_connections_for_uid", "idle", "foreign_writer",
+                      "accept_failed", "unproven")
+CALLS_REFUSED = ("too_many_calls", "too_many_calls_for_uid")
 
 
 class AgentMetrics:
@@ -37,6 +46,9 @@ class AgentMetrics:
         self._lock = threading.Lock()
         self._requests: Counter[tuple[str, str]] = Counter()
         self._attestation: Counter[str] = Counter(dict.fromkeys(ATTESTATION_FAILURES, 0))
+        self._closed: Counter[str] = Counter(dict.fromkeys(CONNECTIONS_CLOSED, 0))
+        self._refused: Counter[str] = Counter(dict.fromkeys(CALLS_REFUSED, 0))
+        self.open_connections: Callable[[], int] = lambda: 0  # set by the Workload API server
 
     def request(self, method: str, outcome: str) -> None:
         with self._lock:
@@ -46,9 +58,18 @@ class AgentMetrics:
         with self._lock:
             self._attestation[reason] += 1
 
+    def connection_closed(self, reason: str) -> None:
+        with self._lock:
+            self._closed[reason] += 1
+
+    def call_refused(self, reason: str) -> None:
+        with self._lock:
+            self._refused[reason] += 1
+
     def render(self, cache: AgentCache) -> bytes:
         with self._lock:
             requests, attestation = dict(self._requests), dict(self._attestation)
+            closed, refused = dict(self._closed), dict(self._refused)
         last_sync = cache.last_sync.timestamp() if cache.last_sync else 0
         expiry = cache.agent_expires.timestamp() if cache.agent_expires else 0
         lines = [
@@ -80,6 +101,18 @@ class AgentMetrics:
             "# HELP keyseal_agent_attestation_failures_total Workload attestations that gave no identity, by reason.",
             "# TYPE keyseal_agent_attestation_failures_total counter",
             *(f'keyseal_agent_attestation_failures_total{{reason="{r}"}} {v}' for r, v in sorted(attestation.items())),
+            "# HELP keyseal_agent_workload_api_connections Workload API connections open now.",
+            "# TYPE keyseal_agent_workload_api_connections gauge",
+            f"keyseal_agent_workload_api_connections {self.open_connections()}",
+            "# HELP keyseal_agent_workload_api_connections_closed_total Workload API connections the agent refused or "
+            "closed, by reason.",
+            "# TYPE keyseal_agent_workload_api_connections_closed_total counter",
+            *(f'keyseal_agent_workload_api_connections_closed_total{{reason="{r}"}} {v}'
+              for r, v in sorted(closed.items())),
+            "# HELP keyseal_agent_workload_api_calls_refused_total Workload API calls refused over a limit, by reason.",
+            "# TYPE keyseal_agent_workload_api_calls_refused_total counter",
+            *(f'keyseal_agent_workload_api_calls_refused_total{{reason="{r}"}} {v}'
+              for r, v in sorted(refused.items())),
         ]
         return ("\n".join(lines) + "\n").encode("utf-8")
 

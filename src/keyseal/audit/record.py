@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from keyseal import pkcs11uri
 from keyseal.audit.context import current
-from keyseal.audit.log import AuditLog, utc_now
+from keyseal.audit.log import AuditLog, Custody, utc_now
 from keyseal.backends.base import PublicKey
 from keyseal.errors import KeysealError, one_line
 
@@ -82,6 +82,7 @@ def record(
     purpose: str | None = None,
     openpgp_fingerprint: str | None = None,
     signed: Signed = "digest",
+    custody: Custody | None = None,
 ) -> dict[str, object]:
     """Record one signature: append it to `log_file` (None: no file) and emit it on the `keyseal.audit` logger
     (INFO, the JSON line as the message and the fields as `record.audit`) for structured logs. Without a file
@@ -92,7 +93,8 @@ def record(
     `subject`, `purpose` and `openpgp_fingerprint` default to the caller's `audit.subject(...)` context.
     `signed="digest"`: `digest` is what the custody signed, made with `hash_name`; `signed="message"`: the
     custody signed a message (pure Ed25519) whose SHA-256 is `digest`. Raises AuditError if the file cannot
-    be written.
+    be written. `custody` (the key that signed, with its fingerprint and redacted URI) signs a checkpoint when
+    one falls due at this line.
     """
     context = current()
     entry: dict[str, object] = {
@@ -104,9 +106,9 @@ def record(
         "digest": digest.hex(),
         "subject": _text(subject if subject is not None else context.subject),
         "purpose": _text(purpose if purpose is not None else context.purpose),
-        "outcome": one_line(outcome, _MAX_TEXT),
+        "outcome": outcome if outcome == "ok" else one_line(outcome, _MAX_TEXT),
     }
-    written = log_file.append(entry) if log_file is not None else {"time": utc_now(), **entry}
+    written = log_file.append(entry, custody) if log_file is not None else {"time": utc_now(), **entry}
     if log.isEnabledFor(logging.INFO):
         log.info("audit %s", _LINE.encode(written), extra={"audit": written})
     return written

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from keyseal.audit.log import AuditLog, configured_log
-from keyseal.audit.record import Signed, outcome_of, record
+from keyseal.audit.log import AuditLog, Custody, configured_log
+from keyseal.audit.record import Signed, key_fingerprint, outcome_of, record, redact_uri
 from keyseal.audit.record import log as audit_logger
 from keyseal.backends.base import HashName, PublicKey, Signer
 from keyseal.errors import AuditError
@@ -39,6 +39,8 @@ class AuditingSigner(Signer):
         self._lock = threading.Lock()
         self._ready = False
         self._log: AuditLog | None = None
+        self._redacted_uri = redact_uri(self.uri)
+        self._custody: Custody | None = None  # the key, its fingerprint and URI: worked out at the first signature
 
     def public_key(self) -> PublicKey:
         return self.inner.public_key()
@@ -53,7 +55,25 @@ class AuditingSigner(Signer):
         self.inner.close()
 
     def sign_digest(self, digest: bytes, hash_name: HashName) -> bytes:
-        return self._audited(lambda: self.inner.sign_digest(digest, hash_name), hash_name, digest, "digest")
+        log_file = self._log if self._ready else self._log_file()
+        custody = self._custody
+        if custody is None:  # the first signature: the key is identified first
+            return self._audited(lambda: self.inner.sign_digest(digest, hash_name), hash_name, digest, "digest")
+        if log_file is None:
+            return self._sign_and_record(log_file, custody, digest, hash_name)
+        with log_file.signing():  # concurrent signers' lines share one fsync
+            return self._sign_and_record(log_file, custody, digest, hash_name)
+
+    def _sign_and_record(self, log_file: AuditLog | None, custody: Custody, digest: bytes,
+                         hash_name: HashName) -> bytes:
+        """The common case, kept short: one call into the custody, one record."""
+        try:
+            signature = self.inner.sign_digest(digest, hash_name)
+        except Exception as exc:
+            self._record_failure(log_file, custody, hash_name, digest, "digest", exc)
+            raise
+        self._record(log_file, custody, hash_name, digest, "digest")
+        return signature
 
     def sign_message(self, message: bytes) -> bytes:
         return self._audited(lambda: self.inner.sign_message(message), "sha256",
@@ -74,28 +94,43 @@ class AuditingSigner(Signer):
                 self._log, self._ready = log_file, True
             return self._log
 
+    def _identify(self) -> Custody:
+        """The key that signs here (its public key fetched once; every backend caches it)."""
+        custody = self._custody
+        if custody is None:
+            public_key = self.inner.public_key()
+            custody = self._custody = Custody(self.inner, key_fingerprint(public_key), self._redacted_uri)
+        return custody
+
     def _audited(self, call: Callable[[], bytes], hash_name: str, digest: bytes, signed: Signed) -> bytes:
         log_file = self._log_file()
-        public_key: PublicKey | None = None
-
-        def write(outcome: str) -> None:
-            record(log_file=log_file, key_uri=self.uri, public_key=public_key, hash_name=hash_name, digest=digest,
-                   outcome=outcome, signed=signed)
-
+        custody: Custody | None = None
         try:
-            public_key = self.inner.public_key()
+            custody = self._identify()
             signature = call()
         except Exception as exc:
-            try:
-                write(outcome_of(exc))
-            except AuditError as audit_error:  # the signature failed anyway: report that, not the log
-                audit_logger.warning("%s", audit_error.message)
+            self._record_failure(log_file, custody, hash_name, digest, signed, exc)
             raise
+        self._record(log_file, custody, hash_name, digest, signed)
+        return signature
+
+    def _record(self, log_file: AuditLog | None, custody: Custody, hash_name: str, digest: bytes,
+                signed: Signed) -> None:
         try:
-            write("ok")
+            record(log_file=log_file, key_uri=self._redacted_uri, key_uri_redacted=True, public_key=None,
+                   fingerprint=custody.fingerprint, hash_name=hash_name, digest=digest, outcome="ok", signed=signed,
+                   custody=custody)
         except AuditError as exc:
             raise AuditError(f"{exc.message}: the signature was discarded") from None
-        return signature
+
+    def _record_failure(self, log_file: AuditLog | None, custody: Custody | None, hash_name: str, digest: bytes,
+                        signed: Signed, error: Exception) -> None:
+        try:
+            record(log_file=log_file, key_uri=self._redacted_uri, key_uri_redacted=True, public_key=None,
+                   fingerprint=custody.fingerprint if custody else None, hash_name=hash_name, digest=digest,
+                   outcome=outcome_of(error), signed=signed, custody=custody)
+        except AuditError as audit_error:  # the signature failed anyway: report that, not the log
+            audit_logger.warning("%s", audit_error.message)
 
 
 def unwrap(signer: Signer) -> Signer:

@@ -41,8 +41,13 @@ def private_key_from_pem(data: bytes, where: str) -> PrivateKey:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
+        if data.lstrip().startswith(b"-----BEGIN PGP") or data[:1] in (b"\x98", b"\x99", b"\xc6"):
+            raise InvalidKeyFileError(f"{where} is an OpenPGP certificate, not a key: --key takes the key file "
+                                      f"keyseal keys create wrote (file:PATH), the certificate goes to --cert"
+                                      ) from None
         raise InvalidKeyFileError(
-            f"{where} is not an unencrypted PEM private key (PKCS#8) that keyseal can read"
+            f"{where} is not a key keyseal can read: give the key file keyseal keys create wrote, or a PKCS#8 "
+            f"PEM private key"
         ) from None
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
         raise UnsupportedKeyError(f"{where}: only RSA, ECDSA and Ed25519 keys can sign")

@@ -12,11 +12,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keyseal.audit.log import utc_second
 from keyseal.ca.auth import Authenticator, Principal, valid_at
-from keyseal.ca.bundle import bundle_json, sequence_of
+from keyseal.ca.bundle_sequence import BundlePublisher
 from keyseal.ca.config import Config
 from keyseal.ca.jwtsvid import check_audience, issue_jwt_svid
 from keyseal.ca.manager import KeysetManager, NoActiveKeysetError
@@ -25,6 +25,9 @@ from keyseal.ca.metrics import Metrics
 from keyseal.ca.spiffeid import RESERVED_PATH, SpiffeId, SpiffeIdError, is_reserved, parse_spiffe_id
 from keyseal.ca.x509svid import parse_csr_key, sign_x509_svid
 from keyseal.errors import KeysealError, UsageError, loggable
+
+if TYPE_CHECKING:
+    from keyseal.ca.federation import FederatedBundles
 
 __all__ = ["MAX_BODY_BYTES", "Api", "Request", "Response"]
 
@@ -74,13 +77,15 @@ def _expires_at(moment: datetime) -> str:
 
 class Api:
     def __init__(self, config: Config, manager: KeysetManager, authenticator: Authenticator,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, bundles: BundlePublisher | None = None) -> None:
         self.config = config
+        self.bundles = bundles or BundlePublisher(None, config.refresh_hint)
+        self.federation: FederatedBundles | None = None
         self.manager = manager
         self.authenticator = authenticator
         self.metrics = metrics
-        self._bundle_cache: tuple[tuple[int, ...], bytes] = ((), b"")
-        self._routes = {
+        self.kube_api_client: Any = None  # a kubernetes ApiClient the server was given (tests), else from the pod
+        self._routes: dict[str, tuple[str, Callable[[Request], Response]]] = {
             "/healthz": ("GET", self._health),
             "/readyz": ("GET", self._ready),
             "/metrics": ("GET", self._metrics),
@@ -93,7 +98,11 @@ class Api:
 
         self._routes.update(agent_routes(self))
         metrics.keyset_states = lambda: [(k.number, s) for k, s in self.manager.live()]
-        metrics.bundle_sequence = lambda: sequence_of([k for k, _ in self.manager.live()])
+        metrics.bundle_sequence = lambda: self.bundle()[0]["spiffe_sequence"]
+
+    def add_route(self, path: str, method: str, handler: Callable[[Request], Response]) -> None:
+        """A route the server adds beside the API's own (e.g. /v1/federation)."""
+        self._routes[path] = (method, handler)
 
     def close(self) -> None:
         for closer in self.closers:
@@ -137,21 +146,24 @@ class Api:
         return _json(200, {"status": "ok"})
 
     def _ready(self, request: Request) -> Response:
-        if self.manager.active_keyset() is None:
+        now = self.manager.clock()
+        if self.manager.stale(now):
+            age = self.manager.view_age(now)
+            return _json(503, {"status": "the keyset store has not been read for "
+                                         f"{int(age.total_seconds()) if age else 0}s"})
+        if self.manager.active_keyset(now) is None:
             return _json(503, {"status": "no active keyset"})
         return _json(200, {"status": "ready"})
 
     def _metrics(self, request: Request) -> Response:
         return Response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
 
+    def bundle(self) -> tuple[dict[str, Any], bytes]:
+        """The trust bundle as published now (keyseal.ca.bundle_sequence): its document and its JSON."""
+        return self.bundles.served([k for k, _ in self.manager.live()])
+
     def _bundle(self, request: Request) -> Response:
-        keysets = [k for k, _ in self.manager.live()]
-        numbers = tuple(k.number for k in keysets)
-        cached_numbers, body = self._bundle_cache
-        if cached_numbers != numbers or not body:
-            body = bundle_json(keysets, self.config.refresh_hint)
-            self._bundle_cache = (numbers, body)
-        response = Response(200, body)
+        response = Response(200, self.bundle()[1])
         response.headers["Cache-Control"] = f"max-age={int(self.config.refresh_hint.total_seconds())}"
         return response
 
@@ -248,7 +260,8 @@ class Api:
         ttl = self._ttl(document, self.config.jwt_ttl)
         audience = check_audience(document.get("audience"))
         keyset = self.manager.active()
-        token, expires = issue_jwt_svid(keyset, spiffe_id, audience, self.manager.clock(), ttl)
+        token, expires = issue_jwt_svid(keyset, spiffe_id, audience, self.manager.clock(), ttl,
+                                         self.config.jwt_issuer)
         self.metrics.issued("jwt")
         log.debug("issued JWT-SVID %s to client %s (keyset %d)", spiffe_id, principal.name, keyset.number)
         return _json(200, {"spiffeID": spiffe_id.uri, "token": token, "expiresAt": _expires_at(expires),

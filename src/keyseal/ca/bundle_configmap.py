@@ -9,8 +9,11 @@ the agent is about to verify: there is no trust on first use. Whoever may update
 agents at another server, so the server's Role names it alone (resourceNames) and namespace admins are
 trusted anyway.
 
-Writes are conditional on `metadata.resourceVersion`. A replica whose bundle is older (a lower
-`spiffe_sequence`) than the stored one never overwrites it; an unchanged bundle is not written again.
+Writes are conditional on `metadata.resourceVersion`, and the ConfigMap only moves forward: a replica writes
+its bundle only if its `spiffe_sequence` is strictly higher than the stored one's. An equal sequence never
+overwrites, even with other bytes: during a rollout, replicas whose configuration differs (refresh hint, CA
+lifetime) may publish different bytes, and letting each overwrite the other made the agents' bundle flap at
+every publication. (The sequence itself is the bundle's, keyseal.ca.bundle; it is not decided here.)
 RBAC: get, update on that one ConfigMap. The server never creates it (create cannot be limited to a name).
 Enabled by the environment variable `KEYSEAL_BUNDLE_CONFIGMAP` (the ConfigMap's name, in the pod's namespace).
 """
@@ -57,6 +60,7 @@ class BundleConfigMap:
         self.namespace, self.name = namespace, name
         self._failing = False
         self._ahead_reported = False
+        self._equal_reported = False
         self._confirmed: tuple[str, float] | None = None  # the text known to be stored, and when
 
     @classmethod
@@ -72,10 +76,11 @@ class BundleConfigMap:
     def where(self) -> str:
         return f"configmap {self.namespace}/{self.name}"
 
-    def publish(self, keysets: Sequence[Keyset], refresh_hint: timedelta) -> bool:
-        """Write the bundle of these keysets if it is newer than (or as new as, but unlike) the stored one;
-        True when it wrote."""
-        document = bundle_document(keysets, refresh_hint)
+    def publish(self, keysets: Sequence[Keyset], refresh_hint: timedelta,
+                document: dict[str, Any] | None = None) -> bool:
+        """Write the bundle of these keysets (or `document`, the bundle as served) if its sequence is strictly
+        newer than the stored one's; True when it wrote."""
+        document = document if document is not None else bundle_document(keysets, refresh_hint)
         text = json.dumps(document, indent=2, sort_keys=True) + "\n"
         confirmed = self._confirmed
         if confirmed is not None and confirmed[0] == text and time.monotonic() - confirmed[1] < RECHECK_SECONDS:
@@ -86,6 +91,14 @@ class BundleConfigMap:
             stored = data.get(BUNDLE_KEY)
             if stored == text:
                 self._confirmed = (text, time.monotonic())
+                return False
+            if _sequence(stored) == document["spiffe_sequence"]:
+                self._confirmed = (text, time.monotonic())  # as new as ours: left alone until ours is newer
+                if not self._equal_reported:
+                    self._equal_reported = True
+                    log.info("%s holds another bundle with this server's sequence %d (a replica with another "
+                             "configuration, e.g. during a rollout): left as it is", self.where,
+                             document["spiffe_sequence"])
                 return False
             if _sequence(stored) > document["spiffe_sequence"]:
                 self._confirmed = None
@@ -107,10 +120,11 @@ class BundleConfigMap:
             return True
         raise KeysealError(f"{self.where} kept changing while keyseal tried to write the bundle: try again")
 
-    def publish_logged(self, keysets: Sequence[Keyset], refresh_hint: timedelta) -> None:
+    def publish_logged(self, keysets: Sequence[Keyset], refresh_hint: timedelta,
+                       document: dict[str, Any] | None = None) -> None:
         """`publish`, with a failure logged (once until it works again) instead of raised: serving goes on."""
         try:
-            self.publish(keysets, refresh_hint)
+            self.publish(keysets, refresh_hint, document)
         except KeysealError as exc:
             if not self._failing:
                 log.error("cannot publish the trust bundle to %s: %s", self.where, exc.message)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from keyseal.ca.audit_logging import AuditLogging
+from keyseal.ca.k8s_config import K8sConfig, parse_kubernetes_section
 from keyseal.ca.spiffeid import check_path_prefix, check_trust_domain
 from keyseal.errors import InputError, UsageError
 
@@ -23,6 +26,9 @@ __all__ = [
     "ClientConfig",
     "Config",
     "ConnectionLimits",
+    "FederationConfig",
+    "ForeignTrustDomain",
+    "OidcConfig",
     "default_alias_prefix",
     "load_config",
     "parse_config",
@@ -129,6 +135,41 @@ class Pkcs11Config:
 
 
 @dataclass(frozen=True)
+class OidcConfig:
+    """The OIDC discovery listener (`oidc:`): its own address, and a certificate from files that does not change
+    with CA rotation (cert-manager, a public CA), so that third parties can pin it for the long term."""
+
+    listen_host: str
+    listen_port: int
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class ForeignTrustDomain:
+    """A trust domain this server federates with (`federation.trustDomains[]`, SPIFFE Federation)."""
+
+    trust_domain: str
+    bundle_endpoint_url: str
+    profile: Literal["https_web", "https_spiffe"]
+    endpoint_spiffe_id: str | None = None
+    bundle_file: Path | None = None
+    ca_file: Path | None = None  # https_web: the web PKI roots to trust instead of the system's
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """`federation:`: the bundle endpoint this server serves (if `listen` is set; certificate files for the
+    https_web profile, else the server's own X.509-SVID for https_spiffe) and the foreign trust domains."""
+
+    listen_host: str | None = None
+    listen_port: int = 0
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    trust_domains: tuple[ForeignTrustDomain, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     trust_domain: str
     custody: Literal["wrapped", "kms", "pkcs11"] = "wrapped"
@@ -151,13 +192,20 @@ class Config:
     ca_ttl: timedelta = timedelta(days=1)
     x509_ttl: timedelta = timedelta(hours=1)
     jwt_ttl: timedelta = timedelta(minutes=5)
+    jwt_issuer: str | None = None
     refresh_hint: timedelta = timedelta(minutes=5)
-    listen_host: str = "0.0.0.0"  # noqa: S104 - a server in a pod listens on all addresses by default
+    # The longest a join token is honoured after it was created, whatever expiry the token itself names.
+    join_token_max_ttl: timedelta = timedelta(hours=1)
+    listen_host: str = "127.0.0.1"  # all addresses only when asked (server.listen: 0.0.0.0:8443, as the chart does)
     listen_port: int = 8443
     tls: TlsConfig = field(default_factory=TlsConfig)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     clients: tuple[ClientConfig, ...] = ()
     log_level: str = "info"
+    kubernetes: K8sConfig | None = None  # node attestation and identity templates (keyseal.ca.k8s_config)
+    audit: AuditLogging = field(default_factory=AuditLogging)
+    oidc: OidcConfig | None = None
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
     def kek_spec(self) -> str:
         """The KEK spec the wrapping library parses (`local:PATH`, `awskms:<ARN>` or `vault:MOUNT/KEY`)."""
@@ -313,6 +361,11 @@ def parse_config(data: object) -> Config:
             )
     values.update(_store(root.section("store"), trust_domain))
     values.update(_lifetimes(root))
+    agents = root.section("agents")
+    values["join_token_max_ttl"] = parse_duration(agents.get("joinTokenMaxTTL") or "1h", "agents.joinTokenMaxTTL")
+    agents.done()
+    if not timedelta(minutes=1) <= values["join_token_max_ttl"] <= timedelta(days=30):
+        raise UsageError("agents.joinTokenMaxTTL must be between 1m and 30d: a join token mints an agent identity")
     values.update(_server(root.section("server")))
     values["clients"] = _clients(root.get("clients"))
     for client in values["clients"]:
@@ -328,8 +381,21 @@ def parse_config(data: object) -> Config:
             "name the CA file that issued the client certificates"
         )
     values["log_level"] = root.choice("logLevel", ("debug", "info", "warning", "error"), "info")
+    values["kubernetes"] = parse_kubernetes_section(root.section("kubernetes"), values["store_type"])
+    values["audit"] = _audit(root.section("audit"))
+    values["oidc"] = _oidc(root.section("oidc"), values["jwt_issuer"])
+    values["federation"] = _federation(root.section("federation"), trust_domain)
     root.done()
     return Config(**values)
+
+
+def _audit(section: _Section) -> AuditLogging:
+    """`audit:` where the audit lines (one per SVID) go: keyseal.ca.audit_logging."""
+    level = section.choice("level", ("debug", "info", "warning"), "info")
+    console = section.choice("console", ("auto", "lines", "summary", "off"), "auto")
+    interval = parse_duration(section.get("summaryInterval") or "1m", "audit.summaryInterval")
+    section.done()
+    return AuditLogging(level, console, interval)
 
 
 def _exactly_one_provider(custody: str, values: dict[str, Any]) -> None:
@@ -477,7 +543,10 @@ def _lifetimes(root: _Section) -> dict[str, Any]:
     jwt = root.section("jwtSVID")
     jwt_ttl = parse_duration(jwt.get("ttl") or "5m", "jwtSVID.ttl")
     jwt_key_type = jwt.choice("keyType", tuple(CA_KEY_TYPES), ca_key_type)
+    issuer = jwt.text("issuer")
     jwt.done()
+    if issuer is not None:
+        _check_issuer(issuer)
     bundle = root.section("bundle")
     refresh_hint = parse_duration(bundle.get("refreshHint") or "5m", "bundle.refreshHint")
     bundle.done()
@@ -493,11 +562,11 @@ def _lifetimes(root: _Section) -> dict[str, Any]:
             f"clients must see a prepared key well before it becomes active"
         )
     return {"ca_key_type": ca_key_type, "jwt_key_type": jwt_key_type, "ca_ttl": ca_ttl, "x509_ttl": x509_ttl,
-            "jwt_ttl": jwt_ttl, "refresh_hint": refresh_hint}
+            "jwt_ttl": jwt_ttl, "refresh_hint": refresh_hint, "jwt_issuer": issuer}
 
 
 def _server(server: _Section) -> dict[str, Any]:
-    host, port = _listen(server.text("listen", "0.0.0.0:8443") or "", "server.listen")
+    host, port = _listen(server.text("listen", "127.0.0.1:8443") or "", "server.listen")
     tls_section = server.section("tls")
     cert_file = tls_section.text("certFile")
     key_file = tls_section.text("keyFile")
@@ -524,6 +593,93 @@ def _server(server: _Section) -> dict[str, Any]:
         client_ca_file=Path(client_ca) if client_ca else None,
     )
     return {"listen_host": host, "listen_port": port, "tls": tls, "connections": connections}
+
+
+def _check_issuer(issuer: str) -> None:
+    """An OIDC issuer: an https URL without query, fragment, user info or trailing slash (OpenID Connect
+    Discovery 1.0; AWS, GCP and Azure compare it byte for byte with the token's `iss`)."""
+    parsed = urllib.parse.urlsplit(issuer)
+    if (parsed.scheme != "https" or not parsed.hostname or parsed.query or parsed.fragment or "@" in parsed.netloc
+            or issuer.endswith("/") or not issuer.isprintable() or " " in issuer or len(issuer) > 255):
+        raise UsageError(f"jwtSVID.issuer={issuer[:80]!r} is not an OIDC issuer: use an https URL without a "
+                         f"trailing slash, query or fragment, e.g. https://oidc.example.org")
+
+
+def _oidc(section: _Section, issuer: str | None) -> OidcConfig | None:
+    listen = section.text("listen")
+    tls = section.section("tls")
+    cert_file, key_file = tls.text("certFile"), tls.text("keyFile")
+    tls.done()
+    section.done()
+    if listen is None:
+        if cert_file or key_file:
+            raise UsageError("oidc.tls is set but oidc.listen is not: set oidc.listen (e.g. 0.0.0.0:8444)")
+        return None
+    host, port = _listen(listen, "oidc.listen")
+    if issuer is None:
+        raise UsageError("oidc.listen is set but jwtSVID.issuer is not: set the issuer URL that third parties "
+                         "reach this listener at (e.g. https://oidc.example.org)")
+    if not cert_file or not key_file:
+        raise UsageError("oidc.tls.certFile and oidc.tls.keyFile are required with oidc.listen: the discovery "
+                         "listener serves a certificate from files (cert-manager, a public CA) that does not "
+                         "change with CA rotation")
+    return OidcConfig(host, port, Path(cert_file), Path(key_file))
+
+
+MAX_FOREIGN_TRUST_DOMAINS = 64
+
+
+def _federation(section: _Section, own_trust_domain: str) -> FederationConfig:
+    listen = section.text("listen")
+    tls = section.section("tls")
+    cert_file, key_file = tls.text("certFile"), tls.text("keyFile")
+    tls.done()
+    raw = section.get("trustDomains")
+    section.done()
+    if (cert_file is None) != (key_file is None):
+        raise UsageError("federation.tls.certFile and federation.tls.keyFile go together: set both or neither")
+    host, port = _listen(listen, "federation.listen") if listen else (None, 0)
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list) or len(raw) > MAX_FOREIGN_TRUST_DOMAINS:
+        raise UsageError(f"federation.trustDomains must be a list of at most {MAX_FOREIGN_TRUST_DOMAINS} entries")
+    domains: list[ForeignTrustDomain] = []
+    for index, item in enumerate(raw):
+        domains.append(_foreign(_Section(item, f"federation.trustDomains[{index}]"), own_trust_domain))
+    names = [d.trust_domain for d in domains]
+    if len(set(names)) != len(names):
+        raise UsageError("federation.trustDomains names a trust domain twice")
+    return FederationConfig(host, port, Path(cert_file) if cert_file else None,
+                            Path(key_file) if key_file else None, tuple(domains))
+
+
+def _foreign(item: _Section, own_trust_domain: str) -> ForeignTrustDomain:
+    name = item.text("trustDomain")
+    url = item.text("bundleEndpointURL")
+    profile = item.choice("profile", ("https_web", "https_spiffe"), "https_spiffe")
+    endpoint_id, bundle_file, ca_file = item.text("endpointSPIFFEID"), item.text("bundleFile"), item.text("caFile")
+    item.done()
+    if not name:
+        raise UsageError(f"{item.key('trustDomain')} is missing")
+    check_trust_domain(name)
+    if name == own_trust_domain:
+        raise UsageError(f"{item.key('trustDomain')}: {name} is this server's own trust domain")
+    if not url or urllib.parse.urlsplit(url).scheme != "https" or not urllib.parse.urlsplit(url).hostname:
+        raise UsageError(f"{item.key('bundleEndpointURL')} must be an https URL")
+    if profile == "https_spiffe":
+        if not endpoint_id or not bundle_file:
+            raise UsageError(f"{item.where}: the https_spiffe profile needs endpointSPIFFEID (the endpoint's "
+                             f"SPIFFE ID) and bundleFile (the trust domain's bundle, obtained once out of band)")
+        from keyseal.ca.spiffeid import parse_spiffe_id
+
+        if parse_spiffe_id(endpoint_id).trust_domain != name:
+            raise UsageError(f"{item.key('endpointSPIFFEID')}={endpoint_id[:80]!r} is not in trust domain {name}: "
+                             f"the endpoint is authenticated with that trust domain's bundle")
+    elif endpoint_id:
+        raise UsageError(f"{item.key('endpointSPIFFEID')} is for the https_spiffe profile only")
+    return ForeignTrustDomain(name, url, profile,  # type: ignore[arg-type]
+                              endpoint_id, Path(bundle_file) if bundle_file else None,
+                              Path(ca_file) if ca_file else None)
 
 
 MAX_CONNECTIONS_LIMIT = 16384
@@ -570,6 +726,28 @@ def load_config(path: Path) -> Config:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise UsageError(f"configuration file {path} is not valid YAML{where}") from None
     try:
-        return parse_config(data)
+        config = parse_config(data)
+        _refuse_host_defaults(data, config)
     except UsageError as exc:
         raise type(exc)(f"{path}: {exc.message}") from None
+    return config
+
+
+def _given(data: object, *keys: str) -> bool:
+    for key in keys:
+        if not isinstance(data, Mapping):
+            return False
+        data = data.get(key)
+    return bool(data)
+
+
+def _refuse_host_defaults(data: object, config: Config) -> None:
+    """A configuration file must say where the server keeps its keys: a default would put them in the host's
+    /var/lib/keyseal (as root) or wrap them with the KEK in the user's own keyseal home. `keyseal dev` is the way
+    to try the server without choosing either."""
+    if config.store_type == "directory" and not _given(data, "store", "directory", "path"):
+        raise UsageError("store.directory.path is not set: name the directory that keeps the CA's wrapped keys "
+                         "(e.g. /var/lib/keyseal), or try keyseal dev for a local trust domain")
+    if config.custody == "wrapped" and config.wrapping_provider == "local" and config.local_kek_file is None:
+        raise UsageError("keyWrapping.local.kekFile is not set: name the KEK file that wraps the CA keys (keep "
+                         "it apart from the store), or try keyseal dev for a local trust domain")

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from keyseal.ca.entries import Entry, EntryStore, is_served
+from keyseal.ca.entries import Entry, EntryStore, Progress, is_served
 from keyseal.ca.entry_index import agent_keys, parent_key
 from keyseal.errors import InputError, UsageError
 
@@ -37,7 +37,8 @@ CHECKPOINT_BATCH = 1000
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     entry_id TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, parent_id TEXT NOT NULL, parent_key TEXT NOT NULL,
-    selectors TEXT NOT NULL, x509_ttl INTEGER NOT NULL, jwt_ttl INTEGER NOT NULL) WITHOUT ROWID;
+    selectors TEXT NOT NULL, x509_ttl INTEGER NOT NULL, jwt_ttl INTEGER NOT NULL,
+    federates_with TEXT NOT NULL DEFAULT '[]') WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_by_parent ON entries (parent_key);
 CREATE INDEX IF NOT EXISTS entries_by_meaning ON entries (spiffe_id, parent_id, selectors);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -46,12 +47,16 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WIT
 
 def _row(entry: Entry) -> tuple[Any, ...]:
     return (entry.entry_id, entry.spiffe_id, entry.parent_id, parent_key(entry.parent_id),
-            json.dumps(list(entry.selectors)), entry.x509_ttl, entry.jwt_ttl)
+            json.dumps(list(entry.selectors)), entry.x509_ttl, entry.jwt_ttl, json.dumps(list(entry.federates_with)))
+
+
+_INSERT = ("INSERT INTO entries (entry_id, spiffe_id, parent_id, parent_key, selectors, x509_ttl, jwt_ttl, "
+           "federates_with) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
     return Entry(str(row[0]), str(row[1]), str(row[2]), tuple(str(s) for s in json.loads(row[3])), int(row[4]),
-                 int(row[5]))
+                 int(row[5]), tuple(str(t) for t in json.loads(row[6])))
 
 
 class DirectoryEntryStore(EntryStore):
@@ -101,6 +106,9 @@ class DirectoryEntryStore(EntryStore):
             with self._write(connection):
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     connection.execute(statement)
+                columns = {row[1] for row in connection.execute("PRAGMA table_info(entries)")}
+                if "federates_with" not in columns:  # a database written before federation: add the column
+                    connection.execute("ALTER TABLE entries ADD COLUMN federates_with TEXT NOT NULL DEFAULT '[]'")
                 imported = connection.execute("SELECT value FROM meta WHERE name = 'imported'").fetchone()
                 if imported is None:
                     self._import_legacy(connection)
@@ -119,7 +127,7 @@ class DirectoryEntryStore(EntryStore):
             entries = [Entry.from_json(d) for d in documents]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InputError(f"cannot import {self.legacy}: {exc}; fix or remove the file") from None
-        connection.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
+        connection.executemany(_INSERT.replace("INSERT", "INSERT OR REPLACE", 1),
                                [_row(e) for e in entries])
         log.info("imported %d entries from %s into %s", len(entries), self.legacy, self.path)
 
@@ -145,17 +153,18 @@ class DirectoryEntryStore(EntryStore):
 
     def entries(self) -> list[Entry]:
         return [_entry(r) for r in self._query(
-            "SELECT entry_id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl FROM entries ORDER BY entry_id")]
+            "SELECT entry_id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, federates_with FROM entries "
+            "ORDER BY entry_id")]
 
     def get(self, entry_id: str) -> Entry | None:
-        rows = self._query("SELECT entry_id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl FROM entries "
-                           "WHERE entry_id = ?", (entry_id,))
+        rows = self._query("SELECT entry_id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, federates_with "
+                           "FROM entries WHERE entry_id = ?", (entry_id,))
         entry = _entry(rows[0]) if rows else None
         return entry if entry is not None and is_served(entry) else None
 
     def for_agent(self, agent_id: str) -> list[Entry]:
-        rows = self._query("SELECT entry_id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl FROM entries "
-                           "WHERE parent_key IN (SELECT value FROM json_each(?)) ORDER BY entry_id",
+        rows = self._query("SELECT entry_id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, federates_with "
+                           "FROM entries WHERE parent_key IN (SELECT value FROM json_each(?)) ORDER BY entry_id",
                            (json.dumps(agent_keys(agent_id)),))
         return [e for e in map(_entry, rows) if e.parented_by(agent_id) and is_served(e)]
 
@@ -172,7 +181,7 @@ class DirectoryEntryStore(EntryStore):
     def _add(self, entry: Entry) -> Entry:
         return self._add_many([entry], [""])[0]
 
-    def _add_many(self, entries: list[Entry], labels: list[str]) -> list[Entry]:
+    def _add_many(self, entries: list[Entry], labels: list[str], progress: Progress | None = None) -> list[Entry]:
         """One transaction: all of the batch is written, or (a duplicate, a crash) none of it."""
         connection = self._connection()
         try:
@@ -182,7 +191,9 @@ class DirectoryEntryStore(EntryStore):
                         self._duplicate(connection, entry)
                     except UsageError as exc:
                         raise UsageError(f"{label}: {exc}" if label else exc.message) from None
-                    connection.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)", _row(entry))
+                    connection.execute(_INSERT, _row(entry))
+                    if progress is not None:
+                        progress(1)
             if len(entries) >= CHECKPOINT_BATCH:  # fold a big batch into the database now: readers then search
                 connection.execute("PRAGMA wal_checkpoint(PASSIVE)")  # a short write-ahead log
         except sqlite3.DatabaseError as exc:
@@ -192,7 +203,7 @@ class DirectoryEntryStore(EntryStore):
     def delete(self, entry_id: str) -> None:
         self.delete_many([entry_id])
 
-    def delete_many(self, entry_ids: list[str]) -> None:
+    def delete_many(self, entry_ids: list[str], progress: Progress | None = None) -> None:
         """All or none: an unknown ID refuses the whole batch."""
         connection = self._connection()
         try:
@@ -200,5 +211,7 @@ class DirectoryEntryStore(EntryStore):
                 for entry_id in entry_ids:
                     if connection.execute("DELETE FROM entries WHERE entry_id = ?", (entry_id,)).rowcount != 1:
                         raise UsageError(f"no entry {entry_id[:40]!r}: see keyseal entry list")
+                    if progress is not None:
+                        progress(1)
         except sqlite3.DatabaseError as exc:
             raise InputError(f"cannot write {self.path}: {exc}") from None

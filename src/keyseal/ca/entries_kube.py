@@ -14,8 +14,13 @@ keyseal.dev, v1; deploy/crds/), in the namespace of the WrappedKey records.
   agent's sync reads only its own entries. A resource that is not a valid entry of this trust domain is skipped
   with a warning, never served. Join tokens are read only at a join, by name (get): they are not watched.
 
-RBAC: the server needs list, watch on registrationentries and get, delete on jointokens; `keyseal entry` (an
-operator's kubeconfig) needs create, list, get, delete on both.
+- `JoinedAgent` `<recordPrefix>-agent-<32 hex of SHA-256 of the agent ID>`: when the newest SVID the server
+  issued to an agent expires (written at join and renewal), so a join token for a running agent is refused.
+
+RBAC: the server needs list, watch on registrationentries, get, delete on jointokens and get, create, update on
+joinedagents; `keyseal entry` (an operator's kubeconfig) needs create, list, get, delete on entries and tokens, and
+`join-token --replace` delete on joinedagents (it forgets the running agent: the token itself cannot say replace).
+Create on jointokens mints agent identities: it is as sensitive as administering the CA.
 """
 
 from __future__ import annotations
@@ -26,10 +31,19 @@ import json
 import logging
 import re
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from keyseal.ca.entries import Entry, EntryStore, JoinTokens, is_served
+from keyseal.ca.entries import (
+    DEFAULT_JOIN_TOKEN_MAX_TTL,
+    AgentRegistry,
+    Entry,
+    EntryStore,
+    JoinTokens,
+    Progress,
+    StoredToken,
+    is_served,
+)
 from keyseal.ca.entry_index import EntryIndex
 from keyseal.ca.kube_watch import Informer
 from keyseal.errors import AccessDeniedError, BackendUnavailableError, KeysealError, UsageError
@@ -49,7 +63,7 @@ if TYPE_CHECKING:
 
     from keyseal.ca.config import Config
 
-__all__ = ["KubeEntryStore", "KubeJoinTokens", "entry_id_for"]
+__all__ = ["KubeAgentRegistry", "KubeEntryStore", "KubeJoinTokens", "entry_id_for"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +72,8 @@ ENTRY_KIND = "RegistrationEntry"
 JOIN_TOKENS = "jointokens"
 JOIN_KIND = "JoinToken"
 MAX_WARNED = 1000  # distinct invalid objects remembered, so each is logged once
+JOINED_AGENTS = "joinedagents"
+JOINED_KIND = "JoinedAgent"
 LIST_PAGE = 500
 _ENTRY_ID_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,61}[a-z0-9])?")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -90,6 +106,20 @@ class _Resources:
             raise self.translate(exc, "create", body["metadata"]["name"]) from None
         return True
 
+    def replace(self, body: dict[str, Any]) -> bool:
+        """A replace conditional on body's metadata.resourceVersion; False when the object changed (409)."""
+        name = body["metadata"]["name"]
+        try:
+            self.api.replace_namespaced_custom_object(GROUP, VERSION, self.namespace, self.plural, name, body,
+                                                      _request_timeout=REQUEST_TIMEOUT)
+        except Exception as exc:
+            if not is_client_error(exc):
+                raise
+            if status_of(exc) in (404, 409):
+                return False
+            raise self.translate(exc, "update", name) from None
+        return True
+
     def get(self, name: str) -> dict[str, Any] | None:
         try:
             obj: dict[str, Any] = self.api.get_namespaced_custom_object(
@@ -97,9 +127,9 @@ class _Resources:
         except Exception as exc:
             if not is_client_error(exc):
                 raise
-            if status_of(exc) == 404:
+            if status_of(exc) == 404 and _names_missing_object(exc, name):
                 return None
-            raise self.translate(exc, "get", name) from None
+            raise self.translate(exc, "get", name) from None  # a 404 without: the resource type is not served
         return obj
 
     def delete(self, name: str, preconditions: dict[str, str] | None = None) -> bool:
@@ -160,6 +190,17 @@ class _Resources:
         return BackendUnavailableError(
             f"cannot reach the Kubernetes API at {self.server} to {verb} {where} ({type(exc).__name__}): "
             f"check the cluster address and network")
+
+
+def _names_missing_object(exc: Exception, name: str) -> bool:
+    """Whether a 404 says that the object `name` does not exist (a Status NotFound naming it), as opposed to the
+    API server not serving the resource type at all (a CRD that was never applied: `404 page not found`)."""
+    try:
+        status = json.loads(getattr(exc, "body", None) or "")
+    except (TypeError, ValueError):
+        return False
+    details = status.get("details") if isinstance(status, dict) else None
+    return isinstance(details, dict) and status.get("reason") == "NotFound" and details.get("name") == name
 
 
 def _resources(config: Config, api_client: Any, plural: str) -> _Resources:
@@ -275,7 +316,11 @@ class KubeEntryStore(EntryStore):
         x509_ttl, jwt_ttl = spec.get("x509SVIDTTL", 0), spec.get("jwtSVIDTTL", 0)
         if not isinstance(selectors, list) or not all(isinstance(t, int) for t in (x509_ttl, jwt_ttl)):
             raise TypeError("selectors must be a list, TTLs whole seconds")
-        entry = Entry(entry_id, str(spec["spiffeID"]), str(spec["parentID"]), tuple(selectors), x509_ttl, jwt_ttl)
+        federates_with = spec.get("federatesWith", [])
+        if not isinstance(federates_with, list):
+            raise TypeError("federatesWith must be a list")
+        entry = Entry(entry_id, str(spec["spiffeID"]), str(spec["parentID"]), tuple(selectors), x509_ttl, jwt_ttl,
+                      tuple(str(t) for t in federates_with))
         return self.check(entry)
 
     # -- writes -----------------------------------------------------------------------------------------------
@@ -287,6 +332,8 @@ class KubeEntryStore(EntryStore):
             spec["x509SVIDTTL"] = entry.x509_ttl
         if entry.jwt_ttl:
             spec["jwtSVIDTTL"] = entry.jwt_ttl
+        if entry.federates_with:
+            spec["federatesWith"] = list(entry.federates_with)
         return {"apiVersion": f"{GROUP}/{VERSION}", "kind": ENTRY_KIND,
                 "metadata": _metadata(self._name(entry.entry_id), self.resources.namespace), "spec": spec}
 
@@ -294,7 +341,7 @@ class KubeEntryStore(EntryStore):
         """One entry, named by its meaning: the API server's 409 on a second create of that name is the
         duplicate check, O(1) and atomic; a watched view also catches a duplicate written under another name."""
         entry = Entry(entry_id_for(entry.spiffe_id, entry.parent_id, entry.selectors), entry.spiffe_id,
-                      entry.parent_id, entry.selectors, entry.x509_ttl, entry.jwt_ttl)
+                      entry.parent_id, entry.selectors, entry.x509_ttl, entry.jwt_ttl, entry.federates_with)
         view = self._view()
         other = view.duplicate_of(entry) if view is not None else None
         if other is not None or not self.resources.create(self._body(entry)):
@@ -304,7 +351,7 @@ class KubeEntryStore(EntryStore):
             view.put(entry)  # this replica sees its own write at once; the watch event brings the same
         return entry
 
-    def _add_many(self, entries: list[Entry], labels: list[str]) -> list[Entry]:
+    def _add_many(self, entries: list[Entry], labels: list[str], progress: Progress | None = None) -> list[Entry]:
         """Checked against every stored entry (one list, or the watched view) before the first create. The API
         has no transaction: if another writer creates a clashing entry meanwhile, the entries before it stay
         written and the error says how many."""
@@ -321,6 +368,8 @@ class KubeEntryStore(EntryStore):
                                  f"the {number} entries before it were written")
             if view is not None:
                 view.put(entry)
+            if progress is not None:
+                progress(1)
         return entries
 
     def delete(self, entry_id: str) -> None:
@@ -332,24 +381,27 @@ class KubeEntryStore(EntryStore):
 
 
 class KubeJoinTokens(JoinTokens):
-    """Join tokens as `JoinToken` resources named by the token's SHA-256."""
+    """Join tokens as `JoinToken` resources named by the token's SHA-256. A token's age comes from the API
+    server's `metadata.creationTimestamp`, which its creator cannot set."""
 
-    def __init__(self, resources: _Resources, trust_domain: str, record_prefix: str) -> None:
-        super().__init__(trust_domain)
+    def __init__(self, resources: _Resources, trust_domain: str, record_prefix: str,
+                 max_ttl: timedelta = DEFAULT_JOIN_TOKEN_MAX_TTL, registry: AgentRegistry | None = None) -> None:
+        super().__init__(trust_domain, max_ttl, registry)
         self.resources = resources
         self.prefix = record_prefix
 
     @classmethod
     def from_config(cls, config: Config, api_client: Any = None) -> KubeJoinTokens:
-        return cls(_resources(config, api_client, JOIN_TOKENS), config.trust_domain, config.record_prefix)
+        return cls(_resources(config, api_client, JOIN_TOKENS), config.trust_domain, config.record_prefix,
+                   config.join_token_max_ttl, KubeAgentRegistry.from_config(config, api_client))
 
     def _name(self, digest: str) -> str:
         return f"{self.prefix}-join-{digest}"
 
-    def _add(self, digest: str, agent_id: str, expires: datetime) -> None:
+    def _add(self, digest: str, agent_id: str, expires: datetime, now: datetime) -> None:
+        spec: dict[str, Any] = {"agentID": agent_id, "expiresAt": expires.astimezone(UTC).strftime(_TIME_FORMAT)}
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": JOIN_KIND,
-                "metadata": _metadata(self._name(digest), self.resources.namespace),
-                "spec": {"agentID": agent_id, "expiresAt": expires.astimezone(UTC).strftime(_TIME_FORMAT)}}
+                "metadata": _metadata(self._name(digest), self.resources.namespace), "spec": spec}
         if not self.resources.create(body):
             raise KeysealError("a join token with this digest exists already: issue another one")
         self._purge_expired(datetime.now(UTC))
@@ -363,7 +415,7 @@ class KubeJoinTokens(JoinTokens):
             return None
         return str(agent_id)
 
-    def _take(self, digest: str, now: datetime) -> str | None:
+    def _take(self, digest: str, now: datetime) -> StoredToken | None:
         obj = self.resources.get(self._name(digest))
         if obj is None:
             return None
@@ -377,13 +429,14 @@ class KubeJoinTokens(JoinTokens):
         spec = obj.get("spec") or {}
         agent_id = spec.get("agentID") if isinstance(spec, dict) else None
         expires = _parse_time(spec.get("expiresAt") if isinstance(spec, dict) else None)
-        if expires is None or not self.is_agent_id(agent_id):
+        created = _parse_time(metadata.get("creationTimestamp"))
+        if expires is None or created is None or not self.is_agent_id(agent_id):
             log.warning("refused %s: not a valid join token of %s", self.resources.where(self._name(digest)),
                         self.trust_domain)
             return None
         if expires <= now:
             return None
-        return str(agent_id)
+        return StoredToken(str(agent_id), expires, created)  # a spec.replace (older keyseal) is ignored
 
     def _purge_expired(self, now: datetime) -> None:
         """Remove expired tokens of this prefix: best effort (an operator may lack list or delete)."""
@@ -397,6 +450,55 @@ class KubeJoinTokens(JoinTokens):
                     self.resources.delete(name, {"resourceVersion": str(metadata.get("resourceVersion"))})
         except KeysealError as exc:
             log.info("expired join tokens were not removed: %s", exc.message)
+
+
+class KubeAgentRegistry(AgentRegistry):
+    """Joined agents as `JoinedAgent` resources, `<recordPrefix>-agent-<32 hex of SHA-256(agent ID)>`; written with
+    conditional creates and replaces (on a conflict: read again and decide again)."""
+
+    def __init__(self, resources: _Resources, record_prefix: str) -> None:
+        self.resources = resources
+        self.prefix = record_prefix
+
+    @classmethod
+    def from_config(cls, config: Config, api_client: Any = None) -> KubeAgentRegistry:
+        return cls(_resources(config, api_client, JOINED_AGENTS), config.record_prefix)
+
+    def _name(self, agent_id: str) -> str:
+        return f"{self.prefix}-agent-{hashlib.sha256(agent_id.encode()).hexdigest()[:32]}"
+
+    def _read(self, agent_id: str) -> tuple[dict[str, Any] | None, datetime | None]:
+        obj = self.resources.get(self._name(agent_id))
+        spec = (obj or {}).get("spec") or {}
+        if obj is None or not isinstance(spec, dict) or spec.get("agentID") != agent_id:
+            return obj, None
+        return obj, _parse_time(spec.get("svidExpiresAt"))
+
+    def svid_expiry(self, agent_id: str) -> datetime | None:
+        return self._read(agent_id)[1]
+
+    def forget(self, agent_id: str) -> bool:
+        return self.resources.delete(self._name(agent_id))
+
+    def check(self) -> None:
+        """A get of a name no agent has: 404 NotFound if the JoinedAgent CRD is served, else a one-line error
+        naming the CRD to apply (`helm upgrade` does not install CRDs a chart gained)."""
+        self.resources.get(f"{self.prefix}-agent-served-check")
+
+    def issued(self, agent_id: str, expires: datetime) -> None:
+        for _ in range(5):
+            obj, known = self._read(agent_id)
+            if known is not None and known >= expires:
+                return
+            metadata = _metadata(self._name(agent_id), self.resources.namespace)
+            if obj is not None:
+                metadata["resourceVersion"] = str((obj.get("metadata") or {}).get("resourceVersion"))
+            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": JOINED_KIND, "metadata": metadata,
+                    "spec": {"agentID": agent_id, "svidExpiresAt": expires.astimezone(UTC).strftime(_TIME_FORMAT)}}
+            if self.resources.create(body) if obj is None else self.resources.replace(body):
+                return
+        raise KeysealError(f"{self.resources.where(self._name(agent_id))} kept changing: the agent's SVID expiry "
+                           f"was not recorded")
 
 
 def _parse_time(text: object) -> datetime | None:

@@ -38,14 +38,14 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from keyseal.ca.api import MAX_BODY_BYTES, Api, Request, Response
+from keyseal.ca.api import MAX_BODY_BYTES, Request, Response
 from keyseal.ca.config import ConnectionLimits
 from keyseal.ca.http1 import MAX_DRAIN_BYTES, MAX_HEAD, Incoming, Refusal, RequestReader, error, render
 from keyseal.errors import loggable
 
-__all__ = ["TlsHttpServer", "source_of"]
+__all__ = ["Handler", "TlsHttpServer", "source_of"]
 
 log = logging.getLogger(__name__)
 
@@ -387,10 +387,16 @@ class _Workers:
             self._queue.put(None)
 
 
+class Handler(Protocol):
+    """What a listener answers with: the API, or a public listener's few routes (keyseal.ca.oidc)."""
+
+    def handle(self, request: Request) -> Response: ...
+
+
 class TlsHttpServer:
     """`serve_forever()` on one thread; `shutdown()` from another stops it; `server_close()` frees everything."""
 
-    def __init__(self, host: str, port: int, api: Api, context: Callable[[], ssl.SSLContext], *,
+    def __init__(self, host: str, port: int, api: Handler, context: Callable[[], ssl.SSLContext], *,
                  answer_inline: Callable[[str], bool] = lambda path: False,
                  limits: ConnectionLimits = DEFAULT_LIMITS) -> None:
         self.api = api

@@ -1,5 +1,6 @@
 """JWT-SVID issuance (SPIFFE JWT-SVID standard): a JWS compact token with `kid` naming the keyset's JWT key,
-and claims `sub` (the SPIFFE ID), `aud`, `exp` and `iat`. The expiry never passes the keyset's own."""
+and claims `sub` (the SPIFFE ID), `aud`, `exp` and `iat` (and `iss` when jwtSVID.issuer is set). The expiry
+never passes the keyset's own."""
 
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def check_audience(value: object) -> list[str]:
 
 
 def issue_jwt_svid(keyset: Keyset, spiffe_id: SpiffeId, audience: list[str], now: datetime,
-                   ttl: timedelta) -> tuple[str, datetime]:
-    """The token and its expiry (one signature by the JWT key: in KMS custody, one kms:Sign)."""
+                   ttl: timedelta, issuer: str | None = None) -> tuple[str, datetime]:
+    """The token and its expiry (one signature by the JWT key: in KMS custody, one kms:Sign). With `issuer`
+    (jwtSVID.issuer) the token carries `iss`, which OIDC relying parties need to find the keys."""
     expires = min(now + ttl, keyset.not_after)
     issued = int(now.timestamp())
     exp = int(expires.timestamp())
@@ -57,7 +59,9 @@ def issue_jwt_svid(keyset: Keyset, spiffe_id: SpiffeId, audience: list[str], now
         raise UsageError("the active JWT key expires now: no JWT-SVID can be issued until the next keyset is active")
     key = keyset.jwt_key
     public = key.public_key()
-    claims = {"sub": spiffe_id.uri, "aud": audience, "exp": exp, "iat": issued}
+    claims: dict[str, object] = {"sub": spiffe_id.uri, "aud": audience, "exp": exp, "iat": issued}
+    if issuer is not None:
+        claims = {"iss": issuer, **claims}
     signing_input = (_encoded_header(jws_algorithm(public), keyset.jwt_kid) + "."
                      + _b64url(_COMPACT.encode(claims).encode()))
     signed = signing_input.encode("ascii")

@@ -5,6 +5,11 @@ Issuance never waits for the custody: it reads an immutable snapshot, and the ac
 the clock (activation writes nothing). `refresh()` is the only thing that reads or writes the custody; the
 server calls it at startup and from its rotation thread when the schedule's next event comes (and, for
 wrapped keys, every refresh hint, to see a keyset another replica created early).
+
+A replica cut off from the store (`max_view_age` passed since its last successful read) is stale: it is not
+ready, and it stops signing with its newest keyset once another replica could have activated a successor it
+has not seen (the schedule's earliest activation, computed from the clock alone): signing with a retired
+keyset would hand out SVIDs that clients holding the other replicas' view may not trust for long.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from keyseal.ca.keyset import Keyset, make_keyset
-from keyseal.ca.schedule import Plan, plan
+from keyseal.ca.schedule import Plan, earliest_successor, plan
 from keyseal.ca.source import KeysetKeys, KeysetSource, SlotBusyError
 from keyseal.errors import KeysealError
 
@@ -36,7 +41,7 @@ class NoActiveKeysetError(KeysealError):
 
 class KeysetManager:
     def __init__(self, source: KeysetSource, trust_domain: str, ca_ttl: timedelta, refresh_hint: timedelta,
-                 clock: Clock = system_clock) -> None:
+                 clock: Clock = system_clock, max_view_age: timedelta | None = None) -> None:
         self.source = source
         self.trust_domain = trust_domain
         self.ca_ttl = ca_ttl
@@ -49,6 +54,7 @@ class KeysetManager:
         self._plan_cache: tuple[tuple[Keyset, ...], datetime, datetime | None, Plan] | None = None
         self._active_cache: tuple[Plan, Keyset] | None = None  # issuance asks for the active keyset per request
         self.last_refresh: datetime | None = None
+        self.max_view_age = max_view_age  # None: the view is never stale (a custody read only when due)
 
     def start(self) -> None:
         """Check the custody (nothing is written if it fails), then load or create the keyset."""
@@ -119,6 +125,13 @@ class KeysetManager:
         return [(by_number[p.number], p.state) for p in self.plan(now).phases]
 
     def active_keyset(self, now: datetime | None = None) -> Keyset | None:
+        now = now or self.clock()
+        keyset = self._scheduled_active(now)
+        if keyset is not None and self.max_view_age is not None and self.retired_unseen(keyset, now):
+            return None
+        return keyset
+
+    def _scheduled_active(self, now: datetime) -> Keyset | None:
         schedule = self.plan(now)
         cached = self._active_cache
         if cached is not None and cached[0] is schedule:  # the same schedule, so the same answer
@@ -129,9 +142,34 @@ class KeysetManager:
                 return keyset
         return None
 
+    # -- how fresh this replica's view of the store is ------------------------------------------------------
+
+    def view_age(self, now: datetime | None = None) -> timedelta | None:
+        """Time since the last successful read of the custody (None before the first)."""
+        last = self.last_refresh
+        return None if last is None else (now or self.clock()) - last
+
+    def stale(self, now: datetime | None = None) -> bool:
+        """Whether the last successful read is older than `max_view_age` (a replica cut off from the store)."""
+        age = self.view_age(now)
+        return self.max_view_age is not None and age is not None and age > self.max_view_age
+
+    def retired_unseen(self, keyset: Keyset, now: datetime) -> bool:
+        """Whether a stale replica must stop signing with `keyset`: it is the newest this replica knows, and
+        `now` is past the earliest moment another replica could have activated a successor (prepared at the
+        half-life at the earliest, active at five sixths, and never before one refresh hint after it was made;
+        see keyseal.ca.schedule)."""
+        if not self.stale(now) or keyset.number != max(k.number for k in self._keysets):
+            return False
+        return now >= earliest_successor(keyset, self.refresh_hint)
+
     def active(self) -> Keyset:
-        keyset = self.active_keyset()
+        now = self.clock()
+        keyset = self.active_keyset(now)
         if keyset is None:
+            if self.stale(now):
+                raise NoActiveKeysetError("this replica cannot read the CA store, and its keyset may have been "
+                                          "replaced by now: it does not sign until it can; ask another replica")
             raise NoActiveKeysetError("no active keyset: the CA cannot sign right now; see the server log")
         return keyset
 

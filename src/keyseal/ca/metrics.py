@@ -4,6 +4,7 @@
 - keyseal_kms_calls_total{operation="Sign"|"Encrypt"|"Decrypt"|...} (every KMS API call this process made)
 - keyseal_keyset_state{keyset="N",state="prepared"|"active"|"old"} 1 per live keyset
 - keyseal_bundle_sequence
+- keyseal_store_view_age_seconds (since this replica last read the keyset store; not ready once above its bound)
 - keyseal_errors_total{reason="unauthenticated"|"forbidden"|"bad_request"|"unavailable"|"internal"|"rotation"}
 - keyseal_custody_alarms_total{reason=...} (keyseal.ca.alarms: a key, alias or keyset that is not what was pinned)
 """
@@ -30,6 +31,8 @@ class Metrics:
         self._errors: Counter[str] = Counter(dict.fromkeys(ERROR_REASONS, 0))
         self.keyset_states: Callable[[], list[tuple[int, str]]] = list
         self.bundle_sequence: Callable[[], int] = lambda: 0
+        self.store_view_age: Callable[[], float | None] = lambda: None
+        self.extra: list[Callable[[], list[str]]] = []  # more families (federation)
 
     def issued(self, kind: str) -> None:
         with self._lock:
@@ -42,6 +45,14 @@ class Metrics:
     def error(self, reason: str) -> None:
         with self._lock:
             self._errors[reason] += 1
+
+    def _view_age(self) -> list[str]:
+        age = self.store_view_age()
+        if age is None:
+            return []
+        return ["# HELP keyseal_store_view_age_seconds Seconds since this replica last read the keyset store.",
+                "# TYPE keyseal_store_view_age_seconds gauge",
+                f"keyseal_store_view_age_seconds {age:.3f}"]
 
     def render(self) -> bytes:
         with self._lock:
@@ -59,6 +70,7 @@ class Metrics:
             "# HELP keyseal_bundle_sequence The spiffe_sequence of the bundle served now.",
             "# TYPE keyseal_bundle_sequence gauge",
             f"keyseal_bundle_sequence {self.bundle_sequence()}",
+            *self._view_age(),
             "# HELP keyseal_errors_total Refused or failed requests and failed rotations, by reason.",
             "# TYPE keyseal_errors_total counter",
             *(f'keyseal_errors_total{{reason="{k}"}} {v}' for k, v in sorted(errors.items())),
@@ -66,4 +78,6 @@ class Metrics:
             "# TYPE keyseal_custody_alarms_total counter",
             *(f'keyseal_custody_alarms_total{{reason="{k}"}} {v}' for k, v in sorted(alarms.counts().items())),
         ]
+        for more in self.extra:
+            lines += more()
         return ("\n".join(lines) + "\n").encode("utf-8")

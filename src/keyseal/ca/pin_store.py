@@ -84,9 +84,10 @@ class DirectoryPinStore(PinStore):
 class ConfigMapPinStore(PinStore):
     """The data key `keyset-pins.json` of one ConfigMap; writes conditional on its resourceVersion."""
 
-    def __init__(self, api_client: Any, namespace: str, name: str) -> None:
+    def __init__(self, api_client: Any, namespace: str, name: str, key: str = PIN_KEY) -> None:
         from keyseal.store.kubernetes import kubernetes_client
 
+        self.key = key
         self.api = kubernetes_client().CoreV1Api(api_client)
         self.namespace, self.name = namespace, name
 
@@ -97,7 +98,7 @@ class ConfigMapPinStore(PinStore):
         obj = self._call("get", self.api.read_namespaced_config_map, self.name, self.namespace)
         if obj is None:
             return None
-        text = (obj.data or {}).get(PIN_KEY)
+        text = (obj.data or {}).get(self.key)
         version = obj.metadata.resource_version if obj.metadata else None
         if not isinstance(version, str) or not version:
             raise KeysealError(f"{self.location()}: the API server gave no metadata.resourceVersion")
@@ -108,7 +109,7 @@ class ConfigMapPinStore(PinStore):
         metadata = client.V1ObjectMeta(name=self.name, namespace=self.namespace,
                                        labels={"app.kubernetes.io/part-of": "keyseal"},
                                        resource_version=expected_revision)
-        body = client.V1ConfigMap(metadata=metadata, data={PIN_KEY: data.decode("utf-8")})
+        body = client.V1ConfigMap(metadata=metadata, data={self.key: data.decode("utf-8")})
         if expected_revision is None:
             self._call("create", self.api.create_namespaced_config_map, self.namespace, body)
         else:

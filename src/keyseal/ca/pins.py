@@ -18,9 +18,12 @@ the pins do not name are ignored with an alarm (keyseal.ca.alarms).
 Why a signature chain in the store rather than a MAC: the key-manager custodies have no KEK to key a MAC with,
 and a chain needs no secret of its own. It is rooted in the store: someone who may create keys and aliases,
 or token objects, but not write the store, cannot add a pin; someone who may write the store but cannot sign
-with the current CA key cannot extend the chain, and a running replica refuses a chain that no longer holds
-the newest pin it has accepted (a rewrite). A fresh replica trusts the chain's first pin as it finds it: the
-store's write permission is the root of trust, and the docs say so. The chain keeps its newest KEEP pins.
+with the current CA key cannot extend the chain, and a running replica refuses a chain that changed a pin it
+has accepted, or that dropped the newest one it accepted (its anchor) unless the chain's first pin is signed by
+the anchor's X.509 key (a prune: the chain keeps its newest KEEP pins). So a running replica accepts only pins
+that chain by signatures to one it accepted; a replica that missed more than KEEP keysets cannot verify the
+first pin and refuses (a restart brings it back). A fresh replica trusts the chain's first pin as it finds it
+(trust on first use): the store's write permission is the root of trust, and the docs say so.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ class KeysetPins:
         self.trust_domain = trust_domain
         self.custody = custody
         self.scope = scope
-        self._anchor: Pin | None = None  # the newest pin this process has accepted
+        self._accepted: tuple[Pin, ...] = ()  # the chain this process accepted last; its newest pin is the anchor
 
     def describe(self) -> str:
         return self.store.location()
@@ -133,18 +136,18 @@ class KeysetPins:
     # -- reading -----------------------------------------------------------------------------------------
 
     def read(self) -> tuple[Pin, ...] | None:
-        """The verified chain, oldest first; None when no pin was ever written. A chain that does not verify,
-        or that dropped or changed the newest pin this process accepted, is an alarm and a
+        """The verified chain, oldest first; None when no pin was ever written. A chain that does not verify, or
+        that does not chain to what this process accepted (see _check_anchor), is an alarm and a
         CustodyIntegrityError: the caller keeps what it has and uses nothing new."""
         found = self.store.read()
         if found is None:
-            if self._anchor is not None:
-                self._fail(f"{self.describe()} has gone, but this server pinned keyset {self._anchor.number}: "
+            if self._accepted:
+                self._fail(f"{self.describe()} has gone, but this server pinned keyset {self._accepted[-1].number}: "
                            "restore it from a backup")
             return None
         chain = self._parse(found[0])
         self._check_anchor(chain)
-        self._anchor = chain[-1]
+        self._accepted = chain
         return chain
 
     def _parse(self, data: bytes) -> tuple[Pin, ...]:
@@ -167,7 +170,7 @@ class KeysetPins:
                 if pin.signed_by == pin.number:
                     signer = pin.keys["x509"]
                 elif pin.signed_by < pin.number:
-                    continue  # signed by a pin the chain no longer keeps: the first pin is the root
+                    continue  # its signer was pruned: a running replica checks it with its anchor (_check_anchor)
                 else:
                     self._fail(f"{where}: pin {pin.number} names keyset {pin.signed_by} as its signer")
             else:
@@ -185,18 +188,41 @@ class KeysetPins:
         return pins
 
     def _check_anchor(self, chain: tuple[Pin, ...]) -> None:
-        anchor = self._anchor
-        if anchor is None:
+        """A running replica accepts a chain only if it keeps every pin this process accepted that it still holds,
+        unchanged, up to the anchor (the newest accepted pin); or, if it dropped the anchor (a prune), if its first
+        pin is signed by the anchor's X.509 key. The first pin's signature is otherwise never checked (its signer
+        was pruned, or it signs itself), so anything else would let whoever may write the store name keys of
+        their own. With nothing accepted yet (a fresh process), the chain is trusted as found."""
+        if not self._accepted:
             return
-        same = [pin for pin in chain if pin.number == anchor.number]
-        if same and same[0] == anchor:
+        anchor = self._accepted[-1]
+        where = self.describe()
+        if chain[0].number <= anchor.number:
+            accepted = {pin.number: pin for pin in self._accepted}
+            for pin in chain:
+                if pin.number > anchor.number:
+                    break
+                if accepted.get(pin.number) != pin:
+                    self._fail(f"{where} changed the pin of keyset {pin.number}, or dropped it, after this server "
+                               f"accepted the chain up to keyset {anchor.number}: the pin record was rewritten; "
+                               "restore it from a backup")
+            if anchor.number not in {pin.number for pin in chain}:
+                self._fail(f"{where} no longer holds the pin of keyset {anchor.number} that this server accepted: "
+                           "the pin record was rewritten; restore it from a backup")
             return
-        if not same and anchor.number < chain[0].number and chain[0].signed_by >= anchor.number:
-            log.warning("%s no longer holds keyset %d's pin (pruned): its first pin, keyset %d, is the root now",
-                        self.describe(), anchor.number, chain[0].number)
-            return
-        self._fail(f"{self.describe()} no longer holds the pin of keyset {anchor.number} that this server "
-                   "accepted: the pin record was rewritten; restore it from a backup")
+        first = chain[0]
+        if first.signed_by != anchor.number:
+            self._fail(f"{where} no longer holds the pin of keyset {anchor.number} that this server accepted, and "
+                       f"its first pin (keyset {first.number}) is signed by keyset {first.signed_by}, not by keyset "
+                       f"{anchor.number}: either the pin record was rewritten (restore it from a backup), or more "
+                       f"than {KEEP} keysets were pinned since this server last read it (restart this server: a "
+                       "restarted server trusts the pin record as it finds it)")
+        if not self._verifies(first, anchor.keys["x509"]):
+            self._fail(f"{where}: the signature of pin {first.number} does not verify with the X.509 key of keyset "
+                       f"{anchor.number} that this server accepted: the pin record was written by someone who "
+                       "cannot sign as this CA; restore it from a backup")
+        log.info("%s no longer holds keyset %d's pin (pruned); its first pin, keyset %d, is signed by it",
+                 where, anchor.number, first.number)
 
     # -- writing -----------------------------------------------------------------------------------------
 
@@ -208,6 +234,9 @@ class KeysetPins:
         for _ in range(_ATTEMPTS):
             found = self.store.read()
             if found is None:
+                if self._accepted:
+                    self._fail(f"{self.describe()} has gone, but this server pinned keyset "
+                               f"{self._accepted[-1].number}: restore it from a backup")
                 chain: tuple[Pin, ...] = ()
                 revision = None
             else:
@@ -231,7 +260,7 @@ class KeysetPins:
             except StoreConflictError:
                 log.info("%s changed while a pin was added: reloading it", self.describe())
                 continue
-            self._anchor = pins[-1]
+            self._accepted = tuple(pins[-KEEP:])
             return True
         raise StoreConflictError(f"{self.describe()} kept changing while keyseal tried to pin a keyset: try again")
 

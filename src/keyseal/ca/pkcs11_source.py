@@ -22,7 +22,8 @@ extractable or not sensitive (CKA_NEVER_EXTRACTABLE, CKA_ALWAYS_SENSITIVE), whos
 pinned key, or whose signature does not verify with the pinned public key (checked once per key when opened).
 Markers and keysets the pins do not name are ignored with a custody alarm. Once pinned, a keyset's key ids
 never change for any replica. Upgrading from a version without pins: the first load pins the live keysets the
-markers name (trust on first use) and says so in the log.
+markers name (trust on first use) and says so in the log; a keyset with two markers naming different keys is
+not adopted (an alarm), since keyseal cannot tell which one it made.
 
 Two writers on one token: PKCS#11 has no create-if-absent (C_CreateObject never refuses a duplicate label), so
 the pin record decides: of two writers that made keyset n, the one whose pin is written first wins, the other
@@ -84,11 +85,6 @@ class _Marker:
     number: int
     not_before: datetime
     ids: dict[str, bytes]  # kind -> CKA_ID of the key pair
-
-    @property
-    def order(self) -> bytes:
-        """Of two markers for one keyset (from before the pins), the one readers used then: the lowest."""
-        return self.ids["x509"]
 
 
 def _encode(value: str) -> str:
@@ -266,11 +262,22 @@ class Pkcs11KeysetSource(KeysetSource):
                                          "before pinning it)")
 
     def _adopt(self, markers: dict[int, list[_Marker]], live_after: datetime) -> tuple[Pin, ...]:
-        """No pin record yet: pin the live keysets the markers name (trust on first use), oldest first; of two
-        markers for one keyset, the one readers used before pins existed."""
+        """No pin record yet: pin the live keysets the markers name (trust on first use), oldest first. A live
+        keyset with two markers that name different keys is not adopted (an alarm): anyone with the user PIN can
+        add a marker, so neither is more credible than the other (readers before pins took the lowest CKA_ID,
+        which an attacker chooses)."""
         entries: list[NewPin] = []
         for number in sorted(markers):
-            marker = min(markers[number], key=lambda m: m.order)
+            distinct = {(m.not_before, tuple(m.ids[kind] for kind in _KINDS)): m for m in markers[number]}
+            if len(distinct) > 1:
+                if any(m.not_before > live_after for m in distinct.values()):
+                    alarm("unpinned-keyset", f"keyset {number} is not adopted: {len(distinct)} markers "
+                                             f"{self.label(number)!r} on {self._shown} name different keys (x509 ids "
+                                             f"{', '.join(sorted(m.ids['x509'].hex() for m in distinct.values()))})"
+                                             "; keyseal does not choose between them, so it is not used and the "
+                                             "next keyset replaces it")
+                continue
+            [marker] = distinct.values()
             if marker.not_before <= live_after or (entries and marker.not_before <= entries[-1].not_before):
                 continue
             keys = {kind: (marker.ids[kind].hex(), self._open_checked(number, kind, marker.ids[kind], None))

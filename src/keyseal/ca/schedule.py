@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
-__all__ = ["KeysetTimes", "Phase", "Plan", "plan"]
+__all__ = ["KeysetTimes", "Phase", "Plan", "earliest_successor", "plan"]
 
 State = Literal["prepared", "active", "old"]
 
@@ -90,3 +90,12 @@ def plan(keysets: Sequence[KeysetTimes], now: datetime, refresh_hint: timedelta)
         events.append(half)
     future = [e for e in events if e > now]
     return Plan(tuple(phases), prepare, min(future) if future else None)
+
+
+def earliest_successor(keyset: KeysetTimes, refresh_hint: timedelta) -> datetime:
+    """The earliest moment any replica can make a successor of `keyset` active, from the clock alone: the
+    successor is prepared at `keyset`'s half-life at the earliest, and activates at five sixths of its life,
+    never sooner than one refresh hint after it was made, never later than `keyset` expires."""
+    lifetime = keyset.not_after - keyset.not_before
+    due = max(keyset.not_before + lifetime * 5 / 6, keyset.not_before + lifetime / 2 + refresh_hint)
+    return min(due, keyset.not_after)

@@ -4,6 +4,8 @@ CA keys sign without an `AuditingSigner` (wrapped keys sign in memory, and `cryp
 calls them directly), so each kind of signature is recorded here, at the one place it is made. Every record goes
 to the `keyseal.audit` logger (structured logs); it is also appended to a hash-chained file when the server was
 given one with `KEYSEAL_AUDIT_LOG` (a pod's home is rarely writable, so the server writes no file by default).
+With a file, the CA key that signed a line also signs the checkpoints that fall due (keyseal.audit.checkpoint),
+and `checkpoint_if_due()`, called from the server's periodic loop, writes one after a quiet spell.
 """
 
 from __future__ import annotations
@@ -55,9 +57,10 @@ def record_signature(key: CaKey, *, purpose: str, subject: str, hash_name: str, 
     (the record then has an empty digest)."""
     if digest is None:
         digest = hashlib.new(hash_name, signed_bytes).digest() if signed_bytes is not None else b""
+    key_uri = _redacted_uri(key)
     audit.record(
         log_file=_log_file,
-        key_uri=_redacted_uri(key),
+        key_uri=key_uri,
         key_uri_redacted=True,
         public_key=key.public_key(),
         fingerprint=key.fingerprint,
@@ -66,4 +69,15 @@ def record_signature(key: CaKey, *, purpose: str, subject: str, hash_name: str, 
         outcome=audit.outcome_of(error),
         subject=subject,
         purpose=purpose,
+        custody=audit.Custody(key, key.fingerprint, key_uri) if _log_file is not None else None,
     )
+
+
+def checkpoint_if_due() -> None:
+    """A checkpoint of the audit file, signed by the CA key that signed last, if none was made for a while and
+    lines were added since (a quiet server's last lines would otherwise wait for the next SVID)."""
+    if _log_file is not None:
+        try:
+            _log_file.checkpoint()
+        except audit.AuditError as exc:
+            audit.logger.warning("%s", exc.message)

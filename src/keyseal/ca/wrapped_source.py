@@ -1,4 +1,5 @@
-"""`wrapped` custody: each CA key is an envelope-encrypted record (keyseal.wrapped-key.v1) in a record store.
+"""`wrapped` custody: each CA key is an envelope-encrypted record (keyseal.wrapped-key.v2, bound to the trust domain
+and namespace; v1 records of older versions are read) in a record store, with its shared seen-versions record.
 
 Records live in a ring of SLOTS slots, two records per slot: `<prefix>-x509-<slot>` and `<prefix>-jwt-<slot>`.
 Keyset n lives in slot (n - 1) mod SLOTS at record version (n - 1) // SLOTS + 1, so the record version, which
@@ -10,12 +11,15 @@ expired CA keys instead of keeping them forever.
 Creating keyset n is a conditional write of version v over version v - 1: of two replicas that try at once,
 the store lets exactly one win (a 409 Conflict or a changed file hash for the other), and the loser finds the
 winner's keyset on its next read. The X.509 record decides; the JWT record follows it (and a JWT record left
-missing by a crash between the two writes is created by whoever next reads the slot).
+missing by a crash between the two writes is created by whoever next reads the slot). A reader that finds the
+X.509 record without its JWT record may simply have read between the winner's two writes: it re-reads for up
+to HALF_WRITE_WAIT seconds before it concludes that the writer died, and warns only then.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -24,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keyseal.ca.custody import CaKey, MemoryCaKey
 from keyseal.ca.source import KeysetKeys, KeysetSource, Loaded, SlotBusyError
-from keyseal.errors import WrappedRecordError
+from keyseal.errors import KekMismatchError, WrappedRecordError
 from keyseal.keygen import generate_private_key
 from keyseal.store import RecordStore, StoredRecord
 from keyseal.wrapping.envelope import seal, unseal
@@ -37,6 +41,8 @@ __all__ = ["SLOTS", "WrappedKeysetSource"]
 log = logging.getLogger(__name__)
 
 SLOTS = 4
+HALF_WRITE_WAIT = 2.0  # seconds a reader waits for the second record of a keyset being written ...
+HALF_WRITE_POLL = 0.1  # ... re-reading this often
 
 
 class _Exists(Exception):
@@ -66,12 +72,27 @@ class WrappedKeysetSource(KeysetSource):
         that could write records but not read them back never writes one.
         """
         found = False
+        unopenable: list[tuple[str, str]] = []  # (where, the KEK id the record names)
         for slot in range(SLOTS):
             for kind in ("x509", "jwt"):
-                stored = self.store.get(self.name(kind, slot))
-                if stored is not None:
-                    found = True
-                    self.kek.check_record(stored.record, self.store.location(self.name(kind, slot)))
+                stored = self.store.peek(self.name(kind, slot))  # the KEK first: the ledger needs it too
+                if stored is None:
+                    continue
+                found = True
+                where = self.store.location(self.name(kind, slot))
+                if stored.record.kek_provider == self.kek.provider and stored.record.kek_id != self.kek.kek_id:
+                    unopenable.append((where, stored.record.kek_id))
+                else:
+                    self.kek.check_record(stored.record, where)  # another provider: its own message
+        if unopenable:
+            raise KekMismatchError(
+                f"refusing to start: {len(unopenable)} stored CA key record(s) ({unopenable[0][0]}"
+                f"{' ...' if len(unopenable) > 1 else ''}) are wrapped by {self.kek.provider} KEK "
+                f"{', '.join(sorted({kek_id for _, kek_id in unopenable}))}, and no configured KEK opens them "
+                f"(the configured one is {self.kek.describe()}, id {self.kek.kek_id}); the CA keys are unreadable "
+                f"until the KEK they were written with is restored (e.g. the KEK Secret from a backup); nothing "
+                f"was written, and no new CA keys are made over them"
+            )
         if not found:
             self.kek.canary()
             return
@@ -114,7 +135,7 @@ class WrappedKeysetSource(KeysetSource):
 
     def _jwt_record(self, slot: int, version: int, created: datetime) -> StoredRecord:
         name = self.name("jwt", slot)
-        stored = self.store.get(name)
+        stored = self._await_record(name, version)
         if stored is None or stored.record.version < version:
             log.warning("%s is missing for keyset version %d (a writer stopped half way): creating it",
                         self.store.location(name), version)
@@ -129,6 +150,15 @@ class WrappedKeysetSource(KeysetSource):
         self.kek.check_record(stored.record, self.store.location(name))
         return stored
 
+    def _await_record(self, name: str, version: int) -> StoredRecord | None:
+        """The record `name` once it reaches `version`, or as it is after HALF_WRITE_WAIT seconds."""
+        deadline = time.monotonic() + HALF_WRITE_WAIT
+        while True:
+            stored = self.store.get(name)
+            if (stored is not None and stored.record.version >= version) or time.monotonic() >= deadline:
+                return stored
+            time.sleep(HALF_WRITE_POLL)
+
     def _open(self, name: str, stored: StoredRecord) -> CaKey:
         cached = self._opened.get((name, stored.revision))
         if cached is not None:
@@ -142,7 +172,7 @@ class WrappedKeysetSource(KeysetSource):
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) or \
                 key_type_of(key) != stored.record.key_type:
             raise WrappedRecordError(f"{where} does not hold the {stored.record.key_type} CA key its header names")
-        self.store.ledger.record(self.store.ledger_key(name), stored.record.version)
+        self.store.remember(stored.record)
         opened = MemoryCaKey(key)
         self._opened[(name, stored.revision)] = opened
         return opened
@@ -172,7 +202,8 @@ class WrappedKeysetSource(KeysetSource):
             key = generate_private_key(key_type)
             der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
-            return seal(der, name=name, version=version, created=created, key_type=key_type_of(key), kek=self.kek)
+            return seal(der, name=name, version=version, created=created, key_type=key_type_of(key), kek=self.kek,
+                        scope=self.store.scope)
 
         try:
             self.store.update(name, produce)

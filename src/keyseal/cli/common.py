@@ -35,6 +35,11 @@ def kms_endpoint_option(func: F) -> F:
     )(func)
 
 
+# The KEK specs every --kek / --from-kek option takes, written once so every command's help names them all.
+KEK_SPECS = "local, local:PATH, awskms:<key ARN> or vault:[MOUNT/]KEY"
+KEK_DEFAULT = "default: $KEYSEAL_KEK, else local, the KEK file in $KEYSEAL_HOME"
+
+
 def kek_option(func: F) -> F:
     """`--kek KEK`: the KEK that opens a wrapped `file:` key (else $KEYSEAL_KEK, else the local KEK)."""
     import click
@@ -43,8 +48,16 @@ def kek_option(func: F) -> F:
         "--kek",
         metavar="KEK",
         default=None,
-        help="KEK of a wrapped file: key: local, local:PATH or awskms:<key ARN> (default: $KEYSEAL_KEK, else local).",
+        help=f"The KEK that unwraps a wrapped file: key: {KEK_SPECS} ({KEK_DEFAULT}).",
     )(func)
+
+
+def json_option(func: F) -> F:
+    """`--json`: the result as one JSON document on stdout, for scripts (keyseal.cli.output)."""
+    import click
+
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print the result as one JSON document (for scripts).")(func)
 
 
 def open_key(uri: str, kms_endpoint: str | None, kek: str | None = None) -> Signer:

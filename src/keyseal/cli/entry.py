@@ -46,32 +46,40 @@ def entry() -> None:
               help="unix:uid:N, unix:gid:N or unix:path:/abs/exe; a workload must match all of them.")
 @click.option("--x509-ttl", default=None, help="X.509-SVID lifetime (at most the server's x509SVID.ttl).")
 @click.option("--jwt-ttl", default=None, help="JWT-SVID lifetime (at most the server's jwtSVID.ttl).")
+@click.option("--federates-with", "federates_with", multiple=True, metavar="TRUST_DOMAIN",
+              help="A foreign trust domain (in federation.trustDomains) whose bundle the workloads get; repeatable.")
 @click.option("--from-file", "from_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Create many: JSON lines, one entry each, as `entry list --json` prints them (entry_id "
+              help="Create many: JSON lines, one entry each, as `entry list --json-lines` prints them (entry_id "
                    "optional). All are checked before any is written.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the entry as one JSON document (with --from-file: one JSON line per entry).")
 def create(config_path: Path, spiffe_id: str | None, parent_id: str | None, selectors: tuple[str, ...],
-           x509_ttl: str | None, jwt_ttl: str | None, from_file: Path | None) -> None:
+           x509_ttl: str | None, jwt_ttl: str | None, federates_with: tuple[str, ...], from_file: Path | None,
+           as_json: bool) -> None:
     """Create an entry (or, with --from-file, many); prints each one's ID."""
     from keyseal.ca.entries import entry_store_for
     from keyseal.errors import UsageError
+    from keyseal.progress import items_done, meter
 
     if from_file is not None:
-        if spiffe_id or parent_id or selectors or x509_ttl or jwt_ttl:
+        if spiffe_id or parent_id or selectors or x509_ttl or jwt_ttl or federates_with:
             raise UsageError("give either --from-file or one entry's options (--spiffe-id, --parent, --selector)")
         entries, labels = _read_entries(from_file)
         store = entry_store_for(_load(config_path))
-        for created in store.create_many(entries, labels):
-            click.echo(created.entry_id)
+        with meter(len(entries), "entry", "creating entries"):
+            created_many = store.create_many(entries, labels, progress=items_done)
+        for created in created_many:
+            click.echo(json.dumps(created.to_json()) if as_json else created.entry_id)
         return
     if not spiffe_id or not parent_id or not selectors:
         raise UsageError("give --spiffe-id, --parent and at least one --selector (or --from-file)")
     store = entry_store_for(_load(config_path))
     created = store.create(spiffe_id, parent_id, selectors, seconds_of(x509_ttl, "--x509-ttl"),
-                           seconds_of(jwt_ttl, "--jwt-ttl"))
-    click.echo(created.entry_id)
+                           seconds_of(jwt_ttl, "--jwt-ttl"), federates_with)
+    click.echo(json.dumps(created.to_json(), indent=2) if as_json else created.entry_id)
 
 
-_FIELDS = {"entry_id", "spiffe_id", "parent_id", "selectors", "x509_ttl", "jwt_ttl"}
+_FIELDS = {"entry_id", "spiffe_id", "parent_id", "selectors", "x509_ttl", "jwt_ttl", "federates_with"}
 
 
 def _read_entries(path: Path) -> tuple[list[Entry], list[str]]:
@@ -101,12 +109,16 @@ def _read_entries(path: Path) -> tuple[list[Entry], list[str]]:
         selectors = document["selectors"]
         ttls = (document.get("x509_ttl", 0), document.get("jwt_ttl", 0))
         entry_id = document.get("entry_id") or ""
+        federates_with = document.get("federates_with", [])
+        if not isinstance(federates_with, list) or not all(isinstance(t, str) for t in federates_with):
+            raise UsageError(f"{label}: federates_with must be a list of trust domain names")
         if not isinstance(selectors, list) or not all(isinstance(s, str) for s in selectors) \
                 or not all(isinstance(t, int) and not isinstance(t, bool) for t in ttls) \
                 or not all(isinstance(document[k], str) for k in ("spiffe_id", "parent_id")) \
                 or not isinstance(entry_id, str):
             raise UsageError(f"{label}: selectors must be a list of strings, TTLs whole seconds, IDs strings")
-        entries.append(Entry(entry_id, document["spiffe_id"], document["parent_id"], tuple(selectors), *ttls))
+        entries.append(Entry(entry_id, document["spiffe_id"], document["parent_id"], tuple(selectors), *ttls,
+                             tuple(federates_with)))
         labels.append(label)
     if not entries:
         raise UsageError(f"{path}: no entries in it")
@@ -131,7 +143,9 @@ def list_entries(config_path: Path, as_json: bool, as_lines: bool) -> None:
         click.echo(json.dumps([e.to_json() for e in entries], indent=2))
         return
     for item in entries:
-        click.echo(f"{item.entry_id}  {item.spiffe_id}  parent={item.parent_id}  {' '.join(item.selectors)}")
+        federated = f"  federatesWith={','.join(item.federates_with)}" if item.federates_with else ""
+        click.echo(f"{item.entry_id}  {item.spiffe_id}  parent={item.parent_id}  {' '.join(item.selectors)}"
+                   f"{federated}")
 
 
 @entry.command("delete")
@@ -145,6 +159,7 @@ def delete(config_path: Path, entry_id: str | None, selectors: tuple[str, ...], 
     workloads stop receiving SVIDs at the agents' next sync."""
     from keyseal.ca.entries import entry_store_for
     from keyseal.errors import UsageError
+    from keyseal.progress import items_done, meter
 
     if (entry_id is None) == (not selectors) or (parent_id is not None and not selectors):
         raise UsageError("give one ENTRY_ID, or --selector (and optionally --parent) to delete many")
@@ -155,7 +170,8 @@ def delete(config_path: Path, entry_id: str | None, selectors: tuple[str, ...], 
     doomed = store.matching(selectors, parent_id)
     if not doomed:
         raise UsageError("no entry has all of these selectors" + (" under that parent" if parent_id else ""))
-    store.delete_many([e.entry_id for e in doomed])
+    with meter(len(doomed), "entry", "deleting entries"):
+        store.delete_many([e.entry_id for e in doomed], progress=items_done)
     for gone in doomed:
         click.echo(gone.entry_id)
 
@@ -163,14 +179,23 @@ def delete(config_path: Path, entry_id: str | None, selectors: tuple[str, ...], 
 @entry.command("join-token")
 @_CONFIG
 @click.option("--agent", "agent_name", required=True, help="The agent's name (e.g. the node name).")
-@click.option("--ttl", default="10m", show_default=True, help="How long the token may be redeemed.")
-def join_token(config_path: Path, agent_name: str, ttl: str) -> None:
-    """Issue a one-time join token for an agent; prints the token (keep it secret) and the agent's SPIFFE ID."""
+@click.option("--ttl", default="10m", show_default=True,
+              help="How long the token may be redeemed (at most the server's agents.joinTokenMaxTTL).")
+@click.option("--replace", is_flag=True,
+              help="Forget the agent first, so the token joins even though it still holds an unexpired SVID (e.g. "
+                   "its node lost its saved state); needs delete on joinedagents or write access to the store.")
+@click.option("--json", "as_json", is_flag=True, help="Print the token and the agent's SPIFFE ID as one JSON document.")
+def join_token(config_path: Path, agent_name: str, ttl: str, replace: bool, as_json: bool) -> None:
+    """Issue a one-time join token for an agent; prints the token (keep it secret) and the agent's SPIFFE ID.
+    Whoever holds the token becomes that agent: issuing one is as sensitive as administering the CA."""
     from datetime import timedelta
 
     from keyseal.ca.entries import join_tokens_for
 
-    token, agent_id = join_tokens_for(_load(config_path)).issue(agent_name,
-                                                                timedelta(seconds=seconds_of(ttl, "--ttl")))
-    click.echo(token)
-    click.echo(agent_id, err=True)
+    token, agent_id = join_tokens_for(_load(config_path)).issue(
+        agent_name, timedelta(seconds=seconds_of(ttl, "--ttl")), replace=replace)
+    if as_json:
+        click.echo(json.dumps({"token": token, "agentID": agent_id, "ttl": ttl}, indent=2))
+        return
+    click.echo(token)  # alone on stdout: TOKEN=$(keyseal entry join-token ...)
+    click.echo(f"agent SPIFFE ID: {agent_id}", err=True)

@@ -10,8 +10,18 @@ import click
 from cryptography.hazmat.primitives import serialization
 
 from keyseal.atomic import refuse_existing, write_atomic
-from keyseal.cli.common import kek_option, kms_endpoint_option, open_key, parse_duration, parse_rfc3339
+from keyseal.cli.common import (
+    KEK_DEFAULT,
+    KEK_SPECS,
+    json_option,
+    kek_option,
+    kms_endpoint_option,
+    open_key,
+    parse_duration,
+    parse_rfc3339,
+)
 from keyseal.cli.export import export
+from keyseal.cli.output import print_json
 from keyseal.errors import UsageError
 from keyseal.inputfile import read_input
 from keyseal.keygen import KEY_TYPES, generate_private_key
@@ -44,13 +54,13 @@ def keys() -> None:
 @click.option("--vault", "vault_uri", metavar="URI",
               help="Create a non-exportable Vault / OpenBao Transit key: hashivault://[MOUNT/]NAME (VAULT_ADDR).")
 @click.option("--kek", metavar="KEK", default=None,
-              help="KEK wrapping the --out key: local (default, $KEYSEAL_HOME/kek), local:PATH, awskms:<key ARN>, "
-                   "vault:[MOUNT/]KEY.")
+              help=f"The KEK that wraps the new --out key: {KEK_SPECS} ({KEK_DEFAULT}).")
 @click.option("--unencrypted", is_flag=True, help="Write --out as a clear PKCS#8 PEM instead of a wrapped record.")
 @kms_endpoint_option
+@json_option
 def create(key_type: str, out: Path | None, force: bool, in_kms: bool, alias: str | None,
            pkcs11_uri: str | None, vault_uri: str | None, kek: str | None, unencrypted: bool,
-           kms_endpoint: str | None) -> None:
+           kms_endpoint: str | None, as_json: bool) -> None:
     """Create a signing key: a local key file (mode 0600), a non-exportable KMS or Transit key, or one in an HSM.
 
     A local key is written as an envelope-encrypted record (wrapped by --kek) unless --unencrypted is given.
@@ -64,7 +74,7 @@ def create(key_type: str, out: Path | None, force: bool, in_kms: bool, alias: st
             raise UsageError("--vault takes only --type: no --out, --kms, --alias, --pkcs11, --kek or --unencrypted")
         from keyseal.backends.hashivault import create_transit_key
 
-        click.echo(create_transit_key(vault_uri, key_type))
+        _created(as_json, create_transit_key(vault_uri, key_type), key_type)
         return
     if pkcs11_uri is not None:
         if in_kms or out is not None or alias is not None:
@@ -73,7 +83,7 @@ def create(key_type: str, out: Path | None, force: bool, in_kms: bool, alias: st
         from keyseal.pkcs11uri import without_pin_value
 
         create_key(pkcs11_uri, key_type)
-        click.echo(without_pin_value(pkcs11_uri))
+        _created(as_json, without_pin_value(pkcs11_uri), key_type)
         return
     if in_kms:
         if out is not None or alias is None:
@@ -81,8 +91,11 @@ def create(key_type: str, out: Path | None, force: bool, in_kms: bool, alias: st
         from keyseal.backends.awskms import create_signing_key
 
         arn = create_signing_key(alias, key_type, kms_endpoint)
-        click.echo(arn)
-        click.echo(f"awskms:{arn}")
+        if as_json:
+            _created(as_json, f"awskms:{arn}", key_type, arn=arn)
+        else:  # the ARN, then the key URI: two lines scripts already read
+            click.echo(arn)
+            click.echo(f"awskms:{arn}")
         return
     if out is None:
         raise UsageError("give --out PATH for a local key, or --kms --alias alias/NAME")
@@ -91,7 +104,7 @@ def create(key_type: str, out: Path | None, force: bool, in_kms: bool, alias: st
         from keyseal.wrapping.keys import create_wrapped_key_file
 
         create_wrapped_key_file(out, key_type, configured_kek_spec(kek), force=force, kms_endpoint=kms_endpoint)
-        click.echo(f"file:{out}")
+        _created(as_json, f"file:{out}", key_type, wrapped=True)
         return
     refuse_existing(out, force)
     key = generate_private_key(key_type)
@@ -99,7 +112,15 @@ def create(key_type: str, out: Path | None, force: bool, in_kms: bool, alias: st
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     write_atomic(out, pem, mode=0o600, force=force)
-    click.echo(f"file:{out}")
+    _created(as_json, f"file:{out}", key_type, wrapped=False)
+
+
+def _created(as_json: bool, uri: str, key_type: str, **extra: object) -> None:
+    """The new key's URI (what --key takes next), or with --json a document that also names its type."""
+    if as_json:
+        print_json({"uri": uri, "type": key_type, **extra})
+    else:
+        click.echo(uri)
 
 
 @keys.command()
@@ -113,8 +134,9 @@ def create(key_type: str, out: Path | None, force: bool, in_kms: bool, alias: st
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @kms_endpoint_option
 @kek_option
+@json_option
 def mint(key_uri: str, name: str, email: str, created: str | None, expires: str | None, digest: str | None,
-         output: Path | None, force: bool, kms_endpoint: str | None, kek: str | None) -> None:
+         output: Path | None, force: bool, kms_endpoint: str | None, kek: str | None, as_json: bool) -> None:
     """Frame the key as an OpenPGP certificate whose self-signature the key's custody computes."""
     expires_seconds = parse_duration(expires) if expires else None
     if output is not None:
@@ -128,19 +150,23 @@ def mint(key_uri: str, name: str, email: str, created: str | None, expires: str 
     armored = armor_certificate(binary)
     fingerprint = load_certificates(binary)[0].fingerprint
     if output is None:
+        if as_json:
+            raise UsageError("--json prints a document about the certificate: give -o FILE for the certificate")
         sys.stdout.buffer.write(armored)
         click.echo(fingerprint, err=True)
     else:
         write_atomic(output, armored, mode=0o644, force=force)
-        click.echo(fingerprint)
+        if as_json:
+            print_json({"fingerprint": fingerprint, "output": str(output), "userID": user_id_for(name, email)})
+        else:
+            click.echo(fingerprint)
 
 
 @keys.command()
-@click.option("--kek", required=True, metavar="KEK",
-              help="The new KEK: local, local:PATH, awskms:<key ARN> or vault:[MOUNT/]KEY.")
+@click.option("--kek", required=True, metavar="KEK", help=f"The new KEK: {KEK_SPECS}.")
 @click.option("--from-kek", metavar="KEK", default=None,
-              help="The records' current KEK (default: $KEYSEAL_KEK, else local; a record already under --kek "
-                   "is opened with it).")
+              help=f"The records' current KEK: {KEK_SPECS} ({KEK_DEFAULT}; a record already under --kek is "
+                   f"opened with it).")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @kms_endpoint_option
 def rewrap(kek: str, from_kek: str | None, paths: tuple[Path, ...], kms_endpoint: str | None) -> None:
@@ -251,8 +277,9 @@ def rotate(in_kms: bool, alias: str | None, pkcs11_uri: str | None, cert_path: P
               help="Write the revoked certificate here (default: standard output).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @kms_endpoint_option
+@kek_option
 def revoke(key_uri: str, cert_path: Path, reason: str, description: str, output: Path | None, force: bool,
-           kms_endpoint: str | None) -> None:
+           kms_endpoint: str | None, kek: str | None) -> None:
     """Write the certificate with a revocation signature that its key computes. Publish it where the
     certificate is published (WKD, release page); `gpg --import` merges it into a keyring."""
     loaded = load_certificates(read_input(cert_path, "certificate"), str(cert_path))
@@ -260,7 +287,7 @@ def revoke(key_uri: str, cert_path: Path, reason: str, description: str, output:
         raise UsageError(f"{cert_path} holds {len(loaded)} certificates: give the one to revoke")
     if output is not None:
         refuse_existing(output, force)
-    with open_key(key_uri, kms_endpoint) as signer:
+    with open_key(key_uri, kms_endpoint, kek) as signer:
         binary = revoke_certificate(signer, loaded[0], reason, description=description)
     armored = armor_certificate(binary)
     if output is None:

@@ -25,7 +25,10 @@ _COMMANDS: dict[str, str] = {
     "wkd": "keyseal.cli.wkd:wkd",
     "server": "keyseal.cli.server:server",
     "entry": "keyseal.cli.entry:entry",
+    "federation": "keyseal.cli.federation:federation",
     "agent": "keyseal.cli.agent:agent",
+    "bundle": "keyseal.cli.bundle:bundle",
+    "dev": "keyseal.cli.dev:dev",
     "git-setup": "keyseal.cli.gitsetup:git_setup",
     "audit": "keyseal.cli.audit:audit",
     "signatures": "keyseal.cli.signatures:signatures",
@@ -37,9 +40,12 @@ _COMMANDS: dict[str, str] = {
 _SHORT_HELP: dict[str, str] = {
     "agent": "Run the node agent: join the trust-domain server and serve SVIDs to local workloads.",
     "audit": "The audit log: one hash-chained line per signature keyseal made.",
+    "bundle": "Fetch a trust-domain server's trust bundle, pinned by the CA fingerprint it printed at start-up.",
     "checksums": "Write a checksum manifest (`<hex>  <name>` lines, names without directories), then sign it "
                  "with `keyseal sign`.",
+    "dev": "Run a whole trust domain on this machine: server, agent and an entry for you, on 127.0.0.1 only.",
     "entry": "Registration entries (selectors -> SPIFFE ID) for node agents, and agent join tokens.",
+    "federation": "Show the federated trust bundles a running server holds, and when each was last refreshed.",
     "git-setup": "Register a key for git signing and print (or --apply) the git config that uses it.",
     "iam-policy": "Print the IAM policy JSON that allows exactly what keyseal needs.",
     "keys": "Create keys and mint their OpenPGP certificates.",
@@ -92,8 +98,13 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="keyseal")
 @click.option("-v", "--verbose", is_flag=True, help="Log what keyseal does (never key material).")
-def cli(verbose: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (they are shown only on a terminal anyway).")
+def cli(verbose: bool, quiet: bool) -> None:
     """keyseal: sign with keys that cannot be stolen (KMS, HSM, or envelope-wrapped)."""
+    if quiet:
+        from keyseal.progress import set_quiet
+
+        set_quiet(True)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="keyseal: %(levelname)s: %(message)s",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -71,14 +71,15 @@ def verify_openpgp(certs: tuple[Path, ...], file: Path, signature: Path | None, 
         raise UsageError("--output writes the text of a cleartext signed message; FILE is not one")
     signature_data = b""
     try:
-        from keyseal.openpgp import prefetch
+        with _progress_bar(file):
+            from keyseal.openpgp import prefetch
 
-        signature_data = read_input(signature or default_signature_path(file), "signature")
-        hashes = prefetch.start(file, signature_data)  # hash the data while the verifier and certificates load
-        from keyseal.cli.common import load_certificate_files
-        from keyseal.openpgp.verify import verify_threshold_prefetched
+            signature_data = read_input(signature or default_signature_path(file), "signature")
+            hashes = prefetch.start(file, signature_data)  # hash the data while the verifier and certificates load
+            from keyseal.cli.common import load_certificate_files
+            from keyseal.openpgp.verify import verify_threshold_prefetched
 
-        results = verify_threshold_prefetched(load_certificate_files(certs), hashes, signature_data, threshold)
+            results = verify_threshold_prefetched(load_certificate_files(certs), hashes, signature_data, threshold)
     except VerificationError:
         text_results = _text_mode(certs, file, signature_data, threshold)
         if text_results is None:
@@ -88,6 +89,22 @@ def verify_openpgp(certs: tuple[Path, ...], file: Path, signature: Path | None, 
         raise VerificationError(exc.message) from None
     for result in results:
         _report(result, fingerprint=True)
+
+
+_LARGE = 64 << 20  # keyseal.progress.BYTES_THRESHOLD, without importing it
+
+
+def _progress_bar(file: Path) -> AbstractContextManager[None]:
+    """A progress bar while a large file is hashed on a terminal, else a context that does nothing.
+    keyseal.progress (and tqdm) are imported only for a bar: checking costs one stat."""
+    try:
+        if not sys.stderr.isatty() or os.stat(file).st_size < _LARGE:
+            return nullcontext()
+    except (OSError, ValueError):
+        return nullcontext()
+    from keyseal.progress import files_meter
+
+    return files_meter([file], "verifying")
 
 
 def _report(result: VerifiedSignature, fingerprint: bool, kind: str = "") -> None:
@@ -158,11 +175,15 @@ def _verify_cleartext(certs: tuple[Path, ...], file: Path, output: Path | None, 
     _report(result, fingerprint=output is None or str(output) != "-", kind=", cleartext")
 
 
-@dataclass
 class VerifyArguments:
-    certs: list[Path] = field(default_factory=list)
-    threshold: int = 1
-    positional: list[Path] = field(default_factory=list)
+    """What the fast parser read (a plain class: building a dataclass costs start-up time on this path)."""
+
+    __slots__ = ("certs", "positional", "threshold")
+
+    def __init__(self) -> None:
+        self.certs: list[Path] = []
+        self.threshold = 1
+        self.positional: list[Path] = []
 
 
 def parse_verify(args: list[str]) -> VerifyArguments | None:

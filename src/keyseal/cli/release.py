@@ -8,12 +8,13 @@ from pathlib import Path
 import click
 
 from keyseal.atomic import refuse_existing, write_atomic
-from keyseal.cli.common import format_time
+from keyseal.cli.common import format_time, json_option
 from keyseal.errors import InputError, KeysealError, UsageError, VerificationError
 from keyseal.inputfile import read_input
 from keyseal.openpgp.manifest import DIGESTS, build_manifest
 from keyseal.openpgp.trust import POLICIES, Combined, CrossCheck, Resolver, TrustSet, WkdResolver, verify_release
 from keyseal.openpgp.wkd import DEFAULT_TIMEOUT, connect_map
+from keyseal.progress import files_meter
 
 
 @click.command()
@@ -29,7 +30,8 @@ def checksums(files: tuple[Path, ...], output: Path | None, digest: str, force: 
         refuse_existing(output, force)
         if output.resolve() in {path.resolve() for path in files}:
             raise UsageError(f"refusing to write the manifest over the input file {output}")
-    manifest = build_manifest(files, digest)
+    with files_meter(files, "hashing"):
+        manifest = build_manifest(files, digest)
     if output is None:
         sys.stdout.buffer.write(manifest)
         return
@@ -66,10 +68,12 @@ def _signature_for(manifest: Path) -> Path:
               help="WKD network timeout in seconds.")
 @click.option("--threshold", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
               help="Require good manifest signatures from K distinct certificates (k of n).")
+@json_option
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
 def verify_release_command(manifest: Path, signature: Path | None, certs: tuple[Path, ...],
                            wkd_emails: tuple[str, ...], ca_bundle: Path | None, connect_to: tuple[str, ...],
-                           wkd_policy: str, timeout: float, threshold: int, artifacts: tuple[Path, ...]) -> None:
+                           wkd_policy: str, timeout: float, threshold: int, as_json: bool,
+                           artifacts: tuple[Path, ...]) -> None:
     """Verify the manifest's signature, then every ARTIFACT against the manifest. Exit 0 only if all pass."""
     if not wkd_emails and (ca_bundle or connect_to):
         raise UsageError("--ca-bundle and --connect-to apply to --wkd only")
@@ -82,12 +86,21 @@ def verify_release_command(manifest: Path, signature: Path | None, certs: tuple[
                                wkd_policy,  # type: ignore[arg-type]
                                warn=lambda message: click.echo(f"keyseal: warning: {message}", err=True))
         sig_path = signature or _signature_for(manifest)
-        result = verify_release(manifest, read_input(sig_path, "signature"), list(artifacts), trust,
-                                threshold=threshold)
+        with files_meter(artifacts, "checking"):
+            result = verify_release(manifest, read_input(sig_path, "signature"), list(artifacts), trust,
+                                    threshold=threshold)
     except (VerificationError, UsageError):
         raise
     except KeysealError as exc:
         raise VerificationError(exc.message) from None
+    if as_json:
+        from keyseal.cli.output import print_json
+
+        print_json({"manifest": str(manifest), "artifacts": [{"path": str(item.path), "ok": True}
+                                                              for item in result.artifacts],
+                    "signatures": [{"fingerprint": signed.fingerprint, "created": format_time(signed.created)}
+                                   for signed in result.signatures]})
+        return
     for item in result.artifacts:
         click.echo(f"{item.path}: OK")
     for signed in result.signatures:

@@ -8,14 +8,34 @@ from pathlib import Path
 
 import click
 
-__all__ = ["server"]
+from keyseal.errors import UsageError
+
+__all__ = ["EXAMPLES", "example_config", "server"]
+
+# --print-config NAME -> the commented starting file in keyseal/ca/examples (the same files as examples/).
+EXAMPLES = ("local", "awskms", "kms", "pkcs11", "vault")
+
+
+def example_config(name: str) -> str:
+    from importlib.resources import files
+
+    return files("keyseal.ca").joinpath("examples", f"server-{name}.yaml").read_text(encoding="utf-8")
 
 
 @click.command("server")
-@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
               help="YAML configuration; its keys mirror the Helm chart's values.")
-def server(config_path: Path) -> None:
+@click.option("--print-config", "print_config", type=click.Choice(EXAMPLES), is_flag=False, flag_value="local",
+              default=None, help="Print a commented starting configuration (default: local; or awskms, kms, "
+                                 "pkcs11, vault) and exit.")
+def server(config_path: Path | None, print_config: str | None) -> None:
     """Run the SPIFFE trust-domain server: X.509-SVIDs, JWT-SVIDs and the trust bundle over HTTPS."""
+    if print_config is not None:
+        click.echo(example_config(print_config), nl=False)
+        return
+    if config_path is None:
+        raise UsageError("give --config FILE (keyseal server --print-config > server.yaml writes a starting file; "
+                         "keyseal dev runs a local trust domain without one)")
     from keyseal.ca.config import load_config
     from keyseal.ca.server import CaServer
     from keyseal.cli.service import configure_logging, on_stop_signals

@@ -42,6 +42,8 @@ def configure_logging(level: str) -> None:
     for handler in root.handlers:
         handler.setFormatter(formatter)
     root.setLevel(level.upper())
+    # The audit trail is not diagnostics: it reaches the log (the pod log, in a cluster) whatever the level.
+    logging.getLogger("keyseal.audit").setLevel(logging.INFO)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 

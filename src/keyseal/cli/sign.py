@@ -4,7 +4,6 @@ per file, files hashed concurrently."""
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,7 @@ from keyseal.cli.formats import FORMATS, SUFFIXES, check_sign_options, sign_file
 from keyseal.errors import InputError, OpenPGPError, OutputExistsError, UsageError
 from keyseal.inputfile import read_input
 from keyseal.openpgp.armor import is_armored
-from keyseal.openpgp.cert import Certificate, merge_certificates
-from keyseal.openpgp.detached import check_signatures_over, encode_signatures
+from keyseal.openpgp.detached import KnownCertificates, check_signatures_over, encode_signatures, revoked_signer
 from keyseal.openpgp.sign import (
     HASH_IDS,
     SigningIdentity,
@@ -31,9 +29,10 @@ from keyseal.openpgp.sign import (
     render,
     signature_packet,
 )
-from keyseal.openpgp.signature import SignaturePacket, check_signature_math
+from keyseal.openpgp.signature import SignaturePacket
 from keyseal.openpgp.stream import hash_file
-from keyseal.openpgp.verify import issuer_keys, parse_detached, revocation_problem
+from keyseal.openpgp.verify import parse_detached
+from keyseal.progress import files_meter
 
 
 def plan_outputs(files: tuple[Path, ...], output: Path | None, armored: bool, force: bool,
@@ -58,24 +57,6 @@ def plan_outputs(files: tuple[Path, ...], output: Path | None, armored: bool, fo
             raise OutputExistsError(f"{dst} exists: refusing to overwrite it (use --force, or --append to add "
                                     f"a signature to it)")
     return pairs
-
-
-class KnownCertificates:
-    """The certificates that can tell whether a signature already in a file counts: --cert's, merged with the
-    keyseal keyring's (read once, when first needed), so a revocation in any copy is seen."""
-
-    def __init__(self, given: list[Certificate]) -> None:
-        self._given = given
-        self._merged: list[Certificate] | None = None
-        self._lock = threading.Lock()
-
-    def all(self) -> list[Certificate]:
-        with self._lock:
-            if self._merged is None:
-                from keyseal.keyring import keyring_certificates
-
-                self._merged = merge_certificates([*self._given, *keyring_certificates()])
-            return self._merged
 
 
 @dataclass(frozen=True)
@@ -144,18 +125,15 @@ def _check_revocation(sig: SignaturePacket, digest: bytes, dst: Path, policy: Ap
     """Refuse (or, when asked, keep with a warning) a signature that a known key provably made and that does not
     count because the key is revoked: by the verifier's own rule, all of a compromised key's signatures, and a
     superseded or retired key's from its revocation on (earlier ones still count and are kept silently)."""
-    for _, entry in issuer_keys(sig, policy.known.all()):
-        if not check_signature_math(sig, entry.key.public_key, entry.key.algorithm, digest):
-            continue
-        problem = revocation_problem(entry, sig.created or 0)
-        if problem is None:
-            return
-        if not policy.keep_revoked:
-            raise UsageError(f"{dst} holds a signature that no longer counts ({problem}): refusing to keep it "
-                             f"beside the new one; remove it, or pass --keep-revoked-signatures to keep it anyway")
-        click.echo(f"keyseal: warning: kept the signature by revoked key {entry.key.fingerprint_hex} in {dst} "
-                   f"(--keep-revoked-signatures)", err=True)
+    revoked = revoked_signer(sig, digest, policy.known.all())
+    if revoked is None:
         return
+    fingerprint, problem = revoked
+    if not policy.keep_revoked:
+        raise UsageError(f"{dst} holds a signature that no longer counts ({problem}): refusing to keep it "
+                         f"beside the new one; remove it, or pass --keep-revoked-signatures to keep it anyway")
+    click.echo(f"keyseal: warning: kept the signature by revoked key {fingerprint} in {dst} "
+               f"(--keep-revoked-signatures)", err=True)
 
 
 @click.command()
@@ -197,7 +175,9 @@ def sign(key_uri: str, certs: tuple[Path, ...], armored: bool, clear: bool, dige
         pairs = plan_outputs(files, output, True, force, append=True, suffix=SUFFIXES[fmt])
         for _, dst in pairs:
             refuse_existing(dst, force)
-        for path in sign_files(fmt, key_uri, pairs, namespace, force, jobs, kms_endpoint, kek):
+        with files_meter([src for src, _ in pairs], "signing"):
+            written = sign_files(fmt, key_uri, pairs, namespace, force, jobs, kms_endpoint, kek)
+        for path in written:
             click.echo(str(path))
         return
     if append and force:
@@ -210,7 +190,8 @@ def sign(key_uri: str, certs: tuple[Path, ...], armored: bool, clear: bool, dige
         preferences = next((cert.hash_preferences for cert in certificates
                             if any(e.key.fingerprint == identity.fingerprint for e in cert.signing_keys)), ())
         hash_name = choose_hash(signer, identity.public_key, digest, preferences)  # type: ignore[arg-type]
-        with ThreadPoolExecutor(max_workers=min(jobs, len(pairs))) as pool:
+        with files_meter([src for src, _ in pairs], "signing"), \
+                ThreadPoolExecutor(max_workers=min(jobs, len(pairs))) as pool:
             futures = [pool.submit(sign_one, signer, identity, hash_name, src, dst, armored, force, policy, clear)
                        for src, dst in pairs]
             written = [future.result() for future in futures]

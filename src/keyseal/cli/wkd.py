@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from keyseal.atomic import refuse_existing, write_atomic
-from keyseal.cli.common import load_certificate_files
+from keyseal.cli.common import json_option, load_certificate_files
 from keyseal.openpgp.armor import KIND_PUBLIC_KEY, armor
 from keyseal.openpgp.wkd import DEFAULT_TIMEOUT, METHODS, build_tree, connect_map, fetch, wkd_hash
 
@@ -28,15 +28,23 @@ def wkd() -> None:
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
               show_default=True, help="Directory that receives .well-known/.")
 @click.option("--submission-address", metavar="ADDR", help="Announce a key submission address in the policy.")
+@json_option
 def build(certs: tuple[Path, ...], domain: str, emails: tuple[str, ...], method: str, out_dir: Path,
-          submission_address: str | None) -> None:
+          submission_address: str | None, as_json: bool) -> None:
     """Write the .well-known/openpgpkey tree for CERT... (binary keys, 0644; several keys for one address
     are concatenated, as during a rotation). Prints `<file> <address> <fingerprints>` per address."""
     result = build_tree(load_certificate_files(certs), domain, out_dir, emails=emails,
                         method=method,  # type: ignore[arg-type]
                         submission_address=submission_address)
-    for item in result.files:
-        click.echo(f"{item.path} {item.address} {','.join(item.fingerprints)}")
+    if as_json:
+        from keyseal.cli.output import print_json
+
+        print_json({"files": [{"path": str(item.path), "address": str(item.address),
+                               "fingerprints": list(item.fingerprints)} for item in result.files],
+                    "stale": [str(stale) for stale in result.stale]})
+    else:
+        for item in result.files:
+            click.echo(f"{item.path} {item.address} {','.join(item.fingerprints)}")
     for stale in result.stale:
         click.echo(f"keyseal: warning: {stale} is not part of this build and was left in place", err=True)
 
@@ -53,8 +61,9 @@ def build(certs: tuple[Path, ...], domain: str, emails: tuple[str, ...], method:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the kept certificates here (armored).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@json_option
 def fetch_command(email: str, ca_bundle: Path | None, connect_to: tuple[str, ...], timeout: float,
-                  output: Path | None, force: bool) -> None:
+                  output: Path | None, force: bool, as_json: bool) -> None:
     """Fetch the keys published for EMAIL over HTTPS (advanced method, then direct after a 404) and print the
     fingerprints of those with a user ID for EMAIL."""
     if output is not None:
@@ -65,6 +74,12 @@ def fetch_command(email: str, ca_bundle: Path | None, connect_to: tuple[str, ...
     if output is not None:
         data = armor(b"".join(cert.binary for cert in result.certificates), KIND_PUBLIC_KEY)
         write_atomic(output, data, mode=0o644, force=force)
+    if as_json:
+        from keyseal.cli.output import print_json
+
+        print_json({"email": email, "fingerprints": list(result.fingerprints), "url": result.url,
+                    "method": result.method, "dropped": [str(d) for d in result.dropped]})
+        return
     for fingerprint in result.fingerprints:
         click.echo(fingerprint)
     click.echo(f"from {result.url} ({result.method} method)", err=True)

@@ -158,8 +158,12 @@ class Certificate:
 
 def load_certificates(data: bytes, source: str = "certificate") -> list[Certificate]:
     """Every certificate in an armored or binary file (a keyring may hold several)."""
-    binary = dearmor_or_binary(data)
-    packets = list(iter_packets(binary))
+    try:
+        binary = dearmor_or_binary(data)
+        packets = list(iter_packets(binary))
+    except OpenPGPError as exc:
+        raise OpenPGPError(f"{source} is not an OpenPGP certificate ({exc.message}): give the .asc file keyseal "
+                           f"keys mint (or gpg --export) wrote") from None
     if not packets:
         raise OpenPGPError(f"{source} holds no OpenPGP data")
     groups: list[list[Packet]] = []

@@ -5,15 +5,48 @@ otherwise ride along in a file that verifies), nor two signatures by one key (a 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from keyseal.errors import OpenPGPError, UsageError
+from keyseal.openpgp.cert import Certificate, merge_certificates
 from keyseal.openpgp.packets import TAG_SIGNATURE, encode_packet
-from keyseal.openpgp.signature import Hasher, SignaturePacket
+from keyseal.openpgp.signature import Hasher, SignaturePacket, check_signature_math
 from keyseal.openpgp.stream import hash_file
-from keyseal.openpgp.verify import parse_detached
+from keyseal.openpgp.verify import issuer_keys, parse_detached, revocation_problem
 
-__all__ = ["check_signatures_over", "encode_signatures", "merge_signatures"]
+__all__ = ["KnownCertificates", "check_signatures_over", "encode_signatures", "merge_signatures", "revoked_signer"]
+
+
+class KnownCertificates:
+    """The certificates that can tell whether a signature already in a file counts: the ones given, merged with
+    the keyseal keyring's (read once, when first needed), so a revocation in any copy is seen."""
+
+    def __init__(self, given: list[Certificate]) -> None:
+        self._given = given
+        self._merged: list[Certificate] | None = None
+        self._lock = threading.Lock()
+
+    def all(self) -> list[Certificate]:
+        with self._lock:
+            if self._merged is None:
+                from keyseal.keyring import keyring_certificates
+
+                self._merged = merge_certificates([*self._given, *keyring_certificates()])
+            return self._merged
+
+
+def revoked_signer(sig: SignaturePacket, digest: bytes, certificates: list[Certificate]) -> tuple[str, str] | None:
+    """(fingerprint, why) when a known key provably made `sig` (its maths verifies, not just the issuer it names)
+    and the key's revocation means the signature no longer counts, by the verifier's own rule: all of a
+    compromised key's signatures, a superseded or retired key's from its revocation on."""
+    for _, entry in issuer_keys(sig, certificates):
+        if not check_signature_math(sig, entry.key.public_key, entry.key.algorithm, digest):
+            continue
+        problem = revocation_problem(entry, sig.created or 0)
+        return None if problem is None else (entry.key.fingerprint_hex, problem)
+    return None
 
 
 def check_signatures_over(path: Path, signatures: list[SignaturePacket], what: str,
@@ -46,9 +79,13 @@ def _signer_of(sig: SignaturePacket) -> str:
     return ids[0]
 
 
-def merge_signatures(data: Path, files: list[tuple[str, bytes]]) -> list[SignaturePacket]:
+def merge_signatures(data: Path, files: list[tuple[str, bytes]], known: KnownCertificates,
+                     keep_revoked: Callable[[str, str], bool] | None = None) -> list[SignaturePacket]:
     """The signatures of every (name, content) detached signature file, in order, each over `data`: an exact
-    copy of a signature already taken is dropped; two different signatures by one key are refused."""
+    copy of a signature already taken is dropped; two different signatures by one key are refused; so is a
+    signature that no longer counts because `known` says its key is revoked (beside good ones it would still
+    count for every verifier that has not seen the revocation), unless `keep_revoked(name, fingerprint)` says
+    to keep it."""
     taken: dict[str, SignaturePacket] = {}
     merged: list[SignaturePacket] = []
     for name, content in files:
@@ -56,7 +93,12 @@ def merge_signatures(data: Path, files: list[tuple[str, bytes]]) -> list[Signatu
             signatures = parse_detached(content)
         except OpenPGPError as exc:
             raise OpenPGPError(f"{name}: {exc.message}") from None
-        check_signatures_over(data, signatures, name)
+        _, digests = check_signatures_over(data, signatures, name)
+        for sig, digest in zip(signatures, digests, strict=True):
+            revoked = revoked_signer(sig, digest, known.all())
+            if revoked is not None and not (keep_revoked is not None and keep_revoked(name, revoked[0])):
+                raise UsageError(f"{name} holds a signature that no longer counts ({revoked[1]}): refusing to "
+                                 f"merge it; leave that file out, or pass --keep-revoked-signatures")
         for sig in signatures:
             signer = _signer_of(sig)
             earlier = taken.get(signer)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -19,8 +20,7 @@ from keyseal.errors import OpenPGPError, VerificationError
 from keyseal.openpgp import hashids
 from keyseal.openpgp.armor import dearmor_or_binary
 from keyseal.openpgp.cert import Certificate, SigningKey, merge_certificates
-from keyseal.openpgp.cleartext import CleartextMessage, parse_cleartext, text_mode_canonical
-from keyseal.openpgp.packets import TAG_MARKER, TAG_SIGNATURE, iter_packets
+from keyseal.openpgp.packets import TAG_MARKER, TAG_PUBLIC_KEY, TAG_SECRET_KEY, TAG_SIGNATURE, iter_packets
 from keyseal.openpgp.prefetch import PrefetchedHashes
 from keyseal.openpgp.signature import (
     SIG_BINARY,
@@ -32,6 +32,9 @@ from keyseal.openpgp.signature import (
     parse_signature,
 )
 from keyseal.openpgp.stream import hash_file, hash_stream
+
+if TYPE_CHECKING:
+    from keyseal.openpgp.cleartext import CleartextMessage
 
 MIN_RSA_BITS = 2048
 
@@ -57,8 +60,12 @@ def parse_detached(data: bytes) -> list[SignaturePacket]:
     for packet in iter_packets(binary):
         if packet.tag == TAG_MARKER:
             continue
+        if packet.tag in (TAG_PUBLIC_KEY, TAG_SECRET_KEY):
+            raise OpenPGPError("the signature given is an OpenPGP key or certificate, not a signature: give the "
+                               "FILE.asc or FILE.sig that keyseal sign wrote (the certificate goes to --cert)")
         if packet.tag != TAG_SIGNATURE:
-            raise OpenPGPError(f"not a detached signature: it contains a packet of type {packet.tag}")
+            raise OpenPGPError(f"the signature given is not a detached OpenPGP signature (it holds an OpenPGP "
+                               f"packet of type {packet.tag}): give the FILE.asc or FILE.sig that keyseal sign wrote")
         signatures.append(parse_signature(packet.body))
     if not signatures:
         raise OpenPGPError("not a detached signature: no signature packet found")
@@ -82,6 +89,8 @@ def verify_bytes(certificates: list[Certificate], data: bytes, signature_data: b
     """Verify a detached signature over data held in memory (a checksum manifest, say). With `text_mode`, the
     signature must be a text-mode (0x01) one, over the data with its line endings made CR LF."""
     if text_mode:
+        from keyseal.openpgp.cleartext import text_mode_canonical
+
         canonical = text_mode_canonical(data)
         return _verify(certificates, lambda ids: _hash_bytes(canonical, ids), signature_data, now, 1, SIG_TEXT)[0]
     return _verify(certificates, lambda ids: _hash_bytes(data, ids), signature_data, now, 1)[0]
@@ -98,6 +107,8 @@ def verify_threshold_bytes(certificates: list[Certificate], data: bytes, signatu
                            now: int | None = None, text_mode: bool = False) -> list[VerifiedSignature]:
     """`verify_threshold_prefetched` over data held in memory; `text_mode` as for `verify_bytes`."""
     if text_mode:
+        from keyseal.openpgp.cleartext import text_mode_canonical
+
         canonical = text_mode_canonical(data)
         return _verify(certificates, lambda ids: _hash_bytes(canonical, ids), signature_data, now, threshold,
                        SIG_TEXT)
@@ -112,6 +123,8 @@ def verify_cleartext(certificates: list[Certificate], document: bytes,
                      now: int | None = None) -> tuple[VerifiedSignature, CleartextMessage]:
     """Verify a cleartext signed message (RFC 9580 section 7): a text-mode signature over its canonical text,
     made with a hash its Hash header names."""
+    from keyseal.openpgp.cleartext import parse_cleartext  # not at import: most verifications are detached
+
     message = parse_cleartext(document)
     if message.header_hashes is not None:
         for sig in parse_detached(message.signature_armor):

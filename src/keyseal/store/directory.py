@@ -26,8 +26,8 @@ RECORD_MODE = 0o600
 class DirectoryStore(RecordStore):
     """Records as files in one directory. The ledger defaults to `$KEYSEAL_HOME/seen-versions.json`."""
 
-    def __init__(self, root: Path, ledger: VersionLedger | None = None) -> None:
-        super().__init__(ledger if ledger is not None else default_ledger())
+    def __init__(self, root: Path, ledger: VersionLedger | None = None, scope: str = "") -> None:
+        super().__init__(ledger if ledger is not None else default_ledger(), scope)
         self.root = root
 
     def path(self, name: str) -> Path:

@@ -6,7 +6,8 @@ Conflict if it changed since it was read; the caller (`RecordStore.update`) then
 Nothing is ever written without a resourceVersion, so a newer record is never overwritten blindly.
 
 RBAC: get, create, update on wrappedkeys.keyseal.dev in the namespace. Seen versions (rollback protection) are
-kept in this process's memory unless a file ledger is given (e.g. on a persistent volume).
+kept in this process's memory unless a file ledger is given, and, for the server, also in the store itself (a
+sealed `keyseal-seen-versions` record every replica reads: `keyseal.wrapping.store_ledger`).
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ def resolve_namespace(configured: str | None, what: str = "keyseal's custom reso
 class KubernetesStore(RecordStore):
     """Records as `WrappedKey` resources in one namespace."""
 
-    def __init__(self, namespace: str, api_client: ApiClient, ledger: VersionLedger | None = None) -> None:
-        super().__init__(ledger if ledger is not None else VersionLedger())
+    def __init__(self, namespace: str, api_client: ApiClient, ledger: VersionLedger | None = None,
+                 scope: str = "") -> None:
+        super().__init__(ledger if ledger is not None else VersionLedger(), scope)
         kubernetes = _kubernetes()
         self.namespace = namespace
         self._api: CustomObjectsApi = kubernetes.client.CustomObjectsApi(api_client)
@@ -168,6 +170,12 @@ class KubernetesStore(RecordStore):
             return UsageError(
                 f"the Kubernetes API does not serve {PLURAL}.{GROUP} in namespace {self.namespace}: install "
                 f"the CRD (deploy/crds/wrappedkeys.keyseal.dev.yaml) and check the namespace exists"
+            )
+        if status == 422:
+            return UsageError(
+                f"the Kubernetes API refused to {verb} {where} as invalid (422): the WrappedKey CRD is older than "
+                f"this keyseal (record format v2 needs its scope field); apply deploy/crds/ (helm upgrade does not "
+                f"update CRDs)"
             )
         if status is not None:
             return KeysealError(f"the Kubernetes API refused to {verb} {where} (HTTP {status})")

@@ -11,20 +11,23 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyseal.errors import WrappedRecordError
 from keyseal.wrapping.kek import KekProvider, new_dek, zero
-from keyseal.wrapping.record import NONCE_SIZE, WrappedRecord, check_record_name, kek_context
+from keyseal.wrapping.record import NONCE_SIZE, WrappedRecord, check_record_name, check_scope, kek_context
 
 
 def seal(
-    plaintext: bytes, *, name: str, version: int, created: datetime, key_type: str, kek: KekProvider
+    plaintext: bytes, *, name: str, version: int, created: datetime, key_type: str, kek: KekProvider,
+    scope: str = "",
 ) -> WrappedRecord:
-    """Encrypt `plaintext` (a PKCS#8 DER key) into a new record under `kek`."""
+    """Encrypt `plaintext` (a PKCS#8 DER key) into a new record under `kek`; with a `scope` (the store's), a v2
+    record bound to it."""
     check_record_name(name)
+    check_scope(scope)
     kek.prepare_write()
     created = created.astimezone(UTC).replace(microsecond=0)  # what the record can spell
-    header = WrappedRecord(name, version, created, key_type, kek.provider, kek.kek_id, b"", b"", b"")
+    header = WrappedRecord(name, version, created, key_type, kek.provider, kek.kek_id, b"", b"", b"", scope)
     dek = new_dek()
     try:
-        wrapped = kek.wrap(dek, kek_context(name, version))
+        wrapped = kek.wrap(dek, kek_context(name, version, scope))
         nonce = os.urandom(NONCE_SIZE)
         ciphertext = AESGCM(dek).encrypt(nonce, plaintext, header.aad())
     finally:

@@ -15,16 +15,10 @@ from pathlib import Path
 from typing import ClassVar
 
 from keyseal.errors import KekMismatchError, KeysealError, UsageError, WrappedRecordError
+from keyseal.home import keyseal_home
 from keyseal.wrapping.record import DEK_SIZE, WrappedRecord
 
 KEK_ENV = "KEYSEAL_KEK"
-HOME_ENV = "KEYSEAL_HOME"
-DEFAULT_HOME = "~/.config/keyseal"
-
-
-def keyseal_home() -> Path:
-    """Per-user keyseal state: `$KEYSEAL_HOME`, by default ~/.config/keyseal (local KEK, seen versions)."""
-    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser()
 
 
 def default_local_kek_path() -> Path:
@@ -91,6 +85,8 @@ class KekProvider(abc.ABC):
             back = self.unwrap(self.wrap(dek, context), context, f"the {self.provider} key wrapping canary")
             ok = back == dek
             zero(back)
+        except UsageError:
+            raise  # e.g. a missing SDK's install hint: said as it is, not as a failed check
         except KeysealError as exc:
             raise type(exc)(f"key wrapping startup check failed: {exc.message}") from None
         finally:

@@ -78,7 +78,7 @@ def open_record(store: RecordStore, name: str, kek: KekProvider) -> OpenedKey:
     if stored is None:
         raise InputError(f"{where} does not exist")
     key = _open_stored(stored, kek, where)
-    store.ledger.record(store.ledger_key(name), stored.record.version)
+    store.remember(stored.record)
     return OpenedKey(key, stored.record)
 
 
@@ -104,9 +104,9 @@ def create_record(
             if not force:
                 raise OutputExistsError(f"{where} exists: refusing to overwrite it (use --force)")
             _refuse_provider_switch(current.record, kek, where)
-        highest = store.ledger.highest(store.ledger_key(name)) or 0
-        version = max(highest, current.record.version if current else 0) + 1
-        return seal(der, name=name, version=version, created=when, key_type=key_type_of(key), kek=kek)
+        version = max(store.highest_seen(name), current.record.version if current else 0) + 1
+        return seal(der, name=name, version=version, created=when, key_type=key_type_of(key), kek=kek,
+                    scope=store.scope)
 
     return store.update(name, produce, replace_invalid=force)
 
@@ -124,7 +124,7 @@ def rewrap_record(store: RecordStore, name: str, new_kek: KekProvider, old_kek: 
         source = new_kek if record.kek_id == new_kek.kek_id else old_kek
         der = _pkcs8(_open_stored(current, source, where))
         return seal(der, name=name, version=record.version + 1, created=record.created,
-                    key_type=record.key_type, kek=new_kek)
+                    key_type=record.key_type, kek=new_kek, scope=store.scope)
 
     return store.update(name, produce)
 

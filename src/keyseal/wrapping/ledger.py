@@ -20,7 +20,7 @@ from pathlib import Path
 
 from keyseal.atomic import write_atomic
 from keyseal.errors import RecordRollbackError
-from keyseal.wrapping.kek import keyseal_home
+from keyseal.home import keyseal_home
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,9 @@
-"""The wrapped key record, format v1: what is stored, what is bound, and its one canonical encoding.
+"""The wrapped key record, formats v1 and v2: what is stored, what is bound, and its one canonical encoding.
+
+v2 adds `scope`: where the record belongs (the trust domain, and the Kubernetes namespace of a Kubernetes store),
+bound by the AES-GCM associated data and the KEK context, so a record copied to another namespace or trust domain
+does not open there. Records of a store with a scope (the server's) are written as v2; records of a store without
+one (`keyseal keys`, the agent's saved state) stay v1, which older keyseal versions read. Both are read.
 
 A record is JSON. Its bytes on disk must be exactly the canonical encoding of what they parse to, so that no
 byte can change without the record being refused: a change either breaks the parse, breaks canonical form, or
@@ -19,7 +24,10 @@ from typing import Any
 
 from keyseal.errors import WrappedRecordError
 
-FORMAT = "keyseal.wrapped-key.v1"
+FORMAT_V1 = "keyseal.wrapped-key.v1"
+FORMAT_V2 = "keyseal.wrapped-key.v2"
+FORMAT = FORMAT_V1  # what a record without a scope is written as
+FORMATS = (FORMAT_V1, FORMAT_V2)
 FORMAT_PREFIX = "keyseal.wrapped-key."
 CIPHER = "AES-256-GCM"
 DEK_SIZE = 32
@@ -28,14 +36,23 @@ TAG_SIZE = 16
 PROVIDERS = ("local", "awskms", "vault")
 MAX_VERSION = 2**53 - 1
 
-_AAD_PREFIX = FORMAT.encode() + b"\x00"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _KEY_TYPE_RE = re.compile(r"rsa[0-9]{4,5}|p256|p384|p521|ed25519")
+SEEN_VERSIONS_TYPE = "seen-versions"  # the keyType of a store's rollback high-water mark (v2 only; not a key)
+_SCOPE_RE = re.compile(r"[A-Za-z0-9=;:/._-]{1,512}")
 _TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 _FIELDS = frozenset(
     {"format", "name", "version", "created", "keyType", "cipher", "kekProvider", "kekId",
      "wrappedDek", "nonce", "ciphertext"}
 )
+_FIELDS_V2 = _FIELDS | {"scope"}
+
+
+def check_scope(scope: str) -> str:
+    """A store scope: empty (none), or letters, digits and = ; : / . _ - (e.g. trust-domain=example.org)."""
+    if scope and not _SCOPE_RE.fullmatch(scope):
+        raise WrappedRecordError(f"invalid record scope {scope[:80]!r}")
+    return scope
 
 
 def check_record_name(name: str) -> str:
@@ -66,11 +83,16 @@ class WrappedRecord:
     wrapped_dek: bytes
     nonce: bytes
     ciphertext: bytes
+    scope: str = ""  # v2: where the record belongs; empty: a v1 record
+
+    @property
+    def format(self) -> str:
+        return FORMAT_V2 if self.scope else FORMAT_V1
 
     def header(self) -> dict[str, Any]:
         """Every field except the three opaque blobs: all of it is bound by the AES-GCM associated data."""
-        return {
-            "format": FORMAT,
+        fields: dict[str, Any] = {
+            "format": self.format,
             "name": self.name,
             "version": self.version,
             "created": format_time(self.created),
@@ -79,16 +101,19 @@ class WrappedRecord:
             "kekProvider": self.kek_provider,
             "kekId": self.kek_id,
         }
+        if self.scope:
+            fields["scope"] = self.scope
+        return fields
 
     def aad(self) -> bytes:
         """AES-GCM associated data: the canonical encoding of the header."""
-        return _AAD_PREFIX + json.dumps(
+        return self.format.encode() + b"\x00" + json.dumps(
             self.header(), sort_keys=True, separators=(",", ":"), ensure_ascii=True
         ).encode()
 
     def kek_context(self) -> dict[str, str]:
         """The KEK context (the KMS EncryptionContext). It holds no secrets: CloudTrail logs it."""
-        return kek_context(self.name, self.version)
+        return kek_context(self.name, self.version, self.scope)
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-ready fields (also the `spec` of the Kubernetes custom resource)."""
@@ -110,19 +135,7 @@ class WrappedRecord:
         """Validate every field strictly; the message names the place, never a blob."""
         if not isinstance(fields, Mapping):
             raise _bad(where, "it is not a JSON object")
-        fmt = fields.get("format")
-        if isinstance(fmt, str) and fmt.startswith(FORMAT_PREFIX) and fmt != FORMAT:
-            raise WrappedRecordError(
-                f"{where} is a wrapped key record of format {fmt!r}, which this keyseal does not read "
-                f"(it reads {FORMAT}): upgrade keyseal"
-            )
-        if fmt != FORMAT:
-            raise _bad(where, "its format field is missing or unknown")
-        keys = set(fields)
-        if keys != _FIELDS:
-            extra = ", ".join(sorted(keys - _FIELDS)) or "none"
-            missing = ", ".join(sorted(_FIELDS - keys)) or "none"
-            raise _bad(where, f"unexpected fields: {extra}; missing fields: {missing}")
+        fmt, scope = _format_and_scope(fields, where)
         name = _str(fields, "name", where)
         try:
             check_record_name(name)
@@ -139,7 +152,7 @@ class WrappedRecord:
         except ValueError:
             raise _bad(where, "its creation time is not a valid date") from None
         key_type = _str(fields, "keyType", where)
-        if not _KEY_TYPE_RE.fullmatch(key_type):
+        if not _KEY_TYPE_RE.fullmatch(key_type) and not (fmt == FORMAT_V2 and key_type == SEEN_VERSIONS_TYPE):
             raise _bad(where, f"its key type {key_type[:20]!r} is unknown")
         if fields["cipher"] != CIPHER:
             raise _bad(where, f"its cipher is not {CIPHER}")
@@ -158,7 +171,7 @@ class WrappedRecord:
             raise _bad(where, f"its nonce is not {NONCE_SIZE} bytes")
         if len(ciphertext) <= TAG_SIZE:
             raise _bad(where, "its ciphertext is too short")
-        return cls(name, version, created, key_type, provider, kek_id, wrapped_dek, nonce, ciphertext)
+        return cls(name, version, created, key_type, provider, kek_id, wrapped_dek, nonce, ciphertext, scope)
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> WrappedRecord:
@@ -174,14 +187,42 @@ class WrappedRecord:
         return record
 
 
-def kek_context(name: str, version: int) -> dict[str, str]:
-    """The KEK context: purpose, record name, record version and format."""
-    return {
+def _format_and_scope(fields: Mapping[str, Any], where: str) -> tuple[str, str]:
+    """The record's format (a newer one asks for an upgrade) and its scope ("" for v1); the field set must be
+    exactly that format's."""
+    fmt = fields.get("format")
+    if isinstance(fmt, str) and fmt.startswith(FORMAT_PREFIX) and fmt not in FORMATS:
+        raise WrappedRecordError(
+            f"{where} is a wrapped key record of format {fmt!r}, which this keyseal does not read "
+            f"(it reads {' and '.join(FORMATS)}): upgrade keyseal"
+        )
+    if fmt not in FORMATS:
+        raise _bad(where, "its format field is missing or unknown")
+    keys, expected = set(fields), _FIELDS_V2 if fmt == FORMAT_V2 else _FIELDS
+    if keys != expected:
+        extra = ", ".join(sorted(keys - expected)) or "none"
+        missing = ", ".join(sorted(expected - keys)) or "none"
+        raise _bad(where, f"unexpected fields: {extra}; missing fields: {missing}")
+    if fmt != FORMAT_V2:
+        return fmt, ""
+    scope = _str(fields, "scope", where)
+    if not _SCOPE_RE.fullmatch(scope):
+        raise _bad(where, "its scope is empty or not a valid scope")
+    return fmt, scope
+
+
+def kek_context(name: str, version: int, scope: str = "") -> dict[str, str]:
+    """The KEK context: purpose, record name, record version and format, and (v2) the record's scope (its trust
+    domain and namespace: not secret, CloudTrail shows it)."""
+    context = {
         "keyseal:purpose": "wrapped-key",
-        "keyseal:format": FORMAT,
+        "keyseal:format": FORMAT_V2 if scope else FORMAT_V1,
         "keyseal:record": name,
         "keyseal:version": str(version),
     }
+    if scope:
+        context["keyseal:scope"] = scope
+    return context
 
 
 def looks_like_record(data: bytes) -> bool:

@@ -11,6 +11,12 @@
 {{- end -}}
 {{- end -}}
 
+{{/* The server's pods only (the agents' pods share the selector labels above). */}}
+{{- define "keyseal.serverPodLabels" -}}
+{{ include "keyseal.selectorLabels" . }}
+app.kubernetes.io/component: server
+{{- end -}}
+
 {{- define "keyseal.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "keyseal.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -67,7 +73,24 @@ app.kubernetes.io/part-of: keyseal
 {{- if .Values.pkcs11.pinSecret.name -}}
 {{- $_ := set $pkcs11 "pinFile" (include "keyseal.pkcs11PinFile" .) -}}
 {{- end -}}
-{{- $config := dict "trustDomain" .Values.trustDomain "custody" .Values.custody "keyWrapping" .Values.keyWrapping "aws" .Values.aws "vault" .Values.vault "pkcs11" $pkcs11 "store" $store "ca" .Values.ca "x509SVID" .Values.x509SVID "jwtSVID" .Values.jwtSVID "bundle" .Values.bundle "server" $server "clients" .Values.clients "logLevel" .Values.logLevel -}}
+{{- $config := dict "trustDomain" .Values.trustDomain "custody" .Values.custody "keyWrapping" .Values.keyWrapping "aws" .Values.aws "vault" .Values.vault "pkcs11" $pkcs11 "store" $store "ca" .Values.ca "x509SVID" .Values.x509SVID "jwtSVID" .Values.jwtSVID "bundle" .Values.bundle "agents" .Values.agents "server" $server "clients" .Values.clients "logLevel" .Values.logLevel -}}
+{{- if include "keyseal.k8sIdentity" . -}}
+{{- $k8s := .Values.agent.kubernetes -}}
+{{- $nodes := dict "enabled" true "audience" $k8s.audience "serviceAccounts" (list (printf "%s/%s" .Release.Namespace (include "keyseal.agentServiceAccountName" .))) -}}
+{{- $templates := dict "enabled" (eq .Values.store.type "kubernetes") "interval" $k8s.templateInterval -}}
+{{- $_ := set $config "kubernetes" (dict "cluster" $k8s.cluster "nodeAttestation" $nodes "identityTemplates" $templates) -}}
+{{- end -}}
+{{- if .Values.oidc.enabled -}}
+{{- $_ := set $config "oidc" (dict "listen" .Values.oidc.listen "tls" (include "keyseal.listenerTls" (dict "tls" .Values.oidc.tls "dir" "/etc/keyseal/oidc-tls") | fromYaml)) -}}
+{{- end -}}
+{{- if .Values.federation.enabled -}}
+{{- $federation := dict "listen" .Values.federation.listen "trustDomains" .Values.federation.trustDomains -}}
+{{- $tls := include "keyseal.listenerTls" (dict "tls" .Values.federation.tls "dir" "/etc/keyseal/federation-tls") | fromYaml -}}
+{{- if $tls.certFile -}}
+{{- $_ := set $federation "tls" $tls -}}
+{{- end -}}
+{{- $_ := set $config "federation" $federation -}}
+{{- end -}}
 {{- toYaml $config -}}
 {{- end -}}
 
@@ -81,4 +104,34 @@ the server's default record prefix being keyseal-<trustDomain> ('_' made '-'; se
 domain longer than 100 characters). */}}
 {{- define "keyseal.keysetPinsConfigMap" -}}
 {{ .Values.store.recordPrefix | default (printf "keyseal-%s" (.Values.trustDomain | replace "_" "-")) }}-keyset-pins
+{{- end }}
+
+{{/* Kubernetes-native identity (#17): agents join with projected service account tokens, pods are attested by the
+kubelet, entries come from IdentityTemplates. "true" or empty. */}}
+{{- define "keyseal.k8sIdentity" -}}
+{{- if and .Values.agent.enabled .Values.agent.kubernetes.enabled -}}true{{- end -}}
+{{- end }}
+
+{{/* The agents' service account: the only one the server lets join with a service account token. */}}
+{{- define "keyseal.agentServiceAccountName" -}}
+{{ include "keyseal.fullname" . }}-agent
+{{- end }}
+
+{{/* certFile/keyFile of a side listener (oidc, federation): the mounted existingSecret, else the values'. */}}
+{{- define "keyseal.listenerTls" -}}
+{{- if .tls.existingSecret -}}
+certFile: {{ printf "%s/tls.crt" .dir }}
+keyFile: {{ printf "%s/tls.key" .dir }}
+{{- else if .tls.certFile -}}
+certFile: {{ .tls.certFile }}
+keyFile: {{ .tls.keyFile }}
+{{- else -}}
+{}
+{{- end -}}
+{{- end }}
+
+{{/* The server's record prefix (store.recordPrefix, else keyseal-<trustDomain>, '_' made '-'): its own
+ConfigMaps on the Kubernetes store are named after it. */}}
+{{- define "keyseal.recordPrefix" -}}
+{{ .Values.store.recordPrefix | default (printf "keyseal-%s" (.Values.trustDomain | replace "_" "-")) }}
 {{- end }}

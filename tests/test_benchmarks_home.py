@@ -1,0 +1,66 @@
+"""Benchmarks never touch the user's files: each script, run in a tiny mode with HOME pointed at an empty
+directory and no KEYSEAL_HOME or KEYSEAL_AUDIT_LOG of the caller's, leaves that directory empty and says where
+its own keyseal home went. (The test session itself runs with an empty HOME, checked at its end: conftest.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary directory with a short path: gpg's agent socket (in the benchmark's gpg home) must fit."""
+    path = Path(tempfile.mkdtemp(prefix="ks-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_benchmark(script: str, *args: str, home: Path, tmp_path: Path) -> str:
+    home.mkdir()
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("KEYSEAL_HOME", "KEYSEAL_AUDIT_LOG", "KEYSEAL_PKCS11_PIN", "SOFTHSM2_CONF")}
+    env.update(HOME=str(home), TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], check=False, env=env,
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(home.rglob("*")) == [], f"{script} wrote under HOME"
+    assert "keyseal home: " in result.stdout and str(tmp_path) in result.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["home"]  # its temporary directory was removed again
+    return result.stdout
+
+
+@pytest.mark.skipif(not Path("/usr/lib/softhsm/libsofthsm2.so").exists(), reason="needs SoftHSM2")
+def test_pkcs11_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
+    out = run_benchmark("pkcs11_sign.py", "--signatures", "40", "--rounds", "2", "--threads", "2",
+                        "--key-types", "p256", home=short_tmp / "home", tmp_path=short_tmp)
+    assert "audit off" in out and "audit file" in out and "load average before:" in out
+    assert "load average after:" in out
+    table = out.split("audit file")[1].splitlines()
+    rows = [line.split() for line in table if line.startswith("p256")]
+    assert [row[1] for row in rows] == ["1", "2"]
+    assert all(float(row[-1]) > 0 for row in rows)  # the ratio is each row's last column
+
+
+@pytest.mark.skipif(not (shutil.which("gpg") and shutil.which("sqv")), reason="needs gpg and sqv")
+def test_sign_verify_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
+    out = run_benchmark("sign_verify.py", "--size-mib", "1", "--rounds", "1", home=short_tmp / "home",
+                        tmp_path=short_tmp)
+    assert "keyseal verify" in out
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (Debian package wrk)")
+def test_svid_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
+    out = run_benchmark("svid_issuance.py", "--svids", "50", "--seconds", "1", "--rounds", "1", "--connections",
+                        "1", home=short_tmp / "home", tmp_path=short_tmp)
+    assert "audit log: off" in out
