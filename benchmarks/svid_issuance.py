@@ -121,15 +121,17 @@ def start_child(config: dict[str, object], work: Path) -> tuple[subprocess.Popen
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     assert proc.stderr is not None
     deadline = time.monotonic() + 60
+    seen: list[str] = []
     for line in proc.stderr:
         match = re.search(r"serving trust domain \S+ on https://127.0.0.1:(\d+)", line)
         if match:
             threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining its log
             return proc, int(match.group(1))
+        seen.append(line)
         if time.monotonic() > deadline:
             break
     proc.kill()
-    raise RuntimeError("the server did not start")
+    raise RuntimeError("the server did not start: " + "".join(seen[-5:]))
 
 
 def wrk_script(path: str, bodies: list[bytes], work: Path) -> Path:
@@ -201,7 +203,10 @@ def measure(args: argparse.Namespace, work: Path) -> None:
         local.start_background()
         port = local.port
     else:  # as deployed: info logs, so every SVID's audit line is written
-        child_config = dict(raw_config, store={"type": "directory", "directory": {"path": str(work / "store2")}},
+        # A store of its own, with its own seen-versions ledger: the ledger knows records by trust domain and name,
+        # so two stores of one trust domain must not share one.
+        child_config = dict(raw_config, store={"type": "directory", "directory": {
+                                "path": str(work / "store2"), "ledgerFile": str(work / "store2-seen-versions.json")}},
                             logLevel="info")
         child, port = start_child(child_config, work)
 

@@ -40,7 +40,6 @@ def run_benchmark(script: str, *args: str, home: Path, tmp_path: Path) -> str:
     return result.stdout
 
 
-@pytest.mark.skipif(not Path("/usr/lib/softhsm/libsofthsm2.so").exists(), reason="needs SoftHSM2")
 def test_pkcs11_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
     out = run_benchmark("pkcs11_sign.py", "--signatures", "40", "--rounds", "2", "--threads", "2",
                         "--key-types", "p256", home=short_tmp / "home", tmp_path=short_tmp)
@@ -52,14 +51,12 @@ def test_pkcs11_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
     assert all(float(row[-1]) > 0 for row in rows)  # the ratio is each row's last column
 
 
-@pytest.mark.skipif(not (shutil.which("gpg") and shutil.which("sqv")), reason="needs gpg and sqv")
 def test_sign_verify_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
     out = run_benchmark("sign_verify.py", "--size-mib", "1", "--rounds", "1", home=short_tmp / "home",
                         tmp_path=short_tmp)
     assert "keyseal verify" in out
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (Debian package wrk)")
 def test_svid_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
     out = run_benchmark("svid_issuance.py", "--svids", "50", "--seconds", "1", "--rounds", "1", "--connections",
                         "1", home=short_tmp / "home", tmp_path=short_tmp)

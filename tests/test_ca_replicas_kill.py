@@ -27,6 +27,7 @@ from keyseal.wrapping.ledger import VersionLedger
 from keyseal.wrapping.local import LocalKek
 from tests.harness.ca import START, TRUST_DOMAIN, FakeClock
 from tests.harness.kube_api import KubeApi
+from tests.harness.replicas import run_at_once
 
 HOUR = timedelta(hours=1)
 PREFIX = f"keyseal-{TRUST_DOMAIN}"
@@ -95,23 +96,6 @@ def manager(kube_api: KubeApi, namespace: str, kek: LocalKek, clock: FakeClock,
     return KeysetManager(source, TRUST_DOMAIN, 24 * HOUR, timedelta(minutes=5), clock), store
 
 
-def run_all(*actions: Any) -> None:
-    errors: list[BaseException] = []
-
-    def run(action: Any) -> None:
-        try:
-            action()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(a,)) for a in actions]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not errors, errors
-
-
 def versions(kube_api: KubeApi, namespace: str, kind: str) -> list[int]:
     return [h["spec"]["version"] for h in kube_api.history(namespace, f"{PREFIX}-{kind}-1")]
 
@@ -136,7 +120,7 @@ def test_kill_9_at_each_step_of_a_preparation_leaves_the_store_consistent(
     assert versions(kube_api, namespace, "jwt") == ([1] if step == "after-jwt" else [])
     clock.set(half)
     with caplog.at_level(logging.WARNING, logger="keyseal.ca"):
-        run_all(one.refresh, two.refresh)
+        run_at_once(one.refresh, two.refresh)
     assert versions(kube_api, namespace, "x509") == [1]  # exactly one keyset 2, written once
     assert versions(kube_api, namespace, "jwt") == [1]
     assert [k.number for k in one.loaded()] == [k.number for k in two.loaded()] == [1, 2]
@@ -166,7 +150,7 @@ def test_undisturbed_rotation_logs_no_false_half_way_warning(kube_api: KubeApi, 
         reader.refresh()
 
     with caplog.at_level(logging.INFO, logger="keyseal.ca"):
-        run_all(winner.refresh, *(lambda r=r: read_between(r) for r in readers))
+        run_at_once(winner.refresh, *(lambda r=r: read_between(r) for r in readers))
     assert not [r for r in caplog.records if HALF_WAY in r.getMessage()], caplog.text
     assert versions(kube_api, namespace, "jwt") == [1]  # written once, by the winner
     assert [k.number for k in winner.loaded()] == [k.number for k in readers[0].loaded()] == \

@@ -36,6 +36,7 @@ from tests.harness.ca import (
 )
 from tests.harness.kms_emulator import KmsEmulator
 from tests.harness.kube_api import KubeApi
+from tests.harness.replicas import run_at_once
 
 A = f"spiffe://{TRUST_DOMAIN}/ns/a/w"
 HOUR = timedelta(hours=1)
@@ -250,23 +251,6 @@ def replica(kube_api: KubeApi, namespace: str, kek: LocalKek, clock: FakeClock, 
     return KeysetManager(source, TRUST_DOMAIN, 24 * HOUR, timedelta(minutes=5), clock), store
 
 
-def race(*actions: Any) -> None:
-    errors: list[BaseException] = []
-
-    def run(action: Any) -> None:
-        try:
-            action()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(a,)) for a in actions]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not errors, errors
-
-
 def test_two_replicas_make_exactly_one_keyset(kube_api: KubeApi, tmp_path: Path) -> None:
     namespace = "race"
     kek = LocalKek(tmp_path / "kek")
@@ -277,7 +261,7 @@ def test_two_replicas_make_exactly_one_keyset(kube_api: KubeApi, tmp_path: Path)
     two, store_two = replica(kube_api, namespace, kek, clock, barrier, f"{prefix}-x509-0")
 
     # Both start on an empty store at once: both try to create keyset 1, the API server keeps one.
-    race(one.start, two.start)
+    run_at_once(one.start, two.start)
     assert len(kube_api.history(namespace, f"{prefix}-x509-0")) == 1
     assert len(kube_api.history(namespace, f"{prefix}-jwt-0")) == 1
     assert one.active().ca_der == two.active().ca_der
@@ -294,7 +278,7 @@ def test_two_replicas_make_exactly_one_keyset(kube_api: KubeApi, tmp_path: Path)
     store_one.race_name = store_two.race_name = f"{prefix}-x509-0"
     conflicts_before = len(kube_api.conflicts(namespace))
     clock.advance(12 * HOUR)
-    race(one.refresh, two.refresh)
+    run_at_once(one.refresh, two.refresh)
     conflicts = kube_api.conflicts(namespace)[conflicts_before:]
     assert len(conflicts) == 1, conflicts  # the API server refused exactly one writer
     history = kube_api.history(namespace, f"{prefix}-x509-0")

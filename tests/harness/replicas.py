@@ -22,3 +22,8 @@ def run_as_replicas(work: Callable[[str], None], labels: Sequence[str] = ("A", "
     for thread in threads:
         thread.join(timeout)
     assert not errors, errors
+
+
+def run_at_once(*actions: Callable[[], None], timeout: float = 60) -> None:
+    """Run every action at once, each on its own thread; fail with whatever any of them raised."""
+    run_as_replicas(lambda label: actions[int(label)](), [str(i) for i in range(len(actions))], timeout)

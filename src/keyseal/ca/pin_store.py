@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import fcntl
 import hashlib
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from keyseal.atomic import write_atomic
+from keyseal.atomic import directory_locked, write_atomic
 from keyseal.errors import AccessDeniedError, BackendUnavailableError, InputError, KeysealError, StoreConflictError
 
 __all__ = ["ConfigMapPinStore", "DirectoryPinStore", "LazyPinStore", "PinStore"]
@@ -71,14 +69,8 @@ class DirectoryPinStore(PinStore):
                 raise StoreConflictError(f"{self.path} changed since it was read: reload it and decide again")
             write_atomic(self.path, data, mode=0o600)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return directory_locked(self.root)
 
 
 class ConfigMapPinStore(PinStore):

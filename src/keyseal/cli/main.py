@@ -39,7 +39,7 @@ _COMMANDS: dict[str, str] = {
 # (tests/test_startup.py holds each to the command's own help).
 _SHORT_HELP: dict[str, str] = {
     "agent": "Run the node agent: join the trust-domain server and serve SVIDs to local workloads.",
-    "audit": "The audit log: one hash-chained line per signature keyseal made.",
+    "audit": "The audit log: one hash-chained line per signature keyseal made, with signed checkpoints.",
     "bundle": "Fetch a trust-domain server's trust bundle, pinned by the CA fingerprint it printed at start-up.",
     "checksums": "Write a checksum manifest (`<hex>  <name>` lines, names without directories), then sign it "
                  "with `keyseal sign`.",

@@ -47,12 +47,14 @@ def run_guarded(run: Callable[[], object]) -> NoReturn:
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def default_signature_path(data: Path) -> Path:
+def default_signature_path(data: Path, option: str = "signature") -> Path:
+    """DATA.asc, else DATA.sig: where keyseal and gpg put a detached signature when none is named (`option` is
+    what the user could have named it with, for the error)."""
     for suffix in (".asc", ".sig"):
         candidate = data.with_name(data.name + suffix)
         if candidate.exists():
             return candidate
-    raise InputError(f"no signature given and neither {data.name}.asc nor {data.name}.sig exists")
+    raise InputError(f"no {option} given and neither {data.name}.asc nor {data.name}.sig exists")
 
 
 def verify_openpgp(certs: tuple[Path, ...], file: Path, signature: Path | None, threshold: int = 1,

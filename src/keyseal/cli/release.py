@@ -9,7 +9,8 @@ import click
 
 from keyseal.atomic import refuse_existing, write_atomic
 from keyseal.cli.common import format_time, json_option
-from keyseal.errors import InputError, KeysealError, UsageError, VerificationError
+from keyseal.cli.quick import default_signature_path
+from keyseal.errors import KeysealError, UsageError, VerificationError
 from keyseal.inputfile import read_input
 from keyseal.openpgp.manifest import DIGESTS, build_manifest
 from keyseal.openpgp.trust import POLICIES, Combined, CrossCheck, Resolver, TrustSet, WkdResolver, verify_release
@@ -37,14 +38,6 @@ def checksums(files: tuple[Path, ...], output: Path | None, digest: str, force: 
         return
     write_atomic(output, manifest, mode=0o644, force=force)
     click.echo(str(output))
-
-
-def _signature_for(manifest: Path) -> Path:
-    for suffix in (".asc", ".sig"):
-        candidate = manifest.with_name(manifest.name + suffix)
-        if candidate.exists():
-            return candidate
-    raise InputError(f"no --sig given and neither {manifest.name}.asc nor {manifest.name}.sig exists")
 
 
 @click.command("verify-release")
@@ -85,7 +78,7 @@ def verify_release_command(manifest: Path, signature: Path | None, certs: tuple[
             trust = CrossCheck(trust, remotes[0] if len(remotes) == 1 else Combined(*remotes),
                                wkd_policy,  # type: ignore[arg-type]
                                warn=lambda message: click.echo(f"keyseal: warning: {message}", err=True))
-        sig_path = signature or _signature_for(manifest)
+        sig_path = signature or default_signature_path(manifest, "--sig")
         with files_meter(artifacts, "checking"):
             result = verify_release(manifest, read_input(sig_path, "signature"), list(artifacts), trust,
                                     threshold=threshold)

@@ -8,13 +8,10 @@ must still be the revision the writer read.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
-from keyseal.atomic import write_atomic
+from keyseal.atomic import directory_locked, write_atomic
 from keyseal.errors import InputError, StoreConflictError
 from keyseal.store import RecordStore
 from keyseal.wrapping.ledger import VersionLedger, default_ledger
@@ -70,15 +67,8 @@ class DirectoryStore(RecordStore):
             write_atomic(self.path(name), data, mode=RECORD_MODE)
         return _revision(data)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """An exclusive flock on the directory itself: no lock file is left beside the user's records."""
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return directory_locked(self.root)
 
 
 def _revision(data: bytes) -> str:
