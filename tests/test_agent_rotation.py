@@ -272,7 +272,7 @@ def test_metrics_listen_is_checked() -> None:
 def test_a_stored_entry_with_a_reserved_id_is_never_served(tmp_path: Path) -> None:
     """An entry giving a workload an agent's ID (written before that was refused, or by hand into the store)
     is neither listed for the agent nor issued: it would let one node act as another over mTLS."""
-    import json
+    import sqlite3
 
     from keyseal.ca.config import parse_config
     from keyseal.ca.entries import entry_store_for
@@ -282,11 +282,11 @@ def test_a_stored_entry_with_a_reserved_id_is_never_served(tmp_path: Path) -> No
     store = entry_store_for(config)
     parent = f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-1"
     kept = store.create(SVC, parent, ("unix:uid:1001",))
-    (path,) = (tmp_path / "store").glob("*-entries.json")
-    data = json.loads(path.read_text())
-    data["entries"].append({**data["entries"][0], "entry_id": "forged",
-                            "spiffe_id": f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-2"})
-    path.write_text(json.dumps(data))
+    (path,) = (tmp_path / "store").glob("*-entries.db")
+    with sqlite3.connect(path) as database:  # written into the store by hand, past `keyseal entry create`
+        database.execute("INSERT INTO entries SELECT 'forged', ?, parent_id, parent_key, selectors, x509_ttl, "
+                         "jwt_ttl, federates_with FROM entries", (f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-2",))
+    database.close()
     assert [e.entry_id for e in store.entries()] == [kept.entry_id, "forged"]  # it is in the store ...
     assert [e.entry_id for e in store.for_agent(parent)] == [kept.entry_id]  # ... but never handed out
     assert store.get("forged") is None and store.get(kept.entry_id) == kept

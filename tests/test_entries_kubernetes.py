@@ -28,7 +28,7 @@ from keyseal.agent.main import Agent
 from keyseal.ca.bundle_configmap import BUNDLE_KEY, ENVIRONMENT, BundleConfigMap
 from keyseal.ca.config import Config, parse_config
 from keyseal.ca.entries import entry_store_for, join_tokens_for, token_digest
-from keyseal.ca.entries_kube import ENTRY_CACHE_SECONDS, KubeEntryStore, KubeJoinTokens, entry_id_for
+from keyseal.ca.entries_kube import KubeEntryStore, KubeJoinTokens, entry_id_for
 from keyseal.ca.server import CaServer
 from keyseal.errors import UsageError
 from tests.conftest import assert_one_line_error, run_keyseal
@@ -294,16 +294,22 @@ def test_stored_data_is_checked(kube_api: KubeApi, namespace: str, tmp_path: Pat
         fresh_store.delete("../../wrappedkeys/x")
 
 
-def test_server_cache_sees_changes_within_a_second(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
+def test_the_cli_view_reads_the_api_and_the_server_view_watches(kube_api: KubeApi, namespace: str,
+                                                                  tmp_path: Path) -> None:
+    """(The watch itself: tests/test_entries_watch.py.)"""
     config = config_for(tmp_path, kube_api, namespace)
-    server_view = entry_store_for(config, kube_api.api_client())
+    server_view = entry_store_for(config, kube_api.api_client(), serving=True)
     assert isinstance(server_view, KubeEntryStore)
-    assert server_view.entries() == []
-    created = entry_store_for(config, kube_api.api_client()).create(f"spiffe://{TRUST_DOMAIN}/w", AGENT,
-                                                                 ("unix:uid:1",))
-    assert server_view.get(created.entry_id) is None  # read a moment ago: one list per second at most
-    time.sleep(ENTRY_CACHE_SECONDS + 0.05)
-    assert server_view.get(created.entry_id) == created
+    try:
+        assert server_view.entries() == []
+        created = entry_store_for(config, kube_api.api_client()).create(f"spiffe://{TRUST_DOMAIN}/w", AGENT,
+                                                                     ("unix:uid:1",))
+        deadline = time.monotonic() + 1
+        while server_view.get(created.entry_id) != created:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        server_view.close()
 
 
 def test_missing_crd_and_refusals_are_clear(kube_api: KubeApi, tmp_path: Path) -> None:
@@ -399,6 +405,7 @@ def test_agent_end_to_end_on_the_kubernetes_store(kube_api: KubeApi, namespace: 
         assert {c[:3] for c in server_calls} >= {("update", "", "configmaps"), ("get", "keyseal.dev", "jointokens"),
                                                  ("delete", "keyseal.dev", "jointokens"),
                                                  ("list", "keyseal.dev", "registrationentries"),
+                                                 ("watch", "keyseal.dev", "registrationentries"),
                                                  ("create", "keyseal.dev", "joinedagents")}
         refused = [c for c in server_calls if not allowed_by(role, *c)]
         assert refused == []

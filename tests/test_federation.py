@@ -432,6 +432,46 @@ def test_entries_name_the_trust_domains_they_federate_with(tmp_path: Path) -> No
         store.create(f"spiffe://{A}/x", agent, (ME,), 0, 0, ("Not A Domain",))
 
 
+def test_a_federated_bundle_update_reaches_an_agent_holding_the_old_revision(domains: tuple[Domain, Domain]) -> None:
+    """An incremental sync's revision covers, in its bundle part, the foreign bundles the agent's entries federate
+    with: when the server takes a newer bundle of a federated trust domain, an agent that syncs with the revision
+    from before gets it (and not its unchanged entries)."""
+    from tests.harness.agent import agent_call
+    from tests.harness.ca import make_csr, new_key
+
+    a, b = domains
+    bootstrap(a, b)
+    server_a = a.start([b])
+    b.start([a])
+    a.entry("/web", (B,))
+    token, _ = join_tokens_for(server_a.config).issue("node-1", timedelta(minutes=5))
+    key = new_key()
+    status, joined = agent_call(server_a, None, "/v1/agent/join", {"token": token, "csr": make_csr(key)})
+    assert status == 200, joined
+    identity = (key, x509.load_pem_x509_certificate(joined["certChain"][0].encode()))
+
+    def sync(document: dict[str, Any]) -> dict[str, Any]:
+        status, answer = agent_call(server_a, identity, "/v1/agent/sync", document)
+        assert status == 200, answer
+        assert isinstance(answer, dict)
+        return answer
+
+    first = sync({})
+    sequence = first["federatedBundles"][B]["spiffe_sequence"]
+    revision = first["revision"]
+    assert sync({"revision": revision}).keys() == {"agentID", "revision"}
+
+    # B publishes another bundle (a new refresh hint: a new document with a higher sequence) and A fetches it.
+    b.stop()
+    b.start([a], bundle={"refreshHint": "7s"})
+    assert server_a.federation.refresh(B) is True
+    answer = sync({"revision": revision})
+    assert answer["revision"] != revision and "entries" not in answer
+    assert answer["federatedBundles"][B]["spiffe_sequence"] > sequence
+    assert answer["federatedBundles"][B]["spiffe_refresh_hint"] == 7
+    assert sync({"revision": answer["revision"]}).keys() == {"agentID", "revision"}
+
+
 @pytest.mark.parametrize(("federation", "message"), [
     ({"trustDomains": [{"trustDomain": B, "bundleEndpointURL": "https://b/", "profile": "https_spiffe"}]},
      "needs endpointSPIFFEID"),

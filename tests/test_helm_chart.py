@@ -102,7 +102,7 @@ def test_default_render(chart: helm_python.Chart) -> None:
 
 STORE_RULES = [
     {"apiGroups": ["keyseal.dev"], "resources": ["wrappedkeys"], "verbs": ["get", "create", "update"]},
-    {"apiGroups": ["keyseal.dev"], "resources": ["registrationentries"], "verbs": ["list"]},
+    {"apiGroups": ["keyseal.dev"], "resources": ["registrationentries"], "verbs": ["list", "watch"]},
     {"apiGroups": ["keyseal.dev"], "resources": ["jointokens"], "verbs": ["get", "delete"]},
     {"apiGroups": ["keyseal.dev"], "resources": ["joinedagents"], "verbs": ["get", "create", "update"]},
 ]

@@ -40,7 +40,7 @@ class World:
         config = K8sConfig("test", templates=True, template_interval=timedelta(seconds=1))
         self.reconciler = TemplateReconciler(config, TD, PREFIX, self.store_ns, cluster.api_client())
         self.store = KubeEntryStore(_Resources(self.custom, self.store_ns, "registrationentries", cluster.url), TD,
-                                    PREFIX, cache_seconds=0)
+                                    PREFIX)  # not watched: reads the API each time
         self.templates: list[str] = []
         self.node = cluster.node(f"node-{self.tag}")
 

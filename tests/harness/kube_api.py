@@ -12,6 +12,15 @@ EMULATOR ADDITION (test harness only): kmock 0.8 keeps objects and serves GET/PO
   details name the object), and a resource named in `unserved` (a CRD that was never applied) with the API
   server's plain `404 page not found`; a resource named in `failing` is answered 503 ServiceUnavailable (an
   API server that is overloaded or cannot reach etcd).
+- WATCH (added for the informer, #19): a list answers `metadata.resourceVersion` (kmock answers "..."); a delete
+  takes a new resourceVersion for its DELETED event; every event is kept in a log, and a watch with
+  `resourceVersion=N` streams the events after N from it, then live ones; with `allowWatchBookmarks=true` it
+  sends a BOOKMARK (only `metadata.resourceVersion`) every `bookmark_seconds` while idle; `timeoutSeconds` ends
+  it. `compact()` forgets the log, as etcd compaction does, and ends every open watch: a watch from a version
+  before that point gets the API server's answer, an ERROR event with a Status of code 410 ("too old resource
+  version", reason Expired). `end_watches()` ends open watches without compacting (a dropped connection).
+  One approximation: a list reads the version before the objects, so a write racing it may be both listed and
+  streamed after it (delivered twice, never missed); the real API gives the exact version of the snapshot.
 keyseal's Kubernetes store is not changed to suit the emulator; it only speaks the real API's contract.
 
 EMULATED PARTITION (test harness only): `KubeApi.api_client(client_id)` names its requests with the header
@@ -23,6 +32,7 @@ answered, nothing changed. Other clients are served as before.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import copy
 import datetime
 import threading
@@ -57,6 +67,18 @@ class ResourceVersionedEmulator(KubernetesEmulator):
     dropped: int = 0
     unserved: set[str] = attrs.field(factory=set)  # plurals answered as a CRD that is not installed
     failing: set[str] = attrs.field(factory=set)  # plurals answered 503, as by an API server in trouble
+    # WATCH (EMULATOR ADDITION, #19): the event log and what compaction forgot.
+    bookmark_seconds: float = 0.5
+    compacted: int = 0
+    watch_generation: int = 0
+    watches_served: int = 0
+    _event_versions: list[int] = attrs.field(factory=list)
+    _events: list[tuple[Any, dict[str, Any]]] = attrs.field(factory=list)
+    _changed: asyncio.Condition = attrs.field(factory=asyncio.Condition)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._buses = _Recorders(self)  # every event the base emulator emits is logged with its version
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         client = request.headers.get(CLIENT_HEADER)
@@ -84,10 +106,98 @@ class ResourceVersionedEmulator(KubernetesEmulator):
         self.counter += 1
         return str(self.counter)
 
+    async def _record(self, resource: Any, event: dict[str, Any]) -> None:
+        """EMULATOR ADDITION: log an event; a deletion takes a new resourceVersion, as in the API server."""
+        event = {"type": event["type"], "object": copy.deepcopy(event["object"])}
+        meta = event["object"].setdefault("metadata", {})
+        if event["type"] == "DELETED":
+            meta["resourceVersion"] = self._next_version()
+        self._event_versions.append(int(meta.get("resourceVersion") or self.counter))
+        self._events.append((resource, event))
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def compact(self) -> None:
+        """EMULATOR ADDITION: forget the log (etcd compaction) and end open watches."""
+        async with self._lock:
+            self.compacted = self.counter
+            self._events.clear()
+            self._event_versions.clear()
+        await self.end_watches()
+
+    async def end_watches(self) -> None:
+        self.watch_generation += 1
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _serve_list(self, request: kmock.Request) -> Any:
+        version = str(self.counter)  # read before the objects: see the approximation in the module docstring
+        answer = await super()._serve_list(request)
+        answer["metadata"] = {**answer.get("metadata", {}), "resourceVersion": version}
+        return answer
+
+    async def _serve_watch(self, request: kmock.Request) -> Any:
+        """EMULATOR ADDITION: a watch from a resourceVersion, with bookmarks, timeoutSeconds and 410 Gone."""
+        yield b""  # headers first, as kmock's own watch does
+        self.watches_served += 1
+        loop = asyncio.get_running_loop()
+        params = request.params
+        since = str(params.get("resourceVersion") or "")
+        deadline = loop.time() + float(params.get("timeoutSeconds") or 1800)
+        bookmarks = _true(params.get("allowWatchBookmarks"))
+        generation = self.watch_generation
+        if since in ("", "0"):  # no version: the current objects as ADDED, then changes
+            async with self._lock:
+                position = self.counter
+                current = [copy.deepcopy(o.raw) for k, o in self._objects.items()
+                           if k[0] == request.resource and not o.deleted and self._mine(request, o.raw)]
+            for raw in current:
+                yield {"type": "ADDED", "object": raw}
+        else:
+            position = int(since) if since.isdigit() else -1
+            if position < self.compacted:
+                yield {"type": "ERROR", "object": {
+                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Expired",
+                    "code": 410, "message": f"too old resource version: {since} ({self.compacted})"}}
+                return
+        while True:
+            start = bisect.bisect_right(self._event_versions, position)
+            for version, (resource, event) in zip(self._event_versions[start:], self._events[start:], strict=True):
+                position = version
+                if resource == request.resource and self._mine(request, event["object"]):
+                    yield event
+            if self.watch_generation != generation or loop.time() >= deadline:
+                return
+            async with self._changed:
+                try:
+                    await asyncio.wait_for(self._changed.wait(),
+                                           min(self.bookmark_seconds, max(deadline - loop.time(), 0.01)))
+                    continue
+                except TimeoutError:
+                    pass
+            if bookmarks and position >= self.compacted and not self._has_after(position):
+                position = max(position, self.counter)
+                kind = request.resource.kind if hasattr(request.resource, "kind") else None
+                yield {"type": "BOOKMARK", "object": {"apiVersion": f"{request.resource.group}/v1",
+                                                      "kind": kind or "Object",
+                                                      "metadata": {"resourceVersion": str(position)}}}
+
+    def _has_after(self, position: int) -> bool:
+        return bool(self._event_versions) and self._event_versions[-1] > position
+
+    @staticmethod
+    def _mine(request: kmock.Request, raw: dict[str, Any]) -> bool:
+        return not request.namespace or (raw.get("metadata") or {}).get("namespace") == request.namespace
+
     async def _handle_versioned(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if request.action == kmock.action.LIST and _true(request.params.get("watch")):
+            # EMULATOR FIX (#19): the API server reads boolean query parameters as Go's strconv.ParseBool does,
+            # so `watch=True` (what the official Python client sends) is a watch; kmock knows only "true".
+            object.__setattr__(request, "action", kmock.action.WATCH)  # kmock tracks this very request object
         named = request.resource is not None and request.name is not None and not request.subresource
         if request.resource is not None:
-            self.verbs.append((_rbac_verb(request.method, named), str(request.resource.group or ""),
+            verb = "watch" if _true(request.params.get("watch")) else _rbac_verb(request.method, named)
+            self.verbs.append((verb, str(request.resource.group or ""),
                                str(request.resource.plural), str(request.name or "")))
         if named and request.method == kmock.method.PUT:
             return await self._replace(request)
@@ -176,6 +286,32 @@ class ResourceVersionedEmulator(KubernetesEmulator):
         return aiohttp.web.json_response(new)
 
 
+def _true(value: str | None) -> bool:
+    """A boolean query parameter as the API server reads it (Go's strconv.ParseBool)."""
+    return value in ("1", "t", "T", "TRUE", "true", "True")
+
+
+class _Recorders(dict[Any, "_Recorder"]):
+    """EMULATOR ADDITION: stands in for kmock's per-resource event buses; every put is logged for watches."""
+
+    def __init__(self, emulator: ResourceVersionedEmulator) -> None:
+        super().__init__()
+        self.emulator = emulator
+
+    def __missing__(self, resource: Any) -> _Recorder:
+        recorder = self[resource] = _Recorder(self.emulator, resource)
+        return recorder
+
+
+@attrs.define
+class _Recorder:
+    emulator: ResourceVersionedEmulator
+    resource: Any
+
+    async def put(self, event: dict[str, Any]) -> None:
+        await self.emulator._record(self.resource, event)
+
+
 def _rbac_verb(method: kmock.method | None, named: bool) -> str:
     """The RBAC verb the API server would authorize this request under."""
     verbs = {kmock.method.GET: "get" if named else "list", kmock.method.POST: "create",
@@ -257,6 +393,14 @@ class KubeApi:
                 return [copy.deepcopy(dict(v.raw)) for v in handler.objects[key].history if v is not None]
 
         return self.run(read())
+
+    def compact(self) -> None:
+        """EMULATOR ADDITION: etcd compaction; a watch from an older resourceVersion then gets 410 Gone."""
+        self.run(self._handler().compact())
+
+    def end_watches(self) -> None:
+        """EMULATOR ADDITION: end every open watch, as a dropped connection or an API server restart does."""
+        self.run(self._handler().end_watches())
 
     def conflicts(self, namespace: str) -> list[tuple[str, str]]:
         """The (namespace, name) of every write refused with 409 in `namespace`, oldest first. The peer is shared

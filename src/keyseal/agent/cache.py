@@ -119,6 +119,8 @@ class AgentCache:
         self.sync_failures = 0
         self.agent_expires: datetime | None = None
         self._agent_issued: datetime | None = None
+        self.revision: str | None = None  # what the last sync answered (see keyseal.ca.agents sync)
+        self.incremental = True
         # The agent SVID expired, or the server refused it: only a new join helps (keyseal.agent.main rejoins).
         self.needs_join = False
 
@@ -244,18 +246,8 @@ class AgentCache:
                                and _due(self._agent_issued, self.agent_expires, now)):
                 key = ec.generate_private_key(ec.SECP256R1())
                 self._take_agent_svid(key, self.client.call("/v1/agent/renew", {"csr": make_csr(key)}))
-            answer = self.client.call("/v1/agent/sync", {})
-            changed |= self._take_bundle(answer["bundle"])
-            changed |= self._take_federated(answer.get("federatedBundles") or {})
-            entries = tuple(Entry.from_json(e) for e in answer["entries"])
-            if entries != self.entries:
-                removed = {e.entry_id for e in self.entries} - {e.entry_id for e in entries}
-                for entry_id in removed:
-                    self.x509.pop(entry_id, None)
-                self._drop_jwt(lambda key, _: key[0] in removed)
-                self.entries = entries
-                changed = True
-            for entry in entries:
+            changed |= self._take_sync(self._call_sync())
+            for entry in self.entries:
                 cached = self.x509.get(entry.entry_id)
                 if cached is None or cached.entry != entry or _due(cached.issued, cached.expires, now):
                     self.x509[entry.entry_id] = self._fetch_x509(entry)
@@ -288,6 +280,39 @@ class AgentCache:
         if changed:
             self._changed()
         self.synced.set()
+
+    def _take_sync(self, answer: dict[str, Any]) -> bool:
+        """Take the parts a sync answered (see `_call_sync`), then its revision; whether anything changed."""
+        changed = False
+        if "bundle" in answer:  # the bundle part of the revision differs: the bundle and the federated ones
+            changed |= self._take_bundle(answer["bundle"])
+            changed |= self._take_federated(answer.get("federatedBundles") or {})
+        entries = tuple(Entry.from_json(e) for e in answer["entries"]) if "entries" in answer else self.entries
+        if entries != self.entries:
+            removed = {e.entry_id for e in self.entries} - {e.entry_id for e in entries}
+            for entry_id in removed:
+                self.x509.pop(entry_id, None)
+            self._drop_jwt(lambda key, _: key[0] in removed)
+            self.entries = entries
+            changed = True
+        revision = answer.get("revision")  # taken once entries and bundle are: the next sync asks from here
+        self.revision = revision if isinstance(revision, str) else None
+        return changed
+
+    def _call_sync(self) -> dict[str, Any]:
+        """Ask for what changed since the revision held (everything at first); a server that does not know
+        revisions (it refuses the field) is asked the old way from then on."""
+        if self.revision is None or not self.incremental:
+            answer = self.client.call("/v1/agent/sync", {})
+        else:
+            try:
+                answer = self.client.call("/v1/agent/sync", {"revision": self.revision})
+            except ServerRefusedError as exc:
+                if exc.status != 400 or "revision" not in exc.message:
+                    raise
+                self.incremental = False
+                answer = self.client.call("/v1/agent/sync", {})
+        return answer
 
     def _fetch_x509(self, entry: Entry) -> CachedX509:
         key = ec.generate_private_key(ec.SECP256R1())

@@ -3,12 +3,16 @@
 After the join, an agent authenticates every call by mutual TLS with its own X.509-SVID
 (`spiffe://<td>/keyseal/agent/<name>`) as the client certificate. OpenSSL accepted the chain at handshake time,
 against the CA certificates the TLS context held then (and server.tls.clientCAFile); here the certificate is
-verified again, per request, against the live keysets at the server's clock, so a keyset that expired or a
-certificate from another CA the handshake trusts is refused, and it must be an agent's SPIFFE ID.
+verified again against the live keysets at the server's clock, so a keyset that expired or a certificate from
+another CA the handshake trusts is refused, and it must be an agent's SPIFFE ID. The chain check is remembered
+per certificate while the live keysets are the same ones; its validity at the server's clock is checked on
+every request.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -20,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from keyseal.ca.entries import AGENT_PATH, Entry, EntryStore, JoinTokens, entry_store_for, join_tokens_for
+from keyseal.ca.entry_index import entries_digest
 from keyseal.ca.jwtsvid import check_audience, issue_jwt_svid
 from keyseal.ca.spiffeid import parse_spiffe_id
 from keyseal.ca.x509svid import issue_x509_svid, parse_csr
@@ -34,6 +39,8 @@ __all__ = ["agent_routes"]
 
 log = logging.getLogger(__name__)
 
+VERIFIED_CACHE = 65536  # agent certificates remembered as verified (about 100 bytes each, plus the DER)
+
 
 class AgentApi:
     def __init__(self, api: Api) -> None:
@@ -41,13 +48,20 @@ class AgentApi:
         self._entries: EntryStore | None = None
         self._tokens: JoinTokens | None = None
         self._psat: PsatAttestor | None = None
+        self._bundle_tag: tuple[bytes, str] | None = None  # the served bundle's JSON and its digest
+        self._verified: dict[bytes, tuple[tuple[x509.Certificate, ...], str, datetime, datetime]] = {}
 
     @property
     def entries(self) -> EntryStore:
         """The server store's entries, opened at the first agent call (a Kubernetes store needs its API)."""
         if self._entries is None:
-            self._entries = entry_store_for(self.api.config, self.api.kube_api_client)
+            self._entries = entry_store_for(self.api.config, self.api.kube_api_client, serving=True)
         return self._entries
+
+    def close(self) -> None:
+        """Stop what the entry store runs (a Kubernetes store's watch)."""
+        if self._entries is not None:
+            self._entries.close()
 
     @property
     def tokens(self) -> JoinTokens:
@@ -82,11 +96,25 @@ class AgentApi:
                                                        "this trust domain: renew it in time, or join again") from None
 
     def _verify_agent(self, der: bytes) -> str:
-        leaf = x509.load_der_x509_certificate(der)
+        """The agent ID of a client certificate verified against the live CAs at the server's clock. A verified
+        certificate is remembered with its validity while the live CAs stay the same (a sync every few seconds
+        per agent otherwise rebuilds the same chain check); the validity is still checked at every request."""
         now = self.api.manager.clock()
         authorities = [k.ca_certificate for k, _ in self.api.manager.live(now)]
         if not authorities:
             raise ValueError("no live CA")
+        anchors = tuple(authorities)
+        known = self._verified.get(der)
+        if known is not None and known[0] == anchors and known[2] <= now < known[3]:
+            return known[1]
+        leaf = x509.load_der_x509_certificate(der)
+        agent_id = self._verify_chain(leaf, authorities, now)
+        if len(self._verified) >= VERIFIED_CACHE:
+            self._verified.clear()  # bounded: at worst every agent is verified once more
+        self._verified[der] = (anchors, agent_id, leaf.not_valid_before_utc, leaf.not_valid_after_utc)
+        return agent_id
+
+    def _verify_chain(self, leaf: x509.Certificate, authorities: list[x509.Certificate], now: datetime) -> str:
         verifier = PolicyBuilder().store(Store(authorities)).time(now).build_client_verifier()
         verified = verifier.verify(leaf, [])
         uris = [s.value for s in verified.subjects or [] if isinstance(s, x509.UniformResourceIdentifier)]
@@ -107,6 +135,14 @@ class AgentApi:
 
     def _bundle(self) -> dict[str, Any]:
         return self.api.bundle()[0]
+
+    def _bundle_tagged(self) -> tuple[dict[str, Any], str]:
+        """The bundle document as served and a digest of it, hashed again only when the served JSON changes."""
+        document, body = self.api.bundle()
+        cached = self._bundle_tag
+        if cached is None or cached[0] is not body:
+            cached = self._bundle_tag = (body, hashlib.sha256(body).hexdigest()[:32])
+        return document, cached[1]
 
     def _entry(self, agent_id: str, document: dict[str, Any], request: Request) -> Entry:
         entry_id = document.get("entryID")
@@ -205,13 +241,30 @@ class AgentApi:
                       "expires): %s", agent_id, exc.message)
 
     def sync(self, request: Request) -> Response:
+        """The agent's entries and the bundle. With `revision` (what an earlier answer said), only the parts that
+        changed since: an agent that is current gets an answer without either. The revision is a digest of
+        the agent's own entries and of the bundle, so every replica that holds the same entries gives the same
+        one, and costs O(the agent's entries) to check whatever the total (see docs/server-api.md)."""
         agent_id = self._agent(request)
-        self.api._body(request, set())
+        held = self.api._body(request, {"revision"}).get("revision")
+        if held is not None and (not isinstance(held, str) or len(held) > 200):
+            raise UsageError("revision must be the string an earlier sync answered")
         entries = self.entries.for_agent(agent_id)
+        bundle, bundle_tag = self._bundle_tagged()
         federation = self.api.federation
         federated = federation.documents({t for e in entries for t in e.federates_with}) if federation else {}
-        return self._json({"agentID": agent_id, "entries": [e.to_json() for e in entries],
-                           "bundle": self._bundle(), "federatedBundles": federated})
+        if federated:  # the bundle part covers the foreign bundles this agent gets, or their updates would be missed
+            bundle_tag = hashlib.sha256(
+                (bundle_tag + json.dumps(federated, sort_keys=True)).encode()).hexdigest()[:32]
+        entries_tag = entries_digest(entries)
+        held_entries, _, held_bundle = (held or "").partition(".")
+        answer: dict[str, Any] = {"agentID": agent_id, "revision": f"{entries_tag}.{bundle_tag}"}
+        if held is None or held_entries != entries_tag:
+            answer["entries"] = [e.to_json() for e in entries]
+        if held is None or held_bundle != bundle_tag:
+            answer["bundle"] = bundle
+            answer["federatedBundles"] = federated
+        return self._json(answer)
 
     def x509_svid(self, request: Request) -> Response:
         agent_id = self._agent(request)
@@ -250,6 +303,7 @@ def _agent_name(rest: str) -> bool:
 def agent_routes(api: Api) -> dict[str, tuple[str, Callable[[Request], Response]]]:
     """The agent endpoints, for Api's route table."""
     agents = AgentApi(api)
+    api.closers.append(agents.close)
     return {
         "/v1/agent/join": ("POST", agents.join),
         "/v1/agent/attest/k8s_psat": ("POST", agents.attest_k8s_psat),

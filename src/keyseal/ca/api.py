@@ -93,6 +93,7 @@ class Api:
             "/v1/x509-svid": ("POST", self._x509_svid),
             "/v1/jwt-svid": ("POST", self._jwt_svid),
         }
+        self.closers: list[Callable[[], None]] = []  # run by close(): e.g. the entries' watch
         from keyseal.ca.agents import agent_routes  # node agents and registration entries (docs/agent.md)
 
         self._routes.update(agent_routes(self))
@@ -102,6 +103,10 @@ class Api:
     def add_route(self, path: str, method: str, handler: Callable[[Request], Response]) -> None:
         """A route the server adds beside the API's own (e.g. /v1/federation)."""
         self._routes[path] = (method, handler)
+
+    def close(self) -> None:
+        for closer in self.closers:
+            closer()
 
     def handle(self, request: Request) -> Response:
         route = self._routes.get(request.path.split("?", 1)[0])

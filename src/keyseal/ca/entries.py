@@ -3,11 +3,11 @@
 They live beside the server's key records, in the store `store.type` names; `entry_store_for` and
 `join_tokens_for` pick the implementation. Entries are not secrets; a join token is kept only as its SHA-256.
 
-Directory store: JSON files (`<recordPrefix>-entries.json`, `<recordPrefix>-join-tokens.json`,
-`<recordPrefix>-agents.json` (joined agents and when their SVIDs expire), mode 0600).
-Every change is a read-modify-write under an exclusive lock on the file, written atomically, so the
-`keyseal entry` CLI and a running server (which redeems tokens) never lose each other's writes. The server
-re-reads a file only when its modification time or size changes.
+Directory store: entries in a SQLite database (`<recordPrefix>-entries.db`, see `keyseal.ca.entries_db`), join
+tokens and joined agents (when their SVIDs expire) in JSON files (`<recordPrefix>-join-tokens.json`,
+`<recordPrefix>-agents.json`, mode 0600). A change to those is a read-modify-write under an exclusive lock on the
+file, written atomically, so the `keyseal entry` CLI and a running server (which redeems tokens) never lose each
+other's writes. The server re-reads a file only when its modification time or size changes.
 
 Kubernetes store: one custom resource per entry and per token (see `keyseal.ca.entries_kube`).
 """
@@ -25,7 +25,7 @@ import re
 import secrets
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,17 +38,19 @@ from keyseal.wrapping.record import format_time
 
 __all__ = [
     "AGENT_PATH",
+    "ENTRY_ID_RE",
     "AgentRegistry",
     "AgentStillActiveError",
     "DirectoryAgentRegistry",
-    "DirectoryEntryStore",
     "DirectoryJoinTokens",
     "Entry",
     "EntryStore",
     "JoinTokens",
+    "Progress",
     "agent_registry_for",
     "check_selector",
     "entry_store_for",
+    "is_served",
     "join_tokens_for",
     "token_digest",
 ]
@@ -65,6 +67,15 @@ _AGENT_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_SELECTORS = 16
 MAX_ENTRY_TTL = 366 * 24 * 3600
 MAX_FEDERATES_WITH = 16
+Progress = Callable[[int], None]  # told how many more entries of a batch are done
+
+
+ENTRY_ID_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,61}[a-z0-9])?")
+
+
+def is_served(entry: Entry) -> bool:
+    """Whether an entry may be handed out at all (see `_reserved`)."""
+    return not _reserved(entry)
 
 
 def _reserved(entry: Entry) -> bool:
@@ -187,7 +198,12 @@ class EntryStore(abc.ABC):
         """Remove an entry; an unknown ID is a UsageError."""
 
     def for_agent(self, agent_id: str) -> list[Entry]:
+        """The entries this agent may serve, sorted by ID; stores answer from an index (see entry_index)."""
         return [e for e in self.entries() if e.parented_by(agent_id) and not _reserved(e)]
+
+    def close(self) -> None:
+        """Stop whatever the store runs in the background (a Kubernetes store's watch); most run nothing."""
+        return
 
     def get(self, entry_id: str) -> Entry | None:
         """The entry, unless it names a reserved ID: an entry written before that rule, or by hand into the
@@ -234,36 +250,70 @@ class EntryStore(abc.ABC):
         return self._add(self.check(Entry(secrets.token_hex(8), spiffe_id, parent_id, selectors, x509_ttl,
                                           jwt_ttl, federates_with)))
 
+    def new_id(self, entry: Entry) -> str:
+        """The ID a created entry gets when none is given."""
+        return secrets.token_hex(8)
 
-class DirectoryEntryStore(EntryStore):
-    def __init__(self, path: Path, trust_domain: str) -> None:
-        super().__init__(trust_domain)
-        self.file = _JsonFile(path)
+    def prepare(self, entries: list[Entry], labels: list[str] | None = None) -> list[Entry]:
+        """Check a batch before any of it is written: each entry as `check` does (a missing ID gets a new one),
+        and no two with the same ID or meaning. An error starts with the entry's label (default: its place in
+        the batch, from 1)."""
+        labels = labels or [str(n) for n in range(1, len(entries) + 1)]
+        checked: list[Entry] = []
+        ids: dict[str, str] = {}
+        meanings: dict[tuple[str, str, tuple[str, ...]], str] = {}
+        for label, given in zip(labels, entries, strict=True):
+            try:
+                if given.entry_id and not ENTRY_ID_RE.fullmatch(given.entry_id):
+                    raise UsageError(f"entry_id {given.entry_id[:70]!r}: use 1-63 lower-case letters, digits, "
+                                     f"'.' or '-', or leave it out")
+                entry = self.check(given)
+                if not entry.entry_id:
+                    entry = replace(entry, entry_id=self.new_id(entry))
+                meaning = (entry.spiffe_id, entry.parent_id, entry.selectors)
+                if entry.entry_id in ids:
+                    raise UsageError(f"entry_id {entry.entry_id} is given twice (first at {ids[entry.entry_id]})")
+                if meaning in meanings:
+                    raise UsageError(f"the same entry as at {meanings[meaning]}")
+            except (UsageError, SpiffeIdError) as exc:
+                raise type(exc)(f"{label}: {exc}") from None
+            ids[entry.entry_id], meanings[meaning] = label, label
+            checked.append(entry)
+        return checked
 
-    def entries(self) -> list[Entry]:
-        return [Entry.from_json(e) for e in self.file.read().get("entries", [])]
+    def create_many(self, entries: list[Entry], labels: list[str] | None = None,
+                    progress: Progress | None = None) -> list[Entry]:
+        """Create a batch, checked whole before the first write (see `prepare` and `_add_many`). `progress` is
+        called with 1 after each entry written (e.g. keyseal.progress.items_done for a bar)."""
+        labels = labels or [str(n) for n in range(1, len(entries) + 1)]
+        return self._add_many(self.prepare(entries, labels), labels, progress)
 
-    def _add(self, entry: Entry) -> Entry:
-        def add(data: dict[str, Any]) -> None:
-            entries = data.setdefault("entries", [])
-            for other in entries:
-                if (other["spiffe_id"], other["parent_id"], tuple(other["selectors"])) == \
-                        (entry.spiffe_id, entry.parent_id, entry.selectors):
-                    raise UsageError(f"entry {other['entry_id']} already gives {entry.spiffe_id} to these selectors")
-            entries.append(entry.to_json())
+    def _add_many(self, entries: list[Entry], labels: list[str], progress: Progress | None = None) -> list[Entry]:
+        """Store checked entries; a duplicate of a stored entry refuses the batch (as far as the store can),
+        with an error that starts with the entry's label."""
+        added = []
+        for label, entry in zip(labels, entries, strict=True):
+            try:
+                added.append(self._add(entry))
+            except UsageError as exc:
+                raise UsageError(f"{label}: {exc}") from None
+            if progress is not None:
+                progress(1)
+        return added
 
-        self.file.change(add)
-        return entry
+    def delete_many(self, entry_ids: list[str], progress: Progress | None = None) -> None:
+        """Delete these entries (`progress` as for `create_many`)."""
+        for entry_id in entry_ids:
+            self.delete(entry_id)
+            if progress is not None:
+                progress(1)
 
-    def delete(self, entry_id: str) -> None:
-        def remove(data: dict[str, Any]) -> None:
-            entries = data.get("entries", [])
-            kept = [e for e in entries if e["entry_id"] != entry_id]
-            if len(kept) == len(entries):
-                raise UsageError(f"no entry {entry_id[:40]!r}: see keyseal entry list")
-            data["entries"] = kept
-
-        self.file.change(remove)
+    def matching(self, selectors: tuple[str, ...], parent_id: str | None = None) -> list[Entry]:
+        """The entries that have all these selectors (and this parent, if given): what `delete --selector`
+        removes."""
+        wanted = {check_selector(s) for s in selectors}
+        return [e for e in self.entries() if wanted <= set(e.selectors)
+                and (parent_id is None or e.parent_id == parent_id)]
 
 
 DEFAULT_JOIN_TOKEN_MAX_TTL = timedelta(hours=1)
@@ -479,13 +529,18 @@ class DirectoryAgentRegistry(AgentRegistry):
         return forgotten
 
 
-def entry_store_for(config: Config, api_client: Any = None) -> EntryStore:
-    """The entries of the server's store (`api_client`: a Kubernetes ApiClient, else from the environment)."""
+def entry_store_for(config: Config, api_client: Any = None, *, serving: bool = False) -> EntryStore:
+    """The entries of the server's store (`api_client`: a Kubernetes ApiClient, else from the environment).
+    `serving`: for the server, which answers every agent sync from it (a Kubernetes store then keeps a watched
+    copy; the `keyseal entry` CLI reads the API directly instead)."""
     if config.store_type == "kubernetes":
         from keyseal.ca.entries_kube import KubeEntryStore
 
-        return KubeEntryStore.from_config(config, api_client)
-    return DirectoryEntryStore(config.store_path / f"{config.record_prefix}-entries.json", config.trust_domain)
+        return KubeEntryStore.from_config(config, api_client, watch=serving)
+    from keyseal.ca.entries_db import DirectoryEntryStore
+
+    return DirectoryEntryStore(config.store_path / f"{config.record_prefix}-entries.db", config.trust_domain,
+                               legacy=config.store_path / f"{config.record_prefix}-entries.json")
 
 
 def join_tokens_for(config: Config, api_client: Any = None) -> JoinTokens:

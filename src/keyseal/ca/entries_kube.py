@@ -9,26 +9,28 @@ keyseal.dev, v1; deploy/crds/), in the namespace of the WrappedKey records.
 - `JoinToken` `<recordPrefix>-join-<SHA-256 of the token>`: the token itself is never stored. Redeeming is a
   get, then a delete with preconditions (uid and resourceVersion): the API server deletes an object once, so of
   two replicas redeeming the same token exactly one gets 200 and joins the agent; the other gets 404 or 409.
-- The server re-lists entries at most once per `ENTRY_CACHE_SECONDS` (every agent syncs every few seconds).
-  A resource that is not a valid entry of this trust domain is skipped with a warning, never served.
+- The server lists entries once, then watches them (keyseal.ca.kube_watch) into an index by parent
+  (keyseal.ca.entry_index): a change by any writer reaches every replica as the API server streams it, and an
+  agent's sync reads only its own entries. A resource that is not a valid entry of this trust domain is skipped
+  with a warning, never served. Join tokens are read only at a join, by name (get): they are not watched.
 
 - `JoinedAgent` `<recordPrefix>-agent-<32 hex of SHA-256 of the agent ID>`: when the newest SVID the server
   issued to an agent expires (written at join and renewal), so a join token for a running agent is refused.
 
-RBAC: the server needs list on registrationentries, get, delete on jointokens and get, create, update on
-joinedagents; `keyseal entry` (an operator's kubeconfig) needs create, list, delete on entries and tokens, and
+RBAC: the server needs list, watch on registrationentries, get, delete on jointokens and get, create, update on
+joinedagents; `keyseal entry` (an operator's kubeconfig) needs create, list, get, delete on entries and tokens, and
 `join-token --replace` delete on joinedagents (it forgets the running agent: the token itself cannot say replace).
 Create on jointokens mints agent identities: it is as sensitive as administering the CA.
 """
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
 import re
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +40,12 @@ from keyseal.ca.entries import (
     Entry,
     EntryStore,
     JoinTokens,
+    Progress,
     StoredToken,
+    is_served,
 )
+from keyseal.ca.entry_index import EntryIndex
+from keyseal.ca.kube_watch import Informer
 from keyseal.errors import AccessDeniedError, BackendUnavailableError, KeysealError, UsageError
 from keyseal.store.kubernetes import (
     GROUP,
@@ -57,7 +63,7 @@ if TYPE_CHECKING:
 
     from keyseal.ca.config import Config
 
-__all__ = ["ENTRY_CACHE_SECONDS", "KubeAgentRegistry", "KubeEntryStore", "KubeJoinTokens", "entry_id_for"]
+__all__ = ["KubeAgentRegistry", "KubeEntryStore", "KubeJoinTokens", "entry_id_for"]
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +71,9 @@ ENTRIES = "registrationentries"
 ENTRY_KIND = "RegistrationEntry"
 JOIN_TOKENS = "jointokens"
 JOIN_KIND = "JoinToken"
+MAX_WARNED = 1000  # distinct invalid objects remembered, so each is logged once
 JOINED_AGENTS = "joinedagents"
 JOINED_KIND = "JoinedAgent"
-ENTRY_CACHE_SECONDS = 1.0
 LIST_PAGE = 500
 _ENTRY_ID_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,61}[a-z0-9])?")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -142,8 +148,14 @@ class _Resources:
         return True
 
     def list(self) -> list[dict[str, Any]]:
+        return self.list_with_version()[0]
+
+    def list_with_version(self) -> tuple[builtins.list[dict[str, Any]], str]:
+        """Every object, in pages, and the resourceVersion of the list (of its first page: later pages continue
+        the same snapshot), to watch from."""
         items: list[dict[str, Any]] = []
         token: str | None = None
+        version = ""
         while True:
             options: dict[str, Any] = {"limit": LIST_PAGE}
             if token:
@@ -156,9 +168,11 @@ class _Resources:
                     raise
                 raise self.translate(exc, "list", None) from None
             items.extend(i for i in page.get("items") or [] if isinstance(i, dict))
-            token = (page.get("metadata") or {}).get("continue")
+            metadata = page.get("metadata") or {}
+            version = version or str(metadata.get("resourceVersion") or "")
+            token = metadata.get("continue")
             if not token:
-                return items
+                return items, version
 
     def translate(self, exc: Exception, verb: str, name: str | None) -> KeysealError:
         status = status_of(exc)
@@ -201,38 +215,86 @@ def _metadata(name: str, namespace: str) -> dict[str, Any]:
 
 
 class KubeEntryStore(EntryStore):
-    """Entries as `RegistrationEntry` resources."""
+    """Entries as `RegistrationEntry` resources. With `watch` (the server), reads come from an index kept
+    current by an informer (see keyseal.ca.kube_watch); without (the CLI), from the API each time."""
 
-    def __init__(self, resources: _Resources, trust_domain: str, record_prefix: str,
-                 cache_seconds: float = ENTRY_CACHE_SECONDS) -> None:
+    def __init__(self, resources: _Resources, trust_domain: str, record_prefix: str, watch: bool = False) -> None:
         super().__init__(trust_domain)
         self.resources = resources
         self.prefix = record_prefix
-        self.cache_seconds = cache_seconds
+        self.watch = watch
         self._name_re = re.compile(re.escape(record_prefix) + r"-entry-(" + _ENTRY_ID_RE.pattern + ")")
         self._lock = threading.Lock()
-        self._cache: tuple[float, list[Entry]] | None = None
+        self._index = EntryIndex()
+        self.informer: Informer | None = None
         self._warned: set[tuple[str, str]] = set()
 
     @classmethod
-    def from_config(cls, config: Config, api_client: Any = None) -> KubeEntryStore:
-        return cls(_resources(config, api_client, ENTRIES), config.trust_domain, config.record_prefix)
+    def from_config(cls, config: Config, api_client: Any = None, watch: bool = False) -> KubeEntryStore:
+        return cls(_resources(config, api_client, ENTRIES), config.trust_domain, config.record_prefix, watch)
 
     def _name(self, entry_id: str) -> str:
         return f"{self.prefix}-entry-{entry_id}"
 
-    def entries(self) -> list[Entry]:
-        with self._lock:
-            now = time.monotonic()
-            if self._cache is not None and now - self._cache[0] < self.cache_seconds:
-                return list(self._cache[1])
-            found = sorted(self._read_all(), key=lambda e: e.entry_id)
-            self._cache = (now, found)
-            return list(found)
+    # -- the watched view -------------------------------------------------------------------------------------
 
-    def _read_all(self) -> list[Entry]:
+    def _view(self) -> EntryIndex | None:
+        """The watched index (started at the first read), or None when this store does not watch."""
+        if not self.watch:
+            return None
+        with self._lock:
+            if self.informer is None:
+                informer = Informer(self.resources, self._apply, self._reset)
+                informer.start()  # lists once: an unreachable API is the caller's error, as without watching
+                self.informer = informer
+        return self._index
+
+    def close(self) -> None:
+        """Stop watching (a server shutting down, or a test's replica)."""
+        with self._lock:
+            informer, self.informer = self.informer, None
+        if informer is not None:
+            informer.stop()
+
+    def _reset(self, objects: list[dict[str, Any]]) -> None:
+        self._index = EntryIndex(self._read_all(objects))
+
+    def _apply(self, name: str, obj: dict[str, Any] | None) -> None:
+        match = self._name_re.fullmatch(name)
+        if match is None:
+            return
+        entry = self._read_all([obj])[0:1] if obj is not None else []
+        if entry:
+            self._index.put(entry[0])
+        else:
+            self._index.remove(match.group(1))  # deleted, or changed into something not served
+
+    # -- reads ------------------------------------------------------------------------------------------------
+
+    def entries(self) -> list[Entry]:
+        view = self._view()
+        if view is not None:
+            return view.all()
+        return sorted(self._read_all(self.resources.list()), key=lambda e: e.entry_id)
+
+    def get(self, entry_id: str) -> Entry | None:
+        view = self._view()
+        if view is not None:
+            entry = view.get(entry_id)
+        elif _ENTRY_ID_RE.fullmatch(entry_id):
+            obj = self.resources.get(self._name(entry_id))
+            entry = next(iter(self._read_all([obj])), None) if obj is not None else None
+        else:
+            entry = None
+        return entry if entry is not None and is_served(entry) else None
+
+    def for_agent(self, agent_id: str) -> list[Entry]:
+        view = self._view()
+        return (view if view is not None else EntryIndex(self.entries())).for_agent(agent_id)
+
+    def _read_all(self, objects: list[dict[str, Any]]) -> list[Entry]:
         entries: list[Entry] = []
-        for obj in self.resources.list():
+        for obj in objects:
             metadata = obj.get("metadata") or {}
             match = self._name_re.fullmatch(str(metadata.get("name", "")))
             if match is None:
@@ -241,7 +303,7 @@ class KubeEntryStore(EntryStore):
                 entries.append(self._parse(match.group(1), obj.get("spec")))
             except (KeysealError, KeyError, TypeError, ValueError) as exc:
                 stamp = (str(metadata.get("name")), str(metadata.get("resourceVersion")))
-                if stamp not in self._warned:
+                if stamp not in self._warned and len(self._warned) < MAX_WARNED:
                     self._warned.add(stamp)
                     log.warning("skipped %s: not a valid registration entry of %s (%s)",
                                 self.resources.where(stamp[0]), self.trust_domain, str(exc)[:200])
@@ -261,13 +323,9 @@ class KubeEntryStore(EntryStore):
                       tuple(str(t) for t in federates_with))
         return self.check(entry)
 
-    def _add(self, entry: Entry) -> Entry:
-        for other in self._fresh():
-            if (other.spiffe_id, other.parent_id, other.selectors) == \
-                    (entry.spiffe_id, entry.parent_id, entry.selectors):
-                raise UsageError(f"entry {other.entry_id} already gives {entry.spiffe_id} to these selectors")
-        entry = Entry(entry_id_for(entry.spiffe_id, entry.parent_id, entry.selectors), entry.spiffe_id,
-                      entry.parent_id, entry.selectors, entry.x509_ttl, entry.jwt_ttl, entry.federates_with)
+    # -- writes -----------------------------------------------------------------------------------------------
+
+    def _body(self, entry: Entry) -> dict[str, Any]:
         spec: dict[str, Any] = {"spiffeID": entry.spiffe_id, "parentID": entry.parent_id,
                                 "selectors": list(entry.selectors)}
         if entry.x509_ttl:
@@ -276,26 +334,50 @@ class KubeEntryStore(EntryStore):
             spec["jwtSVIDTTL"] = entry.jwt_ttl
         if entry.federates_with:
             spec["federatesWith"] = list(entry.federates_with)
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": ENTRY_KIND,
+        return {"apiVersion": f"{GROUP}/{VERSION}", "kind": ENTRY_KIND,
                 "metadata": _metadata(self._name(entry.entry_id), self.resources.namespace), "spec": spec}
-        created = self.resources.create(body)
-        self._forget()
-        if not created:
-            raise UsageError(f"entry {entry.entry_id} already gives {entry.spiffe_id} to these selectors")
+
+    def _add(self, entry: Entry) -> Entry:
+        """One entry, named by its meaning: the API server's 409 on a second create of that name is the
+        duplicate check, O(1) and atomic; a watched view also catches a duplicate written under another name."""
+        entry = Entry(entry_id_for(entry.spiffe_id, entry.parent_id, entry.selectors), entry.spiffe_id,
+                      entry.parent_id, entry.selectors, entry.x509_ttl, entry.jwt_ttl, entry.federates_with)
+        view = self._view()
+        other = view.duplicate_of(entry) if view is not None else None
+        if other is not None or not self.resources.create(self._body(entry)):
+            raise UsageError(f"entry {other.entry_id if other else entry.entry_id} already gives "
+                             f"{entry.spiffe_id} to these selectors")
+        if view is not None:
+            view.put(entry)  # this replica sees its own write at once; the watch event brings the same
         return entry
+
+    def _add_many(self, entries: list[Entry], labels: list[str], progress: Progress | None = None) -> list[Entry]:
+        """Checked against every stored entry (one list, or the watched view) before the first create. The API
+        has no transaction: if another writer creates a clashing entry meanwhile, the entries before it stay
+        written and the error says how many."""
+        view = self._view()
+        known = view if view is not None else EntryIndex(self.entries())
+        for label, entry in zip(labels, entries, strict=True):
+            other = known.duplicate_of(entry) or known.get(entry.entry_id)
+            if other is not None:
+                raise UsageError(f"{label}: entry {other.entry_id} already gives {other.spiffe_id} to "
+                                 f"{'these selectors' if other.entry_id != entry.entry_id else 'its selectors'}")
+        for number, (label, entry) in enumerate(zip(labels, entries, strict=True)):
+            if not self.resources.create(self._body(entry)):
+                raise UsageError(f"{label}: entry {entry.entry_id} was created by another writer meanwhile; "
+                                 f"the {number} entries before it were written")
+            if view is not None:
+                view.put(entry)
+            if progress is not None:
+                progress(1)
+        return entries
 
     def delete(self, entry_id: str) -> None:
         if not _ENTRY_ID_RE.fullmatch(entry_id) or not self.resources.delete(self._name(entry_id)):
             raise UsageError(f"no entry {entry_id[:40]!r}: see keyseal entry list")
-        self._forget()
-
-    def _fresh(self) -> list[Entry]:
-        self._forget()
-        return self.entries()
-
-    def _forget(self) -> None:
-        with self._lock:
-            self._cache = None
+        view = self._view()
+        if view is not None:
+            view.remove(entry_id)
 
 
 class KubeJoinTokens(JoinTokens):

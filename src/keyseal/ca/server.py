@@ -360,6 +360,7 @@ class CaServer:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=10)
+        self.api.close()
         self.audit_console.close()
 
     def tick(self) -> None:
