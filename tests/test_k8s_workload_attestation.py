@@ -54,6 +54,9 @@ LAYOUTS = {
                f"kubelet-kubepods-besteffort-pod{UNDERSCORED}.slice/cri-containerd-{CID}.scope",
     # the agent in a cgroup namespace of its own sees other pods' cgroups relative to its own
     "v2-cgroupns": f"0::/../../kubepods-besteffort-pod{UNDERSCORED}.slice/cri-containerd-{CID}.scope",
+    # cgroup v1 with controllers the runtime does not manage left at the root, and hybrid mode's unified line
+    "v1-unmanaged-controllers": f"13:rdma:/\n12:net_cls,net_prio:/\n4:memory:/kubepods/pod{POD_UID}/{CID}\n"
+                                f"1:name=systemd:/kubepods/pod{POD_UID}/{CID}\n0::/system.slice/containerd.service",
 }
 
 
@@ -71,6 +74,16 @@ def test_cgroup_layouts(layout: str) -> None:
     f"0::/kubepods/pod{POD_UID}/{CID}/pod{uuid.uuid4()}/{'b' * 64}",  # ... dressed as another pod
     f"4:memory:/kubepods/pod{POD_UID}/{CID}\n3:pids:/kubepods/pod{POD_UID}/{'b' * 64}",  # lines disagree
     f"0::/kubepods/pod{POD_UID}/not-a-container-id",
+    # a node user's delegated systemd subtree (cgroup v2): the pod segment is not under the kubelet's root
+    f"0::/user.slice/user-1000.slice/user@1000.service/app.slice/pod{POD_UID}/{CID}",
+    f"0::/user.slice/user-1000.slice/user@1000.service/kubepods/pod{POD_UID}/{CID}",
+    f"0::/../../../user.slice/user-1000.slice/user@1000.service/pod{POD_UID}/{CID}",  # seen from a cgroupns
+    f"0::/system.slice/pod{POD_UID}/{CID}",  # a pod segment not under kubepods
+    # cgroup v1 hybrid: only the (user-delegated) name=systemd line spoofed, the controllers not in a pod
+    f"12:cpu,cpuacct:/user.slice\n1:name=systemd:/user.slice/user-1000.slice/user@1000.service/"
+    f"pod{POD_UID}/cri-containerd-{CID}.scope\n0::/user.slice/user-1000.slice/session-3.scope",
+    f"12:cpu,cpuacct:/user.slice\n1:name=systemd:/kubepods/pod{POD_UID}/{CID}",  # even a well-formed one
+    f"1:name=systemd:/kubepods/pod{POD_UID}/{CID}",  # no controller names the pod
     "",
 ])
 def test_cgroups_that_name_no_container(text: str) -> None:
@@ -146,6 +159,24 @@ def test_selectors_of_a_pod(cluster: Cluster, kubelet: KubeletPeer, node: str, t
     # The pod list is cached: a second call does not ask the kubelet again.
     assert attestor.selectors(peer_of(process)) == selectors
     assert kubelet.requests == 1
+
+
+def test_a_node_user_in_a_cgroup_dressed_as_a_pod_gets_no_k8s_selectors(
+        cluster: Cluster, kubelet: KubeletPeer, node: str, tmp_path: Path, process: subprocess.Popen[bytes]) -> None:
+    """A node user's process (outside any pod) moved into `pod<victim uid>/<victim container id>` below its own
+    delegated systemd subtree: both IDs are in the victim's world-readable /proc/<pid>/cgroup."""
+    victim = cluster.pod("payments", "api", node, "payments-api")
+    uid, cid = victim["metadata"]["uid"], victim["status"]["containerStatuses"][0]["containerID"].partition("://")[2]
+    attestor = K8sAttestor(settings(cluster, kubelet, node, tmp_path))
+    (tmp_path / "proc" / str(process.pid)).mkdir(parents=True)
+    cgroup = tmp_path / "proc" / str(process.pid) / "cgroup"
+    for text in (f"0::/user.slice/user-1000.slice/user@1000.service/app.slice/pod{uid}/{cid}\n",
+                 f"12:cpu,cpuacct:/user.slice\n1:name=systemd:/user.slice/user-1000.slice/user@1000.service/"
+                 f"pod{uid}/cri-containerd-{cid}.scope\n0::/user.slice/user-1000.slice/session-3.scope\n"):
+        cgroup.write_text(text)
+        assert attestor.selectors(peer_of(process)) == frozenset()
+    in_container(tmp_path, process.pid, victim)  # the same process in the victim's real cgroup: the control
+    assert "k8s:ns:payments" in attestor.selectors(peer_of(process))
 
 
 def test_a_container_the_kubelet_does_not_list_yet_gets_no_k8s_selectors(
@@ -239,6 +270,17 @@ def test_agent_configuration_for_kubernetes() -> None:
     ipv6 = parse_agent_config({**BASE, "joinToken": "t", "k8s": {"nodeName": "n", "kubeletURL": "https://${NODE_IP}:10250"}},
                               environ={"NODE_IP": "fd00::7"})
     assert ipv6.k8s is not None and ipv6.k8s.kubelet_url == "https://[fd00::7]:10250"
+    assert "/kubepods.slice" in ipv6.k8s.cgroup_roots
+    custom = parse_agent_config({**BASE, "joinToken": "t", "k8s": {"nodeName": "n", "cgroupRoots": ["/k8s/kubepods"]}})
+    assert custom.k8s is not None and custom.k8s.cgroup_roots == ("/k8s/kubepods",)
+
+
+def test_configured_cgroup_roots() -> None:
+    """A kubelet with a custom --cgroup-root: its pods are found only under the configured root."""
+    text = f"0::/k8s/kubepods/burstable/pod{POD_UID}/{CID}"
+    assert parse_cgroup(text) is None
+    assert parse_cgroup(text, ("/k8s/kubepods",)) == REF
+    assert parse_cgroup(f"0::/kubepods/pod{POD_UID}/{CID}", ("/k8s/kubepods",)) is None
 
 
 @pytest.mark.parametrize(("data", "message"), [
@@ -247,6 +289,8 @@ def test_agent_configuration_for_kubernetes() -> None:
     ({"joinToken": "t", "k8s": {"nodeName": "n", "kubeletURL": "http://n:10255"}}, "must be https"),
     ({"joinToken": "t", "k8s": {"nodeName": "n", "podListCacheTTL": "5m"}}, "at most 60s"),
     ({"joinToken": "t", "k8s": {"nodeName": "n", "insecure": True}}, "k8s must be a mapping"),
+    ({"joinToken": "t", "k8s": {"nodeName": "n", "cgroupRoots": ["user.slice"]}}, "absolute cgroup paths"),
+    ({"joinToken": "t", "k8s": {"nodeName": "n", "cgroupRoots": "/kubepods"}}, "absolute cgroup paths"),
     ({"k8sPSAT": {"tokenFile": ""}}, "k8sPSAT must be a mapping"),
     ({}, "no join token"),
 ])
@@ -259,7 +303,8 @@ def test_agent_kubernetes_configuration_is_checked(data: dict[str, Any], message
                                 st.lists(st.sampled_from([
                                     "kubepods", "kubepods.slice", f"pod{POD_UID}", f"kubepods-pod{UNDERSCORED}.slice",
                                     CID, f"cri-containerd-{CID}.scope", f"crio-conmon-{CID}.scope", "..", "",
-                                    "burstable", "x"]), max_size=6)), max_size=4),
+                                    "burstable", "x", "user.slice", "user@1000.service", "kubelet.slice",
+                                    "kubelet-kubepods.slice"]), max_size=6)), max_size=4),
        noise=st.text(max_size=40))
 @hypothesis_settings(max_examples=300, deadline=None)
 def test_any_cgroup_file_gives_at_most_the_container_it_names(lines: list[tuple[str, str, list[str]]],
@@ -268,3 +313,9 @@ def test_any_cgroup_file_gives_at_most_the_container_it_names(lines: list[tuple[
     text = "\n".join(f"{n}:{c}:/{'/'.join(parts)}" for n, c, parts in lines) + "\n" + noise
     found = parse_cgroup(text)
     assert found is None or found == REF
+    if found is not None:  # some line is anchored at the kubelet's cgroup root (or relative, inside it)
+        anchored = {"kubepods", "kubepods.slice", "kubelet.slice"}
+        relative = {f"pod{POD_UID}", f"kubepods-pod{UNDERSCORED}.slice", "burstable"}
+        assert any(c != "name=systemd" and ((parts[:1] and parts[0] in anchored) or
+                                           (parts[:1] == [".."] and any(p in relative for p in parts)))
+                   for _, c, parts in [(n, c, [p for p in ps if p]) for n, c, ps in lines])

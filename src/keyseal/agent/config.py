@@ -187,7 +187,7 @@ def _psat(value: object) -> Path | None:
     return Path(str(value["tokenFile"]))
 
 
-_K8S_KEYS = {"nodeName", "kubeletURL", "tokenFile", "kubeletCAFile", "procRoot", "podListCacheTTL"}
+_K8S_KEYS = {"nodeName", "kubeletURL", "tokenFile", "kubeletCAFile", "procRoot", "podListCacheTTL", "cgroupRoots"}
 
 
 def _k8s(value: object, environ: dict[str, str]) -> K8sSettings | None:
@@ -219,8 +219,13 @@ def _k8s(value: object, environ: dict[str, str]) -> K8sSettings | None:
     ttl = _seconds(value.get("podListCacheTTL", 2), "k8s.podListCacheTTL")
     if ttl > 60:
         raise UsageError("k8s.podListCacheTTL is at most 60s: a new pod waits that long for its identity")
+    roots = value.get("cgroupRoots", list(defaults.cgroup_roots))
+    if (not isinstance(roots, list) or not 1 <= len(roots) <= 16
+            or not all(isinstance(r, str) and re.fullmatch(r"(/[A-Za-z0-9@._-]+)+", r) and "/../" not in r + "/"
+                       for r in roots)):
+        raise UsageError("k8s.cgroupRoots must be a list of 1 to 16 absolute cgroup paths such as /kubepods.slice")
     return K8sSettings(
-        node_name=node_name, kubelet_url=url,
+        node_name=node_name, kubelet_url=url, cgroup_roots=tuple(roots),
         token_file=Path(expand("tokenFile")) if value.get("tokenFile") else defaults.token_file,
         kubelet_ca_file=Path(expand("kubeletCAFile")) if value.get("kubeletCAFile") else defaults.kubelet_ca_file,
         proc_root=Path(expand("procRoot")) if value.get("procRoot") else defaults.proc_root,

@@ -7,8 +7,12 @@ in every layout the container runtimes write under the kubelet:
 - systemd driver: `/kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid with '_'>.slice/
   <runtime>-<container-id>.scope`, runtime `cri-containerd` (containerd), `crio` (CRI-O) or `docker`
   (dockershim, cri-dockerd);
-- anything before the kubepods part (kind's `/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-...`, a
-  nested `/docker/<id>/`) and the `..` a reader in its own cgroup namespace sees.
+- kind's `/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-...`, other roots from `k8s.cgroupRoots`, and
+  the leading `..` a reader in its own cgroup namespace sees.
+
+The path must start at one of those roots (only root can make cgroups there): a node user can move a shell into
+`pod<victim uid>/<victim container id>` below its own delegated `user@.service` subtree, both IDs being in the
+victim's world-readable /proc/<pid>/cgroup. On cgroup v1 every controller line must agree (see parse_cgroup).
 
 CRI-O's `crio-conmon-<id>.scope` is the container monitor, not the container: it gets no k8s selectors. A
 process whose lines (cgroup v1 has one per hierarchy) disagree gets none either.
@@ -46,7 +50,11 @@ _ID = r"[0-9a-f]{64}"
 _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}"
 # pod segment: "pod<uid>" (cgroupfs) or "kubepods[-<qos>]-pod<uid_>.slice" (systemd; kind: "kubelet-kubepods-...")
 _POD_RE = re.compile(rf"(?:[a-z]+-)*pod({_UID})(?:\.slice)?")
+_QOS_RE = re.compile(r"(?:[a-z]+-)*(?:burstable|besteffort)(?:\.slice)?")
 _CONTAINER_RE = re.compile(rf"(?:(?:cri-containerd|crio|docker|containerd)-)?({_ID})(?:\.scope)?")
+# The kubelet's pod cgroup roots: cgroupfs driver, systemd driver, kind (kubelet --cgroup-root=/kubelet). Only
+# root can make cgroups there; a node user can make "pod<uid>/<id>" below their own delegated user@.service.
+DEFAULT_CGROUP_ROOTS: tuple[str, ...] = ("/kubepods", "/kubepods.slice", "/kubelet.slice/kubelet-kubepods.slice")
 MAX_CGROUP_BYTES = 64 * 1024
 MAX_POD_LIST_BYTES = 32 * 1024 * 1024
 
@@ -57,42 +65,94 @@ class ContainerRef:
     container_id: str
 
 
-def _from_path(path: str) -> ContainerRef | None:
-    segments = [s for s in path.split("/") if s and s != ".."]
-    for index, segment in enumerate(segments):
-        pod = _POD_RE.fullmatch(segment)
-        if pod is None or index + 1 >= len(segments):
+def _below_root(tail: list[str]) -> ContainerRef | None:
+    """[<qos>] pod<uid> <container>: what the kubelet and runtime make below the kubepods root."""
+    if tail and _QOS_RE.fullmatch(tail[0]):
+        tail = tail[1:]
+    if len(tail) != 2:
+        return None  # the pod's own cgroup, or something below a container: not a container's process
+    pod = _POD_RE.fullmatch(tail[0])
+    container = _CONTAINER_RE.fullmatch(tail[1])
+    if pod is None or container is None or tail[1].startswith("crio-conmon-"):
+        return None
+    return ContainerRef(pod.group(1).replace("_", "-"), container.group(1))
+
+
+def _from_path(path: str, roots: tuple[str, ...] = DEFAULT_CGROUP_ROOTS) -> ContainerRef | None:
+    """The container a cgroup path names, only if the path is anchored at one of the kubelet's roots.
+
+    A path starting with ".." is relative to the reader's cgroup namespace root (the agent's own pod cgroup):
+    it climbs to a common ancestor, which is inside the kubepods tree or the host root, so its first segment
+    after the ".." must be a suffix of a root, a QoS level or a pod, never a user's slice.
+    """
+    segments = [s for s in path.split("/") if s]
+    climbed = 0
+    while climbed < len(segments) and segments[climbed] == "..":
+        climbed += 1
+    segments = segments[climbed:]
+    if ".." in segments:
+        return None
+    for root in roots:
+        parts = [s for s in root.split("/") if s]
+        if not climbed:
+            if segments[:len(parts)] == parts:
+                return _below_root(segments[len(parts):])
             continue
-        if segments[index + 1].startswith("crio-conmon-"):
-            return None
-        container = _CONTAINER_RE.fullmatch(segments[index + 1])
-        if container is None or index + 2 != len(segments):
-            return None  # the pod's own cgroup, or something below a container: not a container's process
-        return ContainerRef(pod.group(1).replace("_", "-"), container.group(1))
+        for start in range(len(parts) + 1):  # the reader's namespace root is somewhere below the host's root
+            suffix = parts[start:]
+            if segments[:len(suffix)] == suffix:
+                found = _below_root(segments[len(suffix):])
+                if found is not None:
+                    return found
     return None
 
 
-def parse_cgroup(text: str) -> ContainerRef | None:
-    """The pod UID and container ID of a /proc/<pid>/cgroup file, or None (not in a pod, or lines disagree)."""
-    found: set[ContainerRef | None] = set()
+def parse_cgroup(text: str, roots: tuple[str, ...] = DEFAULT_CGROUP_ROOTS) -> ContainerRef | None:
+    """The pod UID and container ID of a /proc/<pid>/cgroup file, or None (not in a pod, or lines disagree).
+
+    cgroup v2 has one line, "0::<path>", which must name the container. cgroup v1 has one line per hierarchy:
+    every controller line must name the same container, except a controller left at the root "/" (one the
+    runtime does not manage, e.g. rdma or net_cls in some setups). At least one controller line must name it:
+    named hierarchies ("name=systemd") and hybrid mode's unified "0::" line can be delegated to a node user by
+    systemd, so they never decide alone; when they name a container it must be the same one.
+    """
+    unified: list[str] = []
+    controllers: list[str] = []
+    named: list[str] = []
     for line in text.splitlines():
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
-        found.add(_from_path(parts[2]))
-    found.discard(None)
-    if len(found) != 1:
+        if parts[0] == "0" and parts[1] == "":
+            unified.append(parts[2])
+        elif parts[1].startswith("name=") or parts[1] == "":
+            named.append(parts[2])
+        else:
+            controllers.append(parts[2])
+    if not controllers and not named:  # cgroup v2
+        found = {_from_path(p, roots) for p in unified}
+        return found.pop() if len(found) == 1 else None
+    deciding = {_from_path(p, roots) for p in controllers if p != "/"}
+    if len(deciding) != 1 or None in deciding:
         return None
-    return found.pop()
+    ref = deciding.pop()
+    for path in named + unified:
+        other = _from_path(path, roots)
+        if other is not None and other != ref:
+            return None
+        if other is None and path in named and path != "/":
+            return None  # a named hierarchy elsewhere: a user's spoof, or a process that is not the container's
+    return ref
 
 
-def container_of(pid: int, proc_root: Path) -> ContainerRef | None:
+def container_of(pid: int, proc_root: Path,
+                 roots: tuple[str, ...] = DEFAULT_CGROUP_ROOTS) -> ContainerRef | None:
     try:
         with open(proc_root / str(pid) / "cgroup", "rb") as handle:
             data = handle.read(MAX_CGROUP_BYTES)
     except OSError:
         return None
-    return parse_cgroup(data.decode("utf-8", "replace"))
+    return parse_cgroup(data.decode("utf-8", "replace"), roots)
 
 
 @dataclass(frozen=True)
@@ -104,6 +164,7 @@ class K8sSettings:
     proc_root: Path = Path("/proc")
     cache_seconds: float = 2.0
     min_refresh_seconds: float = 0.5  # a miss asks the kubelet again at most this often
+    cgroup_roots: tuple[str, ...] = DEFAULT_CGROUP_ROOTS  # where the kubelet's pod cgroups may start
 
 
 class KubeletClient:
@@ -197,7 +258,7 @@ class K8sAttestor:
     def selectors(self, peer: PeerCredentials) -> frozenset[str]:
         if peer.start is None:
             return frozenset()
-        ref = container_of(peer.pid, self.settings.proc_root)
+        ref = container_of(peer.pid, self.settings.proc_root, self.settings.cgroup_roots)
         if ref is None:
             return frozenset()  # not in a pod's container: nothing to say
         if start_time(peer.pid) != peer.start:
