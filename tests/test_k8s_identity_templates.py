@@ -85,7 +85,7 @@ def test_a_pod_gets_its_entry_and_loses_it_when_deleted(world: World) -> None:
     assert entry.spiffe_id == f"spiffe://{TD}/ns/shop/sa/web"
     assert entry.parent_id == agent_id_of(TD, "test", world.node["metadata"]["uid"])
     assert entry.selectors == ("k8s:ns:shop", f"k8s:pod-uid:{pod['metadata']['uid']}")
-    assert world.status(name) == {"podsSelected": 1, "entries": 1, "error": ""}
+    assert world.status(name) == {"podsSelected": 1, "entries": 1, "error": "", "podsSkipped": 0, "podError": ""}
     world.reconciler.reconcile()  # nothing to change: nothing written
     assert len(world.entries()) == 1
     world.cluster.delete_pod("shop", pod["metadata"]["name"])
@@ -145,6 +145,38 @@ def test_template_errors_show_in_the_status(world: World, template: str, error: 
     assert world.entries() == []
     status = world.status(name)
     assert error in status["error"] and status["podsSelected"] == 0
+
+
+def test_a_pod_the_template_cannot_name_is_skipped_not_the_whole_template(world: World) -> None:
+    """A pod named `keyseal` renders the reserved /keyseal path: that pod gets no entry, the others keep theirs."""
+    name = world.template({"spiffeIDTemplate": "spiffe://{{ .TrustDomain }}/{{ .PodMeta.Name }}/{{ .PodMeta.UID }}"})
+    world.pod("shop", "keyseal")  # listed first
+    web, db = world.pod("shop", f"web-{world.tag}"), world.pod("shop", f"db-{world.tag}")
+    world.reconciler.reconcile()
+    assert sorted(e.spiffe_id for e in world.entries()) == sorted(
+        f"spiffe://{TD}/{p['metadata']['name']}/{p['metadata']['uid']}" for p in (web, db))
+    status = world.status(name)
+    assert (status["podsSelected"], status["entries"], status["error"], status["podsSkipped"]) == (2, 2, "", 1)
+    assert status["podError"].startswith("shop/keyseal: ") and "not a workload SPIFFE ID" in status["podError"]
+    world.reconciler.reconcile()  # and the next pass deletes nothing
+    assert len(world.entries()) == 2
+
+
+def test_mirror_pods_get_no_entry_unless_the_template_says_so(world: World) -> None:
+    """A kubelet makes mirror pods of its static pods in any namespace: by default they are not workloads."""
+    name = world.template({"spiffeIDTemplate": DEFAULT})
+    pod = world.pod(f"kube-system-{world.tag}", f"static-{world.tag}", account="default")
+    world.cluster.core().patch_namespaced_pod(pod["metadata"]["name"], pod["metadata"]["namespace"], {
+        "metadata": {"annotations": {"kubernetes.io/config.mirror": "0123abcd",
+                                     "kubernetes.io/config.source": "file"}}})
+    world.reconciler.reconcile()
+    assert world.entries() == []
+    assert world.status(name)["podsSelected"] == 0
+    world.custom.patch_cluster_custom_object("keyseal.dev", "v1", "identitytemplates", name,
+                                             {"spec": {"includeMirrorPods": True}})
+    world.reconciler.reconcile()
+    (entry,) = world.entries()
+    assert entry.spiffe_id == f"spiffe://{TD}/ns/kube-system-{world.tag}/sa/default"
 
 
 def test_a_ttl_change_replaces_the_entry(world: World) -> None:

@@ -13,8 +13,14 @@ ClusterSPIFFEID: no entry per pod by hand.
 
 The template language is a small subset of Go templates: `{{ .Field }}` with the fields TrustDomain, ClusterName,
 PodMeta.Namespace, PodMeta.Name, PodMeta.UID, PodSpec.ServiceAccountName and PodSpec.NodeName; nothing else (no
-functions, no pipelines). A value that is not a valid SPIFFE ID path segment, or an ID outside the trust
-domain or under the reserved /keyseal path, is a template error.
+functions, no pipelines). A template that gives no valid workload SPIFFE ID for any pod (checked with harmless
+sample values: outside the trust domain, under the reserved /keyseal path, an unknown field) is a template error
+and gives no entries. A pod whose own values make an invalid or reserved ID (a pod or namespace named `keyseal` in
+`/{{ .PodMeta.Namespace }}/...`) is skipped alone: counted in `status.podsSkipped`, the first one's reason in
+`status.podError`; the template's other pods keep their entries.
+
+Mirror pods (annotation `kubernetes.io/config.mirror`: a kubelet's static pods, which it may create in any
+namespace) get no entry unless the template sets `includeMirrorPods: true`.
 
 The server runs a reconciler every `kubernetes.identityTemplates.interval`: for every running pod the templates
 select on a node that exists, one RegistrationEntry with selectors k8s:ns:<ns> and k8s:pod-uid:<uid>, parented
@@ -28,7 +34,7 @@ Several server replicas may reconcile at once: creates of the same entry are the
 done) and deletes of a gone one are 404, so they agree without a leader.
 
 RBAC: list pods, nodes, namespaces; list identitytemplates and patch identitytemplates/status; list, create,
-update, delete registrationentries in the store's namespace.
+update, delete registrationentries in the store's namespace (the store's own role).
 """
 
 from __future__ import annotations
@@ -111,11 +117,20 @@ def selects(selector: Any, labels: dict[str, str]) -> bool:
     return True
 
 
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
+# Harmless values for every field: a template that fails with them fails for every pod (a template error); one
+# that fails only for some pods (a pod named "keyseal" in ".../{{ .PodMeta.Name }}") skips those pods.
+_SAMPLE = {"PodMeta.Namespace": "namespace", "PodMeta.Name": "name", "PodMeta.UID": "uid",
+           "PodSpec.ServiceAccountName": "account", "PodSpec.NodeName": "node"}
+
+
 @dataclass
 class _Stats:
     pods: int = 0
     entries: int = 0
     error: str = ""
+    skipped: int = 0
+    pod_error: str = ""  # the first skipped pod's, as "<namespace>/<name>: <why>"
 
 
 class TemplateReconciler:
@@ -168,37 +183,45 @@ class TemplateReconciler:
             stat = stats[name] = _Stats()
             spec = template.get("spec") or {}
             try:
-                for pod in pods:
-                    body = self._entry_for(name, spec, pod, node_uids, namespaces)
-                    if body is None:
-                        continue
-                    stat.pods += 1
-                    stat.entries += 1
-                    desired.setdefault(body["metadata"]["name"], body)
+                self._check(spec)
             except TemplateError as exc:
                 stat.error = exc.message
-                stat.pods = stat.entries = 0
                 log.warning("identity template %s: %s", name, exc.message)
+                continue
+            for pod in pods:
+                try:
+                    body = self._entry_for(name, spec, pod, node_uids, namespaces)
+                except TemplateError as exc:
+                    metadata = pod.get("metadata") or {}
+                    where = f"{metadata.get('namespace')}/{metadata.get('name')}"
+                    stat.skipped += 1
+                    stat.pod_error = stat.pod_error or f"{where}: {exc.message}"
+                    log.warning("identity template %s: pod %s: %s", name, where, exc.message)
+                    continue
+                if body is None:
+                    continue
+                stat.pods += 1
+                stat.entries += 1
+                desired.setdefault(body["metadata"]["name"], body)
         return desired, stats
 
-    def _entry_for(self, template: str, spec: dict[str, Any], pod: dict[str, Any], node_uids: dict[str, str],
-                   namespaces: dict[str, dict[str, str]]) -> dict[str, Any] | None:
-        metadata, pod_spec = pod.get("metadata") or {}, pod.get("spec") or {}
-        namespace = str(metadata.get("namespace") or "")
-        if not selects(spec.get("namespaceSelector"), namespaces.get(namespace, {})):
-            return None
-        if not selects(spec.get("podSelector"), metadata.get("labels") or {}):
-            return None
-        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-            return None  # finished: its containers are gone
-        node_uid = node_uids.get(str(pod_spec.get("nodeName") or ""))
-        if node_uid is None:
-            return None  # not scheduled yet, or its node is gone: no agent could be given the entry
-        fields = {"TrustDomain": self.trust_domain, "ClusterName": self.config.cluster,
-                  "PodMeta.Namespace": namespace, "PodMeta.Name": str(metadata.get("name") or ""),
-                  "PodMeta.UID": str(metadata.get("uid") or ""),
-                  "PodSpec.ServiceAccountName": str(pod_spec.get("serviceAccountName") or "default"),
-                  "PodSpec.NodeName": str(pod_spec.get("nodeName") or "")}
+    def _check(self, spec: dict[str, Any]) -> None:
+        """The template's own errors, the same for every pod: its selectors, TTLs and a sample rendering."""
+        for key in ("podSelector", "namespaceSelector"):
+            selector = spec.get(key)
+            if selector is None:
+                continue
+            if not isinstance(selector, dict) or not isinstance(selector.get("matchLabels") or {}, dict) \
+                    or not isinstance(selector.get("matchExpressions") or [], list):
+                raise TemplateError(f"spec.{key} must be a LabelSelector (matchLabels, matchExpressions)")
+            for expression in selector.get("matchExpressions") or []:  # each alone: every operator is checked
+                selects({"matchExpressions": [expression]}, {})
+        include = spec.get("includeMirrorPods", False)
+        if not isinstance(include, bool):
+            raise TemplateError("spec.includeMirrorPods must be true or false")
+        self._id_and_ttls(spec, {"TrustDomain": self.trust_domain, "ClusterName": self.config.cluster, **_SAMPLE})
+
+    def _id_and_ttls(self, spec: dict[str, Any], fields: dict[str, str]) -> tuple[str, dict[str, int]]:
         template_text = spec.get("spiffeIDTemplate")
         if not isinstance(template_text, str) or not template_text:
             raise TemplateError("spec.spiffeIDTemplate is missing")
@@ -215,14 +238,37 @@ class TemplateReconciler:
                 if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 366 * 24 * 3600:
                     raise TemplateError(f"spec.{key} must be whole seconds, at most a year")
                 ttls[key] = value
+        return str(spiffe_id), ttls
+
+    def _entry_for(self, template: str, spec: dict[str, Any], pod: dict[str, Any], node_uids: dict[str, str],
+                   namespaces: dict[str, dict[str, str]]) -> dict[str, Any] | None:
+        metadata, pod_spec = pod.get("metadata") or {}, pod.get("spec") or {}
+        namespace = str(metadata.get("namespace") or "")
+        if not selects(spec.get("namespaceSelector"), namespaces.get(namespace, {})):
+            return None
+        if not selects(spec.get("podSelector"), metadata.get("labels") or {}):
+            return None
+        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            return None  # finished: its containers are gone
+        if MIRROR_ANNOTATION in (metadata.get("annotations") or {}) and spec.get("includeMirrorPods") is not True:
+            return None  # a static pod's mirror: its kubelet alone made it, in any namespace it chose
+        node_uid = node_uids.get(str(pod_spec.get("nodeName") or ""))
+        if node_uid is None:
+            return None  # not scheduled yet, or its node is gone: no agent could be given the entry
+        fields = {"TrustDomain": self.trust_domain, "ClusterName": self.config.cluster,
+                  "PodMeta.Namespace": namespace, "PodMeta.Name": str(metadata.get("name") or ""),
+                  "PodMeta.UID": str(metadata.get("uid") or ""),
+                  "PodSpec.ServiceAccountName": str(pod_spec.get("serviceAccountName") or "default"),
+                  "PodSpec.NodeName": str(pod_spec.get("nodeName") or "")}
+        spiffe_id, ttls = self._id_and_ttls(spec, fields)
         parent = agent_id_of(self.trust_domain, self.config.cluster, node_uid)
         selectors = tuple(sorted((f"k8s:ns:{namespace}", f"k8s:pod-uid:{fields['PodMeta.UID']}")))
-        entry_id = entry_id_for(str(spiffe_id), parent, selectors)
+        entry_id = entry_id_for(spiffe_id, parent, selectors)
         return {"apiVersion": f"{GROUP}/{VERSION}", "kind": ENTRY_KIND,
                 "metadata": {"name": f"{self.prefix}-entry-{entry_id}", "namespace": self.namespace,
                              "labels": {"app.kubernetes.io/part-of": "keyseal", MANAGED_BY: MANAGER,
                                         TEMPLATE_LABEL: template[:63].rstrip(".-")}},
-                "spec": {"spiffeID": str(spiffe_id), "parentID": parent, "selectors": list(selectors), **ttls}}
+                "spec": {"spiffeID": spiffe_id, "parentID": parent, "selectors": list(selectors), **ttls}}
 
     # -- one pass ---------------------------------------------------------------------------------------------
 
@@ -273,7 +319,8 @@ class TemplateReconciler:
                         status_of(exc) or type(exc).__name__)
 
     def _status(self, template: dict[str, Any], stat: _Stats) -> None:
-        status = {"podsSelected": stat.pods, "entries": stat.entries, "error": stat.error}
+        status = {"podsSelected": stat.pods, "entries": stat.entries, "error": stat.error,
+                  "podsSkipped": stat.skipped, "podError": stat.pod_error}
         if template.get("status") == status:
             return
         self._write("update the status of", self._custom.patch_cluster_custom_object_status, GROUP, VERSION,
