@@ -7,11 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import helm_python
+import kubernetes
 import pytest
 import yaml
 
 from keyseal.agent.config import parse_agent_config
 from keyseal.ca.config import Config, parse_config
+from keyseal.ca.k8s_config import K8sConfig
+from keyseal.ca.k8s_psat import PsatAttestor
+from keyseal.ca.k8s_templates import TemplateReconciler
+from tests.harness.kube_identity import Cluster
 from tests.test_helm_chart import CHART, render
 
 
@@ -69,10 +74,10 @@ def test_the_rbac_is_what_is_used(chart: helm_python.Chart) -> None:
     manifests = render(chart, {"agent": {"enabled": True}})
     assert rules(manifests, "-k8s-identity") == [
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
-        {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
-        {"apiGroups": ["keyseal.dev"], "resources": ["identitytemplates"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": ["keyseal.dev"], "resources": ["identitytemplates/status"], "verbs": ["patch", "update"]}]
+        {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list"]},
+        {"apiGroups": ["keyseal.dev"], "resources": ["identitytemplates"], "verbs": ["list"]},
+        {"apiGroups": ["keyseal.dev"], "resources": ["identitytemplates/status"], "verbs": ["patch"]}]
     assert rules(manifests, "-entry-writer") == [
         {"apiGroups": ["keyseal.dev"], "resources": ["registrationentries"],
          "verbs": ["list", "create", "update", "delete"]}]
@@ -84,6 +89,51 @@ def test_the_rbac_is_what_is_used(chart: helm_python.Chart) -> None:
     subjects = {(b["roleRef"]["name"], s["name"]) for b in manifests["ClusterRoleBinding"] for s in b["subjects"]}
     assert ("trust-keyseal-spire-agent", "trust-keyseal-agent") in subjects
     assert ("trust-keyseal-spire-k8s-identity", "trust-keyseal") in subjects
+
+
+def granted(manifests: dict[str, list[dict[str, Any]]], *suffixes: str) -> set[tuple[str, str, str]]:
+    return {(verb, group, resource) for suffix in suffixes for rule in rules(manifests, suffix)
+            for verb in rule["verbs"] for group in rule["apiGroups"] for resource in rule["resources"]}
+
+
+def test_every_granted_verb_is_one_the_server_calls(chart: helm_python.Chart, tmp_path: Path) -> None:
+    """Node attestation and a template pass (namespace selector, create, replace, delete, status) against the API
+    emulator: the verbs the server's Kubernetes-identity code calls are exactly the ones the chart grants it."""
+    manifests = render(chart, {"agent": {"enabled": True}})
+    cluster = Cluster().start()
+    try:
+        store_ns = "spire"
+        config = K8sConfig("test", node_attestation=True, audience="keyseal-server",
+                           service_accounts=("spire/trust-keyseal-agent",), templates=True)
+        node = cluster.node("node-rbac")
+        agent = cluster.pod("spire", "trust-keyseal-agent-x", "node-rbac", "trust-keyseal-agent")
+        custom = kubernetes.client.CustomObjectsApi(cluster.api_client())
+        cluster.core().create_namespace({"apiVersion": "v1", "kind": "Namespace",
+                                         "metadata": {"name": "shop", "labels": {"team": "blue"}}})
+        custom.create_cluster_custom_object("keyseal.dev", "v1", "identitytemplates", {
+            "apiVersion": "keyseal.dev/v1", "kind": "IdentityTemplate", "metadata": {"name": "rbac"},
+            "spec": {"spiffeIDTemplate": "spiffe://example.org/{{ .PodMeta.Namespace }}/{{ .PodMeta.Name }}",
+                     "namespaceSelector": {"matchLabels": {"team": "blue"}}}})
+        web = cluster.pod("shop", "web", "node-rbac", "web")
+        called: set[tuple[str, str, str]] = set()
+
+        def server_calls(call: Any) -> None:  # only the server's own requests, not the test's set-up
+            before = len(cluster.verbs())
+            call()
+            called.update(c[:3] for c in cluster.verbs()[before:])
+
+        token = cluster.token(agent, "keyseal-server", node=node)
+        server_calls(lambda: PsatAttestor(config, "example.org", cluster.api_client()).attest(token))
+        reconciler = TemplateReconciler(config, "example.org", "trust", store_ns, cluster.api_client())
+        server_calls(reconciler.reconcile)  # create, status
+        custom.patch_cluster_custom_object("keyseal.dev", "v1", "identitytemplates", "rbac",
+                                           {"spec": {"x509SVIDTTL": 600}})
+        server_calls(reconciler.reconcile)  # replace
+        cluster.delete_pod("shop", web["metadata"]["name"])
+        server_calls(reconciler.reconcile)  # delete
+    finally:
+        cluster.stop()
+    assert sorted(called) == sorted(granted(manifests, "-k8s-identity", "-entry-writer"))
 
 
 def test_the_default_template(chart: helm_python.Chart) -> None:
@@ -108,6 +158,8 @@ def test_a_directory_store_gets_node_attestation_but_no_templates(chart: helm_py
     assert "IdentityTemplate" not in manifests
     assert {r for rule in rules(manifests, "-k8s-identity") for r in rule["resources"]} == \
         {"tokenreviews", "pods", "nodes"}
+    assert granted(manifests, "-k8s-identity") == {("create", "authentication.k8s.io", "tokenreviews"),
+                                                   ("get", "", "pods"), ("get", "", "nodes")}  # attestation only
 
 
 def test_join_tokens_remain_for_agents_outside_kubernetes_identity(chart: helm_python.Chart) -> None:

@@ -80,11 +80,14 @@ class ClusterEmulator(ResourceVersionedEmulator):
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         resource = request.resource
         if resource is not None and resource.plural == "tokenreviews" and request.method == kmock.method.POST:
+            self.verbs.append(("create", str(resource.group or ""), "tokenreviews", ""))
             review = await self._review(request.data if isinstance(request.data, dict) else {})
             self.reviews.append(review)
             return aiohttp.web.json_response(review, status=201)
         if resource is not None and request.name and request.subresource == "status" \
                 and request.method in (kmock.method.PATCH, kmock.method.PUT):
+            self.verbs.append(("patch" if request.method == kmock.method.PATCH else "update",
+                               str(resource.group or ""), f"{resource.plural}/status", str(request.name)))
             return await self._status(request)
         response = await super()._handle(request)
         if resource is not None and request.name is None and request.method == kmock.method.GET \
