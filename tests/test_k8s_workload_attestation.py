@@ -57,6 +57,9 @@ LAYOUTS = {
     # cgroup v1 with controllers the runtime does not manage left at the root, and hybrid mode's unified line
     "v1-unmanaged-controllers": f"13:rdma:/\n12:net_cls,net_prio:/\n4:memory:/kubepods/pod{POD_UID}/{CID}\n"
                                 f"1:name=systemd:/kubepods/pod{POD_UID}/{CID}\n0::/system.slice/containerd.service",
+    # ... seen from the agent's own cgroup namespace (an unmanaged controller at the host's root is above it)
+    "v1-cgroupns-unmanaged": f"13:rdma:/../../..\n4:memory:/../../pod{POD_UID}/{CID}\n"
+                             f"1:name=systemd:/../../pod{POD_UID}/{CID}",
 }
 
 

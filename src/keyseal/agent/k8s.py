@@ -107,6 +107,12 @@ def _from_path(path: str, roots: tuple[str, ...] = DEFAULT_CGROUP_ROOTS) -> Cont
     return None
 
 
+def _at_root(path: str) -> bool:
+    """The hierarchy's root ("/"), or an ancestor of the reader's cgroup namespace ("/../.."): only root puts a
+    process there."""
+    return all(s == ".." for s in path.split("/") if s)
+
+
 def parse_cgroup(text: str, roots: tuple[str, ...] = DEFAULT_CGROUP_ROOTS) -> ContainerRef | None:
     """The pod UID and container ID of a /proc/<pid>/cgroup file, or None (not in a pod, or lines disagree).
 
@@ -132,7 +138,7 @@ def parse_cgroup(text: str, roots: tuple[str, ...] = DEFAULT_CGROUP_ROOTS) -> Co
     if not controllers and not named:  # cgroup v2
         found = {_from_path(p, roots) for p in unified}
         return found.pop() if len(found) == 1 else None
-    deciding = {_from_path(p, roots) for p in controllers if p != "/"}
+    deciding = {_from_path(p, roots) for p in controllers if not _at_root(p)}
     if len(deciding) != 1 or None in deciding:
         return None
     ref = deciding.pop()
@@ -140,7 +146,7 @@ def parse_cgroup(text: str, roots: tuple[str, ...] = DEFAULT_CGROUP_ROOTS) -> Co
         other = _from_path(path, roots)
         if other is not None and other != ref:
             return None
-        if other is None and path in named and path != "/":
+        if other is None and path in named and not _at_root(path):
             return None  # a named hierarchy elsewhere: a user's spoof, or a process that is not the container's
     return ref
 
