@@ -430,13 +430,20 @@ class CaServer:
         return [keyset.ca_certificate for keyset, _ in self.manager.live(now)]
 
     def _rotation_loop(self) -> None:
+        reported: str | None = None  # a store outage fails every tick: the same failure is logged once
         while not self._stop.wait(TICK_SECONDS):
             signing_audit.checkpoint_if_due()
             try:
                 self.tick()
+                if reported is not None:
+                    log.info("keyset refresh works again")
+                reported = None
             except KeysealError as exc:
                 self.metrics.error("rotation")
-                log.error("keyset refresh failed, retrying in %.0fs: %s", TICK_SECONDS, exc.message)
+                if exc.message != reported:
+                    log.error("keyset refresh failed, retrying every %.0fs (logged once while it fails the same "
+                              "way): %s", TICK_SECONDS, exc.message)
+                reported = exc.message
             except Exception:
                 self.metrics.error("rotation")
                 log.exception("keyset refresh failed, retrying in %.0fs", TICK_SECONDS)
