@@ -142,7 +142,11 @@ class Agent:
             raise UsageError("no usable saved agent SVID and no join token: issue one with keyseal entry "
                              "join-token and set joinTokenFile or KEYSEAL_JOIN_TOKEN")
         self._mark_spent(_digest(self.config.join_token))
-        self.cache.join(self.config.join_token)
+        try:
+            self.cache.join(self.config.join_token)
+        except BackendUnavailableError:
+            self._mark_spent(_digest(self.config.join_token), spent=False)  # the server never saw it
+            raise
 
     def _mark_spent(self, digest: str, spent: bool = True) -> None:
         """Record (or, for a token the server never saw, forget) a one-time token as offered, in stateDir too."""
