@@ -73,6 +73,9 @@ def test_awskms_provider(tmp_path: Path) -> None:
         ({"server": {"connections": {"max": 100, "reserved": 100}}},
          "server.connections.reserved must be a whole number from 0 to 99"),
         ({"server": {"connections": {"perSouce": 8}}}, "unknown configuration key 'server.connections.perSouce'"),
+        # https_spiffe needs the server's own SVID, which server.tls.certFile replaces (#18)
+        ({"server": {"tls": {"certFile": "/nonexistent/c.pem", "keyFile": "/nonexistent/k.pem"}},
+          "federation": {"listen": "127.0.0.1:8445"}}, "federation.listen without federation.tls"),
     ],
 )
 def test_mistakes_are_one_clear_line(change: dict[str, Any], needle: str) -> None:

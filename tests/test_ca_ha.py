@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import socket
+import ssl
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 import kubernetes
 import pytest
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 import keyseal.ca.bundle_configmap as bundle_configmap
@@ -208,3 +211,35 @@ def test_config_skew_changes_the_sequence_whenever_the_bytes_differ(
     finally:
         one.shutdown()
         two.shutdown()
+
+
+def served_certificate(server: CaServer) -> x509.Certificate:
+    """The certificate the API listener presents now (read, not verified: its validity is checked against the
+    injected clock, the clock the server issued it by)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw, \
+            context.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_cut_replica_keeps_renewing_its_serving_certificate(
+        pair: tuple[CaServer, CaServer, FakeClock], kube_api: KubeApi) -> None:
+    """A replica that cannot read the store still signs with its active keyset for hours; its self-issued
+    serving certificate (x509SVID.ttl) must be renewed meanwhile, or every client fails TLS long before."""
+    _, two, clock = pair
+    ttl = two.config.x509_ttl
+    clock.set(START + HOUR)
+    assert tick(two)
+    kube_api.cut("replica-b")
+    end = clock() + 3 * ttl
+    while clock() < end:
+        clock.advance(5 * MINUTE)
+        assert not tick(two)  # the refresh still fails (and is reported) ...
+        assert two.manager.active_keyset(clock()) is not None
+        certificate = served_certificate(two)  # ... but the serving certificate covers the present
+        assert certificate.not_valid_before_utc <= clock() < certificate.not_valid_after_utc, clock()
+    assert issue(two)[0] == 200

@@ -490,3 +490,32 @@ def test_federation_configuration_mistakes_are_refused(tmp_path: Path, federatio
 
     with pytest.raises(UsageError, match=message):
         parse_config(base_config(tmp_path, trustDomain=A, federation=federation))
+
+
+def test_a_trickling_bundle_endpoint_is_cut_at_one_deadline(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A byte every 0.25 s keeps every single read under the socket timeout: only one deadline for the whole
+    fetch stops it, so one slow foreign endpoint cannot hold up the other trust domains (one thread)."""
+    import time
+
+    import keyseal.ca.federation as federation_module
+    from keyseal.ca.federation import FederatedBundles
+    from tests.harness.https_server import HttpsServer, Override, make_tls
+
+    monkeypatch.setattr(federation_module, "TIMEOUT", 1.5)
+    web = make_tls(tmp_path / "web", ["127.0.0.1"], ca_name="web PKI test CA")
+    (tmp_path / "site").mkdir()
+    slow = HttpsServer(tmp_path / "site", web).start()
+    try:
+        for part in ("headers", "body"):
+            slow.overrides["/bundle"] = Override(body=b"{" + b" " * 80 + b"}", trickle=part,  # type: ignore[arg-type]
+                                                 interval=0.25)
+            fetched = FederatedBundles((foreign(B, f"https://127.0.0.1:{slow.port}/bundle", profile="https_web",
+                                                ca_file=web.ca_pem),))
+            started = time.monotonic()
+            assert fetched.refresh(B) is False
+            elapsed = time.monotonic() - started
+            assert elapsed < 1.5 + 1.0, (part, elapsed)
+            assert "within 1.5 s" in fetched.status()[0]["lastError"], fetched.status()
+    finally:
+        slow.stop()

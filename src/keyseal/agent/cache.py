@@ -185,8 +185,14 @@ class AgentCache:
     def join(self, token: str, path: str = "/v1/agent/join") -> None:
         """Join with a one-time token, or (path /v1/agent/attest/k8s_psat) a projected service account token."""
         key = ec.generate_private_key(ec.SECP256R1())
+        held = (self.client.key, self.client.certificate)
         self.client.forget_identity()  # a join is authenticated by the token alone
-        answer = self.client.call(path, {"token": token, "csr": make_csr(key)})
+        try:
+            answer = self.client.call(path, {"token": token, "csr": make_csr(key)})
+        except BaseException:
+            if held[0] is not None and held[1] is not None:  # a refused join costs no identity still held
+                self.client.set_identity(held[0], held[1])
+            raise
         self._take_agent_svid(key, answer)
         self._take_bundle(answer["bundle"])
 
@@ -254,7 +260,10 @@ class AgentCache:
                     changed = True
             if not self.server_reachable:
                 log.info("the keyseal server is reachable again")
+            if self.needs_join:
+                log.info("the keyseal server accepts the agent SVID again: no join needed")
             self.server_reachable = True
+            self.needs_join = False
             self.last_sync = _now()
         except BackendUnavailableError as exc:
             if self.server_reachable:

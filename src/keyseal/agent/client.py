@@ -114,8 +114,15 @@ class ServerClient:
 
     def call(self, path: str, document: dict[str, Any]) -> dict[str, Any]:
         """POST a JSON document to the current server, else to the next ones in turn; BackendUnavailableError
-        when none can be reached or all answer 5xx."""
+        when none can be reached or all answer 5xx.
+
+        A 401 (the token or the agent SVID refused) also moves on: a stale replica that does not know the
+        current CA, or a join token yet, must not cost the agent its identity. ServerRefusedError(401) only
+        when every server refused; when some refused and the others could not be reached, the refusal is not
+        yet every server's: BackendUnavailableError (retried)."""
         failures: list[str] = []
+        refusal: ServerRefusedError | None = None
+        refused = 0
         start = self.servers.index((self.host, self.port))
         for step in range(len(self.servers)):
             if step:
@@ -127,10 +134,20 @@ class ServerClient:
             except BackendUnavailableError as exc:
                 failures.append(exc.message)
                 continue
+            except ServerRefusedError as exc:
+                if exc.status != 401:
+                    raise
+                refusal, refused = refusal or exc, refused + 1
+                failures.append(f"{self.host}:{self.port} refused: {exc.message}")
+                continue
             if step:
                 log.warning("failed over to the keyseal server at %s:%d (%s)", self.host, self.port,
                             "; ".join(failures))
             return answer
+        if refusal is not None and len(failures) == 1:
+            raise refusal
+        if refusal is not None and refused == len(failures):
+            raise ServerRefusedError(401, f"every keyseal server refused {path}: {'; '.join(failures)}")
         if len(failures) == 1:
             raise BackendUnavailableError(failures[0])
         raise BackendUnavailableError(f"no keyseal server answered: {'; '.join(failures)}")

@@ -91,7 +91,9 @@ class Agent:
         if config.join_token_file is not None:
             self.rejoiners.append(Rejoiner(f"a new token in {config.join_token_file}", self._token_from_file,
                                            self.cache.join, one_time=True))
-        self._spent: set[str] = set()
+        # One-time tokens offered to the server (their SHA-256), kept in stateDir so a restart with a saved SVID
+        # does not offer the already-spent token in joinTokenFile again.
+        self._spent: list[str] = state.spent_tokens() if state is not None else []
         self._rejoin_reported = False
 
     def start(self) -> None:
@@ -139,8 +141,27 @@ class Agent:
         if not self.config.join_token:
             raise UsageError("no usable saved agent SVID and no join token: issue one with keyseal entry "
                              "join-token and set joinTokenFile or KEYSEAL_JOIN_TOKEN")
-        self._spent.add(_digest(self.config.join_token))
-        self.cache.join(self.config.join_token)
+        self._mark_spent(_digest(self.config.join_token))
+        try:
+            self.cache.join(self.config.join_token)
+        except BackendUnavailableError:
+            self._mark_spent(_digest(self.config.join_token), spent=False)  # the server never saw it
+            raise
+
+    def _mark_spent(self, digest: str, spent: bool = True) -> None:
+        """Record (or, for a token the server never saw, forget) a one-time token as offered, in stateDir too."""
+        if (digest in self._spent) == spent:
+            return
+        if spent:
+            self._spent.append(digest)
+        else:
+            self._spent.remove(digest)
+        if self.cache.state is not None:
+            try:
+                self.cache.state.save_spent_tokens(self._spent)
+            except (KeysealError, OSError) as exc:
+                log.warning("cannot record the spent join token in stateDir (a restart may offer it again): %s",
+                            exc.message if isinstance(exc, KeysealError) else exc.strerror or exc)
 
     def _psat_token(self) -> str:
         assert self.config.psat_token_file is not None
@@ -200,14 +221,15 @@ class Agent:
             if credential is None or (rejoiner.one_time and _digest(credential) in self._spent):
                 continue
             if rejoiner.one_time:
-                self._spent.add(_digest(credential))
+                self._mark_spent(_digest(credential))
             try:
                 rejoiner.join(credential)
             except ServerRefusedError as exc:
                 log.warning("joining again with %s was refused: %s", what, exc.message)
                 continue
             except BackendUnavailableError as exc:
-                self._spent.discard(_digest(credential))  # not spent: the server never saw it
+                if rejoiner.one_time:
+                    self._mark_spent(_digest(credential), spent=False)  # not spent: the server never saw it
                 log.warning("cannot join again with %s yet: %s", what, exc.message)
                 return
             log.info("joined again with %s: serving again", what)

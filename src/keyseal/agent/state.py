@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 KEY_RECORD = "agent-svid-key"
 CERT_FILE = "agent-svid.pem"
 LEDGER_FILE = "seen-versions.json"
+SPENT_FILE = "spent-join-tokens"  # SHA-256 (hex) of the one-time join tokens this agent has offered, one a line
+MAX_SPENT = 64  # the newest kept: a token is spent once, and only the one in joinTokenFile is offered again
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,21 @@ class AgentState:
         `load()` ignores (the agent then needs a join token), never a certificate with the wrong key."""
         create_record(self.store, KEY_RECORD, key, self.kek, force=True)
         write_atomic(self.certificate_path, certificate.public_bytes(serialization.Encoding.PEM), 0o600)
+
+    def spent_tokens(self) -> list[str]:
+        """The digests of the join tokens this agent has offered the server (so a restart offers none again)."""
+        try:
+            text = (self.directory / SPENT_FILE).read_text(encoding="ascii")
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("cannot read %s (a spent join token may be offered again): %s", SPENT_FILE, exc)
+            return []
+        return [line for line in text.split() if len(line) == 64 and all(c in "0123456789abcdef" for c in line)]
+
+    def save_spent_tokens(self, digests: list[str]) -> None:
+        """Write temp file + rename; only digests, never a token."""
+        write_atomic(self.directory / SPENT_FILE, "".join(f"{d}\n" for d in digests[-MAX_SPENT:]).encode(), 0o600)
 
     def load(self) -> SavedIdentity | None:
         """The saved identity, or None (nothing saved, expired, or not a matching agent SVID: logged).

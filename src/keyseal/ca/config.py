@@ -385,6 +385,13 @@ def parse_config(data: object) -> Config:
     values["audit"] = _audit(root.section("audit"))
     values["oidc"] = _oidc(root.section("oidc"), values["jwt_issuer"])
     values["federation"] = _federation(root.section("federation"), trust_domain)
+    federation = values["federation"]
+    if federation.listen_host is not None and federation.cert_file is None and not values["tls"].self_issued:
+        raise UsageError(
+            "federation.listen without federation.tls serves the https_spiffe profile with the server's own "
+            "X.509-SVID, but server.tls.certFile replaces that SVID: set federation.tls.certFile/keyFile "
+            "(https_web) or drop server.tls.certFile"
+        )
     root.done()
     return Config(**values)
 

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 
 from keyseal.ca.config import ForeignTrustDomain
 from keyseal.ca.pin_store import PinStore
+from keyseal.deadline import Deadline, DeadlineConnection, DeadlineSocket
 from keyseal.errors import InputError, KeysealError, StoreConflictError, loggable
 
 __all__ = ["MAX_REFRESH", "MIN_REFRESH", "FederatedBundles", "ForeignBundle", "parse_foreign_bundle"]
@@ -266,6 +267,10 @@ class FederatedBundles:
         except (FederationError, InputError) as exc:
             self._failed(state, exc.message)
             return False
+        except TimeoutError:  # the fetch's one deadline, or one socket step past what was left of it
+            self._failed(state, f"cannot fetch the bundle of {trust_domain} from "
+                                f"{state.config.bundle_endpoint_url}: no complete answer within {TIMEOUT:g} s")
+            return False
         except (OSError, ssl.SSLError, http.client.HTTPException, ValueError) as exc:
             self._failed(state, f"cannot fetch the bundle of {trust_domain} from "
                                 f"{state.config.bundle_endpoint_url}: {loggable(str(exc), 200)}")
@@ -311,7 +316,10 @@ class FederatedBundles:
             context.check_hostname = False  # the SPIFFE ID is the endpoint's name, checked below
         else:
             context = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
-        connection = http.client.HTTPSConnection(host, port, context=context, timeout=TIMEOUT)
+        # One deadline for the whole fetch (resolve, connect, handshake, headers, body): every trust domain is
+        # fetched on one thread, so an endpoint trickling bytes must not hold up the others.
+        context.sslsocket_class = DeadlineSocket
+        connection = DeadlineConnection(host, port, context, Deadline(TIMEOUT))
         try:
             connection.connect()
             if config.profile == "https_spiffe":

@@ -367,21 +367,33 @@ class CaServer:
         """One pass of the rotation loop: refresh the keysets when a new one is due (and, for wrapped keys, every
         refresh hint: reading the store costs no KMS call, and shows a keyset another replica made), log state
         changes (activation and expiry need no write: they follow from the clock), renew the serving
-        certificate when due."""
+        certificate when due.
+
+        A refresh that fails (the store cannot be read) does not stop the rest: the serving certificate is
+        renewed and the bundle published from the keysets already loaded (a stale replica's active_keyset()
+        already refuses a keyset the schedule may have retired), so an outage longer than x509SVID.ttl does not
+        leave clients with an expired server certificate while the keyset still signs. The failure is raised
+        afterwards, for the rotation loop to log and count."""
         now = self.clock()
         last = self.manager.last_refresh
         periodic_due = self._periodic and (last is None or now - last >= self.config.refresh_hint)
+        failure: KeysealError | None = None
         try:
             if self.manager.due(now) or periodic_due:
                 self.manager.refresh()
             else:
                 self.manager.log_transitions()
+        except KeysealError as exc:
+            failure = exc
         finally:
             self.report_view(now)
         active = self.manager.active_keyset(now)
         if active is not None:
             self.tls.renew(active, now, self._authorities(now))
-        self._publish_bundle(now)
+        if self.manager.loaded():
+            self._publish_bundle(now)
+        if failure is not None:
+            raise failure
 
     def report_view(self, now: datetime) -> None:
         """Log once when this replica's view of the store turns stale (it leaves the Service: /readyz fails)
@@ -418,13 +430,20 @@ class CaServer:
         return [keyset.ca_certificate for keyset, _ in self.manager.live(now)]
 
     def _rotation_loop(self) -> None:
+        reported: str | None = None  # a store outage fails every tick: the same failure is logged once
         while not self._stop.wait(TICK_SECONDS):
             signing_audit.checkpoint_if_due()
             try:
                 self.tick()
+                if reported is not None:
+                    log.info("keyset refresh works again")
+                reported = None
             except KeysealError as exc:
                 self.metrics.error("rotation")
-                log.error("keyset refresh failed, retrying in %.0fs: %s", TICK_SECONDS, exc.message)
+                if exc.message != reported:
+                    log.error("keyset refresh failed, retrying every %.0fs (logged once while it fails the same "
+                              "way): %s", TICK_SECONDS, exc.message)
+                reported = exc.message
             except Exception:
                 self.metrics.error("rotation")
                 log.exception("keyset refresh failed, retrying in %.0fs", TICK_SECONDS)

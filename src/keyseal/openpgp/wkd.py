@@ -16,20 +16,18 @@ import os
 import re
 import socket
 import ssl
-import threading
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 from urllib.parse import quote
 
+from keyseal.deadline import Deadline as _Deadline
+from keyseal.deadline import DeadlineConnection
+from keyseal.deadline import DeadlineSocket as _DeadlineSocket
 from keyseal.errors import KeysealError, OpenPGPError, UsageError, WkdError, WkdUnavailableError
 from keyseal.openpgp.cert import Certificate, load_certificates, merge_certificates
 from keyseal.openpgp.packets import TAG_PUBLIC_SUBKEY, TAG_USER_ATTRIBUTE, TAG_USER_ID, encode_packet, iter_packets
-
-if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer, WriteableBuffer
 
 Method = Literal["advanced", "direct"]
 METHODS: tuple[Method, ...] = ("advanced", "direct")
@@ -301,103 +299,11 @@ class _NotFound(Exception):
     """The advanced method found nothing (HTTP 404, or no such host): try the direct method."""
 
 
-class _Deadline:
-    """One deadline for a whole fetch. Socket timeouts bound each read on its own, so a server sending a byte
-    at a time could hold a fetch forever; every network step asks this for the time left instead."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._end = time.monotonic() + timeout
-
-    def remaining(self) -> float:
-        """Seconds left; TimeoutError once none are."""
-        left = self._end - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"no answer within {self.timeout:g} s")
-        return left
-
-
-class _DeadlineSocket(ssl.SSLSocket):
-    """A TLS socket whose every read and write waits at most until the fetch's deadline (http.client reads the
-    status line, headers and body through `recv_into`, and writes the request through `send`)."""
-
-    deadline: _Deadline | None = None
-
-    def _arm(self) -> None:
-        if self.deadline is not None:
-            self.settimeout(self.deadline.remaining())
-
-    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
-        self._arm()
-        return super().recv(buflen, flags)
-
-    def recv_into(self, buffer: WriteableBuffer, nbytes: int | None = None, flags: int = 0) -> int:
-        self._arm()
-        return super().recv_into(buffer, nbytes, flags)
-
-    def send(self, data: ReadableBuffer, flags: int = 0) -> int:
-        self._arm()
-        return super().send(data, flags)
-
-
-def _resolve(host: str, port: int, deadline: _Deadline) -> list[tuple[Any, ...]]:
-    """getaddrinfo, waited for only until the deadline: the resolver's own retries can take far longer, and
-    it cannot be interrupted, so it runs in a daemon thread that is left behind if it is late."""
-    found: list[tuple[Any, ...]] = []
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            found.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except BaseException as exc:  # handed to the waiting thread, which raises it
-            failed.append(exc)
-
-    thread = threading.Thread(target=run, name="keyseal-wkd-resolve", daemon=True)
-    thread.start()
-    thread.join(deadline.remaining())
-    if thread.is_alive():
-        raise TimeoutError(f"no address for {host} within {deadline.timeout:g} s")
-    if failed:
-        raise failed[0]
-    return found
-
-
-class _Connection(http.client.HTTPSConnection):
-    """HTTPS to `host`, with the TCP connection optionally sent elsewhere; TLS always checks `host`. Resolving,
-    connecting, the TLS handshake, the request and every read of the answer share one deadline."""
+class _Connection(DeadlineConnection):
+    """HTTPS to `host` on port 443, the TCP connection sent to `target` (connect_to); one deadline."""
 
     def __init__(self, host: str, target: Endpoint, context: ssl.SSLContext, deadline: _Deadline) -> None:
-        super().__init__(host, HTTPS_PORT, timeout=deadline.timeout, context=context)
-        self._target = target
-        self._tls = context
-        self._deadline = deadline
-
-    def connect(self) -> None:
-        sock = self._tcp()
-        try:
-            sock.settimeout(self._deadline.remaining())  # CPython bounds the whole handshake by this
-            tls = self._tls.wrap_socket(sock, server_hostname=self.host)
-        except BaseException:
-            sock.close()
-            raise
-        if isinstance(tls, _DeadlineSocket):
-            tls.deadline = self._deadline
-        self.sock = tls
-
-    def _tcp(self) -> socket.socket:
-        error: OSError | None = None
-        for family, kind, proto, _, address in _resolve(*self._target, self._deadline):
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.settimeout(self._deadline.remaining())
-                sock.connect(address)
-                return sock
-            except OSError as exc:
-                sock.close()
-                if isinstance(exc, TimeoutError):
-                    raise
-                error = exc
-        raise error or OSError(f"no address for {self._target[0]}")
+        super().__init__(host, HTTPS_PORT, context, deadline, target=target)
 
 
 def tls_context(ca_bundle: Path | None) -> ssl.SSLContext:
