@@ -204,24 +204,30 @@ class AuditLog:
             return None
         if not force and time.monotonic() - committer.last_checkpoint < checkpoint.interval_seconds():
             return None
+        with self._sole_writer(), _THREADS, self._locked() as fd:
+            size = _complete_size(fd, self.path)
+            last = _last_line(fd, size, self.path)
+            if last is None or _is_checkpoint(last):
+                return None
+            seq, prev = self._next_after(last)
+            record = self._make_checkpoint(custody, seq, prev, checkpoint.interval_lines())
+            if record is None:
+                raise AuditError(f"cannot sign a checkpoint of the audit log {self.path}")
+            data = _LINE.encode(record).encode("ascii") + b"\n"
+            self._write(fd, size, data)
+        _emit(record)
+        return record
+
+    @contextlib.contextmanager
+    def _sole_writer(self) -> Iterator[None]:
+        """Take the lead from the group commit (waiting for a leader writing a batch), and hand it back."""
+        committer = self._committer
         with committer.cond:
             while committer.leading:
                 committer.cond.wait()
             committer.leading = True
         try:
-            with _THREADS, self._locked() as fd:
-                size = _complete_size(fd, self.path)
-                last = _last_line(fd, size, self.path)
-                if last is None or _is_checkpoint(last):
-                    return None
-                seq, prev = self._next_after(last)
-                record = self._make_checkpoint(custody, seq, prev, checkpoint.interval_lines())
-                if record is None:
-                    raise AuditError(f"cannot sign a checkpoint of the audit log {self.path}")
-                data = _LINE.encode(record).encode("ascii") + b"\n"
-                self._write(fd, size, data)
-            _emit(record)
-            return record
+            yield
         finally:
             with committer.cond:
                 committer.leading = False
@@ -231,43 +237,33 @@ class AuditLog:
         """Move the log aside (to `archive`, default `<log>.<UTC time>`) and start a new file whose first line
         (kind "continued") goes on from the old file's head and sequence. Writers in other processes that wait
         for the old file's lock notice it was replaced and write to the new one."""
-        committer = self._committer
-        with committer.cond:
-            while committer.leading:
-                committer.cond.wait()
-            committer.leading = True
-        try:
-            with _THREADS, self._locked() as fd:
-                size = _complete_size(fd, self.path)
-                last = _last_line(fd, size, self.path)
-                if last is None:
-                    raise AuditError(f"the audit log {self.path} is empty: nothing to rotate")
-                seq, prev = self._next_after(last)
-                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-                archive = archive or self.path.with_name(f"{self.path.name}.{stamp}")
-                first = {"v": FORMAT_VERSION, "seq": seq, "time": utc_now(), "kind": checkpoint.CONTINUED,
-                         "from": archive.name, "prev": prev}
-                data = _LINE.encode(first).encode("ascii") + b"\n"
-                temporary = self.path.with_name(f".{self.path.name}.{stamp}.new")
+        with self._sole_writer(), _THREADS, self._locked() as fd:
+            size = _complete_size(fd, self.path)
+            last = _last_line(fd, size, self.path)
+            if last is None:
+                raise AuditError(f"the audit log {self.path} is empty: nothing to rotate")
+            seq, prev = self._next_after(last)
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+            archive = archive or self.path.with_name(f"{self.path.name}.{stamp}")
+            first = {"v": FORMAT_VERSION, "seq": seq, "time": utc_now(), "kind": checkpoint.CONTINUED,
+                     "from": archive.name, "prev": prev}
+            data = _LINE.encode(first).encode("ascii") + b"\n"
+            temporary = self.path.with_name(f".{self.path.name}.{stamp}.new")
+            try:
+                new = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 try:
-                    new = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                    try:
-                        os.write(new, data)
-                        os.fsync(new)
-                    finally:
-                        os.close(new)
-                    os.link(self.path, archive)  # the old file stays under both names until the swap
-                    os.rename(temporary, self.path)
-                    fsync_directory(self.path.parent)
-                except OSError as exc:
-                    with contextlib.suppress(OSError):
-                        os.unlink(temporary)
-                    raise AuditError(f"cannot rotate the audit log {self.path}: {exc.strerror}") from None
-            return archive
-        finally:
-            with committer.cond:
-                committer.leading = False
-                committer.cond.notify_all()
+                    os.write(new, data)
+                    os.fsync(new)
+                finally:
+                    os.close(new)
+                os.link(self.path, archive)  # the old file stays under both names until the swap
+                os.rename(temporary, self.path)
+                fsync_directory(self.path.parent)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise AuditError(f"cannot rotate the audit log {self.path}: {exc.strerror}") from None
+        return archive
 
     def _lead(self, own: _Pending) -> None:
         """Write queued lines, a batch at a time, until `own` is written; then hand the lead on."""
