@@ -29,10 +29,12 @@ def keyseal_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KEYSEAL_HOME", str(home))
         patch.delenv("KEYSEAL_KEK", raising=False)
-        # The session's tests share this home's audit log: with the default interval, a checkpoint (one more
-        # signature by the key that signed) would fall in whichever test writes the 1000th line, and add a call
-        # to a test that counts its KMS, Transit or PKCS#11 calls. Tests of checkpoints set their own interval.
+        # The session's tests share this home's audit log, and a worker runs for minutes: with the default
+        # intervals a checkpoint (one more signature by the key that signed) would fall in whichever test writes
+        # the 1000th line or signs first after 5 minutes, and add a call to a test that counts its KMS, Transit
+        # or PKCS#11 calls. Tests of checkpoints set their own intervals.
         patch.setenv("KEYSEAL_AUDIT_CHECKPOINT_LINES", "1000000")
+        patch.setenv("KEYSEAL_AUDIT_CHECKPOINT_SECONDS", "1000000")
         yield home
 
 
