@@ -31,6 +31,7 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -109,16 +110,8 @@ class _Resources:
     def replace(self, body: dict[str, Any]) -> bool:
         """A replace conditional on body's metadata.resourceVersion; False when the object changed (409)."""
         name = body["metadata"]["name"]
-        try:
-            self.api.replace_namespaced_custom_object(GROUP, VERSION, self.namespace, self.plural, name, body,
-                                                      _request_timeout=REQUEST_TIMEOUT)
-        except Exception as exc:
-            if not is_client_error(exc):
-                raise
-            if status_of(exc) in (404, 409):
-                return False
-            raise self.translate(exc, "update", name) from None
-        return True
+        return self._conditional("update", name, lambda: self.api.replace_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, self.plural, name, body, _request_timeout=REQUEST_TIMEOUT))
 
     def get(self, name: str) -> dict[str, Any] | None:
         try:
@@ -136,15 +129,19 @@ class _Resources:
         """False when the object is gone already or (with preconditions) changed: someone else deleted it."""
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": preconditions} \
             if preconditions else None
+        return self._conditional("delete", name, lambda: self.api.delete_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, self.plural, name, body=body, _request_timeout=REQUEST_TIMEOUT))
+
+    def _conditional(self, verb: str, name: str, call: Callable[[], object]) -> bool:
+        """Run a write whose precondition may fail: False when the object is gone (404) or changed (409)."""
         try:
-            self.api.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, self.plural, name, body=body,
-                                                     _request_timeout=REQUEST_TIMEOUT)
+            call()
         except Exception as exc:
             if not is_client_error(exc):
                 raise
             if status_of(exc) in (404, 409):
                 return False
-            raise self.translate(exc, "delete", name) from None
+            raise self.translate(exc, verb, name) from None
         return True
 
     def list(self) -> list[dict[str, Any]]:
