@@ -72,6 +72,9 @@ _COMMANDS = {"--detach-sign": "detach", "--detach-sig": "detach", "--sign": "sig
              "--clear-sign": "clear", "--verify": "verify", "--version": "version", "--list-keys": "list-keys",
              "--list-public-keys": "list-keys", "--list-secret-keys": "list-secret-keys",
              "--fingerprint": "list-keys"}
+# Flags without a value that set one field of Arguments: option -> (field, value).
+_SWITCHES = {"--armor": ("armor", True), "--no-armor": ("armor", False), "--textmode": ("text_mode", True),
+             "--no-textmode": ("text_mode", False), "--yes": ("yes", True), "--with-colons": ("with_colons", True)}
 _SHORT = {"b": "detach", "s": "sign", "k": "list-keys", "K": "list-secret-keys"}
 _SHORT_WITH_VALUE = {"u": "--local-user", "o": "--output", "z": "--compress-level"}
 _HASHES: dict[str, HashName] = {"SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512"}
@@ -148,18 +151,9 @@ def _long_option(args: Arguments, name: str, value_of: _ValueOf, inline: str | N
     shown = shown or name
     if name in _COMMANDS and inline is None:
         args.modes.add(_COMMANDS[name])
-    elif name == "--armor" and inline is None:
-        args.armor = True
-    elif name == "--no-armor" and inline is None:
-        args.armor = False
-    elif name == "--textmode" and inline is None:
-        args.text_mode = True
-    elif name == "--no-textmode" and inline is None:
-        args.text_mode = False
-    elif name == "--yes" and inline is None:
-        args.yes = True
-    elif name == "--with-colons" and inline is None:
-        args.with_colons = True
+    elif name in _SWITCHES and inline is None:
+        attribute, value = _SWITCHES[name]
+        setattr(args, attribute, value)
     elif name == "--with-fingerprint" and inline is None:
         pass  # fingerprints are always listed
     elif name == "--local-user":
