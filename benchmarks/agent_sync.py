@@ -5,7 +5,7 @@ those at 1,000; one server core sustains at least 10,000 agents syncing every 5 
 How: the entries are written through the bulk path (`keyseal entry create --from-file`, timed: the bulk create
 rate). `keyseal server` runs in a child process (wrapped custody, local KEK, info logs). A sample of simulated
 agents, spread over the whole agent name space, join with real join tokens (so each holds a real agent X.509-SVID)
-and sync over HTTPS with mutual TLS through keyseal's own agent client (`keyseal.agent.client.ServerClient`, a
+and sync over HTTPS with mutual TLS through keyseal's own agent client (`keyseal._internal.agent.client.ServerClient`, a
 kept-alive connection per agent, as the agent keeps one). Rows: the first sync of an agent (`{}`: entries and
 bundle), and the steady state (`{"revision": ...}` when nothing changed: neither is sent). Server CPU per sync is
 the child's CPU time (from /proc) over the syncs answered; agents per core = 5 s / CPU per sync. RSS is the
@@ -124,8 +124,8 @@ def bundle_pem(port: int) -> str:
 
 class SimulatedAgent:
     def __init__(self, name: str, port: int, ca_pem: str, tokens: Any) -> None:
-        from keyseal.agent.cache import AgentCache
-        from keyseal.agent.client import ServerClient
+        from keyseal._internal.agent.cache import AgentCache
+        from keyseal._internal.agent.client import ServerClient
 
         self.name = name
         self.client = ServerClient("127.0.0.1", port, ca_pem)
@@ -187,8 +187,8 @@ def run_store(store_label: str, configs: list[dict[str, Any]], sizes: list[int],
     within minutes: a ratio of rounds taken minutes apart measures the drift)."""
     import yaml
 
-    from keyseal.ca.config import parse_config
-    from keyseal.ca.entries import join_tokens_for
+    from keyseal._internal.ca.config import parse_config
+    from keyseal._internal.ca.registry.entries import join_tokens_for
 
     results: dict[str, dict[str, float]] = {}
     servers: list[tuple[int, subprocess.Popen[str], list[SimulatedAgent], Path]] = []

@@ -4,7 +4,7 @@ A throwaway SoftHSM2 token is made under a temporary SOFTHSM2_CONF; for each key
 signs the same digests, once through `key.sign()` directly (the raw rate: one C_Sign per call, nothing else) and
 once through `open_signer(...).sign_digest()` as every keyseal caller signs (the audit wrapper, DigestInfo
 prefix, lock, DER conversion), in each audit configuration:
-- `off`: KEYSEAL_AUDIT_LOG=off, records only on the `keyseal.audit` logger (the structured-log sink);
+- `off`: KEYSEAL_AUDIT_LOG=off, records only on the `keyseal._internal.audit` logger (the structured-log sink);
 - `file`: the hash-chained audit file, each line fsynced before its signature returns (one fsync per
   signature for one thread; threads that sign at once share one).
 keyseal's home and audit file are in the benchmark's temporary directory, never the user's.
@@ -98,8 +98,8 @@ def main() -> None:
 def run(work: Path, count: int, rounds: int, threads: int, modes: list[str], key_types: list[str]) -> None:
     import pkcs11
 
-    from keyseal.backends import open_signer
-    from keyseal.backends.pkcs11 import create_key
+    from keyseal._internal.backends import open_signer
+    from keyseal._internal.backends.pkcs11 import create_key
 
     os.environ["KEYSEAL_PKCS11_PIN"] = PIN
     prefix = bytes.fromhex("3031300d060960864801650304020105000420")  # SHA-256 DigestInfo, as keyseal adds

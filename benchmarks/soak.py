@@ -57,7 +57,7 @@ TRUST_DOMAIN = "example.org"
 SPIFFE_ID = f"spiffe://{TRUST_DOMAIN}/ns/soak/workload"
 AUDIENCE = "soak"
 SIGN_FAULTS = (("ThrottlingException", 400), ("KMSInternalException", 500), ("ServiceUnavailableException", 503))
-TICK_SECONDS = 5.0  # the server's rotation loop (keyseal.ca.server.TICK_SECONDS)
+TICK_SECONDS = 5.0  # the server's rotation loop (keyseal._internal.ca.server.TICK_SECONDS)
 _CN_RE = re.compile(r" CA (\d+)$")
 
 
@@ -219,7 +219,7 @@ class _Trust:
                 self.numbers.add(ca.number)
 
     def active_at(self, moment: datetime) -> int | None:
-        from keyseal.ca.schedule import plan
+        from keyseal._internal.ca.custody.schedule import plan
 
         with self.lock:
             cas = sorted(self.by_ski.values(), key=lambda c: c.number)

@@ -148,7 +148,7 @@ def main() -> None:
             "python -c pass": ["-c", "pass"],
             "keyseal verify": ["-m", "keyseal", "verify", "--cert", cert, data, sig],
             "keyseal --help": ["-m", "keyseal", "--help"],
-            "keyseal-gpg --verify": ["-c", "from keyseal.cli.gpgcompat import main; main()", "--status-fd=1",
+            "keyseal-gpg --verify": ["-c", "from keyseal._internal.cli.gpgcompat import main; main()", "--status-fd=1",
                                      "--verify", sig, data],
         }
         for name, args in paths.items():

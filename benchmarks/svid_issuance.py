@@ -179,10 +179,10 @@ def main() -> None:
 def measure(args: argparse.Namespace, work: Path) -> None:
     from tests.harness.ca import make_csr, new_key
 
-    from keyseal.ca.config import parse_config
-    from keyseal.ca.jwtsvid import issue_jwt_svid
-    from keyseal.ca.server import CaServer
-    from keyseal.ca.spiffeid import parse_spiffe_id
+    from keyseal._internal.ca.config import parse_config
+    from keyseal._internal.ca.issuance.jwtsvid import issue_jwt_svid
+    from keyseal._internal.ca.server import CaServer
+    from keyseal._internal.spiffe.ids import parse_spiffe_id
 
     private_keyseal(work, audit="off")
     print(f"load average before: {load_average()}")

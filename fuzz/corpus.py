@@ -14,16 +14,16 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from keyseal.backends.base import HashName, PrivateKey, PublicKey, Signer
-from keyseal.backends.file import sign_digest_with
-from keyseal.openpgp.armor import armor, dearmor_or_binary
-from keyseal.openpgp.cert import Certificate, armor_certificate, load_certificates, mint_certificate
-from keyseal.openpgp.packets import TAG_PUBLIC_KEY, TAG_SIGNATURE, encode_packet, iter_packets
-from keyseal.openpgp.revoke import revoke
-from keyseal.openpgp.sign import choose_hash, identity_from_certificate, render, signature_packet
-from keyseal.openpgp.signature import HASH_IDS, new_hasher
-from keyseal.wrapping.envelope import seal
-from keyseal.wrapping.local import LocalKek
+from keyseal._internal.backends.file import sign_digest_with
+from keyseal._internal.openpgp.armor import armor, dearmor_or_binary
+from keyseal._internal.openpgp.cert import Certificate, armor_certificate, load_certificates, mint_certificate
+from keyseal._internal.openpgp.packets import TAG_PUBLIC_KEY, TAG_SIGNATURE, encode_packet, iter_packets
+from keyseal._internal.openpgp.revoke import revoke
+from keyseal._internal.openpgp.sign import choose_hash, identity_from_certificate, render, signature_packet
+from keyseal._internal.openpgp.signature import HASH_IDS, new_hasher
+from keyseal._internal.wrapping.envelope import seal
+from keyseal._internal.wrapping.local import LocalKek
+from keyseal.signer import HashName, PrivateKey, PublicKey, Signer
 
 CREATED = 1_700_000_000  # when the fixed keys were "made"
 SIGNED = 1_700_000_600  # when their signatures were made

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fuzz.corpus import DATA, MemorySigner, fixed_keys
 from fuzz.targets import Target
-from keyseal.formats import minisign, ssh
+from keyseal._internal.formats import minisign, ssh
 
 
 def _artifact() -> Path:

@@ -17,7 +17,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from keyseal.openpgp.armor import armor, crc24
+from keyseal._internal.openpgp.armor import armor, crc24
 
 # 0xB2: '²' in Latin-1, a digit to str.isdigit() and not to int() (a Content-Length the server once choked on)
 INTERESTING_BYTES = (0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x7F, 0x80, 0x81, 0xB2, 0xBF, 0xC0, 0xDF, 0xE0, 0xFE, 0xFF)
@@ -100,8 +100,8 @@ def mutate_bytes(data: bytes, c: Choices, pool: Sequence[bytes] = ()) -> bytes:
 
 def _frame_lenient(data: bytes) -> list[tuple[int, bytes]] | None:
     """(tag, body) pairs of a well-framed packet sequence, None if it does not frame."""
+    from keyseal._internal.openpgp.packets import iter_packets
     from keyseal.errors import OpenPGPError
-    from keyseal.openpgp.packets import iter_packets
 
     try:
         return [(p.tag, p.body) for p in iter_packets(data)]
@@ -124,7 +124,7 @@ def encode_header(tag: int, length: int, style: int, c: Choices) -> bytes:
         return bytes([0xC0 | tag, 0xFF]) + struct.pack(">I", length)
     if style == 4:  # a partial body length (refused outside data packets)
         return bytes([0xC0 | tag, 0xE0 | c.below(31)])
-    from keyseal.openpgp.packets import encode_length
+    from keyseal._internal.openpgp.packets import encode_length
 
     return bytes([0xC0 | (tag & 0x3F)]) + encode_length(length)
 
@@ -207,8 +207,8 @@ def mutate_signature_body(body: bytes, c: Choices, pool: Sequence[bytes]) -> byt
 
 
 def _subpacket_list(area: bytes) -> list[tuple[int, bytes]] | None:
+    from keyseal._internal.openpgp.packets import parse_subpackets
     from keyseal.errors import OpenPGPError
-    from keyseal.openpgp.packets import parse_subpackets
 
     try:
         return [(s.type | (0x80 if s.critical else 0), s.body) for s in parse_subpackets(area, "fuzz")]
@@ -217,7 +217,7 @@ def _subpacket_list(area: bytes) -> list[tuple[int, bytes]] | None:
 
 
 def _encode_subpacket_length(length: int, c: Choices) -> bytes:
-    from keyseal.openpgp.packets import encode_length
+    from keyseal._internal.openpgp.packets import encode_length
 
     if c.chance(6):
         return b"\xff" + struct.pack(">I", length)  # five-octet form even when shorter would do
@@ -333,8 +333,8 @@ def _mutate_text(body: bytes, c: Choices) -> bytes:
 
 
 def _dearmor_lenient(data: bytes) -> tuple[str, bytes] | None:
+    from keyseal._internal.openpgp.armor import dearmor_all
     from keyseal.errors import OpenPGPError
-    from keyseal.openpgp.armor import dearmor_all
 
     try:
         blocks = dearmor_all(data)

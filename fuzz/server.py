@@ -2,7 +2,7 @@
 of the issuance API, and the raw HTTP/1.1 request (request line, headers, body) its listener parses.
 
 The server is a real `CaServer` (local KEK, directory store in a temporary directory), driven in process: the API
-through `Api.handle`, the raw bytes through the listener's HTTP/1.1 reader (`keyseal.ca.http1`, which parses what
+through `Api.handle`, the raw bytes through the listener's HTTP/1.1 reader (`ca.http.http1`, which parses what
 the listener reads; TLS is the `ssl` module's, not keyseal's, so it is left out). Outside input must never make
 the server fail: an answer with status 500, an exception out of the handler, or a response that is not HTTP is a
 crash.
@@ -37,8 +37,8 @@ def _server() -> Any:
     directory when the caller has not set one (the seen-versions ledger lives there)."""
     import hashlib
 
-    from keyseal.ca.config import parse_config
-    from keyseal.ca.server import CaServer
+    from keyseal._internal.ca.config import parse_config
+    from keyseal._internal.ca.server import CaServer
 
     work = Path(tempfile.mkdtemp(prefix="keyseal-fuzz-server-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)  # its local KEK goes with it
@@ -57,7 +57,7 @@ def _server() -> Any:
 
 
 def _answer(path: str, body: bytes) -> None:
-    from keyseal.ca.api import Request
+    from keyseal._internal.ca.http.api import Request
 
     response = _server().api.handle(Request(method="POST", path=path, body=body, peer="127.0.0.1:1",
                                             headers={"authorization": f"Bearer {TOKEN}"}, peer_certificate=None))
@@ -86,7 +86,7 @@ def _statuses(answer: bytes) -> list[int]:
 
 def _answer_what_arrived(reader: Any, answer: bytearray, *, eof: bool) -> bool:
     """Answer every complete request `reader` holds, appending to `answer`; True once the connection closes."""
-    from keyseal.ca.http1 import Refusal, render
+    from keyseal._internal.ca.http.http1 import Refusal, render
 
     while (event := reader.next(eof=eof)) is not None:
         if isinstance(event, bytes):  # 100 Continue
@@ -108,7 +108,7 @@ def _answer_what_arrived(reader: Any, answer: bytearray, *, eof: bool) -> bool:
 def _http(raw: bytes) -> None:
     """Feed raw bytes to the listener's HTTP/1.1 reader as one client connection would arrive (in pieces, then
     the end of the stream), answer each request through the API, and check what the client would read."""
-    from keyseal.ca.http1 import RequestReader
+    from keyseal._internal.ca.http.http1 import RequestReader
 
     reader = RequestReader()
     answer = bytearray()
@@ -130,7 +130,7 @@ def shared_server_targets() -> dict[str, Target]:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-    from keyseal.ca.x509svid import parse_csr
+    from keyseal._internal.ca.issuance.x509svid import parse_csr
 
     def make_csr(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
         request = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())

@@ -16,18 +16,24 @@ from typing import Literal
 
 from fuzz.corpus import DATA, NOW, Corpus, build_corpus
 from fuzz.mutate import Choices, mutate
+from keyseal._internal.openpgp.armor import dearmor_all, dearmor_or_binary, is_armored
+from keyseal._internal.openpgp.cert import load_certificates, merge_certificates
+from keyseal._internal.openpgp.keys import parse_key_packet
+from keyseal._internal.openpgp.manifest import parse_manifest
+from keyseal._internal.openpgp.packets import (
+    TAG_PUBLIC_KEY,
+    TAG_PUBLIC_SUBKEY,
+    TAG_SIGNATURE,
+    iter_packets,
+    parse_subpackets,
+)
+from keyseal._internal.openpgp.signature import check_signature_math, new_hasher, parse_signature
+from keyseal._internal.openpgp.trust import TrustSet, check_certificate
+from keyseal._internal.openpgp.verify import parse_detached, verify_bytes
+from keyseal._internal.openpgp.wkd import Address, keep_user_ids
+from keyseal._internal.records.record import WrappedRecord
+from keyseal._internal.wrapping.envelope import unseal
 from keyseal.errors import KeysealError
-from keyseal.openpgp.armor import dearmor_all, dearmor_or_binary, is_armored
-from keyseal.openpgp.cert import load_certificates, merge_certificates
-from keyseal.openpgp.keys import parse_key_packet
-from keyseal.openpgp.manifest import parse_manifest
-from keyseal.openpgp.packets import TAG_PUBLIC_KEY, TAG_PUBLIC_SUBKEY, TAG_SIGNATURE, iter_packets, parse_subpackets
-from keyseal.openpgp.signature import check_signature_math, new_hasher, parse_signature
-from keyseal.openpgp.trust import TrustSet, check_certificate
-from keyseal.openpgp.verify import parse_detached, verify_bytes
-from keyseal.openpgp.wkd import Address, keep_user_ids
-from keyseal.wrapping.envelope import unseal
-from keyseal.wrapping.record import WrappedRecord
 
 Outcome = Literal["accepted", "rejected"]
 

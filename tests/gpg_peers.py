@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from keyseal.openpgp.armor import dearmor_or_binary
+from keyseal._internal.openpgp.armor import dearmor_or_binary
 from tests.conftest import Result, run_keyseal
 from tests.formats_peers import ok, script
 from tests.harness.release_keys import ReleaseKey, make_key

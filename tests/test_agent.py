@@ -16,7 +16,7 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from spiffe import JwtSource, WorkloadApiClient, X509Source
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
-from keyseal.ca.server import CaServer
+from keyseal._internal.ca.server import CaServer
 from tests.harness.agent import Node, fetch_as, start_agent, start_server
 from tests.harness.ca import TRUST_DOMAIN, Client, bundle_authorities
 
@@ -106,10 +106,10 @@ def test_socket_mode(node: Node) -> None:
 
 
 def test_join_token_is_one_time(node: Node, tmp_path: Path) -> None:
-    from keyseal.agent.client import ServerRefusedError
+    from keyseal._internal.agent.client import ServerRefusedError
 
     token_file = tmp_path / "token"
-    from keyseal.ca.entries import join_tokens_for
+    from keyseal._internal.ca.registry.entries import join_tokens_for
 
     token, _ = join_tokens_for(node.server.config).issue("node-2", __import__("datetime").timedelta(minutes=1))
     token_file.write_text(token)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from spiffe import WorkloadApiClient
 
-from keyseal.agent.attestation import peer_credentials, selectors_of
-from keyseal.ca.entries import entry_store_for, join_tokens_for
+from keyseal._internal.agent.attestation import peer_credentials, selectors_of
+from keyseal._internal.ca.registry.entries import entry_store_for, join_tokens_for
 from tests.harness.agent import (
     AGENT_ID,
     CHILD,

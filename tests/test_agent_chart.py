@@ -17,9 +17,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keyseal.agent.config import AgentConfig, parse_agent_config
-from keyseal.agent.state import AgentState
-from keyseal.ca.entries import AGENT_PATH
+from keyseal._internal.agent.config import AgentConfig, parse_agent_config
+from keyseal._internal.agent.state import AgentState
+from keyseal._internal.ca.registry.entries import AGENT_PATH
 from keyseal.errors import KekMismatchError
 from tests.test_helm_chart import CHART, render
 
@@ -53,7 +53,7 @@ def test_agent_daemonset(chart: helm_python.Chart, tmp_path: Path) -> None:
 def test_agent_trust_bundle_comes_from_the_servers_configmap(chart: helm_python.Chart) -> None:
     """The chart creates the bundle ConfigMap empty, names it to the server (which alone may get and update it,
     by name) and mounts it where the agent's trustBundleFile points."""
-    from keyseal.ca.bundle_configmap import BUNDLE_KEY, ENVIRONMENT
+    from keyseal._internal.ca.bundle_configmap import BUNDLE_KEY, ENVIRONMENT
 
     manifests = render(chart, {"agent": {"enabled": True, "joinTokenSecret": "agent-join"}})
     (bundle_map,) = [d for d in manifests["ConfigMap"] if d["metadata"]["name"].endswith("-agent-bundle")]
@@ -308,7 +308,7 @@ def test_attestation_without_capabilities_reads_uid_and_gid_only() -> None:
 
     probe = (
         "import os, sys\n"
-        "from keyseal.agent.attestation import attest, selectors_of, start_time\n"
+        "from keyseal._internal.agent.attestation import attest, selectors_of, start_time\n"
         "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"  # also drops every capability
         "other = int(sys.argv[1])\n"
         "print(sorted(selectors_of(attest(other, 0, 0))))\n"  # as the agent attests a connection it accepts

@@ -18,8 +18,8 @@ import pytest
 from cryptography import x509
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
-from keyseal.agent.config import parse_agent_config
-from keyseal.ca.entries import join_tokens_for
+from keyseal._internal.agent.config import parse_agent_config
+from keyseal._internal.ca.registry.entries import join_tokens_for
 from keyseal.errors import UsageError
 from tests.harness.agent import Node, start_agent, start_server
 from tests.harness.ca import TRUST_DOMAIN, wait_for
@@ -65,7 +65,7 @@ def test_agent_fails_over_to_the_next_replica(tmp_path: Path, caplog: pytest.Log
         node.agent.cache.sync()
         before = fetch(node)
         assert isinstance(before, x509.Certificate)
-        with caplog.at_level(logging.WARNING, logger="keyseal.agent"):
+        with caplog.at_level(logging.WARNING, logger="keyseal._internal.agent"):
             first.shutdown()
             node.agent.client.close()
             serials = set()
@@ -107,7 +107,7 @@ def test_agent_rejoins_after_its_svid_expired_while_no_server_answered(
         first_svid = node.agent.cache.state.load() if node.agent.cache.state else None
         assert first_svid is not None
         port = server.port
-        with caplog.at_level(logging.INFO, logger="keyseal.agent"):
+        with caplog.at_level(logging.INFO, logger="keyseal._internal.agent"):
             server.shutdown()
             node.agent.client.close()
             agent_svid_expired(node)

@@ -23,7 +23,7 @@ import pytest
 from spiffe import WorkloadApiClient
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
-from keyseal.ca.entries import join_tokens_for
+from keyseal._internal.ca.registry.entries import join_tokens_for
 from tests.harness.agent import DROP_ROOT, Node, end, fetch_as, socket_dir, spawn, start_agent, start_server
 from tests.harness.ca import TRUST_DOMAIN, wait_for
 
@@ -225,7 +225,7 @@ def test_the_agent_backs_off_when_it_runs_out_of_file_descriptors(tmp_path: Path
     waiting: list[socket.socket] = []
     try:
         token, _ = join_tokens_for(server.config).issue("node-1", timedelta(minutes=5))
-        from keyseal.ca.entries import entry_store_for
+        from keyseal._internal.ca.registry.entries import entry_store_for
         from tests.harness.agent import AGENT_ID
 
         entry_store_for(server.config).create(WEB, AGENT_ID, (ME,), 0, 0)
@@ -319,7 +319,7 @@ def test_the_jwt_svid_cache_keeps_the_most_recently_used(tmp_path: Path) -> None
 
 
 def test_workload_api_limits_are_checked() -> None:
-    from keyseal.agent.config import WorkloadApiLimits, parse_agent_config
+    from keyseal._internal.agent.config import WorkloadApiLimits, parse_agent_config
     from keyseal.errors import UsageError
 
     base = {"trustDomain": TRUST_DOMAIN, "serverURL": "https://127.0.0.1:8443", "trustBundleFile": "/b.pem",

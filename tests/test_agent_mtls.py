@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from spiffe import WorkloadApiClient
 
-from keyseal.ca.entries import join_tokens_for
-from keyseal.ca.server import CaServer
-from keyseal.ca.spiffeid import SpiffeId
-from keyseal.ca.x509svid import issue_x509_svid
+from keyseal._internal.ca.issuance.x509svid import issue_x509_svid
+from keyseal._internal.ca.registry.entries import join_tokens_for
+from keyseal._internal.ca.server import CaServer
+from keyseal._internal.spiffe.ids import SpiffeId
 from tests.harness.agent import AGENT_ID, agent_call, post, start_agent, start_server, tls_context
 from tests.harness.ca import TOKENS, TRUST_DOMAIN, Client, FakeClock, make_csr, new_key, pkcs8_pem
 

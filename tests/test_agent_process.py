@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from spiffe import WorkloadApiClient
 
-from keyseal.ca.entries import entry_store_for, join_tokens_for
+from keyseal._internal.ca.registry.entries import entry_store_for, join_tokens_for
 from tests.harness.agent import AGENT_ID, socket_dir, start_server
 from tests.harness.ca import TRUST_DOMAIN
 
@@ -74,7 +74,7 @@ def test_agent_start_up_prints_no_dependency_warning(tmp_path: Path) -> None:
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
-@pytest.mark.parametrize("module", ["keyseal.agent.workload", "keyseal.agent.main"])
+@pytest.mark.parametrize("module", ["keyseal._internal.agent.workload", "keyseal._internal.agent.main"])
 def test_importing_the_agent_raises_no_warning(module: str) -> None:
     """Every warning turned into an error: the import succeeds only if nothing warns during it."""
     result = subprocess.run([sys.executable, "-W", "error", "-c", f"import {module}"], capture_output=True,

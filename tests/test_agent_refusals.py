@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from keyseal.agent.client import ServerRefusedError
-from keyseal.agent.config import parse_agent_config
-from keyseal.agent.main import Agent
-from keyseal.ca.entries import entry_store_for, join_tokens_for
+from keyseal._internal.agent.client import ServerRefusedError
+from keyseal._internal.agent.config import parse_agent_config
+from keyseal._internal.agent.main import Agent
+from keyseal._internal.ca.registry.entries import entry_store_for, join_tokens_for
 from tests.harness.agent import AGENT_ID, start_agent, start_server
 from tests.harness.ca import TRUST_DOMAIN
 
@@ -81,7 +81,7 @@ def test_a_restarted_agent_does_not_offer_its_spent_token_again(
         again._identity()  # resumes the saved SVID: no token spent
         held = again.client.certificate
         assert isinstance(held, x509.Certificate)
-        with caplog.at_level(logging.INFO, logger="keyseal.agent"):
+        with caplog.at_level(logging.INFO, logger="keyseal._internal.agent"):
             again._rejoin()  # the token in joinTokenFile is the one spent at the first start
         assert "was refused" not in caplog.text
         assert "no unused join credential" in caplog.text

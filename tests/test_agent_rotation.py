@@ -22,10 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from spiffe import WorkloadApiClient, X509Source
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
-from keyseal.agent.config import parse_agent_config
-from keyseal.ca.entries import entry_store_for
-from keyseal.ca.spiffeid import SpiffeId
-from keyseal.ca.x509svid import issue_x509_svid
+from keyseal._internal.agent.config import parse_agent_config
+from keyseal._internal.ca.issuance.x509svid import issue_x509_svid
+from keyseal._internal.ca.registry.entries import entry_store_for
+from keyseal._internal.spiffe.ids import SpiffeId
 from keyseal.errors import UsageError
 from tests.harness.agent import Node, agent_call, fetch_as, start_agent, start_server
 from tests.harness.ca import TRUST_DOMAIN, wait_for
@@ -78,7 +78,7 @@ def test_deleted_entry_ends_the_stream(node: Node) -> None:
 def test_server_stopped_cached_svid_until_expiry_then_error(node: Node, caplog: pytest.LogCaptureFixture) -> None:
     node.entry("/ns/a/svc", ME, x509_ttl=3)
     node.agent.cache.sync()
-    with caplog.at_level(logging.WARNING, logger="keyseal.agent"):
+    with caplog.at_level(logging.WARNING, logger="keyseal._internal.agent"):
         node.server.shutdown()
         node.agent.client.close()  # a stopped server process would have closed the kept-alive connection too
         with WorkloadApiClient(node.endpoint, default_timeout=10) as client:
@@ -274,8 +274,8 @@ def test_a_stored_entry_with_a_reserved_id_is_never_served(tmp_path: Path) -> No
     is neither listed for the agent nor issued: it would let one node act as another over mTLS."""
     import sqlite3
 
-    from keyseal.ca.config import parse_config
-    from keyseal.ca.entries import entry_store_for
+    from keyseal._internal.ca.config import parse_config
+    from keyseal._internal.ca.registry.entries import entry_store_for
     from tests.harness.ca import base_config
 
     config = parse_config(base_config(tmp_path))

@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import WorkloadApiClient
 
-from keyseal.ca.entries import join_tokens_for
+from keyseal._internal.ca.registry.entries import join_tokens_for
 from keyseal.errors import KeysealError
 from tests.harness.agent import AGENT_ID, start_agent, start_server
 from tests.harness.ca import TRUST_DOMAIN
@@ -75,7 +75,7 @@ def test_restart_resumes_the_saved_svid_and_a_tampered_record_is_refused(tmp_pat
 
 
 def test_without_state_or_token_the_agent_says_what_to_do(tmp_path: Path) -> None:
-    from keyseal.agent.config import parse_agent_config
+    from keyseal._internal.agent.config import parse_agent_config
     from keyseal.errors import UsageError
 
     base = {"trustDomain": TRUST_DOMAIN, "serverURL": "https://127.0.0.1:8443", "trustBundleFile": "/b.pem"}
@@ -91,8 +91,8 @@ def test_without_state_or_token_the_agent_says_what_to_do(tmp_path: Path) -> Non
 def test_token_file_and_kek_per_node(tmp_path: Path) -> None:
     """With saved state a node's token file may be gone (it was needed for the first join only); without, that
     is an error. `${NODE_NAME}` picks the node's own token and KEK file, and the state directory is kept 0700."""
-    from keyseal.agent.config import parse_agent_config
-    from keyseal.agent.state import AgentState
+    from keyseal._internal.agent.config import parse_agent_config
+    from keyseal._internal.agent.state import AgentState
     from keyseal.errors import InputError, UsageError
 
     base = {"trustDomain": TRUST_DOMAIN, "serverURL": "https://127.0.0.1:8443", "trustBundleFile": "/b.pem",

@@ -15,10 +15,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keyseal.agent.cache import AgentCache
-from keyseal.agent.client import ServerClient
-from keyseal.ca.entries import entry_store_for, join_tokens_for
-from keyseal.ca.server import CaServer
+from keyseal._internal.agent.cache import AgentCache
+from keyseal._internal.agent.client import ServerClient
+from keyseal._internal.ca.registry.entries import entry_store_for, join_tokens_for
+from keyseal._internal.ca.server import CaServer
 from tests.harness.agent import agent_call, start_server
 from tests.harness.ca import TRUST_DOMAIN, make_csr, new_key
 
@@ -173,7 +173,7 @@ def test_a_remembered_agent_certificate_still_needs_a_live_ca(server: CaServer, 
     from cryptography.hazmat.primitives import serialization
     from cryptography.x509.verification import VerificationError
 
-    from keyseal.ca.agents import AgentApi
+    from keyseal._internal.ca.http.agents import AgentApi
 
     _, certificate = join(server, "node-cached")
     der = certificate.public_bytes(serialization.Encoding.DER)

@@ -18,12 +18,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 
-from keyseal.audit import GENESIS, line_hash, verify_log
-from keyseal.backends.base import PublicKey
-from keyseal.openpgp.armor import dearmor_or_binary
-from keyseal.openpgp.packets import TAG_SIGNATURE, iter_packets
-from keyseal.openpgp.signature import SignaturePacket, hash_name_of, parse_signature
-from keyseal.openpgp.verify import parse_detached
+from keyseal._internal.audit import GENESIS, line_hash, verify_log
+from keyseal._internal.openpgp.armor import dearmor_or_binary
+from keyseal._internal.openpgp.packets import TAG_SIGNATURE, iter_packets
+from keyseal._internal.openpgp.signature import SignaturePacket, hash_name_of, parse_signature
+from keyseal._internal.openpgp.verify import parse_detached
+from keyseal.signer import PublicKey
 from tests.conftest import assert_one_line_error, run_keyseal
 from tests.formats_peers import pkcs11_key
 from tests.harness.kms_emulator import KmsEmulator
@@ -61,7 +61,7 @@ def spki_fingerprint(public_key: PublicKey) -> str:
 
 
 def cert_public_key(cert: Path) -> PublicKey:
-    from keyseal.openpgp.cert import load_certificates
+    from keyseal._internal.openpgp.cert import load_certificates
 
     return load_certificates(cert.read_bytes())[0].primary.public_key
 
@@ -238,7 +238,7 @@ def test_no_key_material_or_pin_in_the_log(audit_log: Path, tmp_path: Path, soft
 _APPENDER = """
 import os, sys, time
 from pathlib import Path
-from keyseal import audit
+from keyseal._internal import audit
 go, name = Path(sys.argv[1]), sys.argv[2]
 while not go.exists():
     time.sleep(0.001)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keyseal import audit
-from keyseal.audit import GENESIS, AuditLog, line_hash, verify_log
-from keyseal.backends import open_signer
+from keyseal._internal import audit
+from keyseal._internal.audit import GENESIS, AuditLog, line_hash, verify_log
+from keyseal._internal.backends import open_signer
 from keyseal.errors import AuditChainError, AuditError
 from tests.conftest import assert_one_line_error, run_keyseal
 
@@ -188,7 +188,7 @@ def test_signer_records_context_and_outcome(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(path))
     key = tmp_path / "k.pem"
     assert run_keyseal("keys", "create", "--out", key, "--type", "p256", "--unencrypted").returncode == 0
-    caplog.set_level(logging.INFO, logger="keyseal.audit")
+    caplog.set_level(logging.INFO, logger="keyseal._internal.audit")
     digest = hashlib.sha256(b"data").digest()
     with open_signer(f"file:{key}") as signer:
         assert not path.exists()  # opening a key writes nothing
@@ -203,19 +203,19 @@ def test_signer_records_context_and_outcome(tmp_path: Path, monkeypatch: pytest.
     assert first["digest"] == digest.hex() and first["outcome"] == "ok"
     assert pooled["subject"] is None and pooled["purpose"] is None
     assert failed["outcome"].startswith("error: ") and failed["digest"] == b"short".hex()
-    emitted = [r for r in caplog.records if r.name == "keyseal.audit"]
+    emitted = [r for r in caplog.records if r.name == "keyseal._internal.audit"]
     assert [getattr(r, "audit")["seq"] for r in emitted] == [1, 2, 3]  # noqa: B009
     assert emitted[0].getMessage() == "audit " + path.read_bytes().splitlines()[0].decode()
 
 
 def test_record_without_a_file_still_emits(caplog: pytest.LogCaptureFixture) -> None:
     """The server's path: `audit.record(log_file=None, ...)` when the file log is off, structured logs only."""
-    caplog.set_level(logging.INFO, logger="keyseal.audit")
+    caplog.set_level(logging.INFO, logger="keyseal._internal.audit")
     fields = audit.record(log_file=None, key_uri="awskms:alias/ca", public_key=None, hash_name="sha384",
                           digest=bytes(48), outcome="ok", subject="spiffe://example.org/web", purpose="x509-svid")
     assert "seq" not in fields and "prev" not in fields and str(fields["time"]).endswith("Z")
     assert fields["subject"] == "spiffe://example.org/web" and fields["purpose"] == "x509-svid"
-    (emitted,) = [r for r in caplog.records if r.name == "keyseal.audit"]
+    (emitted,) = [r for r in caplog.records if r.name == "keyseal._internal.audit"]
     assert getattr(emitted, "audit") == fields  # noqa: B009
 
 
@@ -239,7 +239,7 @@ def test_outcome_keeps_only_keyseal_messages() -> None:
 
 
 def test_git_objects_are_named() -> None:
-    from keyseal.gitsign import _git_subject
+    from keyseal._internal.release.gitsign import _git_subject
 
     assert _git_subject(b"tree 4b825dc6\nauthor A <a@example.org> 1 +0000\n\nmessage\n") == "git commit"
     assert _git_subject(b"object 4b825dc6\ntype commit\ntag v1.0\ntagger A <a@example.org> 1 +0000\n\nv1.0\n") \
@@ -249,7 +249,7 @@ def test_git_objects_are_named() -> None:
 
 def test_service_logs_keep_the_audit_trail_at_any_level(capsys: pytest.CaptureFixture[str]) -> None:
     """`keyseal server` with logLevel warning still writes every audit record (and checkpoint) to its log."""
-    from keyseal.cli.service import configure_logging
+    from keyseal._internal.cli.service import configure_logging
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level

@@ -17,11 +17,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keyseal import audit
-from keyseal.audit import AuditLog, line_hash, verify_log
-from keyseal.audit.checkpoint import load_keys
-from keyseal.audit.log import GENESIS
-from keyseal.backends import open_signer
+from keyseal._internal import audit
+from keyseal._internal.audit import AuditLog, line_hash, verify_log
+from keyseal._internal.audit.checkpoint import load_keys
+from keyseal._internal.audit.log import GENESIS
+from keyseal._internal.backends import open_signer
 from tests.conftest import assert_one_line_error, run_keyseal
 
 EVERY = 5
@@ -80,7 +80,7 @@ def verify_cli(*args: str | Path) -> tuple[int, str, str]:
 def test_checkpoints_are_signed_lines_and_logged(key: tuple[str, Path], log_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     uri, public = key
-    with caplog.at_level(logging.INFO, logger="keyseal.audit"):
+    with caplog.at_level(logging.INFO, logger="keyseal._internal.audit"):
         sign(uri, 23)
     records = lines_of(log_path)
     kinds = [r.get("kind") for r in records]
@@ -151,7 +151,7 @@ def test_tail_cut_after_a_checkpoint_is_reported_against_its_copy(key: tuple[str
                                                                   tmp_path: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     uri, public = key
-    with caplog.at_level(logging.INFO, logger="keyseal.audit"):
+    with caplog.at_level(logging.INFO, logger="keyseal._internal.audit"):
         sign(uri, 23)
     copies = tmp_path / "pod.log"  # what left the host: the logger's lines, as a log pipeline keeps them
     copies.write_text("".join(f"2026-12-06T06:00:00Z INFO {r.getMessage()}\n" for r in caplog.records))

@@ -17,10 +17,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keyseal import audit
-from keyseal.audit import verify_log
-from keyseal.audit.checkpoint import load_keys
-from keyseal.backends import open_signer
+from keyseal._internal import audit
+from keyseal._internal.audit import verify_log
+from keyseal._internal.audit.checkpoint import load_keys
+from keyseal._internal.backends import open_signer
 
 THREADS = 4
 
@@ -85,8 +85,8 @@ def test_one_signer_pays_one_fsync_per_signature(tmp_path: Path, monkeypatch: py
 _SIGNER = """
 import hashlib, os, sys, threading
 from pathlib import Path
-from keyseal import audit
-from keyseal.backends import open_signer
+from keyseal._internal import audit
+from keyseal._internal.backends import open_signer
 
 out, uri, run = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 signer = open_signer(uri)

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from keyseal.ca.config import parse_config
-from keyseal.ca.server import CaServer
+from keyseal._internal.ca.config import parse_config
+from keyseal._internal.ca.server import CaServer
 from tests.harness.ca import TOKENS, Client, base_config
 
 KEYSEAL = str(Path(sys.executable).with_name("keyseal"))
@@ -26,7 +26,7 @@ SPIFFE_ID = "spiffe://example.org/ns/a/web"
 
 @pytest.fixture
 def console() -> Iterator[io.StringIO]:
-    """A console handler on the root logger at INFO, as `keyseal server` has (keyseal.cli.service)."""
+    """A console handler on the root logger at INFO, as `keyseal server` has (keyseal._internal.cli.service)."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     root = logging.getLogger()

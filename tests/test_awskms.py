@@ -25,11 +25,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
-from keyseal.audit import unwrap
-from keyseal.aws import kms_client
-from keyseal.backends import BackendOptions, HashName, open_signer
-from keyseal.backends.awskms import AwsKmsSigner, create_signing_key, parse_key_ref
-from keyseal.backends.base import hash_algorithm
+from keyseal._internal.audit import unwrap
+from keyseal._internal.backends import BackendOptions, HashName, open_signer
+from keyseal._internal.backends.awskms import AwsKmsSigner, create_signing_key, parse_key_ref
+from keyseal._internal.providers.aws.client import kms_client
+from keyseal._internal.providers.aws.iam import least_privilege_policy
 from keyseal.errors import (
     AccessDeniedError,
     BackendUnavailableError,
@@ -39,7 +39,7 @@ from keyseal.errors import (
     UnsupportedKeyError,
     UsageError,
 )
-from keyseal.iam import least_privilege_policy
+from keyseal.signer import hash_algorithm
 from tests.conftest import REGION
 from tests.harness.kms_emulator import KmsEmulator
 
@@ -279,7 +279,8 @@ def test_created_at_from_describe_key(keys: Keys, aws_env: dict[str, str], kms_e
 
 def test_imports_stay_light() -> None:
     code = (
-        "import sys, keyseal, keyseal.backends, keyseal.aws, keyseal.iam, keyseal.backends.awskms\n"
+        "import sys, keyseal, keyseal._internal.backends, keyseal._internal.providers.aws.client\n"
+        "import keyseal._internal.providers.aws.iam, keyseal._internal.backends.awskms\n"
         "heavy = [m for m in ('boto3', 'botocore') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

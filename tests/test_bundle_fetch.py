@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from keyseal.ca.bootstrap import parse_fingerprint
+from keyseal._internal.spiffe.bootstrap import parse_fingerprint
 from tests.conftest import run_keyseal
 from tests.harness.agent import start_server
 from tests.harness.ca import base_config
@@ -98,7 +98,7 @@ def test_fetch_keeps_only_the_pinned_ca_when_tls_is_not_from_it(tmp_path: Path) 
     server = start_server(tmp_path, server={"listen": "127.0.0.1:0", "tls": {
         "certFile": str(tmp_path / "tls.crt"), "keyFile": str(tmp_path / "tls.key")}})
     try:
-        from keyseal.ca.bootstrap import fetch_bundle
+        from keyseal._internal.spiffe.bootstrap import fetch_bundle
 
         fetched = fetch_bundle(f"https://127.0.0.1:{server.port}", server.bundle_fingerprint())
     finally:

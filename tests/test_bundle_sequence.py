@@ -1,5 +1,5 @@
 """`spiffe_sequence` changes whenever the bundle's bytes change, and every replica serves the same sequence for
-the same bytes (keyseal.ca.bundle_sequence): a restart with another ca.ttl, ECDSA CA certificates signed again
+the same bytes (keyseal._internal.ca.bundle_sequence): a restart with another ca.ttl, ECDSA CA certificates signed again
 by a key manager (KMS), rotation, and replicas starting at the same moment on one store."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from keyseal.ca.bundle_sequence import SequenceLedger
-from keyseal.ca.config import parse_config
-from keyseal.ca.pin_store import DirectoryPinStore
-from keyseal.ca.server import CaServer
+from keyseal._internal.ca.bundle_sequence import SequenceLedger
+from keyseal._internal.ca.config import parse_config
+from keyseal._internal.ca.custody.pin_store import DirectoryPinStore
+from keyseal._internal.ca.server import CaServer
 from keyseal.errors import KeysealError
 from tests.harness.ca import FakeClock, base_config
 from tests.harness.kms_emulator import KmsEmulator
@@ -27,7 +27,7 @@ HOUR = timedelta(hours=1)
 
 def served(server: CaServer) -> tuple[bytes, int]:
     """The bundle as the API answers it (bytes), and its sequence."""
-    from keyseal.ca.api import Request
+    from keyseal._internal.ca.http.api import Request
 
     response = server.api.handle(Request("GET", "/v1/bundle", {}, b"", "test"))
     assert response.status == 200
@@ -165,7 +165,7 @@ def pkcs11_token(softhsm: Any) -> str:
 
 def test_ecdsa_pkcs11_custody_signing_again_changes_the_sequence(tmp_path: Path, softhsm: Any,
                                                                   pkcs11_token: str) -> None:
-    from keyseal.backends import pkcs11 as backend
+    from keyseal._internal.backends import pkcs11 as backend
     from tests.harness.softhsm import USER_PIN
 
     pin_file = tmp_path / "pin"

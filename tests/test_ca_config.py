@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from keyseal.ca.config import load_config, parse_config, parse_duration
-from keyseal.ca.spiffeid import SpiffeIdError, parse_spiffe_id, path_allowed
+from keyseal._internal.ca.config import load_config, parse_config, parse_duration
+from keyseal._internal.spiffe.ids import SpiffeIdError, parse_spiffe_id, path_allowed
 from keyseal.errors import InputError, UsageError
 from tests.harness.ca import base_config, sha256_hex
 

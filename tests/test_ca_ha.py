@@ -22,10 +22,10 @@ import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-import keyseal.ca.bundle_configmap as bundle_configmap
-from keyseal.ca.bundle_configmap import BUNDLE_KEY, ENVIRONMENT
-from keyseal.ca.config import parse_config
-from keyseal.ca.server import CaServer
+import keyseal._internal.ca.bundle_configmap as bundle_configmap
+from keyseal._internal.ca.bundle_configmap import BUNDLE_KEY, ENVIRONMENT
+from keyseal._internal.ca.config import parse_config
+from keyseal._internal.ca.server import CaServer
 from keyseal.errors import KeysealError
 from tests.harness.ca import START, TOKENS, TRUST_DOMAIN, Client, FakeClock, base_config
 from tests.harness.kube_api import KubeApi
@@ -107,7 +107,7 @@ def test_cut_replica_turns_unready_within_the_bound_and_never_signs_with_a_retir
     assert tick(one) and tick(two)
     last_read = clock()
     kube_api.cut("replica-b")
-    with caplog.at_level(logging.INFO, logger="keyseal.ca"):
+    with caplog.at_level(logging.INFO, logger="keyseal._internal.ca"):
         clock.set(START + 12 * HOUR)
         assert tick(one)
         assert [k.number for k in one.manager.loaded()] == [1, 2]  # A prepared keyset 2 ...

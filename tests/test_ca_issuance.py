@@ -15,15 +15,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from spiffe.svid.errors import InvalidTokenError
 
-from keyseal.ca.bundle import bundle_document
-from keyseal.ca.config import CA_KEY_TYPES
-from keyseal.ca.custody import MemoryCaKey
-from keyseal.ca.jwtsvid import check_audience, issue_jwt_svid
-from keyseal.ca.keyset import Keyset, make_keyset
-from keyseal.ca.spiffeid import parse_spiffe_id
-from keyseal.ca.x509svid import CsrError, issue_x509_svid, parse_csr
+from keyseal._internal.ca.config import CA_KEY_TYPES
+from keyseal._internal.ca.custody.keys import MemoryCaKey
+from keyseal._internal.ca.issuance.jwtsvid import check_audience, issue_jwt_svid
+from keyseal._internal.ca.issuance.keyset import Keyset, make_keyset
+from keyseal._internal.ca.issuance.x509svid import CsrError, issue_x509_svid, parse_csr
+from keyseal._internal.keygen import generate_private_key
+from keyseal._internal.spiffe.bundle import bundle_document
+from keyseal._internal.spiffe.ids import parse_spiffe_id
 from keyseal.errors import UsageError
-from keyseal.keygen import generate_private_key
 from tests.harness.ca import (
     START,
     TRUST_DOMAIN,
@@ -230,7 +230,7 @@ def test_csr_rsa_exponent_must_be_65537(exponent: int) -> None:
 def test_csr_cache_is_keyed_by_the_der() -> None:
     """The same CSR as PEM, PEM with other line breaks, and base64 DER is verified once: the cache of verified
     CSRs is keyed by the request's DER, not by the text it came in."""
-    from keyseal.ca.x509svid import _verified_csr_key
+    from keyseal._internal.ca.issuance.x509svid import _verified_csr_key
 
     pem = make_csr()
     der = x509.load_pem_x509_csr(pem.encode()).public_bytes(serialization.Encoding.DER)

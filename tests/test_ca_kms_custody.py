@@ -12,10 +12,10 @@ from typing import Any
 import boto3
 import pytest
 
-from keyseal.ca.config import parse_config
-from keyseal.ca.custody import SignerCaKey
-from keyseal.ca.manager import KeysetManager
-from keyseal.ca.server import CaServer, build_source
+from keyseal._internal.ca.config import parse_config
+from keyseal._internal.ca.custody.keys import SignerCaKey
+from keyseal._internal.ca.custody.manager import KeysetManager
+from keyseal._internal.ca.server import CaServer, build_source
 from keyseal.errors import UnsupportedKeyError
 from tests.conftest import REGION
 from tests.harness.ca import (

@@ -17,14 +17,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.hazmat.primitives.hashes import SHA256
 
-from keyseal.ca.config import parse_config
-from keyseal.ca.kms_source import KmsKeysetSource
-from keyseal.ca.manager import KeysetManager
-from keyseal.ca.pin_store import DirectoryPinStore
-from keyseal.ca.pins import KeysetPins
-from keyseal.ca.server import build_source
+from keyseal._internal.ca.config import parse_config
+from keyseal._internal.ca.custody.kms import KmsKeysetSource
+from keyseal._internal.ca.custody.manager import KeysetManager
+from keyseal._internal.ca.custody.pin_store import DirectoryPinStore
+from keyseal._internal.ca.custody.pins import KeysetPins
+from keyseal._internal.ca.server import build_source
+from keyseal._internal.providers.aws.iam import CA_SERVER_CLEANUP_PERMISSIONS, CA_SERVER_PERMISSIONS, ca_server_policy
 from keyseal.errors import KeysealError
-from keyseal.iam import CA_SERVER_CLEANUP_PERMISSIONS, CA_SERVER_PERMISSIONS, ca_server_policy
 from tests.conftest import REGION
 from tests.harness.ca import TRUST_DOMAIN, FakeClock, base_config
 from tests.harness.kms_emulator import KmsEmulator
@@ -146,7 +146,8 @@ def test_untidy_failure_spends_the_number(tmp_path: Path, kms_emulator: KmsEmula
     kms_emulator.fail("CreateAlias", 1, code="AccessDeniedException", after=1)  # the X.509 alias (commit)
     kms_emulator.deny("testing", "DeleteAlias")
     kms_emulator.deny("testing", "ScheduleKeyDeletion")
-    with caplog.at_level(logging.WARNING, logger="keyseal.ca.kms_source"), pytest.raises(KeysealError) as raised:
+    with caplog.at_level(logging.WARNING, logger="keyseal._internal.ca.custody.kms"), \
+            pytest.raises(KeysealError) as raised:
         manager.refresh()
     assert "its deletion could not be scheduled" in raised.value.message
     made = all_keys(client) - before
@@ -214,7 +215,7 @@ def test_startup_orphans_what_a_crash_left(tmp_path: Path, kms_emulator: KmsEmul
     other_domain = create_pending(client, prefix, 1, "x509", hour_ago, trust_domain="other.example")
 
     manager = new_manager(tmp_path, kms_emulator.endpoint, prefix, FakeClock())
-    with caplog.at_level(logging.WARNING, logger="keyseal.ca.kms_source"):
+    with caplog.at_level(logging.WARNING, logger="keyseal._internal.ca.custody.kms"):
         manager.start()
     for key in (crashed, half):
         tags = tags_of(client, key)
@@ -230,7 +231,7 @@ def test_startup_orphans_what_a_crash_left(tmp_path: Path, kms_emulator: KmsEmul
     # A second startup finds nothing more to do (the orphans are tagged once).
     caplog.clear()
     again = new_manager(tmp_path, kms_emulator.endpoint, prefix, FakeClock())
-    with caplog.at_level(logging.WARNING, logger="keyseal.ca.kms_source"):
+    with caplog.at_level(logging.WARNING, logger="keyseal._internal.ca.custody.kms"):
         again.start()
     assert not [r for r in caplog.records if "orphaned KMS key" in r.getMessage()]
 
@@ -256,7 +257,7 @@ def test_incomplete_keyset_is_never_used(tmp_path: Path, kms_emulator: KmsEmulat
     key = create_pending(client, prefix, 1, "x509", datetime.now(UTC))
     client.create_alias(AliasName=f"alias/{prefix}/keyset-1-x509", TargetKeyId=key)
     manager = new_manager(tmp_path, kms_emulator.endpoint, prefix, FakeClock())
-    with caplog.at_level(logging.WARNING, logger="keyseal.ca.custody"):
+    with caplog.at_level(logging.WARNING, logger="keyseal._internal.ca.custody.keys"):
         manager.start()
     assert [k.number for k, _ in manager.live()] == [2]
     assert any("keyset 1 is incomplete" in r.getMessage() for r in caplog.records)
@@ -280,7 +281,7 @@ def test_server_needs_only_the_listed_permissions(tmp_path: Path, kms_emulator: 
         manager.refresh()
     manager.refresh()
     kms_emulator.deny("testing", "ListResourceTags")
-    with caplog.at_level(logging.WARNING, logger="keyseal.ca.kms_source"):
+    with caplog.at_level(logging.WARNING, logger="keyseal._internal.ca.custody.kms"):
         restarted = new_manager(tmp_path, kms_emulator.endpoint, prefix, clock)
         restarted.start()  # loads keysets 1 and 2 (DescribeKey + GetPublicKey), the search denied
     assert any("could not look for orphaned CA keys" in r.getMessage() and "kms:ListResourceTags" in r.getMessage()

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from keyseal.ca.config import parse_config
-from keyseal.ca.manager import KeysetManager
-from keyseal.ca.pin_store import ConfigMapPinStore
-from keyseal.ca.server import CaServer, build_source
+from keyseal._internal.ca.config import parse_config
+from keyseal._internal.ca.custody.manager import KeysetManager
+from keyseal._internal.ca.custody.pin_store import ConfigMapPinStore
+from keyseal._internal.ca.server import CaServer, build_source
 from keyseal.errors import CustodyIntegrityError, StoreConflictError
 from tests.harness.ca import TRUST_DOMAIN, FakeClock
 from tests.harness.kms_emulator import KmsEmulator
@@ -52,7 +52,7 @@ def same_ca(one: Any, other: Any) -> bool:
 
 
 def alarm_count(reason: str) -> int:
-    from keyseal.ca import alarms  # imported here: the attack assertions come first
+    from keyseal._internal.ca.custody import alarms  # imported here: the attack assertions come first
 
     return alarms.counts().get(reason, 0)
 
@@ -76,7 +76,7 @@ def test_a_repointed_alias_is_not_followed(tmp_path: Path, kms_emulator: KmsEmul
         client.update_alias(AliasName=f"alias/{prefix}/keyset-1-{kind}", TargetKeyId=key_id)
     before = alarm_count("alias-moved")
 
-    caplog.set_level(logging.ERROR, logger="keyseal.ca.custody")
+    caplog.set_level(logging.ERROR, logger="keyseal._internal.ca.custody.keys")
     restarted = CaServer(parse_config(kms_config(tmp_path, kms_emulator.endpoint, prefix)))
     restarted.start()
     try:

@@ -1,4 +1,4 @@
-"""keyseal assembles X.509-SVID leaves from DER parts encoded once per keyset (keyseal.ca.der). These tests hold
+"""keyseal assembles X.509-SVID leaves from DER parts encoded once per keyset (ca.issuance.der). These tests hold
 that assembly to `cryptography`'s certificate builder: for the same serial, validity, key and names, the
 TBSCertificate must be the same bytes, for every CA key type and leaf key kind; and the signature must verify
 under the CA key with the algorithm the certificate names."""
@@ -13,13 +13,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
-from keyseal.ca import der
-from keyseal.ca.config import CA_KEY_TYPES
-from keyseal.ca.custody import MemoryCaKey
-from keyseal.ca.keyset import Keyset, make_keyset
-from keyseal.ca.spiffeid import parse_spiffe_id
-from keyseal.ca.x509svid import issue_x509_svid
-from keyseal.keygen import generate_private_key
+from keyseal._internal.ca.config import CA_KEY_TYPES
+from keyseal._internal.ca.custody.keys import MemoryCaKey
+from keyseal._internal.ca.issuance import der
+from keyseal._internal.ca.issuance.keyset import Keyset, make_keyset
+from keyseal._internal.ca.issuance.x509svid import issue_x509_svid
+from keyseal._internal.keygen import generate_private_key
+from keyseal._internal.spiffe.ids import parse_spiffe_id
 from tests.harness.ca import START, TRUST_DOMAIN
 
 SVID_ID = parse_spiffe_id(f"spiffe://{TRUST_DOMAIN}/ns/a/workload")

@@ -1,4 +1,4 @@
-"""The keyset pin chain on its own (keyseal.ca.pins): each pin signed by the previous keyset's X.509 key, a chain
+"""The keyset pin chain on its own (ca.custody.pins): each pin signed by the previous keyset's X.509 key, a chain
 that does not verify refused, a running replica refusing a rewritten chain, and the chain kept short."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keyseal.ca.custody import CaKey, MemoryCaKey
-from keyseal.ca.pin_store import ConfigMapPinStore, DirectoryPinStore, PinStore
-from keyseal.ca.pins import KEEP, KeysetPins, NewPin, Pin, spki_of
+from keyseal._internal.ca.custody.keys import CaKey, MemoryCaKey
+from keyseal._internal.ca.custody.pin_store import ConfigMapPinStore, DirectoryPinStore, PinStore
+from keyseal._internal.ca.custody.pins import KEEP, KeysetPins, NewPin, Pin, spki_of
 from keyseal.errors import CustodyIntegrityError
 
 START = datetime(2030, 1, 1, tzinfo=UTC)
@@ -151,7 +151,7 @@ def forged_pin(number: int, signed_by: int, signature: bytes | None = None) -> d
 
 
 def alarm_count(reason: str) -> int:
-    from keyseal.ca import alarms
+    from keyseal._internal.ca.custody import alarms
 
     return alarms.counts().get(reason, 0)
 

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from keyseal.backends import pkcs11 as backend
-from keyseal.backends.base import HashName
-from keyseal.ca.config import parse_config
-from keyseal.ca.manager import KeysetManager
-from keyseal.ca.pkcs11_source import APPLICATION, Pkcs11CaKey
-from keyseal.ca.server import CaServer, build_source
+from keyseal._internal.backends import pkcs11 as backend
+from keyseal._internal.ca.config import parse_config
+from keyseal._internal.ca.custody.manager import KeysetManager
+from keyseal._internal.ca.custody.pkcs11 import APPLICATION, Pkcs11CaKey
+from keyseal._internal.ca.server import CaServer, build_source
 from keyseal.errors import UnsupportedKeyError, UsageError
+from keyseal.signer import HashName
 from tests.conftest import run_keyseal
 from tests.harness.ca import (
     TOKENS,

@@ -19,11 +19,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keyseal.backends import pkcs11 as backend
-from keyseal.ca.config import parse_config
-from keyseal.ca.manager import KeysetManager
-from keyseal.ca.pkcs11_source import Pkcs11KeysetSource, _Marker
-from keyseal.ca.server import build_source
+from keyseal._internal.backends import pkcs11 as backend
+from keyseal._internal.ca.config import parse_config
+from keyseal._internal.ca.custody.manager import KeysetManager
+from keyseal._internal.ca.custody.pkcs11 import Pkcs11KeysetSource, _Marker
+from keyseal._internal.ca.server import build_source
 from keyseal.errors import CustodyIntegrityError
 from tests.harness.ca import TRUST_DOMAIN, FakeClock, base_config
 from tests.harness.softhsm import USER_PIN, SoftHsm
@@ -116,7 +116,7 @@ def plant_keyset(config: Any, number: int, how: str, not_before: Any, ids: dict[
 
 
 def alarm_count(reason: str) -> int:
-    from keyseal.ca import alarms  # imported here: the attack assertions come first
+    from keyseal._internal.ca.custody import alarms  # imported here: the attack assertions come first
 
     return alarms.counts().get(reason, 0)
 
@@ -254,7 +254,7 @@ def test_duplicate_markers_are_not_chosen_between_at_adoption(config: Any, tmp_p
     path.unlink()  # as an older keyseal left the token and the store
     plant_keyset(config, 1, "generated", mine.not_before)
     before = alarm_count("unpinned-keyset")
-    with caplog.at_level(logging.ERROR, logger="keyseal.ca.custody"):
+    with caplog.at_level(logging.ERROR, logger="keyseal._internal.ca.custody.keys"):
         upgraded = manager_for(config, clock)
         upgraded.start()
     pinned = json.loads(path.read_text())["pins"]

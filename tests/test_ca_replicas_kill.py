@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
-from keyseal.ca.bundle import bundle_json
-from keyseal.ca.manager import KeysetManager
-from keyseal.ca.wrapped_source import WrappedKeysetSource
-from keyseal.store.kubernetes import KubernetesStore
-from keyseal.wrapping.ledger import VersionLedger
-from keyseal.wrapping.local import LocalKek
+from keyseal._internal.ca.custody.manager import KeysetManager
+from keyseal._internal.ca.custody.wrapped import WrappedKeysetSource
+from keyseal._internal.records.ledger import VersionLedger
+from keyseal._internal.spiffe.bundle import bundle_json
+from keyseal._internal.store.kubernetes import KubernetesStore
+from keyseal._internal.wrapping.local import LocalKek
 from tests.harness.ca import START, TRUST_DOMAIN, FakeClock
 from tests.harness.kube_api import KubeApi
 from tests.harness.replicas import run_at_once
@@ -39,11 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
 import os, signal, sys
 from datetime import datetime
-from keyseal.ca.manager import KeysetManager
-from keyseal.ca.wrapped_source import WrappedKeysetSource
-from keyseal.store.kubernetes import KubernetesStore
-from keyseal.wrapping.ledger import VersionLedger
-from keyseal.wrapping.local import LocalKek
+from keyseal._internal.ca.custody.manager import KeysetManager
+from keyseal._internal.ca.custody.wrapped import WrappedKeysetSource
+from keyseal._internal.store.kubernetes import KubernetesStore
+from keyseal._internal.records.ledger import VersionLedger
+from keyseal._internal.wrapping.local import LocalKek
 from tests.harness.kube_api import KubeApi
 
 url, namespace, kek_file, now, step = sys.argv[1:6]
@@ -119,7 +119,7 @@ def test_kill_9_at_each_step_of_a_preparation_leaves_the_store_consistent(
     assert versions(kube_api, namespace, "x509") == ([] if step == "before-x509" else [1])
     assert versions(kube_api, namespace, "jwt") == ([1] if step == "after-jwt" else [])
     clock.set(half)
-    with caplog.at_level(logging.WARNING, logger="keyseal.ca"):
+    with caplog.at_level(logging.WARNING, logger="keyseal._internal.ca"):
         run_at_once(one.refresh, two.refresh)
     assert versions(kube_api, namespace, "x509") == [1]  # exactly one keyset 2, written once
     assert versions(kube_api, namespace, "jwt") == [1]
@@ -149,7 +149,7 @@ def test_undisturbed_rotation_logs_no_false_half_way_warning(kube_api: KubeApi, 
         assert store.x509_written.wait(30)
         reader.refresh()
 
-    with caplog.at_level(logging.INFO, logger="keyseal.ca"):
+    with caplog.at_level(logging.INFO, logger="keyseal._internal.ca"):
         run_at_once(winner.refresh, *(lambda r=r: read_between(r) for r in readers))
     assert not [r for r in caplog.records if HALF_WAY in r.getMessage()], caplog.text
     assert versions(kube_api, namespace, "jwt") == [1]  # written once, by the winner

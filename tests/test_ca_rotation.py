@@ -13,14 +13,14 @@ import boto3
 import jsonschema
 import yaml
 
-from keyseal.ca.bundle import bundle_json
-from keyseal.ca.config import parse_config
-from keyseal.ca.manager import KeysetManager
-from keyseal.ca.server import CaServer
-from keyseal.ca.wrapped_source import SLOTS, WrappedKeysetSource
-from keyseal.store.kubernetes import KubernetesStore
-from keyseal.wrapping.ledger import VersionLedger
-from keyseal.wrapping.local import LocalKek
+from keyseal._internal.ca.config import parse_config
+from keyseal._internal.ca.custody.manager import KeysetManager
+from keyseal._internal.ca.custody.wrapped import SLOTS, WrappedKeysetSource
+from keyseal._internal.ca.server import CaServer
+from keyseal._internal.records.ledger import VersionLedger
+from keyseal._internal.spiffe.bundle import bundle_json
+from keyseal._internal.store.kubernetes import KubernetesStore
+from keyseal._internal.wrapping.local import LocalKek
 from tests.conftest import REGION
 from tests.harness.ca import (
     START,
@@ -169,7 +169,7 @@ def test_slots_are_reused_only_after_expiry(tmp_path: Path) -> None:
             assert status == 200 and body["keyset"] == active.number
             verify_x509_svid(body, key, client.bundle(), clock())
             client.close()
-        # the store directory also holds the bundle sequences (keyseal.ca.bundle_sequence), which are no record
+        # the store directory also holds the bundle sequences (ca.bundle_sequence), which are no record
         records = sorted(p.name for p in (tmp_path / "store").iterdir() if not p.name.endswith("-sequence.json"))
         assert records == sorted([f"keyseal-{TRUST_DOMAIN}-{kind}-{slot}" for kind in ("x509", "jwt")
                                   for slot in range(SLOTS)] + ["keyseal-seen-versions"])
@@ -304,7 +304,7 @@ def test_schedule_publishes_a_late_keyset_before_it_signs() -> None:
     from dataclasses import dataclass
     from datetime import datetime
 
-    from keyseal.ca.schedule import plan
+    from keyseal._internal.ca.custody.schedule import plan
 
     @dataclass(frozen=True)
     class Times:

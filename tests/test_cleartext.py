@@ -14,11 +14,11 @@ from fuzz.properties import fuzz_settings
 from hypothesis import given
 from hypothesis import strategies as st
 
+from keyseal._internal.openpgp.cert import Certificate, load_certificates, mint_certificate
+from keyseal._internal.openpgp.cleartext import parse_cleartext, signed_text
+from keyseal._internal.openpgp.sign import SigningIdentity, choose_hash, cleartext_document, identity_from_certificate
+from keyseal._internal.openpgp.verify import verify_cleartext
 from keyseal.errors import KeysealError, VerificationError
-from keyseal.openpgp.cert import Certificate, load_certificates, mint_certificate
-from keyseal.openpgp.cleartext import parse_cleartext, signed_text
-from keyseal.openpgp.sign import SigningIdentity, choose_hash, cleartext_document, identity_from_certificate
-from keyseal.openpgp.verify import verify_cleartext
 
 FUZZ = fuzz_settings()
 NOW = CREATED + 10_000

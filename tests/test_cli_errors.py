@@ -128,8 +128,8 @@ def test_import_keyseal_and_verify_without_boto3(local_key: tuple[Path, Path], t
         "        if name.split('.')[0] in ('boto3', 'botocore', 'pkcs11', 'kubernetes', 'hvac'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import keyseal, keyseal.backends\n"
-        "from keyseal.cli.main import main\n"
+        "import keyseal, keyseal._internal.backends\n"
+        "from keyseal._internal.cli.main import main\n"
         f"sys.argv = ['keyseal', 'verify', '--cert', {str(cert)!r}, {str(data)!r}]\n"
         "main()\n"
     )

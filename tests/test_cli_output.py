@@ -9,8 +9,8 @@ import click
 import pytest
 import yaml
 
-from keyseal.cli.main import cli
-from keyseal.cli.output import labelled
+from keyseal._internal.cli.main import cli
+from keyseal._internal.cli.output import labelled
 from tests.conftest import run_keyseal
 from tests.harness.ca import base_config
 

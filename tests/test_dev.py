@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from keyseal.agent.config import load_agent_config
-from keyseal.ca.config import load_config
+from keyseal._internal.agent.config import load_agent_config
+from keyseal._internal.ca.config import load_config
 from tests.conftest import run_keyseal
 
 KEYSEAL = str(Path(sys.executable).with_name("keyseal"))
@@ -139,7 +139,7 @@ def test_server_listens_on_loopback_unless_told(tmp_path: Path) -> None:
 
 
 def test_dev_without_the_agent_extras_says_what_to_install(tmp_path: Path) -> None:
-    code = "import sys\nsys.modules['grpc'] = None\nfrom keyseal.cli.quick import main\nmain()\n"
+    code = "import sys\nsys.modules['grpc'] = None\nfrom keyseal._internal.cli.quick import main\nmain()\n"
     result = subprocess.run([sys.executable, "-c", code, "dev", "--check", "--dir", str(tmp_path / "td")],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2

@@ -13,15 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-from keyseal.ca.entries_db import DirectoryEntryStore
+from keyseal._internal.ca.registry.sqlite import DirectoryEntryStore
 
 TD = "example.org"
 BATCH = 40
 WRITER = r"""
 import sys
 from pathlib import Path
-from keyseal.ca.entries import Entry
-from keyseal.ca.entries_db import DirectoryEntryStore
+from keyseal._internal.ca.registry.entries import Entry
+from keyseal._internal.ca.registry.sqlite import DirectoryEntryStore
 
 store = DirectoryEntryStore(Path(sys.argv[1]), "example.org")
 round_ = sys.argv[2]

@@ -23,13 +23,13 @@ from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 from spiffe import WorkloadApiClient
 
-from keyseal.agent.config import parse_agent_config
-from keyseal.agent.main import Agent
-from keyseal.ca.bundle_configmap import BUNDLE_KEY, ENVIRONMENT, BundleConfigMap
-from keyseal.ca.config import Config, parse_config
-from keyseal.ca.entries import entry_store_for, join_tokens_for, token_digest
-from keyseal.ca.entries_kube import KubeEntryStore, KubeJoinTokens, entry_id_for
-from keyseal.ca.server import CaServer
+from keyseal._internal.agent.config import parse_agent_config
+from keyseal._internal.agent.main import Agent
+from keyseal._internal.ca.bundle_configmap import BUNDLE_KEY, ENVIRONMENT, BundleConfigMap
+from keyseal._internal.ca.config import Config, parse_config
+from keyseal._internal.ca.registry.entries import entry_store_for, join_tokens_for, token_digest
+from keyseal._internal.ca.registry.kubernetes import KubeEntryStore, KubeJoinTokens, entry_id_for
+from keyseal._internal.ca.server import CaServer
 from keyseal.errors import UsageError
 from tests.conftest import assert_one_line_error, run_keyseal
 from tests.harness.agent import socket_dir

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from keyseal.ca.config import Config, parse_config
-from keyseal.ca.entries import Entry, entry_store_for
-from keyseal.ca.entries_kube import KubeEntryStore
-from keyseal.ca.entry_index import entries_digest
+from keyseal._internal.ca.config import Config, parse_config
+from keyseal._internal.ca.registry.entries import Entry, entry_store_for
+from keyseal._internal.ca.registry.index import entries_digest
+from keyseal._internal.ca.registry.kubernetes import KubeEntryStore
 from tests.harness.ca import TRUST_DOMAIN, base_config
 from tests.harness.kube_api import KubeApi
 

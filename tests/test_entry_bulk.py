@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from keyseal.ca.config import parse_config
-from keyseal.ca.entries import Entry, entry_store_for
-from keyseal.ca.entries_db import DirectoryEntryStore
+from keyseal._internal.ca.config import parse_config
+from keyseal._internal.ca.registry.entries import Entry, entry_store_for
+from keyseal._internal.ca.registry.sqlite import DirectoryEntryStore
 from tests.conftest import assert_one_line_error, run_keyseal
 from tests.harness.ca import TRUST_DOMAIN, base_config
 from tests.harness.kube_api import KubeApi

@@ -1,4 +1,4 @@
-"""The index by parent (keyseal.ca.entry_index) and the SQLite directory store answer every agent exactly what a
+"""The index by parent (ca.registry.index) and the SQLite directory store answer every agent exactly what a
 brute-force scan with `Entry.parented_by` does, through random sequences of creates and deletes, with parent
 IDs that are prefixes of each other (an entry for `.../agent` reaches every agent below it, but not
 `.../agentx`), trailing slashes written by hand, and reserved IDs that are never served."""
@@ -12,9 +12,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keyseal.ca.entries import Entry, is_served
-from keyseal.ca.entries_db import DirectoryEntryStore
-from keyseal.ca.entry_index import EntryIndex, agent_keys
+from keyseal._internal.ca.registry.entries import Entry, is_served
+from keyseal._internal.ca.registry.index import EntryIndex, agent_keys
+from keyseal._internal.ca.registry.sqlite import DirectoryEntryStore
 
 TD = "example.org"
 ROOT = f"spiffe://{TD}"

@@ -60,7 +60,7 @@ def test_certificate_given_as_the_key(signed: dict[str, Path]) -> None:
 def test_missing_sdk_is_an_install_hint_not_a_failed_check(tmp_path: Path) -> None:
     """keys create --kek awskms:... without boto3 (hidden from the child): the hint alone."""
     code = ("import sys\nsys.modules['boto3'] = None\nsys.modules['botocore'] = None\n"
-            "from keyseal.cli.quick import main\nmain()\n")
+            "from keyseal._internal.cli.quick import main\nmain()\n")
     result = subprocess.run([sys.executable, "-c", code, "keys", "create", "--out", str(tmp_path / "k.key"),
                              "--kek", f"awskms:{ARN}"], capture_output=True, text=True, timeout=60, check=False,
                             env={"KEYSEAL_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"})

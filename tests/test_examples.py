@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from keyseal.agent.config import load_agent_config
-from keyseal.ca.config import load_config
-from keyseal.cli.server import EXAMPLES, example_config
+from keyseal._internal.agent.config import load_agent_config
+from keyseal._internal.ca.config import load_config
+from keyseal._internal.cli.server import EXAMPLES, example_config
 from tests.conftest import run_keyseal
 
 ROOT = Path(__file__).resolve().parent.parent / "examples"

@@ -25,12 +25,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import JwtSvid, TrustDomain, WorkloadApiClient, X509Source
 
-from keyseal.agent.config import parse_agent_config
-from keyseal.agent.main import Agent
-from keyseal.ca.config import parse_config
-from keyseal.ca.entries import entry_store_for, join_tokens_for
-from keyseal.ca.server import CaServer
-from keyseal.ca.tls import load_chain
+from keyseal._internal.agent.config import parse_agent_config
+from keyseal._internal.agent.main import Agent
+from keyseal._internal.ca.config import parse_config
+from keyseal._internal.ca.http.tls import load_chain
+from keyseal._internal.ca.registry.entries import entry_store_for, join_tokens_for
+from keyseal._internal.ca.server import CaServer
 from tests.harness.agent import socket_dir
 from tests.harness.ca import base_config, wait_for
 
@@ -270,8 +270,8 @@ def test_workloads_of_two_federated_trust_domains_connect_across_rotations(domai
         wait_for(lambda: (a.server.federation.status()[0]["lastSuccess"] or "") > rotated_at, timeout=15)
         held = a.server.federation.bundle(B)
         assert held is not None and held.sequence > json.loads(b.bundle_file.read_text())["spiffe_sequence"]
-        from keyseal.ca.config import ForeignTrustDomain
-        from keyseal.ca.federation import FederatedBundles
+        from keyseal._internal.ca.config import ForeignTrustDomain
+        from keyseal._internal.ca.federation import FederatedBundles
 
         only_bootstrap = FederatedBundles((ForeignTrustDomain(B, f"https://127.0.0.1:{b.port}/", "https_spiffe",
                                                               b.endpoint_id, b.bundle_file),))
@@ -298,15 +298,15 @@ def test_workloads_of_two_federated_trust_domains_connect_across_rotations(domai
 
 def foreign(name: str, url: str, *, profile: str = "https_spiffe", endpoint: str | None = None,
             bundle_file: Path | None = None, ca_file: Path | None = None) -> Any:
-    from keyseal.ca.config import ForeignTrustDomain
+    from keyseal._internal.ca.config import ForeignTrustDomain
 
     return ForeignTrustDomain(name, url, profile, endpoint, bundle_file, ca_file)  # type: ignore[arg-type]
 
 
 def test_federation_client_refuses_and_keeps_the_last_good_bundle(domains: tuple[Domain, Domain],
                                                                    tmp_path: Path) -> None:
-    from keyseal.ca.federation import MIN_REFRESH, FederatedBundles
-    from keyseal.ca.pin_store import DirectoryPinStore
+    from keyseal._internal.ca.custody.pin_store import DirectoryPinStore
+    from keyseal._internal.ca.federation import MIN_REFRESH, FederatedBundles
     from keyseal.errors import InputError
 
     a, b = domains
@@ -353,7 +353,7 @@ def test_federation_client_refuses_and_keeps_the_last_good_bundle(domains: tuple
 
 def test_https_web_profile_and_a_bundle_for_the_wrong_trust_domain(domains: tuple[Domain, Domain],
                                                                     tmp_path: Path) -> None:
-    from keyseal.ca.federation import FederatedBundles
+    from keyseal._internal.ca.federation import FederatedBundles
     from tests.harness.https_server import make_tls
 
     a, b = domains
@@ -377,7 +377,7 @@ def test_server_reports_federation_status_metrics_and_the_cli_shows_it(domains: 
                                                                        tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from keyseal.cli.federation import federation
+    from keyseal._internal.cli.federation import federation
     from tests.harness.ca import Client
 
     a, b = domains
@@ -412,7 +412,7 @@ def test_entries_name_the_trust_domains_they_federate_with(tmp_path: Path) -> No
     import yaml
     from click.testing import CliRunner
 
-    from keyseal.cli.entry import entry
+    from keyseal._internal.cli.entry import entry
     from keyseal.errors import UsageError
 
     config_file = tmp_path / "config.yaml"
@@ -498,8 +498,8 @@ def test_a_trickling_bundle_endpoint_is_cut_at_one_deadline(tmp_path: Path,
     fetch stops it, so one slow foreign endpoint cannot hold up the other trust domains (one thread)."""
     import time
 
-    import keyseal.ca.federation as federation_module
-    from keyseal.ca.federation import FederatedBundles
+    import keyseal._internal.ca.federation as federation_module
+    from keyseal._internal.ca.federation import FederatedBundles
     from tests.harness.https_server import HttpsServer, Override, make_tls
 
     monkeypatch.setattr(federation_module, "TIMEOUT", 1.5)

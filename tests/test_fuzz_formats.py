@@ -18,8 +18,8 @@ from fuzz.targets import run_one
 from hypothesis import given
 from hypothesis import strategies as st
 
+from keyseal._internal.formats import ssh
 from keyseal.errors import InvalidKeyFileError
-from keyseal.formats import ssh
 
 FUZZ = fuzz_settings()
 TARGETS = ["ssh_signature", "ssh_keys", "minisign_sig", "minisign_keys"]

@@ -9,8 +9,8 @@ from fuzz.targets import run_one, shared_targets
 from hypothesis import given
 from hypothesis import strategies as st
 
+from keyseal._internal.openpgp.manifest import DIGESTS, check_name, names_directory, parse_manifest, path_key
 from keyseal.errors import UsageError, VerificationError
-from keyseal.openpgp.manifest import DIGESTS, check_name, names_directory, parse_manifest, path_key
 
 FUZZ = fuzz_settings()
 

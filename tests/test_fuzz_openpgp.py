@@ -23,11 +23,11 @@ from fuzz.targets import Target, run_one, shared_corpus, shared_targets
 from hypothesis import given
 from hypothesis import strategies as st
 
+from keyseal._internal.openpgp.armor import KIND_PUBLIC_KEY, KIND_SIGNATURE, armor, dearmor_all, dearmor_or_binary
+from keyseal._internal.openpgp.cert import load_certificates, mint_certificate
+from keyseal._internal.openpgp.packets import TAG_PUBLIC_SUBKEY, encode_mpi, encode_packet, iter_packets
+from keyseal._internal.openpgp.verify import verify_bytes
 from keyseal.errors import KeysealError, OpenPGPError
-from keyseal.openpgp.armor import KIND_PUBLIC_KEY, KIND_SIGNATURE, armor, dearmor_all, dearmor_or_binary
-from keyseal.openpgp.cert import load_certificates, mint_certificate
-from keyseal.openpgp.packets import TAG_PUBLIC_SUBKEY, encode_mpi, encode_packet, iter_packets
-from keyseal.openpgp.verify import verify_bytes
 
 FUZZ = fuzz_settings()
 TARGETS = ["armor", "packets", "subpackets", "key_packet", "signature", "certificate", "detached", "wkd_answer",

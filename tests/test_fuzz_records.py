@@ -16,8 +16,8 @@ from fuzz.targets import run_one, shared_corpus, shared_targets
 from hypothesis import given
 from hypothesis import strategies as st
 
+from keyseal._internal.records.record import WrappedRecord
 from keyseal.errors import WrappedRecordError
-from keyseal.wrapping.record import WrappedRecord
 
 FUZZ = fuzz_settings()
 
@@ -58,7 +58,7 @@ def test_any_other_value_in_any_field_is_refused(value: object, pick: int) -> No
 
 
 def unseal_with_corpus_kek(data: bytes) -> bytes:
-    from keyseal.wrapping.envelope import unseal
+    from keyseal._internal.wrapping.envelope import unseal
 
     kek = shared_corpus().kek
     assert kek is not None

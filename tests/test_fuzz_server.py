@@ -66,7 +66,7 @@ def test_regression_csr_with_an_unknown_key_algorithm() -> None:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from keyseal.ca.x509svid import CsrError, parse_csr
+    from keyseal._internal.ca.issuance.x509svid import CsrError, parse_csr
 
     request = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
         ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
@@ -94,8 +94,8 @@ def test_regression_a_huge_ttl_is_the_limit(name: str) -> None:
 def test_entry_ttls_are_bounded(tmp_path: object) -> None:
     from pathlib import Path
 
-    from keyseal.ca.config import parse_config
-    from keyseal.ca.entries import MAX_ENTRY_TTL, entry_store_for
+    from keyseal._internal.ca.config import parse_config
+    from keyseal._internal.ca.registry.entries import MAX_ENTRY_TTL, entry_store_for
     from keyseal.errors import UsageError
 
     work = Path(str(tmp_path))
@@ -117,7 +117,7 @@ def test_regression_csr_version_and_lone_surrogates() -> None:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from keyseal.ca.x509svid import CsrError, parse_csr
+    from keyseal._internal.ca.issuance.x509svid import CsrError, parse_csr
 
     request = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
         ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from keyseal.openpgp.cert import load_certificates
+from keyseal._internal.openpgp.cert import load_certificates
 from tests.conftest import Gpg, Result, assert_one_line_error, run_keyseal
 from tests.formats_peers import Custody, kms_key, local_key, ok, pkcs11_key, script, tool
 from tests.harness.kms_emulator import KmsEmulator

@@ -330,7 +330,7 @@ def test_sign_and_verify_paths_import_no_heavy_packages(registered: Registered, 
     data.write_bytes(b"data\n")
     probe = (
         "import sys, json\n"
-        "from keyseal.cli import gpgcompat\n"
+        "from keyseal._internal.cli import gpgcompat\n"
         "try:\n"
         "    gpgcompat.main(sys.argv[1:])\n"
         "except SystemExit as exc:\n"

@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from keyseal.ca.config import Config, parse_config
+from keyseal._internal.ca.config import Config, parse_config
 from keyseal.errors import KeysealError, UsageError
 from tests.harness.kube_api import KubeApi
 from tests.harness.softhsm import USER_PIN, SoftHsm
@@ -108,7 +108,7 @@ STORE_RULES = [
 ]
 
 
-DOCUMENT_RULES = [  # the bundle sequences and the federated bundles (keyseal.ca.server.build_document_store)
+DOCUMENT_RULES = [  # the bundle sequences and the federated bundles (keyseal._internal.ca.server.build_document_store)
     {"apiGroups": [""], "resources": ["configmaps"],
      "resourceNames": ["keyseal-example.org-bundle-sequence", "keyseal-example.org-federated-bundles"],
      "verbs": ["get", "update"]},
@@ -351,8 +351,8 @@ def test_pkcs11_config_from_the_chart_opens_a_real_token(chart: helm_python.Char
     """The chart's rendered configuration drives a real SoftHSM2 token: the module, the token URI and the PIN
     file (here the Secret's bytes at a local path, as the kubelet writes them at pinFile) log in and read; the
     keyset pins are read from the (emulated) API server, in the pod's namespace."""
-    from keyseal.backends import pkcs11 as backend
-    from keyseal.ca.server import build_source
+    from keyseal._internal.backends import pkcs11 as backend
+    from keyseal._internal.ca.server import build_source
 
     assert PKCS11["uri"] == f"pkcs11:token={chart_token}"
     config = server_config(render(chart, {"custody": "pkcs11", "pkcs11": PKCS11}))
@@ -544,7 +544,7 @@ def test_replicas_are_spread_by_default(chart: helm_python.Chart) -> None:
 
 
 def test_agent_server_urls_reach_the_agent_configuration(chart: helm_python.Chart) -> None:
-    from keyseal.agent.config import parse_agent_config
+    from keyseal._internal.agent.config import parse_agent_config
 
     values = {"agent": {"enabled": True, "joinTokenSecret": "j",
                         "serverURLs": ["https://trust-keyseal-0.example:8443", "https://trust-keyseal-1.example:8443"]}}

@@ -11,11 +11,11 @@ import kubernetes
 import pytest
 import yaml
 
-from keyseal.agent.config import parse_agent_config
-from keyseal.ca.config import Config, parse_config
-from keyseal.ca.k8s_config import K8sConfig
-from keyseal.ca.k8s_psat import PsatAttestor
-from keyseal.ca.k8s_templates import TemplateReconciler
+from keyseal._internal.agent.config import parse_agent_config
+from keyseal._internal.ca.config import Config, parse_config
+from keyseal._internal.ca.registry.k8s_config import K8sConfig
+from keyseal._internal.ca.registry.psat import PsatAttestor
+from keyseal._internal.ca.registry.templates import TemplateReconciler
 from tests.harness.kube_identity import Cluster
 from tests.test_helm_chart import CHART, render
 

@@ -11,10 +11,10 @@ from typing import Any
 import kubernetes
 import pytest
 
-from keyseal.ca.entries_kube import KubeEntryStore, _Resources
-from keyseal.ca.k8s_config import K8sConfig
-from keyseal.ca.k8s_psat import agent_id_of
-from keyseal.ca.k8s_templates import MANAGED_BY, TemplateError, TemplateReconciler, render_template
+from keyseal._internal.ca.registry.k8s_config import K8sConfig
+from keyseal._internal.ca.registry.kubernetes import KubeEntryStore, _Resources
+from keyseal._internal.ca.registry.psat import agent_id_of
+from keyseal._internal.ca.registry.templates import MANAGED_BY, TemplateError, TemplateReconciler, render_template
 from tests.harness.kube_identity import Cluster
 
 TD = "example.org"
@@ -214,8 +214,8 @@ def test_the_reconciler_runs_in_the_server(cluster: Cluster, tmp_path: Any) -> N
     """kubernetes.identityTemplates.enabled starts it with the server; a new pod gets its entry within seconds."""
     import time
 
-    from keyseal.ca.config import parse_config
-    from keyseal.ca.server import CaServer
+    from keyseal._internal.ca.config import parse_config
+    from keyseal._internal.ca.server import CaServer
     from tests.harness.ca import base_config
 
     world = World(cluster)
@@ -240,7 +240,7 @@ def test_the_reconciler_runs_in_the_server(cluster: Cluster, tmp_path: Any) -> N
 
 
 def test_templates_need_the_kubernetes_store(tmp_path: Any) -> None:
-    from keyseal.ca.config import parse_config
+    from keyseal._internal.ca.config import parse_config
     from keyseal.errors import UsageError
     from tests.harness.ca import base_config
 
@@ -262,7 +262,7 @@ def test_the_entry_crd_takes_the_selectors_keyseal_takes(selector: str) -> None:
 
     import yaml
 
-    from keyseal.ca.entries import check_selector
+    from keyseal._internal.ca.registry.entries import check_selector
     from keyseal.errors import UsageError
 
     crd = yaml.safe_load((Path(__file__).parent.parent / "deploy" / "crds" /

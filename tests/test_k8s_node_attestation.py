@@ -18,8 +18,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from keyseal.ca.config import parse_config
-from keyseal.ca.server import CaServer
+from keyseal._internal.ca.config import parse_config
+from keyseal._internal.ca.server import CaServer
 from keyseal.errors import UsageError
 from tests.harness.agent import agent_call
 from tests.harness.ca import TRUST_DOMAIN, base_config, make_csr, new_key
@@ -260,7 +260,7 @@ def test_no_join_token_names_the_k8s_psat_agents(tmp_path: Path) -> None:
     agent of that name would be their parent."""
     from datetime import timedelta
 
-    from keyseal.ca.entries import join_tokens_for
+    from keyseal._internal.ca.registry.entries import join_tokens_for
 
     tokens = join_tokens_for(parse_config(base_config(tmp_path)))
     with pytest.raises(UsageError, match="k8s_psat"):
@@ -274,8 +274,8 @@ def test_an_agent_whose_svid_expired_joins_again_with_its_token(cluster: Cluster
     import shutil
     import time
 
-    from keyseal.agent.config import parse_agent_config
-    from keyseal.agent.main import Agent
+    from keyseal._internal.agent.config import parse_agent_config
+    from keyseal._internal.agent.main import Agent
     from tests.harness.agent import socket_dir
     from tests.harness.https_server import free_port
 
@@ -347,8 +347,8 @@ def test_a_refused_service_account_token_is_offered_again(cluster: Cluster, tmp_
     import shutil
     import time
 
-    from keyseal.agent.config import parse_agent_config
-    from keyseal.agent.main import Agent
+    from keyseal._internal.agent.config import parse_agent_config
+    from keyseal._internal.agent.main import Agent
     from tests.harness.agent import socket_dir
     from tests.harness.https_server import free_port
 
@@ -412,8 +412,8 @@ def test_a_refused_service_account_token_is_offered_again(cluster: Cluster, tmp_
 def test_the_service_account_token_is_the_first_rejoiner(tmp_path: Path) -> None:
     """With both, the agent joins again with its service account token (presented again, not one-time) first
     and with a new token in joinTokenFile (one-time) after it."""
-    from keyseal.agent.config import parse_agent_config
-    from keyseal.agent.main import Agent
+    from keyseal._internal.agent.config import parse_agent_config
+    from keyseal._internal.agent.main import Agent
 
     (tmp_path / "bundle.pem").write_text(_self_signed_pem())
     (tmp_path / "join").write_text("a-join-token")

@@ -16,9 +16,9 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from keyseal.agent.attestation import PeerCredentials, attest
-from keyseal.agent.config import parse_agent_config
-from keyseal.agent.k8s import ContainerRef, K8sAttestor, K8sSettings, parse_cgroup
+from keyseal._internal.agent.attestation import PeerCredentials, attest
+from keyseal._internal.agent.config import parse_agent_config
+from keyseal._internal.agent.k8s import ContainerRef, K8sAttestor, K8sSettings, parse_cgroup
 from keyseal.errors import UsageError
 from tests.harness.kube_identity import API_AUDIENCE, Cluster, KubeletPeer
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from keyseal import keyring, keyring_cache
+from keyseal._internal.openpgp import keyring, keyring_cache
 from tests.conftest import run_keyseal
 from tests.harness.release_keys import ReleaseKey, make_key, sign_file
 
@@ -125,7 +125,7 @@ def test_keyseal_gpg_verdicts_follow_the_keyring(home: Path, keys: dict[str, Rel
     keyring.add_certificate(keys["a"].cert.read_bytes(), "a")
 
     def verify() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-c", "from keyseal.cli.gpgcompat import main; main()",
+        return subprocess.run([sys.executable, "-c", "from keyseal._internal.cli.gpgcompat import main; main()",
                                "--status-fd=1", "--verify", str(signature), str(data)],
                               capture_output=True, text=True, timeout=60, check=False)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from keyseal.iam import ca_server_policy, least_privilege_policy
+from keyseal._internal.providers.aws.iam import ca_server_policy, least_privilege_policy
 from tests.conftest import Gpg, assert_one_line_error, run_keyseal
 from tests.harness.kms_emulator import KmsEmulator
 from tests.openpgp_checks import assert_accepted_everywhere, flip_byte, gpg_accepts, pgpy_accepts, sqv_accepts

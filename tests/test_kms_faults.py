@@ -35,13 +35,13 @@ from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, 
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.hazmat.primitives.hashes import SHA256
 
-from keyseal.backends import BackendOptions, open_signer
+from keyseal._internal.backends import BackendOptions, open_signer
+from keyseal._internal.keygen import generate_private_key
+from keyseal._internal.records.ledger import VersionLedger
+from keyseal._internal.store.directory import DirectoryStore
+from keyseal._internal.wrapping.awskms import AwsKmsKek
+from keyseal._internal.wrapping.keys import create_record, open_record
 from keyseal.errors import BackendUnavailableError, KeysealError
-from keyseal.keygen import generate_private_key
-from keyseal.store.directory import DirectoryStore
-from keyseal.wrapping.awskms import AwsKmsKek
-from keyseal.wrapping.keys import create_record, open_record
-from keyseal.wrapping.ledger import VersionLedger
 from tests.conftest import REGION, assert_one_line_error, run_keyseal
 from tests.harness.kms_emulator import KmsEmulator
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from keyseal._internal.openpgp.manifest import entry_for, parse_manifest
 from keyseal.errors import VerificationError
-from keyseal.openpgp.manifest import entry_for, parse_manifest
 from tests.conftest import Result, assert_one_line_error, run_keyseal
 from tests.harness.release_keys import ReleaseKey, make_key, sign_file
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from keyseal._internal.formats import minisign
 from keyseal.errors import VerificationError
-from keyseal.formats import minisign
 from tests.conftest import assert_one_line_error, run_keyseal
 from tests.formats_peers import Custody, flip, kms_key, local_key, minisign_verify, ok, pkcs11_key, tool
 from tests.harness.softhsm import SoftHsm

@@ -19,8 +19,8 @@ from typing import Any
 import jwt
 import pytest
 
-from keyseal.ca.config import parse_config
-from keyseal.ca.server import CaServer
+from keyseal._internal.ca.config import parse_config
+from keyseal._internal.ca.server import CaServer
 from keyseal.errors import UsageError
 from tests.harness.ca import TOKENS, TRUST_DOMAIN, Client, base_config
 from tests.harness.https_server import TlsFiles, make_tls

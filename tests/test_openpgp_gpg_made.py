@@ -57,7 +57,7 @@ def test_gpg_made_signatures_verify(algo: str, gpg: Gpg, tmp_path: Path) -> None
 
 
 def run_keyseal_dearmor(path: Path) -> bytes:
-    from keyseal.openpgp.armor import dearmor_or_binary
+    from keyseal._internal.openpgp.armor import dearmor_or_binary
 
     return dearmor_or_binary(path.read_bytes())
 

@@ -106,11 +106,11 @@ def test_signature_after_key_expiry_is_rejected(keydir: Path, tmp_path: Path) ->
 
 def _unchecked_signature(key: Path, cert: Path, data: Path) -> bytes:
     """A signature made now by `key` for `cert`, skipping the validity check `keyseal sign` makes."""
-    from keyseal.backends.file import FileSigner
-    from keyseal.openpgp.cert import load_certificates
-    from keyseal.openpgp.sign import SigningIdentity, render, signature_packet
-    from keyseal.openpgp.signature import HASH_IDS
-    from keyseal.openpgp.stream import hash_file
+    from keyseal._internal.backends.file import FileSigner
+    from keyseal._internal.openpgp.cert import load_certificates
+    from keyseal._internal.openpgp.sign import SigningIdentity, render, signature_packet
+    from keyseal._internal.openpgp.signature import HASH_IDS
+    from keyseal._internal.openpgp.stream import hash_file
 
     primary = load_certificates(cert.read_bytes())[0].primary
     signer = FileSigner(f"file:{key}", key)

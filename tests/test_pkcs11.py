@@ -19,9 +19,8 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
-from keyseal.backends import open_signer
-from keyseal.backends import pkcs11 as backend
-from keyseal.backends.base import HashName, PublicKey, hash_algorithm
+from keyseal._internal.backends import open_signer
+from keyseal._internal.backends import pkcs11 as backend
 from keyseal.errors import (
     AccessDeniedError,
     BackendUnavailableError,
@@ -33,6 +32,7 @@ from keyseal.errors import (
     UnsupportedKeyError,
     UsageError,
 )
+from keyseal.signer import HashName, PublicKey, hash_algorithm
 from tests.harness.softhsm import USER_PIN, SoftHsm
 
 TOKEN = "keyseal-test"
@@ -253,7 +253,7 @@ def test_token_that_cannot_make_ed25519(softhsm: SoftHsm, token: str, tmp_path: 
     conf = softhsm.write_conf(tmp_path / "no-eddsa.conf", ("CKM_EC_EDWARDS_KEY_PAIR_GEN", "CKM_EDDSA"))
     code = (
         "import sys\n"
-        "from keyseal.backends.pkcs11 import create_key\n"
+        "from keyseal._internal.backends.pkcs11 import create_key\n"
         "from keyseal.errors import KeysealError\n"
         "try:\n"
         "    create_key(sys.argv[1], 'ed25519')\n"
@@ -348,7 +348,7 @@ def test_pin_prompt_on_a_terminal(softhsm: SoftHsm, keys: dict[str, str]) -> Non
     """A child on a real pseudo-terminal is asked for the PIN; what it prints never holds the PIN."""
     code = (
         "import hashlib, sys\n"
-        "from keyseal.backends import open_signer\n"
+        "from keyseal._internal.backends import open_signer\n"
         "with open_signer(sys.argv[1]) as s:\n"
         "    s.sign_digest(hashlib.sha256(b'x').digest(), 'sha256')\n"
         "    print('SIGNED-OK', flush=True)\n"
@@ -447,6 +447,7 @@ def test_uri_syntax_error_hides_the_pin(softhsm: SoftHsm, pin_env: None) -> None
 
 
 def test_import_keyseal_backends_loads_no_pkcs11() -> None:
-    code = "import sys, keyseal, keyseal.backends, keyseal.pkcs11uri; print('pkcs11' in sys.modules)"
+    code = ("import sys, keyseal, keyseal._internal.backends, keyseal._internal.providers.pkcs11.uri\n"
+            "print('pkcs11' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert proc.stdout.strip() == "False"

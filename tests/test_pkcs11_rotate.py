@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from keyseal.openpgp.cert import load_certificates
-from keyseal.openpgp.verify import parse_detached
+from keyseal._internal.openpgp.cert import load_certificates
+from keyseal._internal.openpgp.verify import parse_detached
 from tests.conftest import Gpg, Result, assert_one_line_error, run_keyseal
 from tests.harness.softhsm import USER_PIN, SoftHsm
 from tests.openpgp_checks import gpg_accepts, sqv_accepts

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from keyseal._internal.providers.pkcs11.uri import parse, redact
 from keyseal.errors import KeyURIError
-from keyseal.pkcs11uri import parse, redact
 
 PIN = "s3cret-PIN"
 

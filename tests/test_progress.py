@@ -95,7 +95,7 @@ def test_bar_while_signing(tmp_path: Path, many_files: list[str]) -> None:
 
 
 def test_tqdm_is_imported_only_for_a_bar() -> None:
-    code = ("import sys; from keyseal.progress import meter\n"
+    code = ("import sys; from keyseal._internal.progress import meter\n"
             "with meter(10, 'B', 'x'): pass\n"
             "print('tqdm' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
@@ -104,7 +104,7 @@ def test_tqdm_is_imported_only_for_a_bar() -> None:
 
 def test_bar_for_a_bulk_of_items_on_a_terminal() -> None:
     """The bar bulk operations (entries) use: items per second, shown past ITEMS_THRESHOLD items."""
-    code = ("from keyseal.progress import items_done, meter\n"
+    code = ("from keyseal._internal.progress import items_done, meter\n"
             "with meter(50, 'entry', 'creating entries'):\n"
             "    for _ in range(50): items_done()\n")
     master, slave = pty.openpty()

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from keyseal._internal.openpgp.cert import load_certificates
+from keyseal._internal.openpgp.trust import CrossCheck, TrustSet, WkdResolver, verify_release
+from keyseal._internal.openpgp.wkd import build_tree, connect_map
 from keyseal.errors import VerificationError
-from keyseal.openpgp.cert import load_certificates
-from keyseal.openpgp.trust import CrossCheck, TrustSet, WkdResolver, verify_release
-from keyseal.openpgp.wkd import build_tree, connect_map
 from tests.conftest import Gpg, assert_one_line_error, run_keyseal
 from tests.harness.https_server import HttpsServer, TlsFiles, make_tls
 from tests.harness.release_keys import ReleaseKey, make_key, sign_file

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from keyseal.openpgp.cert import load_certificates
-from keyseal.openpgp.verify import parse_detached
+from keyseal._internal.openpgp.cert import load_certificates
+from keyseal._internal.openpgp.verify import parse_detached
 from tests.conftest import Gpg, assert_one_line_error, run_keyseal
 from tests.harness.release_keys import ReleaseKey, make_key, sign_file
 from tests.openpgp_checks import gpg_accepts, pgpy_accepts, sqv_accepts
@@ -119,7 +119,7 @@ def test_append_refuses_a_stale_file_a_second_signature_by_the_same_key_and_forc
 
 def revoked_copy(key: ReleaseKey, reason: str, out: Path, created: int | None = None) -> Path:
     """`key`'s certificate with a revocation for `reason`, made by its own key (as `keyseal keys revoke` does)."""
-    from keyseal.openpgp.revoke import revoke
+    from keyseal._internal.openpgp.revoke import revoke
 
     cert = load_certificates(key.cert.read_bytes())[0]
     out.write_bytes(revoke(key.signer(), cert, reason, created=created))

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
-from keyseal.ca.config import parse_config
-from keyseal.ca.server import CaServer
+from keyseal._internal.ca.config import parse_config
+from keyseal._internal.ca.server import CaServer
 from tests.conftest import REGION
 from tests.harness.ca import (
     TOKENS,
@@ -152,7 +152,7 @@ def test_jwt_svid(client: Client) -> None:
 
 def test_no_token_is_401_and_logged(server: CaServer, caplog: pytest.LogCaptureFixture) -> None:
     anonymous = Client(server.port, server.manager.active().ca_pem)
-    with caplog.at_level(logging.WARNING, logger="keyseal.ca.api"):
+    with caplog.at_level(logging.WARNING, logger="keyseal._internal.ca.http.api"):
         status, body, headers = anonymous.request("POST", "/v1/x509-svid", {"spiffeID": A, "csr": make_csr()})
         status_jwt, _, _ = anonymous.request("POST", "/v1/jwt-svid", {"spiffeID": A, "audience": "x"})
     anonymous.close()
@@ -164,7 +164,7 @@ def test_no_token_is_401_and_logged(server: CaServer, caplog: pytest.LogCaptureF
 
 @pytest.mark.parametrize("authorization", ["Bearer wrong-token", "Basic dXNlcjpwYXNz", "Bearer", "token-for-a"])
 def test_bad_credentials_are_401(client: Client, authorization: str, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="keyseal.ca.api"):
+    with caplog.at_level(logging.WARNING, logger="keyseal._internal.ca.http.api"):
         status, body, _ = client.request("POST", "/v1/x509-svid", {"spiffeID": A, "csr": make_csr()}, token="",
                                          headers={"Authorization": authorization})
     assert status == 401, body
@@ -173,7 +173,7 @@ def test_bad_credentials_are_401(client: Client, authorization: str, caplog: pyt
 
 
 def test_token_for_ns_a_asking_for_ns_b_is_403_and_logged(client: Client, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="keyseal.ca.api"):
+    with caplog.at_level(logging.WARNING, logger="keyseal._internal.ca.http.api"):
         status, body = client.x509_svid(B)
         status_jwt, _ = client.jwt_svid(B, "x")
         status_sibling, _ = client.x509_svid(f"spiffe://{TRUST_DOMAIN}/ns/ab")  # not below /ns/a
@@ -338,8 +338,8 @@ def test_http_edge_cases(server: CaServer) -> None:
 def test_issued_svids_are_audited(server: CaServer, client: Client, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Each SVID signature is one audit record naming the SPIFFE ID and the digest of what the CA key signed."""
-    from keyseal import audit
-    from keyseal.ca import signing_audit
+    from keyseal._internal import audit
+    from keyseal._internal.ca.issuance import signing_audit
 
     log_path = tmp_path / "server-audit.log"
     monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log_path))
@@ -369,9 +369,9 @@ def test_server_audit_file_carries_checkpoints_signed_by_the_ca_key(server: CaSe
     """The CA key that signs SVIDs signs the audit file's checkpoints: they verify against the CA certificate."""
     from cryptography.hazmat.primitives import serialization
 
-    from keyseal import audit
-    from keyseal.audit.checkpoint import load_keys
-    from keyseal.ca import signing_audit
+    from keyseal._internal import audit
+    from keyseal._internal.audit.checkpoint import load_keys
+    from keyseal._internal.ca.issuance import signing_audit
 
     log_path = tmp_path / "server-audit.log"
     monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log_path))

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from keyseal.ca import httpd, signing_audit
-from keyseal.ca.config import ConnectionLimits, parse_config
-from keyseal.ca.server import CaServer
+from keyseal._internal.ca.config import ConnectionLimits, parse_config
+from keyseal._internal.ca.http import listener as httpd
+from keyseal._internal.ca.issuance import signing_audit
+from keyseal._internal.ca.server import CaServer
 from tests.harness.ca import TOKENS, TRUST_DOMAIN, Client, base_config
 
 
@@ -281,7 +282,7 @@ def test_a_flood_of_silent_connections_from_one_address_locks_no_one_else_out(
     client on 127.0.0.1 still gets /healthz and an SVID at once, the attacker holds at most its share, and the
     hundreds of refusals are a line or two in the log, not hundreds."""
     assert server.httpd is not None
-    caplog.set_level(logging.WARNING, logger="keyseal.ca.httpd")
+    caplog.set_level(logging.WARNING, logger="keyseal._internal.ca.http.listener")
     server.httpd._refusals = httpd._RefusalLog()  # no line of an earlier test's refusals is due now
     limits = server.httpd.limits
     attacker = silent_connections(server, "127.0.0.2", limits.max_connections + 16)
@@ -394,7 +395,7 @@ def test_request_paths_are_logged_escaped_and_capped(server: CaServer, caplog: p
     """A path with a terminal escape, an encoded newline and raw bytes (control, DEL, C1, Latin-1) is logged as
     one printable line of bounded length, never as it came."""
     evil = b"/v1/x509-svid?\x1b[2J\x1b[31mFAKE%0a2030-01-01T00:00:00Z%20ERROR\x00\x08\x7f\x9b\xff" + b"A" * 6000
-    caplog.set_level(logging.DEBUG, logger="keyseal.ca")
+    caplog.set_level(logging.DEBUG, logger="keyseal._internal.ca")
     with tls_connection(server) as sock:
         sock.sendall(b"POST " + evil + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
         assert read_answers(sock, 1)[0][0] == 401

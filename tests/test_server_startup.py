@@ -149,8 +149,8 @@ def test_denied_encrypt_is_found_at_restart_too(tmp_path: Path, kms_emulator: Km
     arn = kek(kms_emulator)
     config = write_config(tmp_path, base_config(tmp_path, keyWrapping={"provider": "awskms"},
                                                 aws={"kmsKeyARN": arn}))
-    from keyseal.ca.config import load_config
-    from keyseal.ca.server import CaServer
+    from keyseal._internal.ca.config import load_config
+    from keyseal._internal.ca.server import CaServer
 
     first = CaServer(load_config(config))
     first.start()
@@ -165,8 +165,8 @@ def test_denied_encrypt_is_found_at_restart_too(tmp_path: Path, kms_emulator: Km
 def test_switching_kek_provider_is_refused(tmp_path: Path, kms_emulator: KmsEmulator,
                                            aws_env: dict[str, str]) -> None:
     local = write_config(tmp_path, base_config(tmp_path))
-    from keyseal.ca.config import load_config
-    from keyseal.ca.server import CaServer
+    from keyseal._internal.ca.config import load_config
+    from keyseal._internal.ca.server import CaServer
 
     first = CaServer(load_config(local))
     first.start()
@@ -249,15 +249,15 @@ def test_records_no_configured_kek_opens_refuse_startup(tmp_path: Path) -> None:
     with a message that says the stored CA keys are unreadable with the configured KEK; nothing is written, in
     particular no new CA keys over the old ones."""
     config = write_config(tmp_path, base_config(tmp_path))
-    from keyseal.ca.config import load_config
-    from keyseal.ca.server import CaServer
+    from keyseal._internal.ca.config import load_config
+    from keyseal._internal.ca.server import CaServer
 
     first = CaServer(load_config(config))
     first.start()
     first.shutdown()
     before = {p.name: p.read_bytes() for p in (tmp_path / "store").iterdir()}
     (tmp_path / "kek").unlink()
-    from keyseal.wrapping.local import LocalKek
+    from keyseal._internal.wrapping.local import LocalKek
 
     LocalKek(tmp_path / "kek").prepare_write()  # another, freshly generated KEK at the same path
     result = run_keyseal("server", "--config", config)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from keyseal._internal.formats import ssh
 from keyseal.errors import VerificationError
-from keyseal.formats import ssh
 from tests.conftest import assert_one_line_error, run_keyseal
 from tests.formats_peers import Custody, flip, kms_key, local_key, ok, pkcs11_key, ssh_keygen_verify, tool
 from tests.harness.kms_emulator import KmsEmulator

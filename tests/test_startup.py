@@ -14,11 +14,12 @@ from pathlib import Path
 import click
 import pytest
 
-from keyseal.cli import main as cli_main
+from keyseal._internal.cli import main as cli_main
 from tests.conftest import run_keyseal
 
-FORBIDDEN_ON_VERIFY = ("click", "boto3", "botocore", "pkcs11", "hvac", "kubernetes", "grpc", "keyseal.audit",
-                       "keyseal.backends", "keyseal.wrapping", "keyseal.ca", "keyseal.agent", "keyseal.progress",
+FORBIDDEN_ON_VERIFY = ("click", "boto3", "botocore", "pkcs11", "hvac", "kubernetes", "grpc", "keyseal._internal.audit",
+                       "keyseal._internal.backends", "keyseal._internal.wrapping", "keyseal._internal.ca",
+                       "keyseal._internal.agent", "keyseal._internal.progress",
                        "tqdm")
 
 PROBE = """
@@ -64,17 +65,19 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_verify_imports_only_the_verifier(signed: dict[str, Path]) -> None:
-    modules, output = imported_by("keyseal.cli.quick:main", "verify", "--cert", signed["cert"], signed["data"])
+    modules, output = imported_by("keyseal._internal.cli.quick:main", "verify", "--cert", signed["cert"],
+                                  signed["data"])
     assert output.startswith(("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "A", "B", "C", "D", "E", "F")), output
     assert forbidden(modules, FORBIDDEN_ON_VERIFY) == []
-    assert "keyseal.openpgp.verify" in modules  # it did verify, on this path
+    assert "keyseal._internal.openpgp.verify" in modules  # it did verify, on this path
 
 
 def test_help_lists_commands_without_importing_them() -> None:
-    modules, output = imported_by("keyseal.cli.quick:main", "--help")
+    modules, output = imported_by("keyseal._internal.cli.quick:main", "--help")
     assert "verify-release" in output and "signatures" in output
     commands = {target.split(":")[0] for target in cli_main._COMMANDS.values()}
-    assert forbidden(modules, (*commands, "boto3", "keyseal.openpgp", "keyseal.ca", "keyseal.agent")) == []
+    assert forbidden(modules, (*commands, "boto3", "keyseal._internal.openpgp", "keyseal._internal.ca",
+                               "keyseal._internal.agent")) == []
 
 
 @pytest.mark.parametrize("width", [40, 60, 80, 120, 200])
@@ -97,9 +100,9 @@ Completed = subprocess.CompletedProcess[str]
 def run_both(*args: str | os.PathLike[str]) -> tuple[Completed, Completed]:
     """The same command line through the fast path (`keyseal`) and through the click group alone."""
     argv = [str(a) for a in args]
-    fast = subprocess.run([sys.executable, "-c", "from keyseal.cli.quick import main; main()", *argv],
+    fast = subprocess.run([sys.executable, "-c", "from keyseal._internal.cli.quick import main; main()", *argv],
                           capture_output=True, text=True, timeout=60, check=False)
-    full = subprocess.run([sys.executable, "-c", "from keyseal.cli.main import main; main()", *argv],
+    full = subprocess.run([sys.executable, "-c", "from keyseal._internal.cli.main import main; main()", *argv],
                           capture_output=True, text=True, timeout=60, check=False)
     return fast, full
 
@@ -136,11 +139,11 @@ def test_keyseal_gpg_verify_imports_only_the_verifier(signed: dict[str, Path], t
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """What git runs once per commit for `log --show-signature`: the keyring's certificates, the verifier,
     nothing of signing, key wrapping or the audit log."""
-    from keyseal import keyring
+    from keyseal._internal.openpgp import keyring
 
     monkeypatch.setenv("KEYSEAL_HOME", str(tmp_path / "home"))
     keyring.add_certificate(signed["cert"].read_bytes(), str(signed["cert"]))
-    modules, output = imported_by("keyseal.cli.gpgcompat:main", "--status-fd=1", "--verify", signed["sig"],
+    modules, output = imported_by("keyseal._internal.cli.gpgcompat:main", "--status-fd=1", "--verify", signed["sig"],
                                   signed["data"])
     assert "[GNUPG:] GOODSIG" in output, output
     assert forbidden(modules, FORBIDDEN_ON_VERIFY) == []

@@ -16,6 +16,15 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
+from keyseal._internal.keygen import generate_private_key
+from keyseal._internal.records.ledger import VersionLedger
+from keyseal._internal.records.record import WrappedRecord
+from keyseal._internal.store import StoredRecord
+from keyseal._internal.store.kubernetes import KubernetesStore, api_client_from_environment
+from keyseal._internal.wrapping.awskms import AwsKmsKek
+from keyseal._internal.wrapping.envelope import seal
+from keyseal._internal.wrapping.keys import create_record, open_record, rewrap_record
+from keyseal._internal.wrapping.local import LocalKek
 from keyseal.errors import (
     BackendUnavailableError,
     KekMismatchError,
@@ -23,15 +32,6 @@ from keyseal.errors import (
     StoreConflictError,
     WrappedRecordError,
 )
-from keyseal.keygen import generate_private_key
-from keyseal.store import StoredRecord
-from keyseal.store.kubernetes import KubernetesStore, api_client_from_environment
-from keyseal.wrapping.awskms import AwsKmsKek
-from keyseal.wrapping.envelope import seal
-from keyseal.wrapping.keys import create_record, open_record, rewrap_record
-from keyseal.wrapping.ledger import VersionLedger
-from keyseal.wrapping.local import LocalKek
-from keyseal.wrapping.record import WrappedRecord
 from tests.conftest import REGION
 from tests.harness.kms_emulator import KmsEmulator
 from tests.harness.kube_api import KubeApi

@@ -32,14 +32,14 @@ import pytest
 from fuzz.corpus import CREATED, DATA, NOW, SIGNED, MemorySigner, fixed_keys
 from fuzz.tamper import Matrix
 
-from keyseal.backends.base import HashName
+from keyseal._internal.openpgp.cert import Certificate, load_certificates, merge_certificates, mint_certificate
+from keyseal._internal.openpgp.packets import iter_packets
+from keyseal._internal.openpgp.revoke import revoke
+from keyseal._internal.openpgp.sign import identity_from_certificate, signature_packet
+from keyseal._internal.openpgp.signature import HASH_IDS, new_hasher
+from keyseal._internal.openpgp.verify import verify_bytes
 from keyseal.errors import KeysealError, OpenPGPError, VerificationError
-from keyseal.openpgp.cert import Certificate, load_certificates, merge_certificates, mint_certificate
-from keyseal.openpgp.packets import iter_packets
-from keyseal.openpgp.revoke import revoke
-from keyseal.openpgp.sign import identity_from_certificate, signature_packet
-from keyseal.openpgp.signature import HASH_IDS, new_hasher
-from keyseal.openpgp.verify import verify_bytes
+from keyseal.signer import HashName
 
 REJECTED = frozenset({"rejected"})
 SAME = frozenset({"accepted-same"})

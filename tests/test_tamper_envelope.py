@@ -32,14 +32,14 @@ from typing import Any
 import boto3
 from fuzz.tamper import Matrix
 
+from keyseal._internal.keygen import generate_private_key
+from keyseal._internal.records.ledger import VersionLedger
+from keyseal._internal.store.directory import DirectoryStore
+from keyseal._internal.wrapping.awskms import AwsKmsKek
+from keyseal._internal.wrapping.kek import KekProvider
+from keyseal._internal.wrapping.keys import create_record, open_record
+from keyseal._internal.wrapping.local import LocalKek
 from keyseal.errors import AccessDeniedError, KekMismatchError, RecordRollbackError, WrappedRecordError
-from keyseal.keygen import generate_private_key
-from keyseal.store.directory import DirectoryStore
-from keyseal.wrapping.awskms import AwsKmsKek
-from keyseal.wrapping.kek import KekProvider
-from keyseal.wrapping.keys import create_record, open_record
-from keyseal.wrapping.ledger import VersionLedger
-from keyseal.wrapping.local import LocalKek
 from tests.conftest import REGION
 from tests.harness.kms_emulator import KmsEmulator
 

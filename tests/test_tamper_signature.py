@@ -31,13 +31,13 @@ import pytest
 from fuzz.corpus import CREATED, DATA, NOW, SIGNED, MemorySigner, fixed_keys
 from fuzz.tamper import Matrix
 
-from keyseal.backends.base import HashName
+from keyseal._internal.openpgp.armor import dearmor_or_binary
+from keyseal._internal.openpgp.cert import Certificate, load_certificates, mint_certificate
+from keyseal._internal.openpgp.sign import identity_from_certificate, render, signature_packet
+from keyseal._internal.openpgp.signature import HASH_IDS, new_hasher
+from keyseal._internal.openpgp.verify import verify_bytes
 from keyseal.errors import KeysealError, VerificationError
-from keyseal.openpgp.armor import dearmor_or_binary
-from keyseal.openpgp.cert import Certificate, load_certificates, mint_certificate
-from keyseal.openpgp.sign import identity_from_certificate, render, signature_packet
-from keyseal.openpgp.signature import HASH_IDS, new_hasher
-from keyseal.openpgp.verify import verify_bytes
+from keyseal.signer import HashName
 
 OTHER_DATA = DATA + b"!"
 REJECTED = frozenset({"rejected"})

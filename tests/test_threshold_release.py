@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from keyseal._internal.openpgp.trust import TrustSet, verify_release
 from keyseal.errors import VerificationError
-from keyseal.openpgp.trust import TrustSet, verify_release
 from tests.conftest import assert_one_line_error, run_keyseal
 from tests.harness.softhsm import USER_PIN, SoftHsm
 
@@ -92,7 +92,7 @@ def keyseal_count(custodies: Custodies, keyring: list[Path], threshold: int, sig
 
 def concatenate(out: Path, *signature_files: Path) -> Path:
     """Signature files joined as binary packets: how a careless merge (or an attacker) could stack them."""
-    from keyseal.openpgp.armor import dearmor_or_binary
+    from keyseal._internal.openpgp.armor import dearmor_or_binary
 
     out.write_bytes(b"".join(dearmor_or_binary(f.read_bytes()) for f in signature_files))
     return out
@@ -201,7 +201,7 @@ def test_verify_release_threshold_in_python_and_cli(custodies: Custodies, tmp_pa
 
 
 def _fingerprint(cert: Path) -> str:
-    from keyseal.openpgp.cert import load_certificates
+    from keyseal._internal.openpgp.cert import load_certificates
 
     (loaded,) = load_certificates(cert.read_bytes(), str(cert))
     return loaded.fingerprint

@@ -18,11 +18,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from keyseal.backends.file import FileSigner
+from keyseal._internal.backends.file import FileSigner
+from keyseal._internal.openpgp.cert import armor_certificate, load_certificates, mint_certificate
+from keyseal._internal.openpgp.trust import Combined, CrossCheck, TrustSet, WkdResolver, verify_release
+from keyseal._internal.openpgp.wkd import build_tree, connect_map, wkd_hash
 from keyseal.errors import TrustError, VerificationError
-from keyseal.openpgp.cert import armor_certificate, load_certificates, mint_certificate
-from keyseal.openpgp.trust import Combined, CrossCheck, TrustSet, WkdResolver, verify_release
-from keyseal.openpgp.wkd import build_tree, connect_map, wkd_hash
 from tests.conftest import assert_one_line_error, run_keyseal
 from tests.harness.https_server import HttpsServer, Override, TlsFiles, free_port, make_tls
 from tests.harness.release_keys import ReleaseKey, make_key, sign_file

@@ -20,10 +20,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
-from keyseal.audit import unwrap
-from keyseal.backends import open_signer
-from keyseal.backends.base import HashName, hash_algorithm
-from keyseal.backends.hashivault import HashiVaultSigner, create_transit_key
+from keyseal._internal.audit import unwrap
+from keyseal._internal.backends import open_signer
+from keyseal._internal.backends.hashivault import HashiVaultSigner, create_transit_key
+from keyseal._internal.providers.vault.client import (
+    TransitKeyRef,
+    VaultSettings,
+    parse_transit_ref,
+    policy_hcl,
+    vault_client,
+)
 from keyseal.errors import (
     AccessDeniedError,
     BackendUnavailableError,
@@ -33,7 +39,7 @@ from keyseal.errors import (
     UnsupportedKeyError,
     UsageError,
 )
-from keyseal.vault import TransitKeyRef, VaultSettings, parse_transit_ref, policy_hcl, vault_client
+from keyseal.signer import HashName, hash_algorithm
 from tests.harness.openbao import OpenBao
 
 TYPES = {"p256": "ecdsa-p256", "p384": "ecdsa-p384", "p521": "ecdsa-p521", "rsa2048": "rsa-2048",

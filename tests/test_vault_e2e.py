@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from keyseal.openpgp.cert import load_certificates
+from keyseal._internal.openpgp.cert import load_certificates
 from tests.conftest import Gpg, assert_one_line_error, run_keyseal
 from tests.harness.openbao import OpenBao
 from tests.openpgp_checks import assert_accepted_everywhere, flip_byte, gpg_accepts, sqv_accepts

@@ -14,6 +14,14 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from keyseal._internal.keygen import generate_private_key
+from keyseal._internal.providers.vault.client import VaultSettings
+from keyseal._internal.records.ledger import VersionLedger
+from keyseal._internal.records.record import WrappedRecord
+from keyseal._internal.store.directory import DirectoryStore
+from keyseal._internal.wrapping.kek import new_dek, parse_kek
+from keyseal._internal.wrapping.keys import create_record, open_record
+from keyseal._internal.wrapping.vault import VaultKek
 from keyseal.errors import (
     AccessDeniedError,
     BackendUnavailableError,
@@ -23,14 +31,6 @@ from keyseal.errors import (
     UsageError,
     WrappedRecordError,
 )
-from keyseal.keygen import generate_private_key
-from keyseal.store.directory import DirectoryStore
-from keyseal.vault import VaultSettings
-from keyseal.wrapping.kek import new_dek, parse_kek
-from keyseal.wrapping.keys import create_record, open_record
-from keyseal.wrapping.ledger import VersionLedger
-from keyseal.wrapping.record import WrappedRecord
-from keyseal.wrapping.vault import VaultKek
 from tests.conftest import Gpg, assert_one_line_error, run_keyseal
 from tests.harness.openbao import OpenBao
 from tests.openpgp_checks import gpg_accepts, sqv_accepts
@@ -70,7 +70,7 @@ def test_round_trip_and_calls(store: DirectoryStore, kek_name: str, openbao: Ope
                               caplog: pytest.LogCaptureFixture) -> None:
     key = generate_private_key("p256")
     mark = openbao.audit_mark()
-    with caplog.at_level(logging.INFO, logger="keyseal.wrapping.vault"):
+    with caplog.at_level(logging.INFO, logger="keyseal._internal.wrapping.vault"):
         record = create_record(store, "ca", key, VaultKek(f"transit/{kek_name}"))
         opened = open_record(store, "ca", VaultKek(kek_name))  # mount transit by default: the same KEK
     assert der(opened.private_key) == der(key)

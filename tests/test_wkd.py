@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from keyseal._internal.openpgp.armor import dearmor_or_binary
+from keyseal._internal.openpgp.cert import load_certificates
+from keyseal._internal.openpgp.wkd import parse_connect_to, validate_domain, wkd_hash, zbase32
 from keyseal.errors import UsageError
-from keyseal.openpgp.armor import dearmor_or_binary
-from keyseal.openpgp.cert import load_certificates
-from keyseal.openpgp.wkd import parse_connect_to, validate_domain, wkd_hash, zbase32
 from tests.conftest import Gpg, assert_one_line_error, run_keyseal
 from tests.harness.https_server import HttpsServer, Override, TlsFiles, TrickleProxy, make_tls
 from tests.harness.release_keys import ReleaseKey, make_key
@@ -86,7 +86,7 @@ def test_hash_is_case_insensitive_in_ascii_only() -> None:
 
 
 def test_urls_equal_gnupg() -> None:
-    from keyseal.openpgp.wkd import parse_address, urls_for
+    from keyseal._internal.openpgp.wkd import parse_address, urls_for
 
     line = subprocess.run([WKS_CLIENT, "--print-wkd-url", "Joe.Doe@Example.ORG"], capture_output=True, check=True,
                           timeout=30).stdout.decode().strip()

@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from keyseal.wrapping.keys import load_wrapped_key_file
+from keyseal._internal.wrapping.keys import load_wrapped_key_file
 from tests.conftest import REGION, Gpg, Result, assert_one_line_error, run_keyseal
 from tests.harness.kms_emulator import KmsEmulator
 from tests.openpgp_checks import gpg_accepts

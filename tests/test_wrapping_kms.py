@@ -12,6 +12,20 @@ import boto3
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from keyseal._internal.keygen import generate_private_key
+from keyseal._internal.records.ledger import VersionLedger
+from keyseal._internal.records.record import WrappedRecord
+from keyseal._internal.store.directory import DirectoryStore
+from keyseal._internal.wrapping.awskms import AwsKmsKek
+from keyseal._internal.wrapping.kek import parse_kek
+from keyseal._internal.wrapping.keys import (
+    check_kek,
+    create_record,
+    create_wrapped_key_file,
+    open_record,
+    rewrap_record,
+)
+from keyseal._internal.wrapping.local import LocalKek
 from keyseal.errors import (
     AccessDeniedError,
     BackendUnavailableError,
@@ -21,14 +35,6 @@ from keyseal.errors import (
     UsageError,
     WrappedRecordError,
 )
-from keyseal.keygen import generate_private_key
-from keyseal.store.directory import DirectoryStore
-from keyseal.wrapping.awskms import AwsKmsKek
-from keyseal.wrapping.kek import parse_kek
-from keyseal.wrapping.keys import check_kek, create_record, create_wrapped_key_file, open_record, rewrap_record
-from keyseal.wrapping.ledger import VersionLedger
-from keyseal.wrapping.local import LocalKek
-from keyseal.wrapping.record import WrappedRecord
 from tests.conftest import REGION
 from tests.harness.kms_emulator import KmsEmulator
 
@@ -73,7 +79,7 @@ def der(key: Any) -> bytes:
 def test_round_trip_calls_and_log_line(store: DirectoryStore, kek_arn: str, kms_emulator: KmsEmulator,
                                        caplog: pytest.LogCaptureFixture) -> None:
     key = generate_private_key("p256")
-    with caplog.at_level(logging.INFO, logger="keyseal.wrapping.awskms"):
+    with caplog.at_level(logging.INFO, logger="keyseal._internal.wrapping.awskms"):
         record = create_record(store, "ca", key, AwsKmsKek(kek_arn))
         opened = open_record(store, "ca", AwsKmsKek(kek_arn))
     assert der(opened.private_key) == der(key)
@@ -223,7 +229,7 @@ def test_describe_key_denied_degrades(store: DirectoryStore, kek_arn: str, kms_e
                                       monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANODESCRIBE")
     kms_emulator.deny("AKIANODESCRIBE", "DescribeKey")
-    with caplog.at_level(logging.WARNING, logger="keyseal.wrapping.awskms"):
+    with caplog.at_level(logging.WARNING, logger="keyseal._internal.wrapping.awskms"):
         create_record(store, "ca", generate_private_key("ed25519"), AwsKmsKek(kek_arn))
     assert any("kms:DescribeKey denied" in r.getMessage() for r in caplog.records)
 

@@ -13,6 +13,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from keyseal._internal.keygen import generate_private_key
+from keyseal._internal.records.ledger import FileLedger, VersionLedger
+from keyseal._internal.records.record import FORMAT, WrappedRecord
+from keyseal._internal.store.directory import DirectoryStore
+from keyseal._internal.wrapping.kek import parse_kek
+from keyseal._internal.wrapping.keys import create_record, open_record, rewrap_record
+from keyseal._internal.wrapping.local import LocalKek
 from keyseal.errors import (
     InvalidKeyFileError,
     KekMismatchError,
@@ -21,13 +28,6 @@ from keyseal.errors import (
     StoreConflictError,
     WrappedRecordError,
 )
-from keyseal.keygen import generate_private_key
-from keyseal.store.directory import DirectoryStore
-from keyseal.wrapping.kek import parse_kek
-from keyseal.wrapping.keys import create_record, open_record, rewrap_record
-from keyseal.wrapping.ledger import FileLedger, VersionLedger
-from keyseal.wrapping.local import LocalKek
-from keyseal.wrapping.record import FORMAT, WrappedRecord
 
 
 def der(key: object) -> bytes:
@@ -208,20 +208,20 @@ def test_conditional_write_refuses_a_stale_revision(store: DirectoryStore, kek: 
 CRASH_CHILD = """
 import os, signal, sys
 from pathlib import Path
-import keyseal.atomic
-from keyseal.wrapping.keys import rewrap_files
+import keyseal._internal.atomic
+from keyseal._internal.wrapping.keys import rewrap_files
 
 def die(tmp):
     Path(sys.argv[2]).write_text(str(tmp))
     os.kill(os.getpid(), signal.SIGKILL)
 
-keyseal.atomic.before_rename = die
+keyseal._internal.atomic.before_rename = die
 rewrap_files([Path(sys.argv[1])], "local")
 """
 
 
 def test_crash_between_temp_file_and_rename_keeps_the_old_record(tmp_path: Path, keyseal_home: Path) -> None:
-    from keyseal.wrapping.keys import create_wrapped_key_file, load_wrapped_key_file
+    from keyseal._internal.wrapping.keys import create_wrapped_key_file, load_wrapped_key_file
 
     path = tmp_path / "release.key"
     create_wrapped_key_file(path, "ed25519")

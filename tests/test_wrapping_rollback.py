@@ -18,16 +18,16 @@ import boto3
 import kubernetes
 import pytest
 
-from keyseal.ca.config import parse_config
-from keyseal.ca.server import build_source
-from keyseal.ca.wrapped_source import WrappedKeysetSource
+from keyseal._internal.ca.config import parse_config
+from keyseal._internal.ca.custody.wrapped import WrappedKeysetSource
+from keyseal._internal.ca.server import build_source
+from keyseal._internal.keygen import generate_private_key
+from keyseal._internal.records.ledger import FileLedger
+from keyseal._internal.store.directory import DirectoryStore
+from keyseal._internal.wrapping.kek import KekProvider
+from keyseal._internal.wrapping.keys import create_record, open_record, rewrap_record
+from keyseal._internal.wrapping.local import LocalKek
 from keyseal.errors import RecordRollbackError, WrappedRecordError
-from keyseal.keygen import generate_private_key
-from keyseal.store.directory import DirectoryStore
-from keyseal.wrapping.kek import KekProvider
-from keyseal.wrapping.keys import create_record, open_record, rewrap_record
-from keyseal.wrapping.ledger import FileLedger
-from keyseal.wrapping.local import LocalKek
 from tests.conftest import REGION
 from tests.harness.ca import base_config
 from tests.harness.kms_emulator import KmsEmulator
@@ -153,7 +153,7 @@ def test_an_older_copy_at_another_path_is_refused(tmp_path: Path, kek_config: di
     if kek_config["keyWrapping"]["provider"] == "local":
         kek: KekProvider = LocalKek(tmp_path / "kek")
     else:
-        from keyseal.wrapping.awskms import AwsKmsKek
+        from keyseal._internal.wrapping.awskms import AwsKmsKek
 
         kek = AwsKmsKek(kek_config["aws"]["kmsKeyARN"])
     ledger = FileLedger(tmp_path / "home" / "seen-versions.json")  # one user's ledger, as keyseal sign uses
@@ -225,7 +225,7 @@ def test_old_records_are_read_protected_and_bound_at_their_next_write(
     domain (and namespace)."""
     replica = Replica(request, tmp_path, store_kind, kek_config, "a")
     if store_kind == "kubernetes":
-        from keyseal.store.kubernetes import KubernetesStore
+        from keyseal._internal.store.kubernetes import KubernetesStore
 
         legacy: Any = KubernetesStore(replica.store.namespace, replica.api)  # type: ignore[attr-defined]
     else:
@@ -263,7 +263,7 @@ def test_an_older_replica_rotating_during_a_rolling_upgrade_wedges_nothing(
     replica = Replica(request, tmp_path, store_kind, kek_config, "a")
     namespace = getattr(replica.store, "namespace", None)
     if store_kind == "kubernetes":
-        from keyseal.store.kubernetes import KubernetesStore
+        from keyseal._internal.store.kubernetes import KubernetesStore
 
         legacy: Any = KubernetesStore(replica.store.namespace, replica.api)  # type: ignore[attr-defined]
     else:
@@ -272,7 +272,7 @@ def test_an_older_replica_rotating_during_a_rolling_upgrade_wedges_nothing(
     assert open_record(replica.store, NAME, replica.kek).record.version == 1  # the store's mark: 1
     create_record(legacy, NAME, generate_private_key("p256"), replica.kek, force=True)  # the older replica rotates
     rotated = replica.read_raw()
-    with caplog.at_level(logging.WARNING, logger="keyseal.store"):
+    with caplog.at_level(logging.WARNING, logger="keyseal._internal.store"):
         opened = open_record(Replica(request, tmp_path, store_kind, kek_config, "b", namespace=namespace).store, NAME,
                              replica.kek)
     assert opened.record.format == "keyseal.wrapped-key.v1" and opened.record.version == 2

@@ -1,5 +1,5 @@
 """`python -m keyseal` runs the CLI."""
 
-from keyseal.cli.quick import main
+from keyseal._internal.cli.quick import main
 
 main()

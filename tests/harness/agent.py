@@ -22,12 +22,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keyseal.agent.config import parse_agent_config
-from keyseal.agent.main import Agent
-from keyseal.ca.config import Config, parse_config
-from keyseal.ca.entries import entry_store_for, join_tokens_for
-from keyseal.ca.server import CaServer
-from keyseal.ca.tls import load_chain
+from keyseal._internal.agent.config import parse_agent_config
+from keyseal._internal.agent.main import Agent
+from keyseal._internal.ca.config import Config, parse_config
+from keyseal._internal.ca.http.tls import load_chain
+from keyseal._internal.ca.registry.entries import entry_store_for, join_tokens_for
+from keyseal._internal.ca.server import CaServer
 from tests.harness.ca import TRUST_DOMAIN, base_config
 
 AGENT_ID = f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-1"

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from keyseal.backends.file import FileSigner
-from keyseal.keygen import generate_private_key
-from keyseal.openpgp.cert import armor_certificate, load_certificates, mint_certificate
-from keyseal.openpgp.packets import encode_packet, iter_packets
-from keyseal.openpgp.sign import choose_hash, identity_from_certificate, render, signature_packet
-from keyseal.openpgp.signature import HASH_IDS
-from keyseal.openpgp.stream import hash_file
+from keyseal._internal.backends.file import FileSigner
+from keyseal._internal.keygen import generate_private_key
+from keyseal._internal.openpgp.cert import armor_certificate, load_certificates, mint_certificate
+from keyseal._internal.openpgp.packets import encode_packet, iter_packets
+from keyseal._internal.openpgp.sign import choose_hash, identity_from_certificate, render, signature_packet
+from keyseal._internal.openpgp.signature import HASH_IDS
+from keyseal._internal.openpgp.stream import hash_file
 
 CREATED = 1_700_000_000  # 2023-11-14: before any signature a test makes
 

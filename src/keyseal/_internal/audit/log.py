@@ -1,0 +1,460 @@
+"""The audit log file: one JSON line per signature, each chained to the one before by SHA-256.
+
+Lines are appended with one write() on an O_APPEND descriptor under an exclusive flock, after reading the last
+line under that same lock: concurrent processes and threads interleave whole lines and never fork the chain. A
+process-wide lock is taken too, since where flock is emulated with fcntl record locks (some network file
+systems) a lock does not exclude the threads of its own process.
+
+Group commit: each line is fsynced (fdatasync: the data and the file size) before its signature is handed back,
+but the threads of one process that sign at the same time share one write and one fsync. A caller queues its
+line; if no thread is writing, it becomes the leader and writes every queued line at once; the others wait until
+the leader's fsync covers theirs. Signers that announce themselves (`signing()`, as AuditingSigner does) make a
+leader wait up to GATHER_SECONDS for the lines of signatures already under way, so that they join its write.
+A single signer that signs one thing after another still pays one fsync per signature: the price of never
+handing out a signature the log does not hold (`KEYSEAL_AUDIT_LOG=off` leaves durability to the log pipeline
+instead). A write that fails is cut off again, so the file never ends in half a
+line that keyseal wrote, and every caller of that batch gets the error.
+
+Checkpoints (keyseal._internal.audit.checkpoint) are written by the leader, signed by the key of a line in its batch;
+`rotate()` moves the file aside and starts the next one from its head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from keyseal._internal.atomic import fsync_directory
+from keyseal._internal.audit import checkpoint
+from keyseal.errors import AuditError, KeysealError, one_line
+
+ENV = "KEYSEAL_AUDIT_LOG"
+OFF = "off"
+FILE_NAME = "audit.log"
+FORMAT_VERSION = 1
+GENESIS = "0" * 64  # the `prev` of a log's first line
+MAX_LINE = 1 << 20  # a longer last line is not one keyseal wrote
+GATHER_SECONDS = 0.0003  # how long a leader waits for the lines of signatures already under way
+
+_THREADS = threading.Lock()
+_COMMITTERS_LOCK = threading.Lock()
+_LINE = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+logger = logging.getLogger("keyseal.audit")
+
+
+def configured_log() -> AuditLog | None:
+    """`$KEYSEAL_AUDIT_LOG`, else `$KEYSEAL_HOME/audit.log`; None when KEYSEAL_AUDIT_LOG=off."""
+    value = os.environ.get(ENV, "").strip()
+    if value.lower() == OFF:
+        return None
+    if value:
+        return AuditLog(Path(value).expanduser())
+    from keyseal._internal.home import keyseal_home
+
+    return AuditLog(keyseal_home() / FILE_NAME)
+
+
+def line_hash(line: bytes) -> str:
+    """SHA-256 (hex) of a line's bytes without its line end: the next line's `prev`."""
+    return hashlib.sha256(line).hexdigest()
+
+
+_this_second: tuple[int, str] = (-1, "")  # the last second spelt, read and replaced whole (no lock needed)
+
+
+def utc_now() -> str:
+    """RFC 3339 UTC with microseconds, e.g. 2026-11-23T21:12:08.341681Z (the clock `datetime.now` reads)."""
+    global _this_second  # noqa: PLW0603 - a one-entry cache: every audit line made within a second shares it
+    second, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    cached = _this_second
+    if cached[0] != second:
+        cached = _this_second = (second, utc_second(second))
+    return f"{cached[1]}.{micros:06d}Z"
+
+
+@functools.lru_cache(maxsize=256)
+def utc_second(epoch_seconds: int) -> str:
+    """One whole second as RFC 3339 UTC without the zone, e.g. 2026-11-23T21:12:08. Remembered because every
+    signature (its audit time) and every SVID (its expiry) made within one second spells the same one."""
+    return datetime.fromtimestamp(epoch_seconds, UTC).replace(tzinfo=None).isoformat()
+
+
+@dataclass(frozen=True)
+class Custody:
+    """The key that signs checkpoints for a line: the key whose signature the line records."""
+
+    key: checkpoint.CheckpointKey
+    fingerprint: str
+    key_uri: str  # redacted
+
+
+@dataclass(eq=False)
+class _Pending:
+    entry: Mapping[str, object]
+    custody: Custody | None
+    record: dict[str, object] | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Committer:
+    """The group-commit queue of one log file in this process."""
+
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    queue: list[_Pending] = field(default_factory=list)
+    leading: bool = False
+    last_checkpoint: float = field(default_factory=time.monotonic)  # when this process last wrote one
+    retry_checkpoint: bool = False  # the last one due could not be signed: try again at the next line
+    custody: Custody | None = None  # the last key seen, for checkpoints made when no line names one
+    signing: int = 0  # threads between `signing()` and the end of their append: lines on their way
+
+
+_COMMITTERS: dict[str, _Committer] = {}
+
+
+def _committer(path: Path) -> _Committer:
+    key = os.path.abspath(path)
+    with _COMMITTERS_LOCK:
+        found = _COMMITTERS.get(key)
+        if found is None:
+            found = _COMMITTERS[key] = _Committer()
+        return found
+
+
+class AuditLog:
+    """An append-only, hash-chained JSON-lines file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._committer = _committer(path)
+
+    def __repr__(self) -> str:
+        return f"AuditLog({str(self.path)!r})"
+
+    def check_writable(self) -> None:
+        """Open the log for appending (creating it, mode 0600), so that a log keyseal cannot write stops the
+        first signature before it is made rather than after."""
+        with self._open():
+            pass
+
+    @contextlib.contextmanager
+    def signing(self) -> Iterator[None]:
+        """Around a signature and its `append`: a leader about to write waits briefly for the lines of signatures
+        already under way, so that they share its fsync rather than pay for the next one."""
+        committer = self._committer
+        with committer.cond:
+            committer.signing += 1
+        try:
+            yield
+        finally:
+            with committer.cond:
+                committer.signing -= 1
+                if committer.leading:  # a leader may be waiting for this signature's line
+                    committer.cond.notify_all()
+
+    def append(self, entry: Mapping[str, object], custody: Custody | None = None) -> dict[str, object]:
+        """Append `entry` as a line, durably; returns the record as written (with v, seq, time and prev).
+        `custody` signs a checkpoint when one falls due at this line."""
+        item = _Pending(entry, custody)
+        committer = self._committer
+        with committer.cond:
+            committer.queue.append(item)
+            if committer.signing > 1:
+                committer.cond.notify_all()  # a leader may be waiting for this line
+            while committer.leading and not item.done:
+                committer.cond.wait()
+            if not item.done:
+                committer.leading = True
+                # Other signatures are under way (their custody call): let their lines join this write.
+                deadline = time.monotonic() + GATHER_SECONDS
+                while len(committer.queue) < committer.signing:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    committer.cond.wait(remaining)
+        if not item.done:
+            self._lead(item)
+        if isinstance(item.error, AuditError):  # one error for the whole batch: each caller raises its own
+            raise AuditError(item.error.message) from None
+        if item.error is not None:
+            raise item.error
+        assert item.record is not None
+        return item.record
+
+    def checkpoint(self, custody: Custody | None = None, *, force: bool = False) -> dict[str, object] | None:
+        """Write a checkpoint now if one is due by time (or `force`) and lines were added since the last one;
+        the key is `custody` or the last one this process saw. For long-running processes (a periodic call) and
+        `keyseal audit checkpoint`. Returns the checkpoint written, if any."""
+        committer = self._committer
+        custody = custody or committer.custody
+        if custody is None:
+            return None
+        if not force and time.monotonic() - committer.last_checkpoint < checkpoint.interval_seconds():
+            return None
+        with self._sole_writer(), _THREADS, self._locked() as fd:
+            size = _complete_size(fd, self.path)
+            last = _last_line(fd, size, self.path)
+            if last is None or _is_checkpoint(last):
+                return None
+            seq, prev = self._next_after(last)
+            record = self._make_checkpoint(custody, seq, prev, checkpoint.interval_lines())
+            if record is None:
+                raise AuditError(f"cannot sign a checkpoint of the audit log {self.path}")
+            data = _LINE.encode(record).encode("ascii") + b"\n"
+            self._write(fd, size, data)
+        _emit(record)
+        return record
+
+    @contextlib.contextmanager
+    def _sole_writer(self) -> Iterator[None]:
+        """Take the lead from the group commit (waiting for a leader writing a batch), and hand it back."""
+        committer = self._committer
+        with committer.cond:
+            while committer.leading:
+                committer.cond.wait()
+            committer.leading = True
+        try:
+            yield
+        finally:
+            with committer.cond:
+                committer.leading = False
+                committer.cond.notify_all()
+
+    def rotate(self, archive: Path | None = None) -> Path:
+        """Move the log aside (to `archive`, default `<log>.<UTC time>`) and start a new file whose first line
+        (kind "continued") goes on from the old file's head and sequence. Writers in other processes that wait
+        for the old file's lock notice it was replaced and write to the new one."""
+        with self._sole_writer(), _THREADS, self._locked() as fd:
+            size = _complete_size(fd, self.path)
+            last = _last_line(fd, size, self.path)
+            if last is None:
+                raise AuditError(f"the audit log {self.path} is empty: nothing to rotate")
+            seq, prev = self._next_after(last)
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+            archive = archive or self.path.with_name(f"{self.path.name}.{stamp}")
+            first = {"v": FORMAT_VERSION, "seq": seq, "time": utc_now(), "kind": checkpoint.CONTINUED,
+                     "from": archive.name, "prev": prev}
+            data = _LINE.encode(first).encode("ascii") + b"\n"
+            temporary = self.path.with_name(f".{self.path.name}.{stamp}.new")
+            try:
+                new = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                try:
+                    os.write(new, data)
+                    os.fsync(new)
+                finally:
+                    os.close(new)
+                os.link(self.path, archive)  # the old file stays under both names until the swap
+                os.rename(temporary, self.path)
+                fsync_directory(self.path.parent)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise AuditError(f"cannot rotate the audit log {self.path}: {exc.strerror}") from None
+        return archive
+
+    def _lead(self, own: _Pending) -> None:
+        """Write queued lines, a batch at a time, until `own` is written; then hand the lead on."""
+        committer = self._committer
+        try:
+            while not own.done:
+                with committer.cond:
+                    batch, committer.queue = committer.queue, []
+                try:
+                    self._commit(batch)
+                except BaseException as exc:  # every caller of the batch learns it; nothing of it was kept
+                    for item in batch:
+                        item.error = exc
+                with committer.cond:
+                    for item in batch:
+                        item.done = True
+                    committer.cond.notify_all()
+        finally:
+            with committer.cond:
+                committer.leading = False
+                committer.cond.notify_all()
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        committer = self._committer
+        every = checkpoint.interval_lines()
+        by_time = checkpoint.interval_seconds()
+        checkpoints: list[dict[str, object]] = []
+        with _THREADS, self._locked() as fd:
+            size = _complete_size(fd, self.path)
+            last = _last_line(fd, size, self.path)
+            seq, prev = (1, GENESIS) if last is None else self._next_after(last)
+            after_checkpoint = last is not None and _is_checkpoint(last)  # no second one in a row
+            chunks: list[bytes] = []
+            for item in batch:
+                custody = item.custody or committer.custody
+                if item.custody is not None:
+                    committer.custody = item.custody
+                due = every > 0 and seq > 1 and not after_checkpoint and (
+                    seq % every == 0 or committer.retry_checkpoint
+                    or (by_time > 0 and time.monotonic() - committer.last_checkpoint >= by_time))
+                if due and custody is not None:
+                    made = self._make_checkpoint(custody, seq, prev, every)
+                    if made is not None:
+                        line = _LINE.encode(made).encode("ascii")
+                        chunks.append(line + b"\n")
+                        checkpoints.append(made)
+                        seq, prev = seq + 1, line_hash(line)
+                record: dict[str, object] = {"v": FORMAT_VERSION, "seq": seq, "time": utc_now(), **item.entry,
+                                             "prev": prev}
+                line = _LINE.encode(record).encode("ascii")
+                chunks.append(line + b"\n")
+                item.record = record
+                seq, prev, after_checkpoint = seq + 1, line_hash(line), False
+            self._write(fd, size, b"".join(chunks))
+        for made in checkpoints:
+            _emit(made)
+
+    def _make_checkpoint(self, custody: Custody, seq: int, prev: str, every: int) -> dict[str, object] | None:
+        """A signed checkpoint at `seq`, or None (logged) when the custody cannot sign one now."""
+        committer = self._committer
+        try:
+            made = checkpoint.make(custody.key, custody.fingerprint, custody.key_uri, seq=seq, time=utc_now(),
+                                   prev=prev, every=every)
+        except Exception as exc:  # the custody is down: the lines still go in, the checkpoint comes later
+            reason = exc.message if isinstance(exc, KeysealError) else type(exc).__name__
+            logger.warning("audit log %s: cannot sign a checkpoint at sequence %d: %s", self.path, seq,
+                           one_line(reason))
+            committer.retry_checkpoint = True
+            return None
+        committer.retry_checkpoint = False
+        committer.last_checkpoint = time.monotonic()
+        return made
+
+    def _write(self, fd: int, size: int, data: bytes) -> None:
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            # fdatasync: the data and the size needed to read it back, without the modification time.
+            os.fdatasync(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)  # still under the lock: no one else appended since
+            raise AuditError(f"cannot append to the audit log {self.path}: {exc.strerror}") from None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[int]:
+        """The log open and exclusively locked; if it was rotated while this waited for the lock, the new file."""
+        for _ in range(100):
+            with self._open() as fd:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    current = os.stat(self.path)
+                except FileNotFoundError:
+                    continue
+                held = os.fstat(fd)
+                if (held.st_dev, held.st_ino) != (current.st_dev, current.st_ino):
+                    continue  # moved aside by rotate(): the lines belong in the file now at the path
+                yield fd
+                return
+        raise AuditError(f"the audit log {self.path} keeps being replaced while keyseal writes to it")
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[int]:
+        created = not self.path.exists()
+        try:
+            if created:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            reason = os.strerror(errno.ENOTDIR) if isinstance(exc, FileExistsError) else exc.strerror  # from mkdir
+            raise AuditError(
+                f"cannot write the audit log {self.path}: {reason}: make it writable, set "
+                f"KEYSEAL_AUDIT_LOG to a writable file, or KEYSEAL_AUDIT_LOG=off to sign without one"
+            ) from None
+        try:
+            if created:
+                with contextlib.suppress(OSError):
+                    fsync_directory(self.path.parent)
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _next_after(self, last: bytes) -> tuple[int, str]:
+        """(seq, prev) for the line after `last`."""
+        try:
+            seq = json.loads(last)["seq"]
+        except (ValueError, TypeError, KeyError):
+            seq = None
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            raise AuditError(f"the last line of the audit log {self.path} is not an audit record: check it with "
+                             f"keyseal audit verify --log {self.path}, then move it aside to start a new log")
+        return seq + 1, line_hash(last)
+
+
+def _is_checkpoint(line: bytes) -> bool:
+    return b'"kind":"checkpoint"' in line
+
+
+def _emit(record: Mapping[str, object]) -> None:
+    """A checkpoint on the `keyseal.audit` logger, as audit records are: the head leaves the host with the logs."""
+    if logger.isEnabledFor(logging.INFO):
+        logger.info("audit %s", _LINE.encode(record), extra={"audit": dict(record)})
+
+
+def _complete_size(fd: int, path: Path) -> int:
+    """The file's size once an incomplete last line is cut off (called under the lock).
+
+    A writer killed inside write() can leave the start of a line: the kernel stops a write to a regular file
+    between pages when the process gets SIGKILL. No signature was handed out for that line (a signature is
+    returned only after its whole line is written and fsynced), so the next writer cuts it off and says so. An
+    ending that does not look like the start of a keyseal line is left alone, and refused by `_last_line`."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    start = max(0, size - MAX_LINE)
+    tail = os.pread(fd, size - start, start)
+    newline = tail.rfind(b"\n")
+    if newline < 0 and start > 0:
+        return size
+    fragment = tail[newline + 1:]
+    if not fragment.startswith(b'{"v":'):
+        return size
+    keep = start + newline + 1
+    try:
+        os.ftruncate(fd, keep)
+        os.fsync(fd)
+    except OSError as exc:
+        raise AuditError(f"cannot cut the incomplete last line off the audit log {path}: {exc.strerror}") from None
+    logger.warning("audit log %s ended in an incomplete line (%d bytes, a write interrupted by a crash; no "
+                   "signature was handed out for it): cut it off", path, size - keep)
+    return keep
+
+
+def _last_line(fd: int, size: int, path: Path) -> bytes | None:
+    """The file's last line without its line end, read backwards from the end; None for an empty file."""
+    if size == 0:
+        return None
+    if os.pread(fd, 1, size - 1) != b"\n":
+        raise AuditError(f"the audit log {path} ends in an incomplete line (an interrupted write): check it with "
+                         f"keyseal audit verify --log {path}, then move it aside to start a new log")
+    end = size - 1
+    tail = b""
+    start = end
+    while start > 0:
+        step = min(8192, start)
+        start -= step
+        tail = os.pread(fd, step, start) + tail
+        newline = tail.rfind(b"\n")
+        if newline >= 0:
+            return tail[newline + 1:]
+        if len(tail) > MAX_LINE:
+            raise AuditError(f"the last line of the audit log {path} is longer than any audit record: move the "
+                             f"log aside to start a new one")
+    return tail

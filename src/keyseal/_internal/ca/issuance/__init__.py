@@ -1,0 +1,1 @@
+"""keyseal internals (see keyseal/_internal/__init__.py)."""
