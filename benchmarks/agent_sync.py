@@ -188,7 +188,7 @@ def run_store(store_label: str, configs: list[dict[str, Any]], sizes: list[int],
     import yaml
 
     from keyseal._internal.ca.config import parse_config
-    from keyseal._internal.ca.registry.entries import join_tokens_for
+    from keyseal._internal.ca.registry.stores import join_tokens_for
 
     results: dict[str, dict[str, float]] = {}
     servers: list[tuple[int, subprocess.Popen[str], list[SimulatedAgent], Path]] = []

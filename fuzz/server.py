@@ -57,7 +57,7 @@ def _server() -> Any:
 
 
 def _answer(path: str, body: bytes) -> None:
-    from keyseal._internal.ca.http.api import Request
+    from keyseal._internal.ca.http.messages import Request
 
     response = _server().api.handle(Request(method="POST", path=path, body=body, peer="127.0.0.1:1",
                                             headers={"authorization": f"Bearer {TOKEN}"}, peer_certificate=None))

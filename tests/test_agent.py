@@ -109,7 +109,7 @@ def test_join_token_is_one_time(node: Node, tmp_path: Path) -> None:
     from keyseal._internal.agent.client import ServerRefusedError
 
     token_file = tmp_path / "token"
-    from keyseal._internal.ca.registry.entries import join_tokens_for
+    from keyseal._internal.ca.registry.stores import join_tokens_for
 
     token, _ = join_tokens_for(node.server.config).issue("node-2", __import__("datetime").timedelta(minutes=1))
     token_file.write_text(token)

@@ -19,7 +19,7 @@ import pytest
 from spiffe import WorkloadApiClient
 
 from keyseal._internal.agent.attestation import peer_credentials, selectors_of
-from keyseal._internal.ca.registry.entries import entry_store_for, join_tokens_for
+from keyseal._internal.ca.registry.stores import entry_store_for, join_tokens_for
 from tests.harness.agent import (
     AGENT_ID,
     CHILD,

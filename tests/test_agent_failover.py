@@ -19,7 +19,7 @@ from cryptography import x509
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from keyseal._internal.agent.config import parse_agent_config
-from keyseal._internal.ca.registry.entries import join_tokens_for
+from keyseal._internal.ca.registry.stores import join_tokens_for
 from keyseal.errors import UsageError
 from tests.harness.agent import Node, start_agent, start_server
 from tests.harness.ca import TRUST_DOMAIN, wait_for

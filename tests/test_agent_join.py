@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from keyseal._internal.ca.issuance.x509svid import _verified_csr_key
-from keyseal._internal.ca.registry.entries import join_tokens_for
+from keyseal._internal.ca.registry.stores import join_tokens_for
 from keyseal._internal.ca.server import CaServer
 from tests.harness.agent import agent_call, start_server
 from tests.harness.ca import make_csr

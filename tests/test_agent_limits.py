@@ -23,7 +23,7 @@ import pytest
 from spiffe import WorkloadApiClient
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
-from keyseal._internal.ca.registry.entries import join_tokens_for
+from keyseal._internal.ca.registry.stores import join_tokens_for
 from tests.harness.agent import DROP_ROOT, Node, end, fetch_as, socket_dir, spawn, start_agent, start_server
 from tests.harness.ca import TRUST_DOMAIN, wait_for
 
@@ -225,7 +225,7 @@ def test_the_agent_backs_off_when_it_runs_out_of_file_descriptors(tmp_path: Path
     waiting: list[socket.socket] = []
     try:
         token, _ = join_tokens_for(server.config).issue("node-1", timedelta(minutes=5))
-        from keyseal._internal.ca.registry.entries import entry_store_for
+        from keyseal._internal.ca.registry.stores import entry_store_for
         from tests.harness.agent import AGENT_ID
 
         entry_store_for(server.config).create(WEB, AGENT_ID, (ME,), 0, 0)

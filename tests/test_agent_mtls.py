@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from spiffe import WorkloadApiClient
 
 from keyseal._internal.ca.issuance.x509svid import issue_x509_svid
-from keyseal._internal.ca.registry.entries import join_tokens_for
+from keyseal._internal.ca.registry.stores import join_tokens_for
 from keyseal._internal.ca.server import CaServer
 from keyseal._internal.spiffe.ids import SpiffeId
 from tests.harness.agent import AGENT_ID, agent_call, post, start_agent, start_server, tls_context

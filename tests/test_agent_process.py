@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from spiffe import WorkloadApiClient
 
-from keyseal._internal.ca.registry.entries import entry_store_for, join_tokens_for
+from keyseal._internal.ca.registry.stores import entry_store_for, join_tokens_for
 from tests.harness.agent import AGENT_ID, socket_dir, start_server
 from tests.harness.ca import TRUST_DOMAIN
 

@@ -18,7 +18,7 @@ from cryptography import x509
 from keyseal._internal.agent.client import ServerRefusedError
 from keyseal._internal.agent.config import parse_agent_config
 from keyseal._internal.agent.main import Agent
-from keyseal._internal.ca.registry.entries import entry_store_for, join_tokens_for
+from keyseal._internal.ca.registry.stores import entry_store_for, join_tokens_for
 from tests.harness.agent import AGENT_ID, start_agent, start_server
 from tests.harness.ca import TRUST_DOMAIN
 

@@ -24,7 +24,7 @@ from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from keyseal._internal.agent.config import parse_agent_config
 from keyseal._internal.ca.issuance.x509svid import issue_x509_svid
-from keyseal._internal.ca.registry.entries import entry_store_for
+from keyseal._internal.ca.registry.stores import entry_store_for
 from keyseal._internal.spiffe.ids import SpiffeId
 from keyseal.errors import UsageError
 from tests.harness.agent import Node, agent_call, fetch_as, start_agent, start_server
@@ -275,7 +275,7 @@ def test_a_stored_entry_with_a_reserved_id_is_never_served(tmp_path: Path) -> No
     import sqlite3
 
     from keyseal._internal.ca.config import parse_config
-    from keyseal._internal.ca.registry.entries import entry_store_for
+    from keyseal._internal.ca.registry.stores import entry_store_for
     from tests.harness.ca import base_config
 
     config = parse_config(base_config(tmp_path))

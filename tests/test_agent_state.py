@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import WorkloadApiClient
 
-from keyseal._internal.ca.registry.entries import join_tokens_for
+from keyseal._internal.ca.registry.stores import join_tokens_for
 from keyseal.errors import KeysealError
 from tests.harness.agent import AGENT_ID, start_agent, start_server
 from tests.harness.ca import TRUST_DOMAIN

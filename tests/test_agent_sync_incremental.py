@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from keyseal._internal.agent.cache import AgentCache
 from keyseal._internal.agent.client import ServerClient
-from keyseal._internal.ca.registry.entries import entry_store_for, join_tokens_for
+from keyseal._internal.ca.registry.stores import entry_store_for, join_tokens_for
 from keyseal._internal.ca.server import CaServer
 from tests.harness.agent import agent_call, start_server
 from tests.harness.ca import TRUST_DOMAIN, make_csr, new_key

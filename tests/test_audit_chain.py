@@ -188,7 +188,7 @@ def test_signer_records_context_and_outcome(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(path))
     key = tmp_path / "k.pem"
     assert run_keyseal("keys", "create", "--out", key, "--type", "p256", "--unencrypted").returncode == 0
-    caplog.set_level(logging.INFO, logger="keyseal._internal.audit")
+    caplog.set_level(logging.INFO, logger="keyseal.audit")
     digest = hashlib.sha256(b"data").digest()
     with open_signer(f"file:{key}") as signer:
         assert not path.exists()  # opening a key writes nothing
@@ -203,19 +203,19 @@ def test_signer_records_context_and_outcome(tmp_path: Path, monkeypatch: pytest.
     assert first["digest"] == digest.hex() and first["outcome"] == "ok"
     assert pooled["subject"] is None and pooled["purpose"] is None
     assert failed["outcome"].startswith("error: ") and failed["digest"] == b"short".hex()
-    emitted = [r for r in caplog.records if r.name == "keyseal._internal.audit"]
+    emitted = [r for r in caplog.records if r.name == "keyseal.audit"]
     assert [getattr(r, "audit")["seq"] for r in emitted] == [1, 2, 3]  # noqa: B009
     assert emitted[0].getMessage() == "audit " + path.read_bytes().splitlines()[0].decode()
 
 
 def test_record_without_a_file_still_emits(caplog: pytest.LogCaptureFixture) -> None:
     """The server's path: `audit.record(log_file=None, ...)` when the file log is off, structured logs only."""
-    caplog.set_level(logging.INFO, logger="keyseal._internal.audit")
+    caplog.set_level(logging.INFO, logger="keyseal.audit")
     fields = audit.record(log_file=None, key_uri="awskms:alias/ca", public_key=None, hash_name="sha384",
                           digest=bytes(48), outcome="ok", subject="spiffe://example.org/web", purpose="x509-svid")
     assert "seq" not in fields and "prev" not in fields and str(fields["time"]).endswith("Z")
     assert fields["subject"] == "spiffe://example.org/web" and fields["purpose"] == "x509-svid"
-    (emitted,) = [r for r in caplog.records if r.name == "keyseal._internal.audit"]
+    (emitted,) = [r for r in caplog.records if r.name == "keyseal.audit"]
     assert getattr(emitted, "audit") == fields  # noqa: B009
 
 

@@ -80,7 +80,7 @@ def verify_cli(*args: str | Path) -> tuple[int, str, str]:
 def test_checkpoints_are_signed_lines_and_logged(key: tuple[str, Path], log_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     uri, public = key
-    with caplog.at_level(logging.INFO, logger="keyseal._internal.audit"):
+    with caplog.at_level(logging.INFO, logger="keyseal.audit"):
         sign(uri, 23)
     records = lines_of(log_path)
     kinds = [r.get("kind") for r in records]
@@ -151,7 +151,7 @@ def test_tail_cut_after_a_checkpoint_is_reported_against_its_copy(key: tuple[str
                                                                   tmp_path: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     uri, public = key
-    with caplog.at_level(logging.INFO, logger="keyseal._internal.audit"):
+    with caplog.at_level(logging.INFO, logger="keyseal.audit"):
         sign(uri, 23)
     copies = tmp_path / "pod.log"  # what left the host: the logger's lines, as a log pipeline keeps them
     copies.write_text("".join(f"2026-12-06T06:00:00Z INFO {r.getMessage()}\n" for r in caplog.records))

@@ -27,7 +27,7 @@ HOUR = timedelta(hours=1)
 
 def served(server: CaServer) -> tuple[bytes, int]:
     """The bundle as the API answers it (bytes), and its sequence."""
-    from keyseal._internal.ca.http.api import Request
+    from keyseal._internal.ca.http.messages import Request
 
     response = server.api.handle(Request("GET", "/v1/bundle", {}, b"", "test"))
     assert response.status == 200

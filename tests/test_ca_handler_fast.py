@@ -25,9 +25,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
 
 from keyseal._internal.audit.log import utc_now, utc_second
 from keyseal._internal.backends.file import FileSigner
+from keyseal._internal.ca.bundle import bundle_document
 from keyseal._internal.ca.config import CA_KEY_TYPES, parse_config
 from keyseal._internal.ca.custody.keys import MemoryCaKey, SignerCaKey
-from keyseal._internal.ca.http.api import Request
+from keyseal._internal.ca.http.messages import Request
 from keyseal._internal.ca.issuance import signing_audit
 from keyseal._internal.ca.issuance.keyset import Keyset, make_keyset
 from keyseal._internal.ca.issuance.x509svid import (
@@ -42,7 +43,6 @@ from keyseal._internal.ca.issuance.x509svid import (
 from keyseal._internal.ca.server import CaServer
 from keyseal._internal.keygen import generate_private_key
 from keyseal._internal.records.record import format_time
-from keyseal._internal.spiffe.bundle import bundle_document
 from keyseal._internal.spiffe.ids import parse_spiffe_id
 from tests.harness.ca import (
     START,
@@ -209,11 +209,11 @@ def test_audit_names_a_key_by_its_redacted_uri_only(tmp_path: Path, caplog: pyte
     path = tmp_path / "ca.pem"
     path.write_bytes(pkcs8_pem(new_key()))
     key = SignerCaKey(FileSigner(f"file:{path}?pin-value=2468", path))
-    with caplog.at_level(logging.INFO, logger="keyseal._internal.audit"):
+    with caplog.at_level(logging.INFO, logger="keyseal.audit"):
         for _ in range(2):
             signing_audit.record_signature(key, purpose="x509-svid", subject=str(SVID_ID), hash_name="sha256",
                                            digest=b"\x01" * 32)
-    records = [r for r in caplog.records if r.name == "keyseal._internal.audit"]
+    records = [r for r in caplog.records if r.name == "keyseal.audit"]
     assert len(records) == 2
     for record in records:
         assert record.audit["key_uri"] == f"file:{path}?pin-value=REDACTED"  # type: ignore[attr-defined]
@@ -256,7 +256,7 @@ def test_concurrent_requests_each_get_their_own_answer(server: CaServer, caplog:
             with lock:
                 answers.append((worker, status, body))
 
-    with caplog.at_level(logging.INFO, logger="keyseal._internal.audit"):
+    with caplog.at_level(logging.INFO, logger="keyseal.audit"):
         threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
         for thread in threads:
             thread.start()
@@ -276,6 +276,6 @@ def test_concurrent_requests_each_get_their_own_answer(server: CaServer, caplog:
             ca_key.verify(certificate.signature, certificate.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))
             serials.add(certificate.serial_number)
     assert len(serials) == 40
-    audited = [r.audit for r in caplog.records if r.name == "keyseal._internal.audit"]  # type: ignore[attr-defined]
+    audited = [r.audit for r in caplog.records if r.name == "keyseal.audit"]  # type: ignore[attr-defined]
     assert sorted(a["purpose"] for a in audited) == ["jwt-svid"] * 20 + ["x509-svid"] * 40
     assert {a["subject"] for a in audited} == {f"{SVID_ID}/{n}" for n in range(4)}

@@ -257,7 +257,7 @@ def test_incomplete_keyset_is_never_used(tmp_path: Path, kms_emulator: KmsEmulat
     key = create_pending(client, prefix, 1, "x509", datetime.now(UTC))
     client.create_alias(AliasName=f"alias/{prefix}/keyset-1-x509", TargetKeyId=key)
     manager = new_manager(tmp_path, kms_emulator.endpoint, prefix, FakeClock())
-    with caplog.at_level(logging.WARNING, logger="keyseal._internal.ca.custody.keys"):
+    with caplog.at_level(logging.WARNING, logger="keyseal._internal.ca.custody"):
         manager.start()
     assert [k.number for k, _ in manager.live()] == [2]
     assert any("keyset 1 is incomplete" in r.getMessage() for r in caplog.records)

@@ -76,7 +76,7 @@ def test_a_repointed_alias_is_not_followed(tmp_path: Path, kms_emulator: KmsEmul
         client.update_alias(AliasName=f"alias/{prefix}/keyset-1-{kind}", TargetKeyId=key_id)
     before = alarm_count("alias-moved")
 
-    caplog.set_level(logging.ERROR, logger="keyseal._internal.ca.custody.keys")
+    caplog.set_level(logging.ERROR, logger="keyseal._internal.ca.custody")
     restarted = CaServer(parse_config(kms_config(tmp_path, kms_emulator.endpoint, prefix)))
     restarted.start()
     try:

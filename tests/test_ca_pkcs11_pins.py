@@ -254,7 +254,7 @@ def test_duplicate_markers_are_not_chosen_between_at_adoption(config: Any, tmp_p
     path.unlink()  # as an older keyseal left the token and the store
     plant_keyset(config, 1, "generated", mine.not_before)
     before = alarm_count("unpinned-keyset")
-    with caplog.at_level(logging.ERROR, logger="keyseal._internal.ca.custody.keys"):
+    with caplog.at_level(logging.ERROR, logger="keyseal._internal.ca.custody"):
         upgraded = manager_for(config, clock)
         upgraded.start()
     pinned = json.loads(path.read_text())["pins"]

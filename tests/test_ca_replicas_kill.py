@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
+from keyseal._internal.ca.bundle import bundle_json
 from keyseal._internal.ca.custody.manager import KeysetManager
 from keyseal._internal.ca.custody.wrapped import WrappedKeysetSource
 from keyseal._internal.records.ledger import VersionLedger
-from keyseal._internal.spiffe.bundle import bundle_json
 from keyseal._internal.store.kubernetes import KubernetesStore
 from keyseal._internal.wrapping.local import LocalKek
 from tests.harness.ca import START, TRUST_DOMAIN, FakeClock

@@ -13,12 +13,12 @@ import boto3
 import jsonschema
 import yaml
 
+from keyseal._internal.ca.bundle import bundle_json
 from keyseal._internal.ca.config import parse_config
 from keyseal._internal.ca.custody.manager import KeysetManager
 from keyseal._internal.ca.custody.wrapped import SLOTS, WrappedKeysetSource
 from keyseal._internal.ca.server import CaServer
 from keyseal._internal.records.ledger import VersionLedger
-from keyseal._internal.spiffe.bundle import bundle_json
 from keyseal._internal.store.kubernetes import KubernetesStore
 from keyseal._internal.wrapping.local import LocalKek
 from tests.conftest import REGION

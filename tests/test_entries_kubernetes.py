@@ -27,8 +27,9 @@ from keyseal._internal.agent.config import parse_agent_config
 from keyseal._internal.agent.main import Agent
 from keyseal._internal.ca.bundle_configmap import BUNDLE_KEY, ENVIRONMENT, BundleConfigMap
 from keyseal._internal.ca.config import Config, parse_config
-from keyseal._internal.ca.registry.entries import entry_store_for, join_tokens_for, token_digest
+from keyseal._internal.ca.registry.entries import token_digest
 from keyseal._internal.ca.registry.kubernetes import KubeEntryStore, KubeJoinTokens, entry_id_for
+from keyseal._internal.ca.registry.stores import entry_store_for, join_tokens_for
 from keyseal._internal.ca.server import CaServer
 from keyseal.errors import UsageError
 from tests.conftest import assert_one_line_error, run_keyseal

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from keyseal._internal.ca.config import Config, parse_config
-from keyseal._internal.ca.registry.entries import Entry, entry_store_for
+from keyseal._internal.ca.registry.entries import Entry
 from keyseal._internal.ca.registry.index import entries_digest
 from keyseal._internal.ca.registry.kubernetes import KubeEntryStore
+from keyseal._internal.ca.registry.stores import entry_store_for
 from tests.harness.ca import TRUST_DOMAIN, base_config
 from tests.harness.kube_api import KubeApi
 

@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from keyseal._internal.ca.config import parse_config
-from keyseal._internal.ca.registry.entries import Entry, entry_store_for
+from keyseal._internal.ca.registry.entries import Entry
 from keyseal._internal.ca.registry.sqlite import DirectoryEntryStore
+from keyseal._internal.ca.registry.stores import entry_store_for
 from tests.conftest import assert_one_line_error, run_keyseal
 from tests.harness.ca import TRUST_DOMAIN, base_config
 from tests.harness.kube_api import KubeApi

@@ -28,9 +28,9 @@ from spiffe import JwtSvid, TrustDomain, WorkloadApiClient, X509Source
 from keyseal._internal.agent.config import parse_agent_config
 from keyseal._internal.agent.main import Agent
 from keyseal._internal.ca.config import parse_config
-from keyseal._internal.ca.http.tls import load_chain
-from keyseal._internal.ca.registry.entries import entry_store_for, join_tokens_for
+from keyseal._internal.ca.registry.stores import entry_store_for, join_tokens_for
 from keyseal._internal.ca.server import CaServer
+from keyseal._internal.spiffe.tls import load_chain
 from tests.harness.agent import socket_dir
 from tests.harness.ca import base_config, wait_for
 

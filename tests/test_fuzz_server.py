@@ -95,7 +95,8 @@ def test_entry_ttls_are_bounded(tmp_path: object) -> None:
     from pathlib import Path
 
     from keyseal._internal.ca.config import parse_config
-    from keyseal._internal.ca.registry.entries import MAX_ENTRY_TTL, entry_store_for
+    from keyseal._internal.ca.registry.entries import MAX_ENTRY_TTL
+    from keyseal._internal.ca.registry.stores import entry_store_for
     from keyseal.errors import UsageError
 
     work = Path(str(tmp_path))

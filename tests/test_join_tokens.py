@@ -13,7 +13,8 @@ from typing import Any
 import kubernetes
 import pytest
 
-from keyseal._internal.ca.registry.entries import JoinTokens, join_tokens_for, token_digest
+from keyseal._internal.ca.registry.entries import JoinTokens, token_digest
+from keyseal._internal.ca.registry.stores import join_tokens_for
 from keyseal._internal.ca.server import CaServer
 from keyseal.errors import UsageError
 from tests.conftest import assert_one_line_error, run_keyseal

@@ -260,7 +260,7 @@ def test_no_join_token_names_the_k8s_psat_agents(tmp_path: Path) -> None:
     agent of that name would be their parent."""
     from datetime import timedelta
 
-    from keyseal._internal.ca.registry.entries import join_tokens_for
+    from keyseal._internal.ca.registry.stores import join_tokens_for
 
     tokens = join_tokens_for(parse_config(base_config(tmp_path)))
     with pytest.raises(UsageError, match="k8s_psat"):

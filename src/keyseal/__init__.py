@@ -3,4 +3,6 @@
 Importing the package pulls in no cloud or HSM SDK; each backend imports its own SDK when it is opened.
 """
 
-__version__ = "0.1.0"
+from keyseal._version import __version__
+
+__all__ = ["__version__"]

@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from keyseal._internal.agent.config import parse_agent_config
 from keyseal._internal.agent.main import Agent
 from keyseal._internal.ca.config import Config, parse_config
-from keyseal._internal.ca.http.tls import load_chain
-from keyseal._internal.ca.registry.entries import entry_store_for, join_tokens_for
+from keyseal._internal.ca.registry.stores import entry_store_for, join_tokens_for
 from keyseal._internal.ca.server import CaServer
+from keyseal._internal.spiffe.tls import load_chain
 from tests.harness.ca import TRUST_DOMAIN, base_config
 
 AGENT_ID = f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-1"

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from keyseal._internal.agent.client import ServerClient, ServerRefusedError, make_csr
 from keyseal._internal.agent.state import AgentState
-from keyseal._internal.ca.registry.entries import Entry
+from keyseal._internal.spiffe.entry import Entry
 from keyseal.errors import BackendUnavailableError, KeysealError
 
 __all__ = ["AgentCache", "CachedJwt", "CachedX509"]

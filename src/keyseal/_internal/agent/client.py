@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keyseal._internal.ca.http.tls import load_chain
+from keyseal._internal.spiffe.tls import load_chain
 from keyseal.errors import BackendUnavailableError, KeysealError
 
 __all__ = ["ServerClient", "ServerRefusedError", "make_csr"]

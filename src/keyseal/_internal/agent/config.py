@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from keyseal._internal.agent.k8s import K8sSettings
-from keyseal._internal.ca.config import parse_duration
+from keyseal._internal.durations import parse_duration
 from keyseal._internal.spiffe.ids import check_trust_domain
 from keyseal.errors import InputError, UsageError
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from keyseal._internal.ca.http.metrics import CONTENT_TYPE
+from keyseal._internal.metrics_text import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from keyseal._internal.agent.cache import AgentCache

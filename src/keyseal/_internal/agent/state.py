@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keyseal._internal.atomic import write_atomic
-from keyseal._internal.ca.registry.entries import AGENT_PATH
 from keyseal._internal.records.ledger import FileLedger
+from keyseal._internal.spiffe.entry import AGENT_PATH
 from keyseal._internal.store.directory import DirectoryStore
 from keyseal._internal.wrapping.keys import create_record, open_record
 from keyseal._internal.wrapping.local import LocalKek

@@ -31,7 +31,7 @@ from keyseal._internal.agent.config import WorkloadApiLimits
 from keyseal._internal.agent.metrics import AgentMetrics
 from keyseal._internal.agent.proto import workload_pb2, workload_pb2_grpc
 from keyseal._internal.agent.relay import Relay
-from keyseal._internal.ca.registry.entries import Entry
+from keyseal._internal.spiffe.entry import Entry
 
 __all__ = ["WorkloadApiServer"]
 

@@ -142,7 +142,7 @@ def _valid(public_key: PublicKey, signature: bytes, digest: bytes, hash_name: Ha
 
 def load_keys(paths: Sequence[Path]) -> dict[str, PublicKey]:
     """The public keys of `--key` files (PEM public keys, PEM or DER X.509 certificates), by fingerprint."""
-    from keyseal._internal.audit.record import key_fingerprint
+    from keyseal._internal.audit.keyid import key_fingerprint
     from keyseal._internal.inputfile import read_input
 
     keys: dict[str, PublicKey] = {}

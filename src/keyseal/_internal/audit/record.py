@@ -7,15 +7,13 @@ typed errors, whose messages are written never to carry key material, PINs or to
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 from typing import Literal
 
-from cryptography.hazmat.primitives import serialization
-
 from keyseal._internal.audit.context import current
+from keyseal._internal.audit.keyid import key_fingerprint
 from keyseal._internal.audit.log import AuditLog, Custody, utc_now
 from keyseal._internal.providers.pkcs11 import uri as pkcs11uri
 from keyseal.errors import KeysealError, one_line
@@ -51,11 +49,6 @@ def redact_uri(uri: str) -> str:
     return one_line(uri, _MAX_URI)
 
 
-def key_fingerprint(public_key: PublicKey) -> str:
-    """`sha256:<hex>` over the DER SubjectPublicKeyInfo: the same for a key whatever holds it
-    (`openssl pkey -pubin -outform DER | sha256sum`)."""
-    spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return "sha256:" + hashlib.sha256(spki).hexdigest()
 
 
 def outcome_of(error: BaseException | None) -> str:

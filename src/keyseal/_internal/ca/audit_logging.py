@@ -24,7 +24,7 @@ from datetime import timedelta
 __all__ = ["AuditConsole", "AuditLogging", "console_mode"]
 
 AUDIT_LOGGER = "keyseal.audit"
-log = logging.getLogger("keyseal.ca.server")
+log = logging.getLogger("keyseal._internal.ca.server")  # the server's own log, beside its audit lines
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ Writes are conditional on `metadata.resourceVersion`, and the ConfigMap only mov
 its bundle only if its `spiffe_sequence` is strictly higher than the stored one's. An equal sequence never
 overwrites, even with other bytes: during a rollout, replicas whose configuration differs (refresh hint, CA
 lifetime) may publish different bytes, and letting each overwrite the other made the agents' bundle flap at
-every publication. (The sequence itself is the bundle's, keyseal._internal.spiffe.bundle; it is not decided here.)
+every publication. (The sequence itself is the bundle's, keyseal._internal.ca.bundle; it is not decided here.)
 RBAC: get, update on that one ConfigMap. The server never creates it (create cannot be limited to a name).
 Enabled by the environment variable `KEYSEAL_BUNDLE_CONFIGMAP` (the ConfigMap's name, in the pod's namespace).
 """
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from keyseal._internal.spiffe.bundle import bundle_document
+from keyseal._internal.ca.bundle import bundle_document
 from keyseal._internal.store.kubernetes import (
     REQUEST_TIMEOUT,
     api_client_from_environment,

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from keyseal._internal.ca.audit_logging import AuditLogging
 from keyseal._internal.ca.registry.k8s_config import K8sConfig, parse_kubernetes_section
+from keyseal._internal.ca.sections import _Section
+from keyseal._internal.durations import parse_duration
 from keyseal._internal.spiffe.ids import check_path_prefix, check_trust_domain
 from keyseal.errors import InputError, UsageError
 
@@ -38,7 +40,6 @@ __all__ = [
 # Config name -> the key type name keyseal's key generator and records use.
 CA_KEY_TYPES: dict[str, str] = {"ec-p256": "p256", "ec-p384": "p384", "rsa-2048": "rsa2048", "rsa-4096": "rsa4096"}
 
-_DURATION_RE = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 _ARN_RE = re.compile(r"arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/[A-Za-z0-9-]{1,128}")
 _RECORD_PREFIX_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,150}[a-z0-9])?")
@@ -51,19 +52,6 @@ def default_alias_prefix(trust_domain: str) -> str:
     """Where custody kms puts its CA keys' aliases unless aws.keyManager.aliasPrefix says otherwise."""
     return f"keyseal/{trust_domain.replace('.', '_')}"
 
-def parse_duration(text: object, where: str) -> timedelta:
-    """`90s`, `5m`, `1h`, `1h30m`, `7d` (or a whole number of seconds): a positive duration."""
-    if isinstance(text, bool) or not isinstance(text, str | int):
-        raise UsageError(f"{where} must be a duration such as 30s, 5m, 1h or 7d")
-    raw = f"{text}s" if isinstance(text, int) else text.strip()
-    match = _DURATION_RE.fullmatch(raw)
-    if not raw or match is None or not any(match.groups()):
-        raise UsageError(f"{where}={raw!r} is not a duration: use e.g. 30s, 5m, 1h, 1h30m or 7d")
-    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
-    value = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
-    if value <= timedelta(0):
-        raise UsageError(f"{where}={raw!r} must be longer than zero")
-    return value
 
 
 @dataclass(frozen=True)
@@ -214,67 +202,6 @@ class Config:
         if self.wrapping_provider == "awskms":
             return f"awskms:{self.kms_key_arn}"
         return f"local:{self.local_kek_file}" if self.local_kek_file else "local"
-
-
-class _Section:
-    """A mapping read key by key; `done()` refuses whatever was not read (an unknown key)."""
-
-    def __init__(self, data: object, where: str) -> None:
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise UsageError(f"{where or 'the configuration'} must be a mapping of keys to values")
-        self.data: Mapping[str, Any] = data
-        self.where = where
-        self.seen: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.where}.{name}" if self.where else name
-
-    def get(self, name: str) -> Any:
-        self.seen.add(name)
-        return self.data.get(name)
-
-    def text(self, name: str, default: str | None = None) -> str | None:
-        value = self.get(name)
-        if value is None or value == "":
-            return default
-        if not isinstance(value, str):
-            raise UsageError(f"{self.key(name)} must be a string")
-        return value
-
-    def choice(self, name: str, options: tuple[str, ...], default: str) -> str:
-        value = self.text(name, default)
-        assert value is not None
-        if value not in options:
-            raise UsageError(f"{self.key(name)}={value!r} is not one of {', '.join(options)}")
-        return value
-
-    def section(self, name: str) -> _Section:
-        return _Section(self.get(name), self.key(name))
-
-    def integer(self, name: str, default: int, low: int, high: int) -> int:
-        value = self.get(name)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise UsageError(f"{self.key(name)} must be a whole number from {low} to {high}")
-        return value
-
-    def strings(self, name: str) -> tuple[str, ...]:
-        value = self.get(name)
-        if value is None:
-            return ()
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise UsageError(f"{self.key(name)} must be a list of strings")
-        return tuple(value)
-
-    def done(self) -> None:
-        unknown = sorted(str(k) for k in self.data if k not in self.seen)
-        if unknown:
-            raise UsageError(
-                f"unknown configuration key {self.key(unknown[0])!r}: check its spelling (see docs/server-api.md)"
-            )
 
 
 def _listen(value: str, where: str) -> tuple[str, int]:

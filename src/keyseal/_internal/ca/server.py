@@ -22,9 +22,11 @@ from keyseal._internal.ca.custody.pin_store import PinStore
 from keyseal._internal.ca.custody.pins import KeysetPins
 from keyseal._internal.ca.custody.source import KeysetSource
 from keyseal._internal.ca.federation import FederatedBundles
-from keyseal._internal.ca.http.api import Api, Request, Response
+from keyseal._internal.ca.http.agents import agent_routes
+from keyseal._internal.ca.http.api import Api
 from keyseal._internal.ca.http.auth import Authenticator
 from keyseal._internal.ca.http.listener import Handler, TlsHttpServer
+from keyseal._internal.ca.http.messages import Request, Response
 from keyseal._internal.ca.http.metrics import Metrics
 from keyseal._internal.ca.http.tls import TlsContexts
 from keyseal._internal.ca.issuance import signing_audit
@@ -190,6 +192,8 @@ class CaServer:
         self.bundles = BundlePublisher(build_sequence_ledger(config, kube_api_client), config.refresh_hint)
         self.api = Api(config, self.manager, Authenticator(config.clients), self.metrics, self.bundles)
         self.api.kube_api_client = kube_api_client
+        for path, (method, handler) in agent_routes(self.api).items():  # node agents and entries (docs/agent.md)
+            self.api.add_route(path, method, handler)
         # In a cluster the node agents read their first trust bundle from a ConfigMap this server keeps current
         # (the chart names it in $KEYSEAL_BUNDLE_CONFIGMAP); elsewhere there is none.
         self.bundle_configmap = BundleConfigMap.from_environment(kube_api_client, config.kube_api_server)
@@ -218,7 +222,7 @@ class CaServer:
     def start(self) -> None:
         """Check the custody, load or create the keyset, issue the serving certificate, bind the port."""
         if self.config.store_type == "kubernetes":  # fail closed: without it, tokens for running agents pass
-            from keyseal._internal.ca.registry.entries import agent_registry_for
+            from keyseal._internal.ca.registry.stores import agent_registry_for
 
             agent_registry_for(self.config, self.api.kube_api_client).check()
         self.manager.start()
@@ -414,7 +418,7 @@ class CaServer:
         return None if age is None else age.total_seconds()
 
     def _federation_status(self, request: Request) -> Response:
-        from keyseal._internal.ca.http.api import _json
+        from keyseal._internal.ca.http.messages import _json
 
         return _json(200, {"trustDomain": self.config.trust_domain, "federatedBundles": self.federation.status()})
 

@@ -154,7 +154,7 @@ class DevDomain:
         from keyseal._internal.agent.config import load_agent_config
         from keyseal._internal.agent.main import Agent
         from keyseal._internal.ca.config import load_config
-        from keyseal._internal.ca.registry.entries import entry_store_for
+        from keyseal._internal.ca.registry.stores import entry_store_for
         from keyseal._internal.ca.server import CaServer
         from keyseal._internal.spiffe.bootstrap import fetch_bundle
 
@@ -196,7 +196,7 @@ class DevDomain:
     def _join_token(self, config: Config) -> str:
         """A join token in DIR/join-token, unless the agent saved an SVID (in DIR/agent-state) that the server
         still takes: a second `keyseal dev --dir` resumes it. Returns the agent's SPIFFE ID."""
-        from keyseal._internal.ca.registry.entries import agent_registry_for, join_tokens_for
+        from keyseal._internal.ca.registry.stores import agent_registry_for, join_tokens_for
 
         tokens = join_tokens_for(config)
         agent_id = f"spiffe://{self.trust_domain}/keyseal/agent/{AGENT_NAME}"

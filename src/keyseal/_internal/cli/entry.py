@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from keyseal._internal.ca.config import parse_duration
+from keyseal._internal.durations import parse_duration
 
 if TYPE_CHECKING:
     from keyseal._internal.ca.registry.entries import Entry
@@ -57,7 +57,7 @@ def create(config_path: Path, spiffe_id: str | None, parent_id: str | None, sele
            x509_ttl: str | None, jwt_ttl: str | None, federates_with: tuple[str, ...], from_file: Path | None,
            as_json: bool) -> None:
     """Create an entry (or, with --from-file, many); prints each one's ID."""
-    from keyseal._internal.ca.registry.entries import entry_store_for
+    from keyseal._internal.ca.registry.stores import entry_store_for
     from keyseal._internal.progress import items_done, meter
     from keyseal.errors import UsageError
 
@@ -132,7 +132,7 @@ def _read_entries(path: Path) -> tuple[list[Entry], list[str]]:
               help="One JSON object per line: what `entry create --from-file` reads.")
 def list_entries(config_path: Path, as_json: bool, as_lines: bool) -> None:
     """List the entries."""
-    from keyseal._internal.ca.registry.entries import entry_store_for
+    from keyseal._internal.ca.registry.stores import entry_store_for
 
     entries = entry_store_for(_load(config_path)).entries()
     if as_lines:
@@ -157,7 +157,7 @@ def list_entries(config_path: Path, as_json: bool, as_lines: bool) -> None:
 def delete(config_path: Path, entry_id: str | None, selectors: tuple[str, ...], parent_id: str | None) -> None:
     """Delete an entry, or with --selector every entry that has those selectors (prints their IDs): their
     workloads stop receiving SVIDs at the agents' next sync."""
-    from keyseal._internal.ca.registry.entries import entry_store_for
+    from keyseal._internal.ca.registry.stores import entry_store_for
     from keyseal._internal.progress import items_done, meter
     from keyseal.errors import UsageError
 
@@ -190,7 +190,7 @@ def join_token(config_path: Path, agent_name: str, ttl: str, replace: bool, as_j
     Whoever holds the token becomes that agent: issuing one is as sensitive as administering the CA."""
     from datetime import timedelta
 
-    from keyseal._internal.ca.registry.entries import join_tokens_for
+    from keyseal._internal.ca.registry.stores import join_tokens_for
 
     token, agent_id = join_tokens_for(_load(config_path)).issue(
         agent_name, timedelta(seconds=seconds_of(ttl, "--ttl")), replace=replace)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from keyseal import __version__
+from keyseal._version import __version__
 from keyseal.errors import KeysealError, OutputExistsError, UsageError, unexpected
 
 if TYPE_CHECKING:

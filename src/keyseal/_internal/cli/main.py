@@ -10,8 +10,8 @@ from typing import Any, NoReturn
 
 import click
 
-from keyseal import __version__
 from keyseal._internal.cli.quick import fail, run_guarded
+from keyseal._version import __version__
 
 # name -> "module:attribute"; imported only when the command runs, so `keyseal verify` never loads boto3.
 _COMMANDS: dict[str, str] = {

@@ -45,7 +45,8 @@ def server(config_path: Path | None, print_config: str | None) -> None:
     instance = CaServer(config)
     instance.start()
 
-    on_stop_signals("keyseal.ca.server", lambda: threading.Thread(target=instance.shutdown, daemon=True).start())
+    on_stop_signals("keyseal._internal.ca.server",
+                    lambda: threading.Thread(target=instance.shutdown, daemon=True).start())
     # What start-up made (modules, SDKs, keysets) lives as long as this process: keep it out of the cyclic
     # garbage collector's passes, which would otherwise walk all of it again and again while SVIDs are issued
     # (about a tenth of an SVID's server time, benchmarks/README.md). A process-wide choice, so it is made here

@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from keyseal import __version__
 from keyseal._internal.openpgp.cert import Certificate, SigningKey
 from keyseal._internal.openpgp.keys import KeyPacket, parse_key_packet
+from keyseal._version import __version__
 from keyseal.errors import KeysealError
 
 __all__ = ["cache_key", "load", "store"]

@@ -14,7 +14,7 @@ from collections import Counter
 
 __all__ = ["REASONS", "alarm", "counts"]
 
-log = logging.getLogger("keyseal.ca.custody")
+log = logging.getLogger(__package__)  # keyseal._internal.ca.custody: alarms come from every custody
 
 REASONS = (
     "alias-moved",        # a pinned keyset's alias names another key than its pin

@@ -23,23 +23,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from keyseal._internal.ca.http.messages import Request, Response, _json, _Refused
 from keyseal._internal.ca.issuance.jwtsvid import check_audience, issue_jwt_svid
 from keyseal._internal.ca.issuance.x509svid import issue_x509_svid, parse_csr
-from keyseal._internal.ca.registry.entries import (
-    AGENT_PATH,
-    Entry,
-    EntryStore,
-    JoinTokens,
-    entry_store_for,
-    join_tokens_for,
-)
+from keyseal._internal.ca.registry.entries import AGENT_PATH, Entry, EntryStore, JoinTokens
 from keyseal._internal.ca.registry.index import entries_digest
+from keyseal._internal.ca.registry.stores import entry_store_for, join_tokens_for
 from keyseal._internal.records.record import format_time
 from keyseal._internal.spiffe.ids import parse_spiffe_id
 from keyseal.errors import KeysealError, UsageError, loggable
 
 if TYPE_CHECKING:
-    from keyseal._internal.ca.http.api import Api, Request, Response
+    from keyseal._internal.ca.http.api import Api
     from keyseal._internal.ca.registry.psat import PsatAttestor
 
 __all__ = ["agent_routes"]
@@ -79,13 +74,9 @@ class AgentApi:
     # -- helpers ------------------------------------------------------------------------------------------
 
     def _refuse(self, status: int, reason: str, message: str) -> Exception:
-        from keyseal._internal.ca.http.api import _Refused
-
         return _Refused(status, reason, message)
 
     def _json(self, document: dict[str, Any]) -> Response:
-        from keyseal._internal.ca.http.api import _json
-
         return _json(200, document)
 
     def _agent(self, request: Request) -> str:

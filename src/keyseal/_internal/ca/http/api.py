@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +18,11 @@ from keyseal._internal.ca.bundle_sequence import BundlePublisher
 from keyseal._internal.ca.config import Config
 from keyseal._internal.ca.custody.manager import KeysetManager, NoActiveKeysetError
 from keyseal._internal.ca.http.auth import Authenticator, Principal, valid_at
-from keyseal._internal.ca.http.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from keyseal._internal.ca.http.messages import Request, Response, _json, _Refused
 from keyseal._internal.ca.http.metrics import Metrics
 from keyseal._internal.ca.issuance.jwtsvid import check_audience, issue_jwt_svid
 from keyseal._internal.ca.issuance.x509svid import parse_csr_key, sign_x509_svid
+from keyseal._internal.metrics_text import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from keyseal._internal.spiffe.ids import RESERVED_PATH, SpiffeId, SpiffeIdError, is_reserved, parse_spiffe_id
 from keyseal.errors import KeysealError, UsageError, loggable
 
@@ -34,40 +34,6 @@ __all__ = ["MAX_BODY_BYTES", "Api", "Request", "Response"]
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
-JSON = "application/json"
-
-
-@dataclass(slots=True)  # not frozen: building a frozen dataclass costs microseconds, and every request builds one
-class Request:
-    method: str
-    path: str
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-    peer: str
-    peer_certificate: bytes | None = None
-
-
-@dataclass
-class Response:
-    status: int
-    body: bytes
-    content_type: str = JSON
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-class _Refused(Exception):
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-
-_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps would build one per answer
-
-
-def _json(status: int, document: dict[str, Any]) -> Response:
-    return Response(status, _ENCODER.encode(document).encode() + b"\n")
 
 
 def _expires_at(moment: datetime) -> str:
@@ -94,11 +60,6 @@ class Api:
             "/v1/jwt-svid": ("POST", self._jwt_svid),
         }
         self.closers: list[Callable[[], None]] = []  # run by close(): e.g. the entries' watch
-        from keyseal._internal.ca.http.agents import (
-            agent_routes,  # node agents and registration entries (docs/agent.md)
-        )
-
-        self._routes.update(agent_routes(self))
         metrics.keyset_states = lambda: [(k.number, s) for k, s in self.manager.live()]
         metrics.bundle_sequence = lambda: self.bundle()[0]["spiffe_sequence"]
 

@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from keyseal._internal.ca.http.api import MAX_BODY_BYTES, Request, Response
+from keyseal._internal.ca.http.api import MAX_BODY_BYTES
+from keyseal._internal.ca.http.messages import Request, Response
 
 __all__ = ["CONTINUE", "MAX_DRAIN_BYTES", "Incoming", "Refusal", "RequestReader", "error", "render"]
 

@@ -41,8 +41,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from keyseal._internal.ca.config import ConnectionLimits
-from keyseal._internal.ca.http.api import MAX_BODY_BYTES, Request, Response
+from keyseal._internal.ca.http.api import MAX_BODY_BYTES
 from keyseal._internal.ca.http.http1 import MAX_DRAIN_BYTES, MAX_HEAD, Incoming, Refusal, RequestReader, error, render
+from keyseal._internal.ca.http.messages import Request, Response
 from keyseal.errors import loggable
 
 __all__ = ["Handler", "TlsHttpServer", "source_of"]

@@ -16,10 +16,10 @@ from collections import Counter
 from collections.abc import Callable
 
 from keyseal._internal.ca.custody import alarms
+from keyseal._internal.metrics_text import CONTENT_TYPE
 
 __all__ = ["CONTENT_TYPE", "ERROR_REASONS", "Metrics"]
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ERROR_REASONS = ("unauthenticated", "forbidden", "bad_request", "unavailable", "internal", "rotation")
 
 

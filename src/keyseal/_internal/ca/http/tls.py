@@ -14,14 +14,10 @@ encrypted under a random one-time password (the key is never on disk in the clea
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import ssl
-import tempfile
 import threading
 from collections.abc import Sequence
 from datetime import datetime
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -31,6 +27,7 @@ from keyseal._internal.ca.config import Config
 from keyseal._internal.ca.issuance.keyset import Keyset
 from keyseal._internal.ca.issuance.x509svid import issue_x509_svid
 from keyseal._internal.spiffe.ids import SpiffeId
+from keyseal._internal.spiffe.tls import load_chain
 from keyseal.errors import InputError
 
 __all__ = ["SERVER_PATH", "TlsContexts", "load_chain"]
@@ -127,18 +124,3 @@ class TlsContexts:
             self._context, self._keyset, self._renew_at = context, keyset.number, now + lifetime / 2
             self._authorities = authorities_pem
             return True
-
-
-def load_chain(context: ssl.SSLContext, chain: bytes, key: ec.EllipticCurvePrivateKey) -> None:
-    """Load a certificate chain (PEM) and an in-memory key into `context`, the key encrypted on disk under a
-    one-time password for the moment ssl reads it."""
-    password = secrets.token_bytes(32)
-    encrypted = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.BestAvailableEncryption(password))
-    with tempfile.TemporaryDirectory(prefix="keyseal-tls-") as directory:
-        cert_path, key_path = Path(directory) / "chain.pem", Path(directory) / "key.pem"
-        for path, data in ((cert_path, chain), (key_path, encrypted)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-        context.load_cert_chain(str(cert_path), str(key_path), password=password)

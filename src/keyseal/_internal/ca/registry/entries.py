@@ -25,14 +25,23 @@ import re
 import secrets
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from keyseal._internal.atomic import write_atomic
-from keyseal._internal.ca.config import Config
 from keyseal._internal.records.record import format_time
+from keyseal._internal.spiffe.entry import (
+    AGENT_PATH,
+    ENTRY_ID_RE,
+    MAX_ENTRY_TTL,
+    MAX_FEDERATES_WITH,
+    MAX_SELECTORS,
+    Entry,
+    check_selector,
+    is_served,
+)
 from keyseal._internal.spiffe.ids import RESERVED_PATH, SpiffeIdError, check_trust_domain, is_reserved, parse_spiffe_id
 from keyseal.errors import InputError, UsageError
 
@@ -47,83 +56,15 @@ __all__ = [
     "EntryStore",
     "JoinTokens",
     "Progress",
-    "agent_registry_for",
     "check_selector",
-    "entry_store_for",
     "is_served",
-    "join_tokens_for",
     "token_digest",
 ]
 
 log = logging.getLogger(__name__)
 
-AGENT_PATH = "/keyseal/agent"
-_SELECTOR_RE = re.compile(
-    r"unix:(uid:\d{1,10}|gid:\d{1,10}|path:/[^\x00-\x1f]{0,4095})"
-    # keyseal._internal.agent.k8s: what the kubelet says of the caller's pod and container
-    r"|k8s:(ns|sa|pod-name|pod-uid|node-name|container-name):[A-Za-z0-9._-]{1,253}"
-    r"|k8s:container-image:[\x21-\x7e]{1,1024}|k8s:pod-label:[A-Za-z0-9./_-]{1,317}:[A-Za-z0-9._-]{0,63}")
 _AGENT_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
-MAX_SELECTORS = 16
-MAX_ENTRY_TTL = 366 * 24 * 3600
-MAX_FEDERATES_WITH = 16
 Progress = Callable[[int], None]  # told how many more entries of a batch are done
-
-
-ENTRY_ID_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,61}[a-z0-9])?")
-
-
-def is_served(entry: Entry) -> bool:
-    """Whether an entry may be handed out at all (see `_reserved`)."""
-    return not _reserved(entry)
-
-
-def _reserved(entry: Entry) -> bool:
-    try:
-        return is_reserved(parse_spiffe_id(entry.spiffe_id).path)
-    except SpiffeIdError:
-        return True  # not a SPIFFE ID at all: never served either
-
-
-def check_selector(text: str) -> str:
-    """A workload selector the agent can attest: unix:uid:N, unix:gid:N, unix:path:/absolute/exe, or a k8s: one
-    (ns, sa, pod-name, pod-uid, node-name, container-name, container-image, pod-label:KEY:VALUE)."""
-    if not isinstance(text, str) or not _SELECTOR_RE.fullmatch(text):
-        raise UsageError(f"invalid selector {str(text)[:80]!r}: use unix:uid:N, unix:gid:N, unix:path:/abs/exe or "
-                         f"k8s:ns:NAME, k8s:sa:NAME, k8s:pod-uid:UID, k8s:pod-label:KEY:VALUE ...")
-    return text
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A workload matching all `selectors`, attested by an agent whose SPIFFE ID is `parent_id` or below it,
-    gets `spiffe_id`. TTLs of 0 mean the server's configured x509SVID.ttl / jwtSVID.ttl."""
-
-    entry_id: str
-    spiffe_id: str
-    parent_id: str
-    selectors: tuple[str, ...]
-    x509_ttl: int = 0
-    jwt_ttl: int = 0
-    federates_with: tuple[str, ...] = ()  # foreign trust domains whose bundles the workload gets (federation)
-
-    def to_json(self) -> dict[str, Any]:
-        document = asdict(self)
-        document["selectors"] = list(self.selectors)
-        del document["federates_with"]
-        if self.federates_with:  # absent when empty: what entries without federation always looked like
-            document["federates_with"] = list(self.federates_with)
-        return document
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Entry:
-        return cls(str(data["entry_id"]), str(data["spiffe_id"]), str(data["parent_id"]),
-                   tuple(str(s) for s in data["selectors"]), int(data.get("x509_ttl", 0)),
-                   int(data.get("jwt_ttl", 0)), tuple(str(t) for t in data.get("federates_with", ())))
-
-    def parented_by(self, agent_id: str) -> bool:
-        """Whether an agent may serve this entry: its ID is the parent, or below it by whole segments."""
-        return agent_id == self.parent_id or agent_id.startswith(self.parent_id.rstrip("/") + "/")
 
 
 class _JsonFile:
@@ -199,7 +140,7 @@ class EntryStore(abc.ABC):
 
     def for_agent(self, agent_id: str) -> list[Entry]:
         """The entries this agent may serve, sorted by ID; stores answer from an index (see entry_index)."""
-        return [e for e in self.entries() if e.parented_by(agent_id) and not _reserved(e)]
+        return [e for e in self.entries() if e.parented_by(agent_id) and is_served(e)]
 
     def close(self) -> None:
         """Stop whatever the store runs in the background (a Kubernetes store's watch); most run nothing."""
@@ -208,7 +149,7 @@ class EntryStore(abc.ABC):
     def get(self, entry_id: str) -> Entry | None:
         """The entry, unless it names a reserved ID: an entry written before that rule, or by hand into the
         store, must never hand a workload the identity of the server or of an agent."""
-        return next((e for e in self.entries() if e.entry_id == entry_id and not _reserved(e)), None)
+        return next((e for e in self.entries() if e.entry_id == entry_id and is_served(e)), None)
 
     def _check_id(self, text: str, what: str) -> str:
         spiffe_id = parse_spiffe_id(text)
@@ -527,37 +468,3 @@ class DirectoryAgentRegistry(AgentRegistry):
 
         forgotten: bool = self.file.change(drop)
         return forgotten
-
-
-def entry_store_for(config: Config, api_client: Any = None, *, serving: bool = False) -> EntryStore:
-    """The entries of the server's store (`api_client`: a Kubernetes ApiClient, else from the environment).
-    `serving`: for the server, which answers every agent sync from it (a Kubernetes store then keeps a watched
-    copy; the `keyseal entry` CLI reads the API directly instead)."""
-    if config.store_type == "kubernetes":
-        from keyseal._internal.ca.registry.kubernetes import KubeEntryStore
-
-        return KubeEntryStore.from_config(config, api_client, watch=serving)
-    from keyseal._internal.ca.registry.sqlite import DirectoryEntryStore
-
-    return DirectoryEntryStore(config.store_path / f"{config.record_prefix}-entries.db", config.trust_domain,
-                               legacy=config.store_path / f"{config.record_prefix}-entries.json")
-
-
-def join_tokens_for(config: Config, api_client: Any = None) -> JoinTokens:
-    """The join tokens of the server's store (`api_client` as for `entry_store_for`), with the configured
-    longest token life and the store's registry of joined agents."""
-    if config.store_type == "kubernetes":
-        from keyseal._internal.ca.registry.kubernetes import KubeJoinTokens
-
-        return KubeJoinTokens.from_config(config, api_client)
-    return DirectoryJoinTokens(config.store_path / f"{config.record_prefix}-join-tokens.json", config.trust_domain,
-                               config.join_token_max_ttl, agent_registry_for(config))
-
-
-def agent_registry_for(config: Config, api_client: Any = None) -> AgentRegistry:
-    """The registry of joined agents in the server's store (`api_client` as for `entry_store_for`)."""
-    if config.store_type == "kubernetes":
-        from keyseal._internal.ca.registry.kubernetes import KubeAgentRegistry
-
-        return KubeAgentRegistry.from_config(config, api_client)
-    return DirectoryAgentRegistry(config.store_path / f"{config.record_prefix}-agents.json")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from keyseal.errors import UsageError
 
 if TYPE_CHECKING:
-    from keyseal._internal.ca.config import _Section
+    from keyseal._internal.ca.sections import _Section
 
 __all__ = ["K8sConfig", "parse_kubernetes_section"]
 
@@ -46,7 +46,7 @@ class K8sConfig:
 
 def parse_kubernetes_section(section: _Section, store_type: str = "kubernetes") -> K8sConfig | None:
     """None when the section is absent; else the checked settings (an unknown key is an error)."""
-    from keyseal._internal.ca.config import parse_duration
+    from keyseal._internal.durations import parse_duration
 
     if not section.data:
         section.done()
