@@ -28,9 +28,9 @@ from keyseal._internal.backends.file import FileSigner
 from keyseal._internal.ca.bundle import bundle_document
 from keyseal._internal.ca.config import CA_KEY_TYPES, parse_config
 from keyseal._internal.ca.custody.keys import MemoryCaKey, SignerCaKey
+from keyseal._internal.ca.custody.keyset import Keyset, make_keyset
 from keyseal._internal.ca.http.messages import Request
 from keyseal._internal.ca.issuance import signing_audit
-from keyseal._internal.ca.issuance.keyset import Keyset, make_keyset
 from keyseal._internal.ca.issuance.x509svid import (
     IssuedLeaf,
     LeafKey,

@@ -18,8 +18,8 @@ from spiffe.svid.errors import InvalidTokenError
 from keyseal._internal.ca.bundle import bundle_document
 from keyseal._internal.ca.config import CA_KEY_TYPES
 from keyseal._internal.ca.custody.keys import MemoryCaKey
+from keyseal._internal.ca.custody.keyset import Keyset, make_keyset
 from keyseal._internal.ca.issuance.jwtsvid import check_audience, issue_jwt_svid
-from keyseal._internal.ca.issuance.keyset import Keyset, make_keyset
 from keyseal._internal.ca.issuance.x509svid import CsrError, issue_x509_svid, parse_csr
 from keyseal._internal.keygen import generate_private_key
 from keyseal._internal.spiffe.ids import parse_spiffe_id

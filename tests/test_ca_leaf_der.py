@@ -15,8 +15,8 @@ from cryptography.x509.oid import NameOID
 
 from keyseal._internal.ca.config import CA_KEY_TYPES
 from keyseal._internal.ca.custody.keys import MemoryCaKey
+from keyseal._internal.ca.custody.keyset import Keyset, make_keyset
 from keyseal._internal.ca.issuance import der
-from keyseal._internal.ca.issuance.keyset import Keyset, make_keyset
 from keyseal._internal.ca.issuance.x509svid import issue_x509_svid
 from keyseal._internal.keygen import generate_private_key
 from keyseal._internal.spiffe.ids import parse_spiffe_id

@@ -13,7 +13,7 @@ import yaml
 
 from keyseal._internal.agent.config import parse_agent_config
 from keyseal._internal.ca.config import Config, parse_config
-from keyseal._internal.ca.registry.k8s_config import K8sConfig
+from keyseal._internal.ca.k8s_config import K8sConfig
 from keyseal._internal.ca.registry.psat import PsatAttestor
 from keyseal._internal.ca.registry.templates import TemplateReconciler
 from tests.harness.kube_identity import Cluster

@@ -11,7 +11,7 @@ from typing import Any
 import kubernetes
 import pytest
 
-from keyseal._internal.ca.registry.k8s_config import K8sConfig
+from keyseal._internal.ca.k8s_config import K8sConfig
 from keyseal._internal.ca.registry.kubernetes import KubeEntryStore, _Resources
 from keyseal._internal.ca.registry.psat import agent_id_of
 from keyseal._internal.ca.registry.templates import MANAGED_BY, TemplateError, TemplateReconciler, render_template

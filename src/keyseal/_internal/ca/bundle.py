@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from keyseal._internal.ca.issuance.keyset import Keyset, jwk_of
+from keyseal._internal.ca.custody.keyset import Keyset, jwk_of
 
 __all__ = ["bundle_document", "bundle_json", "sequence_of"]
 

@@ -40,7 +40,7 @@ from keyseal._internal.store.kubernetes import (
 from keyseal.errors import AccessDeniedError, BackendUnavailableError, KeysealError, UsageError
 
 if TYPE_CHECKING:
-    from keyseal._internal.ca.issuance.keyset import Keyset
+    from keyseal._internal.ca.custody.keyset import Keyset
 
 __all__ = ["BUNDLE_KEY", "ENVIRONMENT", "BundleConfigMap"]
 

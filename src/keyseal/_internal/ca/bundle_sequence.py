@@ -28,8 +28,8 @@ from datetime import timedelta
 from typing import Any
 
 from keyseal._internal.ca.bundle import bundle_document, sequence_of
+from keyseal._internal.ca.custody.keyset import Keyset
 from keyseal._internal.ca.custody.pin_store import PinStore
-from keyseal._internal.ca.issuance.keyset import Keyset
 from keyseal.errors import KeysealError, StoreConflictError
 
 __all__ = ["FORMAT", "KEEP", "BundlePublisher", "SequenceLedger", "contents_digest"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from keyseal._internal.ca.audit_logging import AuditLogging
-from keyseal._internal.ca.registry.k8s_config import K8sConfig, parse_kubernetes_section
+from keyseal._internal.ca.k8s_config import K8sConfig, parse_kubernetes_section
 from keyseal._internal.ca.sections import _Section
 from keyseal._internal.durations import parse_duration
 from keyseal._internal.spiffe.ids import check_path_prefix, check_trust_domain
@@ -190,7 +190,7 @@ class Config:
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     clients: tuple[ClientConfig, ...] = ()
     log_level: str = "info"
-    kubernetes: K8sConfig | None = None  # node attestation and identity templates (ca.registry.k8s_config)
+    kubernetes: K8sConfig | None = None  # node attestation and identity templates (ca.k8s_config)
     audit: AuditLogging = field(default_factory=AuditLogging)
     oidc: OidcConfig | None = None
     federation: FederationConfig = field(default_factory=FederationConfig)

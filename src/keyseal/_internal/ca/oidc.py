@@ -17,10 +17,10 @@ import urllib.parse
 from typing import Any
 
 from keyseal._internal.ca.custody.keys import jws_algorithm
+from keyseal._internal.ca.custody.keyset import Keyset, jwk_of
 from keyseal._internal.ca.custody.manager import KeysetManager
 from keyseal._internal.ca.http.http1 import error
 from keyseal._internal.ca.http.messages import Request, Response
-from keyseal._internal.ca.issuance.keyset import Keyset, jwk_of
 
 __all__ = ["DISCOVERY_PATH", "JWKS_PATH", "OidcApi", "discovery_document", "jwks_document"]
 

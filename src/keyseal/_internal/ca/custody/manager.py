@@ -19,9 +19,9 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from keyseal._internal.ca.custody.keyset import Keyset, make_keyset
 from keyseal._internal.ca.custody.schedule import Plan, earliest_successor, plan
 from keyseal._internal.ca.custody.source import KeysetKeys, KeysetSource, SlotBusyError
-from keyseal._internal.ca.issuance.keyset import Keyset, make_keyset
 from keyseal.errors import KeysealError
 
 __all__ = ["Clock", "KeysetManager", "NoActiveKeysetError", "system_clock"]

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keyseal._internal.ca.config import Config
-from keyseal._internal.ca.issuance.keyset import Keyset
+from keyseal._internal.ca.custody.keyset import Keyset
 from keyseal._internal.ca.issuance.x509svid import issue_x509_svid
 from keyseal._internal.spiffe.ids import SpiffeId
 from keyseal._internal.spiffe.tls import load_chain

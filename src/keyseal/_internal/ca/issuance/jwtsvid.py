@@ -10,7 +10,7 @@ import json
 from datetime import datetime, timedelta
 
 from keyseal._internal.ca.custody.keys import jws_algorithm, jws_hash_name, jws_signature
-from keyseal._internal.ca.issuance.keyset import Keyset
+from keyseal._internal.ca.custody.keyset import Keyset
 from keyseal._internal.ca.issuance.signing_audit import record_signature
 from keyseal._internal.spiffe.ids import SpiffeId
 from keyseal.errors import UsageError

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 
+from keyseal._internal.ca.custody.keyset import ORGANIZATION, Keyset
 from keyseal._internal.ca.issuance import der
-from keyseal._internal.ca.issuance.keyset import ORGANIZATION, Keyset
 from keyseal._internal.ca.issuance.signing_audit import record_signature
 from keyseal._internal.spiffe.ids import SpiffeId
 from keyseal.errors import UsageError

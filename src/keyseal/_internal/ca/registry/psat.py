@@ -37,8 +37,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from keyseal._internal.ca.k8s_config import K8sConfig
 from keyseal._internal.ca.registry.entries import AGENT_PATH
-from keyseal._internal.ca.registry.k8s_config import K8sConfig
 from keyseal._internal.store.kubernetes import REQUEST_TIMEOUT, is_client_error, kubernetes_client, status_of
 from keyseal.errors import AccessDeniedError, BackendUnavailableError, KeysealError
 

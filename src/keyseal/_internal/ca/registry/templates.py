@@ -46,7 +46,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from keyseal._internal.ca.registry.k8s_config import K8sConfig
+from keyseal._internal.ca.k8s_config import K8sConfig
 from keyseal._internal.ca.registry.kubernetes import ENTRIES, ENTRY_KIND, entry_id_for
 from keyseal._internal.ca.registry.psat import agent_id_of
 from keyseal._internal.spiffe.ids import SpiffeIdError, is_reserved, parse_spiffe_id
