@@ -3,8 +3,8 @@
 The public socket is served by a relay (relay.py) that attests each connection when it accepts it and forwards it
 to the gRPC server's own socket, in a directory only the agent can enter. Calls in progress are bounded per uid
 and in total (each holds a thread); the server pings clients with open calls, so such a connection is never idle,
-and says goodbye to connections without calls after the idle timeout. The messages and stubs are the generated
-ones the PyPI `spiffe` package ships (spiffe._proto), so both ends use the same workload.proto.
+and says goodbye to connections without calls after the idle timeout. The messages and the service are workload.proto as
+`keyseal._internal.agent.proto` describes it.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2
 
 from keyseal._internal.agent.attestation import PeerCredentials, selectors_of
 from keyseal._internal.agent.cache import AgentCache
 from keyseal._internal.agent.config import WorkloadApiLimits
 from keyseal._internal.agent.metrics import AgentMetrics
-from keyseal._internal.agent.proto import workload_pb2, workload_pb2_grpc
+from keyseal._internal.agent.proto import WorkloadServicer, add_servicer, message
 from keyseal._internal.agent.relay import Relay
 from keyseal._internal.spiffe.entry import Entry
 
@@ -73,7 +72,7 @@ class _Calls:
                 del self._by_uid[uid]
 
 
-class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
+class _Service(WorkloadServicer):
     def __init__(self, cache: AgentCache, relay: Relay, stop: threading.Event, metrics: AgentMetrics,
                  limits: WorkloadApiLimits, attestor: Attestor | None = None) -> None:
         self.attestor = attestor
@@ -137,13 +136,13 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         for entry in entries:
             cached = self.cache.usable_x509(entry.entry_id)
             if cached is not None:
-                svids.append(workload_pb2.X509SVID(spiffe_id=entry.spiffe_id, x509_svid=cached.chain_der,
+                svids.append(message("X509SVID", spiffe_id=entry.spiffe_id, x509_svid=cached.chain_der,
                                                    x509_svid_key=cached.key_der, bundle=self.cache.bundle_der))
         if not svids:
             return None, grpc.StatusCode.UNAVAILABLE, (
                 "no valid X.509-SVID: the keyseal server is unreachable and the cached SVIDs expired")
         federated = {f"spiffe://{t}": der for t, (der, _) in self.cache.federated_for(entries).items()}
-        return workload_pb2.X509SVIDResponse(svids=svids, federated_bundles=federated), None, ""
+        return message("X509SVIDResponse", svids=svids, federated_bundles=federated), None, ""
 
     def _stream(self, context: grpc.ServicerContext, method: str, build: Any) -> Iterator[Any]:
         """Send `build()` now and again whenever the cache changes it; end with its error when it has one."""
@@ -180,7 +179,7 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         with self._call(context, method) as credentials:
             selectors = self._selectors(context, method, credentials)
             domain = self.cache.trust_domain
-            yield from self._stream(context, method, lambda: (workload_pb2.X509BundlesResponse(bundles={
+            yield from self._stream(context, method, lambda: (message("X509BundlesResponse", bundles={
                 **{t: der for t, (der, _) in self.cache.federated_for(self.cache.matching(selectors)).items()},
                 domain: self.cache.bundle_der}), None, ""))
 
@@ -204,19 +203,19 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         for entry in entries:
             cached = self.cache.jwt_svid(entry, audience)
             if cached is not None:
-                svids.append(workload_pb2.JWTSVID(spiffe_id=entry.spiffe_id, svid=cached.token))
+                svids.append(message("JWTSVID", spiffe_id=entry.spiffe_id, svid=cached.token))
         if not svids:
             self._abort(context, method, grpc.StatusCode.UNAVAILABLE,
                         "no valid JWT-SVID: the keyseal server is unreachable and no cached one is valid")
         self.metrics.request(method, "ok")
-        return workload_pb2.JWTSVIDResponse(svids=svids)
+        return message("JWTSVIDResponse", svids=svids)
 
     def FetchJWTBundles(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         method = "FetchJWTBundles"
         with self._call(context, method) as credentials:
             selectors = self._selectors(context, method, credentials)
             domain = self.cache.trust_domain
-            yield from self._stream(context, method, lambda: (workload_pb2.JWTBundlesResponse(bundles={
+            yield from self._stream(context, method, lambda: (message("JWTBundlesResponse", bundles={
                 **{t: jwks for t, (_, jwks) in self.cache.federated_for(self.cache.matching(selectors)).items()},
                 domain: self.cache.jwks}), None, ""))
 
@@ -247,7 +246,9 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
         if not request.svid:
             self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
-        from spiffe import JwtBundle, JwtSvid, TrustDomain
+        from keyseal._internal.agent.pyspiffe import jwt_validation
+
+        JwtBundle, JwtSvid, TrustDomain = jwt_validation()
 
         keys = self._jwt_bundle_for(request.svid, context, method, credentials)
         if keys is None:
@@ -259,11 +260,11 @@ class _Service(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             svid = JwtSvid.parse_and_validate(request.svid, bundle, {request.audience})
         except Exception as exc:  # the library raises several error types; all mean "not valid"
             self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, f"the JWT-SVID is not valid: {exc}")
-        claims = struct_pb2.Struct()
+        response = message("ValidateJWTSVIDResponse", spiffe_id=str(svid.spiffe_id))
         payload = request.svid.split(".")[1]  # verified above; the library keeps its claims private
-        claims.update(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
+        response.claims.update(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
         self.metrics.request(method, "ok")
-        return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=claims)
+        return response
 
 
 class WorkloadApiServer:
@@ -291,8 +292,7 @@ class WorkloadApiServer:
                 ("grpc.keepalive_timeout_ms", max(1000, min(20000, idle_ms // 4))),
                 ("grpc.http2.max_pings_without_data", 0),
             ])
-        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(  # type: ignore[no-untyped-call]
-            _Service(cache, self.relay, self._stop, metrics, limits, attestor), self.server)
+        add_servicer(_Service(cache, self.relay, self._stop, metrics, limits, attestor), self.server)
         self.server.add_insecure_port(f"unix:{internal}")
 
     def start(self) -> None:

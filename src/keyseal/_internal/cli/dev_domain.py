@@ -244,7 +244,7 @@ def fetch_with_py_spiffe(socket: Path) -> tuple[datetime, datetime, str]:
     implementation, as a workload would use): their expiries and the SPIFFE ID."""
     from cryptography.utils import CryptographyDeprecationWarning
 
-    with warnings.catch_warnings():  # see keyseal._internal.agent.proto: a dependency's import-time warning
+    with warnings.catch_warnings():  # see agent.pyspiffe: a dependency's import-time warning
         warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, module=r"spiffe(\.|$)")
         from spiffe import WorkloadApiClient
 
