@@ -1,68 +1,17 @@
-"""`keyseal sign/verify --format ssh|minisign`: the formats beside OpenPGP, behind the same two commands."""
+"""`keyseal verify --format ssh|minisign`: the formats beside OpenPGP, behind the same command (signing them is
+keyseal.api.sign_files)."""
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-from keyseal._internal.atomic import write_atomic
-from keyseal._internal.cli.common import open_key
+from keyseal._internal.formats.filesign import FORMATS, SUFFIXES
 from keyseal._internal.inputfile import read_input
 from keyseal.errors import InputError, KeysealError, UsageError, VerificationError
 
-if TYPE_CHECKING:
-    from keyseal.signer import Signer
-
-FORMATS = ("openpgp", "ssh", "minisign")
-SUFFIXES = {"ssh": ".sig", "minisign": ".minisig"}
-
-
-def check_sign_options(fmt: str, certs: tuple[Path, ...], armored: bool, digest: str | None, append: bool,
-                       namespace: str | None) -> None:
-    """Refuse options that mean nothing for the format, rather than ignore them."""
-    if fmt == "openpgp":
-        if namespace is not None:
-            raise UsageError("--namespace applies to --format ssh only")
-        return
-    given = [name for name, used in (("--cert", bool(certs)), ("--binary", not armored), ("--digest", digest),
-                                     ("--append", append)) if used]
-    if given:
-        raise UsageError(f"{', '.join(given)} apply to --format openpgp only")
-    if namespace is not None and fmt != "ssh":
-        raise UsageError("--namespace applies to --format ssh only")
-
-
-def sign_files(fmt: str, key_uri: str, pairs: list[tuple[Path, Path]], namespace: str | None, force: bool,
-               jobs: int, kms_endpoint: str | None, kek: str | None) -> list[Path]:
-    """Sign each (input, output) pair in `fmt`; the key is checked once, before any file is hashed."""
-    from keyseal._internal import audit
-    from keyseal._internal.formats import minisign, ssh
-
-    if fmt == "ssh":
-        ssh.check_namespace(namespace or ssh.DEFAULT_NAMESPACE)
-    with open_key(key_uri, kms_endpoint, kek) as signer:
-        public_key = signer.public_key()
-        if fmt == "minisign":
-            minisign.require_ed25519(public_key, key_uri)
-        else:
-            ssh.scheme_for(signer, public_key)
-
-        def one(src: Path, dst: Path, signer: Signer = signer) -> Path:
-            with audit.subject(os.path.abspath(src), purpose=fmt):  # in the worker: pool threads start bare
-                if fmt == "ssh":
-                    data = ssh.sign_file(signer, src, namespace or ssh.DEFAULT_NAMESPACE)
-                else:
-                    data = minisign.sign_file(signer, src)
-            write_atomic(dst, data, mode=0o644, force=force)
-            return dst
-
-        with ThreadPoolExecutor(max_workers=min(jobs, len(pairs))) as pool:
-            futures = [pool.submit(one, src, dst) for src, dst in pairs]
-            return [future.result() for future in futures]
+__all__ = ["FORMATS", "SUFFIXES", "default_signature", "verify_file"]
 
 
 def default_signature(fmt: str, data: Path) -> Path:

@@ -27,9 +27,7 @@ from keyseal._internal.keygen import KEY_TYPES, generate_private_key
 from keyseal._internal.openpgp.cert import (
     Certificate,
     armor_certificate,
-    creation_time,
     load_certificates,
-    mint_certificate,
     user_id_for,
 )
 from keyseal._internal.openpgp.revoke import REASONS
@@ -138,28 +136,26 @@ def _created(as_json: bool, uri: str, key_type: str, **extra: object) -> None:
 def mint(key_uri: str, name: str, email: str, created: str | None, expires: str | None, digest: str | None,
          output: Path | None, force: bool, kms_endpoint: str | None, kek: str | None, as_json: bool) -> None:
     """Frame the key as an OpenPGP certificate whose self-signature the key's custody computes."""
+    from keyseal import api
+
     expires_seconds = parse_duration(expires) if expires else None
     if output is not None:
         refuse_existing(output, force)
-    with open_key(key_uri, kms_endpoint, kek) as signer:
-        created_at = creation_time(signer, parse_rfc3339(created) if created is not None else None)
-        binary = mint_certificate(
-            signer, name=name, email=email, created=created_at, expires_seconds=expires_seconds,
-            hash_name=digest,  # type: ignore[arg-type]
-        )
-    armored = armor_certificate(binary)
-    fingerprint = load_certificates(binary)[0].fingerprint
+    minted = api.mint_certificate(key_uri, name=name, email=email,
+                                  created=parse_rfc3339(created) if created is not None else None,
+                                  expires=expires_seconds, digest=digest,  # type: ignore[arg-type]
+                                  kms_endpoint=kms_endpoint, kek=kek)
     if output is None:
         if as_json:
             raise UsageError("--json prints a document about the certificate: give -o FILE for the certificate")
-        sys.stdout.buffer.write(armored)
-        click.echo(fingerprint, err=True)
+        sys.stdout.buffer.write(minted.armored)
+        click.echo(minted.fingerprint, err=True)
     else:
-        write_atomic(output, armored, mode=0o644, force=force)
+        write_atomic(output, minted.armored, mode=0o644, force=force)
         if as_json:
-            print_json({"fingerprint": fingerprint, "output": str(output), "userID": user_id_for(name, email)})
+            print_json({"fingerprint": minted.fingerprint, "output": str(output), "userID": minted.user_id})
         else:
-            click.echo(fingerprint)
+            click.echo(minted.fingerprint)
 
 
 @keys.command()

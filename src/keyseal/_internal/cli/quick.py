@@ -14,12 +14,9 @@ import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
-from keyseal.errors import InputError, KeysealError, OutputExistsError, UsageError, VerificationError, unexpected
-
-if TYPE_CHECKING:
-    from keyseal._internal.openpgp.verify import VerifiedSignature
+from keyseal.errors import KeysealError, OutputExistsError, UsageError, VerificationError, unexpected
 
 __all__ = ["fail", "main", "run_guarded", "verify_openpgp"]
 
@@ -47,23 +44,12 @@ def run_guarded(run: Callable[[], object]) -> NoReturn:
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def default_signature_path(data: Path, option: str = "signature") -> Path:
-    """DATA.asc, else DATA.sig: where keyseal and gpg put a detached signature when none is named (`option` is
-    what the user could have named it with, for the error)."""
-    for suffix in (".asc", ".sig"):
-        candidate = data.with_name(data.name + suffix)
-        if candidate.exists():
-            return candidate
-    raise InputError(f"no {option} given and neither {data.name}.asc nor {data.name}.sig exists")
-
-
 def verify_openpgp(certs: tuple[Path, ...], file: Path, signature: Path | None, threshold: int = 1,
                    output: Path | None = None, force: bool = False) -> None:
     """`keyseal verify` for OpenPGP: print each counted signer's fingerprint on stdout, a line per good signature
     on stderr; raise VerificationError otherwise. FILE is the signed data, or (with no SIGNATURE) possibly a
-    cleartext signed message, whose text `output` receives once it verifies."""
-    from keyseal._internal.inputfile import read_input
-
+    cleartext signed message, whose text `output` receives once it verifies. The detached case is
+    keyseal.api.verify_file."""
     if signature is None and _starts_cleartext(file):
         if threshold > 1:
             raise UsageError("--threshold applies to detached signatures: a cleartext message carries one")
@@ -71,26 +57,17 @@ def verify_openpgp(certs: tuple[Path, ...], file: Path, signature: Path | None, 
         return
     if output is not None:
         raise UsageError("--output writes the text of a cleartext signed message; FILE is not one")
-    signature_data = b""
     try:
         with _progress_bar(file):
-            from keyseal._internal.openpgp import prefetch
+            from keyseal.api import verify_file
 
-            signature_data = read_input(signature or default_signature_path(file), "signature")
-            hashes = prefetch.start(file, signature_data)  # hash the data while the verifier and certificates load
-            from keyseal._internal.cli.common import load_certificate_files
-            from keyseal._internal.openpgp.verify import verify_threshold_prefetched
-
-            results = verify_threshold_prefetched(load_certificate_files(certs), hashes, signature_data, threshold)
+            verification = verify_file(file, signature, certificates=certs, threshold=threshold)
     except VerificationError:
-        text_results = _text_mode(certs, file, signature_data, threshold)
-        if text_results is None:
-            raise
-        results = text_results
+        raise
     except KeysealError as exc:
         raise VerificationError(exc.message) from None
-    for result in results:
-        _report(result, fingerprint=True)
+    for good in verification.signatures:
+        _report(good.fingerprint, good.user_id, good.created, good.hash_name, fingerprint=True)
 
 
 _LARGE = 64 << 20  # keyseal._internal.progress.BYTES_THRESHOLD, without importing it
@@ -109,38 +86,14 @@ def _progress_bar(file: Path) -> AbstractContextManager[None]:
     return files_meter([file], "verifying")
 
 
-def _report(result: VerifiedSignature, fingerprint: bool, kind: str = "") -> None:
+def _report(signer: str, user_id: str, created: int, hash_name: str, fingerprint: bool, kind: str = "") -> None:
     from keyseal._internal.cli.common import format_time
 
     if fingerprint:
-        sys.stdout.write(f"{result.fingerprint}\n")
+        sys.stdout.write(f"{signer}\n")
         sys.stdout.flush()
-    uid = result.certificate.user_ids[0] if result.certificate.user_ids else ""
-    sys.stderr.write(f"Good signature from {uid} made {format_time(result.created)} ({result.hash_name}{kind})\n")
+    sys.stderr.write(f"Good signature from {user_id} made {format_time(created)} ({hash_name}{kind})\n")
     sys.stderr.flush()
-
-
-def _text_mode(certs: tuple[Path, ...], file: Path, signature_data: bytes,
-               threshold: int) -> list[VerifiedSignature] | None:
-    """A text-mode (0x01) detached signature (`gpg -abst`) is checked over the file with CR LF line endings. Only
-    tried once the binary check failed, so the usual path keeps hashing while the verifier loads."""
-    from keyseal._internal.cli.common import load_certificate_files
-    from keyseal._internal.inputfile import read_input
-    from keyseal._internal.openpgp.signature import SIG_TEXT
-    from keyseal._internal.openpgp.verify import parse_detached, verify_threshold_bytes
-
-    try:
-        if not signature_data or any(sig.sig_type != SIG_TEXT for sig in parse_detached(signature_data)):
-            return None
-    except KeysealError:
-        return None
-    try:
-        return verify_threshold_bytes(load_certificate_files(certs), read_input(file, "file"), signature_data,
-                                      threshold, text_mode=True)
-    except VerificationError:
-        raise
-    except KeysealError as exc:
-        raise VerificationError(exc.message) from None
 
 
 def _starts_cleartext(file: Path) -> bool:
@@ -174,7 +127,9 @@ def _verify_cleartext(certs: tuple[Path, ...], file: Path, output: Path | None, 
         if output.exists() and not force:
             raise OutputExistsError(f"{output} exists: refusing to overwrite it (use --force)")
         write_atomic(output, message.text, mode=0o644)
-    _report(result, fingerprint=output is None or str(output) != "-", kind=", cleartext")
+    uid = result.certificate.user_ids[0] if result.certificate.user_ids else ""
+    _report(result.fingerprint, uid, result.created, result.hash_name, fingerprint=output is None or str(output) != "-",
+            kind=", cleartext")
 
 
 class VerifyArguments:

@@ -9,8 +9,7 @@ import click
 
 from keyseal._internal.atomic import refuse_existing, write_atomic
 from keyseal._internal.cli.common import format_time, json_option
-from keyseal._internal.cli.quick import default_signature_path
-from keyseal._internal.inputfile import read_input
+from keyseal._internal.inputfile import default_signature_path, read_input
 from keyseal._internal.openpgp.manifest import DIGESTS, build_manifest
 from keyseal._internal.openpgp.trust import (
     POLICIES,

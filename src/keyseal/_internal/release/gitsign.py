@@ -6,7 +6,6 @@ email address that the keyseal keyring maps to a URI. Verification trusts only t
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -22,7 +21,7 @@ from keyseal._internal.openpgp.keyring import (
     uri_for_openpgp,
 )
 from keyseal._internal.openpgp.keys import algorithm_of
-from keyseal._internal.openpgp.signature import HASH_IDS, SIG_TEXT, SignaturePacket, new_hasher
+from keyseal._internal.openpgp.signature import HASH_IDS, SIG_TEXT, SignaturePacket
 from keyseal._internal.openpgp.verify import VerifiedSignature, parse_detached, verify_bytes
 from keyseal._internal.openpgp.verify import verify_cleartext as check_cleartext
 from keyseal.errors import OpenPGPError, UsageError, VerificationError
@@ -63,32 +62,21 @@ def resolve_signing_key(spec: str, certificates: list[Certificate]) -> tuple[str
 
 
 def sign(spec: str, data: bytes, options: BackendOptions | None = None, armored: bool = True) -> GitSignature:
-    """A detached binary-document signature over `data` (a commit or tag object): one signature call."""
+    """A detached binary-document signature over `data` (a commit or tag object): one signature call, made by
+    keyseal.api.sign_data, as any other signature over bytes."""
     # Signing's imports stay here: `keyseal-gpg --verify`, which git runs once per commit, needs none of them.
-    from keyseal._internal import audit
+    from keyseal import api
     from keyseal._internal.backends import open_signer
-    from keyseal._internal.openpgp.sign import (
-        choose_hash,
-        identity_from_certificate,
-        identity_from_signer,
-        render,
-        signature_packet,
-    )
 
     certificates = keyring_certificates()
     uri, cert = resolve_signing_key(spec, certificates)
     with open_signer(uri, options) as signer:
         if cert is None:
             cert = certificate_for_key(signer.public_key(), certificates)
-        identity = identity_from_certificate(signer, [cert]) if cert is not None else identity_from_signer(signer)
-        hash_name = choose_hash(signer, identity.public_key, None)
-        hasher = new_hasher(HASH_IDS[hash_name])
-        hasher.update(data)
-        created = int(time.time())
-        with audit.subject(_git_subject(data)):
-            packet = signature_packet(signer, identity, hasher, hash_name, created)
-    return GitSignature(render(packet, armored), identity.fingerprint_hex, algorithm_of(identity.public_key),
-                        HASH_IDS[hash_name], created)
+        signed = api.sign_data(signer, data, certificates=[cert.binary] if cert is not None else [], armor=armored,
+                               audit_subject=_git_subject(data))
+        algorithm = algorithm_of(signer.public_key())
+    return GitSignature(signed.signature, signed.fingerprint, algorithm, HASH_IDS[signed.hash_name], signed.created)
 
 
 def _git_subject(data: bytes) -> str:

@@ -43,6 +43,7 @@ __all__ = [
     "open_record",
     "rewrap_files",
     "rewrap_record",
+    "wrap_key_file",
 ]
 
 
@@ -158,12 +159,35 @@ def create_wrapped_key_file(
     `kek` is `local` (default: `$KEYSEAL_HOME/kek`, created on first use), `local:PATH` or `awskms:<key ARN>`.
     The record is named after the file; the canary runs first so nothing is written with a broken KEK.
     """
+    store, name, provider = _prepare_file(path, kek, force, kms_endpoint, region)
+    return create_record(store, name, generate_private_key(key_type), provider, force=force)
+
+
+def wrap_key_file(
+    path: Path,
+    key: PrivateKey,
+    kek: str | None = None,
+    *,
+    force: bool = False,
+    kms_endpoint: str | None = None,
+    region: str | None = None,
+) -> WrappedRecord:
+    """Seal an existing private key as a wrapped record at `path` (an import: the key is never written in the
+    clear). The KEK is `kek`, else `$KEYSEAL_KEK`, else the default local KEK; the canary runs first."""
+    key_type_of(key)  # an unsupported key is refused before the KEK is touched
+    store, name, provider = _prepare_file(path, configured_kek_spec(kek), force, kms_endpoint, region)
+    return create_record(store, name, key, provider, force=force)
+
+
+def _prepare_file(path: Path, kek: str, force: bool, kms_endpoint: str | None,
+                  region: str | None) -> tuple[DirectoryStore, str, KekProvider]:
+    """The record file's store and name and a KEK that passed its canary; an existing file is refused first."""
     provider = parse_kek(kek, kms_endpoint=kms_endpoint, region=region)
     store, name = _file_store(path)
     if not force and store.current_revision(name) is not None:
         raise OutputExistsError(f"{path} exists: refusing to overwrite it (use --force)")
     check_kek(provider)
-    return create_record(store, name, generate_private_key(key_type), provider, force=force)
+    return store, name, provider
 
 
 def rewrap_files(
