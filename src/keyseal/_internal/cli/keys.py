@@ -136,7 +136,7 @@ def _created(as_json: bool, uri: str, key_type: str, **extra: object) -> None:
 def mint(key_uri: str, name: str, email: str, created: str | None, expires: str | None, digest: str | None,
          output: Path | None, force: bool, kms_endpoint: str | None, kek: str | None, as_json: bool) -> None:
     """Frame the key as an OpenPGP certificate whose self-signature the key's custody computes."""
-    from keyseal import api
+    from keyseal._internal import api
 
     expires_seconds = parse_duration(expires) if expires else None
     if output is not None:

@@ -59,7 +59,7 @@ def verify_openpgp(certs: tuple[Path, ...], file: Path, signature: Path | None, 
         raise UsageError("--output writes the text of a cleartext signed message; FILE is not one")
     try:
         with _progress_bar(file):
-            from keyseal.api import verify_file
+            from keyseal._internal.api import verify_file
 
             verification = verify_file(file, signature, certificates=certs, threshold=threshold)
     except VerificationError:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from keyseal import api
+from keyseal._internal import api
 from keyseal._internal.cli.common import kek_option, kms_endpoint_option
 from keyseal._internal.formats.filesign import FORMATS
 from keyseal._internal.openpgp.signature import HASH_IDS

@@ -65,7 +65,7 @@ def sign(spec: str, data: bytes, options: BackendOptions | None = None, armored:
     """A detached binary-document signature over `data` (a commit or tag object): one signature call, made by
     keyseal.api.sign_data, as any other signature over bytes."""
     # Signing's imports stay here: `keyseal-gpg --verify`, which git runs once per commit, needs none of them.
-    from keyseal import api
+    from keyseal._internal import api
     from keyseal._internal.backends import open_signer
 
     certificates = keyring_certificates()
