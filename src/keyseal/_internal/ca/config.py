@@ -172,7 +172,7 @@ class FederationConfig:
 @dataclass(frozen=True)
 class Config:
     trust_domain: str
-    custody: Literal["wrapped", "kms", "pkcs11"] = "wrapped"
+    custody: str = "wrapped"  # a name in keyseal._internal.registry.CUSTODIES
     wrapping_provider: Literal["local", "awskms", "vault"] = "local"
     local_kek_file: Path | None = None
     vault: VaultConfig | None = None
@@ -341,7 +341,7 @@ def parse_config(data: object) -> Config:
     if not trust_domain:
         raise UsageError("trustDomain is missing: set it to the SPIFFE trust domain, e.g. example.org")
     check_trust_domain(trust_domain)
-    custody = root.choice("custody", ("wrapped", "kms", "pkcs11"), "wrapped")
+    custody = root.choice("custody", _custodies(), "wrapped")
     values: dict[str, Any] = {"trust_domain": trust_domain, "custody": custody}
     values.update(_wrapping(root.section("keyWrapping")))
     values.update(_aws(root.section("aws"), trust_domain))
@@ -758,3 +758,11 @@ def _refuse_host_defaults(data: object, config: Config) -> None:
     if config.custody == "wrapped" and config.wrapping_provider == "local" and config.local_kek_file is None:
         raise UsageError("keyWrapping.local.kekFile is not set: name the KEK file that wraps the CA keys (keep "
                          "it apart from the store), or try keyseal dev for a local trust domain")
+
+
+def _custodies() -> tuple[str, ...]:
+    """The built-in custodies first (as the configuration reference lists them), then other packages'."""
+    from keyseal._internal.registry import CUSTODIES
+
+    builtins = ("wrapped", "kms", "pkcs11")
+    return builtins + tuple(name for name in CUSTODIES.names() if name not in builtins)
