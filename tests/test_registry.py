@@ -177,3 +177,14 @@ def test_registry_caches_what_it_loaded() -> None:
                                                                "Ed25519PrivateKey"})
     assert registry.load("ed") is ed25519.Ed25519PrivateKey is registry.load("ed")
     assert registry.names() == ("ed",) and "ed" in registry and "other" not in registry
+
+
+def test_custody_names_in_the_configuration(site: Path) -> None:
+    """`custody:` takes the names another package registers; an unknown one lists every known name."""
+    from keyseal._internal.ca.config import parse_config
+
+    install(site, "keyseal_testplugin", "[keyseal.custodies]\nvaultpki = keyseal_testplugin:open_signer\n", PLUGIN)
+    assert parse_config({"trustDomain": "example.org", "custody": "vaultpki"}).custody == "vaultpki"
+    with pytest.raises(UsageError) as exc:
+        parse_config({"trustDomain": "example.org", "custody": "hsm9000"})
+    assert str(exc.value) == "custody='hsm9000' is not one of wrapped, kms, pkcs11, vaultpki"

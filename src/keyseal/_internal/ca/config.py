@@ -341,7 +341,7 @@ def parse_config(data: object) -> Config:
     if not trust_domain:
         raise UsageError("trustDomain is missing: set it to the SPIFFE trust domain, e.g. example.org")
     check_trust_domain(trust_domain)
-    custody = root.choice("custody", _custodies(), "wrapped")
+    custody = _custody(root)
     values: dict[str, Any] = {"trust_domain": trust_domain, "custody": custody}
     values.update(_wrapping(root.section("keyWrapping")))
     values.update(_aws(root.section("aws"), trust_domain))
@@ -760,9 +760,15 @@ def _refuse_host_defaults(data: object, config: Config) -> None:
                          "it apart from the store), or try keyseal dev for a local trust domain")
 
 
-def _custodies() -> tuple[str, ...]:
-    """The built-in custodies first (as the configuration reference lists them), then other packages'."""
+def _custody(root: _Section) -> str:
+    """`custody`: a built-in (wrapped, kms, pkcs11) or one another package registers; entry points are read only
+    for a name that is not a built-in."""
     from keyseal._internal.registry import CUSTODIES
 
-    builtins = ("wrapped", "kms", "pkcs11")
-    return builtins + tuple(name for name in CUSTODIES.names() if name not in builtins)
+    value = root.text("custody", "wrapped")
+    assert value is not None
+    if value not in CUSTODIES:
+        builtins = ("wrapped", "kms", "pkcs11")  # first, as the configuration reference lists them
+        names = builtins + tuple(name for name in CUSTODIES.names() if name not in builtins)
+        raise UsageError(f"{root.key('custody')}={value!r} is not one of {', '.join(names)}")
+    return value
