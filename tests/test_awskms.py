@@ -27,9 +27,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
 from keyseal._internal.audit import unwrap
 from keyseal._internal.backends import BackendOptions, HashName, open_signer
-from keyseal._internal.backends.awskms import AwsKmsSigner, create_signing_key, parse_key_ref
+from keyseal._internal.backends.awskms import AwsKmsSigner, parse_key_ref
 from keyseal._internal.providers.aws.client import kms_client
 from keyseal._internal.providers.aws.iam import least_privilege_policy
+from keyseal._internal.providers.aws.kms import create_signing_key
 from keyseal.errors import (
     AccessDeniedError,
     BackendUnavailableError,

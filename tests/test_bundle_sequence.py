@@ -165,7 +165,7 @@ def pkcs11_token(softhsm: Any) -> str:
 
 def test_ecdsa_pkcs11_custody_signing_again_changes_the_sequence(tmp_path: Path, softhsm: Any,
                                                                   pkcs11_token: str) -> None:
-    from keyseal._internal.backends import pkcs11 as backend
+    from keyseal._internal.providers.pkcs11 import session as pkcs11_session
     from tests.harness.softhsm import USER_PIN
 
     pin_file = tmp_path / "pin"
@@ -179,7 +179,7 @@ def test_ecdsa_pkcs11_custody_signing_again_changes_the_sequence(tmp_path: Path,
         body1, seq1 = run(config, clock)
         body2, seq2 = run(config, clock)  # the token signs the same CA certificate again: new ECDSA bytes
     finally:
-        backend.close_all_sessions()
+        pkcs11_session.close_all_sessions()
     assert body2 != body1 and [k.get("kid") for k in keys_of(body2)] == [k.get("kid") for k in keys_of(body1)]
     assert seq2 > seq1
 

@@ -20,6 +20,7 @@ from keyseal._internal.ca.config import parse_config
 from keyseal._internal.ca.custody.manager import KeysetManager
 from keyseal._internal.ca.custody.pkcs11 import APPLICATION, Pkcs11CaKey
 from keyseal._internal.ca.server import CaServer, build_source
+from keyseal._internal.providers.pkcs11 import session as pkcs11_session
 from keyseal.errors import UnsupportedKeyError, UsageError
 from keyseal.signer import HashName
 from tests.conftest import run_keyseal
@@ -52,7 +53,7 @@ def token(softhsm: SoftHsm) -> str:
 def no_sessions_left() -> Iterator[None]:
     """Servers here do not close their keys; close the shared sessions so later tests start clean."""
     yield
-    backend.close_all_sessions()
+    pkcs11_session.close_all_sessions()
 
 
 @pytest.fixture
@@ -76,7 +77,7 @@ def new_prefix() -> str:
 def token_objects(softhsm: SoftHsm, pin_file: Path, prefix: str) -> list[dict[str, Any]]:
     """What the token holds under the prefix, read through a logged-in session."""
     found = []
-    with backend.token_session(f"pkcs11:token={TOKEN}?module-path={softhsm.module}&pin-source=file:{pin_file}"
+    with pkcs11_session.token_session(f"pkcs11:token={TOKEN}?module-path={softhsm.module}&pin-source=file:{pin_file}"
                                ) as access:
         attr, classes = access.pkcs11.Attribute, access.pkcs11.ObjectClass
         for obj in access.session.get_objects({}):
@@ -158,7 +159,7 @@ def test_svids_one_c_sign_each_and_restart(token: str, softhsm: SoftHsm, pin_fil
         server.shutdown()
 
     objects = token_objects(softhsm, pin_file, prefix)
-    classes = backend._pkcs11().ObjectClass
+    classes = pkcs11_session.python_pkcs11().ObjectClass
     assert [(o["label"], o["class"]) for o in objects] == [
         (f"{prefix}keyset-1", classes.DATA),
         (f"{prefix}keyset-1-jwt", classes.PUBLIC_KEY), (f"{prefix}keyset-1-jwt", classes.PRIVATE_KEY),

@@ -19,11 +19,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keyseal._internal.backends import pkcs11 as backend
 from keyseal._internal.ca.config import parse_config
 from keyseal._internal.ca.custody.manager import KeysetManager
 from keyseal._internal.ca.custody.pkcs11 import Pkcs11KeysetSource, _Marker
 from keyseal._internal.ca.server import build_source
+from keyseal._internal.providers.pkcs11 import session as pkcs11_session
 from keyseal.errors import CustodyIntegrityError
 from tests.harness.ca import TRUST_DOMAIN, FakeClock, base_config
 from tests.harness.softhsm import USER_PIN, SoftHsm
@@ -41,7 +41,7 @@ def token(softhsm: SoftHsm) -> str:
 @pytest.fixture(autouse=True)
 def no_sessions_left() -> Iterator[None]:
     yield
-    backend.close_all_sessions()
+    pkcs11_session.close_all_sessions()
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def plant(source: Pkcs11KeysetSource, number: int, kind: str, key_id: bytes, how
     """Objects another process with the user PIN makes under a keyset's labels. `how`: "generated" (a key pair
     made in the token), "imported" (a private key the attacker knows; returns its SPKI), or "mismatched" (a
     private key made in the token beside the public key object of another key)."""
-    with backend.token_session(source.token_uri) as access:
+    with pkcs11_session.token_session(source.token_uri) as access:
         attr, p11 = access.pkcs11.Attribute, access.pkcs11
         label = source.label(number, kind)
         with access.token.open(rw=True) as session:
@@ -110,7 +110,7 @@ def plant_keyset(config: Any, number: int, how: str, not_before: Any, ids: dict[
     rival = build_source(config)
     assert isinstance(rival, Pkcs11KeysetSource)
     planted = {kind: plant(rival, number, kind, ids[kind], how) for kind in ("x509", "jwt")}
-    with backend.token_session(rival.token_uri) as access:
+    with pkcs11_session.token_session(rival.token_uri) as access:
         rival._write_marker(access, _Marker(number, not_before, ids))
     return planted
 
@@ -184,7 +184,7 @@ def test_a_marker_naming_a_missing_key_is_ignored(config: Any) -> None:
     manager.start()
     source = manager.source
     assert isinstance(source, Pkcs11KeysetSource)
-    with backend.token_session(source.token_uri) as access:
+    with pkcs11_session.token_session(source.token_uri) as access:
         source._write_marker(access, _Marker(2, clock(), {"x509": b"\x31" * 16, "jwt": b"\x32" * 16}))
     before = alarm_count("unpinned-keyset")
     manager.refresh()
@@ -205,7 +205,7 @@ def test_a_pinned_keys_public_object_swapped_is_refused(config: Any) -> None:
     manager.start()
     source = manager.source
     assert isinstance(source, Pkcs11KeysetSource)
-    with backend.token_session(source.token_uri) as access:
+    with pkcs11_session.token_session(source.token_uri) as access:
         attr, p11 = access.pkcs11.Attribute, access.pkcs11
         label = source.label(1, "x509")
         with access.token.open(rw=True) as session:

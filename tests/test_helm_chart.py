@@ -351,8 +351,8 @@ def test_pkcs11_config_from_the_chart_opens_a_real_token(chart: helm_python.Char
     """The chart's rendered configuration drives a real SoftHSM2 token: the module, the token URI and the PIN
     file (here the Secret's bytes at a local path, as the kubelet writes them at pinFile) log in and read; the
     keyset pins are read from the (emulated) API server, in the pod's namespace."""
-    from keyseal._internal.backends import pkcs11 as backend
     from keyseal._internal.ca.server import build_source
+    from keyseal._internal.providers.pkcs11 import session as pkcs11_session
 
     assert PKCS11["uri"] == f"pkcs11:token={chart_token}"
     config = server_config(render(chart, {"custody": "pkcs11", "pkcs11": PKCS11}))
@@ -366,12 +366,12 @@ def test_pkcs11_config_from_the_chart_opens_a_real_token(chart: helm_python.Char
         build_source(local, kube_api.api_client()).startup_check()
         pin_file.chmod(0o600)
         pin_file.write_text("wrong-pin\n")
-        backend.close_all_sessions()
+        pkcs11_session.close_all_sessions()
         with pytest.raises(KeysealError, match="PIN") as refused:
             build_source(local, kube_api.api_client()).startup_check()
         assert "wrong-pin" not in str(refused.value)
     finally:
-        backend.close_all_sessions()
+        pkcs11_session.close_all_sessions()
 
 
 def test_pkcs11_schema_refuses_mistakes(chart: helm_python.Chart) -> None:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 
 from keyseal._internal.backends import open_signer
 from keyseal._internal.backends import pkcs11 as backend
+from keyseal._internal.providers.pkcs11 import session as pkcs11_session
 from keyseal.errors import (
     AccessDeniedError,
     BackendUnavailableError,
@@ -49,14 +50,14 @@ def token(softhsm: SoftHsm) -> str:
 
 @pytest.fixture
 def pin_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(backend.PIN_ENV, USER_PIN)
-    monkeypatch.delenv(backend.MODULE_ENV, raising=False)
+    monkeypatch.setenv(pkcs11_session.PIN_ENV, USER_PIN)
+    monkeypatch.delenv(pkcs11_session.MODULE_ENV, raising=False)
 
 
 @pytest.fixture(scope="session")
 def keys(softhsm: SoftHsm, token: str) -> dict[str, str]:
     """One key of each type, made once in the token: key type -> URI (the PIN comes from the environment)."""
-    os.environ[backend.PIN_ENV] = USER_PIN
+    os.environ[pkcs11_session.PIN_ENV] = USER_PIN
     try:
         uris = {}
         for key_type in KEY_TYPES:
@@ -64,7 +65,7 @@ def keys(softhsm: SoftHsm, token: str) -> dict[str, str]:
             backend.create_key(uri, key_type)
             uris[key_type] = uri
     finally:
-        del os.environ[backend.PIN_ENV]
+        del os.environ[pkcs11_session.PIN_ENV]
     return uris
 
 
@@ -72,8 +73,8 @@ def keys(softhsm: SoftHsm, token: str) -> dict[str, str]:
 def no_leaked_sessions() -> Iterator[None]:
     """Every test closes what it opens: afterwards no keyseal session is left on any token."""
     yield
-    leaked = list(backend._SESSIONS)
-    backend.close_all_sessions()
+    leaked = list(pkcs11_session._SESSIONS)
+    pkcs11_session.close_all_sessions()
     assert not leaked, f"sessions left open: {leaked}"
 
 
@@ -146,7 +147,7 @@ def test_concurrent_signing_on_one_session(keys: dict[str, str], pin_env: None, 
             thread.start()
         for thread in threads:
             thread.join()
-        assert len(backend._SESSIONS) == 1  # one logged-in session served every thread
+        assert len(pkcs11_session._SESSIONS) == 1  # one logged-in session served every thread
     assert not errors, errors
     assert len(results) == threads_n * per_thread
     for digest, signature in results.values():
@@ -156,8 +157,8 @@ def test_concurrent_signing_on_one_session(keys: dict[str, str], pin_env: None, 
 def test_signers_share_one_session_until_the_last_closes(keys: dict[str, str], pin_env: None) -> None:
     first = open_signer(keys["p256"])
     second = open_signer(keys["ed25519"])
-    assert len(backend._SESSIONS) == 1
-    shared = next(iter(backend._SESSIONS.values()))
+    assert len(pkcs11_session._SESSIONS) == 1
+    shared = next(iter(pkcs11_session._SESSIONS.values()))
     assert shared.refs == 2
     first.close()
     first.close()  # twice is harmless
@@ -165,15 +166,15 @@ def test_signers_share_one_session_until_the_last_closes(keys: dict[str, str], p
     verify(second.public_key(), second.sign_digest(digest, "sha256"), digest, "sha256")
     second.close()
     assert shared.closed
-    assert not backend._SESSIONS
+    assert not pkcs11_session._SESSIONS
     with pytest.raises(UsageError, match="closed"):
         second.sign_digest(digest, "sha256")
 
 
 def test_close_all_sessions_closes_open_signers(keys: dict[str, str], pin_env: None) -> None:
     signer = open_signer(keys["p256"])
-    backend.close_all_sessions()  # what runs at interpreter exit
-    assert not backend._SESSIONS
+    pkcs11_session.close_all_sessions()  # what runs at interpreter exit
+    assert not pkcs11_session._SESSIONS
     with pytest.raises(UsageError, match="closed"):
         signer.sign_digest(hashlib.sha256(b"x").digest(), "sha256")
     signer.close()
@@ -260,7 +261,7 @@ def test_token_that_cannot_make_ed25519(softhsm: SoftHsm, token: str, tmp_path: 
         "except KeysealError as exc:\n"
         "    print(type(exc).__name__, exc.message)\n"
     )
-    env = {**os.environ, **softhsm.env(conf), backend.PIN_ENV: USER_PIN}
+    env = {**os.environ, **softhsm.env(conf), pkcs11_session.PIN_ENV: USER_PIN}
     proc = subprocess.run([sys.executable, "-c", code, softhsm.uri(token, "no-ed25519")], env=env,
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -284,7 +285,7 @@ def test_wrong_pin(softhsm: SoftHsm, keys: dict[str, str], monkeypatch: pytest.M
                    caplog: pytest.LogCaptureFixture) -> None:
     label = OTHER_TOKEN  # no keyseal session is open on it, so the token itself checks the PIN
     wrong = "not-the-pin-4321"
-    monkeypatch.setenv(backend.PIN_ENV, wrong)
+    monkeypatch.setenv(pkcs11_session.PIN_ENV, wrong)
     caplog.set_level(logging.DEBUG)
     with pytest.raises(AccessDeniedError, match=f"wrong PIN for PKCS#11 token '{label}'") as info:
         open_signer(softhsm.uri(label, "any"))
@@ -294,9 +295,9 @@ def test_wrong_pin(softhsm: SoftHsm, keys: dict[str, str], monkeypatch: pytest.M
 
 def test_pin_differing_from_the_open_session(softhsm: SoftHsm, keys: dict[str, str],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(backend.PIN_ENV, USER_PIN)
+    monkeypatch.setenv(pkcs11_session.PIN_ENV, USER_PIN)
     with open_signer(keys["p256"]):
-        monkeypatch.setenv(backend.PIN_ENV, "another-pin-0000")
+        monkeypatch.setenv(pkcs11_session.PIN_ENV, "another-pin-0000")
         with pytest.raises(AccessDeniedError, match="wrong PIN") as info:
             open_signer(keys["p384"])
         assert_clean(info.value, "another-pin-0000")
@@ -304,7 +305,7 @@ def test_pin_differing_from_the_open_session(softhsm: SoftHsm, keys: dict[str, s
 
 def test_pin_source_file(softhsm: SoftHsm, keys: dict[str, str], tmp_path: Path,
                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(backend.PIN_ENV, raising=False)
+    monkeypatch.delenv(pkcs11_session.PIN_ENV, raising=False)
     pin_file = tmp_path / "pin"
     pin_file.write_text(USER_PIN + "\n")
     for source in (f"file:{pin_file}", f"file://{pin_file}", str(pin_file)):
@@ -324,7 +325,7 @@ def test_pin_source_file(softhsm: SoftHsm, keys: dict[str, str], tmp_path: Path,
 def test_pin_value_works_with_a_warning_that_hides_it(softhsm: SoftHsm, keys: dict[str, str],
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.delenv(backend.PIN_ENV, raising=False)
+    monkeypatch.delenv(pkcs11_session.PIN_ENV, raising=False)
     caplog.set_level(logging.DEBUG)
     uri = softhsm.uri(TOKEN, "session-ed25519", pin_value=USER_PIN)
     with open_signer(uri) as signer:
@@ -338,9 +339,9 @@ def test_pin_value_works_with_a_warning_that_hides_it(softhsm: SoftHsm, keys: di
 
 
 def test_no_pin_and_no_terminal(softhsm: SoftHsm, keys: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(backend.PIN_ENV, raising=False)
+    monkeypatch.delenv(pkcs11_session.PIN_ENV, raising=False)
     monkeypatch.setattr(sys, "stdin", open(os.devnull))  # noqa: SIM115 - closed by pytest's monkeypatch undo
-    with pytest.raises(UsageError, match=f"needs a user PIN: set {backend.PIN_ENV}"):
+    with pytest.raises(UsageError, match=f"needs a user PIN: set {pkcs11_session.PIN_ENV}"):
         open_signer(keys["p256"])
 
 
@@ -353,7 +354,7 @@ def test_pin_prompt_on_a_terminal(softhsm: SoftHsm, keys: dict[str, str]) -> Non
         "    s.sign_digest(hashlib.sha256(b'x').digest(), 'sha256')\n"
         "    print('SIGNED-OK', flush=True)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != backend.PIN_ENV}
+    env = {k: v for k, v in os.environ.items() if k != pkcs11_session.PIN_ENV}
     pid, fd = pty.fork()
     if pid == 0:  # child: the pty is its controlling terminal
         os.execve(sys.executable, [sys.executable, "-c", code, keys["p256"]], env)
@@ -404,9 +405,10 @@ def test_missing_module(softhsm: SoftHsm, keys: dict[str, str], pin_env: None, t
 def test_module_from_environment(softhsm: SoftHsm, keys: dict[str, str], pin_env: None,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     uri = f"pkcs11:token={TOKEN};object=session-p384"
-    with pytest.raises(UsageError, match=f"add module-path=/path/to/module.so to the URI or set {backend.MODULE_ENV}"):
+    with pytest.raises(UsageError,
+                       match=f"add module-path=/path/to/module.so to the URI or set {pkcs11_session.MODULE_ENV}"):
         open_signer(uri)
-    monkeypatch.setenv(backend.MODULE_ENV, softhsm.module)
+    monkeypatch.setenv(pkcs11_session.MODULE_ENV, softhsm.module)
     with open_signer(uri) as signer:
         assert isinstance(signer.public_key(), ec.EllipticCurvePublicKey)
     with pytest.raises(KeyURIError, match="module-name= is not supported"):

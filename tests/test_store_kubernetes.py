@@ -17,10 +17,11 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from keyseal._internal.keygen import generate_private_key
+from keyseal._internal.providers.kubernetes.client import api_client_from_environment
 from keyseal._internal.records.ledger import VersionLedger
 from keyseal._internal.records.record import WrappedRecord
 from keyseal._internal.store import StoredRecord
-from keyseal._internal.store.kubernetes import KubernetesStore, api_client_from_environment
+from keyseal._internal.store.kubernetes import KubernetesStore
 from keyseal._internal.wrapping.awskms import AwsKmsKek
 from keyseal._internal.wrapping.envelope import seal
 from keyseal._internal.wrapping.keys import create_record, open_record, rewrap_record

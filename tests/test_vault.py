@@ -23,13 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from keyseal._internal.audit import unwrap
 from keyseal._internal.backends import open_signer
 from keyseal._internal.backends.hashivault import HashiVaultSigner, create_transit_key
-from keyseal._internal.providers.vault.client import (
-    TransitKeyRef,
-    VaultSettings,
-    parse_transit_ref,
-    policy_hcl,
-    vault_client,
-)
+from keyseal._internal.providers.vault.client import VaultSettings, vault_client
+from keyseal._internal.providers.vault.policy import policy_hcl
+from keyseal._internal.providers.vault.uri import TransitKeyRef, parse_transit_ref
 from keyseal.errors import (
     AccessDeniedError,
     BackendUnavailableError,
@@ -80,6 +76,10 @@ def verify(public_key: Any, signature: bytes, digest: bytes, hash_name: HashName
     ("hashivault://transit/release", TransitKeyRef("transit", "release")),
     ("hashivault://team/ci/transit/release?version=3", TransitKeyRef("team/ci/transit", "release", 3)),
     ("hashivault:" + "//kv.1/my_key-2", TransitKeyRef("kv.1", "my_key-2")),
+    # the alias spelling, the same as a KEK's: one key, one meaning
+    ("vault:release", TransitKeyRef("transit", "release")),
+    ("vault:transit/release", TransitKeyRef("transit", "release")),
+    ("vault://team/ci/transit/release?version=3", TransitKeyRef("team/ci/transit", "release", 3)),
 ])
 def test_parse_uri(uri: str, expected: TransitKeyRef) -> None:
     assert parse_transit_ref(uri) == expected
@@ -91,6 +91,7 @@ def test_parse_uri(uri: str, expected: TransitKeyRef) -> None:
     "hashivault://../k", "hashivault://transit/k?version=0", "hashivault://transit/k?version=x",
     "hashivault://transit/k?version=1&version=2", "hashivault://transit/k?mount=x", "hashivault://a b/k",
     "hashivault://transit/k*", "hashivault://transit/k?",
+    "vault:", "vault:transit/", "vault:../k", "vault:transit/k?version=0", "vault:a b/k",
 ])
 def test_parse_uri_refuses(uri: str) -> None:
     with pytest.raises(KeyURIError) as exc:
@@ -145,6 +146,20 @@ def test_sign_every_hash(key_type: str, vault_env: dict[str, str], openbao: Open
     calls = openbao.requests_since(mark)
     assert calls.count(("read", f"transit/keys/{name}")) == 1  # public key read once, then cached
     assert calls.count(("update", f"transit/sign/{name}")) == len(HASHES)
+
+
+def test_signing_key_as_kek_spelling(vault_env: dict[str, str], openbao: OpenBao) -> None:
+    """A signing key named as a KEK is (`vault:MOUNT/KEY`) opens the same Transit key as `hashivault://`."""
+    name = "backend-kek-spelling"
+    create_transit_key(f"vault:transit/{name}", "p256")  # made under the alias spelling too
+    expected_key = server_public_key(openbao, name, 1)
+    digest = hashlib.sha256(b"either spelling").digest()
+    mark = openbao.audit_mark()
+    for uri in (f"vault:transit/{name}", f"vault:{name}", f"hashivault://transit/{name}"):
+        with open_signer(uri) as signer:
+            assert isinstance(unwrap(signer), HashiVaultSigner)
+            verify(expected_key, signer.sign_digest(digest, "sha256"), digest, "sha256")
+    assert openbao.requests_since(mark).count(("update", f"transit/sign/{name}")) == 3
 
 
 def test_pinned_version_after_rotation(vault_env: dict[str, str], openbao: OpenBao) -> None:

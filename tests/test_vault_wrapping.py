@@ -84,6 +84,26 @@ def test_round_trip_and_calls(store: DirectoryStore, kek_name: str, openbao: Ope
                      f"address={openbao.address}"]
 
 
+def test_kek_as_signing_key_spelling(store: DirectoryStore, kek_name: str, openbao: OpenBao) -> None:
+    """A KEK named as a signing key is (`hashivault://MOUNT/KEY`) is the same KEK as `vault:MOUNT/KEY`: a record
+    written under one spelling opens under the other, and only the configured key is ever asked to decrypt."""
+    canonical = parse_kek(f"hashivault://transit/{kek_name}")
+    alias = parse_kek(f"vault:{kek_name}")
+    assert isinstance(canonical, VaultKek) and isinstance(alias, VaultKek)
+    assert canonical.kek_id == alias.kek_id == f"hashivault://transit/{kek_name}"
+    canonical.canary()
+    key = generate_private_key("p256")
+    mark = openbao.audit_mark()
+    record = create_record(store, "spelled", key, canonical)
+    assert record.kek_provider == "vault" and record.kek_id == alias.kek_id
+    assert der(open_record(store, "spelled", alias).private_key) == der(key)
+    assert decrypts(openbao, mark) == [f"transit/decrypt/{kek_name}"]
+    for spec in ("hashivault://transit/k?version=1", "hashivault:transit/k", "hashivault:"):
+        with pytest.raises((UsageError, KeyURIError)) as exc:
+            parse_kek(spec)
+        one_line(exc)
+
+
 def test_context_is_bound(store: DirectoryStore, kek_name: str) -> None:
     """A wrapped DEK moved to another record, or a damaged one, does not decrypt (Transit associated data)."""
     kek = VaultKek(kek_name)

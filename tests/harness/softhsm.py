@@ -75,7 +75,7 @@ class SoftHsm:
         its slot list at C_Initialize). keyseal's sessions are closed first; tests close theirs after each test."""
         import sys
 
-        backend = sys.modules.get("keyseal._internal.backends.pkcs11")
+        backend = sys.modules.get("keyseal._internal.providers.pkcs11.session")
         loaded = getattr(backend, "_MODULES", {}).get(self.module) if backend is not None else None
         if loaded is not None:
             backend.close_all_sessions()  # type: ignore[union-attr]

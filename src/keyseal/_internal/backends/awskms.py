@@ -5,8 +5,7 @@ IAM permissions on the key:
 - `kms:Sign`: once per signature, with `MessageType=DIGEST` (keyseal hashes the data itself).
 - `kms:DescribeKey` (optional): only for `created_at()`, the default creation time of a minted certificate;
   without it `keyseal keys mint` asks for `--created`.
-`create_signing_key` also needs `kms:CreateKey`, `kms:CreateAlias`, `kms:DescribeKey` and, to clean up after a
-failed alias, `kms:ScheduleKeyDeletion`.
+Making keys (`keys create --kms`, rotation) is `keyseal._internal.providers.aws.kms`.
 
 Key specs: RSA_2048/3072/4096 (RSASSA_PKCS1_V1_5_SHA_256/384/512) and ECC_NIST_P256/P384/P521 (ECDSA with the
 curve's own hash). A key that cannot sign, or a hash the key does not offer, is refused: keyseal never picks
@@ -29,7 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
 from keyseal._internal.backends import BackendOptions
-from keyseal._internal.providers.aws.client import kms_client, kms_errors, translate_kms_error
+from keyseal._internal.providers.aws.client import kms_client, kms_errors
+from keyseal._internal.providers.aws.kms import ALIAS_PATTERN
 from keyseal.errors import (
     AccessDeniedError,
     KeysealError,
@@ -44,14 +44,10 @@ if TYPE_CHECKING:
     from mypy_boto3_kms.literals import SigningAlgorithmSpecType
 
 __all__ = [
-    "KEY_TYPES",
     "AwsKmsSigner",
     "KeyRef",
-    "alias_exists",
-    "create_signing_key",
     "open",
     "parse_key_ref",
-    "validate_alias",
 ]
 
 _PARTITION = r"aws[a-z-]*"
@@ -59,7 +55,7 @@ _REGION = r"[a-z]{2}(?:-[a-z0-9]+)+-\d+"
 _ACCOUNT = r"\d{12}"
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _KEY_ID = rf"(?:{_UUID}|mrk-[0-9a-fA-F]{{32}})"
-_ALIAS = r"alias/[a-zA-Z0-9/_-]{1,250}"
+_ALIAS = ALIAS_PATTERN
 _KEY_ID_RE = re.compile(rf"{_KEY_ID}")
 _ALIAS_RE = re.compile(_ALIAS)
 _KEY_ARN_RE = re.compile(rf"arn:{_PARTITION}:kms:(?P<region>{_REGION}):{_ACCOUNT}:key/{_KEY_ID}")
@@ -86,16 +82,6 @@ _SUPPORTED_SPECS: dict[str, dict[HashName, SigningAlgorithmSpecType]] = {
 }
 _CURVE_SPECS = {"secp256r1": "ECC_NIST_P256", "secp384r1": "ECC_NIST_P384", "secp521r1": "ECC_NIST_P521"}
 
-KeyType = Literal["rsa2048", "rsa3072", "rsa4096", "p256", "p384", "p521"]
-KEY_TYPES: dict[str, str] = {
-    "rsa2048": "RSA_2048",
-    "rsa3072": "RSA_3072",
-    "rsa4096": "RSA_4096",
-    "p256": "ECC_NIST_P256",
-    "p384": "ECC_NIST_P384",
-    "p521": "ECC_NIST_P521",
-}
-_DELETION_WINDOW_DAYS = 7
 
 
 @dataclass(frozen=True)
@@ -332,97 +318,3 @@ def _check_signature(
             f"AWS KMS returned a signature for {ref} that does not verify with the key's public key: "
             f"refusing it"
         ) from None
-
-
-# -- key creation --------------------------------------------------------------------------------------
-
-
-def validate_alias(alias: str) -> str:
-    """An alias keyseal may create: `alias/NAME` (letters, digits, `/`, `_`, `-`), not AWS-reserved."""
-    if not _ALIAS_RE.fullmatch(alias):
-        raise UsageError(
-            f"invalid KMS alias {alias!r}: use alias/NAME with letters, digits, '/', '_' and '-' "
-            f"(at most 256 characters)"
-        )
-    if alias.startswith("alias/aws/"):
-        raise UsageError(
-            f"KMS alias {alias!r} is reserved for AWS managed keys: choose a name outside alias/aws/"
-        )
-    return alias
-
-
-def create_signing_key(
-    alias: str, key_type: str, endpoint: str | None, region: str | None = None
-) -> str:
-    """Create an asymmetric SIGN_VERIFY key in KMS under a new alias; return the key ARN.
-
-    The alias is checked first, so an existing alias leaves no orphan key behind. If CreateAlias still fails
-    (a race, or a missing kms:CreateAlias), the new key is scheduled for deletion and the error says so.
-    """
-    validate_alias(alias)
-    spec = KEY_TYPES.get(key_type)
-    if spec is None:
-        raise UsageError(f"unknown KMS key type {key_type!r}: use one of {', '.join(KEY_TYPES)}")
-    client = kms_client(endpoint, region)
-    url = client.meta.endpoint_url
-    _refuse_existing_alias(client, alias, url)
-    with kms_errors("CreateKey", alias, url):
-        created = client.create_key(
-            KeyUsage="SIGN_VERIFY",
-            KeySpec=spec,  # type: ignore[arg-type]
-            Description=f"keyseal signing key ({alias})",
-        )
-    metadata = created["KeyMetadata"]
-    key_id, key_arn = metadata["KeyId"], metadata.get("Arn") or metadata["KeyId"]
-    try:
-        with kms_errors("CreateAlias", alias, url):
-            client.create_alias(AliasName=alias, TargetKeyId=key_id)
-    except KeysealError as exc:
-        cleanup = _schedule_deletion(client, key_id)
-        raise type(exc)(f"{exc.message}; the key {key_arn} just created for it {cleanup}") from None
-    return key_arn
-
-
-def alias_exists(alias: str, endpoint: str | None, region: str | None = None) -> bool:
-    """Whether a KMS alias names a key (one `kms:DescribeKey`); `keys rotate` uses it to find the next -vN."""
-    from botocore.exceptions import ClientError
-
-    validate_alias(alias)
-    client = kms_client(endpoint, region)
-    url = client.meta.endpoint_url
-    try:
-        client.describe_key(KeyId=alias)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") == "NotFoundException":
-            return False
-        raise translate_kms_error(exc, "DescribeKey", alias, url) from None
-    except Exception as exc:
-        raise translate_kms_error(exc, "DescribeKey", alias, url) from None
-    finally:
-        client.close()
-    return True
-
-
-def _refuse_existing_alias(client: KMSClient, alias: str, url: str) -> None:
-    from botocore.exceptions import ClientError
-
-    try:
-        existing = client.describe_key(KeyId=alias)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") == "NotFoundException":
-            return
-        raise translate_kms_error(exc, "DescribeKey", alias, url) from None
-    except Exception as exc:
-        raise translate_kms_error(exc, "DescribeKey", alias, url) from None
-    raise UsageError(
-        f"KMS alias {alias} already exists (it names {existing['KeyMetadata'].get('Arn', 'a key')}): "
-        f"use it with awskms:{alias}, or choose another alias"
-    )
-
-
-def _schedule_deletion(client: KMSClient, key_id: str) -> str:
-    try:
-        client.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=_DELETION_WINDOW_DAYS)
-    except Exception:
-        return "could NOT be scheduled for deletion: delete it yourself (kms:ScheduleKeyDeletion)"
-    return f"was scheduled for deletion in {_DELETION_WINDOW_DAYS} days"

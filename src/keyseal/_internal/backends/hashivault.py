@@ -1,7 +1,8 @@
 """`hashivault://<mount>/<key>[?version=N]`: a Vault / OpenBao Transit key that never leaves Transit.
 
+`vault:<mount>/<key>[?version=N]` is an alias (the KEK spelling; see `keyseal._internal.providers.vault.uri`).
 The mount defaults to `transit` (`hashivault://release` is `hashivault://transit/release`). Address, token,
-namespace and CA bundle come from the environment or explicit settings (see `keyseal._internal.providers.vault.client`).
+namespace and CA bundle come from the environment or explicit settings (see `providers.vault.client`).
 
 Vault policy capabilities on the key (`keyseal vault-policy --for sign` prints them):
 - `read` on `<mount>/keys/<key>`: once per signer (public key of the signing version, key type, creation time).
@@ -30,14 +31,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
 from keyseal._internal.backends import BackendOptions
-from keyseal._internal.providers.vault.client import (
-    TransitKeyRef,
-    VaultConnection,
-    VaultSettings,
-    parse_transit_ref,
-    vault_client,
-    vault_errors,
-)
+from keyseal._internal.providers.vault.client import VaultConnection, VaultSettings, vault_client
+from keyseal._internal.providers.vault.errors import vault_errors
+from keyseal._internal.providers.vault.uri import TransitKeyRef, parse_transit_ref
 from keyseal.errors import KeyNotFoundError, KeysealError, KeyURIError, UnsupportedKeyError, UsageError
 from keyseal.signer import HASH_NAMES, HashName, PublicKey, Signer, hash_algorithm
 
@@ -60,8 +56,9 @@ _SIGNATURE_RE = re.compile(r"vault:v([0-9]+):([A-Za-z0-9+/=]+)")
 
 
 def open(uri: str, rest: str, options: BackendOptions) -> HashiVaultSigner:  # registry entry point
-    """Registry entry point for `hashivault:` URIs. Validates the URI; makes no remote call yet."""
-    return HashiVaultSigner(uri, parse_transit_ref(f"hashivault:{rest}"))
+    """Registry entry point for `hashivault://` URIs and their alias `vault:`. Validates the URI; makes no
+    remote call yet."""
+    return HashiVaultSigner(uri, parse_transit_ref(uri))
 
 
 @dataclass(frozen=True)

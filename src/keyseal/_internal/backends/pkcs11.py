@@ -10,39 +10,27 @@ Permissions needed: the token's user PIN; the key objects need CKA_SIGN. Mechani
 DigestInfo-prefixed digest), CKM_ECDSA (over the digest; raw r||s is turned into DER), CKM_EDDSA (Ed25519 over
 the digest as the message, as OpenPGP v4 EdDSA does).
 
-Sessions: one logged-in read-only session per token per process, shared by every signer on that token
-(PKCS#11 login state is per application and token anyway), closed when the last signer closes and at
-interpreter exit. Every call into a module holds that module's lock: python-pkcs11 initialises modules with
-C_Initialize(NULL), which promises the module that the application never calls it from several threads at
-once, so a session per thread would break that promise; one session also keeps the number of HSM sessions,
-often a licensed resource, at one.
+Sessions: one logged-in read-only session per token per process, shared by every signer on that token and by
+the CA's pkcs11 custody (keyseal._internal.providers.pkcs11.session), closed when the last signer closes and at
+interpreter exit. A session per thread would break the promise python-pkcs11 makes the module (C_Initialize
+with no locking: one thread at a time); one session also keeps HSM sessions, often a licensed resource, at one.
 """
 
 from __future__ import annotations
 
-import atexit
-import getpass
-import hashlib
-import hmac
 import logging
-import os
 import secrets
-import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
 
 from keyseal._internal.providers.pkcs11 import uri as pkcs11uri
+from keyseal._internal.providers.pkcs11.session import TokenSession, acquire_session, python_pkcs11
 from keyseal._internal.providers.pkcs11.uri import Pkcs11URI
 from keyseal.errors import (
     AccessDeniedError,
     BackendUnavailableError,
-    InputError,
     KeyNotFoundError,
     KeysealError,
     KeyURIError,
@@ -59,8 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODULE_ENV = "KEYSEAL_PKCS11_MODULE"
-PIN_ENV = "KEYSEAL_PKCS11_PIN"
+__all__ = ["KEY_SPECS", "KEY_TYPES", "Pkcs11Signer", "create_key", "open"]
 
 # DER DigestInfo prefixes (RFC 8017 section 9.2, note 1): CKM_RSA_PKCS pads what it is given, nothing more.
 _DIGEST_INFO: dict[str, bytes] = {
@@ -98,314 +85,6 @@ KEY_SPECS: dict[str, _KeySpec] = {
 KEY_TYPES: tuple[str, ...] = tuple(KEY_SPECS)
 
 
-def _pkcs11() -> ModuleType:
-    """python-pkcs11, imported only when a pkcs11: key is used."""
-    try:
-        import pkcs11
-    except ImportError:
-        raise BackendUnavailableError(
-            "pkcs11: keys need python-pkcs11: install it with pip install 'keyseal[pkcs11]'"
-        ) from None
-    return pkcs11
-
-
-# ----------------------------------------------------------------------------------------------------
-# Modules and sessions, shared by the whole process.
-
-
-@dataclass(eq=False)
-class _Module:
-    path: str
-    lib: Any  # pkcs11.lib
-    lock: threading.RLock = field(default_factory=threading.RLock)
-
-
-@dataclass(eq=False)
-class _TokenSession:
-    """A logged-in session on one token, shared by every signer on it, reference counted."""
-
-    module: _Module
-    key: tuple[str, int]
-    label: str
-    token: p11.Token
-    session: p11.Session
-    pin_mac: bytes | None
-    refs: int = 0
-    closed: bool = False
-
-    def release(self) -> None:
-        with self.module.lock:
-            if self.closed:
-                return
-            self.refs -= 1
-            if self.refs <= 0:
-                self.close()
-
-    def close(self) -> None:
-        """Log out and close; errors are logged, not raised (this runs on error paths and at exit)."""
-        with self.module.lock:
-            if self.closed:
-                return
-            self.closed = True
-            with _REGISTRY_LOCK:
-                if _SESSIONS.get(self.key) is self:
-                    del _SESSIONS[self.key]
-            try:
-                self.session.close()
-            except Exception as exc:  # a removed token or a finalised module: nothing left to release
-                log.info("closing the session on PKCS#11 token %r failed: %s", self.label, type(exc).__name__)
-            else:
-                log.info("closed the session on PKCS#11 token %r", self.label)
-
-
-_REGISTRY_LOCK = threading.Lock()
-_MODULES: dict[str, _Module] = {}
-_SESSIONS: dict[tuple[str, int], _TokenSession] = {}
-# Compares a PIN with the one a shared session logged in with, without keeping the PIN.
-_PIN_MAC_KEY = secrets.token_bytes(32)
-
-
-def _pin_mac(pin: str | None) -> bytes | None:
-    return None if pin is None else hmac.new(_PIN_MAC_KEY, pin.encode(), hashlib.sha256).digest()
-
-
-@atexit.register
-def close_all_sessions() -> None:
-    """Log out of and close every session this process opened (also registered to run at exit)."""
-    with _REGISTRY_LOCK:
-        sessions = list(_SESSIONS.values())
-    for token_session in sessions:
-        token_session.close()
-
-
-def module_path(uri: Pkcs11URI) -> str:
-    """`module-path=` from the URI, else KEYSEAL_PKCS11_MODULE."""
-    if "module-name" in uri.query:
-        raise KeyURIError(
-            f"module-name= is not supported in {uri.redacted()!r}: give module-path=/path/to/module.so "
-            f"or set {MODULE_ENV}"
-        )
-    path = uri.query.get("module-path") or os.environ.get(MODULE_ENV)
-    if not path:
-        raise UsageError(
-            f"no PKCS#11 module for {uri.redacted()!r}: add module-path=/path/to/module.so to the URI "
-            f"or set {MODULE_ENV}"
-        )
-    return path
-
-
-def _load_module(path: str) -> _Module:
-    with _REGISTRY_LOCK:
-        module = _MODULES.get(path)
-        if module is not None:
-            return module
-        if not os.path.exists(path):
-            raise BackendUnavailableError(
-                f"PKCS#11 module {path} does not exist: fix module-path= or {MODULE_ENV}"
-            )
-        if not os.path.isfile(path):
-            raise BackendUnavailableError(f"PKCS#11 module {path} is not a file: give the module's .so path")
-        pkcs11 = _pkcs11()
-        try:
-            lib = pkcs11.lib(path)
-        except pkcs11.PKCS11Error as exc:
-            detail = str(exc)
-            if detail.startswith(("OS exception", "Unknown exception")):
-                reason = detail.rpartition(": ")[2] or "cannot be loaded"
-                raise BackendUnavailableError(
-                    f"{path} is not a PKCS#11 module ({reason}): fix module-path= or {MODULE_ENV}"
-                ) from None
-            raise BackendUnavailableError(
-                f"PKCS#11 module {path} failed to initialise ({type(exc).__name__}): check the module's "
-                "configuration (for SoftHSM, SOFTHSM2_CONF and its token directory)"
-            ) from None
-        module = _MODULES[path] = _Module(path, lib)
-        log.info("loaded PKCS#11 module %s (%s)", path, lib.manufacturer_id)
-        return module
-
-
-def _token_serial(token: p11.Token) -> str:
-    serial = token.serial
-    if isinstance(serial, bytes):
-        return serial.rstrip(b" \0").decode(errors="replace")
-    return str(serial).strip()
-
-
-def _find_token(module: _Module, uri: Pkcs11URI) -> p11.Token:
-    """The one initialised token the URI's token/slot/library attributes match."""
-    pkcs11 = _pkcs11()
-    lib = module.lib
-    want = uri.path
-    library_checks = {
-        "library-manufacturer": lib.manufacturer_id,
-        "library-description": lib.library_description,
-    }
-    for name, actual in library_checks.items():
-        if name in want and want[name] != actual:
-            raise KeyNotFoundError(f"PKCS#11 module {module.path} has {name} {actual!r}, not {want[name]!r}")
-    if "library-version" in want:
-        major, _, minor = str(want["library-version"]).partition(".")
-        if (int(major), int(minor or 0)) != tuple(lib.library_version):
-            raise KeyNotFoundError(
-                f"PKCS#11 module {module.path} is not library-version {want['library-version']!r}"
-            )
-    matches: list[p11.Token] = []
-    seen: list[str] = []
-    try:
-        slots = lib.get_slots(token_present=True)
-        for slot in slots:
-            if "slot-id" in want and slot.slot_id != int(str(want["slot-id"])):
-                continue
-            if "slot-description" in want and slot.slot_description != want["slot-description"]:
-                continue
-            if "slot-manufacturer" in want and slot.manufacturer_id != want["slot-manufacturer"]:
-                continue
-            try:
-                token = slot.get_token()
-            except (pkcs11.TokenNotPresent, pkcs11.TokenNotRecognised):
-                continue
-            if not token.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED:
-                continue
-            seen.append(token.label)
-            checks = {
-                "token": token.label,
-                "manufacturer": token.manufacturer_id,
-                "model": token.model,
-                "serial": _token_serial(token),
-            }
-            if all(want[name] == actual for name, actual in checks.items() if name in want):
-                matches.append(token)
-    except pkcs11.PKCS11Error as exc:
-        raise BackendUnavailableError(
-            f"PKCS#11 module {module.path} cannot list its tokens ({type(exc).__name__})"
-        ) from None
-    wanted = " ".join(f"{n}={want[n]!r}" for n in pkcs11uri.PATH_ATTRIBUTES
-                      if n in want and n not in ("object", "id", "type")) or "(any token)"
-    if not matches:
-        present = ", ".join(repr(label) for label in seen) or "none"
-        raise KeyNotFoundError(
-            f"no PKCS#11 token matches {wanted} in module {module.path} (initialised tokens: {present})"
-        )
-    if len(matches) > 1:
-        raise KeyURIError(
-            f"{len(matches)} PKCS#11 tokens match {wanted} in module {module.path}: "
-            "add token=LABEL (or serial=, slot-id=) to the URI"
-        )
-    return matches[0]
-
-
-def _read_pin_source(source: str) -> str:
-    """`pin-source=file:/path` (also `file:///path`, or a plain absolute path): the first line of the file."""
-    if source.startswith("file:"):
-        location = source[len("file:"):]
-        if location.startswith("//"):
-            host, slash, rest = location[2:].partition("/")
-            if host not in ("", "localhost") or not slash:
-                raise KeyURIError("pin-source must be a local file: write pin-source=file:/path/to/pin")
-            location = "/" + rest
-    elif source.startswith("/"):
-        location = source
-    else:
-        raise KeyURIError("pin-source must name a file: write pin-source=file:/path/to/pin")
-    try:
-        data = Path(location).read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"PIN file {location} (pin-source) does not exist") from None
-    except OSError as exc:
-        raise InputError(f"cannot read PIN file {location} (pin-source): {exc.strerror}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"PIN file {location} (pin-source) is not UTF-8 text") from None
-    pin = text.split("\n", 1)[0].removesuffix("\r")
-    if not pin:
-        raise InputError(f"PIN file {location} (pin-source) is empty: put the user PIN on its first line")
-    return pin
-
-
-def _configured_pin(uri: Pkcs11URI) -> str | None:
-    """The PIN from the URI or the environment, without prompting."""
-    if "pin-value" in uri.query:
-        log.warning(
-            "pin-value= in a PKCS#11 URI shows the PIN in process listings and shell history: "
-            "use pin-source=file:PATH or %s instead", PIN_ENV,
-        )
-        return uri.query["pin-value"]
-    if "pin-source" in uri.query:
-        return _read_pin_source(uri.query["pin-source"])
-    return os.environ.get(PIN_ENV) or None
-
-
-def _prompt_pin(label: str) -> str:
-    if sys.stdin is None or not sys.stdin.isatty():
-        raise UsageError(
-            f"PKCS#11 token {label!r} needs a user PIN: set {PIN_ENV}, add pin-source=file:/path/to/pin "
-            "to the URI, or run in a terminal to be asked"
-        )
-    try:
-        pin = getpass.getpass(f"User PIN for PKCS#11 token {label!r}: ")
-    except EOFError:
-        pin = ""
-    if not pin:
-        raise UsageError(f"no PIN entered for PKCS#11 token {label!r}")
-    return pin
-
-
-def _acquire_session(uri: Pkcs11URI) -> _TokenSession:
-    """The shared logged-in session on the URI's token, opening (and logging in to) it if needed."""
-    pkcs11 = _pkcs11()
-    module = _load_module(module_path(uri))
-    with module.lock:
-        token = _find_token(module, uri)
-        label = token.label
-        key = (module.path, int(token.slot.slot_id))
-        needs_login = bool(token.flags & pkcs11.TokenFlag.LOGIN_REQUIRED)
-        with _REGISTRY_LOCK:
-            shared = _SESSIONS.get(key)
-        if shared is not None and not shared.closed:
-            pin = _configured_pin(uri) if needs_login else None
-            if (pin is not None and shared.pin_mac is not None
-                    and not hmac.compare_digest(_pin_mac(pin) or b"", shared.pin_mac)):
-                raise AccessDeniedError(
-                    f"wrong PIN for PKCS#11 token {label!r}: it is not the PIN this process logged in with"
-                )
-            shared.refs += 1
-            return shared
-        user_pin: Any = None
-        pin_text: str | None = None
-        if needs_login:
-            pin_text = _configured_pin(uri)
-            if pin_text is None and token.flags & pkcs11.TokenFlag.PROTECTED_AUTHENTICATION_PATH:
-                user_pin = pkcs11.PROTECTED_AUTH
-                log.info("PKCS#11 token %r authenticates on its own PIN pad", label)
-            else:
-                user_pin = pin_text = pin_text if pin_text is not None else _prompt_pin(label)
-        try:
-            session = token.open(user_pin=user_pin)
-        except (pkcs11.PinIncorrect, pkcs11.PinInvalid, pkcs11.PinLenRange):
-            raise AccessDeniedError(
-                f"wrong PIN for PKCS#11 token {label!r}: check pin-source, {PIN_ENV} or what you typed"
-            ) from None
-        except (pkcs11.PinLocked, pkcs11.PinExpired) as exc:
-            state = "locked" if isinstance(exc, pkcs11.PinLocked) else "expired"
-            raise AccessDeniedError(
-                f"the user PIN of PKCS#11 token {label!r} is {state}: "
-                "the token's security officer must reset it"
-            ) from None
-        except pkcs11.UserAlreadyLoggedIn:
-            # Someone else in this process logged in to the token: the login state is shared, so just use it.
-            session = token.open()
-        except pkcs11.PKCS11Error as exc:
-            raise BackendUnavailableError(
-                f"cannot open a session on PKCS#11 token {label!r} ({type(exc).__name__})"
-            ) from None
-        log.info("logged in to PKCS#11 token %r (module %s)", label, module.path)
-        shared = _TokenSession(module, key, label, token, session, _pin_mac(pin_text), refs=1)
-        with _REGISTRY_LOCK:
-            _SESSIONS[key] = shared
-        return shared
-
-
 # ----------------------------------------------------------------------------------------------------
 # Keys.
 
@@ -425,7 +104,7 @@ def _der_octet_string(data: bytes) -> bytes | None:
 
 def _public_key_from(obj: Any, key_type: Any, described: str) -> PublicKey:
     """A `cryptography` public key from a PKCS#11 public key object (or an RSA private key's public parts)."""
-    pkcs11 = _pkcs11()
+    pkcs11 = python_pkcs11()
     attr = pkcs11.Attribute
     if key_type == pkcs11.KeyType.RSA:
         modulus, exponent = obj[attr.MODULUS], obj[attr.PUBLIC_EXPONENT]
@@ -455,9 +134,9 @@ def _search(session: p11.Session, attrs: dict[Any, Any]) -> list[Any]:
     return list(session.get_objects(attrs))
 
 
-def _find_key_pair(shared: _TokenSession, uri: Pkcs11URI) -> tuple[Any, Any, PublicKey]:
+def _find_key_pair(shared: TokenSession, uri: Pkcs11URI) -> tuple[Any, Any, PublicKey]:
     """(private key object, key type, public key) for the URI's object/id."""
-    pkcs11 = _pkcs11()
+    pkcs11 = python_pkcs11()
     attr = pkcs11.Attribute
     if uri.object is None and uri.id is None:
         raise KeyURIError(
@@ -515,16 +194,16 @@ def _find_key_pair(shared: _TokenSession, uri: Pkcs11URI) -> tuple[Any, Any, Pub
 class Pkcs11Signer(Signer):
     """A private key inside a PKCS#11 token: every signature is one C_Sign call on the shared session."""
 
-    def __init__(self, uri: Pkcs11URI, shared: _TokenSession, private: Any, key_type: Any,
+    def __init__(self, uri: Pkcs11URI, shared: TokenSession, private: Any, key_type: Any,
                  public_key: PublicKey) -> None:
         self.uri = uri.redacted()
-        self._shared: _TokenSession | None = shared
+        self._shared: TokenSession | None = shared
         self._lock = shared.module.lock
         self._private = private
         self._public_key = public_key
         self._described = f"{uri.describe_key()} on token {shared.label!r}"
         # Chosen once, so that a signature costs one lock and one C_Sign and little else.
-        self._p11 = _pkcs11()
+        self._p11 = python_pkcs11()
         mechanism = self._p11.Mechanism
         self._kind = ("rsa" if isinstance(public_key, rsa.RSAPublicKey)
                       else "ec" if isinstance(public_key, ec.EllipticCurvePublicKey) else "ed25519")
@@ -594,7 +273,7 @@ class Pkcs11Signer(Signer):
 def open(uri: str, rest: str, options: object) -> Pkcs11Signer:
     """Registry entry point: parse, log in (or reuse this process's session), find the key pair."""
     parsed = pkcs11uri.parse(uri)
-    shared = _acquire_session(parsed)
+    shared = acquire_session(parsed)
     try:
         with shared.module.lock:
             private, key_type, public_key = _find_key_pair(shared, parsed)
@@ -621,8 +300,8 @@ def create_key(uri: str, key_type: str) -> None:
     parsed = pkcs11uri.parse(uri)
     if parsed.object is None:
         raise KeyURIError(f"PKCS#11 URI {parsed.redacted()!r} needs object=LABEL to name the new key")
-    pkcs11 = _pkcs11()
-    shared = _acquire_session(parsed)
+    pkcs11 = python_pkcs11()
+    shared = acquire_session(parsed)
     try:
         with shared.module.lock:
             _generate(pkcs11, shared, parsed, key_type, spec)
@@ -630,7 +309,7 @@ def create_key(uri: str, key_type: str) -> None:
         shared.release()
 
 
-def _generate(pkcs11: ModuleType, shared: _TokenSession, uri: Pkcs11URI, key_type: str,
+def _generate(pkcs11: ModuleType, shared: TokenSession, uri: Pkcs11URI, key_type: str,
               spec: _KeySpec) -> None:
     attr = pkcs11.Attribute
     label = uri.object
@@ -697,35 +376,3 @@ def _generate(pkcs11: ModuleType, shared: _TokenSession, uri: Pkcs11URI, key_typ
             f"creating {key_type} key {described} failed ({type(exc).__name__})"
         ) from None
     log.info("created %s key %s inside the PKCS#11 token", key_type, described)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The logged-in session, for callers that manage objects besides signing keys.
-
-
-@dataclass(frozen=True)
-class TokenAccess:
-    """The process's logged-in session on one token, used under the module's lock (see `token_session`)."""
-
-    pkcs11: Any  # the python-pkcs11 module: Attribute, ObjectClass, errors
-    token: p11.Token
-    session: p11.Session
-    label: str
-
-
-@contextmanager
-def token_session(uri: str) -> Iterator[TokenAccess]:
-    """Hold the shared logged-in session of the URI's token and its module lock for the `with` block.
-
-    For callers that read or write objects of their own (the CA keeps a data object per keyset): the same
-    login, PIN handling and error messages as signing. Writes need `access.token.open(rw=True)`, which the
-    shared login covers.
-    """
-    parsed = pkcs11uri.parse(uri)
-    pkcs11 = _pkcs11()
-    shared = _acquire_session(parsed)
-    try:
-        with shared.module.lock:
-            yield TokenAccess(pkcs11, shared.token, shared.session, shared.label)
-    finally:
-        shared.release()

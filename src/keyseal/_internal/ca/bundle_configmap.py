@@ -29,15 +29,14 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from keyseal._internal.ca.bundle import bundle_document
-from keyseal._internal.store.kubernetes import (
+from keyseal._internal.providers.kubernetes.client import (
     REQUEST_TIMEOUT,
     api_client_from_environment,
-    is_client_error,
     kubernetes_client,
     resolve_namespace,
-    status_of,
 )
-from keyseal.errors import AccessDeniedError, BackendUnavailableError, KeysealError, UsageError
+from keyseal._internal.providers.kubernetes.errors import api_failures, status_of, translate_api_error
+from keyseal.errors import KeysealError, UsageError
 
 if TYPE_CHECKING:
     from keyseal._internal.ca.custody.keyset import Keyset
@@ -137,23 +136,15 @@ class BundleConfigMap:
     def _call(self, verb: str, method: Any, *args: Any) -> Any:
         try:
             return method(*args, _request_timeout=REQUEST_TIMEOUT)
-        except Exception as exc:
-            if not is_client_error(exc):
-                raise
-            status = status_of(exc)
-            if status == 409:
+        except api_failures() as exc:
+            if status_of(exc) == 409:
                 raise _Conflict from None
-            if status in (401, 403):
-                raise AccessDeniedError(
-                    f"the Kubernetes API refused to {verb} {self.where} ({status}): grant get and update on "
-                    f"configmaps with resourceNames [{self.name}] in namespace {self.namespace}") from None
-            if status == 404:
-                raise UsageError(f"{self.where} does not exist: create it (the Helm chart does when "
-                                 f"agent.enabled) or unset {ENVIRONMENT}") from None
-            if status is not None:
-                raise KeysealError(f"the Kubernetes API refused to {verb} {self.where} (HTTP {status})") from None
-            raise BackendUnavailableError(
-                f"cannot reach the Kubernetes API to {verb} {self.where} ({type(exc).__name__})") from None
+            missing = UsageError(f"{self.where} does not exist: create it (the Helm chart does when agent.enabled) "
+                                 f"or unset {ENVIRONMENT}")
+            raise translate_api_error(
+                exc, f"{verb} {self.where}", statuses={404: missing},
+                grant=f"get and update on configmaps with resourceNames [{self.name}] in namespace {self.namespace}",
+            ) from None
 
 
 class _Conflict(Exception):

@@ -160,7 +160,7 @@ class FederationConfig:
 @dataclass(frozen=True)
 class Config:
     trust_domain: str
-    custody: Literal["wrapped", "kms", "pkcs11"] = "wrapped"
+    custody: str = "wrapped"  # a name in keyseal._internal.registry.CUSTODIES
     wrapping_provider: Literal["local", "awskms", "vault"] = "local"
     local_kek_file: Path | None = None
     vault: VaultConfig | None = None
@@ -268,7 +268,7 @@ def parse_config(data: object) -> Config:
     if not trust_domain:
         raise UsageError("trustDomain is missing: set it to the SPIFFE trust domain, e.g. example.org")
     check_trust_domain(trust_domain)
-    custody = root.choice("custody", ("wrapped", "kms", "pkcs11"), "wrapped")
+    custody = _custody(root)
     values: dict[str, Any] = {"trust_domain": trust_domain, "custody": custody}
     values.update(_wrapping(root.section("keyWrapping")))
     values.update(_aws(root.section("aws"), trust_domain))
@@ -685,3 +685,17 @@ def _refuse_host_defaults(data: object, config: Config) -> None:
     if config.custody == "wrapped" and config.wrapping_provider == "local" and config.local_kek_file is None:
         raise UsageError("keyWrapping.local.kekFile is not set: name the KEK file that wraps the CA keys (keep "
                          "it apart from the store), or try keyseal dev for a local trust domain")
+
+
+def _custody(root: _Section) -> str:
+    """`custody`: a built-in (wrapped, kms, pkcs11) or one another package registers; entry points are read only
+    for a name that is not a built-in."""
+    from keyseal._internal.registry import CUSTODIES
+
+    value = root.text("custody", "wrapped")
+    assert value is not None
+    if value not in CUSTODIES:
+        builtins = ("wrapped", "kms", "pkcs11")  # first, as the configuration reference lists them
+        names = builtins + tuple(name for name in CUSTODIES.names() if name not in builtins)
+        raise UsageError(f"{root.key('custody')}={value!r} is not one of {', '.join(names)}")
+    return value

@@ -16,7 +16,7 @@ from cryptography import x509
 from keyseal._internal.ca.audit_logging import AuditConsole
 from keyseal._internal.ca.bundle_configmap import BundleConfigMap
 from keyseal._internal.ca.bundle_sequence import BundlePublisher, SequenceLedger
-from keyseal._internal.ca.config import CA_KEY_TYPES, Config
+from keyseal._internal.ca.config import Config
 from keyseal._internal.ca.custody.manager import Clock, KeysetManager, system_clock
 from keyseal._internal.ca.custody.pin_store import PinStore
 from keyseal._internal.ca.custody.pins import KeysetPins
@@ -50,58 +50,14 @@ _ISSUANCE = frozenset({"/v1/x509-svid", "/v1/jwt-svid"})
 
 
 def build_source(config: Config, kube_api_client: Any = None) -> KeysetSource:
-    """The custody's keyset source; imports an SDK only for the custody and store configured."""
-    x509_type, jwt_type = CA_KEY_TYPES[config.ca_key_type], CA_KEY_TYPES[config.jwt_key_type]
-    if config.custody == "kms":
-        from keyseal._internal.ca.custody.kms import KmsKeysetSource
+    """The custody's keyset source, from the custody registry (keyseal._internal.registry.CUSTODIES); imports an
+    SDK only for the custody and store configured."""
+    from keyseal._internal.ca.custody.source import CustodyContext
+    from keyseal._internal.registry import CUSTODIES
 
-        return KmsKeysetSource(config.trust_domain, config.kms_alias_prefix, x509_type, jwt_type,
-                               endpoint=config.kms_endpoint, region=config.aws_region,
-                               pins=build_pins(config, config.kms_alias_prefix, kube_api_client))
-    if config.custody == "pkcs11" and config.pkcs11 is not None:
-        from keyseal._internal.ca.custody.pkcs11 import Pkcs11KeysetSource
-
-        token = config.pkcs11
-        return Pkcs11KeysetSource(config.trust_domain, token.uri, token.label_prefix, x509_type, jwt_type,
-                                  module_path=token.module_path, pin_file=token.pin_file,
-                                  pins=build_pins(config, token.label_prefix, kube_api_client))
-    from keyseal._internal.ca.custody.wrapped import WrappedKeysetSource
-    from keyseal._internal.store import RecordStore
-    from keyseal._internal.wrapping.kek import KekProvider, parse_kek
-
-    kek: KekProvider
-    if config.wrapping_provider == "vault" and config.vault is not None:
-        from keyseal._internal.wrapping.vault import VaultKek
-
-        vault = config.vault
-        kek = VaultKek.from_config(vault.address, vault.transit_key, mount=vault.mount, token_file=vault.token_file,
-                                   kubernetes_role=vault.kubernetes_role, kubernetes_mount=vault.kubernetes_mount,
-                                   namespace=vault.namespace, ca_bundle=vault.ca_bundle)
-        log.info("Key wrapping via Vault Transit key=%s/%s address=%s", vault.mount, vault.transit_key,
-                 vault.address)
-    else:
-        kek = parse_kek(config.kek_spec(), kms_endpoint=config.kms_endpoint, region=config.aws_region)
-    if config.wrapping_provider == "local":
-        log.info("Key wrapping via local KEK file %s", getattr(kek, "path", "?"))
-    from keyseal._internal.wrapping.store_ledger import StoreLedger
-
-    # Records are bound to the trust domain (and namespace): a copy in another one does not open there.
-    scope = f"trust-domain={config.trust_domain}"
-    store: RecordStore
-    if config.store_type == "kubernetes":
-        from keyseal._internal.store.kubernetes import KubernetesStore, api_client_from_environment, resolve_namespace
-
-        client = kube_api_client or api_client_from_environment(config.kube_api_server)
-        namespace = resolve_namespace(config.kube_namespace, "the WrappedKey resources")
-        store = KubernetesStore(namespace, client, scope=f"{scope};namespace={namespace}")
-    else:
-        from keyseal._internal.records.ledger import FileLedger
-        from keyseal._internal.store.directory import DirectoryStore
-
-        store = DirectoryStore(config.store_path, FileLedger(config.ledger_file) if config.ledger_file else None,
-                               scope=scope)
-    StoreLedger(store, kek)  # the rollback high-water mark every replica reads, in the store itself
-    return WrappedKeysetSource(store, kek, config.record_prefix, x509_type, jwt_type)
+    context = CustodyContext(kube_api_client, lambda scope: build_pins(config, scope, kube_api_client))
+    source: KeysetSource = CUSTODIES.load(config.custody)(config, context)
+    return source
 
 
 def build_sequence_ledger(config: Config, kube_api_client: Any = None) -> SequenceLedger:
@@ -117,7 +73,7 @@ def build_document_store(config: Config, kind: str, kube_api_client: Any = None)
     name = f"{config.record_prefix}-{kind}"
     if config.store_type == "kubernetes":
         def configmap() -> PinStore:
-            from keyseal._internal.store.kubernetes import api_client_from_environment, resolve_namespace
+            from keyseal._internal.providers.kubernetes.client import api_client_from_environment, resolve_namespace
 
             client = kube_api_client or api_client_from_environment(config.kube_api_server)
             return ConfigMapPinStore(client, resolve_namespace(config.kube_namespace, f"the {kind} document"),
@@ -157,7 +113,7 @@ def build_pins(config: Config, scope: str, kube_api_client: Any = None) -> Keyse
     store: PinStore
     if config.store_type == "kubernetes":
         def configmap() -> PinStore:
-            from keyseal._internal.store.kubernetes import api_client_from_environment, resolve_namespace
+            from keyseal._internal.providers.kubernetes.client import api_client_from_environment, resolve_namespace
 
             client = kube_api_client or api_client_from_environment(config.kube_api_server)
             return ConfigMapPinStore(client, resolve_namespace(config.kube_namespace, "the keyset pins"), name)
@@ -328,7 +284,7 @@ class CaServer:
         if k8s is None or not k8s.templates:
             return
         from keyseal._internal.ca.registry.templates import TemplateReconciler
-        from keyseal._internal.store.kubernetes import api_client_from_environment, resolve_namespace
+        from keyseal._internal.providers.kubernetes.client import api_client_from_environment, resolve_namespace
 
         with self._templates_lock:
             if self._stop.is_set() or self.templates is not None:

@@ -86,7 +86,7 @@ def create(key_type: str, out: Path | None, force: bool, in_kms: bool, alias: st
     if in_kms:
         if out is not None or alias is None:
             raise UsageError("--kms needs --alias alias/NAME and takes no --out")
-        from keyseal._internal.backends.awskms import create_signing_key
+        from keyseal._internal.providers.aws.kms import create_signing_key
 
         arn = create_signing_key(alias, key_type, kms_endpoint)
         if as_json:

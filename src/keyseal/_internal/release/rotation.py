@@ -24,9 +24,8 @@ from keyseal._internal.openpgp.keys import same_public_key
 from keyseal.errors import KeysealError, KeyURIError, OutputExistsError, UsageError
 from keyseal.signer import PublicKey, Signer
 
-__all__ = ["ORPHAN_TAG", "Rotated", "RotationRequest", "next_label", "rotate_kms", "rotate_pkcs11"]
+__all__ = ["Rotated", "RotationRequest", "next_label", "rotate_kms", "rotate_pkcs11"]
 
-ORPHAN_TAG = "keyseal:orphaned"
 ORPHAN_VALUE = "rotation-failed"
 _VERSION_SUFFIX = re.compile(r"-v\d+$")
 _MAX_VERSIONS = 1000
@@ -98,11 +97,11 @@ def _rfc3339(seconds: int) -> str:
 
 def rotate_kms(alias: str, request: RotationRequest, endpoint: str | None) -> Rotated:
     """Create alias/NAME-vN (the next free N) with the current key's type, and mint its certificate."""
-    from keyseal._internal.backends.awskms import KEY_TYPES, alias_exists, create_signing_key, validate_alias
+    from keyseal._internal.providers.aws.kms import KEY_SPECS, alias_exists, create_signing_key, validate_alias
 
     validate_alias(alias)
-    if request.key_type is not None and request.key_type not in KEY_TYPES:
-        raise UsageError(f"AWS KMS cannot make {request.key_type} keys: use one of {', '.join(KEY_TYPES)}")
+    if request.key_type is not None and request.key_type not in KEY_SPECS:
+        raise UsageError(f"AWS KMS cannot make {request.key_type} keys: use one of {', '.join(KEY_SPECS)}")
     options = BackendOptions(kms_endpoint=endpoint)
     with open_signer(f"awskms:{alias}", options) as current:
         key_type = _check_current(current, request, alias, ed25519_ok=False)
@@ -128,19 +127,16 @@ def rotate_kms(alias: str, request: RotationRequest, endpoint: str | None) -> Ro
 
 def tag_orphaned(arn: str, alias: str, endpoint: str | None) -> str:
     """Tag a key a failed rotation left behind; returns what to tell the user (tagged or not, what next)."""
-    from keyseal._internal.providers.aws.client import kms_client, kms_errors
+    from keyseal._internal.providers.aws.client import kms_client
+    from keyseal._internal.providers.aws.kms import ORPHAN_TAG, orphan_tags, tag_key
 
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    tags = [{"TagKey": ORPHAN_TAG, "TagValue": ORPHAN_VALUE},
-            {"TagKey": f"{ORPHAN_TAG}-at", "TagValue": now},
-            {"TagKey": f"{ORPHAN_TAG}-alias", "TagValue": alias}]
     next_steps = (f"mint it with keyseal keys mint --key awskms:{alias} ..., or schedule its deletion with "
                   f"aws kms schedule-key-deletion --key-id {arn}")
     try:
         client = kms_client(endpoint)
         try:
-            with kms_errors("TagResource", arn, client.meta.endpoint_url):
-                client.tag_resource(KeyId=arn, Tags=tags)  # type: ignore[arg-type]
+            tag_key(client, arn, orphan_tags(ORPHAN_VALUE, now, alias=alias))
         finally:
             client.close()
     except KeysealError as exc:

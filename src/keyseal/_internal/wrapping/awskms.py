@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 
 from keyseal._internal.providers.aws.client import kms_client, kms_errors
 from keyseal._internal.records.record import DEK_SIZE
-from keyseal._internal.wrapping.kek import KekProvider, zero
+from keyseal._internal.wrapping.provider import KekOptions, KekProvider, invalid_kek, zero
 from keyseal.errors import (
     AccessDeniedError,
     UnsupportedKeyError,
@@ -43,6 +43,13 @@ def _announce(arn: str) -> None:
             return
         _announced.add(arn)
     log.info("Key wrapping via KMS keyARN=%s", arn)
+
+
+def open(spec: str, rest: str, options: KekOptions) -> AwsKmsKek:
+    """Registry entry point: `awskms:<key ARN>`. Validates the ARN; makes no remote call yet."""
+    if not rest:
+        raise invalid_kek(spec)
+    return AwsKmsKek(rest, endpoint=options.kms_endpoint, region=options.region)
 
 
 class AwsKmsKek(KekProvider):

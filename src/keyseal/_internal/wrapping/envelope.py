@@ -10,7 +10,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyseal._internal.records.record import NONCE_SIZE, WrappedRecord, check_record_name, check_scope, kek_context
-from keyseal._internal.wrapping.kek import KekProvider, new_dek, zero
+from keyseal._internal.wrapping.provider import KekProvider, new_dek, zero
 from keyseal.errors import WrappedRecordError
 
 

@@ -21,12 +21,26 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyseal._internal.atomic import write_atomic
+from keyseal._internal.home import keyseal_home
 from keyseal._internal.records.record import DEK_SIZE, NONCE_SIZE
-from keyseal._internal.wrapping.kek import KekProvider, new_dek, zero
+from keyseal._internal.wrapping.provider import KekOptions, KekProvider, invalid_kek, new_dek, zero
 from keyseal.errors import InputError, InvalidKeyFileError, OutputExistsError, WrappedRecordError
 
 _MAGIC = "keyseal-local-kek-v1:"
 _ID_DOMAIN = b"keyseal local KEK id\x00"
+
+
+def default_local_kek_path() -> Path:
+    return keyseal_home() / "kek"
+
+
+def open(spec: str, rest: str, options: KekOptions) -> LocalKek:
+    """Registry entry point: `local` (the KEK file `$KEYSEAL_HOME/kek`) or `local:PATH`."""
+    if spec == "local":
+        return LocalKek(default_local_kek_path())
+    if not rest:
+        raise invalid_kek(spec)
+    return LocalKek(Path(rest).expanduser())
 
 
 class LocalKek(KekProvider):

@@ -27,7 +27,7 @@ from keyseal._internal.records.ledger import VersionLedger
 from keyseal._internal.records.record import MAX_VERSION, SEEN_VERSIONS_TYPE, WrappedRecord
 from keyseal._internal.store import RecordStore, StoredRecord
 from keyseal._internal.wrapping.envelope import seal, unseal
-from keyseal._internal.wrapping.kek import KekProvider
+from keyseal._internal.wrapping.provider import KekProvider
 from keyseal.errors import KekMismatchError, WrappedRecordError
 
 __all__ = ["LEDGER_NAME", "StoreLedger"]

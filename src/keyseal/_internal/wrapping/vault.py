@@ -1,7 +1,8 @@
 """`vault` KEK provider: DEKs wrapped by a Vault / OpenBao Transit `aes256-gcm96` key that never leaves Vault.
 
-Named as `--kek vault:[MOUNT/]KEY` (mount `transit` by default); records store and compare the key's canonical
-URI `hashivault://MOUNT/KEY` (with `?namespace=NS` when a namespace is configured), and a record naming another
+Named as `--kek hashivault://[MOUNT/]KEY` or its alias `--kek vault:[MOUNT/]KEY` (mount `transit` by default;
+the same spellings as a signing key's); records store and compare the key's canonical URI
+`hashivault://MOUNT/KEY` (with `?namespace=NS` when a namespace is configured), and a record naming another
 key is refused before any decrypt. Each DEK is encrypted with the record's KEK context (name, version, format)
 as Transit associated data, so a wrapped DEK moved to another record does not decrypt.
 
@@ -26,15 +27,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from keyseal._internal.providers.vault.client import (
-    SCHEME,
-    TransitKeyRef,
-    VaultConnection,
-    VaultSettings,
-    parse_transit_ref,
-)
+from keyseal._internal.providers.vault.client import VaultConnection, VaultSettings
+from keyseal._internal.providers.vault.uri import ALIAS_SCHEME, SCHEME, TransitKeyRef, parse_transit_ref
 from keyseal._internal.records.record import DEK_SIZE
-from keyseal._internal.wrapping.kek import KekProvider, zero
+from keyseal._internal.wrapping.provider import KekOptions, KekProvider, invalid_kek, zero
 from keyseal.errors import AccessDeniedError, KeyURIError, UnsupportedKeyError, WrappedRecordError
 
 log = logging.getLogger(__name__)
@@ -45,14 +41,23 @@ _announced: set[str] = set()
 _announce_lock = threading.Lock()
 
 
+def open(spec: str, rest: str, options: KekOptions) -> VaultKek:
+    """Registry entry point: `hashivault://[MOUNT/]KEY` or its alias `vault:[MOUNT/]KEY`. No remote call yet."""
+    if not rest:
+        raise invalid_kek(spec)
+    return VaultKek(spec if spec.startswith(f"{SCHEME}:") else rest)
+
+
 def parse_kek_spec(rest: str) -> TransitKeyRef:
-    """The part after `vault:`: `MOUNT/KEY`, `KEY` (mount transit) or a `hashivault://MOUNT/KEY` URI."""
-    uri = rest if rest.startswith(f"{SCHEME}://") else f"{SCHEME}://{rest}"
+    """A KEK's Transit key: the part after `vault:` (`MOUNT/KEY`, `KEY` for mount transit, or a
+    `hashivault://MOUNT/KEY` URI), or a whole `hashivault:` URI. Either spelling names the same key."""
+    spelled = rest if rest.startswith(f"{SCHEME}:") else f"{ALIAS_SCHEME}:{rest}"
     try:
-        ref = parse_transit_ref(uri)
+        ref = parse_transit_ref(spelled)
     except KeyURIError:
         raise KeyURIError(
-            f"invalid Vault KEK {('vault:' + rest)!r}: use vault:MOUNT/KEY or vault:KEY (mount transit)"
+            f"invalid Vault KEK {spelled!r}: use vault:MOUNT/KEY or vault:KEY (mount transit), or "
+            f"{SCHEME}://MOUNT/KEY"
         ) from None
     if ref.version is not None:
         raise KeyURIError(

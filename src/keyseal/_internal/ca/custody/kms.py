@@ -56,11 +56,24 @@ from keyseal._internal.ca.custody.keys import CaKey, SignerCaKey
 from keyseal._internal.ca.custody.pins import KINDS, KeysetPins, NewPin, Pin
 from keyseal._internal.ca.custody.source import KeysetKeys, KeysetSource, Loaded
 from keyseal._internal.providers.aws.client import kms_client, kms_errors
+from keyseal._internal.providers.aws.kms import (
+    DELETION_WINDOW_DAYS,
+    KEY_SPECS,
+    ORPHAN_TAG,
+    create_alias,
+    create_key,
+    orphan_tags,
+    schedule_deletion,
+    tag_key,
+)
 from keyseal._internal.records.record import format_time
 from keyseal.errors import AccessDeniedError, CustodyIntegrityError, KeysealError
 
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient
+
+    from keyseal._internal.ca.config import Config
+    from keyseal._internal.ca.custody.source import CustodyContext
 
 __all__ = [
     "DEFAULT_ORPHAN_GRACE",
@@ -68,14 +81,14 @@ __all__ = [
     "ORPHAN_TAG",
     "STATE_TAG",
     "KmsKeysetSource",
+    "open",
 ]
 
 log = logging.getLogger(__name__)
 
-KMS_KEY_SPECS = {"p256": "ECC_NIST_P256", "p384": "ECC_NIST_P384", "rsa2048": "RSA_2048", "rsa4096": "RSA_4096"}
+KMS_KEY_SPECS = {kind: KEY_SPECS[kind] for kind in ("p256", "p384", "rsa2048", "rsa4096")}
 _DESCRIPTION_RE = re.compile(r"keyseal CA key: trust domain (?P<td>\S+), keyset (?P<n>\d+) \((?P<kind>x509|jwt)\), "
                              r"not before (?P<at>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
-_DELETION_DAYS = 7
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 TRUST_DOMAIN_TAG = "keyseal:trust-domain"
@@ -84,14 +97,20 @@ KEYSET_TAG = "keyseal:keyset"
 KIND_TAG = "keyseal:kind"
 CREATED_TAG = "keyseal:created-at"
 STATE_TAG = "keyseal:state"  # pending -> active, or orphaned
-ORPHAN_TAG = "keyseal:orphaned"  # the reason: rotation-failed, lost-race, abandoned
-ORPHAN_AT_TAG = "keyseal:orphaned-at"
-ORPHAN_DETAIL_TAG = "keyseal:orphaned-detail"
 
 DEFAULT_ORPHAN_GRACE = timedelta(minutes=15)
 _SWEEP_MAX_KEYS = 5000  # ListResourceTags calls per startup, at most
 _SWEEP_DENIED_LIMIT = 20  # ListResourceTags denied this often, none allowed: stop looking
 _COMMIT_WAIT_SECONDS = 30.0  # how long a replica that lost the race waits for the winner's keyset
+
+
+def open(config: Config, context: CustodyContext) -> KmsKeysetSource:
+    """Registry entry point for `custody: kms`."""
+    from keyseal._internal.ca.config import CA_KEY_TYPES
+
+    return KmsKeysetSource(config.trust_domain, config.kms_alias_prefix, CA_KEY_TYPES[config.ca_key_type],
+                           CA_KEY_TYPES[config.jwt_key_type], endpoint=config.kms_endpoint, region=config.aws_region,
+                           pins=context.pins(config.kms_alias_prefix))
 
 
 class KmsKeysetSource(KeysetSource):
@@ -207,7 +226,7 @@ class KmsKeysetSource(KeysetSource):
             for kind in ("jwt", "x509"):
                 step = f"{kind} CreateAlias"
                 alias = self.alias(number, kind)
-                if not self._create_alias(alias, created[kind][0]):
+                if not create_alias(self._kms(), alias, created[kind][0]):
                     if kind == "jwt":
                         log.info("%s was created by another replica: abandoning this replica's keys", alias)
                         self._abandon(number, created, aliased, "lost-race", f"{alias} taken by another writer")
@@ -447,31 +466,9 @@ class KmsKeysetSource(KeysetSource):
                        f"not before {format_time(not_before)}")
         tags = {TRUST_DOMAIN_TAG: self.trust_domain, PREFIX_TAG: self.alias_prefix, KEYSET_TAG: str(number),
                 KIND_TAG: kind, CREATED_TAG: format_time(self.wall_clock()), STATE_TAG: "pending"}
-        try:
-            with kms_errors("CreateKey", alias, client.meta.endpoint_url):
-                created = client.create_key(KeyUsage="SIGN_VERIFY", KeySpec=spec,  # type: ignore[arg-type]
-                                            Description=description,
-                                            Tags=[{"TagKey": k, "TagValue": v} for k, v in tags.items()])
-        except AccessDeniedError as exc:
-            raise AccessDeniedError(f"{exc.message} (a tagged CreateKey also needs kms:TagResource)") from None
-        metadata = created["KeyMetadata"]
-        log.info("created AWS KMS key %s (%s) for %s, tagged %s=pending", metadata["KeyId"], spec, alias,
-                 STATE_TAG)
-        return metadata["KeyId"], metadata["Arn"]
-
-    def _create_alias(self, alias: str, key_id: str) -> bool:
-        """CreateAlias; False if the alias exists (another writer made it)."""
-        from botocore.exceptions import ClientError
-
-        client = self._kms()
-        with kms_errors("CreateAlias", alias, client.meta.endpoint_url):
-            try:
-                client.create_alias(AliasName=alias, TargetKeyId=key_id)
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") == "AlreadyExistsException":
-                    return False
-                raise
-        return True
+        key_id, arn = create_key(client, alias, spec, description, tags)
+        log.info("created AWS KMS key %s (%s) for %s, tagged %s=pending", key_id, spec, alias, STATE_TAG)
+        return key_id, arn
 
     def _await_commit(self, number: int) -> None:
         """After a lost race: wait (bounded) until the winner's keyset is complete, or it gave up."""
@@ -500,13 +497,10 @@ class KmsKeysetSource(KeysetSource):
 
     def _orphan(self, key_id: str, number: int, kind: str, reason: str, detail: str) -> str:
         """Tag one key orphaned and schedule its deletion; each step best effort, each outcome logged."""
-        tags = {ORPHAN_TAG: reason, ORPHAN_AT_TAG: format_time(self.wall_clock()), ORPHAN_DETAIL_TAG: detail,
-                STATE_TAG: "orphaned"}
+        tags = {**orphan_tags(reason, format_time(self.wall_clock()), detail=detail), STATE_TAG: "orphaned"}
         tagged = self._tag(key_id, tags, "tag it orphaned")
-        client = self._kms()
         try:
-            with kms_errors("ScheduleKeyDeletion", key_id, client.meta.endpoint_url):
-                client.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=_DELETION_DAYS)
+            schedule_deletion(self._kms(), key_id)
         except KeysealError as exc:
             how = f"tagged {ORPHAN_TAG}={reason} so that it can be found" if tagged else "and untagged"
             log.warning("orphaned KMS key %s (keyset %d %s, %s): deletion not scheduled (%s); it stays %s: "
@@ -515,16 +509,13 @@ class KmsKeysetSource(KeysetSource):
                    f"its deletion could not be scheduled"
         log.warning("orphaned KMS key %s (keyset %d %s, %s): %s, deletion scheduled in %d days", key_id,
                     number, kind, detail, f"tagged {ORPHAN_TAG}={reason}" if tagged else "untagged",
-                    _DELETION_DAYS)
+                    DELETION_WINDOW_DAYS)
         return f"the key {key_id} just created was {'tagged ' + ORPHAN_TAG + ' and ' if tagged else ''}" \
                f"scheduled for deletion"
 
     def _tag(self, key_id: str, tags: dict[str, str], why: str) -> bool:
-        client = self._kms()
         try:
-            with kms_errors("TagResource", key_id, client.meta.endpoint_url):
-                client.tag_resource(KeyId=key_id,
-                                    Tags=[{"TagKey": k, "TagValue": v} for k, v in tags.items()])
+            tag_key(self._kms(), key_id, tags)
         except KeysealError as exc:
             log.warning("could not %s: KMS key %s (%s)", why, key_id, exc.message)
             return False

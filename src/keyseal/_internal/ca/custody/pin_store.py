@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from keyseal._internal.atomic import directory_locked, write_atomic
-from keyseal.errors import AccessDeniedError, BackendUnavailableError, InputError, KeysealError, StoreConflictError
+from keyseal._internal.providers.kubernetes.client import REQUEST_TIMEOUT, kubernetes_client
+from keyseal._internal.providers.kubernetes.errors import api_failures, status_of, translate_api_error
+from keyseal.errors import InputError, KeysealError, StoreConflictError
 
 __all__ = ["ConfigMapPinStore", "DirectoryPinStore", "LazyPinStore", "PinStore"]
 
@@ -77,8 +79,6 @@ class ConfigMapPinStore(PinStore):
     """The data key `keyset-pins.json` of one ConfigMap; writes conditional on its resourceVersion."""
 
     def __init__(self, api_client: Any, namespace: str, name: str, key: str = PIN_KEY) -> None:
-        from keyseal._internal.store.kubernetes import kubernetes_client
-
         self.key = key
         self.api = kubernetes_client().CoreV1Api(api_client)
         self.namespace, self.name = namespace, name
@@ -97,7 +97,7 @@ class ConfigMapPinStore(PinStore):
         return (text or "").encode("utf-8"), version
 
     def write(self, data: bytes, expected_revision: str | None) -> None:
-        client = _client_module()
+        client = kubernetes_client()
         metadata = client.V1ObjectMeta(name=self.name, namespace=self.namespace,
                                        labels={"app.kubernetes.io/part-of": "keyseal"},
                                        resource_version=expected_revision)
@@ -108,27 +108,18 @@ class ConfigMapPinStore(PinStore):
             self._call("update", self.api.replace_namespaced_config_map, self.name, self.namespace, body)
 
     def _call(self, verb: str, method: Any, *args: Any) -> Any:
-        from keyseal._internal.store.kubernetes import REQUEST_TIMEOUT, is_client_error, status_of
-
         try:
             return method(*args, _request_timeout=REQUEST_TIMEOUT)
-        except Exception as exc:
-            if not is_client_error(exc):
-                raise
+        except api_failures() as exc:
             status = status_of(exc)
             if status == 404 and verb == "get":
                 return None
             if status == 409 or (status == 404 and verb == "update"):
                 raise StoreConflictError(f"{self.location()} changed since it was read: reload it") from None
-            if status in (401, 403):
-                raise AccessDeniedError(
-                    f"the Kubernetes API refused to {verb} {self.location()} ({status}): grant get and update on "
-                    f"configmaps with resourceNames [{self.name}] and create on configmaps in namespace "
-                    f"{self.namespace}") from None
-            if status is not None:
-                raise KeysealError(f"the Kubernetes API refused to {verb} {self.location()} (HTTP {status})") from None
-            raise BackendUnavailableError(
-                f"cannot reach the Kubernetes API to {verb} {self.location()} ({type(exc).__name__})") from None
+            raise translate_api_error(
+                exc, f"{verb} {self.location()}",
+                grant=f"get and update on configmaps with resourceNames [{self.name}] and create on configmaps in "
+                      f"namespace {self.namespace}") from None
 
 
 class LazyPinStore(PinStore):
@@ -153,9 +144,3 @@ class LazyPinStore(PinStore):
 
     def write(self, data: bytes, expected_revision: str | None) -> None:
         self._inner().write(data, expected_revision)
-
-
-def _client_module() -> Any:
-    from keyseal._internal.store.kubernetes import kubernetes_client
-
-    return kubernetes_client()

@@ -43,15 +43,16 @@ import threading
 import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from keyseal._internal.backends.pkcs11 import Pkcs11Signer, TokenAccess, create_key, token_session
+from keyseal._internal.backends.pkcs11 import Pkcs11Signer, create_key
 from keyseal._internal.backends.pkcs11 import open as open_pkcs11
 from keyseal._internal.ca.custody.alarms import alarm
 from keyseal._internal.ca.custody.keys import CaKey, SignerCaKey
 from keyseal._internal.ca.custody.pins import KINDS, KeysetPins, NewPin, Pin, verify_signature
 from keyseal._internal.ca.custody.source import KeysetKeys, KeysetSource, Loaded
 from keyseal._internal.providers.pkcs11 import uri as pkcs11uri
+from keyseal._internal.providers.pkcs11.session import TokenAccess, token_session
 from keyseal._internal.records.record import format_time
 from keyseal.errors import (
     BackendUnavailableError,
@@ -63,7 +64,11 @@ from keyseal.errors import (
     UsageError,
 )
 
-__all__ = ["APPLICATION", "Pkcs11CaKey", "Pkcs11KeysetSource"]
+if TYPE_CHECKING:
+    from keyseal._internal.ca.config import Config
+    from keyseal._internal.ca.custody.source import CustodyContext
+
+__all__ = ["APPLICATION", "Pkcs11CaKey", "Pkcs11KeysetSource", "open"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,18 @@ MARKER_FORMAT = "keyseal._internal.ca-keyset.v1"
 _KINDS = KINDS
 _REQUIRED = ("LOCAL", "NEVER_EXTRACTABLE", "ALWAYS_SENSITIVE", "SENSITIVE")  # true; and EXTRACTABLE false
 _LABEL_SAFE = "-._~:[]@!$'()*+,"
+
+
+def open(config: Config, context: CustodyContext) -> Pkcs11KeysetSource:
+    """Registry entry point for `custody: pkcs11`."""
+    from keyseal._internal.ca.config import CA_KEY_TYPES
+
+    token = config.pkcs11
+    if token is None:  # parse_config requires the pkcs11 section with this custody
+        raise UsageError("custody: pkcs11 needs the pkcs11 section")
+    return Pkcs11KeysetSource(config.trust_domain, token.uri, token.label_prefix, CA_KEY_TYPES[config.ca_key_type],
+                              CA_KEY_TYPES[config.jwt_key_type], module_path=token.module_path,
+                              pin_file=token.pin_file, pins=context.pins(token.label_prefix))
 
 
 class Pkcs11CaKey(SignerCaKey):

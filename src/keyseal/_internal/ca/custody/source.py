@@ -8,13 +8,27 @@ and creating keyset n is a create-if-absent that exactly one writer wins.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from keyseal._internal.ca.custody.keys import CaKey
 from keyseal.errors import KeysealError
 
-__all__ = ["KeysetKeys", "KeysetSource", "Loaded", "SlotBusyError"]
+if TYPE_CHECKING:
+    from keyseal._internal.ca.custody.pins import KeysetPins
+
+__all__ = ["CustodyContext", "KeysetKeys", "KeysetSource", "Loaded", "SlotBusyError"]
+
+
+@dataclass(frozen=True)
+class CustodyContext:
+    """What a custody's registry entry point (`open(config, context)`, keyseal._internal.registry.CUSTODIES)
+    gets from the server beside its Config, so that no custody imports the server that builds it."""
+
+    kube_api_client: Any  # a given Kubernetes API client (tests, the server's own); None: from the environment
+    pins: Callable[[str], KeysetPins]  # the keyset pins of a key-manager custody, by its alias / label prefix
 
 
 class SlotBusyError(KeysealError):

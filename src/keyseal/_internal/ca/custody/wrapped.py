@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -32,11 +33,15 @@ from keyseal._internal.keygen import generate_private_key
 from keyseal._internal.records.record import WrappedRecord
 from keyseal._internal.store import RecordStore, StoredRecord
 from keyseal._internal.wrapping.envelope import seal, unseal
-from keyseal._internal.wrapping.kek import KekProvider, new_dek, zero
 from keyseal._internal.wrapping.keys import key_type_of
+from keyseal._internal.wrapping.provider import KekProvider, new_dek, zero
 from keyseal.errors import KekMismatchError, WrappedRecordError
 
-__all__ = ["SLOTS", "WrappedKeysetSource"]
+if TYPE_CHECKING:
+    from keyseal._internal.ca.config import Config
+    from keyseal._internal.ca.custody.source import CustodyContext
+
+__all__ = ["SLOTS", "WrappedKeysetSource", "open"]
 
 log = logging.getLogger(__name__)
 
@@ -212,3 +217,46 @@ class WrappedKeysetSource(KeysetSource):
             return False
         log.info("created %s version %d (%s key)", where, version, key_type)
         return True
+
+
+def open(config: Config, context: CustodyContext) -> WrappedKeysetSource:
+    """Registry entry point for `custody: wrapped`: the configured KEK and record store (directory or Kubernetes),
+    with the store's own rollback ledger."""
+    from keyseal._internal.ca.config import CA_KEY_TYPES
+    from keyseal._internal.wrapping.kek import parse_kek
+
+    kek: KekProvider
+    if config.wrapping_provider == "vault" and config.vault is not None:
+        from keyseal._internal.wrapping.vault import VaultKek
+
+        vault = config.vault
+        kek = VaultKek.from_config(vault.address, vault.transit_key, mount=vault.mount, token_file=vault.token_file,
+                                   kubernetes_role=vault.kubernetes_role, kubernetes_mount=vault.kubernetes_mount,
+                                   namespace=vault.namespace, ca_bundle=vault.ca_bundle)
+        log.info("Key wrapping via Vault Transit key=%s/%s address=%s", vault.mount, vault.transit_key,
+                 vault.address)
+    else:
+        kek = parse_kek(config.kek_spec(), kms_endpoint=config.kms_endpoint, region=config.aws_region)
+    if config.wrapping_provider == "local":
+        log.info("Key wrapping via local KEK file %s", getattr(kek, "path", "?"))
+    from keyseal._internal.wrapping.store_ledger import StoreLedger
+
+    # Records are bound to the trust domain (and namespace): a copy in another one does not open there.
+    scope = f"trust-domain={config.trust_domain}"
+    store: RecordStore
+    if config.store_type == "kubernetes":
+        from keyseal._internal.providers.kubernetes.client import api_client_from_environment, resolve_namespace
+        from keyseal._internal.store.kubernetes import KubernetesStore
+
+        client = context.kube_api_client or api_client_from_environment(config.kube_api_server)
+        namespace = resolve_namespace(config.kube_namespace, "the WrappedKey resources")
+        store = KubernetesStore(namespace, client, scope=f"{scope};namespace={namespace}")
+    else:
+        from keyseal._internal.records.ledger import FileLedger
+        from keyseal._internal.store.directory import DirectoryStore
+
+        store = DirectoryStore(config.store_path, FileLedger(config.ledger_file) if config.ledger_file else None,
+                               scope=scope)
+    StoreLedger(store, kek)  # the rollback high-water mark every replica reads, in the store itself
+    return WrappedKeysetSource(store, kek, config.record_prefix, CA_KEY_TYPES[config.ca_key_type],
+                               CA_KEY_TYPES[config.jwt_key_type])

@@ -211,7 +211,7 @@ class AgentApi:
             return None
         if self._psat is None:
             from keyseal._internal.ca.registry.psat import PsatAttestor
-            from keyseal._internal.store.kubernetes import api_client_from_environment
+            from keyseal._internal.providers.kubernetes.client import api_client_from_environment
 
             client = self.api.kube_api_client or api_client_from_environment(k8s.api_server
                                                                          or self.api.config.kube_api_server)

@@ -46,18 +46,22 @@ from keyseal._internal.ca.registry.entries import (
     is_served,
 )
 from keyseal._internal.ca.registry.index import EntryIndex
-from keyseal._internal.providers.kubernetes.watch import Informer
-from keyseal._internal.store.kubernetes import (
+from keyseal._internal.providers.kubernetes.client import (
     GROUP,
     REQUEST_TIMEOUT,
     VERSION,
     api_client_from_environment,
-    is_client_error,
     kubernetes_client,
     resolve_namespace,
-    status_of,
 )
-from keyseal.errors import AccessDeniedError, BackendUnavailableError, KeysealError, UsageError
+from keyseal._internal.providers.kubernetes.errors import (
+    api_failures,
+    names_missing_object,
+    status_of,
+    translate_api_error,
+)
+from keyseal._internal.providers.kubernetes.watch import Informer
+from keyseal.errors import KeysealError, UsageError
 
 if TYPE_CHECKING:
     from kubernetes.client import CustomObjectsApi
@@ -99,9 +103,7 @@ class _Resources:
         try:
             self.api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, self.plural, body,
                                                      _request_timeout=REQUEST_TIMEOUT)
-        except Exception as exc:
-            if not is_client_error(exc):
-                raise
+        except api_failures() as exc:
             if status_of(exc) == 409:
                 return False
             raise self.translate(exc, "create", body["metadata"]["name"]) from None
@@ -117,10 +119,8 @@ class _Resources:
         try:
             obj: dict[str, Any] = self.api.get_namespaced_custom_object(
                 GROUP, VERSION, self.namespace, self.plural, name, _request_timeout=REQUEST_TIMEOUT)
-        except Exception as exc:
-            if not is_client_error(exc):
-                raise
-            if status_of(exc) == 404 and _names_missing_object(exc, name):
+        except api_failures() as exc:
+            if status_of(exc) == 404 and names_missing_object(exc, name):
                 return None
             raise self.translate(exc, "get", name) from None  # a 404 without: the resource type is not served
         return obj
@@ -136,9 +136,7 @@ class _Resources:
         """Run a write whose precondition may fail: False when the object is gone (404) or changed (409)."""
         try:
             call()
-        except Exception as exc:
-            if not is_client_error(exc):
-                raise
+        except api_failures() as exc:
             if status_of(exc) in (404, 409):
                 return False
             raise self.translate(exc, verb, name) from None
@@ -160,9 +158,7 @@ class _Resources:
             try:
                 page = self.api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, self.plural,
                                                               _request_timeout=REQUEST_TIMEOUT, **options)
-            except Exception as exc:
-                if not is_client_error(exc):
-                    raise
+            except api_failures() as exc:
                 raise self.translate(exc, "list", None) from None
             items.extend(i for i in page.get("items") or [] if isinstance(i, dict))
             metadata = page.get("metadata") or {}
@@ -172,32 +168,11 @@ class _Resources:
                 return items, version
 
     def translate(self, exc: Exception, verb: str, name: str | None) -> KeysealError:
-        status = status_of(exc)
-        where = self.where(name)
-        if status in (401, 403):
-            return AccessDeniedError(
-                f"the Kubernetes API refused to {verb} {where} ({status}): grant the {verb} verb on "
-                f"{self.plural}.{GROUP} in namespace {self.namespace}")
-        if status == 404:
-            return UsageError(
-                f"the Kubernetes API does not serve {self.plural}.{GROUP} in namespace {self.namespace}: install "
-                f"the CRD (deploy/crds/{self.plural}.{GROUP}.yaml) and check the namespace exists")
-        if status is not None:
-            return KeysealError(f"the Kubernetes API refused to {verb} {where} (HTTP {status})")
-        return BackendUnavailableError(
-            f"cannot reach the Kubernetes API at {self.server} to {verb} {where} ({type(exc).__name__}): "
-            f"check the cluster address and network")
-
-
-def _names_missing_object(exc: Exception, name: str) -> bool:
-    """Whether a 404 says that the object `name` does not exist (a Status NotFound naming it), as opposed to the
-    API server not serving the resource type at all (a CRD that was never applied: `404 page not found`)."""
-    try:
-        status = json.loads(getattr(exc, "body", None) or "")
-    except (TypeError, ValueError):
-        return False
-    details = status.get("details") if isinstance(status, dict) else None
-    return isinstance(details, dict) and status.get("reason") == "NotFound" and details.get("name") == name
+        crd = (f"the Kubernetes API does not serve {self.plural}.{GROUP} in namespace {self.namespace}: install the "
+               f"CRD (deploy/crds/{self.plural}.{GROUP}.yaml) and check the namespace exists")
+        return translate_api_error(exc, f"{verb} {self.where(name)}", server=self.server,
+                                   grant=f"the {verb} verb on {self.plural}.{GROUP} in namespace {self.namespace}",
+                                   statuses={404: UsageError(crd)})
 
 
 def _resources(config: Config, api_client: Any, plural: str) -> _Resources:

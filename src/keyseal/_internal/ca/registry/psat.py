@@ -39,8 +39,9 @@ from typing import Any
 
 from keyseal._internal.ca.k8s_config import K8sConfig
 from keyseal._internal.ca.registry.entries import AGENT_PATH
-from keyseal._internal.store.kubernetes import REQUEST_TIMEOUT, is_client_error, kubernetes_client, status_of
-from keyseal.errors import AccessDeniedError, BackendUnavailableError, KeysealError
+from keyseal._internal.providers.kubernetes.client import REQUEST_TIMEOUT, kubernetes_client
+from keyseal._internal.providers.kubernetes.errors import api_failures, status_of, translate_api_error
+from keyseal.errors import BackendUnavailableError, KeysealError
 
 __all__ = ["AttestedNode", "NodeRefusedError", "PsatAttestor", "agent_id_of"]
 
@@ -91,19 +92,14 @@ class PsatAttestor:
         """A Kubernetes API call's answer as a JSON dict; None for 404; typed errors for the rest."""
         try:
             answer = call(*args, _request_timeout=REQUEST_TIMEOUT)
-        except Exception as exc:
-            if not is_client_error(exc):
-                raise
+        except api_failures() as exc:
             status = status_of(exc)
             if status == 404:
                 return None
-            if status in (401, 403):
-                raise AccessDeniedError(f"the Kubernetes API refused to {what} ({status}): grant the server's "
-                                        f"service account that verb (the chart's ClusterRole does)") from None
-            if status is not None:
+            if status is not None and status not in (401, 403):  # a failing API server: the node may retry
                 raise BackendUnavailableError(f"the Kubernetes API answered {status} to {what}") from None
-            raise BackendUnavailableError(f"cannot reach the Kubernetes API to {what} ({type(exc).__name__})") \
-                from None
+            raise translate_api_error(
+                exc, what, grant="the server's service account that verb (the chart's ClusterRole does)") from None
         document: dict[str, Any] = self.api_client.sanitize_for_serialization(answer)
         return document
 

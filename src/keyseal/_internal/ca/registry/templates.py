@@ -49,15 +49,9 @@ from typing import Any
 from keyseal._internal.ca.k8s_config import K8sConfig
 from keyseal._internal.ca.registry.kubernetes import ENTRIES, ENTRY_KIND, entry_id_for
 from keyseal._internal.ca.registry.psat import agent_id_of
+from keyseal._internal.providers.kubernetes.client import GROUP, REQUEST_TIMEOUT, VERSION, kubernetes_client
+from keyseal._internal.providers.kubernetes.errors import api_failures, is_client_error, status_of
 from keyseal._internal.spiffe.ids import SpiffeIdError, is_reserved, parse_spiffe_id
-from keyseal._internal.store.kubernetes import (
-    GROUP,
-    REQUEST_TIMEOUT,
-    VERSION,
-    is_client_error,
-    kubernetes_client,
-    status_of,
-)
 from keyseal.errors import KeysealError
 
 __all__ = ["MANAGED_BY", "TEMPLATES", "TemplateError", "TemplateReconciler", "render_template", "selects"]
@@ -317,9 +311,7 @@ class TemplateReconciler:
     def _write(self, verb: str, call: Any, *args: Any) -> None:
         try:
             call(*args, _request_timeout=REQUEST_TIMEOUT)
-        except Exception as exc:
-            if not is_client_error(exc):
-                raise
+        except api_failures() as exc:
             if status_of(exc) in (404, 409):
                 return  # another replica got there first (or the entry changed meanwhile: next pass)
             log.warning("identity templates: cannot %s a registration entry (%s)", verb,

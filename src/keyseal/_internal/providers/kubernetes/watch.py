@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from keyseal._internal.store.kubernetes import GROUP, VERSION, is_client_error, status_of
+from keyseal._internal.providers.kubernetes.client import GROUP, VERSION
+from keyseal._internal.providers.kubernetes.errors import is_client_error, status_of
 from keyseal.errors import KeysealError
 
 __all__ = ["Informer"]
