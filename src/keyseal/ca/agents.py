@@ -124,10 +124,11 @@ class AgentApi:
         parse_spiffe_id(uris[0])
         return str(uris[0])
 
-    def _issue(self, spiffe_id: str, csr: object, ttl: timedelta) -> dict[str, Any]:
+    def _issue(self, spiffe_id: str, csr: object, ttl: timedelta, dns_names: tuple[str, ...] = ()) -> dict[str, Any]:
         public_key = parse_csr(csr)  # type: ignore[arg-type]
         keyset = self.api.manager.active()
-        certificate = issue_x509_svid(keyset, parse_spiffe_id(spiffe_id), public_key, self.api.manager.clock(), ttl)
+        certificate = issue_x509_svid(keyset, parse_spiffe_id(spiffe_id), public_key, self.api.manager.clock(), ttl,
+                                      dns_names=dns_names)
         self.api.metrics.issued("x509")
         return {"spiffeID": spiffe_id,
                 "certChain": [certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")],
@@ -273,7 +274,7 @@ class AgentApi:
         ttl = self.api.config.x509_ttl
         if entry.x509_ttl:
             ttl = min(ttl, timedelta(seconds=entry.x509_ttl))
-        return self._json(self._issue(entry.spiffe_id, document.get("csr"), ttl))
+        return self._json(self._issue(entry.spiffe_id, document.get("csr"), ttl, entry.dns_names))
 
     def jwt_svid(self, request: Request) -> Response:
         agent_id = self._agent(request)
