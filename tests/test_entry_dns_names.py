@@ -269,3 +269,27 @@ def _dns_sans(chain_der: bytes) -> list[str]:
     leaf = x509.load_der_x509_certificate(chain_der)  # the chain is the leaf alone
     return list(leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
                 .get_values_for_type(x509.DNSName))
+
+
+@pytest.mark.parametrize("name", [
+    "web", "web.shop.svc", "Web.Example.org", "xn--bcher-kva.example", "a-b.c-d.example", "a" * 63 + ".example",
+    "*.shop.example", "web_1.example", "-web.example", "web-.example", "web..example", "web.example.", "a" * 64,
+    "bücher.example", "10.0.0.1",
+])
+def test_the_entry_crd_stores_every_dns_name_keyseal_takes(name: str) -> None:
+    """The RegistrationEntry CRD's pattern takes every name keyseal takes (the reconciler's writes must be stored)
+    and refuses wildcards and malformed names; it is looser only for names whose last label is all digits (an IP
+    address), which keyseal refuses when it reads the entry (never served)."""
+    import re
+
+    crd = yaml.safe_load((Path(__file__).parent.parent / "deploy" / "crds" /
+                          "registrationentries.keyseal.dev.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "dnsNames"]["items"]
+    by_crd = re.search(schema["pattern"], name) is not None and len(name) <= schema["maxLength"]
+    try:
+        check_dns_name(name)
+        by_keyseal = True
+    except UsageError:
+        by_keyseal = False
+    assert by_crd == by_keyseal or (by_crd and name.rsplit(".", 1)[-1].isdigit())
