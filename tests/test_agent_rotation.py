@@ -284,8 +284,9 @@ def test_a_stored_entry_with_a_reserved_id_is_never_served(tmp_path: Path) -> No
     kept = store.create(SVC, parent, ("unix:uid:1001",))
     (path,) = (tmp_path / "store").glob("*-entries.db")
     with sqlite3.connect(path) as database:  # written into the store by hand, past `keyseal entry create`
-        database.execute("INSERT INTO entries SELECT 'forged', ?, parent_id, parent_key, selectors, x509_ttl, "
-                         "jwt_ttl, federates_with FROM entries", (f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-2",))
+        database.execute("INSERT INTO entries (entry_id, spiffe_id, parent_id, parent_key, selectors, x509_ttl, "
+                         "jwt_ttl) SELECT 'forged', ?, parent_id, parent_key, selectors, x509_ttl, jwt_ttl "
+                         "FROM entries", (f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-2",))
     database.close()
     assert [e.entry_id for e in store.entries()] == [kept.entry_id, "forged"]  # it is in the store ...
     assert [e.entry_id for e in store.for_agent(parent)] == [kept.entry_id]  # ... but never handed out

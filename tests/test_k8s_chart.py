@@ -147,6 +147,10 @@ def test_the_default_template(chart: helm_python.Chart) -> None:
         "namespaceSelector": {"matchLabels": {"keyseal.dev/identity": "on"}}}}}})
     assert chosen["IdentityTemplate"][0]["spec"]["namespaceSelector"] == {
         "matchLabels": {"keyseal.dev/identity": "on"}}
+    assert "dnsNameTemplates" not in template["spec"]  # none by default
+    names = ["{{ .PodSpec.ServiceAccountName }}.{{ .PodMeta.Namespace }}.svc"]
+    named = render(chart, {"agent": {"enabled": True, "kubernetes": {"defaultTemplate": {"dnsNameTemplates": names}}}})
+    assert named["IdentityTemplate"][0]["spec"]["dnsNameTemplates"] == names
 
 
 def test_a_directory_store_gets_node_attestation_but_no_templates(chart: helm_python.Chart) -> None:
@@ -182,6 +186,9 @@ def test_join_tokens_remain_for_agents_outside_kubernetes_identity(chart: helm_p
     ({"defaultTemplate": {"podSelector": {"matchExpressions": [{"key": "a", "operator": "Like"}]}}},
      "/agent/kubernetes/defaultTemplate/podSelector/matchExpressions/0/operator"),
     ({"audiences": ["x"]}, "/agent/kubernetes"),
+    ({"defaultTemplate": {"dnsNameTemplates": ["*.{{ .PodMeta.Namespace }}.svc"]}},
+     "/agent/kubernetes/defaultTemplate/dnsNameTemplates/0"),
+    ({"defaultTemplate": {"dnsNameTemplates": "web.svc"}}, "/agent/kubernetes/defaultTemplate/dnsNameTemplates"),
 ])
 def test_the_schema_refuses_bad_values(chart: helm_python.Chart, kubernetes: dict[str, Any], where: str) -> None:
     with pytest.raises(helm_python.HelmValuesError, match=f"'{where}'"):

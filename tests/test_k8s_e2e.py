@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +131,26 @@ def test_a_pod_gets_its_identity_from_its_namespace_and_service_account(
         shutil.rmtree(sockets, ignore_errors=True)
 
 
-def run(cluster: Cluster, kubelet: KubeletPeer, processes: Processes, tmp_path: Path, sockets: Path) -> None:
-    # -- the chart, as `helm install --set agent.enabled=true` (plus faster intervals for the test) -------------
+@dataclass
+class Launched:
+    """The server and agent processes the chart's values configured, and what the test needs of them."""
+
+    port: int
+    sock: Path
+    node: dict[str, Any]
+    agent_pod: dict[str, Any]
+    psat_audience: str
+    agent: subprocess.Popen[Any]
+    custom: Any
+
+
+def launch(cluster: Cluster, kubelet: KubeletPeer, processes: Processes, tmp_path: Path, sockets: Path,
+           **values: Any) -> Launched:
+    """`helm install --set agent.enabled=true` (plus faster intervals for the test, and `values`): the cluster's
+    node and agent pod, the keyseal server and agent processes, the agent joined with its projected token."""
+    # -- the chart ---------------------------------------------------------------------------------------------
     manifests = rendered({"trustDomain": TD, "agent": {"enabled": True, "syncInterval": "1s", "kubernetes": {
-        "kubeletPort": kubelet.port, "templateInterval": "1s"}}})
+        "kubeletPort": kubelet.port, "templateInterval": "1s"}}, **values})
     (server_map,) = [d for d in manifests["ConfigMap"] if d["metadata"]["name"] == "trust-keyseal"]
     (agent_map,) = [d for d in manifests["ConfigMap"] if d["metadata"]["name"] == "trust-keyseal-agent"]
     server_config = yaml.safe_load(server_map["data"]["config.yaml"])
@@ -190,6 +207,13 @@ def run(cluster: Cluster, kubelet: KubeletPeer, processes: Processes, tmp_path: 
     assert agent.poll() is None, "the agent exited"
     agent_log = (tmp_path / "agent.log").read_text()
     assert f"agent SVID spiffe://{TD}/keyseal/agent/k8s_psat/cluster/{node['metadata']['uid']}" in agent_log
+    return Launched(port, sock, node, agent_pod, psat_audience, agent, custom)
+
+
+def run(cluster: Cluster, kubelet: KubeletPeer, processes: Processes, tmp_path: Path, sockets: Path) -> None:
+    launched = launch(cluster, kubelet, processes, tmp_path, sockets)
+    sock, custom, agent_pod = launched.sock, launched.custom, launched.agent_pod
+    env = {"PATH": os.environ.get("PATH", "/usr/bin"), "HOME": str(tmp_path)}
 
     # -- a pod of namespace shop, service account web, on the node -------------------------------------------------
     container_id = "5f" * 32
@@ -232,3 +256,42 @@ def run(cluster: Cluster, kubelet: KubeletPeer, processes: Processes, tmp_path: 
     # The agent's own pod, whose entry the default template also made, is untouched by the deletion.
     assert [e for e in managed() if f"k8s:pod-uid:{agent_pod['metadata']['uid']}" in e["spec"]["selectors"]]
     assert json.loads((tmp_path / "bundle.json").read_text())["keys"]
+
+
+def test_the_agent_renews_by_attesting_again_until_its_node_is_gone(cluster: Cluster, processes: Processes,
+                                                                     tmp_path: Path) -> None:
+    """The agent process renews its SVID with its projected token as the kubelet rotated it (the server asks the
+    API server again); once its node is deleted, the server refuses the renewal and the agent says so."""
+    kubelet = KubeletPeer(cluster, NODE, tmp_path / "kubelet").start()
+    sockets = socket_dir()
+    try:
+        launched = launch(cluster, kubelet, processes, tmp_path, sockets, x509SVID={"ttl": "8s"})
+        agent_log, server_log = tmp_path / "agent.log", tmp_path / "server.log"
+        agent_id = f"spiffe://{TD}/keyseal/agent/k8s_psat/cluster/{launched.node['metadata']['uid']}"
+        rotated = cluster.token(launched.agent_pod, launched.psat_audience, node=launched.node)
+        (tmp_path / "psat.new").write_text(rotated)
+        (tmp_path / "psat.new").rename(tmp_path / "psat")  # as the kubelet swaps a projected volume's file
+
+        def renewed_with_rotated() -> bool:
+            assert launched.agent.poll() is None, "the agent exited"
+            reviewed = any(r["spec"].get("token") == rotated and r["status"].get("authenticated")
+                           for r in list(cluster.cluster.reviews))
+            return reviewed and agent_log.read_text().count(f"agent SVID {agent_id} valid until") >= 2
+
+        wait(renewed_with_rotated, "the agent renews with the rotated token", 20)
+        assert server_log.read_text().count(f"agent {agent_id} joined from") == 1  # renewed, not joined again
+
+        cluster.core().delete_node(NODE)
+        refusal = "the keyseal server refused to renew the agent SVID (re-attestation with the service account " \
+                  "token failed)"
+        wait(lambda: refusal in agent_log.read_text(), "the agent logs the refused renewal", 20)
+        assert f"refused the renewal of k8s_psat agent {agent_id}" in server_log.read_text()
+        assert f"node {NODE} of pod {NAMESPACE}/{launched.agent_pod['metadata']['name']} does not exist" \
+            in server_log.read_text()
+    except BaseException:
+        print(processes.logs())
+        raise
+    finally:
+        processes.stop()
+        kubelet.stop()
+        shutil.rmtree(sockets, ignore_errors=True)

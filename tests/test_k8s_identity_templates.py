@@ -302,3 +302,57 @@ def test_a_long_template_name_makes_a_valid_label(world: World) -> None:
     label = obj["metadata"]["labels"]["keyseal.dev/template"]
     assert re.fullmatch(r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]", label), label
     assert name.startswith(label)
+
+
+SVC_DNS = "{{ .PodSpec.ServiceAccountName }}.{{ .PodMeta.Namespace }}.svc"
+
+
+def test_a_pods_entry_gets_the_rendered_dns_names(world: World) -> None:
+    name = world.template({"spiffeIDTemplate": DEFAULT,
+                           "dnsNameTemplates": [SVC_DNS, "{{ .PodMeta.Name }}.pods.{{ .ClusterName }}", SVC_DNS]})
+    pod = world.pod("shop", f"web-{world.tag}")
+    world.reconciler.reconcile()
+    (entry,) = world.entries()
+    assert entry.dns_names == ("web.shop.svc", f"{pod['metadata']['name']}.pods.test")  # each once, in order
+    assert world.status(name)["podsSelected"] == 1
+    obj = world.custom.get_namespaced_custom_object("keyseal.dev", "v1", world.store_ns, "registrationentries",
+                                                    f"{PREFIX}-entry-{entry.entry_id}")
+    assert obj["spec"]["dnsNames"] == list(entry.dns_names)
+    # The names change with the template: the same entry (same meaning) is replaced with the new names.
+    template = world.custom.get_cluster_custom_object("keyseal.dev", "v1", "identitytemplates", name)
+    template["spec"]["dnsNameTemplates"] = [SVC_DNS.replace(".svc", ".svc.cluster.local")]
+    world.custom.replace_cluster_custom_object("keyseal.dev", "v1", "identitytemplates", name, template)
+    world.reconciler.reconcile()
+    (changed,) = world.entries()
+    assert changed.entry_id == entry.entry_id and changed.dns_names == ("web.shop.svc.cluster.local",)
+
+
+def test_a_pod_whose_values_make_an_invalid_dns_name_is_skipped(world: World) -> None:
+    """A pod name is a DNS subdomain whose parts may be longer than a DNS label (63): that pod alone is skipped,
+    with the reason in the template's status."""
+    name = world.template({"spiffeIDTemplate": DEFAULT, "dnsNameTemplates": ["{{ .PodMeta.Name }}.pods.local"]})
+    long_name = f"w{world.tag}" + "x" * 64
+    world.pod("shop", long_name)
+    web = world.pod("shop", f"web-{world.tag}", account="db")
+    world.reconciler.reconcile()
+    (entry,) = world.entries()
+    assert entry.dns_names == (f"{web['metadata']['name']}.pods.local",)
+    status = world.status(name)
+    assert (status["podsSelected"], status["error"], status["podsSkipped"]) == (1, "", 1)
+    assert status["podError"].startswith(f"shop/{long_name}: spec.dnsNameTemplates gives invalid DNS name"), status
+
+
+@pytest.mark.parametrize(("templates", "error"), [
+    (["*.{{ .PodMeta.Namespace }}.svc"], "wildcards are not allowed"),
+    (["{{ .PodMeta.Labels }}.svc"], "unknown template field .PodMeta.Labels"),
+    (["{{ .PodMeta.Name }}_{{ .PodMeta.Namespace }}"], "RFC 1123"),
+    ("web.svc", "must be a list"),
+    (["{{ .PodMeta.Name | lower }}.svc"], "only {{ .Field }} is supported in spec.dnsNameTemplates[0]"),
+])
+def test_dns_name_template_errors_show_in_the_status(world: World, templates: Any, error: str) -> None:
+    name = world.template({"spiffeIDTemplate": DEFAULT, "dnsNameTemplates": templates})
+    world.pod("shop", f"web-{world.tag}")
+    world.reconciler.reconcile()
+    assert world.entries() == []
+    status = world.status(name)
+    assert error in status["error"] and status["podsSelected"] == 0, status

@@ -447,3 +447,176 @@ def _self_signed_pem() -> str:
                    .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
                    .sign(key, hashes.SHA256()))
     return certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
+# -- renewal: a k8s_psat agent is attested again ------------------------------------------------------------
+
+RENEW = "/v1/agent/renew"
+
+
+def joined(server: CaServer, cluster: Cluster, node: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """An agent of `node` joined with its pod's token: its (key, SVID) and its pod."""
+    pod = agent_pod(cluster, node)
+    key = new_key()
+    status, body = join(server, cluster.token(pod, AUDIENCE, node=node), make_csr(key))
+    assert status == 200, body
+    return (key, x509.load_pem_x509_certificate(body["certChain"][0].encode())), pod
+
+
+def renew(server: CaServer, identity: Any, **extra: Any) -> tuple[int, Any]:
+    return agent_call(server, identity, RENEW, {"csr": make_csr(), **extra})
+
+
+@pytest.fixture
+def refused_renewal(server: CaServer, caplog: pytest.LogCaptureFixture) -> Any:
+    """A renewal is refused (401), for the reason the server logs (a fragment of it)."""
+
+    def check(identity: Any, reason: str, **extra: Any) -> None:
+        caplog.clear()
+        status, body = renew(server, identity, **extra)
+        assert status == 401, body
+        assert body["error"] == "unauthenticated" and "needs a fresh token" in body["message"], body
+        logged = [r.getMessage() for r in caplog.records if "refused the renewal of k8s_psat agent" in r.getMessage()]
+        assert len(logged) == 1 and reason in logged[0], logged
+
+    return check
+
+
+def test_a_psat_agent_renews_with_a_fresh_token(server: CaServer, cluster: Cluster, node: dict[str, Any]) -> None:
+    identity, pod = joined(server, cluster, node)
+    fresh = cluster.token(pod, AUDIENCE, node=node)  # the kubelet rotated the projected token
+    status, body = renew(server, identity, token=fresh)
+    assert status == 200, body
+    assert body["spiffeID"] == f"spiffe://{TRUST_DOMAIN}/keyseal/agent/k8s_psat/test/{node['metadata']['uid']}"
+    assert cluster.cluster.reviews[-1]["spec"] == {"token": fresh, "audiences": [AUDIENCE]}  # checked again
+    # The new SVID renews the same way.
+    key = new_key()
+    status, body = agent_call(server, identity, RENEW, {"csr": make_csr(key), "token": fresh})
+    assert status == 200, body
+    renewed = (key, x509.load_pem_x509_certificate(body["certChain"][0].encode()))
+    status, body = renew(server, renewed, token=cluster.token(pod, AUDIENCE, node=node))
+    assert status == 200, body
+
+
+def test_a_psat_agent_without_a_token_or_with_an_expired_one_is_not_renewed(
+        refused_renewal: Any, server: CaServer, cluster: Cluster, node: dict[str, Any]) -> None:
+    import time
+
+    identity, pod = joined(server, cluster, node)
+    refused_renewal(identity, "sent no service account token")
+    refused_renewal(identity, "sent no service account token", token="")
+    refused_renewal(identity, "has expired (its own claims)",
+                    token=cluster.token(pod, AUDIENCE, node=node, issued=time.time() - 3600, lifetime=600))
+    refused_renewal(identity, "is not for audience", token=cluster.token(pod, "vault", node=node))
+
+
+def test_a_psat_agent_whose_node_was_deleted_is_not_renewed(refused_renewal: Any, cluster: Cluster,
+                                                            server: CaServer, node: dict[str, Any]) -> None:
+    identity, pod = joined(server, cluster, node)
+    cluster.core().delete_node(node["metadata"]["name"])
+    # Its pod is still listed (the emulator does not evict it): the node check alone refuses.
+    refused_renewal(identity, f"node {node['metadata']['name']} of pod", token=cluster.token(pod, AUDIENCE))
+    # A node made again under the same name is another node (another uid): the old agent is still refused.
+    again = cluster.node(node["metadata"]["name"])
+    refused_renewal(identity, "another node (or the node was made again under its name)",
+                    token=cluster.token(pod, AUDIENCE, node=again))
+
+
+def test_a_token_of_another_node_does_not_renew_an_agent(refused_renewal: Any, server: CaServer, cluster: Cluster,
+                                                         node: dict[str, Any]) -> None:
+    """A stolen agent SVID used with a token of an agent pod on another node: that token attests the other node."""
+    identity, _ = joined(server, cluster, node)
+    other = cluster.node(f"node-{uuid.uuid4().hex[:6]}")
+    token = cluster.token(agent_pod(cluster, other), AUDIENCE, node=other)
+    refused_renewal(identity, f"attests spiffe://{TRUST_DOMAIN}/keyseal/agent/k8s_psat/test/"
+                              f"{other['metadata']['uid']}, another node", token=token)
+
+
+def test_a_join_token_agent_renews_on_its_svid_alone(server: CaServer, cluster: Cluster) -> None:
+    from datetime import timedelta
+
+    from keyseal._internal.ca.registry.entries import join_tokens_for
+
+    token, agent_id = join_tokens_for(server.config).issue("plain-node", timedelta(minutes=5))
+    key = new_key()
+    status, body = agent_call(server, None, "/v1/agent/join", {"token": token, "csr": make_csr(key)})
+    assert status == 200, body
+    identity = (key, x509.load_pem_x509_certificate(body["certChain"][0].encode()))
+    before = len(cluster.cluster.reviews)
+    status, body = renew(server, identity)
+    assert status == 200 and body["spiffeID"] == agent_id, body
+    assert len(cluster.cluster.reviews) == before  # no TokenReview for it
+    status, body = renew(server, identity, token="a.b.c")
+    assert status == 400 and "only agents attested by their service account token" in body["message"], body
+
+
+def test_the_agent_renews_with_its_rotated_token_and_says_when_it_is_refused(
+        cluster: Cluster, tmp_path: Path, node: dict[str, Any], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent (in process) sends the token file as it is at each renewal; once its node is deleted, the
+    refusal is logged as such, and its attempt to join again is refused too."""
+    import logging
+    import shutil
+    import time
+
+    from keyseal._internal.agent.config import parse_agent_config
+    from keyseal._internal.agent.main import Agent
+    from tests.harness.agent import socket_dir
+    from tests.harness.https_server import free_port
+
+    port = free_port()
+    config = parse_config(base_config(tmp_path, kubernetes=k8s_section(), x509SVID={"ttl": "4s"},
+                                      server={"listen": f"127.0.0.1:{port}"}))
+    # With its rotation thread, which renews its serving certificate (as short-lived as the SVIDs here): ticking
+    # more often than the certificate's lifetime.
+    monkeypatch.setattr("keyseal._internal.ca.server.TICK_SECONDS", 0.5)
+    server = CaServer(config, kube_api_client=cluster.api_client())
+    server.start()
+    server.start_background()
+    pod = agent_pod(cluster, node)
+    (tmp_path / "psat").write_text(cluster.token(pod, AUDIENCE, node=node))
+    (tmp_path / "bundle.pem").write_text("".join(k.ca_pem for k, _ in server.manager.live()))
+    sockets = socket_dir()
+    agent = Agent(parse_agent_config({
+        "trustDomain": TRUST_DOMAIN, "serverURL": f"https://127.0.0.1:{port}",
+        "trustBundleFile": str(tmp_path / "bundle.pem"), "k8sPSAT": {"tokenFile": str(tmp_path / "psat")},
+        "socketPath": str(sockets / "agent.sock"), "syncInterval": 0.3}, environ={}))
+    caplog.set_level(logging.INFO)
+    try:
+        agent.start()
+        first = agent.cache.agent_expires
+        assert first is not None
+        rotated = cluster.token(pod, AUDIENCE, node=node)
+        (tmp_path / "psat").write_text(rotated + "\n")  # the kubelet rotated it
+
+        def renewed_with_rotated() -> bool:
+            return any(r.get("spec", {}).get("token") == rotated and r["status"].get("authenticated")
+                       for r in list(cluster.cluster.reviews))
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not (renewed_with_rotated() and agent.cache.agent_expires
+                                                    and agent.cache.agent_expires > first):
+            time.sleep(0.1)
+        assert renewed_with_rotated() and agent.cache.agent_expires is not None and agent.cache.agent_expires > first
+        assert not any("k8s_psat join" in r.getMessage() for r in caplog.records)  # renewed, not joined again
+
+        cluster.core().delete_node(node["metadata"]["name"])
+        wanted = "the keyseal server refused to renew the agent SVID (re-attestation with the service account " \
+                 "token failed)"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not any(wanted in r.getMessage() for r in caplog.records):
+            time.sleep(0.1)
+        (line,) = {r.getMessage() for r in caplog.records if wanted in r.getMessage()}
+        assert "needs a fresh token that attests the agent's node again" in line
+        assert any(f"node {node['metadata']['name']} of pod" in r.getMessage() for r in caplog.records
+                   if "refused the renewal of k8s_psat agent" in r.getMessage())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any("joining again with the service account token" in
+                                                      r.getMessage() for r in caplog.records):
+            time.sleep(0.1)
+        assert any("refused a k8s_psat join" in r.getMessage() for r in caplog.records), \
+            [r.getMessage() for r in caplog.records]
+    finally:
+        agent.stop()
+        server.shutdown()
+        shutil.rmtree(sockets, ignore_errors=True)

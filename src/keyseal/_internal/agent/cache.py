@@ -96,6 +96,19 @@ def _split_bundle(bundle: dict[str, Any]) -> tuple[list[bytes], bytes]:
 JwtKey = tuple[str, tuple[str, ...]]  # entry ID, sorted audience
 
 
+def _is_psat_agent(trust_domain: str, certificate: x509.Certificate | None) -> bool:
+    """Whether the agent SVID names an agent attested by its service account token:
+    spiffe://<td>/keyseal/agent/k8s_psat/<cluster>/<node-uid>."""
+    if certificate is None:
+        return False
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    prefix = f"spiffe://{trust_domain}/keyseal/agent/k8s_psat/"
+    return any(uri.startswith(prefix) for uri in names.get_values_for_type(x509.UniformResourceIdentifier))
+
+
 class AgentCache:
     def __init__(self, client: ServerClient, trust_domain: str, state: AgentState | None = None,
                  jwt_cache_size: int = 1000) -> None:
@@ -123,6 +136,9 @@ class AgentCache:
         self.incremental = True
         # The agent SVID expired, or the server refused it: only a new join helps (agent.main rejoins).
         self.needs_join = False
+        # An agent attested by its service account token (k8s_psat) renews with a fresh one: this reads it (the
+        # kubelet rotates the file). keyseal._internal.agent.main sets it when k8sPSAT.tokenFile is configured.
+        self.renewal_token: Callable[[], str] | None = None
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -204,12 +220,29 @@ class AgentCache:
         self._agent_issued, self.agent_expires = certificate.not_valid_before_utc, certificate.not_valid_after_utc
         fresh = ec.generate_private_key(ec.SECP256R1())
         try:
-            answer = self.client.call("/v1/agent/renew", {"csr": make_csr(fresh)})
+            answer = self._renew(fresh)
         except BackendUnavailableError as exc:
             log.warning("%s: keeping the saved agent SVID until the server answers", exc.message)
             return
         self._take_agent_svid(fresh, answer)
         self._take_bundle(answer["bundle"])
+
+    def _renew(self, key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
+        """Ask for a new agent SVID for `key` over mTLS with the current one. A k8s_psat agent sends its service
+        account token as it is now, to be attested again (ca.http.agents renew); a refusal is logged here,
+        since it means the server no longer takes this node's agent (its node is gone, or the token is not this
+        node's)."""
+        document = {"csr": make_csr(key)}
+        psat = self.renewal_token is not None and _is_psat_agent(self.trust_domain, self.client.certificate)
+        if psat:
+            assert self.renewal_token is not None
+            document["token"] = self.renewal_token()  # InputError (one line) when the file cannot be read
+        try:
+            return self.client.call("/v1/agent/renew", document)
+        except ServerRefusedError as exc:
+            log.error("the keyseal server refused to renew the agent SVID%s: %s", " (re-attestation with the "
+                      "service account token failed)" if psat else "", exc.message)
+            raise
 
     def federated_for(self, entries: list[Entry]) -> dict[str, tuple[bytes, bytes]]:
         """The foreign bundles these entries federate with (those the server holds one for)."""
@@ -251,7 +284,7 @@ class AgentCache:
             if renew_agent or (self._agent_issued and self.agent_expires
                                and _due(self._agent_issued, self.agent_expires, now)):
                 key = ec.generate_private_key(ec.SECP256R1())
-                self._take_agent_svid(key, self.client.call("/v1/agent/renew", {"csr": make_csr(key)}))
+                self._take_agent_svid(key, self._renew(key))
             changed |= self._take_sync(self._call_sync())
             for entry in self.entries:
                 cached = self.x509.get(entry.entry_id)

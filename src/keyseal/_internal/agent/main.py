@@ -86,6 +86,7 @@ class Agent:
         # provisions nodes).
         self.rejoiners: list[Rejoiner] = []
         if config.psat_token_file is not None:
+            self.cache.renewal_token = self._psat_token  # renewals attest the node again (ca.http.agents)
             self.rejoiners.append(Rejoiner(f"the service account token in {config.psat_token_file}",
                                            self._psat_offer, self._join_psat, one_time=False))
         if config.join_token_file is not None:

@@ -48,21 +48,24 @@ def entry() -> None:
 @click.option("--jwt-ttl", default=None, help="JWT-SVID lifetime (at most the server's jwtSVID.ttl).")
 @click.option("--federates-with", "federates_with", multiple=True, metavar="TRUST_DOMAIN",
               help="A foreign trust domain (in federation.trustDomains) whose bundle the workloads get; repeatable.")
+@click.option("--dns-name", "dns_names", multiple=True, metavar="NAME",
+              help="A DNS name the workloads' X.509-SVIDs carry (a DNS SAN after the SPIFFE ID; RFC 1123, no "
+                   "wildcards); repeatable.")
 @click.option("--from-file", "from_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Create many: JSON lines, one entry each, as `entry list --json-lines` prints them (entry_id "
                    "optional). All are checked before any is written.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the entry as one JSON document (with --from-file: one JSON line per entry).")
 def create(config_path: Path, spiffe_id: str | None, parent_id: str | None, selectors: tuple[str, ...],
-           x509_ttl: str | None, jwt_ttl: str | None, federates_with: tuple[str, ...], from_file: Path | None,
-           as_json: bool) -> None:
+           x509_ttl: str | None, jwt_ttl: str | None, federates_with: tuple[str, ...], dns_names: tuple[str, ...],
+           from_file: Path | None, as_json: bool) -> None:
     """Create an entry (or, with --from-file, many); prints each one's ID."""
     from keyseal._internal.ca.registry.stores import entry_store_for
     from keyseal._internal.progress import items_done, meter
     from keyseal.errors import UsageError
 
     if from_file is not None:
-        if spiffe_id or parent_id or selectors or x509_ttl or jwt_ttl or federates_with:
+        if spiffe_id or parent_id or selectors or x509_ttl or jwt_ttl or federates_with or dns_names:
             raise UsageError("give either --from-file or one entry's options (--spiffe-id, --parent, --selector)")
         entries, labels = _read_entries(from_file)
         store = entry_store_for(_load(config_path))
@@ -75,11 +78,11 @@ def create(config_path: Path, spiffe_id: str | None, parent_id: str | None, sele
         raise UsageError("give --spiffe-id, --parent and at least one --selector (or --from-file)")
     store = entry_store_for(_load(config_path))
     created = store.create(spiffe_id, parent_id, selectors, seconds_of(x509_ttl, "--x509-ttl"),
-                           seconds_of(jwt_ttl, "--jwt-ttl"), federates_with)
+                           seconds_of(jwt_ttl, "--jwt-ttl"), federates_with, dns_names)
     click.echo(json.dumps(created.to_json(), indent=2) if as_json else created.entry_id)
 
 
-_FIELDS = {"entry_id", "spiffe_id", "parent_id", "selectors", "x509_ttl", "jwt_ttl", "federates_with"}
+_FIELDS = {"entry_id", "spiffe_id", "parent_id", "selectors", "x509_ttl", "jwt_ttl", "federates_with", "dns_names"}
 
 
 def _read_entries(path: Path) -> tuple[list[Entry], list[str]]:
@@ -112,13 +115,16 @@ def _read_entries(path: Path) -> tuple[list[Entry], list[str]]:
         federates_with = document.get("federates_with", [])
         if not isinstance(federates_with, list) or not all(isinstance(t, str) for t in federates_with):
             raise UsageError(f"{label}: federates_with must be a list of trust domain names")
+        dns_names = document.get("dns_names", [])
+        if not isinstance(dns_names, list) or not all(isinstance(n, str) for n in dns_names):
+            raise UsageError(f"{label}: dns_names must be a list of DNS names")
         if not isinstance(selectors, list) or not all(isinstance(s, str) for s in selectors) \
                 or not all(isinstance(t, int) and not isinstance(t, bool) for t in ttls) \
                 or not all(isinstance(document[k], str) for k in ("spiffe_id", "parent_id")) \
                 or not isinstance(entry_id, str):
             raise UsageError(f"{label}: selectors must be a list of strings, TTLs whole seconds, IDs strings")
         entries.append(Entry(entry_id, document["spiffe_id"], document["parent_id"], tuple(selectors), *ttls,
-                             tuple(federates_with)))
+                             tuple(federates_with), tuple(dns_names)))
         labels.append(label)
     if not entries:
         raise UsageError(f"{path}: no entries in it")
@@ -144,8 +150,9 @@ def list_entries(config_path: Path, as_json: bool, as_lines: bool) -> None:
         return
     for item in entries:
         federated = f"  federatesWith={','.join(item.federates_with)}" if item.federates_with else ""
+        dns = f"  dnsNames={','.join(item.dns_names)}" if item.dns_names else ""
         click.echo(f"{item.entry_id}  {item.spiffe_id}  parent={item.parent_id}  {' '.join(item.selectors)}"
-                   f"{federated}")
+                   f"{federated}{dns}")
 
 
 @entry.command("delete")

@@ -7,6 +7,11 @@ verified again against the live keysets at the server's clock, so a keyset that 
 another CA the handshake trusts is refused, and it must be an agent's SPIFFE ID. The chain check is remembered
 per certificate while the live keysets are the same ones; its validity at the server's clock is checked on
 every request.
+
+Renewal (POST /v1/agent/renew) of an agent attested by its service account token (k8s_psat) attests it again, as
+SPIRE re-attests agents of its re-attestable k8s_psat attestor at each rotation: the agent sends its projected
+token as it is now, the server checks it as at the join (ca.registry.psat) and it must attest the very node in
+the agent's SPIFFE ID. A join-token agent renews on its SVID alone: nothing outside it could attest it again.
 """
 
 from __future__ import annotations
@@ -122,10 +127,11 @@ class AgentApi:
         parse_spiffe_id(uris[0])
         return str(uris[0])
 
-    def _issue(self, spiffe_id: str, csr: object, ttl: timedelta) -> dict[str, Any]:
+    def _issue(self, spiffe_id: str, csr: object, ttl: timedelta, dns_names: tuple[str, ...] = ()) -> dict[str, Any]:
         public_key = parse_csr(csr)  # type: ignore[arg-type]
         keyset = self.api.manager.active()
-        certificate = issue_x509_svid(keyset, parse_spiffe_id(spiffe_id), public_key, self.api.manager.clock(), ttl)
+        certificate = issue_x509_svid(keyset, parse_spiffe_id(spiffe_id), public_key, self.api.manager.clock(), ttl,
+                                      dns_names=dns_names)
         self.api.metrics.issued("x509")
         return {"spiffeID": spiffe_id,
                 "certChain": [certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")],
@@ -219,11 +225,52 @@ class AgentApi:
         return self._psat
 
     def renew(self, request: Request) -> Response:
+        """A new agent SVID for the agent of the connection's SVID. A join-token agent renews on its SVID alone;
+        an agent attested by its service account token (k8s_psat) is attested again: it sends the token as the
+        kubelet has rotated it, checked as at its join, and the node it attests must be the one in the agent's
+        SPIFFE ID. So an agent whose node is gone, or a stolen agent SVID used away from that node's agent pod,
+        renews no more: it lasts until its SVID expires (x509SVID.ttl)."""
         agent_id = self._agent(request)
-        document = self.api._body(request, {"csr"})
+        document = self.api._body(request, {"csr", "token"})
+        psat = _is_psat_agent(self.api.config.trust_domain, agent_id)
+        if not psat and "token" in document:
+            raise UsageError("token: only agents attested by their service account token (k8s_psat) renew with one")
+        if psat:
+            parse_csr(document.get("csr"))  # type: ignore[arg-type]  # local and cheap: before the API server's call
+            self._reattest(agent_id, document.get("token"), request)
         answer = self._issue(agent_id, document.get("csr"), self.api.config.x509_ttl)
         self._note_agent_svid(agent_id, answer)
         return self._json({**answer, "bundle": self._bundle()})
+
+    def _reattest(self, agent_id: str, token: object, request: Request) -> None:
+        """Attest a k8s_psat agent again at its renewal (see `renew`): 401 unless the token attests its node."""
+        from keyseal._internal.ca.registry.psat import NodeRefusedError
+
+        def refuse(reason: str) -> Exception:
+            log.warning("refused the renewal of k8s_psat agent %s from %s: %s", agent_id, request.peer,
+                        loggable(reason, 300))
+            return self._refuse(401, "unauthenticated", "the renewal of an agent attested by its service account "
+                                                        "token needs a fresh token that attests the agent's node "
+                                                        "again; see the server log")
+
+        if not isinstance(token, str) or not token or len(token) > 16384:
+            raise refuse("it sent no service account token (an agent renews with a fresh one)")
+        attestor = self.psat
+        if attestor is None:
+            raise refuse("this server does not attest nodes with service account tokens "
+                         "(kubernetes.nodeAttestation.enabled)")
+        try:
+            node = attestor.attest(token)
+        except NodeRefusedError as exc:
+            raise refuse(exc.message) from None
+        except KeysealError as exc:  # the Kubernetes API cannot be reached, or refuses the server
+            log.error("cannot attest the renewal of k8s_psat agent %s from %s: %s", agent_id, request.peer,
+                      loggable(exc.message, 300))
+            raise self._refuse(503, "unavailable", "the Kubernetes API could not check the token; see the "
+                                                   "server log") from None
+        if node.agent_id != agent_id:
+            raise refuse(f"the token attests {node.agent_id}, another node (or the node was made again under its "
+                         f"name)")
 
     def _note_agent_svid(self, agent_id: str, answer: dict[str, Any]) -> None:
         """Remember until when the agent holds an SVID (join tokens for it are refused until then). A failure is
@@ -271,7 +318,7 @@ class AgentApi:
         ttl = self.api.config.x509_ttl
         if entry.x509_ttl:
             ttl = min(ttl, timedelta(seconds=entry.x509_ttl))
-        return self._json(self._issue(entry.spiffe_id, document.get("csr"), ttl))
+        return self._json(self._issue(entry.spiffe_id, document.get("csr"), ttl, entry.dns_names))
 
     def jwt_svid(self, request: Request) -> Response:
         agent_id = self._agent(request)
@@ -290,6 +337,12 @@ class AgentApi:
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _PSAT_RE = re.compile(r"k8s_psat/[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?/[A-Za-z0-9-]{1,64}")
+
+
+def _is_psat_agent(trust_domain: str, agent_id: str) -> bool:
+    """Whether an agent ID (already checked by `_agent_name`) is one of the agents attested by service account
+    tokens: spiffe://<td>/keyseal/agent/k8s_psat/<cluster>/<node-uid>."""
+    return agent_id.startswith(f"spiffe://{trust_domain}{AGENT_PATH}/k8s_psat/")
 
 
 def _agent_name(rest: str) -> bool:

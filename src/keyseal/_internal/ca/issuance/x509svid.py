@@ -1,8 +1,9 @@
 """X.509-SVID issuance from a PKCS#10 CSR, as the SPIFFE X509-SVID standard describes a leaf.
 
-The leaf has exactly one URI SAN (the SPIFFE ID), CA=false, digitalSignature (plus keyEncipherment for RSA and
-keyAgreement for EC keys), never keyCertSign or cRLSign, serverAuth + clientAuth, SKI of the requester's key
-and AKI of the CA's, and never outlives the CA certificate. Only the CSR's public key is used (after its
+The leaf has exactly one URI SAN (the SPIFFE ID), followed by the entry's DNS names if it has any (the
+X509-SVID standard allows other SAN types beside the one URI), CA=false, digitalSignature (plus keyEncipherment
+for RSA and keyAgreement for EC keys), never keyCertSign or cRLSign, serverAuth + clientAuth, SKI of the
+requester's key and AKI of the CA's, and never outlives the CA certificate. Only the CSR's public key is used (after its
 self-signature proves the requester holds the private key): its names and extensions are ignored, the
 SPIFFE ID comes from the authorized request. The requester's key is checked (type, size, curve, and an RSA
 public exponent of 65537) before its signature, so a key that would be refused costs no signature check.
@@ -248,7 +249,8 @@ def issue_x509_svid(keyset: Keyset, spiffe_id: SpiffeId, public_key: LeafKey, no
                     *, dns_names: tuple[str, ...] = (), ip_addresses: tuple[str, ...] = ()) -> x509.Certificate:
     """Sign the leaf with the keyset's X.509 CA key (one signature: in KMS custody, one kms:Sign).
 
-    `dns_names` / `ip_addresses` are for the server's own serving certificate only (still one URI SAN).
+    `dns_names`: DNS SANs after the one URI SAN (an entry's, checked by ca.registry.entries.check_dns_name, or
+    the server's own serving certificate's); `ip_addresses` for the serving certificate only.
     The TBSCertificate is the same, byte for byte, as `cryptography`'s builder makes for these values.
     """
     leaf = sign_x509_svid(keyset, spiffe_id, LeafPublicKey.of(public_key), now, ttl, dns_names=dns_names,

@@ -35,10 +35,13 @@ from keyseal._internal.records.record import format_time
 from keyseal._internal.spiffe.entry import (
     AGENT_PATH,
     ENTRY_ID_RE,
+    MAX_DNS_NAMES,
     MAX_ENTRY_TTL,
     MAX_FEDERATES_WITH,
     MAX_SELECTORS,
     Entry,
+    check_dns_name,
+    check_dns_names,
     check_selector,
     is_served,
 )
@@ -48,6 +51,7 @@ from keyseal.errors import InputError, UsageError
 __all__ = [
     "AGENT_PATH",
     "ENTRY_ID_RE",
+    "MAX_DNS_NAMES",
     "AgentRegistry",
     "AgentStillActiveError",
     "DirectoryAgentRegistry",
@@ -56,6 +60,8 @@ __all__ = [
     "EntryStore",
     "JoinTokens",
     "Progress",
+    "check_dns_name",
+    "check_dns_names",
     "check_selector",
     "is_served",
     "token_digest",
@@ -175,7 +181,7 @@ class EntryStore(abc.ABC):
             raise UsageError(f"TTLs are at most {MAX_ENTRY_TTL} seconds (a year): an SVID lives no longer than its "
                              f"CA anyway")
         return Entry(entry.entry_id, spiffe_id, parent_id, selectors, entry.x509_ttl, entry.jwt_ttl,
-                     self._check_federates_with(entry.federates_with))
+                     self._check_federates_with(entry.federates_with), check_dns_names(entry.dns_names))
 
     def _check_federates_with(self, names: tuple[str, ...]) -> tuple[str, ...]:
         if len(names) > MAX_FEDERATES_WITH:
@@ -187,9 +193,9 @@ class EntryStore(abc.ABC):
         return tuple(sorted(set(names)))
 
     def create(self, spiffe_id: str, parent_id: str, selectors: tuple[str, ...], x509_ttl: int = 0,
-               jwt_ttl: int = 0, federates_with: tuple[str, ...] = ()) -> Entry:
+               jwt_ttl: int = 0, federates_with: tuple[str, ...] = (), dns_names: tuple[str, ...] = ()) -> Entry:
         return self._add(self.check(Entry(secrets.token_hex(8), spiffe_id, parent_id, selectors, x509_ttl,
-                                          jwt_ttl, federates_with)))
+                                          jwt_ttl, federates_with, dns_names)))
 
     def new_id(self, entry: Entry) -> str:
         """The ID a created entry gets when none is given."""

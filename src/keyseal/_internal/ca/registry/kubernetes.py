@@ -32,6 +32,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -288,11 +289,11 @@ class KubeEntryStore(EntryStore):
         x509_ttl, jwt_ttl = spec.get("x509SVIDTTL", 0), spec.get("jwtSVIDTTL", 0)
         if not isinstance(selectors, list) or not all(isinstance(t, int) for t in (x509_ttl, jwt_ttl)):
             raise TypeError("selectors must be a list, TTLs whole seconds")
-        federates_with = spec.get("federatesWith", [])
-        if not isinstance(federates_with, list):
-            raise TypeError("federatesWith must be a list")
+        federates_with, dns_names = spec.get("federatesWith", []), spec.get("dnsNames", [])
+        if not isinstance(federates_with, list) or not isinstance(dns_names, list):
+            raise TypeError("federatesWith and dnsNames must be lists")
         entry = Entry(entry_id, str(spec["spiffeID"]), str(spec["parentID"]), tuple(selectors), x509_ttl, jwt_ttl,
-                      tuple(str(t) for t in federates_with))
+                      tuple(str(t) for t in federates_with), tuple(str(n) for n in dns_names))
         return self.check(entry)
 
     # -- writes -----------------------------------------------------------------------------------------------
@@ -306,14 +307,15 @@ class KubeEntryStore(EntryStore):
             spec["jwtSVIDTTL"] = entry.jwt_ttl
         if entry.federates_with:
             spec["federatesWith"] = list(entry.federates_with)
+        if entry.dns_names:
+            spec["dnsNames"] = list(entry.dns_names)
         return {"apiVersion": f"{GROUP}/{VERSION}", "kind": ENTRY_KIND,
                 "metadata": _metadata(self._name(entry.entry_id), self.resources.namespace), "spec": spec}
 
     def _add(self, entry: Entry) -> Entry:
         """One entry, named by its meaning: the API server's 409 on a second create of that name is the
         duplicate check, O(1) and atomic; a watched view also catches a duplicate written under another name."""
-        entry = Entry(entry_id_for(entry.spiffe_id, entry.parent_id, entry.selectors), entry.spiffe_id,
-                      entry.parent_id, entry.selectors, entry.x509_ttl, entry.jwt_ttl, entry.federates_with)
+        entry = replace(entry, entry_id=entry_id_for(entry.spiffe_id, entry.parent_id, entry.selectors))
         view = self._view()
         other = view.duplicate_of(entry) if view is not None else None
         if other is not None or not self.resources.create(self._body(entry)):

@@ -23,6 +23,11 @@ refused before the API server is asked, since anyone may call the endpoint. A st
 used while its pod runs, joins as that node: the same exposure as SPIRE's k8s_psat; the short token lifetime
 bounds it.
 
+The same checks run again at every renewal of the agent's SVID (ca.http.agents `renew`): the agent sends its
+token as the kubelet has rotated it, and the node it attests must have the uid in the agent's SPIFFE ID. An agent
+whose node was deleted (or made again: another uid), or an agent SVID stolen away from that node's agent pod,
+is not renewed: it lasts no longer than its SVID (x509SVID.ttl).
+
 RBAC: create tokenreviews; get pods; get nodes.
 """
 

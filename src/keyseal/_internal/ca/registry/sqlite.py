@@ -38,7 +38,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     entry_id TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, parent_id TEXT NOT NULL, parent_key TEXT NOT NULL,
     selectors TEXT NOT NULL, x509_ttl INTEGER NOT NULL, jwt_ttl INTEGER NOT NULL,
-    federates_with TEXT NOT NULL DEFAULT '[]') WITHOUT ROWID;
+    federates_with TEXT NOT NULL DEFAULT '[]', dns_names TEXT NOT NULL DEFAULT '[]') WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_by_parent ON entries (parent_key);
 CREATE INDEX IF NOT EXISTS entries_by_meaning ON entries (spiffe_id, parent_id, selectors);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -47,16 +47,28 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WIT
 
 def _row(entry: Entry) -> tuple[Any, ...]:
     return (entry.entry_id, entry.spiffe_id, entry.parent_id, parent_key(entry.parent_id),
-            json.dumps(list(entry.selectors)), entry.x509_ttl, entry.jwt_ttl, json.dumps(list(entry.federates_with)))
+            json.dumps(list(entry.selectors)), entry.x509_ttl, entry.jwt_ttl, json.dumps(list(entry.federates_with)),
+            json.dumps(list(entry.dns_names)))
 
 
 _INSERT = ("INSERT INTO entries (entry_id, spiffe_id, parent_id, parent_key, selectors, x509_ttl, jwt_ttl, "
-           "federates_with) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+           "federates_with, dns_names) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_SELECT_ALL = ("SELECT entry_id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, federates_with, dns_names "
+               "FROM entries ORDER BY entry_id")
+_SELECT_ONE = ("SELECT entry_id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, federates_with, dns_names "
+               "FROM entries WHERE entry_id = ?")
+_SELECT_AGENT = ("SELECT entry_id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, federates_with, dns_names "
+                 "FROM entries WHERE parent_key IN (SELECT value FROM json_each(?)) ORDER BY entry_id")
+# Columns later keyseal versions added, with what the rows written before them mean: a database an older keyseal
+# made gains them when it is opened (ALTER TABLE ... ADD COLUMN writes no row). An older keyseal that opens the
+# database afterwards names its columns in every statement, so it still reads and writes it.
+_ADDED_COLUMNS = (("federates_with", "TEXT NOT NULL DEFAULT '[]'"),  # federation
+                  ("dns_names", "TEXT NOT NULL DEFAULT '[]'"))  # DNS SANs
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
     return Entry(str(row[0]), str(row[1]), str(row[2]), tuple(str(s) for s in json.loads(row[3])), int(row[4]),
-                 int(row[5]), tuple(str(t) for t in json.loads(row[6])))
+                 int(row[5]), tuple(str(t) for t in json.loads(row[6])), tuple(str(n) for n in json.loads(row[7])))
 
 
 class DirectoryEntryStore(EntryStore):
@@ -107,8 +119,10 @@ class DirectoryEntryStore(EntryStore):
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     connection.execute(statement)
                 columns = {row[1] for row in connection.execute("PRAGMA table_info(entries)")}
-                if "federates_with" not in columns:  # a database written before federation: add the column
-                    connection.execute("ALTER TABLE entries ADD COLUMN federates_with TEXT NOT NULL DEFAULT '[]'")
+                for column, definition in _ADDED_COLUMNS:
+                    if column not in columns:  # a database an older keyseal wrote: add the column
+                        connection.execute(f"ALTER TABLE entries ADD COLUMN {column} {definition}")
+                        log.info("%s: added the column %s to its entries", self.path, column)
                 imported = connection.execute("SELECT value FROM meta WHERE name = 'imported'").fetchone()
                 if imported is None:
                     self._import_legacy(connection)
@@ -152,20 +166,15 @@ class DirectoryEntryStore(EntryStore):
     # -- the store --------------------------------------------------------------------------------------------
 
     def entries(self) -> list[Entry]:
-        return [_entry(r) for r in self._query(
-            "SELECT entry_id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, federates_with FROM entries "
-            "ORDER BY entry_id")]
+        return [_entry(r) for r in self._query(_SELECT_ALL)]
 
     def get(self, entry_id: str) -> Entry | None:
-        rows = self._query("SELECT entry_id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, federates_with "
-                           "FROM entries WHERE entry_id = ?", (entry_id,))
+        rows = self._query(_SELECT_ONE, (entry_id,))
         entry = _entry(rows[0]) if rows else None
         return entry if entry is not None and is_served(entry) else None
 
     def for_agent(self, agent_id: str) -> list[Entry]:
-        rows = self._query("SELECT entry_id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, federates_with "
-                           "FROM entries WHERE parent_key IN (SELECT value FROM json_each(?)) ORDER BY entry_id",
-                           (json.dumps(agent_keys(agent_id)),))
+        rows = self._query(_SELECT_AGENT, (json.dumps(agent_keys(agent_id)),))
         return [e for e in map(_entry, rows) if e.parented_by(agent_id) and is_served(e)]
 
     def _duplicate(self, connection: sqlite3.Connection, entry: Entry) -> None:

@@ -8,6 +8,8 @@ ClusterSPIFFEID: no entry per pod by hand.
       spiffeIDTemplate: "spiffe://{{ .TrustDomain }}/ns/{{ .PodMeta.Namespace }}/sa/{{ .PodSpec.ServiceAccountName }}"
       podSelector: {matchLabels: {...}, matchExpressions: [...]}        # optional: every pod
       namespaceSelector: {matchLabels: {...}, matchExpressions: [...]}  # optional: every namespace
+      dnsNameTemplates:   # optional: DNS SANs of the pod's X.509-SVIDs, in the same syntax
+        - "{{ .PodSpec.ServiceAccountName }}.{{ .PodMeta.Namespace }}.svc"
       x509SVIDTTL: 3600   # optional, seconds
       jwtSVIDTTL: 300
 
@@ -15,9 +17,11 @@ The template language is a small subset of Go templates: `{{ .Field }}` with the
 PodMeta.Namespace, PodMeta.Name, PodMeta.UID, PodSpec.ServiceAccountName and PodSpec.NodeName; nothing else (no
 functions, no pipelines). A template that gives no valid workload SPIFFE ID for any pod (checked with harmless
 sample values: outside the trust domain, under the reserved /keyseal path, an unknown field) is a template error
-and gives no entries. A pod whose own values make an invalid or reserved ID (a pod or namespace named `keyseal` in
-`/{{ .PodMeta.Namespace }}/...`) is skipped alone: counted in `status.podsSkipped`, the first one's reason in
-`status.podError`; the template's other pods keep their entries.
+and gives no entries. Each of `dnsNameTemplates` must render to an RFC 1123 host name (no wildcards, see
+ca.registry.entries.check_dns_name), checked the same way. A pod whose own values make an invalid or reserved ID (a
+pod or namespace named `keyseal` in `/{{ .PodMeta.Namespace }}/...`) or an invalid DNS name is skipped alone:
+counted in `status.podsSkipped`, the first one's reason in `status.podError`; the template's other pods keep their
+entries.
 
 Mirror pods (annotation `kubernetes.io/config.mirror`: a kubelet's static pods, which it may create in any
 namespace) get no entry unless the template sets `includeMirrorPods: true`.
@@ -47,12 +51,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from keyseal._internal.ca.k8s_config import K8sConfig
+from keyseal._internal.ca.registry.entries import MAX_DNS_NAMES, check_dns_names
 from keyseal._internal.ca.registry.kubernetes import ENTRIES, ENTRY_KIND, entry_id_for
 from keyseal._internal.ca.registry.psat import agent_id_of
 from keyseal._internal.providers.kubernetes.client import GROUP, REQUEST_TIMEOUT, VERSION, kubernetes_client
 from keyseal._internal.providers.kubernetes.errors import api_failures, is_client_error, status_of
 from keyseal._internal.spiffe.ids import SpiffeIdError, is_reserved, parse_spiffe_id
-from keyseal.errors import KeysealError
+from keyseal.errors import KeysealError, UsageError
 
 __all__ = ["MANAGED_BY", "TEMPLATES", "TemplateError", "TemplateReconciler", "render_template", "selects"]
 
@@ -71,7 +76,7 @@ class TemplateError(KeysealError):
     """An IdentityTemplate that cannot give a valid SPIFFE ID (reported in its status)."""
 
 
-def render_template(template: str, fields: dict[str, str]) -> str:
+def render_template(template: str, fields: dict[str, str], where: str = "spiffeIDTemplate") -> str:
     def field(match: re.Match[str]) -> str:
         name = match.group(1)
         if name not in fields:
@@ -84,7 +89,7 @@ def render_template(template: str, fields: dict[str, str]) -> str:
 
     rendered = _FIELD_RE.sub(field, template)
     if "{{" in rendered or "}}" in rendered:
-        raise TemplateError("only {{ .Field }} is supported in spiffeIDTemplate")
+        raise TemplateError(f"only {{{{ .Field }}}} is supported in {where}")
     return rendered
 
 
@@ -220,9 +225,10 @@ class TemplateReconciler:
         include = spec.get("includeMirrorPods", False)
         if not isinstance(include, bool):
             raise TemplateError("spec.includeMirrorPods must be true or false")
-        self._id_and_ttls(spec, {"TrustDomain": self.trust_domain, "ClusterName": self.config.cluster, **_SAMPLE})
+        self._rendered(spec, {"TrustDomain": self.trust_domain, "ClusterName": self.config.cluster, **_SAMPLE})
 
-    def _id_and_ttls(self, spec: dict[str, Any], fields: dict[str, str]) -> tuple[str, dict[str, int]]:
+    def _rendered(self, spec: dict[str, Any], fields: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        """The SPIFFE ID and the rest of the entry's spec (TTLs, DNS names) the template gives for these fields."""
         template_text = spec.get("spiffeIDTemplate")
         if not isinstance(template_text, str) or not template_text:
             raise TemplateError("spec.spiffeIDTemplate is missing")
@@ -239,7 +245,24 @@ class TemplateReconciler:
                 if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 366 * 24 * 3600:
                     raise TemplateError(f"spec.{key} must be whole seconds, at most a year")
                 ttls[key] = value
-        return str(spiffe_id), ttls
+        dns_names = self._dns_names(spec, fields)
+        return str(spiffe_id), ({**ttls, "dnsNames": list(dns_names)} if dns_names else ttls)
+
+    @staticmethod
+    def _dns_names(spec: dict[str, Any], fields: dict[str, str]) -> tuple[str, ...]:
+        templates = spec.get("dnsNameTemplates")
+        if templates is None:
+            return ()
+        if not isinstance(templates, list) or not all(isinstance(t, str) and t for t in templates) \
+                or len(templates) > MAX_DNS_NAMES:
+            raise TemplateError(f"spec.dnsNameTemplates must be a list of at most {MAX_DNS_NAMES} templates")
+        rendered = []
+        for number, text in enumerate(templates):
+            rendered.append(render_template(text, fields, f"spec.dnsNameTemplates[{number}]"))
+        try:
+            return check_dns_names(tuple(rendered))
+        except UsageError as exc:
+            raise TemplateError(f"spec.dnsNameTemplates gives {exc.message}") from None
 
     def _entry_for(self, template: str, spec: dict[str, Any], pod: dict[str, Any], node_uids: dict[str, str],
                    namespaces: dict[str, dict[str, str]]) -> dict[str, Any] | None:
@@ -261,7 +284,7 @@ class TemplateReconciler:
                   "PodMeta.UID": str(metadata.get("uid") or ""),
                   "PodSpec.ServiceAccountName": str(pod_spec.get("serviceAccountName") or "default"),
                   "PodSpec.NodeName": str(pod_spec.get("nodeName") or "")}
-        spiffe_id, ttls = self._id_and_ttls(spec, fields)
+        spiffe_id, rest = self._rendered(spec, fields)
         parent = agent_id_of(self.trust_domain, self.config.cluster, node_uid)
         selectors = tuple(sorted((f"k8s:ns:{namespace}", f"k8s:pod-uid:{fields['PodMeta.UID']}")))
         entry_id = entry_id_for(spiffe_id, parent, selectors)
@@ -269,7 +292,7 @@ class TemplateReconciler:
                 "metadata": {"name": f"{self.prefix}-entry-{entry_id}", "namespace": self.namespace,
                              "labels": {"app.kubernetes.io/part-of": "keyseal", MANAGED_BY: MANAGER,
                                         TEMPLATE_LABEL: template[:63].rstrip(".-")}},
-                "spec": {"spiffeID": spiffe_id, "parentID": parent, "selectors": list(selectors), **ttls}}
+                "spec": {"spiffeID": spiffe_id, "parentID": parent, "selectors": list(selectors), **rest}}
 
     # -- one pass ---------------------------------------------------------------------------------------------
 
