@@ -20,9 +20,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keyseal._internal.ca.config import parse_config
-from keyseal._internal.ca.registry.entries import Entry, check_dns_name, entry_store_for, join_tokens_for
+from keyseal._internal.ca.registry.entries import Entry, check_dns_name
 from keyseal._internal.ca.registry.index import entries_digest
 from keyseal._internal.ca.registry.sqlite import DirectoryEntryStore
+from keyseal._internal.ca.registry.stores import entry_store_for, join_tokens_for
 from keyseal._internal.ca.server import CaServer
 from keyseal.errors import UsageError
 from tests.conftest import assert_one_line_error, run_keyseal

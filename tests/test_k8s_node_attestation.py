@@ -535,7 +535,7 @@ def test_a_token_of_another_node_does_not_renew_an_agent(refused_renewal: Any, s
 def test_a_join_token_agent_renews_on_its_svid_alone(server: CaServer, cluster: Cluster) -> None:
     from datetime import timedelta
 
-    from keyseal._internal.ca.registry.entries import join_tokens_for
+    from keyseal._internal.ca.registry.stores import join_tokens_for
 
     token, agent_id = join_tokens_for(server.config).issue("plain-node", timedelta(minutes=5))
     key = new_key()
