@@ -27,7 +27,6 @@ from tests.harness.ca import (
     TOKENS,
     TRUST_DOMAIN,
     Client,
-    FakeClock,
     base_config,
     bundle_authorities,
     new_key,
@@ -212,32 +211,8 @@ def test_rsa_ca_bundle_is_byte_stable(token: str, softhsm: SoftHsm, pin_file: Pa
     assert one.ca_certificate.public_key().key_size == 2048 and one.jwt_kid == two.jwt_kid
 
 
-def test_rotation_with_injected_clock_creates_keyset_2(token: str, softhsm: SoftHsm, pin_file: Path,
-                                                        tmp_path: Path) -> None:
-    prefix = new_prefix()
-    clock = FakeClock()
-    config = parse_config(pkcs11_config(tmp_path, softhsm, pin_file, prefix))
-    manager = KeysetManager(build_source(config), TRUST_DOMAIN, config.ca_ttl, config.refresh_hint, clock)
-    manager.start()
-    first = manager.active()
-    assert first.number == 1 and first.not_before == clock()
-    clock.advance(timedelta(hours=12))
-    manager.refresh()
-    assert [(k.number, s) for k, s in manager.live()] == [(1, "active"), (2, "prepared")]
-    second = manager.keyset(2)
-    assert second is not None and second.not_before == clock()
-    assert second.ca_certificate.public_key() != first.ca_certificate.public_key()
-    markers = {o["label"]: o["value"] for o in token_objects(softhsm, pin_file, prefix) if "application" in o}
-    assert markers[f"{prefix}keyset-2"]["notBefore"] == "2030-01-01T12:00:00Z"
-    assert markers[f"{prefix}keyset-1"]["notBefore"] == "2030-01-01T00:00:00Z"
-    clock.advance(timedelta(hours=8))
-    assert manager.active().number == 2
-    # A second replica (or a restart) reads both keysets, with their times, from the token alone.
-    other = KeysetManager(build_source(config), TRUST_DOMAIN, config.ca_ttl, config.refresh_hint, clock)
-    other.start()
-    assert [(k.number, s) for k, s in other.live()] == [(1, "old"), (2, "active")]
-    assert other.active().jwt_kid == manager.active().jwt_kid
-    assert other.keyset(1) is not None and other.keyset(1).not_before == first.not_before  # type: ignore[union-attr]
+# Keyset 2 created later, with its own keys and time, read back by another source from the token alone:
+# tests/test_keyset_source_contract.py (over every custody).
 
 
 def test_leftover_keys_of_an_unfinished_creation_are_replaced(token: str, softhsm: SoftHsm, pin_file: Path,
