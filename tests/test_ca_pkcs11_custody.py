@@ -119,6 +119,7 @@ class SignCounter:
         monkeypatch.setattr(backend.Pkcs11Signer, "sign_digest", counted)
 
 
+@pytest.mark.slow
 def test_svids_one_c_sign_each_and_restart(token: str, softhsm: SoftHsm, pin_file: Path, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     prefix = new_prefix()
@@ -196,6 +197,7 @@ def test_svids_one_c_sign_each_and_restart(token: str, softhsm: SoftHsm, pin_fil
     assert len(token_objects(softhsm, pin_file, prefix)) == 5
 
 
+@pytest.mark.slow
 def test_rsa_ca_bundle_is_byte_stable(token: str, softhsm: SoftHsm, pin_file: Path, tmp_path: Path) -> None:
     """RSA PKCS#1 v1.5 signatures are deterministic: the CA certificate rebuilt at a restart is byte-identical."""
     prefix = new_prefix()
@@ -263,6 +265,7 @@ def test_default_label_prefix_and_env_pin(tmp_path: Path) -> None:
     assert config.pkcs11.pin_file is None and config.pkcs11.module_path is None
 
 
+@pytest.mark.slow
 def test_wrong_pin_at_startup_is_one_line(token: str, softhsm: SoftHsm, tmp_path: Path) -> None:
     wrong = tmp_path / "wrong-pin"
     wrong.write_text("0000-wrong\n")
@@ -278,6 +281,7 @@ def test_wrong_pin_at_startup_is_one_line(token: str, softhsm: SoftHsm, tmp_path
     assert_fails_cleanly(missing, "no PKCS#11 token matches token='no-such-token'")
 
 
+@pytest.mark.slow
 def test_server_process_with_pin_from_the_environment(token: str, softhsm: SoftHsm, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """`keyseal server` as deployed: no pinFile, the PIN in KEYSEAL_PKCS11_PIN (a Secret as an env var)."""

@@ -1,9 +1,10 @@
 """The keyset-source contract (keyseal._internal.ca.custody.source), one suite run over every CA custody.
 
-Each custody is one fixture, decorated `@custody`, that returns a `Custody`: a way to build a source over one
-fresh custody as the server builds it (`build_source` from a parsed configuration), so that a second call is
-another replica or a restart over the same keys, and a source whose custody cannot be used. Every test below
-runs over every such fixture, so a new custody gets the whole suite by adding one fixture.
+Each custody is one fixture, decorated `@custody` (`slow=True` when it talks to a server or token), that returns
+a `Custody`: a way to build a source over one fresh custody as the server builds it (`build_source` from a parsed
+configuration), so that a second call is another replica or a restart over the same keys, and a source whose
+custody cannot be used. Every test below runs over every such fixture, so a new custody gets the whole suite by
+adding one fixture.
 
 What every custody must do (source.py):
 - on an empty custody, `startup_check` passes and writes nothing, and `load` finds no keyset (highest 0); a
@@ -66,13 +67,17 @@ class Custody:
     places: int | None  # how many keysets it holds at once (wrapped: the slot ring), None: no limit
 
 
-CUSTODIES: list[str] = []
+CUSTODIES: list[Any] = []  # pytest.param(fixture name), marked slow for a remote custody
 
 
-def custody(function: Callable[..., Custody | Iterator[Custody]]) -> Any:
-    """Register a function-scoped fixture returning a Custody: every test here then runs over it."""
-    CUSTODIES.append(function.__name__)
-    return pytest.fixture(function)
+def custody(function: Callable[..., Any] | None = None, *, slow: bool = False) -> Any:
+    """Register a function-scoped fixture returning a Custody: every test here then runs over it. `slow`: it
+    talks to a server or token (left out of the fast loop, `-m "not slow"`)."""
+    def register(function: Callable[..., Any]) -> Any:
+        CUSTODIES.append(pytest.param(function.__name__, marks=[pytest.mark.slow] if slow else []))
+        return pytest.fixture(function)
+
+    return register(function) if function is not None else register
 
 
 def source_from(raw: dict[str, Any]) -> Callable[[], KeysetSource]:
@@ -99,7 +104,7 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@custody
+@custody(slow=True)
 def kms_custody(tmp_path: Path, kms_emulator: KmsEmulator, aws_env: dict[str, str],
                 monkeypatch: pytest.MonkeyPatch) -> Custody:
     """AWS KMS keys (the moto server) under an alias prefix of this test's own; broken: an endpoint nobody
@@ -125,7 +130,7 @@ def contract_token(softhsm: SoftHsm) -> str:
     return softhsm.init_token(PKCS11_TOKEN)
 
 
-@custody
+@custody(slow=True)
 def pkcs11_custody(tmp_path: Path, softhsm: SoftHsm, contract_token: str) -> Iterator[Custody]:
     """Key pairs in a SoftHSM2 token under a label prefix of this test's own; broken: a wrong PIN."""
     from keyseal._internal.backends import pkcs11

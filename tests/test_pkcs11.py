@@ -112,6 +112,7 @@ def test_wrong_digest_length_is_a_clear_error(keys: dict[str, str], pin_env: Non
         signer.sign_digest(b"x" * 20, "sha256")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key_type", ["rsa2048", "p384", "ed25519"])
 def test_concurrent_signing_on_one_session(keys: dict[str, str], pin_env: None, key_type: str) -> None:
     threads_n, per_thread = 8, 25
@@ -198,6 +199,7 @@ def test_private_key_cannot_be_read(softhsm: SoftHsm, keys: dict[str, str]) -> N
             assert public[attribute.ID] == private[attribute.ID] != b""
 
 
+@pytest.mark.slow
 def test_private_key_invisible_without_login(softhsm: SoftHsm, keys: dict[str, str]) -> None:
     import pkcs11
 

@@ -1,9 +1,10 @@
 """The Signer contract (keyseal.signer), one suite run over every backend against its real custody.
 
-Each backend is one fixture, decorated `@signer_backend`, that returns a `Backend`: keys made in the custody by
-its own tools (boto3 against the moto server, OpenBao's API, the PKCS#11 token, a wrapped record with a local
-KEK), a URI naming a key that does not exist, and the hashes the backend documents for each key type. Every test
-below runs over every such fixture, so a new backend gets the whole suite by adding one fixture.
+Each backend is one fixture, decorated `@signer_backend` (`slow=True` when it talks to a server or token), that
+returns a `Backend`: keys made in the custody by its own tools (boto3 against the moto server, OpenBao's API, the
+PKCS#11 token, a wrapped record with a local KEK), a URI naming a key that does not exist, and the hashes the
+backend documents for each key type. Every test below runs over every such fixture, so a new backend gets the
+whole suite by adding one fixture.
 
 What every backend must do, opened through the registry (`open_signer`, as every caller opens it):
 - `public_key()` is the key's type and size, the same on every call and every open, and the custody's own
@@ -69,13 +70,17 @@ class Backend:
         return open_signer(uri, self.options)
 
 
-BACKENDS: list[str] = []
+BACKENDS: list[Any] = []  # pytest.param(fixture name), marked slow for a remote custody
 
 
-def signer_backend(function: Callable[..., Backend]) -> Any:
-    """Register a function-scoped fixture returning a Backend: every test here then runs over it."""
-    BACKENDS.append(function.__name__)
-    return pytest.fixture(function)
+def signer_backend(function: Callable[..., Any] | None = None, *, slow: bool = False) -> Any:
+    """Register a function-scoped fixture returning a Backend: every test here then runs over it. `slow`: it
+    talks to a server or token (left out of the fast loop, `-m "not slow"`)."""
+    def register(function: Callable[..., Any]) -> Any:
+        BACKENDS.append(pytest.param(function.__name__, marks=[pytest.mark.slow] if slow else []))
+        return pytest.fixture(function)
+
+    return register(function) if function is not None else register
 
 
 # -- the backends ----------------------------------------------------------------------------------------------
@@ -123,7 +128,7 @@ def kms_keys(kms_emulator: KmsEmulator) -> dict[str, str]:
             for key_type, spec in KMS_SPECS.items()}
 
 
-@signer_backend
+@signer_backend(slow=True)
 def awskms_backend(kms_keys: dict[str, str], aws_env: dict[str, str], kms_emulator: KmsEmulator) -> Backend:
     """`awskms:` (module docstring): RSA with every hash (RSASSA_PKCS1_V1_5_SHA_*), ECDSA with the curve's own."""
     def reference(key_type: str) -> PublicKey:
@@ -159,7 +164,7 @@ def pkcs11_keys(softhsm: SoftHsm, tmp_path_factory: pytest.TempPathFactory) -> d
     return uris
 
 
-@signer_backend
+@signer_backend(slow=True)
 def pkcs11_backend(pkcs11_keys: dict[str, str]) -> Iterator[Backend]:
     """`pkcs11:` (module docstring): CKM_RSA_PKCS over a DigestInfo for SHA-256/384/512, CKM_ECDSA and
     CKM_EDDSA over any digest: every key type, every hash. The suite's only view of the public key is the
@@ -188,7 +193,7 @@ def vault_keys(openbao: OpenBao) -> dict[str, str]:
     return names
 
 
-@signer_backend
+@signer_backend(slow=True)
 def hashivault_backend(vault_keys: dict[str, str], vault_env: dict[str, str], openbao: OpenBao) -> Backend:
     """`hashivault:` (module docstring): every Transit key type signs every SHA-2 digest."""
     def reference(key_type: str) -> PublicKey:
