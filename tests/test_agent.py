@@ -45,6 +45,7 @@ def _server_bundle(server: CaServer) -> list[x509.Certificate]:
         client.close()
 
 
+@pytest.mark.slow
 def test_workload_api_client_gets_svid_that_chains_to_server_bundle(node: Node) -> None:
     with WorkloadApiClient(node.endpoint, default_timeout=10) as client:
         svid = client.fetch_x509_svid()
@@ -80,6 +81,7 @@ def test_x509_source_and_jwt_source(node: Node) -> None:
         jwt_source.close()
 
 
+@pytest.mark.slow
 def test_users_get_their_own_identity_and_a_stranger_none(node: Node) -> None:
     assert fetch_as(1001, node.endpoint) == f"ID spiffe://{TRUST_DOMAIN}/ns/a/user1001"
     assert fetch_as(1002, node.endpoint) == f"ID spiffe://{TRUST_DOMAIN}/ns/b/user1002"

@@ -128,6 +128,7 @@ def _foreign_writers(node: Node) -> int:
     return sum(int(line.split()[-1]) for line in lines)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.5, 0.0], ids=["exec-after-accept", "exec-at-once"])
 def test_a_process_that_execs_after_connecting_does_not_get_the_binarys_identity(node: Node, delay: float) -> None:
     """The attack: the process that connected becomes /usr/bin/sleep (an entry's only selector is its path); the
@@ -288,6 +289,7 @@ def agent_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[su
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_request_written_before_an_exec_the_agent_accepts_after_gets_nothing(
         agent_process: tuple[subprocess.Popen[str], Path]) -> None:
     """The attack on the accept race, made certain: while the agent is stopped, a process connects, writes a
@@ -310,6 +312,7 @@ def test_a_request_written_before_an_exec_the_agent_accepts_after_gets_nothing(
     assert stdout.strip() == "NOTHING", f"{stdout!r}; stderr: {stderr.strip()[-2000:]}"
 
 
+@pytest.mark.slow
 def test_a_client_whose_request_was_queued_before_accept_keeps_its_path_identity(
         agent_process: tuple[subprocess.Popen[str], Path]) -> None:
     """A real gRPC client (py-spiffe) writes its preface and request as soon as it connects, mostly before the

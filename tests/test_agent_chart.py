@@ -29,10 +29,12 @@ def chart() -> helm_python.Chart:
     return helm_python.Chart.load(str(CHART))
 
 
+@pytest.mark.slow
 def test_agent_is_off_by_default(chart: helm_python.Chart) -> None:
     assert "DaemonSet" not in render(chart)
 
 
+@pytest.mark.slow
 def test_agent_daemonset(chart: helm_python.Chart, tmp_path: Path) -> None:
     manifests = render(chart, {"agent": {"enabled": True, "joinTokenSecret": "agent-join"}})
     documents = [d for docs in manifests.values() for d in docs]
@@ -50,6 +52,7 @@ def test_agent_daemonset(chart: helm_python.Chart, tmp_path: Path) -> None:
     assert parsed.server_host.endswith(".svc")
 
 
+@pytest.mark.slow
 def test_agent_trust_bundle_comes_from_the_servers_configmap(chart: helm_python.Chart) -> None:
     """The chart creates the bundle ConfigMap empty, names it to the server (which alone may get and update it,
     by name) and mounts it where the agent's trustBundleFile points."""
@@ -158,12 +161,14 @@ def saved_and_resumed(state_dir: Path, kek_file: Path) -> None:
     assert resumed.key.private_numbers() == key.private_numbers()
 
 
+@pytest.mark.slow
 def test_agent_metrics_are_off_by_default(chart: helm_python.Chart, tmp_path: Path) -> None:
     _, container, config = render_agent(chart, tmp_path)
     assert config.metrics_listen is None
     assert "ports" not in container
 
 
+@pytest.mark.slow
 def test_agent_metrics_port(chart: helm_python.Chart, tmp_path: Path) -> None:
     template, container, config = render_agent(chart, tmp_path, metrics={"enabled": True, "port": 9100})
     assert config.metrics_listen == ("0.0.0.0", 9100)  # the pod IP: the config has no env expansion for it
@@ -190,6 +195,7 @@ def test_agent_state_by_default_keeps_the_kek_beside_the_record(chart: helm_pyth
     assert stat.S_IMODE((state_dir / "kek").stat().st_mode) == 0o600
 
 
+@pytest.mark.slow
 def test_agent_state_on_another_host_path(chart: helm_python.Chart, tmp_path: Path) -> None:
     template, container, config = render_agent(chart, tmp_path, state={"hostPath": "/mnt/disk/keyseal"})
     assert config.state_dir is not None
@@ -197,6 +203,7 @@ def test_agent_state_on_another_host_path(chart: helm_python.Chart, tmp_path: Pa
     assert volume["hostPath"] == {"path": "/mnt/disk/keyseal", "type": "DirectoryOrCreate"}
 
 
+@pytest.mark.slow
 def test_agent_state_kek_from_a_secret(chart: helm_python.Chart, tmp_path: Path) -> None:
     kek_secret = {"name": "agent-kek", "key": "k1"}
     template, container, config = render_agent(chart, tmp_path, state={"kekSecret": kek_secret})
@@ -222,6 +229,7 @@ def test_agent_state_kek_from_a_secret(chart: helm_python.Chart, tmp_path: Path)
         AgentState(state_dir, other, "example.org").load()
 
 
+@pytest.mark.slow
 def test_agent_state_off(chart: helm_python.Chart, tmp_path: Path) -> None:
     off = {"enabled": False, "kekSecret": {"name": "agent-kek"}}
     template, container, config = render_agent(chart, tmp_path, state=off)
@@ -232,6 +240,7 @@ def test_agent_state_off(chart: helm_python.Chart, tmp_path: Path) -> None:
     assert "optional" not in tokens["secret"]  # without saved state every start needs the token
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("agent", "where"), [
     ({"metrics": {"enabled": True, "port": 0}}, "/agent/metrics/port"),
     ({"metrics": {"enabled": True, "port": 70000}}, "/agent/metrics/port"),
@@ -249,6 +258,7 @@ def test_agent_schema_refuses_bad_values(chart: helm_python.Chart, agent: dict[s
         chart.render({"agent": {"enabled": True, "joinTokenSecret": "j", **agent}}, name="trust", namespace="spire")
 
 
+@pytest.mark.slow
 def test_agent_posture_takes_only_what_attestation_needs(chart: helm_python.Chart) -> None:
     """Attesting by uid and gid (SO_PEERCRED: no /proc access, no host pid namespace) takes no hostPID and no
     capabilities; seccomp RuntimeDefault and bounded resources always. Pods (agent.kubernetes, the default) are

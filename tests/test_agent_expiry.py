@@ -19,6 +19,8 @@ from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from tests.harness.agent import Node, start_agent, start_server
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 ME = f"unix:uid:{os.getuid()}"
 HEADER = [("workload.spiffe.io", "true")]
 POLL = 0.05

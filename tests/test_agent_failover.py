@@ -56,6 +56,7 @@ def test_server_urls_are_parsed_in_order_without_repeats() -> None:
             parse_agent_config({**BASE, **bad}, {})
 
 
+@pytest.mark.slow
 def test_agent_fails_over_to_the_next_replica(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     first = start_server(tmp_path)
     second = start_server(tmp_path)  # the same store: another replica of the same trust domain
@@ -94,6 +95,7 @@ def restart_on(port: int, tmp: Path, **overrides: Any) -> Any:
     return start_server(tmp, server={"listen": f"127.0.0.1:{port}"}, **overrides)
 
 
+@pytest.mark.slow
 def test_agent_rejoins_after_its_svid_expired_while_no_server_answered(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     short = {"x509SVID": {"ttl": "3s"}}

@@ -129,6 +129,7 @@ def _legitimate_workloads_are_served(node: Node) -> None:
     assert fetch_as(1001, node.endpoint) == f"ID spiffe://{TRUST_DOMAIN}/ns/a/user1001"
 
 
+@pytest.mark.slow
 def test_a_stranger_holding_many_streams_does_not_starve_other_users(node: Node) -> None:
     refused_before = _counted(node, "keyseal_agent_workload_api_calls_refused_total", "too_many_calls_for_uid")
     stranger = spawn(STREAMS, str(node.socket), "1003", "300")  # more than the default per-uid limit
@@ -146,6 +147,7 @@ def test_a_stranger_holding_many_streams_does_not_starve_other_users(node: Node)
         end(stranger)
 
 
+@pytest.mark.slow
 def test_many_idle_connections_take_neither_threads_nor_slots_from_others(node: Node) -> None:
     threads, fds = _threads(), _fds()
     closed_before = _counted(node, "keyseal_agent_workload_api_connections_closed_total",
@@ -166,6 +168,7 @@ def test_many_idle_connections_take_neither_threads_nor_slots_from_others(node: 
     wait_for(lambda: _fds() - fds <= 16, timeout=10)  # a closed connection's descriptors are given back
 
 
+@pytest.mark.slow
 def test_connections_are_bounded_in_total_across_users(tmp_path: Path) -> None:
     server = start_server(tmp_path)
     node = start_agent(server, tmp_path, workload_api={"maxConnections": 20, "maxConnectionsPerUID": 8})
@@ -182,6 +185,7 @@ def test_connections_are_bounded_in_total_across_users(tmp_path: Path) -> None:
         server.shutdown()
 
 
+@pytest.mark.slow
 def test_idle_connections_are_closed_and_open_streams_kept(tmp_path: Path) -> None:
     server = start_server(tmp_path)
     node = start_agent(server, tmp_path, workload_api={"idleTimeout": "1s"})
@@ -215,6 +219,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.slow
 def test_the_agent_backs_off_when_it_runs_out_of_file_descriptors(tmp_path: Path) -> None:
     """At the fd limit accept() fails while connections wait: the agent must wait, not spin, and serve again
     once descriptors are free."""
@@ -274,6 +279,7 @@ def test_the_agent_backs_off_when_it_runs_out_of_file_descriptors(tmp_path: Path
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_expired_jwt_svids_leave_the_cache(tmp_path: Path) -> None:
     server = start_server(tmp_path)
     node = start_agent(server, tmp_path)
@@ -335,6 +341,7 @@ def test_workload_api_limits_are_checked() -> None:
         assert "workloadAPI" in refused.value.message
 
 
+@pytest.mark.slow
 def test_the_relay_carries_large_messages_and_concurrent_callers(node: Node) -> None:
     """Megabytes each way through the relay's 16 KiB buffers, from many threads of one process at once."""
     big = "x" * (3 * 1024 * 1024)

@@ -252,6 +252,7 @@ def _authority_change_applies(server: CaServer, ca: ForeignCa, trust: str = "") 
     assert not server.tls.renew(active, server.clock(), live)  # nothing changed, nothing rebuilt
 
 
+@pytest.mark.slow
 def test_tls_context_follows_the_live_authorities(tmp_path: Path) -> None:
     """Both with a self-issued serving certificate and with certificate files."""
     rotated_in = ForeignCa(tmp_path, "rotated-in")

@@ -20,6 +20,8 @@ from keyseal._internal.ca.registry.stores import entry_store_for, join_tokens_fo
 from tests.harness.agent import AGENT_ID, socket_dir, start_server
 from tests.harness.ca import TRUST_DOMAIN
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 KEYSEAL = str(Path(sys.executable).with_name("keyseal"))
 
 

@@ -44,6 +44,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
     server.shutdown()
 
 
+@pytest.mark.slow
 def test_short_ttl_svid_is_renewed_into_an_open_source(node: Node) -> None:
     node.entry("/ns/a/svc", ME, x509_ttl=4)
     node.agent.cache.sync()
@@ -75,6 +76,7 @@ def test_deleted_entry_ends_the_stream(node: Node) -> None:
         assert ended.value.details() == "no identity issued"
 
 
+@pytest.mark.slow
 def test_server_stopped_cached_svid_until_expiry_then_error(node: Node, caplog: pytest.LogCaptureFixture) -> None:
     node.entry("/ns/a/svc", ME, x509_ttl=3)
     node.agent.cache.sync()
@@ -93,6 +95,7 @@ def test_server_stopped_cached_svid_until_expiry_then_error(node: Node, caplog: 
     assert "serving 1 cached X.509-SVIDs until they expire" in caplog.text
 
 
+@pytest.mark.slow
 def test_ca_rotation_reaches_the_source_bundle_and_keeps_the_agent_working(tmp_path: Path) -> None:
     """A whole CA rotation in 12 s: keyset 2 is published at 6 s (the server trusts it for client certificates at
     once; the agent and an open X509Source get it), becomes active at 10 s (the agent renews its own SVID under
@@ -173,6 +176,7 @@ def test_ca_rotation_reaches_the_source_bundle_and_keeps_the_agent_working(tmp_p
         server.shutdown()
 
 
+@pytest.mark.slow
 def test_cli_entry_and_join_token(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
     import yaml
 
@@ -211,6 +215,7 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+@pytest.mark.slow
 def test_metrics_show_the_server_unreachable_while_cached_svids_are_served(tmp_path: Path) -> None:
     server = start_server(tmp_path)
     node = start_agent(server, tmp_path, sync_interval=0.2, metrics=True)

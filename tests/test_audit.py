@@ -29,6 +29,8 @@ from tests.formats_peers import pkcs11_key
 from tests.harness.kms_emulator import KmsEmulator
 from tests.harness.softhsm import USER_PIN, SoftHsm
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 UID = ("--name", "Release Signing", "--email", "release@example.org")
 CREATED = "2025-01-01T00:00:00Z"
 FIELDS = ["v", "seq", "time", "key_uri", "key_fingerprint", "openpgp_fingerprint", "hash", "signed", "digest",

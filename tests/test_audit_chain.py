@@ -80,6 +80,7 @@ TAMPERS: dict[str, tuple[Tamper, str]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TAMPERS))
 def test_verify_names_the_broken_line(name: str, log_lines: list[bytes], tmp_path: Path) -> None:
     tamper, expected = TAMPERS[name]
@@ -93,6 +94,7 @@ def test_verify_names_the_broken_line(name: str, log_lines: list[bytes], tmp_pat
         verify_log(path)
 
 
+@pytest.mark.slow
 def test_intact_log_and_its_head(log_lines: list[bytes], tmp_path: Path) -> None:
     path = tmp_path / "pristine.log"
     head = line_hash(log_lines[-1].rstrip(b"\n"))
@@ -117,6 +119,7 @@ def test_intact_log_and_its_head(log_lines: list[bytes], tmp_path: Path) -> None
     assert verify_log(path, head=line_hash(log_lines[3].rstrip(b"\n"))).lines == LINES
 
 
+@pytest.mark.slow
 def test_verify_inputs(tmp_path: Path) -> None:
     empty = tmp_path / "empty.log"
     empty.write_bytes(b"")
@@ -131,6 +134,7 @@ def test_verify_inputs(tmp_path: Path) -> None:
     assert "--log" in off.stderr
 
 
+@pytest.mark.slow
 def test_show_filters_by_key(tmp_path: Path) -> None:
     path = tmp_path / "a.log"
     log = AuditLog(path)
@@ -182,6 +186,7 @@ def test_append_refuses_a_damaged_end(tmp_path: Path) -> None:
     assert path.read_bytes() == before + b"garbage\n"  # nothing appended to a log it cannot chain to
 
 
+@pytest.mark.slow
 def test_signer_records_context_and_outcome(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "signer.log"

@@ -98,6 +98,7 @@ def test_checkpoints_are_signed_lines_and_logged(key: tuple[str, Path], log_path
     assert "28 lines, chain intact" in out and "5 checkpoints, each signature valid; 3 lines after" in out
 
 
+@pytest.mark.slow
 def test_edit_and_rechain_is_caught_by_the_checkpoint_signature(key: tuple[str, Path], log_path: Path) -> None:
     uri, public = key
     sign(uri, 23)
@@ -111,6 +112,7 @@ def test_edit_and_rechain_is_caught_by_the_checkpoint_signature(key: tuple[str, 
     assert_one_line_error(run_keyseal("audit", "verify", "--log", log_path, "--key", public))
 
 
+@pytest.mark.slow
 def test_removed_checkpoints_are_caught(key: tuple[str, Path], log_path: Path) -> None:
     uri, public = key
     sign(uri, 23)
@@ -129,6 +131,7 @@ def test_removed_checkpoints_are_caught(key: tuple[str, Path], log_path: Path) -
     assert code == 1 and "line 31: 6 lines without a checkpoint, where one is made every 5 lines" in err
 
 
+@pytest.mark.slow
 def test_checkpoints_by_another_key_are_refused(key: tuple[str, Path], log_path: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     uri, public = key
@@ -147,6 +150,7 @@ def test_checkpoints_by_another_key_are_refused(key: tuple[str, Path], log_path:
     assert code == 1 and "line 5: a checkpoint signed by sha256:" in err and "not by a key given" in err
 
 
+@pytest.mark.slow
 def test_tail_cut_after_a_checkpoint_is_reported_against_its_copy(key: tuple[str, Path], log_path: Path,
                                                                   tmp_path: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
@@ -174,6 +178,7 @@ def test_tail_cut_after_a_checkpoint_is_reported_against_its_copy(key: tuple[str
     assert "the log was rewritten" in err
 
 
+@pytest.mark.slow
 def test_rotation_links_the_files(key: tuple[str, Path], log_path: Path, tmp_path: Path) -> None:
     uri, public = key
     sign(uri, 7)
@@ -225,6 +230,7 @@ def test_a_writer_waiting_during_rotation_appends_to_the_new_file(key: tuple[str
     assert verify_log([moved, log_path]).lines == 6
 
 
+@pytest.mark.slow
 def test_old_logs_still_verify(tmp_path: Path) -> None:
     """A log written before checkpoints (format v1 as it was) verifies; with --key, --every 0 accepts it."""
     path = tmp_path / "old.log"
@@ -248,6 +254,7 @@ def test_old_logs_still_verify(tmp_path: Path) -> None:
     assert code == 0, err
 
 
+@pytest.mark.slow
 def test_checkpoint_command_signs_the_head_now(key: tuple[str, Path], log_path: Path) -> None:
     uri, public = key
     sign(uri, 2)
@@ -272,6 +279,7 @@ def test_the_interval_a_checkpoint_signs_is_the_one_verify_holds_to(key: tuple[s
     assert (report.lines, report.checkpoints, report.after_last_checkpoint) == (22, 2, 6)
 
 
+@pytest.mark.slow
 def test_a_long_running_process_checkpoints_after_a_quiet_spell(key: tuple[str, Path], log_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Besides every N lines: after KEYSEAL_AUDIT_CHECKPOINT_SECONDS, at the next line or at a periodic call (the

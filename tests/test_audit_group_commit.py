@@ -36,6 +36,7 @@ def file_key(tmp_path: Path) -> tuple[str, Path]:
     return f"file:{pem}", public
 
 
+@pytest.mark.slow
 def test_concurrent_signers_share_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uri, _ = file_key(tmp_path)
     log = tmp_path / "audit.log"
@@ -114,6 +115,7 @@ for thread in threads:
 """
 
 
+@pytest.mark.slow
 def test_sigkill_never_leaves_a_signature_without_its_line(tmp_path: Path) -> None:
     uri, public = file_key(tmp_path)
     log = tmp_path / "audit.log"

@@ -71,6 +71,7 @@ def test_without_an_audit_file_the_console_has_every_line(tmp_path: Path, consol
     assert len(audit_lines(console.getvalue())) == 3  # the console is the only record: nothing is hidden
 
 
+@pytest.mark.slow
 def test_with_an_audit_file_the_console_has_a_summary(tmp_path: Path, console: io.StringIO,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(tmp_path / "audit.log"))
@@ -93,6 +94,7 @@ def test_with_an_audit_file_the_console_has_a_summary(tmp_path: Path, console: i
     assert len([r for r in sink if SPIFFE_ID in r.getMessage()]) == 4
 
 
+@pytest.mark.slow
 def test_the_operator_chooses_the_level(tmp_path: Path, console: io.StringIO,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEYSEAL_AUDIT_LOG", "off")
@@ -118,6 +120,7 @@ def test_audit_config_errors() -> None:
         parse_config({"trustDomain": "example.org", "audit": {"levle": "info"}})
 
 
+@pytest.mark.slow
 def test_server_process_prints_a_summary_not_lines(tmp_path: Path) -> None:
     config = base_config(tmp_path, audit={"summaryInterval": "1s"})
     (tmp_path / "server.yaml").write_text(yaml.safe_dump(config))

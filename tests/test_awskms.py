@@ -144,6 +144,7 @@ def silent_server() -> Iterator[str]:
 # -- signing ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS)
 def test_sign_every_key_spec(
     spec: str, keys: Keys, aws_env: dict[str, str], kms_emulator: KmsEmulator
@@ -188,6 +189,7 @@ def test_get_public_key_once_for_many_signs(
     assert counts["DescribeKey"] == 0
 
 
+@pytest.mark.slow
 def test_every_reference_form(keys: Keys, aws_env: dict[str, str], kms_emulator: KmsEmulator) -> None:
     meta = keys.by_spec["ECC_NIST_P256"]
     public = server_public_key(kms_emulator, meta["KeyId"])
@@ -303,6 +305,7 @@ def test_unreachable_endpoint(keys: Keys, aws_env: dict[str, str], fast_failures
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.slow
 def test_read_timeout(keys: Keys, aws_env: dict[str, str], fast_failures: None, silent_server: str,
                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEYSEAL_KMS_READ_TIMEOUT", "0.3")
@@ -377,6 +380,7 @@ def test_unknown_key(ref: str, aws_env: dict[str, str], kms_emulator: KmsEmulato
     assert ref in message and "does not exist" in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["symmetric", "rsa_encrypt"])
 def test_key_that_cannot_sign(
     which: str, keys: Keys, aws_env: dict[str, str], kms_emulator: KmsEmulator
@@ -401,6 +405,7 @@ def test_p384_refuses_other_hashes(hash_name: HashName, keys: Keys, aws_env: dic
     assert kms_emulator.calls.counts()["Sign"] == 0  # refused before any Sign: no silent substitution
 
 
+@pytest.mark.slow
 def test_wrong_digest_length(keys: Keys, aws_env: dict[str, str], kms_emulator: KmsEmulator) -> None:
     signer = open_signer(f"awskms:{keys.alias}")
     with pytest.raises(UsageError):
@@ -408,6 +413,7 @@ def test_wrong_digest_length(keys: Keys, aws_env: dict[str, str], kms_emulator: 
     assert kms_emulator.calls.counts()["Sign"] == 0
 
 
+@pytest.mark.slow
 def test_throttling_is_retried(keys: Keys, aws_env: dict[str, str], kms_emulator: KmsEmulator,
                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEYSEAL_KMS_MAX_ATTEMPTS", "3")
@@ -419,6 +425,7 @@ def test_throttling_is_retried(keys: Keys, aws_env: dict[str, str], kms_emulator
     assert kms_emulator.calls.counts()["Sign"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("code", "status"), [("ThrottlingException", 400), ("KMSInternalException", 500)])
 def test_still_failing_after_retries(code: str, status: int, keys: Keys, aws_env: dict[str, str],
                                      kms_emulator: KmsEmulator, fast_failures: None) -> None:
@@ -432,6 +439,7 @@ def test_still_failing_after_retries(code: str, status: int, keys: Keys, aws_env
     assert kms_emulator.calls.counts()["Sign"] == 2
 
 
+@pytest.mark.slow
 def test_web_identity_credentials(keys: Keys, aws_env: dict[str, str], kms_emulator: KmsEmulator,
                                   monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The keyless CI path: boto3 exchanges an OIDC token for role credentials at STS, then signs."""
@@ -458,6 +466,7 @@ def test_web_identity_credentials(keys: Keys, aws_env: dict[str, str], kms_emula
 # -- key creation -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("key_type", "spec"),
     [("rsa2048", "RSA_2048"), ("rsa3072", "RSA_3072"), ("rsa4096", "RSA_4096"),

@@ -19,6 +19,8 @@ from tests.harness.agent import start_server
 from tests.harness.ca import base_config
 from tests.test_dev import fields as fields_of
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 KEYSEAL = str(Path(sys.executable).with_name("keyseal"))
 
 

@@ -47,6 +47,7 @@ def run(config: dict[str, Any], clock: FakeClock) -> tuple[bytes, int]:
         server.shutdown()
 
 
+@pytest.mark.slow
 def test_restart_with_another_ca_ttl_changes_the_sequence(tmp_path: Path) -> None:
     clock = FakeClock()
     body1, seq1 = run(base_config(tmp_path), clock)
@@ -59,6 +60,7 @@ def test_restart_with_another_ca_ttl_changes_the_sequence(tmp_path: Path) -> Non
     assert keys_of(body3) == keys_of(body1) and seq3 > seq2
 
 
+@pytest.mark.slow
 def test_rotation_moves_the_sequence_forward(tmp_path: Path) -> None:
     clock = FakeClock()
     server = CaServer(parse_config(base_config(tmp_path)), clock=clock, rotation_thread=False)
@@ -76,6 +78,7 @@ def test_rotation_moves_the_sequence_forward(tmp_path: Path) -> None:
         server.shutdown()
 
 
+@pytest.mark.slow
 def test_replicas_serve_the_same_sequence_for_the_same_bytes(tmp_path: Path) -> None:
     clock = FakeClock()
 
@@ -163,6 +166,7 @@ def pkcs11_token(softhsm: Any) -> str:
     return str(softhsm.init_token(SEQUENCE_TOKEN))
 
 
+@pytest.mark.slow
 def test_ecdsa_pkcs11_custody_signing_again_changes_the_sequence(tmp_path: Path, softhsm: Any,
                                                                   pkcs11_token: str) -> None:
     from keyseal._internal.providers.pkcs11 import session as pkcs11_session
@@ -184,6 +188,7 @@ def test_ecdsa_pkcs11_custody_signing_again_changes_the_sequence(tmp_path: Path,
     assert seq2 > seq1
 
 
+@pytest.mark.slow
 def test_on_the_kubernetes_store_sequences_and_federated_bundles_live_in_configmaps_the_role_allows(
         kube_api: Any, namespace: str, tmp_path: Path) -> None:
     """Two replicas on the Kubernetes store agree through the ConfigMap <recordPrefix>-bundle-sequence; every

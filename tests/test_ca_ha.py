@@ -30,6 +30,8 @@ from keyseal.errors import KeysealError
 from tests.harness.ca import START, TOKENS, TRUST_DOMAIN, Client, FakeClock, base_config
 from tests.harness.kube_api import KubeApi
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 A = f"spiffe://{TRUST_DOMAIN}/ns/a/w"
 HOUR = timedelta(hours=1)
 MINUTE = timedelta(minutes=1)

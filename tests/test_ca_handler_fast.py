@@ -96,6 +96,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaServer]:
     yield ca
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("leaf_kind", sorted(LEAF_KEYS))
 def test_issued_leaf_is_the_certificate_it_reports(keyset: Keyset, leaf_kind: str) -> None:
     public_key = LEAF_KEYS[leaf_kind]()
@@ -152,6 +153,7 @@ def test_csr_key_comes_with_its_spki() -> None:
                                                         serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+@pytest.mark.slow
 def test_x509_answer_is_the_certificate(server: CaServer) -> None:
     key = new_key()
     for document in ({"spiffeID": str(SVID_ID), "csr": make_csr(key)},

@@ -109,6 +109,7 @@ def test_ca_certificate_is_rebuilt_identically(ks: Keyset) -> None:
     assert other.ca_certificate.serial_number != ks.ca_certificate.serial_number
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("key_type", "alg"), [("ec-p384", "ES384"), ("rsa-2048", "RS256")])
 def test_other_ca_key_types(key_type: str, alg: str, tmp_path: Path) -> None:
     other = keyset(key_type)
@@ -210,6 +211,7 @@ def rsa_key_with_exponent(exponent: int) -> rsa.RSAPrivateKey:
                                  rsa.RSAPublicNumbers(exponent, p * q)).private_key()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exponent", [3, 17, 2**32 + 15, 2**1000 + 1], ids=["3", "17", "2^32+15", "2^1000+1"])
 def test_csr_rsa_exponent_must_be_65537(exponent: int) -> None:
     """A huge public exponent makes the CSR's signature check cost like a private-key operation (2^1000: about a

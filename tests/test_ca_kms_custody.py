@@ -31,6 +31,8 @@ from tests.harness.ca import (
 )
 from tests.harness.kms_emulator import KmsEmulator
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 A = f"spiffe://{TRUST_DOMAIN}/ns/a/w"
 
 

@@ -29,6 +29,8 @@ from tests.conftest import REGION
 from tests.harness.ca import TRUST_DOMAIN, FakeClock, base_config
 from tests.harness.kms_emulator import KmsEmulator
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 
 def admin(kms_emulator: KmsEmulator) -> Any:
     """A separate caller (its own access key id), so denials set for the server do not touch it."""

@@ -28,6 +28,8 @@ from tests.harness.kms_emulator import KmsEmulator
 from tests.harness.kube_api import KubeApi
 from tests.test_ca_kms_custody import admin, kms_config
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 
 def spki(public_key: Any) -> bytes:
     return bytes(public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))

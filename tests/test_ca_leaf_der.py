@@ -56,6 +56,7 @@ def rebuilt_by_cryptography(leaf: x509.Certificate, keyset: Keyset, private: obj
     return builder.sign(private, leaf.signature_hash_algorithm)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("leaf_kind", sorted(LEAF_KEYS))
 def test_leaf_tbs_is_what_cryptography_builds(ca: tuple[Keyset, object], leaf_kind: str) -> None:
     keyset, private = ca

@@ -104,6 +104,7 @@ def test_a_running_replica_refuses_a_rewritten_chain(tmp_path: Path) -> None:
     assert running.read() is not None
 
 
+@pytest.mark.slow
 def test_the_chain_keeps_its_newest_pins(tmp_path: Path) -> None:
     store = DirectoryPinStore(tmp_path, "pins")
     writer = Chain(store)
@@ -164,6 +165,7 @@ def attacker_pins(tmp_path: Path, *numbers: int) -> list[dict[str, Any]]:
     return list(document_of(attacker.pins.store)["pins"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("forgery", ["garbage", "own-key", "skips-a-keyset", "re-rooted"])
 def test_a_running_replica_refuses_a_forged_successor_of_its_anchor(pin_store: PinStore, tmp_path: Path,
                                                                     forgery: str) -> None:
@@ -202,6 +204,7 @@ def test_a_running_replica_refuses_a_forged_successor_of_its_anchor(pin_store: P
     assert chain[-1].keys["x509"].id == writer.keys[3]["x509"][0]
 
 
+@pytest.mark.slow
 def test_a_running_replica_refuses_a_changed_older_pin(tmp_path: Path) -> None:
     """A pin older than the anchor changed (the first pin of a pruned chain is not signed by anything the
     document still holds): the replica accepted that pin before, so a change to it is a rewrite."""
@@ -219,6 +222,7 @@ def test_a_running_replica_refuses_a_changed_older_pin(tmp_path: Path) -> None:
         running.read()
 
 
+@pytest.mark.slow
 def test_a_replica_follows_a_prune_it_can_verify_and_refuses_one_it_cannot(tmp_path: Path) -> None:
     """A replica that slept while KEEP more keysets were pinned finds its anchor pruned: the first pin is signed
     by its anchor's key, so it verifies and is accepted. One that slept through more cannot verify the first

@@ -28,6 +28,8 @@ from keyseal.errors import CustodyIntegrityError
 from tests.harness.ca import TRUST_DOMAIN, FakeClock, base_config
 from tests.harness.softhsm import USER_PIN, SoftHsm
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 TOKEN = "keyseal-pins"
 P256 = bytes.fromhex("06082a8648ce3d030107")
 ZERO = {"x509": b"\x00" * 16, "jwt": b"\x00" * 15 + b"\x01"}

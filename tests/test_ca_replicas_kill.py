@@ -29,6 +29,8 @@ from tests.harness.ca import START, TRUST_DOMAIN, FakeClock
 from tests.harness.kube_api import KubeApi
 from tests.harness.replicas import run_at_once
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 HOUR = timedelta(hours=1)
 PREFIX = f"keyseal-{TRUST_DOMAIN}"
 HALF_WAY = "a writer stopped half way"

@@ -11,6 +11,7 @@ from typing import Any
 
 import boto3
 import jsonschema
+import pytest
 import yaml
 
 from keyseal._internal.ca.bundle import bundle_json
@@ -37,6 +38,8 @@ from tests.harness.ca import (
 from tests.harness.kms_emulator import KmsEmulator
 from tests.harness.kube_api import KubeApi
 from tests.harness.replicas import run_at_once
+
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
 
 A = f"spiffe://{TRUST_DOMAIN}/ns/a/w"
 HOUR = timedelta(hours=1)

@@ -20,6 +20,8 @@ from keyseal._internal.openpgp.sign import SigningIdentity, choose_hash, clearte
 from keyseal._internal.openpgp.verify import verify_cleartext
 from keyseal.errors import KeysealError, VerificationError
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 FUZZ = fuzz_settings()
 NOW = CREATED + 10_000
 TEXTS = st.lists(st.sampled_from([b"-", b" ", b"\t", b"\r", b"\n", b"a", b"From ", "\u00e9".encode(), b"- ",

@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import assert_one_line_error, run_keyseal
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 
 @pytest.fixture(scope="module")
 def local_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:

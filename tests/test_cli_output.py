@@ -42,6 +42,7 @@ def test_labelled_lines_align() -> None:
     assert labelled([("a", 1), ("long label", "x")]) == "a:          1\nlong label: x\n"
 
 
+@pytest.mark.slow
 def test_keys_json(tmp_path: Path) -> None:
     env = {"KEYSEAL_HOME": str(tmp_path / "home")}
     created = run_keyseal("keys", "create", "--out", tmp_path / "k.key", "--type", "ed25519", "--json", env=env)
@@ -63,6 +64,7 @@ def test_keys_json(tmp_path: Path) -> None:
     assert json.loads(audit.stdout)["chain"] == "intact"
 
 
+@pytest.mark.slow
 def test_entry_json(tmp_path: Path) -> None:
     (tmp_path / "server.yaml").write_text(yaml.safe_dump(base_config(tmp_path)))
     (tmp_path / "store").mkdir()
@@ -80,6 +82,7 @@ def test_entry_json(tmp_path: Path) -> None:
     assert json.loads(entry.stdout)["spiffe_id"] == "spiffe://example.org/w"
 
 
+@pytest.mark.slow
 def test_wkd_build_json(tmp_path: Path) -> None:
     env = {"KEYSEAL_HOME": str(tmp_path / "home")}
     assert run_keyseal("keys", "create", "--out", tmp_path / "k.key", env=env).returncode == 0

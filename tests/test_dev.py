@@ -38,6 +38,7 @@ def port_closed(url: str) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
+@pytest.mark.slow
 def test_dev_check_fetches_svids_and_leaves_nothing_behind(tmp_path: Path) -> None:
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     started = time.monotonic()
@@ -60,6 +61,7 @@ def test_dev_check_fetches_svids_and_leaves_nothing_behind(tmp_path: Path) -> No
     assert port_closed(shown["server"])
 
 
+@pytest.mark.slow
 def test_dev_dir_is_kept_private_reused_and_its_files_load(tmp_path: Path) -> None:
     directory = tmp_path / "td"
     first = run_keyseal("dev", "--check", "--json", "--dir", directory)
@@ -83,6 +85,7 @@ def test_dev_dir_is_kept_private_reused_and_its_files_load(tmp_path: Path) -> No
     assert "WARNING" not in second.stderr
 
 
+@pytest.mark.slow
 def test_dev_runs_until_interrupted(tmp_path: Path) -> None:
     directory = tmp_path / "td"
     process = subprocess.Popen([KEYSEAL, "dev", "--dir", str(directory)], stdout=subprocess.PIPE,
@@ -108,6 +111,7 @@ def test_dev_runs_until_interrupted(tmp_path: Path) -> None:
     assert not sock.exists() and port_closed(shown["server"])
 
 
+@pytest.mark.slow
 def test_dev_refuses_a_socket_path_too_long(tmp_path: Path) -> None:
     result = run_keyseal("dev", "--check", "--dir", tmp_path / ("d" * 120))
     assert result.returncode != 0
@@ -115,6 +119,7 @@ def test_dev_refuses_a_socket_path_too_long(tmp_path: Path) -> None:
     assert len(result.stderr.splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("document", "needle"), [
     ({"trustDomain": "example.org"}, "store.directory.path is not set"),
     ({"trustDomain": "example.org", "store": {"directory": {"path": "STORE"}}}, "keyWrapping.local.kekFile is not set"),

@@ -13,7 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from keyseal._internal.ca.registry.sqlite import DirectoryEntryStore
+
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
 
 TD = "example.org"
 BATCH = 40

@@ -77,6 +77,7 @@ def crd_spec_schema(plural: str) -> dict[str, Any]:
     return schema
 
 
+@pytest.mark.slow
 def test_entry_cli_against_the_kubernetes_store(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
     config_file = tmp_path / "server.yaml"
     config_file.write_text(yaml.safe_dump(base_config(tmp_path, store=kube_store(kube_api, namespace))))
@@ -123,6 +124,7 @@ def test_entry_cli_against_the_kubernetes_store(kube_api: KubeApi, namespace: st
     assert "no entry" in again.stderr
 
 
+@pytest.mark.slow
 def test_entry_cli_with_the_charts_config_and_a_kubeconfig(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
     """An operator saves the server configuration the chart rendered and runs `keyseal entry` with their own
     kubeconfig: the namespace comes from the configuration, the API server and credentials from kubeconfig."""
@@ -197,6 +199,7 @@ def test_looking_a_token_up_changes_nothing(kube_api: KubeApi, namespace: str, t
     assert tokens.redeem(token, now) == agent_id
 
 
+@pytest.mark.slow
 def test_many_concurrent_redemptions(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
     """No interleaving forced: 8 redeemers per token, 5 tokens; each token joins exactly one agent."""
     config = config_for(tmp_path, kube_api, namespace)
@@ -223,6 +226,7 @@ def test_many_concurrent_redemptions(kube_api: KubeApi, namespace: str, tmp_path
     assert sorted(won) == sorted(agent for _, agent in issued)
 
 
+@pytest.mark.slow
 def test_concurrent_writers_lose_no_entry(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
     config = config_for(tmp_path, kube_api, namespace)
     start = threading.Barrier(2, timeout=30)
@@ -249,6 +253,7 @@ def test_concurrent_writers_lose_no_entry(kube_api: KubeApi, namespace: str, tmp
     assert outcomes[0] == same_id and outcomes[1].startswith(f"entry {same_id} already gives")
 
 
+@pytest.mark.slow
 def test_stored_data_is_checked(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
     """Expired and foreign tokens join nothing; resources that are not valid entries of this trust domain are
     never served; another record prefix's entries are not ours."""
@@ -324,6 +329,7 @@ def test_missing_crd_and_refusals_are_clear(kube_api: KubeApi, tmp_path: Path) -
         store.entries()
 
 
+@pytest.mark.slow
 def test_bundle_configmap_is_published_only_forward(kube_api: KubeApi, namespace: str, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     server = CaServer(config_for(tmp_path, kube_api, namespace), rotation_thread=False,
@@ -360,6 +366,7 @@ def allowed_by(role: dict[str, Any], verb: str, group: str, plural: str, name: s
                and (not rule.get("resourceNames") or name in rule["resourceNames"]) for rule in role["rules"])
 
 
+@pytest.mark.slow
 def test_agent_end_to_end_on_the_kubernetes_store(kube_api: KubeApi, namespace: str, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A server on the Kubernetes store publishes its bundle to the chart's ConfigMap; an agent trusting only

@@ -20,6 +20,8 @@ from keyseal._internal.ca.registry.stores import entry_store_for
 from tests.harness.ca import TRUST_DOMAIN, base_config
 from tests.harness.kube_api import KubeApi
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 AGENT = f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-1"
 CONVERGE_SECONDS = 1.0
 

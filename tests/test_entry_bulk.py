@@ -21,6 +21,8 @@ from tests.harness.ca import TRUST_DOMAIN, base_config
 from tests.harness.kube_api import KubeApi
 from tests.test_progress import on_pty
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 AGENT = f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-1"
 
 

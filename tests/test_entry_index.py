@@ -9,6 +9,7 @@ import tempfile
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -45,6 +46,7 @@ def test_agent_keys_are_the_prefixes_before_a_slash() -> None:
                                                       f"{ROOT}/keyseal", f"{ROOT}/keyseal/agent"]
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(operations)
 def test_the_index_matches_a_brute_force_scan(ops: list[tuple]) -> None:  # type: ignore[type-arg]
@@ -73,6 +75,7 @@ checked_create = st.tuples(st.just("create"), st.sampled_from(CHECKED_PARENTS), 
 checked_operations = st.lists(st.one_of(checked_create, delete), max_size=25)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(checked_operations)
 def test_the_sqlite_store_matches_a_brute_force_scan(ops: list[tuple]) -> None:  # type: ignore[type-arg]

@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import run_keyseal
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 ARN = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 
 

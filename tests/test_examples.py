@@ -49,6 +49,7 @@ def test_print_config_is_the_sample(name: str) -> None:
     assert example_config(name) == (ROOT / f"server-{name}.yaml").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_print_config_command(tmp_path: Path) -> None:
     result = run_keyseal("server", "--print-config")
     assert result.returncode == 0, result.stderr

@@ -34,6 +34,8 @@ from keyseal._internal.spiffe.tls import load_chain
 from tests.harness.agent import socket_dir
 from tests.harness.ca import base_config, wait_for
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 ME = f"unix:uid:{os.getuid()}"
 A, B = "a.example", "b.example"
 

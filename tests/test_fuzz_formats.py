@@ -25,6 +25,7 @@ FUZZ = fuzz_settings()
 TARGETS = ["ssh_signature", "ssh_keys", "minisign_sig", "minisign_keys"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TARGETS)
 @FUZZ
 @given(data=st.binary(max_size=1024))
@@ -32,6 +33,7 @@ def test_random_bytes_raise_only_keyseal_errors(name: str, data: bytes) -> None:
     run_one(shared_format_targets()[name], data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TARGETS)
 @FUZZ
 @given(program=st.binary(min_size=1, max_size=96))

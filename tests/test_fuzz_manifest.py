@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from keyseal._internal.openpgp.manifest import DIGESTS, check_name, names_directory, parse_manifest, path_key
 from keyseal.errors import UsageError, VerificationError
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 FUZZ = fuzz_settings()
 
 

@@ -38,6 +38,7 @@ def target(name: str) -> Target:
     return shared_targets()[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TARGETS)
 @FUZZ
 @given(data=st.binary(max_size=1024))
@@ -45,6 +46,7 @@ def test_random_bytes_raise_only_keyseal_errors(name: str, data: bytes) -> None:
     run_one(target(name), data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TARGETS)
 @FUZZ
 @given(program=st.binary(min_size=1, max_size=96))
@@ -53,6 +55,7 @@ def test_mutated_valid_inputs_raise_only_keyseal_errors(name: str, program: byte
     run_one(chosen, chosen.mutant(program))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(body=st.binary(max_size=3000), kind=st.sampled_from([KIND_SIGNATURE, KIND_PUBLIC_KEY]))
 def test_armor_round_trips(body: bytes, kind: str) -> None:
@@ -60,6 +63,7 @@ def test_armor_round_trips(body: bytes, kind: str) -> None:
     assert dearmor_or_binary(armor(body, kind)) == body
 
 
+@pytest.mark.slow
 @FUZZ
 @given(tag=st.integers(1, 63), body=st.binary(max_size=9000))
 def test_packet_framing_round_trips(tag: int, body: bytes) -> None:
@@ -80,6 +84,7 @@ def test_the_corpus_is_valid_and_comes_from_keyseal_and_gpg() -> None:
         assert outcomes.count("accepted") >= 3, (name, outcomes)
 
 
+@pytest.mark.slow
 def test_mutations_reach_past_the_framing() -> None:
     """Structure-aware mutations get most inputs past armor and packet framing: at least a third of the mutated
     certificates and signatures are refused (or accepted) only after their packets were parsed."""

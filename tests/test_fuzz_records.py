@@ -28,12 +28,14 @@ def test_random_bytes_raise_only_keyseal_errors(data: bytes) -> None:
     run_one(shared_targets()["record"], data)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.text(max_size=400).map(lambda text: ("{" + text).encode("utf-8", "surrogatepass")))
 def test_json_like_text_raises_only_keyseal_errors(data: bytes) -> None:
     run_one(shared_targets()["record"], data)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(pick=st.integers(0, 2), program=st.binary(min_size=1, max_size=96))
 def test_no_change_to_a_record_opens(pick: int, program: bytes) -> None:

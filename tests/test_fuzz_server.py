@@ -17,6 +17,7 @@ FUZZ = fuzz_settings(5)
 NAMES = ("csr", "x509_request", "jwt_request", "http_request")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @FUZZ
 @given(data=st.binary(max_size=2048))
@@ -24,6 +25,7 @@ def test_random_bytes_are_refused_cleanly(name: str, data: bytes) -> None:
     run_one(shared_server_targets()[name], data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @FUZZ
 @given(program=st.binary(min_size=1, max_size=96))
@@ -37,6 +39,7 @@ _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | s
                                                                                  max_size=4), max_leaves=12)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(fields=st.dictionaries(st.sampled_from(["spiffeID", "csr", "audience", "ttlSeconds", "x"]), _JSON))
 def test_any_json_object_gets_a_client_answer(fields: dict[str, object]) -> None:

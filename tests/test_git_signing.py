@@ -21,6 +21,8 @@ from tests.formats_peers import Custody, kms_key, local_key, ok, pkcs11_key, scr
 from tests.harness.kms_emulator import KmsEmulator
 from tests.harness.softhsm import SoftHsm
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 NAME, EMAIL = "Release Signing", "release@example.org"
 GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_TERMINAL_PROMPT": "0"}
 

@@ -22,6 +22,8 @@ from tests.conftest import Result, assert_one_line_error, run_keyseal, sqv_verif
 from tests.formats_peers import tool
 from tests.gpg_peers import Registered, kill_agent, register
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 TEXTS: dict[str, bytes] = {
     "dashes": b"-leading dash\n--double\n-----BEGIN PGP SIGNATURE-----\n- already spaced\nplain\n",
     "trailing-whitespace": b"spaces   \ntabs\t\t\nmixed \t \n\t\n   \nend\n",

@@ -79,6 +79,7 @@ def test_lint_is_clean() -> None:
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
+@pytest.mark.slow
 def test_default_render(chart: helm_python.Chart) -> None:
     by_kind = render(chart)
     assert sorted(by_kind) == ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Role",
@@ -116,6 +117,7 @@ DOCUMENT_RULES = [  # the bundle sequences and the federated bundles (keyseal._i
 CREATE_CONFIGMAPS = [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}]
 
 
+@pytest.mark.slow
 def test_rbac_is_limited_to_the_crd(chart: helm_python.Chart) -> None:
     """The server's records, the entries it serves and the join tokens it redeems (tests/
     test_entries_kubernetes.py checks every call the server makes against this Role); no Secrets, no list of
@@ -133,6 +135,7 @@ def server_role(by_kind: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return role
 
 
+@pytest.mark.slow
 def test_local_kek_comes_from_an_existing_secret(chart: helm_python.Chart) -> None:
     """The chart never makes the KEK: the pod mounts an existing Secret (by default <release>-keyseal-kek, as
     earlier chart versions named the one they generated), read-only, where the server looks for the KEK file."""
@@ -247,6 +250,7 @@ def test_directory_store_and_tls_secret(chart: helm_python.Chart) -> None:
     assert config.store_type == "directory"
 
 
+@pytest.mark.slow
 def test_clients_reach_the_server_config(chart: helm_python.Chart) -> None:
     digest = "a" * 64
     by_kind = render(chart, {"clients": [{"name": "team-a", "tokenSHA256": digest,
@@ -255,6 +259,7 @@ def test_clients_reach_the_server_config(chart: helm_python.Chart) -> None:
     assert (client.name, client.token_sha256, client.prefixes) == ("team-a", digest, ("/ns/team-a",))
 
 
+@pytest.mark.slow
 def test_chart_crds_are_the_shipped_crds(chart: helm_python.Chart) -> None:
     shipped = sorted(p.name for p in (ROOT / "deploy" / "crds").glob("*.yaml"))
     assert shipped == ["identitytemplates.keyseal.dev.yaml", "joinedagents.keyseal.dev.yaml",
@@ -280,6 +285,7 @@ def test_chart_crds_are_the_shipped_crds(chart: helm_python.Chart) -> None:
     assert named == plurals
 
 
+@pytest.mark.slow
 def test_vault_transit_kek(chart: helm_python.Chart) -> None:
     """keyWrapping.provider vault needs vault.address and vault.transitKey; the server config names the Transit
     key, no local KEK Secret is made, and a second provider's KEK is refused by the server's own parser."""
@@ -307,6 +313,7 @@ HSM_EXTRAS = {
 }
 
 
+@pytest.mark.slow
 def test_pkcs11_custody(chart: helm_python.Chart) -> None:
     """The server's own parser accepts the pkcs11 section the chart writes; the PIN comes from the named Secret,
     mounted read-only where pkcs11.pinFile points, and is never in the values, the ConfigMap or the environment."""
@@ -345,6 +352,7 @@ def chart_token(softhsm: SoftHsm) -> str:
     return softhsm.init_token("keyseal-chart")
 
 
+@pytest.mark.slow
 def test_pkcs11_config_from_the_chart_opens_a_real_token(chart: helm_python.Chart, chart_token: str,
                                                          tmp_path: Path, kube_api: KubeApi, namespace: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
@@ -451,6 +459,7 @@ def test_crds_are_structural_and_identical_in_both_places(chart: helm_python.Cha
 ISSUER = {"kind": "Group", "name": "ca-admins", "apiGroup": "rbac.authorization.k8s.io"}
 
 
+@pytest.mark.slow
 def test_join_tokens_and_entries_have_their_own_roles(chart: helm_python.Chart) -> None:
     """Creating a JoinToken mints an agent identity, so it is a Role of its own, bound only to the subjects named
     in rbac.joinTokenIssuers (nobody by default); entries likewise (rbac.entryAdmins). The server's own Role never
@@ -479,6 +488,7 @@ def test_join_tokens_and_entries_have_their_own_roles(chart: helm_python.Chart) 
     assert "Role" not in directory  # no custom resources: entries and tokens are files on the volume
 
 
+@pytest.mark.slow
 def test_server_network_policy_and_disruption_budget(chart: helm_python.Chart) -> None:
     """Ingress to the server pods only on the https port (from the sources networkPolicy.ingressFrom names, any
     by default); a PodDisruptionBudget keeps one replica through voluntary disruptions; both select the server's
@@ -507,6 +517,7 @@ def test_server_network_policy_and_disruption_budget(chart: helm_python.Chart) -
     assert "PodDisruptionBudget" not in single and "NetworkPolicy" not in single  # one replica: a drain must work
 
 
+@pytest.mark.slow
 def test_replicas_are_spread_by_default(chart: helm_python.Chart) -> None:
     """Two replicas by default, kept off one node (soft anti-affinity) and spread across zones; an explicit
     affinity replaces the default rule, and both can be turned off. The rules select the server's pods only: the
@@ -554,6 +565,7 @@ def test_agent_server_urls_reach_the_agent_configuration(chart: helm_python.Char
     assert config.servers[1:] == (("trust-keyseal-0.example", 8443), ("trust-keyseal-1.example", 8443))
 
 
+@pytest.mark.slow
 def test_oidc_discovery_and_federation_reach_the_server_config(chart: helm_python.Chart) -> None:
     """jwtSVID.issuer, oidc.* and federation.* as the server reads them; the listeners' ports, Services, the
     optional Ingress, and their certificates mounted from Secrets."""
@@ -608,6 +620,7 @@ def test_schema_refuses_oidc_and_federation_mistakes(chart: helm_python.Chart) -
             chart.render(values, name="trust", namespace="spire")
 
 
+@pytest.mark.slow
 def test_audit_goes_to_the_pod_log_by_default_and_a_file_needs_a_volume(chart: helm_python.Chart) -> None:
     by_kind = render(chart)
     env = {e["name"] for e in container(by_kind).get("env", [])}

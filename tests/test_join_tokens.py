@@ -23,6 +23,8 @@ from tests.harness.ca import TRUST_DOMAIN, make_csr, new_key
 from tests.harness.kms_emulator import KmsEmulator
 from tests.harness.kube_api import KubeApi
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 PREFIX = "keyseal-example.org"
 
 

@@ -19,6 +19,8 @@ from keyseal._internal.ca.registry.templates import TemplateReconciler
 from tests.harness.kube_identity import Cluster
 from tests.test_helm_chart import CHART, render
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 
 @pytest.fixture(scope="module")
 def chart() -> helm_python.Chart:

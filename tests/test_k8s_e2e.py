@@ -35,6 +35,8 @@ from tests.harness.https_server import free_port
 from tests.harness.kube_identity import API_AUDIENCE, Cluster, KubeletPeer
 from tests.test_helm_chart import CHART
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 KEYSEAL = str(Path(sys.executable).with_name("keyseal"))
 TD = "example.org"
 NAMESPACE = "spire"  # the release's

@@ -77,6 +77,7 @@ def world(cluster: Cluster) -> Iterator[World]:
     world.cleanup()
 
 
+@pytest.mark.slow
 def test_a_pod_gets_its_entry_and_loses_it_when_deleted(world: World) -> None:
     name = world.template({"spiffeIDTemplate": DEFAULT})
     pod = world.pod("shop", f"web-{world.tag}")
@@ -106,6 +107,7 @@ def test_hand_written_entries_are_never_touched(world: World) -> None:
     assert MANAGED_BY not in labels
 
 
+@pytest.mark.slow
 def test_selectors_of_pods_and_namespaces(world: World) -> None:
     core = world.cluster.core()
     for namespace, team in ((f"a-{world.tag}", "blue"), (f"b-{world.tag}", "red")):
@@ -131,6 +133,7 @@ def test_a_pod_not_on_a_known_node_gets_no_entry(world: World) -> None:
     assert world.entries() == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("template", "error"), [
     ("spiffe://{{ .TrustDomain }}/ns/{{ .PodMeta.Labels }}", "unknown template field .PodMeta.Labels"),
     ("spiffe://other.org/ns/{{ .PodMeta.Namespace }}", "not a workload SPIFFE ID of trust domain"),
@@ -147,6 +150,7 @@ def test_template_errors_show_in_the_status(world: World, template: str, error: 
     assert error in status["error"] and status["podsSelected"] == 0
 
 
+@pytest.mark.slow
 def test_a_pod_the_template_cannot_name_is_skipped_not_the_whole_template(world: World) -> None:
     """A pod named `keyseal` renders the reserved /keyseal path: that pod gets no entry, the others keep theirs."""
     name = world.template({"spiffeIDTemplate": "spiffe://{{ .TrustDomain }}/{{ .PodMeta.Name }}/{{ .PodMeta.UID }}"})
@@ -162,6 +166,7 @@ def test_a_pod_the_template_cannot_name_is_skipped_not_the_whole_template(world:
     assert len(world.entries()) == 2
 
 
+@pytest.mark.slow
 def test_mirror_pods_get_no_entry_unless_the_template_says_so(world: World) -> None:
     """A kubelet makes mirror pods of its static pods in any namespace: by default they are not workloads."""
     name = world.template({"spiffeIDTemplate": DEFAULT})
@@ -179,6 +184,7 @@ def test_mirror_pods_get_no_entry_unless_the_template_says_so(world: World) -> N
     assert entry.spiffe_id == f"spiffe://{TD}/ns/kube-system-{world.tag}/sa/default"
 
 
+@pytest.mark.slow
 def test_a_ttl_change_replaces_the_entry(world: World) -> None:
     name = world.template({"spiffeIDTemplate": DEFAULT})
     world.pod("shop", f"web-{world.tag}")
@@ -192,6 +198,7 @@ def test_a_ttl_change_replaces_the_entry(world: World) -> None:
     assert entry.x509_ttl == 900
 
 
+@pytest.mark.slow
 def test_two_replicas_reconcile_to_the_same_entries(world: World, cluster: Cluster) -> None:
     world.template({"spiffeIDTemplate": DEFAULT})
     world.template({"spiffeIDTemplate": DEFAULT})  # two templates giving the same entry: one entry
@@ -210,6 +217,7 @@ def test_render_template() -> None:
     assert render_template("spiffe://{{.TrustDomain}}/x", fields) == f"spiffe://{TD}/x"
 
 
+@pytest.mark.slow
 def test_the_reconciler_runs_in_the_server(cluster: Cluster, tmp_path: Any) -> None:
     """kubernetes.identityTemplates.enabled starts it with the server; a new pod gets its entry within seconds."""
     import time
@@ -278,6 +286,7 @@ def test_the_entry_crd_takes_the_selectors_keyseal_takes(selector: str) -> None:
     assert by_crd == by_keyseal
 
 
+@pytest.mark.slow
 def test_finished_pods_get_no_entry(world: World) -> None:
     """A pod that has run to completion (Succeeded or Failed) has no container left to attest."""
     world.template({"spiffeIDTemplate": DEFAULT})
@@ -290,6 +299,7 @@ def test_finished_pods_get_no_entry(world: World) -> None:
     assert world.entries() == []
 
 
+@pytest.mark.slow
 def test_a_long_template_name_makes_a_valid_label(world: World) -> None:
     """Label values are at most 63 characters and end alphanumeric (the API server refuses others with 422)."""
     import re

@@ -67,6 +67,7 @@ def join(server: CaServer, token: str, csr: str | None = None) -> tuple[int, Any
     return agent_call(server, None, PATH, {"token": token, "csr": csr or make_csr()})
 
 
+@pytest.mark.slow
 def test_an_agent_joins_with_its_projected_token(server: CaServer, cluster: Cluster, node: dict[str, Any]) -> None:
     pod = agent_pod(cluster, node)
     key = new_key()
@@ -112,6 +113,7 @@ def refused(server: CaServer, caplog: pytest.LogCaptureFixture) -> Any:
     return check
 
 
+@pytest.mark.slow
 def test_a_token_for_another_audience_is_refused(server: CaServer, refused: Any, cluster: Cluster,
                                                 node: dict[str, Any]) -> None:
     pod = agent_pod(cluster, node)
@@ -150,6 +152,7 @@ def test_an_expired_token_is_refused(refused: Any, cluster: Cluster, node: dict[
             "has expired (its own claims)")
 
 
+@pytest.mark.slow
 def test_a_token_not_signed_by_the_cluster_is_refused(refused: Any, cluster: Cluster,
                                                      node: dict[str, Any]) -> None:
     pod = agent_pod(cluster, node)
@@ -160,6 +163,7 @@ def test_a_token_not_signed_by_the_cluster_is_refused(refused: Any, cluster: Clu
     assert genuine["iss"] == ISSUER
 
 
+@pytest.mark.slow
 def test_a_replayed_token_after_its_pod_is_gone_is_refused(server: CaServer, refused: Any, cluster: Cluster,
                                                           node: dict[str, Any]) -> None:
     pod = agent_pod(cluster, node)
@@ -170,6 +174,7 @@ def test_a_replayed_token_after_its_pod_is_gone_is_refused(server: CaServer, ref
     refused(token, "token has been invalidated")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recreate", [False, True])
 def test_keyseal_checks_the_bound_pod_itself(refused: Any, cluster: Cluster, node: dict[str, Any],
                                              recreate: bool) -> None:
@@ -267,6 +272,7 @@ def test_no_join_token_names_the_k8s_psat_agents(tmp_path: Path) -> None:
         tokens.issue("k8s_psat", timedelta(minutes=5))
 
 
+@pytest.mark.slow
 def test_an_agent_whose_svid_expired_joins_again_with_its_token(cluster: Cluster, tmp_path: Path,
                                                                 node: dict[str, Any]) -> None:
     """The server was away longer than the agent SVID lives: the agent, refused at the handshake, attests again
@@ -339,6 +345,7 @@ def test_an_unreachable_api_server_is_503_not_a_refusal(tmp_path: Path, cluster:
         server.shutdown()
 
 
+@pytest.mark.slow
 def test_a_refused_service_account_token_is_offered_again(cluster: Cluster, tmp_path: Path,
                                                            node: dict[str, Any]) -> None:
     """The service account token is a re-joiner that is not one-time: refused once (here a server that does not

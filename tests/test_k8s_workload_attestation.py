@@ -182,6 +182,7 @@ def test_a_node_user_in_a_cgroup_dressed_as_a_pod_gets_no_k8s_selectors(
     assert "k8s:ns:payments" in attestor.selectors(peer_of(process))
 
 
+@pytest.mark.slow
 def test_a_container_the_kubelet_does_not_list_yet_gets_no_k8s_selectors(
         cluster: Cluster, kubelet: KubeletPeer, node: str, tmp_path: Path, process: subprocess.Popen[bytes]) -> None:
     other = cluster.pod("shop", "other", node, "other")
@@ -302,6 +303,7 @@ def test_agent_kubernetes_configuration_is_checked(data: dict[str, Any], message
         parse_agent_config({**BASE, **data}, environ={})
 
 
+@pytest.mark.slow
 @given(lines=st.lists(st.tuples(st.sampled_from(["0", "4", "12"]), st.sampled_from(["", "memory", "name=systemd"]),
                                 st.lists(st.sampled_from([
                                     "kubepods", "kubepods.slice", f"pod{POD_UID}", f"kubepods-pod{UNDERSCORED}.slice",

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import assert_one_line_error, run_keyseal
 from tests.openpgp_checks import sqv_accepts
+
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
 
 
 def test_kek_option_on_mint_and_sign(aws_env: dict[str, str], kms_client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from tests.conftest import REGION, assert_one_line_error, run_keyseal, sqv_verify
 from tests.harness.kms_emulator import KmsEmulator
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 GITHUB = "token.actions.githubusercontent.com"
 SUBJECT = "repo:example/tool:ref:refs/tags/v1.4.0"
 

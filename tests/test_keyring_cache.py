@@ -58,6 +58,7 @@ def test_second_call_comes_from_the_cache_and_equals_the_first(home: Path, keys:
     assert second == first  # dataclass equality: keys, user IDs, validity, revocations, bytes
 
 
+@pytest.mark.slow
 def test_changed_added_and_removed_files_are_seen_at_once(home: Path, keys: dict[str, ReleaseKey],
                                                          tmp_path: Path) -> None:
     keyring.add_certificate(keys["a"].cert.read_bytes(), "a")
@@ -118,6 +119,7 @@ def test_cached_key_packets_are_parsed_not_trusted_blindly(home: Path, keys: dic
     assert keyring_cache.load(path, current_key()) == expected
 
 
+@pytest.mark.slow
 def test_keyseal_gpg_verdicts_follow_the_keyring(home: Path, keys: dict[str, ReleaseKey], tmp_path: Path) -> None:
     data = tmp_path / "commit"
     data.write_bytes(b"tree 0\n\nmessage\n")

@@ -17,6 +17,8 @@ from tests.conftest import Gpg, assert_one_line_error, run_keyseal
 from tests.harness.kms_emulator import KmsEmulator
 from tests.openpgp_checks import assert_accepted_everywhere, flip_byte, gpg_accepts, pgpy_accepts, sqv_accepts
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 KMS_TYPES = ["rsa2048", "rsa3072", "rsa4096", "p256", "p384", "p521"]
 UID = ("--name", "Release Signing", "--email", "release@example.org")
 

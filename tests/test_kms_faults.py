@@ -45,6 +45,8 @@ from keyseal.errors import BackendUnavailableError, KeysealError
 from tests.conftest import REGION, assert_one_line_error, run_keyseal
 from tests.harness.kms_emulator import KmsEmulator
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 # -- injection through botocore event hooks ----------------------------------------------------------------
 
 

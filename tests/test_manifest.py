@@ -46,6 +46,7 @@ def verify_release(manifest: Path, cert: Path, *artifacts: Path, sig: Path | Non
     return run_keyseal("verify-release", "--manifest", manifest, *extra, "--cert", cert, *artifacts)
 
 
+@pytest.mark.slow
 def test_checksums_are_read_by_coreutils(tmp_path: Path, release: list[Path]) -> None:
     manifest = checksums(tmp_path, release)
     lines = manifest.read_text().splitlines()
@@ -61,6 +62,7 @@ def test_checksums_are_read_by_coreutils(tmp_path: Path, release: list[Path]) ->
     assert printed.returncode == 0 and len(printed.stdout.split()[0]) == 128
 
 
+@pytest.mark.slow
 def test_checksums_refuse_two_files_with_one_name(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -163,6 +165,7 @@ def test_manifest_parser_accepts_crlf_binary_marker_and_upper_case() -> None:
         parse_manifest(A_HEX.encode() + b"  \xff\xfe\n")
 
 
+@pytest.mark.slow
 def test_verify_release_accepts_a_signed_release(tmp_path: Path, release: list[Path],
                                                  keys: dict[str, ReleaseKey]) -> None:
     manifest = checksums(tmp_path, release)
@@ -176,6 +179,7 @@ def test_verify_release_accepts_a_signed_release(tmp_path: Path, release: list[P
     assert verify_release(manifest, keys["release"].cert, release[1]).returncode == 0
 
 
+@pytest.mark.slow
 def test_verify_release_rejects_a_changed_artifact(tmp_path: Path, release: list[Path],
                                                    keys: dict[str, ReleaseKey]) -> None:
     manifest = checksums(tmp_path, release)
@@ -188,6 +192,7 @@ def test_verify_release_rejects_a_changed_artifact(tmp_path: Path, release: list
     assert result.stdout == ""  # nothing is reported OK unless every artifact is
 
 
+@pytest.mark.slow
 def test_verify_release_rejects_a_changed_manifest_line(tmp_path: Path, release: list[Path],
                                                         keys: dict[str, ReleaseKey]) -> None:
     manifest = checksums(tmp_path, release)
@@ -206,6 +211,7 @@ def test_verify_release_rejects_a_changed_manifest_line(tmp_path: Path, release:
     assert f"{manifest} is not validly signed" in result.stderr and "BAD signature" in result.stderr
 
 
+@pytest.mark.slow
 def test_verify_release_rejects_a_duplicated_name(tmp_path: Path, release: list[Path],
                                                   keys: dict[str, ReleaseKey]) -> None:
     manifest = checksums(tmp_path, release)
@@ -217,6 +223,7 @@ def test_verify_release_rejects_a_duplicated_name(tmp_path: Path, release: list[
     assert "line 3 lists 'tool-1.0.tar.gz' again" in result.stderr and "duplicate" in result.stderr
 
 
+@pytest.mark.slow
 def test_verify_release_rejects_a_manifest_signed_by_an_unknown_key(tmp_path: Path, release: list[Path],
                                                                     keys: dict[str, ReleaseKey]) -> None:
     manifest = checksums(tmp_path, release)
@@ -228,6 +235,7 @@ def test_verify_release_rejects_a_manifest_signed_by_an_unknown_key(tmp_path: Pa
     assert f"no given certificate has the signing key {keys['stranger'].fingerprint[-16:]}" in result.stderr
 
 
+@pytest.mark.slow
 def test_verify_release_rejects_an_unlisted_artifact_and_a_missing_signature(
         tmp_path: Path, release: list[Path], keys: dict[str, ReleaseKey]) -> None:
     manifest = checksums(tmp_path, release[:1])

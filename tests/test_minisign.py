@@ -16,6 +16,8 @@ from tests.conftest import assert_one_line_error, run_keyseal
 from tests.formats_peers import Custody, flip, kms_key, local_key, minisign_verify, ok, pkcs11_key, tool
 from tests.harness.softhsm import SoftHsm
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 
 def check_custody(custody: Custody, tmp_path: Path) -> None:
     """sign -> export -> minisign and keyseal accept; tampered data, signature or trusted comment -> both reject."""

@@ -142,6 +142,7 @@ def test_discovery_listener_is_public_and_serves_only_discovery(tmp_path: Path, 
         server.shutdown()
 
 
+@pytest.mark.slow
 def test_discovery_certificate_is_reloaded_when_its_files_change(tmp_path: Path, web_tls: TlsFiles) -> None:
     port = free_port()
     server = start(oidc_config(tmp_path, web_tls, port))
@@ -197,6 +198,7 @@ def login(bao: OpenBao, role: str, token: str) -> dict[str, Any]:
     return bao.request("POST", "auth/jwt/login", {"role": role, "jwt": token})["auth"]
 
 
+@pytest.mark.slow
 def test_openbao_logs_in_with_jwt_svids_through_discovery_across_two_rotations(
         tmp_path: Path, web_tls: TlsFiles, openbao: OpenBao) -> None:
     port = free_port()

@@ -9,6 +9,8 @@ import pytest
 from tests.conftest import Gpg, run_keyseal
 from tests.openpgp_checks import flip_byte
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 
 def gpg_key(gpg: Gpg, email: str, algo: str) -> str:
     made = gpg.run("--passphrase", "", "--pinentry-mode", "loopback", "--quick-gen-key",

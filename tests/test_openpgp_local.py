@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import Gpg, assert_one_line_error, run_keyseal
 from tests.openpgp_checks import flip_byte, gpg_accepts, pgpy_accepts, sqv_accepts
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 KEY_TYPES = ["rsa2048", "rsa3072", "rsa4096", "p256", "p384", "p521", "ed25519"]
 
 

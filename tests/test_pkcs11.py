@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
 from keyseal._internal.backends import open_signer
@@ -92,17 +91,7 @@ def verify(public_key: PublicKey, signature: bytes, digest: bytes, hash_name: Ha
         public_key.verify(signature, digest, ec.ECDSA(prehashed))
 
 
-@pytest.mark.parametrize("key_type", KEY_TYPES)
-@pytest.mark.parametrize("hash_name", ["sha256", "sha384", "sha512"])
-def test_sign_digest_verifies(keys: dict[str, str], pin_env: None, key_type: str, hash_name: HashName) -> None:
-    digest = hashlib.new(hash_name, f"release {key_type}".encode()).digest()
-    with open_signer(keys[key_type]) as signer:
-        public_key = signer.public_key()
-        signature = signer.sign_digest(digest, hash_name)
-    verify(public_key, signature, digest, hash_name)
-    other = hashlib.new(hash_name, b"tampered").digest()
-    with pytest.raises(InvalidSignature):
-        verify(public_key, signature, other, hash_name)
+# Every key type signing every hash, verified independently: tests/test_signer_contract.py.
 
 
 def test_public_key_types(keys: dict[str, str], pin_env: None) -> None:
@@ -124,6 +113,7 @@ def test_wrong_digest_length_is_a_clear_error(keys: dict[str, str], pin_env: Non
         signer.sign_digest(b"x" * 20, "sha256")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key_type", ["rsa2048", "p384", "ed25519"])
 def test_concurrent_signing_on_one_session(keys: dict[str, str], pin_env: None, key_type: str) -> None:
     threads_n, per_thread = 8, 25
@@ -210,6 +200,7 @@ def test_private_key_cannot_be_read(softhsm: SoftHsm, keys: dict[str, str]) -> N
             assert public[attribute.ID] == private[attribute.ID] != b""
 
 
+@pytest.mark.slow
 def test_private_key_invisible_without_login(softhsm: SoftHsm, keys: dict[str, str]) -> None:
     import pkcs11
 

@@ -68,6 +68,7 @@ def create_and_mint(hsm: Hsm, key_type: str, directory: Path) -> tuple[str, Path
     return hsm.uri(label), cert
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key_type", ["rsa2048", "p256", "p384", "ed25519"])
 def test_create_mint_sign_verify(hsm: Hsm, gpg: Gpg, tmp_path: Path, key_type: str) -> None:
     uri, cert = create_and_mint(hsm, key_type, tmp_path)
@@ -99,6 +100,7 @@ def test_create_mint_sign_verify(hsm: Hsm, gpg: Gpg, tmp_path: Path, key_type: s
     assert refused.returncode == 1
 
 
+@pytest.mark.slow
 def test_hundred_files_signed_concurrently_on_one_session(hsm: Hsm, tmp_path: Path) -> None:
     uri, cert = create_and_mint(hsm, "p256", tmp_path)
     files = []
@@ -118,6 +120,7 @@ def test_hundred_files_signed_concurrently_on_one_session(hsm: Hsm, tmp_path: Pa
 # --- bad input: one line, non-zero exit, no traceback, never the PIN ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_wrong_pin(hsm: Hsm, tmp_path: Path) -> None:
     data = tmp_path / "f"
     data.write_bytes(b"x")
@@ -145,6 +148,7 @@ def test_no_pin_and_no_terminal(hsm: Hsm, tmp_path: Path) -> None:
     assert "needs a user PIN" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
@@ -197,6 +201,7 @@ def test_uri_syntax_error_with_pin_value_hides_the_pin(hsm: Hsm, tmp_path: Path)
     assert_no_pin(result)
 
 
+@pytest.mark.slow
 def test_pin_value_is_warned_about_and_never_printed(hsm: Hsm, tmp_path: Path) -> None:
     label = f"pv-{uuid.uuid4().hex[:6]}"
     uri = f"pkcs11:token={TOKEN};object={label}?pin-value={USER_PIN}"
@@ -208,6 +213,7 @@ def test_pin_value_is_warned_about_and_never_printed(hsm: Hsm, tmp_path: Path) -
     assert_no_pin(result)
 
 
+@pytest.mark.slow
 def test_create_errors(hsm: Hsm, tmp_path: Path) -> None:
     uri, _ = create_and_mint(hsm, "p256", tmp_path)
     exists = keyseal("keys", "create", "--pkcs11", uri, "--type", "p384", env=hsm.env)

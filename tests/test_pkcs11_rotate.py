@@ -18,6 +18,8 @@ from tests.conftest import Gpg, Result, assert_one_line_error, run_keyseal
 from tests.harness.softhsm import USER_PIN, SoftHsm
 from tests.openpgp_checks import gpg_accepts, sqv_accepts
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 TOKEN = "keyseal-rotate"
 
 

@@ -51,6 +51,7 @@ def many_files(tmp_path: Path) -> list[str]:
     return paths
 
 
+@pytest.mark.slow
 def test_bar_for_many_files_on_a_terminal(many_files: list[str]) -> None:
     code, out, terminal = on_pty(["checksums", *many_files])
     assert code == 0
@@ -74,6 +75,7 @@ def test_no_bar_for_short_work(many_files: list[str]) -> None:
     assert code == 0 and "hashing" not in terminal
 
 
+@pytest.mark.slow
 def test_bar_for_a_large_file_shows_bytes_per_second(tmp_path: Path) -> None:
     big = tmp_path / "big.iso"
     with big.open("wb") as handle:
@@ -83,6 +85,7 @@ def test_bar_for_a_large_file_shows_bytes_per_second(tmp_path: Path) -> None:
     assert "hashing 1 file" in terminal and "B/s" in terminal
 
 
+@pytest.mark.slow
 def test_bar_while_signing(tmp_path: Path, many_files: list[str]) -> None:
     env = {"KEYSEAL_HOME": str(tmp_path / "home")}
     created = subprocess.run([KEYSEAL, "keys", "create", "--out", str(tmp_path / "k.key"), "--type", "ed25519"],
@@ -127,6 +130,7 @@ def test_bar_for_a_bulk_of_items_on_a_terminal() -> None:
     assert "creating entries" in seen.decode(errors="replace") and "entry/s" in seen.decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_verify_fast_path_shows_a_bar_for_a_large_file_only(tmp_path: Path) -> None:
     env = {"KEYSEAL_HOME": str(tmp_path / "home")}
     full_env = {**os.environ, **env}

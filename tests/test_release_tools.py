@@ -20,6 +20,8 @@ from tests.conftest import sqv_verify
 from tests.formats_peers import script, tool
 from tests.gpg_peers import Registered, kill_agent, register
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 SPEC = """Name: keyseal-tiny
 Version: 1.0
 Release: 1

@@ -20,6 +20,8 @@ from tests.harness.https_server import HttpsServer, TlsFiles, make_tls
 from tests.harness.release_keys import ReleaseKey, make_key, sign_file
 from tests.openpgp_checks import gpg_accepts, sqv_accepts
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 HOSTS = ["openpgpkey.example.org", "example.org"]
 
 

@@ -15,6 +15,8 @@ from tests.conftest import Gpg, assert_one_line_error, run_keyseal
 from tests.harness.release_keys import ReleaseKey, make_key, sign_file
 from tests.openpgp_checks import gpg_accepts, pgpy_accepts, sqv_accepts
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ReleaseKey]:

@@ -8,8 +8,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from tests.conftest import assert_one_line_error, run_keyseal
 from tests.harness.kms_emulator import KmsEmulator
+
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
 
 USER_ID = ("--name", "Example Releases", "--email", "releases@example.org")
 

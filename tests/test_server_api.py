@@ -107,6 +107,7 @@ def client(server: CaServer) -> Iterator[Client]:
     connection.close()
 
 
+@pytest.mark.slow
 def test_bundle_is_public_and_well_formed(server: CaServer) -> None:
     anonymous = Client(server.port, server.manager.active().ca_pem)
     bundle = anonymous.bundle()
@@ -183,6 +184,7 @@ def test_token_for_ns_a_asking_for_ns_b_is_403_and_logged(client: Client, caplog
     assert client.x509_svid(B, token=TOKENS["admin"])[0] == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
@@ -277,6 +279,7 @@ def test_serving_certificate_is_an_svid_of_the_server(server: CaServer) -> None:
     assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [f"spiffe://{TRUST_DOMAIN}/keyseal/server"]
 
 
+@pytest.mark.slow
 def test_thousand_svids_make_no_kms_call(server: CaServer, client: Client, kms_emulator: KmsEmulator) -> None:
     startup = server.startup_kms  # type: ignore[attr-defined]
     assert startup["Encrypt"] >= 1 and startup["Decrypt"] >= 1  # the emulator does see this server's calls

@@ -88,6 +88,7 @@ def test_pipelined_requests_are_answered_in_order(server: CaServer) -> None:
     assert json.loads(answers[2][1])["spiffeID"] == f"spiffe://{TRUST_DOMAIN}/ns/a/web"
 
 
+@pytest.mark.slow
 def test_a_client_that_reads_late_still_gets_every_answer(server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """More answers than the socket buffers hold (the kernel lets a send buffer grow to 4 MiB): the loop must
     wait for the client to read, answer others meanwhile, and drop nothing."""
@@ -139,6 +140,7 @@ def test_expect_100_continue_waits_for_the_body(server: CaServer) -> None:
         assert read_answers(sock, 1)[0][0] == 200
 
 
+@pytest.mark.slow
 def test_a_request_that_trickles_in_too_long_is_answered_408(server: CaServer,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(httpd, "REQUEST_TIMEOUT", 1.0)
@@ -152,6 +154,7 @@ def test_a_request_that_trickles_in_too_long_is_answered_408(server: CaServer,
         assert sock.recv(65536) == b""  # then closed
 
 
+@pytest.mark.slow
 def test_an_idle_connection_is_closed(server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(httpd, "IDLE_TIMEOUT", 1.0)
     with tls_connection(server) as sock:
@@ -175,6 +178,7 @@ def open_connections(server: CaServer) -> int:
     return last
 
 
+@pytest.mark.slow
 def test_connections_beyond_the_cap_are_refused(server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
     assert server.httpd is not None
     open_now = open_connections(server)
@@ -202,6 +206,7 @@ def test_connection_close_is_honoured(server: CaServer) -> None:
         assert sock.recv(65536) == b""  # the request after Connection: close is never answered
 
 
+@pytest.mark.slow
 def test_a_handshake_that_never_finishes_is_closed(server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(httpd, "REQUEST_TIMEOUT", 1.0)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as silent:
@@ -225,6 +230,7 @@ def test_a_worker_answer_over_the_queue_limit_leaves_the_connection_usable(
         assert read_answers(sock, 1)[0][0] == 200
 
 
+@pytest.mark.slow
 def test_a_client_that_stops_sending_still_gets_every_answer_owed(server: CaServer) -> None:
     """The client sends its requests, ends its half of the connection without a TLS close_notify, then reads
     slowly: the server owes megabytes of answers when the end arrives, and must write them all, then close
@@ -313,6 +319,7 @@ def test_what_a_source_is(address: str, source: str) -> None:
     assert httpd.source_of(address) == source
 
 
+@pytest.mark.slow
 def test_the_last_slots_are_kept_for_sources_that_hold_few(server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """With few slots free the server is busy: a source that already holds its busy share gets no more, however
     far below its own limit, and handshakes that have not finished in BUSY_HANDSHAKE_TIMEOUT are closed."""
@@ -338,6 +345,7 @@ def test_the_last_slots_are_kept_for_sources_that_hold_few(server: CaServer, mon
             sock.close()
 
 
+@pytest.mark.slow
 def test_kept_alive_connections_with_nothing_to_do_are_cut_short_when_busy(
         server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Busy, a connection that holds a slot with no request under way goes after BUSY_IDLE_TIMEOUT, not after
@@ -355,6 +363,7 @@ def test_kept_alive_connections_with_nothing_to_do_are_cut_short_when_busy(
         assert 0.5 < time.monotonic() - started < 5
 
 
+@pytest.mark.slow
 def test_an_old_connection_is_closed(server: CaServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection lives at most MAX_CONNECTION_AGE, so that what its handshake decided (the client certificate,
     the CAs trusted then) is decided again on a new one: a request under way is answered with Connection: close,

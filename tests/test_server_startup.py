@@ -24,6 +24,8 @@ from tests.harness.ca import Client, base_config
 from tests.harness.kms_emulator import KmsEmulator
 from tests.harness.openbao import OpenBao
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 
 def kek(kms_emulator: KmsEmulator) -> str:
     client = boto3.client("kms", region_name=REGION, endpoint_url=kms_emulator.endpoint,

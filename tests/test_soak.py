@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.soak]
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

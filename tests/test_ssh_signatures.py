@@ -17,6 +17,8 @@ from tests.formats_peers import Custody, flip, kms_key, local_key, ok, pkcs11_ke
 from tests.harness.kms_emulator import KmsEmulator
 from tests.harness.softhsm import SoftHsm
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 PRINCIPAL = "release@example.org"
 SIGNATURE_TYPES = {"p256": "ecdsa-sha2-nistp256", "p384": "ecdsa-sha2-nistp384", "p521": "ecdsa-sha2-nistp521",
                    "rsa2048": "rsa-sha2-512", "ed25519": "ssh-ed25519"}

@@ -64,6 +64,7 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"cert": cert, "data": data, "sig": directory / "data.asc", "other": other}
 
 
+@pytest.mark.slow
 def test_verify_imports_only_the_verifier(signed: dict[str, Path]) -> None:
     modules, output = imported_by("keyseal._internal.cli.quick:main", "verify", "--cert", signed["cert"],
                                   signed["data"])
@@ -107,6 +108,7 @@ def run_both(*args: str | os.PathLike[str]) -> tuple[Completed, Completed]:
     return fast, full
 
 
+@pytest.mark.slow
 def test_fast_path_and_click_agree(signed: dict[str, Path], tmp_path: Path) -> None:
     cert, data, sig, other = signed["cert"], signed["data"], signed["sig"], signed["other"]
     cases: list[list[str | os.PathLike[str]]] = [

@@ -57,6 +57,7 @@ def kms_arn(kms_emulator: KmsEmulator, aws_env: dict[str, str]) -> str:
     return str(client.create_key(KeyUsage="ENCRYPT_DECRYPT", KeySpec="SYMMETRIC_DEFAULT")["KeyMetadata"]["Arn"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("provider", ["local", "awskms"])
 def test_round_trip(provider: str, kube_api: KubeApi, namespace: str, tmp_path: Path,
                     request: pytest.FixtureRequest) -> None:
@@ -79,6 +80,7 @@ def test_round_trip(provider: str, kube_api: KubeApi, namespace: str, tmp_path: 
     assert rewrapped.version == 2
 
 
+@pytest.mark.slow
 def test_two_writers_race_exactly_one_wins_the_other_reloads(kube_api: KubeApi, namespace: str,
                                                              tmp_path: Path) -> None:
     kek = LocalKek(tmp_path / "kek")
@@ -118,6 +120,7 @@ def test_two_writers_race_exactly_one_wins_the_other_reloads(kube_api: KubeApi, 
     assert der(opened.private_key) == der(new_keys[loser])
 
 
+@pytest.mark.slow
 def test_stale_resource_version_is_never_overwritten(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
     kek = LocalKek(tmp_path / "kek")
     store = new_store(kube_api, namespace)
@@ -132,6 +135,7 @@ def test_stale_resource_version_is_never_overwritten(kube_api: KubeApi, namespac
     assert [h["spec"]["version"] for h in kube_api.history(namespace, "ca")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_replayed_resource_is_refused(kube_api: KubeApi, namespace: str, tmp_path: Path) -> None:
     kek = LocalKek(tmp_path / "kek")
     store = new_store(kube_api, namespace)
@@ -147,6 +151,7 @@ def test_replayed_resource_is_refused(kube_api: KubeApi, namespace: str, tmp_pat
         open_record(store, "ca", kek)
 
 
+@pytest.mark.slow
 def test_provider_switch_and_tampering_are_refused(kube_api: KubeApi, namespace: str, tmp_path: Path,
                                                   kms_arn: str) -> None:
     local, kms = LocalKek(tmp_path / "kek"), AwsKmsKek(kms_arn)

@@ -98,6 +98,7 @@ def certificate_layout(binary: bytes) -> list[str]:
     return layout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", ["ed25519", "p256", "rsa2048"])
 def test_certificate_matrix(label: str) -> None:
     signer = signer_for(label)
@@ -139,6 +140,7 @@ def test_certificate_matrix(label: str) -> None:
         assert matrix.counts[kind, "rejected"] == 3 * layout.count(kind), (kind, matrix.table())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("reason", "revoked_at"), [("compromised", 0), ("superseded", SIGNED + 60)])
 def test_revocation_matrix(reason: str, revoked_at: int) -> None:
     signer = signer_for("ed25519")

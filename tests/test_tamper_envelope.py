@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import pytest
 from fuzz.tamper import Matrix
 
 from keyseal._internal.keygen import generate_private_key
@@ -42,6 +43,8 @@ from keyseal._internal.wrapping.local import LocalKek
 from keyseal.errors import AccessDeniedError, KekMismatchError, RecordRollbackError, WrappedRecordError
 from tests.conftest import REGION
 from tests.harness.kms_emulator import KmsEmulator
+
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
 
 NAME = "release-key"
 ALLOWED = {

@@ -110,6 +110,7 @@ def binary_layout(packet: bytes) -> list[str]:
     return classes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", ["ed25519", "p256", "rsa2048"])
 def test_binary_signature_matrix(label: str, signed: dict[str, Signed]) -> None:
     case = signed[label]

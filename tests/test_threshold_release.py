@@ -20,6 +20,8 @@ from keyseal.errors import VerificationError
 from tests.conftest import assert_one_line_error, run_keyseal
 from tests.harness.softhsm import USER_PIN, SoftHsm
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 
 @dataclass
 class Custodies:

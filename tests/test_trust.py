@@ -27,6 +27,8 @@ from tests.conftest import assert_one_line_error, run_keyseal
 from tests.harness.https_server import HttpsServer, Override, TlsFiles, free_port, make_tls
 from tests.harness.release_keys import ReleaseKey, make_key, sign_file
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 HOSTS = ["openpgpkey.example.org", "example.org"]
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -115,6 +115,7 @@ def test_policy_hcl() -> None:
 # -- signing ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key_type", sorted(TYPES))
 def test_sign_every_hash(key_type: str, vault_env: dict[str, str], openbao: OpenBao) -> None:
     name = f"backend-{key_type}"
@@ -411,6 +412,7 @@ def kubernetes_auth(openbao: OpenBao, vault_env: dict[str, str]) -> Iterator[tup
         yield api, jwt
 
 
+@pytest.mark.slow
 def test_kubernetes_auth(kubernetes_auth: tuple[TokenReviewApi, str], openbao: OpenBao,
                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     api, jwt = kubernetes_auth
@@ -449,6 +451,7 @@ def tls_openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
     server.stop()
 
 
+@pytest.mark.slow
 def test_tls_is_verified(tls_openbao: OpenBao, vault_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     tls_openbao.create_key("tls-key", "ed25519")
     monkeypatch.setenv("VAULT_ADDR", tls_openbao.address)

@@ -17,6 +17,8 @@ from tests.conftest import Gpg, assert_one_line_error, run_keyseal
 from tests.harness.openbao import OpenBao
 from tests.openpgp_checks import assert_accepted_everywhere, flip_byte, gpg_accepts, sqv_accepts
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 UID = ("--name", "Release Signing", "--email", "release@example.org")
 # rsa4096 once: OpenBao generates it in a second or two, but every extra RSA-4096 test costs CI time.
 KEY_TYPES = ["p256", "p384", "rsa2048", "ed25519", "rsa4096"]

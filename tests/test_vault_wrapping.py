@@ -140,6 +140,7 @@ def test_transit_rotation_keeps_old_records(store: DirectoryStore, kek_name: str
     open_record(store, "new", kek)
 
 
+@pytest.mark.slow
 def test_record_naming_another_key_refused_before_any_decrypt(
         tmp_path: Path, kek_name: str, openbao: OpenBao) -> None:
     """Someone who can write the store (and use some other Transit key) substitutes a record: refused, and no
@@ -172,6 +173,7 @@ def test_record_naming_another_key_refused_before_any_decrypt(
     assert decrypts(openbao, mark) == []
 
 
+@pytest.mark.slow
 def test_wrapped_key_signs_end_to_end(tmp_path: Path, kek_name: str, openbao: OpenBao, gpg: Gpg) -> None:
     env = {"KEYSEAL_KEK": f"vault:transit/{kek_name}"}
     key_file = tmp_path / "release.key"
@@ -192,6 +194,7 @@ def test_wrapped_key_signs_end_to_end(tmp_path: Path, kek_name: str, openbao: Op
     assert sqv_accepts(cert, data, sig)
 
 
+@pytest.mark.slow
 def test_token_without_decrypt(tmp_path: Path, kek_name: str, openbao: OpenBao) -> None:
     """A token that may encrypt but not decrypt: the canary names the missing capability; nothing is written."""
     hcl = (f'path "transit/keys/{kek_name}" {{ capabilities = ["read"] }}\n'
@@ -241,6 +244,7 @@ def second_openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao
     server.stop()
 
 
+@pytest.mark.slow
 def test_openbao_stopped(second_openbao: OpenBao, vault_env: dict[str, str], tmp_path: Path) -> None:
     second_openbao.create_key("kek", "aes256-gcm96")
     kek = VaultKek.from_config(second_openbao.address, "kek", mount="transit", token="root")
@@ -305,6 +309,7 @@ def test_missing_capability_names_path_without_token(openbao: OpenBao, kek_name:
     assert f'"update" capability on path "transit/encrypt/{kek_name}"' in message and token not in message
 
 
+@pytest.mark.slow
 def test_rewrap_to_another_transit_key(tmp_path: Path, kek_name: str, openbao: OpenBao) -> None:
     """KEK rotation to a new Transit key: `keys rewrap` opens with the old key and seals with the new one."""
     openbao.create_key(f"{kek_name}-next", "aes256-gcm96")

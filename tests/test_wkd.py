@@ -97,6 +97,7 @@ def test_urls_equal_gnupg() -> None:
 # -- building the tree -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_build_advanced_tree(tmp_path: Path, keys: dict[str, ReleaseKey], gpg: Gpg) -> None:
     out = tmp_path / "public"
     # A restrictive umask must not leak into the published tree.
@@ -140,6 +141,7 @@ def test_build_direct_tree_for_chosen_addresses(tmp_path: Path, keys: dict[str, 
     assert again.returncode == 0 and f"{hu / wkd_hash('team')} is not part of this build" in again.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("domain", ["../evil", "example..org", "exa/mple.org", "", "-bad.example.org", "org",
                                     "ex ample.org", "exämple.org", "a." * 130 + "org"])
 def test_build_refuses_bad_domains(domain: str, tmp_path: Path, keys: dict[str, ReleaseKey]) -> None:
@@ -151,6 +153,7 @@ def test_build_refuses_bad_domains(domain: str, tmp_path: Path, keys: dict[str, 
         validate_domain(domain)
 
 
+@pytest.mark.slow
 def test_build_refuses_addresses_it_cannot_publish(tmp_path: Path, keys: dict[str, ReleaseKey]) -> None:
     elsewhere = run_keyseal("wkd", "build", keys["v1"].cert, "--domain", "example.org", "--email",
                             "someone@other.net", "-o", tmp_path)
@@ -168,6 +171,7 @@ def test_build_refuses_addresses_it_cannot_publish(tmp_path: Path, keys: dict[st
 # -- fetching --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fetch_returns_the_published_fingerprints(served: HttpsServer, tls: TlsFiles, keys: dict[str, ReleaseKey],
                                                   tmp_path: Path) -> None:
     build(served.root, keys["v1"].cert, keys["v2"].cert)
@@ -180,6 +184,7 @@ def test_fetch_returns_the_published_fingerprints(served: HttpsServer, tls: TlsF
     assert sorted(c.fingerprint for c in load_certificates(out.read_bytes())) == result.stdout.split()
 
 
+@pytest.mark.slow
 def test_fetch_tries_direct_after_a_404(served: HttpsServer, tls: TlsFiles, keys: dict[str, ReleaseKey]) -> None:
     build(served.root, keys["v2"].cert, method="direct")
     result = fetch(served, tls)
@@ -189,6 +194,7 @@ def test_fetch_tries_direct_after_a_404(served: HttpsServer, tls: TlsFiles, keys
                                ("example.org", DIRECT + wkd_hash("releases"))]
 
 
+@pytest.mark.slow
 def test_fetch_reports_a_404_on_both(served: HttpsServer, tls: TlsFiles) -> None:
     result = fetch(served, tls)
     assert_one_line_error(result)
@@ -196,6 +202,7 @@ def test_fetch_reports_a_404_on_both(served: HttpsServer, tls: TlsFiles) -> None
     assert len(served.requests) == 2
 
 
+@pytest.mark.slow
 def test_a_server_error_is_not_retried_on_direct(served: HttpsServer, tls: TlsFiles,
                                                  keys: dict[str, ReleaseKey]) -> None:
     build(served.root, keys["v2"].cert, method="direct")
@@ -206,6 +213,7 @@ def test_a_server_error_is_not_retried_on_direct(served: HttpsServer, tls: TlsFi
     assert [host for host, _ in served.requests] == ["openpgpkey.example.org"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content_length", [True, False])
 def test_an_oversized_response_is_refused(content_length: bool, served: HttpsServer, tls: TlsFiles,
                                           keys: dict[str, ReleaseKey]) -> None:
@@ -218,6 +226,7 @@ def test_an_oversized_response_is_refused(content_length: bool, served: HttpsSer
     assert "64 KiB" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_key_with_a_foreign_user_id_is_dropped(served: HttpsServer, tls: TlsFiles,
                                                  keys: dict[str, ReleaseKey]) -> None:
     body = dearmor_or_binary(keys["v2"].cert.read_bytes()) + dearmor_or_binary(keys["foreign"].cert.read_bytes())
@@ -231,6 +240,7 @@ def test_a_key_with_a_foreign_user_id_is_dropped(served: HttpsServer, tls: TlsFi
     assert_one_line_error(garbage)
 
 
+@pytest.mark.slow
 def test_only_a_foreign_key_means_no_key(served: HttpsServer, tls: TlsFiles, keys: dict[str, ReleaseKey]) -> None:
     served.overrides[ADVANCED + wkd_hash("releases")] = Override(body=keys["foreign"].cert.read_bytes())
     result = fetch(served, tls)
@@ -238,6 +248,7 @@ def test_only_a_foreign_key_means_no_key(served: HttpsServer, tls: TlsFiles, key
     assert "no key with a user ID for releases@example.org" in result.stderr
 
 
+@pytest.mark.slow
 def test_tls_is_always_verified(served: HttpsServer, tls: TlsFiles, keys: dict[str, ReleaseKey],
                                 tmp_path: Path) -> None:
     build(served.root, keys["v2"].cert)
@@ -262,6 +273,7 @@ def test_tls_is_always_verified(served: HttpsServer, tls: TlsFiles, keys: dict[s
         misnamed.stop()
 
 
+@pytest.mark.slow
 def test_a_slow_server_times_out(served: HttpsServer, tls: TlsFiles, keys: dict[str, ReleaseKey]) -> None:
     served.overrides[ADVANCED + wkd_hash("releases")] = Override(body=keys["v2"].cert.read_bytes(), delay=3)
     result = fetch(served, tls, "--timeout", "0.5")
@@ -269,6 +281,7 @@ def test_a_slow_server_times_out(served: HttpsServer, tls: TlsFiles, keys: dict[
     assert "timed out after 0.5 s" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("part", ["headers", "body"])
 def test_a_trickling_answer_is_cut_at_the_timeout(part: str, served: HttpsServer, tls: TlsFiles,
                                                   keys: dict[str, ReleaseKey]) -> None:
@@ -284,6 +297,7 @@ def test_a_trickling_answer_is_cut_at_the_timeout(part: str, served: HttpsServer
     assert [host for host, _ in served.requests] == ["openpgpkey.example.org"]  # no second try past the deadline
 
 
+@pytest.mark.slow
 def test_a_trickled_tls_handshake_is_cut_at_the_timeout(served: HttpsServer, tls: TlsFiles,
                                                         keys: dict[str, ReleaseKey]) -> None:
     build(served.root, keys["v2"].cert)

@@ -20,6 +20,8 @@ from tests.conftest import REGION, Gpg, Result, assert_one_line_error, run_keyse
 from tests.harness.kms_emulator import KmsEmulator
 from tests.openpgp_checks import gpg_accepts
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 
 def kms_kek(kms_emulator: KmsEmulator) -> str:
     client = boto3.client("kms", region_name=REGION, endpoint_url=kms_emulator.endpoint,

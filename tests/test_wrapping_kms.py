@@ -76,6 +76,7 @@ def der(key: Any) -> bytes:
                                    serialization.NoEncryption()))
 
 
+@pytest.mark.slow
 def test_round_trip_calls_and_log_line(store: DirectoryStore, kek_arn: str, kms_emulator: KmsEmulator,
                                        caplog: pytest.LogCaptureFixture) -> None:
     key = generate_private_key("p256")
@@ -93,6 +94,7 @@ def test_round_trip_calls_and_log_line(store: DirectoryStore, kek_arn: str, kms_
                                     "keyseal:record": "ca", "keyseal:version": "1"}
 
 
+@pytest.mark.slow
 def test_record_naming_another_kms_key_is_refused_without_decrypt(
     store: DirectoryStore, kek_arn: str, kms_emulator: KmsEmulator
 ) -> None:
@@ -115,6 +117,7 @@ def test_record_naming_another_kms_key_is_refused_without_decrypt(
     assert sum(kms_emulator.calls.counts().values()) == 0
 
 
+@pytest.mark.slow
 def test_every_flipped_byte_is_refused(store: DirectoryStore, kek_arn: str, kms_emulator: KmsEmulator) -> None:
     key = generate_private_key("ed25519")
     create_record(store, "flip", key, AwsKmsKek(kek_arn))
@@ -142,6 +145,7 @@ def test_every_flipped_byte_is_refused(store: DirectoryStore, kek_arn: str, kms_
     assert der(open_record(store, "flip", kek).private_key) == der(key)
 
 
+@pytest.mark.slow
 def test_swapped_wrapped_deks_are_refused(store: DirectoryStore, kek_arn: str) -> None:
     kek = AwsKmsKek(kek_arn)
     create_record(store, "a", generate_private_key("ed25519"), kek)
@@ -181,6 +185,7 @@ def test_provider_switch_is_refused_both_ways(store: DirectoryStore, kek_arn: st
     assert {n: store.path(n).read_bytes() for n in ("kms", "local")} == before
 
 
+@pytest.mark.slow
 def test_rewrap_under_a_new_kms_key(store: DirectoryStore, kek_arn: str, kms_emulator: KmsEmulator) -> None:
     new_arn = new_kek(kms_emulator)
     key = generate_private_key("rsa2048")
@@ -203,6 +208,7 @@ def test_only_symmetric_encrypt_decrypt_keys(spec: dict[str, str], store: Direct
     assert not store.path("x").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("operation", ["Encrypt", "Decrypt"])
 def test_canary_names_the_missing_permission_and_key(operation: str, kek_arn: str, kms_emulator: KmsEmulator,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -234,6 +240,7 @@ def test_describe_key_denied_degrades(store: DirectoryStore, kek_arn: str, kms_e
     assert any("kms:DescribeKey denied" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_kms_unreachable(kek_arn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

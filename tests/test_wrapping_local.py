@@ -66,6 +66,7 @@ def test_round_trip_and_fresh_dek_and_nonce_per_write(store: DirectoryStore, kek
     assert json.loads(path.read_bytes())["format"] == FORMAT
 
 
+@pytest.mark.slow
 def test_every_flipped_byte_is_refused(store: DirectoryStore, kek: LocalKek) -> None:
     key = generate_private_key("p256")
     create_record(store, "flip", key, kek)

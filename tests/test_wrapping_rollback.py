@@ -32,6 +32,8 @@ from tests.conftest import REGION
 from tests.harness.ca import base_config
 from tests.harness.kms_emulator import KmsEmulator
 
+pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
+
 NAME = "keyseal-example.org-x509-0"
 
 

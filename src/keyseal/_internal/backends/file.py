@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 
 from keyseal._internal.inputfile import read_input
 from keyseal._internal.records.record import looks_like_record
-from keyseal.errors import InvalidKeyFileError, UnsupportedKeyError
-from keyseal.signer import HashName, PrivateKey, PublicKey, Signer, hash_algorithm
+from keyseal.errors import InvalidKeyFileError, UnsupportedKeyError, UsageError
+from keyseal.signer import HASH_NAMES, HashName, PrivateKey, PublicKey, Signer, hash_algorithm
 
 
 def open(uri: str, rest: str, options: object) -> FileSigner:
@@ -100,7 +100,21 @@ class FileSigner(Signer):
         return self._private_key().public_key()
 
     def sign_digest(self, digest: bytes, hash_name: HashName) -> bytes:
+        """Refuses an unknown hash or a digest of another length, as the remote backends do: an Ed25519 key
+        would otherwise sign any bytes, and `cryptography` would raise untyped errors for RSA and ECDSA."""
+        if hash_name not in HASH_NAMES:
+            raise UsageError(f"unsupported digest {hash_name}: use one of {', '.join(HASH_NAMES)}")
+        expected = hash_algorithm(hash_name).digest_size
+        if len(digest) != expected:
+            raise UsageError(f"a {hash_name} digest is {expected} bytes, got {len(digest)}")
         return sign_digest_with(self._private_key(), digest, hash_name)
+
+    def sign_message(self, message: bytes) -> bytes:
+        """Pure Ed25519 over the message itself, of any length (SSH signatures, minisign)."""
+        key = self._private_key()
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise UnsupportedKeyError(f"{self.uri} is not an Ed25519 key: only Ed25519 signs messages")
+        return key.sign(message)
 
     def created_at(self) -> datetime | None:
         """A wrapped record's creation time; for a clear PEM, the file's modification time."""

@@ -213,6 +213,8 @@ class Pkcs11Signer(Signer):
         return self._public_key
 
     def sign_digest(self, digest: bytes, hash_name: HashName) -> bytes:
+        if hash_name not in _DIGEST_SIZE:
+            raise UsageError(f"unsupported digest {hash_name}: use one of {', '.join(_DIGEST_SIZE)}")
         if _DIGEST_SIZE.get(hash_name) != len(digest):
             expected = _DIGEST_SIZE.get(hash_name)
             raise UsageError(f"a {hash_name} digest is {expected} bytes, not {len(digest)}")
