@@ -133,7 +133,7 @@ def contract_token(softhsm: SoftHsm) -> str:
 @custody(slow=True)
 def pkcs11_custody(tmp_path: Path, softhsm: SoftHsm, contract_token: str) -> Iterator[Custody]:
     """Key pairs in a SoftHSM2 token under a label prefix of this test's own; broken: a wrong PIN."""
-    from keyseal._internal.backends import pkcs11
+    from keyseal._internal.providers.pkcs11 import session as pkcs11_session
 
     pins = {}
     for name, pin in (("pin", USER_PIN), ("wrong-pin", "0000-wrong")):
@@ -148,7 +148,7 @@ def pkcs11_custody(tmp_path: Path, softhsm: SoftHsm, contract_token: str) -> Ite
 
     yield Custody(source=source_from(config(pins["pin"])), broken=source_from(config(pins["wrong-pin"])),
                   broken_error=AccessDeniedError, key_class="pkcs11", places=None)
-    pkcs11.close_all_sessions()  # sources keep their keys' sessions open, as a server does
+    pkcs11_session.close_all_sessions()  # sources keep their keys' sessions open, as a server does
 
 
 @pytest.fixture(params=CUSTODIES)  # after every @custody: pytest copies the list

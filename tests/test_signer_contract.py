@@ -169,13 +169,13 @@ def pkcs11_backend(pkcs11_keys: dict[str, str]) -> Iterator[Backend]:
     """`pkcs11:` (module docstring): CKM_RSA_PKCS over a DigestInfo for SHA-256/384/512, CKM_ECDSA and
     CKM_EDDSA over any digest: every key type, every hash. The suite's only view of the public key is the
     token's, through keyseal (signatures that verify with it show it is the private key's)."""
-    from keyseal._internal.backends import pkcs11
+    from keyseal._internal.providers.pkcs11 import session as pkcs11_session
 
     keys = {key_type: uri for key_type, uri in pkcs11_keys.items() if key_type != "absent"}
     yield Backend(keys=keys, claims=dict.fromkeys(keys, ALL), missing=pkcs11_keys["absent"],
                   missing_error=KeyNotFoundError, missing_name="contract-absent")
-    leaked = list(pkcs11._SESSIONS)
-    pkcs11.close_all_sessions()
+    leaked = list(pkcs11_session._SESSIONS)
+    pkcs11_session.close_all_sessions()
     assert not leaked, f"sessions left open: {leaked}"
 
 
