@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import ssl
 import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
@@ -294,3 +295,63 @@ def test_the_entry_crd_stores_every_dns_name_keyseal_takes(name: str) -> None:
     except UsageError:
         by_keyseal = False
     assert by_crd == by_keyseal or (by_crd and name.rsplit(".", 1)[-1].isdigit())
+
+
+def test_a_workload_svid_with_the_servers_dns_name_does_not_pass_for_the_server(server: CaServer,
+                                                                                 tmp_path: Path) -> None:
+    """The server's self-issued certificate is an X.509-SVID of the trust domain's CA naming `localhost` (its
+    default), and an agent checks the server by host name against that CA. An entry may now give a workload that
+    same name: the agent must not take the workload's SVID for the server's, or the workload, answering for the
+    server's address, would be handed the agent's join token (or projected service account token)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from keyseal._internal.agent.client import ServerClient, ServerRefusedError
+    from keyseal._internal.spiffe.tls import load_chain
+    from keyseal.errors import BackendUnavailableError
+
+    identity = join(server, "node-rogue")
+    parent = f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-rogue"
+    entry = entry_store_for(server.config).create(WEB + "-rogue", parent, ("unix:uid:1003",),
+                                                  dns_names=("localhost",))
+    key = new_key()
+    status, answer = agent_call(server, identity, "/v1/agent/x509-svid",
+                                {"entryID": entry.entry_id, "csr": make_csr(key)})
+    assert status == 200, answer
+
+    received: list[bytes] = []
+
+    class Rogue(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+            body = json.dumps({"spiffeID": parent}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    load_chain(context, answer["certChain"][0].encode(), key)
+    rogue = ThreadingHTTPServer(("127.0.0.1", 0), Rogue)
+    rogue.socket = context.wrap_socket(rogue.socket, server_side=True)
+    thread = threading.Thread(target=rogue.serve_forever, daemon=True)
+    thread.start()
+    bundle = "".join(k.ca_pem for k, _ in server.manager.live())
+    client = ServerClient("localhost", rogue.server_address[1], bundle)
+    real = ServerClient("localhost", server.port, bundle)
+    try:
+        with pytest.raises(BackendUnavailableError, match="not the keyseal server's"):
+            client.call("/v1/agent/join", {"token": "a-secret-join-token", "csr": make_csr(new_key())})
+        assert received == []  # nothing was sent to it, the token least of all
+        # The real server, by the same name, is taken: its answer (a refusal of the unknown token) is heard.
+        with pytest.raises(ServerRefusedError) as refused:
+            real.call("/v1/agent/join", {"token": "a-secret-join-token", "csr": make_csr(new_key())})
+        assert refused.value.status == 401
+    finally:
+        client.close()
+        real.close()
+        rogue.shutdown()
+        rogue.server_close()

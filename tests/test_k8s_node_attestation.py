@@ -627,3 +627,61 @@ def test_the_agent_renews_with_its_rotated_token_and_says_when_it_is_refused(
         agent.stop()
         server.shutdown()
         shutil.rmtree(sockets, ignore_errors=True)
+
+
+def test_a_kubernetes_api_outage_at_renewal_does_not_stop_the_workload_svids(
+        cluster: Cluster, tmp_path: Path, node: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """The server cannot reach the Kubernetes API when the agent's SVID is due (503, not a refusal): the agent
+    keeps the SVID it holds (still valid) and the rest of the pass goes on with it, so the workloads' X.509-SVIDs
+    are still renewed; the agent SVID is tried again at the next pass."""
+    import logging
+    import shutil
+    import time
+
+    from keyseal._internal.agent.config import parse_agent_config
+    from keyseal._internal.agent.main import Agent
+    from keyseal._internal.ca.registry.stores import entry_store_for
+    from tests.harness.agent import socket_dir
+    from tests.harness.https_server import free_port
+
+    port = free_port()
+    client_id = f"server-{uuid.uuid4().hex[:6]}"
+    config = parse_config(base_config(tmp_path, kubernetes=k8s_section(), x509SVID={"ttl": "6s"},
+                                      server={"listen": f"127.0.0.1:{port}"}))
+    server = CaServer(config, rotation_thread=False, kube_api_client=cluster.api_client(client_id))
+    server.start()
+    server.start_background()
+    agent_id = f"spiffe://{TRUST_DOMAIN}/keyseal/agent/k8s_psat/test/{node['metadata']['uid']}"
+    entry = entry_store_for(config).create(f"spiffe://{TRUST_DOMAIN}/ns/shop/web", agent_id, ("unix:uid:1001",))
+    pod = agent_pod(cluster, node)
+    (tmp_path / "psat").write_text(cluster.token(pod, AUDIENCE, node=node))
+    (tmp_path / "bundle.pem").write_text("".join(k.ca_pem for k, _ in server.manager.live()))
+    sockets = socket_dir()
+    agent = Agent(parse_agent_config({
+        "trustDomain": TRUST_DOMAIN, "serverURL": f"https://127.0.0.1:{port}",
+        "trustBundleFile": str(tmp_path / "bundle.pem"), "k8sPSAT": {"tokenFile": str(tmp_path / "psat")},
+        "socketPath": str(sockets / "agent.sock"), "syncInterval": 0.3}, environ={}))
+    caplog.set_level(logging.INFO)
+    try:
+        agent.start()
+        first = agent.cache.agent_expires
+        assert first is not None and entry.entry_id in agent.cache.x509
+        cluster.cut(client_id)  # the server's Kubernetes API calls fail from now on
+        cut_at = datetime.now(UTC)
+        deadline = time.monotonic() + max(0.0, (first - datetime.now(UTC)).total_seconds()) - 0.5
+
+        def renewed() -> bool:
+            cached = agent.cache.x509.get(entry.entry_id)  # dropped once it expired unrenewed
+            return cached is not None and cached.issued > cut_at
+
+        while time.monotonic() < deadline and not renewed():
+            time.sleep(0.1)
+        assert renewed()  # renewed with the agent SVID still held
+        assert agent.cache.agent_expires == first  # not renewed: the API server could not attest it again
+        assert any("cannot attest the renewal of k8s_psat agent" in r.getMessage() for r in caplog.records)
+        assert not agent.cache.needs_join
+    finally:
+        cluster.restore(client_id)
+        agent.stop()
+        server.shutdown()
+        shutil.rmtree(sockets, ignore_errors=True)

@@ -281,16 +281,24 @@ class AgentCache:
             if self.agent_expires is not None and now >= self.agent_expires:
                 raise ServerRefusedError(401, "the agent SVID expired while no server could renew it: the agent "
                                               "must join again")
+            renewal_failure: KeysealError | None = None
             if renew_agent or (self._agent_issued and self.agent_expires
                                and _due(self._agent_issued, self.agent_expires, now)):
                 key = ec.generate_private_key(ec.SECP256R1())
-                self._take_agent_svid(key, self._renew(key))
+                try:
+                    self._take_agent_svid(key, self._renew(key))
+                except BackendUnavailableError as exc:
+                    # The agent SVID held is still valid: a renewal the server could not answer (a k8s_psat
+                    # agent's while the Kubernetes API is away) must not stop the workloads' renewals with it.
+                    renewal_failure = exc
             changed |= self._take_sync(self._call_sync())
             for entry in self.entries:
                 cached = self.x509.get(entry.entry_id)
                 if cached is None or cached.entry != entry or _due(cached.issued, cached.expires, now):
                     self.x509[entry.entry_id] = self._fetch_x509(entry)
                     changed = True
+            if renewal_failure is not None:
+                raise renewal_failure  # reported, and retried no sooner than after a failed sync
             if not self.server_reachable:
                 log.info("the keyseal server is reachable again")
             if self.needs_join:

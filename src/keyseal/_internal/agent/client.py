@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keyseal._internal.spiffe.tls import load_chain
+from keyseal._internal.spiffe.tls import load_chain, not_the_server
 from keyseal.errors import BackendUnavailableError, KeysealError
 
 __all__ = ["ServerClient", "ServerRefusedError", "make_csr"]
@@ -152,15 +152,26 @@ class ServerClient:
             raise BackendUnavailableError(failures[0])
         raise BackendUnavailableError(f"no keyseal server answered: {'; '.join(failures)}")
 
+    def _connect(self) -> http.client.HTTPSConnection:
+        """A connection whose peer passed the host name check and is the server (`not_the_server`), before
+        anything (a join token, a service account token) is sent on it."""
+        connection = http.client.HTTPSConnection(self.host, self.port, context=self._ssl_context(), timeout=TIMEOUT)
+        connection.connect()
+        assert isinstance(connection.sock, ssl.SSLSocket)
+        why = not_the_server(connection.sock.getpeercert(binary_form=True) or b"")
+        if why is not None:
+            connection.close()
+            raise BackendUnavailableError(f"the peer at {self.host}:{self.port} is not the keyseal server: {why}")
+        return connection
+
     def _call(self, path: str, document: dict[str, Any]) -> dict[str, Any]:
         body = json.dumps(document).encode()
         with self._lock:
             headers = {"Content-Type": "application/json"}
             for attempt in (1, 2):  # a kept-alive connection the server closed is retried once
-                if self._connection is None:
-                    self._connection = http.client.HTTPSConnection(self.host, self.port,
-                                                                   context=self._ssl_context(), timeout=TIMEOUT)
                 try:
+                    if self._connection is None:
+                        self._connection = self._connect()
                     self._connection.request("POST", path, body=body, headers=headers)
                     response = self._connection.getresponse()
                     raw = response.read()
