@@ -355,3 +355,66 @@ def test_a_workload_svid_with_the_servers_dns_name_does_not_pass_for_the_server(
         real.close()
         rogue.shutdown()
         rogue.server_close()
+
+
+def test_bundle_fetch_takes_the_whole_bundle_only_from_the_server_itself(server: CaServer, tmp_path: Path) -> None:
+    """`keyseal bundle fetch` trusts the whole served bundle only when its second, verified fetch reaches the
+    server. A workload whose entry gives it the server's name (`localhost`) holds an SVID that passes the host
+    name check against the pinned CA: answering for the server, it must not get a CA of its own into the bundle
+    (the fetch falls back to the pinned CA alone)."""
+    import base64
+    import threading
+    from datetime import UTC, datetime
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from keyseal._internal.spiffe.bootstrap import ca_fingerprint, fetch_bundle
+    from keyseal._internal.spiffe.tls import load_chain
+
+    identity = join(server, "node-bundle")
+    parent = f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-bundle"
+    entry = entry_store_for(server.config).create(WEB + "-bundle", parent, ("unix:uid:1004",),
+                                                  dns_names=("localhost",))
+    key = new_key()
+    status, answer = agent_call(server, identity, "/v1/agent/x509-svid",
+                                {"entryID": entry.entry_id, "csr": make_csr(key)})
+    assert status == 200, answer
+
+    real = [x509.load_pem_x509_certificate(k.ca_pem.encode()) for k, _ in server.manager.live()]
+    attacker_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "attacker CA")])
+    now = datetime.now(UTC)
+    attacker = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(attacker_key.public_key())
+                .serial_number(7).not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(attacker_key, hashes.SHA256()))
+    document = {"keys": [{"use": "x509-svid", "x5c": [base64.b64encode(c.public_bytes(serialization.Encoding.DER))
+                                                      .decode()]} for c in (*real, attacker)]}
+    body = json.dumps(document).encode()
+
+    class Rogue(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    load_chain(context, answer["certChain"][0].encode(), key)
+    rogue = ThreadingHTTPServer(("127.0.0.1", 0), Rogue)
+    rogue.socket = context.wrap_socket(rogue.socket, server_side=True)
+    thread = threading.Thread(target=rogue.serve_forever, daemon=True)
+    thread.start()
+    try:
+        fetched = fetch_bundle(f"https://localhost:{rogue.server_address[1]}", ca_fingerprint(real[0]))
+        from_the_server = fetch_bundle(f"https://localhost:{server.port}", ca_fingerprint(real[0]))
+    finally:
+        rogue.shutdown()
+        rogue.server_close()
+    assert not fetched.whole_bundle and fetched.certificates == (fetched.pinned,)
+    assert ca_fingerprint(attacker) not in {ca_fingerprint(c) for c in fetched.certificates}
+    assert from_the_server.whole_bundle  # the server itself is still believed for the whole bundle

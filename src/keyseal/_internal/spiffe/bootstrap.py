@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from keyseal._internal.spiffe.tls import not_the_server
 from keyseal.errors import BackendUnavailableError, InputError, UsageError, VerificationError
 
 __all__ = ["FetchedBundle", "ca_fingerprint", "fetch_bundle", "parse_fingerprint"]
@@ -66,9 +67,18 @@ def _split(url: str) -> tuple[str, int]:
         raise UsageError(f"--server {url[:80]!r} has an invalid port") from None
 
 
-def _get(host: str, port: int, context: ssl.SSLContext) -> bytes:
+def _get(host: str, port: int, context: ssl.SSLContext, *, server_only: bool = False) -> bytes:
+    """GET /v1/bundle. `server_only`: the peer must be the keyseal server itself (`not_the_server`), not any
+    holder of an SVID of the trust domain that names the same host (ssl.CertificateError otherwise)."""
     connection = http.client.HTTPSConnection(host, port, context=context, timeout=TIMEOUT)
     try:
+        connection.connect()
+        if server_only:
+            assert connection.sock is not None
+            peer = connection.sock.getpeercert(binary_form=True)
+            reason = not_the_server(peer) if peer else "it presented no certificate"
+            if reason is not None:
+                raise ssl.CertificateError(f"{host}:{port} is not the keyseal server: {reason}")
         connection.request("GET", "/v1/bundle")
         response = connection.getresponse()
         body = response.read(_MAX_BUNDLE + 1)
@@ -109,7 +119,8 @@ def fetch_bundle(url: str, fingerprint: str) -> FetchedBundle:
                                 f"server")
     pinned_pem = pinned.public_bytes(serialization.Encoding.PEM).decode("ascii")
     try:
-        verified = _certificates(_get(host, port, ssl.create_default_context(cadata=pinned_pem)), url)
+        verified = _certificates(_get(host, port, ssl.create_default_context(cadata=pinned_pem), server_only=True),
+                                 url)
     except (ssl.SSLError, ssl.CertificateError):
         return FetchedBundle((pinned,), pinned, whole_bundle=False)
     except (OSError, http.client.HTTPException) as exc:
