@@ -37,6 +37,7 @@ MAX_SELECTORS = 16
 MAX_ENTRY_TTL = 366 * 24 * 3600
 MAX_FEDERATES_WITH = 16
 MAX_DNS_NAMES = 32
+_HEX_NUMBER_RE = re.compile(r"0x[0-9a-f]*")
 _DNS_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
@@ -88,7 +89,7 @@ def check_dns_name(text: object) -> str:
     if len(name) > 253 or not all(_DNS_LABEL_RE.fullmatch(label) for label in labels):
         raise UsageError(f"invalid DNS name {shown!r}: use labels of 1-63 letters, digits and inner hyphens "
                          f"separated by dots (RFC 1123), at most 253 characters, no trailing dot")
-    if labels[-1].isdigit():
+    if labels[-1].isdigit() or _HEX_NUMBER_RE.fullmatch(labels[-1]):  # URL parsers read 0x7f000001 as IPv4
         raise UsageError(f"invalid DNS name {shown!r}: an IP address is not a DNS name")
     return name
 
