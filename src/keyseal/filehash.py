@@ -9,10 +9,12 @@ import mmap
 import os
 import stat
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from keyseal.errors import InputError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 CHUNK = 1 << 20
 WINDOW = 64 << 20  # a regular file is hashed through mappings of at most this size, one at a time
@@ -61,10 +63,10 @@ def feed_mapped(fd: int, size: int, targets: Sequence[Updatable]) -> None:
                 view.release()
 
 
-def feed_file(path: Path, targets: Sequence[Updatable]) -> None:
+def feed_file(path: str | Path, targets: Sequence[Updatable]) -> None:
     """Feed every byte of a file to each target; a missing or unreadable file is one clear error."""
     try:
-        with path.open("rb", buffering=0) as stream:
+        with open(path, "rb", buffering=0) as stream:
             info = os.fstat(stream.fileno())
             if stat.S_ISREG(info.st_mode) and info.st_size > 0:
                 feed_mapped(stream.fileno(), info.st_size, targets)

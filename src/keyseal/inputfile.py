@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from keyseal.errors import InputError
 
 __all__ = ["read_input"]
 
 
-def read_input(path: Path, what: str) -> bytes:
-    """The file's bytes; `what` names it in the error ("key file", "signature", ...)."""
+def read_input(path: str | os.PathLike[str], what: str) -> bytes:
+    """The file's bytes; `what` names it in the error ("key file", "signature", ...). The verification paths
+    pass `str` paths (keyseal.pathtext), the others `Path`s."""
     try:
-        return path.read_bytes()
+        with open(path, "rb") as handle:
+            return handle.read()
     except FileNotFoundError:
         raise InputError(f"{what} {path} does not exist") from None
     except IsADirectoryError:

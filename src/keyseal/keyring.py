@@ -10,18 +10,19 @@
 
 from __future__ import annotations
 
-import json
+import os
 import re
-from dataclasses import dataclass, replace
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from keyseal.atomic import write_atomic
 from keyseal.errors import InputError, KeysealError, KeyURIError, OpenPGPError, UsageError
-from keyseal.home import keyseal_home
-from keyseal.openpgp.armor import armor
+from keyseal.home import home_text, keyseal_home
 from keyseal.openpgp.cert import Certificate, load_certificates, merge_certificates
-from keyseal.openpgp.keys import same_public_key
-from keyseal.signer import PublicKey
+from keyseal.record import Frozen
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from keyseal.signer import PublicKey
 
 KEYS_FILE = "keys.toml"
 KEYRING_DIR = "keyring"
@@ -31,13 +32,15 @@ _HEX = re.compile(r"^[0-9A-F]+$")
 _EMAIL_IN_ANGLES = re.compile(r"<([^<>\s]+@[^<>\s]+)>")
 
 
-@dataclass(frozen=True)
-class KeyEntry:
+class KeyEntry(Frozen):
     """One key keyseal signs with for git: its URI and the fingerprints it answers to."""
 
-    uri: str
-    openpgp: str | None = None  # 40 hex digits, upper case
-    ssh: str | None = None  # SHA256:...
+    __slots__ = ("openpgp", "ssh", "uri")
+
+    def __init__(self, uri: str, openpgp: str | None = None, ssh: str | None = None) -> None:
+        self.uri = uri
+        self.openpgp = openpgp  # 40 hex digits, upper case
+        self.ssh = ssh  # SHA256:...
 
 
 def keys_path() -> Path:
@@ -110,11 +113,15 @@ def save_entry(entry: KeyEntry) -> Path:
             continue
         other = old
         if entry.openpgp and other.openpgp == entry.openpgp:
-            other = replace(other, openpgp=None)
+            other = KeyEntry(other.uri, None, other.ssh)
         if entry.ssh and other.ssh == entry.ssh:
-            other = replace(other, ssh=None)
+            other = KeyEntry(other.uri, other.openpgp, None)
         if other.openpgp or other.ssh:
             kept.append(other)
+    import json
+
+    from keyseal.atomic import write_atomic
+
     lines = ["# keyseal: which key URI signs for which public key. Written by `keyseal git-setup`; no secrets."]
     for item in [*kept, merged]:
         lines += ["", "[[key]]", f"uri = {json.dumps(item.uri)}"]
@@ -142,37 +149,56 @@ def uri_for_ssh(fingerprint: str) -> str | None:
 
 def keyring_certificates() -> list[Certificate]:
     """Every certificate in the keyring directory (copies of one key merged); a broken file is an error. Parsed
-    once per content of the directory's files (keyseal.keyring_cache)."""
+    once per content of the directory's files (keyseal.keyring_cache). Paths are text here: `keyseal-gpg
+    --verify` comes here once per commit and imports no pathlib (keyseal.pathtext)."""
     from keyseal import keyring_cache
+    from keyseal.pathtext import join
 
-    directory = keyring_dir()
-    if not directory.is_dir():
+    directory = join(home_text(), KEYRING_DIR)
+    if not os.path.isdir(directory):
         return []
     files: list[tuple[str, bytes]] = []
-    for path in sorted(directory.iterdir()):
-        if path.suffix not in _CERT_SUFFIXES or not path.is_file():
+    for name in sorted(os.listdir(directory)):
+        path = join(directory, name)
+        if _suffix(name) not in _CERT_SUFFIXES or not os.path.isfile(path):
             continue
         try:
-            files.append((path.name, path.read_bytes()))
+            with open(path, "rb") as handle:
+                files.append((name, handle.read()))
         except OSError as exc:
             raise InputError(f"cannot read {path}: {exc.strerror}") from None
     key = keyring_cache.cache_key(files)
-    cached = keyring_cache.load(keyring_cache_path(), key)
+    cache = _cache_text()
+    cached = keyring_cache.load(cache, key)
     if cached is not None:
         return cached
     certificates: list[Certificate] = []
     for name, content in files:
         try:
-            certificates += load_certificates(content, str(directory / name))
+            certificates += load_certificates(content, join(directory, name))
         except KeysealError as exc:
             raise OpenPGPError(f"keyring file {exc.message}") from None
     merged = merge_certificates(certificates)
-    keyring_cache.store(keyring_cache_path(), key, merged)
+    keyring_cache.store(cache, key, merged)
     return merged
 
 
+def _suffix(name: str) -> str:
+    """pathlib's `suffix` of a file name (none for a hidden file such as `.asc`)."""
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
+
+
 def keyring_cache_path() -> Path:
-    return keyseal_home() / "cache" / "keyring.json"
+    from pathlib import Path
+
+    return Path(_cache_text())
+
+
+def _cache_text() -> str:
+    from keyseal.pathtext import join
+
+    return join(join(home_text(), "cache"), "keyring.json")
 
 
 def add_certificate(data: bytes, source: str) -> Certificate:
@@ -181,6 +207,9 @@ def add_certificate(data: bytes, source: str) -> Certificate:
     loaded = load_certificates(data, source)
     if len(loaded) != 1:
         raise UsageError(f"{source} holds {len(loaded)} certificates: give one")
+    from keyseal.atomic import write_atomic
+    from keyseal.openpgp.armor import armor
+
     cert = loaded[0]
     directory = keyring_dir()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -193,6 +222,8 @@ def add_certificate(data: bytes, source: str) -> Certificate:
 
 def certificate_for_key(public_key: PublicKey, certificates: list[Certificate]) -> Certificate | None:
     """The certificate in which `public_key` is a signing key (primary or subkey)."""
+    from keyseal.openpgp.keys import same_public_key
+
     for cert in certificates:
         if any(same_public_key(entry.key.public_key, public_key) for entry in cert.signing_keys):
             return cert
@@ -244,6 +275,8 @@ def add_allowed_signer(principal: str, public_key_line: str) -> Path:
     line = f"{principal} {public_key_line}"
     if any(old.split()[:1] == [principal] and key in old for old in existing):
         return path
+    from keyseal.atomic import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_atomic(path, ("\n".join([*existing, line]) + "\n").encode("utf-8"), mode=0o644)
     return path

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from pathlib import Path
+import os
 from typing import Any
 
 from keyseal import __version__
@@ -38,10 +38,11 @@ def cache_key(files: list[tuple[str, bytes]]) -> str:
     return digest.hexdigest()
 
 
-def load(path: Path, key: str) -> list[Certificate] | None:
+def load(path: str | os.PathLike[str], key: str) -> list[Certificate] | None:
     """The cached certificates for `key`, or None (absent, stale, unreadable or malformed)."""
     try:
-        document = json.loads(path.read_bytes())
+        with open(path, "rb") as handle:
+            document = json.loads(handle.read())
         if not isinstance(document, dict) or document.get("key") != key:
             return None
         return [_certificate(item) for item in document["certificates"]]
@@ -49,14 +50,17 @@ def load(path: Path, key: str) -> list[Certificate] | None:
         return None
 
 
-def store(path: Path, key: str, certificates: list[Certificate]) -> None:
+def store(path: str | os.PathLike[str], key: str, certificates: list[Certificate]) -> None:
     """Write the cache atomically; a cache that cannot be written is only a missed saving."""
+    from pathlib import Path
+
     from keyseal.atomic import write_atomic
 
     document = {"key": key, "certificates": [_encode(cert) for cert in certificates]}
+    target = Path(path)
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(document, separators=(",", ":")).encode(), mode=0o600)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(target, json.dumps(document, separators=(",", ":")).encode(), mode=0o600)
     except (OSError, KeysealError):
         pass
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from keyseal import __version__
@@ -31,6 +29,7 @@ from keyseal.errors import KeysealError, OutputExistsError, UsageError, unexpect
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from keyseal.backends.base import HashName
     from keyseal.gitsign import GitVerification
@@ -81,22 +80,28 @@ _HASHES: dict[str, HashName] = {"SHA256": "sha256", "SHA384": "sha384", "SHA512"
 _WEAK = ("MD5", "SHA1", "RIPEMD160", "SHA224")
 
 
-@dataclass
 class Arguments:
-    modes: set[str] = field(default_factory=set)
-    armor: bool = False
-    text_mode: bool = False
-    local_user: str | None = None
-    default_key: str | None = None
-    output: str | None = None
-    yes: bool = False
-    digest: HashName | None = None
-    digest_preferences: tuple[HashName, ...] = ()
-    with_colons: bool = False
-    passphrase_fd: int | None = None
-    keyrings: list[str] = field(default_factory=list)
-    status_fd: int | None = None
-    positional: list[str] = field(default_factory=list)
+    """What the command line asked for (a plain class: git runs this once per commit, and a dataclass costs
+    start-up time)."""
+
+    __slots__ = ("armor", "default_key", "digest", "digest_preferences", "keyrings", "local_user", "modes",
+                 "output", "passphrase_fd", "positional", "status_fd", "text_mode", "with_colons", "yes")
+
+    def __init__(self) -> None:
+        self.modes: set[str] = set()
+        self.armor = False
+        self.text_mode = False
+        self.local_user: str | None = None
+        self.default_key: str | None = None
+        self.output: str | None = None
+        self.yes = False
+        self.digest: HashName | None = None
+        self.digest_preferences: tuple[HashName, ...] = ()
+        self.with_colons = False
+        self.passphrase_fd: int | None = None
+        self.keyrings: list[str] = []
+        self.status_fd: int | None = None
+        self.positional: list[str] = []
 
 
 def parse_arguments(argv: list[str]) -> Arguments:
@@ -248,6 +253,8 @@ def _sign_kind(args: Arguments) -> Kind:
 
 def _default_output(source: str | None, kind: Kind, armored: bool) -> Path | None:
     """gpg's output names: stdout for stdin; FILE.asc when armored or cleartext, FILE.sig detached, FILE.gpg."""
+    from pathlib import Path  # not at import: `--verify`, which git runs once per commit, uses none
+
     if source is None:
         return None
     suffix = ".asc" if armored or kind == "clear" else ".sig" if kind == "detach" else ".gpg"
@@ -255,6 +262,8 @@ def _default_output(source: str | None, kind: Kind, armored: bool) -> Path | Non
 
 
 def run_sign(args: Arguments, status: Status) -> int:
+    from pathlib import Path
+
     from keyseal.gpgsign import SignRequest, sign
 
     kind = _sign_kind(args)
@@ -303,6 +312,7 @@ def run_verify(args: Arguments, status: Status) -> int:
     from keyseal import gitsign
     from keyseal.inputfile import read_input
     from keyseal.openpgp.cleartext import is_cleartext
+    from keyseal.pathtext import path_text
 
     if args.keyrings:
         # Ignoring it would widen trust: the caller meant only that keyring's keys to count.
@@ -311,7 +321,7 @@ def run_verify(args: Arguments, status: Status) -> int:
     if len(args.positional) > 2:
         raise UsageError(f"usage: {PROG} --verify SIGNATURE [DATA|-] or --verify CLEARTEXT")
     first = args.positional[0] if args.positional else "-"
-    signature_data = sys.stdin.buffer.read() if first == "-" else read_input(Path(first), "signature")
+    signature_data = sys.stdin.buffer.read() if first == "-" else read_input(path_text(first), "signature")
     text: bytes | None = None
     if len(args.positional) < 2 and is_cleartext(signature_data):
         result, text = gitsign.verify_cleartext(signature_data)
@@ -321,7 +331,7 @@ def run_verify(args: Arguments, status: Status) -> int:
             raise UsageError(f"{shown} is not a cleartext signed message: for a detached signature name the signed "
                              f"data too (--verify SIG DATA)")
         source = args.positional[1]
-        data = sys.stdin.buffer.read() if source == "-" else read_input(Path(source), "data file")
+        data = sys.stdin.buffer.read() if source == "-" else read_input(path_text(source), "data file")
         result = gitsign.verify(signature_data, data)
     code = _report(result, status)
     if code == 0 and text is not None and args.output is not None:
@@ -329,6 +339,8 @@ def run_verify(args: Arguments, status: Status) -> int:
             sys.stdout.buffer.write(text)
             sys.stdout.buffer.flush()
         else:
+            from pathlib import Path
+
             from keyseal.atomic import write_atomic
 
             target = Path(args.output)

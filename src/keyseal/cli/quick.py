@@ -5,21 +5,29 @@ start-up is most of its cost. `keyseal verify` over OpenPGP starts hashing the d
 verifier; everything else (other commands, `--help`, any argument this parser is not sure of) goes to the click
 group in `keyseal.cli.main`, which stays the one definition of the command line: the fast parser accepts a subset
 of what click accepts and gives the same result for it (tests/test_startup.py holds both paths to that).
+`keyseal --help` is rendered from the command table without click (keyseal.cli.fasthelp). Paths are text here,
+spelt as pathlib spells them (keyseal.pathtext): importing pathlib would cost a tenth of a verification's start-up.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
 
 from keyseal.errors import InputError, KeysealError, OutputExistsError, UsageError, VerificationError, unexpected
+from keyseal.pathtext import name_of, path_text
 
+# Not `typing.TYPE_CHECKING`: `keyseal --help` imports no typing (it pulls in re, enum, collections, contextlib).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextlib import AbstractContextManager
+    from typing import NoReturn
+
+    from keyseal.openpgp.cert import Certificate
     from keyseal.openpgp.verify import VerifiedSignature
+
+    StrPath = str | os.PathLike[str]
 
 __all__ = ["fail", "main", "run_guarded", "verify_openpgp"]
 
@@ -47,43 +55,49 @@ def run_guarded(run: Callable[[], object]) -> NoReturn:
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def default_signature_path(data: Path, option: str = "signature") -> Path:
+def default_signature_path(data: StrPath, option: str = "signature") -> str:
     """DATA.asc, else DATA.sig: where keyseal and gpg put a detached signature when none is named (`option` is
     what the user could have named it with, for the error)."""
+    text = path_text(os.fspath(data))
+    name = name_of(text)
+    if not name:
+        raise InputError(f"{text} is a directory, not a file")
     for suffix in (".asc", ".sig"):
-        candidate = data.with_name(data.name + suffix)
-        if candidate.exists():
+        candidate = text + suffix
+        if os.path.exists(candidate):
             return candidate
-    raise InputError(f"no {option} given and neither {data.name}.asc nor {data.name}.sig exists")
+    raise InputError(f"no {option} given and neither {name}.asc nor {name}.sig exists")
 
 
-def verify_openpgp(certs: tuple[Path, ...], file: Path, signature: Path | None, threshold: int = 1,
-                   output: Path | None = None, force: bool = False) -> None:
+def verify_openpgp(certs: tuple[StrPath, ...], file: StrPath, signature: StrPath | None, threshold: int = 1,
+                   output: StrPath | None = None, force: bool = False) -> None:
     """`keyseal verify` for OpenPGP: print each counted signer's fingerprint on stdout, a line per good signature
     on stderr; raise VerificationError otherwise. FILE is the signed data, or (with no SIGNATURE) possibly a
     cleartext signed message, whose text `output` receives once it verifies."""
     from keyseal.inputfile import read_input
 
-    if signature is None and _starts_cleartext(file):
+    cert_paths = tuple(path_text(os.fspath(cert)) for cert in certs)
+    data_path = path_text(os.fspath(file))
+    signature_path = None if signature is None else path_text(os.fspath(signature))
+    if signature_path is None and _starts_cleartext(data_path):
         if threshold > 1:
             raise UsageError("--threshold applies to detached signatures: a cleartext message carries one")
-        _verify_cleartext(certs, file, output, force)
+        _verify_cleartext(cert_paths, data_path, output, force)
         return
     if output is not None:
         raise UsageError("--output writes the text of a cleartext signed message; FILE is not one")
     signature_data = b""
     try:
-        with _progress_bar(file):
+        with _progress_bar(data_path):
             from keyseal.openpgp import prefetch
 
-            signature_data = read_input(signature or default_signature_path(file), "signature")
-            hashes = prefetch.start(file, signature_data)  # hash the data while the verifier and certificates load
-            from keyseal.cli.common import load_certificate_files
+            signature_data = read_input(signature_path or default_signature_path(data_path), "signature")
+            hashes = prefetch.start(data_path, signature_data)  # hashing starts while the verifier loads
             from keyseal.openpgp.verify import verify_threshold_prefetched
 
-            results = verify_threshold_prefetched(load_certificate_files(certs), hashes, signature_data, threshold)
+            results = verify_threshold_prefetched(_load_certificates(cert_paths), hashes, signature_data, threshold)
     except VerificationError:
-        text_results = _text_mode(certs, file, signature_data, threshold)
+        text_results = _text_mode(cert_paths, data_path, signature_data, threshold)
         if text_results is None:
             raise
         results = text_results
@@ -96,22 +110,48 @@ def verify_openpgp(certs: tuple[Path, ...], file: Path, signature: Path | None, 
 _LARGE = 64 << 20  # keyseal.progress.BYTES_THRESHOLD, without importing it
 
 
-def _progress_bar(file: Path) -> AbstractContextManager[None]:
+class _NoBar:
+    """contextlib.nullcontext without importing contextlib (typing and `keyseal --help` would not need it)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _progress_bar(file: str) -> AbstractContextManager[None]:
     """A progress bar while a large file is hashed on a terminal, else a context that does nothing.
     keyseal.progress (and tqdm) are imported only for a bar: checking costs one stat."""
     try:
         if not sys.stderr.isatty() or os.stat(file).st_size < _LARGE:
-            return nullcontext()
+            return _NoBar()
     except (OSError, ValueError):
-        return nullcontext()
+        return _NoBar()
     from keyseal.progress import files_meter
 
     return files_meter([file], "verifying")
 
 
-def _report(result: VerifiedSignature, fingerprint: bool, kind: str = "") -> None:
-    from keyseal.cli.common import format_time
+def _load_certificates(paths: tuple[str, ...]) -> list[Certificate]:
+    """keyseal.cli.common.load_certificate_files, without that module's imports."""
+    from keyseal.inputfile import read_input
+    from keyseal.openpgp.cert import load_certificates
 
+    certificates: list[Certificate] = []
+    for path in paths:
+        certificates += load_certificates(read_input(path, "certificate"), path)
+    return certificates
+
+
+def format_time(seconds: int) -> str:
+    """keyseal.cli.common.format_time (UTC, RFC 3339), without importing datetime."""
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _report(result: VerifiedSignature, fingerprint: bool, kind: str = "") -> None:
     if fingerprint:
         sys.stdout.write(f"{result.fingerprint}\n")
         sys.stdout.flush()
@@ -120,11 +160,10 @@ def _report(result: VerifiedSignature, fingerprint: bool, kind: str = "") -> Non
     sys.stderr.flush()
 
 
-def _text_mode(certs: tuple[Path, ...], file: Path, signature_data: bytes,
+def _text_mode(certs: tuple[str, ...], file: str, signature_data: bytes,
                threshold: int) -> list[VerifiedSignature] | None:
     """A text-mode (0x01) detached signature (`gpg -abst`) is checked over the file with CR LF line endings. Only
     tried once the binary check failed, so the usual path keeps hashing while the verifier loads."""
-    from keyseal.cli.common import load_certificate_files
     from keyseal.inputfile import read_input
     from keyseal.openpgp.signature import SIG_TEXT
     from keyseal.openpgp.verify import parse_detached, verify_threshold_bytes
@@ -135,7 +174,7 @@ def _text_mode(certs: tuple[Path, ...], file: Path, signature_data: bytes,
     except KeysealError:
         return None
     try:
-        return verify_threshold_bytes(load_certificate_files(certs), read_input(file, "file"), signature_data,
+        return verify_threshold_bytes(_load_certificates(certs), read_input(file, "file"), signature_data,
                                       threshold, text_mode=True)
     except VerificationError:
         raise
@@ -143,23 +182,22 @@ def _text_mode(certs: tuple[Path, ...], file: Path, signature_data: bytes,
         raise VerificationError(exc.message) from None
 
 
-def _starts_cleartext(file: Path) -> bool:
+def _starts_cleartext(file: str) -> bool:
     from keyseal.openpgp.cleartext import is_cleartext
 
     try:
-        with file.open("rb") as handle:
+        with open(file, "rb") as handle:
             return is_cleartext(handle.read(256))
     except OSError:
         return False  # the detached path reports the missing or unreadable file
 
 
-def _verify_cleartext(certs: tuple[Path, ...], file: Path, output: Path | None, force: bool) -> None:
-    from keyseal.cli.common import load_certificate_files
+def _verify_cleartext(certs: tuple[str, ...], file: str, output: StrPath | None, force: bool) -> None:
     from keyseal.inputfile import read_input
     from keyseal.openpgp.verify import verify_cleartext
 
     try:
-        certificates = load_certificate_files(certs)
+        certificates = _load_certificates(certs)
         result, message = verify_cleartext(certificates, read_input(file, "signed message"))
     except VerificationError:
         raise
@@ -169,11 +207,14 @@ def _verify_cleartext(certs: tuple[Path, ...], file: Path, output: Path | None, 
         sys.stdout.buffer.write(message.text)
         sys.stdout.buffer.flush()
     elif output is not None:
+        from pathlib import Path
+
         from keyseal.atomic import write_atomic
 
-        if output.exists() and not force:
-            raise OutputExistsError(f"{output} exists: refusing to overwrite it (use --force)")
-        write_atomic(output, message.text, mode=0o644)
+        target = Path(output)
+        if target.exists() and not force:
+            raise OutputExistsError(f"{target} exists: refusing to overwrite it (use --force)")
+        write_atomic(target, message.text, mode=0o644)
     _report(result, fingerprint=output is None or str(output) != "-", kind=", cleartext")
 
 
@@ -183,9 +224,9 @@ class VerifyArguments:
     __slots__ = ("certs", "positional", "threshold")
 
     def __init__(self) -> None:
-        self.certs: list[Path] = []
+        self.certs: list[str] = []
         self.threshold = 1
-        self.positional: list[Path] = []
+        self.positional: list[str] = []
 
 
 def parse_verify(args: list[str]) -> VerifyArguments | None:
@@ -197,7 +238,7 @@ def parse_verify(args: list[str]) -> VerifyArguments | None:
     while index < len(args):
         arg = args[index]
         if options_done or not arg.startswith("-") or arg == "-":
-            parsed.positional.append(Path(arg))
+            parsed.positional.append(path_text(arg))
         elif arg == "--":
             options_done = True
         else:
@@ -214,7 +255,7 @@ def parse_verify(args: list[str]) -> VerifyArguments | None:
             if name == "--cert":
                 if not value:
                     return None
-                parsed.certs.append(Path(value))
+                parsed.certs.append(path_text(value))
             elif name == "--format":
                 if value != "openpgp":
                     return None
@@ -228,9 +269,18 @@ def parse_verify(args: list[str]) -> VerifyArguments | None:
     return parsed
 
 
+def _print_group_help() -> None:
+    from keyseal.cli.fasthelp import group_help
+
+    sys.stdout.write(group_help())
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of `keyseal`."""
     args = sys.argv[1:] if argv is None else argv
+    if args in (["--help"], ["-h"]):
+        run_guarded(_print_group_help)
     if args[:1] == ["verify"]:
         parsed = parse_verify(args[1:])
         if parsed is not None:

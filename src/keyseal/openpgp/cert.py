@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from keyseal.errors import OpenPGPError, UsageError
 from keyseal.openpgp.armor import KIND_PUBLIC_KEY, armor, dearmor_or_binary
@@ -48,7 +48,10 @@ from keyseal.openpgp.signature import (
     new_hasher,
     parse_signature,
 )
-from keyseal.signer import HashName, PublicKey, Signer
+from keyseal.record import Record
+
+if TYPE_CHECKING:
+    from keyseal.signer import HashName, PublicKey, Signer
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _EMAIL = re.compile(rf"^[^\s@<>()\[\],;:\"]+@{_LABEL}(?:\.{_LABEL})+$")
@@ -129,27 +132,42 @@ def armor_certificate(binary: bytes) -> bytes:
     return armor(binary, KIND_PUBLIC_KEY)
 
 
-@dataclass
-class SigningKey:
+class SigningKey(Record):
     """A key of a certificate that may make data signatures, with the window in which it may."""
 
-    key: KeyPacket
-    expires: int | None  # absolute Unix time, None for never
-    revoked_at: int | None = None  # signatures at or after this time are invalid; 0 = all (hard revocation)
+    __slots__ = ("expires", "key", "revoked_at")
+
+    def __init__(self, key: KeyPacket, expires: int | None, revoked_at: int | None = None) -> None:
+        self.key = key
+        self.expires = expires  # absolute Unix time, None for never
+        self.revoked_at = revoked_at  # signatures at or after this time are invalid; 0 = all (hard revocation)
 
 
-@dataclass
-class Certificate:
+class Certificate(Record):
     """A transferable public key whose self-signatures keyseal has checked."""
 
-    primary: KeyPacket
-    user_ids: list[str]
-    signing_keys: list[SigningKey]
-    binary: bytes
-    revoked: bool = False
-    expires: int | None = None
-    subkeys: list[KeyPacket] = field(default_factory=list)
-    hash_preferences: tuple[int, ...] = ()  # OpenPGP hash IDs from the latest self-signature, most wanted first
+    __slots__ = (
+        "binary",
+        "expires",
+        "hash_preferences",
+        "primary",
+        "revoked",
+        "signing_keys",
+        "subkeys",
+        "user_ids",
+    )
+
+    def __init__(self, primary: KeyPacket, user_ids: list[str], signing_keys: list[SigningKey], binary: bytes,
+                 revoked: bool = False, expires: int | None = None, subkeys: list[KeyPacket] | None = None,
+                 hash_preferences: tuple[int, ...] = ()) -> None:
+        self.primary = primary
+        self.user_ids = user_ids
+        self.signing_keys = signing_keys
+        self.binary = binary
+        self.revoked = revoked
+        self.expires = expires
+        self.subkeys: list[KeyPacket] = [] if subkeys is None else subkeys
+        self.hash_preferences = hash_preferences  # OpenPGP hash IDs from the latest self-signature, most wanted first
 
     @property
     def fingerprint(self) -> str:

@@ -18,9 +18,8 @@ Kept free of heavy imports: `keyseal-gpg` and `keyseal verify` load it before an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from keyseal.errors import OpenPGPError
+from keyseal.record import Frozen
 
 BEGIN_MESSAGE = b"-----BEGIN PGP SIGNED MESSAGE-----"
 BEGIN_SIGNATURE = b"-----BEGIN PGP SIGNATURE-----"
@@ -71,14 +70,16 @@ def is_cleartext(data: bytes) -> bool:
     return data.lstrip(b"\r\n\t ")[: len(BEGIN_MESSAGE)] == BEGIN_MESSAGE
 
 
-@dataclass(frozen=True)
-class CleartextMessage:
+class CleartextMessage(Frozen):
     """A parsed cleartext signed message: the signed lines (dash-escaping undone), the hashes the header
     names, and the armored signature block."""
 
-    lines: list[bytes]
-    header_hashes: frozenset[str] | None  # hashlib names; None when the message has no Hash header
-    signature_armor: bytes
+    __slots__ = ("header_hashes", "lines", "signature_armor")
+
+    def __init__(self, lines: list[bytes], header_hashes: frozenset[str] | None, signature_armor: bytes) -> None:
+        self.lines = lines
+        self.header_hashes = header_hashes  # hashlib names; None when the message has no Hash header
+        self.signature_armor = signature_armor
 
     @property
     def hash_input(self) -> bytes:

@@ -7,21 +7,15 @@ critical subpackets and malformed or truncated packets are rejected.
 
 from __future__ import annotations
 
-import io
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
-
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyseal.errors import OpenPGPError, VerificationError
 from keyseal.openpgp import hashids
 from keyseal.openpgp.armor import dearmor_or_binary
 from keyseal.openpgp.cert import Certificate, SigningKey, merge_certificates
+from keyseal.openpgp.keys import RSA_ALGORITHMS
 from keyseal.openpgp.packets import TAG_MARKER, TAG_PUBLIC_KEY, TAG_SECRET_KEY, TAG_SIGNATURE, iter_packets
-from keyseal.openpgp.prefetch import PrefetchedHashes
 from keyseal.openpgp.signature import (
     SIG_BINARY,
     SIG_TEXT,
@@ -31,22 +25,30 @@ from keyseal.openpgp.signature import (
     new_hasher,
     parse_signature,
 )
-from keyseal.openpgp.stream import hash_file, hash_stream
+from keyseal.record import Frozen
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     from keyseal.openpgp.cleartext import CleartextMessage
+    from keyseal.openpgp.prefetch import PrefetchedHashes
 
 MIN_RSA_BITS = 2048
 
 
-@dataclass(frozen=True)
-class VerifiedSignature:
+class VerifiedSignature(Frozen):
     """A good signature: which certificate, which of its keys, when."""
 
-    certificate: Certificate
-    key_fingerprint: str
-    created: int
-    hash_name: str
+    __slots__ = ("certificate", "created", "hash_name", "key_fingerprint")
+
+    def __init__(self, certificate: Certificate, key_fingerprint: str, created: int, hash_name: str) -> None:
+        self.certificate = certificate
+        self.key_fingerprint = key_fingerprint
+        self.created = created
+        self.hash_name = hash_name
 
     @property
     def fingerprint(self) -> str:
@@ -75,6 +77,8 @@ def parse_detached(data: bytes) -> list[SignaturePacket]:
 def verify_file(certificates: list[Certificate], path: Path, signature_data: bytes,
                 now: int | None = None) -> VerifiedSignature:
     """Verify a detached signature over a file; raise VerificationError with the most telling reason."""
+    from keyseal.openpgp.stream import hash_file
+
     return _verify(certificates, lambda ids: hash_file(path, ids), signature_data, now, 1)[0]
 
 
@@ -116,7 +120,10 @@ def verify_threshold_bytes(certificates: list[Certificate], data: bytes, signatu
 
 
 def _hash_bytes(data: bytes, ids: list[int]) -> dict[int, Hasher]:
-    return hash_stream(io.BytesIO(data), ids)
+    hashers = {hash_id: new_hasher(hash_id) for hash_id in set(ids)}
+    for hasher in hashers.values():
+        hasher.update(data)
+    return hashers
 
 
 def verify_cleartext(certificates: list[Certificate], document: bytes,
@@ -242,8 +249,10 @@ def key_problem(entry: SigningKey, when: int) -> str | None:
     """Why keyseal's verifier refuses any signature `entry` makes at `when` (its key's size, validity window or
     revocation), or None. The one place these rules live: `keyseal sign` asks it too, before signing."""
     key = entry.key
-    if isinstance(key.public_key, rsa.RSAPublicKey) and key.public_key.key_size < MIN_RSA_BITS:
-        return f"key {key.fingerprint_hex} is RSA-{key.public_key.key_size}: keyseal requires at least 2048 bits"
+    if key.algorithm in RSA_ALGORITHMS:
+        rsa_key: rsa.RSAPublicKey = key.public_key  # type: ignore[assignment]  # an RSA algorithm's key is RSA
+        if rsa_key.key_size < MIN_RSA_BITS:
+            return f"key {key.fingerprint_hex} is RSA-{rsa_key.key_size}: keyseal requires at least 2048 bits"
     if when < key.created:
         return f"key {key.fingerprint_hex} is not valid at {_utc(when)}: it was created at {_utc(key.created)}"
     if entry.expires is not None and when >= entry.expires:
