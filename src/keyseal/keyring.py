@@ -28,8 +28,9 @@ KEYS_FILE = "keys.toml"
 KEYRING_DIR = "keyring"
 ALLOWED_SIGNERS = "allowed_signers"
 _CERT_SUFFIXES = (".asc", ".gpg", ".pgp")
-_HEX = re.compile(r"^[0-9A-F]+$")
-_EMAIL_IN_ANGLES = re.compile(r"<([^<>\s]+@[^<>\s]+)>")
+# Compiled on first use (re's cache), not at import: keyseal-gpg --verify reads the keyring without them.
+_HEX = r"^[0-9A-F]+$"
+_EMAIL_IN_ANGLES = r"<([^<>\s]+@[^<>\s]+)>"
 
 
 class KeyEntry(Frozen):
@@ -234,7 +235,7 @@ def normalise_key_id(spec: str) -> str | None:
     """A fingerprint or long key ID as gpg accepts it (`0x` prefix, spaces, trailing `!`), upper case; else None."""
     text = spec.strip().removesuffix("!").replace(" ", "").upper()
     text = text.removeprefix("0X")
-    if _HEX.match(text) and len(text) in (16, 40):
+    if re.match(_HEX, text) and len(text) in (16, 40):
         return text
     return None
 
@@ -247,7 +248,7 @@ def find_certificates(spec: str, certificates: list[Certificate]) -> list[Certif
         return [cert for cert in certificates
                 if any(entry.key.fingerprint_hex.endswith(key_id) for entry in cert.signing_keys)
                 or cert.fingerprint.endswith(key_id)]
-    match = _EMAIL_IN_ANGLES.search(spec)
+    match = re.search(_EMAIL_IN_ANGLES, spec)
     email = (match.group(1) if match else spec.strip()).lower()
     if "@" not in email:
         return []

@@ -13,14 +13,14 @@ can write the keyring itself, so it trusts nothing the keyring does not. Nothing
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import binascii
 import json
 import os
 from typing import Any
 
 from keyseal import __version__
 from keyseal.errors import KeysealError
+from keyseal.openpgp import digests
 from keyseal.openpgp.cert import Certificate, SigningKey
 from keyseal.openpgp.keys import KeyPacket, parse_key_packet
 
@@ -31,10 +31,10 @@ FORMAT = 2  # bump whenever Certificate gains a field (tests compare cached and 
 
 def cache_key(files: list[tuple[str, bytes]]) -> str:
     """SHA-256 over the format, keyseal's version and every (name, content) in order."""
-    digest = hashlib.sha256(f"keyseal-keyring-cache/{FORMAT}/{__version__}\n".encode())
+    digest = digests.new("sha256", f"keyseal-keyring-cache/{FORMAT}/{__version__}\n".encode())
     for name, content in files:
-        digest.update(hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest())
-        digest.update(hashlib.sha256(content).digest())
+        digest.update(digests.sha256(name.encode("utf-8", "surrogateescape")))
+        digest.update(digests.sha256(content))
     return digest.hexdigest()
 
 
@@ -66,7 +66,7 @@ def store(path: str | os.PathLike[str], key: str, certificates: list[Certificate
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def _encode(cert: Certificate) -> dict[str, Any]:
@@ -88,7 +88,7 @@ def _certificate(item: dict[str, Any]) -> Certificate:
 
     def key(text: str) -> KeyPacket:
         if text not in parsed:
-            parsed[text] = parse_key_packet(base64.b64decode(text, validate=True))
+            parsed[text] = parse_key_packet(_b64decode(text))
         return parsed[text]
 
     user_ids = item["user_ids"]
@@ -99,12 +99,19 @@ def _certificate(item: dict[str, Any]) -> Certificate:
         user_ids=user_ids,
         signing_keys=[SigningKey(key(entry["key"]), _time(entry["expires"]), _time(entry["revoked_at"]))
                       for entry in item["signing_keys"]],
-        binary=base64.b64decode(item["binary"], validate=True),
+        binary=_b64decode(item["binary"]),
         revoked=bool(item["revoked"]),
         expires=_time(item["expires"]),
         subkeys=[key(text) for text in item["subkeys"]],
         hash_preferences=tuple(_hash_id(value) for value in item["hash_preferences"]),
     )
+
+
+def _b64decode(text: str) -> bytes:
+    """base64.b64decode(text, validate=True), without importing base64."""
+    if not isinstance(text, str):
+        raise TypeError("base64 text")
+    return binascii.a2b_base64(text, strict_mode=True)
 
 
 def _hash_id(value: object) -> int:

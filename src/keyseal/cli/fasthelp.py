@@ -44,28 +44,59 @@ def help_width() -> int:
     return max(min(columns, _MAX_WIDTH) - 2, 50)
 
 
+def _is_word(char: str) -> bool:
+    """`\\w`: a letter, digit or underscore."""
+    return char.isalnum() or char == "_"
+
+
 def _is_letter(char: str) -> bool:
     """`[^\\d\\W]` in textwrap's expressions: a word character that is not a digit."""
-    return (char.isalnum() or char == "_") and not char.isdigit()
+    return _is_word(char) and not char.isdigit()
+
+
+def _is_word_punct(char: str) -> bool:
+    return _is_word(char) or char in "!\"'&.,?"
+
+
+def _letter_at(word: str, index: int) -> bool:
+    return 0 <= index < len(word) and _is_letter(word[index])
+
+
+def _dashes_then_word(word: str, index: int) -> int:
+    """The length of a run of two or more hyphens at `index` followed by a word character (an em-dash), else 0."""
+    end = index
+    while end < len(word) and word[end] == "-":
+        end += 1
+    return end - index if end - index >= 2 and end < len(word) and _is_word(word[end]) else 0
 
 
 def _split_word(word: str) -> list[str]:
-    """A word cut after each hyphen that textwrap breaks at: one preceded by two letters (or letter, hyphen,
-    letter) and followed by a letter, an optional hyphen and a letter."""
+    """A word cut into textwrap's chunks (its `wordsep_re`, within one word): after a hyphen preceded by two
+    letters (or letter, hyphen, letter) and followed by a letter, an optional hyphen and a letter; and around an
+    em-dash (two or more hyphens) between word characters."""
+    if "-" not in word:
+        return [word]
     pieces: list[str] = []
     start = 0
-    for index in range(1, len(word) - 2 + 1):
-        if word[index] != "-" or index - start < 1:
+    while start < len(word):
+        if start > 0 and _is_word_punct(word[start - 1]) and (dashes := _dashes_then_word(word, start)):
+            pieces.append(word[start:start + dashes])
+            start += dashes
             continue
-        before = (index >= 2 and _is_letter(word[index - 1]) and _is_letter(word[index - 2])) or (
-            index >= 3 and _is_letter(word[index - 1]) and word[index - 2] == "-" and _is_letter(word[index - 3]))
-        after = index + 1 < len(word) and _is_letter(word[index + 1]) and (
-            (index + 2 < len(word) and _is_letter(word[index + 2]))
-            or (index + 3 < len(word) and word[index + 2] == "-" and _is_letter(word[index + 3])))
-        if before and after:
-            pieces.append(word[start:index + 1])
-            start = index + 1
-    pieces.append(word[start:])
+        end = start + 1
+        while end < len(word):
+            if word[end] == "-" and (
+                    (_letter_at(word, end - 2) and _letter_at(word, end - 1))
+                    or (_letter_at(word, end - 3) and word[end - 2] == "-" and _letter_at(word, end - 1))) and (
+                    _letter_at(word, end + 1) and (_letter_at(word, end + 2) or (
+                        end + 2 < len(word) and word[end + 2] == "-" and _letter_at(word, end + 3)))):
+                end += 1  # the hyphen ends this chunk
+                break
+            if _is_word_punct(word[end - 1]) and _dashes_then_word(word, end):
+                break
+            end += 1
+        pieces.append(word[start:end])
+        start = end
     return pieces
 
 

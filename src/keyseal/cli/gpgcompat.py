@@ -404,7 +404,15 @@ def main(argv: list[str] | None = None) -> NoReturn:
     try:
         args = parse_arguments(sys.argv[1:] if argv is None else argv)
         status = Status(args.status_fd)
-        code = run(args, status)
+        if "verify" in args.modes:
+            # git starts one per commit under `log --show-signature`: a short-lived process, never a signer
+            # (whose backend may hold sessions that must be closed), see keyseal.cli.shortlived.
+            from keyseal.cli.shortlived import ShortLived
+
+            with ShortLived():
+                code = run(args, status)
+        else:
+            code = run(args, status)
     except KeysealError as exc:
         sys.stderr.write(f"keyseal: error: {exc.message}\n")
         code = 1 if exc.exit_code == 1 else 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
+from keyseal.cli.shortlived import ShortLived
 from keyseal.errors import InputError, KeysealError, OutputExistsError, UsageError, VerificationError, unexpected
 from keyseal.pathtext import name_of, path_text
 
@@ -280,13 +281,15 @@ def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of `keyseal`."""
     args = sys.argv[1:] if argv is None else argv
     if args in (["--help"], ["-h"]):
-        run_guarded(_print_group_help)
+        with ShortLived():
+            run_guarded(_print_group_help)
     if args[:1] == ["verify"]:
         parsed = parse_verify(args[1:])
         if parsed is not None:
             signature = parsed.positional[1] if len(parsed.positional) == 2 else None
-            run_guarded(lambda: verify_openpgp(tuple(parsed.certs), parsed.positional[0], signature,
-                                               parsed.threshold))
+            with ShortLived():
+                run_guarded(lambda: verify_openpgp(tuple(parsed.certs), parsed.positional[0], signature,
+                                                   parsed.threshold))
     from keyseal.cli.main import main as full_main
 
     full_main(argv)

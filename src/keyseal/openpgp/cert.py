@@ -46,6 +46,7 @@ from keyseal.openpgp.signature import (
     creation_subpackets,
     make_signature,
     new_hasher,
+    new_message_hasher,
     parse_signature,
 )
 from keyseal.record import Record
@@ -54,14 +55,14 @@ if TYPE_CHECKING:
     from keyseal.signer import HashName, PublicKey, Signer
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_EMAIL = re.compile(rf"^[^\s@<>()\[\],;:\"]+@{_LABEL}(?:\.{_LABEL})+$")
+_EMAIL = rf"^[^\s@<>()\[\],;:\"]+@{_LABEL}(?:\.{_LABEL})+$"  # compiled on first use (re's cache), not at import
 # Revocation reasons after which signatures made before the revocation stay valid (superseded, retired).
 _SOFT_REVOCATION_REASONS = frozenset({1, 3})
 
 
 def user_id_for(name: str, email: str) -> str:
     """`Name <email>`, refusing values that would make an ambiguous or multi-line user ID."""
-    if not _EMAIL.match(email):
+    if not re.match(_EMAIL, email):
         raise UsageError(f"invalid email address {email!r}")
     if not name.strip() or any(ch in name for ch in "<>\r\n\0"):
         raise UsageError("invalid name: it must be non-empty and contain no '<', '>' or line breaks")
@@ -211,7 +212,7 @@ def _self_signed(sig: SignaturePacket, signer: KeyPacket, prefix: bytes) -> bool
     if sig.created is None or sig.created < signer.created or sig.unknown_critical():
         return False
     try:
-        hasher = new_hasher(sig.hash_id)
+        hasher = new_message_hasher(sig.hash_id)
     except OpenPGPError:
         return False
     hasher.update(prefix + sig.trailer())

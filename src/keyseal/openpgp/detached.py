@@ -8,13 +8,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from keyseal.errors import OpenPGPError, UsageError
 from keyseal.openpgp.cert import Certificate, merge_certificates
 from keyseal.openpgp.packets import TAG_SIGNATURE, encode_packet
-from keyseal.openpgp.signature import Hasher, SignaturePacket, check_signature_math
+from keyseal.openpgp.signature import SignaturePacket, check_signature_math
 from keyseal.openpgp.stream import hash_file
 from keyseal.openpgp.verify import issuer_keys, parse_detached, revocation_problem
+
+if TYPE_CHECKING:
+    from keyseal.openpgp.signature import Hasher
 
 __all__ = ["KnownCertificates", "check_signatures_over", "encode_signatures", "merge_signatures", "revoked_signer"]
 

@@ -6,11 +6,11 @@ loads neither the EC nor the RSA module): `keyseal-gpg --verify` runs once per c
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from typing import TYPE_CHECKING
 
 from keyseal.errors import OpenPGPError, UnsupportedKeyError
+from keyseal.openpgp import digests
 from keyseal.openpgp.packets import Reader, encode_mpi
 from keyseal.record import Frozen
 
@@ -83,7 +83,7 @@ def _ed25519_raw(public_key: ed25519.Ed25519PublicKey) -> bytes:
 
 def fingerprint_of(body: bytes) -> bytes:
     """The v4 fingerprint: SHA-1 over 0x99, a two-octet length and the key packet body."""
-    return hashlib.sha1(b"\x99" + struct.pack(">H", len(body)) + body, usedforsecurity=False).digest()
+    return digests.sha1(b"\x99" + struct.pack(">H", len(body)) + body)
 
 
 class KeyPacket(Frozen):

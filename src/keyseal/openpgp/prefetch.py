@@ -7,7 +7,6 @@ hash releases the GIL), verification costs about as much as hashing alone. This 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from typing import TYPE_CHECKING, Any
@@ -44,11 +43,12 @@ class PrefetchedHashes:
 
     def __init__(self, path: str | Path, hash_ids: set[int]) -> None:
         self.path = path
-        self.hashers: dict[int, Any] = {i: hashlib.new(hashids.ACCEPTED[i]) for i in hash_ids}
         self.error: KeysealError | None = None
         self._thread: threading.Thread | None = None
         self._fed = False
-        if self.hashers and not _small_file(path):
+        small = _small_file(path)
+        self.hashers: dict[int, Any] = {i: _hasher(hashids.ACCEPTED[i], small) for i in hash_ids}
+        if self.hashers and not small:
             import threading
 
             self._thread = threading.Thread(target=self._run, name="keyseal-prefetch", daemon=True)
@@ -77,6 +77,18 @@ class PrefetchedHashes:
 
             self.hashers.update(hash_file(self.path, missing))
         return {i: self.hashers[i] for i in hash_ids}
+
+
+def _hasher(name: str, small: bool) -> Any:
+    """A small file is hashed through the OpenSSL that `cryptography` loads anyway (keyseal.openpgp.digests);
+    a large one through hashlib, in a thread beside the verifier's start-up."""
+    if small:
+        from keyseal.openpgp import digests
+
+        return digests.new(name)
+    import hashlib
+
+    return hashlib.new(name)
 
 
 def _small_file(path: str | Path) -> bool:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import struct
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from keyseal.errors import OpenPGPError, UnsupportedKeyError
-from keyseal.openpgp import hashids
+from keyseal.openpgp import digests, hashids
 from keyseal.openpgp.keys import (
     ALGO_ECDSA,
     ALGO_ED25519,
@@ -21,6 +20,8 @@ from keyseal.openpgp.packets import Reader, Subpacket, encode_mpi, encode_subpac
 from keyseal.record import Frozen
 
 if TYPE_CHECKING:
+    from typing import Protocol
+
     from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
     from keyseal.signer import HashName, PublicKey, Signer
@@ -77,20 +78,35 @@ _KNOWN_SUBPACKETS = frozenset(
 )
 
 
-class Hasher(Protocol):
-    def update(self, data: bytes, /) -> None: ...
-    def digest(self) -> bytes: ...
-    def copy(self) -> Any: ...
+if TYPE_CHECKING:  # a type only: building a Protocol class costs start-up time on the verification paths
+    class Hasher(Protocol):
+        def update(self, data: bytes, /) -> None: ...
+        def digest(self) -> bytes: ...
+        def copy(self) -> Any: ...
 
 
-def new_hasher(hash_id: int) -> Hasher:
-    """A hashlib object for an accepted OpenPGP hash algorithm ID; weak or unknown IDs are refused."""
+def accepted_hash(hash_id: int) -> str:
+    """The hashlib name of an accepted OpenPGP hash algorithm ID; weak or unknown IDs are refused."""
     if hash_id in _REJECTED_HASHES:
         raise OpenPGPError(f"signature uses {_REJECTED_HASHES[hash_id]}, which keyseal rejects as too weak")
     accepted = _ACCEPTED_HASHES.get(hash_id)
     if accepted is None:
         raise OpenPGPError(f"signature uses unsupported hash algorithm {hash_id}")
-    return hashlib.new(accepted)
+    return accepted
+
+
+def new_hasher(hash_id: int) -> Hasher:
+    """A hashlib object for an accepted OpenPGP hash algorithm ID (for a stream or a file of any size); weak or
+    unknown IDs are refused."""
+    import hashlib  # not at import: the verification paths hash through keyseal.openpgp.digests
+
+    return hashlib.new(accepted_hash(hash_id))
+
+
+def new_message_hasher(hash_id: int) -> Hasher:
+    """`new_hasher` for data held in memory (a certificate's packets, a commit, a small file), through the
+    OpenSSL that `cryptography` already loaded (keyseal.openpgp.digests)."""
+    return digests.new(accepted_hash(hash_id))
 
 
 def hash_name_of(hash_id: int) -> str:

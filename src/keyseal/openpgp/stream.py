@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, BinaryIO
 
 from keyseal.filehash import feed_file, feed_stream
-from keyseal.openpgp.signature import Hasher, new_hasher
+from keyseal.openpgp.signature import new_hasher
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
     from pathlib import Path
+
+    from keyseal.openpgp.signature import Hasher
 
 
 def hash_stream(stream: BinaryIO, hash_ids: Iterable[int]) -> dict[int, Hasher]:

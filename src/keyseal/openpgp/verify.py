@@ -19,10 +19,10 @@ from keyseal.openpgp.packets import TAG_MARKER, TAG_PUBLIC_KEY, TAG_SECRET_KEY, 
 from keyseal.openpgp.signature import (
     SIG_BINARY,
     SIG_TEXT,
-    Hasher,
     SignaturePacket,
+    accepted_hash,
     check_signature_math,
-    new_hasher,
+    new_message_hasher,
     parse_signature,
 )
 from keyseal.record import Frozen
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from keyseal.openpgp.cleartext import CleartextMessage
     from keyseal.openpgp.prefetch import PrefetchedHashes
+    from keyseal.openpgp.signature import Hasher
 
 MIN_RSA_BITS = 2048
 
@@ -120,7 +121,7 @@ def verify_threshold_bytes(certificates: list[Certificate], data: bytes, signatu
 
 
 def _hash_bytes(data: bytes, ids: list[int]) -> dict[int, Hasher]:
-    hashers = {hash_id: new_hasher(hash_id) for hash_id in set(ids)}
+    hashers = {hash_id: new_message_hasher(hash_id) for hash_id in set(ids)}
     for hasher in hashers.values():
         hasher.update(data)
     return hashers
@@ -162,7 +163,7 @@ def _verify(certificates: list[Certificate], hash_data: Callable[[list[int]], di
     reasons: list[str] = []
     for sig in signatures:
         try:
-            new_hasher(sig.hash_id)
+            accepted_hash(sig.hash_id)
         except OpenPGPError as exc:
             reasons.append(exc.message)
             continue
