@@ -231,7 +231,7 @@ def test_keyseal_gpg_verify_imports_only_the_verifier(signed: dict[str, Path], t
                              "keyseal.backends", "keyseal.wrapping", "dataclasses")) == []
     modules, output = imported_by("keyseal.cli.gpgcompat:main", *args)
     assert "[GNUPG:] GOODSIG" in output, output
-    assert forbidden(modules, (*FORBIDDEN_ON_VERIFY, *FORBIDDEN_FOR_ED25519, "threading", "mmap")) == []
+    assert forbidden(modules, (*FORBIDDEN_ON_VERIFY, *FORBIDDEN_FOR_ED25519, "threading", "mmap", "json")) == []
 
 
 def test_pathtext_spells_paths_as_pathlib() -> None:

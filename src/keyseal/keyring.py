@@ -199,7 +199,7 @@ def keyring_cache_path() -> Path:
 def _cache_text() -> str:
     from keyseal.pathtext import join
 
-    return join(join(home_text(), "cache"), "keyring.json")
+    return join(join(home_text(), "cache"), "keyring.cache")
 
 
 def add_certificate(data: bytes, source: str) -> Certificate:
