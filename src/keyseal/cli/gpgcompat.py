@@ -311,7 +311,7 @@ def run_sign(args: Arguments, status: Status) -> int:
 def run_verify(args: Arguments, status: Status) -> int:
     from keyseal import gitsign
     from keyseal.inputfile import read_input
-    from keyseal.openpgp.cleartext import is_cleartext
+    from keyseal.openpgp.armor import is_cleartext
     from keyseal.pathtext import path_text
 
     if args.keyrings:

@@ -184,7 +184,7 @@ def _text_mode(certs: tuple[str, ...], file: str, signature_data: bytes,
 
 
 def _starts_cleartext(file: str) -> bool:
-    from keyseal.openpgp.cleartext import is_cleartext
+    from keyseal.openpgp.armor import is_cleartext
 
     try:
         with open(file, "rb") as handle:

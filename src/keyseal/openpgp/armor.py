@@ -8,6 +8,7 @@ from keyseal.errors import OpenPGPError
 
 KIND_SIGNATURE = "SIGNATURE"
 KIND_PUBLIC_KEY = "PUBLIC KEY BLOCK"
+BEGIN_MESSAGE = b"-----BEGIN PGP SIGNED MESSAGE-----"  # a cleartext signed message (keyseal.openpgp.cleartext)
 
 _CRC24_INIT = 0xB704CE
 _CRC24_POLY = 0x1864CFB
@@ -36,6 +37,13 @@ def armor(data: bytes, kind: str) -> bytes:
     lines.append("=" + _b64encode(crc24(data).to_bytes(3, "big")))
     lines.append(f"-----END PGP {kind}-----")
     return ("\n".join(lines) + "\n").encode("ascii")
+
+
+def is_cleartext(data: bytes) -> bool:
+    """Whether `data` starts as a cleartext signed message does. Here rather than in keyseal.openpgp.cleartext
+    (which uses it) so that telling a detached signature from a cleartext message, as `keyseal-gpg --verify` does
+    once per commit, loads nothing more."""
+    return data.lstrip(b"\r\n\t ")[: len(BEGIN_MESSAGE)] == BEGIN_MESSAGE
 
 
 def is_armored(data: bytes) -> bool:

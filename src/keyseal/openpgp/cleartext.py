@@ -19,9 +19,9 @@ Kept free of heavy imports: `keyseal-gpg` and `keyseal verify` load it before an
 from __future__ import annotations
 
 from keyseal.errors import OpenPGPError
+from keyseal.openpgp.armor import BEGIN_MESSAGE, is_cleartext
 from keyseal.record import Frozen
 
-BEGIN_MESSAGE = b"-----BEGIN PGP SIGNED MESSAGE-----"
 BEGIN_SIGNATURE = b"-----BEGIN PGP SIGNATURE-----"
 HASH_HEADER_NAMES = {"sha224": "SHA224", "sha256": "SHA256", "sha384": "SHA384", "sha512": "SHA512"}
 _HEADER_HASHES = {value: key for key, value in HASH_HEADER_NAMES.items()}
@@ -64,10 +64,6 @@ def render_cleartext(text: bytes, hash_name: str, signature_armor: bytes) -> byt
     body = b"".join(dash_escape(line) + b"\n" for line in _lines(text))
     header = BEGIN_MESSAGE + b"\nHash: " + HASH_HEADER_NAMES[hash_name].encode("ascii") + b"\n\n"
     return header + body + signature_armor
-
-
-def is_cleartext(data: bytes) -> bool:
-    return data.lstrip(b"\r\n\t ")[: len(BEGIN_MESSAGE)] == BEGIN_MESSAGE
 
 
 class CleartextMessage(Frozen):
