@@ -234,6 +234,25 @@ def test_keyseal_gpg_verify_imports_only_the_verifier(signed: dict[str, Path], t
     assert forbidden(modules, (*FORBIDDEN_ON_VERIFY, *FORBIDDEN_FOR_ED25519, "threading", "mmap", "json")) == []
 
 
+def test_keyseal_ssh_keygen_becomes_ssh_keygen_having_loaded_nothing() -> None:
+    """git runs `keyseal-ssh-keygen -Y verify` (or find-principals) once per commit for SSH signatures; all it does
+    is become OpenSSH's ssh-keygen, so it loads nothing first (tests/test_git_signing.py verifies through it)."""
+    probe = ("import os, sys\n"
+             "def execv(program, argv):\n"
+             "    print('EXEC', program, *argv[1:])\n"
+             "    print('MODULES', *sorted(sys.modules))\n"
+             "    sys.exit(0)\n"
+             "os.execv = execv\n"
+             "from keyseal.cli.sshcompat import main\n"
+             "main(['-Y', 'verify', '-n', 'git', '-I', 'me', '-s', 'sig'])\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False,
+                            env={**os.environ, "KEYSEAL_SSH_KEYGEN": "/usr/bin/ssh-keygen"})
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert lines["EXEC"] == "/usr/bin/ssh-keygen -Y verify -n git -I me -s sig", result.stderr
+    modules = set(lines["MODULES"].split())
+    assert forbidden(modules, (*FORBIDDEN_ON_HELP, *FORBIDDEN_ON_VERIFY, "keyseal.formats", "shutil")) == []
+
+
 def test_pathtext_spells_paths_as_pathlib() -> None:
     cases = ["", ".", "./", "..", "/", "//", "///", "a", "a/", "a//b", "/a/./b/", "//a", "///a/b", "a/../b",
              "./a/.", "~", "a b/c", ".asc", "a/.", "/./", "//./a/", "a/b/c/"]

@@ -12,25 +12,31 @@ when it is not on PATH.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import NoReturn
 
 from keyseal.errors import InputError, KeyMismatchError, KeysealError, UsageError, unexpected
+
+# Not `typing.TYPE_CHECKING`: git runs `-Y verify` through this program once per commit, and all it does then is
+# become ssh-keygen, so it imports nothing it does not need (no typing, dataclasses, pathlib or shutil).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 PROG = "keyseal-ssh-keygen"
 _WITH_VALUE = frozenset("YnfOIsr")
 _FLAGS = frozenset("Uqv")
 
 
-@dataclass
 class Arguments:
-    options: dict[str, str] = field(default_factory=dict)
-    hash_options: list[str] = field(default_factory=list)
-    flags: set[str] = field(default_factory=set)
-    files: list[str] = field(default_factory=list)
+    """What `-Y sign`'s command line asked for."""
+
+    __slots__ = ("files", "flags", "hash_options", "options")
+
+    def __init__(self) -> None:
+        self.options: dict[str, str] = {}
+        self.hash_options: list[str] = []
+        self.flags: set[str] = set()
+        self.files: list[str] = []
 
 
 def parse_arguments(argv: list[str]) -> Arguments:
@@ -83,15 +89,22 @@ def real_ssh_keygen() -> str:
         return named
     own = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
-        candidate = shutil.which("ssh-keygen", path=directory or ".")
-        if candidate and os.path.realpath(candidate) != own:
+        candidate = os.path.join(directory or ".", "ssh-keygen")
+        if _executable(candidate) and os.path.realpath(candidate) != own:
             return candidate
     raise UsageError("ssh-keygen was not found: install OpenSSH (Debian: openssh-client) to verify SSH signatures, "
                      "or set KEYSEAL_SSH_KEYGEN; keyseal-ssh-keygen itself only signs")
 
 
+def _executable(path: str) -> bool:
+    """What shutil.which accepts on POSIX: an existing, executable path that is not a directory."""
+    return os.path.exists(path) and os.access(path, os.X_OK) and not os.path.isdir(path)
+
+
 def resolve_key(reference: str) -> tuple[str, str | None]:
     """(key URI, expected SSH fingerprint) for `-f`: a public key file registered in the key map, or a URI."""
+    from pathlib import Path
+
     from keyseal.formats import ssh
     from keyseal.keyring import is_key_uri, keys_path, uri_for_ssh
 
@@ -128,6 +141,7 @@ def _hash_option(values: list[str]) -> str:
 
 def run_sign(args: Arguments) -> int:
     import hashlib
+    from pathlib import Path
 
     from keyseal import audit
     from keyseal.atomic import write_atomic
