@@ -7,10 +7,13 @@ rounds (medians):
 - `keyseal verify` of a 1 KB file (Ed25519) against `python -c pass` with the same interpreter (target <= 3x)
   and against `sqv`;
 - `keyseal --help` against `python -c pass` (target <= 3x);
-- `python -X importtime` for each short path: the total, and the biggest imports by their own time.
+- `python -X importtime` for each short path: the total, and the biggest imports by their own time;
+- with `--instructions` (needs valgrind): the instructions each short command executes (callgrind), against
+  `python -c pass`. Unlike times, these repeat to a fraction of a percent on a busy machine, so they compare
+  one change with the next.
 
 Everything runs in a temporary directory with its own KEYSEAL_HOME, HOME and GNUPGHOME: nothing is written to the
-user's files. Usage: python benchmarks/startup.py [--commits 200] [--rounds 5]
+user's files. Usage: python benchmarks/startup.py [--commits 200] [--rounds 5] [--instructions]
 """
 
 from __future__ import annotations
@@ -79,6 +82,17 @@ def setup(work: Path, commits: int) -> tuple[dict[str, str], Path, Path, Path]:
     return env, repo, cert, data
 
 
+def instructions(command: Sequence[str | os.PathLike[str]], env: dict[str, str], stdin: Path | None = None) -> int:
+    """Instructions the command executes (callgrind's total: the interpreter, its libraries, everything)."""
+    with open(stdin or os.devnull, "rb") as source:
+        result = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                                 *map(str, command)], env=env, stdin=source, capture_output=True, check=False)
+    match = re.search(rb"Collected : (\d+)", result.stderr)
+    if result.returncode != 0 or match is None:
+        raise SystemExit(f"{command[0]} under callgrind failed: {result.stderr.decode(errors='replace')[-400:]}")
+    return int(match.group(1))
+
+
 def import_profile(args: Sequence[str | os.PathLike[str]], env: dict[str, str]) -> tuple[float, list[str]]:
     """Total import time (ms) of one run, and its five biggest imports by own time."""
     result = run([sys.executable, "-X", "importtime", *map(str, args)], env, check=False)
@@ -97,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--commits", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--instructions", action="store_true", help="also count instructions (valgrind)")
     options = parser.parse_args()
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="keyseal-startup-") as tmp:
@@ -146,14 +161,32 @@ def main() -> None:
         print("|---|---|---|")
         paths: dict[str, list[str | os.PathLike[str]]] = {
             "python -c pass": ["-c", "pass"],
-            "keyseal verify": ["-m", "keyseal", "verify", "--cert", cert, data, sig],
-            "keyseal --help": ["-m", "keyseal", "--help"],
-            "keyseal-gpg --verify": ["-c", "from keyseal._internal.cli.gpgcompat import main; main()", "--status-fd=1",
-                                     "--verify", sig, data],
+            # as the console scripts start (`-m keyseal` would add runpy's imports)
+            "keyseal verify": ["-c", "from keyseal._internal.cli.quick import main; main()", "verify", "--cert", cert,
+                               data, sig],
+            "keyseal --help": ["-c", "from keyseal._internal.cli.quick import main; main()", "--help"],
+            "keyseal-gpg --verify": ["-c", "from keyseal._internal.cli.gpgcompat import main; main()",
+                                     "--keyid-format=long", "--status-fd=1", "--verify", sig, data],
         }
         for name, args in paths.items():
             total, top = import_profile(args, env)
             print(f"| {name} | {total:.1f} | {', '.join(top)} |")
+        if options.instructions:
+            # keyseal-gpg as git runs it per commit: the signature in a file, the data on standard input.
+            counted: dict[str, tuple[list[str | os.PathLike[str]], Path | None]] = {
+                "python -c pass": ([sys.executable, "-c", "pass"], None),
+                "keyseal verify 1 KB": ([BIN / "keyseal", "verify", "--cert", cert, data, sig], None),
+                "keyseal --help": ([BIN / "keyseal", "--help"], None),
+                "keyseal-gpg --verify (as git runs it)": ([BIN / "keyseal-gpg", "--keyid-format=long",
+                                                           "--status-fd=1", "--verify", sig, "-"], data),
+                "gpg --verify (as git runs it)": (["gpg", "--keyid-format=long", "--status-fd=1", "--verify", sig,
+                                                   "-"], data),
+            }
+            counts = {name: instructions(command, env, stdin) for name, (command, stdin) in counted.items()}
+            print("\n| command | instructions (callgrind) | ratio to python -c pass |")
+            print("|---|---|---|")
+            for name, count in counts.items():
+                print(f"| {name} | {count / 1e6:.1f} M | {count / counts['python -c pass']:.2f} |")
         shutil.rmtree(work / "repo", ignore_errors=True)
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

@@ -4,7 +4,6 @@ rebuilt; and keyseal-gpg --verify, as git runs it, gives the same verdicts with 
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -81,27 +80,39 @@ def test_changed_added_and_removed_files_are_seen_at_once(home: Path, keys: dict
     assert now_a.revoked and all(entry.revoked_at == 0 for entry in now_a.signing_keys)
 
 
+def key_field(cert_key: bytes) -> bytes:
+    """A key packet as the cache holds it: its length (4 octets) and body."""
+    return len(cert_key).to_bytes(4, "big") + cert_key
+
+
 @pytest.mark.parametrize("corruption", [
-    b"", b"not json", b"[]", b'{"key": 1}', b"\xff\xfe", "garbage-key", "bad-base64", "wrong-types",
+    b"", b"not a cache", b"[]", b'{"key": 1}', b"\xff\xfe", "garbage-key", "truncated", "trailing", "bad-length",
+    "bad-flag", "bad-utf8", "old-json",
 ])
 def test_a_corrupt_cache_is_ignored_and_rebuilt(home: Path, keys: dict[str, ReleaseKey],
                                                corruption: bytes | str) -> None:
     keyring.add_certificate(keys["a"].cert.read_bytes(), "a")
     expected = keyring.keyring_certificates()
     path = keyring.keyring_cache_path()
-    document = json.loads(path.read_bytes())
-    if corruption == "garbage-key":
-        document["key"] = "0" * 64
-        path.write_text(json.dumps(document))
-    elif corruption == "bad-base64":
-        document["certificates"][0]["primary"] = "@@@"
-        path.write_text(json.dumps(document))
-    elif corruption == "wrong-types":
-        document["certificates"][0]["signing_keys"][0]["expires"] = "never"
-        path.write_text(json.dumps(document))
-    else:
-        assert isinstance(corruption, bytes)
-        path.write_bytes(corruption)
+    document = path.read_bytes()
+    head = keyring_cache.MAGIC + current_key().encode() + b"\n"
+    assert document.startswith(head) and keyring_cache.load(path, current_key()) == expected
+    primary = key_field(expected[0].primary.body)
+    uid = expected[0].user_ids[0].encode()
+    after_uid = document.index(uid) + len(uid) + 4  # the user ID, then the count of signing keys
+    after_key = document.index(primary, document.index(primary) + 1) + len(primary)  # the signing key's entry
+    corrupted = {
+        "garbage-key": keyring_cache.MAGIC + b"0" * 64 + b"\n" + document[len(head):],
+        "truncated": document[:-1],
+        "trailing": document + b"\x00",
+        "bad-length": document.replace(primary, (len(document) * 2).to_bytes(4, "big") + primary[4:], 1),
+        "bad-flag": document[:after_key] + b"\x07" + document[after_key + 1:],  # its expiry: neither 0 nor 1
+        "bad-utf8": document.replace(uid, b"\xff" + uid[1:], 1),
+        "old-json": b'{"key": "' + current_key().encode() + b'", "certificates": []}',
+    }.get(corruption, corruption)
+    assert isinstance(corrupted, bytes) and after_uid < after_key
+    path.write_bytes(corrupted)
+    assert keyring_cache.load(path, current_key()) is None
     assert keyring.keyring_certificates() == expected
     assert keyring_cache.load(path, current_key()) == expected  # rebuilt
 
@@ -111,10 +122,11 @@ def test_cached_key_packets_are_parsed_not_trusted_blindly(home: Path, keys: dic
     keyring.add_certificate(keys["a"].cert.read_bytes(), "a")
     expected = keyring.keyring_certificates()
     path = keyring.keyring_cache_path()
-    document = json.loads(path.read_bytes())
-    document["certificates"][0]["primary"] = "BAAAAA=="  # version 4, then nothing
-    path.write_text(json.dumps(document))
-    assert keyring_cache.load(path, document["key"]) is None
+    primary = key_field(expected[0].primary.body)
+    document = path.read_bytes()
+    assert primary in document
+    path.write_bytes(document.replace(primary, key_field(b"\x04\x00\x00\x00\x00"), 1))  # version 4, then nothing
+    assert keyring_cache.load(path, current_key()) is None
     assert keyring.keyring_certificates() == expected
     assert keyring_cache.load(path, current_key()) == expected
 

@@ -237,8 +237,7 @@ def verify_file(file: str | os.PathLike[str], signature: str | os.PathLike[str] 
 
     if threshold < 1:
         raise UsageError(f"threshold must be 1 or more, not {threshold}")
-    results = verify_detached(_sources(certificates), Path(file), Path(signature) if signature is not None else None,
-                              threshold)
+    results = verify_detached(_sources(certificates), file, signature, threshold)
     return Verification(tuple(GoodSignature(r.fingerprint, r.key_fingerprint, r.created, r.hash_name,
                                             r.certificate.user_ids[0] if r.certificate.user_ids else "")
                               for r in results))

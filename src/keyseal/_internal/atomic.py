@@ -43,8 +43,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, force: bool = Tr
         else:
             try:
                 os.link(tmp, path)
-            except FileExistsError:
-                raise OutputExistsError(f"{path} exists: refusing to overwrite it (use --force)") from None
+            except FileExistsError as exc:
+                raise OutputExistsError(f"{path} exists: refusing to overwrite it (use --force)") from exc
             tmp.unlink()
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -14,9 +14,9 @@ def env_number(name: str, default: float, *, integer: bool, minimum: float) -> f
         return default
     try:
         value = int(raw) if integer else float(raw)
-    except ValueError:
+    except ValueError as exc:
         kind = "a whole number" if integer else "a number of seconds"
-        raise UsageError(f"{name}={raw!r} is not {kind}: unset it or set e.g. {name}={default:g}") from None
+        raise UsageError(f"{name}={raw!r} is not {kind}: unset it or set e.g. {name}={default:g}") from exc
     if value < minimum:
         raise UsageError(f"{name}={raw!r} must be at least {minimum:g}")
     return value

@@ -5,14 +5,16 @@ One reader for every format keyseal signs or checks (OpenPGP, checksum manifests
 
 from __future__ import annotations
 
-import mmap
 import os
 import stat
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO
 
 from keyseal.errors import InputError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Protocol
 
 CHUNK = 1 << 20
 WINDOW = 64 << 20  # a regular file is hashed through mappings of at most this size, one at a time
@@ -23,8 +25,9 @@ STEP = 8 << 20  # while a progress bar is shown, it advances after each STEP byt
 on_bytes: Callable[[int], None] | None = None
 
 
-class Updatable(Protocol):
-    def update(self, data: bytes, /) -> None: ...
+if TYPE_CHECKING:  # a type only: building a Protocol class costs start-up time on the verification paths
+    class Updatable(Protocol):
+        def update(self, data: bytes, /) -> None: ...
 
 
 def feed_stream(stream: BinaryIO, targets: Sequence[Updatable]) -> None:
@@ -42,6 +45,8 @@ def feed_stream(stream: BinaryIO, targets: Sequence[Updatable]) -> None:
 def feed_mapped(fd: int, size: int, targets: Sequence[Updatable]) -> None:
     """Feed a regular file through read-only mappings of WINDOW bytes at a time: no copy into a buffer (about a
     third faster than reading for large releases here), and never more than one window resident."""
+    import mmap  # not at import: a small file is read (short commands hash small files, and start-up counts)
+
     for offset in range(0, size, WINDOW):
         with mmap.mmap(fd, min(WINDOW, size - offset), offset=offset, access=mmap.ACCESS_READ) as window:
             window.madvise(mmap.MADV_SEQUENTIAL)
@@ -61,18 +66,19 @@ def feed_mapped(fd: int, size: int, targets: Sequence[Updatable]) -> None:
                 view.release()
 
 
-def feed_file(path: Path, targets: Sequence[Updatable]) -> None:
-    """Feed every byte of a file to each target; a missing or unreadable file is one clear error."""
+def feed_file(path: str | Path, targets: Sequence[Updatable]) -> None:
+    """Feed every byte of a file to each target; a missing or unreadable file is one clear error. A regular file
+    larger than one buffer is mapped, anything else read."""
     try:
-        with path.open("rb", buffering=0) as stream:
+        with open(path, "rb", buffering=0) as stream:
             info = os.fstat(stream.fileno())
-            if stat.S_ISREG(info.st_mode) and info.st_size > 0:
+            if stat.S_ISREG(info.st_mode) and info.st_size > CHUNK:
                 feed_mapped(stream.fileno(), info.st_size, targets)
             else:
                 feed_stream(stream, targets)
-    except FileNotFoundError:
-        raise InputError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise InputError(f"{path} is a directory, not a file") from None
+    except FileNotFoundError as exc:
+        raise InputError(f"{path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise InputError(f"{path} is a directory, not a file") from exc
     except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+        raise InputError(f"cannot read {path}: {exc.strerror}") from exc

@@ -4,9 +4,12 @@ keyring, audit log). A module of its own so that reading the keyring imports not
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["DEFAULT_HOME", "HOME_ENV", "keyseal_home"]
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = ["DEFAULT_HOME", "HOME_ENV", "home_text", "keyseal_home"]
 
 HOME_ENV = "KEYSEAL_HOME"
 DEFAULT_HOME = "~/.config/keyseal"
@@ -14,4 +17,17 @@ DEFAULT_HOME = "~/.config/keyseal"
 
 def keyseal_home() -> Path:
     """Per-user keyseal state: `$KEYSEAL_HOME`, by default ~/.config/keyseal."""
-    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser()
+    from pathlib import Path
+
+    return Path(home_text())
+
+
+def home_text() -> str:
+    """`keyseal_home()` as text, for the paths that `keyseal-gpg --verify` reads without importing pathlib (git
+    runs it once per commit): the same directory, spelt as pathlib spells it."""
+    from keyseal._internal.pathtext import path_text
+
+    home = os.path.expanduser(os.environ.get(HOME_ENV) or DEFAULT_HOME)
+    if home.startswith("~"):
+        raise RuntimeError("Could not determine home directory.")  # as pathlib's expanduser()
+    return path_text(home)

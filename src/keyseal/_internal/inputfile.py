@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from keyseal.errors import InputError
 
-__all__ = ["default_signature_path", "read_input"]
+__all__ = ["read_input"]
 
 
-def read_input(path: Path, what: str) -> bytes:
-    """The file's bytes; `what` names it in the error ("key file", "signature", ...)."""
+def read_input(path: str | os.PathLike[str], what: str) -> bytes:
+    """The file's bytes; `what` names it in the error ("key file", "signature", ...). The verification paths
+    pass `str` paths (keyseal._internal.pathtext), the others `Path`s."""
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise InputError(f"{what} {path} is a directory") from None
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError as exc:
+        raise InputError(f"{what} {path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise InputError(f"{what} {path} is a directory") from exc
     except OSError as exc:
-        raise InputError(f"cannot read {what} {path}: {exc.strerror}") from None
-
-
-def default_signature_path(data: Path, option: str = "signature") -> Path:
-    """DATA.asc, else DATA.sig: where keyseal and gpg put a detached signature when none is named (`option` is
-    what the user could have named it with, for the error)."""
-    for suffix in (".asc", ".sig"):
-        candidate = data.with_name(data.name + suffix)
-        if candidate.exists():
-            return candidate
-    raise InputError(f"no {option} given and neither {data.name}.asc nor {data.name}.sig exists")
+        raise InputError(f"cannot read {what} {path}: {exc.strerror}") from exc

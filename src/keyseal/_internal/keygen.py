@@ -26,6 +26,6 @@ def generate_private_key(key_type: str) -> PrivateKey:
     """A fresh private key of a named type, generated in process memory."""
     try:
         generator = _GENERATORS[key_type]
-    except KeyError:
-        raise UsageError(f"unknown key type {key_type!r}: use one of {', '.join(KEY_TYPES)}") from None
+    except KeyError as exc:
+        raise UsageError(f"unknown key type {key_type!r}: use one of {', '.join(KEY_TYPES)}") from exc
     return generator()

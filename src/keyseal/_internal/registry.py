@@ -102,7 +102,7 @@ class Registry:
             return point.load()
         except Exception as exc:  # a broken plugin: one line naming it, not a traceback
             raise UsageError(f"cannot load the {self.what} {name!r} from {_distribution(point)} ({point.value}): "
-                             f"{type(exc).__name__}: {exc}") from None
+                             f"{type(exc).__name__}: {exc}") from exc
 
     def unknown(self, name: str) -> KeysealError:
         """The one-line error for a name nobody registered (the name is cut short: it may hold a secret)."""

@@ -182,9 +182,9 @@ class ServerClient:
                         reason = getattr(exc, "reason", "")
                         raise ServerRefusedError(401, f"the keyseal server refused the agent SVID at the TLS "
                                                       f"handshake ({reason}): it expired or its CA is no longer "
-                                                      f"trusted; a new join token is needed") from None
+                                                      f"trusted; a new join token is needed") from exc
                     if attempt == 2:
-                        raise BackendUnavailableError(_unreachable(self.host, self.port, exc)) from None
+                        raise BackendUnavailableError(_unreachable(self.host, self.port, exc)) from exc
         try:
             answer = json.loads(raw)
         except ValueError:

@@ -135,12 +135,12 @@ def parse_agent_config(data: Any, environ: dict[str, str] | None = None) -> Agen
         token_path = Path(str(data["joinTokenFile"]).replace("${NODE_NAME}", node_name))
         try:
             token = token_path.read_text(encoding="ascii").strip()
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
             # with saved state, a node's token is needed only until its first join; a service account token joins
             if state_dir is None and psat_token_file is None:
-                raise InputError(f"cannot read joinTokenFile: {token_path} does not exist") from None
+                raise InputError(f"cannot read joinTokenFile: {token_path} does not exist") from exc
         except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read joinTokenFile: {exc}") from None
+            raise InputError(f"cannot read joinTokenFile: {exc}") from exc
     kek_text = str(data.get("stateKekFile") or "")
     if data.get("stateKekFile") and state_dir is None:
         raise UsageError("stateKekFile needs stateDir (where the agent keeps its SVID across restarts)")
@@ -258,15 +258,15 @@ def _servers(single: object, several: object) -> list[tuple[str, int]]:
 def load_agent_config(path: Path) -> AgentConfig:
     try:
         import yaml
-    except ImportError:
-        raise UsageError("the agent needs PyYAML: pip install 'keyseal[agent]'") from None
+    except ImportError as exc:
+        raise UsageError("the agent needs PyYAML: pip install 'keyseal[agent]'") from exc
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise InputError(f"cannot read agent configuration {path}: {exc.strerror}") from None
-    except yaml.YAMLError:
-        raise UsageError(f"agent configuration {path} is not valid YAML") from None
+        raise InputError(f"cannot read agent configuration {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise UsageError(f"agent configuration {path} is not valid YAML") from exc
     try:
         return parse_agent_config(data)
     except UsageError as exc:
-        raise UsageError(f"{path}: {exc.message}") from None
+        raise UsageError(f"{path}: {exc.message}") from exc

@@ -190,14 +190,14 @@ class KubeletClient:
             try:
                 self._context = ssl.create_default_context(cafile=str(self.settings.kubelet_ca_file))
             except (OSError, ssl.SSLError) as exc:
-                raise InputError(f"cannot read the kubelet CA {self.settings.kubelet_ca_file}: {exc}") from None
+                raise InputError(f"cannot read the kubelet CA {self.settings.kubelet_ca_file}: {exc}") from exc
         return self._context
 
     def pods(self) -> list[dict[str, Any]]:
         try:
             token = self.settings.token_file.read_text(encoding="ascii").strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read the service account token {self.settings.token_file}: {exc}") from None
+            raise InputError(f"cannot read the service account token {self.settings.token_file}: {exc}") from exc
         connection = http.client.HTTPSConnection(self.host, self.port, context=self._ssl(), timeout=10)
         try:
             connection.request("GET", "/pods", headers={"Authorization": f"Bearer {token}",
@@ -206,7 +206,7 @@ class KubeletClient:
             body = response.read(MAX_POD_LIST_BYTES + 1)
         except (OSError, http.client.HTTPException) as exc:
             raise BackendUnavailableError(f"cannot read the pod list from the kubelet at {self.host}:{self.port}: "
-                                          f"{exc}") from None
+                                          f"{exc}") from exc
         finally:
             connection.close()
         if response.status != 200:
@@ -216,8 +216,8 @@ class KubeletClient:
             raise BackendUnavailableError("the kubelet's pod list is larger than the agent reads")
         try:
             document = json.loads(body)
-        except ValueError:
-            raise BackendUnavailableError("the kubelet's pod list is not JSON") from None
+        except ValueError as exc:
+            raise BackendUnavailableError("the kubelet's pod list is not JSON") from exc
         items = document.get("items") if isinstance(document, dict) else None
         return [i for i in items or [] if isinstance(i, dict)]
 

@@ -56,8 +56,8 @@ def read_trust_bundle(text: str) -> str:
                     for c in k["x5c"]]
             return "".join(x509.load_der_x509_certificate(d).public_bytes(serialization.Encoding.PEM).decode()
                            for d in ders)
-        except (ValueError, KeyError, TypeError):
-            raise InputError("the trust bundle is not a SPIFFE bundle (JSON with x509-svid keys)") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError("the trust bundle is not a SPIFFE bundle (JSON with x509-svid keys)") from exc
     if "-----BEGIN CERTIFICATE-----" not in text:
         raise InputError("the trust bundle holds no PEM certificate")
     return text
@@ -69,7 +69,7 @@ class Agent:
         try:
             ca_pem = read_trust_bundle(config.trust_bundle_file.read_text(encoding="utf-8"))
         except OSError as exc:
-            raise InputError(f"cannot read trustBundleFile {config.trust_bundle_file}: {exc.strerror}") from None
+            raise InputError(f"cannot read trustBundleFile {config.trust_bundle_file}: {exc.strerror}") from exc
         self.client = ServerClient(config.server_host, config.server_port, ca_pem, config.more_servers)
         state = None
         if config.state_dir is not None and config.state_kek_file is not None:
@@ -119,7 +119,7 @@ class Agent:
                 self.metrics_server = MetricsServer(host, port, self.metrics, self.cache)
             except OSError as exc:
                 server.stop()
-                raise InputError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+                raise InputError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
             self.metrics_server.start()
             log.info("serving metrics on http://%s:%d/metrics", host, self.metrics_server.port)
         self._thread = threading.Thread(target=self._loop, name="keyseal-agent-sync", daemon=True)
@@ -169,7 +169,7 @@ class Agent:
         try:  # read at every join: the kubelet rotates the token
             token = self.config.psat_token_file.read_text(encoding="ascii").strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read k8sPSAT.tokenFile {self.config.psat_token_file}: {exc}") from None
+            raise InputError(f"cannot read k8sPSAT.tokenFile {self.config.psat_token_file}: {exc}") from exc
         if not token:
             raise InputError(f"k8sPSAT.tokenFile {self.config.psat_token_file} is empty")
         return token

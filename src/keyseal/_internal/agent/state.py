@@ -52,7 +52,7 @@ class AgentState:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(directory, 0o700)  # a directory made by someone else (a kubelet hostPath is 0755) too
         except OSError as exc:
-            raise InputError(f"cannot create the agent state directory {directory}: {exc.strerror}") from None
+            raise InputError(f"cannot create the agent state directory {directory}: {exc.strerror}") from exc
         self.store = DirectoryStore(directory, FileLedger(directory / LEDGER_FILE))
         self.kek = LocalKek(kek_file)
 

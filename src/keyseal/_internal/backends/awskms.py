@@ -257,13 +257,13 @@ class AwsKmsSigner(Signer):
         try:
             with kms_errors("DescribeKey", self.ref.value, client.meta.endpoint_url):
                 response = client.describe_key(KeyId=key_id)
-        except AccessDeniedError:
+        except AccessDeniedError as exc:
             raise AccessDeniedError(
                 f"cannot read the creation date of AWS KMS key {self.ref.value}: AWS KMS denied "
                 f"kms:DescribeKey (a signer role usually has only kms:Sign and kms:GetPublicKey); pass "
                 f"--created RFC3339 to `keyseal keys mint`, the same value every time so the fingerprint "
                 f"stays the same"
-            ) from None
+            ) from exc
         created = response["KeyMetadata"].get("CreationDate")
         if created is None:
             return None
@@ -282,10 +282,10 @@ class AwsKmsSigner(Signer):
 def _load_public_key(der: bytes, ref: str) -> PublicKey:
     try:
         key = serialization.load_der_public_key(der)
-    except (ValueError, UnsupportedAlgorithm):
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise UnsupportedKeyError(
             f"AWS KMS returned a public key for {ref} that keyseal cannot read"
-        ) from None
+        ) from exc
     if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise UnsupportedKeyError(
             f"AWS KMS key {ref} is not an RSA or NIST ECDSA key: keyseal cannot sign with it"
@@ -313,8 +313,8 @@ def _check_signature(
             public_key.verify(signature, digest, ec.ECDSA(prehashed))
         else:  # pragma: no cover - _load_public_key admits only RSA and EC
             raise UnsupportedKeyError(f"AWS KMS key {ref}: unsupported key type")
-    except (InvalidSignature, ValueError):
+    except (InvalidSignature, ValueError) as exc:
         raise KeysealError(
             f"AWS KMS returned a signature for {ref} that does not verify with the key's public key: "
             f"refusing it"
-        ) from None
+        ) from exc

@@ -40,15 +40,15 @@ def private_key_from_pem(data: bytes, where: str) -> PrivateKey:
     """Parse an unencrypted PEM private key; the error never echoes the file's content."""
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         if data.lstrip().startswith(b"-----BEGIN PGP") or data[:1] in (b"\x98", b"\x99", b"\xc6"):
             raise InvalidKeyFileError(f"{where} is an OpenPGP certificate, not a key: --key takes the key file "
                                       f"keyseal keys create wrote (file:PATH), the certificate goes to --cert"
-                                      ) from None
+                                      ) from exc
         raise InvalidKeyFileError(
             f"{where} is not a key keyseal can read: give the key file keyseal keys create wrote, or a PKCS#8 "
             f"PEM private key"
-        ) from None
+        ) from exc
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
         raise UnsupportedKeyError(f"{where}: only RSA, ECDSA and Ed25519 keys can sign")
     return key

@@ -182,8 +182,8 @@ def _load_public_key(key_type: str, text: str, uri: str, version: int) -> Public
         if key_type == "ed25519":
             return ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
         key = serialization.load_pem_public_key(text.encode("ascii"))
-    except (ValueError, UnsupportedAlgorithm, binascii.Error, UnicodeEncodeError):
-        raise bad from None
+    except (ValueError, UnsupportedAlgorithm, binascii.Error, UnicodeEncodeError) as exc:
+        raise bad from exc
     if key_type in _CURVES and isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == _CURVES[key_type]:
         return key
     if key_type in _RSA_BITS and isinstance(key, rsa.RSAPublicKey) and key.key_size == _RSA_BITS[key_type]:
@@ -219,8 +219,8 @@ def _parse_signature(text: str, version: int, ref: TransitKeyRef) -> bytes:
         )
     try:
         return base64.b64decode(match.group(2), validate=True)
-    except binascii.Error:
-        raise KeysealError(f"Vault returned a malformed signature for {ref.key_uri}: refusing it") from None
+    except binascii.Error as exc:
+        raise KeysealError(f"Vault returned a malformed signature for {ref.key_uri}: refusing it") from exc
 
 
 def _check_signature(public_key: PublicKey, signature: bytes, digest: bytes, hash_name: HashName, uri: str) -> None:
@@ -231,10 +231,10 @@ def _check_signature(public_key: PublicKey, signature: bytes, digest: bytes, has
             public_key.verify(signature, digest, padding.PKCS1v15(), utils.Prehashed(hash_algorithm(hash_name)))
         else:
             public_key.verify(signature, digest, ec.ECDSA(utils.Prehashed(hash_algorithm(hash_name))))
-    except (InvalidSignature, ValueError):
+    except (InvalidSignature, ValueError) as exc:
         raise KeysealError(
             f"Vault returned a signature for {uri} that does not verify with the key's public key: refusing it"
-        ) from None
+        ) from exc
 
 
 # -- key creation --------------------------------------------------------------------------------------

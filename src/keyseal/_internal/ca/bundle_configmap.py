@@ -138,13 +138,13 @@ class BundleConfigMap:
             return method(*args, _request_timeout=REQUEST_TIMEOUT)
         except api_failures() as exc:
             if status_of(exc) == 409:
-                raise _Conflict from None
+                raise _Conflict from exc
             missing = UsageError(f"{self.where} does not exist: create it (the Helm chart does when agent.enabled) "
                                  f"or unset {ENVIRONMENT}")
             raise translate_api_error(
                 exc, f"{verb} {self.where}", statuses={404: missing},
                 grant=f"get and update on configmaps with resourceNames [{self.name}] in namespace {self.namespace}",
-            ) from None
+            ) from exc
 
 
 class _Conflict(Exception):

@@ -64,9 +64,9 @@ class SequenceLedger:
             entries = {str(e["digest"]): int(e["sequence"]) for e in document["sequences"]}
             if document.get("format") != FORMAT:
                 raise ValueError("format")
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError) as exc:
             raise KeysealError(f"{self.store.location()} is not a keyseal bundle-sequence document "
-                               f"({FORMAT}): remove it and restart to start a new one") from None
+                               f"({FORMAT}): remove it and restart to start a new one") from exc
         return entries, revision
 
     def recorded(self, digest: str) -> int | None:

@@ -211,9 +211,9 @@ def _listen(value: str, where: str) -> tuple[str, int]:
         raise UsageError(f"{where}={value!r} is not HOST:PORT (e.g. 0.0.0.0:8443)")
     try:
         ipaddress.ip_address(host)
-    except ValueError:
+    except ValueError as exc:
         if host != "localhost":
-            raise UsageError(f"{where}={value!r}: the host must be an IP address or localhost") from None
+            raise UsageError(f"{where}={value!r}: the host must be an IP address or localhost") from exc
     return host, int(port_text)
 
 
@@ -370,7 +370,7 @@ def _pkcs11(section: _Section, custody: str, trust_domain: str, values: dict[str
     try:
         parsed = pkcs11uri.parse(uri)
     except KeysealError as exc:
-        raise UsageError(f"pkcs11.uri: {exc.message}") from None
+        raise UsageError(f"pkcs11.uri: {exc.message}") from exc
     shown = parsed.redacted()
     if any(name in parsed.path for name in ("object", "id", "type")):
         raise UsageError(f"pkcs11.uri={shown!r} must name the token only: remove object=, id= and type= "
@@ -517,8 +517,8 @@ def _server(server: _Section) -> dict[str, Any]:
     for ip in ip_addresses:
         try:
             ipaddress.ip_address(ip)
-        except ValueError:
-            raise UsageError(f"server.tls.selfIssued.ipAddresses: {ip!r} is not an IP address") from None
+        except ValueError as exc:
+            raise UsageError(f"server.tls.selfIssued.ipAddresses: {ip!r} is not an IP address") from exc
     tls = TlsConfig(
         cert_file=Path(cert_file) if cert_file else None,
         key_file=Path(key_file) if key_file else None,
@@ -645,25 +645,25 @@ def load_config(path: Path) -> Config:
     """Read and check the YAML configuration file."""
     try:
         import yaml
-    except ImportError:
-        raise UsageError("the server needs PyYAML: pip install 'keyseal[server]'") from None
+    except ImportError as exc:
+        raise UsageError("the server needs PyYAML: pip install 'keyseal[server]'") from exc
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"configuration file {path} does not exist") from None
+    except FileNotFoundError as exc:
+        raise InputError(f"configuration file {path} does not exist") from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read configuration file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        raise InputError(f"cannot read configuration file {path}: {getattr(exc, 'strerror', None) or exc}") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UsageError(f"configuration file {path} is not valid YAML{where}") from None
+        raise UsageError(f"configuration file {path} is not valid YAML{where}") from exc
     try:
         config = parse_config(data)
         _refuse_host_defaults(data, config)
     except UsageError as exc:
-        raise type(exc)(f"{path}: {exc.message}") from None
+        raise type(exc)(f"{path}: {exc.message}") from exc
     return config
 
 

@@ -79,8 +79,8 @@ def parse_foreign_bundle(data: bytes, trust_domain: str) -> ForeignBundle:
         raise FederationError(f"the bundle of {trust_domain} is larger than {MAX_BUNDLE_BYTES} bytes")
     try:
         document = json.loads(data)
-    except (ValueError, RecursionError):
-        raise FederationError(f"the bundle of {trust_domain} is not JSON") from None
+    except (ValueError, RecursionError) as exc:
+        raise FederationError(f"the bundle of {trust_domain} is not JSON") from exc
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise FederationError(f"the bundle of {trust_domain} is not a SPIFFE bundle (a JWKS with keys)")
     raw_keys = document["keys"]
@@ -121,9 +121,9 @@ def _authority(item: dict[str, Any], trust_domain: str) -> x509.Certificate:
     try:
         certificate = x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
         constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except (ValueError, x509.ExtensionNotFound):
+    except (ValueError, x509.ExtensionNotFound) as exc:
         raise FederationError(f"the bundle of {trust_domain} has an x509-svid key that is not a CA "
-                              f"certificate") from None
+                              f"certificate") from exc
     if not constraints.ca:
         raise FederationError(f"the bundle of {trust_domain} has an x509-svid certificate that is not a CA")
     try:
@@ -348,11 +348,11 @@ class FederatedBundles:
             data = Path(path).read_bytes()
         except OSError as exc:
             raise InputError(f"cannot read the bundleFile of {config.trust_domain} ({path}): "
-                             f"{exc.strerror or exc}") from None
+                             f"{exc.strerror or exc}") from exc
         try:
             return parse_foreign_bundle(data, config.trust_domain)
         except FederationError as exc:
-            raise InputError(f"{path}: {exc.message}") from None
+            raise InputError(f"{path}: {exc.message}") from exc
 
     def _read_store(self) -> tuple[dict[str, Any], str | None]:
         assert self.store is not None
@@ -363,9 +363,9 @@ class FederatedBundles:
             document = json.loads(found[0])
             if document.get("format") != STORE_FORMAT or not isinstance(document.get("bundles"), dict):
                 raise ValueError
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError) as exc:
             raise KeysealError(f"{self.store.location()} is not a keyseal federated-bundles document: remove "
-                               f"it (the bundles are fetched again)") from None
+                               f"it (the bundles are fetched again)") from exc
         return dict(document["bundles"]), found[1]
 
     def _load_stored(self) -> None:

@@ -191,7 +191,7 @@ class CaServer:
         except OSError as exc:
             raise UsageError(
                 f"cannot listen on {self.config.listen_host}:{self.config.listen_port}: {exc.strerror or exc}"
-            ) from None
+            ) from exc
         try:
             self._open_side_listeners()
         except BaseException:
@@ -246,7 +246,7 @@ class CaServer:
             for other in self.side_listeners.values():
                 other.server_close()
             self.side_listeners.clear()
-            raise UsageError(f"cannot listen on {host}:{port} ({key}): {exc.strerror or exc}") from None
+            raise UsageError(f"cannot listen on {host}:{port} ({key}): {exc.strerror or exc}") from exc
         self.side_listeners[name] = server
         log.info("serving %s on https://%s:%d", name, host, server.port)
 

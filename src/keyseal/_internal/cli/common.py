@@ -79,8 +79,8 @@ def parse_rfc3339(value: str) -> int:
     """An RFC 3339 timestamp with an explicit offset or Z, as Unix seconds."""
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"invalid time {value!r}: use RFC 3339, e.g. 2026-01-31T12:00:00Z") from None
+    except ValueError as exc:
+        raise UsageError(f"invalid time {value!r}: use RFC 3339, e.g. 2026-01-31T12:00:00Z") from exc
     if moment.tzinfo is None:
         raise UsageError(f"time {value!r} has no offset: add Z or +HH:MM")
     seconds = int(moment.timestamp())

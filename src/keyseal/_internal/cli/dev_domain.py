@@ -116,7 +116,7 @@ class DevDomain:
             try:
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
-                raise UsageError(f"--dir {directory}: cannot create it: {exc.strerror or exc}") from None
+                raise UsageError(f"--dir {directory}: cannot create it: {exc.strerror or exc}") from exc
             if not directory.is_dir():
                 raise UsageError(f"--dir {directory} is not a directory")
         directory.chmod(0o700)  # the local KEK lives here: this user only
@@ -258,7 +258,7 @@ def fetch_with_py_spiffe(socket: Path) -> tuple[datetime, datetime, str]:
         except Exception as exc:  # py-spiffe raises its own errors and gRPC's
             if time.monotonic() > deadline:
                 raise BackendUnavailableError(f"py-spiffe could not fetch an SVID from unix:{socket}: "
-                                              f"{type(exc).__name__}: {str(exc)[:200]}") from None
+                                              f"{type(exc).__name__}: {str(exc)[:200]}") from exc
             time.sleep(0.2)
     return (svid.leaf.not_valid_after_utc, datetime.fromtimestamp(jwt.expiry, tz=UTC), str(svid.spiffe_id))
 

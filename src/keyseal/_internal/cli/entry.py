@@ -99,9 +99,9 @@ def _read_entries(path: Path) -> tuple[list[Entry], list[str]]:
         label = f"{path} line {number}"
         try:
             document = json.loads(line)
-        except (ValueError, RecursionError):
+        except (ValueError, RecursionError) as exc:
             raise UsageError(f"{label}: not JSON (one entry per line, as `keyseal entry list --json` prints "
-                             f"them)") from None
+                             f"them)") from exc
         if not isinstance(document, dict):
             raise UsageError(f"{label}: not a JSON object")
         unknown = sorted(set(document) - _FIELDS)

@@ -28,7 +28,7 @@ def _context(ca_file: Path | None) -> ssl.SSLContext:
     try:
         text = ca_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read --ca-file {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
+        raise InputError(f"cannot read --ca-file {ca_file}: {getattr(exc, 'strerror', None) or exc}") from exc
     return ssl.create_default_context(cadata=read_trust_bundle(text))
 
 
@@ -54,10 +54,10 @@ def federation(server_url: str, ca_file: Path | None, as_json: bool) -> None:
         with urllib.request.urlopen(url, timeout=15, context=_context(ca_file)) as answer:  # noqa: S310 - https only
             document: dict[str, Any] = json.loads(answer.read(MAX_ANSWER))
     except urllib.error.HTTPError as exc:
-        raise BackendUnavailableError(f"{url} answered HTTP {exc.code}") from None
+        raise BackendUnavailableError(f"{url} answered HTTP {exc.code}") from exc
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
-        raise BackendUnavailableError(f"cannot read {url}: {reason}") from None
+        raise BackendUnavailableError(f"cannot read {url}: {reason}") from exc
     if as_json:
         click.echo(json.dumps(document, indent=2))
         return

@@ -45,7 +45,7 @@ def verify_file(fmt: str, certs: tuple[Path, ...], data: Path, signature: Path |
     except VerificationError:
         raise
     except KeysealError as exc:
-        raise VerificationError(exc.message) from None
+        raise VerificationError(exc.message) from exc
     click.echo(result.fingerprint)
     click.echo(f"Good signature from minisign key {result.fingerprint}; trusted comment: "
                f"{result.trusted_comment}", err=True)

@@ -22,15 +22,15 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from keyseal._internal.cli.guard import ExitCodes, report
 from keyseal._version import __version__
-from keyseal.errors import KeysealError, OutputExistsError, UsageError, unexpected
+from keyseal.errors import OutputExistsError, UsageError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from keyseal._internal.release.gitsign import GitVerification
     from keyseal._internal.release.gpgsign import Kind
@@ -81,22 +81,28 @@ _HASHES: dict[str, HashName] = {"SHA256": "sha256", "SHA384": "sha384", "SHA512"
 _WEAK = ("MD5", "SHA1", "RIPEMD160", "SHA224")
 
 
-@dataclass
 class Arguments:
-    modes: set[str] = field(default_factory=set)
-    armor: bool = False
-    text_mode: bool = False
-    local_user: str | None = None
-    default_key: str | None = None
-    output: str | None = None
-    yes: bool = False
-    digest: HashName | None = None
-    digest_preferences: tuple[HashName, ...] = ()
-    with_colons: bool = False
-    passphrase_fd: int | None = None
-    keyrings: list[str] = field(default_factory=list)
-    status_fd: int | None = None
-    positional: list[str] = field(default_factory=list)
+    """What the command line asked for (a plain class: git runs this once per commit, and a dataclass costs
+    start-up time)."""
+
+    __slots__ = ("armor", "default_key", "digest", "digest_preferences", "keyrings", "local_user", "modes",
+                 "output", "passphrase_fd", "positional", "status_fd", "text_mode", "with_colons", "yes")
+
+    def __init__(self) -> None:
+        self.modes: set[str] = set()
+        self.armor = False
+        self.text_mode = False
+        self.local_user: str | None = None
+        self.default_key: str | None = None
+        self.output: str | None = None
+        self.yes = False
+        self.digest: HashName | None = None
+        self.digest_preferences: tuple[HashName, ...] = ()
+        self.with_colons = False
+        self.passphrase_fd: int | None = None
+        self.keyrings: list[str] = []
+        self.status_fd: int | None = None
+        self.positional: list[str] = []
 
 
 def parse_arguments(argv: list[str]) -> Arguments:
@@ -248,6 +254,8 @@ def _sign_kind(args: Arguments) -> Kind:
 
 def _default_output(source: str | None, kind: Kind, armored: bool) -> Path | None:
     """gpg's output names: stdout for stdin; FILE.asc when armored or cleartext, FILE.sig detached, FILE.gpg."""
+    from pathlib import Path  # not at import: `--verify`, which git runs once per commit, uses none
+
     if source is None:
         return None
     suffix = ".asc" if armored or kind == "clear" else ".sig" if kind == "detach" else ".gpg"
@@ -255,6 +263,8 @@ def _default_output(source: str | None, kind: Kind, armored: bool) -> Path | Non
 
 
 def run_sign(args: Arguments, status: Status) -> int:
+    from pathlib import Path
+
     from keyseal._internal.release.gpgsign import SignRequest, sign
 
     kind = _sign_kind(args)
@@ -301,7 +311,8 @@ def run_sign(args: Arguments, status: Status) -> int:
 
 def run_verify(args: Arguments, status: Status) -> int:
     from keyseal._internal.inputfile import read_input
-    from keyseal._internal.openpgp.cleartext import is_cleartext
+    from keyseal._internal.openpgp.armor import is_cleartext
+    from keyseal._internal.pathtext import path_text
     from keyseal._internal.release import gitsign
 
     if args.keyrings:
@@ -311,7 +322,7 @@ def run_verify(args: Arguments, status: Status) -> int:
     if len(args.positional) > 2:
         raise UsageError(f"usage: {PROG} --verify SIGNATURE [DATA|-] or --verify CLEARTEXT")
     first = args.positional[0] if args.positional else "-"
-    signature_data = sys.stdin.buffer.read() if first == "-" else read_input(Path(first), "signature")
+    signature_data = sys.stdin.buffer.read() if first == "-" else read_input(path_text(first), "signature")
     text: bytes | None = None
     if len(args.positional) < 2 and is_cleartext(signature_data):
         result, text = gitsign.verify_cleartext(signature_data)
@@ -321,7 +332,7 @@ def run_verify(args: Arguments, status: Status) -> int:
             raise UsageError(f"{shown} is not a cleartext signed message: for a detached signature name the signed "
                              f"data too (--verify SIG DATA)")
         source = args.positional[1]
-        data = sys.stdin.buffer.read() if source == "-" else read_input(Path(source), "data file")
+        data = sys.stdin.buffer.read() if source == "-" else read_input(path_text(source), "data file")
         result = gitsign.verify(signature_data, data)
     code = _report(result, status)
     if code == 0 and text is not None and args.output is not None:
@@ -329,6 +340,8 @@ def run_verify(args: Arguments, status: Status) -> int:
             sys.stdout.buffer.write(text)
             sys.stdout.buffer.flush()
         else:
+            from pathlib import Path
+
             from keyseal._internal.atomic import write_atomic
 
             target = Path(args.output)
@@ -386,21 +399,27 @@ def run(args: Arguments, status: Status) -> int:
                      f"give one of them")
 
 
+# gpg's statuses: 1 for a bad signature, 2 for any other error.
+GPG_EXIT_CODES = ExitCodes(lambda exc: 1 if exc.exit_code == 1 else 2, unexpected=2, broken_pipe=2)
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of `keyseal-gpg`; errors are one `keyseal: error:` line on stderr and exit status 2."""
     status = Status(None)
     try:
         args = parse_arguments(sys.argv[1:] if argv is None else argv)
         status = Status(args.status_fd)
-        code = run(args, status)
-    except KeysealError as exc:
-        sys.stderr.write(f"keyseal: error: {exc.message}\n")
-        code = 1 if exc.exit_code == 1 else 2
-    except BrokenPipeError:
-        code = 2
-    except Exception as exc:
-        if os.environ.get("KEYSEAL_DEBUG"):
-            raise
-        sys.stderr.write(f"keyseal: error: {unexpected(exc)}\n")
-        code = 2
+        if "verify" in args.modes:
+            # git starts one per commit under `log --show-signature`: a short-lived process, never a signer
+            # (whose backend may hold sessions that must be closed), see keyseal._internal.cli.shortlived.
+            from keyseal._internal.cli.shortlived import ShortLived
+
+            with ShortLived():
+                code = run(args, status)
+        else:
+            code = run(args, status)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # every other way out: one line and a status (cli.guard)
+        code = report(exc, GPG_EXIT_CODES)
     sys.exit(code)

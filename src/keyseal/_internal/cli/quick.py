@@ -5,131 +5,144 @@ start-up is most of its cost. `keyseal verify` over OpenPGP starts hashing the d
 verifier; everything else (other commands, `--help`, any argument this parser is not sure of) goes to the click
 group in `cli.main`, which stays the one definition of the command line: the fast parser accepts a subset
 of what click accepts and gives the same result for it (tests/test_startup.py holds both paths to that).
+`keyseal --help` is rendered from the command table without click (keyseal._internal.cli.fasthelp). Paths are text here,
+spelt as pathlib spells them (pathtext): importing pathlib would cost a tenth of a verification's start-up.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
-from typing import NoReturn
 
-from keyseal.errors import KeysealError, OutputExistsError, UsageError, VerificationError, unexpected
+from keyseal._internal.cli.guard import run_guarded
+from keyseal._internal.cli.shortlived import ShortLived
+from keyseal._internal.pathtext import path_text
+from keyseal.errors import KeysealError, OutputExistsError, UsageError, VerificationError
 
-__all__ = ["fail", "main", "run_guarded", "verify_openpgp"]
+# Not `typing.TYPE_CHECKING`: `keyseal --help` imports no typing (it pulls in re, enum, collections, contextlib).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+    from typing import NoReturn
 
+    from keyseal._internal.openpgp.verify import VerifiedSignature
 
-def fail(message: str, code: int) -> NoReturn:
-    sys.stderr.write(f"keyseal: error: {message}\n")
-    sys.stderr.flush()
-    sys.exit(code)
+    StrPath = str | os.PathLike[str]
 
-
-def run_guarded(run: Callable[[], object]) -> NoReturn:
-    """Run a command; every expected failure is one line on stderr and a non-zero exit, never a traceback."""
-    try:
-        rv = run()
-    except KeysealError as exc:
-        fail(exc.message, exc.exit_code)
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
-    except BrokenPipeError:
-        sys.exit(141)
-    except Exception as exc:
-        if os.environ.get("KEYSEAL_DEBUG"):
-            raise
-        fail(unexpected(exc), 70)
-    sys.exit(rv if isinstance(rv, int) else 0)
+__all__ = ["main", "verify_openpgp"]
 
 
-def verify_openpgp(certs: tuple[Path, ...], file: Path, signature: Path | None, threshold: int = 1,
-                   output: Path | None = None, force: bool = False) -> None:
+def verify_openpgp(certs: tuple[StrPath, ...], file: StrPath, signature: StrPath | None, threshold: int = 1,
+                   output: StrPath | None = None, force: bool = False) -> None:
     """`keyseal verify` for OpenPGP: print each counted signer's fingerprint on stdout, a line per good signature
     on stderr; raise VerificationError otherwise. FILE is the signed data, or (with no SIGNATURE) possibly a
-    cleartext signed message, whose text `output` receives once it verifies. The detached case is
-    keyseal.api.verify_file."""
-    if signature is None and _starts_cleartext(file):
+    cleartext signed message, whose text `output` receives once it verifies."""
+
+    cert_paths = tuple(path_text(os.fspath(cert)) for cert in certs)
+    data_path = path_text(os.fspath(file))
+    signature_path = None if signature is None else path_text(os.fspath(signature))
+    if signature_path is None and _starts_cleartext(data_path):
         if threshold > 1:
             raise UsageError("--threshold applies to detached signatures: a cleartext message carries one")
-        _verify_cleartext(certs, file, output, force)
+        _verify_cleartext(cert_paths, data_path, output, force)
         return
     if output is not None:
         raise UsageError("--output writes the text of a cleartext signed message; FILE is not one")
     try:
-        with _progress_bar(file):
-            from keyseal._internal.api import verify_file
+        with _progress_bar(data_path):
+            from keyseal._internal.openpgp.fileverify import verify_detached  # as keyseal.api.verify_file
 
-            verification = verify_file(file, signature, certificates=certs, threshold=threshold)
+            results = verify_detached(cert_paths, data_path, signature_path, threshold)
     except VerificationError:
         raise
     except KeysealError as exc:
-        raise VerificationError(exc.message) from None
-    for good in verification.signatures:
-        _report(good.fingerprint, good.user_id, good.created, good.hash_name, fingerprint=True)
+        raise VerificationError(exc.message) from exc
+    for result in results:
+        _report(result, fingerprint=True)
 
 
 _LARGE = 64 << 20  # keyseal._internal.progress.BYTES_THRESHOLD, without importing it
 
 
-def _progress_bar(file: Path) -> AbstractContextManager[None]:
+class _NoBar:
+    """contextlib.nullcontext without importing contextlib (typing and `keyseal --help` would not need it)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _progress_bar(file: str) -> AbstractContextManager[None]:
     """A progress bar while a large file is hashed on a terminal, else a context that does nothing.
     keyseal._internal.progress (and tqdm) are imported only for a bar: checking costs one stat."""
     try:
         if not sys.stderr.isatty() or os.stat(file).st_size < _LARGE:
-            return nullcontext()
+            return _NoBar()
     except (OSError, ValueError):
-        return nullcontext()
+        return _NoBar()
     from keyseal._internal.progress import files_meter
 
     return files_meter([file], "verifying")
 
 
-def _report(signer: str, user_id: str, created: int, hash_name: str, fingerprint: bool, kind: str = "") -> None:
-    from keyseal._internal.cli.common import format_time
 
+
+def format_time(seconds: int) -> str:
+    """keyseal._internal.cli.common.format_time (UTC, RFC 3339), without importing datetime."""
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _report(result: VerifiedSignature, fingerprint: bool, kind: str = "") -> None:
     if fingerprint:
-        sys.stdout.write(f"{signer}\n")
+        sys.stdout.write(f"{result.fingerprint}\n")
         sys.stdout.flush()
-    sys.stderr.write(f"Good signature from {user_id} made {format_time(created)} ({hash_name}{kind})\n")
+    uid = result.certificate.user_ids[0] if result.certificate.user_ids else ""
+    sys.stderr.write(f"Good signature from {uid} made {format_time(result.created)} ({result.hash_name}{kind})\n")
     sys.stderr.flush()
 
 
-def _starts_cleartext(file: Path) -> bool:
-    from keyseal._internal.openpgp.cleartext import is_cleartext
+
+
+def _starts_cleartext(file: str) -> bool:
+    from keyseal._internal.openpgp.armor import is_cleartext
 
     try:
-        with file.open("rb") as handle:
+        with open(file, "rb") as handle:
             return is_cleartext(handle.read(256))
     except OSError:
         return False  # the detached path reports the missing or unreadable file
 
 
-def _verify_cleartext(certs: tuple[Path, ...], file: Path, output: Path | None, force: bool) -> None:
-    from keyseal._internal.cli.common import load_certificate_files
+def _verify_cleartext(certs: tuple[str, ...], file: str, output: StrPath | None, force: bool) -> None:
     from keyseal._internal.inputfile import read_input
     from keyseal._internal.openpgp.verify import verify_cleartext
 
     try:
-        certificates = load_certificate_files(certs)
+        from keyseal._internal.openpgp.fileverify import load_certificates_from
+
+        certificates = load_certificates_from(certs)
         result, message = verify_cleartext(certificates, read_input(file, "signed message"))
     except VerificationError:
         raise
     except KeysealError as exc:
-        raise VerificationError(exc.message) from None
+        raise VerificationError(exc.message) from exc
     if output is not None and str(output) == "-":
         sys.stdout.buffer.write(message.text)
         sys.stdout.buffer.flush()
     elif output is not None:
+        from pathlib import Path
+
         from keyseal._internal.atomic import write_atomic
 
-        if output.exists() and not force:
-            raise OutputExistsError(f"{output} exists: refusing to overwrite it (use --force)")
-        write_atomic(output, message.text, mode=0o644)
-    uid = result.certificate.user_ids[0] if result.certificate.user_ids else ""
-    _report(result.fingerprint, uid, result.created, result.hash_name, fingerprint=output is None or str(output) != "-",
-            kind=", cleartext")
+        target = Path(output)
+        if target.exists() and not force:
+            raise OutputExistsError(f"{target} exists: refusing to overwrite it (use --force)")
+        write_atomic(target, message.text, mode=0o644)
+    _report(result, fingerprint=output is None or str(output) != "-", kind=", cleartext")
 
 
 class VerifyArguments:
@@ -138,9 +151,9 @@ class VerifyArguments:
     __slots__ = ("certs", "positional", "threshold")
 
     def __init__(self) -> None:
-        self.certs: list[Path] = []
+        self.certs: list[str] = []
         self.threshold = 1
-        self.positional: list[Path] = []
+        self.positional: list[str] = []
 
 
 def parse_verify(args: list[str]) -> VerifyArguments | None:
@@ -152,7 +165,7 @@ def parse_verify(args: list[str]) -> VerifyArguments | None:
     while index < len(args):
         arg = args[index]
         if options_done or not arg.startswith("-") or arg == "-":
-            parsed.positional.append(Path(arg))
+            parsed.positional.append(path_text(arg))
         elif arg == "--":
             options_done = True
         else:
@@ -169,7 +182,7 @@ def parse_verify(args: list[str]) -> VerifyArguments | None:
             if name == "--cert":
                 if not value:
                     return None
-                parsed.certs.append(Path(value))
+                parsed.certs.append(path_text(value))
             elif name == "--format":
                 if value != "openpgp":
                     return None
@@ -183,15 +196,26 @@ def parse_verify(args: list[str]) -> VerifyArguments | None:
     return parsed
 
 
+def _print_group_help() -> None:
+    from keyseal._internal.cli.fasthelp import group_help
+
+    sys.stdout.write(group_help())
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of `keyseal`."""
     args = sys.argv[1:] if argv is None else argv
+    if args in (["--help"], ["-h"]):
+        with ShortLived():
+            run_guarded(_print_group_help)
     if args[:1] == ["verify"]:
         parsed = parse_verify(args[1:])
         if parsed is not None:
             signature = parsed.positional[1] if len(parsed.positional) == 2 else None
-            run_guarded(lambda: verify_openpgp(tuple(parsed.certs), parsed.positional[0], signature,
-                                               parsed.threshold))
+            with ShortLived():
+                run_guarded(lambda: verify_openpgp(tuple(parsed.certs), parsed.positional[0], signature,
+                                                   parsed.threshold))
     from keyseal._internal.cli.main import main as full_main
 
     full_main(argv)

@@ -9,7 +9,8 @@ import click
 
 from keyseal._internal.atomic import refuse_existing, write_atomic
 from keyseal._internal.cli.common import format_time, json_option
-from keyseal._internal.inputfile import default_signature_path, read_input
+from keyseal._internal.inputfile import read_input
+from keyseal._internal.openpgp.fileverify import default_signature_path
 from keyseal._internal.openpgp.manifest import DIGESTS, build_manifest
 from keyseal._internal.openpgp.trust import (
     POLICIES,
@@ -92,7 +93,7 @@ def verify_release_command(manifest: Path, signature: Path | None, certs: tuple[
     except (VerificationError, UsageError):
         raise
     except KeysealError as exc:
-        raise VerificationError(exc.message) from None
+        raise VerificationError(exc.message) from exc
     if as_json:
         from keyseal._internal.cli.output import print_json
 

@@ -12,25 +12,32 @@ when it is not on PATH.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import NoReturn
 
-from keyseal.errors import InputError, KeyMismatchError, KeysealError, UsageError, unexpected
+from keyseal._internal.cli.guard import ExitCodes, report
+from keyseal.errors import InputError, KeyMismatchError, KeysealError, UsageError
+
+# Not `typing.TYPE_CHECKING`: git runs `-Y verify` through this program once per commit, and all it does then is
+# become ssh-keygen, so it imports nothing it does not need (no typing, dataclasses, pathlib or shutil).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 PROG = "keyseal-ssh-keygen"
 _WITH_VALUE = frozenset("YnfOIsr")
 _FLAGS = frozenset("Uqv")
 
 
-@dataclass
 class Arguments:
-    options: dict[str, str] = field(default_factory=dict)
-    hash_options: list[str] = field(default_factory=list)
-    flags: set[str] = field(default_factory=set)
-    files: list[str] = field(default_factory=list)
+    """What `-Y sign`'s command line asked for."""
+
+    __slots__ = ("files", "flags", "hash_options", "options")
+
+    def __init__(self) -> None:
+        self.options: dict[str, str] = {}
+        self.hash_options: list[str] = []
+        self.flags: set[str] = set()
+        self.files: list[str] = []
 
 
 def parse_arguments(argv: list[str]) -> Arguments:
@@ -83,15 +90,22 @@ def real_ssh_keygen() -> str:
         return named
     own = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
-        candidate = shutil.which("ssh-keygen", path=directory or ".")
-        if candidate and os.path.realpath(candidate) != own:
+        candidate = os.path.join(directory or ".", "ssh-keygen")
+        if _executable(candidate) and os.path.realpath(candidate) != own:
             return candidate
     raise UsageError("ssh-keygen was not found: install OpenSSH (Debian: openssh-client) to verify SSH signatures, "
                      "or set KEYSEAL_SSH_KEYGEN; keyseal-ssh-keygen itself only signs")
 
 
+def _executable(path: str) -> bool:
+    """What shutil.which accepts on POSIX: an existing, executable path that is not a directory."""
+    return os.path.exists(path) and os.access(path, os.X_OK) and not os.path.isdir(path)
+
+
 def resolve_key(reference: str) -> tuple[str, str | None]:
     """(key URI, expected SSH fingerprint) for `-f`: a public key file registered in the key map, or a URI."""
+    from pathlib import Path
+
     from keyseal._internal.formats import ssh
     from keyseal._internal.openpgp.keyring import is_key_uri, keys_path, uri_for_ssh
 
@@ -103,7 +117,7 @@ def resolve_key(reference: str) -> tuple[str, str | None]:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+        raise InputError(f"cannot read {path}: {exc.strerror}") from exc
     if "PRIVATE KEY-----" in text:
         raise UsageError(f"{path} is a private key file: {PROG} signs with keyseal keys only (a key URI, or a "
                          f"public key registered with keyseal git-setup --format ssh); use ssh-keygen for it")
@@ -128,6 +142,7 @@ def _hash_option(values: list[str]) -> str:
 
 def run_sign(args: Arguments) -> int:
     import hashlib
+    from pathlib import Path
 
     from keyseal._internal import audit
     from keyseal._internal.atomic import write_atomic
@@ -173,6 +188,10 @@ def run_sign(args: Arguments) -> int:
     return 0
 
 
+# ssh-keygen's statuses: keyseal's own for its errors, 2 for any other failure.
+SSH_EXIT_CODES = ExitCodes(lambda exc: exc.exit_code, unexpected=2, broken_pipe=2)
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of `keyseal-ssh-keygen`: `-Y sign` here, everything else replaced by ssh-keygen."""
     arguments = sys.argv[1:] if argv is None else argv
@@ -181,15 +200,13 @@ def main(argv: list[str] | None = None) -> NoReturn:
             program = real_ssh_keygen()
             os.execv(program, [program, *arguments])  # noqa: S606 - becomes OpenSSH's ssh-keygen
         code = run_sign(parse_arguments(arguments))
-    except KeysealError as exc:
-        sys.stderr.write(f"keyseal: error: {exc.message}\n")
-        code = exc.exit_code
     except OSError as exc:
-        sys.stderr.write(f"keyseal: error: cannot run ssh-keygen: {exc.strerror}\n")
-        code = 2
-    except Exception as exc:
-        if os.environ.get("KEYSEAL_DEBUG"):
-            raise
-        sys.stderr.write(f"keyseal: error: {unexpected(exc)}\n")
-        code = 2
+        if isinstance(exc, BrokenPipeError):
+            code = report(exc, SSH_EXIT_CODES)
+        else:
+            code = report(KeysealError(f"cannot run ssh-keygen: {exc.strerror}"), SSH_EXIT_CODES)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # every other way out: one line and a status (cli.guard)
+        code = report(exc, SSH_EXIT_CODES)
     sys.exit(code)

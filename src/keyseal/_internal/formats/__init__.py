@@ -35,10 +35,10 @@ def sign_ed25519_message(signer: Signer, message: bytes) -> bytes:
     signature = signer.sign_message(message)
     try:
         public_key.verify(signature, message)
-    except InvalidSignature:
+    except InvalidSignature as exc:
         raise UnsupportedKeyError(
             f"the signature returned by {signer.uri} does not verify with its public key; nothing was written"
-        ) from None
+        ) from exc
     return signature
 
 

@@ -130,16 +130,16 @@ def load_public_keys(data: bytes, source: str) -> list[PublicKeyFile]:
     """Keys from a minisign public key file (comment line + base64 line); several files may be concatenated."""
     try:
         lines = [line.strip() for line in data.decode("utf-8").splitlines()]
-    except UnicodeDecodeError:
-        raise InvalidKeyFileError(f"{source} is not a minisign public key file") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidKeyFileError(f"{source} is not a minisign public key file") from exc
     keys: list[PublicKeyFile] = []
     for line in lines:
         if not line or line.startswith(UNTRUSTED_PREFIX.strip()):
             continue
         try:
             raw = _b64(line, 42, "key")
-        except VerificationError:
-            raise InvalidKeyFileError(f"{source} is not a minisign public key file") from None
+        except VerificationError as exc:
+            raise InvalidKeyFileError(f"{source} is not a minisign public key file") from exc
         if raw[:2] != PUBLIC_KEY_ALG:
             raise InvalidKeyFileError(f"{source}: unsupported minisign key algorithm")
         keys.append(PublicKeyFile(ed25519.Ed25519PublicKey.from_public_bytes(raw[10:]), raw[2:10]))
@@ -152,8 +152,8 @@ def verify_file(keys: list[PublicKeyFile], path: Path, signature_data: bytes) ->
     """Check a `.minisig` over a file: the signature, then the global signature over it and the trusted comment."""
     try:
         lines = signature_data.decode("utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise VerificationError("not a minisign signature: it is not text") from None
+    except UnicodeDecodeError as exc:
+        raise VerificationError("not a minisign signature: it is not text") from exc
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) != 4 or not lines[0].startswith(UNTRUSTED_PREFIX) or not lines[2].startswith(TRUSTED_PREFIX):
@@ -174,12 +174,12 @@ def verify_file(keys: list[PublicKeyFile], path: Path, signature_data: bytes) ->
     global_signature = _b64(lines[3], 64, "minisign global signature")
     try:
         key.key.verify(signature, _blake2b(path))
-    except InvalidSignature:
+    except InvalidSignature as exc:
         raise VerificationError(f"BAD signature from key {key.key_id_hex}: the data or the signature was "
-                                f"altered") from None
+                                f"altered") from exc
     try:
         key.key.verify(global_signature, signature + comment.encode("utf-8"))
-    except InvalidSignature:
+    except InvalidSignature as exc:
         raise VerificationError(f"BAD global signature from key {key.key_id_hex}: the trusted comment was "
-                                f"altered") from None
+                                f"altered") from exc
     return VerifiedSignature(key, comment)

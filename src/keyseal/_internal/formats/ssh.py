@@ -137,8 +137,8 @@ def parse_public_key(key_type: str, encoded: str, where: str) -> PublicKey:
         raise InvalidKeyFileError(f"{where}: unsupported SSH key type {key_type[:40]!r}")
     try:
         key = serialization.load_ssh_public_key(f"{key_type} {encoded}".encode("ascii"))
-    except (ValueError, UnsupportedAlgorithm, UnicodeEncodeError, NotImplementedError):  # compressed EC point
-        raise InvalidKeyFileError(f"{where}: malformed SSH public key") from None
+    except (ValueError, UnsupportedAlgorithm, UnicodeEncodeError, NotImplementedError) as exc:  # compressed EC point
+        raise InvalidKeyFileError(f"{where}: malformed SSH public key") from exc
     if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
         raise InvalidKeyFileError(f"{where}: unsupported SSH key type {key_type}")
     return key
@@ -150,8 +150,8 @@ def load_trusted_keys(data: bytes, source: str) -> list[TrustedKey]:
     rather than read halfway: check those with `ssh-keygen -Y verify`."""
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidKeyFileError(f"{source} is not a text file of SSH public keys") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidKeyFileError(f"{source} is not a text file of SSH public keys") from exc
     keys: list[TrustedKey] = []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -255,8 +255,8 @@ def _encode_raw(public_key: PublicKey, raw: bytes, uri: str) -> bytes:
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         try:
             r, s = decode_dss_signature(raw)
-        except ValueError:
-            raise UnsupportedKeyError(f"{uri} returned a malformed ECDSA signature") from None
+        except ValueError as exc:
+            raise UnsupportedKeyError(f"{uri} returned a malformed ECDSA signature") from exc
         return _mpint(r) + _mpint(s)
     assert isinstance(public_key, rsa.RSAPublicKey)
     size = (public_key.key_size + 7) // 8
@@ -298,8 +298,8 @@ def dearmor(data: bytes) -> bytes:
     """The binary signature between BEGIN and END (CRLF tolerated; anything else around it is refused)."""
     try:
         lines = [line.strip() for line in data.decode("ascii").splitlines()]
-    except UnicodeDecodeError:
-        raise VerificationError("not an SSH signature: it is not ASCII armor") from None
+    except UnicodeDecodeError as exc:
+        raise VerificationError("not an SSH signature: it is not ASCII armor") from exc
     while lines and not lines[-1]:
         lines.pop()
     if not lines or lines[0] != BEGIN:
@@ -308,8 +308,8 @@ def dearmor(data: bytes) -> bytes:
         raise VerificationError(f"truncated SSH signature: no {END} line")
     try:
         return base64.b64decode("".join(lines[1:-1]), validate=True)
-    except (binascii.Error, ValueError):
-        raise VerificationError("malformed SSH signature: invalid base64") from None
+    except (binascii.Error, ValueError) as exc:
+        raise VerificationError("malformed SSH signature: invalid base64") from exc
 
 
 def parse_signature(data: bytes) -> ParsedSignature:
@@ -327,8 +327,8 @@ def parse_signature(data: bytes) -> ParsedSignature:
     reader.end()
     try:
         return ParsedSignature(key_blob, namespace.decode("utf-8"), hash_name.decode("ascii"), signature)
-    except UnicodeDecodeError:
-        raise VerificationError("malformed SSH signature: a name is not text") from None
+    except UnicodeDecodeError as exc:
+        raise VerificationError("malformed SSH signature: a name is not text") from exc
 
 
 def verify(trusted: list[TrustedKey], hash_data: Callable[[str], bytes], signature_data: bytes,

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
-import re
 
 from keyseal.errors import OpenPGPError
 
 KIND_SIGNATURE = "SIGNATURE"
 KIND_PUBLIC_KEY = "PUBLIC KEY BLOCK"
+BEGIN_MESSAGE = b"-----BEGIN PGP SIGNED MESSAGE-----"  # a cleartext signed message (openpgp.cleartext)
 
 _CRC24_INIT = 0xB704CE
 _CRC24_POLY = 0x1864CFB
-_BEGIN = re.compile(rb"^-----BEGIN PGP ([A-Z ,/0-9]+)-----[ \t]*$")
+_BEGIN = b"-----BEGIN PGP "
+_KIND_OCTETS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ ,/0123456789")
+# base64 through binascii (what the base64 module calls), and no regular expression: the armor of every signature
+# and certificate is read on the verification paths, whose start-up is their cost.
 
 
 def crc24(data: bytes) -> int:
@@ -29,12 +31,19 @@ def crc24(data: bytes) -> int:
 
 def armor(data: bytes, kind: str) -> bytes:
     """Armor binary OpenPGP data as `-----BEGIN PGP <kind>-----` with 64-column lines and a checksum."""
-    encoded = base64.b64encode(data).decode("ascii")
+    encoded = _b64encode(data)
     lines = [f"-----BEGIN PGP {kind}-----", ""]
     lines += [encoded[i : i + 64] for i in range(0, len(encoded), 64)]
-    lines.append("=" + base64.b64encode(crc24(data).to_bytes(3, "big")).decode("ascii"))
+    lines.append("=" + _b64encode(crc24(data).to_bytes(3, "big")))
     lines.append(f"-----END PGP {kind}-----")
     return ("\n".join(lines) + "\n").encode("ascii")
+
+
+def is_cleartext(data: bytes) -> bool:
+    """Whether `data` starts as a cleartext signed message does. Here rather than in keyseal._internal.openpgp.cleartext
+    (which uses it) so that telling a detached signature from a cleartext message, as `keyseal-gpg --verify` does
+    once per commit, loads nothing more."""
+    return data.lstrip(b"\r\n\t ")[: len(BEGIN_MESSAGE)] == BEGIN_MESSAGE
 
 
 def is_armored(data: bytes) -> bool:
@@ -47,11 +56,10 @@ def dearmor_all(data: bytes) -> list[tuple[str, bytes]]:
     blocks: list[tuple[str, bytes]] = []
     index = 0
     while index < len(lines):
-        match = _BEGIN.match(lines[index].rstrip(b"\r"))
+        kind = _begin_kind(lines[index].rstrip(b"\r"))
         index += 1
-        if not match:
+        if kind is None:
             continue
-        kind = match.group(1).decode("ascii")
         index = _skip_headers(lines, index)
         body: list[bytes] = []
         checksum: bytes | None = None
@@ -74,6 +82,22 @@ def dearmor_all(data: bytes) -> list[tuple[str, bytes]]:
     return blocks
 
 
+def _begin_kind(line: bytes) -> str | None:
+    """The KIND of a `-----BEGIN PGP KIND-----` line (KIND of capitals, digits, spaces, commas and slashes;
+    spaces or tabs may trail the line), else None."""
+    if not line.startswith(_BEGIN):
+        return None
+    rest = line[len(_BEGIN):].rstrip(b" \t")
+    kind = rest[:-5]
+    if not rest.endswith(b"-----") or not kind or not _KIND_OCTETS.issuperset(kind):
+        return None
+    return kind.decode("ascii")
+
+
+def _b64encode(data: bytes) -> str:
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
 def _skip_headers(lines: list[bytes], index: int) -> int:
     """Skip armor headers up to the blank separator line (tolerating its absence, as gpg does)."""
     start = index
@@ -89,14 +113,14 @@ def _skip_headers(lines: list[bytes], index: int) -> int:
 
 def _decode(body: bytes, checksum: bytes | None) -> bytes:
     try:
-        data = base64.b64decode(body, validate=True)
-    except (binascii.Error, ValueError):
-        raise OpenPGPError("malformed armor: invalid base64") from None
+        data = binascii.a2b_base64(body, strict_mode=True)  # base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise OpenPGPError("malformed armor: invalid base64") from exc
     if checksum is not None:
         try:
-            expected = int.from_bytes(base64.b64decode(checksum, validate=True), "big")
-        except (binascii.Error, ValueError):
-            raise OpenPGPError("malformed armor: invalid checksum line") from None
+            expected = int.from_bytes(binascii.a2b_base64(checksum, strict_mode=True), "big")
+        except (binascii.Error, ValueError) as exc:
+            raise OpenPGPError("malformed armor: invalid checksum line") from exc
         if crc24(data) != expected:
             raise OpenPGPError("armor checksum mismatch: the data was altered or truncated")
     return data

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from keyseal._internal.frozen import Record
 from keyseal._internal.openpgp.armor import KIND_PUBLIC_KEY, armor, dearmor_or_binary
 from keyseal._internal.openpgp.keys import (
     ALGO_NAMES,
@@ -51,20 +52,23 @@ from keyseal._internal.openpgp.signature import (
     creation_subpackets,
     make_signature,
     new_hasher,
+    new_message_hasher,
     parse_signature,
 )
 from keyseal.errors import OpenPGPError, UsageError
-from keyseal.signer import HashName, PublicKey, Signer
+
+if TYPE_CHECKING:
+    from keyseal.signer import HashName, PublicKey, Signer
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_EMAIL = re.compile(rf"^[^\s@<>()\[\],;:\"]+@{_LABEL}(?:\.{_LABEL})+$")
+_EMAIL = rf"^[^\s@<>()\[\],;:\"]+@{_LABEL}(?:\.{_LABEL})+$"  # compiled on first use (re's cache), not at import
 # Revocation reasons after which signatures made before the revocation stay valid (superseded, retired).
 _SOFT_REVOCATION_REASONS = frozenset({1, 3})
 
 
 def user_id_for(name: str, email: str) -> str:
     """`Name <email>`, refusing values that would make an ambiguous or multi-line user ID."""
-    if not _EMAIL.match(email):
+    if not re.match(_EMAIL, email):
         raise UsageError(f"invalid email address {email!r}")
     if not name.strip() or any(ch in name for ch in "<>\r\n\0"):
         raise UsageError("invalid name: it must be non-empty and contain no '<', '>' or line breaks")
@@ -135,27 +139,42 @@ def armor_certificate(binary: bytes) -> bytes:
     return armor(binary, KIND_PUBLIC_KEY)
 
 
-@dataclass
-class SigningKey:
+class SigningKey(Record):
     """A key of a certificate that may make data signatures, with the window in which it may."""
 
-    key: KeyPacket
-    expires: int | None  # absolute Unix time, None for never
-    revoked_at: int | None = None  # signatures at or after this time are invalid; 0 = all (hard revocation)
+    __slots__ = ("expires", "key", "revoked_at")
+
+    def __init__(self, key: KeyPacket, expires: int | None, revoked_at: int | None = None) -> None:
+        self.key = key
+        self.expires = expires  # absolute Unix time, None for never
+        self.revoked_at = revoked_at  # signatures at or after this time are invalid; 0 = all (hard revocation)
 
 
-@dataclass
-class Certificate:
+class Certificate(Record):
     """A transferable public key whose self-signatures keyseal has checked."""
 
-    primary: KeyPacket
-    user_ids: list[str]
-    signing_keys: list[SigningKey]
-    binary: bytes
-    revoked: bool = False
-    expires: int | None = None
-    subkeys: list[KeyPacket] = field(default_factory=list)
-    hash_preferences: tuple[int, ...] = ()  # OpenPGP hash IDs from the latest self-signature, most wanted first
+    __slots__ = (
+        "binary",
+        "expires",
+        "hash_preferences",
+        "primary",
+        "revoked",
+        "signing_keys",
+        "subkeys",
+        "user_ids",
+    )
+
+    def __init__(self, primary: KeyPacket, user_ids: list[str], signing_keys: list[SigningKey], binary: bytes,
+                 revoked: bool = False, expires: int | None = None, subkeys: list[KeyPacket] | None = None,
+                 hash_preferences: tuple[int, ...] = ()) -> None:
+        self.primary = primary
+        self.user_ids = user_ids
+        self.signing_keys = signing_keys
+        self.binary = binary
+        self.revoked = revoked
+        self.expires = expires
+        self.subkeys: list[KeyPacket] = [] if subkeys is None else subkeys
+        self.hash_preferences = hash_preferences  # OpenPGP hash IDs from the latest self-signature, most wanted first
 
     @property
     def fingerprint(self) -> str:
@@ -169,7 +188,7 @@ def load_certificates(data: bytes, source: str = "certificate") -> list[Certific
         packets = list(iter_packets(binary))
     except OpenPGPError as exc:
         raise OpenPGPError(f"{source} is not an OpenPGP certificate ({exc.message}): give the .asc file keyseal "
-                           f"keys mint (or gpg --export) wrote") from None
+                           f"keys mint (or gpg --export) wrote") from exc
     if not packets:
         raise OpenPGPError(f"{source} holds no OpenPGP data")
     groups: list[list[Packet]] = []
@@ -199,7 +218,7 @@ def _self_signed(sig: SignaturePacket, signer: KeyPacket, prefix: bytes) -> bool
     if sig.created is None or sig.created < signer.created or sig.unknown_critical():
         return False
     try:
-        hasher = new_hasher(sig.hash_id)
+        hasher = new_message_hasher(sig.hash_id)
     except OpenPGPError:
         return False
     hasher.update(prefix + sig.trailer())

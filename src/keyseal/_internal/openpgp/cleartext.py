@@ -18,11 +18,10 @@ Kept free of heavy imports: `keyseal-gpg` and `keyseal verify` load it before an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from keyseal._internal.frozen import Frozen
+from keyseal._internal.openpgp.armor import BEGIN_MESSAGE, is_cleartext
 from keyseal.errors import OpenPGPError
 
-BEGIN_MESSAGE = b"-----BEGIN PGP SIGNED MESSAGE-----"
 BEGIN_SIGNATURE = b"-----BEGIN PGP SIGNATURE-----"
 HASH_HEADER_NAMES = {"sha224": "SHA224", "sha256": "SHA256", "sha384": "SHA384", "sha512": "SHA512"}
 _HEADER_HASHES = {value: key for key, value in HASH_HEADER_NAMES.items()}
@@ -67,18 +66,16 @@ def render_cleartext(text: bytes, hash_name: str, signature_armor: bytes) -> byt
     return header + body + signature_armor
 
 
-def is_cleartext(data: bytes) -> bool:
-    return data.lstrip(b"\r\n\t ")[: len(BEGIN_MESSAGE)] == BEGIN_MESSAGE
-
-
-@dataclass(frozen=True)
-class CleartextMessage:
+class CleartextMessage(Frozen):
     """A parsed cleartext signed message: the signed lines (dash-escaping undone), the hashes the header
     names, and the armored signature block."""
 
-    lines: list[bytes]
-    header_hashes: frozenset[str] | None  # hashlib names; None when the message has no Hash header
-    signature_armor: bytes
+    __slots__ = ("header_hashes", "lines", "signature_armor")
+
+    def __init__(self, lines: list[bytes], header_hashes: frozenset[str] | None, signature_armor: bytes) -> None:
+        self.lines = lines
+        self.header_hashes = header_hashes  # hashlib names; None when the message has no Hash header
+        self.signature_armor = signature_armor
 
     @property
     def hash_input(self) -> bytes:

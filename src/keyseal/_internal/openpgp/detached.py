@@ -8,13 +8,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from keyseal._internal.openpgp.cert import Certificate, merge_certificates
 from keyseal._internal.openpgp.packets import TAG_SIGNATURE, encode_packet
-from keyseal._internal.openpgp.signature import Hasher, SignaturePacket, check_signature_math
+from keyseal._internal.openpgp.signature import SignaturePacket, check_signature_math
 from keyseal._internal.openpgp.stream import hash_file
 from keyseal._internal.openpgp.verify import issuer_keys, parse_detached, revocation_problem
 from keyseal.errors import OpenPGPError, UsageError
+
+if TYPE_CHECKING:
+    from keyseal._internal.openpgp.signature import Hasher
 
 __all__ = ["KnownCertificates", "check_signatures_over", "encode_signatures", "merge_signatures", "revoked_signer"]
 
@@ -92,7 +96,7 @@ def merge_signatures(data: Path, files: list[tuple[str, bytes]], known: KnownCer
         try:
             signatures = parse_detached(content)
         except OpenPGPError as exc:
-            raise OpenPGPError(f"{name}: {exc.message}") from None
+            raise OpenPGPError(f"{name}: {exc.message}") from exc
         _, digests = check_signatures_over(data, signatures, name)
         for sig, digest in zip(signatures, digests, strict=True):
             revoked = revoked_signer(sig, digest, known.all())

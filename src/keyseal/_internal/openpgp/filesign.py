@@ -149,11 +149,11 @@ def _existing_signatures(dst: Path) -> tuple[bool, list[SignaturePacket]] | None
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise InputError(f"cannot read {dst}: {exc.strerror}") from None
+        raise InputError(f"cannot read {dst}: {exc.strerror}") from exc
     try:
         return is_armored(data), parse_detached(data)
     except OpenPGPError as exc:
-        raise OpenPGPError(f"cannot append to {dst}: {exc.message}") from None
+        raise OpenPGPError(f"cannot append to {dst}: {exc.message}") from exc
 
 
 def _append_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, src: Path, dst: Path,
@@ -169,9 +169,9 @@ def _append_one(signer: Signer, identity: SigningIdentity, hash_name: HashName, 
     try:
         hashers, digests = check_signatures_over(src, existing, str(dst), (hash_id,))
     except OpenPGPError as exc:
-        raise OpenPGPError(f"cannot append to {dst}: {exc.message}") from None
+        raise OpenPGPError(f"cannot append to {dst}: {exc.message}") from exc
     except UsageError as exc:
-        raise UsageError(f"{exc.message}: refusing to append to it") from None
+        raise UsageError(f"{exc.message}: refusing to append to it") from exc
     for sig, digest in zip(existing, digests, strict=True):
         _check_revocation(sig, digest, dst, policy)
     packet = signature_packet(signer, identity, hashers[hash_id], hash_name)

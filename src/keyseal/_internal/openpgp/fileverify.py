@@ -1,28 +1,48 @@
-"""Verify a detached OpenPGP signature over a file: the composition `keyseal verify` and the Python API
-(keyseal.api) share.
+"""Verify a detached OpenPGP signature over a file: the one composition `keyseal verify` and the Python API
+(keyseal.api.verify_file) share.
 
-`keyseal verify` is often one of many short processes, so the data starts hashing (in a thread) as soon as the
-signature is read, while the verifier and the certificates load; a text-mode signature (`gpg -abst`) is tried
-only once the binary check failed. Imports stay inside the functions: this module is on that short path.
+`keyseal verify` is often one of many short processes, so the data starts hashing (in a thread, for a large file)
+as soon as the signature is read, while the verifier and the certificates load; a text-mode signature
+(`gpg -abst`) is tried only once the binary check failed. This module is on that short path: paths are text
+(spelt as pathlib spells them, keyseal._internal.pathtext), and nothing but the verifier is imported.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from pathlib import Path
-from typing import TYPE_CHECKING
+import os
 
-from keyseal.errors import KeysealError, VerificationError
+from keyseal._internal.pathtext import name_of, path_text
+from keyseal.errors import InputError, KeysealError, VerificationError
 
+# Not `typing.TYPE_CHECKING`: the short path imports no typing.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from keyseal._internal.openpgp.cert import Certificate
     from keyseal._internal.openpgp.verify import VerifiedSignature
 
-__all__ = ["load_certificates_from", "verify_detached"]
+    StrPath = str | os.PathLike[str]
+
+__all__ = ["default_signature_path", "load_certificates_from", "verify_detached"]
 
 
-def load_certificates_from(sources: Iterable[Path | bytes]) -> list[Certificate]:
-    """Every certificate in these files (a Path) or armored or binary blobs (bytes), in order."""
+def default_signature_path(data: StrPath, option: str = "signature") -> str:
+    """DATA.asc, else DATA.sig: where keyseal and gpg put a detached signature when none is named (`option` is
+    what the user could have named it with, for the error)."""
+    text = path_text(os.fspath(data))
+    name = name_of(text)
+    if not name:
+        raise InputError(f"{text} is a directory, not a file")
+    for suffix in (".asc", ".sig"):
+        candidate = text + suffix
+        if os.path.exists(candidate):
+            return candidate
+    raise InputError(f"no {option} given and neither {name}.asc nor {name}.sig exists")
+
+
+def load_certificates_from(sources: Iterable[StrPath | bytes]) -> list[Certificate]:
+    """Every certificate in these files (a path) or armored or binary blobs (bytes), in order."""
     from keyseal._internal.inputfile import read_input
     from keyseal._internal.openpgp.cert import load_certificates
 
@@ -31,35 +51,38 @@ def load_certificates_from(sources: Iterable[Path | bytes]) -> list[Certificate]
         if isinstance(source, bytes):
             certificates += load_certificates(source)
         else:
-            certificates += load_certificates(read_input(source, "certificate"), str(source))
+            path = path_text(os.fspath(source))
+            certificates += load_certificates(read_input(path, "certificate"), path)
     return certificates
 
 
-def verify_detached(sources: Iterable[Path | bytes], file: Path, signature: Path | None,
+def verify_detached(sources: Iterable[StrPath | bytes], file: StrPath, signature: StrPath | None,
                     threshold: int = 1) -> list[VerifiedSignature]:
     """The good signatures of at least `threshold` distinct certificates over `file`; its signature is
     `signature`, else FILE.asc, else FILE.sig. A bad signature raises VerificationError; an unreadable file or
     certificate, or malformed OpenPGP, raises the error that says so."""
-    from keyseal._internal.inputfile import default_signature_path, read_input
+    from keyseal._internal.inputfile import read_input
 
     sources = list(sources)
+    data_path = path_text(os.fspath(file))
     signature_data = b""
     try:
         from keyseal._internal.openpgp import prefetch
 
-        signature_data = read_input(signature or default_signature_path(file), "signature")
-        hashes = prefetch.start(file, signature_data)  # hash the data while the verifier and certificates load
+        signature_path = default_signature_path(data_path) if signature is None else path_text(os.fspath(signature))
+        signature_data = read_input(signature_path, "signature")
+        hashes = prefetch.start(data_path, signature_data)  # hashing starts while the verifier loads
         from keyseal._internal.openpgp.verify import verify_threshold_prefetched
 
         return verify_threshold_prefetched(load_certificates_from(sources), hashes, signature_data, threshold)
     except VerificationError:
-        text_results = _text_mode(sources, file, signature_data, threshold)
+        text_results = _text_mode(sources, data_path, signature_data, threshold)
         if text_results is None:
             raise
         return text_results
 
 
-def _text_mode(sources: list[Path | bytes], file: Path, signature_data: bytes,
+def _text_mode(sources: list[StrPath | bytes], file: str, signature_data: bytes,
                threshold: int) -> list[VerifiedSignature] | None:
     """A text-mode (0x01) detached signature (`gpg -abst`) is checked over the file with CR LF line endings. Only
     tried once the binary check failed, so the usual path keeps hashing while the verifier loads."""
@@ -78,4 +101,4 @@ def _text_mode(sources: list[Path | bytes], file: Path, signature_data: bytes,
     except VerificationError:
         raise
     except KeysealError as exc:
-        raise VerificationError(exc.message) from None
+        raise VerificationError(exc.message) from exc

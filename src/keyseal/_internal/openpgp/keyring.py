@@ -10,34 +10,38 @@
 
 from __future__ import annotations
 
-import json
+import os
 import re
-from dataclasses import dataclass, replace
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from keyseal._internal.atomic import write_atomic
-from keyseal._internal.home import keyseal_home
-from keyseal._internal.openpgp.armor import armor
+from keyseal._internal.frozen import Frozen
+from keyseal._internal.home import home_text, keyseal_home
 from keyseal._internal.openpgp.cert import Certificate, load_certificates, merge_certificates
-from keyseal._internal.openpgp.keys import same_public_key
 from keyseal.errors import InputError, KeysealError, KeyURIError, OpenPGPError, UsageError
-from keyseal.signer import PublicKey
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from keyseal.signer import PublicKey
 
 KEYS_FILE = "keys.toml"
 KEYRING_DIR = "keyring"
 ALLOWED_SIGNERS = "allowed_signers"
 _CERT_SUFFIXES = (".asc", ".gpg", ".pgp")
-_HEX = re.compile(r"^[0-9A-F]+$")
-_EMAIL_IN_ANGLES = re.compile(r"<([^<>\s]+@[^<>\s]+)>")
+# Compiled on first use (re's cache), not at import: keyseal-gpg --verify reads the keyring without them.
+_HEX = r"^[0-9A-F]+$"
+_EMAIL_IN_ANGLES = r"<([^<>\s]+@[^<>\s]+)>"
 
 
-@dataclass(frozen=True)
-class KeyEntry:
+class KeyEntry(Frozen):
     """One key keyseal signs with for git: its URI and the fingerprints it answers to."""
 
-    uri: str
-    openpgp: str | None = None  # 40 hex digits, upper case
-    ssh: str | None = None  # SHA256:...
+    __slots__ = ("openpgp", "ssh", "uri")
+
+    def __init__(self, uri: str, openpgp: str | None = None, ssh: str | None = None) -> None:
+        self.uri = uri
+        self.openpgp = openpgp  # 40 hex digits, upper case
+        self.ssh = ssh  # SHA256:...
 
 
 def keys_path() -> Path:
@@ -88,9 +92,9 @@ def load_entries() -> list[KeyEntry]:
     except FileNotFoundError:
         return []
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {getattr(exc, 'strerror', None) or 'not UTF-8 text'}") from None
+        raise InputError(f"cannot read {path}: {getattr(exc, 'strerror', None) or 'not UTF-8 text'}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{path} is not valid TOML ({exc}): fix it or run keyseal git-setup again") from None
+        raise UsageError(f"{path} is not valid TOML ({exc}): fix it or run keyseal git-setup again") from exc
     entries: list[KeyEntry] = []
     for item in data.get("key", []):
         if not isinstance(item, dict) or not isinstance(item.get("uri"), str):
@@ -112,11 +116,15 @@ def save_entry(entry: KeyEntry) -> Path:
             continue
         other = old
         if entry.openpgp and other.openpgp == entry.openpgp:
-            other = replace(other, openpgp=None)
+            other = KeyEntry(other.uri, None, other.ssh)
         if entry.ssh and other.ssh == entry.ssh:
-            other = replace(other, ssh=None)
+            other = KeyEntry(other.uri, other.openpgp, None)
         if other.openpgp or other.ssh:
             kept.append(other)
+    import json
+
+    from keyseal._internal.atomic import write_atomic
+
     lines = ["# keyseal: which key URI signs for which public key. Written by `keyseal git-setup`; no secrets."]
     for item in [*kept, merged]:
         lines += ["", "[[key]]", f"uri = {json.dumps(item.uri)}"]
@@ -144,37 +152,56 @@ def uri_for_ssh(fingerprint: str) -> str | None:
 
 def keyring_certificates() -> list[Certificate]:
     """Every certificate in the keyring directory (copies of one key merged); a broken file is an error. Parsed
-    once per content of the directory's files (keyseal._internal.openpgp.keyring_cache)."""
+    once per content of the directory's files (openpgp.keyring_cache). Paths are text here: `keyseal-gpg
+    --verify` comes here once per commit and imports no pathlib (keyseal._internal.pathtext)."""
     from keyseal._internal.openpgp import keyring_cache
+    from keyseal._internal.pathtext import join
 
-    directory = keyring_dir()
-    if not directory.is_dir():
+    directory = join(home_text(), KEYRING_DIR)
+    if not os.path.isdir(directory):
         return []
     files: list[tuple[str, bytes]] = []
-    for path in sorted(directory.iterdir()):
-        if path.suffix not in _CERT_SUFFIXES or not path.is_file():
+    for name in sorted(os.listdir(directory)):
+        path = join(directory, name)
+        if _suffix(name) not in _CERT_SUFFIXES or not os.path.isfile(path):
             continue
         try:
-            files.append((path.name, path.read_bytes()))
+            with open(path, "rb") as handle:
+                files.append((name, handle.read()))
         except OSError as exc:
-            raise InputError(f"cannot read {path}: {exc.strerror}") from None
+            raise InputError(f"cannot read {path}: {exc.strerror}") from exc
     key = keyring_cache.cache_key(files)
-    cached = keyring_cache.load(keyring_cache_path(), key)
+    cache = _cache_text()
+    cached = keyring_cache.load(cache, key)
     if cached is not None:
         return cached
     certificates: list[Certificate] = []
     for name, content in files:
         try:
-            certificates += load_certificates(content, str(directory / name))
+            certificates += load_certificates(content, join(directory, name))
         except KeysealError as exc:
-            raise OpenPGPError(f"keyring file {exc.message}") from None
+            raise OpenPGPError(f"keyring file {exc.message}") from exc
     merged = merge_certificates(certificates)
-    keyring_cache.store(keyring_cache_path(), key, merged)
+    keyring_cache.store(cache, key, merged)
     return merged
 
 
+def _suffix(name: str) -> str:
+    """pathlib's `suffix` of a file name (none for a hidden file such as `.asc`)."""
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
+
+
 def keyring_cache_path() -> Path:
-    return keyseal_home() / "cache" / "keyring.json"
+    from pathlib import Path
+
+    return Path(_cache_text())
+
+
+def _cache_text() -> str:
+    from keyseal._internal.pathtext import join
+
+    return join(join(home_text(), "cache"), "keyring.cache")
 
 
 def add_certificate(data: bytes, source: str) -> Certificate:
@@ -183,6 +210,9 @@ def add_certificate(data: bytes, source: str) -> Certificate:
     loaded = load_certificates(data, source)
     if len(loaded) != 1:
         raise UsageError(f"{source} holds {len(loaded)} certificates: give one")
+    from keyseal._internal.atomic import write_atomic
+    from keyseal._internal.openpgp.armor import armor
+
     cert = loaded[0]
     directory = keyring_dir()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -195,6 +225,8 @@ def add_certificate(data: bytes, source: str) -> Certificate:
 
 def certificate_for_key(public_key: PublicKey, certificates: list[Certificate]) -> Certificate | None:
     """The certificate in which `public_key` is a signing key (primary or subkey)."""
+    from keyseal._internal.openpgp.keys import same_public_key
+
     for cert in certificates:
         if any(same_public_key(entry.key.public_key, public_key) for entry in cert.signing_keys):
             return cert
@@ -205,7 +237,7 @@ def normalise_key_id(spec: str) -> str | None:
     """A fingerprint or long key ID as gpg accepts it (`0x` prefix, spaces, trailing `!`), upper case; else None."""
     text = spec.strip().removesuffix("!").replace(" ", "").upper()
     text = text.removeprefix("0X")
-    if _HEX.match(text) and len(text) in (16, 40):
+    if re.match(_HEX, text) and len(text) in (16, 40):
         return text
     return None
 
@@ -218,7 +250,7 @@ def find_certificates(spec: str, certificates: list[Certificate]) -> list[Certif
         return [cert for cert in certificates
                 if any(entry.key.fingerprint_hex.endswith(key_id) for entry in cert.signing_keys)
                 or cert.fingerprint.endswith(key_id)]
-    match = _EMAIL_IN_ANGLES.search(spec)
+    match = re.search(_EMAIL_IN_ANGLES, spec)
     email = (match.group(1) if match else spec.strip()).lower()
     if "@" not in email:
         return []
@@ -246,6 +278,8 @@ def add_allowed_signer(principal: str, public_key_line: str) -> Path:
     line = f"{principal} {public_key_line}"
     if any(old.split()[:1] == [principal] and key in old for old in existing):
         return path
+    from keyseal._internal.atomic import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_atomic(path, ("\n".join([*existing, line]) + "\n").encode("utf-8"), mode=0o644)
     return path

@@ -1,16 +1,23 @@
-"""Public-key packets (v4): encoding a `cryptography` key, parsing one back, fingerprints and key IDs."""
+"""Public-key packets (v4): encoding a `cryptography` key, parsing one back, fingerprints and key IDs.
+
+Each algorithm's `cryptography` module is imported when a key of that algorithm is met (an Ed25519 verification
+loads neither the EC nor the RSA module): `keyseal-gpg --verify` runs once per commit, its start-up is its cost.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import struct
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
+from keyseal._internal.frozen import Frozen
+from keyseal._internal.openpgp import digests
 from keyseal._internal.openpgp.packets import Reader, encode_mpi
 from keyseal.errors import OpenPGPError, UnsupportedKeyError
-from keyseal.signer import PublicKey
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from keyseal.signer import PublicKey
 
 ALGO_RSA = 1
 ALGO_RSA_SIGN = 3
@@ -20,22 +27,26 @@ ALGO_ED25519 = 27
 
 ALGO_NAMES = {ALGO_RSA: "RSA", ALGO_RSA_SIGN: "RSA", ALGO_ECDSA: "ECDSA", ALGO_EDDSA_LEGACY: "EdDSA",
               ALGO_ED25519: "Ed25519"}
+RSA_ALGORITHMS = (ALGO_RSA, ALGO_RSA_SIGN)
 
 _CURVE_OIDS: dict[str, bytes] = {
     "secp256r1": bytes.fromhex("2a8648ce3d030107"),
     "secp384r1": bytes.fromhex("2b81040022"),
     "secp521r1": bytes.fromhex("2b81040023"),
 }
-_OID_CURVES: dict[bytes, ec.EllipticCurve] = {
-    _CURVE_OIDS["secp256r1"]: ec.SECP256R1(),
-    _CURVE_OIDS["secp384r1"]: ec.SECP384R1(),
-    _CURVE_OIDS["secp521r1"]: ec.SECP521R1(),
+# OID -> the name of the curve's class in cryptography's `ec` module (imported only for an ECDSA key).
+_OID_CURVES: dict[bytes, str] = {
+    _CURVE_OIDS["secp256r1"]: "SECP256R1",
+    _CURVE_OIDS["secp384r1"]: "SECP384R1",
+    _CURVE_OIDS["secp521r1"]: "SECP521R1",
 }
 ED25519_LEGACY_OID = bytes.fromhex("2b06010401da470f01")
 
 
 def algorithm_of(public_key: PublicKey) -> int:
     """The v4 public-key algorithm keyseal writes for a key (legacy EdDSA for Ed25519, which gpg 2.2 reads)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     if isinstance(public_key, rsa.RSAPublicKey):
         return ALGO_RSA
     if isinstance(public_key, ec.EllipticCurvePublicKey):
@@ -45,6 +56,8 @@ def algorithm_of(public_key: PublicKey) -> int:
 
 def encode_public_key_body(public_key: PublicKey, created: int) -> bytes:
     """The body of a v4 public-key packet for `public_key`, created at `created` (Unix seconds)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     head = struct.pack(">BIB", 4, created, algorithm_of(public_key))
     if isinstance(public_key, rsa.RSAPublicKey):
         numbers = public_key.public_numbers()
@@ -70,18 +83,20 @@ def _ed25519_raw(public_key: ed25519.Ed25519PublicKey) -> bytes:
 
 def fingerprint_of(body: bytes) -> bytes:
     """The v4 fingerprint: SHA-1 over 0x99, a two-octet length and the key packet body."""
-    return hashlib.sha1(b"\x99" + struct.pack(">H", len(body)) + body, usedforsecurity=False).digest()
+    return digests.sha1(b"\x99" + struct.pack(">H", len(body)) + body)
 
 
-@dataclass(frozen=True)
-class KeyPacket:
+class KeyPacket(Frozen):
     """A parsed v4 public key or subkey packet."""
 
-    body: bytes
-    created: int
-    algorithm: int
-    public_key: PublicKey
-    fingerprint: bytes
+    __slots__ = ("algorithm", "body", "created", "fingerprint", "public_key")
+
+    def __init__(self, body: bytes, created: int, algorithm: int, public_key: PublicKey, fingerprint: bytes) -> None:
+        self.body = body
+        self.created = created
+        self.algorithm = algorithm
+        self.public_key = public_key
+        self.fingerprint = fingerprint
 
     @property
     def key_id(self) -> bytes:
@@ -92,6 +107,8 @@ class KeyPacket:
         return self.fingerprint.hex().upper()
 
     def describe(self) -> str:
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
         if isinstance(self.public_key, rsa.RSAPublicKey):
             return f"RSA-{self.public_key.key_size}"
         if isinstance(self.public_key, ec.EllipticCurvePublicKey):
@@ -114,17 +131,22 @@ def parse_key_packet(body: bytes) -> KeyPacket:
 
 def _parse_material(reader: Reader, algorithm: int) -> PublicKey:
     try:
-        if algorithm in (ALGO_RSA, ALGO_RSA_SIGN):
+        if algorithm in RSA_ALGORITHMS:
+            from cryptography.hazmat.primitives.asymmetric import rsa
+
             n = reader.mpi()
             e = reader.mpi()
             return rsa.RSAPublicNumbers(e, n).public_key()
         if algorithm == ALGO_ECDSA:
             oid = reader.take(reader.u8())
-            curve = _OID_CURVES.get(oid)
-            if curve is None:
+            curve_name = _OID_CURVES.get(oid)
+            if curve_name is None:
                 raise OpenPGPError("unsupported ECDSA curve in OpenPGP key")
+            from cryptography.hazmat.primitives.asymmetric import ec
+
             point = reader.mpi()
             size = (point.bit_length() + 7) // 8
+            curve: ec.EllipticCurve = getattr(ec, curve_name)()
             return ec.EllipticCurvePublicKey.from_encoded_point(curve, point.to_bytes(size, "big"))
         if algorithm == ALGO_EDDSA_LEGACY:
             oid = reader.take(reader.u8())
@@ -133,12 +155,18 @@ def _parse_material(reader: Reader, algorithm: int) -> PublicKey:
             prefixed = reader.mpi().to_bytes(33, "big")
             if prefixed[0] != 0x40:
                 raise OpenPGPError("malformed Ed25519 public key in OpenPGP key")
-            return ed25519.Ed25519PublicKey.from_public_bytes(prefixed[1:])
+            return _ed25519_key(prefixed[1:])
         if algorithm == ALGO_ED25519:
-            return ed25519.Ed25519PublicKey.from_public_bytes(reader.take(32))
-    except (ValueError, OverflowError):
-        raise OpenPGPError("malformed public key material in OpenPGP key") from None
+            return _ed25519_key(reader.take(32))
+    except (ValueError, OverflowError) as exc:
+        raise OpenPGPError("malformed public key material in OpenPGP key") from exc
     raise OpenPGPError(f"unsupported OpenPGP public-key algorithm {algorithm}")
+
+
+def _ed25519_key(raw: bytes) -> ed25519.Ed25519PublicKey:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    return ed25519.Ed25519PublicKey.from_public_bytes(raw)
 
 
 def same_public_key(left: PublicKey, right: PublicKey) -> bool:

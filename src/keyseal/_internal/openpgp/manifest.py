@@ -103,8 +103,8 @@ def parse_manifest(data: bytes, source: str = "manifest") -> Manifest:
         raise VerificationError(f"{source} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a checksum manifest")
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise VerificationError(f"{source} is not UTF-8 text: not a checksum manifest") from None
+    except UnicodeDecodeError as exc:
+        raise VerificationError(f"{source} is not UTF-8 text: not a checksum manifest") from exc
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()

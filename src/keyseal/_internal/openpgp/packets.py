@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from keyseal._internal.frozen import Frozen
 from keyseal.errors import OpenPGPError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 TAG_SIGNATURE = 2
 TAG_SECRET_KEY = 5
@@ -19,10 +22,12 @@ TAG_PUBLIC_SUBKEY = 14
 TAG_USER_ATTRIBUTE = 17
 
 
-@dataclass(frozen=True)
-class Packet:
-    tag: int
-    body: bytes
+class Packet(Frozen):
+    __slots__ = ("body", "tag")
+
+    def __init__(self, tag: int, body: bytes) -> None:
+        self.tag = tag
+        self.body = body
 
 
 def encode_length(length: int) -> bytes:
@@ -137,11 +142,13 @@ class Reader:
             raise OpenPGPError(f"malformed {self.what}: trailing bytes")
 
 
-@dataclass(frozen=True)
-class Subpacket:
-    type: int
-    critical: bool
-    body: bytes
+class Subpacket(Frozen):
+    __slots__ = ("body", "critical", "type")
+
+    def __init__(self, type: int, critical: bool, body: bytes) -> None:
+        self.type = type
+        self.critical = critical
+        self.body = body
 
 
 def encode_subpacket(subtype: int, body: bytes, critical: bool = False) -> bytes:

@@ -7,16 +7,23 @@ hash releases the GIL), verification costs about as much as hashing alone. This 
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from pathlib import Path
-from typing import Any
+import os
+import stat
+from typing import TYPE_CHECKING, Any
 
 from keyseal._internal.filehash import feed_file
 from keyseal._internal.openpgp import hashids
 from keyseal._internal.openpgp.armor import dearmor_or_binary
 from keyseal._internal.openpgp.packets import TAG_SIGNATURE, iter_packets
 from keyseal.errors import KeysealError
+
+if TYPE_CHECKING:
+    import threading
+    from pathlib import Path
+
+# A regular file smaller than this is hashed when its hashes are asked for, in the caller's thread: it takes less
+# than starting a thread (and importing `threading`), which a short command pays at start-up.
+BACKGROUND_FROM = 1 << 20
 
 
 def signature_hash_ids(signature_data: bytes) -> set[int]:
@@ -31,16 +38,24 @@ def signature_hash_ids(signature_data: bytes) -> set[int]:
 
 
 class PrefetchedHashes:
-    """Hashers for `path`, fed in a background thread; `get(ids)` waits for them."""
+    """Hashers for `path`, fed in a background thread (a small regular file: by `get`); `get(ids)` waits for
+    them."""
 
-    def __init__(self, path: Path, hash_ids: set[int]) -> None:
+    def __init__(self, path: str | Path, hash_ids: set[int]) -> None:
         self.path = path
-        self.hashers: dict[int, Any] = {i: hashlib.new(hashids.ACCEPTED[i]) for i in hash_ids}
         self.error: KeysealError | None = None
-        self._thread = threading.Thread(target=self._run, name="keyseal-prefetch", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._fed = False
+        small = _small_file(path)
+        self.hashers: dict[int, Any] = {i: _hasher(hashids.ACCEPTED[i], small) for i in hash_ids}
+        if self.hashers and not small:
+            import threading
+
+            self._thread = threading.Thread(target=self._run, name="keyseal-prefetch", daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
+        self._fed = True
         if not self.hashers:
             return
         try:
@@ -50,7 +65,10 @@ class PrefetchedHashes:
 
     def get(self, hash_ids: list[int]) -> dict[int, Any]:
         """The hashers for `hash_ids`, once the data has been read; anything not prefetched is hashed now."""
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
+        elif not self._fed:
+            self._run()
         if self.error is not None:
             raise self.error
         missing = set(hash_ids) - set(self.hashers)
@@ -61,5 +79,25 @@ class PrefetchedHashes:
         return {i: self.hashers[i] for i in hash_ids}
 
 
-def start(path: Path, signature_data: bytes) -> PrefetchedHashes:
+def _hasher(name: str, small: bool) -> Any:
+    """A small file is hashed through the OpenSSL that `cryptography` loads anyway (keyseal._internal.openpgp.digests);
+    a large one through hashlib, in a thread beside the verifier's start-up."""
+    if small:
+        from keyseal._internal.openpgp import digests
+
+        return digests.new(name)
+    import hashlib
+
+    return hashlib.new(name)
+
+
+def _small_file(path: str | Path) -> bool:
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return True  # feed_file reports it, from get()
+    return stat.S_ISREG(info.st_mode) and info.st_size < BACKGROUND_FROM
+
+
+def start(path: str | Path, signature_data: bytes) -> PrefetchedHashes:
     return PrefetchedHashes(path, signature_hash_ids(signature_data))

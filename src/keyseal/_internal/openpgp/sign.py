@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -18,7 +19,6 @@ from keyseal._internal.openpgp.signature import (
     HASH_IDS,
     SIG_BINARY,
     SIG_TEXT,
-    Hasher,
     check_hash_fits_key,
     creation_subpackets,
     make_signature,
@@ -26,6 +26,9 @@ from keyseal._internal.openpgp.signature import (
 )
 from keyseal.errors import KeyMismatchError, UnsupportedKeyError, UsageError
 from keyseal.signer import HashName, PublicKey, Signer, default_hash
+
+if TYPE_CHECKING:
+    from keyseal._internal.openpgp.signature import Hasher
 
 TAG_ONE_PASS_SIGNATURE = 4
 TAG_LITERAL_DATA = 11

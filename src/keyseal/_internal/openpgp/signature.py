@@ -2,32 +2,29 @@
 
 from __future__ import annotations
 
-import hashlib
 import struct
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import (
-    Prehashed,
-    decode_dss_signature,
-    encode_dss_signature,
-)
-
-from keyseal._internal.openpgp import hashids
+from keyseal._internal.frozen import Frozen
+from keyseal._internal.openpgp import digests, hashids
 from keyseal._internal.openpgp.keys import (
     ALGO_ECDSA,
     ALGO_ED25519,
     ALGO_EDDSA_LEGACY,
     ALGO_RSA,
     ALGO_RSA_SIGN,
+    RSA_ALGORITHMS,
     algorithm_of,
 )
 from keyseal._internal.openpgp.packets import Reader, Subpacket, encode_mpi, encode_subpacket, parse_subpackets
 from keyseal.errors import OpenPGPError, UnsupportedKeyError
-from keyseal.signer import HashName, PublicKey, Signer
+
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+    from keyseal.signer import HashName, PublicKey, Signer
 
 SIG_BINARY = 0x00
 SIG_TEXT = 0x01
@@ -70,12 +67,7 @@ KEY_FLAG_CERTIFY = 0x01
 KEY_FLAG_SIGN = 0x02
 
 HASH_IDS: dict[HashName, int] = {"sha256": 8, "sha384": 9, "sha512": 10}
-_CRYPTO_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
-    "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512, "sha224": hashes.SHA224,
-}
-_ACCEPTED_HASHES: dict[int, tuple[str, type[hashes.HashAlgorithm]]] = {
-    hash_id: (name, _CRYPTO_HASHES[name]) for hash_id, name in hashids.ACCEPTED.items()
-}
+_ACCEPTED_HASHES = hashids.ACCEPTED  # OpenPGP hash ID -> hashlib name (and the name of `cryptography`'s class)
 _REJECTED_HASHES = hashids.REJECTED
 
 # Hashed subpackets a verifier must understand if they are marked critical.
@@ -86,40 +78,79 @@ _KNOWN_SUBPACKETS = frozenset(
 )
 
 
-class Hasher(Protocol):
-    def update(self, data: bytes, /) -> None: ...
-    def digest(self) -> bytes: ...
-    def copy(self) -> Any: ...
+if TYPE_CHECKING:  # a type only: building a Protocol class costs start-up time on the verification paths
+    class Hasher(Protocol):
+        def update(self, data: bytes, /) -> None: ...
+        def digest(self) -> bytes: ...
+        def copy(self) -> Any: ...
 
 
-def new_hasher(hash_id: int) -> Hasher:
-    """A hashlib object for an accepted OpenPGP hash algorithm ID; weak or unknown IDs are refused."""
+def accepted_hash(hash_id: int) -> str:
+    """The hashlib name of an accepted OpenPGP hash algorithm ID; weak or unknown IDs are refused."""
     if hash_id in _REJECTED_HASHES:
         raise OpenPGPError(f"signature uses {_REJECTED_HASHES[hash_id]}, which keyseal rejects as too weak")
     accepted = _ACCEPTED_HASHES.get(hash_id)
     if accepted is None:
         raise OpenPGPError(f"signature uses unsupported hash algorithm {hash_id}")
-    return hashlib.new(accepted[0])
+    return accepted
+
+
+def new_hasher(hash_id: int) -> Hasher:
+    """A hashlib object for an accepted OpenPGP hash algorithm ID (for a stream or a file of any size); weak or
+    unknown IDs are refused."""
+    import hashlib  # not at import: the verification paths hash through keyseal._internal.openpgp.digests
+
+    return hashlib.new(accepted_hash(hash_id))
+
+
+def new_message_hasher(hash_id: int) -> Hasher:
+    """`new_hasher` for data held in memory (a certificate's packets, a commit, a small file), through the
+    OpenSSL that `cryptography` already loaded (keyseal._internal.openpgp.digests)."""
+    return digests.new(accepted_hash(hash_id))
 
 
 def hash_name_of(hash_id: int) -> str:
-    return _ACCEPTED_HASHES[hash_id][0]
+    return _ACCEPTED_HASHES[hash_id]
 
 
-@dataclass(frozen=True)
-class SignaturePacket:
+def _prehashed(hash_id: int) -> Prehashed:
+    """The digest's algorithm as RSA and ECDSA verification take it (imported only for those keys)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+    algorithm: hashes.HashAlgorithm = getattr(hashes, _ACCEPTED_HASHES[hash_id].upper())()
+    return Prehashed(algorithm)
+
+
+class SignaturePacket(Frozen):
     """A parsed v4 signature, with the fields keyseal's policy reads."""
 
-    body: bytes
-    sig_type: int
-    algorithm: int
-    hash_id: int
-    hashed_part: bytes
-    hashed: tuple[Subpacket, ...]
-    unhashed: tuple[Subpacket, ...]
-    left16: bytes
-    values: tuple[int, ...] = field(default=())
-    raw_value: bytes = b""
+    __slots__ = (
+        "algorithm",
+        "body",
+        "hash_id",
+        "hashed",
+        "hashed_part",
+        "left16",
+        "raw_value",
+        "sig_type",
+        "unhashed",
+        "values",
+    )
+
+    def __init__(self, body: bytes, sig_type: int, algorithm: int, hash_id: int, hashed_part: bytes,
+                 hashed: tuple[Subpacket, ...], unhashed: tuple[Subpacket, ...], left16: bytes,
+                 values: tuple[int, ...] = (), raw_value: bytes = b"") -> None:
+        self.body = body
+        self.sig_type = sig_type
+        self.algorithm = algorithm
+        self.hash_id = hash_id
+        self.hashed_part = hashed_part
+        self.hashed = hashed
+        self.unhashed = unhashed
+        self.left16 = left16
+        self.values = values
+        self.raw_value = raw_value
 
     def _first(self, subtype: int, hashed_only: bool = True) -> bytes | None:
         areas = self.hashed if hashed_only else self.hashed + self.unhashed
@@ -220,16 +251,32 @@ def check_signature_math(sig: SignaturePacket, public_key: PublicKey, key_algori
         return False
     if not _algorithm_matches(sig.algorithm, key_algorithm):
         return False
-    prehashed = Prehashed(_ACCEPTED_HASHES[sig.hash_id][1]())
+    from cryptography.exceptions import InvalidSignature
+
+    # Each branch imports only its algorithm's module, and checks the key is of that algorithm.
     try:
-        if isinstance(public_key, rsa.RSAPublicKey):
+        if key_algorithm in RSA_ALGORITHMS:
+            from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+            if not isinstance(public_key, rsa.RSAPublicKey):
+                return False
             size = (public_key.key_size + 7) // 8
             if sig.values[0].bit_length() > public_key.key_size:
                 return False
-            public_key.verify(sig.values[0].to_bytes(size, "big"), digest, padding.PKCS1v15(), prehashed)
-        elif isinstance(public_key, ec.EllipticCurvePublicKey):
-            public_key.verify(encode_dss_signature(*sig.values), digest, ec.ECDSA(prehashed))
+            public_key.verify(sig.values[0].to_bytes(size, "big"), digest, padding.PKCS1v15(),
+                              _prehashed(sig.hash_id))
+        elif key_algorithm == ALGO_ECDSA:
+            from cryptography.hazmat.primitives.asymmetric import ec
+            from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+            if not isinstance(public_key, ec.EllipticCurvePublicKey):
+                return False
+            public_key.verify(encode_dss_signature(*sig.values), digest, ec.ECDSA(_prehashed(sig.hash_id)))
         else:
+            from cryptography.hazmat.primitives.asymmetric import ed25519
+
+            if not isinstance(public_key, ed25519.Ed25519PublicKey):
+                return False
             raw = sig.raw_value or _eddsa_raw(sig.values)
             if raw is None:
                 return False
@@ -255,13 +302,16 @@ def _eddsa_raw(values: tuple[int, ...]) -> bytes | None:
 
 def encode_signature_values(public_key: PublicKey, raw_signature: bytes) -> bytes:
     """Turn a Signer's natural signature encoding into the v4 algorithm-specific MPIs."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
     if isinstance(public_key, rsa.RSAPublicKey):
         return encode_mpi(int.from_bytes(raw_signature, "big"))
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         try:
             r, s = decode_dss_signature(raw_signature)
-        except ValueError:
-            raise UnsupportedKeyError("the signer returned a malformed ECDSA signature") from None
+        except ValueError as exc:
+            raise UnsupportedKeyError("the signer returned a malformed ECDSA signature") from exc
         return encode_mpi(r) + encode_mpi(s)
     if len(raw_signature) != 64:
         raise UnsupportedKeyError("the signer returned a malformed Ed25519 signature")
@@ -313,6 +363,8 @@ def make_signature(
 
 def check_hash_fits_key(public_key: PublicKey, hash_name: HashName) -> None:
     """ECDSA needs a hash at least as long as the curve order (verifiers reject shorter ones)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         need = {"secp384r1": 384, "secp521r1": 512}.get(public_key.curve.name, 256)
         if int(hash_name[3:]) < need:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from keyseal._internal.filehash import feed_file, feed_stream
-from keyseal._internal.openpgp.signature import Hasher, new_hasher
+from keyseal._internal.openpgp.signature import new_hasher
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from pathlib import Path
+
+    from keyseal._internal.openpgp.signature import Hasher
 
 
 def hash_stream(stream: BinaryIO, hash_ids: Iterable[int]) -> dict[int, Hasher]:
@@ -17,7 +21,7 @@ def hash_stream(stream: BinaryIO, hash_ids: Iterable[int]) -> dict[int, Hasher]:
     return hashers
 
 
-def hash_file(path: Path, hash_ids: Iterable[int]) -> dict[int, Hasher]:
+def hash_file(path: str | Path, hash_ids: Iterable[int]) -> dict[int, Hasher]:
     """`hash_stream` over a file, with missing or unreadable files reported as one clear error."""
     hashers = {hash_id: new_hasher(hash_id) for hash_id in set(hash_ids)}
     feed_file(path, list(hashers.values()))

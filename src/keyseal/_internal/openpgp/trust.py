@@ -61,7 +61,7 @@ class TrustSet:
                 certificates += load_certificates(data, source)
             except (OpenPGPError, UnicodeEncodeError) as exc:
                 reason = exc.message if isinstance(exc, OpenPGPError) else "it is not ASCII armor"
-                raise TrustError(f"{source}: cannot load a certificate: {reason}") from None
+                raise TrustError(f"{source}: cannot load a certificate: {reason}") from exc
         return cls(tuple(merge_certificates(certificates)), source)
 
     @classmethod
@@ -134,12 +134,12 @@ class CrossCheck:
             remote = self.remote.resolve()
         except WkdUnavailableError as exc:
             if self.policy == "fail-closed":
-                raise TrustError(f"cannot cross-check {local.source}: {exc.message} (policy fail-closed)") from None
+                raise TrustError(f"cannot cross-check {local.source}: {exc.message} (policy fail-closed)") from exc
             message = (f"cross-check skipped, using {local.source} alone: {exc.message} (policy fail-open)")
             (self.warn or log.warning)(message)
             return local
         except KeysealError as exc:
-            raise TrustError(f"cannot cross-check {local.source}: {exc.message}") from None
+            raise TrustError(f"cannot cross-check {local.source}: {exc.message}") from exc
         if local.fingerprints != remote.fingerprints:
             raise TrustError(
                 f"key mismatch: {local.source} are {', '.join(local.fingerprints)} but {remote.source} are "
@@ -215,7 +215,7 @@ def verify_release(
     try:
         signed = verify_threshold_bytes(list(trusted.certificates), manifest_data, signature_data, threshold, now)
     except KeysealError as exc:
-        raise VerificationError(f"{name} is not validly signed by {trusted.source}: {exc.message}") from None
+        raise VerificationError(f"{name} is not validly signed by {trusted.source}: {exc.message}") from exc
     parsed = parse_manifest(manifest_data, name)
     checked = check_artifacts(parsed, artifacts, name)
     return ReleaseVerification(tuple(signed), tuple(checked), trusted)

@@ -7,46 +7,49 @@ critical subpackets and malformed or truncated packets are rejected.
 
 from __future__ import annotations
 
-import io
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric import rsa
-
+from keyseal._internal.frozen import Frozen
 from keyseal._internal.openpgp import hashids
 from keyseal._internal.openpgp.armor import dearmor_or_binary
 from keyseal._internal.openpgp.cert import Certificate, SigningKey, merge_certificates
+from keyseal._internal.openpgp.keys import RSA_ALGORITHMS
 from keyseal._internal.openpgp.packets import TAG_MARKER, TAG_PUBLIC_KEY, TAG_SECRET_KEY, TAG_SIGNATURE, iter_packets
-from keyseal._internal.openpgp.prefetch import PrefetchedHashes
 from keyseal._internal.openpgp.signature import (
     SIG_BINARY,
     SIG_TEXT,
-    Hasher,
     SignaturePacket,
+    accepted_hash,
     check_signature_math,
-    new_hasher,
+    new_message_hasher,
     parse_signature,
 )
-from keyseal._internal.openpgp.stream import hash_file, hash_stream
 from keyseal.errors import OpenPGPError, VerificationError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     from keyseal._internal.openpgp.cleartext import CleartextMessage
+    from keyseal._internal.openpgp.prefetch import PrefetchedHashes
+    from keyseal._internal.openpgp.signature import Hasher
 
 MIN_RSA_BITS = 2048
 
 
-@dataclass(frozen=True)
-class VerifiedSignature:
+class VerifiedSignature(Frozen):
     """A good signature: which certificate, which of its keys, when."""
 
-    certificate: Certificate
-    key_fingerprint: str
-    created: int
-    hash_name: str
+    __slots__ = ("certificate", "created", "hash_name", "key_fingerprint")
+
+    def __init__(self, certificate: Certificate, key_fingerprint: str, created: int, hash_name: str) -> None:
+        self.certificate = certificate
+        self.key_fingerprint = key_fingerprint
+        self.created = created
+        self.hash_name = hash_name
 
     @property
     def fingerprint(self) -> str:
@@ -75,6 +78,8 @@ def parse_detached(data: bytes) -> list[SignaturePacket]:
 def verify_file(certificates: list[Certificate], path: Path, signature_data: bytes,
                 now: int | None = None) -> VerifiedSignature:
     """Verify a detached signature over a file; raise VerificationError with the most telling reason."""
+    from keyseal._internal.openpgp.stream import hash_file
+
     return _verify(certificates, lambda ids: hash_file(path, ids), signature_data, now, 1)[0]
 
 
@@ -116,7 +121,10 @@ def verify_threshold_bytes(certificates: list[Certificate], data: bytes, signatu
 
 
 def _hash_bytes(data: bytes, ids: list[int]) -> dict[int, Hasher]:
-    return hash_stream(io.BytesIO(data), ids)
+    hashers = {hash_id: new_message_hasher(hash_id) for hash_id in set(ids)}
+    for hasher in hashers.values():
+        hasher.update(data)
+    return hashers
 
 
 def verify_cleartext(certificates: list[Certificate], document: bytes,
@@ -155,7 +163,7 @@ def _verify(certificates: list[Certificate], hash_data: Callable[[list[int]], di
     reasons: list[str] = []
     for sig in signatures:
         try:
-            new_hasher(sig.hash_id)
+            accepted_hash(sig.hash_id)
         except OpenPGPError as exc:
             reasons.append(exc.message)
             continue
@@ -242,8 +250,10 @@ def key_problem(entry: SigningKey, when: int) -> str | None:
     """Why keyseal's verifier refuses any signature `entry` makes at `when` (its key's size, validity window or
     revocation), or None. The one place these rules live: `keyseal sign` asks it too, before signing."""
     key = entry.key
-    if isinstance(key.public_key, rsa.RSAPublicKey) and key.public_key.key_size < MIN_RSA_BITS:
-        return f"key {key.fingerprint_hex} is RSA-{key.public_key.key_size}: keyseal requires at least 2048 bits"
+    if key.algorithm in RSA_ALGORITHMS:
+        rsa_key: rsa.RSAPublicKey = key.public_key  # type: ignore[assignment]  # an RSA algorithm's key is RSA
+        if rsa_key.key_size < MIN_RSA_BITS:
+            return f"key {key.fingerprint_hex} is RSA-{rsa_key.key_size}: keyseal requires at least 2048 bits"
     if when < key.created:
         return f"key {key.fingerprint_hex} is not valid at {_utc(when)}: it was created at {_utc(key.created)}"
     if entry.expires is not None and when >= entry.expires:

@@ -108,8 +108,8 @@ def parse_address(email: str) -> Address:
         raise UsageError(f"invalid email address {email!r}: expected local-part@domain")
     try:
         return Address(local, validate_domain(domain))
-    except UsageError:
-        raise UsageError(f"invalid email address {email!r}: the domain is not a valid DNS name") from None
+    except UsageError as exc:
+        raise UsageError(f"invalid email address {email!r}: the domain is not a valid DNS name") from exc
 
 
 def wkd_hash(local_part: str) -> str:
@@ -245,7 +245,7 @@ def _make_dirs(root: Path, leaf: Path) -> None:
             current.mkdir(exist_ok=True)
             os.chmod(current, 0o755)  # noqa: S103 - a published web tree must be world-readable
     except OSError as exc:
-        raise KeysealError(f"cannot create {leaf}: {exc.strerror}") from None
+        raise KeysealError(f"cannot create {leaf}: {exc.strerror}") from exc
 
 
 def _write_public(path: Path, data: bytes) -> None:
@@ -254,7 +254,7 @@ def _write_public(path: Path, data: bytes) -> None:
     try:
         write_atomic(path, data, mode=0o644)
     except OSError as exc:
-        raise KeysealError(f"cannot write {path}: {exc.strerror}") from None
+        raise KeysealError(f"cannot write {path}: {exc.strerror}") from exc
 
 
 # -- fetching ----------------------------------------------------------------------------------------------
@@ -316,10 +316,10 @@ def tls_context(ca_bundle: Path | None) -> ssl.SSLContext:
     """Certificate and host-name verification always on; the given bundle replaces the system store."""
     try:
         context = ssl.create_default_context(cafile=str(ca_bundle) if ca_bundle is not None else None)
-    except FileNotFoundError:
-        raise UsageError(f"CA bundle {ca_bundle} does not exist") from None
-    except (ssl.SSLError, OSError):
-        raise UsageError(f"CA bundle {ca_bundle} holds no PEM certificate keyseal can read") from None
+    except FileNotFoundError as exc:
+        raise UsageError(f"CA bundle {ca_bundle} does not exist") from exc
+    except (ssl.SSLError, OSError) as exc:
+        raise UsageError(f"CA bundle {ca_bundle} holds no PEM certificate keyseal can read") from exc
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.sslsocket_class = _DeadlineSocket
     return context
@@ -380,18 +380,18 @@ def _get(host: str, path: str, routes: Mapping[Endpoint, Endpoint], context: ssl
         return bytes(body)
     except socket.gaierror as exc:
         if host.startswith("openpgpkey.") and exc.errno in _NO_SUCH_HOST:
-            raise _NotFound(f"{host} does not exist") from None
-        raise WkdUnavailableError(f"cannot resolve {host}: the Web Key Directory is unreachable") from None
+            raise _NotFound(f"{host} does not exist") from exc
+        raise WkdUnavailableError(f"cannot resolve {host}: the Web Key Directory is unreachable") from exc
     except ssl.SSLCertVerificationError as exc:
         raise WkdUnavailableError(f"TLS certificate of {host} failed verification ({exc.verify_message}): "
-                                  f"refusing {url}") from None
+                                  f"refusing {url}") from exc
     except ssl.SSLError as exc:
-        raise WkdUnavailableError(f"TLS with {host} failed ({exc.reason or exc}): refusing {url}") from None
-    except TimeoutError:
-        raise WkdUnavailableError(f"{url} timed out after {timeout:g} s") from None
+        raise WkdUnavailableError(f"TLS with {host} failed ({exc.reason or exc}): refusing {url}") from exc
+    except TimeoutError as exc:
+        raise WkdUnavailableError(f"{url} timed out after {timeout:g} s") from exc
     except (OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "strerror", None) or type(exc).__name__
-        raise WkdUnavailableError(f"cannot fetch {url}: {reason}") from None
+        raise WkdUnavailableError(f"cannot fetch {url}: {reason}") from exc
     finally:
         connection.close()
 
@@ -402,7 +402,7 @@ def _keep_matching(address: Address, url: str, method: Method, body: bytes) -> F
     try:
         certificates = load_certificates(body, url)
     except OpenPGPError as exc:
-        raise WkdError(f"{url} did not answer with usable OpenPGP keys: {exc.message}") from None
+        raise WkdError(f"{url} did not answer with usable OpenPGP keys: {exc.message}") from exc
     kept: list[Certificate] = []
     dropped: list[str] = []
     for cert in merge_certificates(certificates):

@@ -139,8 +139,8 @@ class WrappedRecord:
         name = _str(fields, "name", where)
         try:
             check_record_name(name)
-        except WrappedRecordError:
-            raise _bad(where, "its name is not a valid record name") from None
+        except WrappedRecordError as exc:
+            raise _bad(where, "its name is not a valid record name") from exc
         version = fields["version"]
         if type(version) is not int or not 1 <= version <= MAX_VERSION:
             raise _bad(where, "its version is not a positive whole number")
@@ -149,8 +149,8 @@ class WrappedRecord:
             raise _bad(where, "its creation time is not YYYY-MM-DDTHH:MM:SSZ")
         try:
             created = datetime.strptime(created_text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-        except ValueError:
-            raise _bad(where, "its creation time is not a valid date") from None
+        except ValueError as exc:
+            raise _bad(where, "its creation time is not a valid date") from exc
         key_type = _str(fields, "keyType", where)
         if not _KEY_TYPE_RE.fullmatch(key_type) and not (fmt == FORMAT_V2 and key_type == SEEN_VERSIONS_TYPE):
             raise _bad(where, f"its key type {key_type[:20]!r} is unknown")
@@ -179,8 +179,8 @@ class WrappedRecord:
         try:
             fields = json.loads(data.decode("ascii"), object_pairs_hook=_no_duplicates,
                                 parse_constant=_no_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: arrays nested 1000 deep
-            raise _bad(where, "it is not valid ASCII JSON") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: arrays nested 1000 deep
+            raise _bad(where, "it is not valid ASCII JSON") from exc
         record = cls.from_dict(fields, where)
         if record.to_bytes() != data:
             raise _bad(where, "it is not in canonical form (was it edited?)")
@@ -238,8 +238,8 @@ def _unb64(fields: Mapping[str, Any], key: str, where: str) -> bytes:
     text = _str(fields, key, where)
     try:
         data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise _bad(where, f"its {key} is not base64") from None
+    except (binascii.Error, ValueError) as exc:
+        raise _bad(where, f"its {key} is not base64") from exc
     if _b64(data) != text:  # unused low bits set, or other non-canonical spelling
         raise _bad(where, f"its {key} is not canonical base64")
     return data

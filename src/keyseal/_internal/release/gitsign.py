@@ -6,10 +6,9 @@ email address that the keyseal keyring maps to a URI. Verification trusts only t
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from keyseal._internal.frozen import Frozen
 from keyseal._internal.openpgp.cert import Certificate
 from keyseal._internal.openpgp.keyring import (
     certificate_for_key,
@@ -27,18 +26,22 @@ from keyseal._internal.openpgp.verify import verify_cleartext as check_cleartext
 from keyseal.errors import OpenPGPError, UsageError, VerificationError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from keyseal._internal.backends import BackendOptions
 
 
-@dataclass(frozen=True)
-class GitSignature:
+class GitSignature(Frozen):
     """A detached signature and what gpg's SIG_CREATED status line reports about it."""
 
-    data: bytes
-    fingerprint: str
-    algorithm: int
-    hash_id: int
-    created: int
+    __slots__ = ("algorithm", "created", "data", "fingerprint", "hash_id")
+
+    def __init__(self, data: bytes, fingerprint: str, algorithm: int, hash_id: int, created: int) -> None:
+        self.data = data
+        self.fingerprint = fingerprint
+        self.algorithm = algorithm
+        self.hash_id = hash_id
+        self.created = created
 
 
 def resolve_signing_key(spec: str, certificates: list[Certificate]) -> tuple[str, Certificate | None]:
@@ -89,19 +92,36 @@ def _git_subject(data: bytes) -> str:
     return "git commit" if data.startswith(b"tree ") else "git object"
 
 
-@dataclass(frozen=True)
-class GitVerification:
+Outcome = Literal["good", "bad", "no-key"]
+
+
+class GitVerification(Frozen):
     """What gpg's status lines say about a verification: the outcome and the signature's particulars."""
 
-    outcome: Literal["good", "bad", "no-key"]
-    key_id: str
-    issuer_fingerprint: str | None
-    algorithm: int
-    hash_id: int
-    created: int
-    reason: str = ""
-    certificate: Certificate | None = None
-    signing_fingerprint: str | None = None
+    __slots__ = (
+        "algorithm",
+        "certificate",
+        "created",
+        "hash_id",
+        "issuer_fingerprint",
+        "key_id",
+        "outcome",
+        "reason",
+        "signing_fingerprint",
+    )
+
+    def __init__(self, outcome: Outcome, key_id: str, issuer_fingerprint: str | None, algorithm: int,
+                 hash_id: int, created: int, reason: str = "", certificate: Certificate | None = None,
+                 signing_fingerprint: str | None = None) -> None:
+        self.outcome = outcome
+        self.key_id = key_id
+        self.issuer_fingerprint = issuer_fingerprint
+        self.algorithm = algorithm
+        self.hash_id = hash_id
+        self.created = created
+        self.reason = reason
+        self.certificate = certificate
+        self.signing_fingerprint = signing_fingerprint
 
     @property
     def user_id(self) -> str:
@@ -139,7 +159,7 @@ def _verify_with_keyring(signature_data: bytes,
         result = check(certificates)
     except VerificationError as exc:
         sig = known[0]
-        outcome: Literal["bad", "no-key"] = "bad"
+        outcome: Outcome = "bad"
         return _describe(sig, outcome, exc.message, _certificate_of(sig, certificates))
     sig = next(s for s in known if _signed_by(s, result.key_fingerprint))
     return _describe(sig, "good", "", result.certificate, result.key_fingerprint)
@@ -165,7 +185,7 @@ def _key_id(sig: SignaturePacket) -> str:
     return ids[0].hex().upper() if ids else "0000000000000000"
 
 
-def _describe(sig: SignaturePacket, outcome: Literal["good", "bad", "no-key"], reason: str,
+def _describe(sig: SignaturePacket, outcome: Outcome, reason: str,
               certificate: Certificate | None = None, signing_fingerprint: str | None = None) -> GitVerification:
     issuer = sig.issuer_fingerprint.hex().upper() if sig.issuer_fingerprint is not None else None
     return GitVerification(outcome, _key_id(sig), issuer, sig.algorithm, sig.hash_id, sig.created or 0, reason,

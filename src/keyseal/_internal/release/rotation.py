@@ -121,7 +121,7 @@ def rotate_kms(alias: str, request: RotationRequest, endpoint: str | None) -> Ro
         if not isinstance(exc, KeysealError):
             raise
         raise type(exc)(f"created {new_alias} ({arn}) but could not mint its certificate: {exc.message}; "
-                        f"{tagged}") from None
+                        f"{tagged}") from exc
     return Rotated(binary, fingerprint, (new_alias, arn, f"awskms:{arn}", fingerprint))
 
 
@@ -198,6 +198,6 @@ def rotate_pkcs11(uri: str, request: RotationRequest) -> Rotated:
         except KeysealError as exc:
             raise type(exc)(f"created {pkcs11uri.redact(new_uri)} but could not mint its certificate: "
                             f"{exc.message}; run keyseal keys mint --key '{new_shown}' --created "
-                            f"{_rfc3339(created)} ...") from None
+                            f"{_rfc3339(created)} ...") from exc
     new_label = pkcs11uri.parse(new_uri).object or ""
     return Rotated(binary, fingerprint, (new_label, new_shown, fingerprint, f"created {_rfc3339(created)}"))

@@ -63,8 +63,8 @@ def _split(url: str) -> tuple[str, int]:
         raise UsageError(f"--server {url[:80]!r} must be https://HOST:PORT (the trust-domain server)")
     try:
         return parts.hostname, parts.port or 443
-    except ValueError:
-        raise UsageError(f"--server {url[:80]!r} has an invalid port") from None
+    except ValueError as exc:
+        raise UsageError(f"--server {url[:80]!r} has an invalid port") from exc
 
 
 def _get(host: str, port: int, context: ssl.SSLContext, *, server_only: bool = False) -> bytes:
@@ -96,8 +96,8 @@ def _certificates(body: bytes, where: str) -> list[x509.Certificate]:
         document = json.loads(body)
         return [x509.load_der_x509_certificate(base64.b64decode(c, validate=True))
                 for key in document["keys"] if key.get("use") == "x509-svid" for c in key["x5c"]]
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise InputError(f"{where} did not serve a SPIFFE bundle (JSON with x509-svid keys) at /v1/bundle") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{where} did not serve a SPIFFE bundle (JSON with x509-svid keys) at /v1/bundle") from exc
 
 
 def fetch_bundle(url: str, fingerprint: str) -> FetchedBundle:
@@ -110,7 +110,7 @@ def fetch_bundle(url: str, fingerprint: str) -> FetchedBundle:
     try:
         served = _certificates(_get(host, port, unverified), url)
     except (OSError, http.client.HTTPException) as exc:
-        raise BackendUnavailableError(f"cannot fetch the trust bundle from {url}: {exc}") from None
+        raise BackendUnavailableError(f"cannot fetch the trust bundle from {url}: {exc}") from exc
     pinned = next((c for c in served if ca_fingerprint(c) == pin), None)
     if pinned is None:
         seen = ", ".join(ca_fingerprint(c) for c in served) or "none"
@@ -124,7 +124,7 @@ def fetch_bundle(url: str, fingerprint: str) -> FetchedBundle:
     except (ssl.SSLError, ssl.CertificateError):
         return FetchedBundle((pinned,), pinned, whole_bundle=False)
     except (OSError, http.client.HTTPException) as exc:
-        raise BackendUnavailableError(f"cannot fetch the trust bundle from {url}: {exc}") from None
+        raise BackendUnavailableError(f"cannot fetch the trust bundle from {url}: {exc}") from exc
     if not any(ca_fingerprint(c) == pin for c in verified):
         raise VerificationError(f"the bundle served by {url} changed between two fetches and lost CA {pin}: retry")
     return FetchedBundle(tuple(verified), pinned, whole_bundle=True)

@@ -43,7 +43,7 @@ class DirectoryStore(RecordStore):
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise InputError(f"cannot read {path}: {exc.strerror}") from None
+            raise InputError(f"cannot read {path}: {exc.strerror}") from exc
 
     def _read(self, name: str) -> tuple[WrappedRecord, str] | None:
         data = self.read_bytes(name)

@@ -55,7 +55,7 @@ class KubernetesStore(RecordStore):
         except api_failures() as exc:
             if status_of(exc) == 404:
                 return None
-            raise self._translate(exc, "get", name) from None
+            raise self._translate(exc, "get", name) from exc
         return obj
 
     def _read(self, name: str) -> tuple[WrappedRecord, str] | None:
@@ -91,8 +91,8 @@ class KubernetesStore(RecordStore):
                 raise StoreConflictError(
                     f"{self.location(name)} changed since it was read (409 Conflict): reload it and decide "
                     f"again"
-                ) from None
-            raise self._translate(exc, "create" if expected_revision is None else "update", name) from None
+                ) from exc
+            raise self._translate(exc, "create" if expected_revision is None else "update", name) from exc
         return _resource_version(answer, self.location(name))
 
     def _translate(self, exc: Exception, verb: str, name: str) -> KeysealError:

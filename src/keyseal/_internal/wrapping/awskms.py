@@ -151,7 +151,7 @@ class AwsKmsKek(KekProvider):
                     raise WrappedRecordError(
                         f"{where}: AWS KMS key {self.arn} refused its wrapped DEK for this record ({code}: "
                         f"the record was tampered with, or its DEK belongs to another record): restore it"
-                    ) from None
+                    ) from exc
                 raise
         if answer.get("KeyId") != self.arn:
             raise WrappedRecordError(

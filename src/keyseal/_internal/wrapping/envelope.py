@@ -41,10 +41,10 @@ def unseal(record: WrappedRecord, kek: KekProvider, where: str) -> bytes:
     dek = kek.unwrap(record.wrapped_dek, record.kek_context(), where)
     try:
         return AESGCM(dek).decrypt(record.nonce, record.ciphertext, record.aad())
-    except InvalidTag:
+    except InvalidTag as exc:
         raise WrappedRecordError(
             f"{where} does not decrypt: its content or header was tampered with, or its wrapped DEK belongs "
             f"to another record; restore it from the store's backup"
-        ) from None
+        ) from exc
     finally:
         zero(dek)

@@ -261,8 +261,8 @@ def _open_stored(stored: StoredRecord, kek: KekProvider, where: str) -> PrivateK
     der = unseal(stored.record, kek, where)
     try:
         key = serialization.load_der_private_key(der, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise WrappedRecordError(f"{where} decrypts, but not to a private key keyseal can read") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise WrappedRecordError(f"{where} decrypts, but not to a private key keyseal can read") from exc
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
         raise UnsupportedKeyError(f"{where}: only RSA, ECDSA and Ed25519 keys can sign")
     if key_type_of(key) != stored.record.key_type:

@@ -76,11 +76,11 @@ class LocalKek(KekProvider):
             dek = bytearray(
                 AESGCM(kek).decrypt(wrapped[:NONCE_SIZE], wrapped[NONCE_SIZE:], _context_aad(context))
             )
-        except (InvalidTag, ValueError):
+        except (InvalidTag, ValueError) as exc:
             raise WrappedRecordError(
                 f"{where}: its wrapped DEK does not unwrap under {self.describe()} for this record (the "
                 f"record was tampered with, or its DEK belongs to another record): restore it from a backup"
-            ) from None
+            ) from exc
         if len(dek) != DEK_SIZE:
             zero(dek)
             raise WrappedRecordError(f"{where}: its wrapped DEK is not a {DEK_SIZE * 8}-bit key")
@@ -96,12 +96,12 @@ class LocalKek(KekProvider):
             return self._kek
         try:
             kek = self._read()
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
             if not create:
                 raise InputError(
                     f"{self.describe()} does not exist: records wrapped with a local KEK need the KEK file "
                     f"they were written with (--kek local:PATH, or $KEYSEAL_HOME/kek)"
-                ) from None
+                ) from exc
             kek = self._create()
         self._kek = kek
         self._id = hashlib.sha256(_ID_DOMAIN + bytes(kek)).hexdigest()[:32]
@@ -113,7 +113,7 @@ class LocalKek(KekProvider):
         except FileNotFoundError:
             raise
         except OSError as exc:
-            raise InputError(f"cannot read {self.describe()}: {exc.strerror}") from None
+            raise InputError(f"cannot read {self.describe()}: {exc.strerror}") from exc
         try:
             mode = os.fstat(fd).st_mode
             if mode & (stat.S_IRWXO | stat.S_IWGRP) or not stat.S_ISREG(mode):
@@ -124,7 +124,7 @@ class LocalKek(KekProvider):
             raw = bytearray(256)
             size = os.readv(fd, [raw])
         except OSError as exc:
-            raise InputError(f"cannot read {self.describe()}: {exc.strerror}") from None
+            raise InputError(f"cannot read {self.describe()}: {exc.strerror}") from exc
         finally:
             os.close(fd)
         try:
@@ -132,10 +132,10 @@ class LocalKek(KekProvider):
             if not text.startswith(_MAGIC):
                 raise ValueError
             kek = bytearray(base64.b64decode(text[len(_MAGIC):], validate=True))
-        except (UnicodeDecodeError, ValueError, binascii.Error):
+        except (UnicodeDecodeError, ValueError, binascii.Error) as exc:
             raise InvalidKeyFileError(
                 f"{self.describe()} is not a keyseal local KEK file: restore it, or point --kek elsewhere"
-            ) from None
+            ) from exc
         finally:
             zero(raw)
         if len(kek) != DEK_SIZE:

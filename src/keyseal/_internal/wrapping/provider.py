@@ -101,7 +101,7 @@ class KekProvider(abc.ABC):
         except UsageError:
             raise  # e.g. a missing SDK's install hint: said as it is, not as a failed check
         except KeysealError as exc:
-            raise type(exc)(f"key wrapping startup check failed: {exc.message}") from None
+            raise type(exc)(f"key wrapping startup check failed: {exc.message}") from exc
         finally:
             zero(dek)
         if not ok:

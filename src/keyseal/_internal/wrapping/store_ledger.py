@@ -106,8 +106,8 @@ class StoreLedger(VersionLedger):
             seen = {str(k): v for k, v in document["seen"].items()}
             if not all(type(v) is int and 1 <= v <= MAX_VERSION for v in seen.values()):
                 raise ValueError
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise WrappedRecordError(f"{where} decrypts, but not to a map of seen versions: restore it") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise WrappedRecordError(f"{where} decrypts, but not to a map of seen versions: restore it") from exc
         self.local.record(identity, record.version)
         with self._cache_lock:
             self._cache = (digest, seen)

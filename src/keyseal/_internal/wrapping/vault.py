@@ -54,11 +54,11 @@ def parse_kek_spec(rest: str) -> TransitKeyRef:
     spelled = rest if rest.startswith(f"{SCHEME}:") else f"{ALIAS_SCHEME}:{rest}"
     try:
         ref = parse_transit_ref(spelled)
-    except KeyURIError:
+    except KeyURIError as exc:
         raise KeyURIError(
             f"invalid Vault KEK {spelled!r}: use vault:MOUNT/KEY or vault:KEY (mount transit), or "
             f"{SCHEME}://MOUNT/KEY"
-        ) from None
+        ) from exc
     if ref.version is not None:
         raise KeyURIError(
             f"a Vault KEK takes no ?version: records name their key version themselves; use vault:{ref.mount}/"
@@ -173,14 +173,14 @@ class VaultKek(KekProvider):
                     raise WrappedRecordError(
                         f"{where}: {self.describe()} refused its wrapped DEK for this record (the record was "
                         f"tampered with, or its DEK belongs to another record): restore it"
-                    ) from None
+                    ) from exc
                 raise
 
         answer = self._call("update", "decrypt", f"unwrapping {where} with {self.describe()}", decrypt)
         try:
             dek = bytearray(base64.b64decode(str((answer.get("data") or {}).get("plaintext", "")), validate=True))
-        except (binascii.Error, ValueError):
-            raise WrappedRecordError(f"{where}: {self.describe()} returned a DEK that is not base64") from None
+        except (binascii.Error, ValueError) as exc:
+            raise WrappedRecordError(f"{where}: {self.describe()} returned a DEK that is not base64") from exc
         if len(dek) != DEK_SIZE:
             zero(dek)
             raise WrappedRecordError(f"{where}: its wrapped DEK is not a {DEK_SIZE * 8}-bit key")

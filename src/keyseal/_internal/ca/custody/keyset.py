@@ -139,10 +139,10 @@ def make_keyset(trust_domain: str, number: int, not_before: datetime, lifetime: 
     certificate = build_ca_certificate(trust_domain, number, not_before, lifetime, x509_key)
     try:  # a key manager whose private key is not its public key's would make every SVID unverifiable
         certificate.verify_directly_issued_by(certificate)
-    except (InvalidSignature, ValueError, TypeError):
+    except (InvalidSignature, ValueError, TypeError) as exc:
         message = f"the CA certificate of keyset {number} does not verify with its own public key: the X.509 " \
                   f"CA key ({x509_key.custody} custody) signs with another private key than its public key's"
         alarm("signature-check", message)
-        raise CustodyIntegrityError(message) from None
+        raise CustodyIntegrityError(message) from exc
     return Keyset(number, not_before, not_before + lifetime, x509_key, jwt_key, certificate,
                   jwk_thumbprint(jwt_key.public_key()))

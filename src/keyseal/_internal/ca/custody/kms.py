@@ -243,7 +243,7 @@ class KmsKeysetSource(KeysetSource):
                                             f"although this server made its aliases")
         except KeysealError as exc:
             note = self._abandon(number, created, aliased, "rotation-failed", f"{step} failed")
-            raise type(exc)(f"{exc.message} ({note})") from None
+            raise type(exc)(f"{exc.message} ({note})") from exc
         # Committed and pinned. Keep its opened keys (load() would fetch the same public keys).
         for kind, key in opened.items():
             self._opened[created[kind][1]] = key

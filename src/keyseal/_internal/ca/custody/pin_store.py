@@ -60,7 +60,7 @@ class DirectoryPinStore(PinStore):
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise InputError(f"cannot read {self.path}: {exc.strerror}") from None
+            raise InputError(f"cannot read {self.path}: {exc.strerror}") from exc
         return data, hashlib.sha256(data).hexdigest()
 
     def write(self, data: bytes, expected_revision: str | None) -> None:
@@ -115,11 +115,11 @@ class ConfigMapPinStore(PinStore):
             if status == 404 and verb == "get":
                 return None
             if status == 409 or (status == 404 and verb == "update"):
-                raise StoreConflictError(f"{self.location()} changed since it was read: reload it") from None
+                raise StoreConflictError(f"{self.location()} changed since it was read: reload it") from exc
             raise translate_api_error(
                 exc, f"{verb} {self.location()}",
                 grant=f"get and update on configmaps with resourceNames [{self.name}] and create on configmaps in "
-                      f"namespace {self.namespace}") from None
+                      f"namespace {self.namespace}") from exc
 
 
 class LazyPinStore(PinStore):

@@ -257,7 +257,7 @@ class Pkcs11KeysetSource(KeysetSource):
         except pkcs11.PKCS11Error as exc:
             raise BackendUnavailableError(
                 f"cannot read the CA keyset objects on PKCS#11 token {access.label!r} ({type(exc).__name__})"
-            ) from None
+            ) from exc
         return found
 
     def _report_unpinned(self, markers: dict[int, list[_Marker]], chain: tuple[Pin, ...]) -> None:
@@ -333,8 +333,8 @@ class Pkcs11KeysetSource(KeysetSource):
             ids = {kind: bytes.fromhex(data[f"{kind}Id"]) for kind in _KINDS}
             if not all(ids.values()):
                 raise ValueError
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            raise UnsupportedKeyError(problem) from None
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise UnsupportedKeyError(problem) from exc
         return _Marker(number, not_before, ids)
 
     def _write_marker(self, access: TokenAccess, marker: _Marker) -> None:
@@ -353,7 +353,7 @@ class Pkcs11KeysetSource(KeysetSource):
             raise BackendUnavailableError(
                 f"cannot write {self.label(marker.number)!r} on PKCS#11 token {access.label!r} "
                 f"({type(exc).__name__}): the keys of keyset {marker.number} were made but are not in use"
-            ) from None
+            ) from exc
 
     def _destroy_leftovers(self, access: TokenAccess, number: int) -> None:
         """Key pairs of keyset `number` without a marker: a writer stopped before its commit."""
@@ -414,13 +414,13 @@ class Pkcs11KeysetSource(KeysetSource):
         uri = self.key_uri(number, kind, key_id)
         try:
             signer = open_pkcs11(uri, "", None)
-        except KeyNotFoundError:
+        except KeyNotFoundError as exc:
             raise KeyNotFoundError(
                 f"{what} is missing although keyset {number} is pinned: restore it from the HSM's backup"
-            ) from None
+            ) from exc
         except KeyURIError as exc:
             alarm("key-mismatch", f"{what}: {exc.message}")
-            raise CustodyIntegrityError(f"{what}: {exc.message}") from None
+            raise CustodyIntegrityError(f"{what}: {exc.message}") from exc
         try:
             attributes = signer.key_attributes()
             wrong = [name for name in _REQUIRED if attributes.get(name) is not True]
@@ -451,6 +451,6 @@ class Pkcs11KeysetSource(KeysetSource):
     def _ca_key(signer: Pkcs11Signer, label: str) -> CaKey:
         try:
             return Pkcs11CaKey(signer)
-        except UnsupportedKeyError:
+        except UnsupportedKeyError as exc:
             signer.close()
-            raise UnsupportedKeyError(f"PKCS#11 key {label!r}: a CA key must be an ECDSA or RSA key") from None
+            raise UnsupportedKeyError(f"PKCS#11 key {label!r}: a CA key must be an ECDSA or RSA key") from exc

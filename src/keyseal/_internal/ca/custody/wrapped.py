@@ -172,8 +172,8 @@ class WrappedKeysetSource(KeysetSource):
         der = unseal(stored.record, self.kek, where)
         try:
             key = serialization.load_der_private_key(der, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            raise WrappedRecordError(f"{where} decrypts, but not to a private key keyseal can read") from None
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise WrappedRecordError(f"{where} decrypts, but not to a private key keyseal can read") from exc
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) or \
                 key_type_of(key) != stored.record.key_type:
             raise WrappedRecordError(f"{where} does not hold the {stored.record.key_type} CA key its header names")

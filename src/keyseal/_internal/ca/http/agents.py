@@ -96,7 +96,7 @@ class AgentApi:
             log.warning("refused %s from %s: the client certificate is not a valid agent SVID (%s)",
                         loggable(request.path), request.peer, loggable(str(exc), 160))
             raise self._refuse(401, "unauthenticated", "the client certificate is not a valid agent X.509-SVID of "
-                                                       "this trust domain: renew it in time, or join again") from None
+                                                       "this trust domain: renew it in time, or join again") from exc
 
     def _verify_agent(self, der: bytes) -> str:
         """The agent ID of a client certificate verified against the live CAs at the server's clock. A verified
@@ -199,11 +199,11 @@ class AgentApi:
         except NodeRefusedError as exc:
             log.warning("refused a k8s_psat join from %s: %s", request.peer, loggable(exc.message, 300))
             raise self._refuse(401, "unauthenticated", "the service account token does not attest an agent of "
-                                                       "this cluster; see the server log") from None
+                                                       "this cluster; see the server log") from exc
         except KeysealError as exc:  # the Kubernetes API cannot be reached, or refuses the server
             log.error("cannot attest a k8s_psat join from %s: %s", request.peer, loggable(exc.message, 300))
             raise self._refuse(503, "unavailable", "the Kubernetes API could not check the token; see the "
-                                                   "server log") from None
+                                                   "server log") from exc
         answer = self._issue(node.agent_id, document.get("csr"), self.api.config.x509_ttl)
         self._note_agent_svid(node.agent_id, answer)
         log.info("agent %s joined from %s (k8s_psat: %s)", node.agent_id, request.peer, " ".join(node.selectors))
@@ -262,12 +262,12 @@ class AgentApi:
         try:
             node = attestor.attest(token)
         except NodeRefusedError as exc:
-            raise refuse(exc.message) from None
+            raise refuse(exc.message) from exc
         except KeysealError as exc:  # the Kubernetes API cannot be reached, or refuses the server
             log.error("cannot attest the renewal of k8s_psat agent %s from %s: %s", agent_id, request.peer,
                       loggable(exc.message, 300))
             raise self._refuse(503, "unavailable", "the Kubernetes API could not check the token; see the "
-                                                   "server log") from None
+                                                   "server log") from exc
         if node.agent_id != agent_id:
             raise refuse(f"the token attests {node.agent_id}, another node (or the node was made again under its "
                          f"name)")

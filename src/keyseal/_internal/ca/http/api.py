@@ -154,8 +154,8 @@ class Api:
             raise UsageError(f"request body is larger than {MAX_BODY_BYTES} bytes")
         try:
             document = json.loads(request.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: arrays nested 1000 deep
-            raise UsageError("request body is not a JSON object") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: arrays nested 1000 deep
+            raise UsageError("request body is not a JSON object") from exc
         if not isinstance(document, dict):
             raise UsageError("request body is not a JSON object")
         if not allowed.issuperset(document):

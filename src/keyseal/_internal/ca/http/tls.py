@@ -58,7 +58,7 @@ def _base_context(config: Config, authorities_pem: str) -> ssl.SSLContext:
         try:
             context.load_verify_locations(cafile=str(config.tls.client_ca_file))
         except (OSError, ssl.SSLError) as exc:
-            raise InputError(f"cannot load server.tls.clientCAFile {config.tls.client_ca_file}: {exc}") from None
+            raise InputError(f"cannot load server.tls.clientCAFile {config.tls.client_ca_file}: {exc}") from exc
     return context
 
 
@@ -84,7 +84,7 @@ class TlsContexts:
             raise InputError(
                 f"cannot load the TLS certificate {self.config.tls.cert_file} / key {self.config.tls.key_file}: "
                 f"{exc}"
-            ) from None
+            ) from exc
         return context
 
     def current(self) -> ssl.SSLContext:

@@ -53,7 +53,7 @@ class FileTlsContext:
             context.load_cert_chain(str(self.cert_file), str(self.key_file))
         except (OSError, ssl.SSLError) as exc:
             raise InputError(f"cannot load the {self.what} TLS certificate {self.cert_file} / key "
-                             f"{self.key_file}: {getattr(exc, 'strerror', None) or exc}") from None
+                             f"{self.key_file}: {getattr(exc, 'strerror', None) or exc}") from exc
         return context
 
     def context(self) -> ssl.SSLContext:

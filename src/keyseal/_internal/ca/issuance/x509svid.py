@@ -126,13 +126,13 @@ def _verify_csr(der: bytes) -> LeafKey:
     """The CSR's public key once the key is one the CA accepts and the CSR's self-signature verifies."""
     try:
         csr = x509.load_der_x509_csr(der)
-    except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion):
-        raise CsrError("csr is not a PKCS#10 certificate signing request (PEM, or base64 of DER)") from None
+    except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
+        raise CsrError("csr is not a PKCS#10 certificate signing request (PEM, or base64 of DER)") from exc
     try:
         key = _accepted_key(csr.public_key())
         valid = csr.is_signature_valid
-    except (ValueError, TypeError, UnsupportedAlgorithm):  # e.g. an EC key whose parameters are not a curve
-        raise CsrError("csr uses a key or signature algorithm the CA does not accept") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # e.g. an EC key whose parameters are not a curve
+        raise CsrError("csr uses a key or signature algorithm the CA does not accept") from exc
     if not valid:
         raise CsrError("csr signature does not verify: sign the request with the key it carries")
     return key

@@ -98,7 +98,7 @@ class _JsonFile:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read {self.path}: {exc}; fix or remove the file") from None
+            raise InputError(f"cannot read {self.path}: {exc}; fix or remove the file") from exc
 
     def read(self) -> Any:
         try:
@@ -223,7 +223,7 @@ class EntryStore(abc.ABC):
                 if meaning in meanings:
                     raise UsageError(f"the same entry as at {meanings[meaning]}")
             except (UsageError, SpiffeIdError) as exc:
-                raise type(exc)(f"{label}: {exc}") from None
+                raise type(exc)(f"{label}: {exc}") from exc
             ids[entry.entry_id], meanings[meaning] = label, label
             checked.append(entry)
         return checked
@@ -243,7 +243,7 @@ class EntryStore(abc.ABC):
             try:
                 added.append(self._add(entry))
             except UsageError as exc:
-                raise UsageError(f"{label}: {exc}") from None
+                raise UsageError(f"{label}: {exc}") from exc
             if progress is not None:
                 progress(1)
         return added

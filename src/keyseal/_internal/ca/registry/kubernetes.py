@@ -107,7 +107,7 @@ class _Resources:
         except api_failures() as exc:
             if status_of(exc) == 409:
                 return False
-            raise self.translate(exc, "create", body["metadata"]["name"]) from None
+            raise self.translate(exc, "create", body["metadata"]["name"]) from exc
         return True
 
     def replace(self, body: dict[str, Any]) -> bool:
@@ -123,7 +123,7 @@ class _Resources:
         except api_failures() as exc:
             if status_of(exc) == 404 and names_missing_object(exc, name):
                 return None
-            raise self.translate(exc, "get", name) from None  # a 404 without: the resource type is not served
+            raise self.translate(exc, "get", name) from exc  # a 404 without: the resource type is not served
         return obj
 
     def delete(self, name: str, preconditions: dict[str, str] | None = None) -> bool:
@@ -140,7 +140,7 @@ class _Resources:
         except api_failures() as exc:
             if status_of(exc) in (404, 409):
                 return False
-            raise self.translate(exc, verb, name) from None
+            raise self.translate(exc, verb, name) from exc
         return True
 
     def list(self) -> list[dict[str, Any]]:
@@ -160,7 +160,7 @@ class _Resources:
                 page = self.api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, self.plural,
                                                               _request_timeout=REQUEST_TIMEOUT, **options)
             except api_failures() as exc:
-                raise self.translate(exc, "list", None) from None
+                raise self.translate(exc, "list", None) from exc
             items.extend(i for i in page.get("items") or [] if isinstance(i, dict))
             metadata = page.get("metadata") or {}
             version = version or str(metadata.get("resourceVersion") or "")

@@ -102,9 +102,9 @@ class PsatAttestor:
             if status == 404:
                 return None
             if status is not None and status not in (401, 403):  # a failing API server: the node may retry
-                raise BackendUnavailableError(f"the Kubernetes API answered {status} to {what}") from None
+                raise BackendUnavailableError(f"the Kubernetes API answered {status} to {what}") from exc
             raise translate_api_error(
-                exc, what, grant="the server's service account that verb (the chart's ClusterRole does)") from None
+                exc, what, grant="the server's service account that verb (the chart's ClusterRole does)") from exc
         document: dict[str, Any] = self.api_client.sanitize_for_serialization(answer)
         return document
 
@@ -126,8 +126,8 @@ class PsatAttestor:
         payload = token.split(".")[1]
         try:
             claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        except ValueError:
-            raise NodeRefusedError("the token's claims are not JSON") from None
+        except ValueError as exc:
+            raise NodeRefusedError("the token's claims are not JSON") from exc
         audiences = claims.get("aud") if isinstance(claims, dict) else None
         audiences = [audiences] if isinstance(audiences, str) else audiences
         if not isinstance(audiences, list) or self.config.audience not in audiences:

@@ -101,7 +101,7 @@ class DirectoryEntryStore(EntryStore):
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
-            raise InputError(f"cannot open {self.path}: {exc}") from None
+            raise InputError(f"cannot open {self.path}: {exc}") from exc
         return connection
 
     def _create(self) -> None:
@@ -128,7 +128,7 @@ class DirectoryEntryStore(EntryStore):
                     self._import_legacy(connection)
                     connection.execute("INSERT INTO meta VALUES ('imported', '1')")
         except sqlite3.DatabaseError as exc:
-            raise InputError(f"cannot read {self.path}: {exc}; restore it from a backup or remove it") from None
+            raise InputError(f"cannot read {self.path}: {exc}; restore it from a backup or remove it") from exc
         finally:
             connection.close()
         self._ready = True
@@ -140,7 +140,7 @@ class DirectoryEntryStore(EntryStore):
             documents = json.loads(self.legacy.read_bytes()).get("entries", [])
             entries = [Entry.from_json(d) for d in documents]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise InputError(f"cannot import {self.legacy}: {exc}; fix or remove the file") from None
+            raise InputError(f"cannot import {self.legacy}: {exc}; fix or remove the file") from exc
         connection.executemany(_INSERT.replace("INSERT", "INSERT OR REPLACE", 1),
                                [_row(e) for e in entries])
         log.info("imported %d entries from %s into %s", len(entries), self.legacy, self.path)
@@ -161,7 +161,7 @@ class DirectoryEntryStore(EntryStore):
         try:
             return self._connection().execute(sql, parameters).fetchall()
         except sqlite3.DatabaseError as exc:
-            raise InputError(f"cannot read {self.path}: {exc}") from None
+            raise InputError(f"cannot read {self.path}: {exc}") from exc
 
     # -- the store --------------------------------------------------------------------------------------------
 
@@ -199,14 +199,14 @@ class DirectoryEntryStore(EntryStore):
                     try:
                         self._duplicate(connection, entry)
                     except UsageError as exc:
-                        raise UsageError(f"{label}: {exc}" if label else exc.message) from None
+                        raise UsageError(f"{label}: {exc}" if label else exc.message) from exc
                     connection.execute(_INSERT, _row(entry))
                     if progress is not None:
                         progress(1)
             if len(entries) >= CHECKPOINT_BATCH:  # fold a big batch into the database now: readers then search
                 connection.execute("PRAGMA wal_checkpoint(PASSIVE)")  # a short write-ahead log
         except sqlite3.DatabaseError as exc:
-            raise InputError(f"cannot write {self.path}: {exc}") from None
+            raise InputError(f"cannot write {self.path}: {exc}") from exc
         return entries
 
     def delete(self, entry_id: str) -> None:
@@ -223,4 +223,4 @@ class DirectoryEntryStore(EntryStore):
                     if progress is not None:
                         progress(1)
         except sqlite3.DatabaseError as exc:
-            raise InputError(f"cannot write {self.path}: {exc}") from None
+            raise InputError(f"cannot write {self.path}: {exc}") from exc

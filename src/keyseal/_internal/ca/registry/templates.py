@@ -235,7 +235,7 @@ class TemplateReconciler:
         try:
             spiffe_id = parse_spiffe_id(render_template(template_text, fields))
         except SpiffeIdError as exc:
-            raise TemplateError(f"the template gives no SPIFFE ID: {exc.message}") from None
+            raise TemplateError(f"the template gives no SPIFFE ID: {exc.message}") from exc
         if spiffe_id.trust_domain != self.trust_domain or not spiffe_id.path or is_reserved(spiffe_id.path):
             raise TemplateError(f"{spiffe_id} is not a workload SPIFFE ID of trust domain {self.trust_domain}")
         ttls = {}
@@ -262,7 +262,7 @@ class TemplateReconciler:
         try:
             return check_dns_names(tuple(rendered))
         except UsageError as exc:
-            raise TemplateError(f"spec.dnsNameTemplates gives {exc.message}") from None
+            raise TemplateError(f"spec.dnsNameTemplates gives {exc.message}") from exc
 
     def _entry_for(self, template: str, spec: dict[str, Any], pod: dict[str, Any], node_uids: dict[str, str],
                    namespaces: dict[str, dict[str, str]]) -> dict[str, Any] | None:

@@ -152,8 +152,8 @@ def kms_client(endpoint: str | None = None, region: str | None = None) -> KMSCli
         import boto3
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError
-    except ImportError:
-        raise UsageError("AWS KMS support needs boto3: pip install 'keyseal[aws]'") from None
+    except ImportError as exc:
+        raise UsageError("AWS KMS support needs boto3: pip install 'keyseal[aws]'") from exc
     settings = kms_settings()
     config = Config(
         connect_timeout=settings.connect_timeout,
@@ -174,9 +174,9 @@ def kms_client(endpoint: str | None = None, region: str | None = None) -> KMSCli
         client.meta.events.register("before-call.kms", _notify_observers)
         return client
     except BotoCoreError as exc:
-        raise KeysealError(f"cannot set up the AWS KMS client: {one_line(str(exc))}") from None
+        raise KeysealError(f"cannot set up the AWS KMS client: {one_line(str(exc))}") from exc
     except ValueError as exc:  # botocore rejects a malformed endpoint URL with ValueError
-        raise UsageError(f"invalid KMS endpoint {endpoint!r}: {one_line(str(exc))}") from None
+        raise UsageError(f"invalid KMS endpoint {endpoint!r}: {one_line(str(exc))}") from exc
 
 
 def _endpoint_label(exc: BaseException, endpoint: str | None) -> str:
@@ -300,4 +300,4 @@ def kms_errors(operation: str, key_id: str, endpoint: str | None) -> Iterator[No
     except KeysealError:
         raise
     except (BotoCoreError, ClientError, OSError) as exc:
-        raise translate_kms_error(exc, operation, key_id, endpoint) from None
+        raise translate_kms_error(exc, operation, key_id, endpoint) from exc

@@ -101,7 +101,7 @@ def create_key(client: KMSClient, what: str, spec: str, description: str,
     except AccessDeniedError as exc:
         if not tags:
             raise
-        raise AccessDeniedError(f"{exc.message} (a tagged CreateKey also needs kms:TagResource)") from None
+        raise AccessDeniedError(f"{exc.message} (a tagged CreateKey also needs kms:TagResource)") from exc
     metadata = created["KeyMetadata"]
     return metadata["KeyId"], metadata.get("Arn") or metadata["KeyId"]
 
@@ -177,7 +177,7 @@ def create_signing_key(
             cleanup = f"was scheduled for deletion in {DELETION_WINDOW_DAYS} days"
         except KeysealError:
             cleanup = "could NOT be scheduled for deletion: delete it yourself (kms:ScheduleKeyDeletion)"
-        raise type(exc)(f"{exc.message}; the key {key_arn} just created for it {cleanup}") from None
+        raise type(exc)(f"{exc.message}; the key {key_arn} just created for it {cleanup}") from exc
     return key_arn
 
 

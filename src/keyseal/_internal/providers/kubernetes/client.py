@@ -37,10 +37,10 @@ def kubernetes_sdk() -> Any:
     """The `kubernetes` package (a clear error when the extra is not installed)."""
     try:
         import kubernetes
-    except ImportError:
+    except ImportError as exc:
         raise UsageError(
             "the Kubernetes store needs the kubernetes client: pip install 'keyseal[k8s]'"
-        ) from None
+        ) from exc
     return kubernetes
 
 
@@ -58,11 +58,11 @@ def api_client_from_environment(host: str | None = None) -> ApiClient:
     except kubernetes.config.ConfigException:
         try:
             kubernetes.config.load_kube_config(client_configuration=configuration)
-        except (kubernetes.config.ConfigException, OSError):
+        except (kubernetes.config.ConfigException, OSError) as exc:
             if host is None:
                 raise UsageError(
                     "no Kubernetes configuration: run in a pod with a service account, or set KUBECONFIG"
-                ) from None
+                ) from exc
     if host is not None:
         configuration.host = host
     client: ApiClient = kubernetes.client.ApiClient(configuration)
@@ -77,7 +77,7 @@ def resolve_namespace(configured: str | None, what: str = "keyseal's custom reso
         return os.environ["POD_NAMESPACE"]
     try:
         return SERVICE_ACCOUNT_NAMESPACE.read_text(encoding="ascii").strip()
-    except OSError:
+    except OSError as exc:
         raise UsageError(
             f"store.kubernetes.namespace is not set and this is not a pod: set the namespace of {what}"
-        ) from None
+        ) from exc

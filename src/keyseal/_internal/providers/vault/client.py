@@ -128,11 +128,11 @@ def _path(value: str | None) -> Path | None:
 def _read_secret_file(path: Path, what: str) -> str:
     try:
         text = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise AccessDeniedError(f"{what} {path} does not exist") from None
+    except FileNotFoundError as exc:
+        raise AccessDeniedError(f"{what} {path} does not exist") from exc
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise AccessDeniedError(f"cannot read {what} {path}: {reason}") from None
+        raise AccessDeniedError(f"cannot read {what} {path}: {reason}") from exc
     if not text:
         raise AccessDeniedError(f"{what} {path} is empty")
     return text
@@ -166,8 +166,8 @@ def vault_client(settings: VaultSettings | None = None) -> hvac.Client:
         import requests
         from requests.adapters import HTTPAdapter
         from urllib3.util.retry import Retry
-    except ImportError:
-        raise UsageError("Vault / OpenBao support needs hvac: pip install 'keyseal[vault]'") from None
+    except ImportError as exc:
+        raise UsageError("Vault / OpenBao support needs hvac: pip install 'keyseal[vault]'") from exc
     s = (settings or VaultSettings()).resolved()
     address = _check_address(s.address)
     if s.namespace is not None and not _NAMESPACE_RE.fullmatch(s.namespace):
@@ -223,7 +223,7 @@ def _kubernetes_login(client: hvac.Client, s: VaultSettings, address: str) -> No
                 f"Vault at {address} refused Kubernetes login with role {s.kubernetes_role} at auth/{mount} "
                 f"({error_detail(exc)}): check that the role exists and is bound to this service account and namespace"
             )
-        raise error from None
+        raise error from exc
 
 
 class VaultConnection:

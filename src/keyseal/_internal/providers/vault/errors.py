@@ -149,4 +149,4 @@ def vault_errors(client: Any, capability: str, path: str, subject: str) -> Itera
         raise
     except (VaultError, RequestException, OSError) as exc:
         address = str(getattr(client, "url", "") or "the configured address")
-        raise translate_vault_error(exc, address, capability, path, subject, probe=client) from None
+        raise translate_vault_error(exc, address, capability, path, subject, probe=client) from exc

@@ -76,8 +76,8 @@ def parse_transit_ref(text: str) -> TransitKeyRef:
     if sep:
         try:
             params = urllib.parse.parse_qs(query, keep_blank_values=True, strict_parsing=True)
-        except ValueError:
-            raise KeyURIError(f"invalid query in Vault Transit key URI {text!r}: {hint}") from None
+        except ValueError as exc:
+            raise KeyURIError(f"invalid query in Vault Transit key URI {text!r}: {hint}") from exc
         unknown = set(params) - {"version"}
         if unknown:
             raise KeyURIError(
