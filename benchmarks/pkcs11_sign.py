@@ -5,8 +5,9 @@ signs the same digests, once through `key.sign()` directly (the raw rate: one C_
 once through `open_signer(...).sign_digest()` as every keyseal caller signs (the audit wrapper, DigestInfo
 prefix, lock, DER conversion), in each audit configuration:
 - `off`: KEYSEAL_AUDIT_LOG=off, records only on the `keyseal.audit` logger (the structured-log sink);
-- `file`: the hash-chained audit file, each line fsynced before its signature returns (one fsync per
-  signature for one thread; threads that sign at once share one).
+- `file`: the hash-chained audit file. Each line is queued before the token is asked and fsynced by the log's
+  writer thread while the token signs; the signature returns once both are done (one fsync per signature for
+  one thread, overlapped with its C_Sign; threads that sign at once share fsyncs).
 keyseal's home and audit file are in the benchmark's temporary directory, never the user's.
 
 Rounds are interleaved: in each round the raw rate is measured, then keyseal's in each configuration, and each
@@ -143,7 +144,8 @@ def run(work: Path, count: int, rounds: int, threads: int, modes: list[str], key
     for mode in modes:
         minimum, at = TARGETS[mode]
         title = ("audit off (KEYSEAL_AUDIT_LOG=off: records on the logger only)" if mode == "off"
-                 else "audit file (each line fsynced before its signature returns; concurrent threads share fsyncs)")
+                 else "audit file (each line fsynced before its signature returns, while the token signs; "
+                       "concurrent threads share fsyncs)")
         print(f"\n{title}; medians of {rounds} rounds of {count} signatures")
         print(f"{'key':8} {'threads':>7} {'raw sig/s':>10} {'keyseal sig/s':>14} {'by round':>30} {'ratio':>6}")
         checked: list[bool] = []

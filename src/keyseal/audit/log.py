@@ -5,17 +5,20 @@ line under that same lock: concurrent processes and threads interleave whole lin
 process-wide lock is taken too, since where flock is emulated with fcntl record locks (some network file
 systems) a lock does not exclude the threads of its own process.
 
-Group commit: each line is fsynced (fdatasync: the data and the file size) before its signature is handed back,
-but the threads of one process that sign at the same time share one write and one fsync. A caller queues its
-line; if no thread is writing, it becomes the leader and writes every queued line at once; the others wait until
-the leader's fsync covers theirs. Signers that announce themselves (`signing()`, as AuditingSigner does) make a
-leader wait up to GATHER_SECONDS for the lines of signatures already under way, so that they join its write.
-A single signer that signs one thing after another still pays one fsync per signature: the price of never
-handing out a signature the log does not hold (`KEYSEAL_AUDIT_LOG=off` leaves durability to the log pipeline
-instead). A write that fails is cut off again, so the file never ends in half a
-line that keyseal wrote, and every caller of that batch gets the error.
+Group commit: each line is fsynced (fdatasync: the data and the file size) before the signature it records is
+handed back, but lines queued at the same time share one write and one fsync. A caller `submit`s its line (an
+AuditingSigner does so before it asks the custody to sign) and later `wait`s for it. A caller that waits while
+no one writes writes every queued line itself (`append` is `submit` then `wait`): with several signatures under
+way, the first to finish signing writes the lines of the others too, whose fsync then runs while they sign. A
+lone signer's line is written by the log's writer thread (started at the first line) while it signs. The
+log stays open between batches (at most MAX_OPEN_FILES logs per process), and the next line's seq and prev are
+read back only when another process wrote since. A single signer that signs one thing after another still pays
+one fsync per signature, overlapped with the signing: the price of never handing out a signature the log does
+not hold (`KEYSEAL_AUDIT_LOG=off` leaves durability to the log pipeline instead). A write that fails is cut off
+again, so the file never ends in half a line that keyseal wrote, and every caller of that batch gets the error.
+A forked child starts with no writer, queue or open log of its own: it opens and locks the file itself.
 
-Checkpoints (keyseal.audit.checkpoint) are written by the leader, signed by the key of a line in its batch;
+Checkpoints (keyseal.audit.checkpoint) are written with a batch, signed by the key of a line in it;
 `rotate()` moves the file aside and starts the next one from its head.
 """
 
@@ -46,7 +49,6 @@ FILE_NAME = "audit.log"
 FORMAT_VERSION = 1
 GENESIS = "0" * 64  # the `prev` of a log's first line
 MAX_LINE = 1 << 20  # a longer last line is not one keyseal wrote
-GATHER_SECONDS = 0.0003  # how long a leader waits for the lines of signatures already under way
 
 _THREADS = threading.Lock()
 _COMMITTERS_LOCK = threading.Lock()
@@ -101,7 +103,9 @@ class Custody:
 
 
 @dataclass(eq=False)
-class _Pending:
+class Pending:
+    """A line `submit`ted to the log: `AuditLog.wait` returns its record once it is durable."""
+
     entry: Mapping[str, object]
     custody: Custody | None
     record: dict[str, object] | None = None
@@ -109,20 +113,44 @@ class _Pending:
     done: bool = False
 
 
+@dataclass(frozen=True)
+class _Tail:
+    """Where this process left the file: a file of this identity and size ends in the line it wrote last, so
+    the next line's seq and prev need not be read back."""
+
+    dev: int
+    ino: int
+    size: int
+    seq: int  # the next line's
+    prev: str
+    after_checkpoint: bool
+
+
 @dataclass(eq=False)
 class _Committer:
-    """The group-commit queue of one log file in this process."""
+    """The group-commit queue of one log file in this process, and the thread that writes it."""
 
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    queue: list[_Pending] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cond: threading.Condition = field(init=False)  # a line was written (callers wait on it)
+    work: threading.Condition = field(init=False)  # a line was queued (the writer waits on it)
+    queue: list[Pending] = field(default_factory=list)
     leading: bool = False
+    writer: threading.Thread | None = None
+    waiting: int = 0  # lines submitted whose callers have not had them back: signatures under way
     last_checkpoint: float = field(default_factory=time.monotonic)  # when this process last wrote one
     retry_checkpoint: bool = False  # the last one due could not be signed: try again at the next line
     custody: Custody | None = None  # the last key seen, for checkpoints made when no line names one
-    signing: int = 0  # threads between `signing()` and the end of their append: lines on their way
+    fd: int = -1  # the log kept open between batches (one of _OPEN_FILES), and where it ends
+    tail: _Tail | None = None
+
+    def __post_init__(self) -> None:
+        self.cond = threading.Condition(self.lock)
+        self.work = threading.Condition(self.lock)
 
 
 _COMMITTERS: dict[str, _Committer] = {}
+_OPEN_FILES: list[_Committer] = []  # committers holding a descriptor, the most recently used last
+MAX_OPEN_FILES = 8
 
 
 def _committer(path: Path) -> _Committer:
@@ -132,6 +160,22 @@ def _committer(path: Path) -> _Committer:
         if found is None:
             found = _COMMITTERS[key] = _Committer()
         return found
+
+
+def _after_fork_in_child() -> None:
+    """A child starts with no writer thread and locks that no thread of its own holds: start afresh. Its copies
+    of the descriptors are closed, never unlocked (a flock belongs to the descriptor the parent shares)."""
+    global _THREADS, _COMMITTERS_LOCK  # the parent's locks may be held by threads the child has not
+    _THREADS, _COMMITTERS_LOCK = threading.Lock(), threading.Lock()
+    for committer in _COMMITTERS.values():
+        if committer.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(committer.fd)
+        committer.__init__()  # type: ignore[misc]  # the same object: AuditLogs hold it
+    _OPEN_FILES.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class AuditLog:
@@ -150,49 +194,59 @@ class AuditLog:
         with self._open():
             pass
 
-    @contextlib.contextmanager
-    def signing(self) -> Iterator[None]:
-        """Around a signature and its `append`: a leader about to write waits briefly for the lines of signatures
-        already under way, so that they share its fsync rather than pay for the next one."""
+    def submit(self, entry: Mapping[str, object], custody: Custody | None = None) -> Pending:
+        """Queue `entry` as a line and return at once: the caller does its own work (asks the custody for the
+        signature the line records) while the line is written, then `wait`s for it. `custody` signs a
+        checkpoint when one falls due at this line."""
+        item = Pending(entry, custody)
         committer = self._committer
-        with committer.cond:
-            committer.signing += 1
-        try:
-            yield
-        finally:
-            with committer.cond:
-                committer.signing -= 1
-                if committer.leading:  # a leader may be waiting for this signature's line
-                    committer.cond.notify_all()
-
-    def append(self, entry: Mapping[str, object], custody: Custody | None = None) -> dict[str, object]:
-        """Append `entry` as a line, durably; returns the record as written (with v, seq, time and prev).
-        `custody` signs a checkpoint when one falls due at this line."""
-        item = _Pending(entry, custody)
-        committer = self._committer
-        with committer.cond:
+        with committer.lock:
             committer.queue.append(item)
-            if committer.signing > 1:
-                committer.cond.notify_all()  # a leader may be waiting for this line
-            while committer.leading and not item.done:
-                committer.cond.wait()
+            committer.waiting += 1
+            # A lone signer: the writer thread writes its line while it signs. With others under way, the
+            # first of them to finish signing writes every line queued by then (larger batches, fewer fsyncs).
+            if not committer.leading and committer.waiting == 1:
+                if committer.writer is None:
+                    committer.writer = threading.Thread(target=self._write_queued, name="keyseal-audit-writer",
+                                                        daemon=True)
+                    committer.writer.start()
+                committer.work.notify()
+        return item
+
+    def wait(self, item: Pending) -> dict[str, object]:
+        """Block until the `submit`ted line is written and fsynced (writing the queued lines itself when no
+        other thread is); returns the record as written (with v, seq, time and prev). Raises AuditError when
+        the line could not be made durable."""
+        committer = self._committer
+        try:
             if not item.done:
-                committer.leading = True
-                # Other signatures are under way (their custody call): let their lines join this write.
-                deadline = time.monotonic() + GATHER_SECONDS
-                while len(committer.queue) < committer.signing:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    committer.cond.wait(remaining)
-        if not item.done:
-            self._lead(item)
+                with committer.cond:
+                    while committer.leading and not item.done:
+                        committer.cond.wait()
+                    lead = not item.done
+                    if lead:
+                        committer.leading = True
+                if lead:
+                    self._lead(item)
+        finally:
+            with committer.lock:
+                committer.waiting -= 1
         if isinstance(item.error, AuditError):  # one error for the whole batch: each caller raises its own
             raise AuditError(item.error.message) from None
         if item.error is not None:
             raise item.error
         assert item.record is not None
         return item.record
+
+    def abandon(self, item: Pending) -> None:
+        """The caller of a `submit`ted line will not `wait` for it (interrupted): the line is still written, with
+        the next batch, but no longer counts as a signature under way."""
+        with self._committer.lock:
+            self._committer.waiting -= 1
+
+    def append(self, entry: Mapping[str, object], custody: Custody | None = None) -> dict[str, object]:
+        """Append `entry` as a line, durably (`submit` and `wait`); returns the record as written."""
+        return self.wait(self.submit(entry, custody))
 
     def checkpoint(self, custody: Custody | None = None, *, force: bool = False) -> dict[str, object] | None:
         """Write a checkpoint now if one is due by time (or `force`) and lines were added since the last one;
@@ -265,37 +319,68 @@ class AuditLog:
                 raise AuditError(f"cannot rotate the audit log {self.path}: {exc.strerror}") from None
         return archive
 
-    def _lead(self, own: _Pending) -> None:
+    def _lead(self, own: Pending) -> None:
         """Write queued lines, a batch at a time, until `own` is written; then hand the lead on."""
         committer = self._committer
         try:
             while not own.done:
                 with committer.cond:
                     batch, committer.queue = committer.queue, []
-                try:
-                    self._commit(batch)
-                except BaseException as exc:  # every caller of the batch learns it; nothing of it was kept
-                    for item in batch:
-                        item.error = exc
-                with committer.cond:
-                    for item in batch:
-                        item.done = True
-                    committer.cond.notify_all()
+                self._commit_batch(batch)
         finally:
             with committer.cond:
                 committer.leading = False
                 committer.cond.notify_all()
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _write_queued(self) -> None:
+        """The writer thread: whenever lines are queued and no caller is writing, write them, a batch at a time,
+        so that a line's fsync runs while its caller is still waiting for the custody's signature."""
+        committer = self._committer
+        while True:
+            with committer.lock:
+                while committer.leading or not committer.queue:
+                    committer.work.wait()
+                committer.leading = True
+            try:
+                while True:
+                    with committer.lock:
+                        batch, committer.queue = committer.queue, []
+                    if not batch:
+                        break
+                    self._commit_batch(batch)
+            finally:
+                with committer.lock:
+                    committer.leading = False
+                    committer.cond.notify_all()
+
+    def _commit_batch(self, batch: list[Pending]) -> None:
+        """Write one batch; every caller in it learns the outcome (an error: nothing of the batch was kept)."""
+        committer = self._committer
+        try:
+            self._commit(batch)
+        except BaseException as exc:
+            for item in batch:
+                item.error = exc
+        with committer.cond:
+            for item in batch:
+                item.done = True
+            committer.cond.notify_all()
+
+    def _commit(self, batch: list[Pending]) -> None:
         committer = self._committer
         every = checkpoint.interval_lines()
         by_time = checkpoint.interval_seconds()
         checkpoints: list[dict[str, object]] = []
-        with _THREADS, self._locked() as fd:
-            size = _complete_size(fd, self.path)
-            last = _last_line(fd, size, self.path)
-            seq, prev = (1, GENESIS) if last is None else self._next_after(last)
-            after_checkpoint = last is not None and _is_checkpoint(last)  # no second one in a row
+        with _THREADS, self._held() as (fd, held):
+            tail = committer.tail
+            if tail is not None and (tail.dev, tail.ino, tail.size) == (held.st_dev, held.st_ino, held.st_size):
+                size, seq, prev, after_checkpoint = tail.size, tail.seq, tail.prev, tail.after_checkpoint
+            else:  # another process wrote since, or this one never did: read the last line back
+                committer.tail = None
+                size = _complete_size(fd, self.path)
+                last = _last_line(fd, size, self.path)
+                seq, prev = (1, GENESIS) if last is None else self._next_after(last)
+                after_checkpoint = last is not None and _is_checkpoint(last)  # no second one in a row
             chunks: list[bytes] = []
             for item in batch:
                 custody = item.custody or committer.custody
@@ -317,7 +402,10 @@ class AuditLog:
                 chunks.append(line + b"\n")
                 item.record = record
                 seq, prev, after_checkpoint = seq + 1, line_hash(line), False
-            self._write(fd, size, b"".join(chunks))
+            data = b"".join(chunks)
+            committer.tail = None
+            self._write(fd, size, data)
+            committer.tail = _Tail(held.st_dev, held.st_ino, size + len(data), seq, prev, after_checkpoint)
         for made in checkpoints:
             _emit(made)
 
@@ -349,6 +437,36 @@ class AuditLog:
             raise AuditError(f"cannot append to the audit log {self.path}: {exc.strerror}") from None
 
     @contextlib.contextmanager
+    def _held(self) -> Iterator[tuple[int, os.stat_result]]:
+        """Like `_locked` (called under _THREADS), on a descriptor kept open between batches: the log locked,
+        with its status. At most MAX_OPEN_FILES logs stay open; the one least recently written is closed."""
+        committer = self._committer
+        for _ in range(100):
+            if committer.fd < 0:
+                committer.fd = self._open_fd()
+                if len(_OPEN_FILES) >= MAX_OPEN_FILES:
+                    _close_held(_OPEN_FILES[0])
+            else:
+                _OPEN_FILES.remove(committer)
+            _OPEN_FILES.append(committer)
+            fd = committer.fd
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                held = os.fstat(fd)
+                try:
+                    current = os.stat(self.path)
+                except FileNotFoundError:
+                    current = None
+                if current is not None and (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+                    yield fd, held
+                    return
+            finally:
+                if committer.fd == fd:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            _close_held(committer)  # moved aside by rotate() or removed: the lines belong in the file at the path
+        raise AuditError(f"the audit log {self.path} keeps being replaced while keyseal writes to it")
+
+    @contextlib.contextmanager
     def _locked(self) -> Iterator[int]:
         """The log open and exclusively locked; if it was rotated while this waited for the lock, the new file."""
         for _ in range(100):
@@ -367,6 +485,13 @@ class AuditLog:
 
     @contextlib.contextmanager
     def _open(self) -> Iterator[int]:
+        fd = self._open_fd()
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _open_fd(self) -> int:
         created = not self.path.exists()
         try:
             if created:
@@ -378,13 +503,10 @@ class AuditLog:
                 f"cannot write the audit log {self.path}: {reason}: make it writable, set "
                 f"KEYSEAL_AUDIT_LOG to a writable file, or KEYSEAL_AUDIT_LOG=off to sign without one"
             ) from None
-        try:
-            if created:
-                with contextlib.suppress(OSError):
-                    fsync_directory(self.path.parent)
-            yield fd
-        finally:
-            os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                fsync_directory(self.path.parent)
+        return fd
 
     def _next_after(self, last: bytes) -> tuple[int, str]:
         """(seq, prev) for the line after `last`."""
@@ -396,6 +518,15 @@ class AuditLog:
             raise AuditError(f"the last line of the audit log {self.path} is not an audit record: check it with "
                              f"keyseal audit verify --log {self.path}, then move it aside to start a new log")
         return seq + 1, line_hash(last)
+
+
+def _close_held(committer: _Committer) -> None:
+    """Close a log kept open between batches (under _THREADS)."""
+    if committer.fd >= 0:
+        _OPEN_FILES.remove(committer)
+        with contextlib.suppress(OSError):
+            os.close(committer.fd)
+    committer.fd, committer.tail = -1, None
 
 
 def _is_checkpoint(line: bytes) -> bool:
