@@ -7,16 +7,20 @@ systems) a lock does not exclude the threads of its own process.
 
 Group commit: each line is fsynced (fdatasync: the data and the file size) before the signature it records is
 handed back, but lines queued at the same time share one write and one fsync. A caller `submit`s its line (an
-AuditingSigner does so before it asks the custody to sign) and later `wait`s for it. A caller that waits while
-no one writes writes every queued line itself (`append` is `submit` then `wait`): with several signatures under
-way, the first to finish signing writes the lines of the others too, whose fsync then runs while they sign. A
-lone signer's line is written by the log's writer thread (started at the first line) while it signs. The
-log stays open between batches (at most MAX_OPEN_FILES logs per process), and the next line's seq and prev are
-read back only when another process wrote since. A single signer that signs one thing after another still pays
-one fsync per signature, overlapped with the signing: the price of never handing out a signature the log does
-not hold (`KEYSEAL_AUDIT_LOG=off` leaves durability to the log pipeline instead). A write that fails is cut off
-again, so the file never ends in half a line that keyseal wrote, and every caller of that batch gets the error.
-A forked child starts with no writer, queue or open log of its own: it opens and locks the file itself.
+AuditingSigner does so before it asks the custody to sign; the line's time and JSON are made then, by the
+caller) and later `wait`s for it. Lines are written, a batch at a time, by whoever gets there first: the log's
+writer thread (started at the first line) once the queue holds as many lines as recent batches did (a lone
+signer's one line: its fsync runs while the custody signs), or else the first caller that waits while no one is
+writing (`append` is `submit` then `wait`). A writer gathers briefly (at most half an fsync) for the lines of
+the signers its last batch let go, so that 4 signing threads share one fsync rather than take turns in pairs.
+A caller that waits while another writes sleeps on a lock of its own, released once its line is durable or
+when the lead is handed to it. The log stays open between batches (at most MAX_OPEN_FILES logs per process),
+and the next line's seq and prev are read back only when another process wrote since. A single signer that
+signs one thing after another still pays one fsync per signature, overlapped with the signing: the price of
+never handing out a signature the log does not hold (`KEYSEAL_AUDIT_LOG=off` leaves durability to the log
+pipeline instead). A write that fails is cut off again, so the file never ends in half a line that keyseal
+wrote, and every caller of that batch gets the error. A forked child starts with no writer, queue or open log
+of its own: it opens and locks the file itself.
 
 Checkpoints (keyseal.audit.checkpoint) are written with a batch, signed by the key of a line in it;
 `rotate()` moves the file aside and starts the next one from its head.
@@ -49,8 +53,11 @@ FILE_NAME = "audit.log"
 FORMAT_VERSION = 1
 GENESIS = "0" * 64  # the `prev` of a log's first line
 MAX_LINE = 1 << 20  # a longer last line is not one keyseal wrote
+GATHER_SECONDS = 0.0002  # the longest a writer waits for the lines of signers the last batch let go
+MAX_EXPECTED = 64
 
 _THREADS = threading.Lock()
+_RESERVED = frozenset(("v", "seq", "time", "prev"))  # fields the log sets itself
 _COMMITTERS_LOCK = threading.Lock()
 _LINE = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 logger = logging.getLogger("keyseal.audit")
@@ -111,6 +118,15 @@ class Pending:
     record: dict[str, object] | None = None
     error: BaseException | None = None
     done: bool = False
+    # Held from the start; released once, when the line is done or its caller is handed the lead: the cheapest
+    # wake-up there is for the one thread that waits for it.
+    signal: threading.Lock = field(default_factory=threading.Lock)
+    time: str = field(default_factory=utc_now)  # when it was queued: before the custody was asked
+    body: str | None = field(init=False)  # the entry's fields as JSON, spelt by the caller rather than the writer
+
+    def __post_init__(self) -> None:
+        self.signal.acquire()
+        self.body = None if _RESERVED & self.entry.keys() or not self.entry else _LINE.encode(self.entry)[1:-1]
 
 
 @dataclass(frozen=True)
@@ -131,12 +147,17 @@ class _Committer:
     """The group-commit queue of one log file in this process, and the thread that writes it."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
-    cond: threading.Condition = field(init=False)  # a line was written (callers wait on it)
+    cond: threading.Condition = field(init=False)  # the lead was given up (checkpoint and rotate wait on it)
     work: threading.Condition = field(init=False)  # a line was queued (the writer waits on it)
+    arrived: threading.Condition = field(init=False)
     queue: list[Pending] = field(default_factory=list)
     leading: bool = False
+    blocked: list[Pending] = field(default_factory=list)  # lines whose callers wait while another thread writes
     writer: threading.Thread | None = None
     waiting: int = 0  # lines submitted whose callers have not had them back: signatures under way
+    expected: int = 1  # lines a batch may hope for (recent batches' size; lowered by each gather that times out)
+    gathering: bool = False  # a writer waits for lines to arrive
+    last_sync: float = 0.0  # how long the last fdatasync took
     last_checkpoint: float = field(default_factory=time.monotonic)  # when this process last wrote one
     retry_checkpoint: bool = False  # the last one due could not be signed: try again at the next line
     custody: Custody | None = None  # the last key seen, for checkpoints made when no line names one
@@ -146,6 +167,7 @@ class _Committer:
     def __post_init__(self) -> None:
         self.cond = threading.Condition(self.lock)
         self.work = threading.Condition(self.lock)
+        self.arrived = threading.Condition(self.lock)  # a line was queued while a writer gathers
 
 
 _COMMITTERS: dict[str, _Committer] = {}
@@ -203,9 +225,12 @@ class AuditLog:
         with committer.lock:
             committer.queue.append(item)
             committer.waiting += 1
-            # A lone signer: the writer thread writes its line while it signs. With others under way, the
-            # first of them to finish signing writes every line queued by then (larger batches, fewer fsyncs).
-            if not committer.leading and committer.waiting == 1:
+            if committer.gathering:
+                committer.arrived.notify()
+            # The writer thread writes the queue while its callers sign, once it holds as many lines as recent
+            # batches did (a lone signer: its one line). Short of that, the first caller to finish signing writes
+            # every line queued by then.
+            if not committer.leading and len(committer.queue) >= committer.expected:
                 if committer.writer is None:
                     committer.writer = threading.Thread(target=self._write_queued, name="keyseal-audit-writer",
                                                         daemon=True)
@@ -219,13 +244,18 @@ class AuditLog:
         the line could not be made durable."""
         committer = self._committer
         try:
+            lead = False
             if not item.done:
-                with committer.cond:
-                    while committer.leading and not item.done:
-                        committer.cond.wait()
+                with committer.lock:
+                    if not item.done:
+                        lead = not committer.leading
+                        if lead:
+                            committer.leading = True
+                        else:
+                            committer.blocked.append(item)
+                if not lead and not item.done:
+                    item.signal.acquire()  # the line is done, or the writer handed this caller the lead
                     lead = not item.done
-                    if lead:
-                        committer.leading = True
                 if lead:
                     self._lead(item)
         finally:
@@ -283,9 +313,7 @@ class AuditLog:
         try:
             yield
         finally:
-            with committer.cond:
-                committer.leading = False
-                committer.cond.notify_all()
+            self._hand_on()
 
     def rotate(self, archive: Path | None = None) -> Path:
         """Move the log aside (to `archive`, default `<log>.<UTC time>`) and start a new file whose first line
@@ -321,16 +349,47 @@ class AuditLog:
 
     def _lead(self, own: Pending) -> None:
         """Write queued lines, a batch at a time, until `own` is written; then hand the lead on."""
-        committer = self._committer
         try:
             while not own.done:
-                with committer.cond:
-                    batch, committer.queue = committer.queue, []
-                self._commit_batch(batch)
+                self._commit_batch(self._gather())
         finally:
-            with committer.cond:
-                committer.leading = False
-                committer.cond.notify_all()
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Give up the lead: to a caller waiting for a line not yet written (it writes the next batch), else to
+        no one (a checkpoint or rotation waiting for the lead can take it)."""
+        committer = self._committer
+        with committer.lock:
+            committer.blocked = [item for item in committer.blocked if not item.done]
+            if committer.blocked:
+                committer.blocked.pop(0).signal.release()
+                return
+            committer.leading = False
+            committer.cond.notify_all()
+
+    def _gather(self) -> list[Pending]:
+        """Take the queue as the next batch; first, while recent batches were larger than what is queued, wait
+        a little (at most half the last fsync, GATHER_SECONDS) for the lines of the signers the last batch let
+        go, which come back at once when they sign in a loop. Without that, the signers fall into two groups that
+        take turns, each batch half as large as it could be. A wait that times out lowers the expectation, so a
+        lone signer never waits."""
+        committer = self._committer
+        with committer.lock:
+            if len(committer.queue) < committer.expected:
+                deadline = time.monotonic() + min(GATHER_SECONDS, committer.last_sync / 2)
+                committer.gathering = True
+                try:
+                    while len(committer.queue) < committer.expected:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            committer.expected -= 1
+                            break
+                        committer.arrived.wait(remaining)
+                finally:
+                    committer.gathering = False
+            batch, committer.queue = committer.queue, []
+            committer.expected = min(max(committer.expected, len(batch)), MAX_EXPECTED)
+        return batch
 
     def _write_queued(self) -> None:
         """The writer thread: whenever lines are queued and no caller is writing, write them, a batch at a time,
@@ -338,33 +397,24 @@ class AuditLog:
         committer = self._committer
         while True:
             with committer.lock:
-                while committer.leading or not committer.queue:
+                while committer.leading or not committer.queue or len(committer.queue) < committer.expected:
                     committer.work.wait()
                 committer.leading = True
             try:
-                while True:
-                    with committer.lock:
-                        batch, committer.queue = committer.queue, []
-                    if not batch:
-                        break
-                    self._commit_batch(batch)
+                self._commit_batch(self._gather())
             finally:
-                with committer.lock:
-                    committer.leading = False
-                    committer.cond.notify_all()
+                self._hand_on()
 
     def _commit_batch(self, batch: list[Pending]) -> None:
         """Write one batch; every caller in it learns the outcome (an error: nothing of the batch was kept)."""
-        committer = self._committer
         try:
             self._commit(batch)
         except BaseException as exc:
             for item in batch:
                 item.error = exc
-        with committer.cond:
-            for item in batch:
-                item.done = True
-            committer.cond.notify_all()
+        for item in batch:
+            item.done = True
+            item.signal.release()
 
     def _commit(self, batch: list[Pending]) -> None:
         committer = self._committer
@@ -396,9 +446,13 @@ class AuditLog:
                         chunks.append(line + b"\n")
                         checkpoints.append(made)
                         seq, prev = seq + 1, line_hash(line)
-                record: dict[str, object] = {"v": FORMAT_VERSION, "seq": seq, "time": utc_now(), **item.entry,
+                record: dict[str, object] = {"v": FORMAT_VERSION, "seq": seq, "time": item.time, **item.entry,
                                              "prev": prev}
-                line = _LINE.encode(record).encode("ascii")
+                if item.body is not None:  # the same bytes as encoding the record whole, the fields spelt at submit
+                    line = f'{{"v":{FORMAT_VERSION},"seq":{seq},"time":"{item.time}",{item.body},"prev":"{prev}"}}' \
+                        .encode("ascii")
+                else:
+                    line = _LINE.encode(record).encode("ascii")
                 chunks.append(line + b"\n")
                 item.record = record
                 seq, prev, after_checkpoint = seq + 1, line_hash(line), False
@@ -430,7 +484,9 @@ class AuditLog:
             if os.write(fd, data) != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             # fdatasync: the data and the size needed to read it back, without the modification time.
+            started = time.monotonic()
             os.fdatasync(fd)
+            self._committer.last_sync = time.monotonic() - started
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, size)  # still under the lock: no one else appended since
