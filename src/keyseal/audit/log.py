@@ -154,7 +154,6 @@ class _Committer:
     leading: bool = False
     blocked: list[Pending] = field(default_factory=list)  # lines whose callers wait while another thread writes
     writer: threading.Thread | None = None
-    waiting: int = 0  # lines submitted whose callers have not had them back: signatures under way
     expected: int = 1  # lines a batch may hope for (recent batches' size; lowered by each gather that times out)
     gathering: bool = False  # a writer waits for lines to arrive
     last_sync: float = 0.0  # how long the last fdatasync took
@@ -224,7 +223,6 @@ class AuditLog:
         committer = self._committer
         with committer.lock:
             committer.queue.append(item)
-            committer.waiting += 1
             if committer.gathering:
                 committer.arrived.notify()
             # The writer thread writes the queue while its callers sign, once it holds as many lines as recent
@@ -243,36 +241,26 @@ class AuditLog:
         other thread is); returns the record as written (with v, seq, time and prev). Raises AuditError when
         the line could not be made durable."""
         committer = self._committer
-        try:
-            lead = False
-            if not item.done:
-                with committer.lock:
-                    if not item.done:
-                        lead = not committer.leading
-                        if lead:
-                            committer.leading = True
-                        else:
-                            committer.blocked.append(item)
-                if not lead and not item.done:
-                    item.signal.acquire()  # the line is done, or the writer handed this caller the lead
-                    lead = not item.done
-                if lead:
-                    self._lead(item)
-        finally:
+        lead = False
+        if not item.done:
             with committer.lock:
-                committer.waiting -= 1
+                if not item.done:
+                    lead = not committer.leading
+                    if lead:
+                        committer.leading = True
+                    else:
+                        committer.blocked.append(item)
+            if not lead and not item.done:
+                item.signal.acquire()  # the line is done, or the writer handed this caller the lead
+                lead = not item.done
+            if lead:
+                self._lead(item)
         if isinstance(item.error, AuditError):  # one error for the whole batch: each caller raises its own
             raise AuditError(item.error.message) from None
         if item.error is not None:
             raise item.error
         assert item.record is not None
         return item.record
-
-    def abandon(self, item: Pending) -> None:
-        """The caller of a `submit`ted line will not `wait` for it (interrupted): the line is still written, with
-        the next batch, but no longer counts as a signature under way."""
-        with self._committer.lock:
-            self._committer.waiting -= 1
 
     def append(self, entry: Mapping[str, object], custody: Custody | None = None) -> dict[str, object]:
         """Append `entry` as a line, durably (`submit` and `wait`); returns the record as written."""
@@ -382,7 +370,7 @@ class AuditLog:
                     while len(committer.queue) < committer.expected:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
-                            committer.expected -= 1
+                            committer.expected = max(1, committer.expected - 1)
                             break
                         committer.arrived.wait(remaining)
                 finally:
@@ -397,7 +385,7 @@ class AuditLog:
         committer = self._committer
         while True:
             with committer.lock:
-                while committer.leading or not committer.queue or len(committer.queue) < committer.expected:
+                while committer.leading or len(committer.queue) < committer.expected:
                     committer.work.wait()
                 committer.leading = True
             try:

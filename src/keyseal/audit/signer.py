@@ -105,10 +105,7 @@ class AuditingSigner(Signer):
             signature = call()
         except Exception as exc:
             self._record_failure(log_file, custody, hash_name, digest, signed, exc, pending)
-            raise
-        except BaseException:
-            log_file.abandon(pending)
-            raise
+            raise  # (interrupted instead: the line is written with the next batch, a line with no signature)
         try:
             written = log_file.wait(pending)
         except AuditError as exc:
