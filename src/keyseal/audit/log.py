@@ -7,20 +7,19 @@ systems) a lock does not exclude the threads of its own process.
 
 Group commit: each line is fsynced (fdatasync: the data and the file size) before the signature it records is
 handed back, but lines queued at the same time share one write and one fsync. A caller `submit`s its line (an
-AuditingSigner does so before it asks the custody to sign; the line's time and JSON are made then, by the
-caller) and later `wait`s for it. Lines are written, a batch at a time, by whoever gets there first: the log's
-writer thread (started at the first line) once the queue holds as many lines as recent batches did (a lone
-signer's one line: its fsync runs while the custody signs), or else the first caller that waits while no one is
-writing (`append` is `submit` then `wait`). A writer gathers briefly (at most half an fsync) for the lines of
-the signers its last batch let go, so that 4 signing threads share one fsync rather than take turns in pairs.
-A caller that waits while another writes sleeps on a lock of its own, released once its line is durable or
-when the lead is handed to it. The log stays open between batches (at most MAX_OPEN_FILES logs per process),
-and the next line's seq and prev are read back only when another process wrote since. A single signer that
-signs one thing after another still pays one fsync per signature, overlapped with the signing: the price of
-never handing out a signature the log does not hold (`KEYSEAL_AUDIT_LOG=off` leaves durability to the log
-pipeline instead). A write that fails is cut off again, so the file never ends in half a line that keyseal
-wrote, and every caller of that batch gets the error. A forked child starts with no writer, queue or open log
-of its own: it opens and locks the file itself.
+AuditingSigner does so before it asks the custody to sign; the line's time and JSON are made then, by the caller)
+and later `wait`s for it. Lines are written, a batch at a time: a lone signer's line by the log's writer thread
+(started at the first line), so that its fsync runs while the custody signs; with several signers under way, by the
+first caller that waits while no one is writing (`append` is `submit` then `wait`), whose batch holds the lines of
+the others too, their fsync running while they sign. A writer gathers briefly (at most half an fsync) for the lines
+of the signers its last batch let go, so that 4 signing threads share one fsync rather than take turns in pairs. A
+caller that waits while another writes sleeps on a lock of its own, released once its line is durable or when the
+lead is handed to it. The log stays open between batches (at most MAX_OPEN_FILES logs per process), and the next
+line's seq and prev are read back only when another process wrote since. A single signer that signs one thing after
+another still pays one fsync per signature, overlapped with the signing: the price of never handing out a signature
+the log does not hold (`KEYSEAL_AUDIT_LOG=off` leaves durability to the log pipeline instead). A write that fails
+is cut off again, so the file never ends in half a line that keyseal wrote, and every caller of that batch gets the
+error. A forked child starts with no writer, queue or open log of its own: it opens and locks the file itself.
 
 Checkpoints (keyseal.audit.checkpoint) are written with a batch, signed by the key of a line in it;
 `rotate()` moves the file aside and starts the next one from its head.
@@ -225,10 +224,10 @@ class AuditLog:
             committer.queue.append(item)
             if committer.gathering:
                 committer.arrived.notify()
-            # The writer thread writes the queue while its callers sign, once it holds as many lines as recent
-            # batches did (a lone signer: its one line). Short of that, the first caller to finish signing writes
-            # every line queued by then.
-            if not committer.leading and len(committer.queue) >= committer.expected:
+            # A lone signer (recent batches held one line): the writer thread writes its line while it signs.
+            # With several signers, the first to finish signing writes every line queued by then (a hand-off to
+            # the writer thread as well cost more than it saved at 4 threads).
+            if not committer.leading and committer.expected == 1 and len(committer.queue) == 1:
                 if committer.writer is None:
                     committer.writer = threading.Thread(target=self._write_queued, name="keyseal-audit-writer",
                                                         daemon=True)
