@@ -28,3 +28,25 @@ def load_average() -> str:
     """The 1, 5 and 15 minute load averages, for the record: figures taken on a busy machine do not hold."""
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def fsync_latency(directory: Path, count: int = 100) -> str:
+    """The median and 90th percentile of one append and fdatasync of an audit-sized line in `directory` (where the
+    audit file is): the floor under every audited signature, and what a busy disk moves most."""
+    import statistics
+    import time
+
+    path = directory / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            os.write(fd, b"x" * 400 + b"\n")
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - start)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return f"{statistics.median(times) * 1e6:.0f} us median, {statistics.quantiles(times, n=10)[-1] * 1e6:.0f} us p90"
+

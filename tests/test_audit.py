@@ -104,7 +104,7 @@ def assert_chain(path: Path, count: int) -> None:
     prev = GENESIS
     for seq, line in enumerate(lines, 1):
         record = json.loads(line)
-        assert list(record) == FIELDS
+        assert list(record) == (FIELDS if "corrects" not in record else [*FIELDS[:-1], "corrects", "prev"])
         assert record["v"] == 1 and record["seq"] == seq and record["prev"] == prev
         assert isinstance(record["time"], str) and record["time"].endswith("Z")
         assert datetime.fromisoformat(record["time"]).utcoffset() is not None
@@ -192,8 +192,13 @@ def test_failed_signatures_are_recorded(audit_log: Path, aws_env: dict[str, str]
     assert_one_line_error(failed)
     assert not data.with_name("f.asc").exists()
 
-    assert_chain(audit_log, 3)
-    _, deny_record, fail_record = records(audit_log)
+    assert_chain(audit_log, 5)
+    _, deny_asked, deny_record, fail_asked, fail_record = records(audit_log)
+    # Each line goes in before the custody is asked; a failure adds a line naming the one it corrects.
+    assert (deny_record["corrects"], fail_record["corrects"]) == (deny_asked["seq"], fail_asked["seq"]) == (2, 4)
+    for asked, record in ((deny_asked, deny_record), (fail_asked, fail_record)):
+        assert {k: v for k, v in asked.items() if k not in ("seq", "time", "prev", "outcome")} == \
+            {k: v for k, v in record.items() if k not in ("seq", "time", "prev", "outcome", "corrects")}
     for record, result in ((deny_record, denied), (fail_record, failed)):
         outcome = record["outcome"]
         assert isinstance(outcome, str) and outcome.startswith("error: ")

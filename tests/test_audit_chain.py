@@ -203,13 +203,16 @@ def test_signer_records_context_and_outcome(tmp_path: Path, monkeypatch: pytest.
             pool.submit(signer.sign_digest, digest, "sha256").result()  # workers do not inherit the context
         with pytest.raises(Exception):  # noqa: B017 - whatever the backend raises for a bad digest
             signer.sign_digest(b"short", "sha256")
-    first, pooled, failed = (json.loads(line) for line in path.read_bytes().splitlines())
+    first, pooled, asked, failed = (json.loads(line) for line in path.read_bytes().splitlines())
     assert (first["subject"], first["purpose"], first["openpgp_fingerprint"]) == ("outer", "p2", "F" * 40)
     assert first["digest"] == digest.hex() and first["outcome"] == "ok"
     assert pooled["subject"] is None and pooled["purpose"] is None
+    # The line goes in before the custody is asked; the failure follows it and names the line it corrects.
+    assert asked["digest"] == b"short".hex() and "corrects" not in asked
     assert failed["outcome"].startswith("error: ") and failed["digest"] == b"short".hex()
+    assert failed["corrects"] == asked["seq"] == 3
     emitted = [r for r in caplog.records if r.name == "keyseal.audit"]
-    assert [getattr(r, "audit")["seq"] for r in emitted] == [1, 2, 3]  # noqa: B009
+    assert [getattr(r, "audit")["seq"] for r in emitted] == [1, 2, 4]  # noqa: B009 - one per signature, as it ended
     assert emitted[0].getMessage() == "audit " + path.read_bytes().splitlines()[0].decode()
 
 

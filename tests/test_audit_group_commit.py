@@ -1,5 +1,7 @@
 """Group commit: threads that sign at once share an fsync, and a signature is still handed out only once its
-line is durable, even when the process is killed (SIGKILL) at any moment."""
+line is durable, even when the process is killed (SIGKILL) at any moment. The line goes in before the custody is
+asked (its fsync runs while the custody signs), so a kill can also fall between a durable line and its signature:
+the chain still verifies and the next process goes on from it."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keyseal._internal import audit
 from keyseal._internal.audit import verify_log
@@ -25,8 +27,11 @@ from keyseal._internal.backends import open_signer
 THREADS = 4
 
 
-def file_key(tmp_path: Path) -> tuple[str, Path]:
-    private = ec.generate_private_key(ec.SECP256R1())
+def file_key(tmp_path: Path, slow: bool = False) -> tuple[str, Path]:
+    """A P-256 key file, or (slow) an RSA-4096 one: its signatures take milliseconds, so a kill often falls
+    while the custody signs, after the line was written."""
+    private: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+        rsa.generate_private_key(65537, 4096) if slow else ec.generate_private_key(ec.SECP256R1()))
     pem = tmp_path / "k.pem"
     pem.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
@@ -115,16 +120,18 @@ for thread in threads:
 """
 
 
-@pytest.mark.slow
-def test_sigkill_never_leaves_a_signature_without_its_line(tmp_path: Path) -> None:
-    uri, public = file_key(tmp_path)
+def kill_signers(tmp_path: Path, uri: str, public: Path) -> tuple[set[str], set[str]]:
+    """Start a process that signs from 4 threads, writing each signature to a file once sign_digest returns,
+    and SIGKILL it at a random moment, five times; then one run that ends by itself (the next writer after the
+    kills). Returns the subjects of the ok lines and the names of the signature files; the chain and its
+    checkpoints must verify."""
     log = tmp_path / "audit.log"
     out = tmp_path / "signatures"
     out.mkdir()
     env = dict(os.environ, KEYSEAL_AUDIT_LOG=str(log), KEYSEAL_AUDIT_CHECKPOINT_LINES="50")
     rng = random.Random()
     for run in range(6):
-        last = run == 5  # a last run that ends by itself: the next writer after a kill
+        last = run == 5
         proc = subprocess.Popen([sys.executable, "-c", _SIGNER, str(out), uri, f"r{run}", *(["5"] if last else [])],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
@@ -140,9 +147,78 @@ def test_sigkill_never_leaves_a_signature_without_its_line(tmp_path: Path) -> No
                 proc.kill()
                 proc.wait()
     records = [json.loads(line) for line in log.read_bytes().splitlines()]
-    logged = {r["subject"] for r in records if r.get("outcome") == "ok"}
-    signed = {p.name.removesuffix(".sig") for p in out.glob("*.sig")}
-    assert len(signed) > 20
-    assert signed - logged == set()  # every signature handed out has its line
     report = verify_log(log, keys=load_keys([public]))
     assert report.checkpoints >= 1
+    assert all("corrects" not in r for r in records)  # no signature failed: no line corrects another
+    return {r["subject"] for r in records if r.get("outcome") == "ok" and r["subject"] is not None}, \
+        {p.name.removesuffix(".sig") for p in out.glob("*.sig")}
+
+
+@pytest.mark.slow
+def test_sigkill_never_leaves_a_signature_without_its_line(tmp_path: Path) -> None:
+    uri, public = file_key(tmp_path)
+    logged, signed = kill_signers(tmp_path, uri, public)
+    assert len(signed) > 20
+    assert signed - logged == set()  # every signature handed out has its line
+
+
+@pytest.mark.slow
+def test_sigkill_while_the_custody_signs_leaves_a_verifiable_chain(tmp_path: Path) -> None:
+    """Slow signatures: most kills fall after a line was written and before its signature came back. Those
+    lines stay (a line without a signature is allowed; a signature without its line never), the chain verifies,
+    and the next process appends after them."""
+    uri, public = file_key(tmp_path, slow=True)
+    logged, signed = kill_signers(tmp_path, uri, public)
+    assert len(signed) > 4
+    assert signed - logged == set()
+    killed = {name for name in logged - signed if not name.startswith("r5-")}
+    assert killed, "no kill fell between a line and its signature"
+
+
+def test_a_forked_child_writes_its_own_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child forked after the parent wrote (its writer thread running, the log kept open) starts afresh: its
+    own descriptor and lock, no writer thread it would wait for in vain; both chains of lines interleave whole."""
+    uri, _ = file_key(tmp_path)
+    log = tmp_path / "audit.log"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
+    with open_signer(uri) as signer:
+        signer.sign_digest(bytes(32), "sha256")
+        pid = os.fork()
+        if pid == 0:  # the child: sign, and report by the exit status only
+            code = 1
+            try:
+                for index in range(200):
+                    signer.sign_digest(hashlib.sha256(f"child-{index}".encode()).digest(), "sha256")
+                code = 0
+            finally:
+                os._exit(code)
+        for index in range(200):  # at the same time as the child: the two must exclude each other
+            signer.sign_digest(hashlib.sha256(f"parent-{index}".encode()).digest(), "sha256")
+        for _ in range(600):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            threading.Event().wait(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child did not finish signing within 30 s")
+        assert os.waitstatus_to_exitcode(status) == 0
+        signer.sign_digest(bytes(32), "sha256")
+    assert verify_log(log).lines == 402
+
+
+def test_many_logs_keep_few_files_open(tmp_path: Path) -> None:
+    """One process writing to many logs keeps at most MAX_OPEN_FILES of them open between batches; a log
+    closed and opened again goes on from its last line."""
+    from keyseal._internal.audit.log import MAX_OPEN_FILES
+
+    paths = [tmp_path / f"{number}.log" for number in range(12)]
+    for _ in range(3):
+        for path in paths:
+            audit.AuditLog(path).append({"outcome": "ok", "subject": path.name})
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert 0 < len([name for name in held if name.startswith(str(tmp_path))]) <= MAX_OPEN_FILES < len(paths)
+    for path in paths:
+        assert verify_log(path).lines == 3

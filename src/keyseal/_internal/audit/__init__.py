@@ -12,7 +12,9 @@ turns the file off. Every record is also emitted on the `keyseal.audit` logger (
 
 A line: `{"v":1,"seq":N,"time":RFC 3339 UTC,"key_uri","key_fingerprint":"sha256:<SPKI hex>",
 "openpgp_fingerprint","hash","signed":"digest"|"message","digest":hex,"subject","purpose","outcome":"ok"|"error: ...",
-"prev":SHA-256 hex of the previous line's bytes (64 zeros for the first)}`. Lines keyseal adds itself carry a
+"prev":SHA-256 hex of the previous line's bytes (64 zeros for the first)}`. An AuditingSigner writes the line
+before it asks the custody to sign; a signature that then fails adds a line with the error and "corrects": the
+first line's seq. Lines keyseal adds itself carry a
 "kind": "checkpoint" (a signed head, keyseal._internal.audit.checkpoint) or "continued" (the first line of a file that
 `AuditLog.rotate()` started, going on from the previous file's head); a log without them is read as before.
 - `Custody` (a key, its fingerprint and redacted URI) passed to `record` signs the checkpoints that fall due.

@@ -209,10 +209,10 @@ def _lines(path: Path) -> Iterator[Line]:
     """Parse each line; a line that is not a record is reported at once."""
     try:
         handle = path.open("rb")
-    except FileNotFoundError:
-        raise InputError(f"audit log {path} does not exist") from None
+    except FileNotFoundError as exc:
+        raise InputError(f"audit log {path} does not exist") from exc
     except OSError as exc:
-        raise InputError(f"cannot read audit log {path}: {exc.strerror}") from None
+        raise InputError(f"cannot read audit log {path}: {exc.strerror}") from exc
     with handle:
         for number, raw in enumerate(handle, 1):
             if not raw.endswith(b"\n"):

@@ -65,8 +65,8 @@ def _env_number(name: str, default: float) -> float:
         return default
     try:
         number = float(value)
-    except ValueError:
-        raise InputError(f"{name}={value[:40]!r} is not a number") from None
+    except ValueError as exc:
+        raise InputError(f"{name}={value[:40]!r} is not a number") from exc
     if number < 0:
         raise InputError(f"{name} must not be negative")
     return number

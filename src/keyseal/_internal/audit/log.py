@@ -5,17 +5,23 @@ line under that same lock: concurrent processes and threads interleave whole lin
 process-wide lock is taken too, since where flock is emulated with fcntl record locks (some network file
 systems) a lock does not exclude the threads of its own process.
 
-Group commit: each line is fsynced (fdatasync: the data and the file size) before its signature is handed back,
-but the threads of one process that sign at the same time share one write and one fsync. A caller queues its
-line; if no thread is writing, it becomes the leader and writes every queued line at once; the others wait until
-the leader's fsync covers theirs. Signers that announce themselves (`signing()`, as AuditingSigner does) make a
-leader wait up to GATHER_SECONDS for the lines of signatures already under way, so that they join its write.
-A single signer that signs one thing after another still pays one fsync per signature: the price of never
-handing out a signature the log does not hold (`KEYSEAL_AUDIT_LOG=off` leaves durability to the log pipeline
-instead). A write that fails is cut off again, so the file never ends in half a
-line that keyseal wrote, and every caller of that batch gets the error.
+Group commit: each line is fsynced (fdatasync: the data and the file size) before the signature it records is
+handed back, but lines queued at the same time share one write and one fsync. A caller `submit`s its line (an
+AuditingSigner does so before it asks the custody to sign; the line's time and JSON are made then, by the caller)
+and later `wait`s for it. Lines are written, a batch at a time: a lone signer's line by the log's writer thread
+(started at the first line), so that its fsync runs while the custody signs; with several signers under way, by the
+first caller that waits while no one is writing (`append` is `submit` then `wait`), whose batch holds the lines of
+the others too, their fsync running while they sign. A writer gathers briefly (at most half an fsync) for the lines
+of the signers its last batch let go, so that 4 signing threads share one fsync rather than take turns in pairs. A
+caller that waits while another writes sleeps on a lock of its own, released once its line is durable or when the
+lead is handed to it. The log stays open between batches (at most MAX_OPEN_FILES logs per process), and the next
+line's seq and prev are read back only when another process wrote since. A single signer that signs one thing after
+another still pays one fsync per signature, overlapped with the signing: the price of never handing out a signature
+the log does not hold (`KEYSEAL_AUDIT_LOG=off` leaves durability to the log pipeline instead). A write that fails
+is cut off again, so the file never ends in half a line that keyseal wrote, and every caller of that batch gets the
+error. A forked child starts with no writer, queue or open log of its own: it opens and locks the file itself.
 
-Checkpoints (keyseal._internal.audit.checkpoint) are written by the leader, signed by the key of a line in its batch;
+Checkpoints (keyseal._internal.audit.checkpoint) are written with a batch, signed by the key of a line in it;
 `rotate()` moves the file aside and starts the next one from its head.
 """
 
@@ -46,9 +52,11 @@ FILE_NAME = "audit.log"
 FORMAT_VERSION = 1
 GENESIS = "0" * 64  # the `prev` of a log's first line
 MAX_LINE = 1 << 20  # a longer last line is not one keyseal wrote
-GATHER_SECONDS = 0.0003  # how long a leader waits for the lines of signatures already under way
+GATHER_SECONDS = 0.0002  # the longest a writer waits for the lines of signers the last batch let go
+MAX_EXPECTED = 64
 
 _THREADS = threading.Lock()
+_RESERVED = frozenset(("v", "seq", "time", "prev"))  # fields the log sets itself
 _COMMITTERS_LOCK = threading.Lock()
 _LINE = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 logger = logging.getLogger("keyseal.audit")
@@ -101,28 +109,68 @@ class Custody:
 
 
 @dataclass(eq=False)
-class _Pending:
+class Pending:
+    """A line `submit`ted to the log: `AuditLog.wait` returns its record once it is durable."""
+
     entry: Mapping[str, object]
     custody: Custody | None
     record: dict[str, object] | None = None
     error: BaseException | None = None
     done: bool = False
+    # Held from the start; released once, when the line is done or its caller is handed the lead: the cheapest
+    # wake-up there is for the one thread that waits for it.
+    signal: threading.Lock = field(default_factory=threading.Lock)
+    time: str = field(default_factory=utc_now)  # when it was queued: before the custody was asked
+    body: str | None = field(init=False)  # the entry's fields as JSON, spelt by the caller rather than the writer
+
+    def __post_init__(self) -> None:
+        self.signal.acquire()
+        self.body = None if _RESERVED & self.entry.keys() or not self.entry else _LINE.encode(self.entry)[1:-1]
+
+
+@dataclass(frozen=True)
+class _Tail:
+    """Where this process left the file: a file of this identity and size ends in the line it wrote last, so
+    the next line's seq and prev need not be read back."""
+
+    dev: int
+    ino: int
+    size: int
+    seq: int  # the next line's
+    prev: str
+    after_checkpoint: bool
 
 
 @dataclass(eq=False)
 class _Committer:
-    """The group-commit queue of one log file in this process."""
+    """The group-commit queue of one log file in this process, and the thread that writes it."""
 
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    queue: list[_Pending] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cond: threading.Condition = field(init=False)  # the lead was given up (checkpoint and rotate wait on it)
+    work: threading.Condition = field(init=False)  # a line was queued (the writer waits on it)
+    arrived: threading.Condition = field(init=False)
+    queue: list[Pending] = field(default_factory=list)
     leading: bool = False
+    blocked: list[Pending] = field(default_factory=list)  # lines whose callers wait while another thread writes
+    writer: threading.Thread | None = None
+    expected: int = 1  # lines a batch may hope for (recent batches' size; lowered by each gather that times out)
+    gathering: bool = False  # a writer waits for lines to arrive
+    last_sync: float = 0.0  # how long the last fdatasync took
     last_checkpoint: float = field(default_factory=time.monotonic)  # when this process last wrote one
     retry_checkpoint: bool = False  # the last one due could not be signed: try again at the next line
     custody: Custody | None = None  # the last key seen, for checkpoints made when no line names one
-    signing: int = 0  # threads between `signing()` and the end of their append: lines on their way
+    fd: int = -1  # the log kept open between batches (one of _OPEN_FILES), and where it ends
+    tail: _Tail | None = None
+
+    def __post_init__(self) -> None:
+        self.cond = threading.Condition(self.lock)
+        self.work = threading.Condition(self.lock)
+        self.arrived = threading.Condition(self.lock)  # a line was queued while a writer gathers
 
 
 _COMMITTERS: dict[str, _Committer] = {}
+_OPEN_FILES: list[_Committer] = []  # committers holding a descriptor, the most recently used last
+MAX_OPEN_FILES = 8
 
 
 def _committer(path: Path) -> _Committer:
@@ -132,6 +180,22 @@ def _committer(path: Path) -> _Committer:
         if found is None:
             found = _COMMITTERS[key] = _Committer()
         return found
+
+
+def _after_fork_in_child() -> None:
+    """A child starts with no writer thread and locks that no thread of its own holds: start afresh. Its copies
+    of the descriptors are closed, never unlocked (a flock belongs to the descriptor the parent shares)."""
+    global _THREADS, _COMMITTERS_LOCK  # the parent's locks may be held by threads the child has not
+    _THREADS, _COMMITTERS_LOCK = threading.Lock(), threading.Lock()
+    for committer in _COMMITTERS.values():
+        if committer.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(committer.fd)
+        committer.__init__()  # type: ignore[misc]  # the same object: AuditLogs hold it
+    _OPEN_FILES.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class AuditLog:
@@ -150,49 +214,56 @@ class AuditLog:
         with self._open():
             pass
 
-    @contextlib.contextmanager
-    def signing(self) -> Iterator[None]:
-        """Around a signature and its `append`: a leader about to write waits briefly for the lines of signatures
-        already under way, so that they share its fsync rather than pay for the next one."""
+    def submit(self, entry: Mapping[str, object], custody: Custody | None = None) -> Pending:
+        """Queue `entry` as a line and return at once: the caller does its own work (asks the custody for the
+        signature the line records) while the line is written, then `wait`s for it. `custody` signs a
+        checkpoint when one falls due at this line."""
+        item = Pending(entry, custody)
         committer = self._committer
-        with committer.cond:
-            committer.signing += 1
-        try:
-            yield
-        finally:
-            with committer.cond:
-                committer.signing -= 1
-                if committer.leading:  # a leader may be waiting for this signature's line
-                    committer.cond.notify_all()
-
-    def append(self, entry: Mapping[str, object], custody: Custody | None = None) -> dict[str, object]:
-        """Append `entry` as a line, durably; returns the record as written (with v, seq, time and prev).
-        `custody` signs a checkpoint when one falls due at this line."""
-        item = _Pending(entry, custody)
-        committer = self._committer
-        with committer.cond:
+        with committer.lock:
             committer.queue.append(item)
-            if committer.signing > 1:
-                committer.cond.notify_all()  # a leader may be waiting for this line
-            while committer.leading and not item.done:
-                committer.cond.wait()
-            if not item.done:
-                committer.leading = True
-                # Other signatures are under way (their custody call): let their lines join this write.
-                deadline = time.monotonic() + GATHER_SECONDS
-                while len(committer.queue) < committer.signing:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    committer.cond.wait(remaining)
+            if committer.gathering:
+                committer.arrived.notify()
+            # A lone signer (recent batches held one line): the writer thread writes its line while it signs.
+            # With several signers, the first to finish signing writes every line queued by then (a hand-off to
+            # the writer thread as well cost more than it saved at 4 threads).
+            if not committer.leading and committer.expected == 1 and len(committer.queue) == 1:
+                if committer.writer is None:
+                    committer.writer = threading.Thread(target=self._write_queued, name="keyseal-audit-writer",
+                                                        daemon=True)
+                    committer.writer.start()
+                committer.work.notify()
+        return item
+
+    def wait(self, item: Pending) -> dict[str, object]:
+        """Block until the `submit`ted line is written and fsynced (writing the queued lines itself when no
+        other thread is); returns the record as written (with v, seq, time and prev). Raises AuditError when
+        the line could not be made durable."""
+        committer = self._committer
+        lead = False
         if not item.done:
-            self._lead(item)
+            with committer.lock:
+                if not item.done:
+                    lead = not committer.leading
+                    if lead:
+                        committer.leading = True
+                    else:
+                        committer.blocked.append(item)
+            if not lead and not item.done:
+                item.signal.acquire()  # the line is done, or the writer handed this caller the lead
+                lead = not item.done
+            if lead:
+                self._lead(item)
         if isinstance(item.error, AuditError):  # one error for the whole batch: each caller raises its own
             raise AuditError(item.error.message) from None
         if item.error is not None:
             raise item.error
         assert item.record is not None
         return item.record
+
+    def append(self, entry: Mapping[str, object], custody: Custody | None = None) -> dict[str, object]:
+        """Append `entry` as a line, durably (`submit` and `wait`); returns the record as written."""
+        return self.wait(self.submit(entry, custody))
 
     def checkpoint(self, custody: Custody | None = None, *, force: bool = False) -> dict[str, object] | None:
         """Write a checkpoint now if one is due by time (or `force`) and lines were added since the last one;
@@ -229,9 +300,7 @@ class AuditLog:
         try:
             yield
         finally:
-            with committer.cond:
-                committer.leading = False
-                committer.cond.notify_all()
+            self._hand_on()
 
     def rotate(self, archive: Path | None = None) -> Path:
         """Move the log aside (to `archive`, default `<log>.<UTC time>`) and start a new file whose first line
@@ -262,40 +331,93 @@ class AuditLog:
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     os.unlink(temporary)
-                raise AuditError(f"cannot rotate the audit log {self.path}: {exc.strerror}") from None
+                raise AuditError(f"cannot rotate the audit log {self.path}: {exc.strerror}") from exc
         return archive
 
-    def _lead(self, own: _Pending) -> None:
+    def _lead(self, own: Pending) -> None:
         """Write queued lines, a batch at a time, until `own` is written; then hand the lead on."""
-        committer = self._committer
         try:
             while not own.done:
-                with committer.cond:
-                    batch, committer.queue = committer.queue, []
-                try:
-                    self._commit(batch)
-                except BaseException as exc:  # every caller of the batch learns it; nothing of it was kept
-                    for item in batch:
-                        item.error = exc
-                with committer.cond:
-                    for item in batch:
-                        item.done = True
-                    committer.cond.notify_all()
+                self._commit_batch(self._gather())
         finally:
-            with committer.cond:
-                committer.leading = False
-                committer.cond.notify_all()
+            self._hand_on()
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _hand_on(self) -> None:
+        """Give up the lead: to a caller waiting for a line not yet written (it writes the next batch), else to
+        no one (a checkpoint or rotation waiting for the lead can take it)."""
+        committer = self._committer
+        with committer.lock:
+            committer.blocked = [item for item in committer.blocked if not item.done]
+            if committer.blocked:
+                committer.blocked.pop(0).signal.release()
+                return
+            committer.leading = False
+            committer.cond.notify_all()
+
+    def _gather(self) -> list[Pending]:
+        """Take the queue as the next batch; first, while recent batches were larger than what is queued, wait
+        a little (at most half the last fsync, GATHER_SECONDS) for the lines of the signers the last batch let
+        go, which come back at once when they sign in a loop. Without that, the signers fall into two groups that
+        take turns, each batch half as large as it could be. A wait that times out lowers the expectation, so a
+        lone signer never waits."""
+        committer = self._committer
+        with committer.lock:
+            if len(committer.queue) < committer.expected:
+                deadline = time.monotonic() + min(GATHER_SECONDS, committer.last_sync / 2)
+                committer.gathering = True
+                try:
+                    while len(committer.queue) < committer.expected:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            committer.expected = max(1, committer.expected - 1)
+                            break
+                        committer.arrived.wait(remaining)
+                finally:
+                    committer.gathering = False
+            batch, committer.queue = committer.queue, []
+            committer.expected = min(max(committer.expected, len(batch)), MAX_EXPECTED)
+        return batch
+
+    def _write_queued(self) -> None:
+        """The writer thread: whenever lines are queued and no caller is writing, write them, a batch at a time,
+        so that a line's fsync runs while its caller is still waiting for the custody's signature."""
+        committer = self._committer
+        while True:
+            with committer.lock:
+                while committer.leading or len(committer.queue) < committer.expected:
+                    committer.work.wait()
+                committer.leading = True
+            try:
+                self._commit_batch(self._gather())
+            finally:
+                self._hand_on()
+
+    def _commit_batch(self, batch: list[Pending]) -> None:
+        """Write one batch; every caller in it learns the outcome (an error: nothing of the batch was kept)."""
+        try:
+            self._commit(batch)
+        except BaseException as exc:
+            for item in batch:
+                item.error = exc
+        for item in batch:
+            item.done = True
+            item.signal.release()
+
+    def _commit(self, batch: list[Pending]) -> None:
         committer = self._committer
         every = checkpoint.interval_lines()
         by_time = checkpoint.interval_seconds()
         checkpoints: list[dict[str, object]] = []
-        with _THREADS, self._locked() as fd:
-            size = _complete_size(fd, self.path)
-            last = _last_line(fd, size, self.path)
-            seq, prev = (1, GENESIS) if last is None else self._next_after(last)
-            after_checkpoint = last is not None and _is_checkpoint(last)  # no second one in a row
+        with _THREADS, self._held() as (fd, held):
+            tail = committer.tail
+            if tail is not None and (tail.dev, tail.ino, tail.size) == (held.st_dev, held.st_ino, held.st_size):
+                size, seq, prev, after_checkpoint = tail.size, tail.seq, tail.prev, tail.after_checkpoint
+            else:  # another process wrote since, or this one never did: read the last line back
+                committer.tail = None
+                size = _complete_size(fd, self.path)
+                last = _last_line(fd, size, self.path)
+                seq, prev = (1, GENESIS) if last is None else self._next_after(last)
+                after_checkpoint = last is not None and _is_checkpoint(last)  # no second one in a row
             chunks: list[bytes] = []
             for item in batch:
                 custody = item.custody or committer.custody
@@ -311,13 +433,20 @@ class AuditLog:
                         chunks.append(line + b"\n")
                         checkpoints.append(made)
                         seq, prev = seq + 1, line_hash(line)
-                record: dict[str, object] = {"v": FORMAT_VERSION, "seq": seq, "time": utc_now(), **item.entry,
+                record: dict[str, object] = {"v": FORMAT_VERSION, "seq": seq, "time": item.time, **item.entry,
                                              "prev": prev}
-                line = _LINE.encode(record).encode("ascii")
+                if item.body is not None:  # the same bytes as encoding the record whole, the fields spelt at submit
+                    line = f'{{"v":{FORMAT_VERSION},"seq":{seq},"time":"{item.time}",{item.body},"prev":"{prev}"}}' \
+                        .encode("ascii")
+                else:
+                    line = _LINE.encode(record).encode("ascii")
                 chunks.append(line + b"\n")
                 item.record = record
                 seq, prev, after_checkpoint = seq + 1, line_hash(line), False
-            self._write(fd, size, b"".join(chunks))
+            data = b"".join(chunks)
+            committer.tail = None
+            self._write(fd, size, data)
+            committer.tail = _Tail(held.st_dev, held.st_ino, size + len(data), seq, prev, after_checkpoint)
         for made in checkpoints:
             _emit(made)
 
@@ -342,11 +471,43 @@ class AuditLog:
             if os.write(fd, data) != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             # fdatasync: the data and the size needed to read it back, without the modification time.
+            started = time.monotonic()
             os.fdatasync(fd)
+            self._committer.last_sync = time.monotonic() - started
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, size)  # still under the lock: no one else appended since
-            raise AuditError(f"cannot append to the audit log {self.path}: {exc.strerror}") from None
+            raise AuditError(f"cannot append to the audit log {self.path}: {exc.strerror}") from exc
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[tuple[int, os.stat_result]]:
+        """Like `_locked` (called under _THREADS), on a descriptor kept open between batches: the log locked,
+        with its status. At most MAX_OPEN_FILES logs stay open; the one least recently written is closed."""
+        committer = self._committer
+        for _ in range(100):
+            if committer.fd < 0:
+                committer.fd = self._open_fd()
+                if len(_OPEN_FILES) >= MAX_OPEN_FILES:
+                    _close_held(_OPEN_FILES[0])
+            else:
+                _OPEN_FILES.remove(committer)
+            _OPEN_FILES.append(committer)
+            fd = committer.fd
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                held = os.fstat(fd)
+                try:
+                    current = os.stat(self.path)
+                except FileNotFoundError:
+                    current = None
+                if current is not None and (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+                    yield fd, held
+                    return
+            finally:
+                if committer.fd == fd:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            _close_held(committer)  # moved aside by rotate() or removed: the lines belong in the file at the path
+        raise AuditError(f"the audit log {self.path} keeps being replaced while keyseal writes to it")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[int]:
@@ -367,6 +528,13 @@ class AuditLog:
 
     @contextlib.contextmanager
     def _open(self) -> Iterator[int]:
+        fd = self._open_fd()
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _open_fd(self) -> int:
         created = not self.path.exists()
         try:
             if created:
@@ -377,14 +545,11 @@ class AuditLog:
             raise AuditError(
                 f"cannot write the audit log {self.path}: {reason}: make it writable, set "
                 f"KEYSEAL_AUDIT_LOG to a writable file, or KEYSEAL_AUDIT_LOG=off to sign without one"
-            ) from None
-        try:
-            if created:
-                with contextlib.suppress(OSError):
-                    fsync_directory(self.path.parent)
-            yield fd
-        finally:
-            os.close(fd)
+            ) from exc
+        if created:
+            with contextlib.suppress(OSError):
+                fsync_directory(self.path.parent)
+        return fd
 
     def _next_after(self, last: bytes) -> tuple[int, str]:
         """(seq, prev) for the line after `last`."""
@@ -396,6 +561,15 @@ class AuditLog:
             raise AuditError(f"the last line of the audit log {self.path} is not an audit record: check it with "
                              f"keyseal audit verify --log {self.path}, then move it aside to start a new log")
         return seq + 1, line_hash(last)
+
+
+def _close_held(committer: _Committer) -> None:
+    """Close a log kept open between batches (under _THREADS)."""
+    if committer.fd >= 0:
+        _OPEN_FILES.remove(committer)
+        with contextlib.suppress(OSError):
+            os.close(committer.fd)
+    committer.fd, committer.tail = -1, None
 
 
 def _is_checkpoint(line: bytes) -> bool:
@@ -431,7 +605,7 @@ def _complete_size(fd: int, path: Path) -> int:
         os.ftruncate(fd, keep)
         os.fsync(fd)
     except OSError as exc:
-        raise AuditError(f"cannot cut the incomplete last line off the audit log {path}: {exc.strerror}") from None
+        raise AuditError(f"cannot cut the incomplete last line off the audit log {path}: {exc.strerror}") from exc
     logger.warning("audit log %s ended in an incomplete line (%d bytes, a write interrupted by a crash; no "
                    "signature was handed out for it): cut it off", path, size - keep)
     return keep

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping
 from typing import Literal
 
 from keyseal._internal.audit.context import current
@@ -19,7 +20,7 @@ from keyseal._internal.providers.pkcs11 import uri as pkcs11uri
 from keyseal.errors import KeysealError, one_line
 from keyseal.signer import PublicKey
 
-__all__ = ["key_fingerprint", "outcome_of", "record", "redact_uri"]
+__all__ = ["emit", "key_fingerprint", "make_entry", "outcome_of", "record", "redact_uri"]
 
 log = logging.getLogger("keyseal.audit")
 
@@ -89,10 +90,24 @@ def record(
     be written. `custody` (the key that signed, with its fingerprint and redacted URI) signs a checkpoint when
     one falls due at this line.
     """
+    entry = make_entry(key_uri=key_uri if key_uri_redacted else redact_uri(key_uri),
+                       fingerprint=fingerprint or (key_fingerprint(public_key) if public_key is not None else None),
+                       hash_name=hash_name, digest=digest, outcome=outcome, subject=subject, purpose=purpose,
+                       openpgp_fingerprint=openpgp_fingerprint, signed=signed)
+    written = log_file.append(entry, custody) if log_file is not None else {"time": utc_now(), **entry}
+    emit(written)
+    return written
+
+
+def make_entry(*, key_uri: str, fingerprint: str | None, hash_name: str, digest: bytes, outcome: str,
+               subject: str | None = None, purpose: str | None = None, openpgp_fingerprint: str | None = None,
+               signed: Signed = "digest") -> dict[str, object]:
+    """A record's fields before the log adds v, seq, time and prev (`key_uri` already redacted); subject,
+    purpose and OpenPGP fingerprint default to the caller's `audit.subject(...)` context."""
     context = current()
-    entry: dict[str, object] = {
-        "key_uri": key_uri if key_uri_redacted else redact_uri(key_uri),
-        "key_fingerprint": fingerprint or (key_fingerprint(public_key) if public_key is not None else None),
+    return {
+        "key_uri": key_uri,
+        "key_fingerprint": fingerprint,
         "openpgp_fingerprint": openpgp_fingerprint or context.openpgp_fingerprint,
         "hash": hash_name,
         "signed": signed,
@@ -101,10 +116,12 @@ def record(
         "purpose": _text(purpose if purpose is not None else context.purpose),
         "outcome": outcome if outcome == "ok" else one_line(outcome, _MAX_TEXT),
     }
-    written = log_file.append(entry, custody) if log_file is not None else {"time": utc_now(), **entry}
+
+
+def emit(written: Mapping[str, object]) -> None:
+    """A record on the `keyseal.audit` logger (INFO, the JSON line as the message, the fields as `record.audit`)."""
     if log.isEnabledFor(logging.INFO):
         log.info("audit %s", _LINE.encode(written), extra={"audit": written})
-    return written
 
 
 def _text(value: str | None) -> str | None:

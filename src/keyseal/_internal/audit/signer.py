@@ -7,14 +7,16 @@ public key (export, git-setup) writes nothing and needs no writable log.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import threading
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from keyseal._internal.audit.log import AuditLog, Custody, configured_log
-from keyseal._internal.audit.record import Signed, key_fingerprint, outcome_of, record, redact_uri
+from keyseal._internal.audit.log import AuditLog, Custody, Pending, configured_log, utc_now
+from keyseal._internal.audit.record import Signed, emit, key_fingerprint, make_entry, outcome_of, redact_uri
 from keyseal._internal.audit.record import log as audit_logger
 from keyseal.errors import AuditError
 from keyseal.signer import HashName, PublicKey, Signer
@@ -23,12 +25,17 @@ __all__ = ["AuditingSigner", "unwrap"]
 
 
 class AuditingSigner(Signer):
-    """A Signer that appends an audit record for every `sign_digest` / `sign_message`, success or failure.
+    """A Signer that records every `sign_digest` / `sign_message`, success or failure.
 
     The public key is fetched (once; every backend caches it) before the first signature, so each record names
-    the key that signed; if it cannot be fetched, nothing is signed and the failure is recorded. A log that
-    cannot be written stops the signature before the custody is asked; a record that cannot be appended after
-    a signature discards the signature (AuditError), so no output is written that the log does not show.
+    the key that signs; if it cannot be fetched, nothing is signed and the failure is recorded. A log that
+    cannot be written stops the first signature before the custody is asked.
+
+    With an audit file, the line is queued *before* the custody is asked, and the signature is returned only
+    once that line is durable: the log's fsync runs while the custody signs, instead of after it. A signature
+    that then fails adds a second line (`outcome` "error: ...", `corrects` naming the first line's `seq`); a
+    line that cannot be made durable discards the signature (AuditError), so no output exists that the log does
+    not show. The `keyseal.audit` logger gets one record per signature, with its real outcome, once it is known.
     Backend-specific attributes (`key_spec`, `version` ...) are read through from the wrapped signer.
     """
 
@@ -56,33 +63,60 @@ class AuditingSigner(Signer):
 
     def sign_digest(self, digest: bytes, hash_name: HashName) -> bytes:
         log_file = self._log if self._ready else self._log_file()
-        custody = self._custody
-        if custody is None:  # the first signature: the key is identified first
-            return self._audited(lambda: self.inner.sign_digest(digest, hash_name), hash_name, digest, "digest")
-        if log_file is None:
-            return self._sign_and_record(log_file, custody, digest, hash_name)
-        with log_file.signing():  # concurrent signers' lines share one fsync
-            return self._sign_and_record(log_file, custody, digest, hash_name)
-
-    def _sign_and_record(self, log_file: AuditLog | None, custody: Custody, digest: bytes,
-                         hash_name: HashName) -> bytes:
-        """The common case, kept short: one call into the custody, one record."""
-        try:
+        custody = self._custody or self._identified(log_file, hash_name, digest, "digest")
+        if log_file is not None:
+            return self._logged(log_file, custody, functools.partial(self.inner.sign_digest, digest, hash_name),
+                                hash_name, digest, "digest")
+        try:  # no file: the common case kept short, one call into the custody and a record if anyone listens
             signature = self.inner.sign_digest(digest, hash_name)
         except Exception as exc:
-            self._record_failure(log_file, custody, hash_name, digest, "digest", exc)
+            self._record_failure(None, custody, hash_name, digest, "digest", exc)
             raise
-        self._record(log_file, custody, hash_name, digest, "digest")
+        if audit_logger.isEnabledFor(logging.INFO):
+            emit({"time": utc_now(), **self._entry(custody, hash_name, digest, "digest")})
         return signature
 
     def sign_message(self, message: bytes) -> bytes:
-        return self._audited(lambda: self.inner.sign_message(message), "sha256",
-                             hashlib.sha256(message).digest(), "message")
+        digest = hashlib.sha256(message).digest()
+        log_file = self._log if self._ready else self._log_file()
+        custody = self._custody or self._identified(log_file, "sha256", digest, "message")
+        call = functools.partial(self.inner.sign_message, message)
+        if log_file is not None:
+            return self._logged(log_file, custody, call, "sha256", digest, "message")
+        try:
+            signature = call()
+        except Exception as exc:
+            self._record_failure(None, custody, "sha256", digest, "message", exc)
+            raise
+        if audit_logger.isEnabledFor(logging.INFO):
+            emit({"time": utc_now(), **self._entry(custody, "sha256", digest, "message")})
+        return signature
 
     def __getattr__(self, name: str) -> Any:
         if name == "inner":  # not set yet (copy, unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+    def _logged(self, log_file: AuditLog, custody: Custody, call: Callable[[], bytes], hash_name: str,
+                digest: bytes, signed: Signed) -> bytes:
+        """The line first, then the signature; the signature is returned once the line is durable."""
+        pending = log_file.submit(self._entry(custody, hash_name, digest, signed), custody)
+        try:
+            signature = call()
+        except Exception as exc:
+            self._record_failure(log_file, custody, hash_name, digest, signed, exc, pending)
+            raise  # (interrupted instead: the line is written with the next batch, a line with no signature)
+        try:
+            written = log_file.wait(pending)
+        except AuditError as exc:
+            raise AuditError(f"{exc.message}: the signature was discarded") from exc
+        emit(written)
+        return signature
+
+    def _entry(self, custody: Custody | None, hash_name: str, digest: bytes, signed: Signed,
+               outcome: str = "ok") -> dict[str, object]:
+        return make_entry(key_uri=self._redacted_uri, fingerprint=custody.fingerprint if custody else None,
+                          hash_name=hash_name, digest=digest, outcome=outcome, signed=signed)
 
     def _log_file(self) -> AuditLog | None:
         """The configured log, checked writable before the first signature (again until that succeeds)."""
@@ -94,43 +128,33 @@ class AuditingSigner(Signer):
                 self._log, self._ready = log_file, True
             return self._log
 
-    def _identify(self) -> Custody:
-        """The key that signs here (its public key fetched once; every backend caches it)."""
-        custody = self._custody
-        if custody is None:
-            public_key = self.inner.public_key()
-            custody = self._custody = Custody(self.inner, key_fingerprint(public_key), self._redacted_uri)
-        return custody
-
-    def _audited(self, call: Callable[[], bytes], hash_name: str, digest: bytes, signed: Signed) -> bytes:
-        log_file = self._log_file()
-        custody: Custody | None = None
+    def _identified(self, log_file: AuditLog | None, hash_name: str, digest: bytes, signed: Signed) -> Custody:
+        """The key that signs here (its public key fetched once; every backend caches it); a key that cannot
+        be identified is recorded as a failed signature and nothing is signed."""
         try:
-            custody = self._identify()
-            signature = call()
+            custody = self._custody
+            if custody is None:
+                public_key = self.inner.public_key()
+                custody = self._custody = Custody(self.inner, key_fingerprint(public_key), self._redacted_uri)
+            return custody
         except Exception as exc:
-            self._record_failure(log_file, custody, hash_name, digest, signed, exc)
+            self._record_failure(log_file, None, hash_name, digest, signed, exc)
             raise
-        self._record(log_file, custody, hash_name, digest, signed)
-        return signature
-
-    def _record(self, log_file: AuditLog | None, custody: Custody, hash_name: str, digest: bytes,
-                signed: Signed) -> None:
-        try:
-            record(log_file=log_file, key_uri=self._redacted_uri, key_uri_redacted=True, public_key=None,
-                   fingerprint=custody.fingerprint, hash_name=hash_name, digest=digest, outcome="ok", signed=signed,
-                   custody=custody)
-        except AuditError as exc:
-            raise AuditError(f"{exc.message}: the signature was discarded") from None
 
     def _record_failure(self, log_file: AuditLog | None, custody: Custody | None, hash_name: str, digest: bytes,
-                        signed: Signed, error: Exception) -> None:
+                        signed: Signed, error: Exception, pending: Pending | None = None) -> None:
+        """A failed signature's record; after a line written before the custody was asked (`pending`), a
+        second line that `corrects` it. A log that fails now is logged, not raised: the signature failed
+        anyway, and that is what the caller hears."""
+        entry = self._entry(custody, hash_name, digest, signed, outcome_of(error))
         try:
-            record(log_file=log_file, key_uri=self._redacted_uri, key_uri_redacted=True, public_key=None,
-                   fingerprint=custody.fingerprint if custody else None, hash_name=hash_name, digest=digest,
-                   outcome=outcome_of(error), signed=signed, custody=custody)
-        except AuditError as audit_error:  # the signature failed anyway: report that, not the log
+            if pending is not None:
+                entry["corrects"] = log_file.wait(pending)["seq"] if log_file is not None else None
+            written = log_file.append(entry, custody) if log_file is not None else {"time": utc_now(), **entry}
+        except AuditError as audit_error:
             audit_logger.warning("%s", audit_error.message)
+            return
+        emit(written)
 
 
 def unwrap(signer: Signer) -> Signer:

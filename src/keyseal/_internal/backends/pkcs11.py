@@ -126,8 +126,8 @@ def _public_key_from(obj: Any, key_type: Any, described: str) -> PublicKey:
         )
     try:
         return ec.EllipticCurvePublicKey.from_encoded_point(curve, raw if raw is not None else point)
-    except ValueError:
-        raise UnsupportedKeyError(f"PKCS#11 key {described} has a malformed EC public point") from None
+    except ValueError as exc:
+        raise UnsupportedKeyError(f"PKCS#11 key {described} has a malformed EC public point") from exc
 
 
 def _search(session: p11.Session, attrs: dict[Any, Any]) -> list[Any]:
@@ -187,7 +187,7 @@ def _find_key_pair(shared: TokenSession, uri: Pkcs11URI) -> tuple[Any, Any, Publ
         else:
             raise KeyNotFoundError(f"PKCS#11 key {described} has no public key object on the token")
     except pkcs11.PKCS11Error as exc:
-        raise BackendUnavailableError(f"cannot read PKCS#11 key {described} ({type(exc).__name__})") from None
+        raise BackendUnavailableError(f"cannot read PKCS#11 key {described} ({type(exc).__name__})") from exc
     return private, key_type, public_key
 
 
@@ -234,7 +234,7 @@ class Pkcs11Signer(Signer):
             try:
                 raw: bytes = self._private.sign(data, mechanism=self._mechanism)
             except self._p11.PKCS11Error as exc:
-                raise self._sign_error(exc) from None
+                raise self._sign_error(exc) from exc
         if self._kind == "ec":
             half = len(raw) // 2
             if not raw or len(raw) % 2:
@@ -365,16 +365,16 @@ def _generate(pkcs11: ModuleType, shared: TokenSession, uri: Pkcs11URI, key_type
                 public_template=public_template, private_template=private_template,
             )
     except (pkcs11.MechanismInvalid, pkcs11.KeySizeRange, pkcs11.DomainParamsInvalid,
-            pkcs11.TemplateInconsistent, pkcs11.AttributeValueInvalid, pkcs11.FunctionNotSupported):
+            pkcs11.TemplateInconsistent, pkcs11.AttributeValueInvalid, pkcs11.FunctionNotSupported) as exc:
         raise UnsupportedKeyError(
             f"PKCS#11 token {shared.label!r} cannot make {key_type} keys: pick another --type"
-        ) from None
-    except (pkcs11.TokenWriteProtected, pkcs11.SessionReadOnly):
+        ) from exc
+    except (pkcs11.TokenWriteProtected, pkcs11.SessionReadOnly) as exc:
         raise AccessDeniedError(
             f"PKCS#11 token {shared.label!r} is write-protected: cannot create {described}"
-        ) from None
+        ) from exc
     except pkcs11.PKCS11Error as exc:
         raise BackendUnavailableError(
             f"creating {key_type} key {described} failed ({type(exc).__name__})"
-        ) from None
+        ) from exc
     log.info("created %s key %s inside the PKCS#11 token", key_type, described)

@@ -64,10 +64,10 @@ def python_pkcs11() -> ModuleType:
     """python-pkcs11, imported only when a pkcs11: key is used."""
     try:
         import pkcs11
-    except ImportError:
+    except ImportError as exc:
         raise BackendUnavailableError(
             "pkcs11: keys need python-pkcs11: install it with pip install 'keyseal[pkcs11]'"
-        ) from None
+        ) from exc
     return pkcs11
 
 
@@ -176,11 +176,11 @@ def _load_module(path: str) -> _Module:
                 reason = detail.rpartition(": ")[2] or "cannot be loaded"
                 raise BackendUnavailableError(
                     f"{path} is not a PKCS#11 module ({reason}): fix module-path= or {MODULE_ENV}"
-                ) from None
+                ) from exc
             raise BackendUnavailableError(
                 f"PKCS#11 module {path} failed to initialise ({type(exc).__name__}): check the module's "
                 "configuration (for SoftHSM, SOFTHSM2_CONF and its token directory)"
-            ) from None
+            ) from exc
         module = _MODULES[path] = _Module(path, lib)
         log.info("loaded PKCS#11 module %s (%s)", path, lib.manufacturer_id)
         return module
@@ -240,7 +240,7 @@ def _find_token(module: _Module, uri: Pkcs11URI) -> p11.Token:
     except pkcs11.PKCS11Error as exc:
         raise BackendUnavailableError(
             f"PKCS#11 module {module.path} cannot list its tokens ({type(exc).__name__})"
-        ) from None
+        ) from exc
     wanted = " ".join(f"{n}={want[n]!r}" for n in pkcs11uri.PATH_ATTRIBUTES
                       if n in want and n not in ("object", "id", "type")) or "(any token)"
     if not matches:
@@ -271,14 +271,14 @@ def _read_pin_source(source: str) -> str:
         raise KeyURIError("pin-source must name a file: write pin-source=file:/path/to/pin")
     try:
         data = Path(location).read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"PIN file {location} (pin-source) does not exist") from None
+    except FileNotFoundError as exc:
+        raise InputError(f"PIN file {location} (pin-source) does not exist") from exc
     except OSError as exc:
-        raise InputError(f"cannot read PIN file {location} (pin-source): {exc.strerror}") from None
+        raise InputError(f"cannot read PIN file {location} (pin-source): {exc.strerror}") from exc
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"PIN file {location} (pin-source) is not UTF-8 text") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"PIN file {location} (pin-source) is not UTF-8 text") from exc
     pin = text.split("\n", 1)[0].removesuffix("\r")
     if not pin:
         raise InputError(f"PIN file {location} (pin-source) is empty: put the user PIN on its first line")
@@ -344,23 +344,23 @@ def acquire_session(uri: Pkcs11URI) -> TokenSession:
                 user_pin = pin_text = pin_text if pin_text is not None else _prompt_pin(label)
         try:
             session = token.open(user_pin=user_pin)
-        except (pkcs11.PinIncorrect, pkcs11.PinInvalid, pkcs11.PinLenRange):
+        except (pkcs11.PinIncorrect, pkcs11.PinInvalid, pkcs11.PinLenRange) as exc:
             raise AccessDeniedError(
                 f"wrong PIN for PKCS#11 token {label!r}: check pin-source, {PIN_ENV} or what you typed"
-            ) from None
+            ) from exc
         except (pkcs11.PinLocked, pkcs11.PinExpired) as exc:
             state = "locked" if isinstance(exc, pkcs11.PinLocked) else "expired"
             raise AccessDeniedError(
                 f"the user PIN of PKCS#11 token {label!r} is {state}: "
                 "the token's security officer must reset it"
-            ) from None
+            ) from exc
         except pkcs11.UserAlreadyLoggedIn:
             # Someone else in this process logged in to the token: the login state is shared, so just use it.
             session = token.open()
         except pkcs11.PKCS11Error as exc:
             raise BackendUnavailableError(
                 f"cannot open a session on PKCS#11 token {label!r} ({type(exc).__name__})"
-            ) from None
+            ) from exc
         log.info("logged in to PKCS#11 token %r (module %s)", label, module.path)
         shared = TokenSession(module, key, label, token, session, _pin_mac(pin_text), refs=1)
         with _REGISTRY_LOCK:

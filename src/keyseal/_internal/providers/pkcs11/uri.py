@@ -182,10 +182,10 @@ def _decode(value: str, shown: str) -> bytes:
 def _decode_text(value: str, name: str, shown: str) -> str:
     try:
         return _decode(value, shown).decode("utf-8")
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as exc:
         raise KeyURIError(
             f"attribute {name!r} in PKCS#11 URI {shown!r} is not UTF-8 after percent-decoding"
-        ) from None
+        ) from exc
 
 
 def _check_values(path: dict[str, str | bytes], query: dict[str, str], shown: str) -> None:
