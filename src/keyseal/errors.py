@@ -5,6 +5,35 @@ Messages never contain key material, DEKs, PINs or tokens.
 
 from __future__ import annotations
 
+__all__ = [
+    "AccessDeniedError",
+    "AuditChainError",
+    "AuditError",
+    "BackendUnavailableError",
+    "CustodyIntegrityError",
+    "InputError",
+    "InvalidKeyFileError",
+    "KekMismatchError",
+    "KeyMismatchError",
+    "KeyNotFoundError",
+    "KeyURIError",
+    "KeysealError",
+    "OpenPGPError",
+    "OutputExistsError",
+    "RecordRollbackError",
+    "StoreConflictError",
+    "TrustError",
+    "UnsupportedKeyError",
+    "UsageError",
+    "VerificationError",
+    "WkdError",
+    "WkdUnavailableError",
+    "WrappedRecordError",
+    "loggable",
+    "one_line",
+    "unexpected",
+]
+
 
 def one_line(text: str, limit: int = 300) -> str:
     """Whitespace collapsed and the length capped, so text from a server or a file cannot break the CLI's

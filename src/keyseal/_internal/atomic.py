@@ -10,6 +10,8 @@ from pathlib import Path
 
 from keyseal.errors import OutputExistsError
 
+__all__ = ["before_rename", "directory_locked", "fsync_directory", "refuse_existing", "write_atomic"]
+
 # Test hook, None in normal use: called with the temporary file's path after it is written and fsynced, just
 # before the rename. Crash tests set it in a child process to kill that child at the worst moment.
 before_rename: Callable[[Path], None] | None = None

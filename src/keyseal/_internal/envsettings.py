@@ -6,6 +6,8 @@ import os
 
 from keyseal.errors import UsageError
 
+__all__ = ["env_number"]
+
 
 def env_number(name: str, default: float, *, integer: bool, minimum: float) -> float:
     """`$name` as a number of at least `minimum`, or `default` when unset."""

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Protocol
 
+__all__ = ["CHUNK", "STEP", "WINDOW", "feed_file", "feed_mapped", "feed_stream", "on_bytes"]
+
 CHUNK = 1 << 20
 WINDOW = 64 << 20  # a regular file is hashed through mappings of at most this size, one at a time
 STEP = 8 << 20  # while a progress bar is shown, it advances after each STEP bytes of a window

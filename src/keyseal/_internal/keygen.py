@@ -9,6 +9,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from keyseal.errors import UsageError
 from keyseal.signer import PrivateKey
 
+__all__ = ["KEY_TYPES", "generate_private_key"]
+
 _GENERATORS: dict[str, Callable[[], PrivateKey]] = {
     "rsa2048": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
     "rsa3072": lambda: rsa.generate_private_key(public_exponent=65537, key_size=3072),

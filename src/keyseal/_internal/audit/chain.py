@@ -27,6 +27,8 @@ from keyseal._internal.audit.log import GENESIS, line_hash
 from keyseal.errors import AuditChainError, InputError
 from keyseal.signer import PublicKey
 
+__all__ = ["ChainReport", "Line", "read_copies", "verify_log"]
+
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -30,6 +30,23 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from keyseal.errors import InputError
 from keyseal.signer import HashName, PublicKey, default_hash, hash_algorithm
 
+__all__ = [
+    "CONTINUED",
+    "DEFAULT_LINES",
+    "DEFAULT_SECONDS",
+    "KIND",
+    "LINES_ENV",
+    "SECONDS_ENV",
+    "CheckpointKey",
+    "hash_for",
+    "interval_lines",
+    "interval_seconds",
+    "load_keys",
+    "make",
+    "problem",
+    "signed_bytes",
+]
+
 KIND = "checkpoint"
 CONTINUED = "continued"  # the first line of a file that goes on from a rotated one
 LINES_ENV = "KEYSEAL_AUDIT_CHECKPOINT_LINES"

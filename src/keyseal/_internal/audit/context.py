@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+__all__ = ["AuditContext", "current", "subject"]
+
 
 @dataclass(frozen=True)
 class AuditContext:

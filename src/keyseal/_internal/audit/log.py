@@ -46,6 +46,25 @@ from keyseal._internal.atomic import fsync_directory
 from keyseal._internal.audit import checkpoint
 from keyseal.errors import AuditError, KeysealError, one_line
 
+__all__ = [
+    "ENV",
+    "FILE_NAME",
+    "FORMAT_VERSION",
+    "GATHER_SECONDS",
+    "GENESIS",
+    "MAX_EXPECTED",
+    "MAX_LINE",
+    "MAX_OPEN_FILES",
+    "OFF",
+    "AuditLog",
+    "Custody",
+    "Pending",
+    "configured_log",
+    "line_hash",
+    "utc_now",
+    "utc_second",
+]
+
 ENV = "KEYSEAL_AUDIT_LOG"
 OFF = "off"
 FILE_NAME = "audit.log"

@@ -24,6 +24,8 @@ from keyseal._internal.records.record import looks_like_record
 from keyseal.errors import InvalidKeyFileError, UnsupportedKeyError, UsageError
 from keyseal.signer import HASH_NAMES, HashName, PrivateKey, PublicKey, Signer, hash_algorithm
 
+__all__ = ["FileSigner", "load_private_key_file", "open", "private_key_from_pem", "sign_digest_with"]
+
 
 def open(uri: str, rest: str, options: object) -> FileSigner:
     """Registry entry point: `file:/path/to/key` or `file:relative/path`."""

@@ -1,16 +1,17 @@
-"""The trust-domain server: a SPIFFE certificate authority whose signing keys are wrapped at rest or held in KMS.
+"""The trust-domain server: a SPIFFE certificate authority whose signing keys are wrapped at rest or held in a
+key manager (AWS KMS, a PKCS#11 token).
 
-Modules, one job each:
-- `config`: the YAML configuration (its keys mirror the Helm values); `spiffeid`: SPIFFE ID rules;
-- `custody`: CA keys as issuers use them (in memory, or behind a KMS signer);
-- `source` (the contract), `wrapped_source` (records in a record store), `kms_source` (KMS keys by alias):
-  where keysets are loaded from and created in;
-- `keyset`: a keyset and its CA certificate; `schedule`: prepared -> active -> old from timestamps alone;
-  `manager`: load, create and rotate keysets;
-- `x509svid`, `jwtsvid`, `bundle`: what is issued and published;
-- `auth`, `metrics`, `api` (HTTP routes), `httpd` (the TLS listener), `tls` (serving certificates),
-  `server` (wiring).
+- `custody/`: where the CA keys live and how they rotate: the source contract (`source`) and its custodies
+  (`wrapped`, `kms`, `pkcs11`), keysets (`keyset`), the schedule and the manager, pins and alarms;
+- `issuance/`: what the CA signs: X.509-SVIDs (`x509svid`, `der`), JWT-SVIDs (`jwtsvid`), the audit of its own
+  signatures (`signing_audit`);
+- `registry/`: registration entries and node agents: the stores (`entries`, `sqlite`, `kubernetes`, `stores`),
+  the index by agent, node attestation with service account tokens (`psat`), identity templates (`templates`);
+- `http/`: the HTTPS API: the TLS listener, HTTP/1.1 framing, routes (`api`, `agents`), auth, metrics, the
+  serving certificate;
+- `bundle`, `bundle_sequence`, `bundle_configmap`, `federation`, `oidc`: what the server publishes;
+- `config` (+ `sections`, `k8s_config`): the YAML configuration; `server`: the wiring.
 
-`import keyseal._internal.ca` (and every module here) imports no SDK: boto3 and kubernetes load only when the configured
+Importing this package (or any module here) imports no SDK: boto3 and kubernetes load only when the configured
 custody or store needs them.
 """

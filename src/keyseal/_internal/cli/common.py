@@ -17,6 +17,20 @@ if TYPE_CHECKING:
     from keyseal._internal.backends import Signer
     from keyseal._internal.openpgp.cert import Certificate
 
+__all__ = [
+    "KEK_DEFAULT",
+    "KEK_SPECS",
+    "F",
+    "format_time",
+    "json_option",
+    "kek_option",
+    "kms_endpoint_option",
+    "load_certificate_files",
+    "open_key",
+    "parse_duration",
+    "parse_rfc3339",
+]
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 _DURATION = re.compile(r"^(\d+)([smhdwy])$")

@@ -13,6 +13,8 @@ from keyseal._internal.cli.common import kek_option, kms_endpoint_option, open_k
 from keyseal.errors import UsageError
 from keyseal.signer import PublicKey, Signer
 
+__all__ = ["EXPORT_FORMATS", "export", "render"]
+
 EXPORT_FORMATS = ("openpgp", "ssh", "minisign", "pem")
 
 

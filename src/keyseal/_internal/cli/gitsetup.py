@@ -20,6 +20,8 @@ from keyseal._internal.inputfile import read_input
 from keyseal.errors import UsageError
 from keyseal.signer import PublicKey
 
+__all__ = ["GPG_PROGRAM", "SSH_PROGRAM", "absolute_file_uri", "git_setup", "program_path"]
+
 GPG_PROGRAM = "keyseal-gpg"
 SSH_PROGRAM = "keyseal-ssh-keygen"
 

@@ -38,6 +38,22 @@ if TYPE_CHECKING:
 
     _ValueOf = Callable[[str, str | None], str]
 
+__all__ = [
+    "GPG_EXIT_CODES",
+    "GPG_VERSION",
+    "IGNORED_FLAGS",
+    "IGNORED_WITH_VALUE",
+    "PROG",
+    "VERSION_LINE",
+    "Arguments",
+    "Status",
+    "main",
+    "parse_arguments",
+    "run",
+    "run_sign",
+    "run_verify",
+]
+
 PROG = "keyseal-gpg"
 # What tools parse from `gpg --version`: maven-gpg-plugin matches `gpg \([^)]+\) .+`; debsign takes the third
 # space-separated field as the version (so no space inside the parentheses).

@@ -9,6 +9,8 @@ import click
 
 from keyseal.errors import UsageError
 
+__all__ = ["iam_policy"]
+
 
 @click.command("iam-policy")
 @click.option("--key", "key_arn", metavar="ARN", help="The KMS key ARN (sign, wrap).")

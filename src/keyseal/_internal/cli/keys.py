@@ -35,6 +35,8 @@ from keyseal._internal.openpgp.revoke import revoke as revoke_certificate
 from keyseal._internal.openpgp.signature import HASH_IDS
 from keyseal.errors import UsageError
 
+__all__ = ["create", "keys", "mint", "revoke", "rewrap", "rotate"]
+
 
 @click.group()
 def keys() -> None:

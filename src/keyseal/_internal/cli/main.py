@@ -14,6 +14,8 @@ from keyseal._internal.cli.commands import COMMANDS, GROUP_HELP, QUIET_HELP, SHO
 from keyseal._internal.cli.guard import fail, run_guarded, show_causes
 from keyseal._version import __version__
 
+__all__ = ["LazyGroup", "cli", "main"]
+
 # The table lives in cli.commands, which `keyseal --help` reads without click (cli.fasthelp).
 _COMMANDS = COMMANDS
 _SHORT_HELP = SHORT_HELP

@@ -25,6 +25,8 @@ from keyseal._internal.openpgp.wkd import DEFAULT_TIMEOUT, connect_map
 from keyseal._internal.progress import files_meter
 from keyseal.errors import KeysealError, UsageError, VerificationError
 
+__all__ = ["checksums", "verify_release_command"]
+
 
 @click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))

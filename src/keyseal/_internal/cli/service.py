@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+__all__ = ["configure_logging", "on_stop_signals"]
+
 _QUIET_LOGGERS = ("botocore", "boto3", "urllib3", "kubernetes")
 
 

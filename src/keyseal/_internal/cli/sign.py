@@ -12,6 +12,8 @@ from keyseal._internal.cli.common import kek_option, kms_endpoint_option
 from keyseal._internal.formats.filesign import FORMATS
 from keyseal._internal.openpgp.signature import HASH_IDS
 
+__all__ = ["sign"]
+
 
 def _warn(message: str) -> None:
     click.echo(f"keyseal: warning: {message}", err=True)

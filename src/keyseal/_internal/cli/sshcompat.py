@@ -23,6 +23,18 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
+__all__ = [
+    "PROG",
+    "SSH_EXIT_CODES",
+    "Arguments",
+    "is_sign",
+    "main",
+    "parse_arguments",
+    "real_ssh_keygen",
+    "resolve_key",
+    "run_sign",
+]
+
 PROG = "keyseal-ssh-keygen"
 _WITH_VALUE = frozenset("YnfOIsr")
 _FLAGS = frozenset("Uqv")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+__all__ = ["vault_policy"]
+
 
 @click.command("vault-policy")
 @click.option("--key", "key", required=True, metavar="KEY",

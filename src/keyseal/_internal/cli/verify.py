@@ -14,6 +14,8 @@ from keyseal._internal.cli.formats import FORMATS
 from keyseal._internal.cli.quick import verify_openpgp
 from keyseal.errors import UsageError
 
+__all__ = ["verify"]
+
 
 @click.command()
 @click.option("--cert", "certs", multiple=True, required=True, type=click.Path(path_type=Path),

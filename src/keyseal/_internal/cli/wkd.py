@@ -12,6 +12,8 @@ from keyseal._internal.cli.common import json_option, load_certificate_files
 from keyseal._internal.openpgp.armor import KIND_PUBLIC_KEY, armor
 from keyseal._internal.openpgp.wkd import DEFAULT_TIMEOUT, METHODS, build_tree, connect_map, fetch, wkd_hash
 
+__all__ = ["build", "fetch_command", "hash_command", "wkd"]
+
 
 @click.group()
 def wkd() -> None:

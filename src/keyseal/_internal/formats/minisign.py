@@ -24,6 +24,25 @@ from keyseal._internal.formats import describe_key, hash_path, sign_ed25519_mess
 from keyseal.errors import InvalidKeyFileError, UnsupportedKeyError, UsageError, VerificationError
 from keyseal.signer import PublicKey, Signer
 
+__all__ = [
+    "LEGACY_ALG",
+    "MAX_COMMENT",
+    "PREHASHED_ALG",
+    "PUBLIC_KEY_ALG",
+    "TRUSTED_PREFIX",
+    "UNTRUSTED_PREFIX",
+    "PublicKeyFile",
+    "VerifiedSignature",
+    "default_trusted_comment",
+    "key_id",
+    "key_id_hex",
+    "load_public_keys",
+    "public_key_file",
+    "require_ed25519",
+    "sign_file",
+    "verify_file",
+]
+
 PUBLIC_KEY_ALG = b"Ed"
 PREHASHED_ALG = b"ED"
 LEGACY_ALG = b"Ed"

@@ -6,6 +6,18 @@ import binascii
 
 from keyseal.errors import OpenPGPError
 
+__all__ = [
+    "BEGIN_MESSAGE",
+    "KIND_PUBLIC_KEY",
+    "KIND_SIGNATURE",
+    "armor",
+    "crc24",
+    "dearmor_all",
+    "dearmor_or_binary",
+    "is_armored",
+    "is_cleartext",
+]
+
 KIND_SIGNATURE = "SIGNATURE"
 KIND_PUBLIC_KEY = "PUBLIC KEY BLOCK"
 BEGIN_MESSAGE = b"-----BEGIN PGP SIGNED MESSAGE-----"  # a cleartext signed message (openpgp.cleartext)

@@ -60,6 +60,18 @@ from keyseal.errors import OpenPGPError, UsageError
 if TYPE_CHECKING:
     from keyseal.signer import HashName, PublicKey, Signer
 
+__all__ = [
+    "Certificate",
+    "SigningKey",
+    "armor_certificate",
+    "creation_time",
+    "key_prefix",
+    "load_certificates",
+    "merge_certificates",
+    "mint_certificate",
+    "user_id_for",
+]
+
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _EMAIL = rf"^[^\s@<>()\[\],;:\"]+@{_LABEL}(?:\.{_LABEL})+$"  # compiled on first use (re's cache), not at import
 # Revocation reasons after which signatures made before the revocation stay valid (superseded, retired).

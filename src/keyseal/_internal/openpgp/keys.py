@@ -19,6 +19,23 @@ if TYPE_CHECKING:
 
     from keyseal.signer import PublicKey
 
+__all__ = [
+    "ALGO_ECDSA",
+    "ALGO_ED25519",
+    "ALGO_EDDSA_LEGACY",
+    "ALGO_NAMES",
+    "ALGO_RSA",
+    "ALGO_RSA_SIGN",
+    "ED25519_LEGACY_OID",
+    "RSA_ALGORITHMS",
+    "KeyPacket",
+    "algorithm_of",
+    "encode_public_key_body",
+    "fingerprint_of",
+    "parse_key_packet",
+    "same_public_key",
+]
+
 ALGO_RSA = 1
 ALGO_RSA_SIGN = 3
 ALGO_ECDSA = 19

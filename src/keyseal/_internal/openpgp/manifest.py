@@ -23,6 +23,22 @@ from pathlib import Path
 from keyseal._internal.filehash import feed_file
 from keyseal.errors import UsageError, VerificationError
 
+__all__ = [
+    "DIGESTS",
+    "MAX_MANIFEST_BYTES",
+    "CheckedArtifact",
+    "Entry",
+    "Manifest",
+    "build_manifest",
+    "check_artifacts",
+    "check_name",
+    "digest_file",
+    "entry_for",
+    "names_directory",
+    "parse_manifest",
+    "path_key",
+]
+
 # Digest name -> hex length. The manifest's digest follows from its line length (all lines must agree).
 DIGESTS: dict[str, int] = {"sha256": 64, "sha384": 96, "sha512": 128}
 _LABELS = {"sha256": "SHA-256", "sha384": "SHA-384", "sha512": "SHA-512"}

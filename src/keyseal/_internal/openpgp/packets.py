@@ -11,6 +11,27 @@ from keyseal.errors import OpenPGPError
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+__all__ = [
+    "TAG_MARKER",
+    "TAG_PUBLIC_KEY",
+    "TAG_PUBLIC_SUBKEY",
+    "TAG_SECRET_KEY",
+    "TAG_SECRET_SUBKEY",
+    "TAG_SIGNATURE",
+    "TAG_TRUST",
+    "TAG_USER_ATTRIBUTE",
+    "TAG_USER_ID",
+    "Packet",
+    "Reader",
+    "Subpacket",
+    "encode_length",
+    "encode_mpi",
+    "encode_packet",
+    "encode_subpacket",
+    "iter_packets",
+    "parse_subpackets",
+]
+
 TAG_SIGNATURE = 2
 TAG_SECRET_KEY = 5
 TAG_PUBLIC_KEY = 6

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import threading
     from pathlib import Path
 
+__all__ = ["BACKGROUND_FROM", "PrefetchedHashes", "signature_hash_ids", "start"]
+
 # A regular file smaller than this is hashed when its hashes are asked for, in the caller's thread: it takes less
 # than starting a thread (and importing `threading`), which a short command pays at start-up.
 BACKGROUND_FROM = 1 << 20

@@ -26,6 +26,45 @@ if TYPE_CHECKING:
 
     from keyseal.signer import HashName, PublicKey, Signer
 
+__all__ = [
+    "HASH_IDS",
+    "KEY_FLAG_CERTIFY",
+    "KEY_FLAG_SIGN",
+    "SIG_BINARY",
+    "SIG_CERTIFICATIONS",
+    "SIG_CERTIFICATION_REVOCATION",
+    "SIG_DIRECT_KEY",
+    "SIG_KEY_REVOCATION",
+    "SIG_POSITIVE_CERTIFICATION",
+    "SIG_PRIMARY_KEY_BINDING",
+    "SIG_SUBKEY_BINDING",
+    "SIG_SUBKEY_REVOCATION",
+    "SIG_TEXT",
+    "SUB_CREATION_TIME",
+    "SUB_EMBEDDED_SIGNATURE",
+    "SUB_FEATURES",
+    "SUB_ISSUER_FINGERPRINT",
+    "SUB_ISSUER_KEY_ID",
+    "SUB_KEY_EXPIRATION",
+    "SUB_KEY_FLAGS",
+    "SUB_PREFERRED_COMPRESSION",
+    "SUB_PREFERRED_HASH",
+    "SUB_PREFERRED_SYMMETRIC",
+    "SUB_PRIMARY_USER_ID",
+    "SUB_SIG_EXPIRATION",
+    "SignaturePacket",
+    "accepted_hash",
+    "check_hash_fits_key",
+    "check_signature_math",
+    "creation_subpackets",
+    "encode_signature_values",
+    "hash_name_of",
+    "make_signature",
+    "new_hasher",
+    "new_message_hasher",
+    "parse_signature",
+]
+
 SIG_BINARY = 0x00
 SIG_TEXT = 0x01
 SIG_CERTIFICATIONS = (0x10, 0x11, 0x12, 0x13)

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 
     from keyseal._internal.openpgp.signature import Hasher
 
+__all__ = ["hash_file", "hash_stream"]
+
 
 def hash_stream(stream: BinaryIO, hash_ids: Iterable[int]) -> dict[int, Hasher]:
     """One hasher per OpenPGP hash ID, fed with every byte of `stream`."""

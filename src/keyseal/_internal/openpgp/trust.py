@@ -33,6 +33,19 @@ from keyseal.errors import (
     WkdUnavailableError,
 )
 
+__all__ = [
+    "POLICIES",
+    "Combined",
+    "CrossCheck",
+    "Policy",
+    "ReleaseVerification",
+    "Resolver",
+    "TrustSet",
+    "WkdResolver",
+    "check_certificate",
+    "verify_release",
+]
+
 Policy = Literal["fail-closed", "fail-open"]
 POLICIES: tuple[Policy, ...] = ("fail-closed", "fail-open")
 log = logging.getLogger("keyseal.trust")

@@ -37,6 +37,21 @@ if TYPE_CHECKING:
     from keyseal._internal.openpgp.prefetch import PrefetchedHashes
     from keyseal._internal.openpgp.signature import Hasher
 
+__all__ = [
+    "MIN_RSA_BITS",
+    "VerifiedSignature",
+    "issuer_keys",
+    "key_problem",
+    "parse_detached",
+    "revocation_problem",
+    "verify_bytes",
+    "verify_cleartext",
+    "verify_file",
+    "verify_prefetched",
+    "verify_threshold_bytes",
+    "verify_threshold_prefetched",
+]
+
 MIN_RSA_BITS = 2048
 
 

@@ -35,6 +35,32 @@ from keyseal._internal.openpgp.packets import (
 )
 from keyseal.errors import KeysealError, OpenPGPError, UsageError, WkdError, WkdUnavailableError
 
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "HTTPS_PORT",
+    "MAX_RESPONSE_BYTES",
+    "METHODS",
+    "Address",
+    "BuildResult",
+    "Endpoint",
+    "FetchResult",
+    "Method",
+    "PublishedFile",
+    "addresses_at",
+    "build_tree",
+    "connect_map",
+    "email_of",
+    "fetch",
+    "keep_user_ids",
+    "parse_address",
+    "parse_connect_to",
+    "tls_context",
+    "urls_for",
+    "validate_domain",
+    "wkd_hash",
+    "zbase32",
+]
+
 Method = Literal["advanced", "direct"]
 METHODS: tuple[Method, ...] = ("advanced", "direct")
 MAX_RESPONSE_BYTES = 64 * 1024

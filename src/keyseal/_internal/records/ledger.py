@@ -22,6 +22,8 @@ from keyseal._internal.atomic import write_atomic
 from keyseal._internal.home import keyseal_home
 from keyseal.errors import RecordRollbackError
 
+__all__ = ["LEDGER_FILE", "FileLedger", "VersionLedger", "default_ledger"]
+
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "seen-versions.json"

@@ -24,6 +24,27 @@ from typing import Any
 
 from keyseal.errors import WrappedRecordError
 
+__all__ = [
+    "CIPHER",
+    "DEK_SIZE",
+    "FORMAT",
+    "FORMATS",
+    "FORMAT_PREFIX",
+    "FORMAT_V1",
+    "FORMAT_V2",
+    "MAX_VERSION",
+    "NONCE_SIZE",
+    "PROVIDERS",
+    "SEEN_VERSIONS_TYPE",
+    "TAG_SIZE",
+    "WrappedRecord",
+    "check_record_name",
+    "check_scope",
+    "format_time",
+    "kek_context",
+    "looks_like_record",
+]
+
 FORMAT_V1 = "keyseal.wrapped-key.v1"
 FORMAT_V2 = "keyseal.wrapped-key.v2"
 FORMAT = FORMAT_V1  # what a record without a scope is written as

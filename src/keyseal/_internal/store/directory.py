@@ -17,6 +17,8 @@ from keyseal._internal.records.record import WrappedRecord, check_record_name
 from keyseal._internal.store import RecordStore
 from keyseal.errors import InputError, StoreConflictError
 
+__all__ = ["RECORD_MODE", "DirectoryStore"]
+
 RECORD_MODE = 0o600
 
 

@@ -28,6 +28,8 @@ from keyseal.errors import (
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient
 
+__all__ = ["AwsKmsKek", "open"]
+
 log = logging.getLogger(__name__)
 
 _ARN_RE = re.compile(r"arn:aws[a-z-]*:kms:([a-z0-9-]+):([0-9]{12}):key/[A-Za-z0-9-]{1,128}")

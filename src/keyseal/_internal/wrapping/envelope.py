@@ -13,6 +13,8 @@ from keyseal._internal.records.record import NONCE_SIZE, WrappedRecord, check_re
 from keyseal._internal.wrapping.provider import KekProvider, new_dek, zero
 from keyseal.errors import WrappedRecordError
 
+__all__ = ["seal", "unseal"]
+
 
 def seal(
     plaintext: bytes, *, name: str, version: int, created: datetime, key_type: str, kek: KekProvider,

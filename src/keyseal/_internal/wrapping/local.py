@@ -26,6 +26,8 @@ from keyseal._internal.records.record import DEK_SIZE, NONCE_SIZE
 from keyseal._internal.wrapping.provider import KekOptions, KekProvider, invalid_kek, new_dek, zero
 from keyseal.errors import InputError, InvalidKeyFileError, OutputExistsError, WrappedRecordError
 
+__all__ = ["LocalKek", "default_local_kek_path", "open"]
+
 _MAGIC = "keyseal-local-kek-v1:"
 _ID_DOMAIN = b"keyseal local KEK id\x00"
 

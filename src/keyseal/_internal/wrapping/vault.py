@@ -33,6 +33,8 @@ from keyseal._internal.records.record import DEK_SIZE
 from keyseal._internal.wrapping.provider import KekOptions, KekProvider, invalid_kek, zero
 from keyseal.errors import AccessDeniedError, KeyURIError, UnsupportedKeyError, WrappedRecordError
 
+__all__ = ["KEY_TYPE", "VaultKek", "open", "parse_kek_spec"]
+
 log = logging.getLogger(__name__)
 
 KEY_TYPE = "aes256-gcm96"

@@ -1,1 +1,3 @@
-"""keyseal internals (see keyseal/_internal/__init__.py)."""
+"""The server's HTTPS API (docs/server-api.md): one-thread TLS listener, HTTP/1.1 framing, routes for clients and
+node agents, authentication, metrics and the serving certificate.
+"""

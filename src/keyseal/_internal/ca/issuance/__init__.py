@@ -1,1 +1,1 @@
-"""keyseal internals (see keyseal/_internal/__init__.py)."""
+"""What the CA signs: X.509-SVID leaves (assembled from DER parts), JWT-SVIDs, and the audit of each signature."""

@@ -17,6 +17,8 @@ import weakref
 from keyseal._internal import audit
 from keyseal._internal.ca.custody.keys import CaKey
 
+__all__ = ["checkpoint_if_due", "configure_from_environment", "key_uri_of", "record_signature", "writes_file"]
+
 _log_file: audit.AuditLog | None = None
 # Each key's redacted URI, worked out at its first signature rather than at every one (a key's URI never changes).
 # Only the redacted text is kept, and weakly by key: a retired keyset's keys are not kept alive by this.

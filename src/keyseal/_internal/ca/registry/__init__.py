@@ -1,1 +1,3 @@
-"""keyseal internals (see keyseal/_internal/__init__.py)."""
+"""Who gets which identity: registration entries, join tokens and joined agents in the configured store, node
+attestation with projected service account tokens, and entries kept in step with pods by IdentityTemplates.
+"""

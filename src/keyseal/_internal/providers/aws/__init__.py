@@ -1,1 +1,1 @@
-"""keyseal internals (see keyseal/_internal/__init__.py)."""
+"""AWS: the KMS client (endpoint, retries, error translation), the KMS key lifecycle, IAM policies."""

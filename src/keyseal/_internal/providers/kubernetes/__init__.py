@@ -1,1 +1,1 @@
-"""keyseal internals (see keyseal/_internal/__init__.py)."""
+"""Kubernetes: the API client from the environment, ApiException as keyseal errors, the list+watch informer."""

@@ -1,1 +1,1 @@
-"""keyseal internals (see keyseal/_internal/__init__.py)."""
+"""PKCS#11: URIs (RFC 7512) and the sessions shared by every signer and CA custody on one token."""

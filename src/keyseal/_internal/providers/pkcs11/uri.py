@@ -12,6 +12,17 @@ from dataclasses import dataclass, field
 
 from keyseal.errors import KeyURIError
 
+__all__ = [
+    "OBJECT_TYPES",
+    "PATH_ATTRIBUTES",
+    "QUERY_ATTRIBUTES",
+    "SCHEME",
+    "Pkcs11URI",
+    "parse",
+    "redact",
+    "without_pin_value",
+]
+
 SCHEME = "pkcs11:"
 
 # RFC 7512 section 2.3: the path attributes, and the query attributes keyseal understands.

@@ -1,1 +1,1 @@
-"""keyseal internals (see keyseal/_internal/__init__.py)."""
+"""Vault / OpenBao: connection settings and client, error translation, Transit key references, policies."""
