@@ -5,6 +5,7 @@ with one line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import ssl
@@ -301,90 +302,100 @@ def test_the_entry_crd_stores_every_dns_name_keyseal_takes(name: str) -> None:
     assert by_crd == by_keyseal or (by_crd and (last.isdigit() or last.startswith("0x")))
 
 
-def test_a_workload_svid_with_the_servers_dns_name_does_not_pass_for_the_server(server: CaServer,
-                                                                                 tmp_path: Path) -> None:
-    """The server's self-issued certificate is an X.509-SVID of the trust domain's CA naming `localhost` (its
-    default), and an agent checks the server by host name against that CA. An entry may now give a workload that
-    same name: the agent must not take the workload's SVID for the server's, or the workload, answering for the
-    server's address, would be handed the agent's join token (or projected service account token)."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from keyseal._internal.agent.client import ServerClient, ServerRefusedError
-    from keyseal._internal.spiffe.tls import load_chain
-    from keyseal.errors import BackendUnavailableError
-
-    identity = join(server, "node-rogue")
-    parent = f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-rogue"
-    entry = entry_store_for(server.config).create(WEB + "-rogue", parent, ("unix:uid:1003",),
+def workload_named_localhost(server: CaServer, node: str, uid: int) -> tuple[str, ec.EllipticCurvePrivateKey, str]:
+    """A workload SVID whose entry gives it the server's DNS name (`localhost`): its chain (PEM), its key and the
+    agent that holds it."""
+    identity = join(server, node)
+    parent = f"spiffe://{TRUST_DOMAIN}/keyseal/agent/{node}"
+    entry = entry_store_for(server.config).create(f"{WEB}-{node}", parent, (f"unix:uid:{uid}",),
                                                   dns_names=("localhost",))
     key = new_key()
     status, answer = agent_call(server, identity, "/v1/agent/x509-svid",
                                 {"entryID": entry.entry_id, "csr": make_csr(key)})
     assert status == 200, answer
+    return answer["certChain"][0], key, parent
+
+
+@contextlib.contextmanager
+def impostor(chain: str, key: ec.EllipticCurvePrivateKey, get: bytes = b"", post: bytes = b"") -> Iterator[
+        tuple[int, list[bytes]]]:
+    """An HTTPS server on 127.0.0.1 presenting a workload's SVID, answering every GET with `get` and every POST
+    with `post`; yields its port and the POST bodies it received."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from keyseal._internal.spiffe.tls import load_chain
 
     received: list[bytes] = []
 
-    class Rogue(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-            body = json.dumps({"spiffeID": parent}).encode()
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self, body: bytes) -> None:
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
+        def do_GET(self) -> None:
+            self.answer(get)
+
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+            self.answer(post)
+
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    load_chain(context, answer["certChain"][0].encode(), key)
-    rogue = ThreadingHTTPServer(("127.0.0.1", 0), Rogue)
-    rogue.socket = context.wrap_socket(rogue.socket, server_side=True)
-    thread = threading.Thread(target=rogue.serve_forever, daemon=True)
-    thread.start()
-    bundle = "".join(k.ca_pem for k, _ in server.manager.live())
-    client = ServerClient("localhost", rogue.server_address[1], bundle)
-    real = ServerClient("localhost", server.port, bundle)
+    load_chain(context, chain.encode(), key)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        with pytest.raises(BackendUnavailableError, match="not the keyseal server's"):
-            client.call("/v1/agent/join", {"token": "a-secret-join-token", "csr": make_csr(new_key())})
-        assert received == []  # nothing was sent to it, the token least of all
-        # The real server, by the same name, is taken: its answer (a refusal of the unknown token) is heard.
-        with pytest.raises(ServerRefusedError) as refused:
-            real.call("/v1/agent/join", {"token": "a-secret-join-token", "csr": make_csr(new_key())})
-        assert refused.value.status == 401
+        yield server.server_address[1], received
     finally:
-        client.close()
-        real.close()
-        rogue.shutdown()
-        rogue.server_close()
+        server.shutdown()
+        server.server_close()
 
 
-def test_bundle_fetch_takes_the_whole_bundle_only_from_the_server_itself(server: CaServer, tmp_path: Path) -> None:
+def test_a_workload_svid_with_the_servers_dns_name_does_not_pass_for_the_server(server: CaServer) -> None:
+    """The server's self-issued certificate is an X.509-SVID of the trust domain's CA naming `localhost` (its
+    default), and an agent checks the server by host name against that CA. An entry may now give a workload that
+    same name: the agent must not take the workload's SVID for the server's, or the workload, answering for the
+    server's address, would be handed the agent's join token (or projected service account token)."""
+    from keyseal._internal.agent.client import ServerClient, ServerRefusedError
+    from keyseal.errors import BackendUnavailableError
+
+    chain, key, parent = workload_named_localhost(server, "node-rogue", 1003)
+    bundle = "".join(k.ca_pem for k, _ in server.manager.live())
+    with impostor(chain, key, post=json.dumps({"spiffeID": parent}).encode()) as (port, received):
+        client = ServerClient("localhost", port, bundle)
+        real = ServerClient("localhost", server.port, bundle)
+        try:
+            with pytest.raises(BackendUnavailableError, match="not the keyseal server's"):
+                client.call("/v1/agent/join", {"token": "a-secret-join-token", "csr": make_csr(new_key())})
+            assert received == []  # nothing was sent to it, the token least of all
+            # The real server, by the same name, is taken: its answer (a refusal of the unknown token) is heard.
+            with pytest.raises(ServerRefusedError) as refused:
+                real.call("/v1/agent/join", {"token": "a-secret-join-token", "csr": make_csr(new_key())})
+            assert refused.value.status == 401
+        finally:
+            client.close()
+            real.close()
+
+
+def test_bundle_fetch_takes_the_whole_bundle_only_from_the_server_itself(server: CaServer) -> None:
     """`keyseal bundle fetch` trusts the whole served bundle only when its second, verified fetch reaches the
     server. A workload whose entry gives it the server's name (`localhost`) holds an SVID that passes the host
     name check against the pinned CA: answering for the server, it must not get a CA of its own into the bundle
     (the fetch falls back to the pinned CA alone)."""
     import base64
-    import threading
     from datetime import UTC, datetime
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from cryptography.hazmat.primitives import hashes, serialization
 
     from keyseal._internal.spiffe.bootstrap import ca_fingerprint, fetch_bundle
-    from keyseal._internal.spiffe.tls import load_chain
 
-    identity = join(server, "node-bundle")
-    parent = f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-bundle"
-    entry = entry_store_for(server.config).create(WEB + "-bundle", parent, ("unix:uid:1004",),
-                                                  dns_names=("localhost",))
-    key = new_key()
-    status, answer = agent_call(server, identity, "/v1/agent/x509-svid",
-                                {"entryID": entry.entry_id, "csr": make_csr(key)})
-    assert status == 200, answer
-
+    chain, key, _ = workload_named_localhost(server, "node-bundle", 1004)
     real = [x509.load_pem_x509_certificate(k.ca_pem.encode()) for k, _ in server.manager.live()]
     attacker_key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "attacker CA")])
@@ -395,30 +406,9 @@ def test_bundle_fetch_takes_the_whole_bundle_only_from_the_server_itself(server:
                 .sign(attacker_key, hashes.SHA256()))
     document = {"keys": [{"use": "x509-svid", "x5c": [base64.b64encode(c.public_bytes(serialization.Encoding.DER))
                                                       .decode()]} for c in (*real, attacker)]}
-    body = json.dumps(document).encode()
-
-    class Rogue(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    load_chain(context, answer["certChain"][0].encode(), key)
-    rogue = ThreadingHTTPServer(("127.0.0.1", 0), Rogue)
-    rogue.socket = context.wrap_socket(rogue.socket, server_side=True)
-    thread = threading.Thread(target=rogue.serve_forever, daemon=True)
-    thread.start()
-    try:
-        fetched = fetch_bundle(f"https://localhost:{rogue.server_address[1]}", ca_fingerprint(real[0]))
-        from_the_server = fetch_bundle(f"https://localhost:{server.port}", ca_fingerprint(real[0]))
-    finally:
-        rogue.shutdown()
-        rogue.server_close()
+    with impostor(chain, key, get=json.dumps(document).encode()) as (port, _):
+        fetched = fetch_bundle(f"https://localhost:{port}", ca_fingerprint(real[0]))
+    from_the_server = fetch_bundle(f"https://localhost:{server.port}", ca_fingerprint(real[0]))
     assert not fetched.whole_bundle and fetched.certificates == (fetched.pinned,)
     assert ca_fingerprint(attacker) not in {ca_fingerprint(c) for c in fetched.certificates}
     assert from_the_server.whole_bundle  # the server itself is still believed for the whole bundle
