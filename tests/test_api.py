@@ -221,3 +221,17 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     (tmp_path / "tool-1.0.tar.gz").write_bytes(b"tampered")
     with pytest.raises(VerificationError):
         keyseal.verify_file("tool-1.0.tar.gz", certificates=["release-key.asc"])
+
+
+def test_the_public_name_lists_agree() -> None:
+    """keyseal/__init__.py, keyseal/api.py and the implementation each list the public names (the lazy re-export
+    needs them literal for type checkers): they must name the same things, and every name must resolve."""
+    import keyseal.api
+    from keyseal._internal import api as implementation
+
+    trust = {"Combined", "CrossCheck", "ReleaseVerification", "Resolver", "TrustSet", "WkdResolver"}
+    assert set(keyseal.api.__all__) == set(implementation.__all__)
+    assert set(keyseal.__all__) - trust - {"__version__"} == set(keyseal.api.__all__)
+    for name in keyseal.__all__:
+        assert getattr(keyseal, name) is not None, name
+    assert keyseal.sign_file is implementation.sign_file
