@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,15 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     (tmp_path / "tool-1.0.tar.gz").write_bytes(b"tampered")
     with pytest.raises(VerificationError):
         keyseal.verify_file("tool-1.0.tar.gz", certificates=["release-key.asc"])
+
+
+def test_bad_input_is_a_keyseal_error_not_a_traceback(tmp_path: Path) -> None:
+    """What the CLI refuses before the library sees it (no FILES, a time OpenPGP cannot record) is refused by the
+    API too, with a UsageError, and nothing is written."""
+    uri = keyseal.wrap_key(ed25519.Ed25519PrivateKey.generate(), tmp_path / "k.key")
+    with pytest.raises(UsageError, match="no files to sign"):
+        keyseal.sign_files(uri, [])
+    for created in (-1, 0, 2**32, datetime(1960, 1, 1, tzinfo=UTC)):
+        with pytest.raises(UsageError, match="outside the range OpenPGP can record"):
+            keyseal.mint_certificate(uri, name="A", email="a@example.org", created=created)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["k.key"]
