@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,3 +102,17 @@ def test_a_malformed_vault_token_is_not_shown_by_the_causes(vault_env: dict[str,
         assert "SECRETTOKEN" not in result.stderr, result.stderr
         assert "Traceback" not in result.stderr, result.stderr
     assert f"the Vault token file {token_file} does not hold one Vault token" in result.stderr, result.stderr
+
+
+def test_a_malformed_aws_session_token_is_not_shown_by_the_causes(aws_env: dict[str, str], kms_client: Any,
+                                                                  tmp_path: Path) -> None:
+    """boto3 reads its credentials itself; an HTTP header cannot carry a session token with a line break in it,
+    and the refusal underneath (botocore's, and http.client's below it) quotes the header value."""
+    arn = kms_client.create_key(KeyUsage="SIGN_VERIFY", KeySpec="ECC_NIST_P256")["KeyMetadata"]["Arn"]
+    data = tmp_path / "data"
+    data.write_bytes(b"x")
+    result = run_keyseal("-v", "sign", "--format", "ssh", "--key", f"awskms:{arn}", data,
+                         env={"AWS_SESSION_TOKEN": "FIRSTSESSIONSECRET\nSECONDSESSIONSECRET"})
+    assert result.returncode != 0 and "keyseal: error: " in result.stderr, result
+    assert "caused by: ValueError: Invalid header value" in result.stderr, result.stderr
+    assert "SESSIONSECRET" not in result.stderr, result.stderr

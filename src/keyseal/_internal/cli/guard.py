@@ -84,12 +84,19 @@ def cause_lines(exc: BaseException) -> list[str]:
 
 
 def _text(exc: BaseException) -> str:
-    """What a cause says. A codec error names the byte or character it stopped at, and what it was reading may
-    be a PIN, a token or a decrypted key: its codec and reason only."""
+    """What a cause says, without what it may quote of a secret. A codec error names the byte or character it
+    stopped at, and what it was reading may be a PIN, a token or a decrypted key: its codec and reason only. An
+    HTTP library that refuses a header quotes its value, and the header may carry a token (X-Vault-Token, an AWS
+    session token, a bearer token): the text stops at the quote."""
     reason = getattr(exc, "reason", None)
     if isinstance(exc, UnicodeError) and isinstance(reason, str):
         return f"{getattr(exc, 'encoding', 'the')} codec: {reason}"
-    return str(exc)
+    text = str(exc)
+    if "header" in text.lower():
+        import re
+
+        text = re.sub(r"(?is)(\bheader\b[^'\"]*?)\s*(?:\bb)?['\"].*", r"\1 (value withheld)", text)
+    return text
 
 
 def report(exc: BaseException, codes: ExitCodes) -> int:
