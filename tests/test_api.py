@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,15 @@ def test_the_public_name_lists_agree() -> None:
     for name in keyseal.__all__:
         assert getattr(keyseal, name) is not None, name
     assert keyseal.sign_file is implementation.sign_file
+
+
+def test_bad_input_is_a_keyseal_error_not_a_traceback(tmp_path: Path) -> None:
+    """What the CLI refuses before the library sees it (no FILES, a time OpenPGP cannot record) is refused by the
+    API too, with a UsageError, and nothing is written."""
+    uri = keyseal.wrap_key(ed25519.Ed25519PrivateKey.generate(), tmp_path / "k.key")
+    with pytest.raises(UsageError, match="no files to sign"):
+        keyseal.sign_files(uri, [])
+    for created in (-1, 0, 2**32, datetime(1960, 1, 1, tzinfo=UTC)):
+        with pytest.raises(UsageError, match="outside the range OpenPGP can record"):
+            keyseal.mint_certificate(uri, name="A", email="a@example.org", created=created)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["k.key"]

@@ -7,9 +7,11 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from keyseal._internal.backends.hashivault import create_transit_key
 from keyseal._internal.cli.guard import cause_lines
 from keyseal.errors import InputError, KeysealError
 from tests.conftest import assert_one_line_error, run_keyseal
@@ -82,3 +84,35 @@ def test_keyseal_gpg_shows_the_cause_with_keyseal_debug(tmp_path: Path) -> None:
     assert len(plain_lines) == 1 and plain_lines[0].startswith("keyseal: error: "), plain_lines
     assert debug_lines[0] == plain_lines[0] and debug_lines[1].startswith("  caused by: IsADirectoryError"), \
         debug_lines
+
+
+def test_a_malformed_vault_token_is_not_shown_by_the_causes(vault_env: dict[str, str], tmp_path: Path) -> None:
+    """A token file holding two lines (two tokens, or a token and a note) is a token no request can carry; the
+    HTTP library's refusal quotes the header value, so neither the line nor `-v`'s causes may show it."""
+    create_transit_key("hashivault://causes", "p256")
+    token_file = tmp_path / "sink"
+    token_file.write_text("hvs.FIRSTSECRETTOKEN\nhvs.SECONDSECRETTOKEN\n")
+    token_file.chmod(0o600)
+    data = tmp_path / "data"
+    data.write_bytes(b"x")
+    env = {name: "" for name in ("VAULT_TOKEN", "BAO_TOKEN")} | {"KEYSEAL_VAULT_TOKEN_FILE": str(token_file)}
+    for ask in ([], ["-v"]):
+        result = run_keyseal(*ask, "sign", "--format", "ssh", "--key", "hashivault://causes", data, env=env)
+        assert result.returncode != 0 and "keyseal: error: " in result.stderr, result
+        assert "SECRETTOKEN" not in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+    assert f"the Vault token file {token_file} does not hold one Vault token" in result.stderr, result.stderr
+
+
+def test_a_malformed_aws_session_token_is_not_shown_by_the_causes(aws_env: dict[str, str], kms_client: Any,
+                                                                  tmp_path: Path) -> None:
+    """boto3 reads its credentials itself; an HTTP header cannot carry a session token with a line break in it,
+    and the refusal underneath (botocore's, and http.client's below it) quotes the header value."""
+    arn = kms_client.create_key(KeyUsage="SIGN_VERIFY", KeySpec="ECC_NIST_P256")["KeyMetadata"]["Arn"]
+    data = tmp_path / "data"
+    data.write_bytes(b"x")
+    result = run_keyseal("-v", "sign", "--format", "ssh", "--key", f"awskms:{arn}", data,
+                         env={"AWS_SESSION_TOKEN": "FIRSTSESSIONSECRET\nSECONDSESSIONSECRET"})
+    assert result.returncode != 0 and "keyseal: error: " in result.stderr, result
+    assert "caused by: ValueError: Invalid header value" in result.stderr, result.stderr
+    assert "SESSIONSECRET" not in result.stderr, result.stderr

@@ -324,3 +324,19 @@ def test_any_cgroup_file_gives_at_most_the_container_it_names(lines: list[tuple[
         assert any(c != "name=systemd" and ((parts[:1] and parts[0] in anchored) or
                                            (parts[:1] == [".."] and any(p in relative for p in parts)))
                    for _, c, parts in [(n, c, [p for p in ps if p]) for n, c, ps in lines])
+
+
+def test_a_token_file_holding_two_lines_is_refused_without_showing_it(
+        cluster: Cluster, kubelet: KubeletPeer, node: str, tmp_path: Path, process: subprocess.Popen[bytes],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A service account token an HTTP header cannot carry (a line break inside): http.client's refusal quotes
+    the header, `Bearer <token>`; the agent says which file is wrong, counts a failure and keeps the token out."""
+    pod = cluster.pod("shop", "web-2", node, "web")
+    in_container(tmp_path, process.pid, pod)
+    failures: list[str] = []
+    attestor = K8sAttestor(settings(cluster, kubelet, node, tmp_path, token="eyJFIRSTSECRET\neyJSECONDSECRET"),
+                           on_failure=failures.append)
+    caplog.set_level("DEBUG")
+    assert attestor.selectors(peer_of(process)) == frozenset()
+    assert failures == ["k8s_kubelet_unavailable"] and kubelet.requests == 0
+    assert f"the service account token {tmp_path / 'token'}" in caplog.text and "SECRET" not in caplog.text

@@ -444,3 +444,22 @@ def test_import_keyseal_backends_loads_no_pkcs11() -> None:
             "print('pkcs11' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert proc.stdout.strip() == "False"
+
+
+def test_a_pin_that_is_not_utf8_is_not_shown_by_the_causes(softhsm: SoftHsm, keys: dict[str, str],
+                                                           tmp_path: Path) -> None:
+    """A PIN in another encoding (`12\\xe934`, Latin-1 `12é34`) is refused; the decoder's own words name the byte
+    it stopped at, so `keyseal -v`'s causes must not repeat them."""
+    pin_file = tmp_path / "pin"
+    pin_file.write_bytes(b"12\xe934\n")
+    data = tmp_path / "data"
+    data.write_bytes(b"x")
+    uris = (softhsm.uri(TOKEN, "session-p256", pin_source=f"file:{pin_file}"),
+            softhsm.uri(TOKEN, "session-p256") + "&pin-value=12%E934")
+    for uri in uris:
+        result = subprocess.run([sys.executable, "-m", "keyseal", "-v", "sign", "--format", "ssh", "--key", uri,
+                                 str(data)], capture_output=True, text=True, timeout=120, check=False,
+                                env={**os.environ, pkcs11_session.PIN_ENV: ""})
+        assert result.returncode != 0 and "keyseal: error: " in result.stderr, result
+        assert "caused by: UnicodeDecodeError" in result.stderr, result.stderr
+        assert "0xe9" not in result.stderr.lower() and "position 2" not in result.stderr, result.stderr

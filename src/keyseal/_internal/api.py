@@ -130,6 +130,8 @@ def sign_files(key: str | Signer, files: Iterable[str | os.PathLike[str]], *,
 
     paths = [Path(file) for file in files]
     out = Path(output) if output is not None else None
+    if not paths:
+        raise UsageError("no files to sign: give at least one")
     if keep_revoked and not append:
         raise UsageError("--keep-revoked-signatures applies to --append only")
     other.check_sign_options(format, bool(certificates), armor, digest, append, namespace)

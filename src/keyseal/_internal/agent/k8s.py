@@ -198,6 +198,9 @@ class KubeletClient:
             token = self.settings.token_file.read_text(encoding="ascii").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read the service account token {self.settings.token_file}: {exc}") from exc
+        if not token or not all("!" <= char <= "~" for char in token):  # http.client's refusal would quote it
+            raise InputError(f"the service account token {self.settings.token_file} is not one token: it is empty "
+                             f"or has spaces, line breaks or non-ASCII characters inside")
         connection = http.client.HTTPSConnection(self.host, self.port, context=self._ssl(), timeout=10)
         try:
             connection.request("GET", "/pods", headers={"Authorization": f"Bearer {token}",

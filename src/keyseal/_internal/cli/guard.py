@@ -60,8 +60,8 @@ def debugging() -> bool:
 
 def cause_lines(exc: BaseException) -> list[str]:
     """`caused by: <type>: <text>` for each exception underneath `exc` (its __cause__, else the __context__ it
-    was raised in unless that was suppressed), innermost last; a cycle is cut, and a keyseal error that repeats
-    the words of one above it is left out."""
+    was raised in unless that was suppressed), innermost last; a codec error without the bytes it quotes; a cycle
+    is cut, and a keyseal error that repeats the words of one above it is left out."""
     lines: list[str] = []
     seen = {id(exc)}
     said = {exc.message} if isinstance(exc, KeysealError) else set()
@@ -78,9 +78,25 @@ def cause_lines(exc: BaseException) -> list[str]:
             said.add(below.message)
         kind = type(below)
         name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-        text = one_line(str(below))
+        text = one_line(_text(below))
         lines.append(f"  caused by: {name}: {text}" if text else f"  caused by: {name}")
     return lines
+
+
+def _text(exc: BaseException) -> str:
+    """What a cause says, without what it may quote of a secret. A codec error names the byte or character it
+    stopped at, and what it was reading may be a PIN, a token or a decrypted key: its codec and reason only. An
+    HTTP library that refuses a header quotes its value, and the header may carry a token (X-Vault-Token, an AWS
+    session token, a bearer token): the text stops at the quote."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(exc, UnicodeError) and isinstance(reason, str):
+        return f"{getattr(exc, 'encoding', 'the')} codec: {reason}"
+    text = str(exc)
+    if "header" in text.lower():
+        import re
+
+        text = re.sub(r"(?is)(\bheader\b[^'\"]*?)\s*(?:\bb)?['\"].*", r"\1 (value withheld)", text)
+    return text
 
 
 def report(exc: BaseException, codes: ExitCodes) -> int:

@@ -119,6 +119,8 @@ def mint_certificate(
     public_key = signer.public_key()
     hash_name = hash_name or _default_hash(signer, public_key)
     check_hash_fits_key(public_key, hash_name)
+    if not 0 < created < 2**32:
+        raise UsageError(f"the creation time {created} is outside the range OpenPGP can record (1970 to 2106)")
     if expires_seconds is not None and not 0 < expires_seconds < 2**32:
         raise UsageError("the expiry must be a positive duration")
     uid = user_id_for(name, email).encode("utf-8")

@@ -193,7 +193,7 @@ def vault_client(settings: VaultSettings | None = None) -> hvac.Client:
         timeout=(s.connect_timeout, s.read_timeout),  # type: ignore[arg-type]  # requests takes (connect, read)
     )
     if s.token:
-        client.token = s.token
+        client.token = _usable_token(s.token, s.describe_token_source())
     elif s.kubernetes_role:
         _kubernetes_login(client, s, address)
     else:
@@ -204,8 +204,20 @@ def vault_client(settings: VaultSettings | None = None) -> hvac.Client:
                 "no Vault token is configured: set VAULT_TOKEN (or BAO_TOKEN), KEYSEAL_VAULT_TOKEN_FILE, or "
                 "KEYSEAL_VAULT_K8S_ROLE for Kubernetes auth, or log in with the vault / bao CLI"
             )
-        client.token = _read_secret_file(s.token_file, f"Vault {where}")
+        token = _read_secret_file(s.token_file, f"Vault {where}")
+        client.token = _usable_token(token, f"the Vault {where} {s.token_file}")
     return client
+
+
+def _usable_token(token: str, source: str) -> str:
+    """The token, if an HTTP header can carry it (visible ASCII): the HTTP library's refusal of one that cannot
+    quotes the header, token and all, and keyseal's errors keep their cause."""
+    if not all("!" <= char <= "~" for char in token):
+        raise AccessDeniedError(
+            f"{source} does not hold one Vault token: it has spaces, line breaks or non-ASCII characters inside "
+            f"(a token file holds the token alone)"
+        )
+    return token
 
 
 def _kubernetes_login(client: hvac.Client, s: VaultSettings, address: str) -> None:
