@@ -18,7 +18,7 @@ from keyseal._internal.backends import open_signer
 from keyseal._internal.registry import CUSTODIES, KEKS, SIGNERS, Registry
 from keyseal._internal.wrapping.kek import parse_kek
 from keyseal._internal.wrapping.provider import new_dek
-from keyseal.errors import KeyURIError, UsageError
+from keyseal.errors import KeysealError, KeyURIError, UsageError
 
 PLUGIN = '''
 """A signer and a KEK from outside keyseal, registered only through entry points."""
@@ -133,6 +133,16 @@ def test_builtins_win_a_clash(site: Path, caplog: pytest.LogCaptureFixture) -> N
         assert SIGNERS.load("file") is file_backend.open
         assert SIGNERS.names().count("file") == 1
     assert any("keyseal_testplugin" in r.getMessage() and "built-in" in r.getMessage() for r in caplog.records)
+    assert "keyseal_testplugin" not in sys.modules
+
+
+def test_a_name_differing_from_a_builtin_only_by_case_is_ignored(site: Path) -> None:
+    """`AWSKMS:` is a user's typing mistake for `awskms:`, not another package's scheme to answer."""
+    install(site, "keyseal_testplugin", "[keyseal.signers]\nAWSKMS = keyseal_testplugin:open_signer\n", PLUGIN)
+    assert "AWSKMS" not in SIGNERS.names()
+    with pytest.raises(KeysealError) as raised:
+        SIGNERS.load("AWSKMS")
+    assert "unknown" in str(raised.value)
     assert "keyseal_testplugin" not in sys.modules
 
 

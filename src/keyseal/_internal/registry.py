@@ -50,8 +50,10 @@ class Registry:
         with self._lock:
             if self._plugins is None:
                 found: dict[str, list[EntryPoint]] = {}
+                builtin = {name.casefold() for name in self._builtins}
                 for point in entry_points(group=self.group):
-                    if point.name in self._builtins:
+                    # AWSKMS or File would answer a user who mistyped the case of a built-in: refused alike.
+                    if point.name.casefold() in builtin:
                         log.warning("ignoring the %s entry point %r of %s: %r is a built-in %s", self.group,
                                     point.value, _distribution(point), point.name, self.what)
                         continue
