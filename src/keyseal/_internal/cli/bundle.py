@@ -29,9 +29,9 @@ def bundle() -> None:
 def fetch(server_url: str, fingerprint: str, output: Path, force: bool, as_json: bool) -> None:
     """Fetch /v1/bundle and write it only if a CA in it has FINGERPRINT: trust on first use, with a pin."""
     from keyseal._internal.atomic import refuse_existing, write_atomic
-    from keyseal._internal.cli.common import format_time
     from keyseal._internal.cli.output import print_json, print_labelled
     from keyseal._internal.spiffe.bootstrap import ca_fingerprint, fetch_bundle
+    from keyseal._internal.timetext import format_time
 
     refuse_existing(output, force)
     fetched = fetch_bundle(server_url, fingerprint)

@@ -6,26 +6,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
-from pathlib import Path
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from keyseal._internal.inputfile import read_input
 from keyseal.errors import UsageError
 
 if TYPE_CHECKING:
     from keyseal._internal.backends import Signer
-    from keyseal._internal.openpgp.cert import Certificate
 
 __all__ = [
     "KEK_DEFAULT",
     "KEK_SPECS",
     "F",
-    "format_time",
     "json_option",
     "kek_option",
     "kms_endpoint_option",
-    "load_certificate_files",
     "open_key",
     "parse_duration",
     "parse_rfc3339",
@@ -80,15 +75,6 @@ def open_key(uri: str, kms_endpoint: str | None, kek: str | None = None) -> Sign
     return open_signer(uri, BackendOptions(kms_endpoint=kms_endpoint, kek=kek))
 
 
-def load_certificate_files(paths: tuple[Path, ...]) -> list[Certificate]:
-    from keyseal._internal.openpgp.cert import load_certificates
-
-    certificates: list[Certificate] = []
-    for path in paths:
-        certificates += load_certificates(read_input(path, "certificate"), str(path))
-    return certificates
-
-
 def parse_rfc3339(value: str) -> int:
     """An RFC 3339 timestamp with an explicit offset or Z, as Unix seconds."""
     try:
@@ -111,5 +97,3 @@ def parse_duration(value: str) -> int:
     return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
-def format_time(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -17,6 +17,7 @@ import sys
 from keyseal._internal.cli.guard import run_guarded
 from keyseal._internal.cli.shortlived import ShortLived
 from keyseal._internal.pathtext import path_text
+from keyseal._internal.timetext import format_time
 from keyseal.errors import KeysealError, OutputExistsError, UsageError, VerificationError
 
 # Not `typing.TYPE_CHECKING`: `keyseal --help` imports no typing (it pulls in re, enum, collections, contextlib).
@@ -87,13 +88,6 @@ def _progress_bar(file: str) -> AbstractContextManager[None]:
     return files_meter([file], "verifying")
 
 
-
-
-def format_time(seconds: int) -> str:
-    """keyseal._internal.cli.common.format_time (UTC, RFC 3339), without importing datetime."""
-    import time
-
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _report(result: VerifiedSignature, fingerprint: bool, kind: str = "") -> None:

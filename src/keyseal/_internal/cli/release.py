@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from keyseal._internal.atomic import refuse_existing, write_atomic
-from keyseal._internal.cli.common import format_time, json_option
+from keyseal._internal.cli.common import json_option
 from keyseal._internal.inputfile import read_input
 from keyseal._internal.openpgp.fileverify import default_signature_path
 from keyseal._internal.openpgp.manifest import DIGESTS, build_manifest
@@ -23,6 +23,7 @@ from keyseal._internal.openpgp.trust import (
 )
 from keyseal._internal.openpgp.wkd import DEFAULT_TIMEOUT, connect_map
 from keyseal._internal.progress import files_meter
+from keyseal._internal.timetext import format_time
 from keyseal.errors import KeysealError, UsageError, VerificationError
 
 __all__ = ["checksums", "verify_release_command"]

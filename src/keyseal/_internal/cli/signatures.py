@@ -39,8 +39,8 @@ def merge(data: Path, output: Path | None, armored: bool, force: bool, certs: tu
     """Merge the signatures of FILES (armored or binary) into one file: each must be over DATA; an exact
     duplicate is kept once, and two different signatures by one key, or a signature by a key revoked so that it
     no longer counts (known from --cert or the keyseal keyring), are refused."""
-    from keyseal._internal.cli.common import load_certificate_files
     from keyseal._internal.openpgp.detached import KnownCertificates, encode_signatures, merge_signatures
+    from keyseal._internal.openpgp.fileverify import load_certificates_from
     from keyseal._internal.openpgp.sign import render
 
     def keep(name: str, fingerprint: str) -> bool:
@@ -54,7 +54,7 @@ def merge(data: Path, output: Path | None, armored: bool, force: bool, certs: tu
     if target.exists() and not (force or is_input):
         raise OutputExistsError(f"{target} exists: refusing to overwrite it (use --force, or name it as an input "
                                 f"to merge into it)")
-    known = KnownCertificates(load_certificate_files(certs))
+    known = KnownCertificates(load_certificates_from(certs))
     merged = merge_signatures(data, [(str(f), read_input(f, "signature")) for f in files], known, keep)
     write_atomic(target, render(encode_signatures(merged), armored), mode=0o644, force=True)
     if as_json:

@@ -8,8 +8,9 @@ from pathlib import Path
 import click
 
 from keyseal._internal.atomic import refuse_existing, write_atomic
-from keyseal._internal.cli.common import json_option, load_certificate_files
+from keyseal._internal.cli.common import json_option
 from keyseal._internal.openpgp.armor import KIND_PUBLIC_KEY, armor
+from keyseal._internal.openpgp.fileverify import load_certificates_from
 from keyseal._internal.openpgp.wkd import DEFAULT_TIMEOUT, METHODS, build_tree, connect_map, fetch, wkd_hash
 
 __all__ = ["build", "fetch_command", "hash_command", "wkd"]
@@ -35,7 +36,7 @@ def build(certs: tuple[Path, ...], domain: str, emails: tuple[str, ...], method:
           submission_address: str | None, as_json: bool) -> None:
     """Write the .well-known/openpgpkey tree for CERT... (binary keys, 0644; several keys for one address
     are concatenated, as during a rotation). Prints `<file> <address> <fingerprints>` per address."""
-    result = build_tree(load_certificate_files(certs), domain, out_dir, emails=emails,
+    result = build_tree(load_certificates_from(certs), domain, out_dir, emails=emails,
                         method=method,  # type: ignore[arg-type]
                         submission_address=submission_address)
     if as_json:
