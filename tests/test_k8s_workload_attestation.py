@@ -331,7 +331,7 @@ def test_a_token_file_holding_two_lines_is_refused_without_showing_it(
         caplog: pytest.LogCaptureFixture) -> None:
     """A service account token an HTTP header cannot carry (a line break inside): http.client's refusal quotes
     the header, `Bearer <token>`; the agent says which file is wrong, counts a failure and keeps the token out."""
-    pod = cluster.pod("shop", "web-2", node, "web")
+    pod = cluster.pod("shop", "web-two-line-token", node, "web")
     in_container(tmp_path, process.pid, pod)
     failures: list[str] = []
     attestor = K8sAttestor(settings(cluster, kubelet, node, tmp_path, token="eyJFIRSTSECRET\neyJSECONDSECRET"),
