@@ -5,6 +5,7 @@ it is bound to, and issues spiffe://<td>/keyseal/agent/k8s_psat/<cluster>/<node-
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import uuid
@@ -557,14 +558,14 @@ def test_a_join_token_agent_renews_on_its_svid_alone(server: CaServer, cluster: 
     assert status == 400 and "only agents attested by their service account token" in body["message"], body
 
 
-def test_the_agent_renews_with_its_rotated_token_and_says_when_it_is_refused(
-        cluster: Cluster, tmp_path: Path, node: dict[str, Any], caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The agent (in process) sends the token file as it is at each renewal; once its node is deleted, the
-    refusal is logged as such, and its attempt to join again is refused too."""
-    import logging
+@contextlib.contextmanager
+def server_and_psat_agent(cluster: Cluster, tmp_path: Path, node: dict[str, Any], ttl: str,
+                          client_id: str | None = None, rotation_thread: bool = True) -> Iterator[
+        tuple[CaServer, Any, dict[str, Any]]]:
+    """A server (X.509-SVIDs of `ttl`) on the cluster's API, and an in-process agent configured to attest with a
+    projected token of its pod on `node` (written to tmp_path/psat), not started yet: yields (server, agent, the
+    agent's pod); both are stopped afterwards."""
     import shutil
-    import time
 
     from keyseal._internal.agent.config import parse_agent_config
     from keyseal._internal.agent.main import Agent
@@ -572,12 +573,10 @@ def test_the_agent_renews_with_its_rotated_token_and_says_when_it_is_refused(
     from tests.harness.https_server import free_port
 
     port = free_port()
-    config = parse_config(base_config(tmp_path, kubernetes=k8s_section(), x509SVID={"ttl": "4s"},
+    config = parse_config(base_config(tmp_path, kubernetes=k8s_section(), x509SVID={"ttl": ttl},
                                       server={"listen": f"127.0.0.1:{port}"}))
-    # With its rotation thread, which renews its serving certificate (as short-lived as the SVIDs here): ticking
-    # more often than the certificate's lifetime.
-    monkeypatch.setattr("keyseal._internal.ca.server.TICK_SECONDS", 0.5)
-    server = CaServer(config, kube_api_client=cluster.api_client())
+    api_client = cluster.api_client(client_id) if client_id else cluster.api_client()
+    server = CaServer(config, rotation_thread=rotation_thread, kube_api_client=api_client)
     server.start()
     server.start_background()
     pod = agent_pod(cluster, node)
@@ -588,8 +587,27 @@ def test_the_agent_renews_with_its_rotated_token_and_says_when_it_is_refused(
         "trustDomain": TRUST_DOMAIN, "serverURL": f"https://127.0.0.1:{port}",
         "trustBundleFile": str(tmp_path / "bundle.pem"), "k8sPSAT": {"tokenFile": str(tmp_path / "psat")},
         "socketPath": str(sockets / "agent.sock"), "syncInterval": 0.3}, environ={}))
-    caplog.set_level(logging.INFO)
     try:
+        yield server, agent, pod
+    finally:
+        agent.stop()
+        server.shutdown()
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def test_the_agent_renews_with_its_rotated_token_and_says_when_it_is_refused(
+        cluster: Cluster, tmp_path: Path, node: dict[str, Any], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent (in process) sends the token file as it is at each renewal; once its node is deleted, the
+    refusal is logged as such, and its attempt to join again is refused too."""
+    import logging
+    import time
+
+    # With its rotation thread, which renews its serving certificate (as short-lived as the SVIDs here): ticking
+    # more often than the certificate's lifetime.
+    monkeypatch.setattr("keyseal._internal.ca.server.TICK_SECONDS", 0.5)
+    caplog.set_level(logging.INFO)
+    with server_and_psat_agent(cluster, tmp_path, node, "4s") as (_, agent, pod):
         agent.start()
         first = agent.cache.agent_expires
         assert first is not None
@@ -623,10 +641,6 @@ def test_the_agent_renews_with_its_rotated_token_and_says_when_it_is_refused(
             time.sleep(0.1)
         assert any("refused a k8s_psat join" in r.getMessage() for r in caplog.records), \
             [r.getMessage() for r in caplog.records]
-    finally:
-        agent.stop()
-        server.shutdown()
-        shutil.rmtree(sockets, ignore_errors=True)
 
 
 def test_a_kubernetes_api_outage_at_renewal_does_not_stop_the_workload_svids(
@@ -635,34 +649,16 @@ def test_a_kubernetes_api_outage_at_renewal_does_not_stop_the_workload_svids(
     keeps the SVID it holds (still valid) and the rest of the pass goes on with it, so the workloads' X.509-SVIDs
     are still renewed; the agent SVID is tried again at the next pass."""
     import logging
-    import shutil
     import time
 
-    from keyseal._internal.agent.config import parse_agent_config
-    from keyseal._internal.agent.main import Agent
     from keyseal._internal.ca.registry.stores import entry_store_for
-    from tests.harness.agent import socket_dir
-    from tests.harness.https_server import free_port
 
-    port = free_port()
     client_id = f"server-{uuid.uuid4().hex[:6]}"
-    config = parse_config(base_config(tmp_path, kubernetes=k8s_section(), x509SVID={"ttl": "6s"},
-                                      server={"listen": f"127.0.0.1:{port}"}))
-    server = CaServer(config, rotation_thread=False, kube_api_client=cluster.api_client(client_id))
-    server.start()
-    server.start_background()
-    agent_id = f"spiffe://{TRUST_DOMAIN}/keyseal/agent/k8s_psat/test/{node['metadata']['uid']}"
-    entry = entry_store_for(config).create(f"spiffe://{TRUST_DOMAIN}/ns/shop/web", agent_id, ("unix:uid:1001",))
-    pod = agent_pod(cluster, node)
-    (tmp_path / "psat").write_text(cluster.token(pod, AUDIENCE, node=node))
-    (tmp_path / "bundle.pem").write_text("".join(k.ca_pem for k, _ in server.manager.live()))
-    sockets = socket_dir()
-    agent = Agent(parse_agent_config({
-        "trustDomain": TRUST_DOMAIN, "serverURL": f"https://127.0.0.1:{port}",
-        "trustBundleFile": str(tmp_path / "bundle.pem"), "k8sPSAT": {"tokenFile": str(tmp_path / "psat")},
-        "socketPath": str(sockets / "agent.sock"), "syncInterval": 0.3}, environ={}))
     caplog.set_level(logging.INFO)
-    try:
+    with server_and_psat_agent(cluster, tmp_path, node, "6s", client_id, rotation_thread=False) as (server, agent, _):
+        agent_id = f"spiffe://{TRUST_DOMAIN}/keyseal/agent/k8s_psat/test/{node['metadata']['uid']}"
+        entry = entry_store_for(server.config).create(f"spiffe://{TRUST_DOMAIN}/ns/shop/web", agent_id,
+                                                      ("unix:uid:1001",))
         agent.start()
         first = agent.cache.agent_expires
         assert first is not None and entry.entry_id in agent.cache.x509
@@ -680,8 +676,4 @@ def test_a_kubernetes_api_outage_at_renewal_does_not_stop_the_workload_svids(
         assert agent.cache.agent_expires == first  # not renewed: the API server could not attest it again
         assert any("cannot attest the renewal of k8s_psat agent" in r.getMessage() for r in caplog.records)
         assert not agent.cache.needs_join
-    finally:
         cluster.restore(client_id)
-        agent.stop()
-        server.shutdown()
-        shutil.rmtree(sockets, ignore_errors=True)
