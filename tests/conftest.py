@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -210,3 +211,33 @@ def vault_env(openbao: OpenBao, monkeypatch: pytest.MonkeyPatch,
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+@pytest.fixture(params=["directory", "kubernetes"])
+def entry_cli(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """`keyseal entry ... --config` on either store, in a child process; `.config` (parsed), `.config_file`,
+    `.env` and `.api_client` (the Kubernetes peer's, or None) for checks from the test's side."""
+    import yaml
+
+    from keyseal._internal.ca.config import parse_config
+    from tests.harness.ca import base_config
+
+    overrides: dict[str, Any] = {}
+    env = {"KUBECONFIG": str(tmp_path / "no-kubeconfig"), "KUBERNETES_SERVICE_HOST": ""}
+    kube_api: KubeApi | None = None
+    if request.param == "kubernetes":
+        kube_api = request.getfixturevalue("kube_api")
+        overrides["store"] = {"type": "kubernetes", "kubernetes": {
+            "namespace": request.getfixturevalue("namespace"), "apiServer": kube_api.url}}
+    config = base_config(tmp_path, **overrides)
+    config_file = tmp_path / "server.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+
+    def run(*args: str) -> Any:
+        return run_keyseal("entry", *args, "--config", config_file, env=env)
+
+    run.config = parse_config(config)  # type: ignore[attr-defined]
+    run.config_file = config_file  # type: ignore[attr-defined]
+    run.env = env  # type: ignore[attr-defined]
+    run.api_client = kube_api.api_client() if kube_api is not None else None  # type: ignore[attr-defined]
+    return run

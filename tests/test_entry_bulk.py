@@ -10,15 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from keyseal._internal.ca.config import parse_config
 from keyseal._internal.ca.registry.entries import Entry
 from keyseal._internal.ca.registry.sqlite import DirectoryEntryStore
 from keyseal._internal.ca.registry.stores import entry_store_for
-from tests.conftest import assert_one_line_error, run_keyseal
-from tests.harness.ca import TRUST_DOMAIN, base_config
-from tests.harness.kube_api import KubeApi
+from tests.conftest import assert_one_line_error
+from tests.harness.ca import TRUST_DOMAIN
 from tests.test_progress import on_pty
 
 pytestmark = pytest.mark.slow  # real peers, seconds per test: left out of the fast loop
@@ -31,25 +28,10 @@ def line(n: int, **extra: Any) -> str:
                        "selectors": [f"unix:uid:{n}"], **extra})
 
 
-@pytest.fixture(params=["directory", "kubernetes"])
-def keyseal(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    overrides: dict[str, Any] = {}
-    env = {"KUBECONFIG": str(tmp_path / "no-kubeconfig"), "KUBERNETES_SERVICE_HOST": ""}
-    if request.param == "kubernetes":
-        kube_api: KubeApi = request.getfixturevalue("kube_api")
-        overrides["store"] = {"type": "kubernetes", "kubernetes": {
-            "namespace": request.getfixturevalue("namespace"), "apiServer": kube_api.url}}
-    config = base_config(tmp_path, **overrides)
-    config_file = tmp_path / "server.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-
-    def run(*args: str) -> Any:
-        return run_keyseal("entry", *args, "--config", config_file, env=env)
-
-    run.config = parse_config(config)  # type: ignore[attr-defined]
-    run.config_file = config_file  # type: ignore[attr-defined]
-    run.env = env  # type: ignore[attr-defined]
-    return run
+@pytest.fixture
+def keyseal(entry_cli: Any) -> Any:
+    """`keyseal entry ... --config` on either store (conftest's entry_cli)."""
+    return entry_cli
 
 
 def test_bulk_create_then_list_round_trip_and_delete_by_selector(keyseal: Any, tmp_path: Path) -> None:

@@ -28,35 +28,18 @@ from keyseal._internal.ca.registry.sqlite import DirectoryEntryStore
 from keyseal._internal.ca.registry.stores import entry_store_for, join_tokens_for
 from keyseal._internal.ca.server import CaServer
 from keyseal.errors import UsageError
-from tests.conftest import assert_one_line_error, run_keyseal
+from tests.conftest import assert_one_line_error
 from tests.harness.agent import agent_call, start_server
 from tests.harness.ca import TRUST_DOMAIN, base_config, make_csr, new_key
-from tests.harness.kube_api import KubeApi
 
 AGENT = f"spiffe://{TRUST_DOMAIN}/keyseal/agent/node-1"
 WEB = f"spiffe://{TRUST_DOMAIN}/ns/shop/web"
 
 
-@pytest.fixture(params=["directory", "kubernetes"])
-def keyseal(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    """`keyseal entry ... --config` on either store, in a child process."""
-    overrides: dict[str, Any] = {}
-    env = {"KUBECONFIG": str(tmp_path / "no-kubeconfig"), "KUBERNETES_SERVICE_HOST": ""}
-    if request.param == "kubernetes":
-        kube_api: KubeApi = request.getfixturevalue("kube_api")
-        overrides["store"] = {"type": "kubernetes", "kubernetes": {
-            "namespace": request.getfixturevalue("namespace"), "apiServer": kube_api.url}}
-    config = base_config(tmp_path, **overrides)
-    config_file = tmp_path / "server.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-
-    def run(*args: str) -> Any:
-        return run_keyseal("entry", *args, "--config", config_file, env=env)
-
-    run.config = parse_config(config)  # type: ignore[attr-defined]
-    run.api_client = request.getfixturevalue("kube_api").api_client() \
-        if request.param == "kubernetes" else None  # type: ignore[attr-defined]
-    return run
+@pytest.fixture
+def keyseal(entry_cli: Any) -> Any:
+    """`keyseal entry ... --config` on either store (conftest's entry_cli)."""
+    return entry_cli
 
 
 def test_the_cli_stores_lists_and_serves_dns_names(keyseal: Any, tmp_path: Path) -> None:
