@@ -273,6 +273,37 @@ def test_no_join_token_names_the_k8s_psat_agents(tmp_path: Path) -> None:
         tokens.issue("k8s_psat", timedelta(minutes=5))
 
 
+def psat_agent(cluster: Cluster, tmp_path: Path, node: dict[str, Any], port: int,
+               server: CaServer) -> tuple[Any, dict[str, Any], Path]:
+    """An in-process agent, not started, that attests with a projected token of its pod on `node` (written to
+    tmp_path/psat) and trusts `server`'s CAs: (the agent, its pod, its socket directory, which the caller removes)."""
+    from keyseal._internal.agent.config import parse_agent_config
+    from keyseal._internal.agent.main import Agent
+    from tests.harness.agent import socket_dir
+
+    pod = agent_pod(cluster, node)
+    (tmp_path / "psat").write_text(cluster.token(pod, AUDIENCE, node=node))
+    (tmp_path / "bundle.pem").write_text("".join(k.ca_pem for k, _ in server.manager.live()))
+    sockets = socket_dir()
+    agent = Agent(parse_agent_config({
+        "trustDomain": TRUST_DOMAIN, "serverURL": f"https://127.0.0.1:{port}",
+        "trustBundleFile": str(tmp_path / "bundle.pem"), "k8sPSAT": {"tokenFile": str(tmp_path / "psat")},
+        "socketPath": str(sockets / "agent.sock"), "syncInterval": 0.3}, environ={}))
+    return agent, pod, sockets
+
+
+def wait_for_a_new_agent_svid(agent: Any, first: datetime) -> None:
+    """Until the agent holds an SVID that expires after `first` and reaches its server (15 s at most)."""
+    import time
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not (agent.cache.agent_expires and agent.cache.agent_expires > first
+                                                and agent.cache.server_reachable):
+        time.sleep(0.2)
+    assert agent.cache.agent_expires is not None and agent.cache.agent_expires > first
+    assert agent.cache.server_reachable
+
+
 @pytest.mark.slow
 def test_an_agent_whose_svid_expired_joins_again_with_its_token(cluster: Cluster, tmp_path: Path,
                                                                 node: dict[str, Any]) -> None:
@@ -281,9 +312,6 @@ def test_an_agent_whose_svid_expired_joins_again_with_its_token(cluster: Cluster
     import shutil
     import time
 
-    from keyseal._internal.agent.config import parse_agent_config
-    from keyseal._internal.agent.main import Agent
-    from tests.harness.agent import socket_dir
     from tests.harness.https_server import free_port
 
     port = free_port()
@@ -297,14 +325,7 @@ def test_an_agent_whose_svid_expired_joins_again_with_its_token(cluster: Cluster
         return server
 
     server = serve()
-    pod = agent_pod(cluster, node)
-    (tmp_path / "psat").write_text(cluster.token(pod, AUDIENCE, node=node))
-    (tmp_path / "bundle.pem").write_text("".join(k.ca_pem for k, _ in server.manager.live()))
-    sockets = socket_dir()
-    agent = Agent(parse_agent_config({
-        "trustDomain": TRUST_DOMAIN, "serverURL": f"https://127.0.0.1:{port}",
-        "trustBundleFile": str(tmp_path / "bundle.pem"), "k8sPSAT": {"tokenFile": str(tmp_path / "psat")},
-        "socketPath": str(sockets / "agent.sock"), "syncInterval": 0.3}, environ={}))
+    agent, pod, sockets = psat_agent(cluster, tmp_path, node, port, server)
     try:
         agent.start()
         first = agent.cache.agent_expires
@@ -313,12 +334,7 @@ def test_an_agent_whose_svid_expired_joins_again_with_its_token(cluster: Cluster
         time.sleep(max(0.0, (first - datetime.now(UTC)).total_seconds()) + 0.5)  # its SVID expires meanwhile
         (tmp_path / "psat").write_text(cluster.token(pod, AUDIENCE, node=node))  # the kubelet rotated it
         server = serve()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not (agent.cache.agent_expires and agent.cache.agent_expires > first
-                                                    and agent.cache.server_reachable):
-            time.sleep(0.2)
-        assert agent.cache.agent_expires is not None and agent.cache.agent_expires > first
-        assert agent.cache.server_reachable
+        wait_for_a_new_agent_svid(agent, first)
     finally:
         agent.stop()
         server.shutdown()
@@ -355,9 +371,6 @@ def test_a_refused_service_account_token_is_offered_again(cluster: Cluster, tmp_
     import shutil
     import time
 
-    from keyseal._internal.agent.config import parse_agent_config
-    from keyseal._internal.agent.main import Agent
-    from tests.harness.agent import socket_dir
     from tests.harness.https_server import free_port
 
     port = free_port()
@@ -372,14 +385,7 @@ def test_a_refused_service_account_token_is_offered_again(cluster: Cluster, tmp_
         return server
 
     server = serve([f"{AGENT_NS}/{AGENT_SA}"])
-    pod = agent_pod(cluster, node)
-    (tmp_path / "psat").write_text(cluster.token(pod, AUDIENCE, node=node))  # never rotated in this test
-    (tmp_path / "bundle.pem").write_text("".join(k.ca_pem for k, _ in server.manager.live()))
-    sockets = socket_dir()
-    agent = Agent(parse_agent_config({
-        "trustDomain": TRUST_DOMAIN, "serverURL": f"https://127.0.0.1:{port}",
-        "trustBundleFile": str(tmp_path / "bundle.pem"), "k8sPSAT": {"tokenFile": str(tmp_path / "psat")},
-        "socketPath": str(sockets / "agent.sock"), "syncInterval": 0.3}, environ={}))
+    agent, _, sockets = psat_agent(cluster, tmp_path, node, port, server)
     refusals: list[str] = []
     (rejoiner,) = agent.rejoiners
     assert not rejoiner.one_time
@@ -405,12 +411,7 @@ def test_a_refused_service_account_token_is_offered_again(cluster: Cluster, tmp_
         assert "ServerRefusedError" in refusals
         server.shutdown()
         server = serve([f"{AGENT_NS}/{AGENT_SA}"])
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not (agent.cache.agent_expires and agent.cache.agent_expires > first
-                                                    and agent.cache.server_reachable):
-            time.sleep(0.2)
-        assert agent.cache.agent_expires is not None and agent.cache.agent_expires > first
-        assert agent.cache.server_reachable
+        wait_for_a_new_agent_svid(agent, first)
     finally:
         agent.stop()
         server.shutdown()
@@ -567,9 +568,6 @@ def server_and_psat_agent(cluster: Cluster, tmp_path: Path, node: dict[str, Any]
     agent's pod); both are stopped afterwards."""
     import shutil
 
-    from keyseal._internal.agent.config import parse_agent_config
-    from keyseal._internal.agent.main import Agent
-    from tests.harness.agent import socket_dir
     from tests.harness.https_server import free_port
 
     port = free_port()
@@ -579,14 +577,7 @@ def server_and_psat_agent(cluster: Cluster, tmp_path: Path, node: dict[str, Any]
     server = CaServer(config, rotation_thread=rotation_thread, kube_api_client=api_client)
     server.start()
     server.start_background()
-    pod = agent_pod(cluster, node)
-    (tmp_path / "psat").write_text(cluster.token(pod, AUDIENCE, node=node))
-    (tmp_path / "bundle.pem").write_text("".join(k.ca_pem for k, _ in server.manager.live()))
-    sockets = socket_dir()
-    agent = Agent(parse_agent_config({
-        "trustDomain": TRUST_DOMAIN, "serverURL": f"https://127.0.0.1:{port}",
-        "trustBundleFile": str(tmp_path / "bundle.pem"), "k8sPSAT": {"tokenFile": str(tmp_path / "psat")},
-        "socketPath": str(sockets / "agent.sock"), "syncInterval": 0.3}, environ={}))
+    agent, pod, sockets = psat_agent(cluster, tmp_path, node, port, server)
     try:
         yield server, agent, pod
     finally:
