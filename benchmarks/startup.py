@@ -3,7 +3,9 @@ rounds (medians):
 
 - `git log --show-signature` over a repository of N commits signed through keyseal-gpg, with
   `gpg.program=keyseal-gpg` against the same with gpg (the certificate imported into a private GNUPGHOME);
-  git starts the program once per commit (target <= 5x);
+  git starts the program once per commit (target <= 5x). keyseal-gpg as installed (its verification server on:
+  the first run starts it, and that run is shown on its own), and with KEYSEAL_GPG_SERVER=off (every call
+  verifies in its own process);
 - `keyseal verify` of a 1 KB file (Ed25519) against `python -c pass` with the same interpreter (target <= 3x)
   and against `sqv`;
 - `keyseal --help` against `python -c pass` (target <= 3x);
@@ -12,17 +14,20 @@ rounds (medians):
   `python -c pass`. Unlike times, these repeat to a fraction of a percent on a busy machine, so they compare
   one change with the next.
 
-Everything runs in a temporary directory with its own KEYSEAL_HOME, HOME and GNUPGHOME: nothing is written to the
-user's files. Usage: python benchmarks/startup.py [--commits 200] [--rounds 5] [--instructions]
+Everything runs in a temporary directory with its own KEYSEAL_HOME, HOME, GNUPGHOME and XDG_RUNTIME_DIR (where the
+verification server's socket lives; the server is stopped at the end): nothing is written to the user's files.
+Usage: python benchmarks/startup.py [--commits 200] [--rounds 5] [--instructions]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -58,9 +63,12 @@ def timed(command: Sequence[str | os.PathLike[str]], env: dict[str, str],
 def setup(work: Path, commits: int) -> tuple[dict[str, str], Path, Path, Path]:
     env = {"PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": str(work / "home"),
            "KEYSEAL_HOME": str(work / "keyseal-home"), "GNUPGHOME": str(work / "gnupg"),
-           "GIT_CONFIG_NOSYSTEM": "1", "LC_ALL": "C.UTF-8"}
-    for name in ("home", "keyseal-home", "gnupg"):
+           "GIT_CONFIG_NOSYSTEM": "1", "LC_ALL": "C.UTF-8", "XDG_RUNTIME_DIR": str(work / "run"),
+           "KEYSEAL_GPG_SERVER": "on"}
+    for name in ("home", "keyseal-home", "gnupg", "run"):
         (work / name).mkdir(mode=0o700)
+    print(f"keyseal home: {env['KEYSEAL_HOME']}, HOME, GNUPGHOME and XDG_RUNTIME_DIR beside it (temporary, removed "
+          f"at the end; the verification server it starts is stopped)", flush=True)
     key, cert = work / "release.key", work / "release.asc"
     run([BIN / "keyseal", "keys", "create", "--out", key, "--type", "ed25519"], env)
     run([BIN / "keyseal", "keys", "mint", "--key", f"file:{key}", "--name", "Bench", "--email",
@@ -118,77 +126,120 @@ def main() -> None:
         work = Path(tmp)
         env, repo, cert, data = setup(work, options.commits)
         sig = data.with_name("small.asc")
+        git_log: list[str | os.PathLike[str]] = ["git", "-c", f"gpg.program={BIN / 'keyseal-gpg'}", "log",
+                                                 "--show-signature"]
         commands: dict[str, list[str | os.PathLike[str]]] = {
             "python -c pass": [sys.executable, "-c", "pass"],
             "keyseal verify 1 KB": [BIN / "keyseal", "verify", "--cert", cert, data, sig],
             "sqv 1 KB": ["sqv", "--keyring", cert, sig, data],
             "keyseal --help": [BIN / "keyseal", "--help"],
-            "git log (keyseal-gpg)": ["git", "-c", f"gpg.program={BIN / 'keyseal-gpg'}", "log",
-                                      "--show-signature"],
+            "git log (keyseal-gpg)": git_log,
+            "git log (keyseal-gpg, server off)": git_log,
             "git log (gpg)": ["git", "-c", "gpg.program=gpg", "log", "--show-signature"],
         }
-        checked = run(commands["git log (keyseal-gpg)"], env, repo).stdout.decode(errors="replace")
-        assert checked.count("Good signature") == options.commits, "keyseal-gpg did not verify every commit"
-        checked = run(commands["git log (gpg)"], env, repo).stdout.decode(errors="replace")
-        assert checked.count("Good signature") == options.commits, "gpg did not verify every commit"
-        walls: dict[str, list[float]] = defaultdict(list)
-        cpus: dict[str, list[float]] = defaultdict(list)
-        for _ in range(options.rounds):
-            for name, command in commands.items():  # interleaved: each round runs every command once
-                wall, cpu = timed(command, env, repo if name.startswith("git") else None)
-                walls[name].append(wall)
-                cpus[name].append(cpu)
-        median = {name: statistics.median(values) for name, values in walls.items()}
-        cpu_median = {name: statistics.median(values) for name, values in cpus.items()}
-
-        def row(name: str, base: str) -> str:
-            return (f"| {name} | {median[name] * 1000:.1f} ms | {cpu_median[name] * 1000:.1f} ms | {base} | "
-                    f"{median[base] * 1000:.1f} ms | {cpu_median[base] * 1000:.1f} ms | "
-                    f"{median[name] / median[base]:.2f} | {cpu_median[name] / max(cpu_median[base], 1e-4):.2f} |")
-
-        print(f"\n{options.commits} commits, medians of {options.rounds} interleaved rounds\n")
-        print("| command | wall | CPU | baseline | baseline wall | baseline CPU | ratio (wall) | ratio (CPU) |")
-        print("|---|---|---|---|---|---|---|---|")
-        print(row("git log (keyseal-gpg)", "git log (gpg)") + "  target <= 5")
-        print(row("keyseal verify 1 KB", "python -c pass") + "  target <= 3")
-        print(row("keyseal verify 1 KB", "sqv 1 KB"))
-        print(row("keyseal --help", "python -c pass") + "  target <= 3")
-        per_commit = (median["git log (keyseal-gpg)"] - median["git log (gpg)"]) / options.commits
-        per_commit_cpu = (cpu_median["git log (keyseal-gpg)"] - cpu_median["git log (gpg)"]) / options.commits
-        print(f"\nkeyseal-gpg per commit over gpg: {per_commit * 1000:.1f} ms wall, {per_commit_cpu * 1000:.1f} ms CPU")
-
-        print("\n| path | imports (ms, -X importtime) | biggest own times (ms) |")
-        print("|---|---|---|")
-        paths: dict[str, list[str | os.PathLike[str]]] = {
-            "python -c pass": ["-c", "pass"],
-            # as the console scripts start (`-m keyseal` would add runpy's imports)
-            "keyseal verify": ["-c", "from keyseal._internal.cli.quick import main; main()", "verify", "--cert", cert,
-                               data, sig],
-            "keyseal --help": ["-c", "from keyseal._internal.cli.quick import main; main()", "--help"],
-            "keyseal-gpg --verify": ["-c", "from keyseal._internal.cli.gpgcompat import main; main()",
-                                     "--keyid-format=long", "--status-fd=1", "--verify", sig, data],
-        }
-        for name, args in paths.items():
-            total, top = import_profile(args, env)
-            print(f"| {name} | {total:.1f} | {', '.join(top)} |")
-        if options.instructions:
-            # keyseal-gpg as git runs it per commit: the signature in a file, the data on standard input.
-            counted: dict[str, tuple[list[str | os.PathLike[str]], Path | None]] = {
-                "python -c pass": ([sys.executable, "-c", "pass"], None),
-                "keyseal verify 1 KB": ([BIN / "keyseal", "verify", "--cert", cert, data, sig], None),
-                "keyseal --help": ([BIN / "keyseal", "--help"], None),
-                "keyseal-gpg --verify (as git runs it)": ([BIN / "keyseal-gpg", "--keyid-format=long",
-                                                           "--status-fd=1", "--verify", sig, "-"], data),
-                "gpg --verify (as git runs it)": (["gpg", "--keyid-format=long", "--status-fd=1", "--verify", sig,
-                                                   "-"], data),
-            }
-            counts = {name: instructions(command, env, stdin) for name, (command, stdin) in counted.items()}
-            print("\n| command | instructions (callgrind) | ratio to python -c pass |")
-            print("|---|---|---|")
-            for name, count in counts.items():
-                print(f"| {name} | {count / 1e6:.1f} M | {count / counts['python -c pass']:.2f} |")
+        envs = {name: {**env, "KEYSEAL_GPG_SERVER": "off"} if "server off" in name else env for name in commands}
+        try:
+            start = time.perf_counter()
+            checked = run(git_log, env, repo).stdout.decode(errors="replace")  # starts the server on its way
+            first_run = time.perf_counter() - start
+            assert checked.count("Good signature") == options.commits, "keyseal-gpg did not verify every commit"
+            served = run(git_log, {**env, "KEYSEAL_GPG_SERVER": "require"}, repo).stdout.decode(errors="replace")
+            assert served == checked, "the server's output differs from the first run's"
+            checked = run(commands["git log (gpg)"], env, repo).stdout.decode(errors="replace")
+            assert checked.count("Good signature") == options.commits, "gpg did not verify every commit"
+            walls: dict[str, list[float]] = defaultdict(list)
+            cpus: dict[str, list[float]] = defaultdict(list)
+            for _ in range(options.rounds):
+                for name, command in commands.items():  # interleaved: each round runs every command once
+                    wall, cpu = timed(command, envs[name], repo if name.startswith("git") else None)
+                    walls[name].append(wall)
+                    cpus[name].append(cpu)
+            report(options, walls, cpus, first_run, env, cert, data, sig)
+        finally:
+            stop_servers(work / "run")
         shutil.rmtree(work / "repo", ignore_errors=True)
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def stop_servers(runtime: Path) -> None:
+    """Stop the verification servers keyseal-gpg started for this run (each lock file holds its pid), and wait
+    until they are gone."""
+    pids = [int(text) for lock in (runtime / "keyseal").glob("*.lock") if (text := lock.read_text().strip()).isdigit()]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(map(running, pids)):
+        time.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    """Still running (not gone, not a zombie waiting for whoever inherited it)."""
+    try:
+        return " Z " not in Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+
+
+def report(options: argparse.Namespace, walls: dict[str, list[float]], cpus: dict[str, list[float]],
+           first_run: float, env: dict[str, str], cert: Path, data: Path, sig: Path) -> None:
+    median = {name: statistics.median(values) for name, values in walls.items()}
+    cpu_median = {name: statistics.median(values) for name, values in cpus.items()}
+
+    def row(name: str, base: str) -> str:
+        return (f"| {name} | {median[name] * 1000:.1f} ms | {cpu_median[name] * 1000:.1f} ms | {base} | "
+                f"{median[base] * 1000:.1f} ms | {cpu_median[base] * 1000:.1f} ms | "
+                f"{median[name] / median[base]:.2f} | {cpu_median[name] / max(cpu_median[base], 1e-4):.2f} |")
+
+    print(f"\n{options.commits} commits, medians of {options.rounds} interleaved rounds\n")
+    print("| command | wall | CPU | baseline | baseline wall | baseline CPU | ratio (wall) | ratio (CPU) |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(row("git log (keyseal-gpg)", "git log (gpg)") + "  target <= 5")
+    print(row("git log (keyseal-gpg, server off)", "git log (gpg)"))
+    print(row("keyseal verify 1 KB", "python -c pass") + "  target <= 3")
+    print(row("keyseal verify 1 KB", "sqv 1 KB"))
+    print(row("keyseal --help", "python -c pass") + "  target <= 3")
+    per_commit = (median["git log (keyseal-gpg)"] - median["git log (gpg)"]) / options.commits
+    per_commit_cpu = (cpu_median["git log (keyseal-gpg)"] - cpu_median["git log (gpg)"]) / options.commits
+    print(f"\nkeyseal-gpg per commit over gpg: {per_commit * 1000:.1f} ms wall, {per_commit_cpu * 1000:.1f} ms CPU")
+    print(f"first git log, which started the server: {first_run * 1000:.0f} ms "
+          f"({first_run / median['git log (gpg)']:.2f}x gpg's median)")
+
+    print("\n| path | imports (ms, -X importtime) | biggest own times (ms) |")
+    print("|---|---|---|")
+    paths: dict[str, list[str | os.PathLike[str]]] = {
+        "python -c pass": ["-c", "pass"],
+        # as the console scripts start (`-m keyseal` would add runpy's imports)
+        "keyseal verify": ["-c", "from keyseal._internal.cli.quick import main; main()", "verify", "--cert", cert,
+                           data, sig],
+        "keyseal --help": ["-c", "from keyseal._internal.cli.quick import main; main()", "--help"],
+        "keyseal-gpg --verify (served)": ["-c", "from keyseal._internal.cli.gpgentry import main; main()",
+                                          "--keyid-format=long", "--status-fd=1", "--verify", sig, data],
+        "keyseal-gpg --verify (server off)": ["-c", "from keyseal._internal.cli.gpgcompat import main; main()",
+                                              "--keyid-format=long", "--status-fd=1", "--verify", sig, data],
+    }
+    for name, args in paths.items():
+        total, top = import_profile(args, env)
+        print(f"| {name} | {total:.1f} | {', '.join(top)} |")
+    if options.instructions:
+        # keyseal-gpg as git runs it per commit: the signature in a file, the data on standard input.
+        gpg_verify: list[str | os.PathLike[str]] = [BIN / "keyseal-gpg", "--keyid-format=long", "--status-fd=1",
+                                                    "--verify", sig, "-"]
+        counted: dict[str, tuple[list[str | os.PathLike[str]], Path | None]] = {
+            "python -c pass": ([sys.executable, "-c", "pass"], None),
+            "keyseal verify 1 KB": ([BIN / "keyseal", "verify", "--cert", cert, data, sig], None),
+            "keyseal --help": ([BIN / "keyseal", "--help"], None),
+            "keyseal-gpg --verify (as git runs it; the caller, served)": (gpg_verify, data),
+            "keyseal-gpg --verify (server off)": (gpg_verify, data),
+            "gpg --verify (as git runs it)": (["gpg", "--keyid-format=long", "--status-fd=1", "--verify", sig,
+                                               "-"], data),
+        }
+        counts = {name: instructions(command, {**env, "KEYSEAL_GPG_SERVER": "off"} if "off" in name else env,
+                                     stdin) for name, (command, stdin) in counted.items()}
+        print("\n| command | instructions (callgrind) | ratio to python -c pass |")
+        print("|---|---|---|")
+        for name, count in counts.items():
+            print(f"| {name} | {count / 1e6:.1f} M | {count / counts['python -c pass']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ def keyseal_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         # or PKCS#11 calls. Tests of checkpoints set their own intervals.
         patch.setenv("KEYSEAL_AUDIT_CHECKPOINT_LINES", "1000000")
         patch.setenv("KEYSEAL_AUDIT_CHECKPOINT_SECONDS", "1000000")
+        # keyseal-gpg verifies in its own process unless a test asks for the verification server (and stops it):
+        # a server per test's context would outlive the test (tests/test_gpg_server.py).
+        patch.setenv("KEYSEAL_GPG_SERVER", "off")
         yield home
 
 

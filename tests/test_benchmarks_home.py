@@ -63,3 +63,21 @@ def test_svid_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
     out = run_benchmark("svid_issuance.py", "--svids", "50", "--seconds", "1", "--rounds", "1", "--connections",
                         "1", home=short_tmp / "home", tmp_path=short_tmp)
     assert "audit log: off" in out
+
+
+def test_startup_benchmark_keeps_to_its_own_home_and_stops_its_server(short_tmp: Path) -> None:
+    out = run_benchmark("startup.py", "--commits", "3", "--rounds", "1", home=short_tmp / "home",
+                        tmp_path=short_tmp)
+    assert "| git log (keyseal-gpg) |" in out and "| git log (keyseal-gpg, server off) |" in out
+    assert "first git log, which started the server" in out
+    # The verification server it started (its argv names the run's runtime directory) is gone.
+    still = [pid for pid in os.listdir("/proc") if pid.isdigit() and str(short_tmp).encode() in _cmdline(pid)
+             and b"gpgserver" in _cmdline(pid)]
+    assert still == []
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
