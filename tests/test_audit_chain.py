@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -185,6 +187,25 @@ def test_append_refuses_a_damaged_end(tmp_path: Path) -> None:
     with pytest.raises(AuditError, match=r"last line .* is not an audit record"):
         write_log(path, 1)
     assert path.read_bytes() == before + b"garbage\n"  # nothing appended to a log it cannot chain to
+
+
+def test_a_log_replaced_by_a_copy_gets_the_next_line(tmp_path: Path) -> None:
+    """The log stays open between batches: a file put in its place, even a copy of the same size, is noticed, and
+    the next line goes to the file at the path, not to the one moved aside."""
+    path = tmp_path / "a.log"
+    log = AuditLog(path)
+    for index in range(2):
+        audit.record(log_file=log, key_uri="file:k", public_key=None, hash_name="sha256", digest=bytes(32),
+                     outcome="ok", subject=f"before-{index}")
+    moved = tmp_path / "a.log.moved"
+    os.rename(path, moved)
+    shutil.copyfile(moved, path)  # same bytes and size, another file
+    before = moved.read_bytes()
+    audit.record(log_file=log, key_uri="file:k", public_key=None, hash_name="sha256", digest=bytes(32),
+                 outcome="ok", subject="after")
+    assert moved.read_bytes() == before
+    assert verify_log(path).lines == 3
+    assert json.loads(path.read_bytes().splitlines()[-1])["subject"] == "after"
 
 
 @pytest.mark.slow

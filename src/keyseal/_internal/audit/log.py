@@ -553,11 +553,17 @@ class AuditLog:
             fd = committer.fd
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                held = os.fstat(fd)
                 try:
                     current = os.stat(self._fspath)
                 except FileNotFoundError:
                     current = None
+                tail = committer.tail
+                if current is not None and tail is not None and \
+                        (current.st_dev, current.st_ino, current.st_size) == tail[:3]:
+                    # The file at the path is the one this descriptor holds (the tail is forgotten whenever the
+                    # descriptor is closed), and as long as this process left it: no fstat needed.
+                    return fd, current
+                held = os.fstat(fd)
             except BaseException:
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 raise
