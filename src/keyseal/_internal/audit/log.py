@@ -7,15 +7,17 @@ systems) a lock does not exclude the threads of its own process.
 
 Group commit: each line is fsynced (fdatasync: the data and the file size) before the signature it records is
 handed back, but lines queued at the same time share one write and one fsync. A caller `submit`s its line (an
-AuditingSigner does so before it asks the custody to sign; the line's time and JSON are made then, by the caller)
-and later `wait`s for it. Lines are written, a batch at a time: a lone signer's line by the log's writer thread
+AuditingSigner does so before it asks the custody to sign, with `submit_body`: the fields' JSON it spelt itself;
+the line's time is taken then) and later `wait`s for it (`settle`: the same without building the record, which is
+made only for a caller that asks). Lines are written, a batch at a time: a lone signer's line by the log's writer thread
 (started at the first line), so that its fsync runs while the custody signs; with several signers under way, by the
 first caller that waits while no one is writing (`append` is `submit` then `wait`), whose batch holds the lines of
 the others too, their fsync running while they sign. A writer gathers briefly (at most half an fsync) for the lines
 of the signers its last batch let go, so that 4 signing threads share one fsync rather than take turns in pairs. A
 caller that waits while another writes sleeps on a lock of its own, released once its line is durable or when the
-lead is handed to it. The log stays open between batches (at most MAX_OPEN_FILES logs per process), and the next
-line's seq and prev are read back only when another process wrote since. A single signer that signs one thing after
+lead is handed to it. The log stays open between batches (at most MAX_OPEN_FILES logs per process): one stat of
+the path shows that it is still this descriptor's file and ends where this process left it; only when another
+process wrote since are the next line's seq and prev read back. A single signer that signs one thing after
 another still pays one fsync per signature, overlapped with the signing: the price of never handing out a signature
 the log does not hold (`KEYSEAL_AUDIT_LOG=off` leaves durability to the log pipeline instead). A write that fails
 is cut off again, so the file never ends in half a line that keyseal wrote, and every caller of that batch gets the
