@@ -6,16 +6,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from keyseal._internal import audit
-from keyseal._internal.audit import GENESIS, AuditLog, line_hash, verify_log
+from keyseal._internal.audit import GENESIS, AuditLog, key_fingerprint, line_hash, verify_log
 from keyseal._internal.backends import open_signer
 from keyseal.errors import AuditChainError, AuditError
 from tests.conftest import assert_one_line_error, run_keyseal
@@ -186,6 +189,25 @@ def test_append_refuses_a_damaged_end(tmp_path: Path) -> None:
     assert path.read_bytes() == before + b"garbage\n"  # nothing appended to a log it cannot chain to
 
 
+def test_a_log_replaced_by_a_copy_gets_the_next_line(tmp_path: Path) -> None:
+    """The log stays open between batches: a file put in its place, even a copy of the same size, is noticed, and
+    the next line goes to the file at the path, not to the one moved aside."""
+    path = tmp_path / "a.log"
+    log = AuditLog(path)
+    for index in range(2):
+        audit.record(log_file=log, key_uri="file:k", public_key=None, hash_name="sha256", digest=bytes(32),
+                     outcome="ok", subject=f"before-{index}")
+    moved = tmp_path / "a.log.moved"
+    os.rename(path, moved)
+    shutil.copyfile(moved, path)  # same bytes and size, another file
+    before = moved.read_bytes()
+    audit.record(log_file=log, key_uri="file:k", public_key=None, hash_name="sha256", digest=bytes(32),
+                 outcome="ok", subject="after")
+    assert moved.read_bytes() == before
+    assert verify_log(path).lines == 3
+    assert json.loads(path.read_bytes().splitlines()[-1])["subject"] == "after"
+
+
 @pytest.mark.slow
 def test_signer_records_context_and_outcome(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             caplog: pytest.LogCaptureFixture) -> None:
@@ -274,3 +296,47 @@ def test_service_logs_keep_the_audit_trail_at_any_level(capsys: pytest.CaptureFi
         logging.getLogger("keyseal.audit").setLevel(audit_level)
     err = capsys.readouterr().err
     assert "INFO audit {" in err and "at-warning" in err and "not shown" not in err
+
+
+def test_signer_lines_are_the_encoders_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """An AuditingSigner spells each line from a prefix and suffix it keeps per context, hash and way of
+    signing: the bytes must be those of encoding the record whole, whatever the subject holds, and the kept
+    prefix must follow every change of context, hash or signing call."""
+    path = tmp_path / "spelt.log"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(path))
+    private = ed25519.Ed25519PrivateKey.generate()
+    pem = tmp_path / "k.pem"
+    pem.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    caplog.set_level(logging.INFO, logger="keyseal.audit")
+    subjects = [None, 'a "quoted" \\ name', "tab\tnew\nline", "ünïcødé ✓ \U0001f511", "x" * 5000, None, "same", "same"]
+    expected: list[tuple[str | None, str | None, str, str, str]] = []
+    with open_signer(f"file:{pem}") as signer:
+        for index, name in enumerate(subjects):
+            digest = hashlib.sha512(str(index).encode()).digest()
+            message = b"m%d" % index
+            with audit.subject(name, purpose=f"p{index % 2}"):  # each call differs from the last in one thing
+                signer.sign_message(message)
+                expected.append((name, f"p{index % 2}", "sha256", "message", hashlib.sha256(message).hexdigest()))
+                signer.sign_digest(digest[:32], "sha256")
+                expected.append((name, f"p{index % 2}", "sha256", "digest", digest[:32].hex()))
+                signer.sign_digest(digest, "sha512")
+                expected.append((name, f"p{index % 2}", "sha512", "digest", digest.hex()))
+            signer.sign_digest(digest, "sha512")  # outside the context: no subject, no purpose
+            expected.append((None, None, "sha512", "digest", digest.hex()))
+    encoder = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == len(expected)
+    for line, (name, purpose, hash_name, signed, digest_hex) in zip(lines, expected, strict=True):
+        record = json.loads(line)
+        assert line == encoder.encode(record).encode("ascii")  # the encoder's bytes, field order included
+        assert list(record) == ["v", "seq", "time", "key_uri", "key_fingerprint", "openpgp_fingerprint", "hash",
+                                "signed", "digest", "subject", "purpose", "outcome", "prev"]
+        shown = name if name is None or len(name) <= 4096 else name[:4093] + "..."
+        assert (record["subject"], record["purpose"], record["hash"], record["signed"], record["digest"]) == \
+            (shown, purpose, hash_name, signed, digest_hex)
+        assert record["outcome"] == "ok" and record["key_fingerprint"] == key_fingerprint(private.public_key())
+    verify_log(path)
+    emitted = [getattr(r, "audit") for r in caplog.records if r.name == "keyseal.audit"]  # noqa: B009
+    assert emitted == [json.loads(line) for line in lines]  # the logger gets the records as written

@@ -7,15 +7,17 @@ systems) a lock does not exclude the threads of its own process.
 
 Group commit: each line is fsynced (fdatasync: the data and the file size) before the signature it records is
 handed back, but lines queued at the same time share one write and one fsync. A caller `submit`s its line (an
-AuditingSigner does so before it asks the custody to sign; the line's time and JSON are made then, by the caller)
-and later `wait`s for it. Lines are written, a batch at a time: a lone signer's line by the log's writer thread
+AuditingSigner does so before it asks the custody to sign, with `submit_body`: the fields' JSON it spelt itself;
+the line's time is taken then) and later `wait`s for it (`settle`: the same without building the record, which is
+made only for a caller that asks). Lines are written, a batch at a time: a lone signer's line by the log's writer thread
 (started at the first line), so that its fsync runs while the custody signs; with several signers under way, by the
 first caller that waits while no one is writing (`append` is `submit` then `wait`), whose batch holds the lines of
 the others too, their fsync running while they sign. A writer gathers briefly (at most half an fsync) for the lines
 of the signers its last batch let go, so that 4 signing threads share one fsync rather than take turns in pairs. A
 caller that waits while another writes sleeps on a lock of its own, released once its line is durable or when the
-lead is handed to it. The log stays open between batches (at most MAX_OPEN_FILES logs per process), and the next
-line's seq and prev are read back only when another process wrote since. A single signer that signs one thing after
+lead is handed to it. The log stays open between batches (at most MAX_OPEN_FILES logs per process): one stat of
+the path shows that it is still this descriptor's file and ends where this process left it; only when another
+process wrote since are the next line's seq and prev read back. A single signer that signs one thing after
 another still pays one fsync per signature, overlapped with the signing: the price of never handing out a signature
 the log does not hold (`KEYSEAL_AUDIT_LOG=off` leaves durability to the log pipeline instead). A write that fails
 is cut off again, so the file never ends in half a line that keyseal wrote, and every caller of that batch gets the
@@ -41,6 +43,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from keyseal._internal.atomic import fsync_directory
 from keyseal._internal.audit import checkpoint
@@ -78,6 +81,7 @@ _THREADS = threading.Lock()
 _RESERVED = frozenset(("v", "seq", "time", "prev"))  # fields the log sets itself
 _COMMITTERS_LOCK = threading.Lock()
 _LINE = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+_START = f'{{"v":{FORMAT_VERSION},"seq":'  # how every line starts, as _LINE spells it
 logger = logging.getLogger("keyseal.audit")
 
 
@@ -127,28 +131,40 @@ class Custody:
     key_uri: str  # redacted
 
 
-@dataclass(eq=False)
 class Pending:
-    """A line `submit`ted to the log: `AuditLog.wait` returns its record once it is durable."""
+    """A line `submit`ted to the log: `AuditLog.wait` returns its record once it is durable.
 
-    entry: Mapping[str, object]
-    custody: Custody | None
-    record: dict[str, object] | None = None
-    error: BaseException | None = None
-    done: bool = False
-    # Held from the start; released once, when the line is done or its caller is handed the lead: the cheapest
-    # wake-up there is for the one thread that waits for it.
-    signal: threading.Lock = field(default_factory=threading.Lock)
-    time: str = field(default_factory=utc_now)  # when it was queued: before the custody was asked
-    body: str | None = field(init=False)  # the entry's fields as JSON, spelt by the caller rather than the writer
+    A plain class with slots, made once per signature: no dataclass machinery, and the record dict is built only
+    when someone asks for it (`written`)."""
 
-    def __post_init__(self) -> None:
+    __slots__ = ("body", "custody", "done", "entry", "error", "line", "prev", "seq", "signal", "time")
+
+    def __init__(self, entry: Mapping[str, object] | None, custody: Custody | None, body: str | None = None) -> None:
+        self.entry = entry  # None: the line was given as `body` alone
+        self.custody = custody
+        self.time = utc_now()  # when it was queued: before the custody was asked
+        # Held from the start; released once, when the line is done or its caller is handed the lead: the cheapest
+        # wake-up there is for the one thread that waits for it.
+        self.signal = threading.Lock()
         self.signal.acquire()
-        self.body = None if _RESERVED & self.entry.keys() or not self.entry else _LINE.encode(self.entry)[1:-1]
+        self.done = False
+        self.error: BaseException | None = None
+        self.seq = 0
+        self.prev = ""
+        self.line = b""  # as written, without its line end
+        if body is None and entry and not _RESERVED & entry.keys():
+            body = _LINE.encode(entry)[1:-1]
+        self.body = body  # the entry's fields as JSON, spelt by the caller rather than the writer
+
+    def written(self) -> dict[str, object]:
+        """The record as written (with v, seq, time and prev), once the line is done."""
+        if self.entry is None:
+            record: dict[str, object] = json.loads(self.line)
+            return record
+        return {"v": FORMAT_VERSION, "seq": self.seq, "time": self.time, **self.entry, "prev": self.prev}
 
 
-@dataclass(frozen=True)
-class _Tail:
+class _Tail(NamedTuple):
     """Where this process left the file: a file of this identity and size ends in the line it wrote last, so
     the next line's seq and prev need not be read back."""
 
@@ -172,6 +188,7 @@ class _Committer:
     leading: bool = False
     blocked: list[Pending] = field(default_factory=list)  # lines whose callers wait while another thread writes
     writer: threading.Thread | None = None
+    sole_waiting: int = 0  # checkpoints and rotations waiting for the lead (on cond)
     expected: int = 1  # lines a batch may hope for (recent batches' size; lowered by each gather that times out)
     gathering: bool = False  # a writer waits for lines to arrive
     last_sync: float = 0.0  # how long the last fdatasync took
@@ -222,6 +239,7 @@ class AuditLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._fspath = os.fspath(path)
         self._committer = _committer(path)
 
     def __repr__(self) -> str:
@@ -237,7 +255,15 @@ class AuditLog:
         """Queue `entry` as a line and return at once: the caller does its own work (asks the custody for the
         signature the line records) while the line is written, then `wait`s for it. `custody` signs a
         checkpoint when one falls due at this line."""
-        item = Pending(entry, custody)
+        return self._enqueue(Pending(entry, custody))
+
+    def submit_body(self, body: str, custody: Custody | None = None) -> Pending:
+        """`submit` for a caller that spells the entry's fields itself: `body` is their JSON without the braces
+        (as `json.dumps(entry, separators=(",", ":"))[1:-1]` spells them, none of v, seq, time or prev). An
+        AuditingSigner does, from a prefix it made once, so no dict is built or encoded per signature."""
+        return self._enqueue(Pending(None, custody, body))
+
+    def _enqueue(self, item: Pending) -> Pending:
         committer = self._committer
         with committer.lock:
             committer.queue.append(item)
@@ -258,6 +284,11 @@ class AuditLog:
         """Block until the `submit`ted line is written and fsynced (writing the queued lines itself when no
         other thread is); returns the record as written (with v, seq, time and prev). Raises AuditError when
         the line could not be made durable."""
+        self.settle(item)
+        return item.written()
+
+    def settle(self, item: Pending) -> None:
+        """`wait` without building the record: block until the line is durable, or raise AuditError."""
         committer = self._committer
         lead = False
         if not item.done:
@@ -277,8 +308,6 @@ class AuditLog:
             raise AuditError(item.error.message) from None
         if item.error is not None:
             raise item.error
-        assert item.record is not None
-        return item.record
 
     def append(self, entry: Mapping[str, object], custody: Custody | None = None) -> dict[str, object]:
         """Append `entry` as a line, durably (`submit` and `wait`); returns the record as written."""
@@ -313,8 +342,12 @@ class AuditLog:
         """Take the lead from the group commit (waiting for a leader writing a batch), and hand it back."""
         committer = self._committer
         with committer.cond:
-            while committer.leading:
-                committer.cond.wait()
+            committer.sole_waiting += 1
+            try:
+                while committer.leading:
+                    committer.cond.wait()
+            finally:
+                committer.sole_waiting -= 1
             committer.leading = True
         try:
             yield
@@ -366,12 +399,15 @@ class AuditLog:
         no one (a checkpoint or rotation waiting for the lead can take it)."""
         committer = self._committer
         with committer.lock:
-            committer.blocked = [item for item in committer.blocked if not item.done]
-            if committer.blocked:
-                committer.blocked.pop(0).signal.release()
-                return
+            blocked = committer.blocked
+            while blocked:
+                item = blocked.pop(0)
+                if not item.done:
+                    item.signal.release()
+                    return
             committer.leading = False
-            committer.cond.notify_all()
+            if committer.sole_waiting:
+                committer.cond.notify_all()
 
     def _gather(self) -> list[Pending]:
         """Take the queue as the next batch; first, while recent batches were larger than what is queued, wait
@@ -427,45 +463,49 @@ class AuditLog:
         every = checkpoint.interval_lines()
         by_time = checkpoint.interval_seconds()
         checkpoints: list[dict[str, object]] = []
-        with _THREADS, self._held() as (fd, held):
-            tail = committer.tail
-            if tail is not None and (tail.dev, tail.ino, tail.size) == (held.st_dev, held.st_ino, held.st_size):
-                size, seq, prev, after_checkpoint = tail.size, tail.seq, tail.prev, tail.after_checkpoint
-            else:  # another process wrote since, or this one never did: read the last line back
+        sha256 = hashlib.sha256
+        with _THREADS:
+            fd, held = self._hold()
+            try:
+                tail = committer.tail
+                if tail is not None and tail[:3] == (held.st_dev, held.st_ino, held.st_size):
+                    size, seq, prev, after_checkpoint = tail.size, tail.seq, tail.prev, tail.after_checkpoint
+                else:  # another process wrote since, or this one never did: read the last line back
+                    committer.tail = None
+                    size = _complete_size(fd, self.path)
+                    last = _last_line(fd, size, self.path)
+                    seq, prev = (1, GENESIS) if last is None else self._next_after(last)
+                    after_checkpoint = last is not None and _is_checkpoint(last)  # no second one in a row
+                now = time.monotonic() if every > 0 and by_time > 0 else 0.0  # once per batch: µs apart
+                chunks: list[bytes] = []
+                for item in batch:
+                    if item.custody is not None:
+                        committer.custody = item.custody
+                    if every > 0 and seq > 1 and not after_checkpoint and (
+                            seq % every == 0 or committer.retry_checkpoint
+                            or (by_time > 0 and now - committer.last_checkpoint >= by_time)):
+                        custody = item.custody or committer.custody
+                        made = None if custody is None else self._make_checkpoint(custody, seq, prev, every)
+                        if made is not None:
+                            line = _LINE.encode(made).encode("ascii")
+                            chunks.append(line + b"\n")
+                            checkpoints.append(made)
+                            seq, prev = seq + 1, sha256(line).hexdigest()
+                    item.seq, item.prev = seq, prev
+                    if item.body is not None:  # the same bytes as encoding the record whole, fields spelt at submit
+                        line = f'{_START}{seq},"time":"{item.time}",{item.body},"prev":"{prev}"}}'.encode("ascii")
+                    else:
+                        line = _LINE.encode(item.written()).encode("ascii")
+                    item.line = line
+                    chunks.append(line + b"\n")
+                    seq, prev, after_checkpoint = seq + 1, sha256(line).hexdigest(), False
+                data = b"".join(chunks)
                 committer.tail = None
-                size = _complete_size(fd, self.path)
-                last = _last_line(fd, size, self.path)
-                seq, prev = (1, GENESIS) if last is None else self._next_after(last)
-                after_checkpoint = last is not None and _is_checkpoint(last)  # no second one in a row
-            chunks: list[bytes] = []
-            for item in batch:
-                custody = item.custody or committer.custody
-                if item.custody is not None:
-                    committer.custody = item.custody
-                due = every > 0 and seq > 1 and not after_checkpoint and (
-                    seq % every == 0 or committer.retry_checkpoint
-                    or (by_time > 0 and time.monotonic() - committer.last_checkpoint >= by_time))
-                if due and custody is not None:
-                    made = self._make_checkpoint(custody, seq, prev, every)
-                    if made is not None:
-                        line = _LINE.encode(made).encode("ascii")
-                        chunks.append(line + b"\n")
-                        checkpoints.append(made)
-                        seq, prev = seq + 1, line_hash(line)
-                record: dict[str, object] = {"v": FORMAT_VERSION, "seq": seq, "time": item.time, **item.entry,
-                                             "prev": prev}
-                if item.body is not None:  # the same bytes as encoding the record whole, the fields spelt at submit
-                    line = f'{{"v":{FORMAT_VERSION},"seq":{seq},"time":"{item.time}",{item.body},"prev":"{prev}"}}' \
-                        .encode("ascii")
-                else:
-                    line = _LINE.encode(record).encode("ascii")
-                chunks.append(line + b"\n")
-                item.record = record
-                seq, prev, after_checkpoint = seq + 1, line_hash(line), False
-            data = b"".join(chunks)
-            committer.tail = None
-            self._write(fd, size, data)
-            committer.tail = _Tail(held.st_dev, held.st_ino, size + len(data), seq, prev, after_checkpoint)
+                self._write(fd, size, data)
+                committer.tail = _Tail(held.st_dev, held.st_ino, size + len(data), seq, prev, after_checkpoint)
+            finally:
+                if committer.fd == fd:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
         for made in checkpoints:
             _emit(made)
 
@@ -498,33 +538,40 @@ class AuditLog:
                 os.ftruncate(fd, size)  # still under the lock: no one else appended since
             raise AuditError(f"cannot append to the audit log {self.path}: {exc.strerror}") from exc
 
-    @contextlib.contextmanager
-    def _held(self) -> Iterator[tuple[int, os.stat_result]]:
+    def _hold(self) -> tuple[int, os.stat_result]:
         """Like `_locked` (called under _THREADS), on a descriptor kept open between batches: the log locked,
-        with its status. At most MAX_OPEN_FILES logs stay open; the one least recently written is closed."""
+        with its status; the caller unlocks it (`flock(fd, LOCK_UN)`, if `committer.fd` is still `fd`). At most
+        MAX_OPEN_FILES logs stay open; the one least recently written is closed."""
         committer = self._committer
         for _ in range(100):
             if committer.fd < 0:
                 committer.fd = self._open_fd()
                 if len(_OPEN_FILES) >= MAX_OPEN_FILES:
                     _close_held(_OPEN_FILES[0])
-            else:
+                _OPEN_FILES.append(committer)
+            elif _OPEN_FILES[-1] is not committer:
                 _OPEN_FILES.remove(committer)
-            _OPEN_FILES.append(committer)
+                _OPEN_FILES.append(committer)
             fd = committer.fd
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                held = os.fstat(fd)
                 try:
-                    current = os.stat(self.path)
+                    current = os.stat(self._fspath)
                 except FileNotFoundError:
                     current = None
-                if current is not None and (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
-                    yield fd, held
-                    return
-            finally:
-                if committer.fd == fd:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
+                tail = committer.tail
+                if current is not None and tail is not None and \
+                        (current.st_dev, current.st_ino, current.st_size) == tail[:3]:
+                    # The file at the path is the one this descriptor holds (the tail is forgotten whenever the
+                    # descriptor is closed), and as long as this process left it: no fstat needed.
+                    return fd, current
+                held = os.fstat(fd)
+            except BaseException:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                raise
+            if current is not None and held.st_ino == current.st_ino and held.st_dev == current.st_dev:
+                return fd, held
+            fcntl.flock(fd, fcntl.LOCK_UN)
             _close_held(committer)  # moved aside by rotate() or removed: the lines belong in the file at the path
         raise AuditError(f"the audit log {self.path} keeps being replaced while keyseal writes to it")
 

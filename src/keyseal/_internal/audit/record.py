@@ -13,14 +13,14 @@ import re
 from collections.abc import Mapping
 from typing import Literal
 
-from keyseal._internal.audit.context import current
+from keyseal._internal.audit.context import AuditContext, current
 from keyseal._internal.audit.keyid import key_fingerprint
 from keyseal._internal.audit.log import AuditLog, Custody, utc_now
 from keyseal._internal.providers.pkcs11 import uri as pkcs11uri
 from keyseal.errors import KeysealError, one_line
 from keyseal.signer import PublicKey
 
-__all__ = ["emit", "key_fingerprint", "make_entry", "outcome_of", "record", "redact_uri"]
+__all__ = ["body_affixes", "emit", "key_fingerprint", "make_entry", "outcome_of", "record", "redact_uri"]
 
 log = logging.getLogger("keyseal.audit")
 
@@ -101,10 +101,10 @@ def record(
 
 def make_entry(*, key_uri: str, fingerprint: str | None, hash_name: str, digest: bytes, outcome: str,
                subject: str | None = None, purpose: str | None = None, openpgp_fingerprint: str | None = None,
-               signed: Signed = "digest") -> dict[str, object]:
+               signed: Signed = "digest", context: AuditContext | None = None) -> dict[str, object]:
     """A record's fields before the log adds v, seq, time and prev (`key_uri` already redacted); subject,
-    purpose and OpenPGP fingerprint default to the caller's `audit.subject(...)` context."""
-    context = current()
+    purpose and OpenPGP fingerprint default to the caller's `audit.subject(...)` context (or `context`)."""
+    context = context or current()
     return {
         "key_uri": key_uri,
         "key_fingerprint": fingerprint,
@@ -116,6 +116,20 @@ def make_entry(*, key_uri: str, fingerprint: str | None, hash_name: str, digest:
         "purpose": _text(purpose if purpose is not None else context.purpose),
         "outcome": outcome if outcome == "ok" else one_line(outcome, _MAX_TEXT),
     }
+
+
+def body_affixes(*, key_uri: str, fingerprint: str | None, hash_name: str, signed: Signed,
+                 context: AuditContext) -> tuple[str, str]:
+    """The JSON of an `ok` entry's fields (`make_entry`'s, in its order, as the log spells them) before and after
+    the digest's hex: `prefix + digest.hex() + suffix` is the entry's line body. Worked out once per key, hash
+    and context by a caller that signs often, so no dict is built or encoded per signature."""
+    entry = make_entry(key_uri=key_uri, fingerprint=fingerprint, hash_name=hash_name, digest=b"", outcome="ok",
+                       signed=signed, context=context)
+    names = list(entry)
+    at = names.index("digest")
+    before = _LINE.encode({name: entry[name] for name in names[:at]})[1:-1]
+    after = _LINE.encode({name: entry[name] for name in names[at + 1:]})[1:-1]
+    return f'{before},"digest":"', f'",{after}'
 
 
 def emit(written: Mapping[str, object]) -> None:

@@ -7,7 +7,6 @@ public key (export, git-setup) writes nothing and needs no writable log.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import threading
@@ -15,8 +14,17 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from keyseal._internal.audit.context import AuditContext, current
 from keyseal._internal.audit.log import AuditLog, Custody, Pending, configured_log, utc_now
-from keyseal._internal.audit.record import Signed, emit, key_fingerprint, make_entry, outcome_of, redact_uri
+from keyseal._internal.audit.record import (
+    Signed,
+    body_affixes,
+    emit,
+    key_fingerprint,
+    make_entry,
+    outcome_of,
+    redact_uri,
+)
 from keyseal._internal.audit.record import log as audit_logger
 from keyseal.errors import AuditError
 from keyseal.signer import HashName, PublicKey, Signer
@@ -48,6 +56,9 @@ class AuditingSigner(Signer):
         self._log: AuditLog | None = None
         self._redacted_uri = redact_uri(self.uri)
         self._custody: Custody | None = None  # the key, its fingerprint and URI: worked out at the first signature
+        # The last line body's JSON around the digest, for the context, hash and way of signing it was made for:
+        # (context, hash name, signed, custody, prefix, suffix). Replaced whole, so threads need no lock for it.
+        self._affixes: tuple[AuditContext, str, str, Custody, str, str] | None = None
 
     def public_key(self) -> PublicKey:
         return self.inner.public_key()
@@ -65,8 +76,14 @@ class AuditingSigner(Signer):
         log_file = self._log if self._ready else self._log_file()
         custody = self._custody or self._identified(log_file, hash_name, digest, "digest")
         if log_file is not None:
-            return self._logged(log_file, custody, functools.partial(self.inner.sign_digest, digest, hash_name),
-                                hash_name, digest, "digest")
+            pending = log_file.submit_body(self._body(custody, hash_name, digest, "digest"), custody)
+            try:
+                signature = self.inner.sign_digest(digest, hash_name)
+            except Exception as exc:
+                self._record_failure(log_file, custody, hash_name, digest, "digest", exc, pending)
+                raise  # (interrupted instead: the line is written with the next batch, a line with no signature)
+            self._settle(log_file, pending)
+            return signature
         try:  # no file: the common case kept short, one call into the custody and a record if anyone listens
             signature = self.inner.sign_digest(digest, hash_name)
         except Exception as exc:
@@ -80,11 +97,17 @@ class AuditingSigner(Signer):
         digest = hashlib.sha256(message).digest()
         log_file = self._log if self._ready else self._log_file()
         custody = self._custody or self._identified(log_file, "sha256", digest, "message")
-        call = functools.partial(self.inner.sign_message, message)
         if log_file is not None:
-            return self._logged(log_file, custody, call, "sha256", digest, "message")
+            pending = log_file.submit_body(self._body(custody, "sha256", digest, "message"), custody)
+            try:
+                signature = self.inner.sign_message(message)
+            except Exception as exc:
+                self._record_failure(log_file, custody, "sha256", digest, "message", exc, pending)
+                raise
+            self._settle(log_file, pending)
+            return signature
         try:
-            signature = call()
+            signature = self.inner.sign_message(message)
         except Exception as exc:
             self._record_failure(None, custody, "sha256", digest, "message", exc)
             raise
@@ -97,21 +120,27 @@ class AuditingSigner(Signer):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
-    def _logged(self, log_file: AuditLog, custody: Custody, call: Callable[[], bytes], hash_name: str,
-                digest: bytes, signed: Signed) -> bytes:
-        """The line first, then the signature; the signature is returned once the line is durable."""
-        pending = log_file.submit(self._entry(custody, hash_name, digest, signed), custody)
+    def _body(self, custody: Custody, hash_name: str, digest: bytes, signed: Signed) -> str:
+        """The `ok` line's fields as JSON (`make_entry`'s, for the log's `submit_body`): the digest's hex between
+        a prefix and suffix made once per context, hash and way of signing."""
+        context = current()
+        affixes = self._affixes
+        if affixes is None or affixes[0] is not context or affixes[1] != hash_name or affixes[2] != signed or \
+                affixes[3] is not custody:
+            prefix, suffix = body_affixes(key_uri=self._redacted_uri, fingerprint=custody.fingerprint,
+                                          hash_name=hash_name, signed=signed, context=context)
+            affixes = self._affixes = (context, hash_name, signed, custody, prefix, suffix)
+        return affixes[4] + digest.hex() + affixes[5]
+
+    def _settle(self, log_file: AuditLog, pending: Pending) -> None:
+        """Return once the line is durable (else discard the signature: AuditError); then the record on the
+        `keyseal.audit` logger, built only if that logger listens."""
         try:
-            signature = call()
-        except Exception as exc:
-            self._record_failure(log_file, custody, hash_name, digest, signed, exc, pending)
-            raise  # (interrupted instead: the line is written with the next batch, a line with no signature)
-        try:
-            written = log_file.wait(pending)
+            log_file.settle(pending)
         except AuditError as exc:
             raise AuditError(f"{exc.message}: the signature was discarded") from exc
-        emit(written)
-        return signature
+        if audit_logger.isEnabledFor(logging.INFO):
+            emit(pending.written())
 
     def _entry(self, custody: Custody | None, hash_name: str, digest: bytes, signed: Signed,
                outcome: str = "ok") -> dict[str, object]:
