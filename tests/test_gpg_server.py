@@ -7,7 +7,9 @@ server ran it; its output is compared byte for byte with the same call verified 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import shutil
 import signal
 import socket
@@ -203,6 +205,7 @@ def test_a_server_serves_only_its_own_user_and_context(servers: Servers, release
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as connection, open(os.devnull, "r+b") as null:
             connection.settimeout(10)
             connection.connect(str(path))
+            assert connection.recv(16) == b"R"  # the server is ready for this caller's request
             words = [*GIT_ARGS, str(good), str(payload)]
             request = b"\0".join([gpgentry.PROTOCOL, digest, b"/", *(os.fsencode(word) for word in words)])
             connection.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
@@ -313,3 +316,67 @@ def test_a_served_call_loads_nothing_of_the_verifier(servers: Servers, release: 
                                      "keyseal._internal.cli.gpgcompat")))
     assert loaded == []
     assert "keyseal._internal.cli.gpgentry" in modules and "_socket" in modules  # it did ask the server
+
+
+def holders(inode: int) -> list[int]:
+    """The processes with a descriptor on the pipe `inode`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == f"pipe:[{inode}]":
+                        found.append(int(pid))
+                        break
+    return found
+
+
+def ends(stream: object, seconds: float = 15.0) -> bool:
+    """True when whoever writes to `stream` (a pipe's reading end) let go of it within `seconds`."""
+    assert hasattr(stream, "fileno")
+    fd = stream.fileno()
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return False
+        if os.read(fd, 65536) == b"":
+            return True
+
+
+def busy_caller(servers: Servers, signature: Path) -> subprocess.Popen[bytes]:
+    """A served `--verify SIG -` whose standard input stays open: the server's worker waits on it."""
+    caller = subprocess.Popen([KEYSEAL_GPG, *GIT_ARGS, str(signature), "-"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "KEYSEAL_GPG_SERVER": "require"})
+    assert caller.stdin is not None
+    inode = os.fstat(caller.stdin.fileno()).st_ino
+    [server] = servers.pids() or [0]
+    assert wait_until(lambda: any(pid not in (caller.pid, server) for pid in holders(inode))), "not served"
+    return caller
+
+
+def test_callers_that_give_up_on_a_busy_server_leave_it_none_of_their_descriptors(
+        servers: Servers, release: dict[str, object]) -> None:
+    """Callers that waited in vain for a busy server verify themselves; their output must end when they exit
+    (git reads it to the end), not when the server gets to their abandoned requests, and those requests are no
+    failure of the server's."""
+    good, payload = release["good"], release["payload"]
+    assert isinstance(good, Path) and isinstance(payload, Path)
+    assert keyseal_gpg("require", *GIT_ARGS, good, payload).returncode == 0
+    [pid] = servers.pids()
+    busy = busy_caller(servers, good)
+    try:
+        waiting = [subprocess.Popen([KEYSEAL_GPG, *GIT_ARGS, str(good), str(payload)], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    env={**os.environ, "KEYSEAL_GPG_SERVER": "on"}) for _ in range(6)]
+        for caller in waiting:
+            assert caller.wait(timeout=60) == 0
+        for caller in waiting:
+            assert ends(caller.stdout), "the server holds the output of a caller that verified itself"
+            caller.stdout.close()  # type: ignore[union-attr]
+    finally:
+        out, _ = busy.communicate(payload.read_bytes(), timeout=60)
+    assert busy.returncode == 0 and b"[GNUPG:] GOODSIG" in out
+    assert keyseal_gpg("require", *GIT_ARGS, good, payload).returncode == 0
+    assert servers.pids() == [pid]

@@ -48,7 +48,7 @@ __all__ = [
 
 SERVER_ENV = "KEYSEAL_GPG_SERVER"
 IDLE_ENV = "KEYSEAL_GPG_SERVER_IDLE"
-PROTOCOL = b"keyseal-gpg-server 1"
+PROTOCOL = b"keyseal-gpg-server 2"
 MODES = ("on", "off", "require")
 START_SECONDS = 2.0  # how long a caller waits for a busy server to take its request before verifying itself
 REQUIRE_SECONDS = 15.0  # how long `require` waits for a server it started to answer
@@ -223,8 +223,11 @@ def ask_server(argv: list[str], required: bool) -> int | None:
 
 
 def _exchange(connection: object, request: bytes, required: bool) -> int | None:
-    """Send the request and descriptors 0-2; the server answers S (started: the verification is its now) or N
-    (not its context: verify here), and after S the exit status."""
+    """Wait for the server's R (ready: it took this connection), then send the request and descriptors 0-2; the
+    server answers S (started: the verification is its now) or N (not its context: verify here), and after S the
+    exit status. Nothing is sent before R: a caller that gives up on a busy server leaves no descriptor of its
+    own queued there (git reads our output until every copy of it is closed), and the server runs nothing for a
+    caller that verifies itself."""
     import _socket
 
     assert isinstance(connection, _socket.socket)
@@ -232,14 +235,21 @@ def _exchange(connection: object, request: bytes, required: bool) -> int | None:
         credentials = connection.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
         if int.from_bytes(credentials[4:8], sys.byteorder) != os.getuid():
             return _unavailable(required, "the verification server's socket is held by another user")
+        ready = connection.recv(16)
+    except OSError as exc:  # a server that went away or is busy for too long
+        return _unavailable(required, f"the verification server did not take the request: {exc}")
+    if ready != b"R":
+        return _unavailable(required, "the verification server did not take the request")
+    connection.settimeout(None)  # the server is at this request: it answers at once, or goes away
+    try:
         descriptors = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))
         connection.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, descriptors)])
         answer = connection.recv(16)
-    except OSError as exc:  # a closed descriptor, a server that went away or is busy for too long
+    except OSError as exc:  # a closed descriptor, a server that went away
         return _unavailable(required, f"the verification server did not take the request: {exc}")
     if answer != b"S":
         return _unavailable(required, "the verification server did not take the request")
-    connection.settimeout(None)  # the verification is the server's now: wait for it as for a local one
+    # The verification is the server's now: wait for it as for a local one.
     try:
         status = connection.recv(16)
     except OSError:

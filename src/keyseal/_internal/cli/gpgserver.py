@@ -4,9 +4,10 @@ Started by a `keyseal-gpg` that found none (`python -P -m keyseal._internal.cli.
 session, with /dev/null for its standard descriptors): it takes NAME.lock (an flock: one server per context; the
 lock file holds its pid), imports the verifier, binds NAME.sock (mode 0600, in the caller's private runtime
 directory) and forks a worker that serves callers one after another. For each, the worker checks the caller's
-user ID and context, answers S, puts the caller's descriptors 0-2 in place of its own (with standard streams
-made for that request alone), changes to the caller's directory, runs `keyseal-gpg` as the caller would have,
-puts /dev/null back and answers the exit status. Nothing of one request is kept for the next: the verification
+user ID, answers R (ready: only then does the caller send its request and descriptors), checks its context,
+answers S, puts the caller's descriptors 0-2 in place of its own (with standard streams made for that request
+alone), changes to the caller's directory, runs `keyseal-gpg` as the caller would have, puts /dev/null back and
+answers the exit status. Nothing of one request is kept for the next: the verification
 path holds no cache in memory (a keyring changed a moment ago is read afresh, tests/test_gpg_server.py holds
 that), and a worker is replaced by a fresh fork after MAX_REQUESTS callers. A worker rather than a fork per
 request: a child's first verification pays about 1.5 ms of copy-on-write faults, a tenth of the budget.
@@ -149,19 +150,28 @@ def _serve_one(connection: socket.socket, digest: bytes, modules: dict[str, tupl
                                                          pid_uid_gid.size))
     if uid != os.getuid():
         return _SERVED  # not this user's caller: closed without a word
-    request, ancillary, flags, _ = connection.recvmsg(MAX_REQUEST + 1, socket.CMSG_SPACE(3 * 4))
+    try:  # a caller that gave up waiting has closed its end: it sent nothing, and is no failure of the worker's
+        connection.send(b"R")
+        request, ancillary, flags, _ = connection.recvmsg(MAX_REQUEST + 1, socket.CMSG_SPACE(3 * 4))
+    except OSError:
+        return _SERVED
     descriptors = _descriptors(ancillary)
     try:
         parts = request.split(b"\0")
         if (flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(descriptors) != 3 or len(parts) < 3
                 or parts[0] != PROTOCOL or parts[1] != digest):
-            connection.send(b"N")
+            with contextlib.suppress(OSError):
+                connection.send(b"N")
             return _SERVED
         if _changed(modules):
-            connection.send(b"N")
+            with contextlib.suppress(OSError):
+                connection.send(b"N")
             return _STALE
         directory, argv = os.fsdecode(parts[2]), [os.fsdecode(part) for part in parts[3:]]
-        connection.send(b"S")
+        try:
+            connection.send(b"S")
+        except OSError:  # gone since it sent its request: verify nothing on its descriptors
+            return _SERVED
         with _caller_streams(descriptors):
             for fd in descriptors:
                 os.close(fd)
