@@ -331,17 +331,21 @@ def holders(inode: int) -> list[int]:
     return found
 
 
-def ends(stream: object, seconds: float = 15.0) -> bool:
-    """True when whoever writes to `stream` (a pipe's reading end) let go of it within `seconds`."""
+def drained(stream: object, seconds: float = 15.0) -> bytes | None:
+    """What is left to read from `stream` (a pipe's reading end), or None when whoever writes to it did not let
+    go of it within `seconds`."""
     assert hasattr(stream, "fileno")
     fd = stream.fileno()
     deadline = time.monotonic() + seconds
+    read = b""
     while True:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return False
-        if os.read(fd, 65536) == b"":
-            return True
+            return None
+        chunk = os.read(fd, 65536)
+        if chunk == b"":
+            return read
+        read += chunk
 
 
 def busy_caller(servers: Servers, signature: Path) -> subprocess.Popen[bytes]:
@@ -352,7 +356,7 @@ def busy_caller(servers: Servers, signature: Path) -> subprocess.Popen[bytes]:
     assert caller.stdin is not None
     inode = os.fstat(caller.stdin.fileno()).st_ino
     [server] = servers.pids() or [0]
-    assert wait_until(lambda: any(pid not in (caller.pid, server) for pid in holders(inode))), "not served"
+    assert wait_until(lambda: any(pid not in (os.getpid(), caller.pid, server) for pid in holders(inode))), "not served"
     return caller
 
 
@@ -373,10 +377,41 @@ def test_callers_that_give_up_on_a_busy_server_leave_it_none_of_their_descriptor
         for caller in waiting:
             assert caller.wait(timeout=60) == 0
         for caller in waiting:
-            assert ends(caller.stdout), "the server holds the output of a caller that verified itself"
+            out = drained(caller.stdout)
+            assert out is not None, "the server holds the output of a caller that verified itself"
+            assert b"[GNUPG:] GOODSIG" in out
             caller.stdout.close()  # type: ignore[union-attr]
     finally:
         out, _ = busy.communicate(payload.read_bytes(), timeout=60)
     assert busy.returncode == 0 and b"[GNUPG:] GOODSIG" in out
+    assert keyseal_gpg("require", *GIT_ARGS, good, payload).returncode == 0
+    assert servers.pids() == [pid]
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+def test_a_caller_stopped_mid_verification_takes_the_verification_with_it(
+        servers: Servers, release: dict[str, object], how: signal.Signals) -> None:
+    """Ctrl-C (or any end) of a caller whose verification waits on its standard input: the server must not read
+    on from that input (a terminal's next line would go to it) nor keep its output open, and it serves on."""
+    good, payload = release["good"], release["payload"]
+    assert isinstance(good, Path) and isinstance(payload, Path)
+    assert keyseal_gpg("require", *GIT_ARGS, good, payload).returncode == 0
+    [pid] = servers.pids()
+    busy = busy_caller(servers, good)
+    assert busy.stdin is not None and busy.stdout is not None and busy.stderr is not None
+    inode = os.fstat(busy.stdin.fileno()).st_ino
+    busy.send_signal(how)
+    try:
+        assert busy.wait(timeout=30) == (130 if how == signal.SIGINT else -how)
+        out, err = drained(busy.stdout), drained(busy.stderr)
+        assert out is not None and err is not None, "the server holds the output of a caller that is gone"
+        assert holders(inode) == [os.getpid()]  # and its input: no one reads it but this test
+    finally:
+        busy.kill()
+        busy.wait(timeout=30)
+        for stream in (busy.stdin, busy.stdout, busy.stderr):  # the end of the input, should a server wait on it
+            stream.close()
+    if how == signal.SIGINT:  # as when verifying in process: one line, and gpg's status for an interrupt
+        assert (out, err) == (b"", b"keyseal: error: interrupted\n")
     assert keyseal_gpg("require", *GIT_ARGS, good, payload).returncode == 0
     assert servers.pids() == [pid]

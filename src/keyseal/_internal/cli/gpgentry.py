@@ -82,6 +82,8 @@ def main() -> NoReturn:
             code = ask_server(argv, required=mode == "require")
         except ServerUnavailable as exc:
             _fail(str(exc))
+        except KeyboardInterrupt:  # as keyseal-gpg says it in process; the server stops the verification
+            _fail("interrupted", 130)
         if code is not None:
             sys.exit(code)
     from keyseal._internal.cli.gpgcompat import main as run_here
@@ -296,8 +298,8 @@ def _unavailable(required: bool, reason: str) -> int | None:
     raise ServerUnavailable(f"{SERVER_ENV}=require: {reason}")
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = 2) -> NoReturn:
     shown = "".join(ch if ch.isprintable() else "?" for ch in message)
     sys.stderr.write(f"keyseal: error: {shown}\n")
     sys.stderr.flush()
-    sys.exit(2)
+    sys.exit(code)

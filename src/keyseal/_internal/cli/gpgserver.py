@@ -23,6 +23,7 @@ import fcntl
 import gc
 import io
 import os
+import select
 import signal
 import socket
 import struct
@@ -47,7 +48,7 @@ DEFAULT_IDLE_SECONDS = 60.0
 REQUEST_SECONDS = 5.0  # a caller that connects must send its request within this
 MAX_REQUESTS = 1000  # a worker serves this many callers, then the server forks a fresh one
 # How a child ended, as its exit status tells the server.
-_SERVED, _IDLE, _STALE, _FAILED = 0, 3, 4, 5
+_SERVED, _IDLE, _STALE, _FAILED, _GONE = 0, 3, 4, 5, 6
 _MAX_FAILURES = 5  # children failing one after another: something is wrong, stop
 
 
@@ -106,7 +107,7 @@ def serve(name: str, idle_seconds: float) -> None:
             ended = os.waitstatus_to_exitcode(status)
             if ended in (_IDLE, _STALE):
                 break
-            failures = 0 if ended == _SERVED else failures + 1
+            failures = 0 if ended in (_SERVED, _GONE) else failures + 1  # a caller that went is no failure
     except _Stop:
         pass
     finally:
@@ -172,7 +173,7 @@ def _serve_one(connection: socket.socket, digest: bytes, modules: dict[str, tupl
             connection.send(b"S")
         except OSError:  # gone since it sent its request: verify nothing on its descriptors
             return _SERVED
-        with _caller_streams(descriptors):
+        with _caller_streams(descriptors), _while_connected(connection):
             for fd in descriptors:
                 os.close(fd)
             descriptors = []
@@ -206,6 +207,36 @@ def _caller_streams(descriptors: list[int]) -> Iterator[None]:
             os.dup2(null, target)
         os.close(null)
         sys.stdin, sys.stdout, sys.stderr = saved
+
+
+@contextlib.contextmanager
+def _while_connected(connection: socket.socket) -> Iterator[None]:
+    """Run the body only while the caller is there: when it goes (killed, interrupted), its connection hangs up,
+    the kernel sends SIGIO and the worker exits at once, closing the caller's descriptors. Else it would read on
+    from the caller's standard input (a terminal's next line) and hold its output, for ever if that input never
+    ends, while every other caller waits."""
+    fd = connection.fileno()
+
+    def hung_up() -> bool:
+        watch = select.poll()
+        watch.register(fd, select.POLLRDHUP)
+        return any(events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, events in watch.poll(0))
+
+    def on_io(signum: int, frame: object) -> None:
+        if hung_up():
+            os._exit(_GONE)
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    signal.signal(signal.SIGIO, on_io)
+    fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_ASYNC)
+    try:
+        if hung_up():  # gone before the kernel was told to say so
+            os._exit(_GONE)
+        yield
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
 
 
 def _stream(fd: int, like: TextIO) -> TextIO:
