@@ -415,3 +415,25 @@ def test_a_caller_stopped_mid_verification_takes_the_verification_with_it(
         assert (out, err) == (b"", b"keyseal: error: interrupted\n")
     assert keyseal_gpg("require", *GIT_ARGS, good, payload).returncode == 0
     assert servers.pids() == [pid]
+
+
+def test_the_server_a_caller_starts_holds_none_of_its_descriptors(servers: Servers,
+                                                                  release: dict[str, object]) -> None:
+    """A caller may hold descriptors beyond 0-2 (a shell's `3>&1`, a parent's pipe it was told to keep): the
+    server it starts, which lives on, must not keep them, or whoever reads that pipe waits for the server. Nor
+    does it keep the signals its caller blocked: it stops on SIGTERM."""
+    good, payload = release["good"], release["payload"]
+    assert isinstance(good, Path) and isinstance(payload, Path)
+    reader, writer = os.pipe()
+    with open(reader, "rb") as pipe:
+        try:
+            caller = subprocess.run([KEYSEAL_GPG, *GIT_ARGS, good, payload], capture_output=True, timeout=60,
+                                    check=False, pass_fds=(writer,), env={**os.environ, "KEYSEAL_GPG_SERVER": "on"},
+                                    preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}))
+        finally:
+            os.close(writer)
+        assert caller.returncode == 0 and b"[GNUPG:] GOODSIG" in caller.stdout, caller.stderr  # verified itself
+        assert wait_until(lambda: servers.sockets() != [] and servers.pids() != [])  # and started a server
+        assert drained(pipe) == b"", "the server holds a descriptor of the caller that started it"
+    servers.stop()
+    assert servers.sockets() == []

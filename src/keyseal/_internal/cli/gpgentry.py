@@ -281,14 +281,30 @@ def _start_server(name: str, forced: bool) -> bool:
         finally:
             os.close(fd)
         devnull = os.devnull
+        # It outlives us: every descriptor we were given beyond 0-2 (a shell's `3>&1`, a pipe a parent asked us
+        # to keep) is closed in it, or whoever reads that pipe waits for the server's exit.
+        closes = [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inherited_descriptors()]
         os.posix_spawn(sys.executable, [sys.executable, "-P", "-m", "keyseal._internal.cli.gpgserver", name],
-                       os.environ, setsid=True,
+                       os.environ, setsid=True, setsigmask=(),  # no signal blocked: SIGTERM stops it
                        file_actions=[(os.POSIX_SPAWN_OPEN, 0, devnull, os.O_RDONLY, 0),
                                      (os.POSIX_SPAWN_OPEN, 1, devnull, os.O_WRONLY, 0),
-                                     (os.POSIX_SPAWN_OPEN, 2, devnull, os.O_WRONLY, 0)])
+                                     (os.POSIX_SPAWN_OPEN, 2, devnull, os.O_WRONLY, 0), *closes])
     except OSError:
         return False
     return True
+
+
+def _inherited_descriptors() -> list[int]:
+    """Our descriptors beyond 0-2 that a spawned process would inherit (those without close-on-exec)."""
+    found = []
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                found.append(fd)
+        except OSError:  # the descriptor that listed the directory, closed since
+            continue
+    return found
 
 
 def _unavailable(required: bool, reason: str) -> int | None:
