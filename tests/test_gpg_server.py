@@ -437,3 +437,16 @@ def test_the_server_a_caller_starts_holds_none_of_its_descriptors(servers: Serve
         assert drained(pipe) == b"", "the server holds a descriptor of the caller that started it"
     servers.stop()
     assert servers.sockets() == []
+
+
+def test_a_caller_after_an_idle_exit_starts_a_new_server(servers: Servers, release: dict[str, object]) -> None:
+    """A server that left because no one called is no failed start: the next caller starts another at once
+    (rather than every call verifying in its own process for the next half minute)."""
+    good, payload = release["good"], release["payload"]
+    assert isinstance(good, Path) and isinstance(payload, Path)
+    assert keyseal_gpg("require", *GIT_ARGS, good, payload, env={"KEYSEAL_GPG_SERVER_IDLE": "0.5"}).returncode == 0
+    [pid] = servers.pids()
+    assert wait_until(lambda: not alive(pid))
+    caller = keyseal_gpg("on", *GIT_ARGS, good, payload)
+    assert caller.returncode == 0 and b"[GNUPG:] GOODSIG" in caller.stdout, caller.stderr
+    assert wait_until(lambda: servers.sockets() != [] and servers.pids() != [], seconds=10)

@@ -75,14 +75,19 @@ def main() -> None:
     os.ftruncate(lock, 0)
     os.write(lock, f"{os.getpid()}\n".encode())
     os.chdir("/")
+    clean = False
     try:
-        serve(name, _idle_seconds())
+        clean = serve(name, _idle_seconds())
     finally:
         os.ftruncate(lock, 0)  # no pid left behind for anyone to signal once it is another process's
+        if clean:  # gone by design, not a failed start: the next caller may start a server at once
+            os.utime(lock, ns=(0, 0))
+        os.close(lock)  # the lock goes with the socket, not after the interpreter's shutdown
 
 
-def serve(name: str, idle_seconds: float) -> None:
-    """Bind NAME.sock and fork a worker at a time to serve callers, until idle, stale or stopped."""
+def serve(name: str, idle_seconds: float) -> bool:
+    """Bind NAME.sock and fork a worker at a time to serve callers, until idle, stale or stopped (True), or
+    until its workers failed _MAX_FAILURES times in a row (False)."""
     digest = context_digest(context()).encode()
     _warm()
     modules = _module_files()
@@ -106,10 +111,10 @@ def serve(name: str, idle_seconds: float) -> None:
             child = 0
             ended = os.waitstatus_to_exitcode(status)
             if ended in (_IDLE, _STALE):
-                break
+                return True
             failures = 0 if ended in (_SERVED, _GONE) else failures + 1  # a caller that went is no failure
     except _Stop:
-        pass
+        return True
     finally:
         if child:
             with contextlib.suppress(OSError):
@@ -119,6 +124,7 @@ def serve(name: str, idle_seconds: float) -> None:
         with contextlib.suppress(OSError):
             if os.stat(name + ".sock").st_ino == bound:
                 os.unlink(name + ".sock")
+    return False
 
 
 def _worker(listener: socket.socket, digest: bytes, modules: dict[str, tuple[int, int]],
