@@ -444,9 +444,37 @@ def test_a_caller_after_an_idle_exit_starts_a_new_server(servers: Servers, relea
     (rather than every call verifying in its own process for the next half minute)."""
     good, payload = release["good"], release["payload"]
     assert isinstance(good, Path) and isinstance(payload, Path)
-    assert keyseal_gpg("require", *GIT_ARGS, good, payload, env={"KEYSEAL_GPG_SERVER_IDLE": "0.5"}).returncode == 0
+    assert keyseal_gpg("require", *GIT_ARGS, good, payload, env={"KEYSEAL_GPG_SERVER_IDLE": "1"}).returncode == 0
     [pid] = servers.pids()
     assert wait_until(lambda: not alive(pid))
     caller = keyseal_gpg("on", *GIT_ARGS, good, payload)
     assert caller.returncode == 0 and b"[GNUPG:] GOODSIG" in caller.stdout, caller.stderr
     assert wait_until(lambda: servers.sockets() != [] and servers.pids() != [], seconds=10)
+
+
+def test_served_answers_to_every_servable_form_are_the_local_ones(servers: Servers, release: dict[str, object],
+                                                                   tmp_path: Path) -> None:
+    """Cleartext from a file or standard input, status on stderr, and the errors (a missing file, a detached
+    signature without its data, KEYSEAL_DEBUG): byte for byte what the caller's own process says."""
+    good, payload, known = release["good"], release["payload"], release["known"]
+    assert isinstance(good, Path) and isinstance(payload, Path) and isinstance(known, ReleaseKey)
+    signed = keyseal_gpg("off", "--clearsign", "-u", known.uri, "-o", "clear.asc", payload, cwd=tmp_path)
+    assert signed.returncode == 0, signed.stderr
+    clear = (tmp_path / "clear.asc").read_bytes()
+    cases: list[tuple[tuple[str, ...], bytes, dict[str, str]]] = [
+        (("--status-fd=2", "--verify", "clear.asc"), b"", {}),
+        (("--status-fd", "1", "--verify"), clear, {}),
+        (("-q", "--batch", "--status-fd=1", "--verify", "-"), clear, {}),
+        (("--status-fd=2", "--verify", "good.asc", "-"), payload.read_bytes(), {}),
+        ((*GIT_ARGS, "missing.asc", "-"), b"", {}),
+        ((*GIT_ARGS, "good.asc", "missing"), b"", {"KEYSEAL_DEBUG": "1"}),
+        ((*GIT_ARGS, "good.asc"), b"", {}),
+        ((*GIT_ARGS, "payload", "-"), payload.read_bytes(), {}),
+    ]
+    for args, data, env in cases:
+        served = keyseal_gpg("require", *args, input=data, env=env, cwd=tmp_path)
+        local = keyseal_gpg("off", *args, input=data, env=env, cwd=tmp_path)
+        assert local.stdout or local.stderr, args
+        same(served, local)
+    assert (keyseal_gpg("require", "--status-fd=2", "--verify", "clear.asc", cwd=tmp_path).returncode,
+            keyseal_gpg("require", *GIT_ARGS, "missing.asc", "-", cwd=tmp_path).returncode) == (0, 2)
