@@ -478,3 +478,18 @@ def test_served_answers_to_every_servable_form_are_the_local_ones(servers: Serve
         same(served, local)
     assert (keyseal_gpg("require", "--status-fd=2", "--verify", "clear.asc", cwd=tmp_path).returncode,
             keyseal_gpg("require", *GIT_ARGS, "missing.asc", "-", cwd=tmp_path).returncode) == (0, 2)
+
+
+def test_the_cryptography_settings_of_the_environment_are_part_of_the_context(servers: Servers,
+                                                                               release: dict[str, object],
+                                                                               tmp_path: Path) -> None:
+    """OpenSSL's configuration (a FIPS provider refuses some algorithms) is read when the verifier loads: a
+    caller with another one is not served by a server started without it."""
+    good, payload = release["good"], release["payload"]
+    assert isinstance(good, Path) and isinstance(payload, Path)
+    assert keyseal_gpg("require", *GIT_ARGS, good, payload).returncode == 0
+    config = tmp_path / "openssl.cnf"
+    config.write_text("openssl_conf = keyseal_test\n\n[keyseal_test]\n")
+    for env in ({"OPENSSL_CONF": str(config)}, {"CRYPTOGRAPHY_OPENSSL_NO_LEGACY": "1"}):
+        assert keyseal_gpg("require", *GIT_ARGS, good, payload, env=env).returncode == 0
+    assert len(servers.sockets()) == 3 and len(servers.pids()) == 3

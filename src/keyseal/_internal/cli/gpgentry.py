@@ -12,8 +12,9 @@ Trust: the socket lives in a directory only this user can enter ($XDG_RUNTIME_DI
 /tmp/keyseal-UID, refused unless owned by this user with mode 0700), each side checks the other's user ID
 (SO_PEERCRED), and a server serves only callers whose context is its own (keyseal's file and version, the
 interpreter, the user, and every environment variable keyseal's verification reads: KEYSEAL_*, HOME, GNUPGHOME,
-PYTHON*, locale): anything else gets "not mine" and verifies in its own process. The server exits when idle
-(KEYSEAL_GPG_SERVER_IDLE seconds, default 60) and as soon as one of its keyseal modules changes on disk.
+PYTHON*, locale, OPENSSL_*, CRYPTOGRAPHY_*): anything else gets "not mine" and verifies in its own process. The
+server exits when idle (KEYSEAL_GPG_SERVER_IDLE seconds, default 60) and as soon as one of its keyseal modules
+changes on disk.
 Only a verification whose options are all in SERVABLE goes there; everything else (signing, listing, any other
 option) runs here, as before.
 
@@ -63,7 +64,8 @@ _WITH_VALUE = {"--status-fd": frozenset({"1", "2"}), "--keyid-format": None}  # 
 # What keyseal's verification reads from the environment, beyond KEYSEAL_* and PYTHON*: a server serves only
 # callers that agree with it on all of them.
 _CONTEXT_NAMES = frozenset({"HOME", "GNUPGHOME", "LANG", "LANGUAGE", "TZ", "XDG_CONFIG_HOME", "XDG_DATA_HOME"})
-_CONTEXT_PREFIXES = ("KEYSEAL_", "PYTHON", "LC_")
+# OPENSSL_* and CRYPTOGRAPHY_* are read when the verifier loads (OPENSSL_CONF may load a FIPS provider).
+_CONTEXT_PREFIXES = ("KEYSEAL_", "PYTHON", "LC_", "OPENSSL_", "CRYPTOGRAPHY_")
 _NOT_CONTEXT = frozenset({SERVER_ENV, IDLE_ENV})  # settings of the server itself
 
 
