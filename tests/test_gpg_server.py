@@ -7,7 +7,9 @@ server ran it; its output is compared byte for byte with the same call verified 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import shutil
 import signal
 import socket
@@ -203,6 +205,7 @@ def test_a_server_serves_only_its_own_user_and_context(servers: Servers, release
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as connection, open(os.devnull, "r+b") as null:
             connection.settimeout(10)
             connection.connect(str(path))
+            assert connection.recv(16) == b"R"  # the server is ready for this caller's request
             words = [*GIT_ARGS, str(good), str(payload)]
             request = b"\0".join([gpgentry.PROTOCOL, digest, b"/", *(os.fsencode(word) for word in words)])
             connection.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
@@ -313,3 +316,180 @@ def test_a_served_call_loads_nothing_of_the_verifier(servers: Servers, release: 
                                      "keyseal._internal.cli.gpgcompat")))
     assert loaded == []
     assert "keyseal._internal.cli.gpgentry" in modules and "_socket" in modules  # it did ask the server
+
+
+def holders(inode: int) -> list[int]:
+    """The processes with a descriptor on the pipe `inode`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == f"pipe:[{inode}]":
+                        found.append(int(pid))
+                        break
+    return found
+
+
+def drained(stream: object, seconds: float = 15.0) -> bytes | None:
+    """What is left to read from `stream` (a pipe's reading end), or None when whoever writes to it did not let
+    go of it within `seconds`."""
+    assert hasattr(stream, "fileno")
+    fd = stream.fileno()
+    deadline = time.monotonic() + seconds
+    read = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 65536)
+        if chunk == b"":
+            return read
+        read += chunk
+
+
+def busy_caller(servers: Servers, signature: Path) -> subprocess.Popen[bytes]:
+    """A served `--verify SIG -` whose standard input stays open: the server's worker waits on it."""
+    caller = subprocess.Popen([KEYSEAL_GPG, *GIT_ARGS, str(signature), "-"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "KEYSEAL_GPG_SERVER": "require"})
+    assert caller.stdin is not None
+    inode = os.fstat(caller.stdin.fileno()).st_ino
+    [server] = servers.pids() or [0]
+    assert wait_until(lambda: any(pid not in (os.getpid(), caller.pid, server) for pid in holders(inode))), "not served"
+    return caller
+
+
+def test_callers_that_give_up_on_a_busy_server_leave_it_none_of_their_descriptors(
+        servers: Servers, release: dict[str, object]) -> None:
+    """Callers that waited in vain for a busy server verify themselves; their output must end when they exit
+    (git reads it to the end), not when the server gets to their abandoned requests, and those requests are no
+    failure of the server's."""
+    good, payload = release["good"], release["payload"]
+    assert isinstance(good, Path) and isinstance(payload, Path)
+    assert keyseal_gpg("require", *GIT_ARGS, good, payload).returncode == 0
+    [pid] = servers.pids()
+    busy = busy_caller(servers, good)
+    try:
+        waiting = [subprocess.Popen([KEYSEAL_GPG, *GIT_ARGS, str(good), str(payload)], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    env={**os.environ, "KEYSEAL_GPG_SERVER": "on"}) for _ in range(6)]
+        for caller in waiting:
+            assert caller.wait(timeout=60) == 0
+        for caller in waiting:
+            out = drained(caller.stdout)
+            assert out is not None, "the server holds the output of a caller that verified itself"
+            assert b"[GNUPG:] GOODSIG" in out
+            caller.stdout.close()  # type: ignore[union-attr]
+    finally:
+        out, _ = busy.communicate(payload.read_bytes(), timeout=60)
+    assert busy.returncode == 0 and b"[GNUPG:] GOODSIG" in out
+    assert keyseal_gpg("require", *GIT_ARGS, good, payload).returncode == 0
+    assert servers.pids() == [pid]
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+def test_a_caller_stopped_mid_verification_takes_the_verification_with_it(
+        servers: Servers, release: dict[str, object], how: signal.Signals) -> None:
+    """Ctrl-C (or any end) of a caller whose verification waits on its standard input: the server must not read
+    on from that input (a terminal's next line would go to it) nor keep its output open, and it serves on."""
+    good, payload = release["good"], release["payload"]
+    assert isinstance(good, Path) and isinstance(payload, Path)
+    assert keyseal_gpg("require", *GIT_ARGS, good, payload).returncode == 0
+    [pid] = servers.pids()
+    busy = busy_caller(servers, good)
+    assert busy.stdin is not None and busy.stdout is not None and busy.stderr is not None
+    inode = os.fstat(busy.stdin.fileno()).st_ino
+    busy.send_signal(how)
+    try:
+        assert busy.wait(timeout=30) == (130 if how == signal.SIGINT else -how)
+        out, err = drained(busy.stdout), drained(busy.stderr)
+        assert out is not None and err is not None, "the server holds the output of a caller that is gone"
+        assert holders(inode) == [os.getpid()]  # and its input: no one reads it but this test
+    finally:
+        busy.kill()
+        busy.wait(timeout=30)
+        for stream in (busy.stdin, busy.stdout, busy.stderr):  # the end of the input, should a server wait on it
+            stream.close()
+    if how == signal.SIGINT:  # as when verifying in process: one line, and gpg's status for an interrupt
+        assert (out, err) == (b"", b"keyseal: error: interrupted\n")
+    assert keyseal_gpg("require", *GIT_ARGS, good, payload).returncode == 0
+    assert servers.pids() == [pid]
+
+
+def test_the_server_a_caller_starts_holds_none_of_its_descriptors(servers: Servers,
+                                                                  release: dict[str, object]) -> None:
+    """A caller may hold descriptors beyond 0-2 (a shell's `3>&1`, a parent's pipe it was told to keep): the
+    server it starts, which lives on, must not keep them, or whoever reads that pipe waits for the server. Nor
+    does it keep the signals its caller blocked: it stops on SIGTERM."""
+    good, payload = release["good"], release["payload"]
+    assert isinstance(good, Path) and isinstance(payload, Path)
+    reader, writer = os.pipe()
+    with open(reader, "rb") as pipe:
+        try:
+            caller = subprocess.run([KEYSEAL_GPG, *GIT_ARGS, good, payload], capture_output=True, timeout=60,
+                                    check=False, pass_fds=(writer,), env={**os.environ, "KEYSEAL_GPG_SERVER": "on"},
+                                    preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}))
+        finally:
+            os.close(writer)
+        assert caller.returncode == 0 and b"[GNUPG:] GOODSIG" in caller.stdout, caller.stderr  # verified itself
+        assert wait_until(lambda: servers.sockets() != [] and servers.pids() != [])  # and started a server
+        assert drained(pipe) == b"", "the server holds a descriptor of the caller that started it"
+    servers.stop()
+    assert servers.sockets() == []
+
+
+def test_a_caller_after_an_idle_exit_starts_a_new_server(servers: Servers, release: dict[str, object]) -> None:
+    """A server that left because no one called is no failed start: the next caller starts another at once
+    (rather than every call verifying in its own process for the next half minute)."""
+    good, payload = release["good"], release["payload"]
+    assert isinstance(good, Path) and isinstance(payload, Path)
+    assert keyseal_gpg("require", *GIT_ARGS, good, payload, env={"KEYSEAL_GPG_SERVER_IDLE": "1"}).returncode == 0
+    [pid] = servers.pids()
+    assert wait_until(lambda: not alive(pid))
+    caller = keyseal_gpg("on", *GIT_ARGS, good, payload)
+    assert caller.returncode == 0 and b"[GNUPG:] GOODSIG" in caller.stdout, caller.stderr
+    assert wait_until(lambda: servers.sockets() != [] and servers.pids() != [], seconds=10)
+
+
+def test_served_answers_to_every_servable_form_are_the_local_ones(servers: Servers, release: dict[str, object],
+                                                                   tmp_path: Path) -> None:
+    """Cleartext from a file or standard input, status on stderr, and the errors (a missing file, a detached
+    signature without its data, KEYSEAL_DEBUG): byte for byte what the caller's own process says."""
+    good, payload, known = release["good"], release["payload"], release["known"]
+    assert isinstance(good, Path) and isinstance(payload, Path) and isinstance(known, ReleaseKey)
+    signed = keyseal_gpg("off", "--clearsign", "-u", known.uri, "-o", "clear.asc", payload, cwd=tmp_path)
+    assert signed.returncode == 0, signed.stderr
+    clear = (tmp_path / "clear.asc").read_bytes()
+    cases: list[tuple[tuple[str, ...], bytes, dict[str, str]]] = [
+        (("--status-fd=2", "--verify", "clear.asc"), b"", {}),
+        (("--status-fd", "1", "--verify"), clear, {}),
+        (("-q", "--batch", "--status-fd=1", "--verify", "-"), clear, {}),
+        (("--status-fd=2", "--verify", "good.asc", "-"), payload.read_bytes(), {}),
+        ((*GIT_ARGS, "missing.asc", "-"), b"", {}),
+        ((*GIT_ARGS, "good.asc", "missing"), b"", {"KEYSEAL_DEBUG": "1"}),
+        ((*GIT_ARGS, "good.asc"), b"", {}),
+        ((*GIT_ARGS, "payload", "-"), payload.read_bytes(), {}),
+    ]
+    for args, data, env in cases:
+        served = keyseal_gpg("require", *args, input=data, env=env, cwd=tmp_path)
+        local = keyseal_gpg("off", *args, input=data, env=env, cwd=tmp_path)
+        assert local.stdout or local.stderr, args
+        same(served, local)
+    assert (keyseal_gpg("require", "--status-fd=2", "--verify", "clear.asc", cwd=tmp_path).returncode,
+            keyseal_gpg("require", *GIT_ARGS, "missing.asc", "-", cwd=tmp_path).returncode) == (0, 2)
+
+
+def test_the_cryptography_settings_of_the_environment_are_part_of_the_context(servers: Servers,
+                                                                               release: dict[str, object],
+                                                                               tmp_path: Path) -> None:
+    """OpenSSL's configuration (a FIPS provider refuses some algorithms) is read when the verifier loads: a
+    caller with another one is not served by a server started without it."""
+    good, payload = release["good"], release["payload"]
+    assert isinstance(good, Path) and isinstance(payload, Path)
+    assert keyseal_gpg("require", *GIT_ARGS, good, payload).returncode == 0
+    config = tmp_path / "openssl.cnf"
+    config.write_text("openssl_conf = keyseal_test\n\n[keyseal_test]\n")
+    for env in ({"OPENSSL_CONF": str(config)}, {"CRYPTOGRAPHY_OPENSSL_NO_LEGACY": "1"}):
+        assert keyseal_gpg("require", *GIT_ARGS, good, payload, env=env).returncode == 0
+    assert len(servers.sockets()) == 3 and len(servers.pids()) == 3

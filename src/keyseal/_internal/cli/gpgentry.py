@@ -12,8 +12,9 @@ Trust: the socket lives in a directory only this user can enter ($XDG_RUNTIME_DI
 /tmp/keyseal-UID, refused unless owned by this user with mode 0700), each side checks the other's user ID
 (SO_PEERCRED), and a server serves only callers whose context is its own (keyseal's file and version, the
 interpreter, the user, and every environment variable keyseal's verification reads: KEYSEAL_*, HOME, GNUPGHOME,
-PYTHON*, locale): anything else gets "not mine" and verifies in its own process. The server exits when idle
-(KEYSEAL_GPG_SERVER_IDLE seconds, default 60) and as soon as one of its keyseal modules changes on disk.
+PYTHON*, locale, OPENSSL_*, CRYPTOGRAPHY_*): anything else gets "not mine" and verifies in its own process. The
+server exits when idle (KEYSEAL_GPG_SERVER_IDLE seconds, default 60) and as soon as one of its keyseal modules
+changes on disk.
 Only a verification whose options are all in SERVABLE goes there; everything else (signing, listing, any other
 option) runs here, as before.
 
@@ -48,7 +49,7 @@ __all__ = [
 
 SERVER_ENV = "KEYSEAL_GPG_SERVER"
 IDLE_ENV = "KEYSEAL_GPG_SERVER_IDLE"
-PROTOCOL = b"keyseal-gpg-server 1"
+PROTOCOL = b"keyseal-gpg-server 2"
 MODES = ("on", "off", "require")
 START_SECONDS = 2.0  # how long a caller waits for a busy server to take its request before verifying itself
 REQUIRE_SECONDS = 15.0  # how long `require` waits for a server it started to answer
@@ -63,7 +64,8 @@ _WITH_VALUE = {"--status-fd": frozenset({"1", "2"}), "--keyid-format": None}  # 
 # What keyseal's verification reads from the environment, beyond KEYSEAL_* and PYTHON*: a server serves only
 # callers that agree with it on all of them.
 _CONTEXT_NAMES = frozenset({"HOME", "GNUPGHOME", "LANG", "LANGUAGE", "TZ", "XDG_CONFIG_HOME", "XDG_DATA_HOME"})
-_CONTEXT_PREFIXES = ("KEYSEAL_", "PYTHON", "LC_")
+# OPENSSL_* and CRYPTOGRAPHY_* are read when the verifier loads (OPENSSL_CONF may load a FIPS provider).
+_CONTEXT_PREFIXES = ("KEYSEAL_", "PYTHON", "LC_", "OPENSSL_", "CRYPTOGRAPHY_")
 _NOT_CONTEXT = frozenset({SERVER_ENV, IDLE_ENV})  # settings of the server itself
 
 
@@ -82,6 +84,8 @@ def main() -> NoReturn:
             code = ask_server(argv, required=mode == "require")
         except ServerUnavailable as exc:
             _fail(str(exc))
+        except KeyboardInterrupt:  # as keyseal-gpg says it in process; the server stops the verification
+            _fail("interrupted", 130)
         if code is not None:
             sys.exit(code)
     from keyseal._internal.cli.gpgcompat import main as run_here
@@ -223,8 +227,11 @@ def ask_server(argv: list[str], required: bool) -> int | None:
 
 
 def _exchange(connection: object, request: bytes, required: bool) -> int | None:
-    """Send the request and descriptors 0-2; the server answers S (started: the verification is its now) or N
-    (not its context: verify here), and after S the exit status."""
+    """Wait for the server's R (ready: it took this connection), then send the request and descriptors 0-2; the
+    server answers S (started: the verification is its now) or N (not its context: verify here), and after S the
+    exit status. Nothing is sent before R: a caller that gives up on a busy server leaves no descriptor of its
+    own queued there (git reads our output until every copy of it is closed), and the server runs nothing for a
+    caller that verifies itself."""
     import _socket
 
     assert isinstance(connection, _socket.socket)
@@ -232,14 +239,21 @@ def _exchange(connection: object, request: bytes, required: bool) -> int | None:
         credentials = connection.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
         if int.from_bytes(credentials[4:8], sys.byteorder) != os.getuid():
             return _unavailable(required, "the verification server's socket is held by another user")
+        ready = connection.recv(16)
+    except OSError as exc:  # a server that went away or is busy for too long
+        return _unavailable(required, f"the verification server did not take the request: {exc}")
+    if ready != b"R":
+        return _unavailable(required, "the verification server did not take the request")
+    connection.settimeout(None)  # the server is at this request: it answers at once, or goes away
+    try:
         descriptors = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))
         connection.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, descriptors)])
         answer = connection.recv(16)
-    except OSError as exc:  # a closed descriptor, a server that went away or is busy for too long
+    except OSError as exc:  # a closed descriptor, a server that went away
         return _unavailable(required, f"the verification server did not take the request: {exc}")
     if answer != b"S":
         return _unavailable(required, "the verification server did not take the request")
-    connection.settimeout(None)  # the verification is the server's now: wait for it as for a local one
+    # The verification is the server's now: wait for it as for a local one.
     try:
         status = connection.recv(16)
     except OSError:
@@ -269,14 +283,30 @@ def _start_server(name: str, forced: bool) -> bool:
         finally:
             os.close(fd)
         devnull = os.devnull
+        # It outlives us: every descriptor we were given beyond 0-2 (a shell's `3>&1`, a pipe a parent asked us
+        # to keep) is closed in it, or whoever reads that pipe waits for the server's exit.
+        closes = [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inherited_descriptors()]
         os.posix_spawn(sys.executable, [sys.executable, "-P", "-m", "keyseal._internal.cli.gpgserver", name],
-                       os.environ, setsid=True,
+                       os.environ, setsid=True, setsigmask=(),  # no signal blocked: SIGTERM stops it
                        file_actions=[(os.POSIX_SPAWN_OPEN, 0, devnull, os.O_RDONLY, 0),
                                      (os.POSIX_SPAWN_OPEN, 1, devnull, os.O_WRONLY, 0),
-                                     (os.POSIX_SPAWN_OPEN, 2, devnull, os.O_WRONLY, 0)])
+                                     (os.POSIX_SPAWN_OPEN, 2, devnull, os.O_WRONLY, 0), *closes])
     except OSError:
         return False
     return True
+
+
+def _inherited_descriptors() -> list[int]:
+    """Our descriptors beyond 0-2 that a spawned process would inherit (those without close-on-exec)."""
+    found = []
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                found.append(fd)
+        except OSError:  # the descriptor that listed the directory, closed since
+            continue
+    return found
 
 
 def _unavailable(required: bool, reason: str) -> int | None:
@@ -286,8 +316,8 @@ def _unavailable(required: bool, reason: str) -> int | None:
     raise ServerUnavailable(f"{SERVER_ENV}=require: {reason}")
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = 2) -> NoReturn:
     shown = "".join(ch if ch.isprintable() else "?" for ch in message)
     sys.stderr.write(f"keyseal: error: {shown}\n")
     sys.stderr.flush()
-    sys.exit(2)
+    sys.exit(code)

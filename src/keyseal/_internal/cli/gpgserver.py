@@ -4,9 +4,10 @@ Started by a `keyseal-gpg` that found none (`python -P -m keyseal._internal.cli.
 session, with /dev/null for its standard descriptors): it takes NAME.lock (an flock: one server per context; the
 lock file holds its pid), imports the verifier, binds NAME.sock (mode 0600, in the caller's private runtime
 directory) and forks a worker that serves callers one after another. For each, the worker checks the caller's
-user ID and context, answers S, puts the caller's descriptors 0-2 in place of its own (with standard streams
-made for that request alone), changes to the caller's directory, runs `keyseal-gpg` as the caller would have,
-puts /dev/null back and answers the exit status. Nothing of one request is kept for the next: the verification
+user ID, answers R (ready: only then does the caller send its request and descriptors), checks its context,
+answers S, puts the caller's descriptors 0-2 in place of its own (with standard streams made for that request
+alone), changes to the caller's directory, runs `keyseal-gpg` as the caller would have, puts /dev/null back and
+answers the exit status. Nothing of one request is kept for the next: the verification
 path holds no cache in memory (a keyring changed a moment ago is read afresh, tests/test_gpg_server.py holds
 that), and a worker is replaced by a fresh fork after MAX_REQUESTS callers. A worker rather than a fork per
 request: a child's first verification pays about 1.5 ms of copy-on-write faults, a tenth of the budget.
@@ -22,6 +23,7 @@ import fcntl
 import gc
 import io
 import os
+import select
 import signal
 import socket
 import struct
@@ -46,7 +48,7 @@ DEFAULT_IDLE_SECONDS = 60.0
 REQUEST_SECONDS = 5.0  # a caller that connects must send its request within this
 MAX_REQUESTS = 1000  # a worker serves this many callers, then the server forks a fresh one
 # How a child ended, as its exit status tells the server.
-_SERVED, _IDLE, _STALE, _FAILED = 0, 3, 4, 5
+_SERVED, _IDLE, _STALE, _FAILED, _GONE = 0, 3, 4, 5, 6
 _MAX_FAILURES = 5  # children failing one after another: something is wrong, stop
 
 
@@ -73,14 +75,19 @@ def main() -> None:
     os.ftruncate(lock, 0)
     os.write(lock, f"{os.getpid()}\n".encode())
     os.chdir("/")
+    clean = False
     try:
-        serve(name, _idle_seconds())
+        clean = serve(name, _idle_seconds())
     finally:
         os.ftruncate(lock, 0)  # no pid left behind for anyone to signal once it is another process's
+        if clean:  # gone by design, not a failed start: the next caller may start a server at once
+            os.utime(lock, ns=(0, 0))
+        os.close(lock)  # the lock goes with the socket, not after the interpreter's shutdown
 
 
-def serve(name: str, idle_seconds: float) -> None:
-    """Bind NAME.sock and fork a worker at a time to serve callers, until idle, stale or stopped."""
+def serve(name: str, idle_seconds: float) -> bool:
+    """Bind NAME.sock and fork a worker at a time to serve callers, until idle, stale or stopped (True), or
+    until its workers failed _MAX_FAILURES times in a row (False)."""
     digest = context_digest(context()).encode()
     _warm()
     modules = _module_files()
@@ -104,10 +111,10 @@ def serve(name: str, idle_seconds: float) -> None:
             child = 0
             ended = os.waitstatus_to_exitcode(status)
             if ended in (_IDLE, _STALE):
-                break
-            failures = 0 if ended == _SERVED else failures + 1
+                return True
+            failures = 0 if ended in (_SERVED, _GONE) else failures + 1  # a caller that went is no failure
     except _Stop:
-        pass
+        return True
     finally:
         if child:
             with contextlib.suppress(OSError):
@@ -117,6 +124,7 @@ def serve(name: str, idle_seconds: float) -> None:
         with contextlib.suppress(OSError):
             if os.stat(name + ".sock").st_ino == bound:
                 os.unlink(name + ".sock")
+    return False
 
 
 def _worker(listener: socket.socket, digest: bytes, modules: dict[str, tuple[int, int]],
@@ -149,20 +157,29 @@ def _serve_one(connection: socket.socket, digest: bytes, modules: dict[str, tupl
                                                          pid_uid_gid.size))
     if uid != os.getuid():
         return _SERVED  # not this user's caller: closed without a word
-    request, ancillary, flags, _ = connection.recvmsg(MAX_REQUEST + 1, socket.CMSG_SPACE(3 * 4))
+    try:  # a caller that gave up waiting has closed its end: it sent nothing, and is no failure of the worker's
+        connection.send(b"R")
+        request, ancillary, flags, _ = connection.recvmsg(MAX_REQUEST + 1, socket.CMSG_SPACE(3 * 4))
+    except OSError:
+        return _SERVED
     descriptors = _descriptors(ancillary)
     try:
         parts = request.split(b"\0")
         if (flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(descriptors) != 3 or len(parts) < 3
                 or parts[0] != PROTOCOL or parts[1] != digest):
-            connection.send(b"N")
+            with contextlib.suppress(OSError):
+                connection.send(b"N")
             return _SERVED
         if _changed(modules):
-            connection.send(b"N")
+            with contextlib.suppress(OSError):
+                connection.send(b"N")
             return _STALE
         directory, argv = os.fsdecode(parts[2]), [os.fsdecode(part) for part in parts[3:]]
-        connection.send(b"S")
-        with _caller_streams(descriptors):
+        try:
+            connection.send(b"S")
+        except OSError:  # gone since it sent its request: verify nothing on its descriptors
+            return _SERVED
+        with _caller_streams(descriptors), _while_connected(connection):
             for fd in descriptors:
                 os.close(fd)
             descriptors = []
@@ -196,6 +213,36 @@ def _caller_streams(descriptors: list[int]) -> Iterator[None]:
             os.dup2(null, target)
         os.close(null)
         sys.stdin, sys.stdout, sys.stderr = saved
+
+
+@contextlib.contextmanager
+def _while_connected(connection: socket.socket) -> Iterator[None]:
+    """Run the body only while the caller is there: when it goes (killed, interrupted), its connection hangs up,
+    the kernel sends SIGIO and the worker exits at once, closing the caller's descriptors. Else it would read on
+    from the caller's standard input (a terminal's next line) and hold its output, for ever if that input never
+    ends, while every other caller waits."""
+    fd = connection.fileno()
+
+    def hung_up() -> bool:
+        watch = select.poll()
+        watch.register(fd, select.POLLRDHUP)
+        return any(events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR) for _, events in watch.poll(0))
+
+    def on_io(signum: int, frame: object) -> None:
+        if hung_up():
+            os._exit(_GONE)
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    signal.signal(signal.SIGIO, on_io)
+    fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_ASYNC)
+    try:
+        if hung_up():  # gone before the kernel was told to say so
+            os._exit(_GONE)
+        yield
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
 
 
 def _stream(fd: int, like: TextIO) -> TextIO:
