@@ -10,7 +10,7 @@ alone), changes to the caller's directory, runs `keyseal-gpg` as the caller woul
 answers the exit status. Nothing of one request is kept for the next: the verification
 path holds no cache in memory (a keyring changed a moment ago is read afresh, tests/test_gpg_server.py holds
 that), and a worker is replaced by a fresh fork after MAX_REQUESTS callers. A worker rather than a fork per
-request: a child's first verification pays about 1.5 ms of copy-on-write faults, a tenth of the budget.
+request: in a fresh fork a verification takes about 2 ms against 0.5 ms (copy-on-write faults), a sixth of the budget.
 The server exits when its worker waited KEYSEAL_GPG_SERVER_IDLE seconds (default 60) for a caller, when a
 keyseal module it imported changed on disk (that caller is told N and verifies itself), and on SIGTERM, SIGINT
 or SIGHUP; its socket goes with it.
