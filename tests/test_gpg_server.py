@@ -280,10 +280,11 @@ def test_only_verifications_in_gits_form_are_servable() -> None:
 def test_a_bad_setting_is_one_line(release: dict[str, object]) -> None:
     good, payload = release["good"], release["payload"]
     assert isinstance(good, Path) and isinstance(payload, Path)
-    result = keyseal_gpg("sometimes", *GIT_ARGS, good, payload)
-    assert result.returncode == 2
-    assert result.stderr.decode().splitlines() == ["keyseal: error: KEYSEAL_GPG_SERVER='sometimes': use on, off or "
-                                                   "require"]
+    for args in ((*GIT_ARGS, good, payload), ("--list-keys",)):  # whether or not the server would take the call
+        result = keyseal_gpg("sometimes", *args)
+        assert result.returncode == 2 and result.stdout == b""
+        assert result.stderr.decode().splitlines() == ["keyseal: error: KEYSEAL_GPG_SERVER='sometimes': use on, off "
+                                                       "or require"]
 
 
 PROBE = """
@@ -350,9 +351,12 @@ def drained(stream: object, seconds: float = 15.0) -> bytes | None:
 
 def busy_caller(servers: Servers, signature: Path) -> subprocess.Popen[bytes]:
     """A served `--verify SIG -` whose standard input stays open: the server's worker waits on it."""
+    # SIGINT as a terminal delivers it: a test run started as a background job inherits it ignored, and an
+    # interpreter started so never turns it into KeyboardInterrupt.
     caller = subprocess.Popen([KEYSEAL_GPG, *GIT_ARGS, str(signature), "-"], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ, "KEYSEAL_GPG_SERVER": "require"})
+                              env={**os.environ, "KEYSEAL_GPG_SERVER": "require"},
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     assert caller.stdin is not None
     inode = os.fstat(caller.stdin.fileno()).st_ino
     [server] = servers.pids() or [0]
@@ -493,3 +497,12 @@ def test_the_cryptography_settings_of_the_environment_are_part_of_the_context(se
     for env in ({"OPENSSL_CONF": str(config)}, {"CRYPTOGRAPHY_OPENSSL_NO_LEGACY": "1"}):
         assert keyseal_gpg("require", *GIT_ARGS, good, payload, env=env).returncode == 0
     assert len(servers.sockets()) == 3 and len(servers.pids()) == 3
+
+
+def test_the_file_system_a_caller_sees_is_part_of_the_context() -> None:
+    """A caller in another mount namespace or under another root (a container sharing the runtime directory and
+    the environment) names files the server would look up elsewhere: it has a context of its own."""
+    own = gpgentry.context()
+    root = os.stat("/")
+    assert os.readlink("/proc/self/ns/mnt").encode() in own.split(b"\0")
+    assert f"root={root.st_dev}:{root.st_ino}".encode() in own.split(b"\0")

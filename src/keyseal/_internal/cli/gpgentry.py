@@ -8,10 +8,10 @@ and error descriptors over a Unix socket, and exits with the status it answers. 
 fresh fork of the server that runs the very `keyseal-gpg` code this process would have run, in the caller's
 directory, writing to the caller's descriptors: the output is the same byte for byte, and requests share nothing.
 
-Trust: the socket lives in a directory only this user can enter ($XDG_RUNTIME_DIR/keyseal, else
-/tmp/keyseal-UID, refused unless owned by this user with mode 0700), each side checks the other's user ID
-(SO_PEERCRED), and a server serves only callers whose context is its own (keyseal's file and version, the
-interpreter, the user, and every environment variable keyseal's verification reads: KEYSEAL_*, HOME, GNUPGHOME,
+Trust: the socket lives in a directory only this user can enter ($XDG_RUNTIME_DIR/keyseal, else /tmp/keyseal-UID,
+refused unless owned by this user with mode 0700), each side checks the other's user ID (SO_PEERCRED), and a server
+serves only callers whose context is its own (keyseal's file and version, the interpreter, the user, the mount
+namespace and root, and every environment variable keyseal's verification reads: KEYSEAL_*, HOME, GNUPGHOME,
 PYTHON*, locale, OPENSSL_*, CRYPTOGRAPHY_*): anything else gets "not mine" and verifies in its own process. The
 server exits when idle (KEYSEAL_GPG_SERVER_IDLE seconds, default 60) and as soon as one of its keyseal modules
 changes on disk.
@@ -77,9 +77,9 @@ def main() -> NoReturn:
     """`keyseal-gpg`: through the server when the command line is a verification it can serve, else here."""
     argv = sys.argv[1:]
     mode = os.environ.get(SERVER_ENV, "").strip().lower() or "on"
+    if mode not in MODES:  # on every call, not only those the server would take: a setting is right or wrong
+        _fail(f"{SERVER_ENV}={mode[:20]!r}: use on, off or require")
     if mode != "off" and servable(argv):
-        if mode not in MODES:
-            _fail(f"{SERVER_ENV}={mode[:20]!r}: use on, off or require")
         try:
             code = ask_server(argv, required=mode == "require")
         except ServerUnavailable as exc:
@@ -122,15 +122,25 @@ def servable(argv: list[str]) -> bool:
 
 
 def context() -> bytes:
-    """What a server and its caller must agree on: the same keyseal, interpreter and user, and the same value
-    of every environment variable keyseal's verification reads."""
+    """What a server and its caller must agree on: the same keyseal, interpreter and user, the same view of the
+    file system (mount namespace and root: a caller in a container that shares this runtime directory names
+    files the server would find elsewhere), and the same value of every environment variable keyseal's
+    verification reads."""
     from keyseal import _version
 
     settings = sorted(f"{name}={value}" for name, value in os.environ.items()
                       if (name in _CONTEXT_NAMES or name.startswith(_CONTEXT_PREFIXES)) and name not in _NOT_CONTEXT)
+    root = os.stat("/")
     parts = [PROTOCOL.decode(), sys.executable, sys.version, str(_version.__file__), _version.__version__,
-             str(os.getuid()), *settings]
+             str(os.getuid()), _mount_namespace(), f"root={root.st_dev}:{root.st_ino}", *settings]
     return "\0".join(parts).encode("utf-8", "surrogateescape")
+
+
+def _mount_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/mnt")  # e.g. mnt:[4026531841]
+    except OSError:
+        return "mnt:unknown"
 
 
 def context_digest(value: bytes) -> str:
