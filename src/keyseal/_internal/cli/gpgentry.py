@@ -5,8 +5,9 @@ a process that starts CPython and imports `cryptography` costs about seven gpg s
 anything. The server (keyseal._internal.cli.gpgserver) has the verifier imported already; this entry point, which
 imports nothing beyond the interpreter's own modules, hands it the command line and its standard input, output
 and error descriptors over a Unix socket, and exits with the status it answers. Each request is served by a
-fresh fork of the server that runs the very `keyseal-gpg` code this process would have run, in the caller's
-directory, writing to the caller's descriptors: the output is the same byte for byte, and requests share nothing.
+worker forked from the server that runs the very `keyseal-gpg` code this process would have run, in the caller's
+directory, writing to the caller's descriptors: the output is the same byte for byte, and requests share nothing
+(see keyseal._internal.cli.gpgserver).
 
 Trust: the socket lives in a directory only this user can enter ($XDG_RUNTIME_DIR/keyseal, else /tmp/keyseal-UID,
 refused unless owned by this user with mode 0700), each side checks the other's user ID (SO_PEERCRED), and a server
@@ -15,8 +16,8 @@ namespace and root, and every environment variable keyseal's verification reads:
 PYTHON*, locale, OPENSSL_*, CRYPTOGRAPHY_*): anything else gets "not mine" and verifies in its own process. The
 server exits when idle (KEYSEAL_GPG_SERVER_IDLE seconds, default 60) and as soon as one of its keyseal modules
 changes on disk.
-Only a verification whose options are all in SERVABLE goes there; everything else (signing, listing, any other
-option) runs here, as before.
+Only a verification whose options are all in _FLAGS and _WITH_VALUE goes there (`servable`); everything else
+(signing, listing, any other option) runs here, as before.
 
 KEYSEAL_GPG_SERVER: `on` (default: start a server when none answers, verify here meanwhile), `off` (always verify
 in this process), `require` (verify through the server or fail: for tests and benchmarks that must know which
