@@ -54,6 +54,16 @@ def empty_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert not left, f"tests wrote under HOME ({home}): {', '.join(left[:10])}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def agent_socket_dirs() -> Iterator[None]:
+    """The agent tests' socket directories (under /tmp, where other users can reach them) go at the session's
+    end, as every other temporary directory does."""
+    yield
+    harness = sys.modules.get("tests.harness.agent")
+    if harness is not None:
+        harness.remove_socket_dirs()
+
+
 @pytest.fixture(scope="session")
 def kube_api() -> Iterator[KubeApi]:
     """A Kubernetes-like API on 127.0.0.1 (kmock, with PUT, resourceVersion and conditional delete added), one

@@ -41,11 +41,21 @@ def start_server(tmp: Path, clock: Any = None, **overrides: Any) -> CaServer:
     return server
 
 
+_SOCKET_DIRS: list[Path] = []  # removed at the session's end (conftest), whichever test made them
+
+
 def socket_dir() -> Path:
     """A directory under /tmp that other users can traverse (pytest's tmp_path is 0700)."""
     path = Path(tempfile.mkdtemp(prefix="keyseal-agent-test-", dir="/tmp"))
     path.chmod(0o755)
+    _SOCKET_DIRS.append(path)
     return path
+
+
+def remove_socket_dirs() -> None:
+    """Remove every directory socket_dir made in this process (a test that stops early leaves its own)."""
+    while _SOCKET_DIRS:
+        shutil.rmtree(_SOCKET_DIRS.pop(), ignore_errors=True)
 
 
 @dataclass
