@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -206,6 +208,29 @@ def test_a_log_replaced_by_a_copy_gets_the_next_line(tmp_path: Path) -> None:
     assert moved.read_bytes() == before
     assert verify_log(path).lines == 3
     assert json.loads(path.read_bytes().splitlines()[-1])["subject"] == "after"
+
+
+def test_a_log_emptied_and_regrown_to_the_same_size_is_read_back(tmp_path: Path) -> None:
+    """Another process may leave the file at the size this one left it with other lines in it (emptied, then
+    as many lines of the same length written again): the next line goes on from the line now last, not from the
+    one this process remembers writing."""
+    path = tmp_path / "a.log"
+    log = AuditLog(path)
+    audit.record(log_file=log, key_uri="file:k", public_key=None, hash_name="sha256", digest=bytes(32),
+                 outcome="ok", subject="first")
+    left = path.stat()
+    os.truncate(path, 0)
+    script = ("import sys; from pathlib import Path; from keyseal._internal import audit; "
+              "from keyseal._internal.audit import AuditLog; audit.record(log_file=AuditLog(Path(sys.argv[1])), "
+              "key_uri='file:k', public_key=None, hash_name='sha256', digest=bytes(32), outcome='ok', "
+              "subject='other')")
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=60)
+    now = path.stat()
+    assert (now.st_ino, now.st_size) == (left.st_ino, left.st_size)  # the same file, of the same size
+    audit.record(log_file=log, key_uri="file:k", public_key=None, hash_name="sha256", digest=bytes(32),
+                 outcome="ok", subject="after")
+    assert verify_log(path).lines == 2
+    assert [json.loads(line)["subject"] for line in path.read_bytes().splitlines()] == ["other", "after"]
 
 
 @pytest.mark.slow

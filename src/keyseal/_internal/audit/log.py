@@ -16,8 +16,9 @@ the others too, their fsync running while they sign. A writer gathers briefly (a
 of the signers its last batch let go, so that 4 signing threads share one fsync rather than take turns in pairs. A
 caller that waits while another writes sleeps on a lock of its own, released once its line is durable or when the
 lead is handed to it. The log stays open between batches (at most MAX_OPEN_FILES logs per process): one stat of
-the path shows that it is still this descriptor's file and ends where this process left it; only when another
-process wrote since are the next line's seq and prev read back. A single signer that signs one thing after
+the path shows that it is still this descriptor's file of the size this process left it, and a read of its
+last line that it still ends in the line this process wrote; only when another process wrote since are the next
+line's seq and prev read back. A single signer that signs one thing after
 another still pays one fsync per signature, overlapped with the signing: the price of never handing out a signature
 the log does not hold (`KEYSEAL_AUDIT_LOG=off` leaves durability to the log pipeline instead). A write that fails
 is cut off again, so the file never ends in half a line that keyseal wrote, and every caller of that batch gets the
@@ -165,8 +166,8 @@ class Pending:
 
 
 class _Tail(NamedTuple):
-    """Where this process left the file: a file of this identity and size ends in the line it wrote last, so
-    the next line's seq and prev need not be read back."""
+    """Where this process left the file: a file of this identity and size that still ends in the line it wrote
+    last (`length` bytes whose hash is `prev`) needs no reading back for the next line's seq and prev."""
 
     dev: int
     ino: int
@@ -174,6 +175,7 @@ class _Tail(NamedTuple):
     seq: int  # the next line's
     prev: str
     after_checkpoint: bool
+    length: int  # of the last line, without its line end
 
 
 @dataclass(eq=False)
@@ -462,15 +464,18 @@ class AuditLog:
         committer = self._committer
         every = checkpoint.interval_lines()
         by_time = checkpoint.interval_seconds()
+        if not batch:
+            return
         checkpoints: list[dict[str, object]] = []
         sha256 = hashlib.sha256
         with _THREADS:
             fd, held = self._hold()
             try:
                 tail = committer.tail
-                if tail is not None and tail[:3] == (held.st_dev, held.st_ino, held.st_size):
+                if tail is not None and tail[:3] == (held.st_dev, held.st_ino, held.st_size) and \
+                        _ends_in(fd, tail.size, tail.length, tail.prev):
                     size, seq, prev, after_checkpoint = tail.size, tail.seq, tail.prev, tail.after_checkpoint
-                else:  # another process wrote since, or this one never did: read the last line back
+                else:  # another process wrote since (or emptied it and wrote as much), or this one never did
                     committer.tail = None
                     size = _complete_size(fd, self.path)
                     last = _last_line(fd, size, self.path)
@@ -502,7 +507,8 @@ class AuditLog:
                 data = b"".join(chunks)
                 committer.tail = None
                 self._write(fd, size, data)
-                committer.tail = _Tail(held.st_dev, held.st_ino, size + len(data), seq, prev, after_checkpoint)
+                committer.tail = _Tail(held.st_dev, held.st_ino, size + len(data), seq, prev, after_checkpoint,
+                                       len(line))
             finally:
                 if committer.fd == fd:
                     fcntl.flock(fd, fcntl.LOCK_UN)
@@ -636,6 +642,16 @@ def _close_held(committer: _Committer) -> None:
         with contextlib.suppress(OSError):
             os.close(committer.fd)
     committer.fd, committer.tail = -1, None
+
+
+def _ends_in(fd: int, size: int, length: int, digest: str) -> bool:
+    """Whether the file still ends in the line this process wrote last (`length` bytes hashing to `digest`): a
+    file emptied by another process and written again up to the same size does not."""
+    start = size - length - 1  # the line end before that line (none when it is the file's first line)
+    if start < -1:
+        return False
+    read = os.pread(fd, length + 1, start) if start >= 0 else b"\n" + os.pread(fd, length, 0)
+    return read[:1] == b"\n" and hashlib.sha256(read[1:]).hexdigest() == digest
 
 
 def _is_checkpoint(line: bytes) -> bool:
