@@ -233,6 +233,26 @@ def test_a_log_emptied_and_regrown_to_the_same_size_is_read_back(tmp_path: Path)
     assert [json.loads(line)["subject"] for line in path.read_bytes().splitlines()] == ["other", "after"]
 
 
+def test_a_log_only_this_process_wrote_is_not_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other side of the check above: while the file still ends in this process's last line (the first line
+    of the file, then a later one), the next batch goes on from memory, without reading the last line back."""
+    from keyseal._internal.audit import log as audit_log
+
+    path = tmp_path / "a.log"
+    log = AuditLog(path)
+    audit.record(log_file=log, key_uri="file:k", public_key=None, hash_name="sha256", digest=bytes(32),
+                 outcome="ok", subject="first")
+
+    def read_back(*_args: object) -> None:
+        raise AssertionError("the last line was read back although only this process wrote")
+
+    monkeypatch.setattr(audit_log, "_last_line", read_back)
+    for subject in ("second", "third"):
+        audit.record(log_file=log, key_uri="file:k", public_key=None, hash_name="sha256", digest=bytes(32),
+                     outcome="ok", subject=subject)
+    assert verify_log(path).lines == 3
+
+
 @pytest.mark.slow
 def test_signer_records_context_and_outcome(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             caplog: pytest.LogCaptureFixture) -> None:

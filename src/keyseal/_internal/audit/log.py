@@ -167,7 +167,7 @@ class Pending:
 
 class _Tail(NamedTuple):
     """Where this process left the file: a file of this identity and size that still ends in the line it wrote
-    last (`length` bytes whose hash is `prev`) needs no reading back for the next line's seq and prev."""
+    last (`last`, read back and compared) needs no reading back for the next line's seq and prev."""
 
     dev: int
     ino: int
@@ -175,7 +175,7 @@ class _Tail(NamedTuple):
     seq: int  # the next line's
     prev: str
     after_checkpoint: bool
-    length: int  # of the last line, without its line end
+    last: bytes  # the last line, without its line end
 
 
 @dataclass(eq=False)
@@ -473,7 +473,7 @@ class AuditLog:
             try:
                 tail = committer.tail
                 if tail is not None and tail[:3] == (held.st_dev, held.st_ino, held.st_size) and \
-                        _ends_in(fd, tail.size, tail.length, tail.prev):
+                        _ends_in(fd, tail.size, tail.last):
                     size, seq, prev, after_checkpoint = tail.size, tail.seq, tail.prev, tail.after_checkpoint
                 else:  # another process wrote since (or emptied it and wrote as much), or this one never did
                     committer.tail = None
@@ -508,7 +508,7 @@ class AuditLog:
                 committer.tail = None
                 self._write(fd, size, data)
                 committer.tail = _Tail(held.st_dev, held.st_ino, size + len(data), seq, prev, after_checkpoint,
-                                       len(line))
+                                       line)
             finally:
                 if committer.fd == fd:
                     fcntl.flock(fd, fcntl.LOCK_UN)
@@ -644,14 +644,16 @@ def _close_held(committer: _Committer) -> None:
     committer.fd, committer.tail = -1, None
 
 
-def _ends_in(fd: int, size: int, length: int, digest: str) -> bool:
-    """Whether the file still ends in the line this process wrote last (`length` bytes hashing to `digest`): a
-    file emptied by another process and written again up to the same size does not."""
-    start = size - length - 1  # the line end before that line (none when it is the file's first line)
-    if start < -1:
+def _ends_in(fd: int, size: int, last: bytes) -> bool:
+    """Whether the file of `size` bytes still ends in `last`, the line this process wrote last (compared byte for
+    byte with its line ends, one small read of a page in memory): a file emptied by another process and written
+    again up to the same size does not."""
+    start = size - len(last) - 1  # where that line begins
+    if start < 0:
         return False
-    read = os.pread(fd, length + 1, start) if start >= 0 else b"\n" + os.pread(fd, length, 0)
-    return read[:1] == b"\n" and hashlib.sha256(read[1:]).hexdigest() == digest
+    if start == 0:
+        return os.pread(fd, len(last) + 1, 0) == last + b"\n"
+    return os.pread(fd, len(last) + 2, start - 1) == b"\n" + last + b"\n"
 
 
 def _is_checkpoint(line: bytes) -> bool:
