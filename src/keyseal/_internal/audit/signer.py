@@ -73,46 +73,34 @@ class AuditingSigner(Signer):
         self.inner.close()
 
     def sign_digest(self, digest: bytes, hash_name: HashName) -> bytes:
+        return self._recorded(hash_name, digest, "digest", self.inner.sign_digest, digest, hash_name)
+
+    def sign_message(self, message: bytes) -> bytes:
+        return self._recorded("sha256", hashlib.sha256(message).digest(), "message", self.inner.sign_message,
+                              message)
+
+    def _recorded(self, hash_name: str, digest: bytes, signed: Signed, sign: Callable[..., bytes],
+                  *args: object) -> bytes:
+        """`sign(*args)` with its record: with an audit file, the line first and the signature returned once
+        the line is durable; without, a record on the logger if anyone listens."""
         log_file = self._log if self._ready else self._log_file()
-        custody = self._custody or self._identified(log_file, hash_name, digest, "digest")
+        custody = self._custody or self._identified(log_file, hash_name, digest, signed)
         if log_file is not None:
-            pending = log_file.submit_body(self._body(custody, hash_name, digest, "digest"), custody)
+            pending = log_file.submit_body(self._body(custody, hash_name, digest, signed), custody)
             try:
-                signature = self.inner.sign_digest(digest, hash_name)
+                signature = sign(*args)
             except Exception as exc:
-                self._record_failure(log_file, custody, hash_name, digest, "digest", exc, pending)
+                self._record_failure(log_file, custody, hash_name, digest, signed, exc, pending)
                 raise  # (interrupted instead: the line is written with the next batch, a line with no signature)
             self._settle(log_file, pending)
             return signature
         try:  # no file: the common case kept short, one call into the custody and a record if anyone listens
-            signature = self.inner.sign_digest(digest, hash_name)
+            signature = sign(*args)
         except Exception as exc:
-            self._record_failure(None, custody, hash_name, digest, "digest", exc)
+            self._record_failure(None, custody, hash_name, digest, signed, exc)
             raise
         if audit_logger.isEnabledFor(logging.INFO):
-            emit({"time": utc_now(), **self._entry(custody, hash_name, digest, "digest")})
-        return signature
-
-    def sign_message(self, message: bytes) -> bytes:
-        digest = hashlib.sha256(message).digest()
-        log_file = self._log if self._ready else self._log_file()
-        custody = self._custody or self._identified(log_file, "sha256", digest, "message")
-        if log_file is not None:
-            pending = log_file.submit_body(self._body(custody, "sha256", digest, "message"), custody)
-            try:
-                signature = self.inner.sign_message(message)
-            except Exception as exc:
-                self._record_failure(log_file, custody, "sha256", digest, "message", exc, pending)
-                raise
-            self._settle(log_file, pending)
-            return signature
-        try:
-            signature = self.inner.sign_message(message)
-        except Exception as exc:
-            self._record_failure(None, custody, "sha256", digest, "message", exc)
-            raise
-        if audit_logger.isEnabledFor(logging.INFO):
-            emit({"time": utc_now(), **self._entry(custody, "sha256", digest, "message")})
+            emit({"time": utc_now(), **self._entry(custody, hash_name, digest, signed)})
         return signature
 
     def __getattr__(self, name: str) -> Any:
