@@ -467,7 +467,6 @@ class AuditLog:
         if not batch:
             return
         checkpoints: list[dict[str, object]] = []
-        sha256 = hashlib.sha256
         with _THREADS:
             fd, held = self._hold()
             try:
@@ -495,7 +494,7 @@ class AuditLog:
                             line = _LINE.encode(made).encode("ascii")
                             chunks.append(line + b"\n")
                             checkpoints.append(made)
-                            seq, prev = seq + 1, sha256(line).hexdigest()
+                            seq, prev = seq + 1, line_hash(line)
                     item.seq, item.prev = seq, prev
                     if item.body is not None:  # the same bytes as encoding the record whole, fields spelt at submit
                         line = f'{_START}{seq},"time":"{item.time}",{item.body},"prev":"{prev}"}}'.encode("ascii")
@@ -503,7 +502,7 @@ class AuditLog:
                         line = _LINE.encode(item.written()).encode("ascii")
                     item.line = line
                     chunks.append(line + b"\n")
-                    seq, prev, after_checkpoint = seq + 1, sha256(line).hexdigest(), False
+                    seq, prev, after_checkpoint = seq + 1, line_hash(line), False
                 data = b"".join(chunks)
                 committer.tail = None
                 self._write(fd, size, data)
