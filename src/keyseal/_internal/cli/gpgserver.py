@@ -65,7 +65,8 @@ def main() -> None:
     directory = runtime_directory()
     if os.path.dirname(name) != directory or private_directory(directory, create=False) is not None:
         sys.exit(2)
-    if name != server_name(directory, context_digest(context())):
+    digest = context_digest(context())
+    if name != server_name(directory, digest):
         sys.exit(2)  # started with another environment than the one NAME stands for
     lock = os.open(name + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
@@ -77,7 +78,7 @@ def main() -> None:
     os.chdir("/")
     clean = False
     try:
-        clean = serve(name, _idle_seconds())
+        clean = serve(name, digest, _idle_seconds())
     finally:
         os.ftruncate(lock, 0)  # no pid left behind for anyone to signal once it is another process's
         if clean:  # gone by design, not a failed start: the next caller may start a server at once
@@ -85,10 +86,11 @@ def main() -> None:
         os.close(lock)  # the lock goes with the socket, not after the interpreter's shutdown
 
 
-def serve(name: str, idle_seconds: float) -> bool:
+def serve(name: str, digest: str, idle_seconds: float) -> bool:
     """Bind NAME.sock and fork a worker at a time to serve callers, until idle, stale or stopped (True), or
-    until its workers failed _MAX_FAILURES times in a row (False)."""
-    digest = context_digest(context()).encode()
+    until its workers failed _MAX_FAILURES times in a row (False). `digest`: this server's context's, which a
+    caller's must equal."""
+    expected = digest.encode()
     _warm()
     modules = _module_files()
     listener = _listen(name + ".sock")
@@ -106,7 +108,7 @@ def serve(name: str, idle_seconds: float) -> bool:
         while failures < _MAX_FAILURES:
             child = os.fork()
             if child == 0:
-                _worker(listener, digest, modules, idle_seconds)
+                _worker(listener, expected, modules, idle_seconds)
             _, status = os.waitpid(child, 0)
             child = 0
             ended = os.waitstatus_to_exitcode(status)
