@@ -222,3 +222,107 @@ def test_many_logs_keep_few_files_open(tmp_path: Path) -> None:
     assert 0 < len([name for name in held if name.startswith(str(tmp_path))]) <= MAX_OPEN_FILES < len(paths)
     for path in paths:
         assert verify_log(path).lines == 3
+
+
+def test_rotations_and_checkpoints_while_threads_sign(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rotate` and `checkpoint` take the file from the writer thread between its batches while 4 threads sign:
+    neither waits for ever behind the writer, no line is lost or written twice, and the files chain."""
+    uri, public = file_key(tmp_path)
+    log = tmp_path / "audit.log"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
+    stop = threading.Event()
+    subjects: list[str] = []
+
+    def work(number: int) -> None:
+        with open_signer(uri) as signer:
+            index = 0
+            while not stop.is_set():
+                name = f"{number}-{index}"
+                with audit.subject(name):
+                    signer.sign_digest(hashlib.sha256(name.encode()).digest(), "sha256")
+                subjects.append(name)
+                index += 1
+
+    with open_signer(uri) as signer:
+        signer.sign_digest(bytes(32), "sha256")
+    threads = [threading.Thread(target=work, args=(n,), daemon=True) for n in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    archives = []
+    try:
+        for number in range(5):
+            threading.Event().wait(0.05)
+            assert audit.AuditLog(log).checkpoint(force=True) is not None
+            archives.append(audit.AuditLog(log).rotate(tmp_path / f"audit.log.{number}"))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    files = [*archives, log]
+    report = verify_log(files, keys=load_keys([public]))
+    records = [json.loads(line) for path in files for line in path.read_bytes().splitlines()]
+    assert report.lines == len(records) and report.checkpoints >= 5
+    signed = [r["subject"] for r in records if r.get("outcome") == "ok" and r["subject"] is not None]
+    assert sorted(signed) == sorted(subjects) and len(subjects) > 20
+
+
+def test_the_writer_thread_ends_when_idle_and_another_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that signed once keeps no thread for ever: the writer ends after WRITER_IDLE_SECONDS, and the
+    next line starts another."""
+    from keyseal._internal.audit import log as audit_log
+
+    monkeypatch.setattr(audit_log, "WRITER_IDLE_SECONDS", 0.2)
+    uri, _ = file_key(tmp_path)
+    log = tmp_path / "audit.log"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
+
+    others = {t for t in threading.enumerate() if t.name == "keyseal-audit-writer"}  # earlier tests' logs
+
+    def writers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "keyseal-audit-writer" and t not in others]
+
+    with open_signer(uri) as signer:
+        for round_ in range(2):
+            before = writers()
+            for index in range(3):
+                signer.sign_digest(hashlib.sha256(f"{round_}-{index}".encode()).digest(), "sha256")
+            assert writers(), "no writer thread wrote the lines"
+            for _ in range(100):
+                if not writers():
+                    break
+                threading.Event().wait(0.05)
+            assert not writers(), "the writer thread outlived WRITER_IDLE_SECONDS"
+            assert all(not t.is_alive() for t in before)
+    assert verify_log(log).lines == 6
+
+
+def test_without_a_writer_thread_each_caller_writes_its_line(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no thread can be started (an interpreter shutting down refuses new threads), callers write the
+    queued lines themselves: every signature still has its durable line, one chain."""
+    real_start = threading.Thread.start
+
+    def refuse_writer(thread: threading.Thread) -> None:
+        if thread.name == "keyseal-audit-writer":
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse_writer)
+    uri, _ = file_key(tmp_path)
+    log = tmp_path / "audit.log"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
+    with open_signer(uri) as signer:
+
+        def work(number: int) -> None:
+            for index in range(25):
+                signer.sign_digest(hashlib.sha256(f"{number}-{index}".encode()).digest(), "sha256")
+
+        # Daemon threads, joined with a timeout: a caller left waiting fails the test rather than hanging it.
+        threads = [threading.Thread(target=work, args=(n,), daemon=True) for n in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert not any(thread.is_alive() for thread in threads)
+    assert verify_log(log).lines == THREADS * 25

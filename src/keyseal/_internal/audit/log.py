@@ -9,20 +9,19 @@ Group commit: each line is fsynced (fdatasync: the data and the file size) befor
 handed back, but lines queued at the same time share one write and one fsync. A caller `submit`s its line (an
 AuditingSigner does so before it asks the custody to sign, with `submit_body`: the fields' JSON it spelt itself;
 the line's time is taken then) and later `wait`s for it (`settle`: the same without building the record, which is
-made only for a caller that asks). Lines are written, a batch at a time: a lone signer's line by the log's writer thread
-(started at the first line), so that its fsync runs while the custody signs; with several signers under way, by the
-first caller that waits while no one is writing (`append` is `submit` then `wait`), whose batch holds the lines of
-the others too, their fsync running while they sign. A writer gathers briefly (at most half an fsync) for the lines
-of the signers its last batch let go, so that 4 signing threads share one fsync rather than take turns in pairs. A
-caller that waits while another writes sleeps on a lock of its own, released once its line is durable or when the
-lead is handed to it. The log stays open between batches (at most MAX_OPEN_FILES logs per process): one stat of
-the path shows that it is still this descriptor's file of the size this process left it, and a read of its
-last line that it still ends in the line this process wrote; only when another process wrote since are the next
-line's seq and prev read back. A single signer that signs one thing after
-another still pays one fsync per signature, overlapped with the signing: the price of never handing out a signature
-the log does not hold (`KEYSEAL_AUDIT_LOG=off` leaves durability to the log pipeline instead). A write that fails
-is cut off again, so the file never ends in half a line that keyseal wrote, and every caller of that batch gets the
-error. A forked child starts with no writer, queue or open log of its own: it opens and locks the file itself.
+made only for a caller that asks). The log's writer thread (started at the first line, gone after a minute with
+nothing to write) writes the queued lines, a batch at a time, while their callers sign; each caller sleeps on a
+lock of its own until its line is durable. When recent batches held several lines, the writer gathers briefly (at
+most GATHER_SECONDS) for as many before it writes, so that 4 signing threads share one fsync rather than take
+turns in pairs; a gather that runs out lowers that expectation to what came, so a lone signer never waits. The
+log stays open between batches (at most MAX_OPEN_FILES logs per process): one stat of the path shows that it is
+still this descriptor's file of the size this process left it, and a read of its last line that it still ends in
+the line this process wrote; only when another process wrote since are the next line's seq and prev read back. A
+single signer that signs one thing after another still pays one fsync per signature, overlapped with the signing:
+the price of never handing out a signature the log does not hold (`KEYSEAL_AUDIT_LOG=off` leaves durability to
+the log pipeline instead). A write that fails is cut off again, so the file never ends in half a line that keyseal
+wrote, and every caller of that batch gets the error. A forked child starts with no writer, queue or open log of
+its own: it opens and locks the file itself.
 
 Checkpoints (keyseal._internal.audit.checkpoint) are written with a batch, signed by the key of a line in it;
 `rotate()` moves the file aside and starts the next one from its head.
@@ -56,10 +55,11 @@ __all__ = [
     "FORMAT_VERSION",
     "GATHER_SECONDS",
     "GENESIS",
-    "MAX_EXPECTED",
+    "MAX_GATHER",
     "MAX_LINE",
     "MAX_OPEN_FILES",
     "OFF",
+    "WRITER_IDLE_SECONDS",
     "AuditLog",
     "Custody",
     "Pending",
@@ -75,8 +75,9 @@ FILE_NAME = "audit.log"
 FORMAT_VERSION = 1
 GENESIS = "0" * 64  # the `prev` of a log's first line
 MAX_LINE = 1 << 20  # a longer last line is not one keyseal wrote
-GATHER_SECONDS = 0.0002  # the longest a writer waits for the lines of signers the last batch let go
-MAX_EXPECTED = 64
+GATHER_SECONDS = 0.001  # the longest the writer waits for the lines of the callers its last batch woke
+MAX_GATHER = 64  # lines a gather waits for, at most
+WRITER_IDLE_SECONDS = 60.0  # a writer thread with nothing to write this long ends (the next line starts one)
 
 _THREADS = threading.Lock()
 _RESERVED = frozenset(("v", "seq", "time", "prev"))  # fields the log sets itself
@@ -138,17 +139,18 @@ class Pending:
     A plain class with slots, made once per signature: no dataclass machinery, and the record dict is built only
     when someone asks for it (`written`)."""
 
-    __slots__ = ("body", "custody", "done", "entry", "error", "line", "prev", "seq", "signal", "time")
+    __slots__ = ("body", "custody", "done", "entry", "error", "line", "prev", "seq", "signal", "time", "waiting")
 
     def __init__(self, entry: Mapping[str, object] | None, custody: Custody | None, body: str | None = None) -> None:
         self.entry = entry  # None: the line was given as `body` alone
         self.custody = custody
         self.time = utc_now()  # when it was queued: before the custody was asked
-        # Held from the start; released once, when the line is done or its caller is handed the lead: the cheapest
-        # wake-up there is for the one thread that waits for it.
+        # Held from the start; released once, by the writer, when the line is done: the cheapest wake-up there is
+        # for the one thread that waits for it.
         self.signal = threading.Lock()
         self.signal.acquire()
         self.done = False
+        self.waiting = False  # its caller sleeps on `signal` (it was done signing before the line was)
         self.error: BaseException | None = None
         self.seq = 0
         self.prev = ""
@@ -184,16 +186,12 @@ class _Committer:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     cond: threading.Condition = field(init=False)  # the lead was given up (checkpoint and rotate wait on it)
-    work: threading.Condition = field(init=False)  # a line was queued (the writer waits on it)
-    arrived: threading.Condition = field(init=False)
+    work: threading.Condition = field(init=False)  # the writer waits on it for lines to write
     queue: list[Pending] = field(default_factory=list)
-    leading: bool = False
-    blocked: list[Pending] = field(default_factory=list)  # lines whose callers wait while another thread writes
+    leading: bool = False  # a batch, a checkpoint or a rotation is being written
     writer: threading.Thread | None = None
+    waiting_for: int = 0  # the writer sleeps until this many lines are queued (0: it does not sleep on `work`)
     sole_waiting: int = 0  # checkpoints and rotations waiting for the lead (on cond)
-    expected: int = 1  # lines a batch may hope for (recent batches' size; lowered by each gather that times out)
-    gathering: bool = False  # a writer waits for lines to arrive
-    last_sync: float = 0.0  # how long the last fdatasync took
     last_checkpoint: float = field(default_factory=time.monotonic)  # when this process last wrote one
     retry_checkpoint: bool = False  # the last one due could not be signed: try again at the next line
     custody: Custody | None = None  # the last key seen, for checkpoints made when no line names one
@@ -203,7 +201,6 @@ class _Committer:
     def __post_init__(self) -> None:
         self.cond = threading.Condition(self.lock)
         self.work = threading.Condition(self.lock)
-        self.arrived = threading.Condition(self.lock)  # a line was queued while a writer gathers
 
 
 _COMMITTERS: dict[str, _Committer] = {}
@@ -269,43 +266,53 @@ class AuditLog:
         committer = self._committer
         with committer.lock:
             committer.queue.append(item)
-            if committer.gathering:
-                committer.arrived.notify()
-            # A lone signer (recent batches held one line): the writer thread writes its line while it signs.
-            # With several signers, the first to finish signing writes every line queued by then (a hand-off to
-            # the writer thread as well cost more than it saved at 4 threads).
-            if not committer.leading and committer.expected == 1 and len(committer.queue) == 1:
-                if committer.writer is None:
-                    committer.writer = threading.Thread(target=self._write_queued, name="keyseal-audit-writer",
-                                                        daemon=True)
-                    committer.writer.start()
+            if committer.writer is None:
+                writer = threading.Thread(target=self._write_queued, name="keyseal-audit-writer", daemon=True)
+                try:
+                    writer.start()
+                except RuntimeError:  # no new thread now (the interpreter is shutting down): `settle` writes it
+                    pass
+                else:
+                    committer.writer = writer
+            elif committer.waiting_for and len(committer.queue) >= committer.waiting_for:
+                committer.waiting_for = 0
                 committer.work.notify()
         return item
 
     def wait(self, item: Pending) -> dict[str, object]:
-        """Block until the `submit`ted line is written and fsynced (writing the queued lines itself when no
-        other thread is); returns the record as written (with v, seq, time and prev). Raises AuditError when
-        the line could not be made durable."""
+        """Block until the `submit`ted line is written and fsynced; returns the record as written (with v, seq,
+        time and prev). Raises AuditError when the line could not be made durable."""
         self.settle(item)
         return item.written()
 
     def settle(self, item: Pending) -> None:
         """`wait` without building the record: block until the line is durable, or raise AuditError."""
         committer = self._committer
-        lead = False
-        if not item.done:
-            with committer.lock:
+        if item.done:
+            pass
+        elif committer.writer is None:  # none could be started: write the queued lines here, in turn
+            with self._sole_writer():
                 if not item.done:
-                    lead = not committer.leading
-                    if lead:
-                        committer.leading = True
-                    else:
-                        committer.blocked.append(item)
-            if not lead and not item.done:
-                item.signal.acquire()  # the line is done, or the writer handed this caller the lead
-                lead = not item.done
-            if lead:
-                self._lead(item)
+                    self._commit_batch(self._take_queue())
+        else:
+            with committer.lock:
+                # Not taken by the writer yet, which is not gathering more either (it was woken for it but has
+                # not run yet): write the queued lines here rather than wait for the writer. A thread hand-off
+                # costs about as much as a fast signature, and this caller is done signing.
+                own = bool(not item.done and committer.queue and not committer.leading and
+                           not committer.sole_waiting and committer.waiting_for < 2)
+                if own:
+                    committer.leading = True
+                    batch, committer.queue = committer.queue, []
+                else:
+                    item.waiting = True
+            if own:
+                try:
+                    self._commit_batch(batch)
+                finally:
+                    self._give_up_lead()
+            elif not item.done:
+                item.signal.acquire()  # released by the writer once the line is done
         if isinstance(item.error, AuditError):  # one error for the whole batch: each caller raises its own
             raise AuditError(item.error.message) from None
         if item.error is not None:
@@ -354,7 +361,7 @@ class AuditLog:
         try:
             yield
         finally:
-            self._hand_on()
+            self._give_up_lead()
 
     def rotate(self, archive: Path | None = None) -> Path:
         """Move the log aside (to `archive`, default `<log>.<UTC time>`) and start a new file whose first line
@@ -388,77 +395,81 @@ class AuditLog:
                 raise AuditError(f"cannot rotate the audit log {self.path}: {exc.strerror}") from exc
         return archive
 
-    def _lead(self, own: Pending) -> None:
-        """Write queued lines, a batch at a time, until `own` is written; then hand the lead on."""
-        try:
-            while not own.done:
-                self._commit_batch(self._gather())
-        finally:
-            self._hand_on()
-
-    def _hand_on(self) -> None:
-        """Give up the lead: to a caller waiting for a line not yet written (it writes the next batch), else to
-        no one (a checkpoint or rotation waiting for the lead can take it)."""
+    def _give_up_lead(self) -> None:
+        """Let a waiting checkpoint or rotation have the file next, else the writer."""
         committer = self._committer
         with committer.lock:
-            blocked = committer.blocked
-            while blocked:
-                item = blocked.pop(0)
-                if not item.done:
-                    item.signal.release()
-                    return
             committer.leading = False
             if committer.sole_waiting:
                 committer.cond.notify_all()
+            elif committer.queue and committer.waiting_for:
+                committer.waiting_for = 0
+                committer.work.notify()
 
-    def _gather(self) -> list[Pending]:
-        """Take the queue as the next batch; first, while recent batches were larger than what is queued, wait
-        a little (at most half the last fsync, GATHER_SECONDS) for the lines of the signers the last batch let
-        go, which come back at once when they sign in a loop. Without that, the signers fall into two groups that
-        take turns, each batch half as large as it could be. A wait that times out lowers the expectation, so a
-        lone signer never waits."""
+    def _take_queue(self) -> list[Pending]:
         committer = self._committer
         with committer.lock:
-            if len(committer.queue) < committer.expected:
-                deadline = time.monotonic() + min(GATHER_SECONDS, committer.last_sync / 2)
-                committer.gathering = True
-                try:
-                    while len(committer.queue) < committer.expected:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            committer.expected = max(1, committer.expected - 1)
-                            break
-                        committer.arrived.wait(remaining)
-                finally:
-                    committer.gathering = False
             batch, committer.queue = committer.queue, []
-            committer.expected = min(max(committer.expected, len(batch)), MAX_EXPECTED)
         return batch
 
     def _write_queued(self) -> None:
-        """The writer thread: whenever lines are queued and no caller is writing, write them, a batch at a time,
-        so that a line's fsync runs while its caller is still waiting for the custody's signature."""
+        """The writer thread: write the queued lines, a batch at a time, so that a line's fsync runs while its
+        caller is still waiting for the custody's signature. After a batch, wait a little (GATHER_SECONDS) for as
+        many lines as were queued meanwhile plus one for each caller the batch woke that was already waiting
+        (done signing): callers that sign in a loop come straight back, and without the wait they fall into two
+        groups that take turns, each batch half as large as it could be. A lone signer's line is written as soon
+        as it comes; callers still signing when their line was done (a custody slower than the disk) are not
+        waited for. Ends after WRITER_IDLE_SECONDS with nothing to write."""
         committer = self._committer
+        try:
+            self._write_batches()
+        finally:  # idle (or an error that cannot happen): the next line starts another writer
+            with committer.lock:
+                if committer.writer is threading.current_thread():
+                    committer.writer, committer.waiting_for = None, 0
+
+    def _write_batches(self) -> None:
+        committer = self._committer
+        aim = 1  # lines to wait for before writing
         while True:
             with committer.lock:
-                while committer.leading or len(committer.queue) < committer.expected:
-                    committer.work.wait()
+                deadline = time.monotonic() + GATHER_SECONDS if aim > 1 else 0.0
+                while committer.leading or committer.sole_waiting or len(committer.queue) < aim:
+                    timeout = WRITER_IDLE_SECONDS
+                    if deadline:
+                        timeout = deadline - time.monotonic()
+                        if timeout <= 0:  # they did not come: write what there is, else wait for a line
+                            aim, deadline = 1, 0.0
+                            continue
+                    committer.waiting_for = aim
+                    if not committer.work.wait(timeout) and not deadline and not committer.queue and \
+                            not committer.leading and not committer.sole_waiting:
+                        return
+                committer.waiting_for = 0
+                batch, committer.queue = committer.queue, []
                 committer.leading = True
+            woken = 0
             try:
-                self._commit_batch(self._gather())
+                woken = self._commit_batch(batch)
             finally:
-                self._hand_on()
+                with committer.lock:
+                    aim = max(1, min(len(committer.queue) + woken, MAX_GATHER))
+                self._give_up_lead()
 
-    def _commit_batch(self, batch: list[Pending]) -> None:
-        """Write one batch; every caller in it learns the outcome (an error: nothing of the batch was kept)."""
+    def _commit_batch(self, batch: list[Pending]) -> int:
+        """Write one batch; every caller in it learns the outcome (an error: nothing of the batch was kept).
+        Returns how many of its callers were asleep waiting for their line."""
         try:
             self._commit(batch)
         except BaseException as exc:
             for item in batch:
                 item.error = exc
+        woken = 0
         for item in batch:
             item.done = True
+            woken += item.waiting
             item.signal.release()
+        return woken
 
     def _commit(self, batch: list[Pending]) -> None:
         committer = self._committer
@@ -535,9 +546,7 @@ class AuditLog:
             if os.write(fd, data) != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             # fdatasync: the data and the size needed to read it back, without the modification time.
-            started = time.monotonic()
             os.fdatasync(fd)
-            self._committer.last_sync = time.monotonic() - started
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, size)  # still under the lock: no one else appended since
