@@ -10,6 +10,12 @@ prefix, lock, DER conversion), in each audit configuration:
   one thread, overlapped with its C_Sign; threads that sign at once share fsyncs).
 keyseal's home and audit file are in the benchmark's temporary directory, never the user's.
 
+With the audit file, each round also measures a bare group commit (`BareGroupCommit` below): raw `key.sign()`
+with a line of the same length as keyseal's queued before it, one writer thread that waits (up to 1 ms) for one
+line per thread, then one write and one fdatasync, each signer woken once its line is durable. No chain, no
+lock, no record: what any Python signer that keeps the guarantee can reach on this machine and disk, printed as
+`bare` beside keyseal's ratio.
+
 Rounds are interleaved: in each round the raw rate is measured, then keyseal's in each configuration, and each
 ratio is taken against the raw rate of its own round; the tables show medians over the rounds (this machine's
 speed drifts within minutes). The load average and the disk's append+fdatasync latency (in the directory of the
@@ -53,6 +59,43 @@ def setup_token(work: Path) -> None:
     os.environ["SOFTHSM2_CONF"] = str(conf)  # before the module is loaded: SoftHSM reads it once
     subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", TOKEN, "--so-pin", "so-" + PIN,
                     "--pin", PIN], check=True, capture_output=True)
+
+
+class BareGroupCommit:
+    """The least a signer that returns a signature only once its line is durable can do: queue a fixed line,
+    sign, sleep until a writer thread has written and fdatasync'ed a batch holding it. The writer waits up to
+    1 ms for `expect` lines (every thread's), so the threads share one fsync in lockstep."""
+
+    def __init__(self, path: Path, line: bytes, expect: int, sign: Callable[[bytes], object]) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.line, self.expect, self.raw_sign = line, expect, sign
+        self.cond = threading.Condition()
+        self.queue: list[threading.Lock] = []
+        threading.Thread(target=self._write, daemon=True).start()
+
+    def _write(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue:
+                    self.cond.wait()
+                deadline = time.monotonic() + 0.001
+                while len(self.queue) < self.expect and (remaining := deadline - time.monotonic()) > 0:
+                    self.cond.wait(remaining)
+                batch, self.queue = self.queue, []
+            os.write(self.fd, self.line * len(batch))
+            os.fdatasync(self.fd)
+            for done in batch:
+                done.release()
+
+    def sign(self, digest: bytes) -> object:
+        done = threading.Lock()
+        done.acquire()
+        with self.cond:
+            self.queue.append(done)
+            self.cond.notify()
+        signature = self.raw_sign(digest)
+        done.acquire()
+        return signature
 
 
 def rate(count: int, threads: int, sign: Callable[[bytes], object]) -> float:
@@ -109,8 +152,8 @@ def run(work: Path, count: int, rounds: int, threads: int, modes: list[str], key
     mechanisms = {"p256": pkcs11.Mechanism.ECDSA, "ed25519": pkcs11.Mechanism.EDDSA,
                   "rsa2048": pkcs11.Mechanism.RSA_PKCS}
     audit_file = work / "keyseal-home" / "audit.log"
-    # rows[mode] = [(key, threads, raw rates, keyseal rates, ratios)]
-    rows: dict[str, list[tuple[str, int, list[float], list[float], list[float]]]] = {m: [] for m in modes}
+    # rows[mode] = [(key, threads, raw rates, keyseal rates, ratios, bare group commit ratios)]
+    rows: dict[str, list[tuple[str, int, list[float], list[float], list[float], list[float]]]] = {m: [] for m in modes}
     for key_type in key_types:
         label = f"bench-{key_type}"
         uri = f"pkcs11:token={TOKEN};object={label}?module-path={MODULE}"
@@ -133,14 +176,21 @@ def run(work: Path, count: int, rounds: int, threads: int, modes: list[str], key
 
             for n_threads in sorted({1, threads}):
                 raw: list[float] = []
+                bare: list[float] = []
                 ours: dict[str, list[float]] = {m: [] for m in modes}
+                committer = None
+                if "file" in modes:  # a line as long as keyseal's last one, in a file beside keyseal's
+                    line = audit_file.read_bytes().splitlines()[-1] + b"\n"
+                    committer = BareGroupCommit(work / f"bare-{key_type}-{n_threads}.log", line, n_threads, raw_sign)
                 for _ in range(rounds):  # interleaved, so load from elsewhere hits both alike
                     raw.append(rate(count, n_threads, raw_sign))
+                    if committer is not None:
+                        bare.append(rate(count, n_threads, committer.sign) / raw[-1])
                     for mode in modes:
                         ours[mode].append(rate(count, n_threads, _keyseal_sign(signers[mode])))
                 for mode in modes:
                     ratios = [k / r for k, r in zip(ours[mode], raw, strict=True)]
-                    rows[mode].append((key_type, n_threads, raw, ours[mode], ratios))
+                    rows[mode].append((key_type, n_threads, raw, ours[mode], ratios, bare))
         for signer in signers.values():
             signer.close()
     for mode in modes:
@@ -149,17 +199,23 @@ def run(work: Path, count: int, rounds: int, threads: int, modes: list[str], key
                  else "audit file (each line fsynced before its signature returns, while the token signs; "
                        "concurrent threads share fsyncs)")
         print(f"\n{title}; medians of {rounds} rounds of {count} signatures")
-        print(f"{'key':8} {'threads':>7} {'raw sig/s':>10} {'keyseal sig/s':>14} {'by round':>30} {'ratio':>6}")
+        bare_column = f" {'bare':>5}" if mode == "file" else ""
+        print(f"{'key':8} {'threads':>7} {'raw sig/s':>10} {'keyseal sig/s':>14}{bare_column} {'by round':>30} "
+              f"{'ratio':>6}")
         checked: list[bool] = []
-        for key_type, n_threads, raw, ours_rates, ratios in rows[mode]:
+        for key_type, n_threads, raw, ours_rates, ratios, bare in rows[mode]:
             ratio = statistics.median(ratios)
             by_round = " ".join(f"{r:.2f}" for r in ratios)
-            print(f"{key_type:8} {n_threads:>7} {statistics.median(raw):>10.0f} {statistics.median(ours_rates):>14.0f} "
-                  f"{by_round:>30} {ratio:>6.2f}")
+            bare_figure = f" {statistics.median(bare):>5.2f}" if mode == "file" else ""
+            print(f"{key_type:8} {n_threads:>7} {statistics.median(raw):>10.0f} {statistics.median(ours_rates):>14.0f}"
+                  f"{bare_figure} {by_round:>30} {ratio:>6.2f}")
             if n_threads in at:
                 checked.append(ratio >= minimum)
         verdict = "not measured" if not checked else "met" if all(checked) else "NOT met"
         print(f"target ratio >= {minimum} at {'/'.join(map(str, at))} thread(s): {verdict}")
+        if mode == "file":
+            print("bare: a bare group commit's ratio (raw signatures, a fixed line of keyseal's length, one writer "
+                  "thread, no chain or lock): the most a Python signer that keeps the guarantee reaches here")
 
 
 def _keyseal_sign(signer: Any) -> Callable[[bytes], object]:

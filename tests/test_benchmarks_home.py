@@ -47,10 +47,14 @@ def test_pkcs11_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
                         "--key-types", "p256", home=short_tmp / "home", tmp_path=short_tmp)
     assert "audit off" in out and "audit file" in out and "load average before:" in out
     assert "load average after:" in out
-    table = out.split("audit file")[1].splitlines()
-    rows = [line.split() for line in table if line.startswith("p256")]
-    assert [row[1] for row in rows] == ["1", "2"]
-    assert all(float(row[-1]) > 0 for row in rows)  # the ratio is each row's last column
+    off_table, file_table = (part.splitlines() for part in out.split("audit off (")[1].split("audit file ("))
+    for table, columns in ((off_table, 7), (file_table, 8)):  # 2 rounds; the file table adds the bare column
+        rows = [line.split() for line in table if line.startswith("p256")]
+        assert [row[1] for row in rows] == ["1", "2"]
+        assert all(len(row) == columns and float(row[-1]) > 0 for row in rows)  # the ratio: each row's last column
+    # key, threads, raw, keyseal, the bare group commit's ratio (measured in the same rounds), rounds, ratio
+    assert next(line for line in file_table if line.startswith("key ")).split()[6] == "bare"
+    assert all(float(line.split()[4]) > 0 for line in file_table if line.startswith("p256"))
 
 
 def test_sign_verify_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
