@@ -326,3 +326,20 @@ def test_without_a_writer_thread_each_caller_writes_its_line(tmp_path: Path,
             thread.join(timeout=30)
         assert not any(thread.is_alive() for thread in threads)
     assert verify_log(log).lines == THREADS * 25
+
+
+def test_a_log_path_that_cannot_be_looked_up_is_an_audit_error(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log's directory replaced by a file after keyseal opened the log: the next signature is refused with
+    an AuditError naming the log (the caller's one-line message), not an OSError, and nothing is handed out."""
+    uri, _ = file_key(tmp_path)
+    directory = tmp_path / "audit"
+    log = directory / "audit.log"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
+    with open_signer(uri) as signer:
+        signer.sign_digest(bytes(32), "sha256")  # the log is open, its tail known
+        directory.rename(tmp_path / "moved")
+        directory.write_bytes(b"not a directory")
+        with pytest.raises(audit.AuditError, match=r"cannot append to the audit log .*audit\.log: Not a directory"):
+            signer.sign_digest(hashlib.sha256(b"refused").digest(), "sha256")
+    assert verify_log(tmp_path / "moved" / "audit.log").lines == 1

@@ -479,7 +479,10 @@ class AuditLog:
             return
         checkpoints: list[dict[str, object]] = []
         with _THREADS:
-            fd, held = self._hold()
+            try:
+                fd, held = self._hold()
+            except OSError as exc:  # the path cannot be looked up or locked (a directory replaced, a lock refused)
+                raise AuditError(f"cannot append to the audit log {self.path}: {exc.strerror or exc}") from exc
             try:
                 tail = committer.tail
                 if tail is not None and tail[:3] == (held.st_dev, held.st_ino, held.st_size) and \
