@@ -343,3 +343,20 @@ def test_a_log_path_that_cannot_be_looked_up_is_an_audit_error(tmp_path: Path,
         with pytest.raises(audit.AuditError, match=r"cannot append to the audit log .*audit\.log: Not a directory"):
             signer.sign_digest(hashlib.sha256(b"refused").digest(), "sha256")
     assert verify_log(tmp_path / "moved" / "audit.log").lines == 1
+
+
+def test_a_relative_log_path_stays_the_file_it_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KEYSEAL_AUDIT_LOG relative to the directory the signer was opened in: a later chdir does not start a
+    second log (with a chain of its own) somewhere else."""
+    uri, _ = file_key(tmp_path)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.chdir(first)
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", "audit.log")
+    with open_signer(uri) as signer:
+        signer.sign_digest(bytes(32), "sha256")
+        monkeypatch.chdir(second)
+        signer.sign_digest(hashlib.sha256(b"after chdir").digest(), "sha256")
+    assert verify_log(first / "audit.log").lines == 2
+    assert not (second / "audit.log").exists()

@@ -237,9 +237,10 @@ class AuditLog:
     """An append-only, hash-chained JSON-lines file."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fspath = os.fspath(path)
-        self._committer = _committer(path)
+        # Absolute from the start: a process that changes directory later still writes the file it named.
+        self.path = Path(os.path.abspath(path))
+        self._fspath = os.fspath(self.path)
+        self._committer = _committer(self.path)
 
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r})"
