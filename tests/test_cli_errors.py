@@ -42,6 +42,16 @@ def test_missing_input_file(local_key: tuple[Path, Path], tmp_path: Path) -> Non
     assert listing(tmp_path) == set()
 
 
+def test_output_in_a_missing_directory(local_key: tuple[Path, Path], tmp_path: Path) -> None:
+    key, cert = local_key
+    data = tmp_path / "f"
+    data.write_bytes(b"x")
+    result = run_keyseal("sign", "--key", f"file:{key}", "--cert", cert, "-o", tmp_path / "absent" / "f.asc", data)
+    assert_one_line_error(result)
+    assert f"cannot write {tmp_path / 'absent' / 'f.asc'}: No such file or directory" in result.stderr
+    assert listing(tmp_path) == {"f"}
+
+
 def test_missing_key_file(tmp_path: Path) -> None:
     data = tmp_path / "f"
     data.write_bytes(b"x")

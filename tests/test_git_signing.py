@@ -303,3 +303,8 @@ def test_git_setup_print_mode_and_refusals(tmp_path: Path) -> None:
         assert_one_line_error(result)
         assert expected in result.stderr, result.stderr
     assert not data.with_name("buffer.sig").exists()
+    # A signature that cannot be written is named as such (not as a failure to run ssh-keygen).
+    data.with_name("buffer.sig").mkdir()
+    result = run_program("keyseal-ssh-keygen", "-q", "-Y", "sign", "-n", "git", "-f", custody.uri, data)
+    assert_one_line_error(result)  # -q: without the "Signing file" progress line ssh-keygen writes too
+    assert f"cannot write {data}.sig: Is a directory" in result.stderr, result.stderr

@@ -19,6 +19,7 @@ __all__ = [
     "KeyURIError",
     "KeysealError",
     "OpenPGPError",
+    "OutputError",
     "OutputExistsError",
     "RecordRollbackError",
     "StoreConflictError",
@@ -102,6 +103,15 @@ class InvalidKeyFileError(KeysealError):
 
 class OutputExistsError(KeysealError):
     """An output file exists and --force was not given, or an output would overwrite an input."""
+
+
+class OutputError(KeysealError, OSError):
+    """An output file cannot be written (a missing directory, a full disk, a directory in its place). Also an
+    OSError with the cause's errno and strerror, for callers that treat a failed write like any other I/O error."""
+
+    def __init__(self, message: str, cause: OSError) -> None:
+        super().__init__(message)
+        self.errno, self.strerror = cause.errno, cause.strerror
 
 
 class InputError(KeysealError):

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from keyseal.errors import OutputExistsError
+from keyseal.errors import OutputError, OutputExistsError
 
 __all__ = ["before_rename", "directory_locked", "fsync_directory", "refuse_existing", "write_atomic"]
 
@@ -27,8 +27,18 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, force: bool = Tr
     """Write `data` to a temporary file beside `path`, fsync it, rename it over `path`, fsync the directory.
 
     With force=False an existing `path` is refused at rename time too (a hard link that fails if the target
-    exists), so two concurrent writers cannot both win.
+    exists), so two concurrent writers cannot both win. A write that fails raises OutputError naming `path`
+    (also an OSError, with the cause's errno).
     """
+    try:
+        _write_atomic(path, data, mode, force)
+    except OSError as exc:
+        if isinstance(exc, OutputError):
+            raise
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}", exc) from exc
+
+
+def _write_atomic(path: Path, data: bytes, mode: int, force: bool) -> None:
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     tmp = Path(tmp_name)

@@ -210,13 +210,11 @@ def main(argv: list[str] | None = None) -> NoReturn:
     try:
         if not is_sign(arguments):
             program = real_ssh_keygen()
-            os.execv(program, [program, *arguments])  # noqa: S606 - becomes OpenSSH's ssh-keygen
+            try:
+                os.execv(program, [program, *arguments])  # noqa: S606 - becomes OpenSSH's ssh-keygen
+            except OSError as exc:
+                raise KeysealError(f"cannot run ssh-keygen {program}: {exc.strerror}") from exc
         code = run_sign(parse_arguments(arguments))
-    except OSError as exc:
-        if isinstance(exc, BrokenPipeError):
-            code = report(exc, SSH_EXIT_CODES)
-        else:
-            code = report(KeysealError(f"cannot run ssh-keygen: {exc.strerror}"), SSH_EXIT_CODES)
     except SystemExit:
         raise
     except BaseException as exc:  # every other way out: one line and a status (cli.guard)
