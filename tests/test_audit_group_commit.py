@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -91,6 +92,7 @@ def test_one_signer_pays_one_fsync_per_signature(tmp_path: Path, monkeypatch: py
 _SIGNER = """
 import hashlib, os, sys, threading
 from pathlib import Path
+from typing import Any
 from keyseal._internal import audit
 from keyseal._internal.backends import open_signer
 
@@ -326,3 +328,66 @@ def test_without_a_writer_thread_each_caller_writes_its_line(tmp_path: Path,
             thread.join(timeout=30)
         assert not any(thread.is_alive() for thread in threads)
     assert verify_log(log).lines == THREADS * 25
+
+
+def test_a_line_queued_as_the_idle_writer_ends_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer thread decides to end (idle) and lets go of the queue's lock before it is gone: a line queued
+    in that moment, while a checkpoint holds the file, is still written once the checkpoint is done (by a writer
+    started for it), and its caller does not sleep for ever. The writer is held at that moment by a trace
+    function, the checkpoint inside its fdatasync."""
+    from keyseal._internal.audit import log as audit_log
+
+    monkeypatch.setattr(audit_log, "WRITER_IDLE_SECONDS", 0.05)
+    uri, _ = file_key(tmp_path)
+    log = tmp_path / "audit.log"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
+    ending, resume = threading.Event(), threading.Event()
+
+    def trace_writer(frame: Any, event: str, arg: object) -> Any:
+        if event == "call" and frame.f_code.co_name == "_write_batches" and not ending.is_set():
+            return trace_return
+        return None
+
+    def trace_return(frame: Any, event: str, arg: object) -> Any:
+        if event == "return":  # the idle writer's end: the lock is let go, the thread not yet gone
+            ending.set()
+            resume.wait(10)
+        return trace_return
+
+    real_sync, hold, syncing, gate = os.fdatasync, threading.Event(), threading.Event(), threading.Event()
+
+    def held_sync(fd: int) -> None:
+        if hold.is_set():
+            hold.clear()
+            syncing.set()
+            gate.wait(10)
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", held_sync)
+    before = threading.gettrace()
+    threading.settrace(trace_writer)
+    try:
+        with open_signer(uri) as signer:
+            signer.sign_digest(bytes(32), "sha256")  # starts the writer thread, which then runs idle
+        assert ending.wait(10), "the writer thread did not end"
+    finally:
+        threading.settrace(before)  # type: ignore[arg-type]
+    hold.set()
+    checkpointer = threading.Thread(target=lambda: audit.AuditLog(log).checkpoint(force=True), daemon=True)
+    checkpointer.start()
+    assert syncing.wait(10)
+    signer = open_signer(uri)
+    late = threading.Thread(target=signer.sign_digest, args=(hashlib.sha256(b"late").digest(), "sha256"),
+                            daemon=True)
+    late.start()
+    threading.Event().wait(0.2)  # queued, and asleep until its line is durable
+    resume.set()
+    gate.set()
+    checkpointer.join(timeout=10)
+    late.join(timeout=10)
+    stuck = late.is_alive()
+    signer.sign_digest(bytes(32), "sha256")  # the next line starts a writer: it frees a caller left asleep
+    late.join(timeout=10)
+    signer.close()
+    assert not stuck, "a line queued as the idle writer ended was not written until the next line came"
+    assert verify_log(log).lines == 4

@@ -423,7 +423,7 @@ class AuditLog:
         committer = self._committer
         try:
             self._write_batches()
-        finally:  # idle (or an error that cannot happen): the next line starts another writer
+        finally:  # an error that cannot happen: the next line starts another writer
             with committer.lock:
                 if committer.writer is threading.current_thread():
                     committer.writer, committer.waiting_for = None, 0
@@ -444,6 +444,8 @@ class AuditLog:
                     committer.waiting_for = aim
                     if not committer.work.wait(timeout) and not deadline and not committer.queue and \
                             not committer.leading and not committer.sole_waiting:
+                        # Gone under the same lock: a line queued from now on starts another writer.
+                        committer.writer, committer.waiting_for = None, 0
                         return
                 committer.waiting_for = 0
                 batch, committer.queue = committer.queue, []
