@@ -24,6 +24,7 @@ from keyseal._internal import audit
 from keyseal._internal.audit import verify_log
 from keyseal._internal.audit.checkpoint import load_keys
 from keyseal._internal.backends import open_signer
+from keyseal.errors import AuditError
 
 THREADS = 4
 
@@ -95,6 +96,7 @@ from pathlib import Path
 from typing import Any
 from keyseal._internal import audit
 from keyseal._internal.backends import open_signer
+from keyseal.errors import AuditError
 
 out, uri, run = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 signer = open_signer(uri)
@@ -391,3 +393,71 @@ def test_a_line_queued_as_the_idle_writer_ends_is_written(tmp_path: Path, monkey
     signer.close()
     assert not stuck, "a line queued as the idle writer ended was not written until the next line came"
     assert verify_log(log).lines == 4
+
+
+def test_an_interrupt_while_a_caller_writes_others_lines_stays_its_own(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller done signing before the writer thread runs writes the queued lines itself, other callers' with
+    its own. A KeyboardInterrupt there (Ctrl-C in a main thread that signs) is raised in that caller alone: the
+    other callers of the batch get an AuditError (their signatures are discarded), never an interrupt they did
+    not have, and the log goes on. The writer thread is held before its first batch by a trace function, the
+    batch inside its fdatasync when SIGINT comes."""
+    log = audit.AuditLog(tmp_path / "audit.log")
+    started, resume = threading.Event(), threading.Event()
+
+    def trace_writer(frame: Any, event: str, arg: object) -> Any:
+        if event == "call" and frame.f_code.co_name == "_write_batches" and not started.is_set():
+            started.set()
+            resume.wait(10)
+        return None
+
+    real_sync, syncing = os.fdatasync, threading.Event()
+
+    def interrupted_sync(fd: int) -> None:
+        if not syncing.is_set():
+            syncing.set()
+            threading.Event().wait(10)  # until SIGINT
+        real_sync(fd)
+
+    outcome: list[BaseException | None] = []
+    ready, go = threading.Event(), threading.Event()
+
+    def other() -> None:
+        pending = log.submit({"outcome": "ok", "subject": "other"})
+        ready.set()
+        go.wait(10)
+        try:
+            log.settle(pending)
+            outcome.append(None)
+        except BaseException as exc:  # what the caller hears is the point
+            outcome.append(exc)
+
+    before = threading.gettrace()
+    threading.settrace(trace_writer)
+    try:
+        caller = threading.Thread(target=other, daemon=True)
+        caller.start()  # its line starts the writer thread, held before it takes any
+        assert ready.wait(10) and started.wait(10)
+    finally:
+        threading.settrace(before)  # type: ignore[arg-type]
+    monkeypatch.setattr(os, "fdatasync", interrupted_sync)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert threading.current_thread() is threading.main_thread()  # where Python raises KeyboardInterrupt
+    main = threading.get_ident()
+    interrupter = threading.Thread(target=lambda: (syncing.wait(10), signal.pthread_kill(main, signal.SIGINT)),
+                                   daemon=True)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            log.append({"outcome": "ok", "subject": "main"})  # writes both lines: the writer has not run
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        resume.set()
+        go.set()
+        interrupter.join(timeout=10)
+        caller.join(timeout=10)
+    monkeypatch.setattr(os, "fdatasync", real_sync)
+    assert len(outcome) == 1 and isinstance(outcome[0], AuditError), repr(outcome)
+    log.append({"outcome": "ok", "subject": "after"})
+    verify_log(log.path)
+    assert json.loads(log.path.read_bytes().splitlines()[-1])["subject"] == "after"

@@ -460,17 +460,27 @@ class AuditLog:
 
     def _commit_batch(self, batch: list[Pending]) -> int:
         """Write one batch; every caller in it learns the outcome (an error: nothing of the batch was kept).
-        Returns how many of its callers were asleep waiting for their line."""
+        Returns how many of its callers were asleep waiting for their line. An interrupt (KeyboardInterrupt in
+        a caller writing the batch itself) is raised here, once the others have their error: an AuditError,
+        not an interrupt their threads never had."""
+        interrupted: BaseException | None = None
         try:
             self._commit(batch)
-        except BaseException as exc:
+        except Exception as exc:
             for item in batch:
                 item.error = exc
+        except BaseException as exc:
+            interrupted = exc
+            error = AuditError(f"writing the audit log {self.path} was interrupted")
+            for item in batch:
+                item.error = error
         woken = 0
         for item in batch:
             item.done = True
             woken += item.waiting
             item.signal.release()
+        if interrupted is not None:
+            raise interrupted
         return woken
 
     def _commit(self, batch: list[Pending]) -> None:
