@@ -444,8 +444,13 @@ def test_an_interrupt_while_a_caller_writes_others_lines_stays_its_own(tmp_path:
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     assert threading.current_thread() is threading.main_thread()  # where Python raises KeyboardInterrupt
     main = threading.get_ident()
-    interrupter = threading.Thread(target=lambda: (syncing.wait(10), signal.pthread_kill(main, signal.SIGINT)),
-                                   daemon=True)
+
+    def interrupt() -> None:
+        syncing.wait(10)
+        threading.Event().wait(0.1)  # asleep by then: a signal just before the sleep would not end it
+        signal.pthread_kill(main, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt, daemon=True)
     interrupter.start()
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -461,3 +466,59 @@ def test_an_interrupt_while_a_caller_writes_others_lines_stays_its_own(tmp_path:
     log.append({"outcome": "ok", "subject": "after"})
     verify_log(log.path)
     assert json.loads(log.path.read_bytes().splitlines()[-1])["subject"] == "after"
+
+
+def test_an_interrupted_checkpoint_lets_the_writer_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint waiting for the file while a line is queued: the writer thread lets it go first. If the
+    checkpoint is interrupted (KeyboardInterrupt) just as the file is let go for it, the writer writes the line
+    then, rather than when more lines come or after WRITER_IDLE_SECONDS. Another checkpoint holds the file
+    (inside its fdatasync) while the line is queued and the interrupted one waits; it sends SIGINT as it ends."""
+    uri, _ = file_key(tmp_path)
+    log = tmp_path / "audit.log"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
+    signer = open_signer(uri)
+    signer.sign_digest(bytes(32), "sha256")  # the writer thread is running; the key signs checkpoints
+    real_sync, hold, syncing, gate = os.fdatasync, threading.Event(), threading.Event(), threading.Event()
+
+    def held_sync(fd: int) -> None:
+        if hold.is_set():
+            hold.clear()
+            syncing.set()
+            gate.wait(10)
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", held_sync)
+    assert threading.current_thread() is threading.main_thread()  # where Python raises KeyboardInterrupt
+    main = threading.get_ident()
+
+    def first_checkpoint() -> None:
+        audit.AuditLog(log).checkpoint(force=True)
+        signal.pthread_kill(main, signal.SIGINT)  # at once: the main thread has not run since it was let go
+
+    hold.set()
+    first = threading.Thread(target=first_checkpoint, daemon=True)
+    first.start()
+    assert syncing.wait(10)
+    line = threading.Thread(target=signer.sign_digest, args=(hashlib.sha256(b"queued").digest(), "sha256"),
+                            daemon=True)
+    line.start()
+    opener = threading.Timer(0.3, gate.set)  # once the line is queued and the checkpoint below waits
+    opener.daemon = True
+    opener.start()
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            audit.AuditLog(log).checkpoint(force=True)
+            threading.Event().wait(10)  # (had it been written before the interrupt came)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        gate.set()
+        first.join(timeout=10)
+    line.join(timeout=5)
+    stuck = line.is_alive()
+    signer.sign_digest(bytes(32), "sha256")  # the next line wakes the writer: it frees a caller left asleep
+    line.join(timeout=10)
+    signer.close()
+    assert not stuck, "the queued line waited for the writer's idle timeout after the checkpoint was interrupted"
+    records = [json.loads(raw) for raw in log.read_bytes().splitlines()]
+    assert [r.get("kind", "signature") for r in records] == ["signature", "checkpoint", "signature", "signature"]

@@ -355,8 +355,11 @@ class AuditLog:
             try:
                 while committer.leading:
                     committer.cond.wait()
-            finally:
+            except BaseException:  # interrupted (KeyboardInterrupt), perhaps as the lead was let go for it
                 committer.sole_waiting -= 1
+                self._lead_next()
+                raise
+            committer.sole_waiting -= 1
             committer.leading = True
         try:
             yield
@@ -397,14 +400,20 @@ class AuditLog:
 
     def _give_up_lead(self) -> None:
         """Let a waiting checkpoint or rotation have the file next, else the writer."""
+        with self._committer.lock:
+            self._committer.leading = False
+            self._lead_next()
+
+    def _lead_next(self) -> None:
+        """Under the lock, unless someone leads: wake a waiting checkpoint or rotation, else the writer."""
         committer = self._committer
-        with committer.lock:
-            committer.leading = False
-            if committer.sole_waiting:
-                committer.cond.notify_all()
-            elif committer.queue and committer.waiting_for:
-                committer.waiting_for = 0
-                committer.work.notify()
+        if committer.leading:
+            return
+        if committer.sole_waiting:
+            committer.cond.notify_all()
+        elif committer.queue and committer.waiting_for:
+            committer.waiting_for = 0
+            committer.work.notify()
 
     def _take_queue(self) -> list[Pending]:
         committer = self._committer
