@@ -522,3 +522,60 @@ def test_an_interrupted_checkpoint_lets_the_writer_go_on(tmp_path: Path, monkeyp
     assert not stuck, "the queued line waited for the writer's idle timeout after the checkpoint was interrupted"
     records = [json.loads(raw) for raw in log.read_bytes().splitlines()]
     assert [r.get("kind", "signature") for r in records] == ["signature", "checkpoint", "signature", "signature"]
+
+
+@pytest.mark.parametrize("operation", ["checkpoint", "rotate"])
+def test_a_child_forked_during_a_checkpoint_or_rotation_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               operation: str) -> None:
+    """A child forked while another thread checkpoints or rotates the log (the file locked, inside its
+    fdatasync) has no copy of the lock: it writes its lines once the parent's thread is done, and so does the
+    parent while the child lives."""
+    uri, _ = file_key(tmp_path)
+    log = tmp_path / "audit.log"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
+    real_sync, real_fsync = os.fdatasync, os.fsync
+    hold, syncing, gate = threading.Event(), threading.Event(), threading.Event()
+
+    def held(sync: Any) -> Any:
+        def wrapper(fd: int) -> None:
+            if hold.is_set():
+                hold.clear()
+                syncing.set()
+                gate.wait(10)
+            sync(fd)
+        return wrapper
+
+    monkeypatch.setattr(os, "fdatasync", held(real_sync))  # a checkpoint's line
+    monkeypatch.setattr(os, "fsync", held(real_fsync))  # a rotation's new file
+    with open_signer(uri) as signer:
+        signer.sign_digest(bytes(32), "sha256")  # the key signs checkpoints
+        hold.set()
+        busy = threading.Thread(target=getattr(audit.AuditLog(log), operation), daemon=True,
+                                kwargs={"force": True} if operation == "checkpoint" else {})
+        busy.start()
+        assert syncing.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: sign, and report by the exit status only
+            code = 1
+            try:
+                signer.sign_digest(hashlib.sha256(b"child").digest(), "sha256")
+                code = 0
+            finally:
+                os._exit(code)
+        threading.Event().wait(0.3)  # the child waits for the lock by then (before a rotation moves the file)
+        gate.set()
+        busy.join(timeout=10)
+        for _ in range(200):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            threading.Event().wait(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the child forked during the checkpoint or rotation did not write its line within 10 s")
+        assert os.waitstatus_to_exitcode(status) == 0
+        signer.sign_digest(hashlib.sha256(b"parent").digest(), "sha256")
+    kinds = [json.loads(raw).get("kind", "signature") for raw in log.read_bytes().splitlines()]
+    assert kinds == (["signature", "checkpoint"] if operation == "checkpoint" else ["continued"]) + \
+        ["signature", "signature"]

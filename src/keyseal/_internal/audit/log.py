@@ -332,7 +332,7 @@ class AuditLog:
             return None
         if not force and time.monotonic() - committer.last_checkpoint < checkpoint.interval_seconds():
             return None
-        with self._sole_writer(), _THREADS, self._locked() as fd:
+        with self._sole_writer(), _THREADS, self._held() as fd:
             size = _complete_size(fd, self.path)
             last = _last_line(fd, size, self.path)
             if last is None or _is_checkpoint(last):
@@ -370,7 +370,7 @@ class AuditLog:
         """Move the log aside (to `archive`, default `<log>.<UTC time>`) and start a new file whose first line
         (kind "continued") goes on from the old file's head and sequence. Writers in other processes that wait
         for the old file's lock notice it was replaced and write to the new one."""
-        with self._sole_writer(), _THREADS, self._locked() as fd:
+        with self._sole_writer(), _THREADS, self._held() as fd:
             size = _complete_size(fd, self.path)
             last = _last_line(fd, size, self.path)
             if last is None:
@@ -611,21 +611,16 @@ class AuditLog:
         raise AuditError(f"the audit log {self.path} keeps being replaced while keyseal writes to it")
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[int]:
-        """The log open and exclusively locked; if it was rotated while this waited for the lock, the new file."""
-        for _ in range(100):
-            with self._open() as fd:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    current = os.stat(self.path)
-                except FileNotFoundError:
-                    continue
-                held = os.fstat(fd)
-                if (held.st_dev, held.st_ino) != (current.st_dev, current.st_ino):
-                    continue  # moved aside by rotate(): the lines belong in the file now at the path
-                yield fd
-                return
-        raise AuditError(f"the audit log {self.path} keeps being replaced while keyseal writes to it")
+    def _held(self) -> Iterator[int]:
+        """`_hold` for a checkpoint or rotation (under _THREADS), unlocked after: the log locked through the
+        descriptor kept open, whose copy a forked child closes, so that no child keeps the lock held for ever;
+        if it was rotated while this waited for the lock, the new file."""
+        fd, _ = self._hold()
+        try:
+            yield fd
+        finally:
+            if self._committer.fd == fd:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def _open(self) -> Iterator[int]:
