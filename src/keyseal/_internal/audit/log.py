@@ -574,9 +574,10 @@ class AuditLog:
             raise AuditError(f"cannot append to the audit log {self.path}: {exc.strerror}") from exc
 
     def _hold(self) -> tuple[int, os.stat_result]:
-        """Like `_locked` (called under _THREADS), on a descriptor kept open between batches: the log locked,
-        with its status; the caller unlocks it (`flock(fd, LOCK_UN)`, if `committer.fd` is still `fd`). At most
-        MAX_OPEN_FILES logs stay open; the one least recently written is closed."""
+        """The log exclusively locked (called under _THREADS), on a descriptor kept open between batches, with
+        its status; if it was rotated while this waited for the lock, the new file. The caller unlocks it
+        (`flock(fd, LOCK_UN)`, if `committer.fd` is still `fd`). At most MAX_OPEN_FILES logs stay open; the one
+        least recently written is closed."""
         committer = self._committer
         for _ in range(100):
             if committer.fd < 0:
@@ -612,9 +613,8 @@ class AuditLog:
 
     @contextlib.contextmanager
     def _held(self) -> Iterator[int]:
-        """`_hold` for a checkpoint or rotation (under _THREADS), unlocked after: the log locked through the
-        descriptor kept open, whose copy a forked child closes, so that no child keeps the lock held for ever;
-        if it was rotated while this waited for the lock, the new file."""
+        """`_hold` for a checkpoint or rotation (under _THREADS), unlocked after: the log is locked through the
+        descriptor kept open, whose copy a forked child closes, so that no child keeps the lock for ever."""
         fd, _ = self._hold()
         try:
             yield fd
