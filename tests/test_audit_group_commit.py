@@ -579,3 +579,36 @@ def test_a_child_forked_during_a_checkpoint_or_rotation_writes(tmp_path: Path, m
     kinds = [json.loads(raw).get("kind", "signature") for raw in log.read_bytes().splitlines()]
     assert kinds == (["signature", "checkpoint"] if operation == "checkpoint" else ["continued"]) + \
         ["signature", "signature"]
+
+
+def test_a_log_that_cannot_be_looked_up_fails_the_batch_with_an_audit_error(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that fails before its write (here the log's directory was replaced by a file: the path cannot
+    be looked up) gives each of its callers an AuditError, as a failed write or fsync does, not the system
+    call's own error; once the directory is back, signing goes on."""
+    uri, _ = file_key(tmp_path)
+    directory = tmp_path / "logs"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(directory / "audit.log"))
+    with open_signer(uri) as signer:
+        signer.sign_digest(bytes(32), "sha256")
+        directory.rename(tmp_path / "moved")
+        directory.write_bytes(b"")
+        errors: list[BaseException] = []
+
+        def sign(number: int) -> None:
+            try:
+                signer.sign_digest(hashlib.sha256(str(number).encode()).digest(), "sha256")
+            except BaseException as exc:  # what each caller hears is the point
+                errors.append(exc)
+
+        threads = [threading.Thread(target=sign, args=(n,), daemon=True) for n in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert len(errors) == THREADS and all(isinstance(exc, AuditError) for exc in errors), errors
+        assert "Not a directory" in str(errors[0])
+        directory.unlink()
+        (tmp_path / "moved").rename(directory)
+        signer.sign_digest(bytes(32), "sha256")
+    assert verify_log(directory / "audit.log").lines == 2

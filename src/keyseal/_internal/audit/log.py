@@ -476,8 +476,11 @@ class AuditLog:
         try:
             self._commit(batch)
         except Exception as exc:
+            failed: Exception = exc
+            if isinstance(exc, OSError):  # before the write (a lookup, a lock, a read): as a failed write says it
+                failed = AuditError(f"cannot append to the audit log {self.path}: {exc.strerror or exc}")
             for item in batch:
-                item.error = exc
+                item.error = failed
         except BaseException as exc:
             interrupted = exc
             error = AuditError(f"writing the audit log {self.path} was interrupted")
