@@ -612,3 +612,86 @@ def test_a_log_that_cannot_be_looked_up_fails_the_batch_with_an_audit_error(tmp_
         (tmp_path / "moved").rename(directory)
         signer.sign_digest(bytes(32), "sha256")
     assert verify_log(directory / "audit.log").lines == 2
+
+
+def test_an_interrupt_as_a_caller_gives_up_the_file_still_gives_it_up(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that wrote the queued lines itself gives the file up again under the queue's lock. A
+    KeyboardInterrupt while it waits for that lock is raised there once the file is given up: the line queued
+    meanwhile is written, its caller does not sleep for ever. The writer thread holds the lock meanwhile (held
+    by a trace function as it is about to wait on it), the caller's batch inside its fdatasync until then."""
+    log = audit.AuditLog(tmp_path / "audit.log")
+    started, resume, armed, holding, let_go = (threading.Event() for _ in range(5))
+
+    def trace_writer(frame: Any, event: str, arg: object) -> Any:
+        if event == "call" and frame.f_code.co_name == "_write_batches" and not started.is_set():
+            started.set()  # before its first batch
+            resume.wait(10)
+        elif event == "call" and frame.f_code.co_name == "wait" and frame.f_globals["__name__"] == "threading" and \
+                armed.is_set() and not holding.is_set():
+            holding.set()  # woken by the queued line, about to wait again: the queue's lock is held
+            let_go.wait(10)
+        return None
+
+    real_sync, syncing, gate = os.fdatasync, threading.Event(), threading.Event()
+
+    def held_sync(fd: int) -> None:
+        if not syncing.is_set():
+            syncing.set()
+            gate.wait(10)
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", held_sync)
+    outcome: list[BaseException | None] = []
+
+    def queued() -> None:
+        pending = log.submit({"outcome": "ok", "subject": "queued"})
+        try:
+            log.settle(pending)
+            outcome.append(None)
+        except BaseException as exc:  # what the caller hears is the point
+            outcome.append(exc)
+
+    assert threading.current_thread() is threading.main_thread()  # where Python raises KeyboardInterrupt
+    main = threading.get_ident()
+    line = threading.Thread(target=queued, daemon=True)
+
+    def orchestrate() -> None:
+        syncing.wait(10)  # the main thread writes its batch
+        resume.set()
+        threading.Event().wait(0.2)  # the writer waits for the file
+        armed.set()
+        line.start()  # wakes the writer, which then holds the lock
+        holding.wait(10)
+        gate.set()
+        threading.Event().wait(0.2)  # the main thread waits for the lock to give the file up
+        signal.pthread_kill(main, signal.SIGINT)
+        threading.Event().wait(0.1)
+        let_go.set()
+
+    before = threading.gettrace()
+    threading.settrace(trace_writer)
+    try:
+        log.submit({"outcome": "ok", "subject": "first"})  # starts the writer thread, held before it writes
+        assert started.wait(10)
+    finally:
+        threading.settrace(before)  # type: ignore[arg-type]
+    orchestrator = threading.Thread(target=orchestrate, daemon=True)
+    orchestrator.start()
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            log.append({"outcome": "ok", "subject": "main"})  # writes the first line with its own
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        resume.set()
+        gate.set()
+        let_go.set()
+        orchestrator.join(timeout=10)
+        line.join(timeout=5)
+    stuck = line.is_alive()
+    monkeypatch.setattr(os, "fdatasync", real_sync)
+    assert not stuck, "the file was never given up: the queued line's caller sleeps for ever"
+    assert outcome == [None]
+    subjects = [json.loads(raw)["subject"] for raw in log.path.read_bytes().splitlines()]
+    assert subjects == ["first", "main", "queued"]

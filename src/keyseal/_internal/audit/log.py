@@ -399,10 +399,21 @@ class AuditLog:
         return archive
 
     def _give_up_lead(self) -> None:
-        """Let a waiting checkpoint or rotation have the file next, else the writer."""
-        with self._committer.lock:
-            self._committer.leading = False
-            self._lead_next()
+        """Let a waiting checkpoint or rotation have the file next, else the writer. An interrupt while this
+        waits for the lock (KeyboardInterrupt in a caller that wrote the lines itself) is raised once it is done:
+        a lead never given up would leave every caller waiting for ever."""
+        committer = self._committer
+        given_up = False
+        try:
+            with committer.lock:
+                committer.leading, given_up = False, True
+                self._lead_next()
+        except BaseException:
+            with committer.lock:
+                if not given_up:
+                    committer.leading = False
+                self._lead_next()  # (nothing if another took the lead meanwhile)
+            raise
 
     def _lead_next(self) -> None:
         """Under the lock, unless someone leads: wake a waiting checkpoint or rotation, else the writer."""
