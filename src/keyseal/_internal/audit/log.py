@@ -586,6 +586,10 @@ class AuditLog:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, size)  # still under the lock: no one else appended since
             raise AuditError(f"cannot append to the audit log {self.path}: {exc.strerror}") from exc
+        except BaseException:  # interrupted (KeyboardInterrupt): every caller of the batch hears an error
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
 
     def _hold(self) -> tuple[int, os.stat_result]:
         """The log exclusively locked (called under _THREADS), on a descriptor kept open between batches, with
