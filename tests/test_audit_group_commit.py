@@ -93,10 +93,8 @@ def test_one_signer_pays_one_fsync_per_signature(tmp_path: Path, monkeypatch: py
 _SIGNER = """
 import hashlib, os, sys, threading
 from pathlib import Path
-from typing import Any
 from keyseal._internal import audit
 from keyseal._internal.backends import open_signer
-from keyseal.errors import AuditError
 
 out, uri, run = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 signer = open_signer(uri)
