@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -23,6 +24,7 @@ from keyseal._internal import audit
 from keyseal._internal.audit import verify_log
 from keyseal._internal.audit.checkpoint import load_keys
 from keyseal._internal.backends import open_signer
+from keyseal.errors import AuditError
 
 THREADS = 4
 
@@ -328,23 +330,6 @@ def test_without_a_writer_thread_each_caller_writes_its_line(tmp_path: Path,
     assert verify_log(log).lines == THREADS * 25
 
 
-def test_a_log_path_that_cannot_be_looked_up_is_an_audit_error(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The log's directory replaced by a file after keyseal opened the log: the next signature is refused with
-    an AuditError naming the log (the caller's one-line message), not an OSError, and nothing is handed out."""
-    uri, _ = file_key(tmp_path)
-    directory = tmp_path / "audit"
-    log = directory / "audit.log"
-    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
-    with open_signer(uri) as signer:
-        signer.sign_digest(bytes(32), "sha256")  # the log is open, its tail known
-        directory.rename(tmp_path / "moved")
-        directory.write_bytes(b"not a directory")
-        with pytest.raises(audit.AuditError, match=r"cannot append to the audit log .*audit\.log: Not a directory"):
-            signer.sign_digest(hashlib.sha256(b"refused").digest(), "sha256")
-    assert verify_log(tmp_path / "moved" / "audit.log").lines == 1
-
-
 def test_a_relative_log_path_stays_the_file_it_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """KEYSEAL_AUDIT_LOG relative to the directory the signer was opened in: a later chdir does not start a
     second log (with a chain of its own) somewhere else."""
@@ -360,3 +345,367 @@ def test_a_relative_log_path_stays_the_file_it_named(tmp_path: Path, monkeypatch
         signer.sign_digest(hashlib.sha256(b"after chdir").digest(), "sha256")
     assert verify_log(first / "audit.log").lines == 2
     assert not (second / "audit.log").exists()
+def test_a_line_queued_as_the_idle_writer_ends_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer thread decides to end (idle) and lets go of the queue's lock before it is gone: a line queued
+    in that moment, while a checkpoint holds the file, is still written once the checkpoint is done (by a writer
+    started for it), and its caller does not sleep for ever. The writer is held at that moment by a trace
+    function, the checkpoint inside its fdatasync."""
+    from keyseal._internal.audit import log as audit_log
+
+    monkeypatch.setattr(audit_log, "WRITER_IDLE_SECONDS", 0.05)
+    uri, _ = file_key(tmp_path)
+    log = tmp_path / "audit.log"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
+    ending, resume = threading.Event(), threading.Event()
+
+    def trace_writer(frame: Any, event: str, arg: object) -> Any:
+        if event == "call" and frame.f_code.co_name == "_write_batches" and not ending.is_set():
+            return trace_return
+        return None
+
+    def trace_return(frame: Any, event: str, arg: object) -> Any:
+        if event == "return":  # the idle writer's end: the lock is let go, the thread not yet gone
+            ending.set()
+            resume.wait(10)
+        return trace_return
+
+    real_sync, hold, syncing, gate = os.fdatasync, threading.Event(), threading.Event(), threading.Event()
+
+    def held_sync(fd: int) -> None:
+        if hold.is_set():
+            hold.clear()
+            syncing.set()
+            gate.wait(10)
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", held_sync)
+    before = threading.gettrace()
+    threading.settrace(trace_writer)
+    try:
+        with open_signer(uri) as signer:
+            signer.sign_digest(bytes(32), "sha256")  # starts the writer thread, which then runs idle
+        assert ending.wait(10), "the writer thread did not end"
+    finally:
+        threading.settrace(before)  # type: ignore[arg-type]
+    hold.set()
+    checkpointer = threading.Thread(target=lambda: audit.AuditLog(log).checkpoint(force=True), daemon=True)
+    checkpointer.start()
+    assert syncing.wait(10)
+    signer = open_signer(uri)
+    late = threading.Thread(target=signer.sign_digest, args=(hashlib.sha256(b"late").digest(), "sha256"),
+                            daemon=True)
+    late.start()
+    threading.Event().wait(0.2)  # queued, and asleep until its line is durable
+    resume.set()
+    gate.set()
+    checkpointer.join(timeout=10)
+    late.join(timeout=10)
+    stuck = late.is_alive()
+    signer.sign_digest(bytes(32), "sha256")  # the next line starts a writer: it frees a caller left asleep
+    late.join(timeout=10)
+    signer.close()
+    assert not stuck, "a line queued as the idle writer ended was not written until the next line came"
+    assert verify_log(log).lines == 4
+
+
+def test_an_interrupt_while_a_caller_writes_others_lines_stays_its_own(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller done signing before the writer thread runs writes the queued lines itself, other callers' with
+    its own. A KeyboardInterrupt there (Ctrl-C in a main thread that signs) is raised in that caller alone: the
+    other callers of the batch get an AuditError (their signatures are discarded), never an interrupt they did
+    not have, and the log goes on. The writer thread is held before its first batch by a trace function, the
+    batch inside its fdatasync when SIGINT comes."""
+    log = audit.AuditLog(tmp_path / "audit.log")
+    started, resume = threading.Event(), threading.Event()
+
+    def trace_writer(frame: Any, event: str, arg: object) -> Any:
+        if event == "call" and frame.f_code.co_name == "_write_batches" and not started.is_set():
+            started.set()
+            resume.wait(10)
+        return None
+
+    real_sync, syncing = os.fdatasync, threading.Event()
+
+    def interrupted_sync(fd: int) -> None:
+        if not syncing.is_set():
+            syncing.set()
+            threading.Event().wait(10)  # until SIGINT
+        real_sync(fd)
+
+    outcome: list[BaseException | None] = []
+    ready, go = threading.Event(), threading.Event()
+
+    def other() -> None:
+        pending = log.submit({"outcome": "ok", "subject": "other"})
+        ready.set()
+        go.wait(10)
+        try:
+            log.settle(pending)
+            outcome.append(None)
+        except BaseException as exc:  # what the caller hears is the point
+            outcome.append(exc)
+
+    before = threading.gettrace()
+    threading.settrace(trace_writer)
+    try:
+        caller = threading.Thread(target=other, daemon=True)
+        caller.start()  # its line starts the writer thread, held before it takes any
+        assert ready.wait(10) and started.wait(10)
+    finally:
+        threading.settrace(before)  # type: ignore[arg-type]
+    monkeypatch.setattr(os, "fdatasync", interrupted_sync)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert threading.current_thread() is threading.main_thread()  # where Python raises KeyboardInterrupt
+    main = threading.get_ident()
+
+    def interrupt() -> None:
+        syncing.wait(10)
+        threading.Event().wait(0.1)  # asleep by then: a signal just before the sleep would not end it
+        signal.pthread_kill(main, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt, daemon=True)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            log.append({"outcome": "ok", "subject": "main"})  # writes both lines: the writer has not run
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        resume.set()
+        go.set()
+        interrupter.join(timeout=10)
+        caller.join(timeout=10)
+    monkeypatch.setattr(os, "fdatasync", real_sync)
+    assert len(outcome) == 1 and isinstance(outcome[0], AuditError), repr(outcome)
+    log.append({"outcome": "ok", "subject": "after"})
+    verify_log(log.path)
+    # Nothing of the interrupted batch stays (its callers all heard an error), as after a failed write.
+    assert [json.loads(raw)["subject"] for raw in log.path.read_bytes().splitlines()] == ["after"]
+
+
+def test_an_interrupted_checkpoint_lets_the_writer_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint waiting for the file while a line is queued: the writer thread lets it go first. If the
+    checkpoint is interrupted (KeyboardInterrupt) just as the file is let go for it, the writer writes the line
+    then, rather than when more lines come or after WRITER_IDLE_SECONDS. Another checkpoint holds the file
+    (inside its fdatasync) while the line is queued and the interrupted one waits; it sends SIGINT as it ends."""
+    uri, _ = file_key(tmp_path)
+    log = tmp_path / "audit.log"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
+    signer = open_signer(uri)
+    signer.sign_digest(bytes(32), "sha256")  # the writer thread is running; the key signs checkpoints
+    real_sync, hold, syncing, gate = os.fdatasync, threading.Event(), threading.Event(), threading.Event()
+
+    def held_sync(fd: int) -> None:
+        if hold.is_set():
+            hold.clear()
+            syncing.set()
+            gate.wait(10)
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", held_sync)
+    assert threading.current_thread() is threading.main_thread()  # where Python raises KeyboardInterrupt
+    main = threading.get_ident()
+
+    def first_checkpoint() -> None:
+        audit.AuditLog(log).checkpoint(force=True)
+        signal.pthread_kill(main, signal.SIGINT)  # at once: the main thread has not run since it was let go
+
+    hold.set()
+    first = threading.Thread(target=first_checkpoint, daemon=True)
+    first.start()
+    assert syncing.wait(10)
+    line = threading.Thread(target=signer.sign_digest, args=(hashlib.sha256(b"queued").digest(), "sha256"),
+                            daemon=True)
+    line.start()
+    opener = threading.Timer(0.3, gate.set)  # once the line is queued and the checkpoint below waits
+    opener.daemon = True
+    opener.start()
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            audit.AuditLog(log).checkpoint(force=True)
+            threading.Event().wait(10)  # (had it been written before the interrupt came)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        gate.set()
+        first.join(timeout=10)
+    line.join(timeout=5)
+    stuck = line.is_alive()
+    signer.sign_digest(bytes(32), "sha256")  # the next line wakes the writer: it frees a caller left asleep
+    line.join(timeout=10)
+    signer.close()
+    assert not stuck, "the queued line waited for the writer's idle timeout after the checkpoint was interrupted"
+    records = [json.loads(raw) for raw in log.read_bytes().splitlines()]
+    assert [r.get("kind", "signature") for r in records] == ["signature", "checkpoint", "signature", "signature"]
+
+
+@pytest.mark.parametrize("operation", ["checkpoint", "rotate"])
+def test_a_child_forked_during_a_checkpoint_or_rotation_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               operation: str) -> None:
+    """A child forked while another thread checkpoints or rotates the log (the file locked, inside its
+    fdatasync) has no copy of the lock: it writes its lines once the parent's thread is done, and so does the
+    parent while the child lives."""
+    uri, _ = file_key(tmp_path)
+    log = tmp_path / "audit.log"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
+    real_sync, real_fsync = os.fdatasync, os.fsync
+    hold, syncing, gate = threading.Event(), threading.Event(), threading.Event()
+
+    def held(sync: Any) -> Any:
+        def wrapper(fd: int) -> None:
+            if hold.is_set():
+                hold.clear()
+                syncing.set()
+                gate.wait(10)
+            sync(fd)
+        return wrapper
+
+    monkeypatch.setattr(os, "fdatasync", held(real_sync))  # a checkpoint's line
+    monkeypatch.setattr(os, "fsync", held(real_fsync))  # a rotation's new file
+    with open_signer(uri) as signer:
+        signer.sign_digest(bytes(32), "sha256")  # the key signs checkpoints
+        hold.set()
+        busy = threading.Thread(target=getattr(audit.AuditLog(log), operation), daemon=True,
+                                kwargs={"force": True} if operation == "checkpoint" else {})
+        busy.start()
+        assert syncing.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: sign, and report by the exit status only
+            code = 1
+            try:
+                signer.sign_digest(hashlib.sha256(b"child").digest(), "sha256")
+                code = 0
+            finally:
+                os._exit(code)
+        threading.Event().wait(0.3)  # the child waits for the lock by then (before a rotation moves the file)
+        gate.set()
+        busy.join(timeout=10)
+        for _ in range(200):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            threading.Event().wait(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the child forked during the checkpoint or rotation did not write its line within 10 s")
+        assert os.waitstatus_to_exitcode(status) == 0
+        signer.sign_digest(hashlib.sha256(b"parent").digest(), "sha256")
+    kinds = [json.loads(raw).get("kind", "signature") for raw in log.read_bytes().splitlines()]
+    assert kinds == (["signature", "checkpoint"] if operation == "checkpoint" else ["continued"]) + \
+        ["signature", "signature"]
+
+
+def test_a_log_that_cannot_be_looked_up_fails_the_batch_with_an_audit_error(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that fails before its write (here the log's directory was replaced by a file: the path cannot
+    be looked up) gives each of its callers an AuditError, as a failed write or fsync does, not the system
+    call's own error; once the directory is back, signing goes on."""
+    uri, _ = file_key(tmp_path)
+    directory = tmp_path / "logs"
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(directory / "audit.log"))
+    with open_signer(uri) as signer:
+        signer.sign_digest(bytes(32), "sha256")
+        directory.rename(tmp_path / "moved")
+        directory.write_bytes(b"")
+        errors: list[BaseException] = []
+
+        def sign(number: int) -> None:
+            try:
+                signer.sign_digest(hashlib.sha256(str(number).encode()).digest(), "sha256")
+            except BaseException as exc:  # what each caller hears is the point
+                errors.append(exc)
+
+        threads = [threading.Thread(target=sign, args=(n,), daemon=True) for n in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert len(errors) == THREADS and all(isinstance(exc, AuditError) for exc in errors), errors
+        assert "Not a directory" in str(errors[0])
+        directory.unlink()
+        (tmp_path / "moved").rename(directory)
+        signer.sign_digest(bytes(32), "sha256")
+    assert verify_log(directory / "audit.log").lines == 2
+
+
+def test_an_interrupt_as_a_caller_gives_up_the_file_still_gives_it_up(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that wrote the queued lines itself gives the file up again under the queue's lock. A
+    KeyboardInterrupt while it waits for that lock is raised there once the file is given up: the line queued
+    meanwhile is written, its caller does not sleep for ever. The writer thread holds the lock meanwhile (held
+    by a trace function as it is about to wait on it), the caller's batch inside its fdatasync until then."""
+    log = audit.AuditLog(tmp_path / "audit.log")
+    started, resume, armed, holding, let_go = (threading.Event() for _ in range(5))
+
+    def trace_writer(frame: Any, event: str, arg: object) -> Any:
+        if event == "call" and frame.f_code.co_name == "_write_batches" and not started.is_set():
+            started.set()  # before its first batch
+            resume.wait(10)
+        elif event == "call" and frame.f_code.co_name == "wait" and frame.f_globals["__name__"] == "threading" and \
+                armed.is_set() and not holding.is_set():
+            holding.set()  # woken by the queued line, about to wait again: the queue's lock is held
+            let_go.wait(10)
+        return None
+
+    real_sync, syncing, gate = os.fdatasync, threading.Event(), threading.Event()
+
+    def held_sync(fd: int) -> None:
+        if not syncing.is_set():
+            syncing.set()
+            gate.wait(10)
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", held_sync)
+    outcome: list[BaseException | None] = []
+
+    def queued() -> None:
+        pending = log.submit({"outcome": "ok", "subject": "queued"})
+        try:
+            log.settle(pending)
+            outcome.append(None)
+        except BaseException as exc:  # what the caller hears is the point
+            outcome.append(exc)
+
+    assert threading.current_thread() is threading.main_thread()  # where Python raises KeyboardInterrupt
+    main = threading.get_ident()
+    line = threading.Thread(target=queued, daemon=True)
+
+    def orchestrate() -> None:
+        syncing.wait(10)  # the main thread writes its batch
+        resume.set()
+        threading.Event().wait(0.2)  # the writer waits for the file
+        armed.set()
+        line.start()  # wakes the writer, which then holds the lock
+        holding.wait(10)
+        gate.set()
+        threading.Event().wait(0.2)  # the main thread waits for the lock to give the file up
+        signal.pthread_kill(main, signal.SIGINT)
+        threading.Event().wait(0.1)
+        let_go.set()
+
+    before = threading.gettrace()
+    threading.settrace(trace_writer)
+    try:
+        log.submit({"outcome": "ok", "subject": "first"})  # starts the writer thread, held before it writes
+        assert started.wait(10)
+    finally:
+        threading.settrace(before)  # type: ignore[arg-type]
+    orchestrator = threading.Thread(target=orchestrate, daemon=True)
+    orchestrator.start()
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            log.append({"outcome": "ok", "subject": "main"})  # writes the first line with its own
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        resume.set()
+        gate.set()
+        let_go.set()
+        orchestrator.join(timeout=10)
+        line.join(timeout=5)
+    stuck = line.is_alive()
+    monkeypatch.setattr(os, "fdatasync", real_sync)
+    assert not stuck, "the file was never given up: the queued line's caller sleeps for ever"
+    assert outcome == [None]
+    subjects = [json.loads(raw)["subject"] for raw in log.path.read_bytes().splitlines()]
+    assert subjects == ["first", "main", "queued"]

@@ -333,7 +333,7 @@ class AuditLog:
             return None
         if not force and time.monotonic() - committer.last_checkpoint < checkpoint.interval_seconds():
             return None
-        with self._sole_writer(), _THREADS, self._locked() as fd:
+        with self._sole_writer(), _THREADS, self._held() as fd:
             size = _complete_size(fd, self.path)
             last = _last_line(fd, size, self.path)
             if last is None or _is_checkpoint(last):
@@ -356,8 +356,11 @@ class AuditLog:
             try:
                 while committer.leading:
                     committer.cond.wait()
-            finally:
+            except BaseException:  # interrupted (KeyboardInterrupt), perhaps as the lead was let go for it
                 committer.sole_waiting -= 1
+                self._lead_next()
+                raise
+            committer.sole_waiting -= 1
             committer.leading = True
         try:
             yield
@@ -368,7 +371,7 @@ class AuditLog:
         """Move the log aside (to `archive`, default `<log>.<UTC time>`) and start a new file whose first line
         (kind "continued") goes on from the old file's head and sequence. Writers in other processes that wait
         for the old file's lock notice it was replaced and write to the new one."""
-        with self._sole_writer(), _THREADS, self._locked() as fd:
+        with self._sole_writer(), _THREADS, self._held() as fd:
             size = _complete_size(fd, self.path)
             last = _last_line(fd, size, self.path)
             if last is None:
@@ -397,15 +400,32 @@ class AuditLog:
         return archive
 
     def _give_up_lead(self) -> None:
-        """Let a waiting checkpoint or rotation have the file next, else the writer."""
+        """Let a waiting checkpoint or rotation have the file next, else the writer. An interrupt while this
+        waits for the lock (KeyboardInterrupt in a caller that wrote the lines itself) is raised once it is done:
+        a lead never given up would leave every caller waiting for ever."""
         committer = self._committer
-        with committer.lock:
-            committer.leading = False
-            if committer.sole_waiting:
-                committer.cond.notify_all()
-            elif committer.queue and committer.waiting_for:
-                committer.waiting_for = 0
-                committer.work.notify()
+        given_up = False
+        try:
+            with committer.lock:
+                committer.leading, given_up = False, True
+                self._lead_next()
+        except BaseException:
+            with committer.lock:
+                if not given_up:
+                    committer.leading = False
+                self._lead_next()  # (nothing if another took the lead meanwhile)
+            raise
+
+    def _lead_next(self) -> None:
+        """Under the lock, unless someone leads: wake a waiting checkpoint or rotation, else the writer."""
+        committer = self._committer
+        if committer.leading:
+            return
+        if committer.sole_waiting:
+            committer.cond.notify_all()
+        elif committer.queue and committer.waiting_for:
+            committer.waiting_for = 0
+            committer.work.notify()
 
     def _take_queue(self) -> list[Pending]:
         committer = self._committer
@@ -424,7 +444,7 @@ class AuditLog:
         committer = self._committer
         try:
             self._write_batches()
-        finally:  # idle (or an error that cannot happen): the next line starts another writer
+        finally:  # an error that cannot happen: the next line starts another writer
             with committer.lock:
                 if committer.writer is threading.current_thread():
                     committer.writer, committer.waiting_for = None, 0
@@ -445,6 +465,8 @@ class AuditLog:
                     committer.waiting_for = aim
                     if not committer.work.wait(timeout) and not deadline and not committer.queue and \
                             not committer.leading and not committer.sole_waiting:
+                        # Gone under the same lock: a line queued from now on starts another writer.
+                        committer.writer, committer.waiting_for = None, 0
                         return
                 committer.waiting_for = 0
                 batch, committer.queue = committer.queue, []
@@ -459,17 +481,30 @@ class AuditLog:
 
     def _commit_batch(self, batch: list[Pending]) -> int:
         """Write one batch; every caller in it learns the outcome (an error: nothing of the batch was kept).
-        Returns how many of its callers were asleep waiting for their line."""
+        Returns how many of its callers were asleep waiting for their line. An interrupt (KeyboardInterrupt in
+        a caller writing the batch itself) is raised here, once the others have their error: an AuditError,
+        not an interrupt their threads never had."""
+        interrupted: BaseException | None = None
         try:
             self._commit(batch)
-        except BaseException as exc:
+        except Exception as exc:
+            failed: Exception = exc
+            if isinstance(exc, OSError):  # before the write (a lookup, a lock, a read): as a failed write says it
+                failed = AuditError(f"cannot append to the audit log {self.path}: {exc.strerror or exc}")
             for item in batch:
-                item.error = exc
+                item.error = failed
+        except BaseException as exc:
+            interrupted = exc
+            error = AuditError(f"writing the audit log {self.path} was interrupted")
+            for item in batch:
+                item.error = error
         woken = 0
         for item in batch:
             item.done = True
             woken += item.waiting
             item.signal.release()
+        if interrupted is not None:
+            raise interrupted
         return woken
 
     def _commit(self, batch: list[Pending]) -> None:
@@ -480,10 +515,7 @@ class AuditLog:
             return
         checkpoints: list[dict[str, object]] = []
         with _THREADS:
-            try:
-                fd, held = self._hold()
-            except OSError as exc:  # the path cannot be looked up or locked (a directory replaced, a lock refused)
-                raise AuditError(f"cannot append to the audit log {self.path}: {exc.strerror or exc}") from exc
+            fd, held = self._hold()
             try:
                 tail = committer.tail
                 if tail is not None and tail[:3] == (held.st_dev, held.st_ino, held.st_size) and \
@@ -555,11 +587,16 @@ class AuditLog:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, size)  # still under the lock: no one else appended since
             raise AuditError(f"cannot append to the audit log {self.path}: {exc.strerror}") from exc
+        except BaseException:  # interrupted (KeyboardInterrupt): every caller of the batch hears an error
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
 
     def _hold(self) -> tuple[int, os.stat_result]:
-        """Like `_locked` (called under _THREADS), on a descriptor kept open between batches: the log locked,
-        with its status; the caller unlocks it (`flock(fd, LOCK_UN)`, if `committer.fd` is still `fd`). At most
-        MAX_OPEN_FILES logs stay open; the one least recently written is closed."""
+        """The log exclusively locked (called under _THREADS), on a descriptor kept open between batches, with
+        its status; if it was rotated while this waited for the lock, the new file. The caller unlocks it
+        (`flock(fd, LOCK_UN)`, if `committer.fd` is still `fd`). At most MAX_OPEN_FILES logs stay open; the one
+        least recently written is closed."""
         committer = self._committer
         for _ in range(100):
             if committer.fd < 0:
@@ -594,21 +631,15 @@ class AuditLog:
         raise AuditError(f"the audit log {self.path} keeps being replaced while keyseal writes to it")
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[int]:
-        """The log open and exclusively locked; if it was rotated while this waited for the lock, the new file."""
-        for _ in range(100):
-            with self._open() as fd:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    current = os.stat(self.path)
-                except FileNotFoundError:
-                    continue
-                held = os.fstat(fd)
-                if (held.st_dev, held.st_ino) != (current.st_dev, current.st_ino):
-                    continue  # moved aside by rotate(): the lines belong in the file now at the path
-                yield fd
-                return
-        raise AuditError(f"the audit log {self.path} keeps being replaced while keyseal writes to it")
+    def _held(self) -> Iterator[int]:
+        """`_hold` for a checkpoint or rotation (under _THREADS), unlocked after: the log is locked through the
+        descriptor kept open, whose copy a forked child closes, so that no child keeps the lock for ever."""
+        fd, _ = self._hold()
+        try:
+            yield fd
+        finally:
+            if self._committer.fd == fd:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def _open(self) -> Iterator[int]:
