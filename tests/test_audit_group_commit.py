@@ -709,3 +709,66 @@ def test_an_interrupt_as_a_caller_gives_up_the_file_still_gives_it_up(tmp_path: 
     assert outcome == [None]
     subjects = [json.loads(raw)["subject"] for raw in log.path.read_bytes().splitlines()]
     assert subjects == ["first", "main", "queued"]
+
+
+def test_a_line_lost_with_an_interrupted_batch_refuses_its_signature(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no writer thread, a caller that takes the queue (another caller's line in it) and is stopped before
+    it writes loses that line; the other caller must then get an AuditError, never its signature without a line."""
+    from keyseal._internal.audit import log as audit_log
+    from keyseal._internal.audit.signer import unwrap
+
+    real_start = threading.Thread.start
+
+    def refuse_writer(thread: threading.Thread) -> None:
+        if thread.name == "keyseal-audit-writer":
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse_writer)
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first_uri, _ = file_key(tmp_path / "first")
+    second_uri, _ = file_key(tmp_path / "second")
+    monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(tmp_path / "audit.log"))
+    real_take = audit_log.AuditLog._take_queue
+    stopped = threading.Event()
+
+    def take_then_stop(self: audit_log.AuditLog) -> list[audit_log.Pending]:
+        batch = real_take(self)
+        if len(batch) > 1 and not stopped.is_set():  # the other caller's line is in it: stopped, as by an interrupt
+            stopped.set()
+            raise KeyboardInterrupt
+        return batch
+
+    monkeypatch.setattr(audit_log.AuditLog, "_take_queue", take_then_stop)
+    outcome: dict[str, BaseException | bytes] = {}
+    with open_signer(first_uri) as first, open_signer(second_uri) as second:
+        first.sign_digest(bytes(32), "sha256")
+        second.sign_digest(bytes(32), "sha256")
+        # The second custody signs only once the first caller was stopped: its line is queued meanwhile.
+        custody = unwrap(second)
+        real_sign = custody.sign_digest
+        monkeypatch.setattr(custody, "sign_digest", lambda digest, hash_name: (stopped.wait(30),
+                                                                               real_sign(digest, hash_name))[1])
+
+        def sign(name: str, signer: Any) -> None:
+            try:
+                outcome[name] = signer.sign_digest(hashlib.sha256(name.encode()).digest(), "sha256")
+            except BaseException as exc:  # what each caller hears is the point
+                outcome[name] = exc
+
+        queued = threading.Thread(target=sign, args=("second", second), daemon=True)
+        queued.start()
+        for _ in range(600):  # its line is queued before its custody is asked
+            if audit_log._committer(tmp_path / "audit.log").queue:
+                break
+            threading.Event().wait(0.01)
+        taker = threading.Thread(target=sign, args=("first", first), daemon=True)
+        taker.start()  # queues its line, signs, takes both lines and is stopped
+        for thread in (taker, queued):
+            thread.join(timeout=30)
+    assert stopped.is_set()
+    assert isinstance(outcome["first"], KeyboardInterrupt)
+    assert isinstance(outcome["second"], audit.AuditError), outcome["second"]
+    assert "was not written" in str(outcome["second"])

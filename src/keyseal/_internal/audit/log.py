@@ -318,6 +318,8 @@ class AuditLog:
             raise AuditError(item.error.message) from None
         if item.error is not None:
             raise item.error
+        if not item.done:  # its batch was taken by a caller stopped before writing it: no line, so no signature
+            raise AuditError(f"the line for this signature was not written to the audit log {self.path}")
 
     def append(self, entry: Mapping[str, object], custody: Custody | None = None) -> dict[str, object]:
         """Append `entry` as a line, durably (`submit` and `wait`); returns the record as written."""
