@@ -43,6 +43,56 @@ def file_key(tmp_path: Path, slow: bool = False) -> tuple[str, Path]:
     return f"file:{pem}", public
 
 
+def child_status(pid: int, seconds: float, late: str) -> int:
+    """The forked child's exit status; killed, and the test failed with `late`, if it runs longer than that."""
+    for _ in range(int(seconds / 0.05)):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        threading.Event().wait(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail(f"{late} within {seconds:g} s")
+
+
+def left_asleep(signer: Any, caller: threading.Thread, seconds: float) -> bool:
+    """Whether `caller` still waits for its line after `seconds`. Then one more line (it starts or wakes the
+    writer) frees a caller left asleep, and the signer is closed."""
+    caller.join(timeout=seconds)
+    stuck = caller.is_alive()
+    signer.sign_digest(bytes(32), "sha256")
+    caller.join(timeout=10)
+    signer.close()
+    return stuck
+
+
+def refuse_writer_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No writer thread can be started, as in an interpreter shutting down (which refuses new threads)."""
+    real_start = threading.Thread.start
+
+    def refuse_writer(thread: threading.Thread) -> None:
+        if thread.name == "keyseal-audit-writer":
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse_writer)
+
+
+def hold_next_fdatasync(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event, threading.Event]:
+    """(hold, syncing, gate): once `hold` is set, the next fdatasync sets `syncing` and waits for `gate`."""
+    real_sync, hold, syncing, gate = os.fdatasync, threading.Event(), threading.Event(), threading.Event()
+
+    def held_sync(fd: int) -> None:
+        if hold.is_set():
+            hold.clear()
+            syncing.set()
+            gate.wait(10)
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", held_sync)
+    return hold, syncing, gate
+
+
 @pytest.mark.slow
 def test_concurrent_signers_share_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uri, _ = file_key(tmp_path)
@@ -196,16 +246,7 @@ def test_a_forked_child_writes_its_own_lines(tmp_path: Path, monkeypatch: pytest
                 os._exit(code)
         for index in range(200):  # at the same time as the child: the two must exclude each other
             signer.sign_digest(hashlib.sha256(f"parent-{index}".encode()).digest(), "sha256")
-        for _ in range(600):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            threading.Event().wait(0.05)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child did not finish signing within 30 s")
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert child_status(pid, 30, "the forked child did not finish signing") == 0
         signer.sign_digest(bytes(32), "sha256")
     assert verify_log(log).lines == 402
 
@@ -303,14 +344,7 @@ def test_without_a_writer_thread_each_caller_writes_its_line(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Where no thread can be started (an interpreter shutting down refuses new threads), callers write the
     queued lines themselves: every signature still has its durable line, one chain."""
-    real_start = threading.Thread.start
-
-    def refuse_writer(thread: threading.Thread) -> None:
-        if thread.name == "keyseal-audit-writer":
-            raise RuntimeError("can't create new thread at interpreter shutdown")
-        real_start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", refuse_writer)
+    refuse_writer_threads(monkeypatch)
     uri, _ = file_key(tmp_path)
     log = tmp_path / "audit.log"
     monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
@@ -369,16 +403,7 @@ def test_a_line_queued_as_the_idle_writer_ends_is_written(tmp_path: Path, monkey
             resume.wait(10)
         return trace_return
 
-    real_sync, hold, syncing, gate = os.fdatasync, threading.Event(), threading.Event(), threading.Event()
-
-    def held_sync(fd: int) -> None:
-        if hold.is_set():
-            hold.clear()
-            syncing.set()
-            gate.wait(10)
-        real_sync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", held_sync)
+    hold, syncing, gate = hold_next_fdatasync(monkeypatch)
     before = threading.gettrace()
     threading.settrace(trace_writer)
     try:
@@ -399,12 +424,8 @@ def test_a_line_queued_as_the_idle_writer_ends_is_written(tmp_path: Path, monkey
     resume.set()
     gate.set()
     checkpointer.join(timeout=10)
-    late.join(timeout=10)
-    stuck = late.is_alive()
-    signer.sign_digest(bytes(32), "sha256")  # the next line starts a writer: it frees a caller left asleep
-    late.join(timeout=10)
-    signer.close()
-    assert not stuck, "a line queued as the idle writer ended was not written until the next line came"
+    assert not left_asleep(signer, late, 10), \
+        "a line queued as the idle writer ended was not written until the next line came"
     assert verify_log(log).lines == 4
 
 
@@ -492,16 +513,7 @@ def test_an_interrupted_checkpoint_lets_the_writer_go_on(tmp_path: Path, monkeyp
     monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
     signer = open_signer(uri)
     signer.sign_digest(bytes(32), "sha256")  # the writer thread is running; the key signs checkpoints
-    real_sync, hold, syncing, gate = os.fdatasync, threading.Event(), threading.Event(), threading.Event()
-
-    def held_sync(fd: int) -> None:
-        if hold.is_set():
-            hold.clear()
-            syncing.set()
-            gate.wait(10)
-        real_sync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", held_sync)
+    hold, syncing, gate = hold_next_fdatasync(monkeypatch)
     assert threading.current_thread() is threading.main_thread()  # where Python raises KeyboardInterrupt
     main = threading.get_ident()
 
@@ -528,12 +540,8 @@ def test_an_interrupted_checkpoint_lets_the_writer_go_on(tmp_path: Path, monkeyp
         signal.signal(signal.SIGINT, handler)
         gate.set()
         first.join(timeout=10)
-    line.join(timeout=5)
-    stuck = line.is_alive()
-    signer.sign_digest(bytes(32), "sha256")  # the next line wakes the writer: it frees a caller left asleep
-    line.join(timeout=10)
-    signer.close()
-    assert not stuck, "the queued line waited for the writer's idle timeout after the checkpoint was interrupted"
+    assert not left_asleep(signer, line, 5), \
+        "the queued line waited for the writer's idle timeout after the checkpoint was interrupted"
     records = [json.loads(raw) for raw in log.read_bytes().splitlines()]
     assert [r.get("kind", "signature") for r in records] == ["signature", "checkpoint", "signature", "signature"]
 
@@ -579,16 +587,7 @@ def test_a_child_forked_during_a_checkpoint_or_rotation_writes(tmp_path: Path, m
         threading.Event().wait(0.3)  # the child waits for the lock by then (before a rotation moves the file)
         gate.set()
         busy.join(timeout=10)
-        for _ in range(200):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            threading.Event().wait(0.05)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the child forked during the checkpoint or rotation did not write its line within 10 s")
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert child_status(pid, 10, "the child forked during the checkpoint or rotation did not write its line") == 0
         signer.sign_digest(hashlib.sha256(b"parent").digest(), "sha256")
     kinds = [json.loads(raw).get("kind", "signature") for raw in log.read_bytes().splitlines()]
     assert kinds == (["signature", "checkpoint"] if operation == "checkpoint" else ["continued"]) + \
@@ -718,14 +717,7 @@ def test_a_line_lost_with_an_interrupted_batch_refuses_its_signature(tmp_path: P
     from keyseal._internal.audit import log as audit_log
     from keyseal._internal.audit.signer import unwrap
 
-    real_start = threading.Thread.start
-
-    def refuse_writer(thread: threading.Thread) -> None:
-        if thread.name == "keyseal-audit-writer":
-            raise RuntimeError("can't create new thread at interpreter shutdown")
-        real_start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", refuse_writer)
+    refuse_writer_threads(monkeypatch)
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()
     first_uri, _ = file_key(tmp_path / "first")
