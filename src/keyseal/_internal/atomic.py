@@ -33,8 +33,6 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, force: bool = Tr
     try:
         _write_atomic(path, data, mode, force)
     except OSError as exc:
-        if isinstance(exc, OutputError):
-            raise
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}", exc) from exc
 
 

@@ -277,10 +277,7 @@ def _make_dirs(root: Path, leaf: Path) -> None:
 def _write_public(path: Path, data: bytes) -> None:
     from keyseal._internal.atomic import write_atomic
 
-    try:
-        write_atomic(path, data, mode=0o644)
-    except OSError as exc:
-        raise KeysealError(f"cannot write {path}: {exc.strerror}") from exc
+    write_atomic(path, data, mode=0o644)  # a failure is an OutputError: "cannot write PATH: reason"
 
 
 # -- fetching ----------------------------------------------------------------------------------------------
