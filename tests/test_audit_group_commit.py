@@ -78,18 +78,23 @@ def refuse_writer_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(threading.Thread, "start", refuse_writer)
 
 
-def hold_next_fdatasync(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event, threading.Event]:
-    """(hold, syncing, gate): once `hold` is set, the next fdatasync sets `syncing` and waits for `gate`."""
-    real_sync, hold, syncing, gate = os.fdatasync, threading.Event(), threading.Event(), threading.Event()
+def hold_next_sync(monkeypatch: pytest.MonkeyPatch,
+                   *calls: str) -> tuple[threading.Event, threading.Event, threading.Event]:
+    """(hold, syncing, gate): once `hold` is set, the next of the `calls` (os.fdatasync unless others are named)
+    sets `syncing` and waits for `gate`."""
+    hold, syncing, gate = threading.Event(), threading.Event(), threading.Event()
 
-    def held_sync(fd: int) -> None:
-        if hold.is_set():
-            hold.clear()
-            syncing.set()
-            gate.wait(10)
-        real_sync(fd)
+    def held(sync: Any) -> Any:
+        def held_sync(fd: int) -> None:
+            if hold.is_set():
+                hold.clear()
+                syncing.set()
+                gate.wait(10)
+            sync(fd)
+        return held_sync
 
-    monkeypatch.setattr(os, "fdatasync", held_sync)
+    for name in calls or ("fdatasync",):
+        monkeypatch.setattr(os, name, held(getattr(os, name)))
     return hold, syncing, gate
 
 
@@ -403,7 +408,7 @@ def test_a_line_queued_as_the_idle_writer_ends_is_written(tmp_path: Path, monkey
             resume.wait(10)
         return trace_return
 
-    hold, syncing, gate = hold_next_fdatasync(monkeypatch)
+    hold, syncing, gate = hold_next_sync(monkeypatch)
     before = threading.gettrace()
     threading.settrace(trace_writer)
     try:
@@ -513,7 +518,7 @@ def test_an_interrupted_checkpoint_lets_the_writer_go_on(tmp_path: Path, monkeyp
     monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
     signer = open_signer(uri)
     signer.sign_digest(bytes(32), "sha256")  # the writer thread is running; the key signs checkpoints
-    hold, syncing, gate = hold_next_fdatasync(monkeypatch)
+    hold, syncing, gate = hold_next_sync(monkeypatch)
     assert threading.current_thread() is threading.main_thread()  # where Python raises KeyboardInterrupt
     main = threading.get_ident()
 
@@ -555,20 +560,7 @@ def test_a_child_forked_during_a_checkpoint_or_rotation_writes(tmp_path: Path, m
     uri, _ = file_key(tmp_path)
     log = tmp_path / "audit.log"
     monkeypatch.setenv("KEYSEAL_AUDIT_LOG", str(log))
-    real_sync, real_fsync = os.fdatasync, os.fsync
-    hold, syncing, gate = threading.Event(), threading.Event(), threading.Event()
-
-    def held(sync: Any) -> Any:
-        def wrapper(fd: int) -> None:
-            if hold.is_set():
-                hold.clear()
-                syncing.set()
-                gate.wait(10)
-            sync(fd)
-        return wrapper
-
-    monkeypatch.setattr(os, "fdatasync", held(real_sync))  # a checkpoint's line
-    monkeypatch.setattr(os, "fsync", held(real_fsync))  # a rotation's new file
+    hold, syncing, gate = hold_next_sync(monkeypatch, "fdatasync", "fsync")  # a checkpoint's line, a rotation's file
     with open_signer(uri) as signer:
         signer.sign_digest(bytes(32), "sha256")  # the key signs checkpoints
         hold.set()

@@ -335,7 +335,7 @@ class AuditLog:
             return None
         if not force and time.monotonic() - committer.last_checkpoint < checkpoint.interval_seconds():
             return None
-        with self._sole_writer(), _THREADS, self._held() as fd:
+        with self._sole_writer(), _THREADS, self._held() as (fd, _):
             size = _complete_size(fd, self.path)
             last = _last_line(fd, size, self.path)
             if last is None or _is_checkpoint(last):
@@ -373,7 +373,7 @@ class AuditLog:
         """Move the log aside (to `archive`, default `<log>.<UTC time>`) and start a new file whose first line
         (kind "continued") goes on from the old file's head and sequence. Writers in other processes that wait
         for the old file's lock notice it was replaced and write to the new one."""
-        with self._sole_writer(), _THREADS, self._held() as fd:
+        with self._sole_writer(), _THREADS, self._held() as (fd, _):
             size = _complete_size(fd, self.path)
             last = _last_line(fd, size, self.path)
             if last is None:
@@ -516,50 +516,45 @@ class AuditLog:
         if not batch:
             return
         checkpoints: list[dict[str, object]] = []
-        with _THREADS:
-            fd, held = self._hold()
-            try:
-                tail = committer.tail
-                if tail is not None and tail[:3] == (held.st_dev, held.st_ino, held.st_size) and \
-                        _ends_in(fd, tail.size, tail.last):
-                    size, seq, prev, after_checkpoint = tail.size, tail.seq, tail.prev, tail.after_checkpoint
-                else:  # another process wrote since (or emptied it and wrote as much), or this one never did
-                    committer.tail = None
-                    size = _complete_size(fd, self.path)
-                    last = _last_line(fd, size, self.path)
-                    seq, prev = (1, GENESIS) if last is None else self._next_after(last)
-                    after_checkpoint = last is not None and _is_checkpoint(last)  # no second one in a row
-                now = time.monotonic() if every > 0 and by_time > 0 else 0.0  # once per batch: µs apart
-                chunks: list[bytes] = []
-                for item in batch:
-                    if item.custody is not None:
-                        committer.custody = item.custody
-                    if every > 0 and seq > 1 and not after_checkpoint and (
-                            seq % every == 0 or committer.retry_checkpoint
-                            or (by_time > 0 and now - committer.last_checkpoint >= by_time)):
-                        custody = item.custody or committer.custody
-                        made = None if custody is None else self._make_checkpoint(custody, seq, prev, every)
-                        if made is not None:
-                            line = _LINE.encode(made).encode("ascii")
-                            chunks.append(line + b"\n")
-                            checkpoints.append(made)
-                            seq, prev = seq + 1, line_hash(line)
-                    item.seq, item.prev = seq, prev
-                    if item.body is not None:  # the same bytes as encoding the record whole, fields spelt at submit
-                        line = f'{_START}{seq},"time":"{item.time}",{item.body},"prev":"{prev}"}}'.encode("ascii")
-                    else:
-                        line = _LINE.encode(item.written()).encode("ascii")
-                    item.line = line
-                    chunks.append(line + b"\n")
-                    seq, prev, after_checkpoint = seq + 1, line_hash(line), False
-                data = b"".join(chunks)
+        with _THREADS, self._held() as (fd, held):
+            tail = committer.tail
+            if tail is not None and tail[:3] == (held.st_dev, held.st_ino, held.st_size) and \
+                    _ends_in(fd, tail.size, tail.last):
+                size, seq, prev, after_checkpoint = tail.size, tail.seq, tail.prev, tail.after_checkpoint
+            else:  # another process wrote since (or emptied it and wrote as much), or this one never did
                 committer.tail = None
-                self._write(fd, size, data)
-                committer.tail = _Tail(held.st_dev, held.st_ino, size + len(data), seq, prev, after_checkpoint,
-                                       line)
-            finally:
-                if committer.fd == fd:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
+                size = _complete_size(fd, self.path)
+                last = _last_line(fd, size, self.path)
+                seq, prev = (1, GENESIS) if last is None else self._next_after(last)
+                after_checkpoint = last is not None and _is_checkpoint(last)  # no second one in a row
+            now = time.monotonic() if every > 0 and by_time > 0 else 0.0  # once per batch: µs apart
+            chunks: list[bytes] = []
+            for item in batch:
+                if item.custody is not None:
+                    committer.custody = item.custody
+                if every > 0 and seq > 1 and not after_checkpoint and (
+                        seq % every == 0 or committer.retry_checkpoint
+                        or (by_time > 0 and now - committer.last_checkpoint >= by_time)):
+                    custody = item.custody or committer.custody
+                    made = None if custody is None else self._make_checkpoint(custody, seq, prev, every)
+                    if made is not None:
+                        line = _LINE.encode(made).encode("ascii")
+                        chunks.append(line + b"\n")
+                        checkpoints.append(made)
+                        seq, prev = seq + 1, line_hash(line)
+                item.seq, item.prev = seq, prev
+                if item.body is not None:  # the same bytes as encoding the record whole, fields spelt at submit
+                    line = f'{_START}{seq},"time":"{item.time}",{item.body},"prev":"{prev}"}}'.encode("ascii")
+                else:
+                    line = _LINE.encode(item.written()).encode("ascii")
+                item.line = line
+                chunks.append(line + b"\n")
+                seq, prev, after_checkpoint = seq + 1, line_hash(line), False
+            data = b"".join(chunks)
+            committer.tail = None
+            self._write(fd, size, data)
+            committer.tail = _Tail(held.st_dev, held.st_ino, size + len(data), seq, prev, after_checkpoint,
+                                   line)
         for made in checkpoints:
             _emit(made)
 
@@ -585,13 +580,11 @@ class AuditLog:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             # fdatasync: the data and the size needed to read it back, without the modification time.
             os.fdatasync(fd)
-        except OSError as exc:
+        except BaseException as exc:  # failed, or interrupted (KeyboardInterrupt): every caller hears an error
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, size)  # still under the lock: no one else appended since
-            raise AuditError(f"cannot append to the audit log {self.path}: {exc.strerror}") from exc
-        except BaseException:  # interrupted (KeyboardInterrupt): every caller of the batch hears an error
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, size)
+            if isinstance(exc, OSError):
+                raise AuditError(f"cannot append to the audit log {self.path}: {exc.strerror}") from exc
             raise
 
     def _hold(self) -> tuple[int, os.stat_result]:
@@ -633,12 +626,13 @@ class AuditLog:
         raise AuditError(f"the audit log {self.path} keeps being replaced while keyseal writes to it")
 
     @contextlib.contextmanager
-    def _held(self) -> Iterator[int]:
-        """`_hold` for a checkpoint or rotation (under _THREADS), unlocked after: the log is locked through the
-        descriptor kept open, whose copy a forked child closes, so that no child keeps the lock for ever."""
-        fd, _ = self._hold()
+    def _held(self) -> Iterator[tuple[int, os.stat_result]]:
+        """`_hold` for a batch, a checkpoint or a rotation (under _THREADS), unlocked after: the log is locked
+        through the descriptor kept open, whose copy a forked child closes, so that no child keeps the lock for
+        ever."""
+        fd, status = self._hold()
         try:
-            yield fd
+            yield fd, status
         finally:
             if self._committer.fd == fd:
                 fcntl.flock(fd, fcntl.LOCK_UN)
