@@ -4,6 +4,7 @@ passes every one of these rewrites (checked here too, so the tests show what the
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -22,6 +23,7 @@ from keyseal._internal.audit import AuditLog, line_hash, verify_log
 from keyseal._internal.audit.checkpoint import load_keys
 from keyseal._internal.audit.log import GENESIS
 from keyseal._internal.backends import open_signer
+from keyseal.errors import AuditError
 from tests.conftest import assert_one_line_error, run_keyseal
 
 EVERY = 5
@@ -302,3 +304,30 @@ def test_a_long_running_process_checkpoints_after_a_quiet_spell(key: tuple[str, 
     sign(uri, 1, start=3)
     assert [r.get("kind") for r in lines_of(log_path)][-2:] == ["checkpoint", None]
     assert verify_log(log_path, keys=load_keys([public])).checkpoints == 2
+
+
+def test_a_checkpoint_in_a_batch_that_failed_is_still_due(key: tuple[str, Path], log_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint due by time goes into the batch of the next line; when that batch cannot be made durable,
+    nothing of it is in the file, so the checkpoint is still due at the line after (not a full interval later)."""
+    uri, public = key
+    monkeypatch.setenv("KEYSEAL_AUDIT_CHECKPOINT_LINES", "1000")
+    monkeypatch.setenv("KEYSEAL_AUDIT_CHECKPOINT_SECONDS", "30")
+    sign(uri, 2)
+    log = AuditLog(log_path)
+    monkeypatch.setattr(log._committer, "last_checkpoint", time.monotonic() - 31)  # due by time now
+    real_sync, failed = os.fdatasync, []
+
+    def failing_once(fd: int) -> None:
+        if not failed:
+            failed.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", failing_once)
+    with pytest.raises(AuditError, match="Input/output error"):
+        sign(uri, 1, start=2)
+    assert failed and [r.get("kind") for r in lines_of(log_path)] == [None, None]
+    sign(uri, 1, start=3)
+    assert [r.get("kind") for r in lines_of(log_path)] == [None, None, "checkpoint", None]
+    assert verify_log(log_path, keys=load_keys([public])).checkpoints == 1

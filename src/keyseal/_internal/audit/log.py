@@ -343,9 +343,11 @@ class AuditLog:
             seq, prev = self._next_after(last)
             record = self._make_checkpoint(custody, seq, prev, checkpoint.interval_lines())
             if record is None:
+                committer.retry_checkpoint = True
                 raise AuditError(f"cannot sign a checkpoint of the audit log {self.path}")
             data = _LINE.encode(record).encode("ascii") + b"\n"
             self._write(fd, size, data)
+            committer.last_checkpoint, committer.retry_checkpoint = time.monotonic(), False
         _emit(record)
         return record
 
@@ -528,16 +530,22 @@ class AuditLog:
                 seq, prev = (1, GENESIS) if last is None else self._next_after(last)
                 after_checkpoint = last is not None and _is_checkpoint(last)  # no second one in a row
             now = time.monotonic() if every > 0 and by_time > 0 else 0.0  # once per batch: µs apart
+            # What the checkpoints of this batch change, kept until it is written: a checkpoint in a batch that
+            # fails was not written, so it is still due (by time, or as a retry) at the next line.
+            last_checkpoint, retry = committer.last_checkpoint, committer.retry_checkpoint
             chunks: list[bytes] = []
             for item in batch:
                 if item.custody is not None:
                     committer.custody = item.custody
                 if every > 0 and seq > 1 and not after_checkpoint and (
-                        seq % every == 0 or committer.retry_checkpoint
-                        or (by_time > 0 and now - committer.last_checkpoint >= by_time)):
+                        seq % every == 0 or retry or (by_time > 0 and now - last_checkpoint >= by_time)):
                     custody = item.custody or committer.custody
-                    made = None if custody is None else self._make_checkpoint(custody, seq, prev, every)
+                    made = None
+                    if custody is not None:
+                        made = self._make_checkpoint(custody, seq, prev, every)
+                        retry = made is None
                     if made is not None:
+                        last_checkpoint = now or time.monotonic()
                         line = _LINE.encode(made).encode("ascii")
                         chunks.append(line + b"\n")
                         checkpoints.append(made)
@@ -553,14 +561,15 @@ class AuditLog:
             data = b"".join(chunks)
             committer.tail = None
             self._write(fd, size, data)
+            committer.last_checkpoint, committer.retry_checkpoint = last_checkpoint, retry
             committer.tail = _Tail(held.st_dev, held.st_ino, size + len(data), seq, prev, after_checkpoint,
                                    line)
         for made in checkpoints:
             _emit(made)
 
     def _make_checkpoint(self, custody: Custody, seq: int, prev: str, every: int) -> dict[str, object] | None:
-        """A signed checkpoint at `seq`, or None (logged) when the custody cannot sign one now."""
-        committer = self._committer
+        """A signed checkpoint at `seq`, or None (logged) when the custody cannot sign one now. The caller notes
+        it as made (or to retry) once its line is written."""
         try:
             made = checkpoint.make(custody.key, custody.fingerprint, custody.key_uri, seq=seq, time=utc_now(),
                                    prev=prev, every=every)
@@ -568,10 +577,7 @@ class AuditLog:
             reason = exc.message if isinstance(exc, KeysealError) else type(exc).__name__
             logger.warning("audit log %s: cannot sign a checkpoint at sequence %d: %s", self.path, seq,
                            one_line(reason))
-            committer.retry_checkpoint = True
             return None
-        committer.retry_checkpoint = False
-        committer.last_checkpoint = time.monotonic()
         return made
 
     def _write(self, fd: int, size: int, data: bytes) -> None:
