@@ -57,6 +57,21 @@ def test_pkcs11_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
     assert all(float(line.split()[4]) > 0 for line in file_table if line.startswith("p256"))
 
 
+def test_audit_steps_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
+    out = run_benchmark("audit_steps.py", "--signatures", "40", "--rounds", "2", "--threads", "2",
+                        home=short_tmp / "home", tmp_path=short_tmp)
+    rows = {line[:10].strip(): line[10:].split() for line in out.splitlines()[-9:-1]}
+    assert list(rows) == ["log", "raw", "bare, raw", "bare", "+ lines", "+ checks", "+ gather", "keyseal"]
+    # / raw, / bare, lines per fsync, CPU µs and runs per signature, then each round's / bare
+    assert rows["raw"][0] == "1.00" and rows["raw"][2] == "-" and rows["bare"][1] == "1.00"
+    for name, row in list(rows.items())[1:]:
+        assert len(row) == 7, name
+        ratios, cpu, runs = [float(row[0]), float(row[1]), *map(float, row[5:])], float(row[3]), float(row[4])
+        assert all(ratio > 0 for ratio in ratios) and cpu > 0 and runs >= 0, name
+        assert name == "raw" or 1 <= float(row[2]) <= 2  # 2 threads: one or two lines per fdatasync
+    assert rows["bare"][5:] == ["1.00", "1.00"]
+
+
 def test_sign_verify_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
     out = run_benchmark("sign_verify.py", "--size-mib", "1", "--rounds", "1", home=short_tmp / "home",
                         tmp_path=short_tmp)
