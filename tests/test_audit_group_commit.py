@@ -508,6 +508,71 @@ def test_an_interrupt_while_a_caller_writes_others_lines_stays_its_own(tmp_path:
     assert [json.loads(raw)["subject"] for raw in log.path.read_bytes().splitlines()] == ["after"]
 
 
+def test_an_interrupt_as_a_caller_starts_writing_others_lines_wakes_them(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that took the queue to write it itself, another caller's line in it (that caller asleep, waiting
+    for it), and is interrupted as it starts writing (a KeyboardInterrupt that arrives as the call begins, before
+    anything could be written) wakes the other with an AuditError rather than leave it asleep for ever; nothing
+    of the batch is in the file, and the log goes on. The writer thread is held before its first batch."""
+    from keyseal._internal.audit import log as audit_log
+
+    log = audit.AuditLog(tmp_path / "audit.log")
+    started, resume = threading.Event(), threading.Event()
+
+    def trace_writer(frame: Any, event: str, arg: object) -> Any:
+        if event == "call" and frame.f_code.co_name == "_write_batches" and not started.is_set():
+            started.set()
+            resume.wait(10)
+        return None
+
+    queued, taken, outcome = threading.Event(), threading.Event(), []
+
+    def other() -> None:
+        pending = log.submit({"outcome": "ok", "subject": "other"})
+        queued.set()
+        taken.wait(10)  # the main thread took the queue (this line in it) and writes it
+        try:
+            log.settle(pending)
+            outcome.append(None)
+        except BaseException as exc:  # what the caller hears is the point
+            outcome.append(exc)
+
+    real_commit_batch = audit_log.AuditLog._commit_batch
+
+    def interrupted_as_it_starts(self: audit_log.AuditLog, batch: list[audit_log.Pending]) -> int:
+        if threading.current_thread() is not threading.main_thread():
+            return real_commit_batch(self, batch)
+        asleep = next(item for item in batch if item.entry and item.entry.get("subject") == "other")
+        taken.set()
+        for _ in range(1000):
+            if asleep.waiting:
+                break
+            threading.Event().wait(0.01)
+        threading.Event().wait(0.05)  # on its signal by then
+        raise KeyboardInterrupt
+
+    before = threading.gettrace()
+    threading.settrace(trace_writer)
+    try:
+        caller = threading.Thread(target=other, daemon=True)
+        caller.start()  # its line starts the writer thread, held before it takes any
+        assert queued.wait(10) and started.wait(10)
+    finally:
+        threading.settrace(before)  # type: ignore[arg-type]
+    monkeypatch.setattr(audit_log.AuditLog, "_commit_batch", interrupted_as_it_starts)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            log.append({"outcome": "ok", "subject": "main"})  # takes both lines: the writer has not run
+        caller.join(timeout=10)
+    finally:
+        resume.set()
+    monkeypatch.setattr(audit_log.AuditLog, "_commit_batch", real_commit_batch)
+    assert not caller.is_alive() and len(outcome) == 1 and isinstance(outcome[0], AuditError), repr(outcome)
+    log.append({"outcome": "ok", "subject": "after"})
+    verify_log(log.path)
+    assert [json.loads(raw)["subject"] for raw in log.path.read_bytes().splitlines()] == ["after"]
+
+
 def test_an_interrupted_checkpoint_lets_the_writer_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint waiting for the file while a line is queued: the writer thread lets it go first. If the
     checkpoint is interrupted (KeyboardInterrupt) just as the file is let go for it, the writer writes the line

@@ -296,23 +296,28 @@ class AuditLog:
                 if not item.done:
                     self._commit_batch(self._take_queue())
         else:
-            with committer.lock:
-                # Not taken by the writer yet, which is not gathering more either (it was woken for it but has
-                # not run yet): write the queued lines here rather than wait for the writer. A thread hand-off
-                # costs about as much as a fast signature, and this caller is done signing.
-                own = bool(not item.done and committer.queue and not committer.leading and
-                           not committer.sole_waiting and committer.waiting_for < 2)
+            own, batch = False, []
+            try:
+                with committer.lock:
+                    # Not taken by the writer yet, which is not gathering more either (it was woken for it but
+                    # has not run yet): write the queued lines here rather than wait for the writer. A thread
+                    # hand-off costs about as much as a fast signature, and this caller is done signing.
+                    own = bool(not item.done and committer.queue and not committer.leading and
+                               not committer.sole_waiting and committer.waiting_for < 2)
+                    if own:
+                        committer.leading = True
+                        batch, committer.queue = committer.queue, []
+                    else:
+                        item.waiting = True
                 if own:
-                    committer.leading = True
-                    batch, committer.queue = committer.queue, []
-                else:
-                    item.waiting = True
-            if own:
-                try:
                     self._commit_batch(batch)
-                finally:
+            except BaseException:  # interrupted (KeyboardInterrupt) with others' lines taken: they must hear it
+                self._wake_unwritten(batch)
+                raise
+            finally:
+                if own:
                     self._give_up_lead()
-            elif not item.done:
+            if not own and not item.done:
                 item.signal.acquire()  # released by the writer once the line is done
         if isinstance(item.error, AuditError):  # one error for the whole batch: each caller raises its own
             raise AuditError(item.error.message) from None
@@ -430,6 +435,17 @@ class AuditLog:
         elif committer.queue and committer.waiting_for:
             committer.waiting_for = 0
             committer.work.notify()
+
+    def _wake_unwritten(self, batch: list[Pending]) -> None:
+        """After an interrupt in a caller that took `batch` to write it, before it could tell the batch's callers
+        anything (as the write began): each line not done is not in the file, and its caller, perhaps asleep
+        waiting for it, hears so rather than wait for ever. (Lines that were done were also woken: `_commit_batch`
+        marks and wakes each in turn.)"""
+        error = AuditError(f"writing the audit log {self.path} was interrupted")
+        for item in batch:
+            if not item.done:
+                item.error, item.done = error, True
+                item.signal.release()
 
     def _take_queue(self) -> list[Pending]:
         committer = self._committer
