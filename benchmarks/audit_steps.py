@@ -30,18 +30,14 @@ import argparse
 import fcntl
 import hashlib
 import os
-import shutil
 import statistics
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from isolation import fsync_latency, load_average, private_keyseal
-from pkcs11_sign import MODULE, PIN, TOKEN, setup_token
+from pkcs11_sign import MODULE, PIN, TOKEN, with_token
 
 STEPS = ("bare", "+ lines", "+ checks", "+ gather")
 
@@ -162,18 +158,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=4)
     args = parser.parse_args()
-    if not os.path.exists(MODULE) or not shutil.which("softhsm2-util"):
-        sys.exit("SoftHSM2 is required (Debian package softhsm2)")
-    work = Path(tempfile.mkdtemp(prefix="keyseal-steps-bench-"))
-    try:
-        private_keyseal(work)
-        print(f"load average before: {load_average()} ({os.cpu_count()} CPUs); append+fdatasync where the audit "
-              f"file is: {fsync_latency(work)}")
-        setup_token(work)
-        run(work, args.signatures, args.rounds, args.threads)
-        print(f"load average after: {load_average()}; append+fdatasync: {fsync_latency(work)}")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with_token("keyseal-steps-bench-", lambda work: run(work, args.signatures, args.rounds, args.threads))
 
 
 def measured(count: int, threads: int, sign: Callable[[bytes], object]) -> tuple[float, float, float]:

@@ -123,19 +123,26 @@ def main() -> None:
     parser.add_argument("--audit", choices=("off", "file", "both"), default="both")
     parser.add_argument("--key-types", default=",".join(KEY_TYPES))
     args = parser.parse_args()
-    if not os.path.exists(MODULE) or not shutil.which("softhsm2-util"):
-        sys.exit("SoftHSM2 is required (Debian package softhsm2)")
     key_types = [k for k in args.key_types.split(",") if k]
     if not key_types or any(k not in KEY_TYPES for k in key_types):
         sys.exit(f"--key-types: choose from {','.join(KEY_TYPES)}")
     modes = ["off", "file"] if args.audit == "both" else [args.audit]
-    work = Path(tempfile.mkdtemp(prefix="keyseal-p11-bench-"))
+    with_token("keyseal-p11-bench-",
+               lambda work: run(work, args.signatures, args.rounds, args.threads, modes, key_types))
+
+
+def with_token(prefix: str, measure: Callable[[Path], None]) -> None:
+    """`measure(work)` with keyseal's home, its audit file and a SoftHSM2 token in a temporary directory `work`
+    (removed after), the load average and the disk's fsync figures printed before and after."""
+    if not os.path.exists(MODULE) or not shutil.which("softhsm2-util"):
+        sys.exit("SoftHSM2 is required (Debian package softhsm2)")
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         private_keyseal(work)
         print(f"load average before: {load_average()} ({os.cpu_count()} CPUs); append+fdatasync where the audit "
               f"file is: {fsync_latency(work)}")
         setup_token(work)
-        run(work, args.signatures, args.rounds, args.threads, modes, key_types)
+        measure(work)
         print(f"load average after: {load_average()}; append+fdatasync: {fsync_latency(work)}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

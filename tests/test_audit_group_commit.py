@@ -99,6 +99,28 @@ def hold_next_sync(monkeypatch: pytest.MonkeyPatch,
 
 
 @pytest.mark.slow
+def start_with_writer_held(target: Any) -> tuple[threading.Thread, threading.Event]:
+    """Run `target` (which queues a line, starting the log's writer thread) in a daemon thread, the writer held
+    before it takes any batch until the returned event is set; returns once the writer is held."""
+    started, resume = threading.Event(), threading.Event()
+
+    def trace_writer(frame: Any, event: str, arg: object) -> Any:
+        if event == "call" and frame.f_code.co_name == "_write_batches" and not started.is_set():
+            started.set()
+            resume.wait(10)
+        return None
+
+    before = threading.gettrace()
+    threading.settrace(trace_writer)
+    try:
+        caller = threading.Thread(target=target, daemon=True)
+        caller.start()
+        assert started.wait(10), "the writer thread did not start"
+    finally:
+        threading.settrace(before)  # type: ignore[arg-type]
+    return caller, resume
+
+
 def test_concurrent_signers_share_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uri, _ = file_key(tmp_path)
     log = tmp_path / "audit.log"
@@ -442,14 +464,6 @@ def test_an_interrupt_while_a_caller_writes_others_lines_stays_its_own(tmp_path:
     not have, and the log goes on. The writer thread is held before its first batch by a trace function, the
     batch inside its fdatasync when SIGINT comes."""
     log = audit.AuditLog(tmp_path / "audit.log")
-    started, resume = threading.Event(), threading.Event()
-
-    def trace_writer(frame: Any, event: str, arg: object) -> Any:
-        if event == "call" and frame.f_code.co_name == "_write_batches" and not started.is_set():
-            started.set()
-            resume.wait(10)
-        return None
-
     real_sync, syncing = os.fdatasync, threading.Event()
 
     def interrupted_sync(fd: int) -> None:
@@ -471,14 +485,8 @@ def test_an_interrupt_while_a_caller_writes_others_lines_stays_its_own(tmp_path:
         except BaseException as exc:  # what the caller hears is the point
             outcome.append(exc)
 
-    before = threading.gettrace()
-    threading.settrace(trace_writer)
-    try:
-        caller = threading.Thread(target=other, daemon=True)
-        caller.start()  # its line starts the writer thread, held before it takes any
-        assert ready.wait(10) and started.wait(10)
-    finally:
-        threading.settrace(before)  # type: ignore[arg-type]
+    caller, resume = start_with_writer_held(other)  # its line starts the writer thread, held before it takes any
+    assert ready.wait(10)
     monkeypatch.setattr(os, "fdatasync", interrupted_sync)
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     assert threading.current_thread() is threading.main_thread()  # where Python raises KeyboardInterrupt
@@ -517,14 +525,6 @@ def test_an_interrupt_as_a_caller_starts_writing_others_lines_wakes_them(tmp_pat
     from keyseal._internal.audit import log as audit_log
 
     log = audit.AuditLog(tmp_path / "audit.log")
-    started, resume = threading.Event(), threading.Event()
-
-    def trace_writer(frame: Any, event: str, arg: object) -> Any:
-        if event == "call" and frame.f_code.co_name == "_write_batches" and not started.is_set():
-            started.set()
-            resume.wait(10)
-        return None
-
     queued, taken, outcome = threading.Event(), threading.Event(), []
 
     def other() -> None:
@@ -551,14 +551,8 @@ def test_an_interrupt_as_a_caller_starts_writing_others_lines_wakes_them(tmp_pat
         threading.Event().wait(0.05)  # on its signal by then
         raise KeyboardInterrupt
 
-    before = threading.gettrace()
-    threading.settrace(trace_writer)
-    try:
-        caller = threading.Thread(target=other, daemon=True)
-        caller.start()  # its line starts the writer thread, held before it takes any
-        assert queued.wait(10) and started.wait(10)
-    finally:
-        threading.settrace(before)  # type: ignore[arg-type]
+    caller, resume = start_with_writer_held(other)  # its line starts the writer thread, held before it takes any
+    assert queued.wait(10)
     monkeypatch.setattr(audit_log.AuditLog, "_commit_batch", interrupted_as_it_starts)
     try:
         with pytest.raises(KeyboardInterrupt):
