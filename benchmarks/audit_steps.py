@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import os
 import statistics
 import threading
@@ -37,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pkcs11_sign import MODULE, PIN, TOKEN, with_token
+from pkcs11_sign import MODULE, PIN, TOKEN, measured, with_token
 
 STEPS = ("bare", "+ lines", "+ checks", "+ gather")
 
@@ -159,36 +158,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=4)
     args = parser.parse_args()
     with_token("keyseal-steps-bench-", lambda work: run(work, args.signatures, args.rounds, args.threads))
-
-
-def measured(count: int, threads: int, sign: Callable[[bytes], object]) -> tuple[float, float, float]:
-    """(signatures a second, CPU µs per signature of the signing threads, times per signature they were put on a
-    core): the last two from each thread's /proc/self/task/TID/schedstat (its time on a core, its time waiting
-    for one, how many times it was put on one), read before and after its share."""
-    digests = [hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(count)]
-    chunks = [digests[i::threads] for i in range(threads)]
-    used: list[tuple[int, int]] = []
-
-    def schedstat() -> tuple[int, int]:
-        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as stat:
-            on_core, _waiting, runs = map(int, stat.read().split())
-        return on_core, runs
-
-    def work(chunk: list[bytes]) -> None:
-        before = schedstat()
-        for digest in chunk:
-            sign(digest)
-        after = schedstat()
-        used.append((after[0] - before[0], after[1] - before[1]))
-
-    workers = [threading.Thread(target=work, args=(chunk,)) for chunk in chunks]
-    start = time.perf_counter()
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    elapsed = time.perf_counter() - start
-    return (count / elapsed, sum(ns for ns, _ in used) / count / 1000, sum(runs for _, runs in used) / count)
 
 
 def run(work: Path, count: int, rounds: int, threads: int) -> None:
