@@ -5,6 +5,7 @@ the chain still verifies and the next process goes on from it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +101,10 @@ def hold_next_sync(monkeypatch: pytest.MonkeyPatch,
 
 
 @pytest.mark.slow
-def start_with_writer_held(target: Any) -> tuple[threading.Thread, threading.Event]:
-    """Run `target` (which queues a line, starting the log's writer thread) in a daemon thread, the writer held
-    before it takes any batch until the returned event is set; returns once the writer is held."""
+@contextlib.contextmanager
+def writer_held() -> Iterator[threading.Event]:
+    """The log's writer thread, started by the first line queued in the block (by this thread or one it starts
+    there), held before it takes any batch until the yielded event is set; the block ends once it is held."""
     started, resume = threading.Event(), threading.Event()
 
     def trace_writer(frame: Any, event: str, arg: object) -> Any:
@@ -113,12 +116,41 @@ def start_with_writer_held(target: Any) -> tuple[threading.Thread, threading.Eve
     before = threading.gettrace()
     threading.settrace(trace_writer)
     try:
-        caller = threading.Thread(target=target, daemon=True)
-        caller.start()
+        yield resume
         assert started.wait(10), "the writer thread did not start"
     finally:
         threading.settrace(before)  # type: ignore[arg-type]
-    return caller, resume
+
+
+class SecondCaller:
+    """A caller in another thread: queues its line ("other") at once, waits for it only once the main thread took
+    the queue (this line in it) to write it, and keeps what it heard in `outcome`."""
+
+    def __init__(self, log: audit.AuditLog) -> None:
+        self.log, self.queued, self.taken = log, threading.Event(), threading.Event()
+        self.outcome: list[BaseException | None] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        pending = self.log.submit({"outcome": "ok", "subject": "other"})
+        self.queued.set()
+        self.taken.wait(10)
+        try:
+            self.log.settle(pending)
+            self.outcome.append(None)
+        except BaseException as exc:  # what the caller hears is the point
+            self.outcome.append(exc)
+
+    def asleep_in(self, batch: list[Any]) -> None:
+        """Called by the main thread holding `batch`: let this caller wait for its line, and return once it
+        sleeps on it."""
+        line = next(item for item in batch if item.entry and item.entry.get("subject") == "other")
+        self.taken.set()
+        for _ in range(1000):
+            if line.waiting:
+                break
+            threading.Event().wait(0.01)
+        threading.Event().wait(0.05)  # on its signal by then
 
 
 def test_concurrent_signers_share_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -485,7 +517,9 @@ def test_an_interrupt_while_a_caller_writes_others_lines_stays_its_own(tmp_path:
         except BaseException as exc:  # what the caller hears is the point
             outcome.append(exc)
 
-    caller, resume = start_with_writer_held(other)  # its line starts the writer thread, held before it takes any
+    with writer_held() as resume:  # its line starts the writer thread, held before it takes any
+        caller = threading.Thread(target=other, daemon=True)
+        caller.start()
     assert ready.wait(10)
     monkeypatch.setattr(os, "fdatasync", interrupted_sync)
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -525,43 +559,28 @@ def test_an_interrupt_as_a_caller_starts_writing_others_lines_wakes_them(tmp_pat
     from keyseal._internal.audit import log as audit_log
 
     log = audit.AuditLog(tmp_path / "audit.log")
-    queued, taken, outcome = threading.Event(), threading.Event(), []
-
-    def other() -> None:
-        pending = log.submit({"outcome": "ok", "subject": "other"})
-        queued.set()
-        taken.wait(10)  # the main thread took the queue (this line in it) and writes it
-        try:
-            log.settle(pending)
-            outcome.append(None)
-        except BaseException as exc:  # what the caller hears is the point
-            outcome.append(exc)
-
+    other = SecondCaller(log)
     real_commit_batch = audit_log.AuditLog._commit_batch
 
     def interrupted_as_it_starts(self: audit_log.AuditLog, batch: list[audit_log.Pending]) -> int:
         if threading.current_thread() is not threading.main_thread():
             return real_commit_batch(self, batch)
-        asleep = next(item for item in batch if item.entry and item.entry.get("subject") == "other")
-        taken.set()
-        for _ in range(1000):
-            if asleep.waiting:
-                break
-            threading.Event().wait(0.01)
-        threading.Event().wait(0.05)  # on its signal by then
+        other.asleep_in(batch)
         raise KeyboardInterrupt
 
-    caller, resume = start_with_writer_held(other)  # its line starts the writer thread, held before it takes any
-    assert queued.wait(10)
+    with writer_held() as resume:  # its line starts the writer thread, held before it takes any
+        other.thread.start()
+    assert other.queued.wait(10)
     monkeypatch.setattr(audit_log.AuditLog, "_commit_batch", interrupted_as_it_starts)
     try:
         with pytest.raises(KeyboardInterrupt):
             log.append({"outcome": "ok", "subject": "main"})  # takes both lines: the writer has not run
-        caller.join(timeout=10)
+        other.thread.join(timeout=10)
     finally:
         resume.set()
     monkeypatch.setattr(audit_log.AuditLog, "_commit_batch", real_commit_batch)
-    assert not caller.is_alive() and len(outcome) == 1 and isinstance(outcome[0], AuditError), repr(outcome)
+    outcome = other.outcome
+    assert not other.thread.is_alive() and len(outcome) == 1 and isinstance(outcome[0], AuditError), repr(outcome)
     log.append({"outcome": "ok", "subject": "after"})
     verify_log(log.path)
     assert [json.loads(raw)["subject"] for raw in log.path.read_bytes().splitlines()] == ["after"]
@@ -815,3 +834,58 @@ def test_a_line_lost_with_an_interrupted_batch_refuses_its_signature(tmp_path: P
     assert isinstance(outcome["first"], KeyboardInterrupt)
     assert isinstance(outcome["second"], audit.AuditError), outcome["second"]
     assert "was not written" in str(outcome["second"])
+
+
+def test_an_interrupt_after_a_callers_batch_is_written_tells_no_caller_its_durable_line_failed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller writing the queued lines itself (its own first, another caller's after it, that caller asleep) is
+    interrupted (SIGINT, Ctrl-C in a main thread that signs) just after the batch is in the file and its own line
+    was marked done, before the next one was: the other caller's line is durable in the file, so it must not be
+    told that its line failed (its signature discarded) while the log holds an `ok` line for it."""
+    from keyseal._internal.audit import log as audit_log
+
+    log = audit.AuditLog(tmp_path / "audit.log")
+    with writer_held() as resume:
+        mine = log.submit({"outcome": "ok", "subject": "main"})  # starts the writer, held before it takes any
+
+    class InterruptedAfterRelease:
+        """The main caller's own signal: released by the batch's writer, and SIGINT arrives right after."""
+
+        def __init__(self, lock: threading.Lock) -> None:
+            self.lock = lock
+
+        def release(self) -> None:
+            self.lock.release()
+            signal.raise_signal(signal.SIGINT)
+
+        def acquire(self) -> bool:
+            return self.lock.acquire()
+
+    mine.signal = InterruptedAfterRelease(mine.signal)  # type: ignore[assignment]
+    other = SecondCaller(log)
+    other.thread.start()
+    assert other.queued.wait(10)
+    real_commit = audit_log.AuditLog._commit
+
+    def commit_once_the_other_sleeps(self: audit_log.AuditLog, batch: list[audit_log.Pending]) -> None:
+        if threading.current_thread() is threading.main_thread():
+            other.asleep_in(batch)
+        real_commit(self, batch)
+
+    monkeypatch.setattr(audit_log.AuditLog, "_commit", commit_once_the_other_sleeps)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert threading.current_thread() is threading.main_thread()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            log.settle(mine)  # takes both lines (the writer has not run) and writes them: main's, then other's
+        other.thread.join(timeout=10)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        resume.set()
+    monkeypatch.setattr(audit_log.AuditLog, "_commit", real_commit)
+    assert not other.thread.is_alive()
+    subjects = [json.loads(raw)["subject"] for raw in log.path.read_bytes().splitlines()]
+    assert subjects == ["main", "other"]  # the batch is durable: both lines are in the file
+    assert other.outcome == [None], f"told {other.outcome!r} though its line is in the file"
+    log.append({"outcome": "ok", "subject": "after"})
+    verify_log(log.path)

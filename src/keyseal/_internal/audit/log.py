@@ -197,6 +197,7 @@ class _Committer:
     custody: Custody | None = None  # the last key seen, for checkpoints made when no line names one
     fd: int = -1  # the log kept open between batches (one of _OPEN_FILES), and where it ends
     tail: _Tail | None = None
+    durable: list[Pending] | None = None  # the batch whose lines were last made durable (set as its fsync returns)
 
     def __post_init__(self) -> None:
         self.cond = threading.Condition(self.lock)
@@ -437,11 +438,12 @@ class AuditLog:
             committer.work.notify()
 
     def _wake_unwritten(self, batch: list[Pending]) -> None:
-        """After an interrupt in a caller that took `batch` to write it, before it could tell the batch's callers
-        anything (as the write began): each line not done is not in the file, and its caller, perhaps asleep
-        waiting for it, hears so rather than wait for ever. (Lines that were done were also woken: `_commit_batch`
-        marks and wakes each in turn.)"""
-        error = AuditError(f"writing the audit log {self.path} was interrupted")
+        """After an interrupt in a caller that took `batch` to write it, before it told all of the batch's callers
+        (as the write began, or between two of them once it was durable): each caller not told yet, perhaps
+        asleep waiting for its line, hears whether its line is in the file rather than wait for ever. (Callers
+        already told were woken too: `_commit_batch` marks and wakes each in turn.)"""
+        error = None if self._committer.durable is batch else AuditError(
+            f"writing the audit log {self.path} was interrupted")
         for item in batch:
             if not item.done:
                 item.error, item.done = error, True
@@ -504,6 +506,7 @@ class AuditLog:
         Returns how many of its callers were asleep waiting for their line. An interrupt (KeyboardInterrupt in
         a caller writing the batch itself) is raised here, once the others have their error: an AuditError,
         not an interrupt their threads never had."""
+        committer = self._committer
         interrupted: BaseException | None = None
         try:
             self._commit(batch)
@@ -511,18 +514,21 @@ class AuditLog:
             failed: Exception = exc
             if isinstance(exc, OSError):  # before the write (a lookup, a lock, a read): as a failed write says it
                 failed = AuditError(f"cannot append to the audit log {self.path}: {exc.strerror or exc}")
-            for item in batch:
-                item.error = failed
+            if committer.durable is not batch:  # (raised after the lines were durable: they stand)
+                for item in batch:
+                    item.error = failed
         except BaseException as exc:
             interrupted = exc
-            error = AuditError(f"writing the audit log {self.path} was interrupted")
-            for item in batch:
-                item.error = error
+            if committer.durable is not batch:
+                error = AuditError(f"writing the audit log {self.path} was interrupted")
+                for item in batch:
+                    item.error = error
         woken = 0
         for item in batch:
             item.done = True
             woken += item.waiting
             item.signal.release()
+        committer.durable = None
         if interrupted is not None:
             raise interrupted
         return woken
@@ -576,7 +582,7 @@ class AuditLog:
                 seq, prev, after_checkpoint = seq + 1, line_hash(line), False
             data = b"".join(chunks)
             committer.tail = None
-            self._write(fd, size, data)
+            self._write(fd, size, data, batch)
             committer.last_checkpoint, committer.retry_checkpoint = last_checkpoint, retry
             committer.tail = _Tail(held.st_dev, held.st_ino, size + len(data), seq, prev, after_checkpoint,
                                    line)
@@ -596,12 +602,17 @@ class AuditLog:
             return None
         return made
 
-    def _write(self, fd: int, size: int, data: bytes) -> None:
+    def _write(self, fd: int, size: int, data: bytes, batch: list[Pending] | None = None) -> None:
+        """Append `data` (the file was `size` bytes long) and make it durable, else cut it off again. The `batch`
+        it holds is marked durable in the same `try`: an interrupt before the mark cuts the lines off, so a batch
+        marked durable is in the file."""
         try:
             if os.write(fd, data) != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             # fdatasync: the data and the size needed to read it back, without the modification time.
             os.fdatasync(fd)
+            if batch is not None:
+                self._committer.durable = batch
         except BaseException as exc:  # failed, or interrupted (KeyboardInterrupt): every caller hears an error
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, size)  # still under the lock: no one else appended since
