@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keyseal._internal import audit
-from keyseal._internal.audit import AuditLog, line_hash, verify_log
+from keyseal._internal.audit import AuditLog, checkpoint, line_hash, verify_log
 from keyseal._internal.audit.checkpoint import load_keys
 from keyseal._internal.audit.log import GENESIS
 from keyseal._internal.backends import open_signer
@@ -309,25 +309,31 @@ def test_a_long_running_process_checkpoints_after_a_quiet_spell(key: tuple[str, 
 def test_a_checkpoint_in_a_batch_that_failed_is_still_due(key: tuple[str, Path], log_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint due by time goes into the batch of the next line; when that batch cannot be made durable,
-    nothing of it is in the file, so the checkpoint is still due at the line after (not a full interval later)."""
+    nothing of it is in the file, so the checkpoint is still due at the line after (not a full interval later).
+    While the disk keeps failing, the custody signs that checkpoint once, not once for every failed batch."""
     uri, public = key
     monkeypatch.setenv("KEYSEAL_AUDIT_CHECKPOINT_LINES", "1000")
     monkeypatch.setenv("KEYSEAL_AUDIT_CHECKPOINT_SECONDS", "30")
     sign(uri, 2)
     log = AuditLog(log_path)
     monkeypatch.setattr(log._committer, "last_checkpoint", time.monotonic() - 31)  # due by time now
+    real_make, signed = checkpoint.make, []
+    monkeypatch.setattr(checkpoint, "make", lambda *args, **kwargs: (signed.append(kwargs["seq"]),
+                                                                     real_make(*args, **kwargs))[1])
     real_sync, failed = os.fdatasync, []
 
-    def failing_once(fd: int) -> None:
-        if not failed:
+    def failing_thrice(fd: int) -> None:
+        if len(failed) < 3:
             failed.append(fd)
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real_sync(fd)
 
-    monkeypatch.setattr(os, "fdatasync", failing_once)
-    with pytest.raises(AuditError, match="Input/output error"):
-        sign(uri, 1, start=2)
-    assert failed and [r.get("kind") for r in lines_of(log_path)] == [None, None]
-    sign(uri, 1, start=3)
+    monkeypatch.setattr(os, "fdatasync", failing_thrice)
+    for index in range(2, 5):
+        with pytest.raises(AuditError, match="Input/output error"):
+            sign(uri, 1, start=index)
+    assert len(failed) == 3 and [r.get("kind") for r in lines_of(log_path)] == [None, None]
+    sign(uri, 1, start=5)
     assert [r.get("kind") for r in lines_of(log_path)] == [None, None, "checkpoint", None]
+    assert signed == [3]  # signed once, for its place after the two lines, and written there at last
     assert verify_log(log_path, keys=load_keys([public])).checkpoints == 1

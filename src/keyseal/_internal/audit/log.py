@@ -198,6 +198,7 @@ class _Committer:
     fd: int = -1  # the log kept open between batches (one of _OPEN_FILES), and where it ends
     tail: _Tail | None = None
     durable: list[Pending] | None = None  # the batch whose lines were last made durable (set as its fsync returns)
+    unwritten: dict[str, object] | None = None  # the last checkpoint signed whose batch was not written (yet)
 
     def __post_init__(self) -> None:
         self.cond = threading.Condition(self.lock)
@@ -353,7 +354,7 @@ class AuditLog:
                 raise AuditError(f"cannot sign a checkpoint of the audit log {self.path}")
             data = _LINE.encode(record).encode("ascii") + b"\n"
             self._write(fd, size, data)
-            committer.last_checkpoint, committer.retry_checkpoint = time.monotonic(), False
+            committer.last_checkpoint, committer.retry_checkpoint, committer.unwritten = time.monotonic(), False, None
         _emit(record)
         return record
 
@@ -584,6 +585,8 @@ class AuditLog:
             committer.tail = None
             self._write(fd, size, data, batch)
             committer.last_checkpoint, committer.retry_checkpoint = last_checkpoint, retry
+            if checkpoints:
+                committer.unwritten = None
             committer.tail = _Tail(held.st_dev, held.st_ino, size + len(data), seq, prev, after_checkpoint,
                                    line)
         for made in checkpoints:
@@ -591,7 +594,13 @@ class AuditLog:
 
     def _make_checkpoint(self, custody: Custody, seq: int, prev: str, every: int) -> dict[str, object] | None:
         """A signed checkpoint at `seq`, or None (logged) when the custody cannot sign one now. The caller notes
-        it as made (or to retry) once its line is written."""
+        it as made (or to retry) once its line is written; until then the same checkpoint is offered again for
+        the same place, so a disk that keeps failing does not cost the custody a signature for every batch."""
+        committer = self._committer
+        kept = committer.unwritten
+        if kept is not None and (kept["seq"], kept["prev"], kept["every"], kept["key_fingerprint"]) == (
+                seq, prev, every, custody.fingerprint):
+            return kept
         try:
             made = checkpoint.make(custody.key, custody.fingerprint, custody.key_uri, seq=seq, time=utc_now(),
                                    prev=prev, every=every)
@@ -600,6 +609,7 @@ class AuditLog:
             logger.warning("audit log %s: cannot sign a checkpoint at sequence %d: %s", self.path, seq,
                            one_line(reason))
             return None
+        committer.unwritten = made
         return made
 
     def _write(self, fd: int, size: int, data: bytes, batch: list[Pending] | None = None) -> None:
