@@ -1,25 +1,30 @@
 """Where the audit file's group commit loses against a bare one: keyseal's AuditLog and simpler logs, step by step.
 
 `pkcs11_sign.py` shows keyseal's audited rate beside a bare group commit's; this script takes the difference
-apart. The same P-256 key in a throwaway SoftHSM2 token signs through keyseal's AuditingSigner (the signer every
-`open_signer` caller gets: the PKCS#11 signer and the audit wrapper) over a log built up one step at a time:
-- `bare, raw`: no keyseal code: raw `key.sign()` with a line of keyseal's fields queued before it, to the same
-  bare log as the next row (`pkcs11_sign.py`'s bare group commit);
-- `bare`: the caller's line (the fields keyseal spells) queued before the token is asked; one writer thread that
-  waits up to 1 ms for one line per signing thread, then one write and one fdatasync; each caller woken once its
-  line is durable;
+apart. The same P-256 key in a throwaway SoftHSM2 token signs, in these rows:
+- `raw`: python-pkcs11 `key.sign()`, no log (`pkcs11_sign.py`'s baseline);
+- `bare, raw`: the same through `pkcs11_sign.py`'s bare group commit (`BareGroupCommit`: a line of keyseal's length
+  queued before the token is asked, one writer thread that waits up to 1 ms for one line per signing thread, then
+  one write and one fdatasync, each caller woken once its line is durable). No keyseal code in these two rows.
+Every row below signs through keyseal's AuditingSigner (the signer every `open_signer` caller gets: the PKCS#11
+signer and the audit wrapper), over a log built up one step at a time:
+- `bare`: the bare group commit as above, the lines being the fields keyseal spells;
+- `+ records`: each line queued as keyseal's record of it (its time taken, a slotted object), and the writer
+  woken only once as many lines are queued as it waits for (not at each line);
 - `+ lines`: each line spelt whole as keyseal writes it (seq, time, prev) and chained by SHA-256;
 - `+ checks`: the file locked (flock) for each batch and checked as keyseal checks it (a stat of its path, the
   last line read back);
 - `+ gather`: instead of one line per thread (which a library does not know), keyseal's gather: as many lines
   as were queued during the last batch plus one per caller it woke that was waiting, and a caller records that
   it waits under the queue's lock;
-- `keyseal`: the AuditLog itself (its queue, writer thread, file lock, checks, checkpoints).
-Rounds are interleaved; each ratio is taken in its own round, against raw python-pkcs11 `key.sign()` (as in
-`pkcs11_sign.py`) and against `bare`; medians over the rounds. `lines/fsync` counts the lines each fdatasync
-made durable; `CPU us` and `runs` are the signing threads' own (Linux's per-thread scheduler statistics): CPU time
-per signature, and how many times per signature a thread was put on a core (each sleep on a lock, the interpreter
-lock included, costs one). keyseal's home and audit file are in the script's temporary directory.
+- `keyseal`: the AuditLog itself (its queue, writer thread, file lock, checks, checkpoints; a caller done signing
+  before the writer took its line writes the queue itself).
+Rounds are interleaved; each ratio is taken in its own round, against `raw` and against `bare`; medians over the
+rounds. `lines/fsync` counts the lines each fdatasync made durable; `CPU us` and `runs` are the signing threads'
+own (Linux's per-thread scheduler statistics): CPU time per signature, and how many times per signature a thread
+was put on a core (each sleep on a lock, the interpreter lock included, costs one). In the `keyseal` row a caller
+that writes the queue itself also pays that batch's write and fdatasync on its own thread. keyseal's home and
+audit file are in the script's temporary directory.
 
 Usage: python benchmarks/audit_steps.py [--signatures 1000] [--rounds 8] [--threads 4]
 """
@@ -36,9 +41,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pkcs11_sign import MODULE, PIN, TOKEN, measured, with_token
+from pkcs11_sign import MODULE, PIN, TOKEN, BareGroupCommit, measured, with_token
 
-STEPS = ("bare", "+ lines", "+ checks", "+ gather")
+STEPS = ("bare", "+ records", "+ lines", "+ checks", "+ gather")
+
+
+class BareLine:
+    """A line in the bare log: its fields, and the lock its caller sleeps on until the line is durable."""
+
+    __slots__ = ("body", "done", "signal", "waiting")
+
+    def __init__(self, body: str) -> None:
+        self.body, self.done, self.waiting = body, False, False
+        self.signal = threading.Lock()
+        self.signal.acquire()
 
 
 class StepLog:
@@ -64,6 +80,12 @@ class StepLog:
     def submit_body(self, body: str, custody: object = None) -> Any:
         from keyseal._internal.audit.log import Pending
 
+        if "+ records" not in self.steps:
+            line = BareLine(body)
+            with self.lock:
+                self.queue.append(line)
+                self.work.notify()
+            return line
         item = Pending(None, None, body)
         with self.lock:
             self.queue.append(item)
@@ -139,12 +161,18 @@ class StepLog:
 
 
 class SyncCounter:
-    """os.fdatasync, counted (every log here, keyseal's included, makes its lines durable with it)."""
+    """os.fdatasync, counted while in use (every log here, keyseal's included, makes its lines durable with it)."""
 
     def __init__(self) -> None:
         self.count = 0
         self.real = os.fdatasync
+
+    def __enter__(self) -> SyncCounter:
         os.fdatasync = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.fdatasync = self.real
 
     def __call__(self, fd: int) -> None:
         self.count += 1
@@ -180,25 +208,17 @@ def run(work: Path, count: int, rounds: int, threads: int) -> None:
     def raw_sign(digest: bytes) -> object:
         return key.sign(digest, mechanism=pkcs11.Mechanism.ECDSA)
 
-    bare_raw = StepLog(work / "step-raw.log", threads, {"bare"})
-    body = (work / "keyseal-home" / "audit.log").read_text().splitlines()[-1].split('"prev"')[0].split(",", 3)[3]
-
-    def bare_raw_sign(digest: bytes) -> object:
-        item = bare_raw.submit_body(body)
-        signature = raw_sign(digest)
-        bare_raw.settle(item)
-        return signature
-
-    signers: dict[str, Callable[[bytes], object]] = {"raw": raw_sign, "bare, raw": bare_raw_sign}
+    line = (work / "keyseal-home" / "audit.log").read_bytes().splitlines()[-1] + b"\n"  # as long as keyseal's
+    bare_raw = BareGroupCommit(work / "bare-raw.log", line, threads, raw_sign)
+    signers: dict[str, Callable[[bytes], object]] = {"raw": raw_sign, "bare, raw": bare_raw.sign}
     for index, step in enumerate(STEPS):
         log = StepLog(work / f"step-{index}.log", threads, set(STEPS[:index + 1]))
         audited = AuditingSigner(inner, lambda log=log: log)  # type: ignore[misc]
         signers[step] = lambda digest, audited=audited: audited.sign_digest(digest, "sha256")
     signers["keyseal"] = lambda digest: keyseal.sign_digest(digest, "sha256")
-    syncs = SyncCounter()
     figures: dict[str, dict[str, list[float]]] = {
         name: {"raw": [], "bare": [], "sync": [], "cpu": [], "runs": []} for name in signers}
-    with session:
+    with session, SyncCounter() as syncs:
         for _ in range(rounds):  # interleaved, so load from elsewhere hits every row alike
             rates = {}
             for name, sign in signers.items():
@@ -211,8 +231,8 @@ def run(work: Path, count: int, rounds: int, threads: int) -> None:
                 figures[name]["raw"].append(rates[name] / rates["raw"])
                 figures[name]["bare"].append(rates[name] / rates["bare"])
     keyseal.close()
-    print(f"\nP-256, {threads} threads (the `bare` rows and those below it through keyseal's signer); medians of "
-          f"{rounds} rounds of {count} signatures; CPU and runs: the signing threads', per signature")
+    print(f"\nP-256, {threads} threads (from `bare` on, through keyseal's signer); medians of {rounds} rounds of "
+          f"{count} signatures; CPU and runs: the signing threads', per signature")
     print(f"{'log':10} {'/ raw':>6} {'/ bare':>7} {'lines/fsync':>12} {'CPU us':>7} {'runs':>5}   by round (/ bare)")
     for name, of in figures.items():
         by_round = " ".join(f"{r:.2f}" for r in of["bare"])

@@ -119,10 +119,15 @@ def measured(count: int, threads: int, sign: Callable[[bytes], object]) -> tuple
             return 0, 0
         return on_core, runs
 
+    failed: list[BaseException] = []
+
     def work(chunk: list[bytes]) -> None:
         before = schedstat()
-        for digest in chunk:
-            sign(digest)
+        try:
+            for digest in chunk:
+                sign(digest)
+        except BaseException as exc:  # a signature that failed is no figure: the run stops with it
+            failed.append(exc)
         after = schedstat()
         used.append((after[0] - before[0], after[1] - before[1]))
 
@@ -133,6 +138,8 @@ def measured(count: int, threads: int, sign: Callable[[bytes], object]) -> tuple
     for worker in workers:
         worker.join()
     elapsed = time.perf_counter() - start
+    if failed:
+        raise failed[0]
     return (count / elapsed, sum(ns for ns, _ in used) / count / 1000, sum(runs for _, runs in used) / count)
 
 

@@ -60,8 +60,11 @@ def test_pkcs11_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
 def test_audit_steps_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
     out = run_benchmark("audit_steps.py", "--signatures", "40", "--rounds", "2", "--threads", "2",
                         home=short_tmp / "home", tmp_path=short_tmp)
-    rows = {line[:10].strip(): line[10:].split() for line in out.splitlines()[-9:-1]}
-    assert list(rows) == ["log", "raw", "bare, raw", "bare", "+ lines", "+ checks", "+ gather", "keyseal"]
+    lines = out.splitlines()
+    table = lines[next(n for n, line in enumerate(lines) if line.startswith("log ")):-1]  # to "load average after"
+    rows = {line[:10].strip(): line[10:].split() for line in table}
+    assert list(rows) == ["log", "raw", "bare, raw", "bare", "+ records", "+ lines", "+ checks", "+ gather",
+                          "keyseal"]
     # / raw, / bare, lines per fsync, CPU µs and runs per signature, then each round's / bare
     assert rows["raw"][0] == "1.00" and rows["raw"][2] == "-" and rows["bare"][1] == "1.00"
     for name, row in list(rows.items())[1:]:

@@ -12,8 +12,8 @@ the line's time is taken then) and later `wait`s for it (`settle`: the same with
 made only for a caller that asks). The log's writer thread (started at the first line, gone after a minute with
 nothing to write) writes the queued lines, a batch at a time, while their callers sign; each caller sleeps on a
 lock of its own until its line is durable. When recent batches held several lines, the writer gathers briefly (at
-most GATHER_SECONDS) for as many before it writes, so that 4 signing threads share one fsync rather than take
-turns in pairs; a gather that runs out lowers that expectation to what came, so a lone signer never waits. The
+most GATHER_SECONDS) for as many before it writes, so that 4 signing threads share fsyncs rather than take turns
+in pairs; a gather that runs out lowers that expectation to what came, so a lone signer never waits. The
 log stays open between batches (at most MAX_OPEN_FILES logs per process): one stat of the path shows that it is
 still this descriptor's file of the size this process left it, and a read of its last line that it still ends in
 the line this process wrote; only when another process wrote since are the next line's seq and prev read back. A
