@@ -337,3 +337,73 @@ def test_a_checkpoint_in_a_batch_that_failed_is_still_due(key: tuple[str, Path],
     assert [r.get("kind") for r in lines_of(log_path)] == [None, None, "checkpoint", None]
     assert signed == [3]  # signed once, for its place after the two lines, and written there at last
     assert verify_log(log_path, keys=load_keys([public])).checkpoints == 1
+
+
+def test_a_failed_batch_holding_two_checkpoints_leaves_the_first_signed_once(key: tuple[str, Path], log_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch can hold more than one checkpoint (lines that pass two multiples of the interval). When it cannot
+    be made durable, only its first checkpoint's place (after the lines in the file) comes again; while the disk
+    keeps failing, the custody signs the checkpoint for that place once, not once for every failed batch."""
+    from keyseal._internal.audit import Custody, key_fingerprint, unwrap
+
+    uri, public = key
+    monkeypatch.setenv("KEYSEAL_AUDIT_CHECKPOINT_LINES", "2")
+    sign(uri, 1)
+    log = AuditLog(log_path)
+    real_start = threading.Thread.start
+
+    def refuse_writer(thread: threading.Thread) -> None:  # callers write their lines, each batch whole
+        if thread.name == "keyseal-audit-writer":
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse_writer)
+    real_make, signed = checkpoint.make, []
+    monkeypatch.setattr(checkpoint, "make", lambda *args, **kwargs: (signed.append(kwargs["seq"]),
+                                                                     real_make(*args, **kwargs))[1])
+    real_sync, failed = os.fdatasync, []
+
+    def failing_thrice(fd: int) -> None:
+        if len(failed) < 3:
+            failed.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", failing_thrice)
+    with open_signer(uri) as signer:
+        inner = unwrap(signer)
+        custody = Custody(inner, key_fingerprint(inner.public_key()), uri)
+        for attempt in range(4):
+            first = log.submit({"outcome": "ok", "subject": f"a{attempt}"}, custody)
+            second = log.submit({"outcome": "ok", "subject": f"b{attempt}"}, custody)
+            if attempt < 3:
+                with pytest.raises(AuditError, match="Input/output error"):
+                    log.settle(first)
+            else:
+                log.settle(first)
+                log.settle(second)
+    kinds = [r.get("kind") for r in lines_of(log_path)]
+    assert kinds == [None, "checkpoint", None, "checkpoint", None]  # seq 2 and 4: one batch, two checkpoints
+    assert signed.count(2) == 1, f"checkpoints signed at {signed}: the one at sequence 2 again for every batch"
+    assert verify_log(log_path, keys=load_keys([public])).checkpoints == 2
+
+
+def test_an_error_after_the_batch_is_durable_fails_no_signature(key: tuple[str, Path], log_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Something that fails once the batch's lines are durable (here: handing a checkpoint's record to the
+    logger) does not discard the signatures those lines record: they are in the file. It is logged instead."""
+    from keyseal._internal.audit import log as audit_log
+
+    uri, public = key
+
+    def failing_emit(record: object) -> None:
+        raise RuntimeError("the log pipeline is down")
+
+    monkeypatch.setattr(audit_log, "_emit", failing_emit)
+    with caplog.at_level(logging.WARNING, logger="keyseal.audit"):
+        sign(uri, EVERY)  # the batch of the EVERY-th line holds a checkpoint
+    kinds = [r.get("kind") for r in lines_of(log_path)]
+    assert kinds == [None] * (EVERY - 1) + ["checkpoint", None]
+    assert "the lines were written, then: RuntimeError: the log pipeline is down" in caplog.text
+    assert verify_log(log_path, keys=load_keys([public])).checkpoints == 1

@@ -889,3 +889,47 @@ def test_an_interrupt_after_a_callers_batch_is_written_tells_no_caller_its_durab
     assert other.outcome == [None], f"told {other.outcome!r} though its line is in the file"
     log.append({"outcome": "ok", "subject": "after"})
     verify_log(log.path)
+
+
+def test_without_a_writer_an_interrupt_after_the_batch_is_written_tells_no_caller_its_durable_line_failed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no writer thread (an interpreter shutting down), a caller writes the queued lines itself, another
+    caller's among them, and is interrupted (SIGINT) once the batch is durable and its own line was marked done:
+    the other line is in the file, so its caller must hear so, as when a writer thread runs, not that its line
+    was not written (its signature discarded while the log holds an `ok` line for it)."""
+    refuse_writer_threads(monkeypatch)
+    log = audit.AuditLog(tmp_path / "audit.log")
+    mine = log.submit({"outcome": "ok", "subject": "main"})
+    other = log.submit({"outcome": "ok", "subject": "other"})
+
+    class InterruptedAfterRelease:
+        """The main caller's own signal: released by the batch's writer, and SIGINT arrives right after."""
+
+        def __init__(self, lock: threading.Lock) -> None:
+            self.lock = lock
+
+        def release(self) -> None:
+            self.lock.release()
+            signal.raise_signal(signal.SIGINT)
+
+        def acquire(self) -> bool:
+            return self.lock.acquire()
+
+    mine.signal = InterruptedAfterRelease(mine.signal)  # type: ignore[assignment]
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert threading.current_thread() is threading.main_thread()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            log.settle(mine)  # takes both lines (no writer) and writes them: main's, then other's
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    subjects = [json.loads(raw)["subject"] for raw in log.path.read_bytes().splitlines()]
+    assert subjects == ["main", "other"]  # the batch is durable: both lines are in the file
+    outcome: BaseException | None = None
+    try:
+        log.settle(other)
+    except AuditError as exc:  # what the other caller hears is the point
+        outcome = exc
+    assert outcome is None, f"told {outcome!r} though its line is in the file"
+    log.append({"outcome": "ok", "subject": "after"})
+    verify_log(log.path)

@@ -296,7 +296,13 @@ class AuditLog:
         elif committer.writer is None:  # none could be started: write the queued lines here, in turn
             with self._sole_writer():
                 if not item.done:
-                    self._commit_batch(self._take_queue())
+                    batch: list[Pending] = []
+                    try:
+                        batch = self._take_queue()
+                        self._commit_batch(batch)
+                    except BaseException:  # interrupted: the others of the batch hear whether their line is in
+                        self._wake_unwritten(batch)
+                        raise
         else:
             own, batch = False, []
             try:
@@ -515,9 +521,12 @@ class AuditLog:
             failed: Exception = exc
             if isinstance(exc, OSError):  # before the write (a lookup, a lock, a read): as a failed write says it
                 failed = AuditError(f"cannot append to the audit log {self.path}: {exc.strerror or exc}")
-            if committer.durable is not batch:  # (raised after the lines were durable: they stand)
+            if committer.durable is not batch:
                 for item in batch:
                     item.error = failed
+            else:  # raised after the lines were durable (emitting a checkpoint's record): they stand
+                reason = exc.message if isinstance(exc, KeysealError) else f"{type(exc).__name__}: {exc}"
+                logger.warning("audit log %s: the lines were written, then: %s", self.path, one_line(reason))
         except BaseException as exc:
             interrupted = exc
             if committer.durable is not batch:
@@ -565,7 +574,7 @@ class AuditLog:
                     custody = item.custody or committer.custody
                     made = None
                     if custody is not None:
-                        made = self._make_checkpoint(custody, seq, prev, every)
+                        made = self._make_checkpoint(custody, seq, prev, every, keep=not chunks)
                         retry = made is None
                     if made is not None:
                         last_checkpoint = now or time.monotonic()
@@ -592,10 +601,13 @@ class AuditLog:
         for made in checkpoints:
             _emit(made)
 
-    def _make_checkpoint(self, custody: Custody, seq: int, prev: str, every: int) -> dict[str, object] | None:
+    def _make_checkpoint(self, custody: Custody, seq: int, prev: str, every: int,
+                         keep: bool = True) -> dict[str, object] | None:
         """A signed checkpoint at `seq`, or None (logged) when the custody cannot sign one now. The caller notes
         it as made (or to retry) once its line is written; until then the same checkpoint is offered again for
-        the same place, so a disk that keeps failing does not cost the custody a signature for every batch."""
+        the same place, so a disk that keeps failing does not cost the custody a signature for every batch.
+        Only a checkpoint that follows a line already in the file (`keep`: the first in its batch) can have its
+        place again: one after a line of a batch that failed cannot."""
         committer = self._committer
         kept = committer.unwritten
         if kept is not None and (kept["seq"], kept["prev"], kept["every"], kept["key_fingerprint"]) == (
@@ -609,7 +621,8 @@ class AuditLog:
             logger.warning("audit log %s: cannot sign a checkpoint at sequence %d: %s", self.path, seq,
                            one_line(reason))
             return None
-        committer.unwritten = made
+        if keep:
+            committer.unwritten = made
         return made
 
     def _write(self, fd: int, size: int, data: bytes, batch: list[Pending] | None = None) -> None:
