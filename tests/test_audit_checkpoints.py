@@ -25,6 +25,7 @@ from keyseal._internal.audit.log import GENESIS
 from keyseal._internal.backends import open_signer
 from keyseal.errors import AuditError
 from tests.conftest import assert_one_line_error, run_keyseal
+from tests.test_audit_group_commit import refuse_writer_threads
 
 EVERY = 5
 
@@ -56,6 +57,28 @@ def sign(uri: str, count: int, start: int = 0) -> None:
         for index in range(start, start + count):
             with audit.subject(f"file-{index}"):
                 signer.sign_digest(hashlib.sha256(str(index).encode()).digest(), "sha256")
+
+
+def checkpoint_signatures(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The seq of every checkpoint the custody is asked to sign from now on."""
+    real_make, signed = checkpoint.make, []
+    monkeypatch.setattr(checkpoint, "make", lambda *args, **kwargs: (signed.append(kwargs["seq"]),
+                                                                     real_make(*args, **kwargs))[1])
+    return signed
+
+
+def failing_fdatasync(monkeypatch: pytest.MonkeyPatch, times: int) -> list[int]:
+    """The next `times` fdatasyncs fail (EIO), as a failing disk's would; returns the descriptors they were for."""
+    real_sync, failed = os.fdatasync, []
+
+    def failing(fd: int) -> None:
+        if len(failed) < times:
+            failed.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    return failed
 
 
 def lines_of(path: Path) -> list[dict[str, object]]:
@@ -317,18 +340,8 @@ def test_a_checkpoint_in_a_batch_that_failed_is_still_due(key: tuple[str, Path],
     sign(uri, 2)
     log = AuditLog(log_path)
     monkeypatch.setattr(log._committer, "last_checkpoint", time.monotonic() - 31)  # due by time now
-    real_make, signed = checkpoint.make, []
-    monkeypatch.setattr(checkpoint, "make", lambda *args, **kwargs: (signed.append(kwargs["seq"]),
-                                                                     real_make(*args, **kwargs))[1])
-    real_sync, failed = os.fdatasync, []
-
-    def failing_thrice(fd: int) -> None:
-        if len(failed) < 3:
-            failed.append(fd)
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_sync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", failing_thrice)
+    signed = checkpoint_signatures(monkeypatch)
+    failed = failing_fdatasync(monkeypatch, 3)
     for index in range(2, 5):
         with pytest.raises(AuditError, match="Input/output error"):
             sign(uri, 1, start=index)
@@ -350,26 +363,9 @@ def test_a_failed_batch_holding_two_checkpoints_leaves_the_first_signed_once(key
     monkeypatch.setenv("KEYSEAL_AUDIT_CHECKPOINT_LINES", "2")
     sign(uri, 1)
     log = AuditLog(log_path)
-    real_start = threading.Thread.start
-
-    def refuse_writer(thread: threading.Thread) -> None:  # callers write their lines, each batch whole
-        if thread.name == "keyseal-audit-writer":
-            raise RuntimeError("can't create new thread at interpreter shutdown")
-        real_start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", refuse_writer)
-    real_make, signed = checkpoint.make, []
-    monkeypatch.setattr(checkpoint, "make", lambda *args, **kwargs: (signed.append(kwargs["seq"]),
-                                                                     real_make(*args, **kwargs))[1])
-    real_sync, failed = os.fdatasync, []
-
-    def failing_thrice(fd: int) -> None:
-        if len(failed) < 3:
-            failed.append(fd)
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_sync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", failing_thrice)
+    refuse_writer_threads(monkeypatch)  # callers write their lines, each batch whole
+    signed = checkpoint_signatures(monkeypatch)
+    failed = failing_fdatasync(monkeypatch, 3)  # the first three batches
     with open_signer(uri) as signer:
         inner = unwrap(signer)
         custody = Custody(inner, key_fingerprint(inner.public_key()), uri)
@@ -382,6 +378,7 @@ def test_a_failed_batch_holding_two_checkpoints_leaves_the_first_signed_once(key
             else:
                 log.settle(first)
                 log.settle(second)
+    assert len(failed) == 3
     kinds = [r.get("kind") for r in lines_of(log_path)]
     assert kinds == [None, "checkpoint", None, "checkpoint", None]  # seq 2 and 4: one batch, two checkpoints
     assert signed.count(2) == 1, f"checkpoints signed at {signed}: the one at sequence 2 again for every batch"

@@ -153,6 +153,21 @@ class SecondCaller:
         threading.Event().wait(0.05)  # on its signal by then
 
 
+class InterruptedAfterRelease:
+    """A caller's signal whose release (by whoever writes the caller's batch) is followed at once by SIGINT: an
+    interrupt between two of the batch's callers being told."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+
+    def release(self) -> None:
+        self.lock.release()
+        signal.raise_signal(signal.SIGINT)
+
+    def acquire(self) -> bool:
+        return self.lock.acquire()
+
+
 def test_concurrent_signers_share_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uri, _ = file_key(tmp_path)
     log = tmp_path / "audit.log"
@@ -848,19 +863,6 @@ def test_an_interrupt_after_a_callers_batch_is_written_tells_no_caller_its_durab
     with writer_held() as resume:
         mine = log.submit({"outcome": "ok", "subject": "main"})  # starts the writer, held before it takes any
 
-    class InterruptedAfterRelease:
-        """The main caller's own signal: released by the batch's writer, and SIGINT arrives right after."""
-
-        def __init__(self, lock: threading.Lock) -> None:
-            self.lock = lock
-
-        def release(self) -> None:
-            self.lock.release()
-            signal.raise_signal(signal.SIGINT)
-
-        def acquire(self) -> bool:
-            return self.lock.acquire()
-
     mine.signal = InterruptedAfterRelease(mine.signal)  # type: ignore[assignment]
     other = SecondCaller(log)
     other.thread.start()
@@ -901,19 +903,6 @@ def test_without_a_writer_an_interrupt_after_the_batch_is_written_tells_no_calle
     log = audit.AuditLog(tmp_path / "audit.log")
     mine = log.submit({"outcome": "ok", "subject": "main"})
     other = log.submit({"outcome": "ok", "subject": "other"})
-
-    class InterruptedAfterRelease:
-        """The main caller's own signal: released by the batch's writer, and SIGINT arrives right after."""
-
-        def __init__(self, lock: threading.Lock) -> None:
-            self.lock = lock
-
-        def release(self) -> None:
-            self.lock.release()
-            signal.raise_signal(signal.SIGINT)
-
-        def acquire(self) -> bool:
-            return self.lock.acquire()
 
     mine.signal = InterruptedAfterRelease(mine.signal)  # type: ignore[assignment]
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)
