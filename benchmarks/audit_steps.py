@@ -8,9 +8,9 @@ apart. The same P-256 key in a throwaway SoftHSM2 token signs, in these rows:
   one write and one fdatasync, each caller woken once its line is durable). No keyseal code in these two rows.
 Every row below signs through keyseal's AuditingSigner (the signer every `open_signer` caller gets: the PKCS#11
 signer and the audit wrapper), over a log built up one step at a time:
-- `bare`: the bare group commit as above, the lines being the fields keyseal spells;
-- `+ records`: each line queued as keyseal's record of it (its time taken, a slotted object), and the writer
-  woken only once as many lines are queued as it waits for (not at each line);
+- `bare`: the same bare group commit (the same class, the same fixed line);
+- `+ records`: each line queued as keyseal's record of it (its time taken, a slotted object, whether its caller
+  waits), and the writer woken only once as many lines are queued as it waits for (not at each line);
 - `+ lines`: each line spelt whole as keyseal writes it (seq, time, prev) and chained by SHA-256;
 - `+ checks`: the file locked (flock) for each batch and checked as keyseal checks it (a stat of its path, the
   last line read back);
@@ -43,28 +43,18 @@ from typing import Any
 
 from pkcs11_sign import MODULE, PIN, TOKEN, BareGroupCommit, measured, with_token
 
-STEPS = ("bare", "+ records", "+ lines", "+ checks", "+ gather")
-
-
-class BareLine:
-    """A line in the bare log: its fields, and the lock its caller sleeps on until the line is durable."""
-
-    __slots__ = ("body", "done", "signal", "waiting")
-
-    def __init__(self, body: str) -> None:
-        self.body, self.done, self.waiting = body, False, False
-        self.signal = threading.Lock()
-        self.signal.acquire()
+STEPS = ("+ records", "+ lines", "+ checks", "+ gather")
 
 
 class StepLog:
-    """A group-commit log with the steps named in `steps` (see the module's docstring), serving an
-    AuditingSigner as keyseal's AuditLog does (`check_writable`, `submit_body`, `settle`)."""
+    """The bare group commit with the steps named in `steps` (see the module's docstring), serving an
+    AuditingSigner as keyseal's AuditLog does (`check_writable`, `submit_body`, `settle`). Its lines are keyseal's
+    records from the first step on."""
 
-    def __init__(self, path: Path, threads: int, steps: set[str]) -> None:
+    def __init__(self, path: Path, line: bytes, threads: int, steps: set[str]) -> None:
         from keyseal._internal.audit.log import GENESIS
 
-        self.path, self.steps, self.threads = str(path), steps, threads
+        self.path, self.line, self.steps, self.threads = str(path), line, steps, threads
         self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)
@@ -80,12 +70,6 @@ class StepLog:
     def submit_body(self, body: str, custody: object = None) -> Any:
         from keyseal._internal.audit.log import Pending
 
-        if "+ records" not in self.steps:
-            line = BareLine(body)
-            with self.lock:
-                self.queue.append(line)
-                self.work.notify()
-            return line
         item = Pending(None, None, body)
         with self.lock:
             self.queue.append(item)
@@ -145,7 +129,7 @@ class StepLog:
                 self.seq, self.prev, self.last = seq, prev, chunks[-1][:-1]
                 data = b"".join(chunks)
             else:
-                data = b"".join(item.body.encode("ascii") + b"\n" for item in batch)
+                data = self.line * len(batch)
             os.write(self.fd, data)
             os.fdatasync(self.fd)
             if "+ checks" in self.steps:
@@ -211,10 +195,11 @@ def run(work: Path, count: int, rounds: int, threads: int) -> None:
     line = (work / "keyseal-home" / "audit.log").read_bytes().splitlines()[-1] + b"\n"  # as long as keyseal's
     bare_raw = BareGroupCommit(work / "bare-raw.log", line, threads, raw_sign)
     signers: dict[str, Callable[[bytes], object]] = {"raw": raw_sign, "bare, raw": bare_raw.sign}
-    for index, step in enumerate(STEPS):
-        log = StepLog(work / f"step-{index}.log", threads, set(STEPS[:index + 1]))
+    logs: list[Any] = [BareGroupCommit(work / "bare.log", line, threads, raw_sign)]
+    logs += [StepLog(work / f"step-{index}.log", line, threads, set(STEPS[:index + 1])) for index in range(len(STEPS))]
+    for name, log in zip(("bare", *STEPS), logs, strict=True):
         audited = AuditingSigner(inner, lambda log=log: log)  # type: ignore[misc]
-        signers[step] = lambda digest, audited=audited: audited.sign_digest(digest, "sha256")
+        signers[name] = lambda digest, audited=audited: audited.sign_digest(digest, "sha256")
     signers["keyseal"] = lambda digest: keyseal.sign_digest(digest, "sha256")
     figures: dict[str, dict[str, list[float]]] = {
         name: {"raw": [], "bare": [], "sync": [], "cpu": [], "runs": []} for name in signers}
