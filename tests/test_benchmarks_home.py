@@ -75,6 +75,20 @@ def test_audit_steps_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
     assert rows["bare"][5:] == ["1.00", "1.00"]
 
 
+def test_signing_thread_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
+    out = run_benchmark("signing_thread.py", "--signatures", "40", "--rounds", "2", "--threads", "1,2",
+                        "--key-types", "p256", home=short_tmp / "home", tmp_path=short_tmp)
+    lines = out.splitlines()
+    table = lines[next(n for n, line in enumerate(lines) if line.startswith("key ")) + 1:-1]  # to "load average"
+    rows = [(line[:8].strip(), line[8:16].strip(), line[17:39].strip(), line[39:].split()) for line in table]
+    names = ["raw", "bare", "bare + thread", "signer, bare", "signer, bare + thread", "keyseal", "keyseal + thread"]
+    assert [(key, threads, name) for key, threads, name, _ in rows] == \
+        [("p256", threads, name) for threads in ("1", "2") for name in names]
+    for _, _, name, figures in rows:  # the median, then each round's ratio against raw in that round
+        assert len(figures) == 3 and all(float(figure) > 0 for figure in figures), name
+        assert name != "raw" or figures == ["1.00", "1.00", "1.00"]
+
+
 def test_sign_verify_benchmark_keeps_to_its_own_home(short_tmp: Path) -> None:
     out = run_benchmark("sign_verify.py", "--size-mib", "1", "--rounds", "1", home=short_tmp / "home",
                         tmp_path=short_tmp)
