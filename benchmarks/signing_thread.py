@@ -79,8 +79,8 @@ class SigningThread:
                 call = calls.popleft()
             except IndexError:
                 with self.wake:
+                    self.idle = True  # before looking: a caller that queues after the look sees it and wakes us
                     while not calls:
-                        self.idle = True
                         self.wake.wait()
                     self.idle = False
                 continue
