@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--threads", default="1,4", help="thread counts, comma-separated")
     parser.add_argument("--key-types", default=",".join(KEY_TYPES))
     args = parser.parse_args()
+    if args.signatures < 1 or args.rounds < 1:
+        sys.exit("--signatures and --rounds: at least 1")
     key_types = [k for k in args.key_types.split(",") if k]
     if not key_types or any(k not in KEY_TYPES for k in key_types):
         sys.exit(f"--key-types: choose from {','.join(KEY_TYPES)}")
