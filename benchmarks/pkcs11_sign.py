@@ -114,6 +114,21 @@ class BareGroupCommit:
         done.acquire()
 
 
+def raw_signer(session: Any, label: str, key_type: str) -> Callable[[bytes], object]:
+    """The raw baseline: C_Sign through python-pkcs11 on `session`, with the key labelled `label`, over the bare
+    digest (RSA: the same SHA-256 DigestInfo prefix keyseal adds)."""
+    import pkcs11
+
+    key = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=label)
+    mechanism = {"p256": pkcs11.Mechanism.ECDSA, "ed25519": pkcs11.Mechanism.EDDSA,
+                 "rsa2048": pkcs11.Mechanism.RSA_PKCS}[key_type]
+    extra = bytes.fromhex("3031300d060960864801650304020105000420") if key_type.startswith("rsa") else b""
+
+    def raw_sign(digest: bytes, key: Any = key, extra: bytes = extra, mechanism: Any = mechanism) -> object:
+        return key.sign(extra + digest, mechanism=mechanism)
+    return raw_sign
+
+
 def rate(count: int, threads: int, sign: Callable[[bytes], object]) -> float:
     """Signatures a second: `count` digests signed by `threads` threads, each its share."""
     return measured(count, threads, sign)[0]
@@ -199,9 +214,6 @@ def run(work: Path, count: int, rounds: int, threads: int, modes: list[str], key
     from keyseal._internal.backends.pkcs11 import create_key
 
     os.environ["KEYSEAL_PKCS11_PIN"] = PIN
-    prefix = bytes.fromhex("3031300d060960864801650304020105000420")  # SHA-256 DigestInfo, as keyseal adds
-    mechanisms = {"p256": pkcs11.Mechanism.ECDSA, "ed25519": pkcs11.Mechanism.EDDSA,
-                  "rsa2048": pkcs11.Mechanism.RSA_PKCS}
     audit_file = work / "keyseal-home" / "audit.log"
     # rows[mode] = [(key, threads, raw rates, keyseal rates, ratios, bare group commit ratios)]
     rows: dict[str, list[tuple[str, int, list[float], list[float], list[float], list[float]]]] = {m: [] for m in modes}
@@ -218,13 +230,7 @@ def run(work: Path, count: int, rounds: int, threads: int, modes: list[str], key
         # C_Sign on the bare digest (RSA: the same DigestInfo prefix keyseal adds).
         token = pkcs11.lib(MODULE).get_token(token_label=TOKEN)
         with token.open() as session:
-            key = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=label)
-            mechanism = mechanisms[key_type]
-            extra = prefix if key_type.startswith("rsa") else b""
-
-            def raw_sign(digest: bytes, key: Any = key, extra: bytes = extra, mechanism: Any = mechanism) -> object:
-                return key.sign(extra + digest, mechanism=mechanism)
-
+            raw_sign = raw_signer(session, label, key_type)
             for n_threads in sorted({1, threads}):
                 raw: list[float] = []
                 bare: list[float] = []

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pkcs11_sign import KEY_TYPES, MODULE, PIN, TOKEN, BareGroupCommit, rate, with_token
+from pkcs11_sign import KEY_TYPES, MODULE, PIN, TOKEN, BareGroupCommit, rate, raw_signer, with_token
 
 ROWS = ("raw", "bare", "bare + thread", "signer, bare", "signer, bare + thread", "keyseal", "keyseal + thread")
 
@@ -133,14 +133,11 @@ def main() -> None:
 def run(work: Path, count: int, rounds: int, counts: list[int], key_types: list[str]) -> None:
     import pkcs11
 
-    from keyseal._internal.audit.signer import AuditingSigner, unwrap
+    from keyseal._internal.audit.signer import unwrap
     from keyseal._internal.backends import open_signer
     from keyseal._internal.backends.pkcs11 import create_key
 
     os.environ["KEYSEAL_PKCS11_PIN"] = PIN
-    prefix = bytes.fromhex("3031300d060960864801650304020105000420")  # SHA-256 DigestInfo, as keyseal adds
-    mechanisms = {"p256": pkcs11.Mechanism.ECDSA, "ed25519": pkcs11.Mechanism.EDDSA,
-                  "rsa2048": pkcs11.Mechanism.RSA_PKCS}
     audit_file = work / "keyseal-home" / "audit.log"
     token = pkcs11.lib(MODULE).get_token(token_label=TOKEN)
     print(f"\nmedians of {rounds} rounds of {count} signatures; each ratio against raw in its own round")
@@ -155,16 +152,11 @@ def run(work: Path, count: int, rounds: int, counts: list[int], key_types: list[
         handed_off = HandedOff(inner, SigningThread())
         line = audit_file.read_bytes().splitlines()[-1] + b"\n"  # as long as keyseal's
         with token.open() as session:  # a second session (the login is the application's, shared)
-            key = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, label=label)
-            mechanism, extra = mechanisms[key_type], prefix if key_type.startswith("rsa") else b""
-
-            def raw_sign(digest: bytes, key: Any = key, extra: bytes = extra, mechanism: Any = mechanism) -> object:
-                return key.sign(extra + digest, mechanism=mechanism)
-
+            raw_sign = raw_signer(session, label, key_type)
             thread = SigningThread()
             for n_threads in counts:
                 signers = _signers(work / f"{key_type}-{n_threads}", line, n_threads, raw_sign, thread, keyseal,
-                                   inner, handed_off, AuditingSigner)
+                                   inner, handed_off)
                 ratios: dict[str, list[float]] = {name: [] for name in signers}
                 for _ in range(rounds):  # interleaved, so load from elsewhere hits every row alike
                     rates = {name: rate(count, n_threads, sign) for name, sign in signers.items()}
@@ -177,8 +169,11 @@ def run(work: Path, count: int, rounds: int, counts: list[int], key_types: list[
 
 
 def _signers(prefix: Path, line: bytes, threads: int, raw_sign: Callable[[bytes], object], thread: SigningThread,
-             keyseal: Any, inner: Any, handed_off: HandedOff, auditing: Any) -> dict[str, Callable[[bytes], object]]:
+             keyseal: Any, inner: Any, handed_off: HandedOff) -> dict[str, Callable[[bytes], object]]:
     """Every row's way of signing a digest, in ROWS' order; each bare group commit in a file of its own."""
+    from keyseal._internal.audit.signer import AuditingSigner
+
+    auditing: Any = AuditingSigner  # given stand-ins: HandedOff as its Signer, BareGroupCommit as its AuditLog
     bare = BareGroupCommit(Path(f"{prefix}-bare.log"), line, threads, raw_sign)
     bare_thread = BareGroupCommit(Path(f"{prefix}-bare-thread.log"), line, threads,
                                   lambda digest: thread.call(raw_sign, digest))
